@@ -1,0 +1,272 @@
+//! Types of the blockd control API, shared by the daemon and `blockctl`.
+//!
+//! This crate holds no engine code: `blockctl` links it, never the daemon.
+//! Everything here is plain data plus the validation rules both sides apply
+//! (volume names become NBD export names and file names, so both sides must
+//! agree on what is allowed).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The version prefix of every API path.
+pub const API_PREFIX: &str = "/v1";
+
+/// Default extent size: the granularity of change tracking and of the
+/// block size advertised to NBD clients.
+pub const DEFAULT_EXTENT_SIZE: u64 = 4096;
+
+/// A volume as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Name, also the NBD export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Extent size in bytes (power of two, 512 B ..= 1 MiB).
+    pub extent_size: u64,
+    /// Free-form labels used to select volumes.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// Bytes the data file occupies on disk (sparse files use less than `size`).
+    pub allocated: u64,
+    /// NBD connections currently open to this volume.
+    pub connections: u64,
+}
+
+/// Body of `POST /v1/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// Name of the new volume.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Extent size in bytes; default 4 KiB.
+    #[serde(default)]
+    pub extent_size: Option<u64>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Body of `POST /v1/volumes/{name}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVolume {
+    /// New size in bytes; must not be smaller than the current size.
+    pub size: u64,
+}
+
+/// Daemon facts returned by `GET /v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// blockd version.
+    pub version: String,
+    /// State directory.
+    pub state_dir: String,
+    /// NBD Unix socket path.
+    pub nbd_socket: String,
+    /// NBD TCP address, if listening on TCP.
+    pub nbd_listen: Option<String>,
+    /// I/O engine in use: `io_uring` or `threads`.
+    pub io_engine: String,
+}
+
+/// Every error body the API returns, with a 4xx or 5xx status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong and what to do about it, for a human.
+    pub error: String,
+}
+
+/// Why a volume name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty or longer than 64 bytes.
+    #[error("volume name {name:?} must be 1 to 64 characters long")]
+    Length {
+        /// The refused name.
+        name: String,
+    },
+    /// Starts with a dot.
+    #[error("volume name {name:?} must not start with a dot")]
+    LeadingDot {
+        /// The refused name.
+        name: String,
+    },
+    /// Contains a character outside `[A-Za-z0-9._-]`.
+    #[error("volume name {name:?} may contain only letters, digits, '.', '_' and '-'")]
+    Character {
+        /// The refused name.
+        name: String,
+    },
+}
+
+/// Checks a volume name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot.
+///
+/// Names become NBD export names and file names under the state directory,
+/// so anything that could traverse paths or confuse URIs is refused.
+///
+/// # Errors
+/// Returns the rule the name breaks.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(NameError::Length { name: name.into() });
+    }
+    if name.starts_with('.') {
+        return Err(NameError::LeadingDot { name: name.into() });
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(NameError::Character { name: name.into() });
+    }
+    Ok(())
+}
+
+/// Why a size was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {input:?}: use a number with an optional K, M, G or T suffix (powers of 1024), e.g. 10G")]
+pub struct SizeError {
+    /// The refused text.
+    pub input: String,
+}
+
+/// Parses `4096`, `4K`, `10G`, `1.5T`-free sizes: an integer with an
+/// optional binary suffix K, M, G, T (also `KiB`, `MB` style spellings).
+///
+/// # Errors
+/// Returns [`SizeError`] for anything else, or on overflow.
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+    let err = || SizeError {
+        input: input.into(),
+    };
+    let s = input.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    if digits.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Formats a byte count for humans: `1.5 GiB`, `4.0 KiB`, `512 B`.
+pub fn human_size(bytes: u64) -> String {
+    HumanSize(bytes).to_string()
+}
+
+struct HumanSize(u64);
+
+impl fmt::Display for HumanSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        let mut value = self.0 as f64 / 1024.0;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parses a `k=v` label.
+///
+/// # Errors
+/// Returns a message when there is no `=` or the key is empty.
+pub fn parse_label(input: &str) -> Result<(String, String), String> {
+    match input.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "invalid label {input:?}: write labels as key=value, e.g. --label tier=gold"
+        )),
+    }
+}
+
+/// Checks an extent size: a power of two from 512 B to 1 MiB.
+///
+/// # Errors
+/// Returns a message saying what is allowed.
+pub fn validate_extent_size(extent_size: u64) -> Result<(), String> {
+    if extent_size.is_power_of_two() && (512..=1 << 20).contains(&extent_size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "extent size {extent_size} must be a power of two from 512 to 1M (e.g. 4K)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert!(parse_size("10Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("vol-1.data_2").is_ok());
+        assert!(matches!(
+            validate_name("../x"),
+            Err(NameError::LeadingDot { .. })
+        ));
+        assert!(matches!(
+            validate_name("a/b"),
+            Err(NameError::Character { .. })
+        ));
+        assert!(matches!(
+            validate_name("a@b"),
+            Err(NameError::Character { .. })
+        ));
+        assert!(matches!(validate_name(""), Err(NameError::Length { .. })));
+        assert!(matches!(
+            validate_name(&"x".repeat(65)),
+            Err(NameError::Length { .. })
+        ));
+        assert!(validate_name(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(10 << 30), "10.0 GiB");
+    }
+
+    #[test]
+    fn extent_sizes() {
+        assert!(validate_extent_size(4096).is_ok());
+        assert!(validate_extent_size(512).is_ok());
+        assert!(validate_extent_size(3000).is_err());
+        assert!(validate_extent_size(2 << 20).is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! Control API: HTTP/JSON on the Unix socket `api.sock` (mode 0600).
+//!
+//! `blockctl` uses nothing else. Every error is a JSON body
+//! `{"error": "..."}` with a 4xx status for the caller's mistakes (bad
+//! JSON, unknown volume, conflicts) and 5xx for the daemon's own failures.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use blockd_api::{ApiError, CreateVolume, DaemonInfo, ResizeVolume};
+use serde::de::DeserializeOwned;
+
+use crate::daemon::Daemon;
+use crate::volume::store::StoreError;
+use crate::volume::Volume;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ApiError {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Exists { .. } | StoreError::Busy { .. } => StatusCode::CONFLICT,
+            StoreError::Invalid { .. } | StoreError::Shrink { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "API request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, Failure>;
+
+/// Parses a JSON body, answering 400 with serde's message on failure.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Failure> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::bad_request(format!("invalid request body: {e}")))
+}
+
+/// The router.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(inspect_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .fallback(|| async {
+            Failure {
+                status: StatusCode::NOT_FOUND,
+                message: "no such API endpoint: is blockctl newer than blockd?".into(),
+            }
+        })
+        .with_state(daemon)
+}
+
+fn to_api(v: &Volume) -> blockd_api::Volume {
+    let m = v.meta();
+    blockd_api::Volume {
+        name: m.name,
+        size: m.size,
+        extent_size: m.extent_size,
+        labels: m.labels,
+        created: m.created,
+        allocated: v.allocated(),
+        connections: v.connections(),
+    }
+}
+
+async fn info(State(d): State<Arc<Daemon>>) -> Json<DaemonInfo> {
+    Json(d.info())
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+async fn list_volumes(
+    State(d): State<Arc<Daemon>>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Vec<blockd_api::Volume>> {
+    let mut want = BTreeMap::new();
+    for (k, v) in query_pairs(q.as_deref()) {
+        if k == "label" {
+            let (lk, lv) = blockd_api::parse_label(&v).map_err(Failure::bad_request)?;
+            want.insert(lk, lv);
+        }
+    }
+    let volumes = d
+        .store
+        .list()
+        .iter()
+        .map(|v| to_api(v))
+        .filter(|v| want.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
+        .collect();
+    Ok(Json(volumes))
+}
+
+async fn create_volume(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<blockd_api::Volume>), Failure> {
+    let req: CreateVolume = body(&bytes)?;
+    let v = d.store.create(req)?;
+    Ok((StatusCode::CREATED, Json(to_api(&v))))
+}
+
+async fn inspect_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<blockd_api::Volume> {
+    let v = d
+        .store
+        .get(&name)
+        .ok_or(StoreError::NotFound { volume: name })?;
+    Ok(Json(to_api(&v)))
+}
+
+async fn delete_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<StatusCode, Failure> {
+    let force = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    d.store.delete(&name, force)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn resize_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<blockd_api::Volume> {
+    let req: ResizeVolume = body(&bytes)?;
+    let v = d.store.resize(&name, req.size)?;
+    Ok(Json(to_api(&v)))
+}

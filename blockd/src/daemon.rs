@@ -1,0 +1,183 @@
+//! The daemon: state directory, sockets, signal handling and shutdown.
+//!
+//! Shutdown order (SIGTERM or SIGINT): stop accepting; connections answer
+//! new requests with ESHUTDOWN while running ones finish; after the grace
+//! period they close; then every data file is fsynced, the state database
+//! checkpointed, the sockets removed, and the process exits 0.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use blockd_api::DaemonInfo;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::nbd::{self, NbdContext};
+use crate::volume::store::Store;
+use crate::volume::{Engine, EngineKind};
+
+/// Resolved daemon settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Control API socket.
+    pub api_socket: PathBuf,
+    /// NBD Unix socket.
+    pub nbd_socket: PathBuf,
+    /// Optional NBD TCP address.
+    pub nbd_listen: Option<SocketAddr>,
+    /// I/O engine choice.
+    pub io_engine: EngineKind,
+    /// How long connections answer ESHUTDOWN before closing.
+    pub shutdown_grace: Duration,
+}
+
+/// The default state directory: `/var/lib/blockd` for root, else
+/// `$XDG_STATE_HOME/blockd` (or `~/.local/state/blockd`).
+pub fn default_state_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/blockd");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("blockd");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/state/blockd")
+}
+
+/// What the running daemon shares with its API handlers.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The volumes.
+    pub store: Arc<Store>,
+    config: Config,
+    engine: &'static str,
+}
+
+impl Daemon {
+    /// Facts for `GET /v1/info`.
+    pub fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            state_dir: self.config.state_dir.display().to_string(),
+            nbd_socket: self.config.nbd_socket.display().to_string(),
+            nbd_listen: self.config.nbd_listen.map(|a| a.to_string()),
+            io_engine: self.engine.into(),
+        }
+    }
+}
+
+fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    // We hold the state-dir lock, so a socket file left here is stale.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+        }
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// Start-up failures: state directory, lock, database, sockets.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod state dir {}", dir.display()))?;
+    let lock_path = dir.join("blockd.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another blockd is already using state dir {}: stop it or pass a different --state-dir",
+            dir.display()
+        )
+    })?;
+
+    let engine = Arc::new(Engine::new(config.io_engine).context("starting the I/O engine")?);
+    let engine_name = engine.name();
+    let store = Arc::new(Store::open(dir, engine).context("opening the volume store")?);
+
+    let api_listener = bind_unix(&config.api_socket, 0o600)?;
+    let nbd_listener = bind_unix(&config.nbd_socket, 0o660)?;
+    let tcp_listener = match config.nbd_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding NBD TCP address {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ctx = NbdContext {
+        store: store.clone(),
+        shutdown: shutdown.clone(),
+        grace: config.shutdown_grace,
+    };
+    tracker.spawn(nbd::serve_unix(nbd_listener, ctx.clone(), tracker.clone()));
+    if let Some(l) = tcp_listener {
+        tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tracker.clone()));
+    }
+
+    let daemon = Arc::new(Daemon {
+        store: store.clone(),
+        config: config.clone(),
+        engine: engine_name,
+    });
+    let api = axum::serve(api_listener, crate::api::router(daemon))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let api_task = tokio::spawn(async move {
+        if let Err(e) = api.await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tracing::info!(
+        state_dir = %dir.display(),
+        api = %config.api_socket.display(),
+        nbd = %config.nbd_socket.display(),
+        tcp = ?config.nbd_listen,
+        io_engine = engine_name,
+        "blockd ready"
+    );
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.sync_all()).await?;
+    for p in [&config.api_socket, &config.nbd_socket] {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("blockd stopped cleanly");
+    drop(lock);
+    Ok(())
+}

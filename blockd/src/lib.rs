@@ -1,0 +1,11 @@
+//! blockd: a block-device gateway with a built-in snapshot engine.
+//!
+//! The daemon serves volumes over NBD ([`nbd`]), keeps them in a local
+//! store ([`volume`]) with state in SQLite ([`state`]), and is driven
+//! through an HTTP/JSON control API on a Unix socket ([`api`]).
+
+pub mod api;
+pub mod daemon;
+pub mod nbd;
+pub mod state;
+pub mod volume;

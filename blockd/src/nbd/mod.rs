@@ -1,0 +1,58 @@
+//! NBD: the wire codec ([`proto`]), option negotiation ([`negotiate`]) and
+//! the connection server ([`server`]), plus the listeners.
+//!
+//! The Unix socket is always served; TCP only when `--nbd-listen` asks for
+//! it. Every TCP socket gets TCP_NODELAY: replies are written in one piece,
+//! and a reply split by Nagle waits on the peer's delayed ACK (~40-90 ms).
+
+pub mod negotiate;
+pub mod proto;
+pub mod server;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::task::TaskTracker;
+
+pub use server::NbdContext;
+
+/// Accepts Unix-socket clients until shutdown.
+pub async fn serve_unix(listener: UnixListener, ctx: NbdContext, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let (r, w) = stream.into_split();
+                tracker.spawn(server::serve(r, w, ctx.clone(), "unix".into()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on the NBD Unix socket failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Accepts TCP clients until shutdown.
+pub async fn serve_tcp(listener: TcpListener, ctx: NbdContext, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+                }
+                let (r, w) = stream.into_split();
+                tracker.spawn(server::serve(r, w, ctx.clone(), peer.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on the NBD TCP socket failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

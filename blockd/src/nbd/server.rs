@@ -1,0 +1,518 @@
+//! NBD connections: handshake, then transmission with concurrent requests.
+//!
+//! One reader loop per connection parses requests and spawns one task per
+//! request, so requests complete out of order; a writer task sends each
+//! reply as one buffer and coalesces replies that are ready together into a
+//! single `writev`. A byte budget per connection bounds the memory a client
+//! can pin with queued requests.
+//!
+//! Hostile or broken input ends only its own connection: a bad magic or an
+//! oversized payload is a hard disconnect; any other bad request gets an
+//! error reply and the connection goes on.
+//!
+//! Shutdown: the daemon's token makes every new request answer ESHUTDOWN
+//! while requests already running finish; after the grace period the reader
+//! stops and the connection closes once its last reply is written.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::negotiate::{
+    self, ExportInfo, Exports, Negotiation, Next, Transmission, CONTEXT_BASE_ALLOCATION,
+};
+use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
+use crate::volume::store::Store;
+use crate::volume::{nbd_errno, Volume, ZeroError};
+
+/// What every connection shares.
+#[derive(Debug, Clone)]
+pub struct NbdContext {
+    /// The volumes.
+    pub store: Arc<Store>,
+    /// Cancelled when the daemon begins to shut down.
+    pub shutdown: CancellationToken,
+    /// How long after shutdown begins connections keep answering ESHUTDOWN.
+    pub grace: Duration,
+}
+
+/// Bytes of request payload and read data one connection may have in flight.
+const CONNECTION_BUDGET: usize = 128 << 20;
+/// Budget unit (permits are counted in KiB).
+const BUDGET_UNIT: usize = 1024;
+/// Most block-status runs in one reply.
+const MAX_STATUS_RUNS: usize = 4096;
+/// Option payloads up to this size are drained and refused; larger ones
+/// end the connection.
+const MAX_DRAIN: u32 = 16 << 20;
+
+struct StoreExports<'a>(&'a Store);
+
+impl Exports for StoreExports<'_> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.0.get(name).map(|v| export_info(&v))
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        self.0
+            .list()
+            .iter()
+            .map(|v| (v.name().to_string(), description(v)))
+            .collect()
+    }
+}
+
+fn description(v: &Volume) -> String {
+    format!("blockd volume {}", v.name())
+}
+
+fn export_info(v: &Volume) -> ExportInfo {
+    ExportInfo {
+        name: v.name().to_string(),
+        description: description(v),
+        size: v.size(),
+        read_only: false,
+        preferred_block: u32::try_from(v.extent_size()).unwrap_or(4096),
+    }
+}
+
+/// Serves one client connection until it ends.
+pub async fn serve<R, W>(reader: R, mut writer: W, ctx: NbdContext, peer: String)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("nbd", peer = %peer);
+    async move {
+        let mut reader = BufReader::with_capacity(256 << 10, reader);
+        let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
+        let t = tokio::select! {
+            r = handshake(&mut reader, &mut writer, &ctx) => r,
+            () = deadline => Err(HandshakeEnd::Closed),
+        };
+        match t {
+            Ok(t) => {
+                let Some(volume) = ctx.store.get(&t.export.name) else {
+                    return;
+                };
+                tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
+                transmit(reader, writer, t, volume, ctx).await;
+            }
+            Err(HandshakeEnd::Closed) => {}
+            Err(HandshakeEnd::Protocol(e)) => tracing::info!(error = %e, "handshake ended"),
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn shutdown_deadline(token: CancellationToken, grace: Duration) {
+    token.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+enum HandshakeEnd {
+    Closed,
+    Protocol(String),
+}
+
+impl From<std::io::Error> for HandshakeEnd {
+    fn from(_: std::io::Error) -> Self {
+        Self::Closed
+    }
+}
+
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    ctx: &NbdContext,
+) -> Result<Transmission, HandshakeEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&negotiate::greeting()).await?;
+    writer.flush().await?;
+    let flags = reader.read_u32().await?;
+    let mut nego = Negotiation::new(flags).map_err(|e| HandshakeEnd::Protocol(e.to_string()))?;
+    loop {
+        let magic = reader.read_u64().await?;
+        if magic != proto::IHAVEOPT {
+            return Err(HandshakeEnd::Protocol(format!(
+                "bad option magic {magic:#x}"
+            )));
+        }
+        let option = reader.read_u32().await?;
+        let len = reader.read_u32().await?;
+        if len > proto::MAX_OPTION_LEN {
+            if len > MAX_DRAIN {
+                return Err(HandshakeEnd::Protocol(format!(
+                    "option {option} with {len} bytes of data"
+                )));
+            }
+            tokio::io::copy(
+                &mut (&mut *reader).take(u64::from(len)),
+                &mut tokio::io::sink(),
+            )
+            .await?;
+            let mut out = Vec::new();
+            negotiate::option_error(
+                &mut out,
+                option,
+                proto::REP_ERR_TOO_BIG,
+                "option data too large",
+            );
+            writer.write_all(&out).await?;
+            writer.flush().await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        reader.read_exact(&mut data).await?;
+        let exports = StoreExports(&ctx.store);
+        let (out, next) = nego.option(option, &data, &exports, ctx.shutdown.is_cancelled());
+        if !out.is_empty() {
+            // After ABORT the client may already be gone: ignore write errors then.
+            let r = writer.write_all(&out).await;
+            let r = match r {
+                Ok(()) => writer.flush().await,
+                Err(e) => Err(e),
+            };
+            if r.is_err() && next != Next::Close {
+                return Err(HandshakeEnd::Closed);
+            }
+        }
+        match next {
+            Next::Continue => {}
+            Next::Close => return Err(HandshakeEnd::Closed),
+            Next::Transmit(t) => return Ok(t),
+        }
+    }
+}
+
+/// Per-connection facts every request task needs.
+struct Conn {
+    volume: Arc<Volume>,
+    style: ReplyStyle,
+    contexts: Vec<u32>,
+    replies: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+async fn transmit<R, W>(
+    mut reader: BufReader<R>,
+    writer: W,
+    t: Transmission,
+    volume: Arc<Volume>,
+    ctx: NbdContext,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let _guard = volume.connect();
+    let extended = t.style == ReplyStyle::Extended;
+    let limits = proto::ExportLimits {
+        size: t.export.size,
+        read_only: t.export.read_only,
+        structured: t.style != ReplyStyle::Simple,
+        has_meta_context: !t.contexts.is_empty(),
+        extended,
+    };
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let dead = CancellationToken::new();
+    let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone()));
+    let conn = Arc::new(Conn {
+        volume: volume.clone(),
+        style: t.style,
+        contexts: t.contexts,
+        replies: tx,
+    });
+    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BUDGET_UNIT));
+    let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
+    tokio::pin!(deadline);
+    let mut header = vec![0u8; proto::request_len(extended)];
+    loop {
+        let read = tokio::select! {
+            biased;
+            () = dead.cancelled() => break,
+            () = volume.closing.cancelled() => break,
+            () = &mut deadline => break,
+            r = reader.read_exact(&mut header) => r,
+        };
+        if read.is_err() {
+            break;
+        }
+        let req = match proto::parse_request(&header, extended) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(error = %e, "malformed request: closing the connection");
+                break;
+            }
+        };
+        let payload_len = req.payload_len(extended);
+        if payload_len > u64::from(proto::MAX_PAYLOAD) {
+            tracing::info!(
+                length = payload_len,
+                "payload beyond 32 MiB: closing the connection"
+            );
+            break;
+        }
+        if req.command == Command::Disc {
+            break;
+        }
+        // Budget: count the payload (or, for reads, the data to send back).
+        let cost = match req.command {
+            Command::Read => req.length.min(u64::from(proto::MAX_PAYLOAD)),
+            _ => payload_len,
+        };
+        let permits = u32::try_from(cost as usize / BUDGET_UNIT + 1).unwrap_or(u32::MAX);
+        let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+            break;
+        };
+        let mut payload = Vec::new();
+        if payload_len > 0 {
+            payload = vec![0u8; payload_len as usize];
+            if reader.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+        }
+        if ctx.shutdown.is_cancelled() {
+            conn.error(&req, Errno::Shutdown, "server is shutting down");
+            continue;
+        }
+        if let Err(errno) = proto::check_request(&req, &limits) {
+            conn.error(&req, errno, "invalid request");
+            continue;
+        }
+        if extended && req.command != Command::Write && payload_len > 0 {
+            conn.error(&req, Errno::Inval, "this command takes no payload");
+            continue;
+        }
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.handle(req, payload).await;
+            drop(permit);
+        });
+    }
+    // Running requests hold their own sender; the writer ends after the last.
+    drop(conn);
+    let _ = writer_task.await;
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    dead: CancellationToken,
+) {
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        if write_all_vectored(&mut writer, &batch).await.is_err() {
+            dead.cancel();
+            return;
+        }
+        batch.clear();
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &[Vec<u8>],
+) -> std::io::Result<()> {
+    if let [one] = bufs {
+        return w.write_all(one).await;
+    }
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+impl Conn {
+    fn send(&self, reply: Vec<u8>) {
+        // The writer is gone only when the connection is closing anyway.
+        let _ = self.replies.send(reply);
+    }
+
+    fn error(&self, req: &Request, errno: Errno, message: &str) {
+        let mut out = Vec::new();
+        proto::error_reply(&mut out, self.style, req.cookie, req.offset, errno, message);
+        self.send(out);
+    }
+
+    fn ok(&self, req: &Request) {
+        let mut out = Vec::with_capacity(32);
+        proto::ok_reply(&mut out, self.style, req.cookie, req.offset);
+        self.send(out);
+    }
+
+    fn io_result(&self, req: &Request, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => self.ok(req),
+            Err(e) => {
+                tracing::warn!(volume = %self.volume.name(), command = %req.command, offset = req.offset, error = %e, "I/O error");
+                self.error(req, nbd_errno(&e), &e.to_string());
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request, payload: Vec<u8>) {
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        let v = &self.volume;
+        match req.command {
+            Command::Read => self.read(&req).await,
+            Command::Write => {
+                let r = v.write(req.offset, payload, 0, fua).await;
+                self.io_result(&req, r);
+            }
+            Command::Flush => {
+                let r = v.flush().await;
+                self.io_result(&req, r);
+            }
+            Command::Trim => {
+                let r = v.trim(req.offset, req.length, fua).await;
+                self.io_result(&req, r);
+            }
+            Command::WriteZeroes => {
+                let no_hole = req.flags & proto::CMD_FLAG_NO_HOLE != 0;
+                let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
+                match v
+                    .write_zeroes(req.offset, req.length, no_hole, fast, fua)
+                    .await
+                {
+                    Ok(()) => self.ok(&req),
+                    Err(ZeroError::NotFast) => {
+                        self.error(&req, Errno::NotSup, "fast zeroing not supported")
+                    }
+                    Err(ZeroError::Io(e)) => self.io_result(&req, Err(e)),
+                }
+            }
+            Command::Cache => {
+                let r = v.cache(req.offset, req.length);
+                self.io_result(&req, r);
+            }
+            Command::BlockStatus => self.block_status(&req),
+            Command::Disc | Command::Unknown(_) => {
+                self.error(&req, Errno::Inval, "unknown command")
+            }
+        }
+    }
+
+    async fn read(&self, req: &Request) {
+        let v = &self.volume;
+        // check_request bounds length by MAX_PAYLOAD.
+        let len = req.length as usize;
+        if len == 0 {
+            let mut out = Vec::new();
+            match self.style {
+                ReplyStyle::Simple => proto::simple_reply(&mut out, req.cookie, 0),
+                style => proto::chunk_header(
+                    &mut out,
+                    style,
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_NONE,
+                    req.cookie,
+                    req.offset,
+                    0,
+                ),
+            }
+            return self.send(out);
+        }
+        let df = req.flags & proto::CMD_FLAG_DF != 0;
+        let mut holes = Vec::new();
+        if self.style != ReplyStyle::Simple {
+            match v.allocation(req.offset, req.length, 64) {
+                Ok(runs) => {
+                    let mut pos = 0u64;
+                    for r in &runs {
+                        if r.hole {
+                            holes.push((pos, r.length));
+                        }
+                        pos += r.length;
+                    }
+                    if holes == [(0, req.length)] {
+                        let mut out = Vec::new();
+                        proto::hole_reply(&mut out, self.style, req.cookie, req.offset, req.length);
+                        return self.send(out);
+                    }
+                    // Tiny holes are not worth a chunk each.
+                    holes.retain(|&(_, l)| l >= 4096);
+                }
+                Err(e) => tracing::debug!(error = %e, "allocation query failed; sending data"),
+            }
+        }
+        let hdr = proto::read_reply_header_len(self.style);
+        match v.read(req.offset, len, hdr).await {
+            Ok(buf) => {
+                let reply =
+                    proto::finish_read_reply(buf, self.style, req.cookie, req.offset, &holes, df);
+                self.send(reply);
+            }
+            Err(e) => self.io_result(req, Err(e)),
+        }
+    }
+
+    fn block_status(&self, req: &Request) {
+        let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let max_runs = if req_one { 1 } else { MAX_STATUS_RUNS };
+        // 32-bit descriptors (structured replies) cap each run.
+        let cap = if self.style == ReplyStyle::Extended {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX) & !0xfff
+        };
+        let mut out = Vec::new();
+        let last = self.contexts.len().saturating_sub(1);
+        for (i, &ctx) in self.contexts.iter().enumerate() {
+            let extents: Vec<Extent> = match ctx {
+                CONTEXT_BASE_ALLOCATION => {
+                    match self.volume.allocation(req.offset, req.length, max_runs) {
+                        Ok(runs) => runs
+                            .iter()
+                            .map(|r| Extent {
+                                length: r.length.min(cap),
+                                flags: if r.hole {
+                                    proto::STATE_HOLE | proto::STATE_ZERO
+                                } else {
+                                    0
+                                },
+                            })
+                            .collect(),
+                        Err(e) => return self.io_result(req, Err(e)),
+                    }
+                }
+                _ => continue,
+            };
+            let extents = if req_one {
+                &extents[..extents.len().min(1)]
+            } else {
+                &extents[..]
+            };
+            proto::block_status_chunk(
+                &mut out,
+                self.style,
+                req.cookie,
+                req.offset,
+                ctx,
+                extents,
+                i == last,
+            );
+        }
+        self.send(out);
+    }
+}

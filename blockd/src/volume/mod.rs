@@ -1,0 +1,307 @@
+//! Volumes: one sparse data file each, served through the I/O engine.
+//!
+//! A volume's bytes live in `<state dir>/volumes/<name>.img`, a sparse file
+//! as long as the volume. Holes are real holes: TRIM and WRITE_ZEROES punch
+//! them, and block status reads them back with SEEK_DATA/SEEK_HOLE, so
+//! `qemu-img map` and `nbdinfo --map` see what is allocated.
+//!
+//! Durability rule: a write is in the page cache when acknowledged; FUA
+//! writes use RWF_DSYNC and FLUSH is fdatasync on the data file. Because all
+//! connections to a volume share the one file, a FLUSH on any connection makes
+//! every acknowledged write durable (which is what CAN_MULTI_CONN promises).
+
+pub mod engine;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+use tokio_util::sync::CancellationToken;
+
+pub use engine::{Engine, EngineKind};
+
+/// Static facts about a volume, as kept in the state database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMeta {
+    /// Name (also the NBD export name).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Extent size in bytes.
+    pub extent_size: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, RFC 3339.
+    pub created: String,
+}
+
+/// One allocation run from [`Volume::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Length in bytes.
+    pub length: u64,
+    /// True when the run is a hole (reads as zeros).
+    pub hole: bool,
+}
+
+/// Why a zeroing request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    /// FAST_ZERO was asked and zeroing would need a slow write.
+    #[error("fast zeroing is not supported by the file system")]
+    NotFast,
+    /// Any other I/O error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A live volume.
+#[derive(Debug)]
+pub struct Volume {
+    name: String,
+    extent_size: u64,
+    labels: BTreeMap<String, String>,
+    created: String,
+    size: AtomicU64,
+    file: Arc<File>,
+    engine: Arc<Engine>,
+    connections: AtomicU64,
+    /// Cancelled when the volume is deleted with `--force`: its connections end.
+    pub closing: CancellationToken,
+}
+
+/// Counts one open connection for as long as it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Volume>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Volume {
+    /// Wraps an open data file.
+    pub fn new(meta: VolumeMeta, file: File, engine: Arc<Engine>) -> Self {
+        Self {
+            size: AtomicU64::new(meta.size),
+            name: meta.name,
+            extent_size: meta.extent_size,
+            labels: meta.labels,
+            created: meta.created,
+            file: Arc::new(file),
+            engine,
+            connections: AtomicU64::new(0),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// Extent size in bytes.
+    pub fn extent_size(&self) -> u64 {
+        self.extent_size
+    }
+
+    /// Metadata snapshot.
+    pub fn meta(&self) -> VolumeMeta {
+        VolumeMeta {
+            name: self.name.clone(),
+            size: self.size(),
+            extent_size: self.extent_size,
+            labels: self.labels.clone(),
+            created: self.created.clone(),
+        }
+    }
+
+    /// Open NBD connections.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Registers an open connection.
+    pub fn connect(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(self.clone())
+    }
+
+    /// Bytes allocated on disk.
+    pub fn allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer that starts with
+    /// `header` spare bytes (room for the reply header, so nothing is copied).
+    pub async fn read(&self, offset: u64, len: usize, header: usize) -> io::Result<Vec<u8>> {
+        let buf = vec![0u8; header + len];
+        self.engine.read_at(&self.file, buf, header, offset).await
+    }
+
+    /// Writes `buf[start..]` at `offset`; `fua` makes it durable first.
+    pub async fn write(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+        start: usize,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.engine
+            .write_at(&self.file, buf, start, offset, fua)
+            .await
+            .map(drop)
+    }
+
+    /// Makes every acknowledged write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.engine.sync(&self.file).await
+    }
+
+    /// Discards a range: it becomes a hole and reads as zeros.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match self.engine.fallocate(&self.file, mode, offset, len).await {
+            Ok(()) => {}
+            // TRIM is advisory: a file system without hole punching keeps the data.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range: punches a hole, or with `no_hole` zeroes in place
+    /// keeping the blocks allocated. With `fast`, fails with
+    /// [`ZeroError::NotFast`] rather than writing zeros by hand.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ZeroError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if no_hole {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        };
+        match self.engine.fallocate(&self.file, mode, offset, len).await {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                if fast {
+                    return Err(ZeroError::NotFast);
+                }
+                self.write_zero_buffers(offset, len).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const STEP: u64 = 1 << 20;
+        let end = offset + len;
+        while offset < end {
+            let n = STEP.min(end - offset);
+            // n <= 1 MiB.
+            self.write(offset, vec![0; n as usize], 0, false).await?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Hints the kernel to read a range ahead (NBD CACHE).
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = std::num::NonZeroU64::new(len);
+        rustix::fs::fadvise(&*self.file, offset, len, rustix::fs::Advice::WillNeed)?;
+        Ok(())
+    }
+
+    /// Allocation of `offset..offset + len` as alternating data and hole
+    /// runs (at most `max_runs`; the last run may end early, never late).
+    pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<Run>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end && runs.len() < max_runs {
+            let data = match rustix::fs::seek(&*self.file, SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                // No data at or after `pos`: the rest is a hole.
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            if data > pos {
+                let stop = data.min(end);
+                runs.push(Run {
+                    length: stop - pos,
+                    hole: true,
+                });
+                pos = stop;
+                continue;
+            }
+            let hole = match rustix::fs::seek(&*self.file, SeekFrom::Hole(pos)) {
+                Ok(h) => h,
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            let stop = hole.max(pos + 1).min(end);
+            runs.push(Run {
+                length: stop - pos,
+                hole: false,
+            });
+            pos = stop;
+        }
+        Ok(runs)
+    }
+
+    /// Grows the data file; shrinking is refused by the caller.
+    pub fn grow(&self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)?;
+        self.file.sync_all()?;
+        self.size.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// fsync of data and metadata, used at shutdown.
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Maps an I/O error to the NBD error the client sees. The one place that
+/// decides this.
+pub fn nbd_errno(e: &io::Error) -> crate::nbd::proto::Errno {
+    use crate::nbd::proto::Errno;
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Errno::NoSpc,
+        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => Errno::Perm,
+        Some(libc::ENOMEM) => Errno::NoMem,
+        Some(libc::EINVAL) => Errno::Inval,
+        Some(libc::EOPNOTSUPP) => Errno::NotSup,
+        _ => Errno::Io,
+    }
+}

@@ -1,0 +1,301 @@
+//! The local volume store: data files under `<state dir>/volumes/` and their
+//! rows in the state database.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use blockd_api::{validate_extent_size, validate_name, CreateVolume, DEFAULT_EXTENT_SIZE};
+
+use super::{Engine, Volume, VolumeMeta};
+use crate::state::{StateDb, StateError};
+
+/// Store errors, each naming the volume.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No such volume.
+    #[error("volume {volume:?} not found: list volumes with `blockctl volume list`")]
+    NotFound {
+        /// Name asked for.
+        volume: String,
+    },
+    /// Name taken.
+    #[error("volume {volume:?} already exists: pick another name or delete it first")]
+    Exists {
+        /// Name asked for.
+        volume: String,
+    },
+    /// Bad request.
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Open connections prevent deletion.
+    #[error("volume {volume:?} has {connections} open NBD connection(s): disconnect the clients or delete with --force")]
+    Busy {
+        /// Volume.
+        volume: String,
+        /// Open connections.
+        connections: u64,
+    },
+    /// Resize would shrink.
+    #[error("volume {volume:?} is {current} bytes; shrinking to {requested} would destroy data and is not supported (only growing is)")]
+    Shrink {
+        /// Volume.
+        volume: String,
+        /// Current size.
+        current: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// Data file I/O failed.
+    #[error("volume {volume:?}: {path}: {source}")]
+    Io {
+        /// Volume.
+        volume: String,
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// State database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// All volumes of this daemon.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db: StateDb,
+    engine: Arc<Engine>,
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+}
+
+/// Largest volume size accepted (the NBD size field is u64, but file systems
+/// stop far earlier; 1 PiB keeps offset maths far from overflow).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+
+impl Store {
+    /// Opens the store in `state_dir`, loading every volume.
+    ///
+    /// # Errors
+    /// When the database or a data file cannot be opened.
+    pub fn open(state_dir: &Path, engine: Arc<Engine>) -> Result<Self, StoreError> {
+        let dir = state_dir.join("volumes");
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            volume: String::new(),
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = StateDb::open(state_dir)?;
+        let mut volumes = BTreeMap::new();
+        for meta in db.volumes()? {
+            let path = dir.join(format!("{}.img", meta.name));
+            let file = open_data(&path).map_err(|source| StoreError::Io {
+                volume: meta.name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+            let name = meta.name.clone();
+            volumes.insert(name, Arc::new(Volume::new(meta, file, engine.clone())));
+        }
+        tracing::info!(volumes = volumes.len(), "volume store opened");
+        Ok(Self {
+            dir,
+            db,
+            engine,
+            volumes: RwLock::new(volumes),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Volume>>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Volume>>> {
+        self.volumes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.img"))
+    }
+
+    /// One volume.
+    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Every volume, in name order.
+    pub fn list(&self) -> Vec<Arc<Volume>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Creates a volume.
+    ///
+    /// # Errors
+    /// Invalid name, size or extent size; duplicate name; I/O.
+    pub fn create(&self, req: CreateVolume) -> Result<Arc<Volume>, StoreError> {
+        validate_name(&req.name).map_err(|e| StoreError::Invalid {
+            message: e.to_string(),
+        })?;
+        let extent_size = req.extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
+        validate_extent_size(extent_size).map_err(|message| StoreError::Invalid { message })?;
+        if req.size == 0 || req.size > MAX_VOLUME_SIZE {
+            return Err(StoreError::Invalid {
+                message: format!("volume size {} must be between 1 byte and 1P", req.size),
+            });
+        }
+        if req.size % extent_size != 0 {
+            return Err(StoreError::Invalid {
+                message: format!(
+                    "volume size {} must be a multiple of the extent size {extent_size}",
+                    req.size
+                ),
+            });
+        }
+        let mut volumes = self.write();
+        if volumes.contains_key(&req.name) {
+            return Err(StoreError::Exists { volume: req.name });
+        }
+        let path = self.path_of(&req.name);
+        let io_err = |source| StoreError::Io {
+            volume: req.name.clone(),
+            path: path.display().to_string(),
+            source,
+        };
+        // No row means any file of this name is an orphan of a crashed
+        // create or delete: start it afresh.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err)?;
+        file.set_len(req.size).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        sync_dir(&self.dir).map_err(io_err)?;
+        let meta = VolumeMeta {
+            name: req.name.clone(),
+            size: req.size,
+            extent_size,
+            labels: req.labels,
+            created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        };
+        if let Err(e) = self.db.insert_volume(&meta) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        let volume = Arc::new(Volume::new(meta, file, self.engine.clone()));
+        volumes.insert(req.name, volume.clone());
+        tracing::info!(volume = %volume.name(), size = volume.size(), "volume created");
+        Ok(volume)
+    }
+
+    /// Deletes a volume; with `force`, open connections are closed first.
+    ///
+    /// # Errors
+    /// Unknown volume; open connections without `force`; I/O.
+    pub fn delete(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let mut volumes = self.write();
+        let volume = volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound {
+                volume: name.into(),
+            })?;
+        let connections = volume.connections();
+        if connections > 0 && !force {
+            return Err(StoreError::Busy {
+                volume: name.into(),
+                connections,
+            });
+        }
+        volume.closing.cancel();
+        self.db.delete_volume(name)?;
+        volumes.remove(name);
+        let path = self.path_of(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    volume: name.into(),
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+        let _ = sync_dir(&self.dir);
+        tracing::info!(volume = %name, force, "volume deleted");
+        Ok(())
+    }
+
+    /// Grows a volume.
+    ///
+    /// # Errors
+    /// Unknown volume; a smaller size; I/O.
+    pub fn resize(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
+        let volumes = self.write();
+        let volume = volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound {
+                volume: name.into(),
+            })?;
+        let current = volume.size();
+        if size < current {
+            return Err(StoreError::Shrink {
+                volume: name.into(),
+                current,
+                requested: size,
+            });
+        }
+        if size > MAX_VOLUME_SIZE || size % volume.extent_size() != 0 {
+            return Err(StoreError::Invalid {
+                message: format!(
+                    "new size {size} must be a multiple of the extent size {} and at most 1P",
+                    volume.extent_size()
+                ),
+            });
+        }
+        volume.grow(size).map_err(|source| StoreError::Io {
+            volume: name.into(),
+            path: self.path_of(name).display().to_string(),
+            source,
+        })?;
+        self.db.set_size(name, size)?;
+        tracing::info!(volume = %name, size, "volume resized");
+        Ok(volume)
+    }
+
+    /// Makes everything durable (clean shutdown).
+    pub fn sync_all(&self) {
+        for v in self.list() {
+            if let Err(e) = v.sync_all() {
+                tracing::error!(volume = %v.name(), error = %e, "fsync at shutdown failed");
+            }
+        }
+        if let Err(e) = self.db.checkpoint() {
+            tracing::warn!(error = %e, "state database checkpoint failed");
+        }
+    }
+}
+
+fn open_data(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).open(path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,99 @@
+//! HTTP/1.1 over the daemon's Unix socket.
+
+use std::path::PathBuf;
+
+use blockd_api::ApiError;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+/// A client of one daemon.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), String> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            format!(
+                "cannot reach blockd at {}: {e}; is the daemon running? (start it with `blockd`, or point --socket/BLOCKD_SOCKET at its api.sock)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("talking to blockd: {e}"))?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "blockd");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| format!("building request: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("talking to blockd: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading blockd's answer: {e}"))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    fn check(status: u16, bytes: &Bytes) -> Result<(), String> {
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        match serde_json::from_slice::<ApiError>(bytes) {
+            Ok(e) => Err(e.error),
+            Err(_) => Err(format!(
+                "blockd answered HTTP {status}: {}",
+                String::from_utf8_lossy(bytes)
+            )),
+        }
+    }
+
+    /// Calls an endpoint and decodes its JSON answer.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, String> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| format!("encoding request: {e}"))?;
+        let (status, bytes) = self.send(method, path, body).await?;
+        Self::check(status, &bytes)?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("unexpected answer from blockd: {e}"))
+    }
+
+    /// Calls an endpoint that answers with no body.
+    pub async fn call_empty(&self, method: &str, path: &str) -> Result<(), String> {
+        let (status, bytes) = self.send(method, path, None).await?;
+        Self::check(status, &bytes)
+    }
+}

@@ -1,0 +1,302 @@
+//! `blockctl`: the operator's command line for blockd.
+//!
+//! A thin client of the control API on `api.sock`; it never links the
+//! engine. Every verb takes `-j/--json` for stable machine output; tables
+//! otherwise. Errors print the daemon's message and exit non-zero.
+
+mod client;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blockd_api::{human_size, CreateVolume, ResizeVolume, Volume};
+use clap::{Parser, Subcommand};
+
+use client::Client;
+
+/// Control blockd: volumes, snapshots and cloud backups.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// blockd's control socket [default: STATE_DIR/api.sock of the default state dir]
+    #[arg(long, global = true, env = "BLOCKD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Machine-readable JSON output
+    #[arg(short, long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage volumes
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    blockd_api::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn label_arg(s: &str) -> Result<(String, String), String> {
+    blockd_api::parse_label(s)
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (a sparse file served over NBD as export NAME)
+    Create {
+        /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
+        name: String,
+        /// Size, e.g. 10G (K, M, G, T are powers of 1024)
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        /// Label as key=value (repeatable)
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+        /// Extent size for change tracking, a power of two from 512 to 1M
+        #[arg(long, value_parser = size_arg)]
+        extent_size: Option<u64>,
+    },
+    /// List volumes
+    #[command(alias = "ls")]
+    List {
+        /// Only volumes with this label (repeatable; all must match)
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show one volume
+    Inspect {
+        /// Volume name
+        name: String,
+    },
+    /// Delete a volume and its data
+    #[command(alias = "rm")]
+    Delete {
+        /// Volume name
+        name: String,
+        /// Delete even while NBD clients are connected (they are disconnected)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow a volume (shrinking is refused)
+    Resize {
+        /// Volume name
+        name: String,
+        /// New size, e.g. 20G
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+    },
+}
+
+fn default_socket() -> PathBuf {
+    let root = rustix_is_root();
+    let dir = if root {
+        PathBuf::from("/var/lib/blockd")
+    } else if let Some(x) = std::env::var_os("BLOCKD_STATE_DIR").filter(|x| !x.is_empty()) {
+        PathBuf::from(x)
+    } else if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("blockd")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+            .join(".local/state/blockd")
+    };
+    match std::env::var_os("BLOCKD_STATE_DIR").filter(|x| !x.is_empty()) {
+        Some(x) => PathBuf::from(x).join("api.sock"),
+        None => dir.join("api.sock"),
+    }
+}
+
+fn rustix_is_root() -> bool {
+    // The same rule as blockd's default state dir; read without libc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(default_socket);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = Client::new(socket);
+    match runtime.block_on(run(&cli, &client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
+    match &cli.command {
+        Command::Volume(cmd) => volume(cli, client, cmd).await,
+    }
+}
+
+async fn volume(cli: &Cli, client: &Client, cmd: &VolumeCmd) -> Result<(), String> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            labels,
+            extent_size,
+        } => {
+            let req = CreateVolume {
+                name: name.clone(),
+                size: *size,
+                extent_size: *extent_size,
+                labels: labels.iter().cloned().collect(),
+            };
+            let v: Volume = client.call("POST", "/v1/volumes", Some(&req)).await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("Volume {} created ({}).", v.name, human_size(v.size));
+            }
+        }
+        VolumeCmd::List { labels } => {
+            let mut path = "/v1/volumes".to_string();
+            let query: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("label={}", encode(&format!("{k}={v}"))))
+                .collect();
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            let vs: Vec<Volume> = client.call::<(), _>("GET", &path, None).await?;
+            if cli.json {
+                print_json(&vs);
+            } else {
+                print_table(&vs);
+            }
+        }
+        VolumeCmd::Inspect { name } => {
+            let v: Volume = client
+                .call::<(), _>("GET", &format!("/v1/volumes/{}", encode(name)), None)
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                print_inspect(&v);
+            }
+        }
+        VolumeCmd::Delete { name, force } => {
+            let path = format!("/v1/volumes/{}?force={force}", encode(name));
+            client.call_empty("DELETE", &path).await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "deleted": name }));
+            } else {
+                println!("Volume {name} deleted.");
+            }
+        }
+        VolumeCmd::Resize { name, size } => {
+            let req = ResizeVolume { size: *size };
+            let v: Volume = client
+                .call(
+                    "POST",
+                    &format!("/v1/volumes/{}/resize", encode(name)),
+                    Some(&req),
+                )
+                .await?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!("Volume {} is now {}.", v.name, human_size(v.size));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes a path segment or query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode output: {e}"),
+    }
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_table(vs: &[Volume]) {
+    let header = ["NAME", "SIZE", "ALLOCATED", "EXTENT", "CONNS", "LABELS"];
+    let rows: Vec<[String; 6]> = vs
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                human_size(v.size),
+                human_size(v.allocated),
+                human_size(v.extent_size),
+                v.connections.to_string(),
+                labels_text(&v.labels),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(&header);
+    for r in &rows {
+        line(&r.each_ref().map(String::as_str));
+    }
+}
+
+fn print_inspect(v: &Volume) {
+    println!("Name:         {}", v.name);
+    println!("Size:         {} ({} bytes)", human_size(v.size), v.size);
+    println!("Allocated:    {}", human_size(v.allocated));
+    println!("Extent size:  {}", human_size(v.extent_size));
+    println!("Connections:  {}", v.connections);
+    println!("Labels:       {}", labels_text(&v.labels));
+    println!("Created:      {}", v.created);
+}
