@@ -458,6 +458,7 @@ impl Negotiation {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -691,7 +691,8 @@ pub fn finish_read_reply(
             );
             out.extend_from_slice(&(offset + start).to_be_bytes());
             // Bounded by the request length, which was read into memory.
-            let (s, e) = (start as usize, (start + len) as usize);
+            let s = usize::try_from(start).unwrap_or(usize::MAX);
+            let e = usize::try_from(start + len).unwrap_or(usize::MAX);
             out.extend_from_slice(&data[s..e]);
         }
     }

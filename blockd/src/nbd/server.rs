@@ -267,13 +267,14 @@ async fn transmit<R, W>(
             Command::Read => req.length.min(u64::from(proto::MAX_PAYLOAD)),
             _ => payload_len,
         };
-        let permits = u32::try_from(cost as usize / BUDGET_UNIT + 1).unwrap_or(u32::MAX);
+        let permits = u32::try_from(cost / BUDGET_UNIT as u64 + 1).unwrap_or(u32::MAX);
         let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
             break;
         };
         let mut payload = Vec::new();
         if payload_len > 0 {
-            payload = vec![0u8; payload_len as usize];
+            // At most MAX_PAYLOAD, checked above.
+            payload = vec![0u8; usize::try_from(payload_len).unwrap_or(0)];
             if reader.read_exact(&mut payload).await.is_err() {
                 break;
             }
@@ -416,7 +417,7 @@ impl Conn {
     async fn read(&self, req: &Request) {
         let v = &self.volume;
         // check_request bounds length by MAX_PAYLOAD.
-        let len = req.length as usize;
+        let len = usize::try_from(req.length).unwrap_or(0);
         if len == 0 {
             let mut out = Vec::new();
             match self.style {

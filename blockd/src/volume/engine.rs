@@ -368,7 +368,7 @@ fn ring_thread(mut ring: io_uring::IoUring, rx: mpsc::Receiver<Op>, wake: &Wake)
                 arm(&mut ring, &mut efd_buf);
                 continue;
             }
-            let idx = tag as usize;
+            let idx = usize::try_from(tag).unwrap_or(usize::MAX);
             let Some(op) = slots.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
             };

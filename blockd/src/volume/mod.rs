@@ -228,7 +228,8 @@ impl Volume {
         while offset < end {
             let n = STEP.min(end - offset);
             // n <= 1 MiB.
-            self.write(offset, vec![0; n as usize], 0, false).await?;
+            self.write(offset, vec![0; usize::try_from(n).unwrap_or(0)], 0, false)
+                .await?;
             offset += n;
         }
         Ok(())

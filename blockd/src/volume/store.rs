@@ -155,7 +155,7 @@ impl Store {
                 message: format!("volume size {} must be between 1 byte and 1P", req.size),
             });
         }
-        if req.size % extent_size != 0 {
+        if !req.size.is_multiple_of(extent_size) {
             return Err(StoreError::Invalid {
                 message: format!(
                     "volume size {} must be a multiple of the extent size {extent_size}",
@@ -261,7 +261,7 @@ impl Store {
                 requested: size,
             });
         }
-        if size > MAX_VOLUME_SIZE || size % volume.extent_size() != 0 {
+        if size > MAX_VOLUME_SIZE || !size.is_multiple_of(volume.extent_size()) {
             return Err(StoreError::Invalid {
                 message: format!(
                     "new size {size} must be a multiple of the extent size {} and at most 1P",

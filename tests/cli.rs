@@ -1,0 +1,238 @@
+//! blockctl: the volume verbs, their JSON and table output, and their errors.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn fails_with(d: &Blockd, args: &[&str], needle: &str) {
+    let out = d.blockctl(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "blockctl {args:?} should fail");
+    assert!(
+        stderr.contains(needle),
+        "blockctl {args:?}: expected {needle:?} in stderr, got: {stderr}"
+    );
+}
+
+#[test]
+fn volume_verbs_and_output() {
+    let d = Blockd::start();
+    let out = d.ok(&[
+        "volume",
+        "create",
+        "db1",
+        "--size",
+        "10G",
+        "--label",
+        "tier=gold",
+        "--label",
+        "app=pg",
+    ]);
+    assert_eq!(out.trim(), "Volume db1 created (10.0 GiB).");
+    d.ok(&[
+        "volume",
+        "create",
+        "scratch",
+        "--size",
+        "512M",
+        "--extent-size",
+        "64K",
+    ]);
+
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "db1"])).unwrap();
+    assert_eq!(v["name"], "db1");
+    assert_eq!(v["size"], 10u64 << 30);
+    assert_eq!(v["extent_size"], 4096);
+    assert_eq!(v["labels"]["tier"], "gold");
+    assert_eq!(v["connections"], 0);
+    assert!(v["created"].as_str().unwrap().ends_with('Z'));
+
+    let table = d.ok(&["volume", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(
+        lines[1].starts_with("db1 ")
+            && lines[1].contains("10.0 GiB")
+            && lines[1].contains("app=pg,tier=gold"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("scratch") && lines[2].contains("64.0 KiB"),
+        "{table}"
+    );
+
+    // Label selection.
+    let sel: serde_json::Value =
+        serde_json::from_str(&d.ok(&["volume", "list", "--label", "tier=gold", "--json"])).unwrap();
+    assert_eq!(sel.as_array().unwrap().len(), 1);
+    assert_eq!(sel[0]["name"], "db1");
+    let none: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "list", "--label", "tier=bronze"])).unwrap();
+    assert!(none.as_array().unwrap().is_empty());
+
+    // Grow, then refuse to shrink.
+    let r: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "resize", "scratch", "--size", "1G"]))
+            .unwrap();
+    assert_eq!(r["size"], 1u64 << 30);
+    fails_with(
+        &d,
+        &["volume", "resize", "scratch", "--size", "256M"],
+        "shrinking",
+    );
+
+    d.ok(&["volume", "delete", "scratch"]);
+    fails_with(&d, &["volume", "inspect", "scratch"], "not found");
+}
+
+#[test]
+fn volume_errors() {
+    let d = Blockd::start();
+    d.create("vol1", "1G");
+    fails_with(
+        &d,
+        &["volume", "create", "vol1", "--size", "1G"],
+        "already exists",
+    );
+    fails_with(
+        &d,
+        &["volume", "create", "vol2", "--size", "10Q"],
+        "invalid size \"10Q\"",
+    );
+    fails_with(
+        &d,
+        &["volume", "create", "../x", "--size", "1G"],
+        "must not start with a dot",
+    );
+    fails_with(
+        &d,
+        &["volume", "create", "a/b", "--size", "1G"],
+        "may contain only",
+    );
+    fails_with(
+        &d,
+        &[
+            "volume",
+            "create",
+            "vol3",
+            "--size",
+            "1G",
+            "--extent-size",
+            "3000",
+        ],
+        "power of two",
+    );
+    fails_with(
+        &d,
+        &[
+            "volume", "create", "vol3", "--size", "1G", "--label", "novalue",
+        ],
+        "key=value",
+    );
+    fails_with(&d, &["volume", "delete", "ghost"], "not found");
+    fails_with(
+        &d,
+        &["volume", "resize", "ghost", "--size", "1G"],
+        "not found",
+    );
+    // The API itself answers bad JSON and unknown volumes with 4xx and a message.
+    if require_tools(&["curl"]) {
+        let call = |method: &str, path: &str, body: &str| {
+            run(Command::new("curl")
+                .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+                .arg(d.api_socket())
+                .args(["-X", method, "-d", body, &format!("http://blockd{path}")]))
+        };
+        let text = call("POST", "/v1/volumes", "{not json");
+        assert!(
+            text.ends_with("\n400") && text.contains("invalid request body"),
+            "{text}"
+        );
+        let text = call(
+            "POST",
+            "/v1/volumes",
+            r#"{"name":"x","size":4096,"bogus":1}"#,
+        );
+        assert!(
+            text.ends_with("\n400") && text.contains("unknown field"),
+            "{text}"
+        );
+        let text = call("GET", "/v1/volumes/ghost", "");
+        assert!(
+            text.ends_with("\n404") && text.contains("not found"),
+            "{text}"
+        );
+    }
+    // No daemon: a clear message and a non-zero exit.
+    let out = Command::new(bin("blockctl"))
+        .args(["--socket", "/nonexistent/api.sock", "volume", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running?"));
+}
+
+#[test]
+fn delete_with_open_connection_needs_force() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("busy", "4M");
+    // A client that holds its connection open and reports how it ended.
+    let mut client = nbdsh_command()
+        .args(["-u", &d.uri("busy"), "-c"])
+        .arg(
+            "import time\nfor _ in range(600):\n    time.sleep(0.05)\n    try:\n        h.pread(512, 0)\n    except Exception as e:\n        print('disconnected', e)\n        break\n",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "busy"])).unwrap();
+        if v["connections"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connection never showed up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fails_with(&d, &["volume", "delete", "busy"], "open NBD connection");
+    assert!(d.ok(&["volume", "list"]).contains("busy"));
+    d.ok(&["volume", "delete", "busy", "--force"]);
+    let status = wait_timeout(&mut client, Duration::from_secs(30))
+        .expect("client still running after forced delete");
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        out.contains("disconnected"),
+        "client was not disconnected: {out} {status}"
+    );
+    assert!(
+        !d.dir.path().join("volumes/busy.img").exists(),
+        "data file left behind"
+    );
+}
+
+#[test]
+fn bad_arguments_exit_nonzero() {
+    let out = Command::new(bin("blockctl"))
+        .args(["volume", "create", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size"));
+    let out = Command::new(bin("blockd"))
+        .args(["--nbd-listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
+}

@@ -1,0 +1,515 @@
+//! Malformed and hostile NBD input, each case checked against the reply the
+//! NBD spec requires, and the rule that a hostile client ends only its own
+//! connection: the daemon, other connections and all data stay intact.
+//!
+//! Handshake-level cases libnbd refuses to send are driven over a raw
+//! socket; request-level cases go through nbdsh (python3-libnbd) with
+//! strict mode off.
+
+// Test frames are tiny: length casts cannot truncate.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::*;
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const ERR_UNSUP: u32 = 0x8000_0001;
+const ERR_INVALID: u32 = 0x8000_0003;
+const ERR_UNKNOWN: u32 = 0x8000_0006;
+const ERR_TOO_BIG: u32 = 0x8000_0009;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_META: u32 = 4;
+
+/// A raw NBD client speaking bytes.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    /// Connects and reads the greeting; sends `flags`.
+    fn connect(d: &Blockd, flags: u32) -> Self {
+        let mut s = UnixStream::connect(d.nbd_socket()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).expect("greeting");
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
+        assert_eq!(
+            u16::from_be_bytes([g[16], g[17]]) & 3,
+            3,
+            "FIXED_NEWSTYLE | NO_ZEROES"
+        );
+        s.write_all(&flags.to_be_bytes()).unwrap();
+        Self { s }
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Reads one option reply: (option, type, data).
+    fn reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("option reply");
+        assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0; len];
+        self.s.read_exact(&mut data).unwrap();
+        (opt, kind, data)
+    }
+
+    /// True when the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+
+    /// GO to `export`; returns (size, flags). Panics on error replies.
+    fn go(&mut self, export: &str) -> (u64, u16) {
+        self.option(7, &go_data(export));
+        let mut info = None;
+        loop {
+            let (_, kind, data) = self.reply();
+            match kind {
+                REP_INFO if u16::from_be_bytes([data[0], data[1]]) == 0 => {
+                    info = Some((
+                        u64::from_be_bytes(data[2..10].try_into().unwrap()),
+                        u16::from_be_bytes([data[10], data[11]]),
+                    ));
+                }
+                REP_INFO => {}
+                REP_ACK => return info.expect("NBD_INFO_EXPORT"),
+                other => panic!(
+                    "GO failed with {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
+            }
+        }
+    }
+
+    fn request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn ext_request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) {
+        let mut b = 0x21e4_1c71u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// Reads a simple reply: (error, cookie).
+    fn simple(&mut self) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("simple reply");
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            0x6744_6698,
+            "simple reply magic"
+        );
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+
+    /// Reads one extended chunk: (flags, type, cookie, offset, payload).
+    fn ext_chunk(&mut self) -> (u16, u16, u64, u64, Vec<u8>) {
+        let mut h = [0u8; 32];
+        self.s.read_exact(&mut h).expect("extended reply");
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().unwrap()),
+            0x6e8a_278c,
+            "extended reply magic"
+        );
+        let len = u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize;
+        let mut data = vec![0; len];
+        self.s.read_exact(&mut data).unwrap();
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            data,
+        )
+    }
+}
+
+fn go_data(export: &str) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// Writes a known pattern with qemu-io and checks it is still there.
+fn assert_data_intact(d: &Blockd) {
+    qemu_io(&d.uri("vol1"), &["read -P 0x77 0 1M"]);
+}
+
+fn daemon_with_data() -> Option<Blockd> {
+    if !require_tools(&["qemu-io"]) {
+        return None;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "8M");
+    qemu_io(&d.uri("vol1"), &["write -P 0x77 0 1M", "flush"]);
+    Some(d)
+}
+
+#[test]
+fn handshake_rules() {
+    let Some(d) = daemon_with_data() else { return };
+
+    // Unknown client flags: the server drops the connection.
+    let mut c = Raw::connect(&d, 3 | 1 << 7);
+    assert!(c.closed(), "unknown client flags must end the connection");
+
+    // Bad option magic: dropped.
+    let mut c = Raw::connect(&d, 3);
+    c.s.write_all(&[0u8; 16]).unwrap();
+    assert!(c.closed(), "bad option magic must end the connection");
+
+    // Unknown option: ERR_UNSUP, and parsing continues.
+    let mut c = Raw::connect(&d, 3);
+    c.option(0x4242, b"whatever data");
+    let (opt, kind, _) = c.reply();
+    assert_eq!((opt, kind), (0x4242, ERR_UNSUP));
+    // Oversized option data: drained and refused, and parsing continues.
+    c.option(6, &vec![0u8; 100_000]);
+    assert_eq!(c.reply().1, ERR_TOO_BIG);
+    // GO for an unknown export: ERR_UNKNOWN, and the connection goes on.
+    c.option(7, &go_data("nope"));
+    let (_, kind, msg) = c.reply();
+    assert_eq!(kind, ERR_UNKNOWN, "{}", String::from_utf8_lossy(&msg));
+    // INFO for the same: ERR_UNKNOWN.
+    c.option(6, &go_data("nope"));
+    assert_eq!(c.reply().1, ERR_UNKNOWN);
+    // Malformed GO payload (length runs past the data): ERR_INVALID.
+    c.option(7, &[0, 0, 0, 99, b'x']);
+    assert_eq!(c.reply().1, ERR_INVALID);
+    // SET_META_CONTEXT before STRUCTURED_REPLY: ERR_INVALID.
+    c.option(10, &meta_data("vol1", &["base:allocation"]));
+    assert_eq!(c.reply().1, ERR_INVALID);
+    // STRUCTURED_REPLY with data: ERR_INVALID.
+    c.option(8, b"x");
+    assert_eq!(c.reply().1, ERR_INVALID);
+    // STARTTLS: refused by policy until TLS exists.
+    c.option(5, &[]);
+    assert_eq!(c.reply().1, 0x8000_0002);
+    // Now a proper GO still works on the same connection.
+    let (size, flags) = c.go("vol1");
+    assert_eq!(size, 8 << 20);
+    assert_eq!(flags & 1, 1, "HAS_FLAGS");
+    c.request(0, 0, 9, 0, 4096, &[]);
+    let (err, cookie) = c.simple();
+    assert_eq!((err, cookie), (0, 9));
+    let mut data = vec![0; 4096];
+    c.s.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0x77));
+
+    // EXPORT_NAME for an unknown export: disconnect.
+    let mut c = Raw::connect(&d, 3);
+    c.option(1, b"nope");
+    assert!(
+        c.closed(),
+        "EXPORT_NAME for an unknown export must disconnect"
+    );
+
+    // EXPORT_NAME for a known one, without NO_ZEROES: 124 zero bytes follow.
+    let mut c = Raw::connect(&d, 1);
+    c.option(1, b"vol1");
+    let mut b = [0u8; 8 + 2 + 124];
+    c.s.read_exact(&mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), 8 << 20);
+    assert!(b[10..].iter().all(|&z| z == 0));
+
+    // ABORT: ACK, then the server closes.
+    let mut c = Raw::connect(&d, 3);
+    c.option(2, &[]);
+    assert_eq!(c.reply().1, REP_ACK);
+    assert!(c.closed());
+
+    // A client that vanishes mid-option harms nothing.
+    let mut c = Raw::connect(&d, 3);
+    c.s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    drop(c);
+
+    assert_data_intact(&d);
+}
+
+#[test]
+fn transmission_rules_raw() {
+    let Some(d) = daemon_with_data() else { return };
+    // A healthy connection stays open through everything below.
+    let mut good = Raw::connect(&d, 3);
+    good.go("vol1");
+
+    let mut c = Raw::connect(&d, 3);
+    let (size, _) = c.go("vol1");
+    // Unknown command type: EINVAL.
+    c.request(0, 42, 1, 0, 0, &[]);
+    assert_eq!(c.simple(), (22, 1));
+    // Unknown command flag: EINVAL.
+    c.request(1 << 9, 0, 2, 0, 512, &[]);
+    assert_eq!(c.simple(), (22, 2));
+    // DF without structured replies: EINVAL.
+    c.request(1 << 2, 0, 3, 0, 512, &[]);
+    assert_eq!(c.simple(), (22, 3));
+    // WRITE past the end: ENOSPC; its payload is consumed and nothing is written.
+    c.request(0, 1, 4, size - 512, 1024, &[0xee; 1024]);
+    assert_eq!(c.simple(), (28, 4));
+    // READ past the end: EINVAL. Offset overflow too.
+    c.request(0, 0, 5, size, 1, &[]);
+    assert_eq!(c.simple(), (22, 5));
+    c.request(0, 0, 6, u64::MAX, 2, &[]);
+    assert_eq!(c.simple(), (22, 6));
+    // BLOCK_STATUS without a negotiated context: EINVAL.
+    c.request(0, 7, 7, 0, 4096, &[]);
+    assert_eq!(c.simple(), (22, 7));
+    // READ over 32 MiB: EOVERFLOW, connection stays.
+    c.request(0, 0, 8, 0, (32 << 20) + 1, &[]);
+    assert_eq!(c.simple(), (75, 8));
+    // FLUSH with a length: EINVAL.
+    c.request(0, 3, 9, 0, 10, &[]);
+    assert_eq!(c.simple(), (22, 9));
+    // The connection still works.
+    c.request(0, 0, 10, 0, 16, &[]);
+    assert_eq!(c.simple(), (0, 10));
+    let mut b = [0u8; 16];
+    c.s.read_exact(&mut b).unwrap();
+    assert_eq!(b, [0x77; 16]);
+
+    // Bad request magic: hard disconnect.
+    c.s.write_all(&[0xde; 28]).unwrap();
+    assert!(c.closed(), "bad request magic must end the connection");
+
+    // A WRITE announcing a payload over 32 MiB: hard disconnect.
+    let mut c = Raw::connect(&d, 3);
+    c.go("vol1");
+    c.request(0, 1, 1, 0, (32 << 20) + 4096, &[0xee; 4096]);
+    assert!(c.closed(), "a payload over 32 MiB must end the connection");
+
+    // A client that dies mid-payload harms nothing.
+    let mut c = Raw::connect(&d, 3);
+    c.go("vol1");
+    c.request(0, 1, 1, 0, 65536, &[0xee; 1000]);
+    drop(c);
+
+    // The healthy connection and the data are untouched.
+    good.request(0, 0, 77, 0, 4096, &[]);
+    assert_eq!(good.simple(), (0, 77));
+    let mut data = vec![0; 4096];
+    good.s.read_exact(&mut data).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0x77),
+        "data changed by a hostile client"
+    );
+    assert_data_intact(&d);
+}
+
+#[test]
+fn extended_headers_raw() {
+    let Some(d) = daemon_with_data() else { return };
+    let mut c = Raw::connect(&d, 3);
+    c.option(11, &[]);
+    assert_eq!(c.reply().1, REP_ACK);
+    // STRUCTURED_REPLY after extended headers is refused with EXT_HEADER_REQD.
+    c.option(8, &[]);
+    assert_eq!(c.reply().1, 0x8000_000a);
+    c.option(10, &meta_data("vol1", &["base:allocation"]));
+    let (_, kind, data) = c.reply();
+    assert_eq!(kind, REP_META);
+    let ctx = u32::from_be_bytes(data[..4].try_into().unwrap());
+    assert_eq!(&data[4..], b"base:allocation");
+    assert_eq!(c.reply().1, REP_ACK);
+    c.go("vol1");
+
+    // WRITE with PAYLOAD_LEN: a NONE chunk with DONE acknowledges it.
+    c.ext_request(1 << 5, 1, 1, 4 << 20, 4096, &[0x42; 4096]);
+    let (flags, kind, cookie, offset, data) = c.ext_chunk();
+    assert_eq!(
+        (flags, kind, cookie, offset, data.len()),
+        (1, 0, 1, 4 << 20, 0)
+    );
+    // READ: one OFFSET_DATA chunk.
+    c.ext_request(0, 0, 2, 4 << 20, 4096, &[]);
+    let (flags, kind, cookie, _, data) = c.ext_chunk();
+    assert_eq!((flags & 1, kind, cookie), (1, 1, 2));
+    assert_eq!(u64::from_be_bytes(data[..8].try_into().unwrap()), 4 << 20);
+    assert!(data[8..].iter().all(|&b| b == 0x42));
+    // READ of a hole: one OFFSET_HOLE chunk.
+    c.ext_request(0, 0, 3, 6 << 20, 65536, &[]);
+    let (_, kind, _, _, data) = c.ext_chunk();
+    assert_eq!(kind, 2);
+    assert_eq!(u32::from_be_bytes(data[8..12].try_into().unwrap()), 65536);
+    // BLOCK_STATUS: 64-bit descriptors (BLOCK_STATUS_EXT).
+    c.ext_request(0, 7, 4, 0, 8 << 20, &[]);
+    let (flags, kind, _, _, data) = c.ext_chunk();
+    assert_eq!((flags & 1, kind), (1, 6));
+    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), ctx);
+    let n = u32::from_be_bytes(data[4..8].try_into().unwrap()) as usize;
+    assert_eq!(data.len(), 8 + 16 * n);
+    let first_len = u64::from_be_bytes(data[8..16].try_into().unwrap());
+    let first_flags = u64::from_be_bytes(data[16..24].try_into().unwrap());
+    assert_eq!(
+        (first_len, first_flags),
+        (1 << 20, 0),
+        "first 1 MiB is data"
+    );
+    // An error reply is a structured error chunk.
+    c.ext_request(0, 0, 5, 9 << 20, 1, &[]);
+    let (_, kind, _, _, data) = c.ext_chunk();
+    assert_eq!(kind, 0x8001);
+    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), 22);
+    // A payload on a command that takes none is consumed, then EINVAL.
+    c.ext_request(1 << 5, 4, 6, 0, 100, &[1; 100]);
+    let (_, kind, cookie, _, data) = c.ext_chunk();
+    assert_eq!((kind, cookie), (0x8001, 6));
+    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), 22);
+    c.ext_request(0, 0, 7, 0, 16, &[]);
+    let (_, kind, _, _, data) = c.ext_chunk();
+    assert_eq!(kind, 1);
+    assert_eq!(&data[8..], &[0x77; 16]);
+}
+
+const NBDSH_REQUESTS: &str = r#"
+import errno, nbd, sys
+uri = sys.argv[1]
+
+def expect(fn, want, what):
+    try:
+        fn()
+    except nbd.Error as e:
+        # libnbd's Error carries the errno name, e.g. "EINVAL".
+        if e.errno != errno.errorcode[want]:
+            raise SystemExit("%s: got %s (%s), want %s" % (what, e.errno, e, errno.errorcode[want]))
+        print("ok", what, e.errno)
+        return
+    raise SystemExit("%s: succeeded, want %s" % (what, errno.errorcode[want]))
+
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(uri)
+h.set_strict_mode(0)
+size = h.get_size()
+assert h.can_meta_context("base:allocation")
+
+expect(lambda: h.pread(512, size - 256), errno.EINVAL, "READ past the end")
+expect(lambda: h.pwrite(b"x" * 512, size - 256), errno.ENOSPC, "WRITE past the end")
+expect(lambda: h.zero(4096, size), errno.ENOSPC, "WRITE_ZEROES past the end")
+expect(lambda: h.trim(4096, size), errno.EINVAL, "TRIM past the end")
+expect(lambda: h.block_status(4096, size, lambda *a: 0), errno.EINVAL, "BLOCK_STATUS past the end")
+expect(lambda: h.cache(4096, size), errno.EINVAL, "CACHE past the end")
+expect(lambda: h.pread(512, 0, nbd.CMD_FLAG_REQ_ONE), errno.EINVAL, "READ with REQ_ONE flag")
+expect(lambda: h.pwrite(b"x" * 512, 0, nbd.CMD_FLAG_DF), errno.EINVAL, "WRITE with DF flag")
+expect(lambda: h.trim(4096, 0, nbd.CMD_FLAG_NO_HOLE), errno.EINVAL, "TRIM with NO_HOLE flag")
+expect(lambda: h.flush(nbd.CMD_FLAG_REQ_ONE), errno.EINVAL, "FLUSH with REQ_ONE flag")
+expect(lambda: h.pread(512, 0, 1 << 12), errno.EINVAL, "READ with an unknown flag")
+
+# Valid requests with every allowed flag still work on the same connection.
+# (Past the first MiB, which holds the pattern checked at the end.)
+base = 2 << 20
+h.pwrite(b"\x33" * 4096, base, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, base, nbd.CMD_FLAG_DF) == b"\x33" * 4096
+h.zero(4096, base, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
+h.zero(4096, base + 4096, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(8192, base) == b"\0" * 8192
+h.trim(4096, base, nbd.CMD_FLAG_FUA)
+h.cache(65536, 0)
+h.flush()
+seen = []
+h.block_status(65536, 0, lambda ctx, off, ents, err: seen.append(ents), nbd.CMD_FLAG_REQ_ONE)
+assert len(seen) == 1 and len(seen[0]) == 2, seen
+assert h.pread(512, 0) == b"\x77" * 512
+print("ok valid requests")
+
+# BLOCK_STATUS with no context negotiated.
+h2 = nbd.NBD()
+h2.connect_uri(uri)
+h2.set_strict_mode(0)
+expect(lambda: h2.block_status(4096, 0, lambda *a: 0), errno.EINVAL, "BLOCK_STATUS without a context")
+
+# Simple replies only (no structured replies): errors still right.
+h3 = nbd.NBD()
+h3.set_request_structured_replies(False)
+h3.connect_uri(uri)
+h3.set_strict_mode(0)
+expect(lambda: h3.pread(512, size), errno.EINVAL, "READ past the end (simple replies)")
+expect(lambda: h3.pwrite(b"x", size), errno.ENOSPC, "WRITE past the end (simple replies)")
+assert h3.pread(512, 0) == b"\x77" * 512
+
+# Option mode: GO and INFO for an unknown export fail, then a good GO works.
+h4 = nbd.NBD()
+h4.set_opt_mode(True)
+h4.connect_uri(uri)
+h4.set_export_name("no-such-volume")
+expect(lambda: h4.opt_info(), errno.ENOENT, "INFO for an unknown export")
+expect(lambda: h4.opt_go(), errno.ENOENT, "GO for an unknown export")
+h4.set_export_name("vol1")
+h4.opt_go()
+assert h4.pread(512, 0) == b"\x77" * 512
+print("ok option mode")
+"#;
+
+#[test]
+fn transmission_rules_nbdsh() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let Some(d) = daemon_with_data() else { return };
+    let out = nbdsh(NBDSH_REQUESTS, &[&d.uri("vol1")]);
+    assert!(out.contains("ok option mode"), "{out}");
+    assert_data_intact(&d);
+}
