@@ -142,3 +142,39 @@ fn qemu_img_convert_compare_and_map() {
     // The zero region qemu-img wrote sparsely is a hole too.
     assert_eq!(covering(9 << 20)["zero"], true, "{map}");
 }
+
+#[test]
+fn tcp_only_when_asked() {
+    if !require_tools(&["qemu-io", "curl"]) {
+        return;
+    }
+    // Find a free loopback port, then hand it to blockd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Blockd::start_with(None, &["--nbd-listen", &addr]);
+    d.create("vol1", "8M");
+    qemu_io(
+        &format!("nbd://{addr}/vol1"),
+        &["write -P 0x61 0 1M", "read -P 0x61 0 1M"],
+    );
+    qemu_io(&d.uri("vol1"), &["read -P 0x61 0 1M"]);
+    let info: serde_json::Value = serde_json::from_str(&run(Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(d.api_socket())
+        .arg("http://blockd/v1/info")))
+    .unwrap();
+    assert_eq!(info["nbd_listen"], addr.as_str());
+
+    // Without --nbd-listen nothing listens on TCP.
+    drop(d);
+    let d = Blockd::start();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "TCP listener without --nbd-listen"
+    );
+    assert!(d.log().contains("tcp=None"));
+}

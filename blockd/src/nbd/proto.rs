@@ -729,3 +729,125 @@ impl fmt::Display for Command {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode_request(r: &Request, extended: bool) -> Vec<u8> {
+        let mut b = Vec::new();
+        let magic = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        b.extend_from_slice(&magic.to_be_bytes());
+        b.extend_from_slice(&r.flags.to_be_bytes());
+        let t: u16 = match r.command {
+            Command::Read => 0,
+            Command::Write => 1,
+            Command::Disc => 2,
+            Command::Flush => 3,
+            Command::Trim => 4,
+            Command::Cache => 5,
+            Command::WriteZeroes => 6,
+            Command::BlockStatus => 7,
+            Command::Unknown(t) => t,
+        };
+        b.extend_from_slice(&t.to_be_bytes());
+        b.extend_from_slice(&r.cookie.to_be_bytes());
+        b.extend_from_slice(&r.offset.to_be_bytes());
+        if extended {
+            b.extend_from_slice(&r.length.to_be_bytes());
+        } else {
+            b.extend_from_slice(&(r.length as u32).to_be_bytes());
+        }
+        b
+    }
+
+    /// Decodes a structured READ reply back into the bytes it describes.
+    fn decode_read_reply(reply: &[u8], style: ReplyStyle, offset: u64, len: usize) -> Vec<u8> {
+        let hdr = style.chunk_header_len();
+        let mut out = vec![0xffu8; len];
+        let mut b = reply;
+        let mut done = false;
+        while !b.is_empty() {
+            assert!(!done, "chunk after DONE");
+            let flags = u16::from_be_bytes([b[4], b[5]]);
+            let kind = u16::from_be_bytes([b[6], b[7]]);
+            let clen = match style {
+                ReplyStyle::Extended => u64::from_be_bytes(b[24..32].try_into().unwrap()) as usize,
+                _ => u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize,
+            };
+            let payload = &b[hdr..hdr + clen];
+            let at = (u64::from_be_bytes(payload[..8].try_into().unwrap()) - offset) as usize;
+            match kind {
+                REPLY_TYPE_OFFSET_DATA => out[at..at + clen - 8].copy_from_slice(&payload[8..]),
+                REPLY_TYPE_OFFSET_HOLE => {
+                    assert_eq!(clen, 12);
+                    let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
+                    out[at..at + n].fill(0);
+                }
+                other => panic!("unexpected chunk type {other}"),
+            }
+            done = flags & REPLY_FLAG_DONE != 0;
+            b = &b[hdr + clen..];
+        }
+        assert!(done, "no DONE chunk");
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn parse_request_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64), ext: bool) {
+            let _ = parse_request(&bytes, ext);
+        }
+
+        #[test]
+        fn request_roundtrip(flags: u16, t in 0u16..12, cookie: u64, offset: u64, length: u32, ext: bool) {
+            let r = Request { flags, command: Command::from_wire(t), cookie, offset, length: u64::from(length) };
+            prop_assert_eq!(parse_request(&encode_request(&r, ext), ext).unwrap(), r);
+        }
+
+        #[test]
+        fn check_request_never_panics(flags: u16, t in 0u16..12, offset: u64, length: u64, size: u64, ro: bool, st: bool, meta: bool, ext: bool) {
+            let r = Request { flags, command: Command::from_wire(t), cookie: 1, offset, length };
+            let lim = ExportLimits { size, read_only: ro, structured: st, has_meta_context: meta, extended: ext };
+            if check_request(&r, &lim).is_ok() && matches!(r.command, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache | Command::BlockStatus) {
+                prop_assert!(offset.checked_add(length).is_some_and(|e| e <= size));
+            }
+        }
+
+        #[test]
+        fn read_reply_describes_the_data(
+            data in proptest::collection::vec(any::<u8>(), 1..20000),
+            cuts in proptest::collection::vec(any::<u16>(), 0..8),
+            ext: bool,
+            df: bool,
+        ) {
+            let style = if ext { ReplyStyle::Extended } else { ReplyStyle::Structured };
+            let len = data.len();
+            // Build sorted disjoint holes from the cut points; zero them in the data.
+            let mut points: Vec<usize> = cuts.iter().map(|&c| usize::from(c) % (len + 1)).collect();
+            points.sort_unstable();
+            points.dedup();
+            let mut want = data.clone();
+            let mut holes = Vec::new();
+            for pair in points.chunks(2) {
+                if let [a, b] = *pair {
+                    if b > a {
+                        want[a..b].fill(0);
+                        holes.push((a as u64, (b - a) as u64));
+                    }
+                }
+            }
+            let hdr = read_reply_header_len(style);
+            let mut buf = vec![0u8; hdr];
+            buf.extend_from_slice(&want);
+            let reply = finish_read_reply(buf, style, 7, 1 << 30, &holes, df);
+            prop_assert_eq!(decode_read_reply(&reply, style, 1 << 30, len), want);
+        }
+    }
+}

@@ -471,12 +471,8 @@ impl Conn {
     fn block_status(&self, req: &Request) {
         let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
         let max_runs = if req_one { 1 } else { MAX_STATUS_RUNS };
-        // 32-bit descriptors (structured replies) cap each run.
-        let cap = if self.style == ReplyStyle::Extended {
-            u64::MAX
-        } else {
-            u64::from(u32::MAX) & !0xfff
-        };
+        // Runs never extend past the request, whose length fits the 32-bit
+        // descriptors of structured replies (compact requests are 32-bit).
         let mut out = Vec::new();
         let last = self.contexts.len().saturating_sub(1);
         for (i, &ctx) in self.contexts.iter().enumerate() {
@@ -486,7 +482,7 @@ impl Conn {
                         Ok(runs) => runs
                             .iter()
                             .map(|r| Extent {
-                                length: r.length.min(cap),
+                                length: r.length,
                                 flags: if r.hole {
                                     proto::STATE_HOLE | proto::STATE_ZERO
                                 } else {

@@ -91,26 +91,24 @@ enum VolumeCmd {
     },
 }
 
+/// The same default as blockd: `$BLOCKD_STATE_DIR`, else `/var/lib/blockd`
+/// for root, else `$XDG_STATE_HOME/blockd` (or `~/.local/state/blockd`).
 fn default_socket() -> PathBuf {
-    let root = rustix_is_root();
-    let dir = if root {
-        PathBuf::from("/var/lib/blockd")
-    } else if let Some(x) = std::env::var_os("BLOCKD_STATE_DIR").filter(|x| !x.is_empty()) {
+    let env = |k: &str| std::env::var_os(k).filter(|x| !x.is_empty());
+    let dir = if let Some(x) = env("BLOCKD_STATE_DIR") {
         PathBuf::from(x)
-    } else if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+    } else if is_root() {
+        PathBuf::from("/var/lib/blockd")
+    } else if let Some(x) = env("XDG_STATE_HOME") {
         PathBuf::from(x).join("blockd")
     } else {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
-            .join(".local/state/blockd")
+        PathBuf::from(env("HOME").unwrap_or_else(|| ".".into())).join(".local/state/blockd")
     };
-    match std::env::var_os("BLOCKD_STATE_DIR").filter(|x| !x.is_empty()) {
-        Some(x) => PathBuf::from(x).join("api.sock"),
-        None => dir.join("api.sock"),
-    }
+    dir.join("api.sock")
 }
 
-fn rustix_is_root() -> bool {
-    // The same rule as blockd's default state dir; read without libc.
+/// Effective uid 0, read from /proc so the CLI needs no libc.
+fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
