@@ -72,6 +72,20 @@ fn io_patterns(engine: &str) {
     );
     // FUA writes.
     qemu_io(&uri, &["write -f -P 0x31 8M 64k", "read -P 0x31 8M 64k"]);
+    // Writes too large for the inline path go through the engine; with the
+    // page cache dropped, reads miss it and go through the engine too.
+    qemu_io(&uri, &["write -P 0x71 16M 8M", "flush"]);
+    if is_root() {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+    }
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x71 16M 8M",
+            "read -P 0x31 8M 64k",
+            "read -P 0xa5 320k 4k",
+        ],
+    );
 }
 
 #[test]

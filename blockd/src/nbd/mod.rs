@@ -5,6 +5,7 @@
 //! it. Every TCP socket gets TCP_NODELAY: replies are written in one piece,
 //! and a reply split by Nagle waits on the peer's delayed ACK (~40-90 ms).
 
+pub mod buffers;
 pub mod negotiate;
 pub mod proto;
 pub mod server;

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::buffers::BufPool;
 use super::negotiate::{
     self, ExportInfo, Exports, Negotiation, Next, Transmission, CONTEXT_BASE_ALLOCATION,
 };
@@ -45,6 +46,10 @@ pub struct NbdContext {
 const CONNECTION_BUDGET: usize = 128 << 20;
 /// Budget unit (permits are counted in KiB).
 const BUDGET_UNIT: usize = 1024;
+/// Largest WRITE served inline (see [`Conn::try_inline`]).
+const INLINE_WRITE_MAX: usize = 1 << 20;
+/// Largest READ tried inline from the page cache.
+const INLINE_READ_MAX: u64 = 1 << 20;
 /// Most block-status runs in one reply.
 const MAX_STATUS_RUNS: usize = 4096;
 /// Option payloads up to this size are drained and refused; larger ones
@@ -193,12 +198,20 @@ where
     }
 }
 
+enum ReadPlan {
+    /// The whole range is a hole: this reply says so.
+    AllHole(Vec<u8>),
+    /// Read the data; these `(start, len)` ranges are holes.
+    Data(Vec<(u64, u64)>),
+}
+
 /// Per-connection facts every request task needs.
 struct Conn {
     volume: Arc<Volume>,
     style: ReplyStyle,
     contexts: Vec<u32>,
     replies: mpsc::UnboundedSender<Vec<u8>>,
+    buffers: Arc<BufPool>,
 }
 
 async fn transmit<R, W>(
@@ -222,12 +235,14 @@ async fn transmit<R, W>(
     };
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let dead = CancellationToken::new();
-    let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone()));
+    let buffers = Arc::new(BufPool::default());
+    let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone(), buffers.clone()));
     let conn = Arc::new(Conn {
         volume: volume.clone(),
         style: t.style,
         contexts: t.contexts,
         replies: tx,
+        buffers,
     });
     let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BUDGET_UNIT));
     let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
@@ -274,7 +289,7 @@ async fn transmit<R, W>(
         let mut payload = Vec::new();
         if payload_len > 0 {
             // At most MAX_PAYLOAD, checked above.
-            payload = vec![0u8; usize::try_from(payload_len).unwrap_or(0)];
+            payload = conn.buffers.take(usize::try_from(payload_len).unwrap_or(0));
             if reader.read_exact(&mut payload).await.is_err() {
                 break;
             }
@@ -291,6 +306,12 @@ async fn transmit<R, W>(
             conn.error(&req, Errno::Inval, "this command takes no payload");
             continue;
         }
+        // Page-cache hits and small buffered writes finish right here, with
+        // no task and no thread hop; everything else runs concurrently.
+        let payload = match conn.try_inline(&req, payload) {
+            None => continue,
+            Some(payload) => payload,
+        };
         let conn = conn.clone();
         tokio::spawn(async move {
             conn.handle(req, payload).await;
@@ -306,6 +327,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     dead: CancellationToken,
+    buffers: Arc<BufPool>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
@@ -320,7 +342,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             dead.cancel();
             return;
         }
-        batch.clear();
+        for b in batch.drain(..) {
+            buffers.give(b);
+        }
     }
     let _ = writer.shutdown().await;
 }
@@ -372,15 +396,59 @@ impl Conn {
         }
     }
 
+    /// Serves `req` on the caller's thread when that cannot block for long:
+    /// a READ fully in the page cache, or a small non-FUA WRITE. Returns the
+    /// payload back when the request must go to [`Conn::handle`].
+    fn try_inline(&self, req: &Request, payload: Vec<u8>) -> Option<Vec<u8>> {
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        match req.command {
+            Command::Write if !fua && payload.len() <= INLINE_WRITE_MAX => {
+                let r = self.volume.write_cached(req.offset, &payload);
+                self.io_result(req, r);
+                self.buffers.give(payload);
+                None
+            }
+            Command::Read if req.length > 0 && req.length <= INLINE_READ_MAX => {
+                let holes = match self.read_holes(req) {
+                    ReadPlan::AllHole(reply) => {
+                        self.send(reply);
+                        return None;
+                    }
+                    ReadPlan::Data(holes) => holes,
+                };
+                let hdr = proto::read_reply_header_len(self.style);
+                let len = usize::try_from(req.length).unwrap_or(0);
+                let buf = self.buffers.take(hdr + len);
+                match self.volume.read_cached(buf, hdr, req.offset) {
+                    Ok(buf) => {
+                        let df = req.flags & proto::CMD_FLAG_DF != 0;
+                        self.send(proto::finish_read_reply(
+                            buf, self.style, req.cookie, req.offset, &holes, df,
+                        ));
+                        None
+                    }
+                    Err((buf, _)) => {
+                        self.buffers.give(buf);
+                        Some(payload)
+                    }
+                }
+            }
+            _ => Some(payload),
+        }
+    }
+
     async fn handle(&self, req: Request, payload: Vec<u8>) {
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let v = &self.volume;
         match req.command {
             Command::Read => self.read(&req).await,
-            Command::Write => {
-                let r = v.write(req.offset, payload, 0, fua).await;
-                self.io_result(&req, r);
-            }
+            Command::Write => match v.write(req.offset, payload, 0, fua).await {
+                Ok(buf) => {
+                    self.buffers.give(buf);
+                    self.ok(&req);
+                }
+                Err(e) => self.io_result(&req, Err(e)),
+            },
             Command::Flush => {
                 let r = v.flush().await;
                 self.io_result(&req, r);
@@ -435,30 +503,12 @@ impl Conn {
             return self.send(out);
         }
         let df = req.flags & proto::CMD_FLAG_DF != 0;
-        let mut holes = Vec::new();
-        if self.style != ReplyStyle::Simple {
-            match v.allocation(req.offset, req.length, 64) {
-                Ok(runs) => {
-                    let mut pos = 0u64;
-                    for r in &runs {
-                        if r.hole {
-                            holes.push((pos, r.length));
-                        }
-                        pos += r.length;
-                    }
-                    if holes == [(0, req.length)] {
-                        let mut out = Vec::new();
-                        proto::hole_reply(&mut out, self.style, req.cookie, req.offset, req.length);
-                        return self.send(out);
-                    }
-                    // Tiny holes are not worth a chunk each.
-                    holes.retain(|&(_, l)| l >= 4096);
-                }
-                Err(e) => tracing::debug!(error = %e, "allocation query failed; sending data"),
-            }
-        }
+        let holes = match self.read_holes(req) {
+            ReadPlan::AllHole(reply) => return self.send(reply),
+            ReadPlan::Data(holes) => holes,
+        };
         let hdr = proto::read_reply_header_len(self.style);
-        match v.read(req.offset, len, hdr).await {
+        match v.read(self.buffers.take(hdr + len), hdr, req.offset).await {
             Ok(buf) => {
                 let reply =
                     proto::finish_read_reply(buf, self.style, req.cookie, req.offset, &holes, df);
@@ -466,6 +516,35 @@ impl Conn {
             }
             Err(e) => self.io_result(req, Err(e)),
         }
+    }
+
+    /// Where the range to read has holes: a range that is all hole is
+    /// answered with one OFFSET_HOLE chunk and nothing is read.
+    fn read_holes(&self, req: &Request) -> ReadPlan {
+        let mut holes = Vec::new();
+        if self.style == ReplyStyle::Simple {
+            return ReadPlan::Data(holes);
+        }
+        match self.volume.allocation(req.offset, req.length, 64) {
+            Ok(runs) => {
+                let mut pos = 0u64;
+                for r in &runs {
+                    if r.hole {
+                        holes.push((pos, r.length));
+                    }
+                    pos += r.length;
+                }
+                if holes == [(0, req.length)] {
+                    let mut out = Vec::new();
+                    proto::hole_reply(&mut out, self.style, req.cookie, req.offset, req.length);
+                    return ReadPlan::AllHole(out);
+                }
+                // Tiny holes are not worth a chunk each.
+                holes.retain(|&(_, l)| l >= 4096);
+            }
+            Err(e) => tracing::debug!(error = %e, "allocation query failed; sending data"),
+        }
+        ReadPlan::Data(holes)
     }
 
     fn block_status(&self, req: &Request) {

@@ -143,25 +143,71 @@ impl Volume {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     }
 
-    /// Reads `len` bytes at `offset` into a new buffer that starts with
-    /// `header` spare bytes (room for the reply header, so nothing is copied).
-    pub async fn read(&self, offset: u64, len: usize, header: usize) -> io::Result<Vec<u8>> {
-        let buf = vec![0u8; header + len];
-        self.engine.read_at(&self.file, buf, header, offset).await
+    /// Fills `buf[header..]` from `offset` (the first `header` bytes are room
+    /// for the reply header, so the data is never copied again).
+    pub async fn read(&self, buf: Vec<u8>, header: usize, offset: u64) -> io::Result<Vec<u8>> {
+        match self.read_cached(buf, header, offset) {
+            Ok(buf) => Ok(buf),
+            Err((buf, done)) => {
+                self.engine
+                    .read_at(&self.file, buf, header + done, offset + done as u64)
+                    .await
+            }
+        }
+    }
+
+    /// Reads from the page cache without blocking (`RWF_NOWAIT`), the fast
+    /// path for hot data: no thread hop at all. On a cache miss returns the
+    /// buffer and how many bytes were read, for the engine to finish.
+    pub fn read_cached(
+        &self,
+        mut buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+    ) -> Result<Vec<u8>, (Vec<u8>, usize)> {
+        let mut done = 0;
+        while start + done < buf.len() {
+            let slice = &mut [io::IoSliceMut::new(&mut buf[start + done..])];
+            match rustix::io::preadv2(
+                &*self.file,
+                slice,
+                offset + done as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => {
+                    buf[start + done..].fill(0);
+                    return Ok(buf);
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return Err((buf, done)),
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Writes a small, non-FUA write straight into the page cache from the
+    /// calling thread. Most file systems (ext4 among them) have no
+    /// non-blocking buffered write, so io_uring would hand such a write to a
+    /// kernel worker thread; the copy costs less than those two thread hops.
+    /// May block briefly under dirty-page throttling, like any writer.
+    pub fn write_cached(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)
     }
 
     /// Writes `buf[start..]` at `offset`; `fua` makes it durable first.
+    /// Hands the buffer back for reuse.
     pub async fn write(
         &self,
         offset: u64,
         buf: Vec<u8>,
         start: usize,
         fua: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<Vec<u8>> {
         self.engine
             .write_at(&self.file, buf, start, offset, fua)
             .await
-            .map(drop)
     }
 
     /// Makes every acknowledged write durable.
@@ -229,7 +275,8 @@ impl Volume {
             let n = STEP.min(end - offset);
             // n <= 1 MiB.
             self.write(offset, vec![0; usize::try_from(n).unwrap_or(0)], 0, false)
-                .await?;
+                .await
+                .map(drop)?;
             offset += n;
         }
         Ok(())
