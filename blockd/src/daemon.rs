@@ -22,6 +22,9 @@ use crate::nbd::{self, NbdContext};
 use crate::volume::store::Store;
 use crate::volume::{Engine, EngineKind};
 
+/// How often dirty maps are written out while running.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
 /// Resolved daemon settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -151,6 +154,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let api_task = tokio::spawn(async move {
         if let Err(e) = api.await {
             tracing::error!(error = %e, "control API stopped");
+        }
+    });
+
+    // Periodic dirty-map checkpoints (still marked in use).
+    let s = store.clone();
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let s = s.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.checkpoint()).await;
+                }
+            }
         }
     });
 

@@ -34,6 +34,14 @@ pub struct Volume {
     pub allocated: u64,
     /// NBD connections currently open to this volume.
     pub connections: u64,
+    /// Bytes in extents changed since the last backup (the whole volume
+    /// when change tracking was lost).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// `true` while change tracking is trustworthy; `false` after an
+    /// unclean shutdown until the next full backup.
+    #[serde(default)]
+    pub tracking_known: bool,
 }
 
 /// Body of `POST /v1/volumes`.

@@ -95,6 +95,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 
 fn to_api(v: &Volume) -> blockd_api::Volume {
     let m = v.meta();
+    let changes = v.dirty.current();
     blockd_api::Volume {
         name: m.name,
         size: m.size,
@@ -103,6 +104,12 @@ fn to_api(v: &Volume) -> blockd_api::Volume {
         created: m.created,
         allocated: v.allocated(),
         connections: v.connections(),
+        dirty_bytes: if changes.known {
+            changes.extents.len() * m.extent_size
+        } else {
+            m.size
+        },
+        tracking_known: changes.known,
     }
 }
 

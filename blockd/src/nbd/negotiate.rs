@@ -57,9 +57,20 @@ pub trait Exports {
 
 /// Metadata context id of `base:allocation`.
 pub const CONTEXT_BASE_ALLOCATION: u32 = 1;
+/// Context id of `blockd:dirty`: extents changed since the last backup
+/// (bit 0 set = changed).
+pub const CONTEXT_BLOCKD_DIRTY: u32 = 2;
+/// Context id of `qemu:dirty-bitmap:blockd`: the same map under QEMU's
+/// name and meaning (bit 0 = dirty), so libnbd-based backup tools that
+/// read QEMU dirty bitmaps work unchanged.
+pub const CONTEXT_QEMU_DIRTY: u32 = 3;
 
 /// Every metadata context this server offers, with its id.
-pub const META_CONTEXTS: &[(&str, u32)] = &[("base:allocation", CONTEXT_BASE_ALLOCATION)];
+pub const META_CONTEXTS: &[(&str, u32)] = &[
+    ("base:allocation", CONTEXT_BASE_ALLOCATION),
+    ("blockd:dirty", CONTEXT_BLOCKD_DIRTY),
+    ("qemu:dirty-bitmap:blockd", CONTEXT_QEMU_DIRTY),
+];
 
 /// Where negotiation goes after an option.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use tracing::Instrument;
 use super::buffers::BufPool;
 use super::negotiate::{
     self, ExportInfo, Exports, Negotiation, Next, Transmission, CONTEXT_BASE_ALLOCATION,
+    CONTEXT_BLOCKD_DIRTY, CONTEXT_QEMU_DIRTY,
 };
 use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
 use crate::volume::store::Store;
@@ -547,6 +548,36 @@ impl Conn {
         ReadPlan::Data(holes)
     }
 
+    /// Changed and unchanged byte runs of the request range, from the
+    /// volume's dirty map (bit 0 = changed).
+    fn dirty_extents(&self, req: &Request, max_runs: usize) -> Vec<Extent> {
+        let es = self.volume.extent_size();
+        let end = req.offset + req.length;
+        let first = u32::try_from(req.offset / es).unwrap_or(u32::MAX);
+        let last = u32::try_from(end.div_ceil(es)).unwrap_or(u32::MAX);
+        let mut pos = req.offset;
+        self.volume
+            .dirty
+            .current()
+            .runs(first, last, max_runs)
+            .into_iter()
+            .map_while(|(n, dirty)| {
+                // Runs are in extents; the first may start mid-extent and the
+                // last is clamped to the request.
+                if pos >= end {
+                    return None;
+                }
+                let stop = ((pos / es + u64::from(n)) * es).min(end);
+                let e = Extent {
+                    length: stop - pos,
+                    flags: u32::from(dirty),
+                };
+                pos = stop;
+                Some(e)
+            })
+            .collect()
+    }
+
     fn block_status(&self, req: &Request) {
         let req_one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
         let max_runs = if req_one { 1 } else { MAX_STATUS_RUNS };
@@ -572,6 +603,7 @@ impl Conn {
                         Err(e) => return self.io_result(req, Err(e)),
                     }
                 }
+                CONTEXT_BLOCKD_DIRTY | CONTEXT_QEMU_DIRTY => self.dirty_extents(req, max_runs),
                 _ => continue,
             };
             let extents = if req_one {

@@ -10,6 +10,7 @@
 //! connections to a volume share the one file, a FLUSH on any connection makes
 //! every acknowledged write durable (which is what CAN_MULTI_CONN promises).
 
+pub mod dirty_map;
 pub mod engine;
 pub mod store;
 
@@ -20,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
+
+use dirty_map::DirtyMap;
 use tokio_util::sync::CancellationToken;
 
 pub use engine::{Engine, EngineKind};
@@ -70,6 +73,8 @@ pub struct Volume {
     file: Arc<File>,
     engine: Arc<Engine>,
     connections: AtomicU64,
+    /// Extents changed since the last successful backup.
+    pub dirty: DirtyMap,
     /// Cancelled when the volume is deleted with `--force`: its connections end.
     pub closing: CancellationToken,
 }
@@ -86,7 +91,7 @@ impl Drop for ConnectionGuard {
 
 impl Volume {
     /// Wraps an open data file.
-    pub fn new(meta: VolumeMeta, file: File, engine: Arc<Engine>) -> Self {
+    pub fn new(meta: VolumeMeta, file: File, dirty: DirtyMap, engine: Arc<Engine>) -> Self {
         Self {
             size: AtomicU64::new(meta.size),
             name: meta.name,
@@ -96,6 +101,7 @@ impl Volume {
             file: Arc::new(file),
             engine,
             connections: AtomicU64::new(0),
+            dirty,
             closing: CancellationToken::new(),
         }
     }
@@ -193,6 +199,7 @@ impl Volume {
     /// May block briefly under dirty-page throttling, like any writer.
     pub fn write_cached(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        self.dirty.mark(offset, data.len() as u64);
         self.file.write_all_at(data, offset)
     }
 
@@ -205,6 +212,7 @@ impl Volume {
         start: usize,
         fua: bool,
     ) -> io::Result<Vec<u8>> {
+        self.dirty.mark(offset, (buf.len() - start) as u64);
         self.engine
             .write_at(&self.file, buf, start, offset, fua)
             .await
@@ -220,6 +228,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.dirty.mark(offset, len);
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match self.engine.fallocate(&self.file, mode, offset, len).await {
             Ok(()) => {}
@@ -247,6 +256,9 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        // FAST_ZERO may fail without touching data; marking first is still
+        // safe (a spurious dirty extent only costs a re-read).
+        self.dirty.mark(offset, len);
         let mode = if no_hole {
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
         } else {

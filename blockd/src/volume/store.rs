@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use blockd_api::{validate_extent_size, validate_name, CreateVolume, DEFAULT_EXTENT_SIZE};
 
+use super::dirty_map::{DirtyMap, MapFileError, Recovery};
 use super::{Engine, Volume, VolumeMeta};
 use crate::state::{StateDb, StateError};
 
@@ -66,6 +67,9 @@ pub enum StoreError {
     /// State database failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The dirty map file failed.
+    #[error(transparent)]
+    DirtyMap(#[from] MapFileError),
 }
 
 /// All volumes of this daemon.
@@ -102,8 +106,25 @@ impl Store {
                 path: path.display().to_string(),
                 source,
             })?;
+            let (dirty, recovery) =
+                DirtyMap::open(&dirty_path(&dir, &meta.name), meta.extent_size)?;
+            match recovery {
+                Recovery::Clean => {}
+                Recovery::Unclean => tracing::warn!(
+                    volume = %meta.name,
+                    "change tracking lost after unclean shutdown: the next backup reads the whole volume"
+                ),
+                Recovery::Missing | Recovery::Corrupt => tracing::warn!(
+                    volume = %meta.name,
+                    ?recovery,
+                    "no usable dirty map: the next backup reads the whole volume"
+                ),
+            }
             let name = meta.name.clone();
-            volumes.insert(name, Arc::new(Volume::new(meta, file, engine.clone())));
+            volumes.insert(
+                name,
+                Arc::new(Volume::new(meta, file, dirty, engine.clone())),
+            );
         }
         tracing::info!(volumes = volumes.len(), "volume store opened");
         Ok(Self {
@@ -163,6 +184,7 @@ impl Store {
                 ),
             });
         }
+        check_extent_count(req.size, extent_size)?;
         let mut volumes = self.write();
         if volumes.contains_key(&req.name) {
             return Err(StoreError::Exists { volume: req.name });
@@ -192,11 +214,20 @@ impl Store {
             labels: req.labels,
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
+        let dirty_file = dirty_path(&self.dir, &req.name);
+        let dirty = match DirtyMap::create(&dirty_file, extent_size) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
         if let Err(e) = self.db.insert_volume(&meta) {
             let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&dirty_file);
             return Err(e.into());
         }
-        let volume = Arc::new(Volume::new(meta, file, self.engine.clone()));
+        let volume = Arc::new(Volume::new(meta, file, dirty, self.engine.clone()));
         volumes.insert(req.name, volume.clone());
         tracing::info!(volume = %volume.name(), size = volume.size(), "volume created");
         Ok(volume)
@@ -236,6 +267,7 @@ impl Store {
                 })
             }
         }
+        let _ = std::fs::remove_file(dirty_path(&self.dir, name));
         let _ = sync_dir(&self.dir);
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
@@ -269,6 +301,7 @@ impl Store {
                 ),
             });
         }
+        check_extent_count(size, volume.extent_size())?;
         volume.grow(size).map_err(|source| StoreError::Io {
             volume: name.into(),
             path: self.path_of(name).display().to_string(),
@@ -279,17 +312,49 @@ impl Store {
         Ok(volume)
     }
 
-    /// Makes everything durable (clean shutdown).
+    /// Writes every dirty map to disk, still marked in use (a crash after
+    /// this is still detected); bounds the work left for shutdown.
+    pub fn checkpoint(&self) {
+        for v in self.list() {
+            if let Err(e) = v.dirty.persist(&dirty_path(&self.dir, v.name()), true) {
+                tracing::warn!(volume = %v.name(), error = %e, "dirty map checkpoint failed");
+            }
+        }
+    }
+
+    /// Makes everything durable and marks the dirty maps clean (clean
+    /// shutdown: only then are they trusted at the next start).
     pub fn sync_all(&self) {
         for v in self.list() {
+            // The map is only trusted if the data it describes is on disk.
             if let Err(e) = v.sync_all() {
-                tracing::error!(volume = %v.name(), error = %e, "fsync at shutdown failed");
+                tracing::error!(volume = %v.name(), error = %e, "fsync at shutdown failed; its dirty map stays in use");
+                continue;
+            }
+            if let Err(e) = v.dirty.persist(&dirty_path(&self.dir, v.name()), false) {
+                tracing::error!(volume = %v.name(), error = %e, "persisting the dirty map failed");
             }
         }
         if let Err(e) = self.db.checkpoint() {
             tracing::warn!(error = %e, "state database checkpoint failed");
         }
     }
+}
+
+fn dirty_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.dirty"))
+}
+
+/// Extent numbers are 32-bit (roaring bitmaps).
+fn check_extent_count(size: u64, extent_size: u64) -> Result<(), StoreError> {
+    if size / extent_size > u64::from(u32::MAX) {
+        return Err(StoreError::Invalid {
+            message: format!(
+                "a volume of {size} bytes has more than 2^32 extents of {extent_size} bytes: use a larger --extent-size"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn open_data(path: &Path) -> io::Result<File> {

@@ -295,6 +295,14 @@ fn print_inspect(v: &Volume) {
     println!("Allocated:    {}", human_size(v.allocated));
     println!("Extent size:  {}", human_size(v.extent_size));
     println!("Connections:  {}", v.connections);
+    if v.tracking_known {
+        println!(
+            "Changed:      {} since the last backup",
+            human_size(v.dirty_bytes)
+        );
+    } else {
+        println!("Changed:      unknown (change tracking lost after an unclean shutdown: the next backup reads the whole volume)");
+    }
     println!("Labels:       {}", labels_text(&v.labels));
     println!("Created:      {}", v.created);
 }
