@@ -18,10 +18,15 @@ struct FuseDisk {
 
 impl FuseDisk {
     fn mount(uri: &str, dir: &Path) -> Self {
+        Self::mount_with(uri, dir, &[])
+    }
+
+    fn mount_with(uri: &str, dir: &Path, flags: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let pidfile = dir.with_extension("pid");
         let _ = std::fs::remove_file(&pidfile);
         let child = Command::new("nbdfuse")
+            .args(flags)
             .arg("-P")
             .arg(&pidfile)
             .arg(dir.join("disk"))
@@ -64,6 +69,33 @@ impl Loop {
     fn attach(file: &str) -> Self {
         let dev = sh(&format!("losetup -f --show {file}")).trim().to_string();
         Self(dev)
+    }
+
+    fn attach_ro(file: &str) -> Self {
+        let dev = sh(&format!("losetup -r -f --show {file}"))
+            .trim()
+            .to_string();
+        Self(dev)
+    }
+}
+
+/// Unmounts on drop (also when an assertion fails mid-test).
+struct Mounted(String);
+
+impl Mounted {
+    fn mount(dev: &str, dir: &str, opts: &str) -> Self {
+        sh(&format!("mount -o {opts} {dev} {dir}"));
+        Self(dir.to_string())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .args(["-u", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = Command::new("umount").arg(&self.0).status();
     }
 }
 
@@ -119,4 +151,87 @@ fn ext4_on_a_volume_through_nbdfuse_and_loop() {
         let n = std::fs::read_to_string(&sums).unwrap().lines().count();
         assert_eq!(n, 51, "expected 51 files in the checksum list");
     }
+}
+
+#[test]
+fn fsfreeze_snapshot_of_ext4_shows_exactly_the_files_before_the_freeze() {
+    if !require_tools(&[
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "fusermount3",
+        "fsfreeze",
+    ]) || !skip_unless(is_root(), "needs root for losetup, mount and fsfreeze")
+        || !skip_unless(Path::new("/dev/fuse").exists(), "no /dev/fuse")
+    {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("fsvol", "256M");
+    let t = tempfile::tempdir().unwrap();
+    let live = t.path().join("live");
+    let frozen = t.path().join("frozen");
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::create_dir_all(&frozen).unwrap();
+    let (live_s, frozen_s) = (live.display().to_string(), frozen.display().to_string());
+    let before = t.path().join("before.sums").display().to_string();
+
+    let fuse = FuseDisk::mount(&d.uri("fsvol"), &t.path().join("fuse-live"));
+    let lo = Loop::attach(&fuse.disk());
+    sh(&format!("mkfs.ext4 -q -F {}", lo.0));
+    let m = Mounted::mount(&lo.0, &live_s, "rw");
+    sh(&format!(
+        "cd {live_s} && mkdir before && head -c 8M /dev/urandom > before/big.bin && \
+         for i in $(seq 1 20); do echo \"before $i\" > before/f$i.txt; done && \
+         find before -type f | sort | xargs sha256sum > {before}"
+    ));
+    // No sync: the freeze hook must flush the file system itself.
+    let out = d.ok(&[
+        "snapshot",
+        "create",
+        "fsvol",
+        "--name",
+        "app",
+        "--pre-exec",
+        &format!("fsfreeze -f {live_s}"),
+        "--post-exec",
+        &format!("fsfreeze -u {live_s}"),
+    ]);
+    assert!(out.contains("fsvol@app created"), "{out}");
+    // Writes after the freeze must not appear in the snapshot.
+    sh(&format!(
+        "cd {live_s} && mkdir after && echo later > after/x.txt && rm before/f1.txt && sync"
+    ));
+    let snap = inspect_json(&d, "fsvol@app");
+    assert_eq!(snap["pre_exec"]["exit_code"], 0, "{snap}");
+    assert_eq!(snap["post_exec"]["exit_code"], 0, "{snap}");
+
+    // Mount the frozen image read-only through a second nbdfuse + loop.
+    let fuse2 = FuseDisk::mount_with(&d.uri("fsvol@app"), &t.path().join("fuse-snap"), &["-r"]);
+    let lo2 = Loop::attach_ro(&fuse2.disk());
+    sh(&format!("e2fsck -fn {}", lo2.0));
+    let m2 = Mounted::mount(&lo2.0, &frozen_s, "ro");
+    sh(&format!("cd {frozen_s} && sha256sum --quiet -c {before}"));
+    let listing = sh(&format!(
+        "cd {frozen_s} && find . -not -path './lost+found*' | sort"
+    ));
+    assert!(
+        !listing.contains("after"),
+        "a file written after the freeze is in the snapshot:\n{listing}"
+    );
+    assert!(
+        listing.contains("./before/f1.txt"),
+        "a file deleted after the freeze is missing:\n{listing}"
+    );
+    drop(m2);
+    drop(lo2);
+    drop(fuse2);
+    drop(m);
+    drop(lo);
+    drop(fuse);
+}
+
+fn inspect_json(d: &Blockd, snap: &str) -> serde_json::Value {
+    serde_json::from_str(&d.ok(&["-j", "snapshot", "inspect", snap])).unwrap()
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::nbd::{self, NbdContext};
+use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
 use crate::volume::{Engine, EngineKind};
 
@@ -60,6 +61,8 @@ pub fn default_state_dir() -> PathBuf {
 pub struct Daemon {
     /// The volumes.
     pub store: Arc<Store>,
+    /// Local snapshots.
+    pub snapshots: Arc<Snapshots>,
     config: Config,
     engine: &'static str,
 }
@@ -120,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::new(config.io_engine).context("starting the I/O engine")?);
     let engine_name = engine.name();
     let store = Arc::new(Store::open(dir, engine).context("opening the volume store")?);
+    let snapshots = Arc::new(Snapshots::open(dir, store.clone()).context("loading snapshots")?);
 
     let api_listener = bind_unix(&config.api_socket, 0o600)?;
     let nbd_listener = bind_unix(&config.nbd_socket, 0o660)?;
@@ -136,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let ctx = NbdContext {
         store: store.clone(),
+        snapshots: snapshots.clone(),
         shutdown: shutdown.clone(),
         grace: config.shutdown_grace,
     };
@@ -146,6 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let daemon = Arc::new(Daemon {
         store: store.clone(),
+        snapshots,
         config: config.clone(),
         engine: engine_name,
     });

@@ -7,5 +7,6 @@
 pub mod api;
 pub mod daemon;
 pub mod nbd;
+pub mod snapshot;
 pub mod state;
 pub mod volume;

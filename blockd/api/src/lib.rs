@@ -68,6 +68,70 @@ pub struct ResizeVolume {
     pub size: u64,
 }
 
+/// Body of `POST /v1/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Member volumes; several make one group with one freeze point.
+    pub volumes: Vec<String>,
+    /// Snapshot name; generated (`20261121T101500Z-3f4f0a67`) when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Command run before the gates close (e.g. `fsfreeze -f /mnt/data`).
+    #[serde(default)]
+    pub pre_exec: Option<String>,
+    /// Command run after the gates reopen (e.g. `fsfreeze -u /mnt/data`).
+    #[serde(default)]
+    pub post_exec: Option<String>,
+    /// Timeout for each hook, in seconds (default 30).
+    #[serde(default)]
+    pub exec_timeout_secs: Option<f64>,
+}
+
+/// What an exec hook did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    /// Command line.
+    pub command: String,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Killed at the timeout.
+    pub timed_out: bool,
+    /// Combined output (truncated).
+    pub output: String,
+}
+
+/// A local snapshot as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Volume.
+    pub volume: String,
+    /// Snapshot name.
+    pub name: String,
+    /// NBD export name of the frozen image: `VOLUME@SNAPSHOT`.
+    pub export: String,
+    /// Group id, for group snapshots.
+    pub group: Option<String>,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Frozen image size.
+    pub size: u64,
+    /// Extent size.
+    pub extent_size: u64,
+    /// Microseconds I/O was held for the freeze.
+    pub pause_us: u64,
+    /// False when the change set is unknown (tracking was lost).
+    pub changes_known: bool,
+    /// Bytes in the change set.
+    pub changed_bytes: u64,
+    /// Bytes preserved by copy-on-write since the freeze.
+    pub cow_bytes: u64,
+    /// Pre-exec outcome.
+    pub pre_exec: Option<Hook>,
+    /// Post-exec outcome.
+    pub post_exec: Option<Hook>,
+}
+
 /// Daemon facts returned by `GET /v1/info`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonInfo {

@@ -129,6 +129,10 @@ fn run(data: &[u8]) {
     if data.len() < 4 {
         return;
     }
+    let g = greeting();
+    assert_eq!(be64(&g, 0), NBDMAGIC);
+    assert_eq!(be64(&g, 8), IHAVEOPT);
+    assert_eq!(be16(&g, 16), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
     let flags = be32(data, 0);
     let known = CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES;
     let mut nego = match Negotiation::new(flags) {

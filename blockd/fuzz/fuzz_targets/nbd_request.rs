@@ -46,6 +46,12 @@ fn run(data: &[u8]) {
     let extended = mode & 1 != 0;
     let need = request_len(extended);
     assert_eq!(need, if extended { 32 } else { 28 });
+    let style = if extended {
+        ReplyStyle::Extended
+    } else {
+        ReplyStyle::Simple
+    };
+    assert_eq!(style.chunk_header_len(), if extended { 32 } else { 16 });
 
     let parsed = parse_request(rest, extended);
     let req = match parsed {
@@ -222,6 +228,18 @@ fn check(req: &Request, lim: &ExportLimits, spec: &[u8]) {
             match cmd {
                 Read if req.length > 0 && req.length <= MAX_FUZZ_READ => {
                     read_reply(req, style, spec);
+                    if style != ReplyStyle::Simple {
+                        // The whole range reads as zeros.
+                        let mut out = Vec::new();
+                        hole_reply(&mut out, style, req.cookie, req.offset, req.length);
+                        let chunks = chunks(&out, style);
+                        assert_eq!(chunks.len(), 1);
+                        let c = &chunks[0];
+                        assert_eq!((c.kind, c.cookie), (REPLY_TYPE_OFFSET_HOLE, req.cookie));
+                        assert_eq!(c.payload.len(), 12);
+                        assert_eq!(be64(c.payload, 0), req.offset);
+                        assert_eq!(u64::from(be32(c.payload, 8)), req.length);
+                    }
                 }
                 BlockStatus if style != ReplyStyle::Simple => block_status(req, style, spec),
                 _ => {

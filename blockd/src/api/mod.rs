@@ -13,10 +13,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use blockd_api::{ApiError, CreateVolume, DaemonInfo, ResizeVolume};
+use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolume};
 use serde::de::DeserializeOwned;
 
 use crate::daemon::Daemon;
+use crate::snapshot::store::{HookRecord, SnapshotStore};
+use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::store::StoreError;
 use crate::volume::Volume;
 
@@ -84,6 +86,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(inspect_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
+        .route(
+            "/v1/snapshots/{volume}/{name}",
+            get(inspect_snapshot).delete(delete_snapshot),
+        )
         .fallback(|| async {
             Failure {
                 status: StatusCode::NOT_FOUND,
@@ -172,6 +179,18 @@ async fn delete_volume(
     let force = query_pairs(q.as_deref())
         .iter()
         .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    let v = d.store.get(&name).ok_or(StoreError::NotFound {
+        volume: name.clone(),
+    })?;
+    if v.connections() > 0 && !force {
+        return Err(StoreError::Busy {
+            volume: name,
+            connections: v.connections(),
+        }
+        .into());
+    }
+    // Its snapshots go with it (their guards would otherwise pin the data).
+    d.snapshots.delete_volume(&name);
     d.store.delete(&name, force)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -184,4 +203,125 @@ async fn resize_volume(
     let req: ResizeVolume = body(&bytes)?;
     let v = d.store.resize(&name, req.size)?;
     Ok(Json(to_api(&v)))
+}
+
+impl From<FreezeError> for Failure {
+    fn from(e: FreezeError) -> Self {
+        let status = match &e {
+            FreezeError::Invalid(_) | FreezeError::Hook { .. } => StatusCode::BAD_REQUEST,
+            FreezeError::NotFound(_) => StatusCode::NOT_FOUND,
+            FreezeError::Exists(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "snapshot request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn hook_to_api(h: Option<HookRecord>) -> Option<blockd_api::Hook> {
+    h.map(|h| blockd_api::Hook {
+        command: h.command,
+        exit_code: h.exit_code,
+        timed_out: h.timed_out,
+        output: h.output,
+    })
+}
+
+fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
+    let m = s.meta();
+    blockd_api::Snapshot {
+        export: format!("{}@{}", m.volume, m.name),
+        changed_bytes: if m.changes_known {
+            m.changed_extents * m.extent_size
+        } else {
+            m.size
+        },
+        cow_bytes: s.cow_bytes(),
+        volume: m.volume,
+        name: m.name,
+        group: m.group,
+        created: m.created,
+        size: m.size,
+        extent_size: m.extent_size,
+        pause_us: m.pause_us,
+        changes_known: m.changes_known,
+        pre_exec: hook_to_api(m.pre_exec),
+        post_exec: hook_to_api(m.post_exec),
+    }
+}
+
+async fn create_snapshot(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Vec<blockd_api::Snapshot>>), Failure> {
+    let req: CreateSnapshot = body(&bytes)?;
+    let timeout = req.exec_timeout_secs.unwrap_or(30.0);
+    if !(0.0..=86_400.0).contains(&timeout) {
+        return Err(Failure::bad_request(
+            "exec timeout must be between 0 and 86400 seconds",
+        ));
+    }
+    let metas = d
+        .snapshots
+        .create(CreateRequest {
+            volumes: req.volumes,
+            name: req.name,
+            pre_exec: req.pre_exec,
+            post_exec: req.post_exec,
+            exec_timeout: std::time::Duration::from_secs_f64(timeout),
+        })
+        .await?;
+    let out = metas
+        .iter()
+        .filter_map(|m| d.snapshots.get(&m.volume, &m.name))
+        .map(|s| snapshot_to_api(&s))
+        .collect();
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn list_snapshots(
+    State(d): State<Arc<Daemon>>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Vec<blockd_api::Snapshot>> {
+    let volume = query_pairs(q.as_deref())
+        .into_iter()
+        .find(|(k, _)| k == "volume")
+        .map(|(_, v)| v);
+    if let Some(v) = &volume {
+        if d.store.get(v).is_none() {
+            return Err(StoreError::NotFound { volume: v.clone() }.into());
+        }
+    }
+    Ok(Json(
+        d.snapshots
+            .list(volume.as_deref())
+            .iter()
+            .map(|s| snapshot_to_api(s))
+            .collect(),
+    ))
+}
+
+async fn inspect_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path((volume, name)): Path<(String, String)>,
+) -> ApiResult<blockd_api::Snapshot> {
+    let s = d.snapshots.get(&volume, &name).ok_or_else(|| {
+        FreezeError::NotFound(format!(
+            "snapshot {volume}@{name} not found: list them with `blockctl snapshot list`"
+        ))
+    })?;
+    Ok(Json(snapshot_to_api(&s)))
+}
+
+async fn delete_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path((volume, name)): Path<(String, String)>,
+) -> Result<StatusCode, Failure> {
+    d.snapshots.delete(&volume, &name)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -29,6 +29,8 @@ use super::negotiate::{
     CONTEXT_BLOCKD_DIRTY, CONTEXT_QEMU_DIRTY,
 };
 use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
+use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
 use crate::volume::{nbd_errno, Volume, ZeroError};
 
@@ -37,6 +39,8 @@ use crate::volume::{nbd_errno, Volume, ZeroError};
 pub struct NbdContext {
     /// The volumes.
     pub store: Arc<Store>,
+    /// Held snapshots, exported read-only as `VOLUME@SNAPSHOT`.
+    pub snapshots: Arc<Snapshots>,
     /// Cancelled when the daemon begins to shut down.
     pub shutdown: CancellationToken,
     /// How long after shutdown begins connections keep answering ESHUTDOWN.
@@ -57,18 +61,52 @@ const MAX_STATUS_RUNS: usize = 4096;
 /// end the connection.
 const MAX_DRAIN: u32 = 16 << 20;
 
-struct StoreExports<'a>(&'a Store);
+/// What an export name resolves to.
+enum Source {
+    Volume(Arc<Volume>),
+    Snapshot(Arc<Volume>, Arc<SnapshotStore>),
+}
+
+impl NbdContext {
+    fn resolve(&self, name: &str) -> Option<Source> {
+        match name.split_once('@') {
+            None => self.store.get(name).map(Source::Volume),
+            Some((vol, snap)) => {
+                let v = self.store.get(vol)?;
+                let s = self.snapshots.get(vol, snap)?;
+                Some(Source::Snapshot(v, s))
+            }
+        }
+    }
+}
+
+struct StoreExports<'a>(&'a NbdContext);
 
 impl Exports for StoreExports<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.0.get(name).map(|v| export_info(&v))
+        match self.0.resolve(name)? {
+            Source::Volume(v) => Some(export_info(&v)),
+            Source::Snapshot(v, s) => Some(ExportInfo {
+                name: name.to_string(),
+                description: format!("blockd snapshot {name} (read-only)"),
+                size: s.meta().size,
+                read_only: true,
+                preferred_block: u32::try_from(v.extent_size()).unwrap_or(4096),
+            }),
+        }
     }
     fn list(&self) -> Vec<(String, String)> {
-        self.0
+        let mut out: Vec<(String, String)> = self
+            .0
+            .store
             .list()
             .iter()
             .map(|v| (v.name().to_string(), description(v)))
-            .collect()
+            .collect();
+        for s in self.0.snapshots.list(None) {
+            out.push((s.id(), format!("blockd snapshot {} (read-only)", s.id())));
+        }
+        out
     }
 }
 
@@ -102,11 +140,11 @@ where
         };
         match t {
             Ok(t) => {
-                let Some(volume) = ctx.store.get(&t.export.name) else {
+                let Some(source) = ctx.resolve(&t.export.name) else {
                     return;
                 };
                 tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
-                transmit(reader, writer, t, volume, ctx).await;
+                transmit(reader, writer, t, source, ctx).await;
             }
             Err(HandshakeEnd::Closed) => {}
             Err(HandshakeEnd::Protocol(e)) => tracing::info!(error = %e, "handshake ended"),
@@ -178,7 +216,7 @@ where
         }
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data).await?;
-        let exports = StoreExports(&ctx.store);
+        let exports = StoreExports(ctx);
         let (out, next) = nego.option(option, &data, &exports, ctx.shutdown.is_cancelled());
         if !out.is_empty() {
             // After ABORT the client may already be gone: ignore write errors then.
@@ -209,6 +247,8 @@ enum ReadPlan {
 /// Per-connection facts every request task needs.
 struct Conn {
     volume: Arc<Volume>,
+    /// Set when this connection reads a snapshot's frozen image.
+    snapshot: Option<Arc<SnapshotStore>>,
     style: ReplyStyle,
     contexts: Vec<u32>,
     replies: mpsc::UnboundedSender<Vec<u8>>,
@@ -219,12 +259,19 @@ async fn transmit<R, W>(
     mut reader: BufReader<R>,
     writer: W,
     t: Transmission,
-    volume: Arc<Volume>,
+    source: Source,
     ctx: NbdContext,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let (volume, snapshot) = match source {
+        Source::Volume(v) => (v, None),
+        Source::Snapshot(v, s) => (v, Some(s)),
+    };
+    let snapshot_closing = snapshot
+        .as_ref()
+        .map_or_else(CancellationToken::new, |s| s.closing.clone());
     let _guard = volume.connect();
     let extended = t.style == ReplyStyle::Extended;
     let limits = proto::ExportLimits {
@@ -240,6 +287,7 @@ async fn transmit<R, W>(
     let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone(), buffers.clone()));
     let conn = Arc::new(Conn {
         volume: volume.clone(),
+        snapshot,
         style: t.style,
         contexts: t.contexts,
         replies: tx,
@@ -254,6 +302,7 @@ async fn transmit<R, W>(
             biased;
             () = dead.cancelled() => break,
             () = volume.closing.cancelled() => break,
+            () = snapshot_closing.cancelled() => break,
             () = &mut deadline => break,
             r = reader.read_exact(&mut header) => r,
         };
@@ -401,6 +450,13 @@ impl Conn {
     /// a READ fully in the page cache, or a small non-FUA WRITE. Returns the
     /// payload back when the request must go to [`Conn::handle`].
     fn try_inline(&self, req: &Request, payload: Vec<u8>) -> Option<Vec<u8>> {
+        if self.snapshot.is_some() {
+            return Some(payload);
+        }
+        // A freeze holds the gate: then the request waits in its own task.
+        let Ok(_gate) = self.volume.gate.try_read() else {
+            return Some(payload);
+        };
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         match req.command {
             Command::Write if !fua && payload.len() <= INLINE_WRITE_MAX => {
@@ -439,6 +495,10 @@ impl Conn {
     }
 
     async fn handle(&self, req: Request, payload: Vec<u8>) {
+        if let Some(s) = &self.snapshot {
+            return self.handle_snapshot(s, req);
+        }
+        let _gate = self.volume.gate.read().await;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         let v = &self.volume;
         match req.command {
@@ -548,17 +608,49 @@ impl Conn {
         ReadPlan::Data(holes)
     }
 
+    /// Requests on a snapshot export: reads of the frozen image; writes
+    /// never get here (the export is read-only: EPERM).
+    fn handle_snapshot(&self, s: &SnapshotStore, req: Request) {
+        match req.command {
+            Command::Read => {
+                let hdr = proto::read_reply_header_len(self.style);
+                let len = usize::try_from(req.length).unwrap_or(0);
+                let buf = self.buffers.take(hdr + len);
+                match self.volume.read_snapshot(s, buf, hdr, req.offset) {
+                    Ok(buf) => self.send(proto::finish_read_reply(
+                        buf,
+                        self.style,
+                        req.cookie,
+                        req.offset,
+                        &[],
+                        true,
+                    )),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %s.id(), offset = req.offset, error = %e, "snapshot read failed");
+                        self.io_result(&req, Err(e));
+                    }
+                }
+            }
+            Command::Flush | Command::Cache => self.ok(&req),
+            Command::BlockStatus => self.block_status(&req),
+            _ => self.error(&req, Errno::Perm, "snapshot exports are read-only"),
+        }
+    }
+
     /// Changed and unchanged byte runs of the request range, from the
-    /// volume's dirty map (bit 0 = changed).
+    /// volume's dirty map, or for a snapshot export from its change set
+    /// (bit 0 = changed).
     fn dirty_extents(&self, req: &Request, max_runs: usize) -> Vec<Extent> {
         let es = self.volume.extent_size();
         let end = req.offset + req.length;
         let first = u32::try_from(req.offset / es).unwrap_or(u32::MAX);
         let last = u32::try_from(end.div_ceil(es)).unwrap_or(u32::MAX);
         let mut pos = req.offset;
-        self.volume
-            .dirty
-            .current()
+        let changes = match &self.snapshot {
+            Some(s) => s.changes().clone(),
+            None => self.volume.dirty.current(),
+        };
+        changes
             .runs(first, last, max_runs)
             .into_iter()
             .map_while(|(n, dirty)| {
@@ -587,6 +679,12 @@ impl Conn {
         let last = self.contexts.len().saturating_sub(1);
         for (i, &ctx) in self.contexts.iter().enumerate() {
             let extents: Vec<Extent> = match ctx {
+                // A frozen image is reported as all data: its holes may
+                // since have been filled on the live volume.
+                CONTEXT_BASE_ALLOCATION if self.snapshot.is_some() => vec![Extent {
+                    length: req.length,
+                    flags: 0,
+                }],
                 CONTEXT_BASE_ALLOCATION => {
                     match self.volume.allocation(req.offset, req.length, max_runs) {
                         Ok(runs) => runs

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use dirty_map::DirtyMap;
+
+use crate::snapshot::store::SnapshotStore;
 use tokio_util::sync::CancellationToken;
 
 pub use engine::{Engine, EngineKind};
@@ -75,6 +77,14 @@ pub struct Volume {
     connections: AtomicU64,
     /// Extents changed since the last successful backup.
     pub dirty: DirtyMap,
+    /// Every request holds this shared; a freeze takes it exclusively, which
+    /// drains in-flight I/O and holds new I/O until the freeze is done.
+    pub gate: tokio::sync::RwLock<()>,
+    /// Snapshots whose frozen image writes must preserve (the COW guard).
+    held: std::sync::RwLock<Vec<Arc<SnapshotStore>>>,
+    /// Orders preservation (exclusive) against snapshot reads of extents
+    /// still on the live volume (shared).
+    cow_lock: std::sync::RwLock<()>,
     /// Cancelled when the volume is deleted with `--force`: its connections end.
     pub closing: CancellationToken,
 }
@@ -102,6 +112,9 @@ impl Volume {
             engine,
             connections: AtomicU64::new(0),
             dirty,
+            gate: tokio::sync::RwLock::new(()),
+            held: std::sync::RwLock::new(Vec::new()),
+            cow_lock: std::sync::RwLock::new(()),
             closing: CancellationToken::new(),
         }
     }
@@ -200,6 +213,7 @@ impl Volume {
     pub fn write_cached(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         self.dirty.mark(offset, data.len() as u64);
+        self.guard(offset, data.len() as u64)?;
         self.file.write_all_at(data, offset)
     }
 
@@ -212,15 +226,138 @@ impl Volume {
         start: usize,
         fua: bool,
     ) -> io::Result<Vec<u8>> {
-        self.dirty.mark(offset, (buf.len() - start) as u64);
+        let len = (buf.len() - start) as u64;
+        self.dirty.mark(offset, len);
+        self.guard(offset, len)?;
         self.engine
             .write_at(&self.file, buf, start, offset, fua)
             .await
     }
 
-    /// Makes every acknowledged write durable.
+    /// Makes every acknowledged write durable, and the COW data of held
+    /// snapshots first (their frozen images depend on it).
     pub async fn flush(&self) -> io::Result<()> {
+        let held = self.held_snapshots();
+        if !held.is_empty() {
+            tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
+                .await
+                .map_err(io::Error::other)??;
+        }
         self.engine.sync(&self.file).await
+    }
+
+    fn held_snapshots(&self) -> Vec<Arc<SnapshotStore>> {
+        self.held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Arms the COW guard for a snapshot (called with the gate held).
+    pub fn arm(&self, snapshot: Arc<SnapshotStore>) {
+        self.held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(snapshot);
+    }
+
+    /// Disarms the guard of a snapshot being deleted.
+    pub fn disarm(&self, snapshot: &Arc<SnapshotStore>) {
+        self.held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| !Arc::ptr_eq(s, snapshot));
+    }
+
+    /// The COW guard: before `offset..offset + len` changes, every held
+    /// snapshot that still reads an affected extent from the live volume
+    /// gets a copy of it.
+    fn guard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let held = self
+            .held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let es = self.extent_size;
+        let range = dirty_map::extent_range(offset, len, es);
+        let needed =
+            |s: &SnapshotStore, e: u32| u64::from(e) * es < s.meta().size && !s.preserved(e);
+        if !held.iter().any(|s| range.clone().any(|e| needed(s, e))) {
+            return Ok(());
+        }
+        let _x = self
+            .cow_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut old = vec![0u8; usize::try_from(es).unwrap_or(4096)];
+        for e in range {
+            let missing: Vec<&Arc<SnapshotStore>> = held.iter().filter(|s| needed(s, e)).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            self.read_live(&mut old, u64::from(e) * es)?;
+            for s in missing {
+                s.preserve(e, &old)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads live bytes synchronously; past the end of the file reads zeros.
+    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the frozen image of `snapshot` into `buf[start..]` from
+    /// `offset`: preserved extents from its COW data, the rest from the live
+    /// volume (which still holds them, under the COW lock).
+    pub fn read_snapshot(
+        &self,
+        snapshot: &SnapshotStore,
+        mut buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+    ) -> io::Result<Vec<u8>> {
+        let es = self.extent_size;
+        let end = offset + (buf.len() - start) as u64;
+        let _s = self
+            .cow_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pos = offset;
+        // A run of extents read from the live volume in one pread.
+        let mut live_from = pos;
+        while pos < end {
+            let e = u32::try_from(pos / es).unwrap_or(u32::MAX);
+            let stop = ((pos / es + 1) * es).min(end);
+            let at = start + usize::try_from(pos - offset).unwrap_or(0);
+            let n = usize::try_from(stop - pos).unwrap_or(0);
+            if snapshot.preserved(e) {
+                let lf = start + usize::try_from(live_from - offset).unwrap_or(0);
+                self.read_live(&mut buf[lf..at], live_from)?;
+                snapshot.read_preserved(e, pos % es, &mut buf[at..at + n])?;
+                live_from = stop;
+            }
+            pos = stop;
+        }
+        let lf = start + usize::try_from(live_from - offset).unwrap_or(0);
+        self.read_live(&mut buf[lf..], live_from)?;
+        Ok(buf)
     }
 
     /// Discards a range: it becomes a hole and reads as zeros.
@@ -229,6 +366,7 @@ impl Volume {
             return Ok(());
         }
         self.dirty.mark(offset, len);
+        self.guard(offset, len)?;
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match self.engine.fallocate(&self.file, mode, offset, len).await {
             Ok(()) => {}
@@ -259,6 +397,7 @@ impl Volume {
         // FAST_ZERO may fail without touching data; marking first is still
         // safe (a spurious dirty extent only costs a re-read).
         self.dirty.mark(offset, len);
+        self.guard(offset, len)?;
         let mode = if no_hole {
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
         } else {

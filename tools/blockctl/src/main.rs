@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockd_api::{human_size, CreateVolume, ResizeVolume, Volume};
+use blockd_api::{human_size, CreateSnapshot, CreateVolume, ResizeVolume, Snapshot, Volume};
 use clap::{Parser, Subcommand};
 
 use client::Client;
@@ -34,6 +34,73 @@ enum Command {
     /// Manage volumes
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Local snapshots: consistent freeze points of volumes and groups
+    #[command(subcommand, alias = "snap")]
+    Snapshot(SnapshotCmd),
+}
+
+fn duration_arg(s: &str) -> Result<f64, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs >= 0.0 {
+            return Ok(secs);
+        }
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| {
+            format!("invalid duration {s:?} ({e}): use e.g. 30s, 2m or a number of seconds")
+        })
+}
+
+/// `VOLUME@SNAPSHOT`.
+fn snapshot_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('@') {
+        Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok((v.to_string(), n.to_string())),
+        _ => Err(format!(
+            "{s:?} is not VOLUME@SNAPSHOT (see `blockctl snapshot list`)"
+        )),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Freeze one volume, or several at one consistent point (a group)
+    Create {
+        /// Volumes to freeze together
+        #[arg(required = true)]
+        volumes: Vec<String>,
+        /// Snapshot name [default: UTC time and a random tag]
+        #[arg(long)]
+        name: Option<String>,
+        /// Command run before I/O is held, e.g. 'fsfreeze -f /mnt/data'; failure aborts
+        #[arg(long)]
+        pre_exec: Option<String>,
+        /// Command run after I/O resumes, e.g. 'fsfreeze -u /mnt/data'; always runs
+        #[arg(long)]
+        post_exec: Option<String>,
+        /// Timeout for each exec hook, e.g. 30s or 2m
+        #[arg(long, value_parser = duration_arg, default_value = "30s")]
+        exec_timeout: f64,
+    },
+    /// List snapshots
+    #[command(alias = "ls")]
+    List {
+        /// Only this volume's snapshots
+        volume: Option<String>,
+    },
+    /// Show one snapshot
+    Inspect {
+        /// VOLUME@SNAPSHOT
+        #[arg(value_parser = snapshot_ref)]
+        snapshot: (String, String),
+    },
+    /// Delete a snapshot; its changes go back to the volume's change set
+    #[command(alias = "rm")]
+    Delete {
+        /// VOLUME@SNAPSHOT
+        #[arg(value_parser = snapshot_ref)]
+        snapshot: (String, String),
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -145,6 +212,137 @@ fn main() -> ExitCode {
 async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
     match &cli.command {
         Command::Volume(cmd) => volume(cli, client, cmd).await,
+        Command::Snapshot(cmd) => snapshot(cli, client, cmd).await,
+    }
+}
+
+async fn snapshot(cli: &Cli, client: &Client, cmd: &SnapshotCmd) -> Result<(), String> {
+    match cmd {
+        SnapshotCmd::Create {
+            volumes,
+            name,
+            pre_exec,
+            post_exec,
+            exec_timeout,
+        } => {
+            let req = CreateSnapshot {
+                volumes: volumes.clone(),
+                name: name.clone(),
+                pre_exec: pre_exec.clone(),
+                post_exec: post_exec.clone(),
+                exec_timeout_secs: Some(*exec_timeout),
+            };
+            let snaps: Vec<Snapshot> = client.call("POST", "/v1/snapshots", Some(&req)).await?;
+            if cli.json {
+                print_json(&snaps);
+            } else {
+                for s in &snaps {
+                    println!(
+                        "Snapshot {} created (I/O held {:.3} ms).",
+                        s.export,
+                        s.pause_us as f64 / 1000.0
+                    );
+                }
+                for s in snaps.iter().take(1) {
+                    if let Some(h) = s.post_exec.as_ref().filter(|h| h.exit_code != Some(0)) {
+                        eprintln!(
+                            "warning: post-exec `{}` failed: {}",
+                            h.command,
+                            h.output.trim()
+                        );
+                    }
+                }
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let path = match volume {
+                Some(v) => format!("/v1/snapshots?volume={}", encode(v)),
+                None => "/v1/snapshots".into(),
+            };
+            let snaps: Vec<Snapshot> = client.call::<(), _>("GET", &path, None).await?;
+            if cli.json {
+                print_json(&snaps);
+            } else {
+                print_snapshots(&snaps);
+            }
+        }
+        SnapshotCmd::Inspect { snapshot: (v, n) } => {
+            let path = format!("/v1/snapshots/{}/{}", encode(v), encode(n));
+            let s: Snapshot = client.call::<(), _>("GET", &path, None).await?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                print_snapshot(&s);
+            }
+        }
+        SnapshotCmd::Delete { snapshot: (v, n) } => {
+            let path = format!("/v1/snapshots/{}/{}", encode(v), encode(n));
+            client.call_empty("DELETE", &path).await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "deleted": format!("{v}@{n}") }));
+            } else {
+                println!("Snapshot {v}@{n} deleted.");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_snapshots(snaps: &[Snapshot]) {
+    let header = [
+        "SNAPSHOT", "GROUP", "CREATED", "SIZE", "CHANGED", "COW", "PAUSE",
+    ];
+    let rows: Vec<[String; 7]> = snaps
+        .iter()
+        .map(|s| {
+            [
+                s.export.clone(),
+                s.group.clone().unwrap_or_else(|| "-".into()),
+                s.created.clone(),
+                human_size(s.size),
+                if s.changes_known {
+                    human_size(s.changed_bytes)
+                } else {
+                    "unknown".into()
+                },
+                human_size(s.cow_bytes),
+                format!("{:.3} ms", s.pause_us as f64 / 1000.0),
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows);
+}
+
+fn print_snapshot(s: &Snapshot) {
+    println!("Snapshot:     {}", s.export);
+    println!("Volume:       {}", s.volume);
+    println!("Group:        {}", s.group.as_deref().unwrap_or("-"));
+    println!("Created:      {}", s.created);
+    println!("Size:         {} ({} bytes)", human_size(s.size), s.size);
+    if s.changes_known {
+        println!(
+            "Changed:      {} (since the previous snapshot or backup)",
+            human_size(s.changed_bytes)
+        );
+    } else {
+        println!(
+            "Changed:      unknown (change tracking was lost: a backup reads the whole volume)"
+        );
+    }
+    println!("COW data:     {}", human_size(s.cow_bytes));
+    println!("I/O pause:    {:.3} ms", s.pause_us as f64 / 1000.0);
+    for (label, h) in [("Pre-exec:", &s.pre_exec), ("Post-exec:", &s.post_exec)] {
+        if let Some(h) = h {
+            let outcome = if h.timed_out {
+                "timed out".to_string()
+            } else {
+                h.exit_code.map_or("killed".into(), |c| format!("exit {c}"))
+            };
+            println!("{label:<13} `{}` ({outcome})", h.command);
+            for line in h.output.lines().take(20) {
+                println!("              | {line}");
+            }
+        }
     }
 }
 
@@ -269,8 +467,13 @@ fn print_table(vs: &[Volume]) {
             ]
         })
         .collect();
+    print_rows(&header, &rows);
+}
+
+/// Prints a table with left-aligned columns two spaces apart.
+fn print_rows<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
@@ -283,8 +486,8 @@ fn print_table(vs: &[Volume]) {
             .collect();
         println!("{}", s.join("  ").trim_end());
     };
-    line(&header);
-    for r in &rows {
+    line(header);
+    for r in rows {
         line(&r.each_ref().map(String::as_str));
     }
 }

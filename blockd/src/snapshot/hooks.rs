@@ -1,0 +1,136 @@
+//! Exec hooks: application consistency around a freeze.
+//!
+//! `pre-exec` runs before the gates close (e.g. `fsfreeze -f /mnt/data`),
+//! `post-exec` after they reopen (`fsfreeze -u /mnt/data`). Each runs under
+//! `sh -c` with a timeout; on timeout the whole process group is killed.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::store::HookRecord;
+
+/// Most output kept per hook.
+const MAX_OUTPUT: usize = 64 << 10;
+
+impl HookRecord {
+    /// True when the hook exited 0 in time.
+    pub fn ok(&self) -> bool {
+        !self.timed_out && self.exit_code == Some(0)
+    }
+
+    /// One line for error messages.
+    pub fn describe(&self) -> String {
+        let how = if self.timed_out {
+            "timed out".to_string()
+        } else {
+            match self.exit_code {
+                Some(c) => format!("exited with status {c}"),
+                None => "was killed by a signal".to_string(),
+            }
+        };
+        let out = self.output.trim();
+        if out.is_empty() {
+            format!("`{}` {how}", self.command)
+        } else {
+            format!("`{}` {how}: {out}", self.command)
+        }
+    }
+}
+
+/// Runs `command` with `sh -c`, killing it (and its process group) after
+/// `timeout`.
+pub async fn run(command: &str, timeout: Duration) -> HookRecord {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return HookRecord {
+                command: command.into(),
+                exit_code: None,
+                timed_out: false,
+                output: format!("cannot start: {e}"),
+            }
+        }
+    };
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let collect = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let a = async {
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_end(&mut out).await;
+            }
+        };
+        let b = async {
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(a, b);
+        out.extend_from_slice(&err);
+        out
+    };
+    let waited = tokio::time::timeout(timeout, async {
+        let output = collect.await;
+        (child.wait().await, output)
+    })
+    .await;
+    match waited {
+        Ok((status, output)) => HookRecord {
+            command: command.into(),
+            exit_code: status.ok().and_then(|s| s.code()),
+            timed_out: false,
+            output: truncate(output),
+        },
+        Err(_) => {
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                // Kill the whole group: `sh -c` may have children.
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                }
+            }
+            let _ = child.kill().await;
+            HookRecord {
+                command: command.into(),
+                exit_code: None,
+                timed_out: true,
+                output: format!("killed after {} s", timeout.as_secs_f64()),
+            }
+        }
+    }
+}
+
+fn truncate(mut output: Vec<u8>) -> String {
+    output.truncate(MAX_OUTPUT);
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn success_failure_timeout() {
+        let r = run("echo hello; echo oops >&2", Duration::from_secs(5)).await;
+        assert!(r.ok());
+        assert!(r.output.contains("hello") && r.output.contains("oops"));
+        let r = run("exit 3", Duration::from_secs(5)).await;
+        assert!(!r.ok());
+        assert_eq!(r.exit_code, Some(3));
+        let t = std::time::Instant::now();
+        let r = run("sleep 30", Duration::from_millis(200)).await;
+        assert!(r.timed_out && !r.ok());
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}

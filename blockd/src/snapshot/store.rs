@@ -1,0 +1,362 @@
+//! One held snapshot of one volume: its change set, and the copy-on-write
+//! side data that keeps its frozen image intact while the volume changes.
+//!
+//! Files under `<state dir>/snapshots/<volume>/<snapshot>/`:
+//! ```text
+//! changes.dirty  the change set frozen at the snapshot (dirty-map format)
+//! cow.data       preserved extents; slot k is at byte k * extent_size
+//! cow.index      16-byte records, appended as extents are preserved:
+//!                  extent u32 LE | slot u32 LE | CRC-32 of the first 8 bytes
+//!                  u32 LE | reserved u32 (zero)
+//! meta.json      the snapshot record; written last at creation: the
+//!                commit point (a directory without it is discarded)
+//! ```
+//! Crash rule (process crash, `kill -9`): before a write overwrites an
+//! extent the frozen image still needs, the old contents are written to
+//! `cow.data` and then the record to `cow.index`; only then does the write
+//! proceed. The page cache keeps those writes across a crash of blockd, so
+//! after restart every overwritten extent is found in the index. FLUSH
+//! fsyncs the COW files before the volume (see kernel-notes).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::volume::dirty_map::{self, ChangeSet};
+
+const RECORD_LEN: usize = 16;
+
+/// The persisted record of a snapshot (`meta.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMeta {
+    /// Volume name.
+    pub volume: String,
+    /// Snapshot name (unique per volume).
+    pub name: String,
+    /// Group id shared by the members of one group snapshot.
+    pub group: Option<String>,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Volume size at the freeze.
+    pub size: u64,
+    /// Extent size of the volume.
+    pub extent_size: u64,
+    /// How long I/O was held for the freeze, in microseconds.
+    pub pause_us: u64,
+    /// False when the change set is unknown (tracking was lost).
+    pub changes_known: bool,
+    /// Extents in the change set.
+    pub changed_extents: u64,
+    /// Output of the pre-exec hook, if any.
+    pub pre_exec: Option<HookRecord>,
+    /// Output of the post-exec hook, if any.
+    pub post_exec: Option<HookRecord>,
+}
+
+/// What an exec hook did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRecord {
+    /// The command line.
+    pub command: String,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// True when it was killed at the timeout.
+    pub timed_out: bool,
+    /// Combined stdout and stderr (truncated to 64 KiB).
+    pub output: String,
+}
+
+/// Snapshot store errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// File I/O failed.
+    #[error("snapshot {snapshot}: {path}: {source}")]
+    Io {
+        /// `volume@snapshot`.
+        snapshot: String,
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Persisted data is unusable.
+    #[error("snapshot {snapshot} is corrupt: {reason}")]
+    Corrupt {
+        /// `volume@snapshot`.
+        snapshot: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A held snapshot.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+    meta: Mutex<SnapshotMeta>,
+    changes: ChangeSet,
+    data: File,
+    index_file: File,
+    /// extent -> slot in `cow.data`; the lock also orders slot allocation.
+    index: Mutex<HashMap<u32, u32>>,
+    deleted: AtomicBool,
+    /// COW data written since the last sync.
+    unsynced: AtomicBool,
+    /// Cancelled when the snapshot is deleted: its export connections end.
+    pub closing: tokio_util::sync::CancellationToken,
+}
+
+fn io_err(snapshot: &str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + use<> {
+    let snapshot = snapshot.to_string();
+    let path = path.display().to_string();
+    move |source| SnapshotError::Io {
+        snapshot,
+        path,
+        source,
+    }
+}
+
+fn open_rw(path: &Path, create: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+}
+
+impl SnapshotStore {
+    /// `volume@name`.
+    pub fn id(&self) -> String {
+        let m = self.meta();
+        format!("{}@{}", m.volume, m.name)
+    }
+
+    /// The record.
+    pub fn meta(&self) -> SnapshotMeta {
+        self.meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The change set frozen with this snapshot.
+    pub fn changes(&self) -> &ChangeSet {
+        &self.changes
+    }
+
+    /// Prepares the directory and empty COW files (done before the freeze,
+    /// so the I/O pause does not include file creation).
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn prepare(dir: &Path, id: &str) -> Result<(File, File), SnapshotError> {
+        std::fs::create_dir_all(dir).map_err(io_err(id, dir))?;
+        let data_path = dir.join("cow.data");
+        let index_path = dir.join("cow.index");
+        let data = open_rw(&data_path, true).map_err(io_err(id, &data_path))?;
+        let index = open_rw(&index_path, true).map_err(io_err(id, &index_path))?;
+        Ok((data, index))
+    }
+
+    /// Builds the store for a snapshot just frozen (files from
+    /// [`SnapshotStore::prepare`]); not yet committed.
+    pub fn new(dir: PathBuf, meta: SnapshotMeta, changes: ChangeSet, files: (File, File)) -> Self {
+        Self {
+            dir,
+            meta: Mutex::new(meta),
+            changes,
+            data: files.0,
+            index_file: files.1,
+            index: Mutex::new(HashMap::new()),
+            deleted: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
+            closing: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Writes the change set and then `meta.json`, the commit point.
+    ///
+    /// # Errors
+    /// I/O failures; the snapshot must then be abandoned.
+    pub fn commit(&self) -> Result<(), SnapshotError> {
+        let id = self.id();
+        let meta = self.meta();
+        let changes_path = self.dir.join("changes.dirty");
+        dirty_map::write_atomic(
+            &changes_path,
+            &dirty_map::encode(&self.changes, meta.extent_size, false),
+        )
+        .map_err(io_err(&id, &changes_path))?;
+        self.write_meta()
+    }
+
+    /// Rewrites `meta.json` atomically.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn write_meta(&self) -> Result<(), SnapshotError> {
+        let id = self.id();
+        let meta_path = self.dir.join("meta.json");
+        let json = serde_json::to_vec_pretty(&self.meta()).unwrap_or_default();
+        dirty_map::write_atomic(&meta_path, &json).map_err(io_err(&id, &meta_path))
+    }
+
+    /// Updates the record (hook output after post-exec).
+    pub fn update_meta(&self, f: impl FnOnce(&mut SnapshotMeta)) {
+        f(&mut self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    /// Loads a committed snapshot; `Ok(None)` for a directory that was never
+    /// committed (the caller removes it).
+    ///
+    /// # Errors
+    /// Unreadable or inconsistent files.
+    pub fn load(dir: &Path) -> Result<Option<Self>, SnapshotError> {
+        let id = dir.display().to_string();
+        let meta_path = dir.join("meta.json");
+        let meta: SnapshotMeta = match std::fs::read(&meta_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| SnapshotError::Corrupt {
+                snapshot: id.clone(),
+                reason: format!("meta.json: {e}"),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&id, &meta_path)(e)),
+        };
+        let id = format!("{}@{}", meta.volume, meta.name);
+        let changes_path = dir.join("changes.dirty");
+        let bytes = std::fs::read(&changes_path).map_err(io_err(&id, &changes_path))?;
+        let (changes, _) = dirty_map::decode(&bytes, meta.extent_size).map_err(|reason| {
+            SnapshotError::Corrupt {
+                snapshot: id.clone(),
+                reason: format!("changes.dirty: {reason}"),
+            }
+        })?;
+        let data_path = dir.join("cow.data");
+        let index_path = dir.join("cow.index");
+        let data = open_rw(&data_path, false).map_err(io_err(&id, &data_path))?;
+        let index_file = open_rw(&index_path, false).map_err(io_err(&id, &index_path))?;
+        let raw = std::fs::read(&index_path).map_err(io_err(&id, &index_path))?;
+        let mut index = HashMap::new();
+        for rec in raw.chunks_exact(RECORD_LEN) {
+            let extent = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+            let slot = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+            let crc = u32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
+            if crc != crc32fast::hash(&rec[..8]) {
+                // A torn tail (host crash mid-append): its write never
+                // happened, since the index is written before the volume.
+                break;
+            }
+            index.insert(extent, slot);
+        }
+        Ok(Some(Self {
+            dir: dir.to_path_buf(),
+            meta: Mutex::new(meta),
+            changes,
+            data,
+            index_file,
+            index: Mutex::new(index),
+            deleted: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
+            closing: tokio_util::sync::CancellationToken::new(),
+        }))
+    }
+
+    /// True when extent `e` has been preserved.
+    pub fn preserved(&self, e: u32) -> bool {
+        self.lock_index().contains_key(&e)
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Preserves extent `e` whose current (frozen) contents are `old`,
+    /// unless already preserved. Data first, then the index record.
+    ///
+    /// # Errors
+    /// I/O failures: the caller must fail the write that needed this.
+    pub fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()> {
+        let mut index = self.lock_index();
+        if index.contains_key(&e) {
+            return Ok(());
+        }
+        let slot = u32::try_from(index.len()).map_err(|_| io::Error::other("COW index full"))?;
+        let es = self.meta().extent_size;
+        self.data.write_all_at(old, u64::from(slot) * es)?;
+        let mut rec = [0u8; RECORD_LEN];
+        rec[..4].copy_from_slice(&e.to_le_bytes());
+        rec[4..8].copy_from_slice(&slot.to_le_bytes());
+        let crc = crc32fast::hash(&rec[..8]);
+        rec[8..12].copy_from_slice(&crc.to_le_bytes());
+        self.index_file
+            .write_all_at(&rec, u64::from(slot) * RECORD_LEN as u64)?;
+        index.insert(e, slot);
+        self.unsynced.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads preserved extent `e` at `within..within + buf.len()`;
+    /// `Ok(false)` when it is not preserved.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let Some(slot) = self.lock_index().get(&e).copied() else {
+            return Ok(false);
+        };
+        let es = self.meta().extent_size;
+        self.data
+            .read_exact_at(buf, u64::from(slot) * es + within)?;
+        Ok(true)
+    }
+
+    /// fdatasync of the COW files (before the volume's own flush).
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn sync(&self) -> io::Result<()> {
+        if !self.unsynced.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let r = self
+            .data
+            .sync_data()
+            .and_then(|()| self.index_file.sync_data());
+        if r.is_err() {
+            self.unsynced.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Bytes of preserved data.
+    pub fn cow_bytes(&self) -> u64 {
+        self.lock_index().len() as u64 * self.meta().extent_size
+    }
+
+    /// Marks the snapshot deleted and removes its files.
+    pub fn remove(&self) -> io::Result<()> {
+        self.deleted.store(true, Ordering::SeqCst);
+        self.closing.cancel();
+        std::fs::remove_dir_all(&self.dir)
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
+    }
+}

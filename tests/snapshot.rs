@@ -1,0 +1,368 @@
+//! Local snapshots: frozen images that stay exact under overwrites, group
+//! consistency under load, crash survival, exec hooks, and an ext4 freeze.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const MB: usize = 1 << 20;
+
+fn snap_uri(d: &Blockd, export: &str) -> String {
+    d.uri(export)
+}
+
+fn inspect(d: &Blockd, snap: &str) -> serde_json::Value {
+    serde_json::from_str(&d.ok(&["-j", "snapshot", "inspect", snap])).unwrap()
+}
+
+/// Copies an export into a file.
+fn export_to_file(uri: &str, path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    run(Command::new("nbdcopy").arg(uri).arg(path));
+}
+
+#[test]
+fn frozen_image_stays_exact_and_cow_goes_with_the_snapshot() {
+    if !require_tools(&["qemu-io", "qemu-img", "nbdsh", "nbdcopy"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "32M");
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("orig.img");
+    let data = random_bytes(32 * MB, 11);
+    std::fs::write(&original, &data).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&original)
+        .arg(d.uri("vol1")));
+
+    let out = d.ok(&["snapshot", "create", "vol1", "--name", "s1"]);
+    assert!(out.contains("Snapshot vol1@s1 created"), "{out}");
+    let frozen = tmp.path().join("frozen.img");
+    export_to_file(&snap_uri(&d, "vol1@s1"), &frozen);
+    assert!(
+        read_file(&frozen) == data,
+        "snapshot export differs from the data at freeze time"
+    );
+
+    // Overwrite the whole volume, trim and zero parts of it.
+    qemu_io(
+        &d.uri("vol1"),
+        &["write -P 0x99 0 32M", "discard 0 1M", "write -z 2M 1M"],
+    );
+    let after = tmp.path().join("after.img");
+    export_to_file(&snap_uri(&d, "vol1@s1"), &after);
+    assert!(
+        read_file(&after) == data,
+        "frozen image changed after the volume was overwritten"
+    );
+    assert_eq!(
+        inspect(&d, "vol1@s1")["cow_bytes"],
+        32 * MB,
+        "every extent should be preserved once"
+    );
+    qemu_io(&d.uri("vol1"), &["read -P 0 0 1M", "read -P 0x99 1M 1M"]);
+
+    // Writes to the snapshot export are refused with EPERM.
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.is_read_only()
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"x" * 4096, 0)
+    raise SystemExit("write to a snapshot succeeded")
+except nbd.Error as e:
+    assert e.errno == "EPERM", e
+try:
+    h.trim(4096, 0)
+    raise SystemExit("trim on a snapshot succeeded")
+except nbd.Error as e:
+    assert e.errno == "EPERM", e
+print("ok")
+"#;
+    assert!(nbdsh(script, &[&snap_uri(&d, "vol1@s1")]).contains("ok"));
+
+    // Delete: the COW data is gone from disk, the export too.
+    let cow_dir = d.dir.path().join("snapshots/vol1/s1");
+    assert!(cow_dir.join("cow.data").exists());
+    d.ok(&["snapshot", "delete", "vol1@s1"]);
+    assert!(!cow_dir.exists(), "COW data left on disk after delete");
+    let out = d.blockctl(&["snapshot", "inspect", "vol1@s1"]);
+    assert!(!out.status.success());
+    let out = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 512"])
+        .arg(snap_uri(&d, "vol1@s1"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "deleted snapshot still exported");
+}
+
+const WRITER: &str = r#"
+import nbd, os, struct, sys, time
+a, b, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+ha = nbd.NBD(); ha.connect_uri(a)
+hb = nbd.NBD(); hb.connect_uri(b)
+n = 0
+while not os.path.exists(stop):
+    n += 1
+    rec = struct.pack("<Q", n)
+    ha.pwrite(rec, n * 8)   # A first, acknowledged,
+    hb.pwrite(rec, n * 8)   # then B.
+print(n)
+"#;
+
+const CHECK: &str = r#"
+import nbd, struct, sys
+sock, names = sys.argv[1], sys.argv[2:]
+def last(export):
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///%s?socket=%s" % (export, sock))
+    data = h.pread(h.get_size(), 0)
+    n = 0
+    # Records are appended in order: the last is the highest index set.
+    for i in range(1, len(data) // 8):
+        v = struct.unpack_from("<Q", data, i * 8)[0]
+        if v == 0:
+            break
+        if v != i:
+            raise SystemExit("%s: record %d holds %d" % (export, i, v))
+        n = v
+    h.shutdown()
+    return n
+for s in names:
+    la, lb = last("a@" + s), last("b@" + s)
+    if not (lb <= la <= lb + 1):
+        raise SystemExit("snapshot %s is not consistent: A=%d B=%d" % (s, la, lb))
+    print(s, la, lb)
+"#;
+
+#[test]
+fn group_snapshots_are_consistent_under_load() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("a", "8M");
+    d.create("b", "8M");
+    let tmp = tempfile::tempdir().unwrap();
+    let writer_py = tmp.path().join("writer.py");
+    std::fs::write(&writer_py, WRITER).unwrap();
+    let stop = tmp.path().join("stop");
+    let writer = nbdsh_command()
+        .arg("-c")
+        .arg(format!(
+            "import sys; sys.argv = ['w', {:?}, {:?}, {:?}]; exec(open({:?}).read())",
+            d.uri("a"),
+            d.uri("b"),
+            stop.display().to_string(),
+            writer_py.display().to_string()
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut names = Vec::new();
+    for i in 0..60 {
+        let name = format!("g{i:03}");
+        d.ok(&["snapshot", "create", "a", "b", "--name", &name]);
+        names.push(name);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&stop, "").unwrap();
+    let out = writer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let written: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let mut args = vec![d.nbd_socket().display().to_string()];
+    args.extend(names.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = nbdsh(CHECK, &args);
+    // The freezes happened under load: the frozen sequences move forward.
+    let lasts: Vec<u64> = report
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(lasts.len(), 60);
+    assert!(
+        lasts.windows(2).all(|w| w[0] <= w[1]),
+        "frozen points not monotonic: {report}"
+    );
+    assert!(
+        lasts[59] > lasts[0],
+        "no writes landed between freezes: {report}"
+    );
+    assert!(written >= lasts[59]);
+    let group: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "snapshot", "list", "a"])).unwrap();
+    assert_eq!(group.as_array().unwrap().len(), 60);
+    assert_eq!(group[0]["group"], "g000");
+}
+
+#[test]
+fn held_snapshot_survives_kill_9() {
+    if !require_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vol1", "16M");
+    let tmp = tempfile::tempdir().unwrap();
+    qemu_io(&d.uri("vol1"), &["write -P 0x11 0 16M"]);
+    d.ok(&["snapshot", "create", "vol1", "--name", "keep"]);
+    let frozen = tmp.path().join("frozen.img");
+    export_to_file(&snap_uri(&d, "vol1@keep"), &frozen);
+    let want = read_file(&frozen);
+    assert!(want.iter().all(|&b| b == 0x11));
+    // Overwrites after the freeze, partly FUA, then a crash.
+    qemu_io(
+        &d.uri("vol1"),
+        &[
+            "write -P 0x22 0 4M",
+            "write -f -P 0x23 8M 64k",
+            "discard 12M 1M",
+        ],
+    );
+    d.kill9();
+    d.spawn();
+    let after = tmp.path().join("after.img");
+    export_to_file(&snap_uri(&d, "vol1@keep"), &after);
+    assert!(
+        read_file(&after) == want,
+        "frozen image changed across kill -9"
+    );
+    qemu_io(
+        &d.uri("vol1"),
+        &[
+            "read -P 0x22 0 4M",
+            "read -P 0x23 8M 64k",
+            "read -P 0 12M 1M",
+        ],
+    );
+    // The active map covers every write since the freeze (tracking was
+    // lost in the crash, so it covers everything).
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "vol1"])).unwrap();
+    assert_eq!(v["tracking_known"], false);
+    // And the snapshot keeps being protected after restart.
+    qemu_io(&d.uri("vol1"), &["write -P 0x33 14M 2M"]);
+    export_to_file(&snap_uri(&d, "vol1@keep"), &after);
+    assert!(
+        read_file(&after) == want,
+        "frozen image changed after restart"
+    );
+}
+
+#[test]
+fn exec_hooks_success_failure_timeout() {
+    let d = Blockd::start();
+    d.create("vol1", "4M");
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("post-ran");
+    let m = marker.display().to_string();
+
+    // Success: outputs recorded with the snapshot.
+    d.ok(&[
+        "snapshot",
+        "create",
+        "vol1",
+        "--name",
+        "ok",
+        "--pre-exec",
+        "echo frozen-now",
+        "--post-exec",
+        &format!("echo thawed; touch {m}"),
+    ]);
+    let s = inspect(&d, "vol1@ok");
+    assert_eq!(s["pre_exec"]["exit_code"], 0);
+    assert!(s["pre_exec"]["output"]
+        .as_str()
+        .unwrap()
+        .contains("frozen-now"));
+    assert!(s["post_exec"]["output"]
+        .as_str()
+        .unwrap()
+        .contains("thawed"));
+    assert!(marker.exists());
+    std::fs::remove_file(&marker).unwrap();
+
+    // Failure: aborted, nothing created, post-exec still ran.
+    let out = d.blockctl(&[
+        "snapshot",
+        "create",
+        "vol1",
+        "--name",
+        "bad",
+        "--pre-exec",
+        "echo cannot-freeze >&2; exit 4",
+        "--post-exec",
+        &format!("touch {m}"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exited with status 4") && err.contains("cannot-freeze"),
+        "{err}"
+    );
+    assert!(
+        marker.exists(),
+        "post-exec must run after a failed pre-exec"
+    );
+    assert!(!d
+        .blockctl(&["snapshot", "inspect", "vol1@bad"])
+        .status
+        .success());
+    std::fs::remove_file(&marker).unwrap();
+
+    // Timeout: killed, aborted, post-exec still ran.
+    let t = std::time::Instant::now();
+    let out = d.blockctl(&[
+        "snapshot",
+        "create",
+        "vol1",
+        "--name",
+        "slow",
+        "--pre-exec",
+        "sleep 30",
+        "--post-exec",
+        &format!("touch {m}"),
+        "--exec-timeout",
+        "1s",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(marker.exists());
+    let list: serde_json::Value = serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "only the successful snapshot exists"
+    );
+
+    // Bad input: unknown volume, duplicate name, bad name, bad reference.
+    for (args, needle) in [
+        (vec!["snapshot", "create", "ghost"], "not found"),
+        (
+            vec!["snapshot", "create", "vol1", "--name", "ok"],
+            "already has a snapshot",
+        ),
+        (
+            vec!["snapshot", "create", "vol1", "--name", "a/b"],
+            "may contain only",
+        ),
+        (vec!["snapshot", "inspect", "vol1"], "VOLUME@SNAPSHOT"),
+        (
+            vec!["snapshot", "create", "vol1", "--exec-timeout", "soon"],
+            "invalid duration",
+        ),
+    ] {
+        let out = d.blockctl(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
