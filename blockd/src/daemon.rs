@@ -41,6 +41,8 @@ pub struct Config {
     pub io_engine: EngineKind,
     /// How long connections answer ESHUTDOWN before closing.
     pub shutdown_grace: Duration,
+    /// Track dirty extents (off only to measure what tracking costs).
+    pub change_tracking: bool,
 }
 
 /// The default state directory: `/var/lib/blockd` for root, else
@@ -122,7 +124,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let engine = Arc::new(Engine::new(config.io_engine).context("starting the I/O engine")?);
     let engine_name = engine.name();
-    let store = Arc::new(Store::open(dir, engine).context("opening the volume store")?);
+    let store = Arc::new(
+        Store::open(dir, engine, config.change_tracking).context("opening the volume store")?,
+    );
+    if !config.change_tracking {
+        tracing::warn!("change tracking is off: every backup will read whole volumes");
+    }
     let snapshots = Arc::new(Snapshots::open(dir, store.clone()).context("loading snapshots")?);
 
     let api_listener = bind_unix(&config.api_socket, 0o600)?;

@@ -28,6 +28,10 @@ struct Args {
     /// I/O engine
     #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum, default_value = "auto")]
     io_engine: EngineKind,
+    /// Do not track changed extents (backups then read whole volumes); for
+    /// measuring what tracking costs
+    #[arg(long)]
+    no_change_tracking: bool,
     /// Seconds connections keep answering ESHUTDOWN after SIGTERM before closing
     #[arg(long, default_value = "2")]
     shutdown_grace: f64,
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         nbd_listen: args.nbd_listen,
         io_engine: args.io_engine,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+        change_tracking: !args.no_change_tracking,
         state_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,12 +2,19 @@
 //!
 //! A freeze closes the gate of every member (in name order, so two group
 //! freezes never deadlock), which drains in-flight I/O and holds new I/O;
-//! flushes; swaps each member's dirty map for an empty one (the old one is
-//! the snapshot's change set); arms the copy-on-write guard; and reopens
-//! the gates. The time I/O is held is measured and kept with the snapshot.
-//! Everything that can be done outside the pause is: files are prepared
-//! and volumes pre-flushed before the gates close, and the snapshot is
-//! committed to disk after they reopen.
+//! swaps each member's dirty map for an empty one (the old one is the
+//! snapshot's change set); arms the copy-on-write guard; and reopens the
+//! gates. The time I/O is held is measured and kept with the snapshot.
+//!
+//! Everything that can be done outside the pause is. Files are prepared
+//! and volumes flushed before the gates close. The flush that makes the
+//! frozen image durable runs after they reopen, before the snapshot is
+//! committed: the freeze point itself is an ordering, which the drained
+//! gate gives exactly, and a flush inside the pause would hold I/O for as
+//! long as writing back every dirty page takes (measured: p50 126 ms, max
+//! 1.2 s for four volumes under random writes, against well under 1 ms
+//! without it). Writes after the freeze that touch frozen extents are
+//! preserved by the COW guard, whose files that flush syncs first.
 //!
 //! A snapshot that is abandoned (a failure, or deleted before any backup
 //! used it) merges its change set back into the volume's map: no change is
@@ -284,14 +291,6 @@ impl Snapshots {
         for v in members {
             gates.push(v.gate.write().await);
         }
-        for v in members {
-            if let Err(source) = v.flush().await {
-                return Err(FreezeError::Flush {
-                    volume: v.name().into(),
-                    source,
-                });
-            }
-        }
         let mut stores = Vec::with_capacity(members.len());
         for (v, f) in members.iter().zip(files) {
             let changes = v.dirty.take();
@@ -319,6 +318,20 @@ impl Snapshots {
         }
         let pause = started.elapsed();
         drop(gates);
+        // Durability of the frozen image: the live data it still reads and
+        // the COW data preserved since. Needed before the commit, not during
+        // the pause (the freeze point is an ordering, which the gate gives).
+        for (v, s) in members.iter().zip(&stores) {
+            if let Err(source) = v.flush().await {
+                for (v, s) in members.iter().zip(&stores) {
+                    abandon(v, s);
+                }
+                return Err(FreezeError::Flush {
+                    volume: format!("{} (snapshot {})", v.name(), s.id()),
+                    source,
+                });
+            }
+        }
         Ok((stores, pause))
     }
 

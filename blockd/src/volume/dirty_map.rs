@@ -137,6 +137,9 @@ pub fn extent_range(offset: u64, len: u64, extent_size: u64) -> std::ops::RangeI
 pub struct DirtyMap {
     extent_size: u64,
     inner: Mutex<ChangeSet>,
+    /// Tracking switched off (`blockd --no-change-tracking`): nothing is
+    /// marked and the map is unknown.
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 /// Why a persisted map could not be used.
@@ -181,6 +184,7 @@ impl DirtyMap {
         Self {
             extent_size,
             inner: Mutex::new(ChangeSet::empty()),
+            disabled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -192,6 +196,9 @@ impl DirtyMap {
 
     /// Marks the extents of `offset..offset + len` changed.
     pub fn mark(&self, offset: u64, len: u64) {
+        if self.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let r = extent_range(offset, len, self.extent_size);
         self.lock().extents.insert_range(r);
     }
@@ -216,6 +223,13 @@ impl DirtyMap {
     /// Marks the whole map unknown.
     pub fn lose(&self) {
         *self.lock() = ChangeSet::unknown();
+    }
+
+    /// Stops tracking: the map becomes unknown and writes no longer mark it.
+    pub fn disable(&self) {
+        self.disabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.lose();
     }
 
     /// Loads the map persisted at `path`, then immediately rewrites it with
@@ -246,6 +260,7 @@ impl DirtyMap {
         let map = Self {
             extent_size,
             inner: Mutex::new(set),
+            disabled: std::sync::atomic::AtomicBool::new(false),
         };
         map.persist(path, true)?;
         Ok((map, recovery))

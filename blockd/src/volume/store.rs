@@ -79,6 +79,7 @@ pub struct Store {
     db: StateDb,
     engine: Arc<Engine>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    tracking: bool,
 }
 
 /// Largest volume size accepted (the NBD size field is u64, but file systems
@@ -90,7 +91,7 @@ impl Store {
     ///
     /// # Errors
     /// When the database or a data file cannot be opened.
-    pub fn open(state_dir: &Path, engine: Arc<Engine>) -> Result<Self, StoreError> {
+    pub fn open(state_dir: &Path, engine: Arc<Engine>, tracking: bool) -> Result<Self, StoreError> {
         let dir = state_dir.join("volumes");
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
             volume: String::new(),
@@ -120,6 +121,9 @@ impl Store {
                     "no usable dirty map: the next backup reads the whole volume"
                 ),
             }
+            if !tracking {
+                dirty.disable();
+            }
             let name = meta.name.clone();
             volumes.insert(
                 name,
@@ -132,6 +136,7 @@ impl Store {
             db,
             engine,
             volumes: RwLock::new(volumes),
+            tracking,
         })
     }
 
@@ -226,6 +231,9 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             let _ = std::fs::remove_file(&dirty_file);
             return Err(e.into());
+        }
+        if !self.tracking {
+            dirty.disable();
         }
         let volume = Arc::new(Volume::new(meta, file, dirty, self.engine.clone()));
         volumes.insert(req.name, volume.clone());
