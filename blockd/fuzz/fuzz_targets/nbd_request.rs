@@ -87,6 +87,14 @@ fn run(data: &[u8]) {
     } else {
         assert_eq!(payload, 0);
     }
+    // The same header with PAYLOAD_LEN set, under extended headers: every
+    // command then carries `length` bytes (the server drains and refuses
+    // them for anything but WRITE).
+    let with_len = Request {
+        flags: req.flags | CMD_FLAG_PAYLOAD_LEN,
+        ..req
+    };
+    assert_eq!(with_len.payload_len(true), req.length);
 
     let tail = &rest[need..];
     let mut limits = vec![
@@ -416,11 +424,21 @@ fn block_status(req: &Request, style: ReplyStyle, spec: &[u8]) {
             flags: (f as u32) & (STATE_HOLE | STATE_ZERO),
         })
         .collect();
+    // A chunk that is not the last (one per context) has no DONE flag.
+    let mut more = Vec::new();
+    let one = [Extent {
+        length: req.length,
+        flags: 0,
+    }];
+    block_status_chunk(&mut more, style, req.cookie, req.offset, 2, &one, false);
+    assert_eq!(be16(&more, 4), 0, "DONE on a chunk that is not the last");
     let mut out = Vec::new();
     block_status_chunk(&mut out, style, req.cookie, req.offset, 1, &extents, true);
-    let chunks = chunks(&out, style);
-    assert_eq!(chunks.len(), 1);
-    let c = &chunks[0];
+    more.extend_from_slice(&out);
+    let chunks = chunks(&more, style);
+    assert_eq!(chunks.len(), 2);
+    assert_eq!(be32(chunks[0].payload, 0), 2);
+    let c = &chunks[1];
     let (kind, head, per) = if style == ReplyStyle::Extended {
         (REPLY_TYPE_BLOCK_STATUS_EXT, 8, 16)
     } else {

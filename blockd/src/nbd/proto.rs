@@ -653,7 +653,7 @@ pub fn finish_read_reply(
     let data = &buf[hdr..];
     let mut runs: Vec<(u64, u64, bool)> = Vec::with_capacity(holes.len() * 2 + 1);
     let mut pos = 0u64;
-    for &(start, len) in holes {
+    for &(start, len) in holes.iter().filter(|h| h.1 > 0) {
         if start > pos {
             runs.push((pos, start - pos, false));
         }
