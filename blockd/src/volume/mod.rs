@@ -229,6 +229,10 @@ impl Volume {
         let len = (buf.len() - start) as u64;
         self.dirty.mark(offset, len);
         self.guard(offset, len)?;
+        if fua {
+            // A durable overwrite must not outrun the copy it displaced.
+            self.sync_cow().await?;
+        }
         self.engine
             .write_at(&self.file, buf, start, offset, fua)
             .await
@@ -237,13 +241,19 @@ impl Volume {
     /// Makes every acknowledged write durable, and the COW data of held
     /// snapshots first (their frozen images depend on it).
     pub async fn flush(&self) -> io::Result<()> {
-        let held = self.held_snapshots();
-        if !held.is_empty() {
-            tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
-                .await
-                .map_err(io::Error::other)??;
-        }
+        self.sync_cow().await?;
         self.engine.sync(&self.file).await
+    }
+
+    /// fsyncs the COW files of held snapshots that have unsynced data.
+    async fn sync_cow(&self) -> io::Result<()> {
+        let held = self.held_snapshots();
+        if held.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
+            .await
+            .map_err(io::Error::other)?
     }
 
     fn held_snapshots(&self) -> Vec<Arc<SnapshotStore>> {
