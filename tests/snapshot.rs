@@ -343,6 +343,12 @@ fn exec_hooks_success_failure_timeout() {
         "only the successful snapshot exists"
     );
 
+    // A volume with snapshots is not deleted by accident.
+    let out = d.blockctl(&["volume", "delete", "vol1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has 1 snapshot(s)"));
+    assert!(d.ok(&["snapshot", "list", "vol1"]).contains("vol1@ok"));
+
     // Bad input: unknown volume, duplicate name, bad name, bad reference.
     for (args, needle) in [
         (vec!["snapshot", "create", "ghost"], "not found"),
@@ -365,4 +371,9 @@ fn exec_hooks_success_failure_timeout() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    d.ok(&["volume", "delete", "vol1", "--force"]);
+    assert!(
+        !d.dir.path().join("snapshots/vol1").exists(),
+        "snapshots of a deleted volume left on disk"
+    );
 }

@@ -189,7 +189,15 @@ async fn delete_volume(
         }
         .into());
     }
-    // Its snapshots go with it (their guards would otherwise pin the data).
+    let snaps = d.snapshots.list(Some(&name)).len();
+    if snaps > 0 && !force {
+        return Err(Failure {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "volume {name:?} has {snaps} snapshot(s): delete them first (`blockctl snapshot list {name}`) or delete with --force, which deletes them too"
+            ),
+        });
+    }
     d.snapshots.delete_volume(&name);
     d.store.delete(&name, force)?;
     Ok(StatusCode::NO_CONTENT)

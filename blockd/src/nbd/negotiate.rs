@@ -361,7 +361,11 @@ impl Negotiation {
                 &mut out,
                 option,
                 REP_ERR_UNKNOWN,
-                &format!("no export named {name:?}: list them with `blockctl volume list`"),
+                &if name.contains('@') {
+                    format!("no snapshot export named {name:?}: list them with `blockctl snapshot list`")
+                } else {
+                    format!("no export named {name:?}: list them with `blockctl volume list`")
+                },
             );
             return (out, Next::Continue);
         };

@@ -356,6 +356,8 @@ impl Snapshots {
                 let _ = s.remove();
             }
         }
+        // The volume's snapshot directory goes when its last snapshot does.
+        let _ = std::fs::remove_dir(self.dir.join(volume));
         tracing::info!(snapshot = %format!("{volume}@{name}"), "snapshot deleted");
         Ok(())
     }

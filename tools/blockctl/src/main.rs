@@ -139,12 +139,13 @@ enum VolumeCmd {
         /// Volume name
         name: String,
     },
-    /// Delete a volume and its data
+    /// Delete a volume and its data (refused while it has clients or snapshots, unless --force)
     #[command(alias = "rm")]
     Delete {
         /// Volume name
         name: String,
         /// Delete even while NBD clients are connected (they are disconnected)
+        /// and with its snapshots (deleted too)
         #[arg(long)]
         force: bool,
     },
