@@ -9,6 +9,7 @@
 # Usage: benches/nbd-peers.sh
 # Env:
 #   BENCH_RUNTIME     seconds per fio job (default 10)
+#   BENCH_REPEAT      rounds per row, server order rotating (default 2)
 #   BLOCKD_IO_ENGINE  threads|uring|auto, passed through to blockd
 #   BLOCKD_BIN, BLOCKCTL_BIN  binaries (default target/release/{blockd,blockctl})
 #   BENCH_TMPDIR      parent of the temp dir (default /var/tmp)
@@ -173,37 +174,52 @@ rows=(
 )
 
 # Servers run in turn inside each row (not row by row per server) so drift
-# over the run, e.g. background writeback, spreads evenly across them.
+# over the run, e.g. background writeback, spreads evenly across them. With
+# BENCH_REPEAT=N (default 2) each row runs N rounds, the server order
+# rotating every round so no server is always first after the sync, and
+# each figure is the mean of its rounds.
+repeat=${BENCH_REPEAT:-2}
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive number"
 results=()
 for i in "${!rows[@]}"; do
     IFS='|' read -r label dir unit args <<<"${rows[$i]}"
-    line="| $label"
-    vals=()
-    for s in "${servers[@]}"; do
-        echo "$label: $s" >&2
-        out=$tmp/row$i-$s.json
-        # shellcheck disable=SC2086 # args is a word list on purpose
-        run_fio "$s" "$out" $args --time_based --runtime="$runtime"
-        v=$("$python" - "$out" "$dir" "$unit" <<'EOF'
+    declare -A sum=()
+    for s in "${servers[@]}"; do sum[$s]=0; done
+    for ((round = 0; round < repeat; round++)); do
+        k=$((round % ${#servers[@]}))
+        order=("${servers[@]:k}" "${servers[@]:0:k}")
+        for s in "${order[@]}"; do
+            echo "$label: $s (round $((round + 1)))" >&2
+            out=$tmp/row$i-$s-$round.json
+            # shellcheck disable=SC2086 # args is a word list on purpose
+            run_fio "$s" "$out" $args --time_based --runtime="$runtime"
+            v=$("$python" - "$out" "$dir" "$unit" <<'EOF'
 import json, sys
 path, side, unit = sys.argv[1:]
 job = json.load(open(path))["jobs"][0]
 if job["error"]:
     sys.exit(f"fio job error {job['error']}")
 r = job[side]
-print(f"{r['bw_bytes'] / 2**30:.2f}" if unit == "gib" else f"{r['iops'] / 1000:.1f}")
+print(r["bw_bytes"] / 2**30 if unit == "gib" else r["iops"] / 1000)
 EOF
-        )
+            )
+            sum[$s]=$("$python" -c "print(${sum[$s]} + $v)")
+            sync
+        done
+    done
+    line="| $label"
+    vals=()
+    for s in "${servers[@]}"; do
+        v=$("$python" -c "m = ${sum[$s]} / $repeat; print('%.2f' % m if '$unit' == 'gib' else '%.1f' % m)")
         vals+=("$v")
         line+=" | $v"
-        sync
     done
     ratio=$("$python" -c 'import sys; b, q, n = map(float, sys.argv[1:]); print(f"{b / max(q, n):.2f}x" if max(q, n) > 0 else "n/a")' "${vals[@]}")
     results+=("$line | $ratio |")
 done
 
 echo
-echo "blockd io_engine: $engine (BLOCKD_IO_ENGINE=${BLOCKD_IO_ENGINE:-<unset>}), runtime ${runtime}s per job, fio $(fio --version | sed 's/^fio-//'), $(nproc) CPUs"
+echo "blockd io_engine: $engine (BLOCKD_IO_ENGINE=${BLOCKD_IO_ENGINE:-<unset>}), runtime ${runtime}s per job, $repeat rounds, fio $(fio --version | sed 's/^fio-//'), $(nproc) CPUs"
 echo
 echo "| row | blockd | qemu-nbd | nbdkit | blockd / best peer |"
 echo "|---|---:|---:|---:|---:|"
