@@ -32,7 +32,7 @@ use blockd_api::validate_name;
 
 use crate::volume::store::Store;
 use crate::volume::Volume;
-use store::{HookRecord, SnapshotError, SnapshotMeta, SnapshotStore};
+use store::{SnapshotError, SnapshotMeta, SnapshotStore};
 
 /// What a snapshot request asks for.
 #[derive(Debug, Clone)]
@@ -237,7 +237,7 @@ impl Snapshots {
         };
         let (stores, pause) = frozen?;
         let mut metas = Vec::with_capacity(stores.len());
-        for (v, s) in members.iter().zip(&stores) {
+        for s in &stores {
             s.update_meta(|m| {
                 m.pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
                 m.pre_exec.clone_from(&pre);
@@ -249,7 +249,6 @@ impl Snapshots {
                 }
                 return Err(e.into());
             }
-            let _ = v;
             metas.push(s.meta());
         }
         let mut held = self.lock();
@@ -398,6 +397,3 @@ fn file_name(p: &Path) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
-
-/// The hook record type, re-exported for the API.
-pub type Hook = HookRecord;
