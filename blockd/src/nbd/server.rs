@@ -91,7 +91,7 @@ impl Exports for StoreExports<'_> {
             Source::Snapshot(v, s) => Some(ExportInfo {
                 name: name.to_string(),
                 description: format!("blockd snapshot {name} (read-only)"),
-                size: s.meta().size,
+                size: s.size(),
                 read_only: true,
                 preferred_block: u32::try_from(v.extent_size()).unwrap_or(4096),
             }),

@@ -102,6 +102,9 @@ pub enum SnapshotError {
 #[derive(Debug)]
 pub struct SnapshotStore {
     dir: PathBuf,
+    /// Frozen image size and extent size: fixed, read on every guarded write.
+    size: u64,
+    extent_size: u64,
     meta: Mutex<SnapshotMeta>,
     changes: ChangeSet,
     data: File,
@@ -173,6 +176,8 @@ impl SnapshotStore {
     pub fn new(dir: PathBuf, meta: SnapshotMeta, changes: ChangeSet, files: (File, File)) -> Self {
         Self {
             dir,
+            size: meta.size,
+            extent_size: meta.extent_size,
             meta: Mutex::new(meta),
             changes,
             data: files.0,
@@ -263,6 +268,8 @@ impl SnapshotStore {
         }
         Ok(Some(Self {
             dir: dir.to_path_buf(),
+            size: meta.size,
+            extent_size: meta.extent_size,
             meta: Mutex::new(meta),
             changes,
             data,
@@ -272,6 +279,11 @@ impl SnapshotStore {
             unsynced: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
         }))
+    }
+
+    /// Frozen image size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// True when extent `e` has been preserved.
@@ -296,7 +308,7 @@ impl SnapshotStore {
             return Ok(());
         }
         let slot = u32::try_from(index.len()).map_err(|_| io::Error::other("COW index full"))?;
-        let es = self.meta().extent_size;
+        let es = self.extent_size;
         self.data.write_all_at(old, u64::from(slot) * es)?;
         let mut rec = [0u8; RECORD_LEN];
         rec[..4].copy_from_slice(&e.to_le_bytes());
@@ -319,7 +331,7 @@ impl SnapshotStore {
         let Some(slot) = self.lock_index().get(&e).copied() else {
             return Ok(false);
         };
-        let es = self.meta().extent_size;
+        let es = self.extent_size;
         self.data
             .read_exact_at(buf, u64::from(slot) * es + within)?;
         Ok(true)
@@ -345,7 +357,7 @@ impl SnapshotStore {
 
     /// Bytes of preserved data.
     pub fn cow_bytes(&self) -> u64 {
-        self.lock_index().len() as u64 * self.meta().extent_size
+        self.lock_index().len() as u64 * self.extent_size
     }
 
     /// Marks the snapshot deleted and removes its files.

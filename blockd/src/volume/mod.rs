@@ -292,8 +292,7 @@ impl Volume {
         }
         let es = self.extent_size;
         let range = dirty_map::extent_range(offset, len, es);
-        let needed =
-            |s: &SnapshotStore, e: u32| u64::from(e) * es < s.meta().size && !s.preserved(e);
+        let needed = |s: &SnapshotStore, e: u32| u64::from(e) * es < s.size() && !s.preserved(e);
         if !held.iter().any(|s| range.clone().any(|e| needed(s, e))) {
             return Ok(());
         }
