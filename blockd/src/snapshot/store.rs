@@ -111,7 +111,6 @@ pub struct SnapshotStore {
     index_file: File,
     /// extent -> slot in `cow.data`; the lock also orders slot allocation.
     index: Mutex<HashMap<u32, u32>>,
-    deleted: AtomicBool,
     /// COW data written since the last sync.
     unsynced: AtomicBool,
     /// Cancelled when the snapshot is deleted: its export connections end.
@@ -183,7 +182,6 @@ impl SnapshotStore {
             data: files.0,
             index_file: files.1,
             index: Mutex::new(HashMap::new()),
-            deleted: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
         }
@@ -275,7 +273,6 @@ impl SnapshotStore {
             data,
             index_file,
             index: Mutex::new(index),
-            deleted: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
         }))
@@ -360,15 +357,9 @@ impl SnapshotStore {
         self.lock_index().len() as u64 * self.extent_size
     }
 
-    /// Marks the snapshot deleted and removes its files.
+    /// Ends the snapshot's export connections and removes its files.
     pub fn remove(&self) -> io::Result<()> {
-        self.deleted.store(true, Ordering::SeqCst);
         self.closing.cancel();
         std::fs::remove_dir_all(&self.dir)
-    }
-
-    /// True once deleted.
-    pub fn is_deleted(&self) -> bool {
-        self.deleted.load(Ordering::SeqCst)
     }
 }
