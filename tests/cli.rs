@@ -236,3 +236,53 @@ fn bad_arguments_exit_nonzero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
 }
+
+/// Runs blockctl with no daemon behind it: for argument errors, which clap
+/// reports before any request is sent.
+fn blockctl_no_daemon(args: &[&str]) -> std::process::Output {
+    Command::new(bin("blockctl"))
+        .args(["--socket", "/nonexistent/api.sock"])
+        .args(args)
+        .env_remove("BLOCKD_S3_SECRET_KEY")
+        .env_remove("BLOCKD_AZURE_ACCOUNT_KEY")
+        .env_remove("BLOCKD_ENCRYPTION_PASSPHRASE")
+        .output()
+        .unwrap()
+}
+
+/// Asserts that blockctl refused `args` as a usage error naming `needle`.
+fn usage_error(args: &[&str], needle: &str) {
+    let out = blockctl_no_daemon(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "blockctl {args:?} should fail");
+    assert!(
+        stderr.contains(needle),
+        "blockctl {args:?}: expected {needle:?} in stderr, got: {stderr}"
+    );
+    // A usage error, not a failed request.
+    assert!(
+        !stderr.contains("is the daemon running?"),
+        "blockctl {args:?} got as far as the daemon: {stderr}"
+    );
+}
+
+#[test]
+fn cloud_bad_arguments_exit_nonzero() {
+    usage_error(&["credentials", "create", "x"], "--provider");
+    usage_error(
+        &["cred", "create", "x", "--provider", "ftp"],
+        "unknown provider",
+    );
+    usage_error(&["cloudsnap", "backup-group"], "--volume-ids");
+    usage_error(&["cloudsnap", "backup-group", "--full"], "--label");
+    usage_error(&["cs", "restore", "--snap", "a/b"], "--volume");
+    usage_error(
+        &["cloudsnap", "backup", "vol", "--label", "notapair"],
+        "notapair",
+    );
+    usage_error(&["cloudsnap", "stop"], "<ID|--name <ID>>");
+    usage_error(
+        &["cloudsnap", "backup", "vol", "--exec-timeout", "soon"],
+        "invalid duration",
+    );
+}

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cloud::Cloud;
 use crate::nbd::{self, NbdContext};
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
@@ -65,6 +66,8 @@ pub struct Daemon {
     pub store: Arc<Store>,
     /// Local snapshots.
     pub snapshots: Arc<Snapshots>,
+    /// Cloud snapshots, locations and tasks.
+    pub cloud: Arc<Cloud>,
     config: Config,
     engine: &'static str,
 }
@@ -156,9 +159,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tracker.clone()));
     }
 
+    let cloud = Cloud::open(
+        dir,
+        store.clone(),
+        snapshots.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .context("opening locations and tasks")?;
     let daemon = Arc::new(Daemon {
         store: store.clone(),
         snapshots,
+        cloud,
         config: config.clone(),
         engine: engine_name,
     });

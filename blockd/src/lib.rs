@@ -5,8 +5,10 @@
 //! through an HTTP/JSON control API on a Unix socket ([`api`]).
 
 pub mod api;
+pub mod cloud;
 pub mod daemon;
 pub mod nbd;
+pub mod repo;
 pub mod snapshot;
 pub mod state;
 pub mod volume;

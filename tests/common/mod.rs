@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod objstores;
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -342,3 +342,9 @@ mod tests {
         assert!(validate_extent_size(2 << 20).is_err());
     }
 }
+
+pub mod cloud;
+pub use cloud::{
+    BackupGroupRequest, BackupRequest, Catalog, CloudSnap, CreateLocation, Location, Provider,
+    RestoreRequest, Started, Task, TaskKind, TaskState, Verified, LOCAL_LOCATION,
+};

@@ -16,6 +16,8 @@ use axum::{Json, Router};
 use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolume};
 use serde::de::DeserializeOwned;
 
+mod cloud;
+
 use crate::daemon::Daemon;
 use crate::snapshot::store::{HookRecord, SnapshotStore};
 use crate::snapshot::{CreateRequest, FreezeError};
@@ -91,6 +93,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/v1/snapshots/{volume}/{name}",
             get(inspect_snapshot).delete(delete_snapshot),
         )
+        .merge(cloud::routes())
         .fallback(|| async {
             Failure {
                 status: StatusCode::NOT_FOUND,

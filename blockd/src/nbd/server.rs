@@ -72,7 +72,11 @@ enum Source {
 impl NbdContext {
     fn resolve(&self, name: &str) -> Option<Source> {
         match name.split_once('@') {
-            None => self.store.get(name).map(Source::Volume),
+            None => self
+                .store
+                .get(name)
+                .filter(|v| !v.restoring.load(std::sync::atomic::Ordering::Acquire))
+                .map(Source::Volume),
             Some((vol, snap)) => {
                 let v = self.store.get(vol)?;
                 let s = self.snapshots.get(vol, snap)?;

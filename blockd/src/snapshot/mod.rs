@@ -361,6 +361,28 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Releases a snapshot whose change set a backup has stored: its guard
+    /// is disarmed and its files removed, and the change set is *not*
+    /// merged back (those changes are safely in object storage).
+    ///
+    /// # Errors
+    /// Unknown snapshot.
+    pub fn release(&self, volume: &str, name: &str) -> Result<(), FreezeError> {
+        let s = self
+            .lock()
+            .remove(&(volume.to_string(), name.to_string()))
+            .ok_or_else(|| FreezeError::NotFound(format!("snapshot {volume}@{name} not found")))?;
+        if let Some(v) = self.volumes.get(volume) {
+            v.disarm(&s);
+        }
+        if let Err(e) = s.remove() {
+            tracing::warn!(snapshot = %s.id(), error = %e, "removing snapshot files failed");
+        }
+        let _ = std::fs::remove_dir(self.dir.join(volume));
+        tracing::debug!(snapshot = %format!("{volume}@{name}"), "snapshot released");
+        Ok(())
+    }
+
     /// Deletes every snapshot of a volume (the volume is being deleted).
     pub fn delete_volume(&self, volume: &str) {
         for s in self.list(Some(volume)) {

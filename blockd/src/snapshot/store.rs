@@ -283,6 +283,11 @@ impl SnapshotStore {
         self.size
     }
 
+    /// Extent size of the frozen image.
+    pub fn extent_size(&self) -> u64 {
+        self.extent_size
+    }
+
     /// True when extent `e` has been preserved.
     pub fn preserved(&self, e: u32) -> bool {
         self.lock_index().contains_key(&e)

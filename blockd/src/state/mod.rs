@@ -39,7 +39,7 @@ pub enum StateError {
 }
 
 /// Schema version; bump with a migration, never edit a shipped one.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS volumes (
@@ -48,6 +48,39 @@ CREATE TABLE IF NOT EXISTS volumes (
     extent_size INTEGER NOT NULL,
     labels      TEXT NOT NULL,
     created     TEXT NOT NULL
+);
+-- Version 2: object-storage locations, backup and restore tasks.
+CREATE TABLE IF NOT EXISTS locations (
+    name     TEXT PRIMARY KEY,
+    config   TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id       TEXT PRIMARY KEY,
+    record   TEXT NOT NULL,
+    active   INTEGER NOT NULL,
+    created  TEXT NOT NULL
+);
+-- Index blocks a task has finished (a checkpoint): resume skips them.
+CREATE TABLE IF NOT EXISTS task_blocks (
+    task     TEXT NOT NULL,
+    block    INTEGER NOT NULL,
+    id       TEXT,
+    PRIMARY KEY (task, block)
+);
+-- Packs a backup uploaded since its last checkpoint, with their chunks:
+-- after a restart their chunks are referenced, not uploaded again.
+CREATE TABLE IF NOT EXISTS task_packs (
+    task     TEXT NOT NULL,
+    pack     BLOB NOT NULL,
+    trailer  BLOB NOT NULL,
+    PRIMARY KEY (task, pack)
+);
+-- The last backup of each volume: the parent of its next incremental.
+CREATE TABLE IF NOT EXISTS backup_base (
+    volume   TEXT PRIMARY KEY,
+    location TEXT NOT NULL,
+    snapshot TEXT NOT NULL
 );
 ";
 
@@ -171,6 +204,7 @@ impl StateDb {
     /// SQLite errors.
     pub fn delete_volume(&self, name: &str) -> Result<(), StateError> {
         self.with(|c| {
+            c.execute("DELETE FROM backup_base WHERE volume = ?1", [name])?;
             c.execute("DELETE FROM volumes WHERE name = ?1", [name])
                 .map(drop)
         })
@@ -182,6 +216,224 @@ impl StateDb {
     /// SQLite errors.
     pub fn checkpoint(&self) -> Result<(), StateError> {
         self.with(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
+    }
+}
+
+/// A recorded pack: `(pack id, plain trailer)`.
+pub type PackRow = (Vec<u8>, Vec<u8>);
+
+/// Object-storage locations and tasks.
+impl StateDb {
+    /// Every location row: `(name, config JSON, created)`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn locations(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT name, config, created FROM locations ORDER BY name")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Inserts a location row.
+    ///
+    /// # Errors
+    /// SQLite errors, including a duplicate name.
+    pub fn insert_location(
+        &self,
+        name: &str,
+        config: &str,
+        created: &str,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO locations (name, config, created) VALUES (?1, ?2, ?3)",
+                params![name, config, created],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Deletes a location row; true if it existed.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn delete_location(&self, name: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.execute("DELETE FROM locations WHERE name = ?1", [name])
+                .map(|n| n > 0)
+        })
+    }
+
+    /// Writes a task record (JSON).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn put_task(
+        &self,
+        id: &str,
+        record: &str,
+        active: bool,
+        created: &str,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tasks (id, record, active, created) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET record = ?2, active = ?3",
+                params![id, record, active, created],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Task records, newest first; only active ones with `active_only`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn tasks(&self, active_only: bool, limit: u32) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT record FROM tasks WHERE active >= ?1 ORDER BY created DESC, id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![i64::from(active_only), limit], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// One task record.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn task(&self, id: &str) -> Result<Option<String>, StateError> {
+        self.with(|c| {
+            c.query_row("SELECT record FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    /// A checkpoint: these blocks are finished and the packs recorded so
+    /// far are referenced by them (their rows go).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn checkpoint_task(
+        &self,
+        task: &str,
+        blocks: &[(u64, Option<String>)],
+        record: &str,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            for (b, id) in blocks {
+                tx.execute(
+                    "INSERT OR REPLACE INTO task_blocks (task, block, id) VALUES (?1, ?2, ?3)",
+                    params![task, *b as i64, id],
+                )?;
+            }
+            tx.execute("DELETE FROM task_packs WHERE task = ?1", [task])?;
+            tx.execute(
+                "UPDATE tasks SET record = ?2 WHERE id = ?1",
+                params![task, record],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Finished blocks of a task.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn task_blocks(&self, task: &str) -> Result<Vec<(u64, Option<String>)>, StateError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT block, id FROM task_blocks WHERE task = ?1 ORDER BY block")?;
+            let rows = stmt.query_map([task], |r| {
+                Ok((r.get::<_, i64>(0)?.unsigned_abs(), r.get(1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records an uploaded pack of a running backup.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn add_task_pack(&self, task: &str, pack: &[u8], trailer: &[u8]) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO task_packs (task, pack, trailer) VALUES (?1, ?2, ?3)",
+                params![task, pack, trailer],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Packs uploaded since a task's last checkpoint: `(pack id, trailer)`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn task_packs(&self, task: &str) -> Result<Vec<PackRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT pack, trailer FROM task_packs WHERE task = ?1")?;
+            let rows = stmt.query_map([task], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Ends a task: its record, and its resume data dropped.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn finish_task(&self, task: &str, record: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute("DELETE FROM task_blocks WHERE task = ?1", [task])?;
+            tx.execute("DELETE FROM task_packs WHERE task = ?1", [task])?;
+            tx.execute(
+                "UPDATE tasks SET record = ?2, active = 0 WHERE id = ?1",
+                params![task, record],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// The last backup of a volume: `(location, snapshot id)`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn backup_base(&self, volume: &str) -> Result<Option<(String, String)>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT location, snapshot FROM backup_base WHERE volume = ?1",
+                [volume],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// Records the last backup of a volume (`None` forgets it).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_backup_base(
+        &self,
+        volume: &str,
+        base: Option<(&str, &str)>,
+    ) -> Result<(), StateError> {
+        self.with(|c| match base {
+            Some((loc, snap)) => c
+                .execute(
+                    "INSERT OR REPLACE INTO backup_base (volume, location, snapshot) VALUES (?1, ?2, ?3)",
+                    params![volume, loc, snap],
+                )
+                .map(drop),
+            None => c
+                .execute("DELETE FROM backup_base WHERE volume = ?1", [volume])
+                .map(drop),
+        })
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Volume {
     cow_lock: std::sync::RwLock<()>,
     /// Cancelled when the volume is deleted with `--force`: its connections end.
     pub closing: CancellationToken,
+    /// A full restore is filling this volume: it is not exported until done.
+    pub restoring: std::sync::atomic::AtomicBool,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -116,6 +118,7 @@ impl Volume {
             held: std::sync::RwLock::new(Vec::new()),
             cow_lock: std::sync::RwLock::new(()),
             closing: CancellationToken::new(),
+            restoring: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -366,6 +369,47 @@ impl Volume {
         }
         let lf = start + usize::try_from(live_from - offset).unwrap_or(0);
         self.read_live(&mut buf[lf..], live_from)?;
+        Ok(buf)
+    }
+
+    /// Reads `len` bytes of the frozen image of `snapshot` at `offset`
+    /// through the I/O engine, without holding the COW lock across the
+    /// read: the live range is read first, then every extent the guard has
+    /// preserved meanwhile is replaced by its preserved copy. This is exact
+    /// because the guard records an extent as preserved before the write
+    /// that changes it is issued: a live read that saw new data finds the
+    /// extent preserved when it checks afterwards.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn read_frozen(
+        &self,
+        snapshot: &SnapshotStore,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Vec<u8>> {
+        let size = snapshot.size();
+        let live_len = usize::try_from(size.saturating_sub(offset))
+            .unwrap_or(len)
+            .min(len);
+        let mut buf = self
+            .engine
+            .read_at(&self.file, vec![0u8; live_len], 0, offset)
+            .await?;
+        buf.resize(len, 0);
+        let es = self.extent_size;
+        let end = offset + live_len as u64;
+        let mut pos = offset;
+        while pos < end {
+            let e = u32::try_from(pos / es).unwrap_or(u32::MAX);
+            let stop = ((pos / es + 1) * es).min(end);
+            let at = usize::try_from(pos - offset).unwrap_or(0);
+            let n = usize::try_from(stop - pos).unwrap_or(0);
+            if snapshot.preserved(e) {
+                snapshot.read_preserved(e, pos % es, &mut buf[at..at + n])?;
+            }
+            pos = stop;
+        }
         Ok(buf)
     }
 

@@ -76,7 +76,7 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    db: StateDb,
+    db: Arc<StateDb>,
     engine: Arc<Engine>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     tracking: bool,
@@ -98,7 +98,7 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
-        let db = StateDb::open(state_dir)?;
+        let db = Arc::new(StateDb::open(state_dir)?);
         let mut volumes = BTreeMap::new();
         for meta in db.volumes()? {
             let path = dir.join(format!("{}.img", meta.name));
@@ -154,6 +154,11 @@ impl Store {
 
     fn path_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.img"))
+    }
+
+    /// The state database.
+    pub fn db(&self) -> &Arc<StateDb> {
+        &self.db
     }
 
     /// One volume.

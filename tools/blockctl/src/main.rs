@@ -5,12 +5,15 @@
 //! otherwise. Errors print the daemon's message and exit non-zero.
 
 mod client;
+mod cloudsnap;
+mod credentials;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockd_api::{human_size, CreateSnapshot, CreateVolume, ResizeVolume, Snapshot, Volume};
+use blockd_api::{human_size, CreateSnapshot, CreateVolume, Hook, ResizeVolume, Snapshot, Volume};
 use clap::{Parser, Subcommand};
 
 use client::Client;
@@ -37,6 +40,12 @@ enum Command {
     /// Local snapshots: consistent freeze points of volumes and groups
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCmd),
+    /// Object-store credentials for cloud backups (a "location" in the API)
+    #[command(subcommand, alias = "cred")]
+    Credentials(credentials::CredentialsCmd),
+    /// Back up volumes to object storage and restore them
+    #[command(subcommand, alias = "cs")]
+    Cloudsnap(cloudsnap::CloudsnapCmd),
 }
 
 fn duration_arg(s: &str) -> Result<f64, String> {
@@ -214,6 +223,8 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
     match &cli.command {
         Command::Volume(cmd) => volume(cli, client, cmd).await,
         Command::Snapshot(cmd) => snapshot(cli, client, cmd).await,
+        Command::Credentials(cmd) => credentials::run(cli.json, client, cmd).await,
+        Command::Cloudsnap(cmd) => cloudsnap::run(cli.json, client, cmd).await,
     }
 }
 
@@ -332,17 +343,21 @@ fn print_snapshot(s: &Snapshot) {
     }
     println!("COW data:     {}", human_size(s.cow_bytes));
     println!("I/O pause:    {:.3} ms", s.pause_us as f64 / 1000.0);
-    for (label, h) in [("Pre-exec:", &s.pre_exec), ("Post-exec:", &s.post_exec)] {
-        if let Some(h) = h {
-            let outcome = if h.timed_out {
-                "timed out".to_string()
-            } else {
-                h.exit_code.map_or("killed".into(), |c| format!("exit {c}"))
-            };
-            println!("{label:<13} `{}` ({outcome})", h.command);
-            for line in h.output.lines().take(20) {
-                println!("              | {line}");
-            }
+    print_hook("Pre-exec:", s.pre_exec.as_ref());
+    print_hook("Post-exec:", s.post_exec.as_ref());
+}
+
+/// Prints an exec hook's command, outcome and first lines of output, if it ran.
+fn print_hook(label: &str, h: Option<&Hook>) {
+    if let Some(h) = h {
+        let outcome = if h.timed_out {
+            "timed out".to_string()
+        } else {
+            h.exit_code.map_or("killed".into(), |c| format!("exit {c}"))
+        };
+        println!("{label:<13} `{}` ({outcome})", h.command);
+        for line in h.output.lines().take(20) {
+            println!("              | {line}");
         }
     }
 }

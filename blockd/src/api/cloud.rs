@@ -1,0 +1,195 @@
+//! Routes of the cloud-snapshot API: locations, backups, tasks, catalog,
+//! restore.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use blockd_api::{
+    BackupGroupRequest, BackupRequest, Catalog, CloudSnap, CreateLocation, Location,
+    RestoreRequest, Started, Task,
+};
+
+use super::{body, query_pairs, ApiResult, Failure};
+use crate::cloud::CloudError;
+use crate::daemon::Daemon;
+
+impl From<CloudError> for Failure {
+    fn from(e: CloudError) -> Self {
+        let status = match &e {
+            CloudError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CloudError::NotFound(_) => StatusCode::NOT_FOUND,
+            CloudError::Conflict(_) => StatusCode::CONFLICT,
+            CloudError::Repo(crate::repo::RepoError::Key { .. }) => StatusCode::BAD_REQUEST,
+            CloudError::Repo(_) => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "cloud request failed");
+        }
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The cloud routes.
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route("/v1/locations", get(list_locations).post(create_location))
+        .route(
+            "/v1/locations/{name}",
+            axum::routing::delete(delete_location),
+        )
+        .route("/v1/locations/{name}/validate", post(validate_location))
+        .route("/v1/cloudsnaps", get(list_snaps).delete(delete_snap))
+        .route("/v1/cloudsnaps/catalog", get(catalog))
+        .route("/v1/cloudsnaps/backup", post(backup))
+        .route("/v1/cloudsnaps/backup-group", post(backup_group))
+        .route("/v1/cloudsnaps/restore", post(restore))
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{id}", get(task))
+        .route("/v1/tasks/{id}/stop", post(stop))
+}
+
+async fn list_locations(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<Location>> {
+    Ok(Json(d.cloud.locations.list()?))
+}
+
+async fn create_location(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Location>), Failure> {
+    let req: CreateLocation = body(&bytes)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(d.cloud.locations.create(req).await?),
+    ))
+}
+
+async fn delete_location(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    d.cloud.locations.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn validate_location(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<Location> {
+    Ok(Json(d.cloud.locations.validate(&name).await?))
+}
+
+fn check_timeout(t: Option<f64>) -> Result<(), Failure> {
+    match t {
+        Some(t) if !(0.0..=86_400.0).contains(&t) => Err(Failure::bad_request(
+            "exec timeout must be between 0 and 86400 seconds",
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn backup(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let req: BackupRequest = body(&bytes)?;
+    check_timeout(req.exec_timeout_secs)?;
+    Ok((StatusCode::ACCEPTED, Json(d.cloud.backup(req).await?)))
+}
+
+async fn backup_group(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let req: BackupGroupRequest = body(&bytes)?;
+    check_timeout(req.exec_timeout_secs)?;
+    Ok((StatusCode::ACCEPTED, Json(d.cloud.backup_group(req).await?)))
+}
+
+async fn restore(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Started>), Failure> {
+    let req: RestoreRequest = body(&bytes)?;
+    Ok((StatusCode::ACCEPTED, Json(d.cloud.restore(req).await?)))
+}
+
+async fn tasks(State(d): State<Arc<Daemon>>, RawQuery(q): RawQuery) -> ApiResult<Vec<Task>> {
+    let q = query_pairs(q.as_deref());
+    let name = q.iter().find(|(k, _)| k == "name").map(|(_, v)| v.as_str());
+    let finished = q.iter().any(|(k, v)| k == "finished" && v == "true");
+    Ok(Json(d.cloud.tasks(name, finished)?))
+}
+
+async fn task(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Task> {
+    Ok(Json(d.cloud.task(&id)?))
+}
+
+async fn stop(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Task> {
+    Ok(Json(d.cloud.stop(&id).await?))
+}
+
+async fn list_snaps(
+    State(d): State<Arc<Daemon>>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Vec<CloudSnap>> {
+    let q = query_pairs(q.as_deref());
+    let mut labels = BTreeMap::new();
+    let mut src = None;
+    let mut location = None;
+    for (k, v) in q {
+        match k.as_str() {
+            "label" => {
+                let (lk, lv) = blockd_api::parse_label(&v).map_err(Failure::bad_request)?;
+                labels.insert(lk, lv);
+            }
+            "src" => src = Some(v),
+            "location" => location = Some(v),
+            _ => {}
+        }
+    }
+    Ok(Json(
+        d.cloud
+            .list(location.as_deref(), src.as_deref(), &labels)
+            .await?,
+    ))
+}
+
+fn snap_and_location(q: Option<&str>) -> Result<(String, Option<String>, bool), Failure> {
+    let q = query_pairs(q);
+    let snap = q
+        .iter()
+        .find(|(k, _)| k == "snap")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Failure::bad_request("--snap is required"))?;
+    let location = q
+        .iter()
+        .find(|(k, _)| k == "location")
+        .map(|(_, v)| v.clone());
+    let verify = q.iter().any(|(k, v)| k == "verify" && v == "true");
+    Ok((snap, location, verify))
+}
+
+async fn catalog(State(d): State<Arc<Daemon>>, RawQuery(q): RawQuery) -> ApiResult<Catalog> {
+    let (snap, location, verify) = snap_and_location(q.as_deref())?;
+    Ok(Json(
+        d.cloud.catalog(location.as_deref(), &snap, verify).await?,
+    ))
+}
+
+async fn delete_snap(
+    State(d): State<Arc<Daemon>>,
+    RawQuery(q): RawQuery,
+) -> Result<StatusCode, Failure> {
+    let (snap, location, _) = snap_and_location(q.as_deref())?;
+    d.cloud.delete(location.as_deref(), &snap).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

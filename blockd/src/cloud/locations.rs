@@ -1,0 +1,675 @@
+//! Locations (pxctl's "credentials"): where cloud snapshots are kept.
+//!
+//! Non-secret settings live in the state database; secrets (S3 secret key,
+//! Azure account key, Google service-account key, encryption passphrase) in
+//! `<state dir>/credentials/<name>.json`, mode 0600, written atomically.
+//! They are never returned by the API, logged, or written to the bucket.
+//! The location `local` (a directory, `<state dir>/objects`) is created at
+//! first start, so backups work with no setup.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockd_api::{validate_name, CreateLocation, Location, Provider, LOCAL_LOCATION};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use serde::{Deserialize, Serialize};
+
+use super::CloudError;
+use crate::repo::faulty::FaultyStore;
+use crate::repo::Repo;
+use crate::state::StateDb;
+
+/// Non-secret settings, kept in the state database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    provider: Option<Provider>,
+    bucket: Option<String>,
+    path: Option<String>,
+    prefix: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    access_key: Option<String>,
+    disable_ssl: bool,
+    disable_path_style: bool,
+    storage_class: Option<String>,
+    account: Option<String>,
+    project: Option<String>,
+    encryption: bool,
+}
+
+/// Secrets, kept in a 0600 file.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Secrets {
+    s3_secret_key: Option<String>,
+    azure_account_key: Option<String>,
+    google_key: Option<String>,
+    passphrase: Option<String>,
+}
+
+/// The locations of this daemon, with opened repositories cached.
+#[derive(Debug)]
+pub struct Locations {
+    db: Arc<StateDb>,
+    secrets_dir: PathBuf,
+    objects_dir: PathBuf,
+    /// Fault injection rate for every store (testing resilience).
+    fault_rate: Option<f64>,
+    open: tokio::sync::Mutex<HashMap<String, Arc<Repo>>>,
+    /// Serialises create and delete.
+    change: Mutex<()>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn invalid(m: impl Into<String>) -> CloudError {
+    CloudError::Invalid(m.into())
+}
+
+impl Locations {
+    /// Loads locations, creating `local` on first start.
+    ///
+    /// # Errors
+    /// Database or file-system errors.
+    pub fn open(state_dir: &Path, db: Arc<StateDb>) -> Result<Self, CloudError> {
+        let secrets_dir = state_dir.join("credentials");
+        std::fs::create_dir_all(&secrets_dir)
+            .map_err(|e| CloudError::internal("creating credentials dir", e))?;
+        let _ = std::fs::set_permissions(&secrets_dir, std::fs::Permissions::from_mode(0o700));
+        let objects_dir = state_dir.join("objects");
+        let fault_rate = std::env::var("BLOCKD_FAULT_INJECT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| *r > 0.0);
+        if let Some(r) = fault_rate {
+            tracing::warn!(
+                rate = r,
+                "BLOCKD_FAULT_INJECT: failing a fraction of object-store requests on purpose"
+            );
+        }
+        let me = Self {
+            db,
+            secrets_dir,
+            objects_dir,
+            fault_rate,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+            change: Mutex::new(()),
+        };
+        if !me.rows()?.iter().any(|(n, _, _)| n == LOCAL_LOCATION) {
+            let s = Settings {
+                provider: Some(Provider::Local),
+                ..Settings::default()
+            };
+            me.db.insert_location(
+                LOCAL_LOCATION,
+                &serde_json::to_string(&s).unwrap_or_default(),
+                &now(),
+            )?;
+        }
+        Ok(me)
+    }
+
+    fn rows(&self) -> Result<Vec<(String, Settings, String)>, CloudError> {
+        Ok(self
+            .db
+            .locations()?
+            .into_iter()
+            .filter_map(|(n, c, t)| match serde_json::from_str(&c) {
+                Ok(s) => Some((n, s, t)),
+                Err(e) => {
+                    tracing::error!(location = %n, error = %e, "unreadable location settings");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn to_api(&self, name: &str, s: &Settings, created: &str) -> Location {
+        let provider = s.provider.unwrap_or(Provider::Local);
+        Location {
+            name: name.to_string(),
+            provider,
+            bucket: s.bucket.clone(),
+            path: match provider {
+                Provider::Local => Some(
+                    s.path
+                        .clone()
+                        .unwrap_or_else(|| self.objects_dir.display().to_string()),
+                ),
+                _ => None,
+            },
+            prefix: s.prefix.clone(),
+            endpoint: s.endpoint.clone(),
+            region: s.region.clone(),
+            account: s
+                .access_key
+                .clone()
+                .or(s.account.clone())
+                .or(s.project.clone()),
+            ssl: provider != Provider::Local && !s.disable_ssl,
+            path_style: provider == Provider::S3 && !s.disable_path_style,
+            storage_class: s.storage_class.clone(),
+            encryption: s.encryption,
+            created: created.to_string(),
+        }
+    }
+
+    /// Every location.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub fn list(&self) -> Result<Vec<Location>, CloudError> {
+        Ok(self
+            .rows()?
+            .iter()
+            .map(|(n, s, t)| self.to_api(n, s, t))
+            .collect())
+    }
+
+    /// Resolves an optional `--cred-id`: pxctl's rule, the only location
+    /// when there is just one.
+    ///
+    /// # Errors
+    /// Unknown name, or several locations and none named.
+    pub fn resolve(&self, name: Option<&str>) -> Result<String, CloudError> {
+        let rows = self.rows()?;
+        match name {
+            Some(n) => {
+                if rows.iter().any(|(r, _, _)| r == n) {
+                    Ok(n.to_string())
+                } else {
+                    Err(CloudError::NotFound(format!(
+                        "no location (credentials) named {n:?}: list them with `blockctl credentials list`"
+                    )))
+                }
+            }
+            None if rows.len() == 1 => Ok(rows[0].0.clone()),
+            None => Err(invalid(format!(
+                "several locations exist ({}): choose one with --cred-id",
+                rows.iter()
+                    .map(|r| r.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    fn secrets_path(&self, name: &str) -> PathBuf {
+        self.secrets_dir.join(format!("{name}.json"))
+    }
+
+    fn read_secrets(&self, name: &str) -> Result<Secrets, CloudError> {
+        match std::fs::read(self.secrets_path(name)) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                CloudError::Internal(format!("credentials file of {name} is unreadable: {e}"))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Secrets::default()),
+            Err(e) => Err(CloudError::internal("reading credentials", e)),
+        }
+    }
+
+    fn write_secrets(&self, name: &str, s: &Secrets) -> Result<(), CloudError> {
+        use std::io::Write;
+        let path = self.secrets_path(name);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec(s).unwrap_or_default();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| CloudError::internal("writing credentials", e))?;
+        f.write_all(&body)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| CloudError::internal("writing credentials", e))
+    }
+
+    /// Builds the object store of a location.
+    fn build_store(
+        &self,
+        name: &str,
+        s: &Settings,
+        secrets: &Secrets,
+    ) -> Result<Arc<dyn ObjectStore>, CloudError> {
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(20),
+        };
+        let client = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(120));
+        let bucket = || {
+            s.bucket
+                .clone()
+                .ok_or_else(|| invalid("--bucket is required for this provider"))
+        };
+        let cfg_err = |e: object_store::Error| invalid(format!("location {name}: {e}"));
+        let store: Arc<dyn ObjectStore> = match s.provider.unwrap_or(Provider::Local) {
+            Provider::Local => {
+                let dir = s
+                    .path
+                    .as_ref()
+                    .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    invalid(format!(
+                        "location {name}: cannot create directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(cfg_err)?)
+            }
+            Provider::S3 => {
+                let endpoint = s.endpoint.as_deref().map(|e| {
+                    if e.contains("://") {
+                        e.to_string()
+                    } else if s.disable_ssl {
+                        format!("http://{e}")
+                    } else {
+                        format!("https://{e}")
+                    }
+                });
+                let mut b = AmazonS3Builder::new()
+                    .with_bucket_name(bucket()?)
+                    .with_region(s.region.clone().unwrap_or_else(|| "us-east-1".into()))
+                    .with_allow_http(s.disable_ssl)
+                    .with_virtual_hosted_style_request(s.disable_path_style)
+                    .with_retry(retry)
+                    .with_client_options(client.with_allow_http(s.disable_ssl));
+                if let Some(e) = endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let Some(k) = &s.access_key {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &secrets.s3_secret_key {
+                    b = b.with_secret_access_key(k);
+                }
+                Arc::new(b.build().map_err(cfg_err)?)
+            }
+            Provider::Azure => {
+                let mut b = MicrosoftAzureBuilder::new()
+                    .with_container_name(bucket()?)
+                    .with_retry(retry)
+                    .with_client_options(client.with_allow_http(true));
+                if let Some(a) = &s.account {
+                    b = b.with_account(a);
+                }
+                if let Some(k) = &secrets.azure_account_key {
+                    b = b.with_access_key(k);
+                }
+                if let Some(e) = &s.endpoint {
+                    b = b
+                        .with_endpoint(e.clone())
+                        .with_allow_http(e.starts_with("http://"));
+                }
+                Arc::new(b.build().map_err(cfg_err)?)
+            }
+            Provider::Google => {
+                let mut b = GoogleCloudStorageBuilder::new()
+                    .with_bucket_name(bucket()?)
+                    .with_retry(retry)
+                    .with_client_options(client);
+                if let Some(k) = &secrets.google_key {
+                    b = b.with_service_account_key(k);
+                }
+                Arc::new(b.build().map_err(cfg_err)?)
+            }
+        };
+        Ok(match self.fault_rate {
+            Some(r) => Arc::new(FaultyStore::new(store, r)),
+            None => store,
+        })
+    }
+
+    /// Writes, reads back and deletes a small object: proves the endpoint,
+    /// bucket and keys work, reporting the provider's own error if not.
+    async fn probe(
+        store: &Arc<dyn ObjectStore>,
+        prefix: &str,
+        name: &str,
+    ) -> Result<(), CloudError> {
+        let mut tag = [0u8; 8];
+        crate::repo::crypto::fill_random(&mut tag);
+        let key = format!(
+            "{}.blockd-probe-{}",
+            if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", prefix.trim_matches('/'))
+            },
+            hex::encode(tag)
+        );
+        let path = object_store::path::Path::from(key.as_str());
+        let fail = |op: &str, e: object_store::Error| {
+            invalid(format!(
+                "location {name}: validation failed: {op} of a test object: {e}"
+            ))
+        };
+        store
+            .put(&path, bytes::Bytes::from_static(b"blockd probe").into())
+            .await
+            .map_err(|e| fail("write", e))?;
+        let got = store
+            .get(&path)
+            .await
+            .map_err(|e| fail("read", e))?
+            .bytes()
+            .await
+            .map_err(|e| fail("read", e))?;
+        if &got[..] != b"blockd probe" {
+            return Err(invalid(format!(
+                "location {name}: validation failed: the test object read back differently"
+            )));
+        }
+        store.delete(&path).await.map_err(|e| fail("delete", e))?;
+        Ok(())
+    }
+
+    /// Creates a location: validated by a round trip and by opening (or
+    /// initialising) the repository with the given passphrase.
+    ///
+    /// # Errors
+    /// Bad flags, a failing endpoint or key, a wrong passphrase, a taken name.
+    pub async fn create(&self, req: CreateLocation) -> Result<Location, CloudError> {
+        validate_name(&req.name)
+            .map_err(|e| invalid(e.to_string().replace("volume name", "credentials name")))?;
+        let provider = req
+            .provider
+            .ok_or_else(|| invalid("--provider is required: local, s3, azure or google"))?;
+        if self.rows()?.iter().any(|(n, _, _)| *n == req.name) {
+            return Err(CloudError::Conflict(format!(
+                "credentials {:?} already exist: delete them first or choose another name",
+                req.name
+            )));
+        }
+        let needs = |v: &Option<String>, flag: &str| {
+            if v.as_deref().is_none_or(str::is_empty) {
+                Err(invalid(format!(
+                    "{flag} is required for provider {provider}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let mut google_key = None;
+        match provider {
+            Provider::Local => needs(&req.path, "--path")?,
+            Provider::S3 => {
+                needs(&req.bucket, "--bucket")?;
+                needs(&req.s3_access_key, "--s3-access-key")?;
+                needs(&req.s3_secret_key, "--s3-secret-key")?;
+            }
+            Provider::Azure => {
+                needs(&req.bucket, "--bucket")?;
+                needs(&req.azure_account_name, "--azure-account-name")?;
+                needs(&req.azure_account_key, "--azure-account-key")?;
+            }
+            Provider::Google => {
+                needs(&req.bucket, "--bucket")?;
+                needs(&req.google_json_key_file, "--google-json-key-file")?;
+                let f = req.google_json_key_file.as_deref().unwrap_or_default();
+                let key = std::fs::read_to_string(f).map_err(|e| {
+                    invalid(format!(
+                        "--google-json-key-file {f}: {e} (the file is read by blockd)"
+                    ))
+                })?;
+                serde_json::from_str::<serde_json::Value>(&key)
+                    .map_err(|e| invalid(format!("--google-json-key-file {f} is not JSON: {e}")))?;
+                google_key = Some(key);
+            }
+        }
+        if let Some(p) = &req.path {
+            if !Path::new(p).is_absolute() {
+                return Err(invalid(format!(
+                    "--path {p:?} must be an absolute directory"
+                )));
+            }
+        }
+        if req
+            .encryption_passphrase
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return Err(invalid("--encryption-passphrase must not be empty"));
+        }
+        let settings = Settings {
+            provider: Some(provider),
+            bucket: req.bucket.clone(),
+            path: req.path.clone(),
+            prefix: req
+                .prefix
+                .clone()
+                .map(|p| p.trim_matches('/').to_string())
+                .filter(|p| !p.is_empty()),
+            endpoint: req.s3_endpoint.clone().or(req.azure_endpoint.clone()),
+            region: req.s3_region.clone(),
+            access_key: req.s3_access_key.clone(),
+            disable_ssl: req.s3_disable_ssl,
+            disable_path_style: req.disable_path_style,
+            storage_class: req.s3_storage_class.clone(),
+            account: req.azure_account_name.clone(),
+            project: req.google_project_id.clone(),
+            encryption: req.encryption_passphrase.is_some(),
+        };
+        let secrets = Secrets {
+            s3_secret_key: req.s3_secret_key.clone(),
+            azure_account_key: req.azure_account_key.clone(),
+            google_key,
+            passphrase: req.encryption_passphrase.clone(),
+        };
+        let repo = self.connect(&req.name, &settings, &secrets).await?;
+        let _one = self
+            .change
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write_secrets(&req.name, &secrets)?;
+        let created = now();
+        if let Err(e) = self.db.insert_location(
+            &req.name,
+            &serde_json::to_string(&settings).unwrap_or_default(),
+            &created,
+        ) {
+            let _ = std::fs::remove_file(self.secrets_path(&req.name));
+            return Err(e.into());
+        }
+        drop(_one);
+        self.open.lock().await.insert(req.name.clone(), repo);
+        tracing::info!(location = %req.name, %provider, encrypted = settings.encryption, "credentials created");
+        Ok(self.to_api(&req.name, &settings, &created))
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        s: &Settings,
+        secrets: &Secrets,
+    ) -> Result<Arc<Repo>, CloudError> {
+        let store = self.build_store(name, s, secrets)?;
+        let prefix = s.prefix.clone().unwrap_or_default();
+        Self::probe(&store, &prefix, name).await?;
+        let repo = Repo::open(
+            store,
+            &prefix,
+            name,
+            secrets.passphrase.as_deref(),
+            s.storage_class.clone(),
+        )
+        .await?;
+        Ok(Arc::new(repo))
+    }
+
+    /// Deletes a location (its objects stay in the bucket).
+    ///
+    /// # Errors
+    /// Unknown name; `local`.
+    pub async fn delete(&self, name: &str) -> Result<(), CloudError> {
+        if name == LOCAL_LOCATION {
+            return Err(invalid("the embedded location `local` cannot be deleted"));
+        }
+        {
+            let _one = self
+                .change
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !self.db.delete_location(name)? {
+                return Err(CloudError::NotFound(format!(
+                    "no credentials named {name:?}: list them with `blockctl credentials list`"
+                )));
+            }
+            let _ = std::fs::remove_file(self.secrets_path(name));
+        }
+        self.open.lock().await.remove(name);
+        tracing::info!(location = %name, "credentials deleted");
+        Ok(())
+    }
+
+    /// Re-validates a location from scratch (round trip and keys).
+    ///
+    /// # Errors
+    /// What [`Locations::create`] checks.
+    pub async fn validate(&self, name: &str) -> Result<Location, CloudError> {
+        let (n, s, created) = self
+            .rows()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))?;
+        let secrets = self.read_secrets(&n)?;
+        let repo = self.connect(&n, &s, &secrets).await?;
+        self.open.lock().await.insert(n.clone(), repo);
+        Ok(self.to_api(&n, &s, &created))
+    }
+
+    /// The opened repository of a location (opened on first use).
+    ///
+    /// # Errors
+    /// Unknown location; provider or key errors.
+    pub async fn repo(&self, name: &str) -> Result<Arc<Repo>, CloudError> {
+        let mut open = self.open.lock().await;
+        if let Some(r) = open.get(name) {
+            return Ok(r.clone());
+        }
+        let (n, s, _) = self
+            .rows()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))?;
+        let secrets = self.read_secrets(&n)?;
+        let store = self.build_store(&n, &s, &secrets)?;
+        let repo = Arc::new(
+            Repo::open(
+                store,
+                s.prefix.as_deref().unwrap_or_default(),
+                &n,
+                secrets.passphrase.as_deref(),
+                s.storage_class.clone(),
+            )
+            .await?,
+        );
+        open.insert(n, repo.clone());
+        Ok(repo)
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locations() -> (tempfile::TempDir, Locations) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(dir.path()).unwrap());
+        let l = Locations::open(dir.path(), db).unwrap();
+        (dir, l)
+    }
+
+    #[test]
+    fn google_config_path_builds_from_flags() {
+        // No GCS server runs here: check that the flags become a store
+        // (object_store's config path), and that a bad key file is refused.
+        let (dir, l) = locations();
+        // A throwaway key generated for this test only (never valid anywhere).
+        let key = include_str!("../../../tests/fixtures/gcs-test-service-account.json").to_string();
+        let s = Settings {
+            provider: Some(Provider::Google),
+            bucket: Some("b".into()),
+            project: Some("blockd-test".into()),
+            ..Settings::default()
+        };
+        let secrets = Secrets {
+            google_key: Some(key),
+            ..Secrets::default()
+        };
+        let store = l.build_store("g", &s, &secrets).unwrap();
+        assert!(store.to_string().contains("GoogleCloudStorage"), "{store}");
+        let bad = Secrets {
+            google_key: Some("{}".into()),
+            ..Secrets::default()
+        };
+        assert!(l.build_store("g", &s, &bad).is_err());
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn local_location_exists_and_resolves() {
+        let (_dir, l) = locations();
+        assert_eq!(l.resolve(None).unwrap(), "local");
+        assert!(l.resolve(Some("nope")).is_err());
+        let repo = l.repo("local").await.unwrap();
+        assert!(!repo.keys.encrypted());
+        assert!(l.delete("local").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn passphrase_checked_at_create() {
+        let (dir, l) = locations();
+        let path = dir.path().join("enc").display().to_string();
+        let mk = |name: &str, pass: Option<&str>| CreateLocation {
+            name: name.into(),
+            provider: Some(Provider::Local),
+            path: Some(path.clone()),
+            encryption_passphrase: pass.map(str::to_string),
+            ..CreateLocation::default()
+        };
+        let loc = l.create(mk("enc", Some("secret one"))).await.unwrap();
+        assert!(loc.encryption);
+        let e = l
+            .create(mk("enc2", Some("wrong")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wrong encryption passphrase"), "{e}");
+        let e = l.create(mk("enc3", None)).await.unwrap_err().to_string();
+        assert!(e.contains("encrypted"), "{e}");
+        // Secrets are not in the database and the file is 0600.
+        let mode = std::fs::metadata(dir.path().join("credentials/enc.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let rows = l.db.locations().unwrap();
+        assert!(!rows.iter().any(|r| r.1.contains("secret one")));
+        assert!(l
+            .resolve(None)
+            .unwrap_err()
+            .to_string()
+            .contains("--cred-id"));
+    }
+}

@@ -1,0 +1,515 @@
+//! `blockctl cloudsnap`: backups to object storage, their tasks, and
+//! restores, named after `pxctl cloudsnap`.
+
+use blockd_api::{
+    human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, RestoreRequest, Started,
+    Task, TaskKind,
+};
+use clap::builder::NonEmptyStringValueParser;
+use clap::{ArgGroup, Args, Subcommand};
+
+use crate::client::Client;
+use crate::wait::{human_secs, wait};
+use crate::{duration_arg, encode, label_arg, labels_text, print_hook, print_json, print_rows};
+
+/// `pxctl cloudsnap` verbs.
+#[derive(Debug, Subcommand)]
+pub enum CloudsnapCmd {
+    /// Back up a volume to object storage: incremental when its change set is known
+    Backup(BackupArgs),
+    /// Back up several volumes from one consistent freeze point
+    #[command(alias = "bg")]
+    BackupGroup(BackupGroupArgs),
+    /// Report backups and restores: progress of active ones, outcome of recent ones
+    Status {
+        /// Only this task
+        #[arg(long, value_name = "ID")]
+        name: Option<String>,
+    },
+    /// Stop an active backup or restore
+    #[command(group(ArgGroup::new("task").required(true).args(["id", "name"])))]
+    Stop {
+        /// Task id (see `blockctl cloudsnap status`)
+        id: Option<String>,
+        /// Task id, as pxctl spells it
+        #[arg(long, value_name = "ID")]
+        name: Option<String>,
+    },
+    /// Show finished backups and restores with their outcome
+    History,
+    /// List snapshots in object storage
+    #[command(aliases = ["ls", "l"])]
+    List {
+        /// Only snapshots of this source volume
+        #[arg(long, short = 's')]
+        src: Option<String>,
+        /// Credentials to list [default: the only ones, when just one exists]
+        #[arg(long, alias = "cr", value_name = "NAME")]
+        cred_id: Option<String>,
+        /// Only snapshots with this label (repeatable; all must match)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show what a cloud snapshot holds, optionally checking every chunk
+    Catalog {
+        /// Cloud snapshot id, VOLUME/SNAPSHOT
+        snap: String,
+        /// Credentials the snapshot is stored with
+        #[arg(long, alias = "cr", value_name = "NAME")]
+        cred_id: Option<String>,
+        /// Fetch and check every chunk the snapshot references
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Delete a cloud snapshot from the object store; this is not reversible
+    #[command(alias = "rm")]
+    Delete {
+        /// Cloud snapshot id, VOLUME/SNAPSHOT
+        #[arg(long, short = 's')]
+        snap: String,
+        /// Credentials the snapshot is stored with
+        #[arg(long, alias = "cr", value_name = "NAME")]
+        cred_id: Option<String>,
+    },
+    /// Restore a cloud snapshot into a new volume
+    #[command(alias = "r")]
+    Restore {
+        /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
+        #[arg(long, short = 's')]
+        snap: String,
+        /// Name of the new volume
+        #[arg(long, short = 'v')]
+        volume: String,
+        /// Credentials the snapshot is stored with
+        #[arg(long, alias = "cr", value_name = "NAME")]
+        cred_id: Option<String>,
+        /// Wait for the restore to end, with progress on a terminal (Ctrl-C stops waiting, not the restore)
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Options shared by `backup` and `backup-group`.
+#[derive(Debug, Args)]
+pub struct BackupOpts {
+    /// Read the whole volume even when its change set is known
+    #[arg(long, short = 'f')]
+    full: bool,
+    /// Credentials to back up with [default: the only ones, when just one exists]
+    #[arg(long, alias = "cr", value_name = "NAME")]
+    cred_id: Option<String>,
+    /// Command run before I/O is held, e.g. 'fsfreeze -f /mnt/data'; failure aborts
+    #[arg(long, value_name = "COMMAND")]
+    pre_exec: Option<String>,
+    /// Command run after I/O resumes, e.g. 'fsfreeze -u /mnt/data'; always runs
+    #[arg(long, value_name = "COMMAND")]
+    post_exec: Option<String>,
+    /// Timeout for each exec hook, e.g. 30s or 2m
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg, default_value = "30s")]
+    exec_timeout: f64,
+    /// Wait for the backup to end, with progress on a terminal (Ctrl-C stops waiting, not the backup)
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Arguments of `cloudsnap backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Volume to back up
+    volume: String,
+    /// Label recorded with the cloud snapshot, as key=value (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
+    labels: Vec<(String, String)>,
+    #[command(flatten)]
+    opts: BackupOpts,
+}
+
+/// Arguments of `cloudsnap backup-group`: members by name or by label.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("members").required(true).args(["volume_ids", "select"])))]
+pub struct BackupGroupArgs {
+    /// Member volumes, comma separated
+    #[arg(
+        long,
+        short = 'v',
+        alias = "volume_ids",
+        value_name = "VOLUME,...",
+        value_delimiter = ',',
+        value_parser = NonEmptyStringValueParser::new()
+    )]
+    volume_ids: Vec<String>,
+    /// Or: every volume with this label, as key=value (repeatable; all must match)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
+    select: Vec<(String, String)>,
+    #[command(flatten)]
+    opts: BackupOpts,
+}
+
+/// `path?k=v&...` with form-encoded values; `path` alone without pairs.
+fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return path.to_string();
+    }
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    format!("{path}?{query}")
+}
+
+/// Runs a `cloudsnap` verb.
+pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), String> {
+    match cmd {
+        CloudsnapCmd::Backup(args) => backup(json, client, args).await,
+        CloudsnapCmd::BackupGroup(args) => backup_group(json, client, args).await,
+        CloudsnapCmd::Status { name } => {
+            let path = match name {
+                Some(n) => with_query("/v1/tasks", &[("name", n)]),
+                None => "/v1/tasks".into(),
+            };
+            let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            if json {
+                print_json(&tasks);
+            } else {
+                print_status(&tasks);
+            }
+            Ok(())
+        }
+        CloudsnapCmd::Stop { id, name } => {
+            let id = id
+                .as_deref()
+                .or(name.as_deref())
+                .ok_or("give the task id to stop")?;
+            let path = format!("/v1/tasks/{}/stop", encode(id));
+            let t: Task = client.call::<(), _>("POST", &path, None).await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("Cloudsnap task {} stopped", t.id);
+            }
+            Ok(())
+        }
+        CloudsnapCmd::History => {
+            let path = with_query("/v1/tasks", &[("finished", "true")]);
+            let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            if json {
+                print_json(&tasks);
+            } else {
+                print_history(&tasks);
+            }
+            Ok(())
+        }
+        CloudsnapCmd::List {
+            src,
+            cred_id,
+            labels,
+        } => {
+            let pairs: Vec<(&str, String)> = src
+                .iter()
+                .map(|s| ("src", s.clone()))
+                .chain(cred_id.iter().map(|c| ("location", c.clone())))
+                .chain(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))))
+                .collect();
+            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let path = with_query("/v1/cloudsnaps", &pairs);
+            let snaps: Vec<CloudSnap> = client.call::<(), _>("GET", &path, None).await?;
+            if json {
+                print_json(&snaps);
+            } else {
+                print_cloudsnaps(&snaps);
+            }
+            Ok(())
+        }
+        CloudsnapCmd::Catalog {
+            snap,
+            cred_id,
+            verify,
+        } => {
+            let mut pairs = vec![("snap", snap.as_str())];
+            if let Some(c) = cred_id {
+                pairs.push(("location", c));
+            }
+            if *verify {
+                pairs.push(("verify", "true"));
+            }
+            let path = with_query("/v1/cloudsnaps/catalog", &pairs);
+            let c: Catalog = client.call::<(), _>("GET", &path, None).await?;
+            if json {
+                print_json(&c);
+            } else {
+                print_catalog(&c);
+            }
+            Ok(())
+        }
+        CloudsnapCmd::Delete { snap, cred_id } => {
+            let mut pairs = vec![("snap", snap.as_str())];
+            if let Some(c) = cred_id {
+                pairs.push(("location", c));
+            }
+            client
+                .call_empty("DELETE", &with_query("/v1/cloudsnaps", &pairs))
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": snap }));
+            } else {
+                println!("Cloudsnap {snap} deleted successfully");
+            }
+            Ok(())
+        }
+        CloudsnapCmd::Restore {
+            snap,
+            volume,
+            cred_id,
+            wait: wait_flag,
+        } => {
+            let req = RestoreRequest {
+                snap: snap.clone(),
+                volume: volume.clone(),
+                location: cred_id.clone(),
+            };
+            let started: Started = client
+                .call("POST", "/v1/cloudsnaps/restore", Some(&req))
+                .await?;
+            if !json {
+                let t = first(&started)?;
+                println!("Cloudsnap restore started successfully with id: {}", t.id);
+                println!("Restoring {} into volume {}", t.snapshot, t.volume);
+            }
+            finish(json, client, started, *wait_flag).await
+        }
+    }
+}
+
+/// The task of a single-volume answer.
+fn first(started: &Started) -> Result<&Task, String> {
+    started
+        .tasks
+        .first()
+        .ok_or_else(|| "blockd started no task".to_string())
+}
+
+/// After a start: waits if asked; JSON prints the answer (or, after
+/// waiting, the final tasks).
+async fn finish(
+    json: bool,
+    client: &Client,
+    started: Started,
+    wait_flag: bool,
+) -> Result<(), String> {
+    if wait_flag {
+        wait(json, client, started.tasks).await
+    } else {
+        if json {
+            print_json(&started);
+        }
+        Ok(())
+    }
+}
+
+/// `cloudsnap backup`.
+async fn backup(json: bool, client: &Client, args: &BackupArgs) -> Result<(), String> {
+    let o = &args.opts;
+    let req = BackupRequest {
+        volume: args.volume.clone(),
+        full: o.full,
+        location: o.cred_id.clone(),
+        labels: args.labels.iter().cloned().collect(),
+        pre_exec: o.pre_exec.clone(),
+        post_exec: o.post_exec.clone(),
+        exec_timeout_secs: Some(o.exec_timeout),
+    };
+    let started: Started = client
+        .call("POST", "/v1/cloudsnaps/backup", Some(&req))
+        .await?;
+    if !json {
+        let t = first(&started)?;
+        println!("Cloudsnap backup started successfully with id: {}", t.id);
+        println!("Cloud snapshot: {}", t.snapshot);
+    }
+    finish(json, client, started, o.wait).await
+}
+
+/// `cloudsnap backup-group`.
+async fn backup_group(json: bool, client: &Client, args: &BackupGroupArgs) -> Result<(), String> {
+    let o = &args.opts;
+    let req = BackupGroupRequest {
+        volumes: args.volume_ids.clone(),
+        select: args.select.iter().cloned().collect(),
+        full: o.full,
+        location: o.cred_id.clone(),
+        labels: Default::default(),
+        pre_exec: o.pre_exec.clone(),
+        post_exec: o.post_exec.clone(),
+        exec_timeout_secs: Some(o.exec_timeout),
+    };
+    let started: Started = client
+        .call("POST", "/v1/cloudsnaps/backup-group", Some(&req))
+        .await?;
+    if !json {
+        println!(
+            "Group Cloudsnap backup started successfully with groupID: {}",
+            started.group.as_deref().unwrap_or("-")
+        );
+        for t in &started.tasks {
+            println!("  task {}: {}", t.id, t.snapshot);
+        }
+    }
+    finish(json, client, started, o.wait).await
+}
+
+/// pxctl's state column: `Backup-Active`, `Restore-Done`, ...
+fn state_text(t: &Task) -> String {
+    let kind = match t.kind {
+        TaskKind::Backup => "Backup",
+        TaskKind::Restore => "Restore",
+    };
+    format!("{kind}-{}", t.state)
+}
+
+/// Prints the `status` table.
+fn print_status(tasks: &[Task]) {
+    let header = [
+        "NAME",
+        "SOURCEVOLUME",
+        "SNAPSHOT",
+        "STATE",
+        "BYTES-DONE/TOTAL",
+        "TRANSFERRED",
+        "REUSED",
+        "ELAPSED",
+        "ETA",
+    ];
+    let rows: Vec<[String; 9]> = tasks
+        .iter()
+        .map(|t| {
+            [
+                t.id.clone(),
+                t.volume.clone(),
+                t.snapshot.clone(),
+                state_text(t),
+                format!("{}/{}", human_size(t.bytes_done), human_size(t.bytes_total)),
+                human_size(t.bytes_transferred),
+                human_size(t.bytes_reused),
+                human_secs(t.elapsed_secs),
+                match t.eta_secs {
+                    Some(s) if !t.state.is_final() => human_secs(s),
+                    _ => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows);
+}
+
+/// Prints the `history` table.
+fn print_history(tasks: &[Task]) {
+    let header = [
+        "NAME",
+        "SOURCEVOLUME",
+        "SNAPSHOT",
+        "STATE",
+        "COMPLETED",
+        "ELAPSED",
+        "BYTES",
+        "TRANSFERRED",
+        "ERROR",
+    ];
+    let rows: Vec<[String; 9]> = tasks
+        .iter()
+        .map(|t| {
+            [
+                t.id.clone(),
+                t.volume.clone(),
+                t.snapshot.clone(),
+                state_text(t),
+                t.finished.clone().unwrap_or_else(|| "-".into()),
+                human_secs(t.elapsed_secs),
+                human_size(t.bytes_done),
+                human_size(t.bytes_transferred),
+                t.error.as_deref().map_or_else(
+                    || "-".into(),
+                    |e| e.split_whitespace().collect::<Vec<_>>().join(" "),
+                ),
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows);
+}
+
+/// Full or incremental.
+fn kind_text(s: &CloudSnap) -> &'static str {
+    if s.full {
+        "Full"
+    } else {
+        "Incr"
+    }
+}
+
+/// Prints the `list` table.
+fn print_cloudsnaps(snaps: &[CloudSnap]) {
+    let header = [
+        "SOURCEVOLUME",
+        "CLOUD-SNAP-ID",
+        "CREATED",
+        "TYPE",
+        "SIZE",
+        "NEW",
+        "REUSED",
+        "GROUP",
+    ];
+    let rows: Vec<[String; 8]> = snaps
+        .iter()
+        .map(|s| {
+            [
+                s.volume.clone(),
+                s.id.clone(),
+                s.created.clone(),
+                kind_text(s).into(),
+                human_size(s.size),
+                human_size(s.bytes_new),
+                human_size(s.bytes_reused),
+                s.group.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_rows(&header, &rows);
+}
+
+/// Prints a catalog as `key: value` lines.
+fn print_catalog(c: &Catalog) {
+    let s = &c.snap;
+    println!("Cloud snap:   {}", s.id);
+    println!("Volume:       {}", s.volume);
+    println!("Credentials:  {}", s.location);
+    println!("Created:      {}", s.created);
+    println!("Size:         {} ({} bytes)", human_size(s.size), s.size);
+    println!("Extent size:  {}", human_size(s.extent_size));
+    println!(
+        "Type:         {}",
+        if s.full { "full" } else { "incremental" }
+    );
+    println!("Parent:       {}", s.parent.as_deref().unwrap_or("-"));
+    println!("Group:        {}", s.group.as_deref().unwrap_or("-"));
+    println!("Labels:       {}", labels_text(&s.labels));
+    println!(
+        "Data:         {} in {} index blocks of {}",
+        human_size(c.data_bytes),
+        c.index_blocks,
+        human_size(c.index_span)
+    );
+    println!("Chunk size:   {} at most", human_size(c.chunk_size));
+    println!("Bytes read:   {}", human_size(s.bytes_read));
+    println!("Bytes new:    {}", human_size(s.bytes_new));
+    println!("Bytes reused: {}", human_size(s.bytes_reused));
+    println!("Uploaded:     {}", human_size(s.bytes_uploaded));
+    println!("I/O pause:    {:.3} ms", c.pause_us as f64 / 1000.0);
+    print_hook("Pre-exec:", c.pre_exec.as_ref());
+    print_hook("Post-exec:", c.post_exec.as_ref());
+    if let Some(v) = &c.verified {
+        println!(
+            "Verified:     {} chunks, {} ({} bytes)",
+            v.chunks,
+            human_size(v.bytes),
+            v.bytes
+        );
+    }
+}

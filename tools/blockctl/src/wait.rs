@@ -1,0 +1,209 @@
+//! `--wait`: follows backup and restore tasks until they end.
+//!
+//! Polls `GET /v1/tasks/ID` for every unfinished task. On a terminal a
+//! progress bar per task shows what the daemon reports; otherwise nothing
+//! is printed until the end, so scripts see only the outcome.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use blockd_api::{human_size, Task, TaskKind, TaskState};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::client::Client;
+use crate::{encode, print_json};
+
+/// Time between two polls of a task.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Formats seconds for humans: `850 ms`, `12.3 s`, `3m29s`, `1h02m`.
+pub fn human_secs(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 1.0 {
+        return format!("{:.0} ms", secs * 1000.0);
+    }
+    if secs < 60.0 {
+        return format!("{secs:.1} s");
+    }
+    let whole = Duration::try_from_secs_f64(secs + 0.5).map_or(u64::MAX, |d| d.as_secs());
+    let (h, m, s) = (whole / 3600, whole / 60 % 60, whole % 60);
+    if h > 0 {
+        format!("{h}h{m:02}m")
+    } else {
+        format!("{m}m{s:02}s")
+    }
+}
+
+/// One progress bar per task, shown only when stderr is a terminal.
+struct Bars {
+    /// The bars' common drawing area.
+    multi: MultiProgress,
+    /// Bars in the order of the tasks.
+    bars: Vec<ProgressBar>,
+}
+
+impl Bars {
+    /// Bars for `tasks`, or `None` when stderr is not a terminal.
+    fn new(tasks: &[Task]) -> Option<Self> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let style = ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {msg}")
+            .ok()?
+            .progress_chars("=> ");
+        let multi = MultiProgress::new();
+        let bars = tasks
+            .iter()
+            .map(|t| {
+                let kind = match t.kind {
+                    TaskKind::Backup => "backup",
+                    TaskKind::Restore => "restore",
+                };
+                let bar = multi.add(
+                    ProgressBar::new(1)
+                        .with_style(style.clone())
+                        .with_prefix(format!("{kind} {}", t.volume)),
+                );
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            })
+            .collect();
+        let bars = Self { multi, bars };
+        for (i, t) in tasks.iter().enumerate() {
+            bars.show(i, t);
+        }
+        Some(bars)
+    }
+
+    /// Shows the latest report of task `i`.
+    fn show(&self, i: usize, t: &Task) {
+        let Some(bar) = self.bars.get(i) else {
+            return;
+        };
+        // Before the daemon knows the total, an empty bar.
+        bar.set_length(t.bytes_total.max(1));
+        bar.set_position(t.bytes_done.min(t.bytes_total));
+        let moved = match t.kind {
+            TaskKind::Backup => "uploaded",
+            TaskKind::Restore => "fetched",
+        };
+        let eta = match t.eta_secs {
+            Some(s) if t.state == TaskState::Active => format!(", ETA {}", human_secs(s)),
+            _ => String::new(),
+        };
+        bar.set_message(format!(
+            "{}/{}, {} {moved}{eta}",
+            human_size(t.bytes_done),
+            human_size(t.bytes_total),
+            human_size(t.bytes_transferred),
+        ));
+        if t.state.is_final() {
+            // Stays up, stopped, while other tasks go on; `clear` removes it.
+            bar.finish_with_message(format!("{}, {}", t.state, human_size(t.bytes_done)));
+        }
+    }
+
+    /// Removes every bar from the screen.
+    fn clear(&self) {
+        for bar in &self.bars {
+            bar.finish_and_clear();
+        }
+        // Nothing useful to do if the terminal is gone.
+        let _ = self.multi.clear();
+    }
+}
+
+/// Polls `tasks` until every one is final; returns their last state.
+async fn poll(
+    client: &Client,
+    mut tasks: Vec<Task>,
+    bars: Option<&Bars>,
+) -> Result<Vec<Task>, String> {
+    loop {
+        if tasks.iter().all(|t| t.state.is_final()) {
+            return Ok(tasks);
+        }
+        tokio::time::sleep(POLL).await;
+        for (i, t) in tasks.iter_mut().enumerate() {
+            if t.state.is_final() {
+                continue;
+            }
+            let path = format!("/v1/tasks/{}", encode(&t.id));
+            *t = client.call::<(), _>("GET", &path, None).await?;
+            if let Some(bars) = bars {
+                bars.show(i, t);
+            }
+        }
+    }
+}
+
+/// The closing line of a task that ended.
+fn outcome(t: &Task) -> String {
+    match (t.state, t.kind) {
+        (TaskState::Done, TaskKind::Backup) => format!(
+            "{} Done: {}, {} read, {} uploaded, {} reused in {:.1} s",
+            t.id,
+            t.snapshot,
+            human_size(t.bytes_done),
+            human_size(t.bytes_transferred),
+            human_size(t.bytes_reused),
+            t.elapsed_secs,
+        ),
+        (TaskState::Done, TaskKind::Restore) => format!(
+            "{} Done: {} restored into {}, {} written, {} fetched in {:.1} s",
+            t.id,
+            t.snapshot,
+            t.volume,
+            human_size(t.bytes_done),
+            human_size(t.bytes_transferred),
+            t.elapsed_secs,
+        ),
+        (state, _) => format!(
+            "{} {state}: {}: {}",
+            t.id,
+            t.snapshot,
+            t.error.as_deref().unwrap_or(match state {
+                TaskState::Stopped => "stopped",
+                _ => "no reason given",
+            }),
+        ),
+    }
+}
+
+/// Waits for `tasks` to end and reports how each ended: a line per task
+/// (JSON: the final tasks), with failures on stderr.
+///
+/// # Errors
+/// When the daemon cannot be asked, or when any task ended Failed or
+/// Stopped (so the exit code is non-zero).
+pub async fn wait(json: bool, client: &Client, tasks: Vec<Task>) -> Result<(), String> {
+    let bars = Bars::new(&tasks);
+    let result = poll(client, tasks, bars.as_ref()).await;
+    if let Some(bars) = &bars {
+        bars.clear();
+    }
+    let tasks = result?;
+    if json {
+        print_json(&tasks);
+    }
+    let mut bad = 0;
+    for t in &tasks {
+        if t.state == TaskState::Done {
+            if !json {
+                println!("{}", outcome(t));
+            }
+        } else {
+            bad += 1;
+            eprintln!("{}", outcome(t));
+        }
+    }
+    if bad > 0 {
+        return Err(format!(
+            "{bad} of {} cloudsnap task(s) did not complete",
+            tasks.len()
+        ));
+    }
+    Ok(())
+}
