@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod cloud;
 pub mod objstores;
 
 use std::io::Read;
@@ -86,6 +87,8 @@ pub struct Blockd {
     pub dir: tempfile::TempDir,
     pub engine: Option<String>,
     pub extra_args: Vec<String>,
+    /// Extra environment for the daemon (e.g. `BLOCKD_FAULT_INJECT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Blockd {
@@ -107,6 +110,29 @@ impl Blockd {
             dir,
             engine: engine.map(str::to_string),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts blockd with extra environment variables.
+    pub fn start_env(env: &[(&str, &str)]) -> Self {
+        let base =
+            std::env::var_os("BLOCKD_TEST_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
+        let dir = tempfile::Builder::new()
+            .prefix("blockd-test-")
+            .tempdir_in(base)
+            .expect("temp dir");
+        let mut d = Self {
+            child: None,
+            dir,
+            engine: None,
+            extra_args: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -124,6 +150,7 @@ impl Blockd {
             .arg(self.dir.path())
             .args(&self.extra_args)
             .env("BLOCKD_LOG", "info,blockd=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

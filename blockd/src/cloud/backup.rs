@@ -150,6 +150,10 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         let Ok(pack) = <[u8; 16]>::try_from(pack.as_slice()) else {
             continue;
         };
+        // Recorded before its upload: use it only if it landed whole.
+        if repo.head(&pack_key(&pack)).await?.is_none() {
+            continue;
+        }
         if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
             let mut d = dedup
                 .lock()
@@ -447,10 +451,12 @@ async fn upload(
             .await
             .map_err(|e| CloudError::Internal(e.to_string()))?
     };
+    // Recorded before the upload: after a crash the pack is checked for,
+    // so a pack that landed just before the crash is never sent again.
+    db.add_task_pack(&task, &id, &format::encode_trailer(&chunks))?;
     uploads.spawn(async move {
         let n = repo.put(&pack_key(&id), bytes.into(), false).await?;
         Progress::add(&progress.transferred, n);
-        db.add_task_pack(&task, &id, &format::encode_trailer(&chunks))?;
         Ok(())
     });
     Ok(())

@@ -425,9 +425,11 @@ impl Cloud {
                     "volume {n} is being restored"
                 )));
             }
-            // Parent: the volume's last backup, in this location, still listed.
+            // Parent: the volume's last backup in this location, still listed.
+            // A full read uses it too: chunks unchanged at the same place are
+            // referenced, not uploaded again.
             let parent = match self.db.backup_base(n)? {
-                Some((loc, snap)) if loc == location && !req.full => match split_snap(&snap) {
+                Some((loc, snap)) if loc == location => match split_snap(&snap) {
                     Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
                         Ok(m) if m.size == v.size() && m.extent_size == v.extent_size() => Some(m),
                         Ok(_) => None,
@@ -441,7 +443,9 @@ impl Cloud {
             plans.push((v, parent));
         }
         let created_name = {
-            let stamp = now().replace(['-', ':'], "");
+            let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                .to_string()
+                .replace(['-', ':'], "");
             let mut t = [0u8; 4];
             crate::repo::crypto::fill_random(&mut t);
             format!("{stamp}-{}", hex::encode(t))
@@ -471,7 +475,8 @@ impl Cloud {
                 .get(v.name(), &created_name)
                 .ok_or_else(|| CloudError::Internal("the new snapshot vanished".into()))?;
             let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
-            let incremental = parent.is_some() && meta.changes_known && chain < self.full_every;
+            let incremental =
+                parent.is_some() && !req.full && meta.changes_known && chain < self.full_every;
             let full = !incremental;
             let total = if full {
                 meta.size
@@ -829,7 +834,8 @@ impl Cloud {
                 out.push(Self::to_cloudsnap(&m, &location));
             }
         }
-        out.sort_by(|a, b| (&a.volume, &a.created, &a.id).cmp(&(&b.volume, &b.created, &b.id)));
+        // Names start with the freeze time in milliseconds: id order is time order.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 

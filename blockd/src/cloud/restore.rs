@@ -5,8 +5,9 @@
 //! with ranged GETs (adjacent records coalesced, several GETs in flight);
 //! every chunk is opened, decompressed and checked against its id before a
 //! byte of it is written. Holes are never written: the new volume is
-//! sparse. After each block the volume is flushed and the block recorded,
-//! so a restart resumes after the last finished block.
+//! sparse. Each GET, once written, is flushed and recorded (task_blocks
+//! key `block << 20 | (fetch + 1)`; a whole block is `block << 20`), so
+//! after a crash only the GETs in flight at that moment are fetched again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -102,12 +103,13 @@ fn plan(entries: &[Entry]) -> Vec<Fetch> {
 pub async fn run(job: &Job) -> Result<(), CloudError> {
     let repo = &job.repo;
     let span = repo.config.index_span;
-    let done: std::collections::HashSet<u64> = job
-        .db
-        .task_blocks(&job.task)?
-        .into_iter()
-        .map(|(b, _)| b)
-        .collect();
+    let done: Arc<std::collections::HashSet<u64>> = Arc::new(
+        job.db
+            .task_blocks(&job.task)?
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect(),
+    );
     let snap_id = format!("{}/{}", job.manifest.volume, job.manifest.name);
     let named = |e: CloudError| match e {
         CloudError::Repo(r) => CloudError::Internal(format!("snapshot {snap_id}: {r}")),
@@ -117,14 +119,22 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
         }
-        if done.contains(b) {
+        if done.contains(&(b << 20)) {
             continue;
         }
         let entries = Arc::new(repo.get_index(*b, id).await.map_err(|e| named(e.into()))?);
         let base = b * span;
         let fetches = plan(&entries);
-        let results = futures::stream::iter(fetches)
-            .map(|f| {
+        let results = futures::stream::iter(fetches.into_iter().enumerate())
+            .filter(|(i, _)| {
+                let key = (b << 20) | (*i as u64 + 1);
+                std::future::ready(!done.contains(&key))
+            })
+            .map(|(i, f)| {
+                let key = (b << 20) | (i as u64 + 1);
+                let db = job.db.clone();
+                let task = job.task.clone();
+                let record = &job.record;
                 let repo = repo.clone();
                 let entries = entries.clone();
                 let volume = job.volume.clone();
@@ -165,6 +175,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                             Progress::add_pub(&progress.done, u64::from(e.len));
                         }
                     }
+                    volume.flush().await.map_err(|err| {
+                        CloudError::Internal(format!("flushing volume {}: {err}", volume.name()))
+                    })?;
+                    db.checkpoint_task(&task, &[(key, None)], &record())?;
                     Ok::<(), CloudError>(())
                 }
             })

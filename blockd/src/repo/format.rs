@@ -332,7 +332,7 @@ pub fn split_pack(pack: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
 pub struct Manifest {
     /// Volume the snapshot was taken of.
     pub volume: String,
-    /// Snapshot name (`20261121T101500Z-3f4f0a67`).
+    /// Snapshot name (`20261121T101500.123Z-3f4f0a67`).
     pub name: String,
     /// Freeze time, RFC 3339.
     pub created: String,

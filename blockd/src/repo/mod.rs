@@ -431,6 +431,19 @@ impl Repo {
         Ok(b)
     }
 
+    /// The size of an object, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
+        let path = self.path(key);
+        match self.retry("head", key, || self.store.head(&path)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(RepoError::Missing { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes an object (missing is fine).
     ///
     /// # Errors

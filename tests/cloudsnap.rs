@@ -1,0 +1,548 @@
+//! Cloud snapshots against the embedded `local` location and other local
+//! directories: round trips (full, incremental, group, second host),
+//! stop, kill -9 and resume, corruption, a flaky store, credentials.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cloud::*;
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn full_and_incremental_round_trip_bit_exact() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "64M");
+    let img = image(tmp.path(), "a.img", 64 * MB, 40 * MB, 1);
+    load(&d, "vol1", &img);
+    let first_copy = tmp.path().join("first.img");
+    std::fs::copy(&img, &first_copy).unwrap();
+
+    let t1 = backup(&d, &["vol1"]);
+    assert_eq!(t1["full"], true, "the first backup reads everything: {t1}");
+
+    // 64 scattered 4 KiB writes: an incremental reads and uploads about that.
+    scatter(&d, "vol1", &img, 64, 7);
+    let t2 = backup(&d, &["vol1"]);
+    assert_eq!(t2["full"], false, "{t2}");
+    let changed = 64 * 4096;
+    let read = t2["bytes_total"].as_u64().unwrap();
+    assert!(
+        read <= changed,
+        "incremental read {read} bytes for {changed} changed"
+    );
+    let up = t2["bytes_transferred"].as_u64().unwrap();
+    assert!(
+        up <= changed * 3 / 2 + 64 * 1024,
+        "incremental uploaded {up} bytes for {changed} changed"
+    );
+
+    // A forced full read re-reads everything but stores almost nothing new.
+    let t3 = backup(&d, &["vol1", "--full"]);
+    assert_eq!(t3["full"], true);
+    // Only the 64 KiB windows holding a changed extent are stored anew.
+    let rewritten = 64 * 65536;
+    assert!(
+        t3["bytes_reused"].as_u64().unwrap() >= 40 * MB as u64 - rewritten,
+        "{t3}"
+    );
+    assert!(
+        t3["bytes_transferred"].as_u64().unwrap() < rewritten + MB as u64,
+        "{t3}"
+    );
+
+    let snaps = list(&d, &["--src", "vol1"]);
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    assert_eq!(snaps[1]["parent"], snaps[0]["id"]);
+
+    // Latest by volume name, and each point in time by id.
+    let r = restore(&d, "vol1", "latest", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "latest");
+    let r = restore(&d, snaps[1]["id"].as_str().unwrap(), "second", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "second");
+    let r = restore(&d, snaps[0]["id"].as_str().unwrap(), "first", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &first_copy, "first");
+    // The restored volume has the snapshot's geometry and is sparse.
+    let v = json(&d.ok(&["-j", "volume", "inspect", "first"]));
+    assert_eq!(v["size"], 64 * MB);
+    assert!(v["allocated"].as_u64().unwrap() < 48 * MB as u64, "{v}");
+
+    // Any snapshot can go on its own: the others stay restorable.
+    d.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        snaps[1]["id"].as_str().unwrap(),
+    ]);
+    assert_eq!(list(&d, &["--src", "vol1"]).len(), 2);
+    let r = restore(&d, snaps[2]["id"].as_str().unwrap(), "third", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "third");
+    let c = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "catalog",
+        snaps[2]["id"].as_str().unwrap(),
+        "--verify",
+    ]));
+    assert!(
+        c["verified"]["bytes"].as_u64().unwrap() >= 40 * MB as u64 - changed,
+        "{c}"
+    );
+
+    // An existing volume name is refused; history shows the finished tasks.
+    let out = d.blockctl(&["cloudsnap", "restore", "--snap", "vol1", "--volume", "vol1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let h = json(&d.ok(&["-j", "cloudsnap", "history"]));
+    assert!(h.as_array().unwrap().len() >= 7, "{h}");
+}
+
+#[test]
+fn group_backup_freezes_members_together_and_each_restores() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for (i, v) in ["db", "log"].iter().enumerate() {
+        d.ok(&[
+            "volume", "create", v, "--size", "16M", "--label", "app=shop",
+        ]);
+        let img = image(tmp.path(), v, 16 * MB, 8 * MB, 10 + i as u64);
+        load(&d, v, &img);
+        images.push(img);
+    }
+    d.create("other", "4M");
+    let tasks = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--label",
+        "app=shop",
+        "--wait",
+    ]));
+    let tasks = tasks.as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    let group = tasks[0]["group"].as_str().unwrap().to_string();
+    assert!(tasks
+        .iter()
+        .all(|t| t["group"] == group.as_str() && t["state"] == "Done"));
+    let name = |t: &Value| {
+        t["snapshot"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        name(&tasks[0]),
+        name(&tasks[1]),
+        "one freeze point, one name"
+    );
+    assert!(d.dir.path().join("objects/groups").join(&group).exists());
+    let snaps = list(&d, &[]);
+    assert_eq!(snaps.len(), 2);
+    for (i, v) in ["db", "log"].iter().enumerate() {
+        let s = snaps.iter().find(|s| s["volume"] == *v).unwrap();
+        assert_eq!(s["group"], group.as_str());
+        let r = restore(&d, s["id"].as_str().unwrap(), &format!("{v}-r"), &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(&d, &images[i], &format!("{v}-r"));
+    }
+    // status --name GROUP shows the members.
+    let st = json(&d.ok(&["-j", "cloudsnap", "status", "--name", &group]));
+    assert_eq!(st.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn second_host_restores_from_an_encrypted_bucket() {
+    if !need() {
+        return;
+    }
+    let a = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket");
+    let bucket_s = bucket.display().to_string();
+    let create = |d: &Blockd, pass: &str| {
+        d.blockctl(&[
+            "credentials",
+            "create",
+            "vault",
+            "--provider",
+            "local",
+            "--path",
+            &bucket_s,
+            "--encryption-passphrase",
+            pass,
+        ])
+    };
+    assert!(create(&a, "correct horse").status.success());
+    a.create("vol1", "16M");
+    // A recognisable plaintext that must not appear in the bucket.
+    let img = tmp.path().join("a.img");
+    let mut bytes = b"PLAINTEXT-MARKER-0123456789".repeat(100_000);
+    bytes.resize(16 * MB, 0);
+    std::fs::write(&img, &bytes).unwrap();
+    load(&a, "vol1", &img);
+    let t = backup(&a, &["vol1", "--cred-id", "vault", "--label", "env=prod"]);
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    for f in files_under(&bucket) {
+        let b = std::fs::read(&f).unwrap();
+        assert!(
+            !b.windows(16).any(|w| w == b"PLAINTEXT-MARKER"),
+            "plaintext found in {}",
+            f.display()
+        );
+    }
+    // Secrets never printed.
+    let l = a.ok(&["-j", "credentials", "list"]);
+    assert!(!l.contains("correct horse"), "{l}");
+    assert!(json(&l)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["encryption"] == true));
+
+    // A second host: empty state dir, same location.
+    let b = Blockd::start();
+    let out = create(&b, "wrong horse");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong encryption passphrase"), "{err}");
+    let out = b.blockctl(&[
+        "credentials",
+        "create",
+        "vault",
+        "--provider",
+        "local",
+        "--path",
+        &bucket_s,
+    ]);
+    assert!(
+        !out.status.success(),
+        "no passphrase for an encrypted repository must fail"
+    );
+    assert!(create(&b, "correct horse").status.success());
+    let snaps = list(&b, &["--cred-id", "vault", "--label", "env=prod"]);
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["id"], snap.as_str());
+    assert_eq!(
+        list(&b, &["--cred-id", "vault", "--label", "env=dev"]).len(),
+        0
+    );
+    let r = restore(&b, &snap, "dr", &["--cred-id", "vault"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&b, &img, "dr");
+    // The restored volume's next backup is an incremental on that snapshot.
+    let t = backup(&b, &["dr", "--cred-id", "vault"]);
+    assert_eq!(t["full"], false, "{t}");
+    assert_eq!(t["bytes_total"], 0);
+}
+
+/// Bytes in whole packs (a pack cut off by the kill is a staging file of
+/// the local store, which garbage collection removes).
+fn pack_bytes(dir: &Path) -> u64 {
+    files_under(&dir.join("objects/packs"))
+        .iter()
+        .filter(|f| f.file_name().unwrap().to_string_lossy().len() == 32)
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn kill9_mid_backup_and_mid_restore_resume_without_repeating_uploads() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 384 * MB;
+    d.create("big", "384M");
+    let img = image(tmp.path(), "big.img", size, size, 5);
+    load(&d, "big", &img);
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    // Kill once some packs are uploaded, before the end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = status(&d, &id);
+        if t["bytes_transferred"].as_u64().unwrap_or(0) >= 20 * MB as u64 {
+            assert_eq!(
+                t["state"], "Active",
+                "finished before the kill: make the volume bigger"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    d.spawn();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert!(d.log().contains("resuming task after restart"));
+    // Random data does not compress: packs hold each chunk once, so their
+    // total is the volume plus small per-chunk overhead; one pack (16 MiB)
+    // uploaded twice would show.
+    let packs = pack_bytes(d.dir.path());
+    assert!(
+        packs >= size as u64 && packs < size as u64 + 4 * MB as u64,
+        "packs hold {packs} bytes for {size}"
+    );
+
+    // Restore, killed mid-way, resumes and is bit-exact.
+    let started = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        "big",
+        "--volume",
+        "back",
+    ]));
+    let rid = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = status(&d, &rid);
+        if t["bytes_done"].as_u64().unwrap_or(0) >= 40 * MB as u64 || t["state"] != "Active" {
+            assert_eq!(t["state"], "Active", "restore finished before the kill");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Not exported while it is being filled.
+    let out = Command::new("nbdinfo").arg(d.uri("back")).output();
+    if let Ok(out) = out {
+        assert!(
+            !out.status.success(),
+            "a volume being restored must not be exported"
+        );
+    }
+    d.kill9();
+    d.spawn();
+    let t = wait_done(&d, &rid);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert_same(&d, &img, "back");
+}
+
+#[test]
+fn stop_abandons_the_snapshot_and_keeps_its_changes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "384M");
+    let empty = image(tmp.path(), "empty.img", 384 * MB, 0, 1);
+    backup(&d, &["vol1"]);
+    let img = image(tmp.path(), "a.img", 384 * MB, 384 * MB, 3);
+    load(&d, "vol1", &img);
+    let before = list(&d, &[]).len();
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "vol1"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = json(&d.ok(&["-j", "cloudsnap", "stop", &id]));
+    assert_eq!(t["state"], "Stopped", "{t}");
+    assert_eq!(
+        list(&d, &[]).len(),
+        before,
+        "a stopped backup must not commit a snapshot"
+    );
+    assert_eq!(
+        json(&d.ok(&["-j", "snapshot", "list"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let v = json(&d.ok(&["-j", "volume", "inspect", "vol1"]));
+    assert_eq!(
+        v["dirty_bytes"],
+        384 * MB,
+        "the changes go back to the change set: {v}"
+    );
+    // Stopping it again is refused; the next backup covers the changes.
+    assert!(!d.blockctl(&["cloudsnap", "stop", &id]).status.success());
+    let t = backup(&d, &["vol1"]);
+    assert_eq!(t["full"], false);
+    assert_eq!(t["bytes_total"], 384 * MB);
+    let r = restore(&d, "vol1", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+    drop(empty);
+}
+
+#[test]
+fn corrupt_or_missing_objects_are_named_and_never_restored() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "8M");
+    let img = image(tmp.path(), "a.img", 8 * MB, 8 * MB, 9);
+    load(&d, "vol1", &img);
+    let t = backup(&d, &["vol1"]);
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let objects = d.dir.path().join("objects");
+    let pack = files_under(&objects.join("packs"))[0].clone();
+    let index = files_under(&objects.join("index"))[0].clone();
+    let pack_key = pack.strip_prefix(&objects).unwrap().display().to_string();
+    let index_key = index.strip_prefix(&objects).unwrap().display().to_string();
+    let original = std::fs::read(&pack).unwrap();
+
+    let expect_failure = |what: &str, object: &str, n: usize| {
+        let out = d.blockctl(&["cloudsnap", "catalog", &snap, "--verify"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: verify passed");
+        assert!(err.contains(&snap) && err.contains(object), "{what}: {err}");
+        let vol = format!("r{n}");
+        let r = restore(&d, &snap, &vol, &[]);
+        assert_eq!(r["state"], "Failed", "{what}: {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(object), "{what}: {e}");
+        let vols = d.ok(&["volume", "list"]);
+        assert!(
+            !vols.contains(&vol),
+            "{what}: an incomplete volume was left: {vols}"
+        );
+    };
+
+    // A flipped byte in the middle of a pack.
+    let mut bad = original.clone();
+    bad[original.len() / 2] ^= 0x40;
+    std::fs::write(&pack, &bad).unwrap();
+    expect_failure("flipped byte", &pack_key, 1);
+    // A deleted pack.
+    std::fs::remove_file(&pack).unwrap();
+    expect_failure("deleted pack", &pack_key, 2);
+    std::fs::write(&pack, &original).unwrap();
+    // A truncated index block.
+    let ix = std::fs::read(&index).unwrap();
+    std::fs::write(&index, &ix[..ix.len() / 2]).unwrap();
+    expect_failure("truncated index", &index_key, 3);
+    // An absurdly large object where an index block should be.
+    let f = std::fs::File::create(&index).unwrap();
+    f.set_len(1 << 40).unwrap();
+    drop(f);
+    expect_failure("absurd index", &index_key, 4);
+    std::fs::write(&index, &ix).unwrap();
+    // Repaired: everything verifies and restores.
+    d.ok(&["cloudsnap", "catalog", &snap, "--verify"]);
+    let r = restore(&d, &snap, "ok", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "ok");
+}
+
+#[test]
+fn flaky_store_still_backs_up_and_restores_exactly() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.05")]);
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "64M");
+    let img = image(tmp.path(), "a.img", 64 * MB, 48 * MB, 21);
+    load(&d, "vol1", &img);
+    backup(&d, &["vol1"]);
+    scatter(&d, "vol1", &img, 200, 3);
+    backup(&d, &["vol1"]);
+    // Verify fetches every chunk on its own: hundreds of requests.
+    d.ok(&["cloudsnap", "catalog", "vol1", "--verify"]);
+    let r = restore(&d, "vol1", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+    let faults = d.log().matches("injected fault").count();
+    assert!(faults > 0, "no faults were injected");
+    eprintln!("{faults} faults injected and survived");
+}
+
+#[test]
+fn credentials_rules_and_errors() {
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // The embedded location exists and is the default.
+    let l = json(&d.ok(&["-j", "credentials", "list"]));
+    assert_eq!(l[0]["name"], "local");
+    assert!(!d
+        .blockctl(&["credentials", "delete", "local"])
+        .status
+        .success());
+    // A wrong S3 endpoint: the provider's error, exit non-zero.
+    let out = d.blockctl(&[
+        "credentials",
+        "create",
+        "bad",
+        "--provider",
+        "s3",
+        "--s3-endpoint",
+        "127.0.0.1:9",
+        "--s3-disable-ssl",
+        "--bucket",
+        "b",
+        "--s3-access-key",
+        "k",
+        "--s3-secret-key",
+        "SECRET-XYZ",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("validation failed") && err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(!err.contains("SECRET-XYZ"), "secret printed: {err}");
+    assert!(!d.log().contains("SECRET-XYZ"), "secret logged");
+    // Missing flags are named.
+    let out = d.blockctl(&[
+        "credentials",
+        "create",
+        "x",
+        "--provider",
+        "s3",
+        "--bucket",
+        "b",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--s3-access-key"));
+    // A second location makes --cred-id necessary.
+    let dir = tmp.path().join("second").display().to_string();
+    d.ok(&[
+        "credentials",
+        "create",
+        "second",
+        "--provider",
+        "local",
+        "--path",
+        &dir,
+    ]);
+    d.ok(&["credentials", "validate", "second"]);
+    d.create("v", "1M");
+    let out = d.blockctl(&["cloudsnap", "backup", "v"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cred-id"));
+    backup(&d, &["v", "--cred-id", "second"]);
+    assert_eq!(list(&d, &["--cred-id", "second"]).len(), 1);
+    assert_eq!(list(&d, &["--cred-id", "local"]).len(), 0);
+    d.ok(&["credentials", "delete", "second"]);
+    let out = d.blockctl(&["cloudsnap", "list", "--cred-id", "second"]);
+    assert!(!out.status.success());
+    // Unknown snapshots and volumes.
+    let out = d.blockctl(&["cloudsnap", "restore", "--snap", "nope/x", "--volume", "n"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cloud snapshot"));
+    let out = d.blockctl(&["cloudsnap", "backup", "missing"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}

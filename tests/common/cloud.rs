@@ -1,0 +1,155 @@
+//! Helpers shared by the cloud-snapshot tests: load images into volumes,
+//! back up and restore with `--wait`, compare with qemu-img.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+
+pub const MB: usize = 1 << 20;
+
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
+}
+
+/// Writes `data` into volume `vol` (created with the data's size).
+pub fn load(d: &Blockd, vol: &str, image: &Path) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(image)
+        .arg(d.uri(vol)));
+}
+
+/// Scattered 4 KiB writes applied to both the volume and the reference image.
+pub fn scatter(d: &Blockd, vol: &str, image: &Path, count: u64, seed: u64) {
+    let size = std::fs::metadata(image).unwrap().len();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut cmds = Vec::new();
+    for i in 0..count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (size / 4096)) * 4096;
+        cmds.push(format!("write -P {} {off} 4k", (i % 250) + 1));
+    }
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(200) {
+        qemu_io(&d.uri(vol), chunk);
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]).arg(image);
+        for cmd in chunk {
+            c.args(["-c", cmd]);
+        }
+        run(&mut c);
+    }
+}
+
+/// `cloudsnap backup --wait -j`: the finished task.
+pub fn backup(d: &Blockd, args: &[&str]) -> Value {
+    let mut a = vec!["-j", "cloudsnap", "backup"];
+    a.extend_from_slice(args);
+    a.push("--wait");
+    let tasks = json(&d.ok(&a));
+    let t = tasks.as_array().expect("task list")[0].clone();
+    assert_eq!(t["state"], "Done", "{t}");
+    t
+}
+
+/// `cloudsnap restore --wait -j`: the finished task (which may have failed;
+/// blockctl then exits non-zero).
+pub fn restore(d: &Blockd, snap: &str, vol: &str, extra: &[&str]) -> Value {
+    let mut a = vec![
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        snap,
+        "--volume",
+        vol,
+        "--wait",
+    ];
+    a.extend_from_slice(extra);
+    let out = d.blockctl(&a);
+    let tasks = json(&String::from_utf8_lossy(&out.stdout));
+    let t = tasks.as_array().expect("task list")[0].clone();
+    assert_eq!(
+        out.status.success(),
+        t["state"] == "Done",
+        "exit status must follow the outcome: {t}"
+    );
+    t
+}
+
+pub fn assert_same(d: &Blockd, image: &Path, vol: &str) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(image)
+        .arg(d.uri(vol))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "volume {vol} differs from {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn list(d: &Blockd, args: &[&str]) -> Vec<Value> {
+    let mut a = vec!["-j", "cloudsnap", "list"];
+    a.extend_from_slice(args);
+    json(&d.ok(&a)).as_array().unwrap().clone()
+}
+
+/// An image: random data in the first `data` bytes, zeros after.
+pub fn image(dir: &Path, name: &str, size: usize, data: usize, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    let mut bytes = random_bytes(data, seed);
+    bytes.resize(size, 0);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn need() -> bool {
+    require_tools(&["qemu-img", "qemu-io"])
+}
+
+pub fn status(d: &Blockd, id: &str) -> Value {
+    let out = d.blockctl(&["-j", "cloudsnap", "status", "--name", id]);
+    if !out.status.success() {
+        return Value::Null;
+    }
+    json(&String::from_utf8_lossy(&out.stdout))[0].clone()
+}
+
+pub fn wait_done(d: &Blockd, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t = status(d, id);
+        if t["state"] != "Active" && !t.is_null() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {id} did not finish: {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
