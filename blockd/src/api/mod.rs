@@ -192,6 +192,14 @@ async fn delete_volume(
         }
         .into());
     }
+    if v.restoring.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(Failure {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "volume {name:?} is being restored: stop the restore first (`blockctl cloudsnap status`, `blockctl cloudsnap stop TASK`)"
+            ),
+        });
+    }
     let snaps = d.snapshots.list(Some(&name)).len();
     if snaps > 0 && !force {
         return Err(Failure {

@@ -829,7 +829,15 @@ impl Cloud {
             .await;
         let mut out = Vec::new();
         for m in manifests {
-            let m = m?;
+            let m = m.map_err(|e| match e {
+                RepoError::Corrupt { ref object, .. } if object.starts_with("snapshots/") => {
+                    let snap = object.trim_start_matches("snapshots/").to_string();
+                    CloudError::Internal(format!(
+                        "{e}: if it is not needed, remove it with `blockctl cloudsnap delete --snap {snap} --cred-id {location}`"
+                    ))
+                }
+                e => e.into(),
+            })?;
             if labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)) {
                 out.push(Self::to_cloudsnap(&m, &location));
             }
@@ -886,21 +894,14 @@ impl Cloud {
             let entries = repo.get_index(*b, ix).await.map_err(named)?;
             data_bytes += entries.iter().map(|e| u64::from(e.len)).sum::<u64>();
             if verify {
-                let mut seen = std::collections::HashSet::new();
-                for e in &entries {
-                    if !seen.insert((e.chunk.pack, e.chunk.offset)) {
-                        continue;
-                    }
-                    let key = crate::repo::pack_key(&e.chunk.pack);
-                    let start = u64::from(e.chunk.offset);
-                    let sealed = repo
-                        .get_range(&key, start..start + u64::from(e.chunk.stored_len))
-                        .await
-                        .map_err(named)?;
-                    let plain = repo.open_chunk(&e.chunk, &sealed).map_err(named)?;
-                    chunks += 1;
-                    bytes += plain.len() as u64;
-                }
+                let (c, n) = restore::verify(&repo, &entries)
+                    .await
+                    .map_err(|e| match e {
+                        CloudError::Repo(r) => named(r),
+                        e => e,
+                    })?;
+                chunks += c;
+                bytes += n;
             }
         }
         Ok(Catalog {
