@@ -100,6 +100,15 @@ fn full_and_incremental_round_trip_bit_exact() {
         "{c}"
     );
 
+    // A full read skips holes: a never-written volume reads nothing.
+    d.create("empty", "1G");
+    let t = backup(&d, &["empty"]);
+    let s = list(&d, &["--src", "empty"]);
+    assert_eq!(s[0]["bytes_read"], 0, "{t}");
+    let r = restore(&d, "empty", "empty-back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    let v = json(&d.ok(&["-j", "volume", "inspect", "empty-back"]));
+    assert_eq!(v["size"], 1u64 << 30);
     // An existing volume name is refused; history shows the finished tasks.
     let out = d.blockctl(&["cloudsnap", "restore", "--snap", "vol1", "--volume", "vol1"]);
     assert!(!out.status.success());
@@ -298,6 +307,10 @@ fn kill9_mid_backup_and_mid_restore_resume_without_repeating_uploads() {
     // Random data does not compress: packs hold each chunk once, so their
     // total is the volume plus small per-chunk overhead; one pack (16 MiB)
     // uploaded twice would show.
+    // The manifest's counts are not inflated by the redone part.
+    let snaps = list(&d, &[]);
+    assert_eq!(snaps[0]["bytes_read"], size, "{:?}", snaps[0]);
+    assert_eq!(snaps[0]["bytes_new"], size, "{:?}", snaps[0]);
     let packs = pack_bytes(d.dir.path());
     assert!(
         packs >= size as u64 && packs < size as u64 + 4 * MB as u64,
@@ -355,6 +368,23 @@ fn stop_abandons_the_snapshot_and_keeps_its_changes() {
     let before = list(&d, &[]).len();
     let started = json(&d.ok(&["-j", "cloudsnap", "backup", "vol1"]));
     let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    // The backup's freeze point cannot be deleted from under it, nor its volume.
+    let snap = started["tasks"][0]["snapshot"]
+        .as_str()
+        .unwrap()
+        .replace('/', "@");
+    let out = d.blockctl(&["snapshot", "delete", &snap]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cloudsnap stop"),
+        "{err}"
+    );
+    let out = d.blockctl(&["volume", "delete", "vol1", "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cloudsnap stop"),
+        "{err}"
+    );
     let t = json(&d.ok(&["-j", "cloudsnap", "stop", &id]));
     assert_eq!(t["state"], "Stopped", "{t}");
     assert_eq!(
@@ -441,6 +471,18 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
     drop(f);
     expect_failure("absurd index", &index_key, 4);
     std::fs::write(&index, &ix).unwrap();
+    // Foreign objects under snapshots/ are listed as such, never used.
+    std::fs::write(objects.join("snapshots/vol1/garbage"), b"not a manifest").unwrap();
+    let l = list(&d, &[]);
+    let g = l
+        .iter()
+        .find(|s| s["id"] == "vol1/garbage")
+        .expect("listed");
+    assert!(g["status"].as_str().unwrap().starts_with("Corrupt"), "{g}");
+    assert!(l
+        .iter()
+        .any(|s| s["id"] == snap.as_str() && s["status"] == "Done"));
+    d.ok(&["cloudsnap", "delete", "--snap", "vol1/garbage"]);
     // Repaired: everything verifies and restores.
     d.ok(&["cloudsnap", "catalog", &snap, "--verify"]);
     let r = restore(&d, &snap, "ok", &[]);
@@ -544,6 +586,46 @@ fn credentials_rules_and_errors() {
     backup(&d, &["v", "--cred-id", "second"]);
     assert_eq!(list(&d, &["--cred-id", "second"]).len(), 1);
     assert_eq!(list(&d, &["--cred-id", "local"]).len(), 0);
+    // Alternating locations: each backup to `second` references what is
+    // already there, although the one to `local` took the change set.
+    let v = image(tmp.path(), "v.img", MB, MB, 71);
+    load(&d, "v", &v);
+    backup(&d, &["v", "--cred-id", "second"]);
+    backup(&d, &["v", "--cred-id", "local"]);
+    let t = backup(&d, &["v", "--cred-id", "second"]);
+    assert_eq!(t["full"], true, "{t}");
+    assert_eq!(t["bytes_reused"], MB, "{t}");
+    // A location whose repository vanished (an unmounted directory) is an
+    // error, never silently a new empty repository.
+    let moved = tmp.path().join("moved");
+    std::fs::rename(tmp.path().join("second"), &moved).unwrap();
+    let out = d.blockctl(&["credentials", "validate", "second"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("repository is gone"),
+        "{err}"
+    );
+    std::fs::rename(&moved, tmp.path().join("second")).unwrap();
+    d.ok(&["credentials", "validate", "second"]);
+    assert_eq!(list(&d, &["--cred-id", "second"]).len(), 3);
+    // Flags of another provider are refused.
+    let out = d.blockctl(&[
+        "credentials",
+        "create",
+        "x",
+        "--provider",
+        "local",
+        "--path",
+        &dir,
+        "--bucket",
+        "b",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bucket"));
+    // An unknown task name is an error.
+    assert!(!d
+        .blockctl(&["cloudsnap", "status", "--name", "nosuch"])
+        .status
+        .success());
     d.ok(&["credentials", "delete", "second"]);
     let out = d.blockctl(&["cloudsnap", "list", "--cred-id", "second"]);
     assert!(!out.status.success());

@@ -135,6 +135,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let snapshots = Arc::new(Snapshots::open(dir, store.clone()).context("loading snapshots")?);
 
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    // Opened (and unfinished tasks resumed) before the sockets exist: a
+    // client that can connect finds the daemon ready.
+    let cloud = Cloud::open(
+        dir,
+        store.clone(),
+        snapshots.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .context("opening locations and tasks")?;
     let api_listener = bind_unix(&config.api_socket, 0o600)?;
     let nbd_listener = bind_unix(&config.nbd_socket, 0o660)?;
     let tcp_listener = match config.nbd_listen {
@@ -146,8 +158,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let ctx = NbdContext {
         store: store.clone(),
         snapshots: snapshots.clone(),
@@ -159,14 +169,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tracker.clone()));
     }
 
-    let cloud = Cloud::open(
-        dir,
-        store.clone(),
-        snapshots.clone(),
-        shutdown.clone(),
-        tracker.clone(),
-    )
-    .context("opening locations and tasks")?;
     let daemon = Arc::new(Daemon {
         store: store.clone(),
         snapshots,

@@ -158,15 +158,21 @@ impl Blockd {
             Some(e) => cmd.env("BLOCKD_IO_ENGINE", e),
             None => cmd.env_remove("BLOCKD_IO_ENGINE"),
         };
+        let readies = self.log().matches("blockd ready").count();
         let child = cmd.spawn().expect("start blockd");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(readies);
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for this start's "blockd ready" line (the log is appended to
+    /// across restarts) and for the sockets.
+    fn wait_ready(&mut self, readies_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if UnixStream::connect(self.api_socket()).is_ok() && self.nbd_socket().exists() {
+            if UnixStream::connect(self.api_socket()).is_ok()
+                && self.nbd_socket().exists()
+                && self.log().matches("blockd ready").count() > readies_before
+            {
                 return;
             }
             if let Some(c) = self.child.as_mut() {

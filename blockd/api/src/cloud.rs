@@ -344,6 +344,15 @@ pub struct CloudSnap {
     pub bytes_reused: u64,
     /// Bytes uploaded (compressed, sealed, with metadata).
     pub bytes_uploaded: u64,
+    /// `Done`, or why the object under this name cannot be used (a damaged
+    /// manifest, or an object blockd did not write): such entries are
+    /// listed so they can be inspected or deleted, never restored.
+    #[serde(default = "done")]
+    pub status: String,
+}
+
+fn done() -> String {
+    "Done".into()
 }
 
 /// Answer of `GET /v1/cloudsnaps/catalog`.

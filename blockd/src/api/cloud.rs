@@ -76,6 +76,9 @@ async fn delete_location(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
+    if let Some(m) = d.cloud.location_busy(&name) {
+        return Err(CloudError::Conflict(m).into());
+    }
     d.cloud.locations.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

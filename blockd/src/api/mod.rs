@@ -192,6 +192,12 @@ async fn delete_volume(
         }
         .into());
     }
+    if let Some(message) = d.cloud.volume_busy(&name) {
+        return Err(Failure {
+            status: StatusCode::CONFLICT,
+            message,
+        });
+    }
     if v.restoring.load(std::sync::atomic::Ordering::Acquire) {
         return Err(Failure {
             status: StatusCode::CONFLICT,
@@ -341,6 +347,12 @@ async fn delete_snapshot(
     State(d): State<Arc<Daemon>>,
     Path((volume, name)): Path<(String, String)>,
 ) -> Result<StatusCode, Failure> {
+    if let Some(message) = d.cloud.snapshot_busy(&volume, &name) {
+        return Err(Failure {
+            status: StatusCode::CONFLICT,
+            message,
+        });
+    }
     d.snapshots.delete(&volume, &name)?;
     Ok(StatusCode::NO_CONTENT)
 }

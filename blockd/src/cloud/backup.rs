@@ -36,6 +36,10 @@ use crate::volume::Volume;
 
 /// Largest read from the volume.
 const PIECE: u64 = 1 << 20;
+/// Parent index blocks fetched ahead.
+const PREFETCH: usize = 8;
+/// Most ranges read as one piece.
+const BATCH_RANGES: usize = 256;
 /// Pieces read and processed ahead of the packer.
 const AHEAD: usize = 4;
 /// Packs uploading at once.
@@ -120,6 +124,12 @@ struct Analyzed {
     out: Out,
 }
 
+/// A parent index block being fetched ahead.
+type Prefetch = (
+    u64,
+    tokio::task::JoinHandle<Result<Vec<Entry>, crate::repo::RepoError>>,
+);
+
 type Dedup = Arc<Mutex<HashMap<[u8; 32], ChunkLoc>>>;
 
 fn is_zero(b: &[u8]) -> bool {
@@ -146,6 +156,9 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     let done_blocks: HashMap<u64, Option<String>> =
         job.db.task_blocks(&job.task)?.into_iter().collect();
     let dedup: Dedup = Arc::new(Mutex::new(HashMap::new()));
+    // Chunks this task uploaded before a crash, after its last checkpoint:
+    // referenced again (and counted as new, once), never uploaded twice.
+    let mut resumed: HashMap<[u8; 32], ChunkLoc> = HashMap::new();
     for (pack, trailer) in job.db.task_packs(&job.task)? {
         let Ok(pack) = <[u8; 16]>::try_from(pack.as_slice()) else {
             continue;
@@ -155,11 +168,8 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             continue;
         }
         if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
-            let mut d = dedup
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for c in chunks {
-                d.insert(c.id, c);
+                resumed.insert(c.id, c);
             }
         }
     }
@@ -173,6 +183,36 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     let mut uploads: JoinSet<Result<(), CloudError>> = JoinSet::new();
     let mut last_checkpoint = Instant::now();
 
+    let parent_id_of = |b: u64| {
+        job.parent.as_ref().and_then(|p| {
+            p.blocks
+                .binary_search_by_key(&b, |x| x.0)
+                .ok()
+                .map(|i| p.blocks[i].1.clone())
+        })
+    };
+    let touched = |b: u64| {
+        if job.full || !job.changes.known {
+            return true;
+        }
+        let first = u32::try_from(b * span / es).unwrap_or(u32::MAX);
+        let end = u32::try_from(((b + 1) * span).min(size).div_ceil(es)).unwrap_or(u32::MAX);
+        job.changes.extents.range_cardinality(first..end) > 0
+    };
+    // Parent index blocks are fetched a few blocks ahead, so a store's
+    // round trip is paid once per window, not once per block.
+    let mut wanted = (0..nblocks)
+        .filter(|b| !done_blocks.contains_key(b) && touched(*b))
+        .filter_map(|b| parent_id_of(b).map(|id| (b, id)));
+    let mut prefetch: std::collections::VecDeque<Prefetch> = std::collections::VecDeque::new();
+    let mut fill = |prefetch: &mut std::collections::VecDeque<_>| {
+        while prefetch.len() < PREFETCH {
+            let Some((b, id)) = wanted.next() else { break };
+            let repo = repo.clone();
+            prefetch.push_back((b, tokio::spawn(async move { repo.get_index(b, &id).await })));
+        }
+    };
+
     for b in 0..nblocks {
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
@@ -185,13 +225,10 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             }
             continue;
         }
-        let parent_id = job.parent.as_ref().and_then(|p| {
-            p.blocks
-                .binary_search_by_key(&b, |x| x.0)
-                .ok()
-                .map(|i| p.blocks[i].1.clone())
-        });
-        // Byte ranges (relative to the block) to read.
+        let parent_id = parent_id_of(b);
+        // Byte ranges (relative to the block) this backup replaces, and
+        // those it reads: a full read replaces the whole block but reads
+        // only what is not a hole in the frozen image.
         let ranges: Vec<(u64, u64)> = if job.full {
             vec![(0, blen)]
         } else {
@@ -217,23 +254,56 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             }
             continue;
         }
+        fill(&mut prefetch);
         let parent_entries: Arc<Vec<Entry>> = Arc::new(match &parent_id {
-            Some(id) => repo.get_index(b, id).await?,
+            Some(_) => {
+                let (pb, handle) = prefetch
+                    .pop_front()
+                    .ok_or_else(|| CloudError::Internal("index prefetch out of step".into()))?;
+                if pb != b {
+                    return Err(CloudError::Internal(format!(
+                        "index prefetch out of step: got block {pb}, wanted {b}"
+                    )));
+                }
+                handle
+                    .await
+                    .map_err(|e| CloudError::Internal(e.to_string()))??
+            }
             None => Vec::new(),
         });
+        fill(&mut prefetch);
+        let reads = if job.full {
+            frozen_data(&job.volume, &job.snap, bstart, blen).map_err(|e| {
+                CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
+            })?
+        } else {
+            ranges.clone()
+        };
 
-        // Pieces: read ranges cut at PIECE, aligned to chunk boundaries.
-        let mut pieces = Vec::new();
-        for &(start, len) in &ranges {
+        // Pieces: read ranges cut at PIECE (aligned to chunk boundaries),
+        // and small ranges batched up to PIECE bytes, so a scattered
+        // incremental costs one thread hop per batch, not per 4 KiB run.
+        let mut pieces: Vec<Vec<(u64, u64)>> = Vec::new();
+        let mut batch: Vec<(u64, u64)> = Vec::new();
+        let mut batch_len = 0;
+        for &(start, len) in &reads {
             let mut pos = start;
             while pos < start + len {
                 let stop = ((pos / PIECE + 1) * PIECE).min(start + len);
-                pieces.push((pos, stop - pos));
+                if batch_len + (stop - pos) > PIECE || batch.len() >= BATCH_RANGES {
+                    pieces.push(std::mem::take(&mut batch));
+                    batch_len = 0;
+                }
+                batch.push((pos, stop - pos));
+                batch_len += stop - pos;
                 pos = stop;
             }
         }
+        if !batch.is_empty() {
+            pieces.push(batch);
+        }
         let analyzed = futures::stream::iter(pieces)
-            .map(|(pos, len)| {
+            .map(|piece| {
                 let repo = repo.clone();
                 let parent = parent_entries.clone();
                 let dedup = dedup.clone();
@@ -241,16 +311,30 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                 let snap = job.snap.clone();
                 let progress = job.progress.clone();
                 async move {
-                    let n = usize::try_from(len).unwrap_or(0);
-                    let data = volume
-                        .read_frozen(&snap, bstart + pos, n)
-                        .await
-                        .map_err(|e| {
-                            CloudError::Internal(format!("reading volume {}: {e}", volume.name()))
-                        })?;
-                    Progress::add(&progress.read, len);
+                    let reads = piece.iter().map(|&(pos, len)| {
+                        let volume = volume.clone();
+                        let snap = snap.clone();
+                        async move {
+                            let n = usize::try_from(len).unwrap_or(0);
+                            volume
+                                .read_frozen(&snap, bstart + pos, n)
+                                .await
+                                .map_err(|e| {
+                                    CloudError::Internal(format!(
+                                        "reading volume {}: {e}",
+                                        volume.name()
+                                    ))
+                                })
+                        }
+                    });
+                    let data = futures::future::try_join_all(reads).await?;
+                    Progress::add(&progress.read, piece.iter().map(|r| r.1).sum());
                     tokio::task::spawn_blocking(move || {
-                        analyze(&repo, &data, pos, cs, &parent, &dedup)
+                        piece
+                            .iter()
+                            .zip(&data)
+                            .flat_map(|(&(pos, _), d)| analyze(&repo, d, pos, cs, &parent, &dedup))
+                            .collect::<Vec<_>>()
                     })
                     .await
                     .map_err(|e| CloudError::Internal(e.to_string()))
@@ -277,7 +361,14 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .get(&id)
                             .copied();
-                        if let Some(loc) = known {
+                        if let Some(loc) = resumed.remove(&id).filter(|_| known.is_none()) {
+                            Progress::add(&job.progress.new, u64::from(a.len));
+                            dedup
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(id, loc);
+                            (loc, 0)
+                        } else if let Some(loc) = known {
                             Progress::add(&job.progress.reused, u64::from(a.len));
                             (loc, 0)
                         } else {
@@ -313,8 +404,20 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         } else if parent_id.is_some() && *parent_entries == entries {
             parent_id
         } else {
-            let (id, n) = repo.put_index(b, &entries).await?;
-            Progress::add(&job.progress.transferred, n);
+            let (id, sealed) = repo.seal_index(b, &entries);
+            let repo = repo.clone();
+            let progress = job.progress.clone();
+            let key = crate::repo::index_key(&id);
+            while uploads.len() >= UPLOADS * 4 {
+                if let Some(r) = uploads.join_next().await {
+                    r.map_err(|e| CloudError::Internal(e.to_string()))??;
+                }
+            }
+            uploads.spawn(async move {
+                let n = repo.put(&key, sealed.into(), false).await?;
+                Progress::add(&progress.transferred, n);
+                Ok(())
+            });
             Some(id)
         };
         if let Some(id) = &id {
@@ -386,45 +489,88 @@ fn analyze(
     out
 }
 
-/// The block's new map: the parent's entries with every read range cut
-/// out, plus the new entries (holes are simply absent).
+/// The block's new map: the parent's entries with every replaced range cut
+/// out, plus the new entries (holes are simply absent). One pass over both
+/// sorted lists.
 pub fn overlay(parent: &[Entry], ranges: &[(u64, u64)], new: Vec<Entry>) -> Vec<Entry> {
     let mut out = Vec::with_capacity(parent.len() + new.len());
+    let mut r = 0;
     for e in parent {
-        // Subtract every read range from [e.start, e.end).
-        let mut pieces = vec![(u64::from(e.start), e.end())];
-        for &(rs, rl) in ranges {
-            let re = rs + rl;
-            pieces = pieces
-                .into_iter()
-                .flat_map(|(s, t)| {
-                    let mut v = Vec::new();
-                    if re <= s || rs >= t {
-                        v.push((s, t));
-                    } else {
-                        if s < rs {
-                            v.push((s, rs));
-                        }
-                        if re < t {
-                            v.push((re, t));
-                        }
-                    }
-                    v
-                })
-                .collect();
+        let (es, ee) = (u64::from(e.start), e.end());
+        // Ranges wholly before this entry are done with.
+        while r < ranges.len() && ranges[r].0 + ranges[r].1 <= es {
+            r += 1;
         }
-        for (s, t) in pieces {
-            out.push(Entry {
-                start: u32::try_from(s).unwrap_or(u32::MAX),
-                len: u32::try_from(t - s).unwrap_or(u32::MAX),
-                chunk_off: e.chunk_off + u32::try_from(s - u64::from(e.start)).unwrap_or(0),
-                chunk: e.chunk,
-            });
+        let mut pos = es;
+        let mut k = r;
+        while k < ranges.len() && ranges[k].0 < ee {
+            let (rs, re) = (ranges[k].0, ranges[k].0 + ranges[k].1);
+            if rs > pos {
+                out.push(cut(e, pos, rs));
+            }
+            pos = pos.max(re);
+            k += 1;
+        }
+        if pos < ee {
+            out.push(cut(e, pos, ee));
         }
     }
     out.extend(new);
     out.sort_by_key(|e| e.start);
     out
+}
+
+/// The part `[s, t)` of entry `e` (block-relative offsets).
+fn cut(e: &Entry, s: u64, t: u64) -> Entry {
+    Entry {
+        start: u32::try_from(s).unwrap_or(u32::MAX),
+        len: u32::try_from(t - s).unwrap_or(u32::MAX),
+        chunk_off: e.chunk_off + u32::try_from(s - u64::from(e.start)).unwrap_or(0),
+        chunk: e.chunk,
+    }
+}
+
+/// Byte ranges of `[bstart, bstart + blen)` (relative to `bstart`) that may
+/// hold data in the frozen image: the live file's data runs, plus every
+/// extent the COW guard preserved inside a live hole. A live hole with no
+/// preserved extent was a hole at the freeze (the guard preserves an extent
+/// before any write or trim changes it, and this checks after asking the
+/// file system), so it reads as zeros and needs no reading.
+fn frozen_data(
+    volume: &Volume,
+    snap: &SnapshotStore,
+    bstart: u64,
+    blen: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let es = snap.extent_size();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |s: u64, l: u64| match out.last_mut() {
+        Some(last) if last.0 + last.1 == s => last.1 += l,
+        _ => out.push((s, l)),
+    };
+    let mut pos = 0;
+    for run in volume.allocation(bstart, blen, usize::MAX)? {
+        if run.hole {
+            let mut at = pos;
+            while at < pos + run.length {
+                let e = u32::try_from((bstart + at) / es).unwrap_or(u32::MAX);
+                let stop = ((bstart + at) / es + 1) * es - bstart;
+                let stop = stop.min(pos + run.length);
+                if snap.preserved(e) {
+                    push(at, stop - at);
+                }
+                at = stop;
+            }
+        } else {
+            push(pos, run.length);
+        }
+        pos += run.length;
+    }
+    // Past the live file's end (it cannot be shorter, but be safe): read.
+    if pos < blen {
+        push(pos, blen - pos);
+    }
+    Ok(out)
 }
 
 async fn upload(

@@ -273,7 +273,13 @@ impl Locations {
                         dir.display()
                     ))
                 })?;
-                Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(cfg_err)?)
+                // A backup is done when its objects are durable: fsync files and
+                // directories, as object stores do before acknowledging a PUT.
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(cfg_err)?
+                        .with_fsync(true),
+                )
             }
             Provider::S3 => {
                 let endpoint = s.endpoint.as_deref().map(|e| {
@@ -408,6 +414,75 @@ impl Locations {
                 Ok(())
             }
         };
+        // Flags of another provider are refused, not silently ignored: a
+        // listing must show where the data really goes.
+        let given: [(&str, bool, &[Provider]); 14] = [
+            ("--path", req.path.is_some(), &[Provider::Local]),
+            (
+                "--bucket",
+                req.bucket.is_some(),
+                &[Provider::S3, Provider::Azure, Provider::Google],
+            ),
+            ("--s3-endpoint", req.s3_endpoint.is_some(), &[Provider::S3]),
+            ("--s3-region", req.s3_region.is_some(), &[Provider::S3]),
+            (
+                "--s3-access-key",
+                req.s3_access_key.is_some(),
+                &[Provider::S3],
+            ),
+            (
+                "--s3-secret-key",
+                req.s3_secret_key.is_some(),
+                &[Provider::S3],
+            ),
+            ("--s3-disable-ssl", req.s3_disable_ssl, &[Provider::S3]),
+            (
+                "--disable-path-style",
+                req.disable_path_style,
+                &[Provider::S3],
+            ),
+            (
+                "--s3-storage-class",
+                req.s3_storage_class.is_some(),
+                &[Provider::S3],
+            ),
+            (
+                "--azure-account-name",
+                req.azure_account_name.is_some(),
+                &[Provider::Azure],
+            ),
+            (
+                "--azure-account-key",
+                req.azure_account_key.is_some(),
+                &[Provider::Azure],
+            ),
+            (
+                "--azure-endpoint",
+                req.azure_endpoint.is_some(),
+                &[Provider::Azure],
+            ),
+            (
+                "--google-project-id",
+                req.google_project_id.is_some(),
+                &[Provider::Google],
+            ),
+            (
+                "--google-json-key-file",
+                req.google_json_key_file.is_some(),
+                &[Provider::Google],
+            ),
+        ];
+        let foreign: Vec<&str> = given
+            .iter()
+            .filter(|(_, set, ok)| *set && !ok.contains(&provider))
+            .map(|(f, _, _)| *f)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(invalid(format!(
+                "{} do(es) not apply to provider {provider}",
+                foreign.join(", ")
+            )));
+        }
         let mut google_key = None;
         match provider {
             Provider::Local => needs(&req.path, "--path")?,
@@ -474,7 +549,7 @@ impl Locations {
             google_key,
             passphrase: req.encryption_passphrase.clone(),
         };
-        let repo = self.connect(&req.name, &settings, &secrets).await?;
+        let repo = self.connect(&req.name, &settings, &secrets, true).await?;
         let _one = self
             .change
             .lock()
@@ -500,6 +575,7 @@ impl Locations {
         name: &str,
         s: &Settings,
         secrets: &Secrets,
+        init: bool,
     ) -> Result<Arc<Repo>, CloudError> {
         let store = self.build_store(name, s, secrets)?;
         let prefix = s.prefix.clone().unwrap_or_default();
@@ -510,6 +586,7 @@ impl Locations {
             name,
             secrets.passphrase.as_deref(),
             s.storage_class.clone(),
+            init,
         )
         .await?;
         Ok(Arc::new(repo))
@@ -551,7 +628,7 @@ impl Locations {
             .find(|(n, _, _)| n == name)
             .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))?;
         let secrets = self.read_secrets(&n)?;
-        let repo = self.connect(&n, &s, &secrets).await?;
+        let repo = self.connect(&n, &s, &secrets, false).await?;
         self.open.lock().await.insert(n.clone(), repo);
         Ok(self.to_api(&n, &s, &created))
     }
@@ -579,6 +656,8 @@ impl Locations {
                 &n,
                 secrets.passphrase.as_deref(),
                 s.storage_class.clone(),
+                // Only the embedded location may be initialised on first use.
+                n == LOCAL_LOCATION,
             )
             .await?,
         );

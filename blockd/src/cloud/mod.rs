@@ -195,6 +195,23 @@ fn new_task_id() -> String {
     format!("{}-{}-{}", &h[..4], &h[4..8], &h[8..])
 }
 
+/// True for names blockd gives snapshots: `YYYYMMDDTHHMMSS.mmmZ-xxxxxxxx`.
+/// Anything else under `snapshots/` is not one of ours.
+pub fn is_snapshot_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    b.len() == 29
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'.'
+        && b[16..19].iter().all(u8::is_ascii_digit)
+        && b[19] == b'Z'
+        && b[20] == b'-'
+        && b[21..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
 /// Splits `VOLUME/SNAPSHOT`.
 fn split_snap(s: &str) -> Option<(&str, &str)> {
     s.split_once('/')
@@ -336,6 +353,46 @@ impl Cloud {
         r
     }
 
+    /// The running task that uses something, if any: `pred` sees each
+    /// running task.
+    fn running_task(&self, pred: impl Fn(&Task) -> bool) -> Option<String> {
+        self.lock().values().find_map(|r| {
+            let r = r
+                .record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pred(&r.task).then(|| r.task.id.clone())
+        })
+    }
+
+    /// Why `volume` must not be deleted now: a task backs it up or fills it.
+    pub fn volume_busy(&self, volume: &str) -> Option<String> {
+        self.running_task(|t| t.volume == volume).map(|id| {
+            format!(
+                "cloudsnap task {id} is running on volume {volume:?}: wait for it or stop it first (`blockctl cloudsnap stop {id}`)"
+            )
+        })
+    }
+
+    /// Why local snapshot `volume@name` must not be deleted now: a backup
+    /// is reading it.
+    pub fn snapshot_busy(&self, volume: &str, name: &str) -> Option<String> {
+        let id = format!("{volume}/{name}");
+        self.running_task(|t| t.kind == TaskKind::Backup && t.snapshot == id)
+            .map(|task| {
+                format!(
+                    "snapshot {volume}@{name} is the freeze point of running backup {task}: stop the backup instead (`blockctl cloudsnap stop {task}`)"
+                )
+            })
+    }
+
+    /// Why location `name` must not be deleted now.
+    pub fn location_busy(&self, name: &str) -> Option<String> {
+        self.running_task(|t| t.location == name).map(|id| {
+            format!("cloudsnap task {id} uses credentials {name:?}: wait for it or stop it first")
+        })
+    }
+
     // ---- backup ----------------------------------------------------------
 
     /// Starts a backup of one volume.
@@ -440,7 +497,15 @@ impl Cloud {
                 },
                 _ => None,
             };
-            plans.push((v, parent));
+            // Without one (first backup here, or the last backup went to
+            // another location and took the change set with it), the whole
+            // volume is read, but chunks unchanged since this volume's
+            // latest snapshot in this location are still referenced.
+            let (parent, base) = match parent {
+                Some(p) => (Some(p), true),
+                None => (self.latest_same_shape(&repo, &v).await, false),
+            };
+            plans.push((v, parent, base));
         }
         let created_name = {
             let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now())
@@ -464,7 +529,7 @@ impl Cloud {
             .await?;
         let group_id = (group || names.len() > 1).then(|| created_name.clone());
         let mut tasks = Vec::new();
-        for (v, parent) in plans {
+        for (v, parent, base) in plans {
             let meta = metas
                 .iter()
                 .find(|m| m.volume == v.name())
@@ -475,8 +540,7 @@ impl Cloud {
                 .get(v.name(), &created_name)
                 .ok_or_else(|| CloudError::Internal("the new snapshot vanished".into()))?;
             let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
-            let incremental =
-                parent.is_some() && !req.full && meta.changes_known && chain < self.full_every;
+            let incremental = base && !req.full && meta.changes_known && chain < self.full_every;
             let full = !incremental;
             let total = if full {
                 meta.size
@@ -507,7 +571,14 @@ impl Cloud {
                 plan: Plan::Backup {
                     parent: parent.map(|p| format!("{}/{}", p.volume, p.name)),
                     chain: if full { 0 } else { chain },
-                    labels: req.labels.clone(),
+                    // Volume labels that selected a group are recorded too,
+                    // so `cloudsnap list --label` finds the group's members.
+                    labels: req
+                        .select
+                        .iter()
+                        .chain(&req.labels)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                     created: meta.created.clone(),
                     pause_us: meta.pause_us,
                     pre_exec: meta.pre_exec.as_ref().map(hook),
@@ -525,6 +596,20 @@ impl Cloud {
             group: group_id,
             tasks,
         })
+    }
+
+    /// The latest readable snapshot of `v`'s name in `repo` with its size
+    /// and extent size (a full read references its unchanged chunks).
+    async fn latest_same_shape(&self, repo: &Repo, v: &crate::volume::Volume) -> Option<Manifest> {
+        let names = repo.list_snapshots(Some(v.name())).await.ok()?;
+        for (vol, name) in names.iter().rev().filter(|(_, n)| is_snapshot_name(n)) {
+            if let Ok(m) = repo.get_manifest(vol, name).await {
+                if m.size == v.size() && m.extent_size == v.extent_size() {
+                    return Some(m);
+                }
+            }
+        }
+        None
     }
 
     /// The change set a backup of `snap` must read: its own, plus those of
@@ -564,9 +649,9 @@ impl Cloud {
                     }
                 }
                 Err(CloudError::Cancelled) if me.shutdown.is_cancelled() && !run.stop.is_cancelled() => {
-                    // Left active: it resumes at the next start.
-                    let r = run.snapshot();
-                    let _ = me.save(&r);
+                    // Left active: it resumes at the next start from its
+                    // last checkpoint, whose record (and counters) stay as
+                    // saved then, so redone work is not counted twice.
                     me.lock().remove(&id);
                 }
                 Err(e) => {
@@ -740,6 +825,11 @@ impl Cloud {
             }
             out.push(t);
         }
+        if let Some(n) = name.filter(|_| out.is_empty()) {
+            return Err(CloudError::NotFound(format!(
+                "no task or group {n:?}: list them with `blockctl cloudsnap status`"
+            )));
+        }
         Ok(out)
     }
 
@@ -802,6 +892,7 @@ impl Cloud {
             bytes_new: m.bytes_new,
             bytes_reused: m.bytes_reused,
             bytes_uploaded: m.bytes_uploaded,
+            status: "Done".into(),
         }
     }
 
@@ -818,28 +909,58 @@ impl Cloud {
         let location = self.locations.resolve(location)?;
         let repo = self.locations.repo(&location).await?;
         let names = repo.list_snapshots(src).await?;
-        let manifests: Vec<Result<Manifest, RepoError>> =
+        let manifests: Vec<((String, String), Result<Manifest, RepoError>)> =
             futures::StreamExt::collect(futures::StreamExt::buffered(
                 futures::stream::iter(names.into_iter().map(|(v, n)| {
                     let repo = repo.clone();
-                    async move { repo.get_manifest(&v, &n).await }
+                    async move {
+                        let r = if is_snapshot_name(&n) {
+                            repo.get_manifest(&v, &n).await
+                        } else {
+                            Err(RepoError::Corrupt {
+                                location: repo.location().to_string(),
+                                object: crate::repo::manifest_key(&v, &n),
+                                reason: "not a snapshot name blockd writes".into(),
+                            })
+                        };
+                        ((v, n), r)
+                    }
                 })),
                 8,
             ))
             .await;
         let mut out = Vec::new();
-        for m in manifests {
-            let m = m.map_err(|e| match e {
-                RepoError::Corrupt { ref object, .. } if object.starts_with("snapshots/") => {
-                    let snap = object.trim_start_matches("snapshots/").to_string();
-                    CloudError::Internal(format!(
-                        "{e}: if it is not needed, remove it with `blockctl cloudsnap delete --snap {snap} --cred-id {location}`"
-                    ))
+        for ((v, n), m) in manifests {
+            match m {
+                Ok(m) => {
+                    if labels.iter().all(|(k, val)| m.labels.get(k) == Some(val)) {
+                        out.push(Self::to_cloudsnap(&m, &location));
+                    }
                 }
-                e => e.into(),
-            })?;
-            if labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)) {
-                out.push(Self::to_cloudsnap(&m, &location));
+                // Damaged or foreign objects are listed by name (so they can
+                // be seen and deleted), never used.
+                Err(RepoError::Corrupt { reason, .. }) if labels.is_empty() => {
+                    tracing::warn!(%location, object = %crate::repo::manifest_key(&v, &n), %reason, "unusable object under snapshots/");
+                    out.push(CloudSnap {
+                        id: format!("{v}/{n}"),
+                        volume: v,
+                        location: location.clone(),
+                        created: String::new(),
+                        size: 0,
+                        extent_size: 0,
+                        full: false,
+                        parent: None,
+                        group: None,
+                        labels: BTreeMap::new(),
+                        bytes_read: 0,
+                        bytes_new: 0,
+                        bytes_reused: 0,
+                        bytes_uploaded: 0,
+                        status: format!("Corrupt: {reason}"),
+                    });
+                }
+                Err(RepoError::Corrupt { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         // Names start with the freeze time in milliseconds: id order is time order.
@@ -853,7 +974,11 @@ impl Cloud {
             Some((v, n)) => (v.to_string(), n.to_string()),
             None => {
                 let names = repo.list_snapshots(Some(snap)).await?;
-                let Some(last) = names.into_iter().max_by(|a, b| a.1.cmp(&b.1)) else {
+                let Some(last) = names
+                    .into_iter()
+                    .filter(|(_, n)| is_snapshot_name(n))
+                    .max_by(|a, b| a.1.cmp(&b.1))
+                else {
                     return Err(CloudError::NotFound(format!(
                         "no cloud snapshot {snap:?} in location {}: give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)",
                         repo.location()
@@ -1039,8 +1164,6 @@ impl Cloud {
                     tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "restore done");
                 }
                 Err(CloudError::Cancelled) if me.shutdown.is_cancelled() && !run.stop.is_cancelled() => {
-                    let r = run.snapshot();
-                    let _ = me.save(&r);
                     me.lock().remove(&id);
                 }
                 Err(e) => {

@@ -141,17 +141,22 @@ fn transient(e: &object_store::Error) -> bool {
 }
 
 impl Repo {
-    /// Opens the repository at `prefix` in `store`, creating its config if
-    /// there is none. The passphrase is checked before anything else is read.
+    /// Opens the repository at `prefix` in `store`; with `init`, creates
+    /// its config if there is none (only when a location is created: an
+    /// existing location whose config vanished, say an unmounted directory,
+    /// is an error, never silently a new empty repository). The passphrase
+    /// is checked before anything else is read.
     ///
     /// # Errors
-    /// Provider errors; a damaged config; a missing or wrong passphrase.
+    /// Provider errors; a missing or damaged config; a missing or wrong
+    /// passphrase.
     pub async fn open(
         store: Arc<dyn ObjectStore>,
         prefix: &str,
         location: &str,
         passphrase: Option<&str>,
         storage_class: Option<String>,
+        init: bool,
     ) -> Result<Self, RepoError> {
         let mut repo = Self {
             store,
@@ -172,6 +177,12 @@ impl Repo {
         };
         let config = match repo.get_meta("config").await {
             Ok(bytes) => repo.parse_config(&bytes)?,
+            Err(RepoError::Missing { .. }) if !init => {
+                return Err(RepoError::Key {
+                    location: location.to_string(),
+                    message: "the repository is gone (no config object): check that the bucket, prefix or directory is the one the backups were written to, and that it is mounted; blockd never re-initialises an existing location".into(),
+                })
+            }
             Err(RepoError::Missing { .. }) => {
                 let (config, _) = new_config(passphrase);
                 let body = serde_json::to_vec_pretty(&config)
@@ -487,9 +498,19 @@ impl Repo {
     /// Compresses and seals one chunk: `kind u8 | payload`, sealed with
     /// `"c" | chunk id` as associated data.
     pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
-        let compressed = lz4_flex::block::compress(plain);
+        // Incompressible data (already compressed or encrypted, random) is
+        // recognised from a 4 KiB sample and stored raw without paying for
+        // compressing all of it.
+        let sample = 4096;
+        let worth = plain.len() <= 2 * sample
+            || lz4_flex::block::compress(&plain[..sample]).len() < sample * 31 / 32;
+        let compressed = if worth {
+            lz4_flex::block::compress(plain)
+        } else {
+            Vec::new()
+        };
         let mut payload = Vec::with_capacity(plain.len() + 1);
-        if compressed.len() < plain.len() {
+        if worth && compressed.len() < plain.len() {
             payload.push(format::CHUNK_LZ4);
             payload.extend_from_slice(&compressed);
         } else {
@@ -530,6 +551,15 @@ impl Repo {
             return Err(what("content does not match its id"));
         }
         Ok(plain)
+    }
+
+    /// Encodes and seals an index block; returns its id in hex and the
+    /// object's bytes (written under [`index_key`]).
+    pub fn seal_index(&self, block: u64, entries: &[Entry]) -> (String, Vec<u8>) {
+        let plain = format::encode_index(block, entries);
+        let id = hex::encode(self.keys.object_id(b"index", &plain));
+        let sealed = self.keys.seal(&index_ad(&id), &plain);
+        (id, sealed)
     }
 
     /// Writes an index block (content-addressed); returns its id in hex.
@@ -832,7 +862,9 @@ mod tests {
 
     async fn repo(encrypted: bool) -> Repo {
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let mut r = Repo::open(store, "", "kat", None, None).await.unwrap();
+        let mut r = Repo::open(store, "", "kat", None, None, true)
+            .await
+            .unwrap();
         r.keys = Keys::new(&material(), encrypted);
         r
     }
@@ -945,16 +977,16 @@ mod tests {
     #[tokio::test]
     async fn wrong_passphrase_and_encrypted_roundtrip() {
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let r = Repo::open(store.clone(), "p", "t", Some("one"), None)
+        let r = Repo::open(store.clone(), "p", "t", Some("one"), None, true)
             .await
             .unwrap();
         assert!(r.keys.encrypted());
-        let e = Repo::open(store.clone(), "p", "t", Some("two"), None)
+        let e = Repo::open(store.clone(), "p", "t", Some("two"), None, false)
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("wrong encryption passphrase"), "{e}");
-        let e = Repo::open(store.clone(), "p", "t", None, None)
+        let e = Repo::open(store.clone(), "p", "t", None, None, false)
             .await
             .unwrap_err()
             .to_string();

@@ -52,7 +52,7 @@ pub enum CloudsnapCmd {
     },
     /// Show what a cloud snapshot holds, optionally checking every chunk
     Catalog {
-        /// Cloud snapshot id, VOLUME/SNAPSHOT
+        /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
         snap: String,
         /// Credentials the snapshot is stored with
         #[arg(long, alias = "cr", value_name = "NAME")]
@@ -62,6 +62,8 @@ pub enum CloudsnapCmd {
         verify: bool,
     },
     /// Delete a cloud snapshot from the object store; this is not reversible
+    /// (other snapshots stay restorable; the space its chunks use comes back
+    /// only through garbage collection, which a later release adds)
     #[command(alias = "rm")]
     Delete {
         /// Cloud snapshot id, VOLUME/SNAPSHOT
@@ -117,7 +119,8 @@ pub struct BackupOpts {
 pub struct BackupArgs {
     /// Volume to back up
     volume: String,
-    /// Label recorded with the cloud snapshot, as key=value (repeatable)
+    /// Label recorded with the cloud snapshot, as key=value (repeatable);
+    /// `cloudsnap list --label` selects by these
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
     labels: Vec<(String, String)>,
     #[command(flatten)]
@@ -138,7 +141,9 @@ pub struct BackupGroupArgs {
         value_parser = NonEmptyStringValueParser::new()
     )]
     volume_ids: Vec<String>,
-    /// Or: every volume with this label, as key=value (repeatable; all must match)
+    /// Or: every volume with this volume label, as key=value (repeatable; all
+    /// must match); also recorded with each cloud snapshot, so `cloudsnap
+    /// list --label` finds them
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
     select: Vec<(String, String)>,
     #[command(flatten)]
@@ -455,8 +460,9 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
         "NEW",
         "REUSED",
         "GROUP",
+        "STATUS",
     ];
-    let rows: Vec<[String; 8]> = snaps
+    let rows: Vec<[String; 9]> = snaps
         .iter()
         .map(|s| {
             [
@@ -468,6 +474,7 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
                 human_size(s.bytes_new),
                 human_size(s.bytes_reused),
                 s.group.clone().unwrap_or_else(|| "-".into()),
+                s.status.clone(),
             ]
         })
         .collect();

@@ -119,12 +119,20 @@ impl CreateArgs {
             s3_endpoint: self.s3_endpoint.clone(),
             s3_region: self.s3_region.clone(),
             s3_access_key: self.s3_access_key.clone(),
-            s3_secret_key: self.s3_secret_key.clone(),
+            // Secret keys may come from the environment, set for another
+            // provider: only the chosen provider's is sent.
+            s3_secret_key: self
+                .s3_secret_key
+                .clone()
+                .filter(|_| self.provider == Provider::S3),
             s3_disable_ssl: self.s3_disable_ssl,
             disable_path_style: self.disable_path_style,
             s3_storage_class: self.s3_storage_class.clone(),
             azure_account_name: self.azure_account_name.clone(),
-            azure_account_key: self.azure_account_key.clone(),
+            azure_account_key: self
+                .azure_account_key
+                .clone()
+                .filter(|_| self.provider == Provider::Azure),
             azure_endpoint: self.azure_endpoint.clone(),
             google_project_id: self.google_project_id.clone(),
             google_json_key_file: self

@@ -197,6 +197,21 @@ fn is_root() -> bool {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: a closed pipe ends the program
+    // quietly, as it does for other command-line tools.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -14,6 +14,9 @@ use crate::client::Client;
 use crate::{encode, print_json};
 
 /// Time between two polls of a task.
+/// Polling interval: short at first (most incrementals finish within a
+/// second), then 250 ms.
+const POLL_FIRST: Duration = Duration::from_millis(20);
 const POLL: Duration = Duration::from_millis(250);
 
 /// Formats seconds for humans: `850 ms`, `12.3 s`, `3m29s`, `1h02m`.
@@ -121,11 +124,17 @@ async fn poll(
     mut tasks: Vec<Task>,
     bars: Option<&Bars>,
 ) -> Result<Vec<Task>, String> {
+    let started = std::time::Instant::now();
     loop {
         if tasks.iter().all(|t| t.state.is_final()) {
             return Ok(tasks);
         }
-        tokio::time::sleep(POLL).await;
+        let interval = if started.elapsed() < Duration::from_secs(2) {
+            POLL_FIRST
+        } else {
+            POLL
+        };
+        tokio::time::sleep(interval).await;
         for (i, t) in tasks.iter_mut().enumerate() {
             if t.state.is_final() {
                 continue;
