@@ -36,6 +36,8 @@ use crate::volume::Volume;
 
 /// Largest read from the volume.
 const PIECE: u64 = 1 << 20;
+/// Read buffers kept for reuse.
+const POOL: usize = 2 * AHEAD + 2;
 /// Parent index blocks fetched ahead.
 const PREFETCH: usize = 8;
 /// Most ranges read as one piece.
@@ -182,6 +184,8 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     let mut pack = PackBuilder::new(0);
     let mut uploads: JoinSet<Result<(), CloudError>> = JoinSet::new();
     let mut last_checkpoint = Instant::now();
+    // Read buffers, recycled.
+    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
 
     let parent_id_of = |b: u64| {
         job.parent.as_ref().and_then(|p| {
@@ -310,14 +314,20 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                 let volume = job.volume.clone();
                 let snap = job.snap.clone();
                 let progress = job.progress.clone();
+                let pool = pool.clone();
                 async move {
                     let reads = piece.iter().map(|&(pos, len)| {
                         let volume = volume.clone();
                         let snap = snap.clone();
+                        let buf = pool
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .pop()
+                            .unwrap_or_default();
                         async move {
                             let n = usize::try_from(len).unwrap_or(0);
                             volume
-                                .read_frozen(&snap, bstart + pos, n)
+                                .read_frozen(&snap, bstart + pos, n, buf)
                                 .await
                                 .map_err(|e| {
                                     CloudError::Internal(format!(
@@ -330,11 +340,20 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                     let data = futures::future::try_join_all(reads).await?;
                     Progress::add(&progress.read, piece.iter().map(|r| r.1).sum());
                     tokio::task::spawn_blocking(move || {
-                        piece
+                        let out = piece
                             .iter()
                             .zip(&data)
                             .flat_map(|(&(pos, _), d)| analyze(&repo, d, pos, cs, &parent, &dedup))
-                            .collect::<Vec<_>>()
+                            .collect::<Vec<_>>();
+                        let mut pool = pool
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        for d in data {
+                            if pool.len() < POOL {
+                                pool.push(d);
+                            }
+                        }
+                        out
                     })
                     .await
                     .map_err(|e| CloudError::Internal(e.to_string()))

@@ -5,9 +5,12 @@
 //! with ranged GETs (adjacent records coalesced, several GETs in flight);
 //! every chunk is opened, decompressed and checked against its id before a
 //! byte of it is written. Holes are never written: the new volume is
-//! sparse. Each GET, once written, is flushed and recorded (task_blocks
-//! key `block << 20 | (fetch + 1)`; a whole block is `block << 20`), so
-//! after a crash only the GETs in flight at that moment are fetched again.
+//! sparse. Each GET, once written, is recorded (task_blocks key
+//! `block << 20 | (fetch + 1)`, tagged with the kernel's boot id); each
+//! block, once flushed, is recorded as durable (`block << 20`, untagged).
+//! After a process crash only the GETs in flight are fetched again (the
+//! page cache kept the rest); after a host crash, the GETs of blocks not
+//! yet flushed are fetched again too.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -138,10 +141,15 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
 pub async fn run(job: &Job) -> Result<(), CloudError> {
     let repo = &job.repo;
     let span = repo.config.index_span;
+    // Finished GETs and blocks. A GET recorded in an earlier boot, whose
+    // block was not flushed since, may have been lost with the page cache:
+    // it is fetched again.
+    let boot = boot_tag();
     let done: Arc<std::collections::HashSet<u64>> = Arc::new(
         job.db
             .task_blocks(&job.task)?
             .into_iter()
+            .filter(|(_, tag)| tag.as_deref().is_none_or(|t| t == boot))
             .map(|(b, _)| b)
             .collect(),
     );
@@ -174,46 +182,23 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let entries = entries.clone();
                 let volume = job.volume.clone();
                 let progress = job.progress.clone();
+                let boot = boot.clone();
                 async move {
                     let bytes = repo.get_range(&pack_key(&f.pack), f.start..f.end).await?;
                     Progress::add_pub(&progress.transferred, bytes.len() as u64);
-                    let repo2 = repo.clone();
-                    // Open and check every chunk before writing any of it.
-                    let opened = tokio::task::spawn_blocking(move || {
-                        f.chunks
-                            .iter()
-                            .map(|c| {
-                                let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
-                                let t = s + c.stored_len as usize;
-                                repo2.open_chunk(c, &bytes[s..t]).map(|p| (*c, p))
-                            })
-                            .collect::<Result<Vec<_>, _>>()
+                    // Open and check every chunk before writing any of it,
+                    // then write runs of adjacent entries in one go, on the
+                    // blocking pool (no thread hop per chunk).
+                    let written = tokio::task::spawn_blocking(move || {
+                        write_fetch(&repo, &volume, &entries, &f, &bytes, base)
                     })
                     .await
                     .map_err(|e| CloudError::Internal(e.to_string()))??;
-                    for (c, plain) in opened {
-                        for e in entries
-                            .iter()
-                            .filter(|e| e.chunk.pack == c.pack && e.chunk.offset == c.offset)
-                        {
-                            let s = e.chunk_off as usize;
-                            let data = plain[s..s + e.len as usize].to_vec();
-                            volume
-                                .write(base + u64::from(e.start), data, 0, false)
-                                .await
-                                .map_err(|err| {
-                                    CloudError::Internal(format!(
-                                        "writing volume {}: {err}",
-                                        volume.name()
-                                    ))
-                                })?;
-                            Progress::add_pub(&progress.done, u64::from(e.len));
-                        }
-                    }
-                    volume.flush().await.map_err(|err| {
-                        CloudError::Internal(format!("flushing volume {}: {err}", volume.name()))
-                    })?;
-                    db.checkpoint_task(&task, &[(key, None)], &record())?;
+                    Progress::add_pub(&progress.done, written);
+                    // Recorded without an fsync: after a process crash the
+                    // page cache still holds the data. The boot id tells a
+                    // resume whether that is still true (see `run`).
+                    db.checkpoint_task(&task, &[(key, Some(boot))], &record())?;
                     Ok::<(), CloudError>(())
                 }
             })
@@ -225,13 +210,66 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 return Err(CloudError::Cancelled);
             }
         }
+        // A block is durable once flushed: its record survives host crashes.
         job.volume.flush().await.map_err(|e| {
             CloudError::Internal(format!("flushing volume {}: {e}", job.volume.name()))
         })?;
         job.db
-            .checkpoint_task(&job.task, &[(*b, None)], &(job.record)())?;
+            .checkpoint_task(&job.task, &[(b << 20, None)], &(job.record)())?;
     }
     Ok(())
+}
+
+/// Opens every chunk of one GET (each checked before anything is written)
+/// and writes the entries that use them, adjacent ones as one write.
+/// Returns the bytes written.
+fn write_fetch(
+    repo: &Repo,
+    volume: &Volume,
+    entries: &[Entry],
+    f: &Fetch,
+    bytes: &[u8],
+    base: u64,
+) -> Result<u64, CloudError> {
+    let mut plain = std::collections::HashMap::with_capacity(f.chunks.len());
+    for c in &f.chunks {
+        let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
+        let t = s + c.stored_len as usize;
+        plain.insert(c.offset, repo.open_chunk(c, &bytes[s..t])?);
+    }
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_at = 0u64;
+    let mut written = 0u64;
+    let io =
+        |e: std::io::Error| CloudError::Internal(format!("writing volume {}: {e}", volume.name()));
+    for e in entries.iter().filter(|e| e.chunk.pack == f.pack) {
+        let Some(p) = plain.get(&e.chunk.offset) else {
+            continue;
+        };
+        let at = base + u64::from(e.start);
+        if !run.is_empty() && run_at + run.len() as u64 != at {
+            volume.write_cached(run_at, &run).map_err(io)?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_at = at;
+        }
+        let s = e.chunk_off as usize;
+        run.extend_from_slice(&p[s..s + e.len as usize]);
+        written += u64::from(e.len);
+    }
+    if !run.is_empty() {
+        volume.write_cached(run_at, &run).map_err(io)?;
+    }
+    Ok(written)
+}
+
+/// This boot of the kernel: restore records written without an fsync are
+/// trusted only within the boot that wrote them.
+fn boot_tag() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| format!("boot:{}", s.trim()))
+        .unwrap_or_else(|_| "boot:unknown".into())
 }
 
 #[cfg(test)]
