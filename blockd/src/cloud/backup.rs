@@ -47,7 +47,7 @@ const AHEAD: usize = 4;
 /// Packs uploading at once.
 const UPLOADS: usize = 3;
 /// Checkpoint after this many blocks or this long.
-const CHECKPOINT_BLOCKS: usize = 16;
+const CHECKPOINT_BLOCKS: usize = 64;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(15);
 /// Most chunk ids remembered for deduplication within one backup.
 const DEDUP_CAP: usize = 1 << 20;
@@ -184,6 +184,8 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     let mut pack = PackBuilder::new(0);
     let mut uploads: JoinSet<Result<(), CloudError>> = JoinSet::new();
     let mut last_checkpoint = Instant::now();
+    // Blocks read since the last checkpoint (untouched ones cost nothing).
+    let mut worked = 0usize;
     // Read buffers, recycled.
     let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
 
@@ -443,7 +445,9 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             blocks.push((b, id.clone()));
         }
         pending.push((b, id));
-        if pending.len() >= CHECKPOINT_BLOCKS || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+        worked += 1;
+        if worked >= CHECKPOINT_BLOCKS || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            worked = 0;
             let full = std::mem::replace(&mut pack, PackBuilder::new(0));
             upload(job, full, &mut uploads).await?;
             drain(&mut uploads).await?;

@@ -158,6 +158,9 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         CloudError::Repo(r) => CloudError::Internal(format!("snapshot {snap_id}: {r}")),
         e => e,
     };
+    let write_lock = Arc::new(std::sync::Mutex::new(()));
+    let mut finished: Vec<u64> = Vec::new();
+    let mut flushing: Option<Flushing> = None;
     for (b, id) in &job.manifest.blocks {
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
@@ -183,22 +186,29 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let volume = job.volume.clone();
                 let progress = job.progress.clone();
                 let boot = boot.clone();
+                let write_lock = write_lock.clone();
                 async move {
                     let bytes = repo.get_range(&pack_key(&f.pack), f.start..f.end).await?;
                     Progress::add_pub(&progress.transferred, bytes.len() as u64);
                     // Open and check every chunk before writing any of it,
                     // then write runs of adjacent entries in one go, on the
                     // blocking pool (no thread hop per chunk).
+                    // The record (a SQLite commit, an fsync of its log) is
+                    // made on the blocking pool too, never on a runtime thread.
+                    let rec = record();
                     let written = tokio::task::spawn_blocking(move || {
-                        write_fetch(&repo, &volume, &entries, &f, &bytes, base)
+                        let n =
+                            write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)?;
+                        // Recorded without an fsync of the volume: after a
+                        // process crash the page cache still holds the data.
+                        // The boot id tells a resume whether that is still
+                        // true (see `run`).
+                        db.checkpoint_task(&task, &[(key, Some(boot))], &rec)?;
+                        Ok::<u64, CloudError>(n)
                     })
                     .await
                     .map_err(|e| CloudError::Internal(e.to_string()))??;
                     Progress::add_pub(&progress.done, written);
-                    // Recorded without an fsync: after a process crash the
-                    // page cache still holds the data. The boot id tells a
-                    // resume whether that is still true (see `run`).
-                    db.checkpoint_task(&task, &[(key, Some(boot))], &record())?;
                     Ok::<(), CloudError>(())
                 }
             })
@@ -210,14 +220,51 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 return Err(CloudError::Cancelled);
             }
         }
-        // A block is durable once flushed: its record survives host crashes.
-        job.volume.flush().await.map_err(|e| {
-            CloudError::Internal(format!("flushing volume {}: {e}", job.volume.name()))
-        })?;
+        // A block is durable once flushed: its record then survives host
+        // crashes. The flush runs in the background while the next blocks
+        // are fetched; one at a time, covering every block finished before
+        // it started.
+        finished.push(b << 20);
+        if flushing
+            .as_ref()
+            .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
+            if let Some(h) = flushing.take() {
+                let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
+                job.db
+                    .checkpoint_task(&job.task, &covered, &(job.record)())?;
+            }
+            flushing = Some(start_flush(&job.volume, std::mem::take(&mut finished)));
+        }
+    }
+    if let Some(h) = flushing.take() {
+        let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
         job.db
-            .checkpoint_task(&job.task, &[(b << 20, None)], &(job.record)())?;
+            .checkpoint_task(&job.task, &covered, &(job.record)())?;
+    }
+    if !finished.is_empty() {
+        let covered = start_flush(&job.volume, finished)
+            .await
+            .map_err(|e| CloudError::Internal(e.to_string()))??;
+        job.db
+            .checkpoint_task(&job.task, &covered, &(job.record)())?;
     }
     Ok(())
+}
+
+/// A background flush; yields the block keys it made durable.
+type Flushing = tokio::task::JoinHandle<Result<Vec<(u64, Option<String>)>, CloudError>>;
+
+/// Flushes the volume in the background.
+fn start_flush(volume: &Arc<Volume>, blocks: Vec<u64>) -> Flushing {
+    let volume = volume.clone();
+    tokio::spawn(async move {
+        volume
+            .flush()
+            .await
+            .map_err(|e| CloudError::Internal(format!("flushing volume {}: {e}", volume.name())))?;
+        Ok(blocks.into_iter().map(|k| (k, None)).collect())
+    })
 }
 
 /// Opens every chunk of one GET (each checked before anything is written)
@@ -230,36 +277,44 @@ fn write_fetch(
     f: &Fetch,
     bytes: &[u8],
     base: u64,
+    write_lock: &std::sync::Mutex<()>,
 ) -> Result<u64, CloudError> {
     let mut plain = std::collections::HashMap::with_capacity(f.chunks.len());
     for c in &f.chunks {
         let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
         let t = s + c.stored_len as usize;
-        plain.insert(c.offset, repo.open_chunk(c, &bytes[s..t])?);
+        plain.insert(c.offset, repo.open_chunk_in(c, &bytes[s..t])?);
     }
-    let mut run: Vec<u8> = Vec::new();
-    let mut run_at = 0u64;
-    let mut written = 0u64;
     let io =
         |e: std::io::Error| CloudError::Internal(format!("writing volume {}: {e}", volume.name()));
+    // Buffered writes to one file serialise on its inode lock anyway: one
+    // writer at a time sleeps instead of spinning on it.
+    let _one = write_lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut run: Vec<&[u8]> = Vec::new();
+    let mut run_at = 0u64;
+    let mut run_end = 0u64;
+    let mut written = 0u64;
     for e in entries.iter().filter(|e| e.chunk.pack == f.pack) {
         let Some(p) = plain.get(&e.chunk.offset) else {
             continue;
         };
         let at = base + u64::from(e.start);
-        if !run.is_empty() && run_at + run.len() as u64 != at {
-            volume.write_cached(run_at, &run).map_err(io)?;
+        if !run.is_empty() && (run_end != at || run.len() >= 512) {
+            volume.write_parts_cached(run_at, &run).map_err(io)?;
             run.clear();
         }
         if run.is_empty() {
             run_at = at;
         }
         let s = e.chunk_off as usize;
-        run.extend_from_slice(&p[s..s + e.len as usize]);
+        run.push(&p[s..s + e.len as usize]);
+        run_end = at + u64::from(e.len);
         written += u64::from(e.len);
     }
     if !run.is_empty() {
-        volume.write_cached(run_at, &run).map_err(io)?;
+        volume.write_parts_cached(run_at, &run).map_err(io)?;
     }
     Ok(written)
 }

@@ -533,6 +533,21 @@ impl Repo {
     /// # Errors
     /// Corruption, naming the pack and chunk.
     pub fn open_chunk(&self, loc: &ChunkLoc, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
+        self.open_chunk_in(loc, sealed)
+            .map(std::borrow::Cow::into_owned)
+    }
+
+    /// [`Repo::open_chunk`] without copying: an unencrypted raw chunk is
+    /// checked and returned in place.
+    ///
+    /// # Errors
+    /// Corruption, naming the pack and chunk.
+    pub fn open_chunk_in<'a>(
+        &self,
+        loc: &ChunkLoc,
+        sealed: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, RepoError> {
+        use std::borrow::Cow;
         let key = pack_key(&loc.pack);
         let what = |r: &str| {
             self.corrupt(
@@ -544,18 +559,26 @@ impl Repo {
                 ),
             )
         };
-        let payload = if self.keys.encrypted() {
-            self.keys
-                .open(&chunk_ad(&loc.id), sealed)
-                .map_err(|Tampered| what("integrity check failed"))?
+        let payload: Cow<'a, [u8]> = if self.keys.encrypted() {
+            Cow::Owned(
+                self.keys
+                    .open(&chunk_ad(&loc.id), sealed)
+                    .map_err(|Tampered| what("integrity check failed"))?,
+            )
         } else {
-            sealed.to_vec()
+            Cow::Borrowed(sealed)
         };
         let plain_len = loc.plain_len as usize;
-        let plain = match payload.split_first() {
-            Some((&format::CHUNK_RAW, p)) => p.to_vec(),
-            Some((&format::CHUNK_LZ4, p)) => lz4_flex::block::decompress(p, plain_len)
-                .map_err(|e| what(&format!("does not decompress: {e}")))?,
+        let plain: Cow<'a, [u8]> = match (payload.first().copied(), payload) {
+            (Some(format::CHUNK_RAW), Cow::Borrowed(p)) => Cow::Borrowed(&p[1..]),
+            (Some(format::CHUNK_RAW), Cow::Owned(mut p)) => {
+                p.remove(0);
+                Cow::Owned(p)
+            }
+            (Some(format::CHUNK_LZ4), p) => Cow::Owned(
+                lz4_flex::block::decompress(&p[1..], plain_len)
+                    .map_err(|e| what(&format!("does not decompress: {e}")))?,
+            ),
             _ => return Err(what("unknown payload kind")),
         };
         if plain.len() != plain_len || self.keys.chunk_id(&plain) != loc.id {
