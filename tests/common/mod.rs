@@ -99,6 +99,15 @@ impl Blockd {
 
     /// Starts blockd with an engine (`threads`, `uring`) and extra args.
     pub fn start_with(engine: Option<&str>, args: &[&str]) -> Self {
+        Self::launch(engine, args, &[])
+    }
+
+    /// Starts blockd with extra environment variables.
+    pub fn start_env(env: &[(&str, &str)]) -> Self {
+        Self::launch(None, &[], env)
+    }
+
+    fn launch(engine: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let base =
             std::env::var_os("BLOCKD_TEST_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
         let dir = tempfile::Builder::new()
@@ -110,25 +119,6 @@ impl Blockd {
             dir,
             engine: engine.map(str::to_string),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-        };
-        d.spawn();
-        d
-    }
-
-    /// Starts blockd with extra environment variables.
-    pub fn start_env(env: &[(&str, &str)]) -> Self {
-        let base =
-            std::env::var_os("BLOCKD_TEST_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
-        let dir = tempfile::Builder::new()
-            .prefix("blockd-test-")
-            .tempdir_in(base)
-            .expect("temp dir");
-        let mut d = Self {
-            child: None,
-            dir,
-            engine: None,
-            extra_args: Vec::new(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

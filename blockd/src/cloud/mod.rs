@@ -125,7 +125,10 @@ struct Record {
 struct Running {
     record: Mutex<Record>,
     progress: Arc<Progress>,
+    /// Cancelled by `cloudsnap stop` or by shutdown (a child of the
+    /// daemon's shutdown token); `stopped` tells the two apart.
     stop: CancellationToken,
+    stopped: std::sync::atomic::AtomicBool,
     started: Instant,
     /// Elapsed seconds before this run (earlier runs of a resumed task).
     before: f64,
@@ -326,7 +329,8 @@ impl Cloud {
             before: r.task.elapsed_secs,
             record: Mutex::new(r.clone()),
             progress,
-            stop: CancellationToken::new(),
+            stop: self.shutdown.child_token(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
         });
         self.lock().insert(r.task.id.clone(), running.clone());
@@ -648,7 +652,9 @@ impl Cloud {
                         me.maybe_write_group(g, &r.task.location).await;
                     }
                 }
-                Err(CloudError::Cancelled) if me.shutdown.is_cancelled() && !run.stop.is_cancelled() => {
+                Err(CloudError::Cancelled)
+                    if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
+                {
                     // Left active: it resumes at the next start from its
                     // last checkpoint, whose record (and counters) stay as
                     // saved then, so redone work is not counted twice.
@@ -704,13 +710,7 @@ impl Cloud {
             Some((v, n)) => Some(repo.get_manifest(v, n).await?),
             None => None,
         };
-        let cancel = self.shutdown.child_token();
-        let stop = run.stop.clone();
-        let c2 = cancel.clone();
-        let watcher = tokio::spawn(async move {
-            stop.cancelled().await;
-            c2.cancel();
-        });
+        let cancel = run.stop.clone();
         let run2 = run.clone();
         let job = backup::Job {
             task: rec.task.id.clone(),
@@ -726,7 +726,6 @@ impl Cloud {
             record: Box::new(move || serde_json::to_string(&run2.snapshot()).unwrap_or_default()),
         };
         let blocks = backup::run(&job).await;
-        watcher.abort();
         let blocks = blocks?;
         let r = run.snapshot();
         let (v, n) = split_snap(&r.task.snapshot).unwrap_or_default();
@@ -864,6 +863,8 @@ impl Cloud {
                 t.state
             )));
         };
+        run.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         run.stop.cancel();
         for _ in 0..600 {
             if !self.lock().contains_key(id) {
@@ -1163,7 +1164,9 @@ impl Cloud {
                     let r = me.finish(&run, TaskState::Done, None);
                     tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "restore done");
                 }
-                Err(CloudError::Cancelled) if me.shutdown.is_cancelled() && !run.stop.is_cancelled() => {
+                Err(CloudError::Cancelled)
+                    if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
+                {
                     me.lock().remove(&id);
                 }
                 Err(e) => {
@@ -1201,13 +1204,7 @@ impl Cloud {
             .volumes
             .get(&rec.task.volume)
             .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
-        let cancel = self.shutdown.child_token();
-        let stop = run.stop.clone();
-        let c2 = cancel.clone();
-        let watcher = tokio::spawn(async move {
-            stop.cancelled().await;
-            c2.cancel();
-        });
+        let cancel = run.stop.clone();
         let run2 = run.clone();
         let job = restore::Job {
             task: rec.task.id.clone(),
@@ -1220,7 +1217,6 @@ impl Cloud {
             record: Box::new(move || serde_json::to_string(&run2.snapshot()).unwrap_or_default()),
         };
         let r = restore::run(&job).await;
-        watcher.abort();
         r?;
         Progress::add_pub(&run.progress.done, 0);
         run.progress
