@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::cloud::*;
 use common::objstores::{Azurite, Garage};
 use common::*;
@@ -127,19 +125,13 @@ fn garage_going_away_fails_the_backup_and_keeps_the_changes() {
     load(&d, "vol1", &img);
     let started = json(&d.ok(&["-j", "cloudsnap", "backup", "vol1", "--cred-id", "s3"]));
     let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = status(&d, &id);
-        if t["bytes_transferred"].as_u64().unwrap_or(0) > 0 || t["state"] != "Active" {
-            assert_eq!(
-                t["state"], "Active",
-                "finished before the endpoint went away"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let t = wait_until(&d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(
+        t["state"], "Active",
+        "finished before the endpoint went away"
+    );
     g.stop();
     let t = wait_done(&d, &id);
     assert_eq!(t["state"], "Failed", "{t}");

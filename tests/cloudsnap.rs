@@ -6,7 +6,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::cloud::*;
 use common::*;
@@ -286,19 +285,13 @@ fn kill9_mid_backup_and_mid_restore_resume_without_repeating_uploads() {
     let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
     let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
     // Kill once some packs are uploaded, before the end.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = status(&d, &id);
-        if t["bytes_transferred"].as_u64().unwrap_or(0) >= 20 * MB as u64 {
-            assert_eq!(
-                t["state"], "Active",
-                "finished before the kill: make the volume bigger"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress: {t}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let t = wait_until(&d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 20 * MB as u64
+    });
+    assert_eq!(
+        t["state"], "Active",
+        "finished before the kill: make the volume bigger"
+    );
     d.kill9();
     d.spawn();
     let t = wait_done(&d, &id);
@@ -328,16 +321,10 @@ fn kill9_mid_backup_and_mid_restore_resume_without_repeating_uploads() {
         "back",
     ]));
     let rid = started["tasks"][0]["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = status(&d, &rid);
-        if t["bytes_done"].as_u64().unwrap_or(0) >= 40 * MB as u64 || t["state"] != "Active" {
-            assert_eq!(t["state"], "Active", "restore finished before the kill");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress: {t}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let t = wait_until(&d, &rid, |t| {
+        t["bytes_done"].as_u64().unwrap_or(0) >= 40 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "restore finished before the kill");
     // Not exported while it is being filled.
     let out = Command::new("nbdinfo").arg(d.uri("back")).output();
     if let Ok(out) = out {

@@ -142,14 +142,21 @@ pub fn status(d: &Blockd, id: &str) -> Value {
     json(&String::from_utf8_lossy(&out.stdout))[0].clone()
 }
 
-pub fn wait_done(d: &Blockd, id: &str) -> Value {
+/// Polls task `id` until `reached` holds or the task has ended; returns
+/// its last state.
+pub fn wait_until(d: &Blockd, id: &str, reached: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let t = status(d, id);
-        if t["state"] != "Active" && !t.is_null() {
+        if !t.is_null() && (reached(&t) || t["state"] != "Active") {
             return t;
         }
-        assert!(Instant::now() < deadline, "task {id} did not finish: {t}");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "task {id} made no progress: {t}");
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits for task `id` to end.
+pub fn wait_done(d: &Blockd, id: &str) -> Value {
+    wait_until(d, id, |_| false)
 }

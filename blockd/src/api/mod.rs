@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 mod cloud;
 
 use crate::daemon::Daemon;
-use crate::snapshot::store::{HookRecord, SnapshotStore};
+use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::store::StoreError;
 use crate::volume::Volume;
@@ -198,14 +198,6 @@ async fn delete_volume(
             message,
         });
     }
-    if v.restoring.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(Failure {
-            status: StatusCode::CONFLICT,
-            message: format!(
-                "volume {name:?} is being restored: stop the restore first (`blockctl cloudsnap status`, `blockctl cloudsnap stop TASK`)"
-            ),
-        });
-    }
     let snaps = d.snapshots.list(Some(&name)).len();
     if snaps > 0 && !force {
         return Err(Failure {
@@ -248,15 +240,6 @@ impl From<FreezeError> for Failure {
     }
 }
 
-fn hook_to_api(h: Option<HookRecord>) -> Option<blockd_api::Hook> {
-    h.map(|h| blockd_api::Hook {
-        command: h.command,
-        exit_code: h.exit_code,
-        timed_out: h.timed_out,
-        output: h.output,
-    })
-}
-
 fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
     let m = s.meta();
     blockd_api::Snapshot {
@@ -275,8 +258,8 @@ fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
         extent_size: m.extent_size,
         pause_us: m.pause_us,
         changes_known: m.changes_known,
-        pre_exec: hook_to_api(m.pre_exec),
-        post_exec: hook_to_api(m.post_exec),
+        pre_exec: m.pre_exec.map(Into::into),
+        post_exec: m.post_exec.map(Into::into),
     }
 }
 

@@ -70,13 +70,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-
     /// Adds `n` to a counter.
-    pub fn add_pub(c: &AtomicU64, n: u64) {
-        Self::add(c, n);
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Reads a counter.
@@ -166,7 +162,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             continue;
         };
         // Recorded before its upload: use it only if it landed whole.
-        if repo.head(&pack_key(&pack)).await?.is_none() {
+        if repo.objects().head(&pack_key(&pack)).await?.is_none() {
             continue;
         }
         if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
@@ -435,7 +431,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                 }
             }
             uploads.spawn(async move {
-                let n = repo.put(&key, sealed.into(), false).await?;
+                let n = repo.objects().put(&key, sealed.into(), false).await?;
                 Progress::add(&progress.transferred, n);
                 Ok(())
             });
@@ -624,7 +620,10 @@ async fn upload(
     // so a pack that landed just before the crash is never sent again.
     db.add_task_pack(&task, &id, &format::encode_trailer(&chunks))?;
     uploads.spawn(async move {
-        let n = repo.put(&pack_key(&id), bytes.into(), false).await?;
+        let n = repo
+            .objects()
+            .put(&pack_key(&id), bytes.into(), false)
+            .await?;
         Progress::add(&progress.transferred, n);
         Ok(())
     });

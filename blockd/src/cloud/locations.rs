@@ -8,7 +8,7 @@
 //! first start, so backups work with no setup.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use object_store::local::LocalFileSystem;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 use serde::{Deserialize, Serialize};
 
-use super::CloudError;
+use super::{now, CloudError};
 use crate::repo::faulty::FaultyStore;
 use crate::repo::Repo;
 use crate::state::StateDb;
@@ -66,10 +66,6 @@ pub struct Locations {
     open: tokio::sync::Mutex<HashMap<String, Arc<Repo>>>,
     /// Serialises create and delete.
     change: Mutex<()>,
-}
-
-fn now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 fn invalid(m: impl Into<String>) -> CloudError {
@@ -132,6 +128,14 @@ impl Locations {
                 }
             })
             .collect())
+    }
+
+    /// One location's row.
+    fn row(&self, name: &str) -> Result<(String, Settings, String), CloudError> {
+        self.rows()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))
     }
 
     fn to_api(&self, name: &str, s: &Settings, created: &str) -> Location {
@@ -549,7 +553,9 @@ impl Locations {
             google_key,
             passphrase: req.encryption_passphrase.clone(),
         };
-        let repo = self.connect(&req.name, &settings, &secrets, true).await?;
+        let repo = self
+            .connect(&req.name, &settings, &secrets, true, true)
+            .await?;
         let _one = self
             .change
             .lock()
@@ -570,16 +576,22 @@ impl Locations {
         Ok(self.to_api(&req.name, &settings, &created))
     }
 
+    /// Builds the store and opens the repository; with `probe`, first
+    /// proves the store works with a round trip; with `init`, a missing
+    /// repository is created.
     async fn connect(
         &self,
         name: &str,
         s: &Settings,
         secrets: &Secrets,
         init: bool,
+        probe: bool,
     ) -> Result<Arc<Repo>, CloudError> {
         let store = self.build_store(name, s, secrets)?;
         let prefix = s.prefix.clone().unwrap_or_default();
-        Self::probe(&store, &prefix, name).await?;
+        if probe {
+            Self::probe(&store, &prefix, name).await?;
+        }
         let repo = Repo::open(
             store,
             &prefix,
@@ -622,13 +634,9 @@ impl Locations {
     /// # Errors
     /// What [`Locations::create`] checks.
     pub async fn validate(&self, name: &str) -> Result<Location, CloudError> {
-        let (n, s, created) = self
-            .rows()?
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))?;
+        let (n, s, created) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
-        let repo = self.connect(&n, &s, &secrets, false).await?;
+        let repo = self.connect(&n, &s, &secrets, false, true).await?;
         self.open.lock().await.insert(n.clone(), repo);
         Ok(self.to_api(&n, &s, &created))
     }
@@ -642,31 +650,16 @@ impl Locations {
         if let Some(r) = open.get(name) {
             return Ok(r.clone());
         }
-        let (n, s, _) = self
-            .rows()?
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))?;
+        let (n, s, _) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
-        let store = self.build_store(&n, &s, &secrets)?;
-        let repo = Arc::new(
-            Repo::open(
-                store,
-                s.prefix.as_deref().unwrap_or_default(),
-                &n,
-                secrets.passphrase.as_deref(),
-                s.storage_class.clone(),
-                // Only the embedded location may be initialised on first use.
-                n == LOCAL_LOCATION,
-            )
-            .await?,
-        );
+        // Only the embedded location may be initialised on first use.
+        let repo = self
+            .connect(&n, &s, &secrets, n == LOCAL_LOCATION, false)
+            .await?;
         open.insert(n, repo.clone());
         Ok(repo)
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 #[cfg(test)]
 mod tests {

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::repo::format::{Group, Manifest};
 use crate::repo::{Repo, RepoError};
-use crate::snapshot::store::{HookRecord, SnapshotStore};
+use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError, Snapshots};
 use crate::state::{StateDb, StateError};
 use crate::volume::dirty_map::ChangeSet;
@@ -178,17 +178,9 @@ impl std::fmt::Debug for Cloud {
     }
 }
 
-fn now() -> String {
+/// The current time, RFC 3339 UTC to the second.
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-fn hook(h: &HookRecord) -> Hook {
-    Hook {
-        command: h.command.clone(),
-        exit_code: h.exit_code,
-        timed_out: h.timed_out,
-        output: h.output.clone(),
-    }
 }
 
 fn new_task_id() -> String {
@@ -585,8 +577,8 @@ impl Cloud {
                         .collect(),
                     created: meta.created.clone(),
                     pause_us: meta.pause_us,
-                    pre_exec: meta.pre_exec.as_ref().map(hook),
-                    post_exec: meta.post_exec.as_ref().map(hook),
+                    pre_exec: meta.pre_exec.clone().map(Into::into),
+                    post_exec: meta.post_exec.clone().map(Into::into),
                 },
                 read: 0,
                 new: 0,
@@ -753,7 +745,7 @@ impl Cloud {
         // The manifest's own size counts as uploaded too (approximately).
         manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;
         match repo.put_manifest(&manifest).await {
-            Ok(n) => Progress::add_pub(&run.progress.transferred, n),
+            Ok(n) => Progress::add(&run.progress.transferred, n),
             // Written by this task before a crash: done.
             Err(RepoError::Exists { .. })
                 if repo
@@ -1056,7 +1048,11 @@ impl Cloud {
                 "--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
             ))
         })?;
-        match repo.get_meta(&crate::repo::manifest_key(v, n)).await {
+        match repo
+            .objects()
+            .get_meta(&crate::repo::manifest_key(v, n))
+            .await
+        {
             Err(RepoError::Missing { .. }) => {
                 return Err(CloudError::NotFound(format!(
                     "no cloud snapshot {snap} in location {location}"
@@ -1066,7 +1062,9 @@ impl Cloud {
                 r?;
             }
         }
-        repo.delete(&crate::repo::manifest_key(v, n)).await?;
+        repo.objects()
+            .delete(&crate::repo::manifest_key(v, n))
+            .await?;
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
         Ok(())
     }
@@ -1218,7 +1216,6 @@ impl Cloud {
         };
         let r = restore::run(&job).await;
         r?;
-        Progress::add_pub(&run.progress.done, 0);
         run.progress
             .done
             .store(rec.task.bytes_total, std::sync::atomic::Ordering::Relaxed);

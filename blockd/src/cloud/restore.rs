@@ -108,7 +108,10 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
         .map(|f| {
             let repo = repo.clone();
             async move {
-                let bytes = repo.get_range(&pack_key(&f.pack), f.start..f.end).await?;
+                let bytes = repo
+                    .objects()
+                    .get_range(&pack_key(&f.pack), f.start..f.end)
+                    .await?;
                 tokio::task::spawn_blocking(move || {
                     let mut n = 0u64;
                     for c in &f.chunks {
@@ -188,8 +191,11 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let boot = boot.clone();
                 let write_lock = write_lock.clone();
                 async move {
-                    let bytes = repo.get_range(&pack_key(&f.pack), f.start..f.end).await?;
-                    Progress::add_pub(&progress.transferred, bytes.len() as u64);
+                    let bytes = repo
+                        .objects()
+                        .get_range(&pack_key(&f.pack), f.start..f.end)
+                        .await?;
+                    Progress::add(&progress.transferred, bytes.len() as u64);
                     // Open and check every chunk before writing any of it,
                     // then write runs of adjacent entries in one go, on the
                     // blocking pool (no thread hop per chunk).
@@ -208,7 +214,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     })
                     .await
                     .map_err(|e| CloudError::Internal(e.to_string()))??;
-                    Progress::add_pub(&progress.done, written);
+                    Progress::add(&progress.done, written);
                     Ok::<(), CloudError>(())
                 }
             })

@@ -2,10 +2,11 @@
 //! and written. The byte layout is documented in `FORMAT.md` beside this
 //! file; [`format`] encodes it, [`crypto`] seals it.
 //!
-//! A [`Repo`] is one location opened with its keys. Every object operation
-//! goes through [`Repo::retry`], which retries transient provider errors
-//! (on top of the HTTP client's own retries) and names the object in every
-//! error it gives up with.
+//! A [`Repo`] is one location opened with its keys; its [`Objects`] is the
+//! plain object access underneath. Every object operation goes through
+//! `Objects::retry`, which retries transient provider errors (on top of the
+//! HTTP client's own retries) and names the object in every error it gives
+//! up with.
 
 pub mod crypto;
 pub mod faulty;
@@ -90,14 +91,21 @@ pub enum RepoError {
 /// An opened repository.
 #[derive(Debug)]
 pub struct Repo {
-    store: Arc<dyn ObjectStore>,
-    prefix: String,
-    location: String,
-    storage_class: Option<String>,
+    objects: Objects,
     /// The repository's config object.
     pub config: Config,
     /// Its keys.
     pub keys: Keys,
+}
+
+/// Plain object access under a location's prefix, with retries and
+/// errors that name the object. Knows nothing of keys or formats.
+#[derive(Debug)]
+pub struct Objects {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    location: String,
+    storage_class: Option<String>,
 }
 
 /// Hex of a pack id.
@@ -158,25 +166,14 @@ impl Repo {
         storage_class: Option<String>,
         init: bool,
     ) -> Result<Self, RepoError> {
-        let mut repo = Self {
+        let objects = Objects {
             store,
             prefix: prefix.trim_matches('/').to_string(),
             location: location.to_string(),
             storage_class,
-            config: Config {
-                format: String::new(),
-                version: 0,
-                chunk_size: 0,
-                pack_size: 0,
-                index_span: 0,
-                keys: KeyWrap::None {
-                    material: String::new(),
-                },
-            },
-            keys: Keys::new(&[0u8; 64], false),
         };
-        let config = match repo.get_meta("config").await {
-            Ok(bytes) => repo.parse_config(&bytes)?,
+        let config = match objects.get_meta("config").await {
+            Ok(bytes) => parse_config(&objects, &bytes)?,
             Err(RepoError::Missing { .. }) if !init => {
                 return Err(RepoError::Key {
                     location: location.to_string(),
@@ -187,100 +184,255 @@ impl Repo {
                 let (config, _) = new_config(passphrase);
                 let body = serde_json::to_vec_pretty(&config)
                     .unwrap_or_else(|_| unreachable!("a config always serialises"));
-                match repo.put("config", body.into(), true).await {
+                match objects.put("config", body.into(), true).await {
                     Ok(_) => {
                         tracing::info!(location, "repository initialised");
                         config
                     }
                     // Another host initialised it first: use theirs.
                     Err(RepoError::Exists { .. }) => {
-                        let bytes = repo.get_meta("config").await?;
-                        repo.parse_config(&bytes)?
+                        let bytes = objects.get_meta("config").await?;
+                        parse_config(&objects, &bytes)?
                     }
                     Err(e) => return Err(e),
                 }
             }
             Err(e) => return Err(e),
         };
-        repo.keys = repo.unlock(&config, passphrase)?;
-        repo.config = config;
-        Ok(repo)
+        let keys = unlock(&objects, &config, passphrase)?;
+        Ok(Self {
+            objects,
+            config,
+            keys,
+        })
     }
 
-    fn parse_config(&self, bytes: &[u8]) -> Result<Config, RepoError> {
-        let c: Config = serde_json::from_slice(bytes).map_err(|e| self.corrupt("config", e))?;
-        if c.format != "blockd-repository" {
-            return Err(self.corrupt("config", "not a blockd repository"));
-        }
-        if c.version > format::FORMAT_VERSION {
-            return Err(self.corrupt(
-                "config",
-                format!(
-                    "format version {} is newer than this blockd ({}); upgrade blockd",
-                    c.version,
-                    format::FORMAT_VERSION
-                ),
-            ));
-        }
-        if c.chunk_size == 0
-            || c.chunk_size > format::MAX_CHUNK_SIZE
-            || c.index_span < c.chunk_size
-            || c.index_span > format::MAX_INDEX_SPAN
-            || !c.index_span.is_multiple_of(c.chunk_size)
-            || c.pack_size == 0
-            || c.pack_size > 1 << 30
-        {
-            return Err(self.corrupt("config", "chunk, pack or index sizes out of range"));
-        }
-        Ok(c)
+    /// The location's name.
+    pub fn location(&self) -> &str {
+        &self.objects.location
     }
 
-    fn unlock(&self, c: &Config, passphrase: Option<&str>) -> Result<Keys, RepoError> {
-        let key_err = |message: String| RepoError::Key {
-            location: self.location.clone(),
-            message,
+    /// Object access (packs are read and written through it directly).
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Compresses and seals one chunk: `kind u8 | payload`, sealed with
+    /// `"c" | chunk id` as associated data when the repository is
+    /// encrypted, stored as is otherwise.
+    pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
+        // Incompressible data (already compressed or encrypted, random) is
+        // recognised from a 4 KiB sample and stored raw without paying for
+        // compressing all of it.
+        let sample = 4096;
+        let worth = plain.len() <= 2 * sample
+            || lz4_flex::block::compress(&plain[..sample]).len() < sample * 31 / 32;
+        let compressed = if worth {
+            lz4_flex::block::compress(plain)
+        } else {
+            Vec::new()
         };
-        match (&c.keys, passphrase) {
-            (KeyWrap::None { material }, None) => {
-                let m: [u8; 64] = hex::decode(material)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| self.corrupt("config", "key material is not 64 hex bytes"))?;
-                Ok(Keys::new(&m, false))
-            }
-            (KeyWrap::None { .. }, Some(_)) => Err(key_err(
-                "the repository is not encrypted, but an encryption passphrase was given: create the credentials without --encryption-passphrase, or use a new bucket or prefix for an encrypted repository".into(),
-            )),
-            (KeyWrap::Argon2id { .. }, None) => Err(key_err(
-                "the repository is encrypted: give its passphrase with --encryption-passphrase".into(),
-            )),
-            (
-                KeyWrap::Argon2id {
-                    m_kib,
-                    t,
-                    p,
-                    salt,
-                    nonce,
-                    wrapped,
-                },
-                Some(pass),
-            ) => {
-                let salt = hex::decode(salt).map_err(|e| self.corrupt("config", e))?;
-                let nonce: [u8; 12] = hex::decode(nonce)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| self.corrupt("config", "bad key nonce"))?;
-                let wrapped = hex::decode(wrapped).map_err(|e| self.corrupt("config", e))?;
-                let kek = crypto::derive_kek(pass, &salt, *m_kib, *t, *p)
-                    .map_err(|e| self.corrupt("config", e))?;
-                let m = crypto::unwrap(&kek, &wrapped, &nonce).ok_or_else(|| {
-                    key_err("wrong encryption passphrase: the repository's keys did not unlock (nothing was read or written)".into())
-                })?;
-                Ok(Keys::new(&m, true))
-            }
+        let mut payload = Vec::with_capacity(plain.len() + 1);
+        if worth && compressed.len() < plain.len() {
+            payload.push(format::CHUNK_LZ4);
+            payload.extend_from_slice(&compressed);
+        } else {
+            payload.push(format::CHUNK_RAW);
+            payload.extend_from_slice(plain);
+        }
+        if self.keys.encrypted() {
+            self.keys.seal(&chunk_ad(id), &payload)
+        } else {
+            // Unencrypted: the chunk id (a keyed hash of the plain bytes,
+            // checked after decompression) is the integrity check; a tag
+            // would only hash the same bytes twice.
+            payload
         }
     }
 
+    /// Opens one sealed chunk record and checks it is the chunk `loc` names.
+    ///
+    /// # Errors
+    /// Corruption, naming the pack and chunk.
+    pub fn open_chunk(&self, loc: &ChunkLoc, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
+        self.open_chunk_in(loc, sealed)
+            .map(std::borrow::Cow::into_owned)
+    }
+
+    /// [`Repo::open_chunk`] without copying: an unencrypted raw chunk is
+    /// checked and returned in place.
+    ///
+    /// # Errors
+    /// Corruption, naming the pack and chunk.
+    pub fn open_chunk_in<'a>(
+        &self,
+        loc: &ChunkLoc,
+        sealed: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, RepoError> {
+        use std::borrow::Cow;
+        let key = pack_key(&loc.pack);
+        let what = |r: &str| {
+            self.objects.corrupt(
+                &key,
+                format!(
+                    "chunk {} at offset {}: {r}",
+                    hex::encode(&loc.id[..8]),
+                    loc.offset
+                ),
+            )
+        };
+        let payload: Cow<'a, [u8]> = if self.keys.encrypted() {
+            Cow::Owned(
+                self.keys
+                    .open(&chunk_ad(&loc.id), sealed)
+                    .map_err(|Tampered| what("integrity check failed"))?,
+            )
+        } else {
+            Cow::Borrowed(sealed)
+        };
+        let plain_len = loc.plain_len as usize;
+        let plain: Cow<'a, [u8]> = match (payload.first().copied(), payload) {
+            (Some(format::CHUNK_RAW), Cow::Borrowed(p)) => Cow::Borrowed(&p[1..]),
+            (Some(format::CHUNK_RAW), Cow::Owned(mut p)) => {
+                p.remove(0);
+                Cow::Owned(p)
+            }
+            (Some(format::CHUNK_LZ4), p) => Cow::Owned(
+                lz4_flex::block::decompress(&p[1..], plain_len)
+                    .map_err(|e| what(&format!("does not decompress: {e}")))?,
+            ),
+            _ => return Err(what("unknown payload kind")),
+        };
+        if plain.len() != plain_len || self.keys.chunk_id(&plain) != loc.id {
+            return Err(what("content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    /// Encodes and seals an index block; returns its id in hex and the
+    /// object's bytes (written under [`index_key`]).
+    pub fn seal_index(&self, block: u64, entries: &[Entry]) -> (String, Vec<u8>) {
+        let plain = format::encode_index(block, entries);
+        let id = hex::encode(self.keys.object_id(b"index", &plain));
+        let sealed = self.keys.seal(&index_ad(&id), &plain);
+        (id, sealed)
+    }
+
+    /// Reads and checks index block `block`.
+    ///
+    /// # Errors
+    /// Missing or corrupt block, named.
+    pub async fn get_index(&self, block: u64, id: &str) -> Result<Vec<Entry>, RepoError> {
+        let key = index_key(id);
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(self.objects.corrupt(&key, "bad index block id"));
+        }
+        let sealed = self.objects.get_meta(&key).await?;
+        let plain = self
+            .keys
+            .open(&index_ad(id), &sealed)
+            .map_err(|Tampered| self.objects.corrupt(&key, "integrity check failed"))?;
+        if hex::encode(self.keys.object_id(b"index", &plain)) != id {
+            return Err(self.objects.corrupt(&key, "content does not match its id"));
+        }
+        format::decode_index(
+            &plain,
+            block,
+            self.config.index_span,
+            self.config.chunk_size,
+        )
+        .map_err(|Malformed(m)| self.objects.corrupt(&key, m))
+    }
+
+    /// Writes a manifest, only if that snapshot does not exist yet: the
+    /// commit point of a backup.
+    ///
+    /// # Errors
+    /// Provider errors; [`RepoError::Exists`].
+    pub async fn put_manifest(&self, m: &Manifest) -> Result<u64, RepoError> {
+        let key = manifest_key(&m.volume, &m.name);
+        let json = serde_json::to_vec(m).unwrap_or_else(|_| unreachable!("manifests serialise"));
+        let body = format::envelope(
+            format::MANIFEST_MAGIC,
+            &self.keys.seal(key.as_bytes(), &json),
+        );
+        self.objects.put(&key, body.into(), true).await
+    }
+
+    /// Reads a manifest.
+    ///
+    /// # Errors
+    /// Missing or corrupt manifest, named.
+    pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
+        let key = manifest_key(volume, name);
+        let bytes = self.objects.get_meta(&key).await?;
+        let sealed = format::open_envelope(format::MANIFEST_MAGIC, &bytes)
+            .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
+        let json = self.keys.open(key.as_bytes(), sealed).map_err(|Tampered| {
+            self.objects
+                .corrupt(&key, "integrity check failed (wrong key, or altered)")
+        })?;
+        let m: Manifest =
+            serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&key, e))?;
+        if m.volume != volume || m.name != name {
+            return Err(self
+                .objects
+                .corrupt(&key, "manifest names a different snapshot"));
+        }
+        let span = self.config.index_span;
+        let blocks = m.size.div_ceil(span);
+        if m.extent_size == 0
+            || m.blocks.windows(2).any(|w| w[0].0 >= w[1].0)
+            || m.blocks.last().is_some_and(|b| b.0 >= blocks)
+        {
+            return Err(self.objects.corrupt(&key, "index block list out of range"));
+        }
+        Ok(m)
+    }
+
+    /// Names of the snapshots of `volume`, or of every volume, as
+    /// `(volume, name)`, sorted.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn list_snapshots(
+        &self,
+        volume: Option<&str>,
+    ) -> Result<Vec<(String, String)>, RepoError> {
+        let dir = match volume {
+            Some(v) => format!("snapshots/{v}"),
+            None => "snapshots".into(),
+        };
+        Ok(self
+            .objects
+            .list(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|k| {
+                let mut parts = k.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("snapshots"), Some(v), Some(n)) if !n.contains('/') => {
+                        Some((v.to_string(), n.to_string()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    /// Writes a group object.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn put_group(&self, g: &Group) -> Result<u64, RepoError> {
+        let key = group_key(&g.group);
+        let json = serde_json::to_vec(g).unwrap_or_else(|_| unreachable!("groups serialise"));
+        let body = format::envelope(format::GROUP_MAGIC, &self.keys.seal(key.as_bytes(), &json));
+        self.objects.put(&key, body.into(), false).await
+    }
+}
+
+impl Objects {
     /// The location's name.
     pub fn location(&self) -> &str {
         &self.location
@@ -494,263 +646,81 @@ impl Repo {
         keys.sort();
         Ok(keys)
     }
+}
 
-    /// Compresses and seals one chunk: `kind u8 | payload`, sealed with
-    /// `"c" | chunk id` as associated data when the repository is
-    /// encrypted, stored as is otherwise.
-    pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
-        // Incompressible data (already compressed or encrypted, random) is
-        // recognised from a 4 KiB sample and stored raw without paying for
-        // compressing all of it.
-        let sample = 4096;
-        let worth = plain.len() <= 2 * sample
-            || lz4_flex::block::compress(&plain[..sample]).len() < sample * 31 / 32;
-        let compressed = if worth {
-            lz4_flex::block::compress(plain)
-        } else {
-            Vec::new()
-        };
-        let mut payload = Vec::with_capacity(plain.len() + 1);
-        if worth && compressed.len() < plain.len() {
-            payload.push(format::CHUNK_LZ4);
-            payload.extend_from_slice(&compressed);
-        } else {
-            payload.push(format::CHUNK_RAW);
-            payload.extend_from_slice(plain);
-        }
-        if self.keys.encrypted() {
-            self.keys.seal(&chunk_ad(id), &payload)
-        } else {
-            // Unencrypted: the chunk id (a keyed hash of the plain bytes,
-            // checked after decompression) is the integrity check; a tag
-            // would only hash the same bytes twice.
-            payload
-        }
+/// Parses and checks a config object.
+fn parse_config(o: &Objects, bytes: &[u8]) -> Result<Config, RepoError> {
+    let c: Config = serde_json::from_slice(bytes).map_err(|e| o.corrupt("config", e))?;
+    if c.format != "blockd-repository" {
+        return Err(o.corrupt("config", "not a blockd repository"));
     }
-
-    /// Opens one sealed chunk record and checks it is the chunk `loc` names.
-    ///
-    /// # Errors
-    /// Corruption, naming the pack and chunk.
-    pub fn open_chunk(&self, loc: &ChunkLoc, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
-        self.open_chunk_in(loc, sealed)
-            .map(std::borrow::Cow::into_owned)
-    }
-
-    /// [`Repo::open_chunk`] without copying: an unencrypted raw chunk is
-    /// checked and returned in place.
-    ///
-    /// # Errors
-    /// Corruption, naming the pack and chunk.
-    pub fn open_chunk_in<'a>(
-        &self,
-        loc: &ChunkLoc,
-        sealed: &'a [u8],
-    ) -> Result<std::borrow::Cow<'a, [u8]>, RepoError> {
-        use std::borrow::Cow;
-        let key = pack_key(&loc.pack);
-        let what = |r: &str| {
-            self.corrupt(
-                &key,
-                format!(
-                    "chunk {} at offset {}: {r}",
-                    hex::encode(&loc.id[..8]),
-                    loc.offset
-                ),
-            )
-        };
-        let payload: Cow<'a, [u8]> = if self.keys.encrypted() {
-            Cow::Owned(
-                self.keys
-                    .open(&chunk_ad(&loc.id), sealed)
-                    .map_err(|Tampered| what("integrity check failed"))?,
-            )
-        } else {
-            Cow::Borrowed(sealed)
-        };
-        let plain_len = loc.plain_len as usize;
-        let plain: Cow<'a, [u8]> = match (payload.first().copied(), payload) {
-            (Some(format::CHUNK_RAW), Cow::Borrowed(p)) => Cow::Borrowed(&p[1..]),
-            (Some(format::CHUNK_RAW), Cow::Owned(mut p)) => {
-                p.remove(0);
-                Cow::Owned(p)
-            }
-            (Some(format::CHUNK_LZ4), p) => Cow::Owned(
-                lz4_flex::block::decompress(&p[1..], plain_len)
-                    .map_err(|e| what(&format!("does not decompress: {e}")))?,
+    if c.version > format::FORMAT_VERSION {
+        return Err(o.corrupt(
+            "config",
+            format!(
+                "format version {} is newer than this blockd ({}); upgrade blockd",
+                c.version,
+                format::FORMAT_VERSION
             ),
-            _ => return Err(what("unknown payload kind")),
-        };
-        if plain.len() != plain_len || self.keys.chunk_id(&plain) != loc.id {
-            return Err(what("content does not match its id"));
+        ));
+    }
+    if c.chunk_size == 0
+        || c.chunk_size > format::MAX_CHUNK_SIZE
+        || c.index_span < c.chunk_size
+        || c.index_span > format::MAX_INDEX_SPAN
+        || !c.index_span.is_multiple_of(c.chunk_size)
+        || c.pack_size == 0
+        || c.pack_size > 1 << 30
+    {
+        return Err(o.corrupt("config", "chunk, pack or index sizes out of range"));
+    }
+    Ok(c)
+}
+
+/// Unlocks the key material of `c` with `passphrase`.
+fn unlock(o: &Objects, c: &Config, passphrase: Option<&str>) -> Result<Keys, RepoError> {
+    let key_err = |message: String| RepoError::Key {
+        location: o.location.clone(),
+        message,
+    };
+    match (&c.keys, passphrase) {
+        (KeyWrap::None { material }, None) => {
+            let m: [u8; 64] = hex::decode(material)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| o.corrupt("config", "key material is not 64 hex bytes"))?;
+            Ok(Keys::new(&m, false))
         }
-        Ok(plain)
-    }
-
-    /// Encodes and seals an index block; returns its id in hex and the
-    /// object's bytes (written under [`index_key`]).
-    pub fn seal_index(&self, block: u64, entries: &[Entry]) -> (String, Vec<u8>) {
-        let plain = format::encode_index(block, entries);
-        let id = hex::encode(self.keys.object_id(b"index", &plain));
-        let sealed = self.keys.seal(&index_ad(&id), &plain);
-        (id, sealed)
-    }
-
-    /// Writes an index block (content-addressed); returns its id in hex.
-    ///
-    /// # Errors
-    /// Provider errors.
-    pub async fn put_index(
-        &self,
-        block: u64,
-        entries: &[Entry],
-    ) -> Result<(String, u64), RepoError> {
-        let plain = format::encode_index(block, entries);
-        let id = hex::encode(self.keys.object_id(b"index", &plain));
-        let sealed = self.keys.seal(&index_ad(&id), &plain);
-        let n = self.put(&index_key(&id), sealed.into(), false).await?;
-        Ok((id, n))
-    }
-
-    /// Reads and checks index block `block`.
-    ///
-    /// # Errors
-    /// Missing or corrupt block, named.
-    pub async fn get_index(&self, block: u64, id: &str) -> Result<Vec<Entry>, RepoError> {
-        let key = index_key(id);
-        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(self.corrupt(&key, "bad index block id"));
+        (KeyWrap::None { .. }, Some(_)) => Err(key_err(
+            "the repository is not encrypted, but an encryption passphrase was given: create the credentials without --encryption-passphrase, or use a new bucket or prefix for an encrypted repository".into(),
+        )),
+        (KeyWrap::Argon2id { .. }, None) => Err(key_err(
+            "the repository is encrypted: give its passphrase with --encryption-passphrase".into(),
+        )),
+        (
+            KeyWrap::Argon2id {
+                m_kib,
+                t,
+                p,
+                salt,
+                nonce,
+                wrapped,
+            },
+            Some(pass),
+        ) => {
+            let salt = hex::decode(salt).map_err(|e| o.corrupt("config", e))?;
+            let nonce: [u8; 12] = hex::decode(nonce)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| o.corrupt("config", "bad key nonce"))?;
+            let wrapped = hex::decode(wrapped).map_err(|e| o.corrupt("config", e))?;
+            let kek = crypto::derive_kek(pass, &salt, *m_kib, *t, *p)
+                .map_err(|e| o.corrupt("config", e))?;
+            let m = crypto::unwrap(&kek, &wrapped, &nonce).ok_or_else(|| {
+                key_err("wrong encryption passphrase: the repository's keys did not unlock (nothing was read or written)".into())
+            })?;
+            Ok(Keys::new(&m, true))
         }
-        let sealed = self.get_meta(&key).await?;
-        let plain = self
-            .keys
-            .open(&index_ad(id), &sealed)
-            .map_err(|Tampered| self.corrupt(&key, "integrity check failed"))?;
-        if hex::encode(self.keys.object_id(b"index", &plain)) != id {
-            return Err(self.corrupt(&key, "content does not match its id"));
-        }
-        format::decode_index(
-            &plain,
-            block,
-            self.config.index_span,
-            self.config.chunk_size,
-        )
-        .map_err(|Malformed(m)| self.corrupt(&key, m))
-    }
-
-    /// Writes a manifest, only if that snapshot does not exist yet: the
-    /// commit point of a backup.
-    ///
-    /// # Errors
-    /// Provider errors; [`RepoError::Exists`].
-    pub async fn put_manifest(&self, m: &Manifest) -> Result<u64, RepoError> {
-        let key = manifest_key(&m.volume, &m.name);
-        let json = serde_json::to_vec(m).unwrap_or_else(|_| unreachable!("manifests serialise"));
-        let body = format::envelope(
-            format::MANIFEST_MAGIC,
-            &self.keys.seal(key.as_bytes(), &json),
-        );
-        self.put(&key, body.into(), true).await
-    }
-
-    /// Reads a manifest.
-    ///
-    /// # Errors
-    /// Missing or corrupt manifest, named.
-    pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
-        let key = manifest_key(volume, name);
-        let bytes = self.get_meta(&key).await?;
-        let sealed = format::open_envelope(format::MANIFEST_MAGIC, &bytes)
-            .map_err(|Malformed(m)| self.corrupt(&key, m))?;
-        let json = self.keys.open(key.as_bytes(), sealed).map_err(|Tampered| {
-            self.corrupt(&key, "integrity check failed (wrong key, or altered)")
-        })?;
-        let m: Manifest = serde_json::from_slice(&json).map_err(|e| self.corrupt(&key, e))?;
-        if m.volume != volume || m.name != name {
-            return Err(self.corrupt(&key, "manifest names a different snapshot"));
-        }
-        let span = self.config.index_span;
-        let blocks = m.size.div_ceil(span);
-        if m.extent_size == 0
-            || m.blocks.windows(2).any(|w| w[0].0 >= w[1].0)
-            || m.blocks.last().is_some_and(|b| b.0 >= blocks)
-        {
-            return Err(self.corrupt(&key, "index block list out of range"));
-        }
-        Ok(m)
-    }
-
-    /// Names of the snapshots of `volume`, or of every volume, as
-    /// `(volume, name)`, sorted.
-    ///
-    /// # Errors
-    /// Provider errors.
-    pub async fn list_snapshots(
-        &self,
-        volume: Option<&str>,
-    ) -> Result<Vec<(String, String)>, RepoError> {
-        let dir = match volume {
-            Some(v) => format!("snapshots/{v}"),
-            None => "snapshots".into(),
-        };
-        Ok(self
-            .list(&dir)
-            .await?
-            .into_iter()
-            .filter_map(|k| {
-                let mut parts = k.splitn(3, '/');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some("snapshots"), Some(v), Some(n)) if !n.contains('/') => {
-                        Some((v.to_string(), n.to_string()))
-                    }
-                    _ => None,
-                }
-            })
-            .collect())
-    }
-
-    /// Writes a group object.
-    ///
-    /// # Errors
-    /// Provider errors.
-    pub async fn put_group(&self, g: &Group) -> Result<u64, RepoError> {
-        let key = group_key(&g.group);
-        let json = serde_json::to_vec(g).unwrap_or_else(|_| unreachable!("groups serialise"));
-        let body = format::envelope(format::GROUP_MAGIC, &self.keys.seal(key.as_bytes(), &json));
-        self.put(&key, body.into(), false).await
-    }
-
-    /// Reads a group object.
-    ///
-    /// # Errors
-    /// Missing or corrupt object.
-    pub async fn get_group(&self, group: &str) -> Result<Group, RepoError> {
-        let key = group_key(group);
-        let bytes = self.get_meta(&key).await?;
-        let sealed = format::open_envelope(format::GROUP_MAGIC, &bytes)
-            .map_err(|Malformed(m)| self.corrupt(&key, m))?;
-        let json = self
-            .keys
-            .open(key.as_bytes(), sealed)
-            .map_err(|Tampered| self.corrupt(&key, "integrity check failed"))?;
-        serde_json::from_slice(&json).map_err(|e| self.corrupt(&key, e))
-    }
-
-    /// Reads and checks the trailer of a pack (the chunks it holds).
-    ///
-    /// # Errors
-    /// Missing or corrupt pack.
-    pub async fn pack_chunks(&self, pack: [u8; 16]) -> Result<Vec<ChunkLoc>, RepoError> {
-        let key = pack_key(&pack);
-        let bytes = self.get_meta(&key).await?;
-        let (records, sealed) =
-            format::split_pack(&bytes).map_err(|Malformed(m)| self.corrupt(&key, m))?;
-        let plain = self
-            .keys
-            .open(&pack_ad(&pack), sealed)
-            .map_err(|Tampered| self.corrupt(&key, "trailer integrity check failed"))?;
-        format::decode_trailer(&plain, pack, records.len() as u64)
-            .map_err(|Malformed(m)| self.corrupt(&key, m))
     }
 }
 

@@ -73,6 +73,17 @@ pub struct HookRecord {
     pub output: String,
 }
 
+impl From<HookRecord> for blockd_api::Hook {
+    fn from(h: HookRecord) -> Self {
+        Self {
+            command: h.command,
+            exit_code: h.exit_code,
+            timed_out: h.timed_out,
+            output: h.output,
+        }
+    }
+}
+
 /// Snapshot store errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
