@@ -169,6 +169,8 @@ pub struct Cloud {
     running: Mutex<HashMap<String, Arc<Running>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Serialises backups reaching Done (group objects).
+    finishing: tokio::sync::Mutex<()>,
     full_every: u32,
 }
 
@@ -240,6 +242,7 @@ impl Cloud {
             running: Mutex::new(HashMap::new()),
             shutdown,
             tracker,
+            finishing: tokio::sync::Mutex::new(()),
             full_every,
         });
         for rec in me.db.tasks(true, u32::MAX)? {
@@ -637,12 +640,20 @@ impl Cloud {
                     if let Err(e) = me.snapshots.release(&volume, &name) {
                         tracing::warn!(error = %e, "releasing the backup's snapshot failed");
                     }
+                    // The last member of a group writes the group object
+                    // before it reports Done; members finish one at a time
+                    // here, so exactly one of them sees the others Done.
+                    let (group, location) = {
+                        let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        (r.task.group.clone(), r.task.location.clone())
+                    };
+                    let _finishing = me.finishing.lock().await;
+                    if let Some(g) = &group {
+                        me.maybe_write_group(g, &location, &id).await;
+                    }
                     let r = me.finish(&run, TaskState::Done, None);
                     let _ = me.db.set_backup_base(&volume, Some((&r.task.location, &r.task.snapshot)));
                     tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
-                    if let Some(g) = &r.task.group {
-                        me.maybe_write_group(g, &r.task.location).await;
-                    }
                 }
                 Err(CloudError::Cancelled)
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
@@ -757,7 +768,9 @@ impl Cloud {
         Ok(())
     }
 
-    async fn maybe_write_group(&self, group: &str, location: &str) {
+    /// Writes the group object if every member but `finishing` (which is
+    /// about to be Done) is Done.
+    async fn maybe_write_group(&self, group: &str, location: &str, finishing: &str) {
         let Ok(records) = self.db.tasks(false, 10_000) else {
             return;
         };
@@ -766,7 +779,10 @@ impl Cloud {
             .filter_map(|r| serde_json::from_str::<Record>(r).ok())
             .filter(|r| r.task.group.as_deref() == Some(group) && r.task.kind == TaskKind::Backup)
             .collect();
-        if members.iter().any(|r| r.task.state != TaskState::Done) {
+        if members
+            .iter()
+            .any(|r| r.task.id != finishing && r.task.state != TaskState::Done)
+        {
             return;
         }
         let Ok(repo) = self.locations.repo(location).await else {
