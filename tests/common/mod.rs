@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cloud;
+pub mod disk;
 pub mod objstores;
 
 use std::io::Read;

@@ -209,6 +209,10 @@ pub struct RestoreRequest {
     /// Location; may be left out when only one exists.
     #[serde(default)]
     pub location: Option<String>,
+    /// Serve the new volume at once and fetch its data as it is touched
+    /// (and in the background) instead of before it is exported.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// What a task does.
@@ -284,6 +288,9 @@ pub struct Task {
     pub group: Option<String>,
     /// Full read of the volume (backup).
     pub full: bool,
+    /// A lazy restore: the volume is served while it fills.
+    #[serde(default)]
+    pub lazy: bool,
     /// Start time, RFC 3339.
     pub created: String,
     /// End time, RFC 3339.

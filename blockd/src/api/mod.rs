@@ -218,6 +218,12 @@ async fn resize_volume(
     bytes: Bytes,
 ) -> ApiResult<blockd_api::Volume> {
     let req: ResizeVolume = body(&bytes)?;
+    if let Some(message) = d.cloud.volume_busy(&name) {
+        return Err(Failure {
+            status: StatusCode::CONFLICT,
+            message,
+        });
+    }
     let v = d.store.resize(&name, req.size)?;
     Ok(Json(to_api(&v)))
 }

@@ -16,6 +16,7 @@
 //!   still referenced, not uploaded). Every 7th backup reads everything.
 
 pub mod backup;
+pub mod hydrate;
 pub mod locations;
 pub mod restore;
 
@@ -107,6 +108,12 @@ enum Plan {
     Restore {
         src_volume: String,
         src_name: String,
+        /// Served while it fills (see `hydrate`).
+        #[serde(default)]
+        lazy: bool,
+        /// Bytes per present-map unit of a lazy restore.
+        #[serde(default)]
+        unit: u64,
     },
 }
 
@@ -120,6 +127,12 @@ struct Record {
     read: u64,
     #[serde(default)]
     new: u64,
+}
+
+/// A lazy restore's present map and source.
+struct Hydration {
+    lazy: Arc<crate::volume::lazy::Lazy>,
+    source: Arc<hydrate::RepoSource>,
 }
 
 struct Running {
@@ -172,6 +185,8 @@ pub struct Cloud {
     /// Serialises backups reaching Done (group objects).
     finishing: tokio::sync::Mutex<()>,
     full_every: u32,
+    /// `BLOCKD_HYDRATE_LIMIT`: bytes per second for background hydration.
+    hydrate_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -244,6 +259,10 @@ impl Cloud {
             tracker,
             finishing: tokio::sync::Mutex::new(()),
             full_every,
+            hydrate_limit: std::env::var("BLOCKD_HYDRATE_LIMIT")
+                .ok()
+                .and_then(|v| blockd_api::parse_size(&v).ok())
+                .filter(|n| *n > 0),
         });
         for rec in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {
@@ -288,11 +307,24 @@ impl Cloud {
                     }
                 }
             }
+            Plan::Restore { lazy: true, .. } => match self.volumes.get(&r.task.volume) {
+                Some(v) => match self.attach_lazy(&v, &r, None, false) {
+                    Ok(h) => self.spawn_restore(r, Some(h)),
+                    Err(e) => {
+                        // Which units hold the volume's own writes is
+                        // unknown: it must not be served.
+                        v.restoring
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        self.fail_record(r, &format!("{e}; volume {} is not exported: restore it again into a new volume", v.name()));
+                    }
+                },
+                None => self.fail_record(r, "the volume being restored into is gone"),
+            },
             Plan::Restore { .. } => match self.volumes.get(&r.task.volume) {
                 Some(v) => {
                     v.restoring
                         .store(true, std::sync::atomic::Ordering::Release);
-                    self.spawn_restore(r);
+                    self.spawn_restore(r, None);
                 }
                 None => self.fail_record(r, "the volume being restored into is gone"),
             },
@@ -309,8 +341,8 @@ impl Cloud {
         let _ = self.save(&r);
     }
 
-    fn register(&self, r: Record) -> Arc<Running> {
-        let progress = Arc::new(Progress::default());
+    fn register(&self, r: Record, progress: Option<Arc<Progress>>) -> Arc<Running> {
+        let progress = progress.unwrap_or_default();
         use std::sync::atomic::Ordering::Relaxed;
         progress.total.store(r.task.bytes_total, Relaxed);
         progress.done.store(r.task.bytes_done, Relaxed);
@@ -476,7 +508,7 @@ impl Cloud {
                     "a backup or restore of volume {n} is already running: see `blockctl cloudsnap status`"
                 )));
             }
-            if v.restoring.load(std::sync::atomic::Ordering::Acquire) {
+            if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
                 return Err(CloudError::Conflict(format!(
                     "volume {n} is being restored"
                 )));
@@ -555,6 +587,7 @@ impl Cloud {
                 location: location.clone(),
                 group: group_id.clone(),
                 full,
+                lazy: false,
                 created: now(),
                 finished: None,
                 bytes_total: total,
@@ -626,7 +659,7 @@ impl Cloud {
     }
 
     fn spawn_backup(self: &Arc<Self>, record: Record, snap: Arc<SnapshotStore>) {
-        let run = self.register(record);
+        let run = self.register(record, None);
         let me = self.clone();
         self.tracker.spawn(async move {
             let outcome = me.run_backup(&run, &snap).await;
@@ -1118,8 +1151,10 @@ impl Cloud {
                 }
                 e => CloudError::Internal(e.to_string()),
             })?;
-        v.restoring
-            .store(true, std::sync::atomic::Ordering::Release);
+        if !req.lazy {
+            v.restoring
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let task = Task {
             id: new_task_id(),
             kind: TaskKind::Restore,
@@ -1129,6 +1164,7 @@ impl Cloud {
             location: location.clone(),
             group: None,
             full: true,
+            lazy: req.lazy,
             created: now(),
             finished: None,
             bytes_total: m.size,
@@ -1144,29 +1180,86 @@ impl Cloud {
             plan: Plan::Restore {
                 src_volume: m.volume.clone(),
                 src_name: m.name.clone(),
+                lazy: req.lazy,
+                unit: repo.config.chunk_size,
             },
             read: 0,
             new: 0,
         };
+        let hydration = if req.lazy {
+            let started = async {
+                let _ =
+                    crate::volume::lazy::remove_present(&self.volumes.present_path(&req.volume));
+                let h = self.attach_lazy(
+                    &v,
+                    &record,
+                    Some(hydrate::Ready::new(repo.clone(), m)),
+                    true,
+                )?;
+                // The map exists before the task does: a resumed lazy
+                // restore without one is damage, never a fresh start.
+                h.lazy
+                    .persist(roaring::RoaringBitmap::new(), 0)
+                    .await
+                    .map_err(|e| CloudError::internal("writing the present map", e))?;
+                Ok::<_, CloudError>(h)
+            };
+            match started.await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    v.end_lazy();
+                    let _ = self.volumes.delete(&req.volume, true);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         self.save(&record)?;
-        tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, "restore started");
-        self.spawn_restore(record);
+        tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
+        self.spawn_restore(record, hydration);
         Ok(Started {
             group: None,
             tasks: vec![task],
         })
     }
 
-    fn spawn_restore(self: &Arc<Self>, record: Record) {
-        let run = self.register(record);
+    fn spawn_restore(self: &Arc<Self>, record: Record, hydration: Option<Hydration>) {
+        let run = self.register(
+            record,
+            hydration.as_ref().map(|h| h.source.progress.clone()),
+        );
         let me = self.clone();
         self.tracker.spawn(async move {
-            let outcome = me.run_restore(&run).await;
+            let lazy = hydration.is_some();
+            let outcome = match &hydration {
+                Some(h) => me.run_hydrate(&run, h).await,
+                None => me.run_restore(&run).await,
+            };
             let (id, volume, snapshot, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 (r.task.id.clone(), r.task.volume.clone(), r.task.snapshot.clone(), r.task.location.clone())
             };
             match outcome {
+                Ok(()) if lazy => {
+                    // The volume is the snapshot plus its own writes, which
+                    // its dirty map holds: the next backup to the same
+                    // location can be an incremental on the snapshot.
+                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    // Done is recorded before the present map goes: a
+                    // crash in between must not restart hydration on an
+                    // empty map (it would overwrite the volume's writes).
+                    let r = me.finish(&run, TaskState::Done, None);
+                    if let Some(v) = me.volumes.get(&volume) {
+                        if let Some(l) = v.lazy() {
+                            v.end_lazy();
+                            if let Err(e) = l.remove_file() {
+                                tracing::warn!(%volume, error = %e, "removing the present map failed");
+                            }
+                        }
+                    }
+                    tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "lazy restore done: the volume is complete");
+                }
                 Ok(()) => {
                     if let Some(v) = me.volumes.get(&volume) {
                         // The volume now equals the snapshot: its next backup
@@ -1200,11 +1293,85 @@ impl Cloud {
         });
     }
 
+    /// Serves `v` lazily for the restore `r`: its present map (new when
+    /// `fresh`, else it must exist) and the source of its missing units.
+    fn attach_lazy(
+        self: &Arc<Self>,
+        v: &crate::volume::Volume,
+        r: &Record,
+        ready: Option<hydrate::Ready>,
+        fresh: bool,
+    ) -> Result<Hydration, CloudError> {
+        let Plan::Restore {
+            src_volume,
+            src_name,
+            unit,
+            ..
+        } = &r.plan
+        else {
+            return Err(CloudError::Internal("not a restore".into()));
+        };
+        let path = self.volumes.present_path(v.name());
+        if !fresh && !path.exists() {
+            return Err(CloudError::Internal(format!(
+                "the present map {} of lazily restored volume {} is missing",
+                path.display(),
+                v.name()
+            )));
+        }
+        let progress = Arc::new(Progress::default());
+        progress
+            .total
+            .store(r.task.bytes_total, std::sync::atomic::Ordering::Relaxed);
+        progress.transferred.store(
+            r.task.bytes_transferred,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let source = Arc::new(hydrate::RepoSource::new(
+            Arc::downgrade(self),
+            r.task.location.clone(),
+            src_volume.clone(),
+            src_name.clone(),
+            ready,
+            progress,
+        ));
+        let lazy = v
+            .make_lazy(path, *unit, source.clone())
+            .map_err(|e| CloudError::internal(&format!("volume {}", v.name()), e))?;
+        Ok(Hydration { lazy, source })
+    }
+
+    async fn run_hydrate(&self, run: &Arc<Running>, h: &Hydration) -> Result<(), CloudError> {
+        let rec = run.snapshot();
+        let volume = self
+            .volumes
+            .get(&rec.task.volume)
+            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+        let run2 = run.clone();
+        let job = hydrate::Job {
+            volume,
+            lazy: h.lazy.clone(),
+            source: h.source.clone(),
+            progress: run.progress.clone(),
+            cancel: run.stop.clone(),
+            report: Box::new(move |why| {
+                run2.record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .task
+                    .error = why;
+            }),
+            limit: self.hydrate_limit,
+        };
+        hydrate::run(&job).await
+    }
+
     async fn run_restore(&self, run: &Arc<Running>) -> Result<(), CloudError> {
         let rec = run.snapshot();
         let Plan::Restore {
             src_volume,
             src_name,
+            ..
         } = &rec.plan
         else {
             return Err(CloudError::Internal("not a restore".into()));

@@ -53,15 +53,15 @@ pub struct Job {
 }
 
 /// One ranged GET: records of one pack.
-struct Fetch {
-    pack: [u8; 16],
-    start: u64,
-    end: u64,
-    chunks: Vec<ChunkLoc>,
+pub(super) struct Fetch {
+    pub(super) pack: [u8; 16],
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) chunks: Vec<ChunkLoc>,
 }
 
 /// Coalesces the chunks of a block into GETs.
-fn plan(entries: &[Entry]) -> Vec<Fetch> {
+pub(super) fn plan(entries: &[Entry]) -> Vec<Fetch> {
     let mut by_pack: BTreeMap<[u8; 16], BTreeMap<u32, ChunkLoc>> = BTreeMap::new();
     for e in entries {
         by_pack

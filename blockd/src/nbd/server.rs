@@ -456,7 +456,7 @@ impl Conn {
     /// a READ fully in the page cache, or a small non-FUA WRITE. Returns the
     /// payload back when the request must go to [`Conn::handle`].
     fn try_inline(&self, req: &Request, payload: Vec<u8>) -> Option<Vec<u8>> {
-        if self.snapshot.is_some() {
+        if self.snapshot.is_some() || self.volume.is_lazy() {
             return Some(payload);
         }
         // A freeze holds the gate: then the request waits in its own task.
@@ -539,7 +539,7 @@ impl Conn {
                 }
             }
             Command::Cache => {
-                let r = v.cache(req.offset, req.length);
+                let r = v.cache(req.offset, req.length).await;
                 self.io_result(&req, r);
             }
             Command::BlockStatus => self.block_status(&req),

@@ -198,6 +198,11 @@ impl Snapshots {
                     "volume {n:?} not found: list volumes with `blockctl volume list`"
                 ))
             })?;
+            if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
+                return Err(FreezeError::Invalid(format!(
+                    "volume {n} is still being restored: snapshot it once `blockctl cloudsnap status` shows the restore Done"
+                )));
+            }
             if self.get(n, &name).is_some() {
                 return Err(FreezeError::Exists(format!(
                     "volume {n} already has a snapshot named {name}"

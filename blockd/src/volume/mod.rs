@@ -12,6 +12,7 @@
 
 pub mod dirty_map;
 pub mod engine;
+pub mod lazy;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use dirty_map::DirtyMap;
+use lazy::{Lazy, Need};
 
 use crate::snapshot::store::SnapshotStore;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +91,9 @@ pub struct Volume {
     pub closing: CancellationToken,
     /// A full restore is filling this volume: it is not exported until done.
     pub restoring: std::sync::atomic::AtomicBool,
+    /// A lazy restore is filling this volume while it is served.
+    lazy: std::sync::RwLock<Option<Arc<Lazy>>>,
+    lazy_on: std::sync::atomic::AtomicBool,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -119,6 +124,8 @@ impl Volume {
             cow_lock: std::sync::RwLock::new(()),
             closing: CancellationToken::new(),
             restoring: std::sync::atomic::AtomicBool::new(false),
+            lazy: std::sync::RwLock::new(None),
+            lazy_on: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -159,6 +166,69 @@ impl Volume {
         ConnectionGuard(self.clone())
     }
 
+    /// The lazy restore filling this volume, if one is.
+    pub fn lazy(&self) -> Option<Arc<Lazy>> {
+        if !self.lazy_on.load(Ordering::Acquire) {
+            return None;
+        }
+        self.lazy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// True while a lazy restore fills this volume (the inline fast paths
+    /// are then off).
+    pub fn is_lazy(&self) -> bool {
+        self.lazy_on.load(Ordering::Acquire)
+    }
+
+    /// Starts serving this volume lazily from `source`, with the present
+    /// map at `path` (see [`lazy`]).
+    ///
+    /// # Errors
+    /// A damaged present map.
+    pub fn make_lazy(
+        &self,
+        path: std::path::PathBuf,
+        unit: u64,
+        source: Arc<dyn lazy::Source>,
+    ) -> io::Result<Arc<Lazy>> {
+        let l = Arc::new(Lazy::open(
+            self.file.clone(),
+            path,
+            unit,
+            self.size(),
+            source,
+        )?);
+        *self
+            .lazy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(l.clone());
+        self.lazy_on.store(true, Ordering::Release);
+        Ok(l)
+    }
+
+    /// Ends lazy serving: every unit is present.
+    pub fn end_lazy(&self) {
+        self.lazy_on.store(false, Ordering::Release);
+        *self
+            .lazy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Makes `offset..offset + len` ready for `need` on a lazily restored
+    /// volume; returns whether units were filled or claimed.
+    async fn prepare(&self, offset: u64, len: u64, need: Need) -> io::Result<bool> {
+        match self.lazy() {
+            Some(l) => l.prepare(offset, len, need).await.inspect_err(|e| {
+                tracing::warn!(volume = %self.name, offset, len, error = %e, "lazy fetch failed");
+            }),
+            None => Ok(false),
+        }
+    }
+
     /// Bytes allocated on disk.
     pub fn allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -168,6 +238,8 @@ impl Volume {
     /// Fills `buf[header..]` from `offset` (the first `header` bytes are room
     /// for the reply header, so the data is never copied again).
     pub async fn read(&self, buf: Vec<u8>, header: usize, offset: u64) -> io::Result<Vec<u8>> {
+        self.prepare(offset, (buf.len() - header) as u64, Need::Read)
+            .await?;
         match self.read_cached(buf, header, offset) {
             Ok(buf) => Ok(buf),
             Err((buf, done)) => {
@@ -255,22 +327,37 @@ impl Volume {
         fua: bool,
     ) -> io::Result<Vec<u8>> {
         let len = (buf.len() - start) as u64;
+        let filled = self.prepare(offset, len, Need::Overwrite).await?;
         self.dirty.mark(offset, len);
         self.guard(offset, len)?;
         if fua {
             // A durable overwrite must not outrun the copy it displaced.
             self.sync_cow().await?;
         }
-        self.engine
+        let buf = self
+            .engine
             .write_at(&self.file, buf, start, offset, fua)
-            .await
+            .await?;
+        if fua && filled {
+            // ... nor the record that its units are present.
+            self.flush().await?;
+        }
+        Ok(buf)
     }
 
     /// Makes every acknowledged write durable, and the COW data of held
     /// snapshots first (their frozen images depend on it).
     pub async fn flush(&self) -> io::Result<()> {
         self.sync_cow().await?;
-        self.engine.sync(&self.file).await
+        let lazy = self.lazy();
+        // The map is taken before the sync: every unit it records present
+        // was written before the sync began.
+        let map = lazy.as_ref().map(|l| l.checkpoint());
+        self.engine.sync(&self.file).await?;
+        if let (Some(l), Some((map, generation))) = (lazy, map) {
+            l.persist(map, generation).await?;
+        }
+        Ok(())
     }
 
     /// fsyncs the COW files of held snapshots that have unsynced data.
@@ -445,6 +532,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.prepare(offset, len, Need::Overwrite).await?;
         self.dirty.mark(offset, len);
         self.guard(offset, len)?;
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
@@ -474,6 +562,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.prepare(offset, len, Need::Overwrite).await?;
         // FAST_ZERO may fail without touching data; marking first is still
         // safe (a spurious dirty extent only costs a re-read).
         self.dirty.mark(offset, len);
@@ -513,8 +602,10 @@ impl Volume {
         Ok(())
     }
 
-    /// Hints the kernel to read a range ahead (NBD CACHE).
-    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Hints the kernel to read a range ahead (NBD CACHE); on a lazily
+    /// restored volume, fetches what is missing first.
+    pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.prepare(offset, len, Need::Read).await?;
         let len = std::num::NonZeroU64::new(len);
         rustix::fs::fadvise(&*self.file, offset, len, rustix::fs::Advice::WillNeed)?;
         Ok(())
@@ -524,6 +615,13 @@ impl Volume {
     /// runs (at most `max_runs`; the last run may end early, never late).
     pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<Run>> {
         let end = offset.saturating_add(len).min(self.size());
+        if self.is_lazy() {
+            // Holes in the data file may be units not fetched yet: all data.
+            return Ok(vec![Run {
+                length: end.saturating_sub(offset),
+                hole: false,
+            }]);
+        }
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end && runs.len() < max_runs {

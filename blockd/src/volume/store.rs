@@ -281,6 +281,7 @@ impl Store {
             }
         }
         let _ = std::fs::remove_file(dirty_path(&self.dir, name));
+        let _ = std::fs::remove_file(self.present_path(name));
         let _ = sync_dir(&self.dir);
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
@@ -323,6 +324,11 @@ impl Store {
         self.db.set_size(name, size)?;
         tracing::info!(volume = %name, size, "volume resized");
         Ok(volume)
+    }
+
+    /// Where a lazily restored volume keeps its present map.
+    pub fn present_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.present"))
     }
 
     /// Writes every dirty map to disk, still marked in use (a crash after

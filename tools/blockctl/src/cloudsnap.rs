@@ -85,6 +85,9 @@ pub enum CloudsnapCmd {
         /// Credentials the snapshot is stored with
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
+        /// Serve the new volume at once: data is fetched as it is read, and in the background until complete
+        #[arg(long)]
+        lazy: bool,
         /// Wait for the restore to end, with progress on a terminal (Ctrl-C stops waiting, not the restore)
         #[arg(long)]
         wait: bool,
@@ -264,12 +267,14 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
             snap,
             volume,
             cred_id,
+            lazy,
             wait: wait_flag,
         } => {
             let req = RestoreRequest {
                 snap: snap.clone(),
                 volume: volume.clone(),
                 location: cred_id.clone(),
+                lazy: *lazy,
             };
             let started: Started = client
                 .call("POST", "/v1/cloudsnaps/restore", Some(&req))
@@ -278,6 +283,12 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
                 let t = first(&started)?;
                 println!("Cloudsnap restore started successfully with id: {}", t.id);
                 println!("Restoring {} into volume {}", t.snapshot, t.volume);
+                if t.lazy {
+                    println!(
+                        "Volume {} is usable now; its data is fetched as it is read and in the background (`blockctl cloudsnap status`)",
+                        t.volume
+                    );
+                }
             }
             finish(json, client, started, *wait_flag).await
         }

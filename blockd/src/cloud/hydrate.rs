@@ -1,0 +1,414 @@
+//! Lazy restore: the new volume is served at once, its bytes come from the
+//! snapshot as they are touched (see [`crate::volume::lazy`]) and a
+//! background hydrator fetches the rest.
+//!
+//! - [`RepoSource`] answers the volume's fetches: the units' index block
+//!   (kept in a small cache: blocks are content-addressed and fetched once),
+//!   the entries that overlap the units, one ranged GET per run of
+//!   adjacent records of a pack, every chunk checked against its id before
+//!   its bytes are handed over. A 4 KiB read of a unit a full backup wrote
+//!   is one GET of one ≤ 64 KiB record.
+//! - The hydrator walks the volume in order, 8 MiB batches of missing
+//!   units, a few in flight; units already present (read by a client,
+//!   overwritten whole) are skipped. A batch that fails is tried again on
+//!   the next pass, with a growing pause; the task shows why meanwhile.
+//! - Every two seconds the volume is flushed, which persists its present
+//!   map: a restart fetches at most the last two seconds again.
+//! - When every unit is present the volume is flushed, the task is
+//!   recorded Done and only then is the present map removed: a crash in
+//!   between cannot make a finished volume look empty.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::backup::Progress;
+use super::restore::plan;
+use super::{Cloud, CloudError};
+use crate::repo::format::{Entry, Manifest};
+use crate::repo::{pack_key, Repo};
+use crate::volume::lazy::{Lazy, Source};
+use crate::volume::Volume;
+
+/// GETs in flight for one fetch.
+const GETS: usize = 6;
+/// Hydrator batches in flight.
+const BATCHES: usize = 3;
+/// Largest hydrator batch.
+const BATCH_BYTES: u64 = 8 << 20;
+/// Index blocks kept in memory.
+const INDEX_CACHE: usize = 64;
+/// How often hydration progress is made durable.
+const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
+/// An opened repository and the snapshot being restored.
+pub struct Ready {
+    repo: Arc<Repo>,
+    manifest: Manifest,
+    blocks: HashMap<u64, String>,
+}
+
+impl Ready {
+    /// Wraps an opened snapshot.
+    pub fn new(repo: Arc<Repo>, manifest: Manifest) -> Self {
+        let blocks = manifest.blocks.iter().cloned().collect();
+        Self {
+            repo,
+            manifest,
+            blocks,
+        }
+    }
+}
+
+/// Fetches a snapshot's units from its repository.
+pub struct RepoSource {
+    cloud: Weak<Cloud>,
+    location: String,
+    src_volume: String,
+    src_name: String,
+    ready: tokio::sync::OnceCell<Ready>,
+    index: Mutex<HashMap<u64, Arc<Vec<Entry>>>>,
+    /// Bytes fetched from the store.
+    pub progress: Arc<Progress>,
+}
+
+impl RepoSource {
+    /// A source for snapshot `src_volume/src_name` in `location`; `ready`
+    /// when the caller has already opened it (otherwise it is opened on
+    /// first use, and again after a failure).
+    pub fn new(
+        cloud: Weak<Cloud>,
+        location: String,
+        src_volume: String,
+        src_name: String,
+        ready: Option<Ready>,
+        progress: Arc<Progress>,
+    ) -> Self {
+        Self {
+            cloud,
+            location,
+            src_volume,
+            src_name,
+            ready: tokio::sync::OnceCell::new_with(ready),
+            index: Mutex::new(HashMap::new()),
+            progress,
+        }
+    }
+
+    fn snap_id(&self) -> String {
+        format!("{}/{}", self.src_volume, self.src_name)
+    }
+
+    async fn ready(&self) -> Result<&Ready, CloudError> {
+        self.ready
+            .get_or_try_init(|| async {
+                let cloud = self
+                    .cloud
+                    .upgrade()
+                    .ok_or_else(|| CloudError::Internal("shutting down".into()))?;
+                let repo = cloud.locations.repo(&self.location).await?;
+                let manifest = repo.get_manifest(&self.src_volume, &self.src_name).await?;
+                Ok(Ready::new(repo, manifest))
+            })
+            .await
+    }
+
+    async fn index(&self, r: &Ready, block: u64) -> Result<Option<Arc<Vec<Entry>>>, CloudError> {
+        let Some(id) = r.blocks.get(&block) else {
+            return Ok(None);
+        };
+        if let Some(e) = self
+            .index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&block)
+        {
+            return Ok(Some(e.clone()));
+        }
+        let entries = Arc::new(r.repo.get_index(block, id).await?);
+        let mut cache = self
+            .index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= INDEX_CACHE {
+            // Blocks are used in volume order: the lowest is done with.
+            if let Some(&k) = cache.keys().min() {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(block, entries.clone());
+        Ok(Some(entries))
+    }
+
+    /// The entries overlapping units `first..first + count`, per index
+    /// block: (block start in the volume, entries).
+    async fn overlapping(
+        &self,
+        r: &Ready,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<(u64, Vec<Entry>)>, CloudError> {
+        let unit = r.repo.config.chunk_size;
+        let span = r.repo.config.index_span;
+        let lo = u64::from(first) * unit;
+        let hi = (u64::from(first) + u64::from(count))
+            .saturating_mul(unit)
+            .min(r.manifest.size);
+        let mut out = Vec::new();
+        if lo >= hi {
+            return Ok(out);
+        }
+        for b in lo / span..=(hi - 1) / span {
+            let Some(entries) = self.index(r, b).await? else {
+                continue;
+            };
+            let base = b * span;
+            let used: Vec<Entry> = entries
+                .iter()
+                .filter(|e| base + u64::from(e.start) < hi && base + e.end() > lo)
+                .copied()
+                .collect();
+            out.push((base, used));
+        }
+        Ok(out)
+    }
+
+    /// Bytes of data (not holes) in units `first..first + count`.
+    ///
+    /// # Errors
+    /// The repository or an index block cannot be read.
+    pub async fn data_bytes(&self, first: u32, count: u32) -> Result<u64, CloudError> {
+        let r = self.ready().await?;
+        Ok(self
+            .overlapping(r, first, count)
+            .await?
+            .iter()
+            .flat_map(|(_, es)| es.iter().map(|e| u64::from(e.len)))
+            .sum())
+    }
+
+    async fn fetch_units(&self, first: u32, count: u32) -> Result<Vec<(u64, Bytes)>, CloudError> {
+        let r = self.ready().await?;
+        let mut out = Vec::new();
+        for (base, used) in self.overlapping(r, first, count).await? {
+            let used = Arc::new(used);
+            let results = futures::stream::iter(plan(&used))
+                .map(|f| {
+                    let repo = r.repo.clone();
+                    let used = used.clone();
+                    let progress = self.progress.clone();
+                    async move {
+                        let bytes = repo
+                            .objects()
+                            .get_range(&pack_key(&f.pack), f.start..f.end)
+                            .await?;
+                        Progress::add(&progress.transferred, bytes.len() as u64);
+                        tokio::task::spawn_blocking(move || {
+                            let mut runs = Vec::new();
+                            for c in &f.chunks {
+                                let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
+                                let t = s + c.stored_len as usize;
+                                let plain = Bytes::from(repo.open_chunk(c, &bytes[s..t])?);
+                                for e in used.iter().filter(|e| e.chunk.pack == f.pack && e.chunk.offset == c.offset) {
+                                    let from = e.chunk_off as usize;
+                                    let to = from + e.len as usize;
+                                    if to > plain.len() {
+                                        return Err(CloudError::Internal(format!(
+                                            "index entry at {} reaches past its chunk ({} > {} bytes)",
+                                            base + u64::from(e.start),
+                                            to,
+                                            plain.len()
+                                        )));
+                                    }
+                                    runs.push((base + u64::from(e.start), plain.slice(from..to)));
+                                }
+                            }
+                            Ok::<_, CloudError>(runs)
+                        })
+                        .await
+                        .map_err(|e| CloudError::Internal(e.to_string()))?
+                    }
+                })
+                .buffer_unordered(GETS);
+            futures::pin_mut!(results);
+            while let Some(r) = results.next().await {
+                out.extend(r?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for RepoSource {
+    async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+        self.fetch_units(first, count)
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot {}: {e}", self.snap_id())))
+    }
+}
+
+/// What a hydrator needs.
+pub struct Job {
+    /// The volume being filled.
+    pub volume: Arc<Volume>,
+    /// Its present map.
+    pub lazy: Arc<Lazy>,
+    /// Where its bytes come from.
+    pub source: Arc<RepoSource>,
+    /// Counters (`done` = bytes present).
+    pub progress: Arc<Progress>,
+    /// Stop or shutdown.
+    pub cancel: CancellationToken,
+    /// Shows why a pass failed (None once a pass succeeds).
+    pub report: Box<dyn Fn(Option<String>) + Send + Sync>,
+    /// Bytes per second the hydrator may fetch (reads are never limited).
+    pub limit: Option<u64>,
+}
+
+/// Paces the hydrator's fetches to a byte rate.
+struct Pace {
+    rate: u64,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    /// Waits until `n` more bytes fit the rate.
+    async fn charge(&self, n: u64) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(n as f64 / self.rate as f64);
+            start
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Fetches every missing unit; returns once all are present and durable.
+///
+/// # Errors
+/// Cancellation, or a flush of the volume failing.
+pub async fn run(job: &Job) -> Result<(), CloudError> {
+    let l = &job.lazy;
+    // Paced batches are small, so the pace is smooth.
+    let batch_bytes = job
+        .limit
+        .map_or(BATCH_BYTES, |r| (r / 4).clamp(l.unit(), BATCH_BYTES));
+    let per_batch = u32::try_from((batch_bytes / l.unit()).max(1)).unwrap_or(1);
+    let pace = job.limit.map(|rate| Pace {
+        rate: rate.max(1),
+        next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+    });
+    let pace = &pace;
+    let set_done = || {
+        job.progress
+            .done
+            .store(l.present_bytes(), std::sync::atomic::Ordering::Relaxed);
+    };
+    set_done();
+    let persister = {
+        let volume = job.volume.clone();
+        let cancel = job.cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(PERSIST_EVERY) => {}
+                }
+                if let Err(e) = volume.flush().await {
+                    tracing::warn!(volume = %volume.name(), error = %e, "persisting hydration progress failed");
+                }
+            }
+        })
+    };
+    let _stop_persister = AbortOnDrop(persister);
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let units = l.units();
+        let batches =
+            futures::stream::iter((0..units).step_by(per_batch as usize)).flat_map(|from| {
+                let to = from.saturating_add(per_batch);
+                futures::stream::iter(l.missing(from, to))
+            });
+        let results = batches
+            .map(|(f, c)| {
+                let lazy = l.clone();
+                async move {
+                    if let Some(p) = pace {
+                        // Paced by the batch's size before the fetch, so a
+                        // batch of holes costs nothing.
+                        let data = job.source.data_bytes(f, c).await.unwrap_or(0);
+                        p.charge(data).await;
+                    }
+                    lazy.fill(f, c, false).await
+                }
+            })
+            .buffer_unordered(BATCHES);
+        futures::pin_mut!(results);
+        let mut failed: Option<(u64, String)> = None;
+        loop {
+            tokio::select! {
+                () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
+                r = results.next() => match r {
+                    None => break,
+                    Some(Ok(_)) => set_done(),
+                    Some(Err(e)) => {
+                        // Logged once per pass; the task shows it at once.
+                        let n = failed.as_ref().map_or(1, |f| f.0 + 1);
+                        if n == 1 {
+                            tracing::warn!(volume = %job.volume.name(), error = %e, "hydration fetch failed; retried on the next pass");
+                        }
+                        (job.report)(Some(format!("{n} fetch(es) failed this pass, to be retried: {e}")));
+                        failed = Some((n, e.to_string()));
+                    }
+                }
+            }
+        }
+        set_done();
+        if l.complete() {
+            break;
+        }
+        let why = match failed {
+            Some((n, e)) => format!(
+                "{n} fetch(es) failed, retrying in {}s: {e}",
+                pause.as_secs()
+            ),
+            None => "units still missing, retrying".into(),
+        };
+        (job.report)(Some(why));
+        tokio::select! {
+            () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+    // Complete only once durable: the caller then drops the present map.
+    while let Err(e) = job.volume.flush().await {
+        (job.report)(Some(format!(
+            "flushing volume {}: {e}; retrying",
+            job.volume.name()
+        )));
+        tokio::select! {
+            () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    (job.report)(None);
+    Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,636 @@
+//! Lazily restored volumes: the volume is served before its data has
+//! arrived, and the parts not yet present are fetched on first touch.
+//!
+//! The volume is divided into *units* of the repository's chunk size
+//! (64 KiB): chunks are cut at those boundaries, so one unit is filled by
+//! the one chunk (or the few overlaid ones) that cover it, one ranged GET.
+//! A roaring bitmap records the units present in the data file.
+//!
+//! Rules:
+//! - A unit is filled at most once and never after it is present: every
+//!   fill writes under the unit's stripe lock and only if the unit is
+//!   still missing, then marks it present. Once present, a unit stays
+//!   present, so the volume's own writes never race a fill that lands
+//!   after them.
+//! - Reads and partial writes fill the units they touch first
+//!   (copy-on-read); a write, trim or zeroing that covers a whole unit
+//!   *claims* it (marks it present, no fetch) before it is issued.
+//! - Fills bypass the dirty map: they bring back the snapshot the volume
+//!   is restored from. The volume's own writes are tracked as usual.
+//! - The bitmap is persisted in `<volume>.present` (write-temp, fsync,
+//!   rename, fsync dir) only *after* an fdatasync of the data file that
+//!   follows every fill and claim it records: a unit recorded present is
+//!   on disk. A FLUSH (and a FUA write that claimed a unit) persists it,
+//!   so a flushed write to a claimed unit is never refilled after a crash.
+//!   Unflushed fills may be fetched again after a crash; that is all.
+//!
+//! `<volume>.present` bytes (little-endian):
+//! ```text
+//! 0   8  magic "BLKDPRES"   (never change)
+//! 8   4  version = 1
+//! 12  4  reserved (0)
+//! 16  8  unit size in bytes
+//! 24  8  volume size in bytes
+//! 32  4  crc32 of the bitmap bytes
+//! 36  4  length of the bitmap bytes
+//! 40  …  roaring bitmap (portable serialisation)
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use roaring::RoaringBitmap;
+
+/// `.present` magic. Never change.
+const MAGIC: &[u8; 8] = b"BLKDPRES";
+/// `.present` version.
+const VERSION: u32 = 1;
+const HEADER: usize = 40;
+/// Fill locks: units hash onto this many stripes.
+const STRIPES: usize = 256;
+/// Largest sequential read-ahead, in units.
+const MAX_READAHEAD: u32 = 64;
+
+/// Where a lazily restored volume's missing bytes come from.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    /// The snapshot's bytes of units `first..first + count`, as runs of
+    /// `(volume offset, bytes)`; bytes no run covers are zeros. Every byte
+    /// returned has been checked against its chunk id.
+    ///
+    /// # Errors
+    /// A missing or corrupt object or an unreachable store; the message
+    /// names the snapshot and the object.
+    async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>>;
+}
+
+/// What a request needs from the units it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The old contents (reads, and NBD CACHE).
+    Read,
+    /// The range is about to be overwritten: units it covers whole are
+    /// claimed, partly covered ones filled.
+    Overwrite,
+}
+
+/// The present map and fill logic of one lazily restored volume.
+pub struct Lazy {
+    file: Arc<File>,
+    path: PathBuf,
+    unit: u64,
+    size: u64,
+    units: u32,
+    present: Mutex<RoaringBitmap>,
+    /// Units some request or the hydrator is fetching: others wait for
+    /// them instead of fetching them again.
+    fetching: Mutex<RoaringBitmap>,
+    /// Woken whenever fetches end (installed or failed).
+    fetched: tokio::sync::Notify,
+    /// Bumped by every mark; compared with `persisted`.
+    generation: AtomicU64,
+    persisted: AtomicU64,
+    stripes: Vec<Mutex<()>>,
+    source: Arc<dyn Source>,
+    /// (unit after the last on-demand fetch, read-ahead window in units).
+    readahead: Mutex<(u32, u32)>,
+    /// Serialises writes of the `.present` file.
+    persist: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy")
+            .field("path", &self.path)
+            .field("unit", &self.unit)
+            .field("units", &self.units)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn invalid(path: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("present map {}: {why}", path.display()),
+    )
+}
+
+impl Lazy {
+    /// Opens (or starts, when `path` does not exist) the present map of a
+    /// volume of `size` bytes filled in units of `unit` bytes.
+    ///
+    /// # Errors
+    /// An unreadable or damaged map (the volume must then not be served:
+    /// which of its units hold the volume's own writes is unknown), a
+    /// unit size that does not fit.
+    pub fn open(
+        file: Arc<File>,
+        path: PathBuf,
+        unit: u64,
+        size: u64,
+        source: Arc<dyn Source>,
+    ) -> io::Result<Self> {
+        if unit == 0 || !unit.is_power_of_two() {
+            return Err(invalid(&path, "unit size must be a power of two"));
+        }
+        let units = u32::try_from(size.div_ceil(unit))
+            .map_err(|_| invalid(&path, "volume too large for its unit size"))?;
+        let present = match std::fs::read(&path) {
+            Ok(bytes) => decode(&bytes, unit, size).map_err(|why| invalid(&path, &why))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => RoaringBitmap::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            file,
+            path,
+            unit,
+            size,
+            units,
+            present: Mutex::new(present),
+            fetching: Mutex::new(RoaringBitmap::new()),
+            fetched: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(0),
+            persisted: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            source,
+            readahead: Mutex::new((u32::MAX, 0)),
+            persist: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Unit size in bytes.
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    /// Number of units.
+    pub fn units(&self) -> u32 {
+        self.units
+    }
+
+    /// Bytes present.
+    pub fn present_bytes(&self) -> u64 {
+        let n = lock(&self.present).len();
+        (n * self.unit).min(self.size)
+    }
+
+    /// True once every unit is present.
+    pub fn complete(&self) -> bool {
+        lock(&self.present).len() >= u64::from(self.units)
+    }
+
+    /// True when unit `u` is present.
+    pub fn is_present(&self, u: u32) -> bool {
+        lock(&self.present).contains(u)
+    }
+
+    /// Runs `(first, count)` of missing units in `from..to`.
+    pub fn missing(&self, from: u32, to: u32) -> Vec<(u32, u32)> {
+        let to = to.min(self.units);
+        if from >= to {
+            return Vec::new();
+        }
+        let p = lock(&self.present);
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut u = from;
+        while u < to {
+            if p.contains(u) {
+                // Skip the present run quickly.
+                let next_missing = (u..to).find(|&x| !p.contains(x)).unwrap_or(to);
+                u = next_missing;
+                continue;
+            }
+            match out.last_mut() {
+                Some((f, c)) if *f + *c == u => *c += 1,
+                _ => out.push((u, 1)),
+            }
+            u += 1;
+        }
+        out
+    }
+
+    fn stripe(&self, u: u32) -> MutexGuard<'_, ()> {
+        lock(&self.stripes[u as usize % STRIPES])
+    }
+
+    fn mark(&self, u: u32) {
+        lock(&self.present).insert(u);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Marks units present without fetching: the caller is about to
+    /// overwrite them whole.
+    fn claim(&self, first: u32, count: u32) {
+        for u in first..first + count {
+            let _s = self.stripe(u);
+            if !self.is_present(u) {
+                self.mark(u);
+            }
+        }
+    }
+
+    /// Writes the fetched `runs` into units `first..first + count` that
+    /// are still missing and marks them present. Blocking (pwrite).
+    ///
+    /// # Errors
+    /// Write errors (the unit then stays missing).
+    pub fn install(&self, first: u32, count: u32, runs: &[(u64, Bytes)]) -> io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut written = 0u64;
+        for u in first..first + count {
+            let lo = u64::from(u) * self.unit;
+            let hi = (lo + self.unit).min(self.size);
+            let _s = self.stripe(u);
+            if self.is_present(u) {
+                continue;
+            }
+            for (at, bytes) in runs {
+                let end = at + bytes.len() as u64;
+                if end <= lo || *at >= hi {
+                    continue;
+                }
+                let s = lo.max(*at);
+                let t = hi.min(end);
+                let from = usize::try_from(s - at).unwrap_or(0);
+                let to = usize::try_from(t - at).unwrap_or(0);
+                self.file.write_all_at(&bytes[from..to], s)?;
+                written += t - s;
+            }
+            self.mark(u);
+        }
+        Ok(written)
+    }
+
+    /// Makes `offset..offset + len` safe for `need`: fetches and installs
+    /// the missing units it must have (with read-ahead on sequential
+    /// reads), claims the ones an overwrite covers whole. Returns whether
+    /// any unit was filled or claimed.
+    ///
+    /// # Errors
+    /// A failed fetch (the request fails; the units stay missing and a
+    /// later request tries again), or a failed write.
+    pub async fn prepare(self: &Arc<Self>, offset: u64, len: u64, need: Need) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(false);
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(false);
+        }
+        let first = u32::try_from(offset / self.unit).unwrap_or(u32::MAX);
+        let last = u32::try_from(end.div_ceil(self.unit)).unwrap_or(u32::MAX);
+        let missing = self.missing(first, last);
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        let mut fetch: Vec<(u32, u32)> = Vec::new();
+        match need {
+            Need::Read => {
+                let mut runs = missing;
+                let mut ra = lock(&self.readahead);
+                // A miss right where the last one ended is a sequential
+                // reader: fetch ahead, doubling the window up to 4 MiB.
+                ra.1 = if ra.0 == runs[0].0 {
+                    (ra.1 * 2).clamp(4, MAX_READAHEAD)
+                } else {
+                    0
+                };
+                let (lf, lc) = runs[runs.len() - 1];
+                let mut next = lf + lc;
+                if ra.1 > 0 && next == last {
+                    if let Some(&(af, ac)) = self.missing(next, next.saturating_add(ra.1)).first() {
+                        if af == next {
+                            if let Some(r) = runs.last_mut() {
+                                r.1 += ac;
+                            }
+                            next += ac;
+                        }
+                    }
+                }
+                ra.0 = next;
+                fetch = runs;
+            }
+            Need::Overwrite => {
+                for (f, c) in missing {
+                    for u in f..f + c {
+                        let lo = u64::from(u) * self.unit;
+                        let hi = (lo + self.unit).min(self.size);
+                        if offset <= lo && hi <= end {
+                            self.claim(u, 1);
+                        } else {
+                            match fetch.last_mut() {
+                                Some((pf, pc)) if *pf + *pc == u => *pc += 1,
+                                _ => fetch.push((u, 1)),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (f, c) in fetch {
+            self.fill(f, c, true).await?;
+        }
+        Ok(true)
+    }
+
+    /// Fetches and installs the missing units of `first..first + count`
+    /// that no one else is fetching; with `wait`, then waits for the ones
+    /// others are fetching (and fetches those whose fetch failed).
+    /// Returns the bytes written.
+    ///
+    /// # Errors
+    /// A failed fetch or write.
+    pub async fn fill(self: &Arc<Self>, first: u32, count: u32, wait: bool) -> io::Result<u64> {
+        let end = first.saturating_add(count).min(self.units);
+        let mut written = 0;
+        loop {
+            let notified = self.fetched.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (mine, others) = self.take(first, end);
+            for (i, &(f, c)) in mine.iter().enumerate() {
+                let r = async {
+                    let runs = self.source.fetch(f, c).await?;
+                    let me = self.clone();
+                    tokio::task::spawn_blocking(move || me.install(f, c, &runs))
+                        .await
+                        .map_err(io::Error::other)?
+                }
+                .await;
+                if r.is_err() {
+                    // Release this run and the ones not started.
+                    for &(f, c) in &mine[i..] {
+                        lock(&self.fetching).remove_range(f..f + c);
+                    }
+                }
+                lock(&self.fetching).remove_range(f..f + c);
+                self.fetched.notify_waiters();
+                written += r?;
+            }
+            if !wait || !others {
+                return Ok(written);
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the missing units of `first..end` that no one is fetching as
+    /// fetched by the caller; returns them as runs, and whether others are
+    /// fetching missing units of the range.
+    fn take(&self, first: u32, end: u32) -> (Vec<(u32, u32)>, bool) {
+        let p = lock(&self.present);
+        let mut f = lock(&self.fetching);
+        let mut mine: Vec<(u32, u32)> = Vec::new();
+        let mut others = false;
+        for u in first..end {
+            if p.contains(u) {
+                continue;
+            }
+            if f.contains(u) {
+                others = true;
+                continue;
+            }
+            f.insert(u);
+            match mine.last_mut() {
+                Some((a, c)) if *a + *c == u => *c += 1,
+                _ => mine.push((u, 1)),
+            }
+        }
+        (mine, others)
+    }
+
+    /// A copy of the map and its generation, taken before the fdatasync
+    /// that must precede [`Lazy::persist`].
+    pub fn checkpoint(&self) -> (RoaringBitmap, u64) {
+        let p = lock(&self.present);
+        (p.clone(), self.generation.load(Ordering::Acquire))
+    }
+
+    /// Writes a map taken with [`Lazy::checkpoint`] before a sync of the
+    /// data file (write-temp, fsync, rename, fsync dir). Skipped when
+    /// nothing changed since the last write.
+    ///
+    /// # Errors
+    /// I/O.
+    pub async fn persist(&self, map: RoaringBitmap, generation: u64) -> io::Result<()> {
+        let _one = self.persist.lock().await;
+        if generation != 0 && generation <= self.persisted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let bytes = encode(&map, self.unit, self.size);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(io::Error::other)??;
+        self.persisted.fetch_max(generation, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Removes the `.present` file once the volume is complete.
+    ///
+    /// # Errors
+    /// I/O other than a missing file.
+    pub fn remove_file(&self) -> io::Result<()> {
+        remove_present(&self.path)
+    }
+}
+
+/// Removes a `.present` file (and its directory entry durably).
+///
+/// # Errors
+/// I/O other than a missing file.
+pub fn remove_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("present.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Encodes a present map.
+pub fn encode(map: &RoaringBitmap, unit: u64, size: u64) -> Vec<u8> {
+    let mut body = Vec::with_capacity(map.serialized_size());
+    // Writing to a Vec cannot fail.
+    let _ = map.serialize_into(&mut body);
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&unit.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a present map, checking it belongs to a volume of `size`
+/// bytes in units of `unit`.
+///
+/// # Errors
+/// A description of what is wrong.
+pub fn decode(bytes: &[u8], unit: u64, size: u64) -> Result<RoaringBitmap, String> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err("not a present map (bad magic or too short)".into());
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
+    if u32_at(8) != VERSION {
+        return Err(format!("unknown version {}", u32_at(8)));
+    }
+    if u64_at(16) != unit || u64_at(24) != size {
+        return Err(format!(
+            "made for unit {} and size {}, the volume has unit {unit} and size {size}",
+            u64_at(16),
+            u64_at(24)
+        ));
+    }
+    let len = u32_at(36) as usize;
+    let body = &bytes[HEADER..];
+    if body.len() != len {
+        return Err(format!(
+            "bitmap length {len} but {} bytes follow",
+            body.len()
+        ));
+    }
+    if crc32fast::hash(body) != u32_at(32) {
+        return Err("checksum mismatch".into());
+    }
+    let map = RoaringBitmap::deserialize_from(body).map_err(|e| format!("bitmap: {e}"))?;
+    let units = size.div_ceil(unit);
+    if map.max().is_some_and(|m| u64::from(m) >= units) {
+        return Err("bitmap names units past the end of the volume".into());
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pattern;
+
+    #[async_trait::async_trait]
+    impl Source for Pattern {
+        async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+            let lo = u64::from(first) * 4096;
+            let bytes: Vec<u8> = (0..u64::from(count) * 4096)
+                .map(|i| u8::try_from((lo + i) / 4096 % 128).unwrap() | 1)
+                .collect();
+            Ok(vec![(lo, Bytes::from(bytes))])
+        }
+    }
+
+    fn setup(size: u64) -> (tempfile::TempDir, Arc<Lazy>) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("v.img"))
+            .unwrap();
+        f.set_len(size).unwrap();
+        let l = Lazy::open(
+            Arc::new(f),
+            dir.path().join("v.present"),
+            4096,
+            size,
+            Arc::new(Pattern),
+        )
+        .unwrap();
+        (dir, Arc::new(l))
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_checks() {
+        let mut m = RoaringBitmap::new();
+        m.insert_range(3..700);
+        let b = encode(&m, 65536, 100 << 20);
+        assert_eq!(decode(&b, 65536, 100 << 20).unwrap(), m);
+        assert!(decode(&b, 4096, 100 << 20).is_err());
+        let mut bad = b.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(decode(&bad, 65536, 100 << 20)
+            .unwrap_err()
+            .contains("checksum"));
+        assert!(decode(&b[..20], 65536, 100 << 20).is_err());
+        assert!(decode(&b, 65536, 1 << 20).is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_fill_and_overwrites_claim() {
+        use std::os::unix::fs::FileExt;
+        let (_d, l) = setup(64 * 4096);
+        assert!(l.prepare(4096 * 2 + 10, 100, Need::Read).await.unwrap());
+        assert!(l.is_present(2) && !l.is_present(3));
+        let mut b = [0u8; 1];
+        l.file.read_exact_at(&mut b, 4096 * 2).unwrap();
+        assert_eq!(b[0], 3);
+        // Whole-unit overwrite: claimed, nothing written.
+        assert!(l.prepare(4096 * 5, 4096, Need::Overwrite).await.unwrap());
+        assert!(l.is_present(5));
+        l.file.read_exact_at(&mut b, 4096 * 5).unwrap();
+        assert_eq!(b[0], 0);
+        // A fill never lands on a present unit.
+        l.install(5, 1, &Pattern.fetch(5, 1).await.unwrap())
+            .unwrap();
+        l.file.read_exact_at(&mut b, 4096 * 5).unwrap();
+        assert_eq!(b[0], 0);
+        // Partial overwrite: filled first.
+        assert!(l.prepare(4096 * 7 + 1, 10, Need::Overwrite).await.unwrap());
+        l.file.read_exact_at(&mut b, 4096 * 7).unwrap();
+        assert_eq!(b[0], 7);
+        assert_eq!(l.missing(0, 9), vec![(0, 2), (3, 2), (6, 1), (8, 1)]);
+    }
+
+    #[tokio::test]
+    async fn persisted_map_survives_reopen() {
+        let (d, l) = setup(16 * 4096);
+        l.prepare(0, 3 * 4096, Need::Read).await.unwrap();
+        let (m, g) = l.checkpoint();
+        l.persist(m, g).await.unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .open(d.path().join("v.img"))
+            .unwrap();
+        let l2 = Lazy::open(
+            Arc::new(f),
+            d.path().join("v.present"),
+            4096,
+            16 * 4096,
+            Arc::new(Pattern),
+        )
+        .unwrap();
+        assert_eq!(l2.missing(0, 16), vec![(3, 13)]);
+        assert!(!l2.complete());
+    }
+}
