@@ -190,6 +190,25 @@ fn writes_to_a_lazily_restored_volume_are_kept_tracked_and_survive_kill9() {
     assert_eq!(st["state"], "Done", "{st}");
     assert_same(&d, &want, "r");
 
+    // A clean shutdown keeps unflushed writes to claimed units too.
+    let id = lazy_restore(&d, "src", "q");
+    nbdsh(
+        &format!(
+            "h.connect_uri({:?})\nh.pwrite(b'\\x42' * 65536, 47 * 1048576)\nh.shutdown()\n",
+            d.uri("q")
+        ),
+        &[],
+    );
+    d.terminate();
+    d.spawn();
+    let st = wait_done(&d, &id);
+    assert_eq!(st["state"], "Done", "{st}");
+    let got = read_at(&d.uri("q"), 47 * MB as u64, 65536, &t.path().join("q.bin")).unwrap();
+    assert!(
+        got.iter().all(|&b| b == 0x42),
+        "an acknowledged write was refilled"
+    );
+
     // Without a crash the writes are tracked: the next backup is an
     // incremental that reads only them, and it restores to the same bytes.
     let id = lazy_restore(&d, "src", "w");

@@ -99,7 +99,7 @@ pub struct Lazy {
     /// (unit after the last on-demand fetch, read-ahead window in units).
     readahead: Mutex<(u32, u32)>,
     /// Serialises writes of the `.present` file.
-    persist: tokio::sync::Mutex<()>,
+    persist: Mutex<()>,
 }
 
 impl std::fmt::Debug for Lazy {
@@ -162,7 +162,7 @@ impl Lazy {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             source,
             readahead: Mutex::new((u32::MAX, 0)),
-            persist: tokio::sync::Mutex::new(()),
+            persist: Mutex::new(()),
         })
     }
 
@@ -420,16 +420,23 @@ impl Lazy {
     ///
     /// # Errors
     /// I/O.
-    pub async fn persist(&self, map: RoaringBitmap, generation: u64) -> io::Result<()> {
-        let _one = self.persist.lock().await;
+    pub async fn persist(self: &Arc<Self>, map: RoaringBitmap, generation: u64) -> io::Result<()> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.persist_blocking(&map, generation))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// [`Lazy::persist`] on the calling thread (shutdown).
+    ///
+    /// # Errors
+    /// I/O.
+    pub fn persist_blocking(&self, map: &RoaringBitmap, generation: u64) -> io::Result<()> {
+        let _one = lock(&self.persist);
         if generation != 0 && generation <= self.persisted.load(Ordering::Acquire) {
             return Ok(());
         }
-        let bytes = encode(&map, self.unit, self.size);
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(io::Error::other)??;
+        write_atomic(&self.path, &encode(map, self.unit, self.size))?;
         self.persisted.fetch_max(generation, Ordering::AcqRel);
         Ok(())
     }

@@ -663,9 +663,17 @@ impl Volume {
         Ok(())
     }
 
-    /// fsync of data and metadata, used at shutdown.
+    /// fsync of data and metadata (and the present map of a lazy
+    /// restore: a clean shutdown keeps every acknowledged write), used at
+    /// shutdown.
     pub fn sync_all(&self) -> io::Result<()> {
-        self.file.sync_all()
+        let lazy = self.lazy();
+        let map = lazy.as_ref().map(|l| l.checkpoint());
+        self.file.sync_all()?;
+        if let (Some(l), Some((map, generation))) = (lazy, map) {
+            l.persist_blocking(&map, generation)?;
+        }
+        Ok(())
     }
 }
 
