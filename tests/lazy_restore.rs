@@ -324,3 +324,46 @@ fn failed_fetches_answer_eio_only_for_that_request_and_are_retried() {
         assert_same(&d, &img, vol);
     }
 }
+
+#[test]
+fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
+    if !need() || !require_tools(&["nbdsh"]) {
+        return;
+    }
+    // One byte per second: after its first unit the hydrator waits for
+    // hours, so what the read fetches is all that moves.
+    let d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "1")]);
+    let t = tempfile::tempdir().unwrap();
+    d.create("src", "64M");
+    let img = image(t.path(), "src.img", 64 * MB, 64 * MB, 5);
+    load(&d, "src", &img);
+    backup(&d, &["src"]);
+    let id = lazy_restore(&d, "src", "r");
+    let settled = |d: &Blockd| {
+        let mut last = u64::MAX;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let n = status(d, &id)["bytes_transferred"].as_u64().unwrap();
+            if n == last {
+                return n;
+            }
+            last = n;
+        }
+    };
+    let before = settled(&d);
+    let got = read_at(
+        &d.uri("r"),
+        40 * MB as u64 + 8192,
+        4096,
+        &t.path().join("b"),
+    )
+    .unwrap();
+    assert!(got == slice(&read_file(&img), 40 * MB as u64 + 8192, 4096));
+    let fetched = settled(&d) - before;
+    // One sealed record: 64 KiB of incompressible data plus its framing.
+    assert!(
+        fetched > 60 * 1024 && fetched <= 64 * 1024 + 256,
+        "a 4 KiB read fetched {fetched} bytes"
+    );
+    d.ok(&["cloudsnap", "stop", &id]);
+}
