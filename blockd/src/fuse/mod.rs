@@ -211,6 +211,8 @@ impl Mounts {
         }
         let location = locations.resolve(req.location.as_deref())?;
         let repo = locations.repo(&location).await?;
+        // An unreachable store fails the request rather than the first `ls`.
+        repo.list_snapshots(None).await.map_err(CloudError::from)?;
         let cache_dir = self
             .cache_root
             .join(&hex::encode(blake3::hash(dir_s.as_bytes()).as_bytes())[..16]);
@@ -221,12 +223,6 @@ impl Mounts {
             ))
         })?;
         let catalog = Arc::new(Catalog::new(repo, location.clone(), cache));
-        // The first listing fails the request rather than the first `ls`.
-        catalog.listing().await.map_err(|_| {
-            MountError::Internal(format!(
-                "listing location {location} failed: see the daemon log"
-            ))
-        })?;
 
         let mut options = vec![
             MountOption::FSName(format!("{FUSE_NAME}:{location}")),
