@@ -525,3 +525,62 @@ fn mount_refuses_bad_input_and_umount_cleans_a_stale_mount() {
     assert!(!is_mounted(&dir));
     assert_eq!(names(&dir), Vec::<String>::new());
 }
+
+#[test]
+fn an_encrypted_location_caches_no_plaintext_and_a_wrong_passphrase_refuses_the_mount() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket");
+    d.ok(&[
+        "credentials",
+        "create",
+        "vault",
+        "--provider",
+        "local",
+        "--path",
+        bucket.to_str().unwrap(),
+        "--encryption-passphrase",
+        "correct horse",
+    ]);
+    d.create("vol1", "8M");
+    // A recognisable plaintext that must land on local disk nowhere.
+    let img = tmp.path().join("a.img");
+    let mut bytes = b"PLAINTEXT-MARKER-0123456789".repeat(100_000);
+    bytes.resize(8 * MB, 0);
+    std::fs::write(&img, &bytes).unwrap();
+    load(&d, "vol1", &img);
+    backup(&d, &["vol1", "--cred-id", "vault"]);
+    {
+        let (cat, out) = Catalog::mount(&d, tmp.path(), &["--cred-id", "vault"]);
+        assert!(out.contains("mounted location vault"), "{out}");
+        assert_eq!(read_file(&cat.path("vol1/latest/disk.img")), bytes);
+        let cached = files_under(&d.dir.path().join("cache/mounts"));
+        assert!(!cached.is_empty(), "nothing was cached");
+        for f in cached {
+            let b = std::fs::read(&f).unwrap();
+            assert!(
+                !b.windows(16).any(|w| w == b"PLAINTEXT-MARKER"),
+                "plaintext in the chunk cache: {}",
+                f.display()
+            );
+        }
+    }
+    // The daemon's copy of the passphrase no longer opens the repository:
+    // the mount is refused with the repository's message.
+    d.terminate();
+    let secrets = d.dir.path().join("credentials/vault.json");
+    let mut s = json(&std::fs::read_to_string(&secrets).unwrap());
+    s["passphrase"] = "wrong horse".into();
+    std::fs::write(&secrets, s.to_string()).unwrap();
+    d.spawn();
+    let dir = tmp.path().join("cat");
+    fails(
+        &d,
+        &["mount", dir.to_str().unwrap(), "--cred-id", "vault"],
+        "wrong encryption passphrase",
+    );
+    assert!(!is_mounted(&dir));
+}
