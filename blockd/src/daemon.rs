@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cloud::Cloud;
+use crate::fuse::Mounts;
 use crate::nbd::{self, NbdContext};
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
@@ -68,6 +69,8 @@ pub struct Daemon {
     pub snapshots: Arc<Snapshots>,
     /// Cloud snapshots, locations and tasks.
     pub cloud: Arc<Cloud>,
+    /// Catalog mounts (`blockctl mount`).
+    pub mounts: Arc<Mounts>,
     config: Config,
     engine: &'static str,
 }
@@ -173,9 +176,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         snapshots,
         cloud,
+        mounts: Arc::new(Mounts::new(dir)),
         config: config.clone(),
         engine: engine_name,
     });
+    let mounts = daemon.mounts.clone();
     let api = axum::serve(api_listener, crate::api::router(daemon))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let api_task = tokio::spawn(async move {
@@ -215,6 +220,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    // Catalog mounts first, while their reads can still be answered.
+    mounts.unmount_all().await;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

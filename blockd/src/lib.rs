@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cloud;
 pub mod daemon;
+pub mod fuse;
 pub mod nbd;
 pub mod repo;
 pub mod snapshot;

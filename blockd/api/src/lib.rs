@@ -348,3 +348,6 @@ pub use cloud::{
     BackupGroupRequest, BackupRequest, Catalog, CloudSnap, CreateLocation, Location, Provider,
     RestoreRequest, Started, Task, TaskKind, TaskState, Verified, LOCAL_LOCATION,
 };
+
+pub mod mount;
+pub use mount::{MountInfo, MountRequest};

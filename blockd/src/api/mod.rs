@@ -17,6 +17,7 @@ use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolum
 use serde::de::DeserializeOwned;
 
 mod cloud;
+mod mount;
 
 use crate::daemon::Daemon;
 use crate::snapshot::store::SnapshotStore;
@@ -94,6 +95,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(inspect_snapshot).delete(delete_snapshot),
         )
         .merge(cloud::routes())
+        .merge(mount::routes())
         .fallback(|| async {
             Failure {
                 status: StatusCode::NOT_FOUND,

@@ -918,7 +918,7 @@ impl Cloud {
 
     // ---- catalog ---------------------------------------------------------
 
-    fn to_cloudsnap(m: &Manifest, location: &str) -> CloudSnap {
+    pub(crate) fn to_cloudsnap(m: &Manifest, location: &str) -> CloudSnap {
         CloudSnap {
             id: format!("{}/{}", m.volume, m.name),
             volume: m.volume.clone(),

@@ -430,6 +430,46 @@ impl Repo {
         let body = format::envelope(format::GROUP_MAGIC, &self.keys.seal(key.as_bytes(), &json));
         self.objects.put(&key, body.into(), false).await
     }
+
+    /// Reads a group object.
+    ///
+    /// # Errors
+    /// Missing or corrupt group, named.
+    pub async fn get_group(&self, group: &str) -> Result<Group, RepoError> {
+        let key = group_key(group);
+        let bytes = self.objects.get_meta(&key).await?;
+        let sealed = format::open_envelope(format::GROUP_MAGIC, &bytes)
+            .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
+        let json = self.keys.open(key.as_bytes(), sealed).map_err(|Tampered| {
+            self.objects
+                .corrupt(&key, "integrity check failed (wrong key, or altered)")
+        })?;
+        let g: Group = serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&key, e))?;
+        if g.group != group {
+            return Err(self
+                .objects
+                .corrupt(&key, "group object names another group"));
+        }
+        Ok(g)
+    }
+
+    /// Ids of the group objects, sorted.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn list_groups(&self) -> Result<Vec<String>, RepoError> {
+        Ok(self
+            .objects
+            .list("groups")
+            .await?
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix("groups/")
+                    .filter(|g| !g.is_empty() && !g.contains('/'))
+                    .map(str::to_string)
+            })
+            .collect())
+    }
 }
 
 impl Objects {

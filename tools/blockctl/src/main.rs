@@ -7,6 +7,7 @@
 mod client;
 mod cloudsnap;
 mod credentials;
+mod mount;
 mod wait;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,10 @@ enum Command {
     /// Back up volumes to object storage and restore them
     #[command(subcommand, alias = "cs")]
     Cloudsnap(cloudsnap::CloudsnapCmd),
+    /// Mount a location's cloud snapshots read-only at DIR (served by blockd)
+    Mount(mount::MountArgs),
+    /// Unmount a catalog mount (also one left by a blockd that crashed)
+    Umount(mount::UmountArgs),
 }
 
 fn duration_arg(s: &str) -> Result<f64, String> {
@@ -240,6 +245,8 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
         Command::Snapshot(cmd) => snapshot(cli, client, cmd).await,
         Command::Credentials(cmd) => credentials::run(cli.json, client, cmd).await,
         Command::Cloudsnap(cmd) => cloudsnap::run(cli.json, client, cmd).await,
+        Command::Mount(args) => mount::mount(cli.json, client, args).await,
+        Command::Umount(args) => mount::umount(cli.json, client, args).await,
     }
 }
 

@@ -1,0 +1,1212 @@
+//! The catalog mount: a read-only FUSE tree of one location's cloud
+//! snapshots (`blockctl mount DIR`), where an admin opens
+//! `DIR/<volume>/<snapshot>/disk.img` (say with `mount -o ro,loop`) to
+//! fetch one file back without restoring the volume. [`tree`] gives the
+//! layout.
+//!
+//! # Inside the daemon
+//! The mount is served by blockd itself, not by a process of its own: the
+//! daemon already holds the location's credentials and the repository's
+//! unwrapped keys, so no secret ever reaches the CLI or a second process;
+//! the mount outlives the `blockctl` that asked for it; and there is one
+//! process to supervise (systemd, logs, shutdown). The cost: a daemon
+//! crash leaves a stale mount ("Transport endpoint is not connected") that
+//! `blockctl umount DIR` detaches. Mounts end when the daemon stops.
+//!
+//! fuser's session runs [`FUSE_THREADS`] threads reading `/dev/fuse` (each
+//! with its own cloned fd); they never block on the store: every request
+//! that may touch it is handed to a tokio task that replies when done, so
+//! concurrent readers are served in parallel.
+//!
+//! # Reads and the cache
+//! A read of `disk.img` maps its range to index blocks (loaded through a
+//! small in-memory LRU keyed by the content-addressed block id, which
+//! snapshots share), takes the entries that intersect it, gets each chunk
+//! through the mount's [`cache::ChunkCache`] and copies the bytes; bytes no
+//! entry covers are zeros. The cache keeps *sealed* records on local disk
+//! (LRU by bytes, `--cache-size`, 2 GiB by default, emptied at mount) and
+//! opens and checks each one on every hit: local corruption is caught and
+//! the chunk fetched again, and an encrypted repository's plaintext never
+//! lands on disk. Misses are ranged GETs with adjacent records coalesced,
+//! at most four in flight per mount, and never two for one chunk.
+//!
+//! # Read-ahead
+//! Each open `disk.img` handle watches its reads; while they stay
+//! sequential it fetches the chunks of the next window in the background,
+//! the window doubling from 1 MiB up to 16 MiB; a jump resets it. The file
+//! is opened with `FOPEN_KEEP_CACHE` (a snapshot never changes), so warm
+//! reads are page-cache hits, and the mount's kernel read-ahead is raised
+//! to 1 MiB (see kernel-notes/fuse.md).
+//!
+//! # Freshness
+//! Directory listings come from the bucket and are listed again when older
+//! than one second, so new snapshots appear without remounting;
+//! directories and links carry a one-second TTL, `disk.img` and
+//! `info.json` (immutable) a long one. Inode numbers are stable for the
+//! life of the mount.
+//!
+//! # Errors
+//! Anything the repository reports on a read (a missing or corrupt pack,
+//! an unreachable store, a key that no longer opens an object) fails that
+//! read alone with EIO and logs a warning naming the snapshot and the
+//! object; the mount stays up and every other file stays readable. A
+//! repository that cannot be opened at all (wrong passphrase) fails the
+//! mount request itself with the repository's message. Writes of any kind
+//! answer EROFS.
+
+pub mod cache;
+pub mod tree;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use blockd_api::mount::{MountInfo, MountRequest, DEFAULT_CACHE_SIZE, FUSE_NAME};
+use fuser::{
+    BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
+};
+use tokio::runtime::Handle;
+
+use crate::cloud::locations::Locations;
+use crate::cloud::{is_snapshot_name, Cloud, CloudError};
+use crate::repo::format::{ChunkLoc, Entry, Manifest};
+use crate::repo::{Repo, RepoError};
+use cache::ChunkCache;
+use tree::{Inodes, Kind, Listing, Node};
+
+/// Threads reading `/dev/fuse`.
+pub const FUSE_THREADS: usize = 2;
+/// Listings older than this are listed again.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Attribute and entry TTL of directories and links (they change).
+const SHORT_TTL: Duration = Duration::from_secs(1);
+/// Attribute and entry TTL of files (immutable).
+const LONG_TTL: Duration = Duration::from_secs(3600);
+/// Index blocks kept in memory per mount.
+const INDEX_BLOCKS: usize = 32;
+/// First read-ahead window.
+const READ_AHEAD_MIN: u64 = 1 << 20;
+/// Largest read-ahead window.
+const READ_AHEAD_MAX: u64 = 16 << 20;
+/// How far a read may land from the previous one and still count as
+/// sequential (the kernel sends concurrent reads slightly out of order).
+const SEQUENTIAL_SLACK: u64 = 2 << 20;
+/// Kernel read-ahead of the mount, KiB.
+const KERNEL_READ_AHEAD_KB: u32 = 1024;
+/// Smallest cache: room for one largest chunk.
+const MIN_CACHE: u64 = 1 << 20;
+
+/// Why a mount request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MountError {
+    /// The request is wrong; the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nothing mounted there.
+    #[error("{0}")]
+    NotFound(String),
+    /// Already mounted, or busy.
+    #[error("{0}")]
+    Conflict(String),
+    /// The location could not be opened.
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    /// The mount itself failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One active mount.
+struct Active {
+    info: MountInfo,
+    session: BackgroundSession,
+    catalog: Arc<Catalog>,
+}
+
+/// The catalog mounts of this daemon.
+pub struct Mounts {
+    cache_root: PathBuf,
+    active: Mutex<BTreeMap<String, Active>>,
+    /// Serialises mounting and unmounting.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts")
+            .field("cache_root", &self.cache_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mounts {
+    /// No mounts yet; caches go under `<state dir>/cache/mounts`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            cache_root: state_dir.join("cache").join("mounts"),
+            active: Mutex::new(BTreeMap::new()),
+            changing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The mounts, by directory.
+    pub fn list(&self) -> Vec<MountInfo> {
+        lock(&self.active)
+            .values()
+            .map(|a| a.info.clone())
+            .collect()
+    }
+
+    /// Mounts a location's catalog at `req.dir`.
+    ///
+    /// # Errors
+    /// A missing directory, one already mounted, an unknown location or
+    /// one whose repository does not open, a failing mount.
+    pub async fn mount(
+        &self,
+        req: MountRequest,
+        locations: &Locations,
+    ) -> Result<MountInfo, MountError> {
+        let _one = self.changing.lock().await;
+        let dir = std::fs::canonicalize(&req.dir).map_err(|e| {
+            MountError::Invalid(format!(
+                "cannot mount at {}: {e}; create the directory first (mkdir -p {})",
+                req.dir, req.dir
+            ))
+        })?;
+        if !dir.is_dir() {
+            return Err(MountError::Invalid(format!(
+                "cannot mount at {}: not a directory; give an empty directory",
+                dir.display()
+            )));
+        }
+        let dir_s = dir.display().to_string();
+        if lock(&self.active).contains_key(&dir_s) {
+            return Err(MountError::Conflict(format!(
+                "{dir_s} is already a blockd catalog mount: use it, or `blockctl umount {dir_s}` first"
+            )));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if blockd_api::mount::is_catalog_mount(&mounts, &dir_s) {
+            return Err(MountError::Conflict(format!(
+                "{dir_s} is already a blockd catalog mount (left by an earlier blockd?): `blockctl umount {dir_s}` first"
+            )));
+        }
+        let cache_size = req.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
+        if cache_size < MIN_CACHE {
+            return Err(MountError::Invalid(format!(
+                "cache size {cache_size} is too small: give at least 1M (e.g. --cache-size 2G)"
+            )));
+        }
+        let location = locations.resolve(req.location.as_deref())?;
+        let repo = locations.repo(&location).await?;
+        // An unreachable store fails the request rather than the first `ls`.
+        repo.list_snapshots(None).await.map_err(CloudError::from)?;
+        let cache_dir = self
+            .cache_root
+            .join(&hex::encode(blake3::hash(dir_s.as_bytes()).as_bytes())[..16]);
+        let cache = ChunkCache::new(cache_dir.clone(), cache_size, repo.clone()).map_err(|e| {
+            MountError::Internal(format!(
+                "cannot prepare the chunk cache {}: {e}",
+                cache_dir.display()
+            ))
+        })?;
+        let catalog = Arc::new(Catalog::new(repo, location.clone(), cache));
+
+        let mut options = vec![
+            MountOption::FSName(format!("{FUSE_NAME}:{location}")),
+            // A kernel option (not only a fusermount one), so the type
+            // column reads fuse.blockd on direct mounts too.
+            MountOption::CUSTOM(format!("subtype={FUSE_NAME}")),
+            MountOption::RO,
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::NoAtime,
+            MountOption::DefaultPermissions,
+        ];
+        if req.allow_other {
+            options.push(MountOption::CUSTOM("allow_other".into()));
+        }
+        let mut config = fuser::Config::default();
+        config.mount_options = options;
+        config.acl = if req.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(FUSE_THREADS);
+        config.clone_fd = true;
+        let fs = CatalogFs {
+            catalog: catalog.clone(),
+            rt: Handle::current(),
+        };
+        let at = dir.clone();
+        let session = tokio::task::spawn_blocking(move || {
+            fuser::Session::new(fs, &at, &config).and_then(fuser::Session::spawn)
+        })
+        .await
+        .map_err(|e| MountError::Internal(e.to_string()))?
+        .map_err(|e| {
+            catalog.cache.close();
+            MountError::Internal(format!("mounting at {dir_s} failed: {e}"))
+        })?;
+        raise_read_ahead(&dir);
+        let info = MountInfo {
+            dir: dir_s.clone(),
+            location: location.clone(),
+            cache_size,
+            allow_other: req.allow_other,
+        };
+        tracing::info!(dir = %dir_s, %location, cache_size, allow_other = req.allow_other, "catalog mounted");
+        lock(&self.active).insert(
+            dir_s,
+            Active {
+                info: info.clone(),
+                session,
+                catalog,
+            },
+        );
+        Ok(info)
+    }
+
+    /// Unmounts `dir`; refused while something (a loop device, a shell)
+    /// still uses it.
+    ///
+    /// # Errors
+    /// Not a mount of this daemon; busy.
+    pub async fn unmount(&self, dir: &str) -> Result<(), MountError> {
+        let _one = self.changing.lock().await;
+        let key = std::fs::canonicalize(dir)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| dir.to_string());
+        let Some(active) = lock(&self.active).remove(&key) else {
+            return Err(MountError::NotFound(format!(
+                "{dir} is not a blockd catalog mount of this daemon (see `blockctl mount` listings with GET /v1/mounts)"
+            )));
+        };
+        let at = PathBuf::from(&key);
+        let detached = tokio::task::spawn_blocking(move || detach(&at, false))
+            .await
+            .map_err(|e| MountError::Internal(e.to_string()))?;
+        if let Err(e) = detached {
+            let busy = e.raw_os_error() == Some(libc::EBUSY);
+            lock(&self.active).insert(key.clone(), active);
+            return Err(if busy {
+                MountError::Conflict(format!(
+                    "{key} is busy: unmount what is mounted from it (e.g. the loop mount of a disk.img) and leave the directory, then retry"
+                ))
+            } else {
+                MountError::Internal(format!("unmounting {key} failed: {e}"))
+            });
+        }
+        finish(active, &key).await;
+        Ok(())
+    }
+
+    /// Unmounts everything (daemon shutdown); a busy mount is detached
+    /// lazily, so its users see "Transport endpoint is not connected".
+    pub async fn unmount_all(&self) {
+        let _one = self.changing.lock().await;
+        let all: Vec<(String, Active)> = std::mem::take(&mut *lock(&self.active))
+            .into_iter()
+            .collect();
+        for (key, active) in all {
+            let at = PathBuf::from(&key);
+            let clean = tokio::task::spawn_blocking(move || match detach(&at, false) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(dir = %at.display(), error = %e, "catalog mount busy at shutdown: detaching it lazily");
+                    if let Err(e) = detach(&at, true) {
+                        tracing::warn!(dir = %at.display(), error = %e, "detaching the catalog mount failed");
+                    }
+                    false
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if clean {
+                finish(active, &key).await;
+            } else {
+                active.catalog.cache.close();
+                // Its threads serve the detached mount's last users until
+                // the process exits; dropping the session would try to
+                // unmount the path again.
+                std::mem::forget(active.session);
+                tracing::info!(dir = %key, "catalog detached");
+            }
+        }
+    }
+}
+
+/// After the kernel let go: ends the session, drops the cache.
+async fn finish(active: Active, key: &str) {
+    let Active {
+        session, catalog, ..
+    } = active;
+    // The session's own unmount finds nothing left to unmount (its error is
+    // expected); its threads have seen the connection end.
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || session.umount_and_join()),
+    )
+    .await;
+    if ended.is_err() {
+        tracing::warn!(
+            dir = key,
+            "the FUSE session of an unmounted catalog did not end"
+        );
+    }
+    catalog.cache.close();
+    tracing::info!(dir = %key, "catalog unmounted");
+}
+
+/// Unmounts `dir` (lazily: detached now, gone when unused). Root unmounts
+/// directly; anyone else goes through `fusermount3 -u`.
+fn detach(dir: &Path, lazy: bool) -> std::io::Result<()> {
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(dir, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::PERM) => {
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let out = cmd.arg(dir).output()?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Raises the kernel read-ahead of the mount at `dir` (its backing device
+/// info is named after the anonymous device number): the default 128 KiB
+/// turns a sequential read into many small FUSE requests. Best effort.
+fn raise_read_ahead(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let dev = meta.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, KERNEL_READ_AHEAD_KB.to_string()) {
+        tracing::debug!(path, error = %e, "kernel read-ahead left at its default");
+    }
+}
+
+/// A snapshot's manifest and what is derived from it.
+struct Snap {
+    manifest: Manifest,
+    info: Vec<u8>,
+}
+
+/// A group object and its `info.json`.
+struct GroupObj {
+    members: Vec<(String, String)>,
+    info: Vec<u8>,
+}
+
+/// Read-ahead state of one open `disk.img`.
+#[derive(Debug, Default)]
+struct Stream {
+    /// End of the furthest read so far.
+    next: u64,
+    /// Current window; 0 until reads are sequential.
+    window: u64,
+    /// Fetched (or being fetched) up to here.
+    ahead: u64,
+}
+
+/// One piece of a read: `len` bytes at `at` in the reply from `from` in a
+/// chunk's plain bytes.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    at: u64,
+    chunk: ChunkLoc,
+    from: u64,
+    len: u64,
+}
+
+/// The state of one mount, shared by the fuser threads and the tasks that
+/// answer them.
+pub struct Catalog {
+    repo: Arc<Repo>,
+    location: String,
+    cache: Arc<ChunkCache>,
+    inodes: Mutex<Inodes>,
+    listing: tokio::sync::Mutex<Option<Arc<Listing>>>,
+    snaps: Mutex<HashMap<(String, String), Arc<Snap>>>,
+    groups: Mutex<HashMap<String, Arc<GroupObj>>>,
+    index: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
+    index_load: tokio::sync::Mutex<()>,
+    streams: Mutex<HashMap<u64, Stream>>,
+    next_fh: AtomicU64,
+    uid: u32,
+    gid: u32,
+    mounted: SystemTime,
+}
+
+/// The object a repository error is about.
+fn object_of(e: &RepoError) -> &str {
+    match e {
+        RepoError::Store { object, .. }
+        | RepoError::Missing { object, .. }
+        | RepoError::Corrupt { object, .. }
+        | RepoError::Exists { object, .. } => object,
+        RepoError::Key { .. } => "config",
+    }
+}
+
+/// Time of a snapshot (or group) from its name, `YYYYMMDDTHHMMSS.mmmZ-…`.
+fn name_time(name: &str) -> Option<SystemTime> {
+    let b = name.get(..19)?;
+    let s = format!(
+        "{}-{}-{}T{}:{}:{}{}Z",
+        &b[0..4],
+        &b[4..6],
+        &b[6..8],
+        &b[9..11],
+        &b[11..13],
+        &b[13..15],
+        &b[15..19]
+    );
+    humantime::parse_rfc3339(&s).ok()
+}
+
+fn pretty(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(v).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+impl Catalog {
+    fn new(repo: Arc<Repo>, location: String, cache: Arc<ChunkCache>) -> Self {
+        Self {
+            repo,
+            location,
+            cache,
+            inodes: Mutex::new(Inodes::default()),
+            listing: tokio::sync::Mutex::new(None),
+            snaps: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            index: Mutex::new(Vec::new()),
+            index_load: tokio::sync::Mutex::new(()),
+            streams: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            mounted: SystemTime::now(),
+        }
+    }
+
+    fn node(&self, ino: INodeNo) -> Option<Node> {
+        lock(&self.inodes).node(ino.0).cloned()
+    }
+
+    fn ino(&self, node: Node) -> u64 {
+        lock(&self.inodes).ino(node)
+    }
+
+    /// Logs a failed repository access and answers EIO.
+    fn eio(&self, what: &str, e: &RepoError) -> Errno {
+        tracing::warn!(
+            location = %self.location,
+            snapshot = what,
+            object = %object_of(e),
+            error = %e,
+            "catalog read failed: EIO"
+        );
+        Errno::EIO
+    }
+
+    /// The listing, listed again when stale. A failed listing keeps the
+    /// last one (retried a second later).
+    async fn listing(&self) -> Result<Arc<Listing>, Errno> {
+        let mut cur = self.listing.lock().await;
+        if let Some(l) = cur.as_ref().filter(|l| l.at.elapsed() < REFRESH) {
+            return Ok(l.clone());
+        }
+        let listed = tokio::try_join!(self.repo.list_snapshots(None), self.repo.list_groups());
+        match listed {
+            Ok((snaps, groups)) => {
+                let snaps = snaps
+                    .into_iter()
+                    .filter(|(_, n)| is_snapshot_name(n))
+                    .collect();
+                let l = Arc::new(Listing::new(snaps, groups));
+                *cur = Some(l.clone());
+                Ok(l)
+            }
+            Err(e) => {
+                let errno = self.eio("(listing)", &e);
+                let old = cur.as_ref().ok_or(errno)?;
+                let mut l = (**old).clone();
+                l.at = std::time::Instant::now();
+                let l = Arc::new(l);
+                *cur = Some(l.clone());
+                Ok(l)
+            }
+        }
+    }
+
+    async fn snap(&self, v: &str, n: &str) -> Result<Arc<Snap>, Errno> {
+        let key = (v.to_string(), n.to_string());
+        if let Some(s) = lock(&self.snaps).get(&key) {
+            return Ok(s.clone());
+        }
+        let m = match self.repo.get_manifest(v, n).await {
+            Ok(m) => m,
+            Err(RepoError::Missing { .. }) => return Err(Errno::ENOENT),
+            Err(e) => return Err(self.eio(&format!("{v}/{n}"), &e)),
+        };
+        let info = pretty(&Cloud::to_cloudsnap(&m, &self.location));
+        let s = Arc::new(Snap { manifest: m, info });
+        lock(&self.snaps).insert(key, s.clone());
+        Ok(s)
+    }
+
+    async fn group(&self, g: &str) -> Result<Arc<GroupObj>, Errno> {
+        if let Some(o) = lock(&self.groups).get(g) {
+            return Ok(o.clone());
+        }
+        let obj = match self.repo.get_group(g).await {
+            Ok(o) => o,
+            Err(RepoError::Missing { .. }) => return Err(Errno::ENOENT),
+            Err(e) => return Err(self.eio(&format!("group {g}"), &e)),
+        };
+        let members = obj
+            .members
+            .iter()
+            .filter_map(|m| m.split_once('/'))
+            .filter(|(v, n)| !v.is_empty() && is_snapshot_name(n))
+            .map(|(v, n)| (v.to_string(), n.to_string()))
+            .collect();
+        let o = Arc::new(GroupObj {
+            members,
+            info: pretty(&obj),
+        });
+        lock(&self.groups).insert(g.to_string(), o.clone());
+        Ok(o)
+    }
+
+    /// The names in a directory.
+    async fn children(&self, dir: &Node) -> Result<Vec<(String, Node)>, Errno> {
+        if let Node::Group(g) = dir {
+            let o = self.group(g).await?;
+            let mut out: Vec<(String, Node)> = o
+                .members
+                .iter()
+                .map(|(v, _)| (v.clone(), Node::Member(g.clone(), v.clone())))
+                .collect();
+            out.push((tree::INFO.to_string(), Node::GroupInfo(g.clone())));
+            return Ok(out);
+        }
+        let l = self.listing().await?;
+        l.children(dir).ok_or(Errno::ENOENT)
+    }
+
+    /// Where a link points.
+    async fn target(&self, node: &Node) -> Result<String, Errno> {
+        match node {
+            Node::Latest(v) => {
+                let l = self.listing().await?;
+                l.latest(v).map(str::to_string).ok_or(Errno::ENOENT)
+            }
+            Node::Member(g, v) => {
+                let o = self.group(g).await?;
+                o.members
+                    .iter()
+                    .find(|(m, _)| m == v)
+                    .map(|(v, n)| tree::member_target(v, n))
+                    .ok_or(Errno::ENOENT)
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn make_attr(&self, ino: u64, kind: Kind, size: u64, mtime: SystemTime) -> FileAttr {
+        let (kind, perm, nlink, blksize) = match kind {
+            Kind::Dir => (FileType::Directory, 0o555, 2, 4096),
+            Kind::File => (FileType::RegularFile, 0o444, 1, 1 << 20),
+            Kind::Link => (FileType::Symlink, 0o777, 1, 4096),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize,
+            flags: 0,
+        }
+    }
+
+    /// Attributes and TTL of a node.
+    async fn attr(&self, ino: u64, node: &Node) -> Result<(FileAttr, Duration), Errno> {
+        let when = |name: &str| name_time(name).unwrap_or(self.mounted);
+        Ok(match node {
+            Node::Root | Node::Groups | Node::Volume(_) => {
+                (self.make_attr(ino, Kind::Dir, 0, self.mounted), SHORT_TTL)
+            }
+            Node::Snapshot(_, n) | Node::Group(n) => {
+                (self.make_attr(ino, Kind::Dir, 0, when(n)), SHORT_TTL)
+            }
+            Node::Latest(_) | Node::Member(..) => {
+                let t = self.target(node).await?;
+                let name = t.rsplit('/').next().unwrap_or_default().to_string();
+                (
+                    self.make_attr(ino, Kind::Link, t.len() as u64, when(&name)),
+                    SHORT_TTL,
+                )
+            }
+            Node::Disk(v, n) => {
+                let s = self.snap(v, n).await?;
+                (
+                    self.make_attr(ino, Kind::File, s.manifest.size, when(n)),
+                    LONG_TTL,
+                )
+            }
+            Node::Info(v, n) => {
+                let s = self.snap(v, n).await?;
+                (
+                    self.make_attr(ino, Kind::File, s.info.len() as u64, when(n)),
+                    LONG_TTL,
+                )
+            }
+            Node::GroupInfo(g) => {
+                let o = self.group(g).await?;
+                (
+                    self.make_attr(ino, Kind::File, o.info.len() as u64, when(g)),
+                    LONG_TTL,
+                )
+            }
+        })
+    }
+
+    async fn lookup(&self, parent: &Node, name: &str) -> Result<(FileAttr, Duration), Errno> {
+        let node = self
+            .children(parent)
+            .await?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, node)| node)
+            .ok_or(Errno::ENOENT)?;
+        let ino = self.ino(node.clone());
+        self.attr(ino, &node).await
+    }
+
+    fn parent_ino(&self, node: &Node) -> u64 {
+        match node {
+            Node::Snapshot(v, _) => self.ino(Node::Volume(v.clone())),
+            Node::Group(_) => self.ino(Node::Groups),
+            _ => 1,
+        }
+    }
+
+    /// An index block, through the in-memory LRU; one load at a time.
+    async fn index(&self, block: u64, id: &str) -> Result<Arc<Vec<Entry>>, RepoError> {
+        let cached = |me: &Self| {
+            let mut ix = lock(&me.index);
+            let pos = ix.iter().position(|(i, _)| i == id)?;
+            let hit = ix.remove(pos);
+            let entries = hit.1.clone();
+            ix.push(hit);
+            Some(entries)
+        };
+        if let Some(e) = cached(self) {
+            return Ok(e);
+        }
+        let _one = self.index_load.lock().await;
+        if let Some(e) = cached(self) {
+            return Ok(e);
+        }
+        let entries = Arc::new(self.repo.get_index(block, id).await?);
+        let mut ix = lock(&self.index);
+        if ix.len() >= INDEX_BLOCKS {
+            ix.remove(0);
+        }
+        ix.push((id.to_string(), entries.clone()));
+        Ok(entries)
+    }
+
+    /// The pieces of chunks that make up `offset..end` of a snapshot.
+    async fn pieces(&self, m: &Manifest, offset: u64, end: u64) -> Result<Vec<Piece>, RepoError> {
+        let span = self.repo.config.index_span;
+        let mut out = Vec::new();
+        if end <= offset {
+            return Ok(out);
+        }
+        for b in offset / span..=(end - 1) / span {
+            let Ok(i) = m.blocks.binary_search_by_key(&b, |x| x.0) else {
+                continue;
+            };
+            let entries = self.index(b, &m.blocks[i].1).await?;
+            let base = b * span;
+            let lo = offset.max(base) - base;
+            let hi = end.min(base + span) - base;
+            let first = entries.partition_point(|e| e.end() <= lo);
+            for e in entries[first..]
+                .iter()
+                .take_while(|e| u64::from(e.start) < hi)
+            {
+                let s = lo.max(u64::from(e.start));
+                let t = hi.min(e.end());
+                out.push(Piece {
+                    at: base + s - offset,
+                    chunk: e.chunk,
+                    from: u64::from(e.chunk_off) + s - u64::from(e.start),
+                    len: t - s,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads `size` bytes at `offset` of a snapshot's image.
+    async fn read_disk(
+        self: &Arc<Self>,
+        fh: u64,
+        v: &str,
+        n: &str,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, Errno> {
+        let s = self.snap(v, n).await?;
+        let total = s.manifest.size;
+        if offset >= total {
+            return Ok(Vec::new());
+        }
+        let end = total.min(offset + u64::from(size));
+        self.read_ahead(fh, &s, offset, end);
+        let id = format!("{v}/{n}");
+        let pieces = self
+            .pieces(&s.manifest, offset, end)
+            .await
+            .map_err(|e| self.eio(&id, &e))?;
+        let locs: Vec<ChunkLoc> = pieces.iter().map(|p| p.chunk).collect();
+        let chunks = self
+            .cache
+            .chunks(&locs)
+            .await
+            .map_err(|e| self.eio(&id, &e))?;
+        let mut buf = vec![0u8; usize::try_from(end - offset).map_err(|_| Errno::EINVAL)?];
+        for p in &pieces {
+            let src = chunks.get(&p.chunk.id).and_then(|c| {
+                let s = usize::try_from(p.from).ok()?;
+                c.get(s..s.checked_add(usize::try_from(p.len).ok()?)?)
+            });
+            let dst = usize::try_from(p.at).ok().and_then(|a| {
+                let t = a.checked_add(usize::try_from(p.len).ok()?)?;
+                buf.get_mut(a..t)
+            });
+            match (src, dst) {
+                (Some(src), Some(dst)) => dst.copy_from_slice(src),
+                _ => {
+                    let e = RepoError::Corrupt {
+                        location: self.location.clone(),
+                        object: crate::repo::pack_key(&p.chunk.pack),
+                        reason: "an index entry reaches past its chunk".into(),
+                    };
+                    return Err(self.eio(&id, &e));
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Sequential reads on handle `fh` fetch the next window ahead.
+    fn read_ahead(self: &Arc<Self>, fh: u64, s: &Arc<Snap>, offset: u64, end: u64) {
+        let range = {
+            let mut streams = lock(&self.streams);
+            let Some(st) = streams.get_mut(&fh) else {
+                return;
+            };
+            let sequential = offset <= st.next.saturating_add(SEQUENTIAL_SLACK)
+                && offset.saturating_add(SEQUENTIAL_SLACK) >= st.next;
+            if !sequential {
+                *st = Stream {
+                    next: end,
+                    window: 0,
+                    ahead: 0,
+                };
+                return;
+            }
+            st.next = st.next.max(end);
+            st.window = if st.window == 0 {
+                READ_AHEAD_MIN
+            } else {
+                (st.window * 2).min(READ_AHEAD_MAX)
+            };
+            let target = s.manifest.size.min(end + st.window);
+            let from = st.ahead.max(end);
+            // Top up once half the window is used, not on every read.
+            if st.ahead >= end + st.window / 2 || target <= from {
+                return;
+            }
+            st.ahead = target;
+            from..target
+        };
+        let me = self.clone();
+        let s = s.clone();
+        tokio::spawn(async move {
+            let id = format!("{}/{}", s.manifest.volume, s.manifest.name);
+            let fetched = match me.pieces(&s.manifest, range.start, range.end).await {
+                Ok(p) => {
+                    let locs: Vec<ChunkLoc> = p.iter().map(|p| p.chunk).collect();
+                    me.cache.prefetch(&locs).await.map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = fetched {
+                // The read that needs these bytes reports the failure.
+                tracing::debug!(snapshot = %id, %error, "read-ahead failed");
+            }
+        });
+    }
+
+    /// Reads from an in-memory file.
+    fn slice(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        &bytes[start..end]
+    }
+
+    async fn read(
+        self: &Arc<Self>,
+        node: &Node,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, Errno> {
+        match node {
+            Node::Disk(v, n) => self.read_disk(fh, v, n, offset, size).await,
+            Node::Info(v, n) => {
+                Ok(Self::slice(&self.snap(v, n).await?.info, offset, size).to_vec())
+            }
+            Node::GroupInfo(g) => {
+                Ok(Self::slice(&self.group(g).await?.info, offset, size).to_vec())
+            }
+            n if n.kind() == Kind::Dir => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}
+
+/// The fuser file system: finds the node, then answers from a tokio task.
+struct CatalogFs {
+    catalog: Arc<Catalog>,
+    rt: Handle,
+}
+
+impl CatalogFs {
+    /// Runs `f` on the runtime with the node `ino` names, or answers
+    /// ENOENT through `fail`.
+    fn with_node<R, F, Fut>(&self, ino: INodeNo, reply: R, fail: fn(R, Errno), f: F)
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<Catalog>, Node, R) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.catalog.node(ino) {
+            Some(node) => {
+                self.rt.spawn(f(self.catalog.clone(), node, reply));
+            }
+            None => fail(reply, Errno::ENOENT),
+        }
+    }
+}
+
+impl Filesystem for CatalogFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // As much kernel read-ahead as the kernel offers.
+        if let Err(max) = config.set_max_readahead(KERNEL_READ_AHEAD_KB * 1024) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        self.with_node(parent, reply, ReplyEntry::error, |c, p, reply| async move {
+            match c.lookup(&p, &name).await {
+                Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.with_node(
+            ino,
+            reply,
+            ReplyAttr::error,
+            move |c, n, reply| async move {
+                match c.attr(ino.0, &n).await {
+                    Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+                    Err(e) => reply.error(e),
+                }
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.with_node(ino, reply, ReplyData::error, |c, n, reply| async move {
+            match c.target(&n).await {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        match self.catalog.node(ino) {
+            Some(Node::Disk(..)) => {
+                let fh = self.catalog.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.catalog.streams).insert(fh, Stream::default());
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(n) if n.kind() == Kind::File => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(n) if n.kind() == Kind::Dir => reply.error(Errno::EISDIR),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.with_node(
+            ino,
+            reply,
+            ReplyData::error,
+            move |c, n, reply| async move {
+                match c.read(&n, fh.0, offset, size).await {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                }
+            },
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.catalog.streams).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        self.with_node(
+            ino,
+            reply,
+            ReplyDirectory::error,
+            move |c, n, mut reply| async move {
+                let children = match c.children(&n).await {
+                    Ok(ch) => ch,
+                    Err(e) => return reply.error(e),
+                };
+                let parent = c.parent_ino(&n);
+                let mut all = vec![
+                    (ino.0, FileType::Directory, ".".to_string()),
+                    (parent, FileType::Directory, "..".to_string()),
+                ];
+                for (name, node) in children {
+                    let kind = match node.kind() {
+                        Kind::Dir => FileType::Directory,
+                        Kind::File => FileType::RegularFile,
+                        Kind::Link => FileType::Symlink,
+                    };
+                    all.push((c.ino(node), kind, name));
+                }
+                let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+                for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(skip) {
+                    if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            },
+        );
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        // The kernel then seeks itself (SEEK_DATA finds all data).
+        reply.error(Errno::ENOSYS);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_come_from_snapshot_names() {
+        let t = name_time("20261121T101500.123Z-3f4f0a67").unwrap();
+        assert_eq!(
+            humantime::format_rfc3339_millis(t).to_string(),
+            "2026-11-21T10:15:00.123Z"
+        );
+        assert!(name_time("garbage").is_none());
+    }
+}

@@ -1,0 +1,586 @@
+//! The catalog mount, through a real FUSE mount: `blockctl mount DIR`,
+//! then what an admin does with it (`mount -o ro,loop` of a snapshot's
+//! disk.img, copy a file out), groups, a new backup appearing without a
+//! remount, damaged objects failing only the reads that need them, a
+//! flaky store, and the CLI's refusals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::cloud::*;
+use common::*;
+use serde_json::Value;
+
+/// Root, /dev/fuse and the tools every test here drives.
+fn need_fuse(extra: &[&str]) -> bool {
+    let mut tools = vec!["fusermount3", "qemu-img", "qemu-io", "sha256sum", "dd"];
+    tools.extend_from_slice(extra);
+    require_tools(&tools)
+        && skip_unless(is_root(), "needs root for FUSE, loop devices and mount")
+        && skip_unless(Path::new("/dev/fuse").exists(), "no /dev/fuse")
+}
+
+fn mounts_table() -> String {
+    std::fs::read_to_string("/proc/self/mounts").unwrap_or_default()
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let d = dir.display().to_string();
+    mounts_table()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(d.as_str()))
+}
+
+/// A `blockctl mount` at a fresh directory; unmounted on drop (lazily, if
+/// a failed test left it busy or stale).
+struct Catalog<'a> {
+    d: &'a Blockd,
+    dir: PathBuf,
+}
+
+impl<'a> Catalog<'a> {
+    fn mount(d: &'a Blockd, parent: &Path, args: &[&str]) -> (Self, String) {
+        let dir = parent.join("cat");
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let mut a = vec!["mount", dir.to_str().unwrap()];
+        a.extend_from_slice(args);
+        let out = d.ok(&a);
+        (Self { d, dir }, out)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+impl Drop for Catalog<'_> {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = self.d.blockctl(&["umount", self.dir.to_str().unwrap()]);
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .status();
+        }
+    }
+}
+
+/// A mount of a device or image; unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn mount(source: &Path, dir: &Path, opts: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-o", opts])
+            .arg(source)
+            .arg(dir));
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+}
+
+/// An nbdfuse mount exposing one export as `<dir>/disk`, with a loop
+/// device over it: the block device mkfs.ext4 needs (this kernel has no
+/// nbd module).
+struct NbdLoop {
+    child: Child,
+    dir: PathBuf,
+    dev: String,
+}
+
+impl NbdLoop {
+    fn attach(uri: &str, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let pidfile = dir.with_extension("pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(dir.join("disk"))
+            .arg(uri)
+            .spawn()
+            .expect("nbdfuse");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            assert!(Instant::now() < deadline, "nbdfuse did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dev = sh(&format!("losetup -f --show {}", dir.join("disk").display()))
+            .trim()
+            .to_string();
+        Self {
+            child,
+            dir: dir.to_path_buf(),
+            dev,
+        }
+    }
+}
+
+impl Drop for NbdLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status();
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Snapshot name of a finished backup task.
+fn snap_name(task: &Value) -> String {
+    let id = task["snapshot"].as_str().expect("snapshot id");
+    id.split_once('/').expect("VOLUME/NAME").1.to_string()
+}
+
+fn sha256(path: &Path) -> String {
+    sh(&format!("sha256sum < '{}'", path.display()))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn link(p: &Path) -> String {
+    std::fs::read_link(p)
+        .unwrap_or_else(|e| panic!("readlink {}: {e}", p.display()))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn admin_mounts_the_catalog_and_copies_one_file_out_of_an_ext4_snapshot() {
+    if !need_fuse(&["nbdfuse", "losetup", "mkfs.ext4", "mount", "umount"]) {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "64M");
+
+    // An ext4 file system on the volume, holding the file to get back.
+    let original = tmp.path().join("report.bin");
+    std::fs::write(&original, random_bytes(3 * MB + 12345, 42)).unwrap();
+    {
+        let nl = NbdLoop::attach(&d.uri("vol1"), &tmp.path().join("nbd"));
+        sh(&format!("mkfs.ext4 -q -F {}", nl.dev));
+        let fs = Mounted::mount(Path::new(&nl.dev), &tmp.path().join("fs"), "rw");
+        sh(&format!(
+            "mkdir -p {0}/docs && cp {1} {0}/docs/report.bin && \
+             for i in $(seq 1 20); do echo \"note $i\" > {0}/docs/n$i.txt; done && sync",
+            fs.0.display(),
+            original.display()
+        ));
+    }
+    let first = snap_name(&backup(&d, &["vol1"]));
+
+    // blockctl mount DIR
+    let (cat, out) = Catalog::mount(&d, tmp.path(), &[]);
+    assert!(
+        out.contains(&format!("mounted location local at {}", cat.dir.display())),
+        "{out}"
+    );
+    let row = mounts_table()
+        .lines()
+        .find(|l| l.split(' ').nth(1) == cat.dir.to_str())
+        .expect("listed in /proc/self/mounts")
+        .to_string();
+    assert!(
+        row.starts_with("blockd:local ") && row.contains(" fuse.blockd ro,"),
+        "{row}"
+    );
+    assert_eq!(names(&cat.dir), ["groups", "vol1"]);
+    assert_eq!(names(&cat.path("vol1")), [first.as_str(), "latest"]);
+    assert_eq!(link(&cat.path("vol1/latest")), first);
+    assert_eq!(
+        names(&cat.path(&format!("vol1/{first}"))),
+        ["disk.img", "info.json"]
+    );
+    let disk = cat.path(&format!("vol1/{first}/disk.img"));
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 64 * MB as u64);
+    // info.json is the snapshot as `cloudsnap list -j` shows it.
+    let info =
+        json(&std::fs::read_to_string(cat.path(&format!("vol1/{first}/info.json"))).unwrap());
+    let listed = list(&d, &["--src", "vol1"]);
+    assert_eq!(info, listed[0], "info.json differs from cloudsnap list");
+    assert_eq!(info["id"], format!("vol1/{first}"));
+    // Read-only: nothing can be created or changed.
+    let e = std::fs::write(cat.path("vol1/new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+    // mount -o ro,loop DIR/vol1/<snap>/disk.img /mnt/x; copy one file out.
+    let x = tmp.path().join("x");
+    let copied = tmp.path().join("copied.bin");
+    {
+        let img = Mounted::mount(&disk, &x, "ro,loop");
+        std::fs::copy(x.join("docs/report.bin"), &copied).unwrap();
+        // Busy: refused, and still mounted.
+        let out = d.blockctl(&["umount", cat.dir.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("busy"), "{err}");
+        assert!(is_mounted(&cat.dir));
+        assert_eq!(
+            std::fs::read_to_string(x.join("docs/n7.txt")).unwrap(),
+            "note 7\n"
+        );
+        drop(img);
+    }
+    assert!(!is_mounted(&x));
+    assert_eq!(
+        read_file(&copied),
+        read_file(&original),
+        "the file copied out of the snapshot differs from the original"
+    );
+
+    // A new backup shows up without a remount; latest follows it.
+    qemu_io(&d.uri("vol1"), &["write -P 7 60M 1M"]);
+    let second = snap_name(&backup(&d, &["vol1"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link(&cat.path("vol1/latest")) != second {
+        assert!(Instant::now() < deadline, "latest still points at {first}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        names(&cat.path("vol1")),
+        [first.as_str(), second.as_str(), "latest"]
+    );
+    let new_disk = cat.path("vol1/latest/disk.img");
+    let mut changed = vec![0u8; MB];
+    {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&new_disk).unwrap();
+        f.seek(std::io::SeekFrom::Start(60 * MB as u64)).unwrap();
+        f.read_exact(&mut changed).unwrap();
+    }
+    assert!(changed.iter().all(|b| *b == 7), "the new snapshot's bytes");
+
+    // Unmount: through the daemon, which then forgets it.
+    let out = d.ok(&["umount", cat.dir.to_str().unwrap()]);
+    assert!(out.contains("unmounted"), "{out}");
+    assert!(!is_mounted(&cat.dir));
+    let out = d.blockctl(&["umount", cat.dir.to_str().unwrap()]);
+    assert!(!out.status.success(), "a second umount must fail");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a blockd catalog mount"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn group_backups_appear_under_groups_with_their_members() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for (i, v) in ["db", "log"].iter().enumerate() {
+        d.ok(&["volume", "create", v, "--size", "8M", "--label", "app=shop"]);
+        let img = image(tmp.path(), v, 8 * MB, 6 * MB, 30 + i as u64);
+        load(&d, v, &img);
+        images.push(img);
+    }
+    let tasks = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--label",
+        "app=shop",
+        "--wait",
+    ]));
+    let group = tasks[0]["group"].as_str().unwrap().to_string();
+    let name = snap_name(&tasks[0]);
+
+    let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
+    assert_eq!(names(&cat.dir), ["db", "groups", "log"]);
+    assert_eq!(names(&cat.path("groups")), [group.as_str()]);
+    let g = cat.path(&format!("groups/{group}"));
+    assert_eq!(names(&g), ["db", "info.json", "log"]);
+    for (i, v) in ["db", "log"].iter().enumerate() {
+        assert_eq!(link(&g.join(v)), format!("../../{v}/{name}"));
+        // Through the member link, the member's image.
+        assert_eq!(
+            sha256(&g.join(v).join("disk.img")),
+            sha256(&images[i]),
+            "{v} through the group"
+        );
+    }
+    let info = json(&std::fs::read_to_string(g.join("info.json")).unwrap());
+    assert_eq!(info["group"], group.as_str());
+    let mut members: Vec<String> = info["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .collect();
+    members.sort();
+    assert_eq!(members, [format!("db/{name}"), format!("log/{name}")]);
+    let snap_info = json(&std::fs::read_to_string(cat.path("db/latest/info.json")).unwrap());
+    assert_eq!(snap_info["group"], group.as_str());
+}
+
+#[test]
+fn a_damaged_pack_fails_only_its_snapshots_reads_and_the_mount_stays_up() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    let packs = || files_under(&objects.join("packs"));
+    d.create("vol1", "8M");
+    let img1 = image(tmp.path(), "a.img", 8 * MB, 8 * MB, 51);
+    load(&d, "vol1", &img1);
+    let snap1 = snap_name(&backup(&d, &["vol1"]));
+    let pack1 = packs();
+    assert_eq!(pack1.len(), 1, "{pack1:?}");
+    let pack1 = pack1[0].clone();
+    let pack1_key = pack1.strip_prefix(&objects).unwrap().display().to_string();
+    d.create("vol2", "8M");
+    let img2 = image(tmp.path(), "b.img", 8 * MB, 8 * MB, 52);
+    load(&d, "vol2", &img2);
+    backup(&d, &["vol2"]);
+    let original = std::fs::read(&pack1).unwrap();
+
+    let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
+    let disk1 = cat.path(&format!("vol1/{snap1}/disk.img"));
+    let disk2 = cat.path("vol2/latest/disk.img");
+    let expect_eio = |what: &str, object: &str, reason: &str| {
+        let before = d.log().matches("catalog read failed").count();
+        let e = std::fs::read(&disk1).expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}");
+        let log = d.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("catalog read failed"))
+            .skip(before)
+            .collect();
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("vol1/{snap1}"))
+                && l.contains(object)
+                && l.contains(reason)),
+            "{what}: no log line naming the snapshot and {object}:\n{}",
+            lines.join("\n")
+        );
+        // Another snapshot stays readable, the mount stays up.
+        assert_eq!(read_file(&disk2), read_file(&img2), "{what}: vol2");
+        assert!(is_mounted(&cat.dir), "{what}: the mount went away");
+        assert_eq!(names(&cat.dir), ["groups", "vol1", "vol2"]);
+    };
+
+    // A flipped byte in the middle of the pack: that chunk fails its check.
+    let mut bad = original.clone();
+    bad[original.len() / 2] ^= 0x40;
+    std::fs::write(&pack1, &bad).unwrap();
+    expect_eio("corrupt pack", &pack1_key, "corrupt");
+    // The pack gone: the chunks not cached yet are missing.
+    std::fs::remove_file(&pack1).unwrap();
+    expect_eio("missing pack", &pack1_key, "missing");
+    // Repaired: the same file reads back exactly, without a remount.
+    std::fs::write(&pack1, &original).unwrap();
+    assert_eq!(read_file(&disk1), read_file(&img1), "after repair");
+}
+
+#[test]
+fn a_store_failing_five_percent_of_requests_still_reads_bit_exact() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.05")]);
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "64M");
+    let img = image(tmp.path(), "a.img", 64 * MB, 48 * MB, 61);
+    load(&d, "vol1", &img);
+    backup(&d, &["vol1"]);
+    let want = sha256(&img);
+    // A small cache, so every pass fetches most chunks again.
+    let (cat, _) = Catalog::mount(&d, tmp.path(), &["--cache-size", "4M"]);
+    let disk = cat.path("vol1/latest/disk.img");
+    let faults_before = d.log().matches("injected fault").count();
+    let mut faults = 0;
+    for pass in 1..=20 {
+        // O_DIRECT: past the page cache, to the daemon every time.
+        let got = sh(&format!(
+            "dd if='{}' bs=1M iflag=direct status=none | sha256sum",
+            disk.display()
+        ));
+        assert_eq!(
+            got.split_whitespace().next(),
+            Some(want.as_str()),
+            "pass {pass} read different bytes"
+        );
+        faults = d.log().matches("injected fault").count() - faults_before;
+        if faults >= 5 {
+            break;
+        }
+    }
+    assert!(
+        faults >= 5,
+        "only {faults} faults were injected while reading"
+    );
+    eprintln!("{faults} faults injected under the mount, every read exact");
+}
+
+/// Runs blockctl, expecting a failure whose message contains `expect`.
+fn fails(d: &Blockd, args: &[&str], expect: &str) {
+    let out = d.blockctl(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(err.contains(expect), "{args:?}: {err}");
+}
+
+#[test]
+fn mount_refuses_bad_input_and_umount_cleans_a_stale_mount() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    fails(&d, &["mount", missing.to_str().unwrap()], "does not exist");
+    fails(&d, &["mount", missing.to_str().unwrap()], "mkdir -p");
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    fails(&d, &["mount", file.to_str().unwrap()], "not a directory");
+    let dir = tmp.path().join("cat");
+    std::fs::create_dir(&dir).unwrap();
+    let dir_s = dir.canonicalize().unwrap().display().to_string();
+    fails(
+        &d,
+        &["mount", &dir_s, "--cred-id", "nope"],
+        "no location (credentials) named \"nope\"",
+    );
+    fails(
+        &d,
+        &["mount", &dir_s, "--cache-size", "10Q"],
+        "invalid size",
+    );
+    fails(&d, &["mount", &dir_s, "--cache-size", "1K"], "too small");
+    fails(&d, &["umount", &dir_s], "not a blockd catalog mount");
+    assert!(!is_mounted(&dir));
+
+    // An empty location mounts too; -j gives the mount.
+    let m = json(&d.ok(&["-j", "mount", &dir_s, "--cache-size", "64M"]));
+    assert_eq!(m["dir"], dir_s.as_str());
+    assert_eq!(m["location"], "local");
+    assert_eq!(m["cache_size"], 64 << 20);
+    assert_eq!(m["allow_other"], false);
+    let cat = Catalog {
+        d: &d,
+        dir: PathBuf::from(&dir_s),
+    };
+    assert_eq!(names(&cat.dir), ["groups"]);
+    fails(&d, &["mount", &dir_s], "already a blockd catalog mount");
+    drop(cat);
+    assert!(!is_mounted(&dir));
+
+    // A daemon that stops unmounts its mounts.
+    d.ok(&["mount", &dir_s]);
+    assert!(d.terminate().success());
+    assert!(!is_mounted(&dir), "a mount outlived its daemon's shutdown");
+    d.spawn();
+
+    // The daemon dies with a mount up: the mount is stale until
+    // `blockctl umount` detaches it (and says so).
+    d.ok(&["mount", &dir_s]);
+    d.kill9();
+    let e = std::fs::read_dir(&dir_s).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    d.spawn();
+    fails(&d, &["mount", &dir_s], "umount");
+    let out = d.ok(&["umount", &dir_s]);
+    assert!(out.contains("stale"), "{out}");
+    assert!(!is_mounted(&dir));
+    assert_eq!(names(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn an_encrypted_location_caches_no_plaintext_and_a_wrong_passphrase_refuses_the_mount() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket");
+    d.ok(&[
+        "credentials",
+        "create",
+        "vault",
+        "--provider",
+        "local",
+        "--path",
+        bucket.to_str().unwrap(),
+        "--encryption-passphrase",
+        "correct horse",
+    ]);
+    d.create("vol1", "8M");
+    // A recognisable plaintext that must land on local disk nowhere.
+    let img = tmp.path().join("a.img");
+    let mut bytes = b"PLAINTEXT-MARKER-0123456789".repeat(100_000);
+    bytes.resize(8 * MB, 0);
+    std::fs::write(&img, &bytes).unwrap();
+    load(&d, "vol1", &img);
+    backup(&d, &["vol1", "--cred-id", "vault"]);
+    {
+        let (cat, out) = Catalog::mount(&d, tmp.path(), &["--cred-id", "vault"]);
+        assert!(out.contains("mounted location vault"), "{out}");
+        assert_eq!(read_file(&cat.path("vol1/latest/disk.img")), bytes);
+        let cached = files_under(&d.dir.path().join("cache/mounts"));
+        assert!(!cached.is_empty(), "nothing was cached");
+        for f in cached {
+            let b = std::fs::read(&f).unwrap();
+            assert!(
+                !b.windows(16).any(|w| w == b"PLAINTEXT-MARKER"),
+                "plaintext in the chunk cache: {}",
+                f.display()
+            );
+        }
+    }
+    // The daemon's copy of the passphrase no longer opens the repository:
+    // the mount is refused with the repository's message.
+    d.terminate();
+    let secrets = d.dir.path().join("credentials/vault.json");
+    let mut s = json(&std::fs::read_to_string(&secrets).unwrap());
+    s["passphrase"] = "wrong horse".into();
+    std::fs::write(&secrets, s.to_string()).unwrap();
+    d.spawn();
+    let dir = tmp.path().join("cat");
+    fails(
+        &d,
+        &["mount", dir.to_str().unwrap(), "--cred-id", "vault"],
+        "wrong encryption passphrase",
+    );
+    assert!(!is_mounted(&dir));
+}
