@@ -7,10 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cloud::*;
+use common::disk::{FuseDisk, Loop, Mounted};
 use common::*;
 use serde_json::Value;
 
@@ -71,80 +72,6 @@ impl Drop for Catalog<'_> {
     }
 }
 
-/// A mount of a device or image; unmounted on drop.
-struct Mounted(PathBuf);
-
-impl Mounted {
-    fn mount(source: &Path, dir: &Path, opts: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        run(Command::new("mount")
-            .args(["-o", opts])
-            .arg(source)
-            .arg(dir));
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-}
-
-/// An nbdfuse mount exposing one export as `<dir>/disk`, with a loop
-/// device over it: the block device mkfs.ext4 needs (this kernel has no
-/// nbd module).
-struct NbdLoop {
-    child: Child,
-    dir: PathBuf,
-    dev: String,
-}
-
-impl NbdLoop {
-    fn attach(uri: &str, dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let pidfile = dir.with_extension("pid");
-        let _ = std::fs::remove_file(&pidfile);
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(dir.join("disk"))
-            .arg(uri)
-            .spawn()
-            .expect("nbdfuse");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            assert!(Instant::now() < deadline, "nbdfuse did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let dev = sh(&format!("losetup -f --show {}", dir.join("disk").display()))
-            .trim()
-            .to_string();
-        Self {
-            child,
-            dir: dir.to_path_buf(),
-            dev,
-        }
-    }
-}
-
-impl Drop for NbdLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.dir)
-            .status();
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Snapshot name of a finished backup task.
 fn snap_name(task: &Value) -> String {
     let id = task["snapshot"].as_str().expect("snapshot id");
     id.split_once('/').expect("VOLUME/NAME").1.to_string()
@@ -187,13 +114,16 @@ fn admin_mounts_the_catalog_and_copies_one_file_out_of_an_ext4_snapshot() {
     let original = tmp.path().join("report.bin");
     std::fs::write(&original, random_bytes(3 * MB + 12345, 42)).unwrap();
     {
-        let nl = NbdLoop::attach(&d.uri("vol1"), &tmp.path().join("nbd"));
-        sh(&format!("mkfs.ext4 -q -F {}", nl.dev));
-        let fs = Mounted::mount(Path::new(&nl.dev), &tmp.path().join("fs"), "rw");
+        let fuse = FuseDisk::mount(&d.uri("vol1"), &tmp.path().join("nbd"));
+        let nl = Loop::attach(&fuse.disk());
+        sh(&format!("mkfs.ext4 -q -F {}", nl.0));
+        let fs_dir = tmp.path().join("fs");
+        std::fs::create_dir_all(&fs_dir).unwrap();
+        let fs = Mounted::mount(&nl.0, fs_dir.to_str().unwrap(), "rw");
         sh(&format!(
             "mkdir -p {0}/docs && cp {1} {0}/docs/report.bin && \
              for i in $(seq 1 20); do echo \"note $i\" > {0}/docs/n$i.txt; done && sync",
-            fs.0.display(),
+            fs.0,
             original.display()
         ));
     }
@@ -242,7 +172,8 @@ fn admin_mounts_the_catalog_and_copies_one_file_out_of_an_ext4_snapshot() {
     let x = tmp.path().join("x");
     let copied = tmp.path().join("copied.bin");
     {
-        let img = Mounted::mount(&disk, &x, "ro,loop");
+        std::fs::create_dir_all(&x).unwrap();
+        let img = Mounted::mount(disk.to_str().unwrap(), x.to_str().unwrap(), "ro,loop");
         std::fs::copy(x.join("docs/report.bin"), &copied).unwrap();
         // Busy: refused, and still mounted.
         let out = d.blockctl(&["umount", cat.dir.to_str().unwrap()]);
