@@ -36,6 +36,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/garage.sh
+. "$repo/benches/garage.sh"
 size_arg=${BENCH_SIZE:-1G}
 nrandom=${BENCH_RANDOM:-2000}
 bench_dir=${BENCH_DIR:-/var/tmp}
@@ -273,49 +275,7 @@ measure local local
 # --- 4. Garage ----------------------------------------------------------------
 if [[ -n $garage_bin ]]; then
     echo "4. Garage" >&2
-    gdir=$tmp/garage
-    mkdir "$gdir"
-    read -r rpc_port s3_port admin_port < <(py freeports 3)
-    cat >"$gdir/garage.toml" <<EOF
-metadata_dir = "$gdir/meta"
-data_dir = "$gdir/data"
-db_engine = "sqlite"
-disable_scrub = true
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$rpc_port"
-rpc_public_addr = "127.0.0.1:$rpc_port"
-rpc_secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-bootstrap_peers = []
-[s3_api]
-api_bind_addr = "127.0.0.1:$s3_port"
-s3_region = "garage"
-[admin]
-api_bind_addr = "127.0.0.1:$admin_port"
-admin_token = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-EOF
-    garage_env=()
-    for v in $(compgen -e); do [[ $v == GARAGE_* ]] && garage_env+=(-u "$v"); done
-    garage() { env "${garage_env[@]}" "$garage_bin" -c "$gdir/garage.toml" "$@" </dev/null; }
-    env "${garage_env[@]}" RUST_LOG=warn NO_COLOR=1 "$garage_bin" -c "$gdir/garage.toml" server \
-        </dev/null >"$gdir/garage.log" 2>&1 &
-    pids+=($!)
-    ok=0
-    for _ in $(seq 300); do garage status >/dev/null 2>&1 && { ok=1; break; }; sleep 0.1; done
-    ((ok)) || { cat "$gdir/garage.log" >&2; die "garage: no answer after 30s"; }
-    node_id=$(garage node id -q | awk '{ split($1, a, "@"); print a[1]; exit }')
-    garage layout assign -z dc1 -c 1G "$node_id" >/dev/null
-    garage layout apply --version 1 >/dev/null
-    ok=0
-    for _ in $(seq 300); do py http-ok "http://127.0.0.1:$admin_port/health" && { ok=1; break; }; sleep 0.1; done
-    ((ok)) || die "garage: /health not 200 after 30s"
-    field() { awk -F': *' -v k="$1" '{ sub(/^[ \t]+/, "") } $1 == k { print $2; exit }'; }
-    created=$(garage key create bench)
-    key_id=$(field "Key ID" <<<"$created")
-    secret=$(field "Secret key" <<<"$created")
-    if [[ -z $secret || $secret == \(* ]]; then
-        secret=$(garage key info --show-secret "$key_id" | field "Secret key")
-    fi
-    [[ $key_id == GK* && -n $secret ]] || die "cannot parse 'garage key create' output"
+    start_garage "$tmp/garage"
     for b in blockd-bench restic-bench; do
         garage bucket create "$b" >/dev/null
         garage bucket allow --read --write --owner "$b" --key bench >/dev/null
