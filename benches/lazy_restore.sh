@@ -74,9 +74,11 @@ cp "$blockd_src" "$tmp/bin/blockd"
 cp "$blockctl_src" "$tmp/bin/blockctl"
 blockctl_bin=$tmp/bin/blockctl
 
+cp "$repo/benches/benchlib.py" "$tmp/benchlib.py"
 cat >"$tmp/bench.py" <<'PY'
-import base64, json, os, random, socket, statistics, subprocess, sys, time, urllib.request
+import base64, json, random, statistics, subprocess, sys, time
 import nbd
+from benchlib import freeports, http_ok
 
 MiB = 1 << 20
 
@@ -121,21 +123,6 @@ def first_read(ctl, sock, nbdsock, snap, vol, cred, off):
 
 def median(*xs):
     print("%.2f" % statistics.median(float(x) for x in xs))
-
-def freeports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    print(" ".join(str(s.getsockname()[1]) for s in socks))
-
-def http_ok(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            sys.exit(0 if r.status == 200 else 1)
-    except Exception:
-        sys.exit(1)
 
 def snapshot(path):
     print(json.load(open(path))[0]["snapshot"])

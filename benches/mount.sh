@@ -99,42 +99,12 @@ mkdir "$tmp/bin" "$tmp/cat" "$tmp/rmnt"
 cp "$blockd_src" "$tmp/bin/blockd"
 cp "$blockctl_src" "$tmp/bin/blockctl"
 
+cp "$repo/benches/benchlib.py" "$tmp/benchlib.py"
 cat >"$tmp/bench.py" <<'PY'
-import os, random, socket, sys, time, urllib.request
-from array import array
+import os, random, sys, time
+from benchlib import gen, freeports, http_ok
 
 MiB = 1 << 20
-
-def gen(path, size, seed):
-    """As benches/cloudsnap.sh: 1 MiB stripes, per 4 MiB one zero, one
-    text (unique, about 2:1 with lz4), two random, shuffled."""
-    rng = random.Random(seed)
-    base = ("the of and to in is was for that on as with by it from at his an were are "
-            "which this be or has had not but first one their its new after who they have "
-            "two her she been other when there all during into school time may years more "
-            "most only over city some world would where later up such used many can state "
-            "about national out known university united then made").split()
-    vocab = sorted({w + s for w in base for s in ("", ",", ".", "s", "ly", "ed")})[:256]
-    pairs = [(vocab[i >> 8] + " " + vocab[i & 255] + " ").encode() for i in range(65536)]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for g in range(0, size // MiB, 4):
-        order = ["zero", "text", "random", "random"]
-        rng.shuffle(order)
-        for j, kind in enumerate(order):
-            if kind == "zero":
-                continue
-            if kind == "random":
-                buf = rng.randbytes(MiB)
-            else:
-                parts, n = [], 0
-                while n < MiB:
-                    s = b"".join([pairs[x] for x in array("H", rng.randbytes(2 * 65536))])
-                    parts.append(s)
-                    n += len(s)
-                buf = b"".join(parts)[:MiB]
-            os.pwrite(fd, buf, (g + j) * MiB)
-    os.ftruncate(fd, size)
-    os.close(fd)
 
 def seqread(path):
     """Reads the whole file in 1 MiB reads; prints MiB/s."""
@@ -162,21 +132,6 @@ def randread(path, count, seed):
     dt = time.monotonic() - t
     os.close(fd)
     print("%.0f" % (count / dt))
-
-def freeports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    print(" ".join(str(s.getsockname()[1]) for s in socks))
-
-def http_ok(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            sys.exit(0 if r.status == 200 else 1)
-    except Exception:
-        sys.exit(1)
 
 def table(path, size, nrandom):
     r = {}

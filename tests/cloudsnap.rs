@@ -484,10 +484,7 @@ fn flaky_store_still_backs_up_and_restores_exactly() {
     }
     let d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.05")]);
     let tmp = tempfile::tempdir().unwrap();
-    d.create("vol1", "64M");
-    let img = image(tmp.path(), "a.img", 64 * MB, 48 * MB, 21);
-    load(&d, "vol1", &img);
-    backup(&d, &["vol1"]);
+    let img = backed_up(&d, tmp.path(), "vol1", 64 * MB, 48 * MB, 21);
     scatter(&d, "vol1", &img, 200, 3);
     backup(&d, &["vol1"]);
     let r = restore(&d, "vol1", "back", &[]);

@@ -149,10 +149,7 @@ fn writes_to_a_lazily_restored_volume_are_kept_tracked_and_survive_kill9() {
     }
     let mut d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "4M")]);
     let t = tempfile::tempdir().unwrap();
-    d.create("src", "64M");
-    let img = image(t.path(), "src.img", 64 * MB, 48 * MB, 11);
-    load(&d, "src", &img);
-    backup(&d, &["src"]);
+    let img = backed_up(&d, t.path(), "src", 64 * MB, 48 * MB, 11);
 
     // The same writes on the volume and on a copy of the image: scattered
     // 4 KiB writes merge into missing 64 KiB units; whole units are
@@ -250,10 +247,7 @@ fn failed_fetches_answer_eio_only_for_that_request_and_are_retried() {
     }
     let mut d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "64K")]);
     let t = tempfile::tempdir().unwrap();
-    d.create("src", "32M");
-    let img = image(t.path(), "src.img", 32 * MB, 32 * MB, 21);
-    load(&d, "src", &img);
-    backup(&d, &["src"]);
+    let img = backed_up(&d, t.path(), "src", 32 * MB, 32 * MB, 21);
     let bytes = read_file(&img);
     let out = t.path().join("read.bin");
     let id = lazy_restore(&d, "src", "r");
@@ -334,10 +328,7 @@ fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
     // hours, so what the read fetches is all that moves.
     let d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "1")]);
     let t = tempfile::tempdir().unwrap();
-    d.create("src", "64M");
-    let img = image(t.path(), "src.img", 64 * MB, 64 * MB, 5);
-    load(&d, "src", &img);
-    backup(&d, &["src"]);
+    let img = backed_up(&d, t.path(), "src", 64 * MB, 64 * MB, 5);
     let id = lazy_restore(&d, "src", "r");
     let settled = |d: &Blockd| {
         let mut last = u64::MAX;

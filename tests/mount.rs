@@ -299,10 +299,7 @@ fn a_damaged_pack_fails_only_its_snapshots_reads_and_the_mount_stays_up() {
     assert_eq!(pack1.len(), 1, "{pack1:?}");
     let pack1 = pack1[0].clone();
     let pack1_key = pack1.strip_prefix(&objects).unwrap().display().to_string();
-    d.create("vol2", "8M");
-    let img2 = image(tmp.path(), "b.img", 8 * MB, 8 * MB, 52);
-    load(&d, "vol2", &img2);
-    backup(&d, &["vol2"]);
+    let img2 = backed_up(&d, tmp.path(), "vol2", 8 * MB, 8 * MB, 52);
     let original = std::fs::read(&pack1).unwrap();
 
     let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
@@ -351,10 +348,7 @@ fn a_store_failing_five_percent_of_requests_still_reads_bit_exact() {
     }
     let d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.05")]);
     let tmp = tempfile::tempdir().unwrap();
-    d.create("vol1", "64M");
-    let img = image(tmp.path(), "a.img", 64 * MB, 48 * MB, 61);
-    load(&d, "vol1", &img);
-    backup(&d, &["vol1"]);
+    let img = backed_up(&d, tmp.path(), "vol1", 64 * MB, 48 * MB, 61);
     let want = sha256(&img);
     // A small cache, so every pass fetches most chunks again.
     let (cat, _) = Catalog::mount(&d, tmp.path(), &["--cache-size", "4M"]);

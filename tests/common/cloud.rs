@@ -160,3 +160,20 @@ pub fn wait_until(d: &Blockd, id: &str, reached: impl Fn(&Value) -> bool) -> Val
 pub fn wait_done(d: &Blockd, id: &str) -> Value {
     wait_until(d, id, |_| false)
 }
+
+/// Creates volume `vol` of `size` bytes holding `data` seeded random bytes
+/// (zeros after), backs it up in full and returns its image.
+pub fn backed_up(
+    d: &Blockd,
+    dir: &Path,
+    vol: &str,
+    size: usize,
+    data: usize,
+    seed: u64,
+) -> PathBuf {
+    d.create(vol, &format!("{}M", size / MB));
+    let img = image(dir, &format!("{vol}.img"), size, data, seed);
+    load(d, vol, &img);
+    backup(d, &[vol]);
+    img
+}

@@ -211,9 +211,7 @@ impl RepoSource {
                         tokio::task::spawn_blocking(move || {
                             let mut runs = Vec::new();
                             for c in &f.chunks {
-                                let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
-                                let t = s + c.stored_len as usize;
-                                let plain = Bytes::from(repo.open_chunk(c, &bytes[s..t])?);
+                                let plain = Bytes::from(repo.open_chunk(c, f.record(c, &bytes)?)?);
                                 for e in used.iter().filter(|e| e.chunk.pack == f.pack && e.chunk.offset == c.offset) {
                                     let from = e.chunk_off as usize;
                                     let to = from + e.len as usize;

@@ -60,6 +60,28 @@ pub(super) struct Fetch {
     pub(super) chunks: Vec<ChunkLoc>,
 }
 
+impl Fetch {
+    /// The sealed record of `c` within the bytes this GET returned.
+    ///
+    /// # Errors
+    /// The store returned fewer bytes than asked for.
+    pub(super) fn record<'a>(&self, c: &ChunkLoc, bytes: &'a [u8]) -> Result<&'a [u8], CloudError> {
+        let s =
+            usize::try_from(u64::from(c.offset).saturating_sub(self.start)).unwrap_or(usize::MAX);
+        bytes
+            .get(s..s.saturating_add(c.stored_len as usize))
+            .ok_or_else(|| {
+                CloudError::Internal(format!(
+                    "object {} returned {} bytes for range {}..{}: a short read",
+                    pack_key(&self.pack),
+                    bytes.len(),
+                    self.start,
+                    self.end
+                ))
+            })
+    }
+}
+
 /// Coalesces the chunks of a block into GETs.
 pub(super) fn plan(entries: &[Entry]) -> Vec<Fetch> {
     let mut by_pack: BTreeMap<[u8; 16], BTreeMap<u32, ChunkLoc>> = BTreeMap::new();
@@ -115,9 +137,7 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
                 tokio::task::spawn_blocking(move || {
                     let mut n = 0u64;
                     for c in &f.chunks {
-                        let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
-                        let t = s + c.stored_len as usize;
-                        n += repo.open_chunk(c, &bytes[s..t])?.len() as u64;
+                        n += repo.open_chunk(c, f.record(c, &bytes)?)?.len() as u64;
                     }
                     Ok::<_, CloudError>((f.chunks.len() as u64, n))
                 })
@@ -287,9 +307,7 @@ fn write_fetch(
 ) -> Result<u64, CloudError> {
     let mut plain = std::collections::HashMap::with_capacity(f.chunks.len());
     for c in &f.chunks {
-        let s = usize::try_from(u64::from(c.offset) - f.start).unwrap_or(0);
-        let t = s + c.stored_len as usize;
-        plain.insert(c.offset, repo.open_chunk_in(c, &bytes[s..t])?);
+        plain.insert(c.offset, repo.open_chunk_in(c, f.record(c, bytes)?)?);
     }
     let io =
         |e: std::io::Error| CloudError::Internal(format!("writing volume {}: {e}", volume.name()));
