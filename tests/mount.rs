@@ -492,6 +492,14 @@ fn an_encrypted_location_caches_no_plaintext_and_a_wrong_passphrase_refuses_the_
                 f.display()
             );
         }
+        // Mounted credentials are not deleted from under the mount.
+        let out = d.blockctl(&["credentials", "delete", "vault"]);
+        assert!(!out.status.success(), "deleting mounted credentials");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("mounted at") && err.contains("blockctl umount"),
+            "{err}"
+        );
     }
     // The daemon's copy of the passphrase no longer opens the repository:
     // the mount is refused with the repository's message.

@@ -79,6 +79,13 @@ async fn delete_location(
     if let Some(m) = d.cloud.location_busy(&name) {
         return Err(CloudError::Conflict(m).into());
     }
+    if let Some(m) = d.mounts.list().into_iter().find(|m| m.location == name) {
+        return Err(CloudError::Conflict(format!(
+            "credentials {name:?} are mounted at {}: unmount first (`blockctl umount {}`)",
+            m.dir, m.dir
+        ))
+        .into());
+    }
     d.cloud.locations.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
