@@ -56,8 +56,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=benches/garage.sh
-. "$repo/benches/garage.sh"
+# shellcheck source=benches/common.sh
+. "$repo/benches/common.sh"
 size_arg=${BENCH_SIZE:-4G}
 bench_dir=${BENCH_DIR:-${BENCH_TMPDIR:-/var/tmp}}
 seed=${BENCH_SEED:-1}
@@ -100,12 +100,7 @@ else
     note "/usr/bin/time (GNU, apt-get install time) missing: restic's peak RSS is not measured"
 fi
 garage_bin=
-if [[ $want_garage != 0 ]]; then
-    for g in "${BENCH_GARAGE_BIN:-}" "${BLOCKD_TEST_GARAGE:-}" "$(command -v garage || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/garage"; do
-        [[ -n $g && -x $g ]] && { garage_bin=$g; break; }
-    done
-    [[ -n $garage_bin ]] || note "SKIPPED the Garage rows: no garage binary (cargo install garage --locked, or BENCH_GARAGE_BIN)"
-fi
+[[ $want_garage == 0 ]] || find_garage
 
 mkdir -p "$bench_dir"
 # Disk use in units of BENCH_SIZE: image 0.75 (its zero stripes are holes),
@@ -119,39 +114,9 @@ avail=$(df -P -B1 "$bench_dir" | awk 'NR == 2 { print $4 }')
 ((avail >= need)) ||
     die "not enough free space in $bench_dir: $((avail >> 20)) MiB free, $((need >> 20)) MiB needed for BENCH_SIZE=$size_arg (set BENCH_DIR or a smaller BENCH_SIZE)"
 
-# /var/tmp rather than a possible tmpfs /tmp: the files must live on a real
-# disk. The path stays short because Unix socket paths are limited to 108 bytes.
-tmp=$(mktemp -d "$bench_dir/cloudsnap.XXXXXX")
-pids=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 50); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# One build for the whole run.
-mkdir "$tmp/bin"
-cp "$blockd_src" "$tmp/bin/blockd"
-cp "$blockctl_src" "$tmp/bin/blockctl"
-blockd_bin=$tmp/bin/blockd
-blockctl_bin=$tmp/bin/blockctl
+bench_tmp "$bench_dir" cloudsnap
 
 # --- helpers in Python --------------------------------------------------------
-cp "$repo/benches/benchlib.py" "$tmp/benchlib.py"
 cat >"$tmp/bench.py" <<'PY'
 import json, os, random, sys
 from benchlib import gen, freeports, http_ok
@@ -360,19 +325,7 @@ since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; 
 bytes_of() { du -sb "$1" | cut -f1; }
 
 # --- blockd -------------------------------------------------------------------
-state=$tmp/blockd
-mkdir -m 700 "$state"
-BLOCKD_LOG=${BLOCKD_LOG:-info} "$blockd_bin" --state-dir "$state" </dev/null >"$tmp/blockd.log" 2>&1 &
-blockd_pid=$!
-pids+=("$blockd_pid")
-for _ in $(seq 300); do
-    [[ -S $state/api.sock && -S $state/nbd.sock ]] && break
-    kill -0 "$blockd_pid" 2>/dev/null || { cat "$tmp/blockd.log" >&2; die "blockd exited during startup"; }
-    sleep 0.1
-done
-[[ -S $state/api.sock ]] || { cat "$tmp/blockd.log" >&2; die "blockd: no socket after 30s"; }
-ctl() { "$blockctl_bin" --socket "$state/api.sock" "$@"; }
-uri() { echo "nbd+unix:///$1?socket=$state/nbd.sock"; }
+start_blockd "$tmp/blockd"
 ctl volume list >/dev/null
 engine=$(sed -n 's/.*blockd ready.*io_engine="\{0,1\}\([a-z_]*\).*/\1/p' "$tmp/blockd.log" | head -n1)
 

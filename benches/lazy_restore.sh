@@ -28,8 +28,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=benches/garage.sh
-. "$repo/benches/garage.sh"
+# shellcheck source=benches/common.sh
+. "$repo/benches/common.sh"
 bench_dir=${BENCH_DIR:-/var/tmp}
 repeat=${BENCH_REPEAT:-5}
 want_garage=${BENCH_GARAGE:-1}
@@ -45,36 +45,10 @@ note() { echo "lazy-bench: $*" >&2; }
 "$python" -c 'import nbd' 2>/dev/null || die "the libnbd Python module is missing (apt-get install python3-libnbd)"
 [[ -x $blockd_src && -x $blockctl_src ]] || die "blockd binaries missing: run 'cargo build --release' in $repo"
 garage_bin=
-if [[ $want_garage != 0 ]]; then
-    for g in "${BENCH_GARAGE_BIN:-}" "${BLOCKD_TEST_GARAGE:-}" "$(command -v garage || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/garage"; do
-        [[ -n $g && -x $g ]] && { garage_bin=$g; break; }
-    done
-    [[ -n $garage_bin ]] || note "SKIPPED the Garage rows: no garage binary (cargo install garage --locked, or BENCH_GARAGE_BIN)"
-fi
+[[ $want_garage == 0 ]] || find_garage
 
-mkdir -p "$bench_dir"
-tmp=$(mktemp -d "$bench_dir/lazy.XXXXXX")
-pids=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-mkdir "$tmp/bin"
-cp "$blockd_src" "$tmp/bin/blockd"
-cp "$blockctl_src" "$tmp/bin/blockctl"
-blockctl_bin=$tmp/bin/blockctl
+bench_tmp "$bench_dir" lazy
 
-cp "$repo/benches/benchlib.py" "$tmp/benchlib.py"
 cat >"$tmp/bench.py" <<'PY'
 import base64, json, random, statistics, subprocess, sys, time
 import nbd
@@ -145,17 +119,7 @@ PY
 py() { "$python" "$tmp/bench.py" "$@"; }
 drop_caches() { sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null || true; }
 
-state=$tmp/blockd
-mkdir -m 700 "$state"
-BLOCKD_LOG=${BLOCKD_LOG:-info} "$tmp/bin/blockd" --state-dir "$state" </dev/null >"$tmp/blockd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do
-    [[ -S $state/api.sock && -S $state/nbd.sock ]] && break
-    sleep 0.1
-done
-[[ -S $state/api.sock ]] || { cat "$tmp/blockd.log" >&2; die "blockd: no socket after 30s"; }
-ctl() { "$blockctl_bin" --socket "$state/api.sock" "$@"; }
-uri() { echo "nbd+unix:///$1?socket=$state/nbd.sock"; }
+start_blockd "$tmp/blockd"
 
 echo "1. volumes and backups" >&2
 ctl volume create s1 --size 1G >/dev/null

@@ -36,8 +36,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=benches/garage.sh
-. "$repo/benches/garage.sh"
+# shellcheck source=benches/common.sh
+. "$repo/benches/common.sh"
 size_arg=${BENCH_SIZE:-1G}
 nrandom=${BENCH_RANDOM:-2000}
 bench_dir=${BENCH_DIR:-/var/tmp}
@@ -65,41 +65,23 @@ for tool in nbdcopy restic fusermount3 cmp "$python"; do
 done
 [[ -x $blockd_src && -x $blockctl_src ]] || die "blockd binaries missing: run 'cargo build --release' in $repo"
 garage_bin=
-if [[ $want_garage == 1 ]]; then
-    for g in "${BENCH_GARAGE_BIN:-}" "$(command -v garage || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/garage"; do
-        [[ -n $g && -x $g ]] && { garage_bin=$g; break; }
-    done
-    [[ -n $garage_bin ]] || note "SKIPPED the Garage rows: no garage binary (cargo install garage --locked, or BENCH_GARAGE_BIN)"
-fi
+[[ $want_garage != 1 ]] || find_garage
 mkdir -p "$bench_dir"
 need=$((size * 4 + (1 << 30)))
 avail=$(df -P -B1 "$bench_dir" | awk 'NR == 2 { print $4 }')
 ((avail >= need)) || die "not enough free space in $bench_dir: $((avail >> 20)) MiB free, $((need >> 20)) MiB needed"
 
-tmp=$(mktemp -d "$bench_dir/mount.XXXXXX")
-pids=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
+# Catalog and restic mounts go before the processes serving them.
+bench_unmount() {
+    local m
     for m in "$tmp/cat" "$tmp/rmnt"; do
         grep -q " $m " /proc/self/mounts 2>/dev/null && fusermount3 -u -z "$m" 2>/dev/null
     done
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-    exit "$rc"
+    return 0
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-mkdir "$tmp/bin" "$tmp/cat" "$tmp/rmnt"
-cp "$blockd_src" "$tmp/bin/blockd"
-cp "$blockctl_src" "$tmp/bin/blockctl"
+bench_tmp "$bench_dir" mount
+mkdir "$tmp/cat" "$tmp/rmnt"
 
-cp "$repo/benches/benchlib.py" "$tmp/benchlib.py"
 cat >"$tmp/bench.py" <<'PY'
 import os, random, sys, time
 from benchlib import gen, freeports, http_ok
@@ -167,12 +149,7 @@ drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 img=$tmp/image.img
 echo "1. image ($size_arg), blockd and restic backups" >&2
 py gen "$img" "$size" "$seed"
-state=$tmp/state
-BLOCKD_LOG=warn "$tmp/bin/blockd" --state-dir "$state" >"$tmp/blockd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 600); do [[ -S $state/api.sock ]] && break; sleep 0.1; done
-[[ -S $state/api.sock ]] || { cat "$tmp/blockd.log" >&2; die "blockd did not start"; }
-ctl() { "$tmp/bin/blockctl" --socket "$state/api.sock" "$@"; }
+BLOCKD_LOG=${BLOCKD_LOG:-warn} start_blockd "$tmp/state"
 ctl volume create v --size "$size" >/dev/null
 nbdcopy "$img" "nbd+unix:///v?socket=$state/nbd.sock"
 ctl cloudsnap backup v --wait >/dev/null

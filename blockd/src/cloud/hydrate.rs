@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::backup::Progress;
 use super::restore::plan;
 use super::{Cloud, CloudError};
+use crate::repo::fetch::IndexCache;
 use crate::repo::format::{Entry, Manifest};
 use crate::repo::{pack_key, Repo};
 use crate::volume::lazy::{Lazy, Source};
@@ -72,7 +73,7 @@ pub struct RepoSource {
     src_volume: String,
     src_name: String,
     ready: tokio::sync::OnceCell<Ready>,
-    index: Mutex<HashMap<u64, Arc<Vec<Entry>>>>,
+    index: IndexCache,
     /// Bytes fetched from the store.
     pub progress: Arc<Progress>,
 }
@@ -95,7 +96,7 @@ impl RepoSource {
             src_volume,
             src_name,
             ready: tokio::sync::OnceCell::new_with(ready),
-            index: Mutex::new(HashMap::new()),
+            index: IndexCache::new(INDEX_CACHE),
             progress,
         }
     }
@@ -119,30 +120,10 @@ impl RepoSource {
     }
 
     async fn index(&self, r: &Ready, block: u64) -> Result<Option<Arc<Vec<Entry>>>, CloudError> {
-        let Some(id) = r.blocks.get(&block) else {
-            return Ok(None);
-        };
-        if let Some(e) = self
-            .index
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&block)
-        {
-            return Ok(Some(e.clone()));
+        match r.blocks.get(&block) {
+            Some(id) => Ok(Some(self.index.get(&r.repo, block, id).await?)),
+            None => Ok(None),
         }
-        let entries = Arc::new(r.repo.get_index(block, id).await?);
-        let mut cache = self
-            .index
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= INDEX_CACHE {
-            // Blocks are used in volume order: the lowest is done with.
-            if let Some(&k) = cache.keys().min() {
-                cache.remove(&k);
-            }
-        }
-        cache.insert(block, entries.clone());
-        Ok(Some(entries))
     }
 
     /// The entries overlapping units `first..first + count`, per index
@@ -211,7 +192,7 @@ impl RepoSource {
                         tokio::task::spawn_blocking(move || {
                             let mut runs = Vec::new();
                             for c in &f.chunks {
-                                let plain = Bytes::from(repo.open_chunk(c, f.record(c, &bytes)?)?);
+                                let plain = Bytes::from(repo.open_chunk(c, f.record(&repo, c, &bytes)?)?);
                                 for e in used.iter().filter(|e| e.chunk.pack == f.pack && e.chunk.offset == c.offset) {
                                     let from = e.chunk_off as usize;
                                     let to = from + e.len as usize;

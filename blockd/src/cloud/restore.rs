@@ -12,7 +12,6 @@
 //! page cache kept the rest); after a host crash, the GETs of blocks not
 //! yet flushed are fetched again too.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -20,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::Progress;
 use super::CloudError;
-use crate::repo::format::{ChunkLoc, Entry, Manifest};
+use crate::repo::fetch::{self, Fetch};
+use crate::repo::format::{Entry, Manifest};
 use crate::repo::{pack_key, Repo};
 use crate::state::StateDb;
 use crate::volume::Volume;
@@ -29,8 +29,6 @@ use crate::volume::Volume;
 const FETCHES: usize = 6;
 /// Largest coalesced GET.
 const MAX_GET: u64 = 8 << 20;
-/// Gap between records still worth fetching in one GET.
-const MAX_GAP: u64 = 64 << 10;
 
 /// What a restore needs.
 pub struct Job {
@@ -52,72 +50,9 @@ pub struct Job {
     pub record: Box<dyn Fn() -> String + Send + Sync>,
 }
 
-/// One ranged GET: records of one pack.
-pub(super) struct Fetch {
-    pub(super) pack: [u8; 16],
-    pub(super) start: u64,
-    pub(super) end: u64,
-    pub(super) chunks: Vec<ChunkLoc>,
-}
-
-impl Fetch {
-    /// The sealed record of `c` within the bytes this GET returned.
-    ///
-    /// # Errors
-    /// The store returned fewer bytes than asked for.
-    pub(super) fn record<'a>(&self, c: &ChunkLoc, bytes: &'a [u8]) -> Result<&'a [u8], CloudError> {
-        let s =
-            usize::try_from(u64::from(c.offset).saturating_sub(self.start)).unwrap_or(usize::MAX);
-        bytes
-            .get(s..s.saturating_add(c.stored_len as usize))
-            .ok_or_else(|| {
-                CloudError::Internal(format!(
-                    "object {} returned {} bytes for range {}..{}: a short read",
-                    pack_key(&self.pack),
-                    bytes.len(),
-                    self.start,
-                    self.end
-                ))
-            })
-    }
-}
-
 /// Coalesces the chunks of a block into GETs.
 pub(super) fn plan(entries: &[Entry]) -> Vec<Fetch> {
-    let mut by_pack: BTreeMap<[u8; 16], BTreeMap<u32, ChunkLoc>> = BTreeMap::new();
-    for e in entries {
-        by_pack
-            .entry(e.chunk.pack)
-            .or_default()
-            .insert(e.chunk.offset, e.chunk);
-    }
-    let mut out = Vec::new();
-    for (pack, chunks) in by_pack {
-        let mut cur: Option<Fetch> = None;
-        for c in chunks.into_values() {
-            let s = u64::from(c.offset);
-            let t = s + u64::from(c.stored_len);
-            match &mut cur {
-                Some(f) if s >= f.end && s - f.end <= MAX_GAP && t - f.start <= MAX_GET => {
-                    f.end = t;
-                    f.chunks.push(c);
-                }
-                _ => {
-                    if let Some(f) = cur.take() {
-                        out.push(f);
-                    }
-                    cur = Some(Fetch {
-                        pack,
-                        start: s,
-                        end: t,
-                        chunks: vec![c],
-                    });
-                }
-            }
-        }
-        out.extend(cur);
-    }
-    out
+    fetch::plan(entries.iter().map(|e| e.chunk), MAX_GET)
 }
 
 /// Fetches and checks every chunk `entries` reference (coalesced ranged
@@ -137,7 +72,7 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
                 tokio::task::spawn_blocking(move || {
                     let mut n = 0u64;
                     for c in &f.chunks {
-                        n += repo.open_chunk(c, f.record(c, &bytes)?)?.len() as u64;
+                        n += repo.open_chunk(c, f.record(&repo, c, &bytes)?)?.len() as u64;
                     }
                     Ok::<_, CloudError>((f.chunks.len() as u64, n))
                 })
@@ -307,7 +242,7 @@ fn write_fetch(
 ) -> Result<u64, CloudError> {
     let mut plain = std::collections::HashMap::with_capacity(f.chunks.len());
     for c in &f.chunks {
-        plain.insert(c.offset, repo.open_chunk_in(c, f.record(c, bytes)?)?);
+        plain.insert(c.offset, repo.open_chunk_in(c, f.record(repo, c, bytes)?)?);
     }
     let io =
         |e: std::io::Error| CloudError::Internal(format!("writing volume {}: {e}", volume.name()));
@@ -349,35 +284,4 @@ fn boot_tag() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| format!("boot:{}", s.trim()))
         .unwrap_or_else(|_| "boot:unknown".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_coalesces_adjacent_records() {
-        let c = |pack: u8, offset: u32, len: u32| Entry {
-            start: offset,
-            len,
-            chunk_off: 0,
-            chunk: ChunkLoc {
-                id: [offset.to_le_bytes()[0]; 32],
-                pack: [pack; 16],
-                offset,
-                stored_len: len,
-                plain_len: len,
-            },
-        };
-        let p = plan(&[
-            c(1, 0, 100),
-            c(1, 100, 100),
-            c(2, 0, 50),
-            c(1, 10_000_000, 10),
-        ]);
-        assert_eq!(p.len(), 3);
-        assert_eq!((p[0].start, p[0].end, p[0].chunks.len()), (0, 200, 2));
-        assert_eq!(p[1].start, 10_000_000);
-        assert_eq!(p[2].pack, [2; 16]);
-    }
 }

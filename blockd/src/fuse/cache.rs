@@ -14,7 +14,7 @@
 //!
 //! Misses are fetched with ranged GETs, adjacent records of one pack
 //! coalesced into one GET (at most [`MAX_GET`] bytes, gaps up to
-//! [`MAX_GAP`] read through), at most [`GETS`] in flight per mount. A chunk
+//! [`crate::repo::fetch::MAX_GAP`] read through), at most [`GETS`] in flight per mount. A chunk
 //! already being fetched is never fetched twice: later readers wait for the
 //! GET in flight and open the record from its bytes.
 
@@ -27,6 +27,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 
+use crate::repo::fetch::{plan, Fetch};
 use crate::repo::format::ChunkLoc;
 use crate::repo::{pack_key, Repo, RepoError};
 
@@ -34,8 +35,6 @@ use crate::repo::{pack_key, Repo, RepoError};
 pub const GETS: usize = 4;
 /// Largest coalesced GET.
 pub const MAX_GET: u64 = 4 << 20;
-/// Gap between two records of a pack still worth reading through.
-pub const MAX_GAP: u64 = 64 << 10;
 
 /// A chunk id.
 type Id = [u8; 32];
@@ -150,34 +149,6 @@ pub struct ChunkCache {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Coalesces chunks into GETs: `(pack, start, end, chunks)`.
-fn plan(locs: &[ChunkLoc]) -> Vec<([u8; 16], u64, u64, Vec<ChunkLoc>)> {
-    let mut by_pack: BTreeMap<[u8; 16], BTreeMap<u32, ChunkLoc>> = BTreeMap::new();
-    for l in locs {
-        by_pack.entry(l.pack).or_default().insert(l.offset, *l);
-    }
-    let mut out = Vec::new();
-    for (pack, chunks) in by_pack {
-        let mut cur: Option<([u8; 16], u64, u64, Vec<ChunkLoc>)> = None;
-        for c in chunks.into_values() {
-            let s = u64::from(c.offset);
-            let t = s + u64::from(c.stored_len);
-            match &mut cur {
-                Some(f) if s >= f.2 && s - f.2 <= MAX_GAP && t - f.1 <= MAX_GET => {
-                    f.2 = t;
-                    f.3.push(c);
-                }
-                _ => {
-                    out.extend(cur.take());
-                    cur = Some((pack, s, t, vec![c]));
-                }
-            }
-        }
-        out.extend(cur);
-    }
-    out
 }
 
 impl ChunkCache {
@@ -376,14 +347,10 @@ impl ChunkCache {
         }
         todo.sort_by_key(|l| l.id);
         todo.dedup_by_key(|l| l.id);
-        for (pack, start, end, chunks) in plan(&todo) {
+        for fetch in plan(todo, MAX_GET) {
             let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-            let ids: Vec<Id> = chunks.iter().map(|c| c.id).collect();
-            let f = self
-                .clone()
-                .get(serial, pack, start, end, chunks)
-                .boxed()
-                .shared();
+            let ids: Vec<Id> = fetch.chunks.iter().map(|c| c.id).collect();
+            let f = self.clone().get(serial, fetch).boxed().shared();
             for id in &ids {
                 inflight.insert(*id, (serial, f.clone()));
             }
@@ -401,11 +368,14 @@ impl ChunkCache {
     async fn get(
         self: Arc<Self>,
         serial: u64,
-        pack: [u8; 16],
-        start: u64,
-        end: u64,
-        chunks: Vec<ChunkLoc>,
+        fetch: Fetch,
     ) -> Result<Arc<Fetched>, Arc<RepoError>> {
+        let Fetch {
+            pack,
+            start,
+            end,
+            chunks,
+        } = fetch;
         let got = {
             let _permit = self.gets.clone().acquire_owned().await;
             self.stats.gets.fetch_add(1, Ordering::Relaxed);

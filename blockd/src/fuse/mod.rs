@@ -75,7 +75,8 @@ use tokio::runtime::Handle;
 
 use crate::cloud::locations::Locations;
 use crate::cloud::{is_snapshot_name, Cloud, CloudError};
-use crate::repo::format::{ChunkLoc, Entry, Manifest};
+use crate::repo::fetch::IndexCache;
+use crate::repo::format::{ChunkLoc, Manifest};
 use crate::repo::{Repo, RepoError};
 use cache::ChunkCache;
 use tree::{Inodes, Kind, Listing, Node};
@@ -462,8 +463,7 @@ pub struct Catalog {
     listing: tokio::sync::Mutex<Option<Arc<Listing>>>,
     snaps: Mutex<HashMap<(String, String), Arc<Snap>>>,
     groups: Mutex<HashMap<String, Arc<GroupObj>>>,
-    index: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
-    index_load: tokio::sync::Mutex<()>,
+    index: IndexCache,
     streams: Mutex<HashMap<u64, Stream>>,
     next_fh: AtomicU64,
     uid: u32,
@@ -514,8 +514,7 @@ impl Catalog {
             listing: tokio::sync::Mutex::new(None),
             snaps: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
-            index: Mutex::new(Vec::new()),
-            index_load: tokio::sync::Mutex::new(()),
+            index: IndexCache::new(INDEX_BLOCKS),
             streams: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             uid: rustix::process::getuid().as_raw(),
@@ -736,32 +735,6 @@ impl Catalog {
         }
     }
 
-    /// An index block, through the in-memory LRU; one load at a time.
-    async fn index(&self, block: u64, id: &str) -> Result<Arc<Vec<Entry>>, RepoError> {
-        let cached = |me: &Self| {
-            let mut ix = lock(&me.index);
-            let pos = ix.iter().position(|(i, _)| i == id)?;
-            let hit = ix.remove(pos);
-            let entries = hit.1.clone();
-            ix.push(hit);
-            Some(entries)
-        };
-        if let Some(e) = cached(self) {
-            return Ok(e);
-        }
-        let _one = self.index_load.lock().await;
-        if let Some(e) = cached(self) {
-            return Ok(e);
-        }
-        let entries = Arc::new(self.repo.get_index(block, id).await?);
-        let mut ix = lock(&self.index);
-        if ix.len() >= INDEX_BLOCKS {
-            ix.remove(0);
-        }
-        ix.push((id.to_string(), entries.clone()));
-        Ok(entries)
-    }
-
     /// The pieces of chunks that make up `offset..end` of a snapshot.
     async fn pieces(&self, m: &Manifest, offset: u64, end: u64) -> Result<Vec<Piece>, RepoError> {
         let span = self.repo.config.index_span;
@@ -773,7 +746,7 @@ impl Catalog {
             let Ok(i) = m.blocks.binary_search_by_key(&b, |x| x.0) else {
                 continue;
             };
-            let entries = self.index(b, &m.blocks[i].1).await?;
+            let entries = self.index.get(&self.repo, b, &m.blocks[i].1).await?;
             let base = b * span;
             let lo = offset.max(base) - base;
             let hi = end.min(base + span) - base;

@@ -10,6 +10,7 @@
 
 pub mod crypto;
 pub mod faulty;
+pub mod fetch;
 pub mod format;
 
 use std::ops::Range;

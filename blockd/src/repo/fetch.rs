@@ -1,0 +1,187 @@
+//! Reading chunks back: ranged GETs planned over pack records, and the
+//! index blocks the readers walk. Shared by full restores, lazy restores
+//! and the catalog mount.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::format::{ChunkLoc, Entry};
+use super::{pack_key, Repo, RepoError};
+
+/// Gap between records of one pack still worth reading through in one GET.
+pub const MAX_GAP: u64 = 64 << 10;
+
+/// One ranged GET: adjacent records of one pack.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    /// The pack.
+    pub pack: [u8; 16],
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// The records it covers, in pack order.
+    pub chunks: Vec<ChunkLoc>,
+}
+
+impl Fetch {
+    /// The object key of the pack.
+    pub fn key(&self) -> String {
+        pack_key(&self.pack)
+    }
+
+    /// The sealed record of `c` within the bytes this GET returned.
+    ///
+    /// # Errors
+    /// The store returned fewer bytes than asked for.
+    pub fn record<'a>(
+        &self,
+        repo: &Repo,
+        c: &ChunkLoc,
+        bytes: &'a [u8],
+    ) -> Result<&'a [u8], RepoError> {
+        let s =
+            usize::try_from(u64::from(c.offset).saturating_sub(self.start)).unwrap_or(usize::MAX);
+        bytes
+            .get(s..s.saturating_add(c.stored_len as usize))
+            .ok_or_else(|| RepoError::Corrupt {
+                location: repo.location().to_string(),
+                object: self.key(),
+                reason: format!(
+                    "{} bytes returned for range {}..{}: a short read",
+                    bytes.len(),
+                    self.start,
+                    self.end
+                ),
+            })
+    }
+}
+
+/// Coalesces chunks into GETs: records of one pack at most [`MAX_GAP`]
+/// apart share a GET of at most `max_get` bytes; each record is read once.
+pub fn plan(chunks: impl IntoIterator<Item = ChunkLoc>, max_get: u64) -> Vec<Fetch> {
+    let mut by_pack: BTreeMap<[u8; 16], BTreeMap<u32, ChunkLoc>> = BTreeMap::new();
+    for c in chunks {
+        by_pack.entry(c.pack).or_default().insert(c.offset, c);
+    }
+    let mut out = Vec::new();
+    for (pack, chunks) in by_pack {
+        let mut cur: Option<Fetch> = None;
+        for c in chunks.into_values() {
+            let s = u64::from(c.offset);
+            let t = s + u64::from(c.stored_len);
+            match &mut cur {
+                Some(f) if s >= f.end && s - f.end <= MAX_GAP && t - f.start <= max_get => {
+                    f.end = t;
+                    f.chunks.push(c);
+                }
+                _ => {
+                    out.extend(cur.take());
+                    cur = Some(Fetch {
+                        pack,
+                        start: s,
+                        end: t,
+                        chunks: vec![c],
+                    });
+                }
+            }
+        }
+        out.extend(cur);
+    }
+    out
+}
+
+/// Recently used index blocks, by their content-addressed id (snapshots
+/// share them); one load at a time, so concurrent readers of a block
+/// fetch it once.
+#[derive(Debug)]
+pub struct IndexCache {
+    capacity: usize,
+    /// Least recently used first.
+    blocks: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
+    load: tokio::sync::Mutex<()>,
+}
+
+impl IndexCache {
+    /// A cache of `capacity` blocks.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            blocks: Mutex::new(Vec::new()),
+            load: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self, id: &str) -> Option<Arc<Vec<Entry>>> {
+        let mut blocks = self
+            .blocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pos = blocks.iter().position(|(i, _)| i == id)?;
+        let hit = blocks.remove(pos);
+        let entries = hit.1.clone();
+        blocks.push(hit);
+        Some(entries)
+    }
+
+    /// Index block `block` with id `id`.
+    ///
+    /// # Errors
+    /// As [`Repo::get_index`].
+    pub async fn get(
+        &self,
+        repo: &Repo,
+        block: u64,
+        id: &str,
+    ) -> Result<Arc<Vec<Entry>>, RepoError> {
+        if let Some(e) = self.cached(id) {
+            return Ok(e);
+        }
+        let _one = self.load.lock().await;
+        if let Some(e) = self.cached(id) {
+            return Ok(e);
+        }
+        let entries = Arc::new(repo.get_index(block, id).await?);
+        let mut blocks = self
+            .blocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if blocks.len() >= self.capacity {
+            blocks.remove(0);
+        }
+        blocks.push((id.to_string(), entries.clone()));
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_coalesces_adjacent_records() {
+        let c = |pack: u8, offset: u32, len: u32| ChunkLoc {
+            id: [offset.to_le_bytes()[0]; 32],
+            pack: [pack; 16],
+            offset,
+            stored_len: len,
+            plain_len: len,
+        };
+        let p = plan(
+            [
+                c(1, 0, 100),
+                c(1, 100, 100),
+                c(2, 0, 50),
+                c(1, 10_000_000, 10),
+                c(1, 100, 100),
+            ],
+            8 << 20,
+        );
+        assert_eq!(p.len(), 3);
+        assert_eq!((p[0].start, p[0].end, p[0].chunks.len()), (0, 200, 2));
+        assert_eq!(p[1].start, 10_000_000);
+        assert_eq!(p[2].pack, [2; 16]);
+        // A smaller GET limit splits the run.
+        assert_eq!(plan([c(1, 0, 100), c(1, 100, 100)], 150).len(), 2);
+    }
+}
