@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use super::backup::Progress;
 use super::restore::plan;
 use super::{Cloud, CloudError};
-use crate::repo::fetch::IndexCache;
+use crate::repo::fetch::{Fetch, IndexCache};
 use crate::repo::format::{Entry, Manifest};
-use crate::repo::{pack_key, Repo};
+use crate::repo::Repo;
 use crate::volume::lazy::{Lazy, Source};
 use crate::volume::Volume;
 
@@ -184,33 +184,11 @@ impl RepoSource {
                     let used = used.clone();
                     let progress = self.progress.clone();
                     async move {
-                        let bytes = repo
-                            .objects()
-                            .get_range(&pack_key(&f.pack), f.start..f.end)
-                            .await?;
+                        let bytes = f.get(&repo).await?;
                         Progress::add(&progress.transferred, bytes.len() as u64);
-                        tokio::task::spawn_blocking(move || {
-                            let mut runs = Vec::new();
-                            for c in &f.chunks {
-                                let plain = Bytes::from(repo.open_chunk(c, f.record(&repo, c, &bytes)?)?);
-                                for e in used.iter().filter(|e| e.chunk.pack == f.pack && e.chunk.offset == c.offset) {
-                                    let from = e.chunk_off as usize;
-                                    let to = from + e.len as usize;
-                                    if to > plain.len() {
-                                        return Err(CloudError::Internal(format!(
-                                            "index entry at {} reaches past its chunk ({} > {} bytes)",
-                                            base + u64::from(e.start),
-                                            to,
-                                            plain.len()
-                                        )));
-                                    }
-                                    runs.push((base + u64::from(e.start), plain.slice(from..to)));
-                                }
-                            }
-                            Ok::<_, CloudError>(runs)
-                        })
-                        .await
-                        .map_err(|e| CloudError::Internal(e.to_string()))?
+                        tokio::task::spawn_blocking(move || runs(&repo, &f, &bytes, &used, base))
+                            .await
+                            .map_err(|e| CloudError::Internal(e.to_string()))?
                     }
                 })
                 .buffer_unordered(GETS);
@@ -221,6 +199,38 @@ impl RepoSource {
         }
         Ok(out)
     }
+}
+
+/// Opens every record of GET `f` (each checked against its id) and cuts
+/// out what the entries of the block at `base` take from it, as
+/// `(volume offset, bytes)` runs sharing the chunks' buffers.
+fn runs(
+    repo: &Repo,
+    f: &Fetch,
+    bytes: &[u8],
+    entries: &[Entry],
+    base: u64,
+) -> Result<Vec<(u64, Bytes)>, CloudError> {
+    let mut runs = Vec::new();
+    for c in &f.chunks {
+        let plain = Bytes::from(repo.open_chunk(c, f.record(repo, c, bytes)?)?);
+        let uses = entries
+            .iter()
+            .filter(|e| e.chunk.pack == f.pack && e.chunk.offset == c.offset);
+        for e in uses {
+            let from = e.chunk_off as usize;
+            let to = from + e.len as usize;
+            if to > plain.len() {
+                return Err(CloudError::Internal(format!(
+                    "index entry at {} reaches past its chunk ({to} > {} bytes)",
+                    base + u64::from(e.start),
+                    plain.len()
+                )));
+            }
+            runs.push((base + u64::from(e.start), plain.slice(from..to)));
+        }
+    }
+    Ok(runs)
 }
 
 #[async_trait::async_trait]

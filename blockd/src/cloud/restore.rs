@@ -21,7 +21,7 @@ use super::backup::Progress;
 use super::CloudError;
 use crate::repo::fetch::{self, Fetch};
 use crate::repo::format::{Entry, Manifest};
-use crate::repo::{pack_key, Repo};
+use crate::repo::Repo;
 use crate::state::StateDb;
 use crate::volume::Volume;
 
@@ -65,10 +65,7 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
         .map(|f| {
             let repo = repo.clone();
             async move {
-                let bytes = repo
-                    .objects()
-                    .get_range(&pack_key(&f.pack), f.start..f.end)
-                    .await?;
+                let bytes = f.get(&repo).await?;
                 tokio::task::spawn_blocking(move || {
                     let mut n = 0u64;
                     for c in &f.chunks {
@@ -146,10 +143,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let boot = boot.clone();
                 let write_lock = write_lock.clone();
                 async move {
-                    let bytes = repo
-                        .objects()
-                        .get_range(&pack_key(&f.pack), f.start..f.end)
-                        .await?;
+                    let bytes = f.get(&repo).await?;
                     Progress::add(&progress.transferred, bytes.len() as u64);
                     // Open and check every chunk before writing any of it,
                     // then write runs of adjacent entries in one go, on the

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 
 use crate::repo::fetch::{plan, Fetch};
 use crate::repo::format::ChunkLoc;
-use crate::repo::{pack_key, Repo, RepoError};
+use crate::repo::{Repo, RepoError};
 
 /// Ranged GETs in flight per mount.
 pub const GETS: usize = 4;
@@ -370,20 +370,12 @@ impl ChunkCache {
         serial: u64,
         fetch: Fetch,
     ) -> Result<Arc<Fetched>, Arc<RepoError>> {
-        let Fetch {
-            pack,
-            start,
-            end,
-            chunks,
-        } = fetch;
         let got = {
             let _permit = self.gets.clone().acquire_owned().await;
             self.stats.gets.fetch_add(1, Ordering::Relaxed);
-            self.repo
-                .objects()
-                .get_range(&pack_key(&pack), start..end)
-                .await
+            fetch.get(&self.repo).await
         };
+        let Fetch { start, chunks, .. } = fetch;
         let ids: Vec<Id> = chunks.iter().map(|c| c.id).collect();
         match got {
             Ok(bytes) => {
@@ -463,7 +455,7 @@ fn join_error(repo: &Repo, e: tokio::task::JoinError) -> RepoError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::PackBuilder;
+    use crate::repo::{pack_key, PackBuilder};
     use object_store::ObjectStore;
 
     /// A repository with one pack of `n` distinct 16 KiB chunks.

@@ -30,6 +30,16 @@ impl Fetch {
         pack_key(&self.pack)
     }
 
+    /// Runs the GET.
+    ///
+    /// # Errors
+    /// As [`super::Objects::get_range`].
+    pub async fn get(&self, repo: &Repo) -> Result<bytes::Bytes, RepoError> {
+        repo.objects()
+            .get_range(&self.key(), self.start..self.end)
+            .await
+    }
+
     /// The sealed record of `c` within the bytes this GET returned.
     ///
     /// # Errors
