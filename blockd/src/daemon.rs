@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::claims::Claims;
 use crate::cloud::Cloud;
 use crate::fuse::Mounts;
 use crate::nbd::{self, NbdContext};
@@ -71,6 +72,8 @@ pub struct Daemon {
     pub cloud: Arc<Cloud>,
     /// Catalog mounts (`blockctl mount`).
     pub mounts: Arc<Mounts>,
+    /// Who uses what (see [`crate::claims`]).
+    pub claims: Arc<Claims>,
     config: Config,
     engine: &'static str,
 }
@@ -136,7 +139,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if !config.change_tracking {
         tracing::warn!("change tracking is off: every backup will read whole volumes");
     }
-    let snapshots = Arc::new(Snapshots::open(dir, store.clone()).context("loading snapshots")?);
+    let claims = Claims::new();
+    let snapshots =
+        Arc::new(Snapshots::open(dir, store.clone(), claims.clone()).context("loading snapshots")?);
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -146,6 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dir,
         store.clone(),
         snapshots.clone(),
+        claims.clone(),
         shutdown.clone(),
         tracker.clone(),
     )
@@ -176,7 +182,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         snapshots,
         cloud,
-        mounts: Arc::new(Mounts::new(dir)),
+        mounts: Arc::new(Mounts::new(dir, claims.clone())),
+        claims,
         config: config.clone(),
         engine: engine_name,
     });

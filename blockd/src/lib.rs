@@ -5,8 +5,11 @@
 //! through an HTTP/JSON control API on a Unix socket ([`api`]).
 
 pub mod api;
+pub mod claims;
 pub mod cloud;
+pub mod coordinator;
 pub mod daemon;
+pub mod durable;
 pub mod fuse;
 pub mod nbd;
 pub mod repo;

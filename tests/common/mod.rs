@@ -108,9 +108,19 @@ impl Blockd {
         Self::launch(None, &[], env)
     }
 
+    /// Starts blockd with its state dir under `base` (a file system of the
+    /// test's own, say a small tmpfs).
+    pub fn start_in(base: &Path) -> Self {
+        Self::launch_in(base, None, &[], &[])
+    }
+
     fn launch(engine: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let base =
             std::env::var_os("BLOCKD_TEST_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
+        Self::launch_in(&base, engine, args, env)
+    }
+
+    fn launch_in(base: &Path, engine: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("blockd-test-")
             .tempdir_in(base)
@@ -261,6 +271,27 @@ impl Drop for Blockd {
             eprintln!("--- blockd log ---\n{}", self.log());
         }
     }
+}
+
+/// Runs `f(0..n)` on `n` threads released at the same instant; returns
+/// their results in order. For requests that must race.
+pub fn at_once<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (b, f) = (&barrier, &f);
+                s.spawn(move || {
+                    b.wait();
+                    f(i)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("racer panicked"))
+            .collect()
+    })
 }
 
 /// Sends a signal by name with kill(1).

@@ -23,7 +23,7 @@ impl From<CloudError> for Failure {
         let status = match &e {
             CloudError::Invalid(_) => StatusCode::BAD_REQUEST,
             CloudError::NotFound(_) => StatusCode::NOT_FOUND,
-            CloudError::Conflict(_) => StatusCode::CONFLICT,
+            CloudError::Conflict(_) | CloudError::Busy(_) => StatusCode::CONFLICT,
             CloudError::Repo(crate::repo::RepoError::Key { .. }) => StatusCode::BAD_REQUEST,
             CloudError::Repo(_) => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,16 +76,6 @@ async fn delete_location(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    if let Some(m) = d.cloud.location_busy(&name) {
-        return Err(CloudError::Conflict(m).into());
-    }
-    if let Some(m) = d.mounts.list().into_iter().find(|m| m.location == name) {
-        return Err(CloudError::Conflict(format!(
-            "credentials {name:?} are mounted at {}: unmount first (`blockctl umount {}`)",
-            m.dir, m.dir
-        ))
-        .into());
-    }
     d.cloud.locations.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 mod cloud;
 mod mount;
 
+use crate::claims::Busy;
+use crate::coordinator::VolumeOpError;
 use crate::daemon::Daemon;
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
@@ -67,6 +69,28 @@ impl From<StoreError> for Failure {
         Self {
             status,
             message: e.to_string(),
+        }
+    }
+}
+
+impl From<Busy> for Failure {
+    fn from(e: Busy) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<VolumeOpError> for Failure {
+    fn from(e: VolumeOpError) -> Self {
+        match e {
+            VolumeOpError::Busy(b) => b.into(),
+            VolumeOpError::Store(s) => s.into(),
+            e @ VolumeOpError::HasSnapshots { .. } => Self {
+                status: StatusCode::CONFLICT,
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -161,7 +185,7 @@ async fn create_volume(
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<blockd_api::Volume>), Failure> {
     let req: CreateVolume = body(&bytes)?;
-    let v = d.store.create(req)?;
+    let v = d.create_volume(req)?;
     Ok((StatusCode::CREATED, Json(to_api(&v))))
 }
 
@@ -184,33 +208,7 @@ async fn delete_volume(
     let force = query_pairs(q.as_deref())
         .iter()
         .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
-    let v = d.store.get(&name).ok_or(StoreError::NotFound {
-        volume: name.clone(),
-    })?;
-    if v.connections() > 0 && !force {
-        return Err(StoreError::Busy {
-            volume: name,
-            connections: v.connections(),
-        }
-        .into());
-    }
-    if let Some(message) = d.cloud.volume_busy(&name) {
-        return Err(Failure {
-            status: StatusCode::CONFLICT,
-            message,
-        });
-    }
-    let snaps = d.snapshots.list(Some(&name)).len();
-    if snaps > 0 && !force {
-        return Err(Failure {
-            status: StatusCode::CONFLICT,
-            message: format!(
-                "volume {name:?} has {snaps} snapshot(s): delete them first (`blockctl snapshot list {name}`) or delete with --force, which deletes them too"
-            ),
-        });
-    }
-    d.snapshots.delete_volume(&name);
-    d.store.delete(&name, force)?;
+    d.delete_volume(&name, force)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -220,13 +218,7 @@ async fn resize_volume(
     bytes: Bytes,
 ) -> ApiResult<blockd_api::Volume> {
     let req: ResizeVolume = body(&bytes)?;
-    if let Some(message) = d.cloud.volume_busy(&name) {
-        return Err(Failure {
-            status: StatusCode::CONFLICT,
-            message,
-        });
-    }
-    let v = d.store.resize(&name, req.size)?;
+    let v = d.resize_volume(&name, req.size)?;
     Ok(Json(to_api(&v)))
 }
 
@@ -235,7 +227,7 @@ impl From<FreezeError> for Failure {
         let status = match &e {
             FreezeError::Invalid(_) | FreezeError::Hook { .. } => StatusCode::BAD_REQUEST,
             FreezeError::NotFound(_) => StatusCode::NOT_FOUND,
-            FreezeError::Exists(_) => StatusCode::CONFLICT,
+            FreezeError::Exists(_) | FreezeError::Busy(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -338,12 +330,6 @@ async fn delete_snapshot(
     State(d): State<Arc<Daemon>>,
     Path((volume, name)): Path<(String, String)>,
 ) -> Result<StatusCode, Failure> {
-    if let Some(message) = d.cloud.snapshot_busy(&volume, &name) {
-        return Err(Failure {
-            status: StatusCode::CONFLICT,
-            message,
-        });
-    }
     d.snapshots.delete(&volume, &name)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -275,9 +275,11 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         });
         fill(&mut prefetch);
         let reads = if job.full {
-            frozen_data(&job.volume, &job.snap, bstart, blen).map_err(|e| {
-                CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
-            })?
+            job.volume
+                .frozen_data(&*job.snap, bstart, blen)
+                .map_err(|e| {
+                    CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
+                })?
         } else {
             ranges.clone()
         };
@@ -324,8 +326,10 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                             .unwrap_or_default();
                         async move {
                             let n = usize::try_from(len).unwrap_or(0);
+                            let mut buf = buf;
+                            buf.resize(n, 0);
                             volume
-                                .read_frozen(&snap, bstart + pos, n, buf)
+                                .read_frozen(&*snap, buf, 0, bstart + pos)
                                 .await
                                 .map_err(|e| {
                                     CloudError::Internal(format!(
@@ -547,49 +551,6 @@ fn cut(e: &Entry, s: u64, t: u64) -> Entry {
         chunk_off: e.chunk_off + u32::try_from(s - u64::from(e.start)).unwrap_or(0),
         chunk: e.chunk,
     }
-}
-
-/// Byte ranges of `[bstart, bstart + blen)` (relative to `bstart`) that may
-/// hold data in the frozen image: the live file's data runs, plus every
-/// extent the COW guard preserved inside a live hole. A live hole with no
-/// preserved extent was a hole at the freeze (the guard preserves an extent
-/// before any write or trim changes it, and this checks after asking the
-/// file system), so it reads as zeros and needs no reading.
-fn frozen_data(
-    volume: &Volume,
-    snap: &SnapshotStore,
-    bstart: u64,
-    blen: u64,
-) -> std::io::Result<Vec<(u64, u64)>> {
-    let es = snap.extent_size();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |s: u64, l: u64| match out.last_mut() {
-        Some(last) if last.0 + last.1 == s => last.1 += l,
-        _ => out.push((s, l)),
-    };
-    let mut pos = 0;
-    for run in volume.allocation(bstart, blen, usize::MAX)? {
-        if run.hole {
-            let mut at = pos;
-            while at < pos + run.length {
-                let e = u32::try_from((bstart + at) / es).unwrap_or(u32::MAX);
-                let stop = ((bstart + at) / es + 1) * es - bstart;
-                let stop = stop.min(pos + run.length);
-                if snap.preserved(e) {
-                    push(at, stop - at);
-                }
-                at = stop;
-            }
-        } else {
-            push(pos, run.length);
-        }
-        pos += run.length;
-    }
-    // Past the live file's end (it cannot be shorter, but be safe): read.
-    if pos < blen {
-        push(pos, blen - pos);
-    }
-    Ok(out)
 }
 
 async fn upload(

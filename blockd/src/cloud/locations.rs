@@ -8,9 +8,9 @@
 //! first start, so backups work with no setup.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockd_api::{validate_name, CreateLocation, Location, Provider, LOCAL_LOCATION};
@@ -22,6 +22,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, Re
 use serde::{Deserialize, Serialize};
 
 use super::{now, CloudError};
+use crate::claims::{Claims, Want};
 use crate::repo::faulty::FaultyStore;
 use crate::repo::Repo;
 use crate::state::StateDb;
@@ -59,13 +60,31 @@ struct Secrets {
 #[derive(Debug)]
 pub struct Locations {
     db: Arc<StateDb>,
+    claims: Arc<Claims>,
+    /// The daemon's state directory: no location may be inside it.
+    state_dir: PathBuf,
     secrets_dir: PathBuf,
     objects_dir: PathBuf,
     /// Fault injection rate for every store (testing resilience).
     fault_rate: Option<f64>,
     open: tokio::sync::Mutex<HashMap<String, Arc<Repo>>>,
-    /// Serialises create and delete.
-    change: Mutex<()>,
+}
+
+/// True when `path` is `dir` or inside it, following the symbolic links of
+/// the part of `path` that exists (`dir` is canonical).
+fn within(path: &Path, dir: &Path) -> bool {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        rest.push(name);
+        existing = parent;
+    }
+    let mut full = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    full.extend(rest.iter().rev());
+    full.starts_with(dir) || path.starts_with(dir)
 }
 
 fn invalid(m: impl Into<String>) -> CloudError {
@@ -77,7 +96,11 @@ impl Locations {
     ///
     /// # Errors
     /// Database or file-system errors.
-    pub fn open(state_dir: &Path, db: Arc<StateDb>) -> Result<Self, CloudError> {
+    pub fn open(
+        state_dir: &Path,
+        db: Arc<StateDb>,
+        claims: Arc<Claims>,
+    ) -> Result<Self, CloudError> {
         let secrets_dir = state_dir.join("credentials");
         std::fs::create_dir_all(&secrets_dir)
             .map_err(|e| CloudError::internal("creating credentials dir", e))?;
@@ -95,11 +118,12 @@ impl Locations {
         }
         let me = Self {
             db,
+            claims,
+            state_dir: std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
             secrets_dir,
             objects_dir,
             fault_rate,
             open: tokio::sync::Mutex::new(HashMap::new()),
-            change: Mutex::new(()),
         };
         if !me.rows()?.iter().any(|(n, _, _)| n == LOCAL_LOCATION) {
             let s = Settings {
@@ -223,20 +247,9 @@ impl Locations {
     }
 
     fn write_secrets(&self, name: &str, s: &Secrets) -> Result<(), CloudError> {
-        use std::io::Write;
-        let path = self.secrets_path(name);
-        let tmp = path.with_extension("tmp");
-        let body = serde_json::to_vec(s).unwrap_or_default();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| CloudError::internal("writing credentials", e))?;
-        f.write_all(&body)
-            .and_then(|()| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        let body =
+            serde_json::to_vec(s).map_err(|e| CloudError::internal("encoding credentials", e))?;
+        crate::durable::write_atomic_mode(&self.secrets_path(name), &body, 0o600)
             .map_err(|e| CloudError::internal("writing credentials", e))
     }
 
@@ -403,6 +416,11 @@ impl Locations {
         let provider = req
             .provider
             .ok_or_else(|| invalid("--provider is required: local, s3, azure or google"))?;
+        // Held until the row exists: two creates of one name cannot both
+        // pass the check below (and overwrite each other's secrets).
+        let _claim = self
+            .claims
+            .acquire(Want::for_location_change(&req.name, "are being created"))?;
         if self.rows()?.iter().any(|(n, _, _)| *n == req.name) {
             return Err(CloudError::Conflict(format!(
                 "credentials {:?} already exist: delete them first or choose another name",
@@ -520,6 +538,12 @@ impl Locations {
                     "--path {p:?} must be an absolute directory"
                 )));
             }
+            if within(Path::new(p), &self.state_dir) {
+                return Err(invalid(format!(
+                    "--path {p} is inside blockd's state directory {}, where it would collide with the daemon's own files: choose a directory outside it",
+                    self.state_dir.display()
+                )));
+            }
         }
         if req
             .encryption_passphrase
@@ -556,10 +580,6 @@ impl Locations {
         let repo = self
             .connect(&req.name, &settings, &secrets, true, true)
             .await?;
-        let _one = self
-            .change
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.write_secrets(&req.name, &secrets)?;
         let created = now();
         if let Err(e) = self.db.insert_location(
@@ -570,7 +590,6 @@ impl Locations {
             let _ = std::fs::remove_file(self.secrets_path(&req.name));
             return Err(e.into());
         }
-        drop(_one);
         self.open.lock().await.insert(req.name.clone(), repo);
         tracing::info!(location = %req.name, %provider, encrypted = settings.encryption, "credentials created");
         Ok(self.to_api(&req.name, &settings, &created))
@@ -612,18 +631,17 @@ impl Locations {
         if name == LOCAL_LOCATION {
             return Err(invalid("the embedded location `local` cannot be deleted"));
         }
-        {
-            let _one = self
-                .change
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !self.db.delete_location(name)? {
-                return Err(CloudError::NotFound(format!(
-                    "no credentials named {name:?}: list them with `blockctl credentials list`"
-                )));
-            }
-            let _ = std::fs::remove_file(self.secrets_path(name));
+        // Tasks and mounts hold the location shared: deleting it waits for
+        // none of them, it is refused while any runs.
+        let _claim = self
+            .claims
+            .acquire(Want::for_location_change(name, "are being deleted"))?;
+        if !self.db.delete_location(name)? {
+            return Err(CloudError::NotFound(format!(
+                "no credentials named {name:?}: list them with `blockctl credentials list`"
+            )));
         }
+        let _ = std::fs::remove_file(self.secrets_path(name));
         self.open.lock().await.remove(name);
         tracing::info!(location = %name, "credentials deleted");
         Ok(())
@@ -668,7 +686,7 @@ mod tests {
     fn locations() -> (tempfile::TempDir, Locations) {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(dir.path()).unwrap());
-        let l = Locations::open(dir.path(), db).unwrap();
+        let l = Locations::open(dir.path(), db, crate::claims::Claims::new()).unwrap();
         (dir, l)
     }
 

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::claims::{Busy, Claim, Claims, Want};
 use crate::repo::format::{Group, Manifest};
 use crate::repo::{Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
@@ -64,6 +65,9 @@ pub enum CloudError {
     /// Local state failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Something it needs is in use by another request or task.
+    #[error(transparent)]
+    Busy(#[from] Busy),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -84,6 +88,7 @@ impl From<FreezeError> for CloudError {
             FreezeError::Invalid(m) => Self::Invalid(m),
             FreezeError::NotFound(m) => Self::NotFound(m),
             FreezeError::Exists(m) => Self::Conflict(m),
+            FreezeError::Busy(b) => Self::Busy(b),
             e @ FreezeError::Hook { .. } => Self::Invalid(e.to_string()),
             e => Self::Internal(e.to_string()),
         }
@@ -178,6 +183,7 @@ pub struct Cloud {
     pub locations: Locations,
     volumes: Arc<Store>,
     snapshots: Arc<Snapshots>,
+    claims: Arc<Claims>,
     db: Arc<StateDb>,
     running: Mutex<HashMap<String, Arc<Running>>>,
     shutdown: CancellationToken,
@@ -198,6 +204,17 @@ impl std::fmt::Debug for Cloud {
 /// The current time, RFC 3339 UTC to the second.
 pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// A new cloud snapshot name: the freeze time to the millisecond and a
+/// random tag (`20261121T101500.123Z-3f4f0a67`), so names sort by time.
+fn new_snapshot_name() -> String {
+    let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "");
+    let mut t = [0u8; 4];
+    crate::repo::crypto::fill_random(&mut t);
+    format!("{stamp}-{}", hex::encode(t))
 }
 
 fn new_task_id() -> String {
@@ -239,11 +256,12 @@ impl Cloud {
         state_dir: &std::path::Path,
         volumes: Arc<Store>,
         snapshots: Arc<Snapshots>,
+        claims: Arc<Claims>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Arc<Self>, CloudError> {
         let db = volumes.db().clone();
-        let locations = Locations::open(state_dir, db.clone())?;
+        let locations = Locations::open(state_dir, db.clone(), claims.clone())?;
         let full_every = std::env::var("BLOCKD_FULL_EVERY")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -253,6 +271,7 @@ impl Cloud {
             locations,
             volumes,
             snapshots,
+            claims,
             db,
             running: Mutex::new(HashMap::new()),
             shutdown,
@@ -292,13 +311,27 @@ impl Cloud {
     fn resume(self: &Arc<Self>, r: Record) {
         tracing::info!(task = %r.task.id, volume = %r.task.volume, "resuming task after restart");
         let id = r.task.id.clone();
+        let t = &r.task;
+        let want = match &r.plan {
+            Plan::Backup { .. } => {
+                let name = split_snap(&t.snapshot).map_or("", |(_, n)| n);
+                Want::for_backup(&t.id, &t.volume, name, &t.location)
+            }
+            Plan::Restore { lazy, .. } => {
+                Want::for_restore(&t.id, &t.volume, &t.location, &t.snapshot, *lazy)
+            }
+        };
+        let claim = match self.claims.acquire(want) {
+            Ok(c) => c,
+            Err(e) => return self.fail_record(r, &e.to_string()),
+        };
         match r.plan.clone() {
             Plan::Backup { .. } => {
                 let snap_name = split_snap(&r.task.snapshot)
                     .map(|(_, n)| n.to_string())
                     .unwrap_or_default();
                 match self.snapshots.get(&r.task.volume, &snap_name) {
-                    Some(s) => self.spawn_backup(r, s),
+                    Some(s) => self.spawn_backup(r, s, claim),
                     None => {
                         if let Some(v) = self.volumes.get(&r.task.volume) {
                             v.dirty.lose();
@@ -309,7 +342,7 @@ impl Cloud {
             }
             Plan::Restore { lazy: true, .. } => match self.volumes.get(&r.task.volume) {
                 Some(v) => match self.attach_lazy(&v, &r, None, false) {
-                    Ok(h) => self.spawn_restore(r, Some(h)),
+                    Ok(h) => self.spawn_restore(r, Some(h), claim),
                     Err(e) => {
                         // Which units hold the volume's own writes is
                         // unknown: it must not be served.
@@ -324,7 +357,7 @@ impl Cloud {
                 Some(v) => {
                     v.restoring
                         .store(true, std::sync::atomic::Ordering::Release);
-                    self.spawn_restore(r, None);
+                    self.spawn_restore(r, None, claim);
                 }
                 None => self.fail_record(r, "the volume being restored into is gone"),
             },
@@ -382,46 +415,6 @@ impl Cloud {
         }
         self.lock().remove(&r.task.id);
         r
-    }
-
-    /// The running task that uses something, if any: `pred` sees each
-    /// running task.
-    fn running_task(&self, pred: impl Fn(&Task) -> bool) -> Option<String> {
-        self.lock().values().find_map(|r| {
-            let r = r
-                .record
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pred(&r.task).then(|| r.task.id.clone())
-        })
-    }
-
-    /// Why `volume` must not be deleted now: a task backs it up or fills it.
-    pub fn volume_busy(&self, volume: &str) -> Option<String> {
-        self.running_task(|t| t.volume == volume).map(|id| {
-            format!(
-                "cloudsnap task {id} is running on volume {volume:?}: wait for it or stop it first (`blockctl cloudsnap stop {id}`)"
-            )
-        })
-    }
-
-    /// Why local snapshot `volume@name` must not be deleted now: a backup
-    /// is reading it.
-    pub fn snapshot_busy(&self, volume: &str, name: &str) -> Option<String> {
-        let id = format!("{volume}/{name}");
-        self.running_task(|t| t.kind == TaskKind::Backup && t.snapshot == id)
-            .map(|task| {
-                format!(
-                    "snapshot {volume}@{name} is the freeze point of running backup {task}: stop the backup instead (`blockctl cloudsnap stop {task}`)"
-                )
-            })
-    }
-
-    /// Why location `name` must not be deleted now.
-    pub fn location_busy(&self, name: &str) -> Option<String> {
-        self.running_task(|t| t.location == name).map(|id| {
-            format!("cloudsnap task {id} uses credentials {name:?}: wait for it or stop it first")
-        })
     }
 
     // ---- backup ----------------------------------------------------------
@@ -489,66 +482,40 @@ impl Cloud {
             ));
         }
         let location = self.locations.resolve(req.location.as_deref())?;
-        let repo = self.locations.repo(&location).await?;
-        let mut plans = Vec::new();
+        let created_name = new_snapshot_name();
+        // Claims first: each member's volume, its one job slot, the new
+        // snapshot's name and the location are held from here until the
+        // task ends, so no request can delete or reuse them meanwhile and a
+        // second backup of a member is refused.
+        let mut members = Vec::with_capacity(names.len());
         for n in &names {
+            let id = new_task_id();
+            let claim = self
+                .claims
+                .acquire(Want::for_backup(&id, n, &created_name, &location))?;
+            members.push((n, id, claim));
+        }
+        // Deleted before the claims were taken? (After, it cannot be.)
+        self.locations.resolve(Some(&location))?;
+        let repo = self.locations.repo(&location).await?;
+        let mut plans = Vec::with_capacity(members.len());
+        for (n, id, claim) in members {
             let v = self.volumes.get(n).ok_or_else(|| {
                 CloudError::NotFound(format!(
                     "volume {n:?} not found: list volumes with `blockctl volume list`"
                 ))
             })?;
-            if self.lock().values().any(|r| {
-                let r = r
-                    .record
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                r.task.volume == *n
-            }) {
-                return Err(CloudError::Conflict(format!(
-                    "a backup or restore of volume {n} is already running: see `blockctl cloudsnap status`"
-                )));
-            }
             if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
                 return Err(CloudError::Conflict(format!(
                     "volume {n} is being restored"
                 )));
             }
-            // Parent: the volume's last backup in this location, still listed.
-            // A full read uses it too: chunks unchanged at the same place are
-            // referenced, not uploaded again.
-            let parent = match self.db.backup_base(n)? {
-                Some((loc, snap)) if loc == location => match split_snap(&snap) {
-                    Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
-                        Ok(m) if m.size == v.size() && m.extent_size == v.extent_size() => Some(m),
-                        Ok(_) => None,
-                        Err(RepoError::Missing { .. }) => None,
-                        Err(e) => return Err(e.into()),
-                    },
-                    None => None,
-                },
-                _ => None,
-            };
-            // Without one (first backup here, or the last backup went to
-            // another location and took the change set with it), the whole
-            // volume is read, but chunks unchanged since this volume's
-            // latest snapshot in this location are still referenced.
-            let (parent, base) = match parent {
-                Some(p) => (Some(p), true),
-                None => (self.latest_same_shape(&repo, &v).await, false),
-            };
-            plans.push((v, parent, base));
+            let (parent, base) = self.parent_of(&repo, &location, &v).await?;
+            plans.push((v, parent, base, id, claim));
         }
-        let created_name = {
-            let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                .to_string()
-                .replace(['-', ':'], "");
-            let mut t = [0u8; 4];
-            crate::repo::crypto::fill_random(&mut t);
-            format!("{stamp}-{}", hex::encode(t))
-        };
         let metas = self
             .snapshots
-            .create(CreateRequest {
+            .create_claimed(CreateRequest {
                 volumes: names.clone(),
                 name: Some(created_name.clone()),
                 pre_exec: req.pre_exec.clone(),
@@ -559,17 +526,24 @@ impl Cloud {
             })
             .await?;
         let group_id = (group || names.len() > 1).then(|| created_name.clone());
-        let mut tasks = Vec::new();
-        for (v, parent, base) in plans {
-            let meta = metas
-                .iter()
-                .find(|m| m.volume == v.name())
-                .cloned()
-                .ok_or_else(|| CloudError::Internal("a frozen member is missing".into()))?;
-            let snap = self
-                .snapshots
-                .get(v.name(), &created_name)
-                .ok_or_else(|| CloudError::Internal("the new snapshot vanished".into()))?;
+        let labels: BTreeMap<String, String> = req
+            .select
+            .iter()
+            .chain(&req.labels)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut started = Vec::with_capacity(plans.len());
+        let mut failed = None;
+        for (v, parent, base, id, claim) in plans {
+            let snap = self.snapshots.get(v.name(), &created_name);
+            let meta = metas.iter().find(|m| m.volume == v.name());
+            let (Some(snap), Some(meta)) = (snap, meta) else {
+                failed = Some(CloudError::Internal(format!(
+                    "the new snapshot of {} vanished",
+                    v.name()
+                )));
+                break;
+            };
             let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
             let incremental = base && !req.full && meta.changes_known && chain < self.full_every;
             let full = !incremental;
@@ -579,7 +553,7 @@ impl Cloud {
                 self.changes_for(&snap).extents.len() * meta.extent_size
             };
             let task = Task {
-                id: new_task_id(),
+                id,
                 kind: TaskKind::Backup,
                 state: TaskState::Active,
                 volume: v.name().to_string(),
@@ -599,18 +573,13 @@ impl Cloud {
                 error: None,
             };
             let record = Record {
-                task: task.clone(),
+                task,
                 plan: Plan::Backup {
                     parent: parent.map(|p| format!("{}/{}", p.volume, p.name)),
                     chain: if full { 0 } else { chain },
                     // Volume labels that selected a group are recorded too,
                     // so `cloudsnap list --label` finds the group's members.
-                    labels: req
-                        .select
-                        .iter()
-                        .chain(&req.labels)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    labels: labels.clone(),
                     created: meta.created.clone(),
                     pause_us: meta.pause_us,
                     pre_exec: meta.pre_exec.clone().map(Into::into),
@@ -619,14 +588,65 @@ impl Cloud {
                 read: 0,
                 new: 0,
             };
-            self.save(&record)?;
-            tracing::info!(task = %task.id, snapshot = %task.snapshot, %location, full, "backup started");
-            self.spawn_backup(record, snap);
-            tasks.push(task);
+            if let Err(e) = self.save(&record) {
+                failed = Some(e);
+                break;
+            }
+            started.push((record, snap, claim));
+        }
+        if let Some(e) = failed {
+            // Nothing runs: every member's snapshot is abandoned (its change
+            // set merged back, so the next backup covers it) and the
+            // records already written end Failed.
+            for n in &names {
+                let _ = self.snapshots.discard(n, &created_name);
+            }
+            for (r, _, _) in started {
+                self.fail_record(r, &format!("the backup could not start: {e}"));
+            }
+            tracing::warn!(snapshot = %created_name, error = %e, "backup could not start; its changes are kept for the next backup");
+            return Err(e);
+        }
+        let mut tasks = Vec::with_capacity(started.len());
+        for (record, snap, claim) in started {
+            tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
+            tasks.push(record.task.clone());
+            self.spawn_backup(record, snap, claim);
         }
         Ok(Started {
             group: group_id,
             tasks,
+        })
+    }
+
+    /// The parent of a backup of `v` to `location`, and whether it is the
+    /// base of an incremental: the volume's last backup there, still listed.
+    /// A full read uses a parent too: chunks unchanged at the same place are
+    /// referenced, not uploaded again.
+    async fn parent_of(
+        &self,
+        repo: &Repo,
+        location: &str,
+        v: &crate::volume::Volume,
+    ) -> Result<(Option<Manifest>, bool), CloudError> {
+        let parent = match self.db.backup_base(v.name())? {
+            Some((loc, snap)) if loc == location => match split_snap(&snap) {
+                Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
+                    Ok(m) if m.size == v.size() && m.extent_size == v.extent_size() => Some(m),
+                    Ok(_) | Err(RepoError::Missing { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            },
+            _ => None,
+        };
+        // Without one (first backup here, or the last backup went to
+        // another location and took the change set with it), the whole
+        // volume is read, but chunks unchanged since this volume's latest
+        // snapshot in this location are still referenced.
+        Ok(match parent {
+            Some(p) => (Some(p), true),
+            None => (self.latest_same_shape(repo, v).await, false),
         })
     }
 
@@ -658,10 +678,12 @@ impl Cloud {
         c
     }
 
-    fn spawn_backup(self: &Arc<Self>, record: Record, snap: Arc<SnapshotStore>) {
+    fn spawn_backup(self: &Arc<Self>, record: Record, snap: Arc<SnapshotStore>, claim: Claim) {
         let run = self.register(record, None);
         let me = self.clone();
         self.tracker.spawn(async move {
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
             let outcome = me.run_backup(&run, &snap).await;
             let (volume, name, id) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -698,7 +720,7 @@ impl Cloud {
                 }
                 Err(e) => {
                     let stopped = matches!(e, CloudError::Cancelled);
-                    let _ = me.snapshots.delete(&volume, &name);
+                    let _ = me.snapshots.discard(&volume, &name);
                     let (state, err) = if stopped {
                         (TaskState::Stopped, Some("stopped by request; its changes go to the next backup".to_string()))
                     } else {
@@ -1097,23 +1119,15 @@ impl Cloud {
                 "--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
             ))
         })?;
-        match repo
-            .objects()
-            .get_meta(&crate::repo::manifest_key(v, n))
-            .await
-        {
-            Err(RepoError::Missing { .. }) => {
-                return Err(CloudError::NotFound(format!(
-                    "no cloud snapshot {snap} in location {location}"
-                )))
-            }
-            r => {
-                r?;
-            }
+        let _claim = self
+            .claims
+            .acquire(Want::for_cloudsnap_delete(&location, &format!("{v}/{n}")))?;
+        if !repo.has_manifest(v, n).await? {
+            return Err(CloudError::NotFound(format!(
+                "no cloud snapshot {snap} in location {location}"
+            )));
         }
-        repo.objects()
-            .delete(&crate::repo::manifest_key(v, n))
-            .await?;
+        repo.delete_manifest(v, n).await?;
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
         Ok(())
     }
@@ -1134,6 +1148,25 @@ impl Cloud {
             )));
         }
         let m = self.find(&repo, &req.snap).await?;
+        let id = new_task_id();
+        let snapshot = format!("{}/{}", m.volume, m.name);
+        // Held until the task ends: the new volume's name, its job slot, the
+        // location and the cloud snapshot being read (which therefore
+        // cannot be deleted while the restore needs it).
+        let claim = self.claims.acquire(Want::for_restore(
+            &id,
+            &req.volume,
+            &location,
+            &snapshot,
+            req.lazy,
+        ))?;
+        // A delete that ended between `find` and the claim.
+        self.locations.resolve(Some(&location))?;
+        if !repo.has_manifest(&m.volume, &m.name).await? {
+            return Err(CloudError::NotFound(format!(
+                "cloud snapshot {snapshot} was just deleted from location {location}"
+            )));
+        }
         let v = self
             .volumes
             .create(blockd_api::CreateVolume {
@@ -1156,11 +1189,11 @@ impl Cloud {
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         let task = Task {
-            id: new_task_id(),
+            id,
             kind: TaskKind::Restore,
             state: TaskState::Active,
             volume: req.volume.clone(),
-            snapshot: format!("{}/{}", m.volume, m.name),
+            snapshot,
             location: location.clone(),
             group: None,
             full: true,
@@ -1215,22 +1248,32 @@ impl Cloud {
         } else {
             None
         };
-        self.save(&record)?;
+        if let Err(e) = self.save(&record) {
+            // Without a record nothing would finish or resume this restore:
+            // the new volume goes.
+            if hydration.is_some() {
+                v.end_lazy();
+            }
+            let _ = self.volumes.delete(&req.volume, true);
+            return Err(e);
+        }
         tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
-        self.spawn_restore(record, hydration);
+        self.spawn_restore(record, hydration, claim);
         Ok(Started {
             group: None,
             tasks: vec![task],
         })
     }
 
-    fn spawn_restore(self: &Arc<Self>, record: Record, hydration: Option<Hydration>) {
+    fn spawn_restore(self: &Arc<Self>, record: Record, hydration: Option<Hydration>, claim: Claim) {
         let run = self.register(
             record,
             hydration.as_ref().map(|h| h.source.progress.clone()),
         );
         let me = self.clone();
         self.tracker.spawn(async move {
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
             let lazy = hydration.is_some();
             let outcome = match &hydration {
                 Some(h) => me.run_hydrate(&run, h).await,

@@ -73,6 +73,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
+use crate::claims::{Claim, Claims, Want};
 use crate::cloud::locations::Locations;
 use crate::cloud::{is_snapshot_name, Cloud, CloudError};
 use crate::repo::fetch::IndexCache;
@@ -131,6 +132,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One active mount.
 struct Active {
     info: MountInfo,
+    /// Holds the location: its credentials cannot be deleted while mounted.
+    _claim: Claim,
     session: BackgroundSession,
     catalog: Arc<Catalog>,
 }
@@ -138,6 +141,7 @@ struct Active {
 /// The catalog mounts of this daemon.
 pub struct Mounts {
     cache_root: PathBuf,
+    claims: Arc<Claims>,
     active: Mutex<BTreeMap<String, Active>>,
     /// Serialises mounting and unmounting.
     changing: tokio::sync::Mutex<()>,
@@ -153,9 +157,10 @@ impl std::fmt::Debug for Mounts {
 
 impl Mounts {
     /// No mounts yet; caches go under `<state dir>/cache/mounts`.
-    pub fn new(state_dir: &Path) -> Self {
+    pub fn new(state_dir: &Path, claims: Arc<Claims>) -> Self {
         Self {
             cache_root: state_dir.join("cache").join("mounts"),
+            claims,
             active: Mutex::new(BTreeMap::new()),
             changing: tokio::sync::Mutex::new(()),
         }
@@ -211,6 +216,10 @@ impl Mounts {
             )));
         }
         let location = locations.resolve(req.location.as_deref())?;
+        let claim = self
+            .claims
+            .acquire(Want::for_mount(&location, &dir_s))
+            .map_err(CloudError::from)?;
         let repo = locations.repo(&location).await?;
         // An unreachable store fails the request rather than the first `ls`.
         repo.list_snapshots(None).await.map_err(CloudError::from)?;
@@ -223,7 +232,13 @@ impl Mounts {
                 cache_dir.display()
             ))
         })?;
-        let catalog = Arc::new(Catalog::new(repo, location.clone(), cache));
+        let catalog = Arc::new(Catalog::new(
+            repo,
+            location.clone(),
+            cache,
+            self.claims.clone(),
+            dir_s.clone(),
+        ));
 
         let mut options = vec![
             MountOption::FSName(format!("{FUSE_NAME}:{location}")),
@@ -274,6 +289,7 @@ impl Mounts {
             dir_s,
             Active {
                 info: info.clone(),
+                _claim: claim,
                 session,
                 catalog,
             },
@@ -435,6 +451,8 @@ struct GroupObj {
 /// Read-ahead state of one open `disk.img`.
 #[derive(Debug, Default)]
 struct Stream {
+    /// Holds the snapshot open: it cannot be deleted until the file is closed.
+    _claim: Option<Claim>,
     /// End of the furthest read so far.
     next: u64,
     /// Current window; 0 until reads are sequential.
@@ -458,6 +476,9 @@ struct Piece {
 pub struct Catalog {
     repo: Arc<Repo>,
     location: String,
+    claims: Arc<Claims>,
+    /// Where it is mounted (named to whoever finds a snapshot open).
+    dir: String,
     cache: Arc<ChunkCache>,
     inodes: Mutex<Inodes>,
     listing: tokio::sync::Mutex<Option<Arc<Listing>>>,
@@ -505,10 +526,18 @@ fn pretty(v: &impl serde::Serialize) -> Vec<u8> {
 }
 
 impl Catalog {
-    fn new(repo: Arc<Repo>, location: String, cache: Arc<ChunkCache>) -> Self {
+    fn new(
+        repo: Arc<Repo>,
+        location: String,
+        cache: Arc<ChunkCache>,
+        claims: Arc<Claims>,
+        dir: String,
+    ) -> Self {
         Self {
             repo,
             location,
+            claims,
+            dir,
             cache,
             inodes: Mutex::new(Inodes::default()),
             listing: tokio::sync::Mutex::new(None),
@@ -830,11 +859,9 @@ impl Catalog {
             let sequential = offset <= st.next.saturating_add(SEQUENTIAL_SLACK)
                 && offset.saturating_add(SEQUENTIAL_SLACK) >= st.next;
             if !sequential {
-                *st = Stream {
-                    next: end,
-                    window: 0,
-                    ahead: 0,
-                };
+                st.next = end;
+                st.window = 0;
+                st.ahead = 0;
                 return;
             }
             st.next = st.next.max(end);
@@ -997,9 +1024,20 @@ impl Filesystem for CatalogFs {
             return;
         }
         match self.catalog.node(ino) {
-            Some(Node::Disk(..)) => {
-                let fh = self.catalog.next_fh.fetch_add(1, Ordering::Relaxed);
-                lock(&self.catalog.streams).insert(fh, Stream::default());
+            Some(Node::Disk(v, n)) => {
+                let c = &self.catalog;
+                let want = Want::for_open_image(&c.location, &format!("{v}/{n}"), &c.dir);
+                let claim = match c.claims.acquire(want) {
+                    Ok(claim) => claim,
+                    // Being deleted right now.
+                    Err(_) => return reply.error(Errno::ENOENT),
+                };
+                let fh = c.next_fh.fetch_add(1, Ordering::Relaxed);
+                let stream = Stream {
+                    _claim: Some(claim),
+                    ..Stream::default()
+                };
+                lock(&c.streams).insert(fh, stream);
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Some(n) if n.kind() == Kind::File => {

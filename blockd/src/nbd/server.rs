@@ -32,7 +32,7 @@ use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
-use crate::volume::{nbd_errno, Volume, ZeroError};
+use crate::volume::{Volume, ZeroError};
 
 /// What every connection shares.
 #[derive(Debug, Clone)]
@@ -447,7 +447,7 @@ impl Conn {
             Ok(()) => self.ok(req),
             Err(e) => {
                 tracing::warn!(volume = %self.volume.name(), command = %req.command, offset = req.offset, error = %e, "I/O error");
-                self.error(req, nbd_errno(&e), &e.to_string());
+                self.error(req, errno_of(&e), &e.to_string());
             }
         }
     }
@@ -502,7 +502,7 @@ impl Conn {
 
     async fn handle(&self, req: Request, payload: Vec<u8>) {
         if let Some(s) = &self.snapshot {
-            return self.handle_snapshot(s, req);
+            return self.handle_snapshot(s, req).await;
         }
         let _gate = self.volume.gate.read().await;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
@@ -616,13 +616,13 @@ impl Conn {
 
     /// Requests on a snapshot export: reads of the frozen image; writes
     /// never get here (the export is read-only: EPERM).
-    fn handle_snapshot(&self, s: &SnapshotStore, req: Request) {
+    async fn handle_snapshot(&self, s: &SnapshotStore, req: Request) {
         match req.command {
             Command::Read => {
                 let hdr = proto::read_reply_header_len(self.style);
                 let len = usize::try_from(req.length).unwrap_or(0);
                 let buf = self.buffers.take(hdr + len);
-                match self.volume.read_snapshot(s, buf, hdr, req.offset) {
+                match self.volume.read_frozen(s, buf, hdr, req.offset).await {
                     Ok(buf) => self.send(proto::finish_read_reply(
                         buf,
                         self.style,
@@ -726,5 +726,18 @@ impl Conn {
             );
         }
         self.send(out);
+    }
+}
+
+/// Maps an I/O error to the NBD error the client sees. The one place that
+/// decides this.
+pub fn errno_of(e: &std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => Errno::NoSpc,
+        Some(libc::EPERM | libc::EROFS | libc::EACCES) => Errno::Perm,
+        Some(libc::ENOMEM) => Errno::NoMem,
+        Some(libc::EINVAL) => Errno::Inval,
+        Some(libc::EOPNOTSUPP) => Errno::NotSup,
+        _ => Errno::Io,
     }
 }

@@ -363,6 +363,27 @@ impl Repo {
     /// Reads a manifest.
     ///
     /// # Errors
+    /// True when snapshot `volume/name` has a manifest (one HEAD).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn has_manifest(&self, volume: &str, name: &str) -> Result<bool, RepoError> {
+        Ok(self
+            .objects
+            .head(&manifest_key(volume, name))
+            .await?
+            .is_some())
+    }
+
+    /// Deletes the manifest of snapshot `volume/name` (its chunks stay for
+    /// the other snapshots that use them).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn delete_manifest(&self, volume: &str, name: &str) -> Result<(), RepoError> {
+        self.objects.delete(&manifest_key(volume, name)).await
+    }
+
     /// Missing or corrupt manifest, named.
     pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
         let key = manifest_key(volume, name);

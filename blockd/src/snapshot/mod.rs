@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use blockd_api::validate_name;
 
+use crate::claims::{Busy, Claims, Want};
 use crate::volume::store::Store;
 use crate::volume::Volume;
 use store::{SnapshotError, SnapshotMeta, SnapshotStore};
@@ -62,6 +63,9 @@ pub enum FreezeError {
     /// Name taken.
     #[error("{0}")]
     Exists(String),
+    /// Something it needs is in use by another request or task.
+    #[error(transparent)]
+    Busy(#[from] Busy),
     /// A hook failed: nothing was frozen.
     #[error("snapshot aborted: pre-exec {pre}{post}")]
     Hook {
@@ -89,6 +93,7 @@ pub enum FreezeError {
 pub struct Snapshots {
     dir: PathBuf,
     volumes: Arc<Store>,
+    claims: Arc<Claims>,
     held: Mutex<BTreeMap<(String, String), Arc<SnapshotStore>>>,
     /// Serialises freezes, so pause measurements are not inflated by each other.
     freeze: tokio::sync::Mutex<()>,
@@ -108,7 +113,11 @@ impl Snapshots {
     ///
     /// # Errors
     /// A committed snapshot that cannot be read.
-    pub fn open(state_dir: &Path, volumes: Arc<Store>) -> Result<Self, SnapshotError> {
+    pub fn open(
+        state_dir: &Path,
+        volumes: Arc<Store>,
+        claims: Arc<Claims>,
+    ) -> Result<Self, SnapshotError> {
         let dir = state_dir.join("snapshots");
         let _ = std::fs::create_dir_all(&dir);
         let mut held = BTreeMap::new();
@@ -138,6 +147,7 @@ impl Snapshots {
         Ok(Self {
             dir,
             volumes,
+            claims,
             held: Mutex::new(held),
             freeze: tokio::sync::Mutex::new(()),
         })
@@ -175,13 +185,23 @@ impl Snapshots {
     ///
     /// # Errors
     /// Unknown volumes, a taken name, a failing hook, I/O.
-    pub async fn create(&self, req: CreateRequest) -> Result<Vec<SnapshotMeta>, FreezeError> {
+    pub async fn create(&self, mut req: CreateRequest) -> Result<Vec<SnapshotMeta>, FreezeError> {
+        let (names, name) = Self::check(&mut req)?;
+        let _claim = self
+            .claims
+            .acquire(Want::for_snapshot_create(&names, &name))?;
+        self.create_claimed(req).await
+    }
+
+    /// Checks a request and settles its name; returns the members in name
+    /// order and the snapshot name.
+    fn check(req: &mut CreateRequest) -> Result<(Vec<String>, String), FreezeError> {
         if req.volumes.is_empty() {
             return Err(FreezeError::Invalid(
                 "name at least one volume to snapshot".into(),
             ));
         }
-        let name = req.name.clone().unwrap_or_else(default_name);
+        let name = req.name.get_or_insert_with(default_name).clone();
         validate_name(&name).map_err(|e| {
             FreezeError::Invalid(e.to_string().replace("volume name", "snapshot name"))
         })?;
@@ -191,6 +211,19 @@ impl Snapshots {
         if names.len() != req.volumes.len() {
             return Err(FreezeError::Invalid("a volume is named twice".into()));
         }
+        Ok((names, name))
+    }
+
+    /// [`Snapshots::create`] for a caller that already holds the claims of
+    /// [`Want::for_snapshot_create`] (or stronger ones, as a backup does).
+    ///
+    /// # Errors
+    /// As [`Snapshots::create`].
+    pub async fn create_claimed(
+        &self,
+        mut req: CreateRequest,
+    ) -> Result<Vec<SnapshotMeta>, FreezeError> {
+        let (names, name) = Self::check(&mut req)?;
         let mut members: Vec<Arc<Volume>> = Vec::with_capacity(names.len());
         for n in &names {
             let v = self.volumes.get(n).ok_or_else(|| {
@@ -346,6 +379,18 @@ impl Snapshots {
     /// # Errors
     /// Unknown snapshot.
     pub fn delete(&self, volume: &str, name: &str) -> Result<(), FreezeError> {
+        let _claim = self
+            .claims
+            .acquire(Want::for_snapshot_delete(volume, name))?;
+        self.discard(volume, name)
+    }
+
+    /// [`Snapshots::delete`] for a caller that holds the snapshot's claim
+    /// (a backup abandoning its own snapshot, a volume being deleted).
+    ///
+    /// # Errors
+    /// Unknown snapshot.
+    pub fn discard(&self, volume: &str, name: &str) -> Result<(), FreezeError> {
         let s = self
             .lock()
             .remove(&(volume.to_string(), name.to_string()))
@@ -391,7 +436,7 @@ impl Snapshots {
     /// Deletes every snapshot of a volume (the volume is being deleted).
     pub fn delete_volume(&self, volume: &str) {
         for s in self.list(Some(volume)) {
-            let _ = self.delete(volume, &s.meta().name);
+            let _ = self.discard(volume, &s.meta().name);
         }
         let _ = std::fs::remove_dir_all(self.dir.join(volume));
     }

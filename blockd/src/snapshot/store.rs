@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::volume::dirty_map::{self, ChangeSet};
+use crate::volume::FrozenImage;
 
 const RECORD_LEN: usize = 16;
 
@@ -206,7 +207,7 @@ impl SnapshotStore {
         let id = self.id();
         let meta = self.meta();
         let changes_path = self.dir.join("changes.dirty");
-        dirty_map::write_atomic(
+        crate::durable::write_atomic(
             &changes_path,
             &dirty_map::encode(&self.changes, meta.extent_size, false),
         )
@@ -222,7 +223,7 @@ impl SnapshotStore {
         let id = self.id();
         let meta_path = self.dir.join("meta.json");
         let json = serde_json::to_vec_pretty(&self.meta()).unwrap_or_default();
-        dirty_map::write_atomic(&meta_path, &json).map_err(io_err(&id, &meta_path))
+        crate::durable::write_atomic(&meta_path, &json).map_err(io_err(&id, &meta_path))
     }
 
     /// Updates the record (hook output after post-exec).
@@ -377,5 +378,27 @@ impl SnapshotStore {
     pub fn remove(&self) -> io::Result<()> {
         self.closing.cancel();
         std::fs::remove_dir_all(&self.dir)
+    }
+}
+
+impl FrozenImage for SnapshotStore {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn preserved(&self, e: u32) -> bool {
+        SnapshotStore::preserved(self, e)
+    }
+
+    fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()> {
+        SnapshotStore::preserve(self, e, old)
+    }
+
+    fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool> {
+        SnapshotStore::read_preserved(self, e, within, buf)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        SnapshotStore::sync(self)
     }
 }

@@ -11,7 +11,20 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::volume::VolumeMeta;
+/// Static facts about a volume, as kept in the state database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMeta {
+    /// Name (also the NBD export name).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Extent size in bytes.
+    pub extent_size: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, RFC 3339.
+    pub created: String,
+}
 
 /// State database errors.
 #[derive(Debug, thiserror::Error)]

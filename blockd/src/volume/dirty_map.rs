@@ -24,8 +24,8 @@
 //! clean shutdown rewrites it without. Finding IN_USE at start therefore
 //! means the previous run did not stop cleanly, and the map is unknown.
 
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
@@ -272,7 +272,7 @@ impl DirtyMap {
     /// I/O failures, naming the file.
     pub fn persist(&self, path: &Path, in_use: bool) -> Result<(), MapFileError> {
         let bytes = encode(&self.current(), self.extent_size, in_use);
-        write_atomic(path, &bytes).map_err(|source| MapFileError::Io {
+        crate::durable::write_atomic(path, &bytes).map_err(|source| MapFileError::Io {
             path: path.display().to_string(),
             source,
         })
@@ -359,25 +359,6 @@ pub fn decode(bytes: &[u8], extent_size: u64) -> Result<(ChangeSet, u32), String
         },
         flags,
     ))
-}
-
-/// Replaces `path` with `bytes`: write a temp file, fsync, rename, fsync dir.
-///
-/// # Errors
-/// Any I/O failure; the old file is then untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = PathBuf::from(path);
-    tmp.as_mut_os_string().push(".tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -436,7 +436,7 @@ impl Lazy {
         if generation != 0 && generation <= self.persisted.load(Ordering::Acquire) {
             return Ok(());
         }
-        write_atomic(&self.path, &encode(map, self.unit, self.size))?;
+        crate::durable::write_atomic(&self.path, &encode(map, self.unit, self.size))?;
         self.persisted.fetch_max(generation, Ordering::AcqRel);
         Ok(())
     }
@@ -460,21 +460,6 @@ pub fn remove_present(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     }
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("present.tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }

@@ -10,6 +10,7 @@
 //! connections to a volume share the one file, a FLUSH on any connection makes
 //! every acknowledged write durable (which is what CAN_MULTI_CONN promises).
 
+pub mod cow;
 pub mod dirty_map;
 pub mod engine;
 pub mod lazy;
@@ -26,25 +27,11 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use dirty_map::DirtyMap;
 use lazy::{Lazy, Need};
 
-use crate::snapshot::store::SnapshotStore;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::state::VolumeMeta;
+pub use cow::FrozenImage;
 pub use engine::{Engine, EngineKind};
-
-/// Static facts about a volume, as kept in the state database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeMeta {
-    /// Name (also the NBD export name).
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Extent size in bytes.
-    pub extent_size: u64,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Creation time, RFC 3339.
-    pub created: String,
-}
 
 /// One allocation run from [`Volume::allocation`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,11 +69,8 @@ pub struct Volume {
     /// Every request holds this shared; a freeze takes it exclusively, which
     /// drains in-flight I/O and holds new I/O until the freeze is done.
     pub gate: tokio::sync::RwLock<()>,
-    /// Snapshots whose frozen image writes must preserve (the COW guard).
-    held: std::sync::RwLock<Vec<Arc<SnapshotStore>>>,
-    /// Orders preservation (exclusive) against snapshot reads of extents
-    /// still on the live volume (shared).
-    cow_lock: std::sync::RwLock<()>,
+    /// Frozen images that writes must preserve (the COW guard, see [`cow`]).
+    held: std::sync::RwLock<Vec<Arc<dyn FrozenImage>>>,
     /// Cancelled when the volume is deleted with `--force`: its connections end.
     pub closing: CancellationToken,
     /// A full restore is filling this volume: it is not exported until done.
@@ -121,7 +105,6 @@ impl Volume {
             dirty,
             gate: tokio::sync::RwLock::new(()),
             held: std::sync::RwLock::new(Vec::new()),
-            cow_lock: std::sync::RwLock::new(()),
             closing: CancellationToken::new(),
             restoring: std::sync::atomic::AtomicBool::new(false),
             lazy: std::sync::RwLock::new(None),
@@ -360,173 +343,6 @@ impl Volume {
         Ok(())
     }
 
-    /// fsyncs the COW files of held snapshots that have unsynced data.
-    async fn sync_cow(&self) -> io::Result<()> {
-        let held = self.held_snapshots();
-        if held.is_empty() {
-            return Ok(());
-        }
-        tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
-            .await
-            .map_err(io::Error::other)?
-    }
-
-    fn held_snapshots(&self) -> Vec<Arc<SnapshotStore>> {
-        self.held
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Arms the COW guard for a snapshot (called with the gate held).
-    pub fn arm(&self, snapshot: Arc<SnapshotStore>) {
-        self.held
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(snapshot);
-    }
-
-    /// Disarms the guard of a snapshot being deleted.
-    pub fn disarm(&self, snapshot: &Arc<SnapshotStore>) {
-        self.held
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|s| !Arc::ptr_eq(s, snapshot));
-    }
-
-    /// The COW guard: before `offset..offset + len` changes, every held
-    /// snapshot that still reads an affected extent from the live volume
-    /// gets a copy of it.
-    fn guard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let held = self
-            .held
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.is_empty() || len == 0 {
-            return Ok(());
-        }
-        let es = self.extent_size;
-        let range = dirty_map::extent_range(offset, len, es);
-        let needed = |s: &SnapshotStore, e: u32| u64::from(e) * es < s.size() && !s.preserved(e);
-        if !held.iter().any(|s| range.clone().any(|e| needed(s, e))) {
-            return Ok(());
-        }
-        let _x = self
-            .cow_lock
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut old = vec![0u8; usize::try_from(es).unwrap_or(4096)];
-        for e in range {
-            let missing: Vec<&Arc<SnapshotStore>> = held.iter().filter(|s| needed(s, e)).collect();
-            if missing.is_empty() {
-                continue;
-            }
-            self.read_live(&mut old, u64::from(e) * es)?;
-            for s in missing {
-                s.preserve(e, &old)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads live bytes synchronously; past the end of the file reads zeros.
-    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the frozen image of `snapshot` into `buf[start..]` from
-    /// `offset`: preserved extents from its COW data, the rest from the live
-    /// volume (which still holds them, under the COW lock).
-    pub fn read_snapshot(
-        &self,
-        snapshot: &SnapshotStore,
-        mut buf: Vec<u8>,
-        start: usize,
-        offset: u64,
-    ) -> io::Result<Vec<u8>> {
-        let es = self.extent_size;
-        let end = offset + (buf.len() - start) as u64;
-        let _s = self
-            .cow_lock
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut pos = offset;
-        // A run of extents read from the live volume in one pread.
-        let mut live_from = pos;
-        while pos < end {
-            let e = u32::try_from(pos / es).unwrap_or(u32::MAX);
-            let stop = ((pos / es + 1) * es).min(end);
-            let at = start + usize::try_from(pos - offset).unwrap_or(0);
-            let n = usize::try_from(stop - pos).unwrap_or(0);
-            if snapshot.preserved(e) {
-                let lf = start + usize::try_from(live_from - offset).unwrap_or(0);
-                self.read_live(&mut buf[lf..at], live_from)?;
-                snapshot.read_preserved(e, pos % es, &mut buf[at..at + n])?;
-                live_from = stop;
-            }
-            pos = stop;
-        }
-        let lf = start + usize::try_from(live_from - offset).unwrap_or(0);
-        self.read_live(&mut buf[lf..], live_from)?;
-        Ok(buf)
-    }
-
-    /// Reads `len` bytes of the frozen image of `snapshot` at `offset`
-    /// through the I/O engine, without holding the COW lock across the
-    /// read: the live range is read first, then every extent the guard has
-    /// preserved meanwhile is replaced by its preserved copy. This is exact
-    /// because the guard records an extent as preserved before the write
-    /// that changes it is issued: a live read that saw new data finds the
-    /// extent preserved when it checks afterwards.
-    ///
-    /// # Errors
-    /// I/O errors.
-    ///
-    /// `buf` is reused (a recycled buffer of the right length costs no
-    /// allocation, page faults or zeroing).
-    pub async fn read_frozen(
-        &self,
-        snapshot: &SnapshotStore,
-        offset: u64,
-        len: usize,
-        mut buf: Vec<u8>,
-    ) -> io::Result<Vec<u8>> {
-        let size = snapshot.size();
-        let live_len = usize::try_from(size.saturating_sub(offset))
-            .unwrap_or(len)
-            .min(len);
-        buf.resize(live_len, 0);
-        let mut buf = self.engine.read_at(&self.file, buf, 0, offset).await?;
-        buf.resize(len, 0);
-        let es = self.extent_size;
-        let end = offset + live_len as u64;
-        let mut pos = offset;
-        while pos < end {
-            let e = u32::try_from(pos / es).unwrap_or(u32::MAX);
-            let stop = ((pos / es + 1) * es).min(end);
-            let at = usize::try_from(pos - offset).unwrap_or(0);
-            let n = usize::try_from(stop - pos).unwrap_or(0);
-            if snapshot.preserved(e) {
-                snapshot.read_preserved(e, pos % es, &mut buf[at..at + n])?;
-            }
-            pos = stop;
-        }
-        Ok(buf)
-    }
-
     /// Discards a range: it becomes a hole and reads as zeros.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         if len == 0 {
@@ -674,19 +490,5 @@ impl Volume {
             l.persist_blocking(&map, generation)?;
         }
         Ok(())
-    }
-}
-
-/// Maps an I/O error to the NBD error the client sees. The one place that
-/// decides this.
-pub fn nbd_errno(e: &io::Error) -> crate::nbd::proto::Errno {
-    use crate::nbd::proto::Errno;
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Errno::NoSpc,
-        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => Errno::Perm,
-        Some(libc::ENOMEM) => Errno::NoMem,
-        Some(libc::EINVAL) => Errno::Inval,
-        Some(libc::EOPNOTSUPP) => Errno::NotSup,
-        _ => Errno::Io,
     }
 }

@@ -206,17 +206,23 @@ impl Store {
             source,
         };
         // No row means any file of this name is an orphan of a crashed
-        // create or delete: start it afresh.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_err)?;
-        file.set_len(req.size).map_err(io_err)?;
-        file.sync_all().map_err(io_err)?;
-        sync_dir(&self.dir).map_err(io_err)?;
+        // create or delete: start it afresh. Whatever fails below, the
+        // files made so far go again: a failed create leaves nothing.
+        let dirty_file = dirty_path(&self.dir, &req.name);
+        let made = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io_err)?;
+            file.set_len(req.size).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+            crate::durable::sync_dir(&self.dir).map_err(io_err)?;
+            let dirty = DirtyMap::create(&dirty_file, extent_size)?;
+            Ok::<_, StoreError>((file, dirty))
+        })();
         let meta = VolumeMeta {
             name: req.name.clone(),
             size: req.size,
@@ -224,19 +230,19 @@ impl Store {
             labels: req.labels,
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
-        let dirty_file = dirty_path(&self.dir, &req.name);
-        let dirty = match DirtyMap::create(&dirty_file, extent_size) {
-            Ok(d) => d,
+        let made = made.and_then(|fd| {
+            self.db.insert_volume(&meta)?;
+            Ok(fd)
+        });
+        let (file, dirty) = match made {
+            Ok(fd) => fd,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
-                return Err(e.into());
+                let _ = std::fs::remove_file(&dirty_file);
+                let _ = crate::durable::sync_dir(&self.dir);
+                return Err(e);
             }
         };
-        if let Err(e) = self.db.insert_volume(&meta) {
-            let _ = std::fs::remove_file(&path);
-            let _ = std::fs::remove_file(&dirty_file);
-            return Err(e.into());
-        }
         if !self.tracking {
             dirty.disable();
         }
@@ -282,7 +288,7 @@ impl Store {
         }
         let _ = std::fs::remove_file(dirty_path(&self.dir, name));
         let _ = std::fs::remove_file(self.present_path(name));
-        let _ = sync_dir(&self.dir);
+        let _ = crate::durable::sync_dir(&self.dir);
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
     }
@@ -378,8 +384,4 @@ fn check_extent_count(size: u64, extent_size: u64) -> Result<(), StoreError> {
 
 fn open_data(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }

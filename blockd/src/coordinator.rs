@@ -1,0 +1,89 @@
+//! Volume operations whose rules span modules: creating, deleting and
+//! resizing a volume must agree with snapshots being taken, backups and
+//! restores running, and open connections. Each takes its claim (see
+//! [`crate::claims`]) before it checks anything, so the check and the
+//! action are one step.
+
+use std::sync::Arc;
+
+use blockd_api::CreateVolume;
+
+use crate::claims::{Busy, Want};
+use crate::daemon::Daemon;
+use crate::volume::store::StoreError;
+use crate::volume::Volume;
+
+/// Why a volume operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeOpError {
+    /// A snapshot, backup, restore or another request uses the volume.
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The volume has snapshots and `--force` was not given.
+    #[error("volume {volume:?} has {count} snapshot(s): delete them first (`blockctl snapshot list {volume}`) or delete with --force, which deletes them too")]
+    HasSnapshots {
+        /// Volume.
+        volume: String,
+        /// Its snapshots.
+        count: usize,
+    },
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Daemon {
+    /// Creates a volume.
+    ///
+    /// # Errors
+    /// The name is being restored into or deleted; what the store checks.
+    pub fn create_volume(&self, req: CreateVolume) -> Result<Arc<Volume>, VolumeOpError> {
+        let _claim = self
+            .claims
+            .acquire(Want::for_volume_change(&req.name, "is being created"))?;
+        Ok(self.store.create(req)?)
+    }
+
+    /// Deletes a volume and, with `force`, its snapshots and connections.
+    ///
+    /// # Errors
+    /// Unknown volume; a snapshot, backup or restore using it; snapshots or
+    /// connections without `force`.
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), VolumeOpError> {
+        let _claim = self
+            .claims
+            .acquire(Want::for_volume_change(name, "is being deleted"))?;
+        let v = self.store.get(name).ok_or(StoreError::NotFound {
+            volume: name.into(),
+        })?;
+        if v.connections() > 0 && !force {
+            return Err(StoreError::Busy {
+                volume: name.into(),
+                connections: v.connections(),
+            }
+            .into());
+        }
+        let count = self.snapshots.list(Some(name)).len();
+        if count > 0 && !force {
+            return Err(VolumeOpError::HasSnapshots {
+                volume: name.into(),
+                count,
+            });
+        }
+        self.snapshots.delete_volume(name);
+        self.store.delete(name, force)?;
+        Ok(())
+    }
+
+    /// Grows a volume.
+    ///
+    /// # Errors
+    /// Unknown volume; a snapshot, backup or restore using it; a smaller size.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<Arc<Volume>, VolumeOpError> {
+        let _claim = self
+            .claims
+            .acquire(Want::for_volume_change(name, "is being resized"))?;
+        Ok(self.store.resize(name, size)?)
+    }
+}

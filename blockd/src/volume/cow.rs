@@ -1,0 +1,223 @@
+//! Copy-on-write: frozen images of a volume kept intact while it changes.
+//!
+//! This is the one owner of copy-on-write. A held snapshot (owned by the
+//! `snapshot` module, which implements [`FrozenImage`]) is *armed* on its
+//! volume at the freeze. From then on:
+//! - the guard ([`Volume::guard`], called by every write, trim and zeroing
+//!   before it is issued) copies each extent the write would change into
+//!   every armed image that still reads it from the live volume;
+//! - the frozen image is read with [`Volume::read_frozen`] (the snapshot
+//!   export and the backup both use it): the live range first, then every
+//!   extent preserved meanwhile replaced by its copy;
+//! - [`Volume::frozen_data`] tells which ranges of the frozen image may
+//!   hold data (a backup reads nothing else).
+//!
+//! Ordering rule, which makes reads exact without a lock against writers:
+//! an extent is recorded as preserved (data first, then the record) before
+//! the write that changes it is issued. A live read that saw new data
+//! therefore finds the extent preserved when it checks afterwards, and two
+//! writers racing on one extent both copy the same old bytes (the first
+//! record wins; `preserve` is idempotent).
+
+use std::io;
+use std::sync::Arc;
+
+use super::{dirty_map, Volume};
+
+/// What the guard needs of a frozen image. Extents are numbered in the
+/// volume's extent size.
+pub trait FrozenImage: Send + Sync + std::fmt::Debug {
+    /// Size of the frozen image (the volume's size at the freeze).
+    fn size(&self) -> u64;
+    /// True when extent `e` has been preserved.
+    fn preserved(&self, e: u32) -> bool;
+    /// Preserves extent `e` whose frozen contents are `old`, unless it is
+    /// already preserved. Durable against a process crash on return.
+    ///
+    /// # Errors
+    /// I/O failures: the write that needed it must fail.
+    fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()>;
+    /// Reads preserved extent `e` at `within..within + buf.len()`;
+    /// `Ok(false)` when it is not preserved.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool>;
+    /// Makes the preserved data durable (before the volume's own flush).
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Volume {
+    /// Arms the guard for a frozen image (called with the gate held).
+    pub fn arm(&self, image: Arc<dyn FrozenImage>) {
+        self.held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(image);
+    }
+
+    /// Disarms the guard of an image being released or deleted.
+    pub fn disarm<T: FrozenImage>(&self, image: &Arc<T>) {
+        self.held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| !std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(image)));
+    }
+
+    fn held_images(&self) -> Vec<Arc<dyn FrozenImage>> {
+        self.held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// fsyncs the preserved data of armed images that have unsynced data.
+    pub(super) async fn sync_cow(&self) -> io::Result<()> {
+        let held = self.held_images();
+        if held.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// The guard: before `offset..offset + len` changes, every armed image
+    /// that still reads an affected extent from the live volume gets a copy
+    /// of it.
+    pub(super) fn guard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let held = self
+            .held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let es = self.extent_size;
+        let range = dirty_map::extent_range(offset, len, es);
+        let needed = |s: &dyn FrozenImage, e: u32| u64::from(e) * es < s.size() && !s.preserved(e);
+        if !held.iter().any(|s| range.clone().any(|e| needed(&**s, e))) {
+            return Ok(());
+        }
+        // es is an extent size, at most a few MiB (validated at create).
+        let mut old = vec![0u8; usize::try_from(es).map_err(io::Error::other)?];
+        for e in range {
+            let missing: Vec<&Arc<dyn FrozenImage>> =
+                held.iter().filter(|s| needed(&***s, e)).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            self.read_live(&mut old, u64::from(e) * es)?;
+            for s in missing {
+                s.preserve(e, &old)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads live bytes synchronously; past the end of the file reads zeros.
+    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `buf[start..]` with the frozen image of `image` from `offset`,
+    /// through the I/O engine: the live range is read first, then every
+    /// extent the guard has preserved meanwhile is replaced by its copy
+    /// (exact by the ordering rule above). Bytes past the image's size read
+    /// as zeros. The first `start` bytes are left for a reply header, and
+    /// `buf` is reused: a recycled buffer costs no allocation or zeroing.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn read_frozen(
+        &self,
+        image: &dyn FrozenImage,
+        mut buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+    ) -> io::Result<Vec<u8>> {
+        let len = buf.len() - start;
+        let live_len = usize::try_from(image.size().saturating_sub(offset))
+            .unwrap_or(len)
+            .min(len);
+        buf.truncate(start + live_len);
+        let mut buf = self.engine.read_at(&self.file, buf, start, offset).await?;
+        buf.resize(start + len, 0);
+        let es = self.extent_size;
+        let end = offset + live_len as u64;
+        let mut pos = offset;
+        while pos < end {
+            let e = u32::try_from(pos / es).map_err(io::Error::other)?;
+            let stop = ((pos / es + 1) * es).min(end);
+            // Both below `len`, which is a usize.
+            let at = start + usize::try_from(pos - offset).map_err(io::Error::other)?;
+            let n = usize::try_from(stop - pos).map_err(io::Error::other)?;
+            if image.preserved(e) {
+                image.read_preserved(e, pos % es, &mut buf[at..at + n])?;
+            }
+            pos = stop;
+        }
+        Ok(buf)
+    }
+
+    /// Byte ranges of `[offset, offset + len)` (relative to `offset`) that
+    /// may hold data in the frozen image: the live file's data runs, plus
+    /// every extent the guard preserved inside a live hole. A live hole
+    /// with no preserved extent was a hole at the freeze (the guard
+    /// preserves an extent before any write or trim changes it, and this
+    /// checks after asking the file system), so it reads as zeros.
+    ///
+    /// # Errors
+    /// I/O errors of the allocation query.
+    pub fn frozen_data(
+        &self,
+        image: &dyn FrozenImage,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<(u64, u64)>> {
+        let es = self.extent_size;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, l: u64| match out.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += l,
+            _ => out.push((s, l)),
+        };
+        let mut pos = 0;
+        for run in self.allocation(offset, len, usize::MAX)? {
+            if run.hole {
+                let mut at = pos;
+                while at < pos + run.length {
+                    let e = u32::try_from((offset + at) / es).map_err(io::Error::other)?;
+                    let stop = (((offset + at) / es + 1) * es - offset).min(pos + run.length);
+                    if image.preserved(e) {
+                        push(at, stop - at);
+                    }
+                    at = stop;
+                }
+            } else {
+                push(pos, run.length);
+            }
+            pos += run.length;
+        }
+        // Past the live file's end (it cannot be shorter, but be safe): read.
+        if pos < len {
+            push(pos, len - pos);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,519 @@
+//! Rules that one request checks and another can break, under requests
+//! fired at the same instant: snapshot names, one backup per volume,
+//! deleting a volume, credentials or snapshot while a backup starts,
+//! deleting a cloud snapshot that a lazy restore or an open `disk.img`
+//! reads; and what a failure at the freeze point leaves behind (nothing,
+//! and no change forgotten).
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::cloud::*;
+use common::disk::Mounted;
+use common::*;
+use serde_json::Value;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn snapshots_of(d: &Blockd, vol: &str) -> Vec<Value> {
+    json(&d.ok(&["-j", "snapshot", "list", vol]))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn active_tasks(d: &Blockd) -> Vec<Value> {
+    json(&d.ok(&["-j", "cloudsnap", "status"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "Active")
+        .cloned()
+        .collect()
+}
+
+/// Files under the state dir whose names say they are leftovers.
+fn leftovers(dir: &Path) -> Vec<String> {
+    files_under(dir)
+        .into_iter()
+        .map(|p| p.display().to_string())
+        .filter(|p| p.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn concurrent_snapshot_creates_of_one_name_keep_every_change() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, tmp.path(), "rz", 64 * MB, 64 * MB, 1);
+    scatter(&d, "rz", &img, 300, 7);
+
+    let outs = at_once(8, |_| {
+        d.blockctl(&["snapshot", "create", "rz", "--name", "same"])
+    });
+    let won: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one create may succeed: {outs:?}");
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let e = stderr(o);
+        assert!(
+            e.contains("already has a snapshot named same")
+                || e.contains("snapshot rz@same is being snapshotted"),
+            "{e}"
+        );
+    }
+    assert_eq!(snapshots_of(&d, "rz").len(), 1);
+
+    // Deleting the one snapshot gives its change set back to the volume:
+    // the next incremental must carry every change made since the backup.
+    d.ok(&["snapshot", "delete", "rz@same"]);
+    let t = backup(&d, &["rz"]);
+    assert_eq!(t["full"], false, "an incremental is expected: {t}");
+    let snap = t["snapshot"].as_str().unwrap();
+    restore(&d, snap, "rz2", &[]);
+    assert_same(&d, &img, "rz2");
+}
+
+#[test]
+fn two_backups_of_one_volume_at_once_run_one() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, tmp.path(), "v", 64 * MB, 64 * MB, 2);
+    scatter(&d, "v", &img, 200, 3);
+    let before = list(&d, &["--src", "v"]).len();
+
+    let outs = at_once(2, |_| d.blockctl(&["-j", "cloudsnap", "backup", "v"]));
+    let won: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one backup may start: {outs:?}");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    let e = stderr(lost);
+    assert!(
+        e.contains("is being backed up by task") && e.contains("cloudsnap stop"),
+        "{e}"
+    );
+    let started = json(&stdout(won[0]));
+    let id = started["tasks"][0]["id"].as_str().unwrap();
+    let t = wait_done(&d, id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert_eq!(
+        list(&d, &["--src", "v"]).len(),
+        before + 1,
+        "one snapshot committed"
+    );
+    assert!(
+        snapshots_of(&d, "v").is_empty(),
+        "no local snapshot left behind"
+    );
+    restore(&d, t["snapshot"].as_str().unwrap(), "v2", &[]);
+    assert_same(&d, &img, "v2");
+}
+
+#[test]
+fn volume_delete_racing_a_backup_start() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let mut outcomes = Vec::new();
+    for round in 0..4 {
+        let vol = format!("d{round}");
+        d.create(&vol, "16M");
+        qemu_io(&d.uri(&vol), &["write -P 0x5a 0 8M"]);
+        let outs = at_once(2, |i| {
+            if i == 0 {
+                d.blockctl(&["-j", "cloudsnap", "backup", &vol])
+            } else {
+                d.blockctl(&["volume", "delete", &vol, "--force"])
+            }
+        });
+        let (b, del) = (&outs[0], &outs[1]);
+        match (b.status.success(), del.status.success()) {
+            (true, false) => {
+                assert!(stderr(del).contains("cloudsnap stop"), "{}", stderr(del));
+                let id = json(&stdout(b))["tasks"][0]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                assert_eq!(wait_done(&d, &id)["state"], "Done");
+                assert!(d.blockctl(&["volume", "inspect", &vol]).status.success());
+                d.ok(&["volume", "delete", &vol, "--force"]);
+            }
+            (false, true) => {
+                let e = stderr(b);
+                assert!(
+                    e.contains("not found") || e.contains("is being deleted"),
+                    "{e}"
+                );
+            }
+            other => panic!(
+                "exactly one of the two must win, got {other:?}: {} / {}",
+                stderr(b),
+                stderr(del)
+            ),
+        }
+        outcomes.push(b.status.success());
+        // Whoever won, no task runs on a deleted volume and nothing leaks.
+        assert!(active_tasks(&d).is_empty(), "{:?}", active_tasks(&d));
+        assert!(!d.blockctl(&["volume", "inspect", &vol]).status.success());
+        assert!(!d.dir.path().join("snapshots").join(&vol).exists());
+        assert!(!d.dir.path().join(format!("volumes/{vol}.img")).exists());
+    }
+    eprintln!("backup won {outcomes:?}");
+}
+
+#[test]
+fn credentials_delete_racing_a_backup_start() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "16M");
+    qemu_io(&d.uri("v"), &["write -P 0x33 0 4M"]);
+    for round in 0..4 {
+        let loc = format!("loc{round}");
+        let path = tmp.path().join(&loc);
+        d.ok(&[
+            "credentials",
+            "create",
+            &loc,
+            "--provider",
+            "local",
+            "--path",
+            path.to_str().unwrap(),
+        ]);
+        let outs = at_once(2, |i| {
+            if i == 0 {
+                d.blockctl(&["-j", "cloudsnap", "backup", "v", "--cred-id", &loc])
+            } else {
+                d.blockctl(&["credentials", "delete", &loc])
+            }
+        });
+        let (b, del) = (&outs[0], &outs[1]);
+        let listed = d.ok(&["credentials", "list"]).contains(&loc);
+        match (b.status.success(), del.status.success()) {
+            (true, false) => {
+                assert!(stderr(del).contains("cloudsnap stop"), "{}", stderr(del));
+                let id = json(&stdout(b))["tasks"][0]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                assert_eq!(wait_done(&d, &id)["state"], "Done");
+                assert!(listed, "credentials in use were deleted");
+            }
+            (false, true) => {
+                let e = stderr(b);
+                assert!(
+                    e.contains("no location (credentials) named")
+                        || e.contains("are being deleted"),
+                    "{e}"
+                );
+                assert!(!listed);
+            }
+            other => panic!(
+                "exactly one of the two must win, got {other:?}: {} / {}",
+                stderr(b),
+                stderr(del)
+            ),
+        }
+        assert!(active_tasks(&d).is_empty());
+        assert!(
+            snapshots_of(&d, "v").is_empty(),
+            "no local snapshot left behind"
+        );
+    }
+}
+
+#[test]
+fn snapshot_delete_racing_a_backup_loses_no_change() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, tmp.path(), "v", 64 * MB, 64 * MB, 5);
+    for round in 0..3u64 {
+        // Changes held by a local snapshot, then more on the volume: a
+        // backup must carry both, whether or not the snapshot is deleted
+        // while it starts.
+        scatter(&d, "v", &img, 100, 10 + round);
+        d.ok(&["snapshot", "create", "v", "--name", "u"]);
+        scatter(&d, "v", &img, 100, 20 + round);
+        let outs = at_once(2, |i| {
+            if i == 0 {
+                d.blockctl(&["-j", "cloudsnap", "backup", "v"])
+            } else {
+                d.blockctl(&["snapshot", "delete", "v@u"])
+            }
+        });
+        let (b, del) = (&outs[0], &outs[1]);
+        if !del.status.success() {
+            assert!(stderr(del).contains("cloudsnap stop"), "{}", stderr(del));
+        }
+        let id = if b.status.success() {
+            json(&stdout(b))["tasks"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        } else {
+            // The delete held the volume: the backup is refused, not run
+            // on a half-deleted change set. Once it is done, back up again.
+            assert!(stderr(b).contains("being deleted"), "{}", stderr(b));
+            json(&d.ok(&["-j", "cloudsnap", "backup", "v"]))["tasks"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let t = wait_done(&d, &id);
+        assert_eq!(t["state"], "Done", "{t}");
+        if !del.status.success() {
+            d.ok(&["snapshot", "delete", "v@u"]);
+        }
+        let target = format!("r{round}");
+        restore(&d, t["snapshot"].as_str().unwrap(), &target, &[]);
+        assert_same(&d, &img, &target);
+        d.ok(&["volume", "delete", &target]);
+    }
+}
+
+#[test]
+fn a_cloud_snapshot_a_lazy_restore_reads_cannot_be_deleted() {
+    if !need() {
+        return;
+    }
+    // Hydration held back: the restore is still reading when we delete.
+    let d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "1M")]);
+    let tmp = tempfile::tempdir().unwrap();
+    backed_up(&d, tmp.path(), "src", 64 * MB, 64 * MB, 6);
+    let snap = list(&d, &["--src", "src"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        &snap,
+        "--volume",
+        "lz",
+        "--lazy",
+    ]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let outs = at_once(3, |_| d.blockctl(&["cloudsnap", "delete", "--snap", &snap]));
+    for o in &outs {
+        let e = stderr(o);
+        assert!(!o.status.success(), "deleted under a lazy restore");
+        assert!(
+            e.contains(&format!("is being read by lazy restore task {id}"))
+                && e.contains("cloudsnap stop"),
+            "{e}"
+        );
+    }
+    assert_eq!(list(&d, &["--src", "src"]).len(), 1);
+    assert_eq!(status(&d, &id)["state"], "Active");
+    // Once the restore has ended, the snapshot can go.
+    d.ok(&["cloudsnap", "stop", &id]);
+    d.ok(&["cloudsnap", "delete", "--snap", &snap]);
+    assert!(list(&d, &["--src", "src"]).is_empty());
+}
+
+#[test]
+fn a_cloud_snapshot_open_through_the_mount_cannot_be_deleted() {
+    if !(need()
+        && require_tools(&["fusermount3"])
+        && skip_unless(is_root(), "needs root for FUSE")
+        && skip_unless(Path::new("/dev/fuse").exists(), "no /dev/fuse"))
+    {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    backed_up(&d, tmp.path(), "m", 16 * MB, 16 * MB, 8);
+    let snap = list(&d, &["--src", "m"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tmp.path().join("cat");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    d.ok(&["mount", dir.to_str().unwrap()]);
+    let img = dir.join(&snap).join("disk.img");
+    {
+        let open = std::fs::File::open(&img).expect("open disk.img");
+        let out = d.blockctl(&["cloudsnap", "delete", "--snap", &snap]);
+        let e = stderr(&out);
+        assert!(!out.status.success(), "deleted while open");
+        assert!(
+            e.contains(&format!(
+                "is open through the catalog mount at {}",
+                dir.display()
+            )),
+            "{e}"
+        );
+        // The credentials are held by the mount itself.
+        let out = d.blockctl(&["credentials", "delete", "local"]);
+        assert!(!out.status.success());
+        drop(open);
+    }
+    // The kernel releases the file a moment after close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = d.blockctl(&["cloudsnap", "delete", "--snap", &snap]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.ok(&["umount", dir.to_str().unwrap()]);
+}
+
+#[test]
+fn a_backup_failing_at_its_freeze_point_leaves_nothing_and_forgets_nothing() {
+    if !(need()
+        && require_tools(&["mount", "umount", "dd"])
+        && skip_unless(is_root(), "needs root to mount a small tmpfs"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=48m tmpfs {}",
+        small.display()
+    ));
+    let _fs = Mounted(small.display().to_string());
+    let mut d = Blockd::start_in(&small);
+    let state = d.dir.path().to_path_buf();
+    // Objects go outside the small file system.
+    let bucket = tmp.path().join("bucket");
+    d.ok(&[
+        "credentials",
+        "create",
+        "off",
+        "--provider",
+        "local",
+        "--path",
+        bucket.to_str().unwrap(),
+    ]);
+    d.create("v", "16M");
+    let img = image(tmp.path(), "v.img", 16 * MB, 4 * MB, 11);
+    load(&d, "v", &img);
+    backup(&d, &["v", "--cred-id", "off"]);
+    scatter(&d, "v", &img, 200, 12);
+
+    // The state dir's file system fills up.
+    let filler = small.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=100"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let out = d.blockctl(&["cloudsnap", "backup", "v", "--cred-id", "off"]);
+    assert!(
+        !out.status.success(),
+        "a backup started on a full disk: {}",
+        stdout(&out)
+    );
+    let out = d.blockctl(&["volume", "create", "w", "--size", "16M"]);
+    assert!(!out.status.success(), "a volume was created on a full disk");
+
+    // Nothing is left behind: no local snapshot, no task, no stray files.
+    assert!(
+        snapshots_of(&d, "v").is_empty(),
+        "{:?}",
+        snapshots_of(&d, "v")
+    );
+    assert!(active_tasks(&d).is_empty());
+    assert!(leftovers(&state).is_empty(), "{:?}", leftovers(&state));
+    let vols: Vec<String> = files_under(&state.join("volumes"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(!vols.iter().any(|f| f.starts_with("w.")), "{vols:?}");
+    assert!(
+        files_under(&state.join("snapshots")).is_empty(),
+        "{:?}",
+        files_under(&state.join("snapshots"))
+    );
+
+    // Space again: the next backup carries every change, incrementally.
+    std::fs::remove_file(&filler).unwrap();
+    let t = backup(&d, &["v", "--cred-id", "off"]);
+    assert_eq!(t["full"], false, "{t}");
+    restore(
+        &d,
+        t["snapshot"].as_str().unwrap(),
+        "v2",
+        &["--cred-id", "off"],
+    );
+    assert_same(&d, &img, "v2");
+    d.terminate();
+}
+
+#[test]
+fn locations_inside_the_state_dir_are_refused() {
+    let d = Blockd::start();
+    let state = d.dir.path().canonicalize().unwrap();
+    for p in [
+        state.clone(),
+        state.join("volumes"),
+        state.join("objects/sub"),
+        state.join("new-dir"),
+    ] {
+        let out = d.blockctl(&[
+            "credentials",
+            "create",
+            "inside",
+            "--provider",
+            "local",
+            "--path",
+            p.to_str().unwrap(),
+        ]);
+        let e = stderr(&out);
+        assert!(!out.status.success(), "{} accepted", p.display());
+        assert!(e.contains("inside blockd's state directory"), "{e}");
+    }
+    assert!(!d.ok(&["credentials", "list"]).contains("inside"));
+}
+
+#[test]
+fn concurrent_credentials_creates_of_one_name_keep_one() {
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let outs = at_once(4, |i| {
+        let p = tmp.path().join(format!("b{i}"));
+        d.blockctl(&[
+            "credentials",
+            "create",
+            "same",
+            "--provider",
+            "local",
+            "--path",
+            p.to_str().unwrap(),
+        ])
+    });
+    assert_eq!(
+        outs.iter().filter(|o| o.status.success()).count(),
+        1,
+        "{outs:?}"
+    );
+    // The survivor still works: its secrets file was not removed by a loser.
+    d.ok(&["credentials", "validate", "same"]);
+}
