@@ -14,7 +14,7 @@ find_garage() {
     for g in "${BENCH_GARAGE_BIN:-}" "${BLOCKD_TEST_GARAGE:-}" "$(command -v garage || true)" "${CARGO_HOME:-$HOME/.cargo}/bin/garage"; do
         [[ -n $g && -x $g ]] && { garage_bin=$g; break; }
     done
-    [[ -n $garage_bin ]] || echo "SKIPPED the Garage rows: no garage binary (cargo install garage --locked, or BENCH_GARAGE_BIN)" >&2
+    [[ -n $garage_bin ]] || echo "SKIPPED the Garage rows: no garage binary (tests/run --install-only, or BENCH_GARAGE_BIN)" >&2
 }
 
 # bench_tmp PARENT NAME: makes $tmp (on a real disk: /var/tmp rather than a

@@ -119,7 +119,7 @@ impl Garage {
         let bin = garage_bin();
         if !skip_unless(
             bin.is_some(),
-            "garage not found on PATH nor in ~/.cargo/bin (tests/run installs it: cargo install garage --locked)",
+            "garage not found on PATH nor in ~/.cargo/bin (tests/run installs it: cargo install --locked garage@2.5.0)",
         ) {
             return None;
         }
@@ -434,7 +434,7 @@ impl Azurite {
     pub fn start() -> Option<Azurite> {
         if !skip_unless(
             super::have("azurite-blob"),
-            "azurite-blob not found on PATH (tests/run installs it: npm install -g azurite@3)",
+            "azurite-blob not found on PATH (tests/run installs it: npm install -g azurite@3.37.0)",
         ) {
             return None;
         }
