@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::CloudError;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
-use crate::repo::{pack_key, PackBuilder, Repo};
+use crate::repo::{PackBuilder, Repo};
 use crate::snapshot::store::SnapshotStore;
 use crate::state::StateDb;
 use crate::volume::dirty_map::ChangeSet;
@@ -162,7 +162,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             continue;
         };
         // Recorded before its upload: use it only if it landed whole.
-        if repo.objects().head(&pack_key(&pack)).await?.is_none() {
+        if !repo.has_pack(&pack).await? {
             continue;
         }
         if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
@@ -428,14 +428,14 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             let (id, sealed) = repo.seal_index(b, &entries);
             let repo = repo.clone();
             let progress = job.progress.clone();
-            let key = crate::repo::index_key(&id);
             while uploads.len() >= UPLOADS * 4 {
                 if let Some(r) = uploads.join_next().await {
                     r.map_err(|e| CloudError::Internal(e.to_string()))??;
                 }
             }
+            let key = id.clone();
             uploads.spawn(async move {
-                let n = repo.objects().put(&key, sealed.into(), false).await?;
+                let n = repo.put_index(&key, sealed).await?;
                 Progress::add(&progress.transferred, n);
                 Ok(())
             });
@@ -581,10 +581,7 @@ async fn upload(
     // so a pack that landed just before the crash is never sent again.
     db.add_task_pack(&task, &id, &format::encode_trailer(&chunks))?;
     uploads.spawn(async move {
-        let n = repo
-            .objects()
-            .put(&pack_key(&id), bytes.into(), false)
-            .await?;
+        let n = repo.put_pack(&id, bytes).await?;
         Progress::add(&progress.transferred, n);
         Ok(())
     });

@@ -730,7 +730,9 @@ mod tests {
     #[tokio::test]
     async fn passphrase_checked_at_create() {
         let (dir, l) = locations();
-        let path = dir.path().join("enc").display().to_string();
+        // Outside the state dir (a location inside it is refused).
+        let bucket = tempfile::tempdir().unwrap();
+        let path = bucket.path().join("enc").display().to_string();
         let mk = |name: &str, pass: Option<&str>| CreateLocation {
             name: name.into(),
             provider: Some(Provider::Local),

@@ -981,11 +981,7 @@ impl Cloud {
                         let r = if is_snapshot_name(&n) {
                             repo.get_manifest(&v, &n).await
                         } else {
-                            Err(RepoError::Corrupt {
-                                location: repo.location().to_string(),
-                                object: crate::repo::manifest_key(&v, &n),
-                                reason: "not a snapshot name blockd writes".into(),
-                            })
+                            Err(repo.foreign_manifest(&v, &n))
                         };
                         ((v, n), r)
                     }
@@ -1003,8 +999,8 @@ impl Cloud {
                 }
                 // Damaged or foreign objects are listed by name (so they can
                 // be seen and deleted), never used.
-                Err(RepoError::Corrupt { reason, .. }) if labels.is_empty() => {
-                    tracing::warn!(%location, object = %crate::repo::manifest_key(&v, &n), %reason, "unusable object under snapshots/");
+                Err(RepoError::Corrupt { reason, object, .. }) if labels.is_empty() => {
+                    tracing::warn!(%location, %object, %reason, "unusable object under snapshots/");
                     out.push(CloudSnap {
                         id: format!("{v}/{n}"),
                         volume: v,

@@ -455,7 +455,7 @@ fn join_error(repo: &Repo, e: tokio::task::JoinError) -> RepoError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{pack_key, PackBuilder};
+    use crate::repo::PackBuilder;
     use object_store::ObjectStore;
 
     /// A repository with one pack of `n` distinct 16 KiB chunks.
@@ -487,10 +487,7 @@ mod tests {
         }
         let pack = pb.id;
         let (bytes, _) = pb.finish(&repo.keys);
-        repo.objects()
-            .put(&pack_key(&pack), bytes.into(), false)
-            .await
-            .unwrap();
+        repo.put_pack(&pack, bytes).await.unwrap();
         (repo, locs, plains)
     }
 
@@ -580,18 +577,19 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_fetched_record_is_neither_reused_nor_cached() {
         let (repo, locs, plains) = repo_with_chunks(2).await;
-        let key = pack_key(&locs[0].pack);
-        let good = repo.objects().get_meta(&key).await.unwrap();
-        let mut bad = good.to_vec();
+        let pack = locs[0].pack;
+        let key = crate::repo::pack_key(&pack);
+        let good = repo.get_pack(&pack).await.unwrap().to_vec();
+        let mut bad = good.clone();
         bad[usize::try_from(locs[1].offset).unwrap() + 100] ^= 1;
-        repo.objects().put(&key, bad.into(), false).await.unwrap();
+        repo.put_pack(&pack, bad).await.unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let c = ChunkCache::new(tmp.path().join("c"), 1 << 20, repo.clone()).unwrap();
         let e = c.chunks(&locs).await.unwrap_err().to_string();
         assert!(e.contains(&key) && e.contains("corrupt"), "{e}");
         // Repaired at once, before the GET's records are even written out:
         // the bad bytes are fetched again, not reused.
-        repo.objects().put(&key, good, false).await.unwrap();
+        repo.put_pack(&pack, good).await.unwrap();
         let got = c.chunks(&locs).await.unwrap();
         assert_eq!(got[&locs[1].id], plains[1]);
         settle(&c).await;
@@ -614,14 +612,11 @@ mod tests {
     #[tokio::test]
     async fn a_missing_pack_is_an_error_naming_it() {
         let (repo, locs, _) = repo_with_chunks(1).await;
-        repo.objects()
-            .delete(&pack_key(&locs[0].pack))
-            .await
-            .unwrap();
+        repo.delete_pack(&locs[0].pack).await.unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let c = ChunkCache::new(tmp.path().join("c"), 1 << 20, repo).unwrap();
         let e = c.chunks(&locs).await.unwrap_err().to_string();
-        assert!(e.contains(&pack_key(&locs[0].pack)), "{e}");
+        assert!(e.contains(&crate::repo::pack_key(&locs[0].pack)), "{e}");
         assert!(lock(&c.inflight).is_empty());
     }
 }

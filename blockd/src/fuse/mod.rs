@@ -837,11 +837,9 @@ impl Catalog {
             match (src, dst) {
                 (Some(src), Some(dst)) => dst.copy_from_slice(src),
                 _ => {
-                    let e = RepoError::Corrupt {
-                        location: self.location.clone(),
-                        object: crate::repo::pack_key(&p.chunk.pack),
-                        reason: "an index entry reaches past its chunk".into(),
-                    };
+                    let e = self
+                        .repo
+                        .corrupt_pack(&p.chunk.pack, "an index entry reaches past its chunk");
                     return Err(self.eio(&id, &e));
                 }
             }

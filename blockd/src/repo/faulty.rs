@@ -2,10 +2,13 @@
 //! `ThrottledStore`: it wraps a real store and fails a fraction of requests
 //! with a transient error before they reach it. Enabled with the daemon's
 //! `BLOCKD_FAULT_INJECT=RATE` (e.g. `0.05`) to prove that backups and
-//! restores survive a flaky provider; never on by default.
+//! restores survive a flaky provider; never on by default. It also counts
+//! the GETs that reach it (faulted ones included), so tests can tell how
+//! often an object was fetched.
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -23,6 +26,7 @@ pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     /// Failure probability in millionths.
     per_million: u32,
+    gets: AtomicU64,
 }
 
 impl FaultyStore {
@@ -31,7 +35,16 @@ impl FaultyStore {
         let rate = rate.clamp(0.0, 1.0);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let per_million = (rate * 1_000_000.0) as u32;
-        Self { inner, per_million }
+        Self {
+            inner,
+            per_million,
+            gets: AtomicU64::new(0),
+        }
+    }
+
+    /// GET requests made so far (faulted ones included).
+    pub fn gets(&self) -> u64 {
+        self.gets.load(Ordering::Relaxed)
     }
 
     fn fault(&self, op: &str, path: &Path) -> Result<()> {
@@ -75,11 +88,13 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
         self.fault("get", location)?;
         self.inner.get_opts(location, options).await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
         self.fault("get", location)?;
         self.inner.get_ranges(location, ranges).await
     }

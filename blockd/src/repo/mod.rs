@@ -3,19 +3,19 @@
 //! file; [`format`] encodes it, [`crypto`] seals it.
 //!
 //! A [`Repo`] is one location opened with its keys; its [`Objects`] is the
-//! plain object access underneath. Every object operation goes through
-//! `Objects::retry`, which retries transient provider errors (on top of the
-//! HTTP client's own retries) and names the object in every error it gives
-//! up with.
+//! plain object access underneath: object_store's `PrefixStore` (the
+//! location's prefix) over a [`retry::RetryStore`] (transient provider
+//! errors retried, on top of the HTTP client's own retries) over the
+//! provider's store. Every error names the object it is about.
 
 pub mod crypto;
 pub mod faulty;
 pub mod fetch;
 pub mod format;
+pub mod retry;
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -26,6 +26,8 @@ use object_store::{
 
 use crypto::{Keys, Tampered};
 use format::{ChunkLoc, Config, Entry, Group, KeyWrap, Malformed, Manifest};
+use object_store::prefix::PrefixStore;
+use retry::RetryStore;
 
 /// Default largest chunk: one dirty run becomes chunks of up to this size.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
@@ -33,8 +35,6 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
 pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
 /// Default volume bytes per index block.
 pub const DEFAULT_INDEX_SPAN: u64 = 64 << 20;
-/// Attempts per object operation (each itself retried by the HTTP client).
-const ATTEMPTS: u32 = 5;
 
 /// Why a repository operation failed. Every variant names the object.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,6 @@ pub struct Repo {
 #[derive(Debug)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
-    prefix: String,
     location: String,
     storage_class: Option<String>,
 }
@@ -126,27 +125,23 @@ fn fan(kind: &str, hex: &str) -> String {
 }
 
 /// Object key of a pack.
-pub fn pack_key(id: &[u8; 16]) -> String {
+pub(crate) fn pack_key(id: &[u8; 16]) -> String {
     fan("packs", &pack_hex(id))
 }
 
 /// Object key of an index block.
-pub fn index_key(id_hex: &str) -> String {
+pub(crate) fn index_key(id_hex: &str) -> String {
     fan("index", id_hex)
 }
 
 /// Object key of a manifest.
-pub fn manifest_key(volume: &str, name: &str) -> String {
+pub(crate) fn manifest_key(volume: &str, name: &str) -> String {
     format!("snapshots/{volume}/{name}")
 }
 
 /// Object key of a group.
-pub fn group_key(group: &str) -> String {
+pub(crate) fn group_key(group: &str) -> String {
     format!("groups/{group}")
-}
-
-fn transient(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::Generic { .. })
 }
 
 impl Repo {
@@ -167,12 +162,7 @@ impl Repo {
         storage_class: Option<String>,
         init: bool,
     ) -> Result<Self, RepoError> {
-        let objects = Objects {
-            store,
-            prefix: prefix.trim_matches('/').to_string(),
-            location: location.to_string(),
-            storage_class,
-        };
+        let objects = Objects::new(store, prefix, location, storage_class);
         let config = match objects.get_meta("config").await {
             Ok(bytes) => parse_config(&objects, &bytes)?,
             Err(RepoError::Missing { .. }) if !init => {
@@ -213,8 +203,8 @@ impl Repo {
         &self.objects.location
     }
 
-    /// Object access (packs are read and written through it directly).
-    pub fn objects(&self) -> &Objects {
+    /// Object access underneath (for this module's readers and tests).
+    pub(crate) fn objects(&self) -> &Objects {
         &self.objects
     }
 
@@ -317,6 +307,69 @@ impl Repo {
         let id = hex::encode(self.keys.object_id(b"index", &plain));
         let sealed = self.keys.seal(&index_ad(&id), &plain);
         (id, sealed)
+    }
+
+    /// Uploads a sealed index block under its id.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn put_index(&self, id: &str, sealed: Vec<u8>) -> Result<u64, RepoError> {
+        self.objects.put(&index_key(id), sealed.into(), false).await
+    }
+
+    /// True when pack `id` exists (one HEAD).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn has_pack(&self, id: &[u8; 16]) -> Result<bool, RepoError> {
+        Ok(self.objects.head(&pack_key(id)).await?.is_some())
+    }
+
+    /// Uploads a finished pack ([`PackBuilder::finish`]).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn put_pack(&self, id: &[u8; 16], bytes: Vec<u8>) -> Result<u64, RepoError> {
+        self.objects.put(&pack_key(id), bytes.into(), false).await
+    }
+
+    /// A whole pack, as stored.
+    ///
+    /// # Errors
+    /// Missing pack, provider errors.
+    pub async fn get_pack(&self, id: &[u8; 16]) -> Result<Bytes, RepoError> {
+        let key = pack_key(id);
+        let r = self
+            .objects
+            .store
+            .get(&ObjPath::from(key.as_str()))
+            .await
+            .map_err(|e| self.objects.error("get", &key, e))?;
+        r.bytes()
+            .await
+            .map_err(|e| self.objects.error("get", &key, e))
+    }
+
+    /// Deletes a pack (missing is fine).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn delete_pack(&self, id: &[u8; 16]) -> Result<(), RepoError> {
+        self.objects.delete(&pack_key(id)).await
+    }
+
+    /// The error for damage found inside pack `id` by a reader.
+    pub fn corrupt_pack(&self, id: &[u8; 16], reason: impl std::fmt::Display) -> RepoError {
+        self.objects.corrupt(&pack_key(id), reason)
+    }
+
+    /// The error for an object under `snapshots/` whose name blockd never
+    /// writes (listed as corrupt, never used).
+    pub fn foreign_manifest(&self, volume: &str, name: &str) -> RepoError {
+        self.objects.corrupt(
+            &manifest_key(volume, name),
+            "not a snapshot name blockd writes",
+        )
     }
 
     /// Reads and checks index block `block`.
@@ -495,17 +548,31 @@ impl Repo {
 }
 
 impl Objects {
+    /// Object access under `prefix` of `store`: a [`PrefixStore`] over a
+    /// [`RetryStore`] over the provider's store.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        location: &str,
+        storage_class: Option<String>,
+    ) -> Self {
+        let retrying: Arc<dyn ObjectStore> = Arc::new(RetryStore::new(store, location));
+        let prefix = prefix.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            retrying
+        } else {
+            Arc::new(PrefixStore::new(retrying, prefix))
+        };
+        Self {
+            store,
+            location: location.to_string(),
+            storage_class,
+        }
+    }
+
     /// The location's name.
     pub fn location(&self) -> &str {
         &self.location
-    }
-
-    fn path(&self, key: &str) -> ObjPath {
-        if self.prefix.is_empty() {
-            ObjPath::from(key)
-        } else {
-            ObjPath::from(format!("{}/{key}", self.prefix))
-        }
     }
 
     fn corrupt(&self, object: &str, reason: impl std::fmt::Display) -> RepoError {
@@ -516,44 +583,23 @@ impl Objects {
         }
     }
 
-    /// Runs `f` until it succeeds, fails for good, or runs out of attempts.
-    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, RepoError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = object_store::Result<T>>,
-    {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 1;
-        loop {
-            match f().await {
-                Ok(v) => return Ok(v),
-                Err(object_store::Error::NotFound { .. }) => {
-                    return Err(RepoError::Missing {
-                        location: self.location.clone(),
-                        object: key.to_string(),
-                    })
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    return Err(RepoError::Exists {
-                        location: self.location.clone(),
-                        object: key.to_string(),
-                    })
-                }
-                Err(e) if transient(&e) && attempt < ATTEMPTS => {
-                    tracing::debug!(location = %self.location, op, object = key, attempt, error = %e, "retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                    attempt += 1;
-                }
-                Err(source) => {
-                    return Err(RepoError::Store {
-                        location: self.location.clone(),
-                        op,
-                        object: key.to_string(),
-                        source: Box::new(source),
-                    })
-                }
-            }
+    /// The repository error for a provider error on `key`.
+    fn error(&self, op: &'static str, key: &str, e: object_store::Error) -> RepoError {
+        match e {
+            object_store::Error::NotFound { .. } => RepoError::Missing {
+                location: self.location.clone(),
+                object: key.to_string(),
+            },
+            object_store::Error::AlreadyExists { .. } => RepoError::Exists {
+                location: self.location.clone(),
+                object: key.to_string(),
+            },
+            source => RepoError::Store {
+                location: self.location.clone(),
+                op,
+                object: key.to_string(),
+                source: Box::new(source),
+            },
         }
     }
 
@@ -562,79 +608,66 @@ impl Objects {
     /// # Errors
     /// Provider errors; [`RepoError::Exists`] for a conditional create.
     pub async fn put(&self, key: &str, body: Bytes, create: bool) -> Result<u64, RepoError> {
-        let path = self.path(key);
+        let path = ObjPath::from(key);
         let len = body.len() as u64;
         let mut attributes = Attributes::new();
         if let Some(class) = &self.storage_class {
             attributes.insert(Attribute::StorageClass, class.clone().into());
         }
-        let result = self
-            .retry("put", key, || {
-                let opts = PutOptions {
-                    mode: if create {
-                        PutMode::Create
-                    } else {
-                        PutMode::Overwrite
-                    },
-                    attributes: attributes.clone(),
-                    ..PutOptions::default()
-                };
-                self.store
-                    .put_opts(&path, PutPayload::from_bytes(body.clone()), opts)
-            })
-            .await;
-        match result {
+        let opts = PutOptions {
+            mode: if create {
+                PutMode::Create
+            } else {
+                PutMode::Overwrite
+            },
+            attributes,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(body.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(len),
             // A store without conditional writes: check, then write. Two
             // hosts racing here is harmless for content-addressed objects;
             // for manifests the names carry a random tag.
-            Err(RepoError::Store { source, .. })
-                if create && matches!(*source, object_store::Error::NotImplemented { .. }) =>
-            {
-                match self.retry("head", key, || self.store.head(&path)).await {
-                    Ok(_) => {
-                        return Err(RepoError::Exists {
-                            location: self.location.clone(),
-                            object: key.to_string(),
-                        })
-                    }
-                    Err(RepoError::Missing { .. }) => {}
-                    Err(e) => return Err(e),
+            Err(object_store::Error::NotImplemented { .. }) if create => {
+                if self.head(key).await?.is_some() {
+                    return Err(RepoError::Exists {
+                        location: self.location.clone(),
+                        object: key.to_string(),
+                    });
                 }
                 Box::pin(self.put(key, body, false)).await
             }
-            Err(e) => Err(e),
-            Ok(_) => Ok(len),
+            Err(e) => Err(self.error("put", key, e)),
         }
     }
 
-    /// Reads a whole metadata object, refusing absurd sizes.
+    /// Reads a whole metadata object, refusing absurd sizes before their
+    /// body is read (one GET: an oversize object is not fetched again).
     ///
     /// # Errors
     /// Missing object, provider errors, an object over the size cap.
     pub async fn get_meta(&self, key: &str) -> Result<Bytes, RepoError> {
-        let path = self.path(key);
-        self.retry("get", key, || async {
-            let r = self.store.get(&path).await?;
-            if r.meta.size > format::MAX_META_OBJECT {
-                return Err(object_store::Error::Generic {
-                    store: "blockd",
-                    source: format!(
-                        "object is {} bytes, over the {} byte limit for metadata",
-                        r.meta.size,
-                        format::MAX_META_OBJECT
-                    )
-                    .into(),
-                });
-            }
-            r.bytes().await
-        })
-        .await
-        .map_err(|e| match e {
-            RepoError::Store { source, .. } if source.to_string().contains("byte limit") => {
-                self.corrupt(key, source)
-            }
-            e => e,
-        })
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.error("get", key, e))?;
+        // Checked after the (retried) request, so never fetched again.
+        if r.meta.size > format::MAX_META_OBJECT {
+            return Err(self.corrupt(
+                key,
+                format!(
+                    "object is {} bytes, over the {} byte limit for metadata",
+                    r.meta.size,
+                    format::MAX_META_OBJECT
+                ),
+            ));
+        }
+        r.bytes().await.map_err(|e| self.error("get", key, e))
     }
 
     /// Reads `range` of an object.
@@ -642,11 +675,12 @@ impl Objects {
     /// # Errors
     /// Missing object, provider errors, a short answer.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, RepoError> {
-        let path = self.path(key);
         let want = range.end - range.start;
         let b = self
-            .retry("get", key, || self.store.get_range(&path, range.clone()))
-            .await?;
+            .store
+            .get_range(&ObjPath::from(key), range.clone())
+            .await
+            .map_err(|e| self.error("get", key, e))?;
         if b.len() as u64 != want {
             return Err(self.corrupt(
                 key,
@@ -661,11 +695,10 @@ impl Objects {
     /// # Errors
     /// Provider errors.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, RepoError> {
-        let path = self.path(key);
-        match self.retry("head", key, || self.store.head(&path)).await {
+        match self.store.head(&ObjPath::from(key)).await {
             Ok(m) => Ok(Some(m.size)),
-            Err(RepoError::Missing { .. }) => Ok(None),
-            Err(e) => Err(e),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("head", key, e)),
         }
     }
 
@@ -674,37 +707,28 @@ impl Objects {
     /// # Errors
     /// Provider errors.
     pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
-        let path = self.path(key);
-        match self.retry("delete", key, || self.store.delete(&path)).await {
-            Ok(()) | Err(RepoError::Missing { .. }) => Ok(()),
-            Err(e) => Err(e),
+        let path = ObjPath::from(key);
+        let r = retry::run(&self.location, "delete", &path, || self.store.delete(&path)).await;
+        match r {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("delete", key, e)),
         }
     }
 
-    /// Keys (relative to the repository) under `dir`.
+    /// Keys (relative to the repository) under `dir`, sorted; the listing
+    /// is retried whole.
     ///
     /// # Errors
     /// Provider errors.
     pub async fn list(&self, dir: &str) -> Result<Vec<String>, RepoError> {
-        let path = self.path(dir);
-        let skip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
-        let metas: Vec<object_store::ObjectMeta> = self
-            .retry("list", dir, || self.store.list(Some(&path)).try_collect())
-            .await?;
-        let mut keys: Vec<String> = metas
-            .into_iter()
-            .map(|m| {
-                m.location
-                    .as_ref()
-                    .get(skip..)
-                    .unwrap_or_default()
-                    .to_string()
+        let path = ObjPath::from(dir);
+        let metas: Vec<object_store::ObjectMeta> =
+            retry::run(&self.location, "list", &path, || {
+                self.store.list(Some(&path)).try_collect()
             })
-            .collect();
+            .await
+            .map_err(|e| self.error("list", dir, e))?;
+        let mut keys: Vec<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
         keys.sort();
         Ok(keys)
     }
@@ -933,6 +957,55 @@ mod tests {
             .unwrap();
         r.keys = Keys::new(&material(), encrypted);
         r
+    }
+
+    #[tokio::test]
+    async fn corrupt_and_oversize_objects_are_fetched_once() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let counted = Arc::new(faulty::FaultyStore::new(mem.clone(), 0.0));
+        let repo = Repo::open(counted.clone(), "p", "mem", None, None, true)
+            .await
+            .unwrap();
+        let o = repo.objects();
+        o.put(
+            &manifest_key("v", "s"),
+            Bytes::from_static(b"not a manifest"),
+            false,
+        )
+        .await
+        .unwrap();
+        let before = counted.gets();
+        let e = repo.get_manifest("v", "s").await.unwrap_err();
+        assert!(matches!(e, RepoError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("snapshots/v/s"), "{e}");
+        assert_eq!(
+            counted.gets() - before,
+            1,
+            "a corrupt object is fetched once"
+        );
+
+        let big = vec![0u8; usize::try_from(format::MAX_META_OBJECT).unwrap() + 1];
+        o.put("groups/big", big.into(), false).await.unwrap();
+        let before = counted.gets();
+        let e = repo.get_group("big").await.unwrap_err();
+        assert!(
+            matches!(&e, RepoError::Corrupt { reason, .. } if reason.contains("over the")),
+            "{e}"
+        );
+        assert_eq!(
+            counted.gets() - before,
+            1,
+            "an oversize object is fetched once"
+        );
+
+        // A provider failing every request is tried ATTEMPTS times, then
+        // named in the error.
+        let failing = Arc::new(faulty::FaultyStore::new(mem, 1.0));
+        let o = Objects::new(failing.clone(), "p", "mem", None);
+        let e = o.get_meta("config").await.unwrap_err();
+        assert!(matches!(e, RepoError::Store { .. }), "{e}");
+        assert!(e.to_string().contains("config"), "{e}");
+        assert_eq!(failing.gets(), u64::from(retry::ATTEMPTS));
     }
 
     /// Compares `bytes` with a committed fixture (written when
