@@ -9,8 +9,9 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Args, Subcommand};
 
 use crate::client::Client;
+use crate::output::{self, field, line, Output};
 use crate::wait::{human_secs, wait};
-use crate::{duration_arg, encode, label_arg, labels_text, print_hook, print_json, print_rows};
+use crate::{duration_arg, encode, label_arg, labels_text};
 
 /// `pxctl cloudsnap` verbs.
 #[derive(Debug, Subcommand)]
@@ -165,21 +166,17 @@ fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 }
 
 /// Runs a `cloudsnap` verb.
-pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(), String> {
     match cmd {
-        CloudsnapCmd::Backup(args) => backup(json, client, args).await,
-        CloudsnapCmd::BackupGroup(args) => backup_group(json, client, args).await,
+        CloudsnapCmd::Backup(args) => backup(out, client, args).await,
+        CloudsnapCmd::BackupGroup(args) => backup_group(out, client, args).await,
         CloudsnapCmd::Status { name } => {
             let path = match name {
                 Some(n) => with_query("/v1/tasks", &[("name", n)]),
                 None => "/v1/tasks".into(),
             };
             let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
-            if json {
-                print_json(&tasks);
-            } else {
-                print_status(&tasks);
-            }
+            out.answer(tasks.as_slice(), print_status);
             Ok(())
         }
         CloudsnapCmd::Stop { id, name } => {
@@ -189,21 +186,15 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
                 .ok_or("give the task id to stop")?;
             let path = format!("/v1/tasks/{}/stop", encode(id));
             let t: Task = client.call::<(), _>("POST", &path, None).await?;
-            if json {
-                print_json(&t);
-            } else {
-                println!("Cloudsnap task {} stopped", t.id);
-            }
+            out.answer(&t, |t| {
+                line(format_args!("Cloudsnap task {} stopped", t.id))
+            });
             Ok(())
         }
         CloudsnapCmd::History => {
             let path = with_query("/v1/tasks", &[("finished", "true")]);
             let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
-            if json {
-                print_json(&tasks);
-            } else {
-                print_history(&tasks);
-            }
+            out.answer(tasks.as_slice(), print_history);
             Ok(())
         }
         CloudsnapCmd::List {
@@ -220,11 +211,7 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
             let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let path = with_query("/v1/cloudsnaps", &pairs);
             let snaps: Vec<CloudSnap> = client.call::<(), _>("GET", &path, None).await?;
-            if json {
-                print_json(&snaps);
-            } else {
-                print_cloudsnaps(&snaps);
-            }
+            out.answer(snaps.as_slice(), print_cloudsnaps);
             Ok(())
         }
         CloudsnapCmd::Catalog {
@@ -241,11 +228,7 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
             }
             let path = with_query("/v1/cloudsnaps/catalog", &pairs);
             let c: Catalog = client.call::<(), _>("GET", &path, None).await?;
-            if json {
-                print_json(&c);
-            } else {
-                print_catalog(&c);
-            }
+            out.answer(&c, print_catalog);
             Ok(())
         }
         CloudsnapCmd::Delete { snap, cred_id } => {
@@ -256,11 +239,9 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
             client
                 .call_empty("DELETE", &with_query("/v1/cloudsnaps", &pairs))
                 .await?;
-            if json {
-                print_json(&serde_json::json!({ "deleted": snap }));
-            } else {
-                println!("Cloudsnap {snap} deleted successfully");
-            }
+            out.answer(&serde_json::json!({ "deleted": snap }), |_| {
+                line(format_args!("Cloudsnap {snap} deleted successfully"));
+            });
             Ok(())
         }
         CloudsnapCmd::Restore {
@@ -279,18 +260,24 @@ pub async fn run(json: bool, client: &Client, cmd: &CloudsnapCmd) -> Result<(), 
             let started: Started = client
                 .call("POST", "/v1/cloudsnaps/restore", Some(&req))
                 .await?;
-            if !json {
+            if !out.is_json() {
                 let t = first(&started)?;
-                println!("Cloudsnap restore started successfully with id: {}", t.id);
-                println!("Restoring {} into volume {}", t.snapshot, t.volume);
+                line(format_args!(
+                    "Cloudsnap restore started successfully with id: {}",
+                    t.id
+                ));
+                line(format_args!(
+                    "Restoring {} into volume {}",
+                    t.snapshot, t.volume
+                ));
                 if t.lazy {
-                    println!(
+                    line(format_args!(
                         "Volume {} is usable now; its data is fetched as it is read and in the background (`blockctl cloudsnap status`)",
                         t.volume
-                    );
+                    ));
                 }
             }
-            finish(json, client, started, *wait_flag).await
+            finish(out, client, started, *wait_flag).await
         }
     }
 }
@@ -306,23 +293,23 @@ fn first(started: &Started) -> Result<&Task, String> {
 /// After a start: waits if asked; JSON prints the answer (or, after
 /// waiting, the final tasks).
 async fn finish(
-    json: bool,
+    out: Output,
     client: &Client,
     started: Started,
     wait_flag: bool,
 ) -> Result<(), String> {
     if wait_flag {
-        wait(json, client, started.tasks).await
+        wait(out, client, started.tasks).await
     } else {
-        if json {
-            print_json(&started);
+        if out.is_json() {
+            output::json(&started);
         }
         Ok(())
     }
 }
 
 /// `cloudsnap backup`.
-async fn backup(json: bool, client: &Client, args: &BackupArgs) -> Result<(), String> {
+async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), String> {
     let o = &args.opts;
     let req = BackupRequest {
         volume: args.volume.clone(),
@@ -336,16 +323,19 @@ async fn backup(json: bool, client: &Client, args: &BackupArgs) -> Result<(), St
     let started: Started = client
         .call("POST", "/v1/cloudsnaps/backup", Some(&req))
         .await?;
-    if !json {
+    if !out.is_json() {
         let t = first(&started)?;
-        println!("Cloudsnap backup started successfully with id: {}", t.id);
-        println!("Cloud snapshot: {}", t.snapshot);
+        line(format_args!(
+            "Cloudsnap backup started successfully with id: {}",
+            t.id
+        ));
+        line(format_args!("Cloud snapshot: {}", t.snapshot));
     }
-    finish(json, client, started, o.wait).await
+    finish(out, client, started, o.wait).await
 }
 
 /// `cloudsnap backup-group`.
-async fn backup_group(json: bool, client: &Client, args: &BackupGroupArgs) -> Result<(), String> {
+async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> Result<(), String> {
     let o = &args.opts;
     let req = BackupGroupRequest {
         volumes: args.volume_ids.clone(),
@@ -360,16 +350,16 @@ async fn backup_group(json: bool, client: &Client, args: &BackupGroupArgs) -> Re
     let started: Started = client
         .call("POST", "/v1/cloudsnaps/backup-group", Some(&req))
         .await?;
-    if !json {
-        println!(
+    if !out.is_json() {
+        line(format_args!(
             "Group Cloudsnap backup started successfully with groupID: {}",
             started.group.as_deref().unwrap_or("-")
-        );
+        ));
         for t in &started.tasks {
-            println!("  task {}: {}", t.id, t.snapshot);
+            line(format_args!("  task {}: {}", t.id, t.snapshot));
         }
     }
-    finish(json, client, started, o.wait).await
+    finish(out, client, started, o.wait).await
 }
 
 /// pxctl's state column: `Backup-Active`, `Restore-Done`, ...
@@ -413,7 +403,7 @@ fn print_status(tasks: &[Task]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }
 
 /// Prints the `history` table.
@@ -448,7 +438,7 @@ fn print_history(tasks: &[Task]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }
 
 /// Full or incremental.
@@ -489,45 +479,57 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }
 
-/// Prints a catalog as `key: value` lines.
+/// Prints a catalog as `Key: value` lines.
 fn print_catalog(c: &Catalog) {
     let s = &c.snap;
-    println!("Cloud snap:   {}", s.id);
-    println!("Volume:       {}", s.volume);
-    println!("Credentials:  {}", s.location);
-    println!("Created:      {}", s.created);
-    println!("Size:         {} ({} bytes)", human_size(s.size), s.size);
-    println!("Extent size:  {}", human_size(s.extent_size));
-    println!(
-        "Type:         {}",
-        if s.full { "full" } else { "incremental" }
+    field("Cloud snap", &s.id);
+    field("Volume", &s.volume);
+    field("Credentials", &s.location);
+    field("Created", &s.created);
+    field(
+        "Size",
+        format_args!("{} ({} bytes)", human_size(s.size), s.size),
     );
-    println!("Parent:       {}", s.parent.as_deref().unwrap_or("-"));
-    println!("Group:        {}", s.group.as_deref().unwrap_or("-"));
-    println!("Labels:       {}", labels_text(&s.labels));
-    println!(
-        "Data:         {} in {} index blocks of {}",
-        human_size(c.data_bytes),
-        c.index_blocks,
-        human_size(c.index_span)
+    field("Extent size", human_size(s.extent_size));
+    field("Type", if s.full { "full" } else { "incremental" });
+    field("Parent", s.parent.as_deref().unwrap_or("-"));
+    field("Group", s.group.as_deref().unwrap_or("-"));
+    field("Labels", labels_text(&s.labels));
+    field(
+        "Data",
+        format_args!(
+            "{} in {} index blocks of {}",
+            human_size(c.data_bytes),
+            c.index_blocks,
+            human_size(c.index_span)
+        ),
     );
-    println!("Chunk size:   {} at most", human_size(c.chunk_size));
-    println!("Bytes read:   {}", human_size(s.bytes_read));
-    println!("Bytes new:    {}", human_size(s.bytes_new));
-    println!("Bytes reused: {}", human_size(s.bytes_reused));
-    println!("Uploaded:     {}", human_size(s.bytes_uploaded));
-    println!("I/O pause:    {:.3} ms", c.pause_us as f64 / 1000.0);
-    print_hook("Pre-exec:", c.pre_exec.as_ref());
-    print_hook("Post-exec:", c.post_exec.as_ref());
+    field(
+        "Chunk size",
+        format_args!("{} at most", human_size(c.chunk_size)),
+    );
+    field("Bytes read", human_size(s.bytes_read));
+    field("Bytes new", human_size(s.bytes_new));
+    field("Bytes reused", human_size(s.bytes_reused));
+    field("Uploaded", human_size(s.bytes_uploaded));
+    field(
+        "I/O pause",
+        format_args!("{:.3} ms", c.pause_us as f64 / 1000.0),
+    );
+    output::hook("Pre-exec", c.pre_exec.as_ref());
+    output::hook("Post-exec", c.post_exec.as_ref());
     if let Some(v) = &c.verified {
-        println!(
-            "Verified:     {} chunks, {} ({} bytes)",
-            v.chunks,
-            human_size(v.bytes),
-            v.bytes
+        field(
+            "Verified",
+            format_args!(
+                "{} chunks, {} ({} bytes)",
+                v.chunks,
+                human_size(v.bytes),
+                v.bytes
+            ),
         );
     }
 }

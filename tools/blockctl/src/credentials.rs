@@ -11,7 +11,8 @@ use blockd_api::{CreateLocation, Location, Provider};
 use clap::{Args, Subcommand};
 
 use crate::client::Client;
-use crate::{encode, print_json, print_rows};
+use crate::encode;
+use crate::output::{self, line, Output};
 
 /// Parses `--provider`.
 fn provider_arg(s: &str) -> Result<Provider, String> {
@@ -146,42 +147,35 @@ impl CreateArgs {
 }
 
 /// Runs a `credentials` verb.
-pub async fn run(json: bool, client: &Client, cmd: &CredentialsCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &CredentialsCmd) -> Result<(), String> {
     match cmd {
         CredentialsCmd::Create(args) => {
             let req = args.request()?;
             let loc: Location = client.call("POST", "/v1/locations", Some(&req)).await?;
-            if json {
-                print_json(&loc);
-            } else {
-                println!("Credentials created successfully, name: {}", loc.name);
-            }
+            out.answer(&loc, |loc| {
+                line(format_args!(
+                    "Credentials created successfully, name: {}",
+                    loc.name
+                ));
+            });
         }
         CredentialsCmd::List => {
             let locs: Vec<Location> = client.call::<(), _>("GET", "/v1/locations", None).await?;
-            if json {
-                print_json(&locs);
-            } else {
-                print_locations(&locs);
-            }
+            out.answer(locs.as_slice(), print_locations);
         }
         CredentialsCmd::Delete { name } => {
             let path = format!("/v1/locations/{}", encode(name));
             client.call_empty("DELETE", &path).await?;
-            if json {
-                print_json(&serde_json::json!({ "deleted": name }));
-            } else {
-                println!("Credentials {name} deleted.");
-            }
+            out.answer(&serde_json::json!({ "deleted": name }), |_| {
+                line(format_args!("Credentials {name} deleted."));
+            });
         }
         CredentialsCmd::Validate { name } => {
             let path = format!("/v1/locations/{}/validate", encode(name));
             let loc: Location = client.call::<(), _>("POST", &path, None).await?;
-            if json {
-                print_json(&loc);
-            } else {
-                println!("Credentials {} validated", loc.name);
-            }
+            out.answer(&loc, |loc| {
+                line(format_args!("Credentials {} validated", loc.name));
+            });
         }
     }
     Ok(())
@@ -236,5 +230,5 @@ fn print_locations(locs: &[Location]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }

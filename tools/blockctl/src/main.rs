@@ -8,16 +8,18 @@ mod client;
 mod cloudsnap;
 mod credentials;
 mod mount;
+mod output;
 mod wait;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockd_api::{human_size, CreateSnapshot, CreateVolume, Hook, ResizeVolume, Snapshot, Volume};
+use blockd_api::{human_size, CreateSnapshot, CreateVolume, ResizeVolume, Snapshot, Volume};
 use clap::{Parser, Subcommand};
 
 use client::Client;
+use output::{field, line, Output};
 
 /// Control blockd: volumes, snapshots and cloud backups.
 #[derive(Debug, Parser)]
@@ -189,7 +191,7 @@ fn default_socket() -> PathBuf {
     dir.join("api.sock")
 }
 
-/// Effective uid 0, read from /proc so the CLI needs no libc.
+/// Effective uid 0, read from /proc (no unsafe call needed).
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -201,22 +203,22 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Lets a closed stdout end the program quietly, as it does other
+/// command-line tools: `blockctl ... | head` stops at the first write
+/// after `head` exits, killed by SIGPIPE, instead of reporting an error.
+/// Rust starts programs with SIGPIPE ignored; this puts back the default.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: called first thing in `main`, before any other thread exists
+    // (the runtime is started later), so nothing can race on the signal
+    // disposition; SIG_DFL installs no handler code of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
-    // Output piped into `head` and the like: a closed pipe ends the program
-    // quietly, as it does for other command-line tools.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if msg.contains("Broken pipe") {
-            std::process::exit(141);
-        }
-        default_hook(info);
-    }));
+    default_sigpipe();
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -240,17 +242,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
+    let out = Output::new(cli.json);
     match &cli.command {
-        Command::Volume(cmd) => volume(cli, client, cmd).await,
-        Command::Snapshot(cmd) => snapshot(cli, client, cmd).await,
-        Command::Credentials(cmd) => credentials::run(cli.json, client, cmd).await,
-        Command::Cloudsnap(cmd) => cloudsnap::run(cli.json, client, cmd).await,
-        Command::Mount(args) => mount::mount(cli.json, client, args).await,
-        Command::Umount(args) => mount::umount(cli.json, client, args).await,
+        Command::Volume(cmd) => volume(out, client, cmd).await,
+        Command::Snapshot(cmd) => snapshot(out, client, cmd).await,
+        Command::Credentials(cmd) => credentials::run(out, client, cmd).await,
+        Command::Cloudsnap(cmd) => cloudsnap::run(out, client, cmd).await,
+        Command::Mount(args) => mount::mount(out, client, args).await,
+        Command::Umount(args) => mount::umount(out, client, args).await,
     }
 }
 
-async fn snapshot(cli: &Cli, client: &Client, cmd: &SnapshotCmd) -> Result<(), String> {
+async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(), String> {
     match cmd {
         SnapshotCmd::Create {
             volumes,
@@ -267,15 +270,13 @@ async fn snapshot(cli: &Cli, client: &Client, cmd: &SnapshotCmd) -> Result<(), S
                 exec_timeout_secs: Some(*exec_timeout),
             };
             let snaps: Vec<Snapshot> = client.call("POST", "/v1/snapshots", Some(&req)).await?;
-            if cli.json {
-                print_json(&snaps);
-            } else {
-                for s in &snaps {
-                    println!(
+            out.answer(&snaps, |snaps| {
+                for s in snaps {
+                    line(format_args!(
                         "Snapshot {} created (I/O held {:.3} ms).",
                         s.export,
                         s.pause_us as f64 / 1000.0
-                    );
+                    ));
                 }
                 for s in snaps.iter().take(1) {
                     if let Some(h) = s.post_exec.as_ref().filter(|h| h.exit_code != Some(0)) {
@@ -286,7 +287,7 @@ async fn snapshot(cli: &Cli, client: &Client, cmd: &SnapshotCmd) -> Result<(), S
                         );
                     }
                 }
-            }
+            });
         }
         SnapshotCmd::List { volume } => {
             let path = match volume {
@@ -294,34 +295,28 @@ async fn snapshot(cli: &Cli, client: &Client, cmd: &SnapshotCmd) -> Result<(), S
                 None => "/v1/snapshots".into(),
             };
             let snaps: Vec<Snapshot> = client.call::<(), _>("GET", &path, None).await?;
-            if cli.json {
-                print_json(&snaps);
-            } else {
-                print_snapshots(&snaps);
-            }
+            out.answer(snaps.as_slice(), print_snapshots);
         }
         SnapshotCmd::Inspect { snapshot: (v, n) } => {
             let path = format!("/v1/snapshots/{}/{}", encode(v), encode(n));
             let s: Snapshot = client.call::<(), _>("GET", &path, None).await?;
-            if cli.json {
-                print_json(&s);
-            } else {
-                print_snapshot(&s);
-            }
+            out.answer(&s, print_snapshot);
         }
         SnapshotCmd::Delete { snapshot: (v, n) } => {
             let path = format!("/v1/snapshots/{}/{}", encode(v), encode(n));
             client.call_empty("DELETE", &path).await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "deleted": format!("{v}@{n}") }));
-            } else {
-                println!("Snapshot {v}@{n} deleted.");
-            }
+            out.answer(
+                &serde_json::json!({ "deleted": format!("{v}@{n}") }),
+                |_| {
+                    line(format_args!("Snapshot {v}@{n} deleted."));
+                },
+            );
         }
     }
     Ok(())
 }
 
+/// Prints the `snapshot list` table.
 fn print_snapshots(snaps: &[Snapshot]) {
     let header = [
         "SNAPSHOT", "GROUP", "CREATED", "SIZE", "CHANGED", "COW", "PAUSE",
@@ -344,47 +339,43 @@ fn print_snapshots(snaps: &[Snapshot]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }
 
+/// Prints `snapshot inspect`.
 fn print_snapshot(s: &Snapshot) {
-    println!("Snapshot:     {}", s.export);
-    println!("Volume:       {}", s.volume);
-    println!("Group:        {}", s.group.as_deref().unwrap_or("-"));
-    println!("Created:      {}", s.created);
-    println!("Size:         {} ({} bytes)", human_size(s.size), s.size);
+    field("Snapshot", &s.export);
+    field("Volume", &s.volume);
+    field("Group", s.group.as_deref().unwrap_or("-"));
+    field("Created", &s.created);
+    field(
+        "Size",
+        format_args!("{} ({} bytes)", human_size(s.size), s.size),
+    );
     if s.changes_known {
-        println!(
-            "Changed:      {} (since the previous snapshot or backup)",
-            human_size(s.changed_bytes)
+        field(
+            "Changed",
+            format_args!(
+                "{} (since the previous snapshot or backup)",
+                human_size(s.changed_bytes)
+            ),
         );
     } else {
-        println!(
-            "Changed:      unknown (change tracking was lost: a backup reads the whole volume)"
+        field(
+            "Changed",
+            "unknown (change tracking was lost: a backup reads the whole volume)",
         );
     }
-    println!("COW data:     {}", human_size(s.cow_bytes));
-    println!("I/O pause:    {:.3} ms", s.pause_us as f64 / 1000.0);
-    print_hook("Pre-exec:", s.pre_exec.as_ref());
-    print_hook("Post-exec:", s.post_exec.as_ref());
+    field("COW data", human_size(s.cow_bytes));
+    field(
+        "I/O pause",
+        format_args!("{:.3} ms", s.pause_us as f64 / 1000.0),
+    );
+    output::hook("Pre-exec", s.pre_exec.as_ref());
+    output::hook("Post-exec", s.post_exec.as_ref());
 }
 
-/// Prints an exec hook's command, outcome and first lines of output, if it ran.
-fn print_hook(label: &str, h: Option<&Hook>) {
-    if let Some(h) = h {
-        let outcome = if h.timed_out {
-            "timed out".to_string()
-        } else {
-            h.exit_code.map_or("killed".into(), |c| format!("exit {c}"))
-        };
-        println!("{label:<13} `{}` ({outcome})", h.command);
-        for line in h.output.lines().take(20) {
-            println!("              | {line}");
-        }
-    }
-}
-
-async fn volume(cli: &Cli, client: &Client, cmd: &VolumeCmd) -> Result<(), String> {
+async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), String> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -399,11 +390,13 @@ async fn volume(cli: &Cli, client: &Client, cmd: &VolumeCmd) -> Result<(), Strin
                 labels: labels.iter().cloned().collect(),
             };
             let v: Volume = client.call("POST", "/v1/volumes", Some(&req)).await?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!("Volume {} created ({}).", v.name, human_size(v.size));
-            }
+            out.answer(&v, |v| {
+                line(format_args!(
+                    "Volume {} created ({}).",
+                    v.name,
+                    human_size(v.size)
+                ));
+            });
         }
         VolumeCmd::List { labels } => {
             let mut path = "/v1/volumes".to_string();
@@ -415,30 +408,20 @@ async fn volume(cli: &Cli, client: &Client, cmd: &VolumeCmd) -> Result<(), Strin
                 path = format!("{path}?{}", query.join("&"));
             }
             let vs: Vec<Volume> = client.call::<(), _>("GET", &path, None).await?;
-            if cli.json {
-                print_json(&vs);
-            } else {
-                print_table(&vs);
-            }
+            out.answer(vs.as_slice(), print_volumes);
         }
         VolumeCmd::Inspect { name } => {
             let v: Volume = client
                 .call::<(), _>("GET", &format!("/v1/volumes/{}", encode(name)), None)
                 .await?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                print_inspect(&v);
-            }
+            out.answer(&v, print_volume);
         }
         VolumeCmd::Delete { name, force } => {
             let path = format!("/v1/volumes/{}?force={force}", encode(name));
             client.call_empty("DELETE", &path).await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "deleted": name }));
-            } else {
-                println!("Volume {name} deleted.");
-            }
+            out.answer(&serde_json::json!({ "deleted": name }), |_| {
+                line(format_args!("Volume {name} deleted."));
+            });
         }
         VolumeCmd::Resize { name, size } => {
             let req = ResizeVolume { size: *size };
@@ -449,11 +432,13 @@ async fn volume(cli: &Cli, client: &Client, cmd: &VolumeCmd) -> Result<(), Strin
                     Some(&req),
                 )
                 .await?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!("Volume {} is now {}.", v.name, human_size(v.size));
-            }
+            out.answer(&v, |v| {
+                line(format_args!(
+                    "Volume {} is now {}.",
+                    v.name,
+                    human_size(v.size)
+                ));
+            });
         }
     }
     Ok(())
@@ -472,13 +457,6 @@ fn encode(s: &str) -> String {
     out
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("error: cannot encode output: {e}"),
-    }
-}
-
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
     if labels.is_empty() {
         return "-".into();
@@ -490,7 +468,8 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-fn print_table(vs: &[Volume]) {
+/// Prints the `volume list` table.
+fn print_volumes(vs: &[Volume]) {
     let header = ["NAME", "SIZE", "ALLOCATED", "EXTENT", "CONNS", "LABELS"];
     let rows: Vec<[String; 6]> = vs
         .iter()
@@ -505,45 +484,27 @@ fn print_table(vs: &[Volume]) {
             ]
         })
         .collect();
-    print_rows(&header, &rows);
+    output::table(&header, &rows);
 }
 
-/// Prints a table with left-aligned columns two spaces apart.
-fn print_rows<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header);
-    for r in rows {
-        line(&r.each_ref().map(String::as_str));
-    }
-}
-
-fn print_inspect(v: &Volume) {
-    println!("Name:         {}", v.name);
-    println!("Size:         {} ({} bytes)", human_size(v.size), v.size);
-    println!("Allocated:    {}", human_size(v.allocated));
-    println!("Extent size:  {}", human_size(v.extent_size));
-    println!("Connections:  {}", v.connections);
+/// Prints `volume inspect`.
+fn print_volume(v: &Volume) {
+    field("Name", &v.name);
+    field(
+        "Size",
+        format_args!("{} ({} bytes)", human_size(v.size), v.size),
+    );
+    field("Allocated", human_size(v.allocated));
+    field("Extent size", human_size(v.extent_size));
+    field("Connections", v.connections);
     if v.tracking_known {
-        println!(
-            "Changed:      {} since the last backup",
-            human_size(v.dirty_bytes)
+        field(
+            "Changed",
+            format_args!("{} since the last backup", human_size(v.dirty_bytes)),
         );
     } else {
-        println!("Changed:      unknown (change tracking lost after an unclean shutdown: the next backup reads the whole volume)");
+        field("Changed", "unknown (change tracking lost after an unclean shutdown: the next backup reads the whole volume)");
     }
-    println!("Labels:       {}", labels_text(&v.labels));
-    println!("Created:      {}", v.created);
+    field("Labels", labels_text(&v.labels));
+    field("Created", &v.created);
 }

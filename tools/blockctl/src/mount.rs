@@ -9,7 +9,8 @@ use blockd_api::{human_size, MountInfo, MountRequest};
 use clap::Args;
 
 use crate::client::Client;
-use crate::{encode, print_json, size_arg};
+use crate::output::{line, Output};
+use crate::{encode, size_arg};
 
 /// Arguments of `blockctl mount`.
 #[derive(Debug, Args)]
@@ -56,7 +57,7 @@ fn absolute(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// `blockctl mount DIR`.
-pub async fn mount(json: bool, client: &Client, args: &MountArgs) -> Result<(), String> {
+pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(), String> {
     let shown = args.dir.display();
     let dir = match std::fs::canonicalize(&args.dir) {
         Ok(d) => d,
@@ -89,10 +90,8 @@ pub async fn mount(json: bool, client: &Client, args: &MountArgs) -> Result<(), 
         allow_other: args.allow_other,
     };
     let m: MountInfo = client.call("POST", "/v1/mounts", Some(&req)).await?;
-    if json {
-        print_json(&m);
-    } else {
-        println!(
+    out.answer(&m, |m| {
+        line(format_args!(
             "mounted location {} at {} (chunk cache {}{})",
             m.location,
             m.dir,
@@ -102,14 +101,14 @@ pub async fn mount(json: bool, client: &Client, args: &MountArgs) -> Result<(), 
             } else {
                 ""
             }
-        );
-    }
+        ));
+    });
     Ok(())
 }
 
 /// `blockctl umount DIR`: through the daemon; a mount the daemon does not
 /// know (left by a blockd that crashed) is detached here.
-pub async fn umount(json: bool, client: &Client, args: &UmountArgs) -> Result<(), String> {
+pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(), String> {
     let dir = absolute(&args.dir)?;
     let dir_s = dir.display().to_string();
     let known = match client
@@ -137,15 +136,18 @@ pub async fn umount(json: bool, client: &Client, args: &UmountArgs) -> Result<()
         }
         Err(e) => return Err(e),
     };
-    if json {
-        print_json(&serde_json::json!({ "unmounted": dir_s, "stale": stale }));
-    } else if stale {
-        println!(
-            "{dir_s} was a stale blockd mount (the daemon that served it is gone): detached it with fusermount3 -u -z"
-        );
-    } else {
-        println!("unmounted {dir_s}");
-    }
+    out.answer(
+        &serde_json::json!({ "unmounted": dir_s, "stale": stale }),
+        |_| {
+            if stale {
+                line(format_args!(
+                    "{dir_s} was a stale blockd mount (the daemon that served it is gone): detached it with fusermount3 -u -z"
+                ));
+            } else {
+                line(format_args!("unmounted {dir_s}"));
+            }
+        },
+    );
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use blockd_api::{human_size, Task, TaskKind, TaskState};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::client::Client;
-use crate::{encode, print_json};
+use crate::encode;
+use crate::output::{self, line, Output};
 
 /// Time between two polls of a task.
 /// Polling interval: short at first (most incrementals finish within a
@@ -187,21 +188,21 @@ fn outcome(t: &Task) -> String {
 /// # Errors
 /// When the daemon cannot be asked, or when any task ended Failed or
 /// Stopped (so the exit code is non-zero).
-pub async fn wait(json: bool, client: &Client, tasks: Vec<Task>) -> Result<(), String> {
+pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), String> {
     let bars = Bars::new(&tasks);
     let result = poll(client, tasks, bars.as_ref()).await;
     if let Some(bars) = &bars {
         bars.clear();
     }
     let tasks = result?;
-    if json {
-        print_json(&tasks);
+    if out.is_json() {
+        output::json(&tasks);
     }
     let mut bad = 0;
     for t in &tasks {
         if t.state == TaskState::Done {
-            if !json {
-                println!("{}", outcome(t));
+            if !out.is_json() {
+                line(outcome(t));
             }
         } else {
             bad += 1;

@@ -1,0 +1,103 @@
+//! Everything blockctl prints on stdout goes through here: JSON for
+//! `-j/--json`, tables, `Key: value` views and lines of text.
+//!
+//! Other modules decide what to show; this one decides how it looks.
+//! Cargo.toml turns on `clippy::print_stdout`, allowed only in this
+//! module, so a `println!` anywhere else fails `clippy -D warnings`.
+
+#![allow(clippy::print_stdout)]
+
+use std::fmt::Display;
+
+use blockd_api::Hook;
+use serde::Serialize;
+
+/// How a command's answer is shown: JSON (`-j/--json`) or text for people.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// `-j/--json` was given.
+    json: bool,
+}
+
+impl Output {
+    /// JSON output when `json`, text otherwise.
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    /// True with `-j/--json`.
+    pub fn is_json(self) -> bool {
+        self.json
+    }
+
+    /// Shows a command's answer: `value` as JSON, or else what `text`
+    /// prints from it.
+    pub fn answer<T: Serialize + ?Sized>(self, value: &T, text: impl FnOnce(&T)) {
+        if self.json {
+            json(value);
+        } else {
+            text(value);
+        }
+    }
+}
+
+/// Prints `v` as pretty-printed JSON and a newline.
+pub fn json<T: Serialize + ?Sized>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode output: {e}"),
+    }
+}
+
+/// Prints a line of text.
+pub fn line(text: impl Display) {
+    println!("{text}");
+}
+
+/// Prints a table: the header, then a line per row, with left-aligned
+/// columns two spaces apart and no trailing blanks.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header);
+    for r in rows {
+        line(&r.each_ref().map(String::as_str));
+    }
+}
+
+/// Width of the key column of a `Key: value` view, colon included.
+const KEY_WIDTH: usize = 13;
+
+/// Prints one line of a `Key: value` view, values aligned after the
+/// widest key (`Bytes reused:`).
+pub fn field(key: &str, value: impl Display) {
+    println!("{:<KEY_WIDTH$} {value}", format!("{key}:"));
+}
+
+/// Prints, in a `Key: value` view, an exec hook's command and outcome and
+/// the first 20 lines of its output, if it ran.
+pub fn hook(key: &str, h: Option<&Hook>) {
+    if let Some(h) = h {
+        let outcome = if h.timed_out {
+            "timed out".to_string()
+        } else {
+            h.exit_code.map_or("killed".into(), |c| format!("exit {c}"))
+        };
+        field(key, format_args!("`{}` ({outcome})", h.command));
+        for line in h.output.lines().take(20) {
+            println!("{:KEY_WIDTH$} | {line}", "");
+        }
+    }
+}
