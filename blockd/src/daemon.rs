@@ -46,6 +46,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Track dirty extents (off only to measure what tracking costs).
     pub change_tracking: bool,
+    /// Backups, restores and locations.
+    pub cloud: crate::cloud::Settings,
 }
 
 /// The default state directory: `/var/lib/blockd` for root, else
@@ -152,6 +154,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.clone(),
         snapshots.clone(),
         claims.clone(),
+        &config.cloud,
         shutdown.clone(),
         tracker.clone(),
     )

@@ -11,7 +11,12 @@ use blockd::volume::EngineKind;
 
 /// Block-device backup gateway: serves volumes over NBD.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Every setting is read once at start, from its flag or else its environment \
+variable. Logging: BLOCKD_LOG (a tracing filter, e.g. `info,blockd=debug`; default `info`)."
+)]
 struct Args {
     /// State directory [default: /var/lib/blockd for root, else $XDG_STATE_HOME/blockd]
     #[arg(long, env = "BLOCKD_STATE_DIR")]
@@ -35,6 +40,33 @@ struct Args {
     /// Seconds connections keep answering ESHUTDOWN after SIGTERM before closing
     #[arg(long, default_value = "2")]
     shutdown_grace: f64,
+    /// Every Nth backup of a volume reads it whole (pxctl's rule: every 7th)
+    #[arg(long, env = "BLOCKD_FULL_EVERY", default_value_t = blockd::cloud::DEFAULT_FULL_EVERY,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    full_every: u32,
+    /// Bytes per second for the background fetches of lazy restores, e.g. 50M
+    /// (reads by clients are never held back) [default: unlimited]
+    #[arg(long, env = "BLOCKD_HYDRATE_LIMIT", value_name = "SIZE", value_parser = size_arg)]
+    hydrate_limit: Option<u64>,
+    /// Fail this fraction (0 to 1) of object-store requests on purpose, to prove
+    /// backups and restores survive a flaky provider; for testing only
+    #[arg(long, env = "BLOCKD_FAULT_INJECT", value_name = "RATE", value_parser = rate_arg)]
+    fault_inject: Option<f64>,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    match blockd_api::parse_size(s) {
+        Ok(0) => Err("must be more than 0".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn rate_arg(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +94,11 @@ fn main() -> anyhow::Result<()> {
         io_engine: args.io_engine,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
         change_tracking: !args.no_change_tracking,
+        cloud: blockd::cloud::Settings {
+            full_every: args.full_every,
+            hydrate_limit: args.hydrate_limit,
+            fault_rate: args.fault_inject,
+        },
         state_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -88,6 +88,26 @@ pub struct CreateSnapshot {
     pub exec_timeout_secs: Option<f64>,
 }
 
+/// Timeout of an exec hook when a request gives none, in seconds.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: f64 = 30.0;
+/// Longest exec hook timeout accepted, in seconds (a day).
+pub const MAX_EXEC_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// The exec hook timeout a request asks for (the default when it gives
+/// none).
+///
+/// # Errors
+/// A value outside 0 ..= [`MAX_EXEC_TIMEOUT_SECS`], with what is allowed.
+pub fn exec_timeout(secs: Option<f64>) -> Result<std::time::Duration, String> {
+    let secs = secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
+    if !(0.0..=MAX_EXEC_TIMEOUT_SECS).contains(&secs) {
+        return Err(format!(
+            "exec timeout must be between 0 and {MAX_EXEC_TIMEOUT_SECS} seconds"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// What an exec hook did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hook {

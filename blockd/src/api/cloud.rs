@@ -88,12 +88,9 @@ async fn validate_location(
 }
 
 fn check_timeout(t: Option<f64>) -> Result<(), Failure> {
-    match t {
-        Some(t) if !(0.0..=86_400.0).contains(&t) => Err(Failure::bad_request(
-            "exec timeout must be between 0 and 86400 seconds",
-        )),
-        _ => Ok(()),
-    }
+    blockd_api::exec_timeout(t)
+        .map(drop)
+        .map_err(Failure::bad_request)
 }
 
 async fn backup(

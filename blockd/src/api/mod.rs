@@ -268,12 +268,8 @@ async fn create_snapshot(
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<Vec<blockd_api::Snapshot>>), Failure> {
     let req: CreateSnapshot = body(&bytes)?;
-    let timeout = req.exec_timeout_secs.unwrap_or(30.0);
-    if !(0.0..=86_400.0).contains(&timeout) {
-        return Err(Failure::bad_request(
-            "exec timeout must be between 0 and 86400 seconds",
-        ));
-    }
+    let exec_timeout =
+        blockd_api::exec_timeout(req.exec_timeout_secs).map_err(Failure::bad_request)?;
     let metas = d
         .snapshots
         .create(CreateRequest {
@@ -281,7 +277,7 @@ async fn create_snapshot(
             name: req.name,
             pre_exec: req.pre_exec,
             post_exec: req.post_exec,
-            exec_timeout: std::time::Duration::from_secs_f64(timeout),
+            exec_timeout,
         })
         .await?;
     let out = metas

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::CloudError;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
-use crate::repo::{PackBuilder, Repo};
+use crate::repo::{PackBuilder, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
 use crate::state::StateDb;
 use crate::volume::dirty_map::ChangeSet;
@@ -105,7 +105,7 @@ pub struct Job {
     /// Stop or shutdown.
     pub cancel: CancellationToken,
     /// Persists the task record with current counters (for checkpoints).
-    pub record: Box<dyn Fn() -> String + Send + Sync>,
+    pub record: Box<dyn Fn() -> Result<String, CloudError> + Send + Sync>,
 }
 
 /// One chunk-sized piece, after analysis.
@@ -393,7 +393,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
                             Progress::add(&job.progress.reused, u64::from(a.len));
                             (loc, 0)
                         } else {
-                            let loc = pack.push(id, &sealed, a.len);
+                            let loc = pack.push(id, &sealed, a.len).map_err(RepoError::from)?;
                             Progress::add(&job.progress.new, u64::from(a.len));
                             {
                                 let mut d = dedup
@@ -425,7 +425,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         } else if parent_id.is_some() && *parent_entries == entries {
             parent_id
         } else {
-            let (id, sealed) = repo.seal_index(b, &entries);
+            let (id, sealed) = repo.seal_index(b, &entries)?;
             let repo = repo.clone();
             let progress = job.progress.clone();
             while uploads.len() >= UPLOADS * 4 {
@@ -452,7 +452,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             upload(job, full, &mut uploads).await?;
             drain(&mut uploads).await?;
             job.db
-                .checkpoint_task(&job.task, &pending, &(job.record)())?;
+                .checkpoint_task(&job.task, &pending, &(job.record)()?)?;
             pending.clear();
             last_checkpoint = Instant::now();
         }
@@ -461,7 +461,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     drain(&mut uploads).await?;
     if !pending.is_empty() {
         job.db
-            .checkpoint_task(&job.task, &pending, &(job.record)())?;
+            .checkpoint_task(&job.task, &pending, &(job.record)()?)?;
     }
     Ok(blocks)
 }
@@ -576,10 +576,12 @@ async fn upload(
         tokio::task::spawn_blocking(move || pack.finish(&repo.keys))
             .await
             .map_err(|e| CloudError::Internal(e.to_string()))?
+            .map_err(RepoError::from)?
     };
     // Recorded before the upload: after a crash the pack is checked for,
     // so a pack that landed just before the crash is never sent again.
-    db.add_task_pack(&task, &id, &format::encode_trailer(&chunks))?;
+    let trailer = format::encode_trailer(&chunks).map_err(RepoError::from)?;
+    db.add_task_pack(&task, &id, &trailer)?;
     uploads.spawn(async move {
         let n = repo.put_pack(&id, bytes).await?;
         Progress::add(&progress.transferred, n);

@@ -100,16 +100,14 @@ impl Locations {
         state_dir: &Path,
         db: Arc<StateDb>,
         claims: Arc<Claims>,
+        fault_rate: Option<f64>,
     ) -> Result<Self, CloudError> {
         let secrets_dir = state_dir.join("credentials");
         std::fs::create_dir_all(&secrets_dir)
             .map_err(|e| CloudError::internal("creating credentials dir", e))?;
         let _ = std::fs::set_permissions(&secrets_dir, std::fs::Permissions::from_mode(0o700));
         let objects_dir = state_dir.join("objects");
-        let fault_rate = std::env::var("BLOCKD_FAULT_INJECT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|r| *r > 0.0);
+        let fault_rate = fault_rate.filter(|r| *r > 0.0);
         if let Some(r) = fault_rate {
             tracing::warn!(
                 rate = r,
@@ -132,7 +130,8 @@ impl Locations {
             };
             me.db.insert_location(
                 LOCAL_LOCATION,
-                &serde_json::to_string(&s).unwrap_or_default(),
+                &serde_json::to_string(&s)
+                    .map_err(|e| CloudError::internal("encoding location settings", e))?,
                 &now(),
             )?;
         }
@@ -584,7 +583,8 @@ impl Locations {
         let created = now();
         if let Err(e) = self.db.insert_location(
             &req.name,
-            &serde_json::to_string(&settings).unwrap_or_default(),
+            &serde_json::to_string(&settings)
+                .map_err(|e| CloudError::internal("encoding location settings", e))?,
             &created,
         ) {
             let _ = std::fs::remove_file(self.secrets_path(&req.name));
@@ -686,7 +686,7 @@ mod tests {
     fn locations() -> (tempfile::TempDir, Locations) {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(dir.path()).unwrap());
-        let l = Locations::open(dir.path(), db, crate::claims::Claims::new()).unwrap();
+        let l = Locations::open(dir.path(), db, crate::claims::Claims::new(), None).unwrap();
         (dir, l)
     }
 

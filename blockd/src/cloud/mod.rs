@@ -46,6 +46,28 @@ use locations::Locations;
 /// A full read every this many backups (pxctl: "every 7th backup is a full backup").
 pub const DEFAULT_FULL_EVERY: u32 = 7;
 
+/// Settings of the cloud layer, parsed once by the daemon (flags and
+/// environment, see `blockd --help`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Every this many backups of a volume read it whole.
+    pub full_every: u32,
+    /// Bytes per second for the background fetches of lazy restores.
+    pub hydrate_limit: Option<u64>,
+    /// Fraction of object-store requests failed on purpose (testing).
+    pub fault_rate: Option<f64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            full_every: DEFAULT_FULL_EVERY,
+            hydrate_limit: None,
+            fault_rate: None,
+        }
+    }
+}
+
 /// Why a cloud operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -217,6 +239,12 @@ fn new_snapshot_name() -> String {
     format!("{stamp}-{}", hex::encode(t))
 }
 
+/// A task record as stored; an encoding failure is an error, never an
+/// empty record.
+fn encode_record(r: &Record) -> Result<String, CloudError> {
+    serde_json::to_string(r).map_err(|e| CloudError::internal("encoding a task record", e))
+}
+
 fn new_task_id() -> String {
     let mut b = [0u8; 8];
     crate::repo::crypto::fill_random(&mut b);
@@ -257,16 +285,13 @@ impl Cloud {
         volumes: Arc<Store>,
         snapshots: Arc<Snapshots>,
         claims: Arc<Claims>,
+        settings: &Settings,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Arc<Self>, CloudError> {
         let db = volumes.db().clone();
-        let locations = Locations::open(state_dir, db.clone(), claims.clone())?;
-        let full_every = std::env::var("BLOCKD_FULL_EVERY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n >= 1)
-            .unwrap_or(DEFAULT_FULL_EVERY);
+        let locations =
+            Locations::open(state_dir, db.clone(), claims.clone(), settings.fault_rate)?;
         let me = Arc::new(Self {
             locations,
             volumes,
@@ -277,11 +302,8 @@ impl Cloud {
             shutdown,
             tracker,
             finishing: tokio::sync::Mutex::new(()),
-            full_every,
-            hydrate_limit: std::env::var("BLOCKD_HYDRATE_LIMIT")
-                .ok()
-                .and_then(|v| blockd_api::parse_size(&v).ok())
-                .filter(|n| *n > 0),
+            full_every: settings.full_every.max(1),
+            hydrate_limit: settings.hydrate_limit.filter(|n| *n > 0),
         });
         for rec in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {
@@ -299,7 +321,7 @@ impl Cloud {
     }
 
     fn save(&self, r: &Record) -> Result<(), CloudError> {
-        let json = serde_json::to_string(r).unwrap_or_default();
+        let json = encode_record(r)?;
         if r.task.state.is_final() {
             self.db.finish_task(&r.task.id, &json)?;
         } else {
@@ -520,9 +542,8 @@ impl Cloud {
                 name: Some(created_name.clone()),
                 pre_exec: req.pre_exec.clone(),
                 post_exec: req.post_exec.clone(),
-                exec_timeout: Duration::from_secs_f64(
-                    req.exec_timeout_secs.unwrap_or(30.0).clamp(0.0, 86_400.0),
-                ),
+                exec_timeout: blockd_api::exec_timeout(req.exec_timeout_secs)
+                    .map_err(CloudError::Invalid)?,
             })
             .await?;
         let group_id = (group || names.len() > 1).then(|| created_name.clone());
@@ -781,7 +802,7 @@ impl Cloud {
             db: self.db.clone(),
             progress: run.progress.clone(),
             cancel,
-            record: Box::new(move || serde_json::to_string(&run2.snapshot()).unwrap_or_default()),
+            record: Box::new(move || encode_record(&run2.snapshot())),
         };
         let blocks = backup::run(&job).await;
         let blocks = blocks?;
@@ -1434,7 +1455,7 @@ impl Cloud {
             db: self.db.clone(),
             progress: run.progress.clone(),
             cancel,
-            record: Box::new(move || serde_json::to_string(&run2.snapshot()).unwrap_or_default()),
+            record: Box::new(move || encode_record(&run2.snapshot())),
         };
         let r = restore::run(&job).await;
         r?;

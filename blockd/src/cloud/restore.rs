@@ -47,7 +47,7 @@ pub struct Job {
     /// Stop or shutdown.
     pub cancel: CancellationToken,
     /// The task record with current counters.
-    pub record: Box<dyn Fn() -> String + Send + Sync>,
+    pub record: Box<dyn Fn() -> Result<String, CloudError> + Send + Sync>,
 }
 
 /// Coalesces the chunks of a block into GETs.
@@ -150,7 +150,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     // blocking pool (no thread hop per chunk).
                     // The record (a SQLite commit, an fsync of its log) is
                     // made on the blocking pool too, never on a runtime thread.
-                    let rec = record();
+                    let rec = record()?;
                     let written = tokio::task::spawn_blocking(move || {
                         let n =
                             write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)?;
@@ -187,7 +187,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             if let Some(h) = flushing.take() {
                 let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
                 job.db
-                    .checkpoint_task(&job.task, &covered, &(job.record)())?;
+                    .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
             }
             flushing = Some(start_flush(&job.volume, std::mem::take(&mut finished)));
         }
@@ -195,14 +195,14 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     if let Some(h) = flushing.take() {
         let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
         job.db
-            .checkpoint_task(&job.task, &covered, &(job.record)())?;
+            .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
     }
     if !finished.is_empty() {
         let covered = start_flush(&job.volume, finished)
             .await
             .map_err(|e| CloudError::Internal(e.to_string()))??;
         job.db
-            .checkpoint_task(&job.task, &covered, &(job.record)())?;
+            .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
     }
     Ok(())
 }

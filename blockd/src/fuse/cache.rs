@@ -482,11 +482,11 @@ mod tests {
                 .collect();
             let id = repo.keys.chunk_id(&plain);
             let sealed = repo.seal_chunk(&id, &plain);
-            locs.push(pb.push(id, &sealed, 16384));
+            locs.push(pb.push(id, &sealed, 16384).unwrap());
             plains.push(plain);
         }
         let pack = pb.id;
-        let (bytes, _) = pb.finish(&repo.keys);
+        let (bytes, _) = pb.finish(&repo.keys).unwrap();
         repo.put_pack(&pack, bytes).await.unwrap();
         (repo, locs, plains)
     }

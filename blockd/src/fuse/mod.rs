@@ -492,17 +492,6 @@ pub struct Catalog {
     mounted: SystemTime,
 }
 
-/// The object a repository error is about.
-fn object_of(e: &RepoError) -> &str {
-    match e {
-        RepoError::Store { object, .. }
-        | RepoError::Missing { object, .. }
-        | RepoError::Corrupt { object, .. }
-        | RepoError::Exists { object, .. } => object,
-        RepoError::Key { .. } => "config",
-    }
-}
-
 /// Time of a snapshot (or group) from its name, `YYYYMMDDTHHMMSS.mmmZ-…`.
 fn name_time(name: &str) -> Option<SystemTime> {
     let b = name.get(..19)?;
@@ -565,7 +554,7 @@ impl Catalog {
         tracing::warn!(
             location = %self.location,
             snapshot = what,
-            object = %object_of(e),
+            object = %e.object(),
             error = %e,
             "catalog read failed: EIO"
         );

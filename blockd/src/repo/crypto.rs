@@ -51,7 +51,7 @@ impl Keys {
     pub fn new(material: &[u8; 64], encrypted: bool) -> Self {
         let mut id_key = [0u8; 32];
         id_key.copy_from_slice(&material[..32]);
-        let mac_key = blake3::derive_key("blockd 2026 object tag", &id_key);
+        let mac_key = blake3::derive_key(crate::magic::TAG_KEY_CONTEXT, &id_key);
         let cipher = encrypted.then(|| {
             Box::new(
                 Aes256GcmSiv::new_from_slice(&material[32..])

@@ -6,24 +6,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Repository format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// Pack footer magic.
-pub const PACK_MAGIC: &[u8; 8] = b"BLKDPACK";
-/// Manifest magic.
-pub const MANIFEST_MAGIC: &[u8; 8] = b"BLKDSNAP";
-/// Group object magic.
-pub const GROUP_MAGIC: &[u8; 8] = b"BLKDGRUP";
+pub use crate::magic::{
+    CHUNK_LZ4, CHUNK_RAW, GROUP_MAGIC, MANIFEST_MAGIC, PACK_MAGIC, REPO_VERSION as FORMAT_VERSION,
+};
 /// Largest chunk a repository may use.
 pub const MAX_CHUNK_SIZE: u64 = 1 << 20;
 /// Largest index span.
 pub const MAX_INDEX_SPAN: u64 = 1 << 30;
 /// Largest metadata object (manifest, group, index block, pack trailer) read.
 pub const MAX_META_OBJECT: u64 = 64 << 20;
-/// Chunk payload kind: stored as is.
-pub const CHUNK_RAW: u8 = 0;
-/// Chunk payload kind: an lz4 block.
-pub const CHUNK_LZ4: u8 = 1;
 
 /// `<prefix>/config`: plain JSON, written once with a conditional create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,19 +144,47 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A value too large for its field: the encoder refuses rather than
+/// writing a wrong one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value} does not fit its {bits}-bit field")]
+pub struct Overflow {
+    /// Which field.
+    pub what: &'static str,
+    /// The value.
+    pub value: u64,
+    /// Field width.
+    pub bits: u32,
+}
+
+/// `value` as a u32 field named `what`.
+///
+/// # Errors
+/// [`Overflow`] when it does not fit.
+pub fn u32_field(
+    what: &'static str,
+    value: impl TryInto<u32> + Copy + Into<u64>,
+) -> Result<u32, Overflow> {
+    value.try_into().map_err(|_| Overflow {
+        what,
+        value: value.into(),
+        bits: 32,
+    })
+}
+
 /// Index block plaintext: `version u8 = 1 | block u64 | count u32 |
 /// count × entry`, entry = `start u32 | len u32 | chunk_off u32 | chunk id
 /// [32] | pack id [16] | offset u32 | stored_len u32 | plain_len u32`, all
 /// little-endian, sorted by `start`, non-overlapping.
-pub fn encode_index(block: u64, entries: &[Entry]) -> Vec<u8> {
+///
+/// # Errors
+/// More entries than a u32 counts.
+pub fn encode_index(block: u64, entries: &[Entry]) -> Result<Vec<u8>, Overflow> {
+    let count = u32_field("index entry count", entries.len() as u64)?;
     let mut out = Vec::with_capacity(13 + entries.len() * ENTRY_LEN);
     out.push(1);
     out.extend_from_slice(&block.to_le_bytes());
-    out.extend_from_slice(
-        &u32::try_from(entries.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
+    out.extend_from_slice(&count.to_le_bytes());
     for e in entries {
         out.extend_from_slice(&e.start.to_le_bytes());
         out.extend_from_slice(&e.len.to_le_bytes());
@@ -176,7 +195,7 @@ pub fn encode_index(block: u64, entries: &[Entry]) -> Vec<u8> {
         out.extend_from_slice(&e.chunk.stored_len.to_le_bytes());
         out.extend_from_slice(&e.chunk.plain_len.to_le_bytes());
     }
-    out
+    Ok(out)
 }
 
 /// Decodes an index block, checking it is block `block` of a repository
@@ -248,21 +267,21 @@ pub fn decode_index(
 
 /// Pack trailer plaintext: `version u8 = 1 | count u32 | count × (chunk id
 /// [32] | offset u32 | stored_len u32 | plain_len u32)`.
-pub fn encode_trailer(chunks: &[ChunkLoc]) -> Vec<u8> {
+///
+/// # Errors
+/// More chunks than a u32 counts.
+pub fn encode_trailer(chunks: &[ChunkLoc]) -> Result<Vec<u8>, Overflow> {
+    let count = u32_field("pack chunk count", chunks.len() as u64)?;
     let mut out = Vec::with_capacity(5 + chunks.len() * TRAILER_REC_LEN);
     out.push(1);
-    out.extend_from_slice(
-        &u32::try_from(chunks.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
+    out.extend_from_slice(&count.to_le_bytes());
     for c in chunks {
         out.extend_from_slice(&c.id);
         out.extend_from_slice(&c.offset.to_le_bytes());
         out.extend_from_slice(&c.stored_len.to_le_bytes());
         out.extend_from_slice(&c.plain_len.to_le_bytes());
     }
-    out
+    Ok(out)
 }
 
 /// Decodes a pack trailer of pack `pack` whose records end at `records_end`.
@@ -428,12 +447,12 @@ mod tests {
     #[test]
     fn index_roundtrip_and_checks() {
         let es = vec![entry(0, 4096), entry(8192, 65536)];
-        let b = encode_index(3, &es);
+        let b = encode_index(3, &es).unwrap();
         assert_eq!(decode_index(&b, 3, 1 << 26, 65536).unwrap(), es);
         assert!(decode_index(&b, 4, 1 << 26, 65536).is_err());
         assert!(decode_index(&b[..b.len() - 1], 3, 1 << 26, 65536).is_err());
         // Overlapping entries.
-        let b2 = encode_index(0, &[entry(0, 8192), entry(4096, 4096)]);
+        let b2 = encode_index(0, &[entry(0, 8192), entry(4096, 4096)]).unwrap();
         assert!(decode_index(&b2, 0, 1 << 26, 65536).is_err());
     }
 
@@ -458,7 +477,7 @@ mod tests {
         let cs = vec![entry(0, 100).chunk, entry(1, 200).chunk];
         let mut cs2 = cs.clone();
         cs2[1].offset = 101;
-        let t = encode_trailer(&cs2);
+        let t = encode_trailer(&cs2).unwrap();
         assert_eq!(decode_trailer(&t, [1; 16], 1000).unwrap(), cs2);
         assert!(decode_trailer(&t, [1; 16], 200).is_err());
     }

@@ -79,6 +79,9 @@ pub enum RepoError {
         /// What to do.
         message: String,
     },
+    /// A value does not fit the format (nothing was written).
+    #[error(transparent)]
+    Overflow(#[from] format::Overflow),
     /// Something already exists (a manifest written twice).
     #[error("location {location}: object {object} already exists")]
     Exists {
@@ -87,6 +90,21 @@ pub enum RepoError {
         /// Object key.
         object: String,
     },
+}
+
+impl RepoError {
+    /// The object the error is about (`config` for key errors; empty for
+    /// a value that never reached an object).
+    pub fn object(&self) -> &str {
+        match self {
+            Self::Store { object, .. }
+            | Self::Missing { object, .. }
+            | Self::Corrupt { object, .. }
+            | Self::Exists { object, .. } => object,
+            Self::Key { .. } => "config",
+            Self::Overflow(_) => "",
+        }
+    }
 }
 
 /// An opened repository.
@@ -302,11 +320,18 @@ impl Repo {
 
     /// Encodes and seals an index block; returns its id in hex and the
     /// object's bytes (written under [`index_key`]).
-    pub fn seal_index(&self, block: u64, entries: &[Entry]) -> (String, Vec<u8>) {
-        let plain = format::encode_index(block, entries);
-        let id = hex::encode(self.keys.object_id(b"index", &plain));
+    ///
+    /// # Errors
+    /// An index block too large for its format.
+    pub fn seal_index(
+        &self,
+        block: u64,
+        entries: &[Entry],
+    ) -> Result<(String, Vec<u8>), RepoError> {
+        let plain = format::encode_index(block, entries)?;
+        let id = hex::encode(self.keys.object_id(crate::magic::INDEX_ID_DOMAIN, &plain));
         let sealed = self.keys.seal(&index_ad(&id), &plain);
-        (id, sealed)
+        Ok((id, sealed))
     }
 
     /// Uploads a sealed index block under its id.
@@ -386,7 +411,7 @@ impl Repo {
             .keys
             .open(&index_ad(id), &sealed)
             .map_err(|Tampered| self.objects.corrupt(&key, "integrity check failed"))?;
-        if hex::encode(self.keys.object_id(b"index", &plain)) != id {
+        if hex::encode(self.keys.object_id(crate::magic::INDEX_ID_DOMAIN, &plain)) != id {
             return Err(self.objects.corrupt(&key, "content does not match its id"));
         }
         format::decode_index(
@@ -737,7 +762,7 @@ impl Objects {
 /// Parses and checks a config object.
 fn parse_config(o: &Objects, bytes: &[u8]) -> Result<Config, RepoError> {
     let c: Config = serde_json::from_slice(bytes).map_err(|e| o.corrupt("config", e))?;
-    if c.format != "blockd-repository" {
+    if c.format != crate::magic::REPO_FORMAT {
         return Err(o.corrupt("config", "not a blockd repository"));
     }
     if c.version > format::FORMAT_VERSION {
@@ -813,19 +838,19 @@ fn unlock(o: &Objects, c: &Config, passphrase: Option<&str>) -> Result<Keys, Rep
 /// Associated data of a chunk record.
 pub fn chunk_ad(id: &[u8; 32]) -> [u8; 33] {
     let mut ad = [0u8; 33];
-    ad[0] = b'c';
+    ad[0] = crate::magic::CHUNK_AD;
     ad[1..].copy_from_slice(id);
     ad
 }
 
 /// Associated data of an index block.
 pub fn index_ad(id_hex: &str) -> Vec<u8> {
-    format!("index/{id_hex}").into_bytes()
+    format!("{}{id_hex}", crate::magic::INDEX_AD).into_bytes()
 }
 
 /// Associated data of a pack trailer.
 pub fn pack_ad(pack: &[u8; 16]) -> Vec<u8> {
-    format!("pack/{}", pack_hex(pack)).into_bytes()
+    format!("{}{}", crate::magic::PACK_AD, pack_hex(pack)).into_bytes()
 }
 
 /// A fresh config: default sizes and new key material, wrapped when a
@@ -862,7 +887,7 @@ pub fn new_config(passphrase: Option<&str>) -> (Config, [u8; 64]) {
     };
     (
         Config {
-            format: "blockd-repository".into(),
+            format: crate::magic::REPO_FORMAT.into(),
             version: format::FORMAT_VERSION,
             chunk_size: DEFAULT_CHUNK_SIZE,
             pack_size: DEFAULT_PACK_SIZE,
@@ -904,28 +929,39 @@ impl PackBuilder {
     }
 
     /// Appends a sealed chunk record; returns where it is.
-    pub fn push(&mut self, id: [u8; 32], sealed: &[u8], plain_len: u32) -> ChunkLoc {
+    ///
+    /// # Errors
+    /// A pack past 4 GiB, or a record over 4 GiB: nothing is appended.
+    pub fn push(
+        &mut self,
+        id: [u8; 32],
+        sealed: &[u8],
+        plain_len: u32,
+    ) -> Result<ChunkLoc, format::Overflow> {
         let loc = ChunkLoc {
             id,
             pack: self.id,
-            offset: u32::try_from(self.buf.len()).unwrap_or(u32::MAX),
-            stored_len: u32::try_from(sealed.len()).unwrap_or(u32::MAX),
+            offset: format::u32_field("pack offset", self.buf.len() as u64)?,
+            stored_len: format::u32_field("record length", sealed.len() as u64)?,
             plain_len,
         };
         self.buf.extend_from_slice(sealed);
         self.chunks.push(loc);
-        loc
+        Ok(loc)
     }
 
     /// Seals the trailer and returns the pack bytes and its chunks.
-    pub fn finish(mut self, keys: &Keys) -> (Vec<u8>, Vec<ChunkLoc>) {
-        let trailer = format::encode_trailer(&self.chunks);
+    ///
+    /// # Errors
+    /// A trailer too large for its format.
+    pub fn finish(mut self, keys: &Keys) -> Result<(Vec<u8>, Vec<ChunkLoc>), format::Overflow> {
+        let trailer = format::encode_trailer(&self.chunks)?;
         let before = self.buf.len();
         keys.seal_into(&pack_ad(&self.id), &trailer, &mut self.buf);
-        let tl = u32::try_from(self.buf.len() - before).unwrap_or(u32::MAX);
+        let tl = format::u32_field("trailer length", (self.buf.len() - before) as u64)?;
         self.buf.extend_from_slice(&tl.to_le_bytes());
         self.buf.extend_from_slice(format::PACK_MAGIC);
-        (self.buf, self.chunks)
+        Ok((self.buf, self.chunks))
     }
 }
 
@@ -1071,13 +1107,17 @@ mod tests {
                 chunk: loc,
             },
         ];
-        let ix = encode_index(2, &entries);
+        let ix = encode_index(2, &entries).unwrap();
         assert_eq!(
             ix,
             check("index-plain.bin", &ix),
             "index block bytes changed"
         );
-        let ix_id = hex::encode(plain_repo.keys.object_id(b"index", &ix));
+        let ix_id = hex::encode(
+            plain_repo
+                .keys
+                .object_id(crate::magic::INDEX_ID_DOMAIN, &ix),
+        );
         let sealed = plain_repo.keys.seal(&index_ad(&ix_id), &ix);
         assert_eq!(sealed, check("index-sealed.bin", &sealed));
         assert_eq!(
@@ -1088,9 +1128,9 @@ mod tests {
         // A pack of two chunks with a fixed id.
         let mut pb = PackBuilder::new(0);
         pb.id = [0x5a; 16];
-        pb.push(id, &rec, 4096);
-        pb.push(id, &rec, 4096);
-        let (pack, chunks) = pb.finish(&plain_repo.keys);
+        pb.push(id, &rec, 4096).unwrap();
+        pb.push(id, &rec, 4096).unwrap();
+        let (pack, chunks) = pb.finish(&plain_repo.keys).unwrap();
         assert_eq!(pack, check("pack-plain.bin", &pack), "pack bytes changed");
         let (records, trailer) = split_pack(&pack).unwrap();
         let t = plain_repo

@@ -222,7 +222,10 @@ impl SnapshotStore {
     pub fn write_meta(&self) -> Result<(), SnapshotError> {
         let id = self.id();
         let meta_path = self.dir.join("meta.json");
-        let json = serde_json::to_vec_pretty(&self.meta()).unwrap_or_default();
+        let json = serde_json::to_vec_pretty(&self.meta()).map_err(|e| SnapshotError::Corrupt {
+            snapshot: id.clone(),
+            reason: format!("meta.json cannot be encoded: {e}"),
+        })?;
         crate::durable::write_atomic(&meta_path, &json).map_err(io_err(&id, &meta_path))
     }
 

@@ -52,7 +52,7 @@ pub enum StateError {
 }
 
 /// Schema version; bump with a migration, never edit a shipped one.
-const SCHEMA_VERSION: i64 = 2;
+use crate::magic::SCHEMA_VERSION;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS volumes (

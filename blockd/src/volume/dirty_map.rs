@@ -30,10 +30,7 @@ use std::sync::Mutex;
 
 use roaring::RoaringBitmap;
 
-/// File magic.
-const MAGIC: &[u8; 8] = b"BLKDDIRT";
-/// Current format version.
-const VERSION: u32 = 1;
+use crate::magic::{DIRTY_MAGIC as MAGIC, DIRTY_VERSION as VERSION};
 /// Header length.
 const HEADER_LEN: usize = 40;
 /// The daemon was running when this copy was written.

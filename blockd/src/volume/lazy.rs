@@ -45,10 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use roaring::RoaringBitmap;
 
-/// `.present` magic. Never change.
-const MAGIC: &[u8; 8] = b"BLKDPRES";
-/// `.present` version.
-const VERSION: u32 = 1;
+use crate::magic::{PRESENT_MAGIC as MAGIC, PRESENT_VERSION as VERSION};
 const HEADER: usize = 40;
 /// Fill locks: units hash onto this many stripes.
 const STRIPES: usize = 256;
