@@ -27,8 +27,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::backup::Progress;
-use super::restore::plan;
+use super::restore::fill::plan;
+use super::task::Progress;
 use super::{Cloud, CloudError};
 use crate::repo::fetch::{Fetch, IndexCache};
 use crate::repo::format::{Entry, Manifest};

@@ -75,9 +75,10 @@ use tokio::runtime::Handle;
 
 use crate::claims::{Claim, Claims, Want};
 use crate::cloud::locations::Locations;
-use crate::cloud::{is_snapshot_name, Cloud, CloudError};
+use crate::cloud::{Cloud, CloudError};
 use crate::repo::fetch::IndexCache;
 use crate::repo::format::{ChunkLoc, Manifest};
+use crate::repo::name;
 use crate::repo::{Repo, RepoError};
 use cache::ChunkCache;
 use tree::{Inodes, Kind, Listing, Node};
@@ -492,22 +493,6 @@ pub struct Catalog {
     mounted: SystemTime,
 }
 
-/// Time of a snapshot (or group) from its name, `YYYYMMDDTHHMMSS.mmmZ-…`.
-fn name_time(name: &str) -> Option<SystemTime> {
-    let b = name.get(..19)?;
-    let s = format!(
-        "{}-{}-{}T{}:{}:{}{}Z",
-        &b[0..4],
-        &b[4..6],
-        &b[6..8],
-        &b[9..11],
-        &b[11..13],
-        &b[13..15],
-        &b[15..19]
-    );
-    humantime::parse_rfc3339(&s).ok()
-}
-
 fn pretty(v: &impl serde::Serialize) -> Vec<u8> {
     let mut out = serde_json::to_vec_pretty(v).unwrap_or_default();
     out.push(b'\n');
@@ -573,7 +558,7 @@ impl Catalog {
             Ok((snaps, groups)) => {
                 let snaps = snaps
                     .into_iter()
-                    .filter(|(_, n)| is_snapshot_name(n))
+                    .filter(|(_, n)| name::is_valid(n))
                     .collect();
                 let l = Arc::new(Listing::new(snaps, groups));
                 *cur = Some(l.clone());
@@ -620,7 +605,7 @@ impl Catalog {
             .members
             .iter()
             .filter_map(|m| m.split_once('/'))
-            .filter(|(v, n)| !v.is_empty() && is_snapshot_name(n))
+            .filter(|(v, n)| !v.is_empty() && name::is_valid(n))
             .map(|(v, n)| (v.to_string(), n.to_string()))
             .collect();
         let o = Arc::new(GroupObj {
@@ -693,7 +678,7 @@ impl Catalog {
 
     /// Attributes and TTL of a node.
     async fn attr(&self, ino: u64, node: &Node) -> Result<(FileAttr, Duration), Errno> {
-        let when = |name: &str| name_time(name).unwrap_or(self.mounted);
+        let when = |name: &str| name::time(name).unwrap_or(self.mounted);
         Ok(match node {
             Node::Root | Node::Groups | Node::Volume(_) => {
                 (self.make_attr(ino, Kind::Dir, 0, self.mounted), SHORT_TTL)
@@ -1200,11 +1185,11 @@ mod tests {
 
     #[test]
     fn times_come_from_snapshot_names() {
-        let t = name_time("20261121T101500.123Z-3f4f0a67").unwrap();
+        let t = name::time("20261121T101500.123Z-3f4f0a67").unwrap();
         assert_eq!(
             humantime::format_rfc3339_millis(t).to_string(),
             "2026-11-21T10:15:00.123Z"
         );
-        assert!(name_time("garbage").is_none());
+        assert!(name::time("garbage").is_none());
     }
 }

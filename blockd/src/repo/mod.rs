@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod faulty;
 pub mod fetch;
 pub mod format;
+pub mod name;
 pub mod retry;
 
 use std::ops::Range;

@@ -17,8 +17,7 @@
 //! soon as it lands, so after a crash the chunks uploaded since the last
 //! checkpoint are referenced again, never uploaded twice.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,8 @@ use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::CloudError;
+use crate::cloud::task::Progress;
+use crate::cloud::CloudError;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
 use crate::repo::{PackBuilder, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
@@ -51,35 +51,6 @@ const CHECKPOINT_BLOCKS: usize = 64;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(15);
 /// Most chunk ids remembered for deduplication within one backup.
 const DEDUP_CAP: usize = 1 << 20;
-
-/// Live counters of a task.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Bytes to process.
-    pub total: AtomicU64,
-    /// Bytes processed.
-    pub done: AtomicU64,
-    /// Bytes uploaded or fetched.
-    pub transferred: AtomicU64,
-    /// Plain bytes referenced instead of stored.
-    pub reused: AtomicU64,
-    /// Plain bytes of new chunks stored.
-    pub new: AtomicU64,
-    /// Bytes read from the volume.
-    pub read: AtomicU64,
-}
-
-impl Progress {
-    /// Adds `n` to a counter.
-    pub fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Reads a counter.
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-}
 
 /// What a backup needs.
 pub struct Job {
@@ -143,173 +114,261 @@ fn is_zero(b: &[u8]) -> bool {
 /// # Errors
 /// Volume I/O, provider errors, cancellation.
 pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
-    let repo = &job.repo;
-    let span = repo.config.index_span;
-    let cs = repo.config.chunk_size;
+    let span = job.repo.config.index_span;
     let size = job.snap.size();
-    let es = job.snap.extent_size();
     let nblocks = size.div_ceil(span);
-
-    // Resume state.
+    // Blocks finished before a crash (resume), with their index ids.
     let done_blocks: HashMap<u64, Option<String>> =
         job.db.task_blocks(&job.task)?.into_iter().collect();
-    let dedup: Dedup = Arc::new(Mutex::new(HashMap::new()));
-    // Chunks this task uploaded before a crash, after its last checkpoint:
-    // referenced again (and counted as new, once), never uploaded twice.
-    let mut resumed: HashMap<[u8; 32], ChunkLoc> = HashMap::new();
-    for (pack, trailer) in job.db.task_packs(&job.task)? {
-        let Ok(pack) = <[u8; 16]>::try_from(pack.as_slice()) else {
-            continue;
-        };
-        // Recorded before its upload: use it only if it landed whole.
-        if !repo.has_pack(&pack).await? {
-            continue;
-        }
-        if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
-            for c in chunks {
-                resumed.insert(c.id, c);
-            }
-        }
-    }
     if !done_blocks.is_empty() {
         tracing::info!(task = %job.task, blocks = done_blocks.len(), "resuming backup after its last checkpoint");
     }
-
-    let mut blocks: Vec<(u64, String)> = Vec::new();
-    let mut pending: Vec<(u64, Option<String>)> = Vec::new();
-    let mut pack = PackBuilder::new(0);
-    let mut uploads: JoinSet<Result<(), CloudError>> = JoinSet::new();
-    let mut last_checkpoint = Instant::now();
-    // Blocks read since the last checkpoint (untouched ones cost nothing).
-    let mut worked = 0usize;
-    // Read buffers, recycled.
-    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
-
-    let parent_id_of = |b: u64| {
-        job.parent.as_ref().and_then(|p| {
-            p.blocks
-                .binary_search_by_key(&b, |x| x.0)
-                .ok()
-                .map(|i| p.blocks[i].1.clone())
-        })
-    };
-    let touched = |b: u64| {
-        if job.full || !job.changes.known {
-            return true;
-        }
-        let first = u32::try_from(b * span / es).unwrap_or(u32::MAX);
-        let end = u32::try_from(((b + 1) * span).min(size).div_ceil(es)).unwrap_or(u32::MAX);
-        job.changes.extents.range_cardinality(first..end) > 0
-    };
-    // Parent index blocks are fetched a few blocks ahead, so a store's
-    // round trip is paid once per window, not once per block.
-    let mut wanted = (0..nblocks)
-        .filter(|b| !done_blocks.contains_key(b) && touched(*b))
-        .filter_map(|b| parent_id_of(b).map(|id| (b, id)));
-    let mut prefetch: std::collections::VecDeque<Prefetch> = std::collections::VecDeque::new();
-    let mut fill = |prefetch: &mut std::collections::VecDeque<_>| {
-        while prefetch.len() < PREFETCH {
-            let Some((b, id)) = wanted.next() else { break };
-            let repo = repo.clone();
-            prefetch.push_back((b, tokio::spawn(async move { repo.get_index(b, &id).await })));
-        }
-    };
-
+    let mut w = Writer::open(job).await?;
+    let mut ahead = IndexAhead::new(job, nblocks, &done_blocks);
     for b in 0..nblocks {
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
         }
-        let bstart = b * span;
-        let blen = span.min(size - bstart);
         if let Some(id) = done_blocks.get(&b) {
             if let Some(id) = id {
-                blocks.push((b, id.clone()));
+                w.blocks.push((b, id.clone()));
             }
             continue;
         }
-        let parent_id = parent_id_of(b);
-        // Byte ranges (relative to the block) this backup replaces, and
-        // those it reads: a full read replaces the whole block but reads
-        // only what is not a hole in the frozen image.
-        let ranges: Vec<(u64, u64)> = if job.full {
-            vec![(0, blen)]
-        } else {
-            let first = u32::try_from(bstart / es).unwrap_or(u32::MAX);
-            let end = u32::try_from((bstart + blen).div_ceil(es)).unwrap_or(u32::MAX);
-            let mut pos = 0u64;
-            let mut out = Vec::new();
-            for (n, dirty) in job.changes.runs(first, end, usize::MAX) {
-                let len = (u64::from(n) * es).min(blen - pos);
-                if dirty {
-                    out.push((pos, len));
-                }
-                pos += len;
-            }
-            out
-        };
+        let bstart = b * span;
+        let blen = span.min(size - bstart);
+        let parent_id = parent_id_of(job, b);
+        let ranges = replaced_ranges(job, bstart, blen);
         if ranges.is_empty() {
-            if let Some(id) = parent_id {
-                blocks.push((b, id.clone()));
-                pending.push((b, Some(id)));
-            } else {
-                pending.push((b, None));
-            }
+            w.unchanged(b, parent_id);
             continue;
         }
-        fill(&mut prefetch);
-        let parent_entries: Arc<Vec<Entry>> = Arc::new(match &parent_id {
-            Some(_) => {
-                let (pb, handle) = prefetch
-                    .pop_front()
-                    .ok_or_else(|| CloudError::Internal("index prefetch out of step".into()))?;
-                if pb != b {
-                    return Err(CloudError::Internal(format!(
-                        "index prefetch out of step: got block {pb}, wanted {b}"
-                    )));
-                }
-                handle
-                    .await
-                    .map_err(|e| CloudError::Internal(e.to_string()))??
-            }
-            None => Vec::new(),
-        });
-        fill(&mut prefetch);
+        let parent_entries = Arc::new(ahead.next(b, parent_id.is_some()).await?);
+        // A full read replaces the whole block but reads only what is not
+        // a hole in the frozen image.
         let reads = if job.full {
             job.volume
                 .frozen_data(&*job.snap, bstart, blen)
-                .map_err(|e| {
-                    CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
-                })?
+                .map_err(|e| read_error(job, &e))?
         } else {
             ranges.clone()
         };
+        let new_entries = w.pack_block(bstart, &reads, &parent_entries).await?;
+        let entries = overlay(&parent_entries, &ranges, new_entries);
+        w.finish_block(b, entries, parent_id, &parent_entries)
+            .await?;
+    }
+    w.finish().await
+}
 
-        // Pieces: read ranges cut at PIECE (aligned to chunk boundaries),
-        // and small ranges batched up to PIECE bytes, so a scattered
-        // incremental costs one thread hop per batch, not per 4 KiB run.
-        let mut pieces: Vec<Vec<(u64, u64)>> = Vec::new();
-        let mut batch: Vec<(u64, u64)> = Vec::new();
-        let mut batch_len = 0;
-        for &(start, len) in &reads {
-            let mut pos = start;
-            while pos < start + len {
-                let stop = ((pos / PIECE + 1) * PIECE).min(start + len);
-                if batch_len + (stop - pos) > PIECE || batch.len() >= BATCH_RANGES {
-                    pieces.push(std::mem::take(&mut batch));
-                    batch_len = 0;
+fn read_error(job: &Job, e: &std::io::Error) -> CloudError {
+    CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
+}
+
+/// The parent's index block id for block `b`, if it has one.
+fn parent_id_of(job: &Job, b: u64) -> Option<String> {
+    job.parent.as_ref().and_then(|p| {
+        p.blocks
+            .binary_search_by_key(&b, |x| x.0)
+            .ok()
+            .map(|i| p.blocks[i].1.clone())
+    })
+}
+
+/// True when block `b` has anything to read.
+fn touched(job: &Job, b: u64) -> bool {
+    if job.full || !job.changes.known {
+        return true;
+    }
+    let (span, es, size) = (
+        job.repo.config.index_span,
+        job.snap.extent_size(),
+        job.snap.size(),
+    );
+    let first = u32::try_from(b * span / es).unwrap_or(u32::MAX);
+    let end = u32::try_from(((b + 1) * span).min(size).div_ceil(es)).unwrap_or(u32::MAX);
+    job.changes.extents.range_cardinality(first..end) > 0
+}
+
+/// Byte ranges (relative to the block at `bstart`, `blen` long) that this
+/// backup replaces: the whole block for a full read, else its dirty runs.
+fn replaced_ranges(job: &Job, bstart: u64, blen: u64) -> Vec<(u64, u64)> {
+    if job.full {
+        return vec![(0, blen)];
+    }
+    let es = job.snap.extent_size();
+    let first = u32::try_from(bstart / es).unwrap_or(u32::MAX);
+    let end = u32::try_from((bstart + blen).div_ceil(es)).unwrap_or(u32::MAX);
+    let mut pos = 0u64;
+    let mut out = Vec::new();
+    for (n, dirty) in job.changes.runs(first, end, usize::MAX) {
+        let len = (u64::from(n) * es).min(blen - pos);
+        if dirty {
+            out.push((pos, len));
+        }
+        pos += len;
+    }
+    out
+}
+
+/// Read ranges cut at PIECE (aligned to chunk boundaries), and small
+/// ranges batched up to PIECE bytes, so a scattered incremental costs one
+/// thread hop per batch, not per 4 KiB run.
+fn pieces(reads: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    let mut pieces: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut batch: Vec<(u64, u64)> = Vec::new();
+    let mut batch_len = 0;
+    for &(start, len) in reads {
+        let mut pos = start;
+        while pos < start + len {
+            let stop = ((pos / PIECE + 1) * PIECE).min(start + len);
+            if batch_len + (stop - pos) > PIECE || batch.len() >= BATCH_RANGES {
+                pieces.push(std::mem::take(&mut batch));
+                batch_len = 0;
+            }
+            batch.push((pos, stop - pos));
+            batch_len += stop - pos;
+            pos = stop;
+        }
+    }
+    if !batch.is_empty() {
+        pieces.push(batch);
+    }
+    pieces
+}
+
+/// Parent index blocks fetched a few blocks ahead, so a store's round trip
+/// is paid once per window, not once per block.
+struct IndexAhead<'a> {
+    repo: Arc<Repo>,
+    wanted: Box<dyn Iterator<Item = (u64, String)> + Send + 'a>,
+    fetching: VecDeque<Prefetch>,
+}
+
+impl<'a> IndexAhead<'a> {
+    fn new(job: &'a Job, nblocks: u64, done: &'a HashMap<u64, Option<String>>) -> Self {
+        let wanted = (0..nblocks)
+            .filter(move |b| !done.contains_key(b) && touched(job, *b))
+            .filter_map(move |b| parent_id_of(job, b).map(|id| (b, id)));
+        Self {
+            repo: job.repo.clone(),
+            wanted: Box::new(wanted),
+            fetching: VecDeque::new(),
+        }
+    }
+
+    fn fill(&mut self) {
+        while self.fetching.len() < PREFETCH {
+            let Some((b, id)) = self.wanted.next() else {
+                break;
+            };
+            let repo = self.repo.clone();
+            self.fetching
+                .push_back((b, tokio::spawn(async move { repo.get_index(b, &id).await })));
+        }
+    }
+
+    /// The parent's entries of block `b` (none when it has no parent block).
+    async fn next(&mut self, b: u64, has_parent: bool) -> Result<Vec<Entry>, CloudError> {
+        self.fill();
+        let entries = if has_parent {
+            let (pb, handle) = self
+                .fetching
+                .pop_front()
+                .ok_or_else(|| CloudError::Internal("index prefetch out of step".into()))?;
+            if pb != b {
+                return Err(CloudError::Internal(format!(
+                    "index prefetch out of step: got block {pb}, wanted {b}"
+                )));
+            }
+            handle
+                .await
+                .map_err(|e| CloudError::Internal(e.to_string()))??
+        } else {
+            Vec::new()
+        };
+        self.fill();
+        Ok(entries)
+    }
+}
+
+/// Packs, uploads and checkpoints of one backup.
+struct Writer<'a> {
+    job: &'a Job,
+    /// The manifest's block list so far.
+    blocks: Vec<(u64, String)>,
+    /// Blocks finished since the last checkpoint.
+    pending: Vec<(u64, Option<String>)>,
+    pack: PackBuilder,
+    uploads: JoinSet<Result<(), CloudError>>,
+    /// Chunks this task uploaded before a crash, after its last
+    /// checkpoint: referenced again (and counted as new, once), never
+    /// uploaded twice.
+    resumed: HashMap<[u8; 32], ChunkLoc>,
+    dedup: Dedup,
+    /// Read buffers, recycled.
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Blocks read since the last checkpoint (untouched ones cost nothing).
+    worked: usize,
+    last_checkpoint: Instant,
+}
+
+impl<'a> Writer<'a> {
+    /// The writer of `job`, with what an earlier run of it left.
+    async fn open(job: &'a Job) -> Result<Self, CloudError> {
+        let mut resumed = HashMap::new();
+        for (pack, trailer) in job.db.task_packs(&job.task)? {
+            let Ok(pack) = <[u8; 16]>::try_from(pack.as_slice()) else {
+                continue;
+            };
+            // Recorded before its upload: use it only if it landed whole.
+            if !job.repo.has_pack(&pack).await? {
+                continue;
+            }
+            if let Ok(chunks) = format::decode_trailer(&trailer, pack, u64::MAX) {
+                for c in chunks {
+                    resumed.insert(c.id, c);
                 }
-                batch.push((pos, stop - pos));
-                batch_len += stop - pos;
-                pos = stop;
             }
         }
-        if !batch.is_empty() {
-            pieces.push(batch);
+        Ok(Self {
+            job,
+            blocks: Vec::new(),
+            pending: Vec::new(),
+            pack: PackBuilder::new(0),
+            uploads: JoinSet::new(),
+            resumed,
+            dedup: Arc::new(Mutex::new(HashMap::new())),
+            pool: Arc::new(Mutex::new(Vec::new())),
+            worked: 0,
+            last_checkpoint: Instant::now(),
+        })
+    }
+
+    /// Block `b` has no change: it keeps the parent's index block.
+    fn unchanged(&mut self, b: u64, parent_id: Option<String>) {
+        if let Some(id) = &parent_id {
+            self.blocks.push((b, id.clone()));
         }
-        let analyzed = futures::stream::iter(pieces)
+        self.pending.push((b, parent_id));
+    }
+
+    /// Reads `reads` of the block at `bstart` (pieces read and analysed a
+    /// few ahead, on the blocking pool), packs the new chunks and returns
+    /// the block's new entries.
+    async fn pack_block(
+        &mut self,
+        bstart: u64,
+        reads: &[(u64, u64)],
+        parent: &Arc<Vec<Entry>>,
+    ) -> Result<Vec<Entry>, CloudError> {
+        let job = self.job;
+        let cs = job.repo.config.chunk_size;
+        let (dedup, pool) = (self.dedup.clone(), self.pool.clone());
+        let analyzed = futures::stream::iter(pieces(reads))
             .map(|piece| {
-                let repo = repo.clone();
-                let parent = parent_entries.clone();
+                let repo = job.repo.clone();
+                let parent = parent.clone();
                 let dedup = dedup.clone();
                 let volume = job.volume.clone();
                 let snap = job.snap.clone();
@@ -363,78 +422,91 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             })
             .buffered(AHEAD);
         futures::pin_mut!(analyzed);
-        let mut new_entries = Vec::new();
+        let mut entries = Vec::new();
         while let Some(piece) = analyzed.next().await {
             if job.cancel.is_cancelled() {
                 return Err(CloudError::Cancelled);
             }
             for a in piece? {
-                Progress::add(&job.progress.done, u64::from(a.len));
-                let (loc, off) = match a.out {
-                    Out::Hole => continue,
-                    Out::Ref(loc, off) => {
-                        Progress::add(&job.progress.reused, u64::from(a.len));
-                        (loc, off)
-                    }
-                    Out::New(id, sealed) => {
-                        let known = dedup
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get(&id)
-                            .copied();
-                        if let Some(loc) = resumed.remove(&id).filter(|_| known.is_none()) {
-                            Progress::add(&job.progress.new, u64::from(a.len));
-                            dedup
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .insert(id, loc);
-                            (loc, 0)
-                        } else if let Some(loc) = known {
-                            Progress::add(&job.progress.reused, u64::from(a.len));
-                            (loc, 0)
-                        } else {
-                            let loc = pack.push(id, &sealed, a.len).map_err(RepoError::from)?;
-                            Progress::add(&job.progress.new, u64::from(a.len));
-                            {
-                                let mut d = dedup
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                                if d.len() < DEDUP_CAP {
-                                    d.insert(id, loc);
-                                }
-                            }
-                            if pack.len() as u64 >= repo.config.pack_size {
-                                let full = std::mem::replace(&mut pack, PackBuilder::new(0));
-                                upload(job, full, &mut uploads).await?;
-                            }
-                            (loc, 0)
-                        }
-                    }
-                };
-                new_entries.push(Entry {
-                    start: a.start,
-                    len: a.len,
-                    chunk_off: off,
-                    chunk: loc,
-                });
+                if let Some(e) = self.place(a).await? {
+                    entries.push(e);
+                }
             }
         }
-        let entries = overlay(&parent_entries, &ranges, new_entries);
+        Ok(entries)
+    }
+
+    /// Where an analysed piece goes: nowhere (a hole), a chunk already
+    /// stored, or a new chunk in the current pack (uploaded when full).
+    async fn place(&mut self, a: Analyzed) -> Result<Option<Entry>, CloudError> {
+        let progress = &self.job.progress;
+        Progress::add(&progress.done, u64::from(a.len));
+        let (loc, off) = match a.out {
+            Out::Hole => return Ok(None),
+            Out::Ref(loc, off) => {
+                Progress::add(&progress.reused, u64::from(a.len));
+                (loc, off)
+            }
+            Out::New(id, sealed) => {
+                let known = lock(&self.dedup).get(&id).copied();
+                if let Some(loc) = self.resumed.remove(&id).filter(|_| known.is_none()) {
+                    Progress::add(&progress.new, u64::from(a.len));
+                    lock(&self.dedup).insert(id, loc);
+                    (loc, 0)
+                } else if let Some(loc) = known {
+                    Progress::add(&progress.reused, u64::from(a.len));
+                    (loc, 0)
+                } else {
+                    let loc = self
+                        .pack
+                        .push(id, &sealed, a.len)
+                        .map_err(RepoError::from)?;
+                    Progress::add(&progress.new, u64::from(a.len));
+                    {
+                        let mut d = lock(&self.dedup);
+                        if d.len() < DEDUP_CAP {
+                            d.insert(id, loc);
+                        }
+                    }
+                    if self.pack.len() as u64 >= self.job.repo.config.pack_size {
+                        self.upload_pack().await?;
+                    }
+                    (loc, 0)
+                }
+            }
+        };
+        Ok(Some(Entry {
+            start: a.start,
+            len: a.len,
+            chunk_off: off,
+            chunk: loc,
+        }))
+    }
+
+    /// Block `b` is done with `entries`: it keeps the parent's index block
+    /// when nothing changed in it, else a new one is uploaded. Checkpoints
+    /// every few blocks.
+    async fn finish_block(
+        &mut self,
+        b: u64,
+        entries: Vec<Entry>,
+        parent_id: Option<String>,
+        parent: &[Entry],
+    ) -> Result<(), CloudError> {
         let id = if entries.is_empty() {
             None
-        } else if parent_id.is_some() && *parent_entries == entries {
+        } else if parent_id.is_some() && parent == entries.as_slice() {
             parent_id
         } else {
+            let repo = &self.job.repo;
             let (id, sealed) = repo.seal_index(b, &entries)?;
-            let repo = repo.clone();
-            let progress = job.progress.clone();
-            while uploads.len() >= UPLOADS * 4 {
-                if let Some(r) = uploads.join_next().await {
+            while self.uploads.len() >= UPLOADS * 4 {
+                if let Some(r) = self.uploads.join_next().await {
                     r.map_err(|e| CloudError::Internal(e.to_string()))??;
                 }
             }
-            let key = id.clone();
-            uploads.spawn(async move {
+            let (repo, progress, key) = (repo.clone(), self.job.progress.clone(), id.clone());
+            self.uploads.spawn(async move {
                 let n = repo.put_index(&key, sealed).await?;
                 Progress::add(&progress.transferred, n);
                 Ok(())
@@ -442,28 +514,46 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             Some(id)
         };
         if let Some(id) = &id {
-            blocks.push((b, id.clone()));
+            self.blocks.push((b, id.clone()));
         }
-        pending.push((b, id));
-        worked += 1;
-        if worked >= CHECKPOINT_BLOCKS || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            worked = 0;
-            let full = std::mem::replace(&mut pack, PackBuilder::new(0));
-            upload(job, full, &mut uploads).await?;
-            drain(&mut uploads).await?;
+        self.pending.push((b, id));
+        self.worked += 1;
+        if self.worked >= CHECKPOINT_BLOCKS || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the current pack, waits for every upload, and records the
+    /// blocks finished since the last checkpoint.
+    async fn checkpoint(&mut self) -> Result<(), CloudError> {
+        self.worked = 0;
+        self.upload_pack().await?;
+        drain(&mut self.uploads).await?;
+        if !self.pending.is_empty() {
+            let job = self.job;
             job.db
-                .checkpoint_task(&job.task, &pending, &(job.record)()?)?;
-            pending.clear();
-            last_checkpoint = Instant::now();
+                .checkpoint_task(&job.task, &self.pending, &(job.record)()?)?;
+            self.pending.clear();
         }
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
-    upload(job, pack, &mut uploads).await?;
-    drain(&mut uploads).await?;
-    if !pending.is_empty() {
-        job.db
-            .checkpoint_task(&job.task, &pending, &(job.record)()?)?;
+
+    async fn upload_pack(&mut self) -> Result<(), CloudError> {
+        let full = std::mem::replace(&mut self.pack, PackBuilder::new(0));
+        upload(self.job, full, &mut self.uploads).await
     }
-    Ok(blocks)
+
+    /// The last checkpoint; returns the manifest's block list.
+    async fn finish(mut self) -> Result<Vec<(u64, String)>, CloudError> {
+        self.checkpoint().await?;
+        Ok(self.blocks)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Hashes, zero-checks and seals the chunks of one piece read at `pos`

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::backup::Progress;
-use super::CloudError;
+use crate::cloud::task::Progress;
+use crate::cloud::CloudError;
 use crate::repo::fetch::{self, Fetch};
 use crate::repo::format::{Entry, Manifest};
 use crate::repo::Repo;
@@ -51,7 +51,7 @@ pub struct Job {
 }
 
 /// Coalesces the chunks of a block into GETs.
-pub(super) fn plan(entries: &[Entry]) -> Vec<Fetch> {
+pub(crate) fn plan(entries: &[Entry]) -> Vec<Fetch> {
     fetch::plan(entries.iter().map(|e| e.chunk), MAX_GET)
 }
 

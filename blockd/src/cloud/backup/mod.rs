@@ -1,0 +1,476 @@
+//! Backups: the whole flow of `cloudsnap backup` and `backup-group`.
+//! Claims, the freeze, the task records, then per member the stream of
+//! its change set to the bucket ([`stream`]), the manifest written last
+//! (the commit point), the local snapshot released, and a group's object.
+
+pub mod stream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, TaskState};
+
+use crate::claims::{Claim, Want};
+use crate::repo::format::{Group, Manifest};
+use crate::repo::{name, Repo, RepoError};
+use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::CreateRequest;
+use crate::volume::dirty_map::ChangeSet;
+
+use super::task::{encode_record, new_task_id, Plan, Progress, Record, Running};
+use super::{now, Cloud, CloudError};
+
+impl Cloud {
+    /// Starts a backup of one volume.
+    ///
+    /// # Errors
+    /// Unknown volume or location, a backup already running, a failing hook.
+    pub async fn backup(self: &Arc<Self>, req: BackupRequest) -> Result<Started, CloudError> {
+        let g = BackupGroupRequest {
+            volumes: vec![req.volume],
+            select: BTreeMap::new(),
+            full: req.full,
+            location: req.location,
+            labels: req.labels,
+            pre_exec: req.pre_exec,
+            post_exec: req.post_exec,
+            exec_timeout_secs: req.exec_timeout_secs,
+        };
+        self.start_backups(g, false).await
+    }
+
+    /// Starts a group backup: every member frozen at one point.
+    ///
+    /// # Errors
+    /// As [`Cloud::backup`]; no members.
+    pub async fn backup_group(
+        self: &Arc<Self>,
+        req: BackupGroupRequest,
+    ) -> Result<Started, CloudError> {
+        self.start_backups(req, true).await
+    }
+
+    pub(super) async fn start_backups(
+        self: &Arc<Self>,
+        req: BackupGroupRequest,
+        group: bool,
+    ) -> Result<Started, CloudError> {
+        let mut names = req.volumes.clone();
+        if !req.select.is_empty() {
+            if !names.is_empty() {
+                return Err(CloudError::Invalid(
+                    "give --volume-ids or --label, not both".into(),
+                ));
+            }
+            names = self
+                .volumes
+                .list()
+                .iter()
+                .filter(|v| {
+                    let labels = v.meta().labels;
+                    req.select.iter().all(|(k, val)| labels.get(k) == Some(val))
+                })
+                .map(|v| v.name().to_string())
+                .collect();
+            if names.is_empty() {
+                return Err(CloudError::NotFound(
+                    "no volume carries all the given labels".into(),
+                ));
+            }
+        }
+        if names.is_empty() {
+            return Err(CloudError::Invalid(
+                "name at least one volume (--volume-ids) or labels (--label)".into(),
+            ));
+        }
+        let location = self.locations.resolve(req.location.as_deref())?;
+        let created_name = name::new();
+        // Claims first: each member's volume, its one job slot, the new
+        // snapshot's name and the location are held from here until the
+        // task ends, so no request can delete or reuse them meanwhile and a
+        // second backup of a member is refused.
+        let mut members = Vec::with_capacity(names.len());
+        for n in &names {
+            let id = new_task_id();
+            let claim = self
+                .claims
+                .acquire(Want::for_backup(&id, n, &created_name, &location))?;
+            members.push((n, id, claim));
+        }
+        // Deleted before the claims were taken? (After, it cannot be.)
+        self.locations.resolve(Some(&location))?;
+        let repo = self.locations.repo(&location).await?;
+        let mut plans = Vec::with_capacity(members.len());
+        for (n, id, claim) in members {
+            let v = self.volumes.get(n).ok_or_else(|| {
+                CloudError::NotFound(format!(
+                    "volume {n:?} not found: list volumes with `blockctl volume list`"
+                ))
+            })?;
+            if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
+                return Err(CloudError::Conflict(format!(
+                    "volume {n} is being restored"
+                )));
+            }
+            let (parent, base) = self.parent_of(&repo, &location, &v).await?;
+            plans.push((v, parent, base, id, claim));
+        }
+        let metas = self
+            .snapshots
+            .create_claimed(CreateRequest {
+                volumes: names.clone(),
+                name: Some(created_name.clone()),
+                pre_exec: req.pre_exec.clone(),
+                post_exec: req.post_exec.clone(),
+                exec_timeout: blockd_api::exec_timeout(req.exec_timeout_secs)
+                    .map_err(CloudError::Invalid)?,
+            })
+            .await?;
+        let group_id = (group || names.len() > 1).then(|| created_name.clone());
+        let labels: BTreeMap<String, String> = req
+            .select
+            .iter()
+            .chain(&req.labels)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut started = Vec::with_capacity(plans.len());
+        let mut failed = None;
+        for (v, parent, base, id, claim) in plans {
+            let snap = self.snapshots.get(v.name(), &created_name);
+            let meta = metas.iter().find(|m| m.volume == v.name());
+            let (Some(snap), Some(meta)) = (snap, meta) else {
+                failed = Some(CloudError::Internal(format!(
+                    "the new snapshot of {} vanished",
+                    v.name()
+                )));
+                break;
+            };
+            let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
+            let incremental = base && !req.full && meta.changes_known && chain < self.full_every;
+            let full = !incremental;
+            let total = if full {
+                meta.size
+            } else {
+                self.changes_for(&snap).extents.len() * meta.extent_size
+            };
+            let task = Task {
+                id,
+                kind: TaskKind::Backup,
+                state: TaskState::Active,
+                volume: v.name().to_string(),
+                snapshot: format!("{}/{created_name}", v.name()),
+                location: location.clone(),
+                group: group_id.clone(),
+                full,
+                lazy: false,
+                created: now(),
+                finished: None,
+                bytes_total: total,
+                bytes_done: 0,
+                bytes_transferred: 0,
+                bytes_reused: 0,
+                elapsed_secs: 0.0,
+                eta_secs: None,
+                error: None,
+            };
+            let record = Record {
+                task,
+                plan: Plan::Backup {
+                    parent: parent.as_ref().map(|p| name::id(&p.volume, &p.name)),
+                    chain: if full { 0 } else { chain },
+                    // Volume labels that selected a group are recorded too,
+                    // so `cloudsnap list --label` finds the group's members.
+                    labels: labels.clone(),
+                    created: meta.created.clone(),
+                    pause_us: meta.pause_us,
+                    pre_exec: meta.pre_exec.clone().map(Into::into),
+                    post_exec: meta.post_exec.clone().map(Into::into),
+                },
+                read: 0,
+                new: 0,
+            };
+            if let Err(e) = self.save(&record) {
+                failed = Some(e);
+                break;
+            }
+            started.push((record, snap, claim, parent));
+        }
+        if let Some(e) = failed {
+            // Nothing runs: every member's snapshot is abandoned (its change
+            // set merged back, so the next backup covers it) and the
+            // records already written end Failed.
+            for n in &names {
+                let _ = self.snapshots.discard(n, &created_name);
+            }
+            for (r, _, _, _) in started {
+                self.fail_record(r, &format!("the backup could not start: {e}"));
+            }
+            tracing::warn!(snapshot = %created_name, error = %e, "backup could not start; its changes are kept for the next backup");
+            return Err(e);
+        }
+        let mut tasks = Vec::with_capacity(started.len());
+        for (record, snap, claim, parent) in started {
+            tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
+            tasks.push(record.task.clone());
+            self.spawn_backup(record, snap, claim, parent);
+        }
+        Ok(Started {
+            group: group_id,
+            tasks,
+        })
+    }
+
+    /// The parent of a backup of `v` to `location`, and whether it is the
+    /// base of an incremental: the volume's last backup there, still listed.
+    /// A full read uses a parent too: chunks unchanged at the same place are
+    /// referenced, not uploaded again.
+    pub(super) async fn parent_of(
+        &self,
+        repo: &Repo,
+        location: &str,
+        v: &crate::volume::Volume,
+    ) -> Result<(Option<Manifest>, bool), CloudError> {
+        let parent = match self.db.backup_base(v.name())? {
+            Some((loc, snap)) if loc == location => match name::split(&snap) {
+                Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
+                    Ok(m) if m.size == v.size() && m.extent_size == v.extent_size() => Some(m),
+                    Ok(_) | Err(RepoError::Missing { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                },
+                None => None,
+            },
+            _ => None,
+        };
+        // Without one (first backup here, or the last backup went to
+        // another location and took the change set with it), the whole
+        // volume is read, but chunks unchanged since this volume's latest
+        // snapshot in this location are still referenced.
+        Ok(match parent {
+            Some(p) => (Some(p), true),
+            None => (self.latest_same_shape(repo, v).await, false),
+        })
+    }
+
+    /// The latest readable snapshot of `v`'s name in `repo` with its size
+    /// and extent size (a full read references its unchanged chunks).
+    pub(super) async fn latest_same_shape(
+        &self,
+        repo: &Repo,
+        v: &crate::volume::Volume,
+    ) -> Option<Manifest> {
+        let names = repo.list_snapshots(Some(v.name())).await.ok()?;
+        for (vol, name) in names.iter().rev().filter(|(_, n)| name::is_valid(n)) {
+            if let Ok(m) = repo.get_manifest(vol, name).await {
+                if m.size == v.size() && m.extent_size == v.extent_size() {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
+
+    /// The change set a backup of `snap` must read: its own, plus those of
+    /// any other held snapshot of the volume (a local snapshot taken since
+    /// the last backup took those changes from the volume's map).
+    pub(super) fn changes_for(&self, snap: &SnapshotStore) -> ChangeSet {
+        let m = snap.meta();
+        let mut c = snap.changes().clone();
+        for other in self.snapshots.list(Some(&m.volume)) {
+            if other.meta().name != m.name {
+                c.merge(other.changes());
+            }
+        }
+        c
+    }
+
+    /// Runs backup task `record` from its frozen `snap`. `parent` is the
+    /// parent's manifest when the caller has it (a fresh start); a resumed
+    /// task fetches it again.
+    pub(super) fn spawn_backup(
+        self: &Arc<Self>,
+        record: Record,
+        snap: Arc<SnapshotStore>,
+        claim: Claim,
+        parent: Option<Manifest>,
+    ) {
+        let run = self.register(record, None);
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
+            let outcome = me.run_backup(&run, &snap, parent).await;
+            let (volume, name, id) = {
+                let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
+                (v.to_string(), n.to_string(), r.task.id.clone())
+            };
+            match outcome {
+                Ok(()) => {
+                    if let Err(e) = me.snapshots.release(&volume, &name) {
+                        tracing::warn!(error = %e, "releasing the backup's snapshot failed");
+                    }
+                    // The last member of a group writes the group object
+                    // before it reports Done; members finish one at a time
+                    // here, so exactly one of them sees the others Done.
+                    let (group, location) = {
+                        let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        (r.task.group.clone(), r.task.location.clone())
+                    };
+                    let _finishing = me.finishing.lock().await;
+                    if let Some(g) = &group {
+                        me.maybe_write_group(g, &location, &id).await;
+                    }
+                    let r = me.finish(&run, TaskState::Done, None);
+                    let _ = me.db.set_backup_base(&volume, Some((&r.task.location, &r.task.snapshot)));
+                    tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
+                }
+                Err(CloudError::Cancelled)
+                    if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    // Left active: it resumes at the next start from its
+                    // last checkpoint, whose record (and counters) stay as
+                    // saved then, so redone work is not counted twice.
+                    me.lock().remove(&id);
+                }
+                Err(e) => {
+                    let stopped = matches!(e, CloudError::Cancelled);
+                    let _ = me.snapshots.discard(&volume, &name);
+                    let (state, err) = if stopped {
+                        (TaskState::Stopped, Some("stopped by request; its changes go to the next backup".to_string()))
+                    } else {
+                        (TaskState::Failed, Some(format!("{e}; the volume's changes are kept for the next backup")))
+                    };
+                    tracing::warn!(task = %id, state = %state, error = ?err, "backup ended");
+                    me.finish(&run, state, err);
+                }
+            }
+        });
+    }
+
+    pub(super) async fn run_backup(
+        &self,
+        run: &Arc<Running>,
+        snap: &Arc<SnapshotStore>,
+        parent: Option<Manifest>,
+    ) -> Result<(), CloudError> {
+        let rec = run.snapshot();
+        let (parent_id, chain, labels, created, pause_us, pre_exec, post_exec) = match &rec.plan {
+            Plan::Backup {
+                parent,
+                chain,
+                labels,
+                created,
+                pause_us,
+                pre_exec,
+                post_exec,
+            } => (
+                parent.clone(),
+                *chain,
+                labels.clone(),
+                created.clone(),
+                *pause_us,
+                pre_exec.clone(),
+                post_exec.clone(),
+            ),
+            Plan::Restore { .. } => return Err(CloudError::Internal("not a backup".into())),
+        };
+        let repo = self.locations.repo(&rec.task.location).await?;
+        let volume = self
+            .volumes
+            .get(&rec.task.volume)
+            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+        let parent = match (parent, parent_id.as_deref().and_then(name::split)) {
+            (Some(m), _) => Some(m),
+            (None, Some((v, n))) => Some(repo.get_manifest(v, n).await?),
+            (None, None) => None,
+        };
+        let cancel = run.stop.clone();
+        let run2 = run.clone();
+        let job = stream::Job {
+            task: rec.task.id.clone(),
+            repo: repo.clone(),
+            volume,
+            snap: snap.clone(),
+            changes: self.changes_for(snap),
+            full: rec.task.full,
+            parent: parent.clone(),
+            db: self.db.clone(),
+            progress: run.progress.clone(),
+            cancel,
+            record: Box::new(move || encode_record(&run2.snapshot())),
+        };
+        let blocks = stream::run(&job).await;
+        let blocks = blocks?;
+        let r = run.snapshot();
+        let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
+        let meta = snap.meta();
+        let mut manifest = Manifest {
+            volume: v.to_string(),
+            name: n.to_string(),
+            created,
+            size: meta.size,
+            extent_size: meta.extent_size,
+            full: r.task.full,
+            chain,
+            parent: if r.task.full { None } else { parent_id },
+            group: r.task.group.clone(),
+            labels,
+            bytes_read: r.read,
+            bytes_new: r.new,
+            bytes_reused: r.task.bytes_reused,
+            bytes_uploaded: r.task.bytes_transferred,
+            pause_us,
+            pre_exec,
+            post_exec,
+            blocks: blocks.into_iter().collect(),
+        };
+        // The manifest's own size counts as uploaded too (approximately).
+        manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;
+        match repo.put_manifest(&manifest).await {
+            Ok(n) => Progress::add(&run.progress.transferred, n),
+            // Written by this task before a crash: done.
+            Err(RepoError::Exists { .. })
+                if repo
+                    .get_manifest(v, n)
+                    .await
+                    .is_ok_and(|m| m.blocks == manifest.blocks) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Writes the group object if every member but `finishing` (which is
+    /// about to be Done) is Done.
+    pub(super) async fn maybe_write_group(&self, group: &str, location: &str, finishing: &str) {
+        let Ok(records) = self.db.tasks(false, 10_000) else {
+            return;
+        };
+        let members: Vec<Record> = records
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Record>(r).ok())
+            .filter(|r| r.task.group.as_deref() == Some(group) && r.task.kind == TaskKind::Backup)
+            .collect();
+        if members
+            .iter()
+            .any(|r| r.task.id != finishing && r.task.state != TaskState::Done)
+        {
+            return;
+        }
+        let Ok(repo) = self.locations.repo(location).await else {
+            return;
+        };
+        let g = Group {
+            group: group.to_string(),
+            created: members
+                .iter()
+                .map(|r| r.task.created.clone())
+                .min()
+                .unwrap_or_default(),
+            members: members.iter().map(|r| r.task.snapshot.clone()).collect(),
+        };
+        match repo.put_group(&g).await {
+            Ok(_) => tracing::info!(group, members = g.members.len(), "group backup recorded"),
+            Err(e) => tracing::error!(group, error = %e, "writing the group object failed"),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The catalog: what a location's bucket holds (`cloudsnap list`,
+//! `catalog`, `delete`), read from the bucket alone.
+
+use std::collections::BTreeMap;
+
+use blockd_api::{Catalog, CloudSnap, Verified};
+
+use crate::claims::Want;
+use crate::repo::format::Manifest;
+use crate::repo::{name, Repo, RepoError};
+
+use super::{restore, Cloud, CloudError};
+
+impl Cloud {
+    pub(crate) fn to_cloudsnap(m: &Manifest, location: &str) -> CloudSnap {
+        CloudSnap {
+            id: format!("{}/{}", m.volume, m.name),
+            volume: m.volume.clone(),
+            location: location.to_string(),
+            created: m.created.clone(),
+            size: m.size,
+            extent_size: m.extent_size,
+            full: m.full,
+            parent: m.parent.clone(),
+            group: m.group.clone(),
+            labels: m.labels.clone(),
+            bytes_read: m.bytes_read,
+            bytes_new: m.bytes_new,
+            bytes_reused: m.bytes_reused,
+            bytes_uploaded: m.bytes_uploaded,
+            status: "Done".into(),
+        }
+    }
+
+    /// Snapshots in a location's bucket.
+    ///
+    /// # Errors
+    /// Unknown location, provider errors, a corrupt manifest (named).
+    pub async fn list(
+        &self,
+        location: Option<&str>,
+        src: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<CloudSnap>, CloudError> {
+        let location = self.locations.resolve(location)?;
+        let repo = self.locations.repo(&location).await?;
+        let names = repo.list_snapshots(src).await?;
+        let manifests: Vec<((String, String), Result<Manifest, RepoError>)> =
+            futures::StreamExt::collect(futures::StreamExt::buffered(
+                futures::stream::iter(names.into_iter().map(|(v, n)| {
+                    let repo = repo.clone();
+                    async move {
+                        let r = if name::is_valid(&n) {
+                            repo.get_manifest(&v, &n).await
+                        } else {
+                            Err(repo.foreign_manifest(&v, &n))
+                        };
+                        ((v, n), r)
+                    }
+                })),
+                8,
+            ))
+            .await;
+        let mut out = Vec::new();
+        for ((v, n), m) in manifests {
+            match m {
+                Ok(m) => {
+                    if labels.iter().all(|(k, val)| m.labels.get(k) == Some(val)) {
+                        out.push(Self::to_cloudsnap(&m, &location));
+                    }
+                }
+                // Damaged or foreign objects are listed by name (so they can
+                // be seen and deleted), never used.
+                Err(RepoError::Corrupt { reason, object, .. }) if labels.is_empty() => {
+                    tracing::warn!(%location, %object, %reason, "unusable object under snapshots/");
+                    out.push(CloudSnap {
+                        id: format!("{v}/{n}"),
+                        volume: v,
+                        location: location.clone(),
+                        created: String::new(),
+                        size: 0,
+                        extent_size: 0,
+                        full: false,
+                        parent: None,
+                        group: None,
+                        labels: BTreeMap::new(),
+                        bytes_read: 0,
+                        bytes_new: 0,
+                        bytes_reused: 0,
+                        bytes_uploaded: 0,
+                        status: format!("Corrupt: {reason}"),
+                    });
+                }
+                Err(RepoError::Corrupt { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Names start with the freeze time in milliseconds: id order is time order.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Resolves `--snap`: a snapshot id, or a volume name for its latest.
+    pub(super) async fn find(&self, repo: &Repo, snap: &str) -> Result<Manifest, CloudError> {
+        let (v, n) = match name::split(snap) {
+            Some((v, n)) => (v.to_string(), n.to_string()),
+            None => {
+                let names = repo.list_snapshots(Some(snap)).await?;
+                let Some(last) = names
+                    .into_iter()
+                    .filter(|(_, n)| name::is_valid(n))
+                    .max_by(|a, b| a.1.cmp(&b.1))
+                else {
+                    return Err(CloudError::NotFound(format!(
+                        "no cloud snapshot {snap:?} in location {}: give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)",
+                        repo.location()
+                    )));
+                };
+                last
+            }
+        };
+        match repo.get_manifest(&v, &n).await {
+            Err(RepoError::Missing { .. }) => Err(CloudError::NotFound(format!(
+                "no cloud snapshot {v}/{n} in location {}: see `blockctl cloudsnap list`",
+                repo.location()
+            ))),
+            r => Ok(r?),
+        }
+    }
+
+    /// A snapshot's manifest; with `verify`, every chunk is fetched and
+    /// checked.
+    ///
+    /// # Errors
+    /// Unknown snapshot; a missing or corrupt object, named with the snapshot.
+    pub async fn catalog(
+        &self,
+        location: Option<&str>,
+        snap: &str,
+        verify: bool,
+    ) -> Result<Catalog, CloudError> {
+        let location = self.locations.resolve(location)?;
+        let repo = self.locations.repo(&location).await?;
+        let m = self.find(&repo, snap).await?;
+        let id = format!("{}/{}", m.volume, m.name);
+        let named = |e: RepoError| CloudError::Internal(format!("snapshot {id}: {e}"));
+        let mut data_bytes = 0u64;
+        let mut chunks = 0u64;
+        let mut bytes = 0u64;
+        for (b, ix) in &m.blocks {
+            let entries = repo.get_index(*b, ix).await.map_err(named)?;
+            data_bytes += entries.iter().map(|e| u64::from(e.len)).sum::<u64>();
+            if verify {
+                let (c, n) = restore::fill::verify(&repo, &entries)
+                    .await
+                    .map_err(|e| match e {
+                        CloudError::Repo(r) => named(r),
+                        e => e,
+                    })?;
+                chunks += c;
+                bytes += n;
+            }
+        }
+        Ok(Catalog {
+            snap: Self::to_cloudsnap(&m, &location),
+            chunk_size: repo.config.chunk_size,
+            index_span: repo.config.index_span,
+            index_blocks: m.blocks.len() as u64,
+            data_bytes,
+            pause_us: m.pause_us,
+            pre_exec: m.pre_exec.clone(),
+            post_exec: m.post_exec.clone(),
+            verified: verify.then_some(Verified { chunks, bytes }),
+        })
+    }
+
+    /// Deletes a snapshot's manifest; other snapshots stay restorable
+    /// (their index blocks are complete maps; chunks are reclaimed by GC).
+    ///
+    /// # Errors
+    /// Unknown snapshot, provider errors.
+    pub async fn delete(&self, location: Option<&str>, snap: &str) -> Result<(), CloudError> {
+        let location = self.locations.resolve(location)?;
+        let repo = self.locations.repo(&location).await?;
+        let (v, n) = name::split(snap).ok_or_else(|| {
+            CloudError::Invalid(format!(
+                "--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
+            ))
+        })?;
+        let _claim = self
+            .claims
+            .acquire(Want::for_cloudsnap_delete(&location, &format!("{v}/{n}")))?;
+        if !repo.has_manifest(v, n).await? {
+            return Err(CloudError::NotFound(format!(
+                "no cloud snapshot {snap} in location {location}"
+            )));
+        }
+        repo.delete_manifest(v, n).await?;
+        tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
+        Ok(())
+    }
+}

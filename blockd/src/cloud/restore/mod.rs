@@ -1,0 +1,347 @@
+//! Restores: the whole flow of `cloudsnap restore`, full ([`fill`]) or
+//! lazy (served at once, filled by [`super::hydrate`]), with their claims,
+//! records, resume and clean-up.
+
+pub mod fill;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use blockd_api::{RestoreRequest, Started, Task, TaskKind, TaskState};
+
+use crate::claims::{Claim, Want};
+
+use super::hydrate;
+use super::task::{encode_record, new_task_id, Plan, Progress, Record, Running};
+use super::{now, Cloud, CloudError};
+
+/// A lazy restore's present map and source.
+pub(super) struct Hydration {
+    pub(super) lazy: Arc<crate::volume::lazy::Lazy>,
+    pub(super) source: Arc<hydrate::RepoSource>,
+}
+
+impl Cloud {
+    /// Starts a full restore into a new volume.
+    ///
+    /// # Errors
+    /// Unknown snapshot or location, an existing volume name.
+    pub async fn restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Started, CloudError> {
+        let location = self.locations.resolve(req.location.as_deref())?;
+        let repo = self.locations.repo(&location).await?;
+        if self.volumes.get(&req.volume).is_some() {
+            return Err(CloudError::Conflict(format!(
+                "volume {} already exists: restore into a new name (a restore never overwrites a volume)",
+                req.volume
+            )));
+        }
+        let m = self.find(&repo, &req.snap).await?;
+        let id = new_task_id();
+        let snapshot = format!("{}/{}", m.volume, m.name);
+        // Held until the task ends: the new volume's name, its job slot, the
+        // location and the cloud snapshot being read (which therefore
+        // cannot be deleted while the restore needs it).
+        let claim = self.claims.acquire(Want::for_restore(
+            &id,
+            &req.volume,
+            &location,
+            &snapshot,
+            req.lazy,
+        ))?;
+        // A delete that ended between `find` and the claim.
+        self.locations.resolve(Some(&location))?;
+        if !repo.has_manifest(&m.volume, &m.name).await? {
+            return Err(CloudError::NotFound(format!(
+                "cloud snapshot {snapshot} was just deleted from location {location}"
+            )));
+        }
+        let v = self
+            .volumes
+            .create(blockd_api::CreateVolume {
+                name: req.volume.clone(),
+                size: m.size,
+                extent_size: Some(m.extent_size),
+                labels: BTreeMap::new(),
+            })
+            .map_err(|e| match e {
+                crate::volume::store::StoreError::Exists { .. } => {
+                    CloudError::Conflict(e.to_string())
+                }
+                crate::volume::store::StoreError::Invalid { .. } => {
+                    CloudError::Invalid(e.to_string())
+                }
+                e => CloudError::Internal(e.to_string()),
+            })?;
+        if !req.lazy {
+            v.restoring
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        let task = Task {
+            id,
+            kind: TaskKind::Restore,
+            state: TaskState::Active,
+            volume: req.volume.clone(),
+            snapshot,
+            location: location.clone(),
+            group: None,
+            full: true,
+            lazy: req.lazy,
+            created: now(),
+            finished: None,
+            bytes_total: m.size,
+            bytes_done: 0,
+            bytes_transferred: 0,
+            bytes_reused: 0,
+            elapsed_secs: 0.0,
+            eta_secs: None,
+            error: None,
+        };
+        let record = Record {
+            task: task.clone(),
+            plan: Plan::Restore {
+                src_volume: m.volume.clone(),
+                src_name: m.name.clone(),
+                lazy: req.lazy,
+                unit: repo.config.chunk_size,
+            },
+            read: 0,
+            new: 0,
+        };
+        let hydration = if req.lazy {
+            let started = async {
+                let _ =
+                    crate::volume::lazy::remove_present(&self.volumes.present_path(&req.volume));
+                let h = self.attach_lazy(
+                    &v,
+                    &record,
+                    Some(hydrate::Ready::new(repo.clone(), m)),
+                    true,
+                )?;
+                // The map exists before the task does: a resumed lazy
+                // restore without one is damage, never a fresh start.
+                h.lazy
+                    .persist(roaring::RoaringBitmap::new(), 0)
+                    .await
+                    .map_err(|e| CloudError::internal("writing the present map", e))?;
+                Ok::<_, CloudError>(h)
+            };
+            match started.await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    v.end_lazy();
+                    let _ = self.volumes.delete(&req.volume, true);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        if let Err(e) = self.save(&record) {
+            // Without a record nothing would finish or resume this restore:
+            // the new volume goes.
+            if hydration.is_some() {
+                v.end_lazy();
+            }
+            let _ = self.volumes.delete(&req.volume, true);
+            return Err(e);
+        }
+        tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
+        self.spawn_restore(record, hydration, claim);
+        Ok(Started {
+            group: None,
+            tasks: vec![task],
+        })
+    }
+
+    pub(super) fn spawn_restore(
+        self: &Arc<Self>,
+        record: Record,
+        hydration: Option<Hydration>,
+        claim: Claim,
+    ) {
+        let run = self.register(
+            record,
+            hydration.as_ref().map(|h| h.source.progress.clone()),
+        );
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
+            let lazy = hydration.is_some();
+            let outcome = match &hydration {
+                Some(h) => me.run_hydrate(&run, h).await,
+                None => me.run_restore(&run).await,
+            };
+            let (id, volume, snapshot, location) = {
+                let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (r.task.id.clone(), r.task.volume.clone(), r.task.snapshot.clone(), r.task.location.clone())
+            };
+            match outcome {
+                Ok(()) if lazy => {
+                    // The volume is the snapshot plus its own writes, which
+                    // its dirty map holds: the next backup to the same
+                    // location can be an incremental on the snapshot.
+                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    // Done is recorded before the present map goes: a
+                    // crash in between must not restart hydration on an
+                    // empty map (it would overwrite the volume's writes).
+                    let r = me.finish(&run, TaskState::Done, None);
+                    if let Some(v) = me.volumes.get(&volume) {
+                        if let Some(l) = v.lazy() {
+                            v.end_lazy();
+                            if let Err(e) = l.remove_file() {
+                                tracing::warn!(%volume, error = %e, "removing the present map failed");
+                            }
+                        }
+                    }
+                    tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "lazy restore done: the volume is complete");
+                }
+                Ok(()) => {
+                    if let Some(v) = me.volumes.get(&volume) {
+                        // The volume now equals the snapshot: its next backup
+                        // to the same location can be an incremental on it.
+                        let _ = v.dirty.take();
+                        v.restoring.store(false, std::sync::atomic::Ordering::Release);
+                    }
+                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    let r = me.finish(&run, TaskState::Done, None);
+                    tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "restore done");
+                }
+                Err(CloudError::Cancelled)
+                    if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    me.lock().remove(&id);
+                }
+                Err(e) => {
+                    let stopped = matches!(e, CloudError::Cancelled);
+                    // An incomplete volume must not be mistaken for the snapshot.
+                    me.snapshots.delete_volume(&volume);
+                    let _ = me.volumes.delete(&volume, true);
+                    let err = if stopped {
+                        format!("stopped by request; the incomplete volume {volume} was deleted")
+                    } else {
+                        format!("{e}; the incomplete volume {volume} was deleted")
+                    };
+                    tracing::warn!(task = %id, error = %err, "restore ended");
+                    me.finish(&run, if stopped { TaskState::Stopped } else { TaskState::Failed }, Some(err));
+                }
+            }
+        });
+    }
+
+    /// Serves `v` lazily for the restore `r`: its present map (new when
+    /// `fresh`, else it must exist) and the source of its missing units.
+    pub(super) fn attach_lazy(
+        self: &Arc<Self>,
+        v: &crate::volume::Volume,
+        r: &Record,
+        ready: Option<hydrate::Ready>,
+        fresh: bool,
+    ) -> Result<Hydration, CloudError> {
+        let Plan::Restore {
+            src_volume,
+            src_name,
+            unit,
+            ..
+        } = &r.plan
+        else {
+            return Err(CloudError::Internal("not a restore".into()));
+        };
+        let path = self.volumes.present_path(v.name());
+        if !fresh && !path.exists() {
+            return Err(CloudError::Internal(format!(
+                "the present map {} of lazily restored volume {} is missing",
+                path.display(),
+                v.name()
+            )));
+        }
+        let progress = Arc::new(Progress::default());
+        progress
+            .total
+            .store(r.task.bytes_total, std::sync::atomic::Ordering::Relaxed);
+        progress.transferred.store(
+            r.task.bytes_transferred,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let source = Arc::new(hydrate::RepoSource::new(
+            Arc::downgrade(self),
+            r.task.location.clone(),
+            src_volume.clone(),
+            src_name.clone(),
+            ready,
+            progress,
+        ));
+        let lazy = v
+            .make_lazy(path, *unit, source.clone())
+            .map_err(|e| CloudError::internal(&format!("volume {}", v.name()), e))?;
+        Ok(Hydration { lazy, source })
+    }
+
+    pub(super) async fn run_hydrate(
+        &self,
+        run: &Arc<Running>,
+        h: &Hydration,
+    ) -> Result<(), CloudError> {
+        let rec = run.snapshot();
+        let volume = self
+            .volumes
+            .get(&rec.task.volume)
+            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+        let run2 = run.clone();
+        let job = hydrate::Job {
+            volume,
+            lazy: h.lazy.clone(),
+            source: h.source.clone(),
+            progress: run.progress.clone(),
+            cancel: run.stop.clone(),
+            report: Box::new(move |why| {
+                run2.record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .task
+                    .error = why;
+            }),
+            limit: self.hydrate_limit,
+        };
+        hydrate::run(&job).await
+    }
+
+    pub(super) async fn run_restore(&self, run: &Arc<Running>) -> Result<(), CloudError> {
+        let rec = run.snapshot();
+        let Plan::Restore {
+            src_volume,
+            src_name,
+            ..
+        } = &rec.plan
+        else {
+            return Err(CloudError::Internal("not a restore".into()));
+        };
+        let repo = self.locations.repo(&rec.task.location).await?;
+        let manifest = repo
+            .get_manifest(src_volume, src_name)
+            .await
+            .map_err(|e| CloudError::Internal(format!("snapshot {src_volume}/{src_name}: {e}")))?;
+        let volume = self
+            .volumes
+            .get(&rec.task.volume)
+            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+        let cancel = run.stop.clone();
+        let run2 = run.clone();
+        let job = fill::Job {
+            task: rec.task.id.clone(),
+            repo,
+            manifest,
+            volume,
+            db: self.db.clone(),
+            progress: run.progress.clone(),
+            cancel,
+            record: Box::new(move || encode_record(&run2.snapshot())),
+        };
+        let r = fill::run(&job).await;
+        r?;
+        run.progress
+            .done
+            .store(rec.task.bytes_total, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,342 @@
+//! The task machinery: a task's persisted record (what it does, so it can
+//! resume after a restart), the registry of running tasks, their live
+//! counters, checkpoints of the record, and the status and stop verbs.
+//! Backup and restore own their flows and use this to register, save and
+//! finish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockd_api::{Hook, Task, TaskState};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::claims::Want;
+
+use super::{now, Cloud, CloudError};
+use crate::repo::name;
+
+/// Live counters of a task.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes to process.
+    pub total: AtomicU64,
+    /// Bytes processed.
+    pub done: AtomicU64,
+    /// Bytes uploaded or fetched.
+    pub transferred: AtomicU64,
+    /// Plain bytes referenced instead of stored.
+    pub reused: AtomicU64,
+    /// Plain bytes of new chunks stored.
+    pub new: AtomicU64,
+    /// Bytes read from the volume.
+    pub read: AtomicU64,
+}
+
+impl Progress {
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// What a task does, kept with its record so it can resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub(super) enum Plan {
+    Backup {
+        /// Parent snapshot name (same volume, same location).
+        parent: Option<String>,
+        /// Chain length of this snapshot.
+        chain: u32,
+        labels: BTreeMap<String, String>,
+        created: String,
+        pause_us: u64,
+        pre_exec: Option<Hook>,
+        post_exec: Option<Hook>,
+    },
+    Restore {
+        src_volume: String,
+        src_name: String,
+        /// Served while it fills (see `hydrate`).
+        #[serde(default)]
+        lazy: bool,
+        /// Bytes per present-map unit of a lazy restore.
+        #[serde(default)]
+        unit: u64,
+    },
+}
+
+/// The persisted record of a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Record {
+    pub(super) task: Task,
+    pub(super) plan: Plan,
+    /// Counters at the last save (read, new).
+    #[serde(default)]
+    pub(super) read: u64,
+    #[serde(default)]
+    pub(super) new: u64,
+}
+
+pub(super) struct Running {
+    pub(super) record: Mutex<Record>,
+    pub(super) progress: Arc<Progress>,
+    /// Cancelled by `cloudsnap stop` or by shutdown (a child of the
+    /// daemon's shutdown token); `stopped` tells the two apart.
+    pub(super) stop: CancellationToken,
+    pub(super) stopped: std::sync::atomic::AtomicBool,
+    pub(super) started: Instant,
+    /// Elapsed seconds before this run (earlier runs of a resumed task).
+    pub(super) before: f64,
+}
+
+impl Running {
+    pub(super) fn snapshot(&self) -> Record {
+        let mut r = self
+            .record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let p = &self.progress;
+        r.task.bytes_total = Progress::get(&p.total);
+        r.task.bytes_done = Progress::get(&p.done);
+        r.task.bytes_transferred = Progress::get(&p.transferred);
+        r.task.bytes_reused = Progress::get(&p.reused);
+        r.read = Progress::get(&p.read);
+        r.new = Progress::get(&p.new);
+        let secs = self.before + self.started.elapsed().as_secs_f64();
+        r.task.elapsed_secs = secs;
+        r.task.eta_secs =
+            (r.task.state == TaskState::Active && r.task.bytes_done > 0 && secs > 0.5).then(|| {
+                let rate = r.task.bytes_done as f64 / secs;
+                r.task.bytes_total.saturating_sub(r.task.bytes_done) as f64 / rate
+            });
+        r
+    }
+}
+
+/// A task record as stored; an encoding failure is an error, never an
+/// empty record.
+pub(super) fn encode_record(r: &Record) -> Result<String, CloudError> {
+    serde_json::to_string(r).map_err(|e| CloudError::internal("encoding a task record", e))
+}
+
+pub(super) fn new_task_id() -> String {
+    let mut b = [0u8; 8];
+    crate::repo::crypto::fill_random(&mut b);
+    let h = hex::encode(b);
+    format!("{}-{}-{}", &h[..4], &h[4..8], &h[8..])
+}
+
+impl Cloud {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn save(&self, r: &Record) -> Result<(), CloudError> {
+        let json = encode_record(r)?;
+        if r.task.state.is_final() {
+            self.db.finish_task(&r.task.id, &json)?;
+        } else {
+            self.db.put_task(&r.task.id, &json, true, &r.task.created)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn resume(self: &Arc<Self>, r: Record) {
+        tracing::info!(task = %r.task.id, volume = %r.task.volume, "resuming task after restart");
+        let id = r.task.id.clone();
+        let t = &r.task;
+        let want = match &r.plan {
+            Plan::Backup { .. } => {
+                let snap = name::split(&t.snapshot).map_or("", |(_, n)| n);
+                Want::for_backup(&t.id, &t.volume, snap, &t.location)
+            }
+            Plan::Restore { lazy, .. } => {
+                Want::for_restore(&t.id, &t.volume, &t.location, &t.snapshot, *lazy)
+            }
+        };
+        let claim = match self.claims.acquire(want) {
+            Ok(c) => c,
+            Err(e) => return self.fail_record(r, &e.to_string()),
+        };
+        match r.plan.clone() {
+            Plan::Backup { .. } => {
+                let snap_name = name::split(&r.task.snapshot)
+                    .map(|(_, n)| n.to_string())
+                    .unwrap_or_default();
+                match self.snapshots.get(&r.task.volume, &snap_name) {
+                    Some(s) => self.spawn_backup(r, s, claim, None),
+                    None => {
+                        if let Some(v) = self.volumes.get(&r.task.volume) {
+                            v.dirty.lose();
+                        }
+                        self.fail_record(r, "the local snapshot of this backup is gone; change tracking is reset so the next backup reads the whole volume");
+                    }
+                }
+            }
+            Plan::Restore { lazy: true, .. } => match self.volumes.get(&r.task.volume) {
+                Some(v) => match self.attach_lazy(&v, &r, None, false) {
+                    Ok(h) => self.spawn_restore(r, Some(h), claim),
+                    Err(e) => {
+                        // Which units hold the volume's own writes is
+                        // unknown: it must not be served.
+                        v.restoring
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        self.fail_record(r, &format!("{e}; volume {} is not exported: restore it again into a new volume", v.name()));
+                    }
+                },
+                None => self.fail_record(r, "the volume being restored into is gone"),
+            },
+            Plan::Restore { .. } => match self.volumes.get(&r.task.volume) {
+                Some(v) => {
+                    v.restoring
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    self.spawn_restore(r, None, claim);
+                }
+                None => self.fail_record(r, "the volume being restored into is gone"),
+            },
+        }
+        tracing::debug!(task = %id, "resumed");
+    }
+
+    pub(super) fn fail_record(&self, mut r: Record, why: &str) {
+        r.task.state = TaskState::Failed;
+        r.task.error = Some(why.to_string());
+        r.task.finished = Some(now());
+        r.task.eta_secs = None;
+        tracing::warn!(task = %r.task.id, error = why, "task failed");
+        let _ = self.save(&r);
+    }
+
+    pub(super) fn register(&self, r: Record, progress: Option<Arc<Progress>>) -> Arc<Running> {
+        let progress = progress.unwrap_or_default();
+        use std::sync::atomic::Ordering::Relaxed;
+        progress.total.store(r.task.bytes_total, Relaxed);
+        progress.done.store(r.task.bytes_done, Relaxed);
+        progress
+            .transferred
+            .store(r.task.bytes_transferred, Relaxed);
+        progress.reused.store(r.task.bytes_reused, Relaxed);
+        progress.read.store(r.read, Relaxed);
+        progress.new.store(r.new, Relaxed);
+        let running = Arc::new(Running {
+            before: r.task.elapsed_secs,
+            record: Mutex::new(r.clone()),
+            progress,
+            stop: self.shutdown.child_token(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        self.lock().insert(r.task.id.clone(), running.clone());
+        running
+    }
+
+    /// Ends a running task with `state`.
+    pub(super) fn finish(&self, run: &Running, state: TaskState, error: Option<String>) -> Record {
+        {
+            let mut r = run
+                .record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.task.state = state;
+            r.task.error = error;
+            r.task.finished = Some(now());
+        }
+        let mut r = run.snapshot();
+        r.task.eta_secs = None;
+        if let Err(e) = self.save(&r) {
+            tracing::error!(task = %r.task.id, error = %e, "saving task record failed");
+        }
+        self.lock().remove(&r.task.id);
+        r
+    }
+
+    /// Tasks, newest first: all, those matching a task or group id, or the
+    /// finished ones.
+    ///
+    /// # Errors
+    /// State database errors.
+    pub fn tasks(&self, name: Option<&str>, finished: bool) -> Result<Vec<Task>, CloudError> {
+        let live: HashMap<String, Task> = self
+            .lock()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.snapshot().task))
+            .collect();
+        let mut out = Vec::new();
+        for rec in self.db.tasks(false, 1000)? {
+            let Ok(r) = serde_json::from_str::<Record>(&rec) else {
+                continue;
+            };
+            let t = live.get(&r.task.id).cloned().unwrap_or(r.task);
+            if let Some(n) = name {
+                if t.id != n && t.group.as_deref() != Some(n) {
+                    continue;
+                }
+            }
+            if finished && !t.state.is_final() {
+                continue;
+            }
+            out.push(t);
+        }
+        if let Some(n) = name.filter(|_| out.is_empty()) {
+            return Err(CloudError::NotFound(format!(
+                "no task or group {n:?}: list them with `blockctl cloudsnap status`"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// One task.
+    ///
+    /// # Errors
+    /// Unknown id.
+    pub fn task(&self, id: &str) -> Result<Task, CloudError> {
+        if let Some(r) = self.lock().get(id) {
+            return Ok(r.snapshot().task);
+        }
+        let rec = self.db.task(id)?.ok_or_else(|| {
+            CloudError::NotFound(format!(
+                "no task {id:?}: list them with `blockctl cloudsnap status`"
+            ))
+        })?;
+        serde_json::from_str::<Record>(&rec)
+            .map(|r| r.task)
+            .map_err(|e| CloudError::internal("task record", e))
+    }
+
+    /// Stops a running task and waits for it to end.
+    ///
+    /// # Errors
+    /// Unknown or finished task.
+    pub async fn stop(&self, id: &str) -> Result<Task, CloudError> {
+        let run = self.lock().get(id).cloned();
+        let Some(run) = run else {
+            let t = self.task(id)?;
+            return Err(CloudError::Conflict(format!(
+                "task {id} already ended ({})",
+                t.state
+            )));
+        };
+        run.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        run.stop.cancel();
+        for _ in 0..600 {
+            if !self.lock().contains_key(id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.task(id)
+    }
+}
