@@ -18,7 +18,6 @@
 //!   recorded Done and only then is the present map removed: a crash in
 //!   between cannot make a finished volume look empty.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -51,18 +50,12 @@ const PERSIST_EVERY: Duration = Duration::from_secs(2);
 pub struct Ready {
     repo: Arc<Repo>,
     manifest: Manifest,
-    blocks: HashMap<u64, String>,
 }
 
 impl Ready {
     /// Wraps an opened snapshot.
     pub fn new(repo: Arc<Repo>, manifest: Manifest) -> Self {
-        let blocks = manifest.blocks.iter().cloned().collect();
-        Self {
-            repo,
-            manifest,
-            blocks,
-        }
+        Self { repo, manifest }
     }
 }
 
@@ -119,13 +112,6 @@ impl RepoSource {
             .await
     }
 
-    async fn index(&self, r: &Ready, block: u64) -> Result<Option<Arc<Vec<Entry>>>, CloudError> {
-        match r.blocks.get(&block) {
-            Some(id) => Ok(Some(self.index.get(&r.repo, block, id).await?)),
-            None => Ok(None),
-        }
-    }
-
     /// The entries overlapping units `first..first + count`, per index
     /// block: (block start in the volume, entries).
     async fn overlapping(
@@ -135,28 +121,9 @@ impl RepoSource {
         count: u32,
     ) -> Result<Vec<(u64, Vec<Entry>)>, CloudError> {
         let unit = r.repo.config.chunk_size;
-        let span = r.repo.config.index_span;
         let lo = u64::from(first) * unit;
-        let hi = (u64::from(first) + u64::from(count))
-            .saturating_mul(unit)
-            .min(r.manifest.size);
-        let mut out = Vec::new();
-        if lo >= hi {
-            return Ok(out);
-        }
-        for b in lo / span..=(hi - 1) / span {
-            let Some(entries) = self.index(r, b).await? else {
-                continue;
-            };
-            let base = b * span;
-            let used: Vec<Entry> = entries
-                .iter()
-                .filter(|e| base + u64::from(e.start) < hi && base + e.end() > lo)
-                .copied()
-                .collect();
-            out.push((base, used));
-        }
-        Ok(out)
+        let hi = (u64::from(first) + u64::from(count)).saturating_mul(unit);
+        Ok(self.index.overlapping(&r.repo, &r.manifest, lo, hi).await?)
     }
 
     /// Bytes of data (not holes) in units `first..first + count`.

@@ -740,26 +740,11 @@ impl Catalog {
 
     /// The pieces of chunks that make up `offset..end` of a snapshot.
     async fn pieces(&self, m: &Manifest, offset: u64, end: u64) -> Result<Vec<Piece>, RepoError> {
-        let span = self.repo.config.index_span;
         let mut out = Vec::new();
-        if end <= offset {
-            return Ok(out);
-        }
-        for b in offset / span..=(end - 1) / span {
-            let Ok(i) = m.blocks.binary_search_by_key(&b, |x| x.0) else {
-                continue;
-            };
-            let entries = self.index.get(&self.repo, b, &m.blocks[i].1).await?;
-            let base = b * span;
-            let lo = offset.max(base) - base;
-            let hi = end.min(base + span) - base;
-            let first = entries.partition_point(|e| e.end() <= lo);
-            for e in entries[first..]
-                .iter()
-                .take_while(|e| u64::from(e.start) < hi)
-            {
-                let s = lo.max(u64::from(e.start));
-                let t = hi.min(e.end());
+        for (base, entries) in self.index.overlapping(&self.repo, m, offset, end).await? {
+            for e in entries {
+                let s = (offset.max(base) - base).max(u64::from(e.start));
+                let t = (end - base).min(e.end());
                 out.push(Piece {
                     at: base + s - offset,
                     chunk: e.chunk,

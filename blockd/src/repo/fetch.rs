@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::format::{ChunkLoc, Entry};
+use super::format::{ChunkLoc, Entry, Manifest};
 use super::{pack_key, Repo, RepoError};
 
 /// Gap between records of one pack still worth reading through in one GET.
@@ -132,6 +132,45 @@ impl IndexCache {
         let entries = hit.1.clone();
         blocks.push(hit);
         Some(entries)
+    }
+
+    /// The entries of snapshot `m` overlapping volume bytes `lo..hi`, per
+    /// index block: (the block's start in the volume, those entries, whole,
+    /// in order). Blocks the manifest does not list are holes and absent.
+    /// The one reader from a volume range to index entries: restores,
+    /// lazy fetches and the catalog mount all use it.
+    ///
+    /// # Errors
+    /// A missing or corrupt index block, named.
+    pub async fn overlapping(
+        &self,
+        repo: &Repo,
+        m: &Manifest,
+        lo: u64,
+        hi: u64,
+    ) -> Result<Vec<(u64, Vec<Entry>)>, RepoError> {
+        let span = repo.config.index_span;
+        let hi = hi.min(m.size);
+        let mut out = Vec::new();
+        if lo >= hi {
+            return Ok(out);
+        }
+        for b in lo / span..=(hi - 1) / span {
+            let Ok(i) = m.blocks.binary_search_by_key(&b, |x| x.0) else {
+                continue;
+            };
+            let entries = self.get(repo, b, &m.blocks[i].1).await?;
+            let base = b * span;
+            let (l, h) = (lo.max(base) - base, hi.min(base + span) - base);
+            let first = entries.partition_point(|e| e.end() <= l);
+            let used = entries[first..]
+                .iter()
+                .take_while(|e| u64::from(e.start) < h)
+                .copied()
+                .collect();
+            out.push((base, used));
+        }
+        Ok(out)
     }
 
     /// Index block `block` with id `id`.

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod faulty;
 pub mod fetch;
 pub mod format;
+pub mod index;
 pub mod name;
 pub mod retry;
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::task::Progress;
 use crate::cloud::CloudError;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
-use crate::repo::{PackBuilder, Repo, RepoError};
+use crate::repo::{index, PackBuilder, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
 use crate::state::StateDb;
 use crate::volume::dirty_map::ChangeSet;
@@ -154,7 +154,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             ranges.clone()
         };
         let new_entries = w.pack_block(bstart, &reads, &parent_entries).await?;
-        let entries = overlay(&parent_entries, &ranges, new_entries);
+        let entries = index::overlay(&parent_entries, &ranges, new_entries);
         w.finish_block(b, entries, parent_id, &parent_entries)
             .await?;
     }
@@ -602,47 +602,6 @@ fn analyze(
     out
 }
 
-/// The block's new map: the parent's entries with every replaced range cut
-/// out, plus the new entries (holes are simply absent). One pass over both
-/// sorted lists.
-pub fn overlay(parent: &[Entry], ranges: &[(u64, u64)], new: Vec<Entry>) -> Vec<Entry> {
-    let mut out = Vec::with_capacity(parent.len() + new.len());
-    let mut r = 0;
-    for e in parent {
-        let (es, ee) = (u64::from(e.start), e.end());
-        // Ranges wholly before this entry are done with.
-        while r < ranges.len() && ranges[r].0 + ranges[r].1 <= es {
-            r += 1;
-        }
-        let mut pos = es;
-        let mut k = r;
-        while k < ranges.len() && ranges[k].0 < ee {
-            let (rs, re) = (ranges[k].0, ranges[k].0 + ranges[k].1);
-            if rs > pos {
-                out.push(cut(e, pos, rs));
-            }
-            pos = pos.max(re);
-            k += 1;
-        }
-        if pos < ee {
-            out.push(cut(e, pos, ee));
-        }
-    }
-    out.extend(new);
-    out.sort_by_key(|e| e.start);
-    out
-}
-
-/// The part `[s, t)` of entry `e` (block-relative offsets).
-fn cut(e: &Entry, s: u64, t: u64) -> Entry {
-    Entry {
-        start: u32::try_from(s).unwrap_or(u32::MAX),
-        len: u32::try_from(t - s).unwrap_or(u32::MAX),
-        chunk_off: e.chunk_off + u32::try_from(s - u64::from(e.start)).unwrap_or(0),
-        chunk: e.chunk,
-    }
-}
-
 async fn upload(
     job: &Job,
     pack: PackBuilder,
@@ -690,40 +649,6 @@ async fn drain(uploads: &mut JoinSet<Result<(), CloudError>>) -> Result<(), Clou
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn e(start: u32, len: u32, id: u8) -> Entry {
-        Entry {
-            start,
-            len,
-            chunk_off: 0,
-            chunk: ChunkLoc {
-                id: [id; 32],
-                pack: [0; 16],
-                offset: 0,
-                stored_len: len,
-                plain_len: len,
-            },
-        }
-    }
-
-    #[test]
-    fn overlay_cuts_parent_entries() {
-        let parent = vec![e(0, 65536, 1)];
-        let new = vec![e(4096, 4096, 2)];
-        let got = overlay(&parent, &[(4096, 4096), (16384, 4096)], new);
-        // [0,4K) of chunk 1, new [4K,8K), [8K,16K) of chunk 1, hole [16K,20K), rest of chunk 1.
-        assert_eq!(got.len(), 4);
-        assert_eq!((got[0].start, got[0].len, got[0].chunk_off), (0, 4096, 0));
-        assert_eq!(got[1].chunk.id, [2; 32]);
-        assert_eq!(
-            (got[2].start, got[2].len, got[2].chunk_off),
-            (8192, 8192, 8192)
-        );
-        assert_eq!(
-            (got[3].start, got[3].len, got[3].chunk_off),
-            (20480, 45056, 20480)
-        );
-    }
 
     #[test]
     fn zero_detection() {
