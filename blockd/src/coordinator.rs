@@ -10,6 +10,7 @@ use blockd_api::CreateVolume;
 
 use crate::claims::{Busy, Want};
 use crate::daemon::Daemon;
+use crate::outcome::Outcome;
 use crate::volume::store::StoreError;
 use crate::volume::Volume;
 
@@ -31,6 +32,16 @@ pub enum VolumeOpError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl VolumeOpError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Busy(_) | Self::HasSnapshots { .. } => Outcome::Conflict,
+            Self::Store(s) => s.outcome(),
+        }
+    }
 }
 
 impl Daemon {

@@ -13,6 +13,7 @@ pub mod durable;
 pub mod fuse;
 pub mod magic;
 pub mod nbd;
+pub mod outcome;
 pub mod repo;
 pub mod snapshot;
 pub mod state;

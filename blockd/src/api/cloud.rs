@@ -15,28 +15,7 @@ use blockd_api::{
 };
 
 use super::{body, query_pairs, ApiResult, Failure};
-use crate::cloud::CloudError;
 use crate::daemon::Daemon;
-
-impl From<CloudError> for Failure {
-    fn from(e: CloudError) -> Self {
-        let status = match &e {
-            CloudError::Invalid(_) => StatusCode::BAD_REQUEST,
-            CloudError::NotFound(_) => StatusCode::NOT_FOUND,
-            CloudError::Conflict(_) | CloudError::Busy(_) => StatusCode::CONFLICT,
-            CloudError::Repo(crate::repo::RepoError::Key { .. }) => StatusCode::BAD_REQUEST,
-            CloudError::Repo(_) => StatusCode::BAD_GATEWAY,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "cloud request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
-    }
-}
 
 /// The cloud routes.
 pub fn routes() -> Router<Arc<Daemon>> {

@@ -22,6 +22,7 @@ mod mount;
 use crate::claims::Busy;
 use crate::coordinator::VolumeOpError;
 use crate::daemon::Daemon;
+use crate::outcome::Outcome;
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::store::StoreError;
@@ -55,43 +56,47 @@ impl IntoResponse for Failure {
     }
 }
 
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        let status = match &e {
-            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
-            StoreError::Exists { .. } | StoreError::Busy { .. } => StatusCode::CONFLICT,
-            StoreError::Invalid { .. } | StoreError::Shrink { .. } => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+impl Failure {
+    /// The answer to an error: the one mapping from what an error means
+    /// ([`Outcome`]) to an HTTP status. The daemon's own failures are
+    /// logged; the caller's mistakes are only answered.
+    fn of(outcome: Outcome, message: String) -> Self {
+        let status = match outcome {
+            Outcome::Invalid => StatusCode::BAD_REQUEST,
+            Outcome::NotFound => StatusCode::NOT_FOUND,
+            Outcome::Conflict => StatusCode::CONFLICT,
+            Outcome::Upstream => StatusCode::BAD_GATEWAY,
+            Outcome::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
-            tracing::error!(error = %e, "API request failed");
+            tracing::error!(error = %message, "API request failed");
         }
-        Self {
-            status,
-            message: e.to_string(),
-        }
+        Self { status, message }
     }
 }
+
+/// `From<E> for Failure` for each module's error, through its `outcome()`.
+macro_rules! failures {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Self::of(e.outcome(), e.to_string())
+            }
+        }
+    )*};
+}
+
+failures!(
+    StoreError,
+    FreezeError,
+    VolumeOpError,
+    crate::cloud::CloudError,
+    crate::fuse::MountError,
+);
 
 impl From<Busy> for Failure {
     fn from(e: Busy) -> Self {
-        Self {
-            status: StatusCode::CONFLICT,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<VolumeOpError> for Failure {
-    fn from(e: VolumeOpError) -> Self {
-        match e {
-            VolumeOpError::Busy(b) => b.into(),
-            VolumeOpError::Store(s) => s.into(),
-            e @ VolumeOpError::HasSnapshots { .. } => Self {
-                status: StatusCode::CONFLICT,
-                message: e.to_string(),
-            },
-        }
+        Self::of(Outcome::Conflict, e.to_string())
     }
 }
 
@@ -220,24 +225,6 @@ async fn resize_volume(
     let req: ResizeVolume = body(&bytes)?;
     let v = d.resize_volume(&name, req.size)?;
     Ok(Json(to_api(&v)))
-}
-
-impl From<FreezeError> for Failure {
-    fn from(e: FreezeError) -> Self {
-        let status = match &e {
-            FreezeError::Invalid(_) | FreezeError::Hook { .. } => StatusCode::BAD_REQUEST,
-            FreezeError::NotFound(_) => StatusCode::NOT_FOUND,
-            FreezeError::Exists(_) | FreezeError::Busy(_) => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "snapshot request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
-    }
 }
 
 fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {

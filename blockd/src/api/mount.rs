@@ -13,29 +13,6 @@ use blockd_api::{MountInfo, MountRequest};
 
 use super::{body, query_pairs, ApiResult, Failure};
 use crate::daemon::Daemon;
-use crate::fuse::MountError;
-
-impl From<MountError> for Failure {
-    fn from(e: MountError) -> Self {
-        let e = match e {
-            MountError::Cloud(c) => return c.into(),
-            e => e,
-        };
-        let status = match &e {
-            MountError::Invalid(_) => StatusCode::BAD_REQUEST,
-            MountError::NotFound(_) => StatusCode::NOT_FOUND,
-            MountError::Conflict(_) => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "mount request failed");
-        }
-        Self {
-            status,
-            message: e.to_string(),
-        }
-    }
-}
 
 /// The mount routes.
 pub fn routes() -> Router<Arc<Daemon>> {

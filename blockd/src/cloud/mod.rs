@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::claims::{Busy, Claims};
+use crate::outcome::Outcome;
 use crate::repo::RepoError;
 use crate::snapshot::{FreezeError, Snapshots};
 use crate::state::{StateDb, StateError};
@@ -94,6 +95,17 @@ pub enum CloudError {
 impl CloudError {
     fn internal(what: &str, e: impl std::fmt::Display) -> Self {
         Self::Internal(format!("{what}: {e}"))
+    }
+
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Invalid(_) => Outcome::Invalid,
+            Self::NotFound(_) => Outcome::NotFound,
+            Self::Conflict(_) | Self::Busy(_) => Outcome::Conflict,
+            Self::Repo(r) => r.outcome(),
+            Self::State(_) | Self::Internal(_) | Self::Cancelled => Outcome::Failed,
+        }
     }
 }
 

@@ -76,6 +76,7 @@ use tokio::runtime::Handle;
 use crate::claims::{Claim, Claims, Want};
 use crate::cloud::locations::Locations;
 use crate::cloud::{Cloud, CloudError};
+use crate::outcome::Outcome;
 use crate::repo::fetch::IndexCache;
 use crate::repo::format::{ChunkLoc, Manifest};
 use crate::repo::name;
@@ -124,6 +125,19 @@ pub enum MountError {
     /// The mount itself failed.
     #[error("{0}")]
     Internal(String),
+}
+
+impl MountError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Invalid(_) => Outcome::Invalid,
+            Self::NotFound(_) => Outcome::NotFound,
+            Self::Conflict(_) => Outcome::Conflict,
+            Self::Cloud(c) => c.outcome(),
+            Self::Internal(_) => Outcome::Failed,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

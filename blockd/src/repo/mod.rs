@@ -26,6 +26,7 @@ use object_store::{
     Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
 
+use crate::outcome::Outcome;
 use crypto::{Keys, Tampered};
 use format::{ChunkLoc, Config, Entry, Group, KeyWrap, Malformed, Manifest};
 use object_store::prefix::PrefixStore;
@@ -95,6 +96,16 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// What the error means to the caller: a missing or wrong passphrase is
+    /// the request's mistake; everything else is the store's.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Key { .. } => Outcome::Invalid,
+            Self::Overflow(_) => Outcome::Failed,
+            _ => Outcome::Upstream,
+        }
+    }
+
     /// The object the error is about (`config` for key errors; empty for
     /// a value that never reached an object).
     pub fn object(&self) -> &str {

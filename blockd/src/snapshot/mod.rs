@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use blockd_api::validate_name;
 
 use crate::claims::{Busy, Claims, Want};
+use crate::outcome::Outcome;
 use crate::volume::store::Store;
 use crate::volume::Volume;
 use store::{SnapshotError, SnapshotMeta, SnapshotStore};
@@ -86,6 +87,18 @@ pub enum FreezeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl FreezeError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Invalid(_) | Self::Hook { .. } => Outcome::Invalid,
+            Self::NotFound(_) => Outcome::NotFound,
+            Self::Exists(_) | Self::Busy(_) => Outcome::Conflict,
+            Self::Store(_) | Self::Flush { .. } => Outcome::Failed,
+        }
+    }
 }
 
 /// Every held snapshot of this daemon.

@@ -11,6 +11,7 @@ use blockd_api::{validate_extent_size, validate_name, CreateVolume, DEFAULT_EXTE
 
 use super::dirty_map::{DirtyMap, MapFileError, Recovery};
 use super::{Engine, Volume, VolumeMeta};
+use crate::outcome::Outcome;
 use crate::state::{StateDb, StateError};
 
 /// Store errors, each naming the volume.
@@ -70,6 +71,18 @@ pub enum StoreError {
     /// The dirty map file failed.
     #[error(transparent)]
     DirtyMap(#[from] MapFileError),
+}
+
+impl StoreError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::NotFound { .. } => Outcome::NotFound,
+            Self::Exists { .. } | Self::Busy { .. } => Outcome::Conflict,
+            Self::Invalid { .. } | Self::Shrink { .. } => Outcome::Invalid,
+            Self::Io { .. } | Self::State(_) | Self::DirtyMap(_) => Outcome::Failed,
+        }
+    }
 }
 
 /// All volumes of this daemon.
