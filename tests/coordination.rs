@@ -517,3 +517,19 @@ fn concurrent_credentials_creates_of_one_name_keep_one() {
     // The survivor still works: its secrets file was not removed by a loser.
     d.ok(&["credentials", "validate", "same"]);
 }
+
+#[test]
+fn a_group_naming_a_volume_twice_is_refused_before_anything_is_claimed() {
+    let d = Blockd::start();
+    d.create("a", "16M");
+    let out = d.blockctl(&["cloudsnap", "backup-group", "--volume-ids", "a,a"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a volume is named twice"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was left claimed: a backup of the volume runs at once.
+    let out = d.ok(&["-j", "cloudsnap", "backup", "a", "--wait"]);
+    assert_eq!(json(&out)[0]["state"], "Done", "{out}");
+}

@@ -83,6 +83,12 @@ impl Cloud {
                 "name at least one volume (--volume-ids) or labels (--label)".into(),
             ));
         }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != names.len() {
+            return Err(CloudError::Invalid("a volume is named twice".into()));
+        }
         let location = self.locations.resolve(req.location.as_deref())?;
         let created_name = name::new();
         // Claims first: each member's volume, its one job slot, the new
