@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blockd_api::{Hook, Task, TaskState};
+use blockd_api::{Hook, Task, TaskKind, TaskState};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -127,6 +127,38 @@ impl Running {
 /// empty record.
 pub(super) fn encode_record(r: &Record) -> Result<String, CloudError> {
     serde_json::to_string(r).map_err(|e| CloudError::internal("encoding a task record", e))
+}
+
+/// A task starting now: Active, nothing done yet, a full pass, not lazy,
+/// in no group (callers set what differs).
+pub(super) fn new_task(
+    id: String,
+    kind: TaskKind,
+    volume: &str,
+    snapshot: &str,
+    location: &str,
+    total: u64,
+) -> Task {
+    Task {
+        id,
+        kind,
+        state: TaskState::Active,
+        volume: volume.to_string(),
+        snapshot: snapshot.to_string(),
+        location: location.to_string(),
+        group: None,
+        full: true,
+        lazy: false,
+        created: now(),
+        finished: None,
+        bytes_total: total,
+        bytes_done: 0,
+        bytes_transferred: 0,
+        bytes_reused: 0,
+        elapsed_secs: 0.0,
+        eta_secs: None,
+        error: None,
+    }
 }
 
 pub(super) fn new_task_id() -> String {

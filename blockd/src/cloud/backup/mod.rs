@@ -17,8 +17,8 @@ use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::CreateRequest;
 use crate::volume::dirty_map::ChangeSet;
 
-use super::task::{encode_record, new_task_id, Plan, Progress, Record, Running};
-use super::{now, Cloud, CloudError};
+use super::task::{encode_record, new_task, new_task_id, Plan, Progress, Record, Running};
+use super::{Cloud, CloudError};
 
 impl Cloud {
     /// Starts a backup of one volume.
@@ -160,24 +160,16 @@ impl Cloud {
                 self.changes_for(&snap).extents.len() * meta.extent_size
             };
             let task = Task {
-                id,
-                kind: TaskKind::Backup,
-                state: TaskState::Active,
-                volume: v.name().to_string(),
-                snapshot: format!("{}/{created_name}", v.name()),
-                location: location.clone(),
                 group: group_id.clone(),
                 full,
-                lazy: false,
-                created: now(),
-                finished: None,
-                bytes_total: total,
-                bytes_done: 0,
-                bytes_transferred: 0,
-                bytes_reused: 0,
-                elapsed_secs: 0.0,
-                eta_secs: None,
-                error: None,
+                ..new_task(
+                    id,
+                    TaskKind::Backup,
+                    v.name(),
+                    &name::id(v.name(), &created_name),
+                    &location,
+                    total,
+                )
             };
             let record = Record {
                 task,

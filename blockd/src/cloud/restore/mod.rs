@@ -12,8 +12,8 @@ use blockd_api::{RestoreRequest, Started, Task, TaskKind, TaskState};
 use crate::claims::{Claim, Want};
 
 use super::hydrate;
-use super::task::{encode_record, new_task_id, Plan, Progress, Record, Running};
-use super::{now, Cloud, CloudError};
+use super::task::{encode_record, new_task, new_task_id, Plan, Progress, Record, Running};
+use super::{Cloud, CloudError};
 
 /// A lazy restore's present map and source.
 pub(super) struct Hydration {
@@ -77,24 +77,15 @@ impl Cloud {
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         let task = Task {
-            id,
-            kind: TaskKind::Restore,
-            state: TaskState::Active,
-            volume: req.volume.clone(),
-            snapshot,
-            location: location.clone(),
-            group: None,
-            full: true,
             lazy: req.lazy,
-            created: now(),
-            finished: None,
-            bytes_total: m.size,
-            bytes_done: 0,
-            bytes_transferred: 0,
-            bytes_reused: 0,
-            elapsed_secs: 0.0,
-            eta_secs: None,
-            error: None,
+            ..new_task(
+                id,
+                TaskKind::Restore,
+                &req.volume,
+                &snapshot,
+                &location,
+                m.size,
+            )
         };
         let record = Record {
             task: task.clone(),
