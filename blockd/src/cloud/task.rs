@@ -125,8 +125,36 @@ impl Running {
 
 /// A task record as stored; an encoding failure is an error, never an
 /// empty record.
-pub(super) fn encode_record(r: &Record) -> Result<String, CloudError> {
+fn encode_record(r: &Record) -> Result<String, CloudError> {
     serde_json::to_string(r).map_err(|e| CloudError::internal("encoding a task record", e))
+}
+
+/// A running task's checkpoints, handed to its data path: the blocks
+/// (and GETs) it has finished are recorded in the state database together
+/// with the task record and its current counters, in one transaction, so
+/// a resume after a crash starts from there and counts nothing twice.
+#[derive(Clone)]
+pub struct Checkpoint {
+    run: Arc<Running>,
+    db: Arc<crate::state::StateDb>,
+}
+
+impl Checkpoint {
+    pub(super) fn new(run: Arc<Running>, db: Arc<crate::state::StateDb>) -> Self {
+        Self { run, db }
+    }
+
+    /// Records `blocks` with the task record. A SQLite commit: callers on
+    /// a hot path run it on the blocking pool.
+    ///
+    /// # Errors
+    /// State database errors; a record that does not encode.
+    pub fn save(&self, blocks: &[(u64, Option<String>)]) -> Result<(), CloudError> {
+        let record = self.run.snapshot();
+        self.db
+            .checkpoint_task(&record.task.id, blocks, &encode_record(&record)?)?;
+        Ok(())
+    }
 }
 
 /// A task starting now: Active, nothing done yet, a full pass, not lazy,

@@ -17,7 +17,7 @@ use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::CreateRequest;
 use crate::volume::dirty_map::ChangeSet;
 
-use super::task::{encode_record, new_task, new_task_id, Plan, Progress, Record, Running};
+use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{Cloud, CloudError};
 
 impl Cloud {
@@ -383,7 +383,6 @@ impl Cloud {
             (None, None) => None,
         };
         let cancel = run.stop.clone();
-        let run2 = run.clone();
         let job = stream::Job {
             task: rec.task.id.clone(),
             repo: repo.clone(),
@@ -395,7 +394,7 @@ impl Cloud {
             db: self.db.clone(),
             progress: run.progress.clone(),
             cancel,
-            record: Box::new(move || encode_record(&run2.snapshot())),
+            checkpoint: Checkpoint::new(run.clone(), self.db.clone()),
         };
         let blocks = stream::run(&job).await;
         let blocks = blocks?;

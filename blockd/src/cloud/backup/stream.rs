@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cloud::task::Progress;
+use crate::cloud::task::{Checkpoint, Progress};
 use crate::cloud::CloudError;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
 use crate::repo::{index, PackBuilder, Repo, RepoError};
@@ -75,8 +75,8 @@ pub struct Job {
     pub progress: Arc<Progress>,
     /// Stop or shutdown.
     pub cancel: CancellationToken,
-    /// Persists the task record with current counters (for checkpoints).
-    pub record: Box<dyn Fn() -> Result<String, CloudError> + Send + Sync>,
+    /// Records finished blocks with the task record.
+    pub checkpoint: Checkpoint,
 }
 
 /// One chunk-sized piece, after analysis.
@@ -532,8 +532,7 @@ impl<'a> Writer<'a> {
         drain(&mut self.uploads).await?;
         if !self.pending.is_empty() {
             let job = self.job;
-            job.db
-                .checkpoint_task(&job.task, &self.pending, &(job.record)()?)?;
+            job.checkpoint.save(&self.pending)?;
             self.pending.clear();
         }
         self.last_checkpoint = Instant::now();

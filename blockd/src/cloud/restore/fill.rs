@@ -17,7 +17,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::cloud::task::Progress;
+use crate::cloud::task::{Checkpoint, Progress};
 use crate::cloud::CloudError;
 use crate::repo::fetch::{self, Fetch};
 use crate::repo::format::{Entry, Manifest};
@@ -46,8 +46,8 @@ pub struct Job {
     pub progress: Arc<Progress>,
     /// Stop or shutdown.
     pub cancel: CancellationToken,
-    /// The task record with current counters.
-    pub record: Box<dyn Fn() -> Result<String, CloudError> + Send + Sync>,
+    /// Records finished GETs and blocks with the task record.
+    pub checkpoint: Checkpoint,
 }
 
 /// Coalesces the chunks of a block into GETs.
@@ -133,9 +133,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             })
             .map(|(i, f)| {
                 let key = (b << 20) | (i as u64 + 1);
-                let db = job.db.clone();
-                let task = job.task.clone();
-                let record = &job.record;
+                let checkpoint = job.checkpoint.clone();
                 let repo = repo.clone();
                 let entries = entries.clone();
                 let volume = job.volume.clone();
@@ -150,7 +148,6 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     // blocking pool (no thread hop per chunk).
                     // The record (a SQLite commit, an fsync of its log) is
                     // made on the blocking pool too, never on a runtime thread.
-                    let rec = record()?;
                     let written = tokio::task::spawn_blocking(move || {
                         let n =
                             write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)?;
@@ -158,7 +155,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                         // process crash the page cache still holds the data.
                         // The boot id tells a resume whether that is still
                         // true (see `run`).
-                        db.checkpoint_task(&task, &[(key, Some(boot))], &rec)?;
+                        checkpoint.save(&[(key, Some(boot))])?;
                         Ok::<u64, CloudError>(n)
                     })
                     .await
@@ -186,23 +183,20 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         {
             if let Some(h) = flushing.take() {
                 let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
-                job.db
-                    .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
+                job.checkpoint.save(&covered)?;
             }
             flushing = Some(start_flush(&job.volume, std::mem::take(&mut finished)));
         }
     }
     if let Some(h) = flushing.take() {
         let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
-        job.db
-            .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
+        job.checkpoint.save(&covered)?;
     }
     if !finished.is_empty() {
         let covered = start_flush(&job.volume, finished)
             .await
             .map_err(|e| CloudError::Internal(e.to_string()))??;
-        job.db
-            .checkpoint_task(&job.task, &covered, &(job.record)()?)?;
+        job.checkpoint.save(&covered)?;
     }
     Ok(())
 }

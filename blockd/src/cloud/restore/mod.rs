@@ -12,7 +12,7 @@ use blockd_api::{RestoreRequest, Started, Task, TaskKind, TaskState};
 use crate::claims::{Claim, Want};
 
 use super::hydrate;
-use super::task::{encode_record, new_task, new_task_id, Plan, Progress, Record, Running};
+use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{Cloud, CloudError};
 
 /// A lazy restore's present map and source.
@@ -317,7 +317,6 @@ impl Cloud {
             .get(&rec.task.volume)
             .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
         let cancel = run.stop.clone();
-        let run2 = run.clone();
         let job = fill::Job {
             task: rec.task.id.clone(),
             repo,
@@ -326,7 +325,7 @@ impl Cloud {
             db: self.db.clone(),
             progress: run.progress.clone(),
             cancel,
-            record: Box::new(move || encode_record(&run2.snapshot())),
+            checkpoint: Checkpoint::new(run.clone(), self.db.clone()),
         };
         let r = fill::run(&job).await;
         r?;
