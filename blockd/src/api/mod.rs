@@ -301,11 +301,10 @@ async fn inspect_snapshot(
     State(d): State<Arc<Daemon>>,
     Path((volume, name)): Path<(String, String)>,
 ) -> ApiResult<blockd_api::Snapshot> {
-    let s = d.snapshots.get(&volume, &name).ok_or_else(|| {
-        FreezeError::NotFound(format!(
-            "snapshot {volume}@{name} not found: list them with `blockctl snapshot list`"
-        ))
-    })?;
+    let s = d
+        .snapshots
+        .get(&volume, &name)
+        .ok_or_else(|| FreezeError::not_found(&volume, &name))?;
     Ok(Json(snapshot_to_api(&s)))
 }
 

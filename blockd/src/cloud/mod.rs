@@ -84,6 +84,9 @@ pub enum CloudError {
     /// Something it needs is in use by another request or task.
     #[error(transparent)]
     Busy(#[from] Busy),
+    /// The freeze of a backup was refused or failed.
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -104,20 +107,8 @@ impl CloudError {
             Self::NotFound(_) => Outcome::NotFound,
             Self::Conflict(_) | Self::Busy(_) => Outcome::Conflict,
             Self::Repo(r) => r.outcome(),
+            Self::Freeze(f) => f.outcome(),
             Self::State(_) | Self::Internal(_) | Self::Cancelled => Outcome::Failed,
-        }
-    }
-}
-
-impl From<FreezeError> for CloudError {
-    fn from(e: FreezeError) -> Self {
-        match e {
-            FreezeError::Invalid(m) => Self::Invalid(m),
-            FreezeError::NotFound(m) => Self::NotFound(m),
-            FreezeError::Exists(m) => Self::Conflict(m),
-            FreezeError::Busy(b) => Self::Busy(b),
-            e @ FreezeError::Hook { .. } => Self::Invalid(e.to_string()),
-            e => Self::Internal(e.to_string()),
         }
     }
 }

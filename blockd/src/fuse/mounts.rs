@@ -22,32 +22,78 @@ use crate::outcome::Outcome;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MountError {
-    /// The request is wrong; the message says how.
-    #[error("{0}")]
-    Invalid(String),
-    /// Nothing mounted there.
-    #[error("{0}")]
-    NotFound(String),
-    /// Already mounted, or busy.
-    #[error("{0}")]
-    Conflict(String),
+    /// The mount point cannot be used.
+    #[error("cannot mount at {dir}: {reason}; create the directory first (mkdir -p {dir})")]
+    NoDirectory {
+        /// Mount point.
+        dir: String,
+        /// What the file system said.
+        reason: String,
+    },
+    /// The mount point is a file.
+    #[error("cannot mount at {dir}: not a directory; give an empty directory")]
+    NotADirectory {
+        /// Mount point.
+        dir: String,
+    },
+    /// This daemon already mounts a catalog there.
+    #[error("{dir} is already a blockd catalog mount: use it, or `blockctl umount {dir}` first")]
+    AlreadyMounted {
+        /// Mount point.
+        dir: String,
+    },
+    /// A catalog mount of an earlier daemon is still there.
+    #[error("{dir} is already a blockd catalog mount (left by an earlier blockd?): `blockctl umount {dir}` first")]
+    StaleMount {
+        /// Mount point.
+        dir: String,
+    },
+    /// The cache cannot hold one chunk.
+    #[error("cache size {size} is too small: give at least 1M (e.g. --cache-size 2G)")]
+    CacheTooSmall {
+        /// Size asked for.
+        size: u64,
+    },
+    /// Nothing of this daemon is mounted there.
+    #[error("{dir} is not a blockd catalog mount of this daemon (see `blockctl mount` listings with GET /v1/mounts)")]
+    NotMounted {
+        /// Directory given.
+        dir: String,
+    },
+    /// Something still uses the mount.
+    #[error("{dir} is busy: unmount what is mounted from it (e.g. the loop mount of a disk.img) and leave the directory, then retry")]
+    Busy {
+        /// Mount point.
+        dir: String,
+    },
     /// The location could not be opened.
     #[error(transparent)]
     Cloud(#[from] CloudError),
-    /// The mount itself failed.
-    #[error("{0}")]
-    Internal(String),
+    /// Mounting, unmounting or preparing the cache failed.
+    #[error("{what} {dir} failed: {reason}")]
+    Failed {
+        /// What was being done.
+        what: &'static str,
+        /// Mount point (or cache directory).
+        dir: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl MountError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Invalid(_) => Outcome::Invalid,
-            Self::NotFound(_) => Outcome::NotFound,
-            Self::Conflict(_) => Outcome::Conflict,
+            Self::NoDirectory { .. } | Self::NotADirectory { .. } | Self::CacheTooSmall { .. } => {
+                Outcome::Invalid
+            }
+            Self::NotMounted { .. } => Outcome::NotFound,
+            Self::AlreadyMounted { .. } | Self::StaleMount { .. } | Self::Busy { .. } => {
+                Outcome::Conflict
+            }
             Self::Cloud(c) => c.outcome(),
-            Self::Internal(_) => Outcome::Failed,
+            Self::Failed { .. } => Outcome::Failed,
         }
     }
 }
@@ -108,35 +154,26 @@ impl Mounts {
         locations: &Locations,
     ) -> Result<MountInfo, MountError> {
         let _one = self.changing.lock().await;
-        let dir = std::fs::canonicalize(&req.dir).map_err(|e| {
-            MountError::Invalid(format!(
-                "cannot mount at {}: {e}; create the directory first (mkdir -p {})",
-                req.dir, req.dir
-            ))
+        let dir = std::fs::canonicalize(&req.dir).map_err(|e| MountError::NoDirectory {
+            dir: req.dir.clone(),
+            reason: e.to_string(),
         })?;
         if !dir.is_dir() {
-            return Err(MountError::Invalid(format!(
-                "cannot mount at {}: not a directory; give an empty directory",
-                dir.display()
-            )));
+            return Err(MountError::NotADirectory {
+                dir: dir.display().to_string(),
+            });
         }
         let dir_s = dir.display().to_string();
         if lock(&self.active).contains_key(&dir_s) {
-            return Err(MountError::Conflict(format!(
-                "{dir_s} is already a blockd catalog mount: use it, or `blockctl umount {dir_s}` first"
-            )));
+            return Err(MountError::AlreadyMounted { dir: dir_s });
         }
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         if blockd_api::mount::is_catalog_mount(&mounts, &dir_s) {
-            return Err(MountError::Conflict(format!(
-                "{dir_s} is already a blockd catalog mount (left by an earlier blockd?): `blockctl umount {dir_s}` first"
-            )));
+            return Err(MountError::StaleMount { dir: dir_s });
         }
         let cache_size = req.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
         if cache_size < MIN_CACHE {
-            return Err(MountError::Invalid(format!(
-                "cache size {cache_size} is too small: give at least 1M (e.g. --cache-size 2G)"
-            )));
+            return Err(MountError::CacheTooSmall { size: cache_size });
         }
         let location = locations.resolve(req.location.as_deref())?;
         let claim = self
@@ -150,10 +187,11 @@ impl Mounts {
             .cache_root
             .join(&hex::encode(blake3::hash(dir_s.as_bytes()).as_bytes())[..16]);
         let cache = ChunkCache::new(cache_dir.clone(), cache_size, repo.clone()).map_err(|e| {
-            MountError::Internal(format!(
-                "cannot prepare the chunk cache {}: {e}",
-                cache_dir.display()
-            ))
+            MountError::Failed {
+                what: "preparing the chunk cache",
+                dir: cache_dir.display().to_string(),
+                reason: e.to_string(),
+            }
         })?;
         let catalog = Arc::new(Catalog::new(
             repo,
@@ -195,10 +233,18 @@ impl Mounts {
             fuser::Session::new(fs, &at, &config).and_then(fuser::Session::spawn)
         })
         .await
-        .map_err(|e| MountError::Internal(e.to_string()))?
+        .map_err(|e| MountError::Failed {
+            what: "mounting at",
+            dir: dir_s.clone(),
+            reason: e.to_string(),
+        })?
         .map_err(|e| {
             catalog.cache.close();
-            MountError::Internal(format!("mounting at {dir_s} failed: {e}"))
+            MountError::Failed {
+                what: "mounting at",
+                dir: dir_s.clone(),
+                reason: e.to_string(),
+            }
         })?;
         raise_read_ahead(&dir);
         let info = MountInfo {
@@ -231,23 +277,27 @@ impl Mounts {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| dir.to_string());
         let Some(active) = lock(&self.active).remove(&key) else {
-            return Err(MountError::NotFound(format!(
-                "{dir} is not a blockd catalog mount of this daemon (see `blockctl mount` listings with GET /v1/mounts)"
-            )));
+            return Err(MountError::NotMounted { dir: dir.into() });
         };
         let at = PathBuf::from(&key);
         let detached = tokio::task::spawn_blocking(move || detach(&at, false))
             .await
-            .map_err(|e| MountError::Internal(e.to_string()))?;
+            .map_err(|e| MountError::Failed {
+                what: "unmounting",
+                dir: key.clone(),
+                reason: e.to_string(),
+            })?;
         if let Err(e) = detached {
             let busy = e.raw_os_error() == Some(libc::EBUSY);
             lock(&self.active).insert(key.clone(), active);
             return Err(if busy {
-                MountError::Conflict(format!(
-                    "{key} is busy: unmount what is mounted from it (e.g. the loop mount of a disk.img) and leave the directory, then retry"
-                ))
+                MountError::Busy { dir: key }
             } else {
-                MountError::Internal(format!("unmounting {key} failed: {e}"))
+                MountError::Failed {
+                    what: "unmounting",
+                    dir: key,
+                    reason: e.to_string(),
+                }
             });
         }
         finish(active, &key).await;

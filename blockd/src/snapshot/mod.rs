@@ -55,15 +55,51 @@ pub struct CreateRequest {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FreezeError {
-    /// Bad request.
-    #[error("{0}")]
-    Invalid(String),
-    /// Unknown volume or snapshot.
-    #[error("{0}")]
-    NotFound(String),
-    /// Name taken.
-    #[error("{0}")]
-    Exists(String),
+    /// No volume was named.
+    #[error("name at least one volume to snapshot")]
+    NoVolumes,
+    /// The snapshot name is not a valid name.
+    #[error("{reason}")]
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A volume is named twice in one request.
+    #[error("a volume is named twice ({volume})")]
+    NamedTwice {
+        /// Volume.
+        volume: String,
+    },
+    /// An unknown volume.
+    #[error("volume {volume:?} not found: list volumes with `blockctl volume list`")]
+    VolumeNotFound {
+        /// Volume.
+        volume: String,
+    },
+    /// The volume is still being filled by a restore.
+    #[error("volume {volume} is still being restored: snapshot it once `blockctl cloudsnap status` shows the restore Done")]
+    Restoring {
+        /// Volume.
+        volume: String,
+    },
+    /// The volume has a snapshot of that name.
+    #[error("volume {volume} already has a snapshot named {snapshot}")]
+    Exists {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// An unknown snapshot.
+    #[error("snapshot {volume}@{snapshot} not found: list them with `blockctl snapshot list`")]
+    NotFound {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
     /// Something it needs is in use by another request or task.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -90,12 +126,23 @@ pub enum FreezeError {
 }
 
 impl FreezeError {
+    /// Snapshot `volume@snapshot` is unknown.
+    pub fn not_found(volume: &str, snapshot: &str) -> Self {
+        Self::NotFound {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+        }
+    }
+
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Invalid(_) | Self::Hook { .. } => Outcome::Invalid,
-            Self::NotFound(_) => Outcome::NotFound,
-            Self::Exists(_) | Self::Busy(_) => Outcome::Conflict,
+            Self::NoVolumes
+            | Self::BadName { .. }
+            | Self::NamedTwice { .. }
+            | Self::Hook { .. } => Outcome::Invalid,
+            Self::VolumeNotFound { .. } | Self::NotFound { .. } => Outcome::NotFound,
+            Self::Restoring { .. } | Self::Exists { .. } | Self::Busy(_) => Outcome::Conflict,
             Self::Store(_) | Self::Flush { .. } => Outcome::Failed,
         }
     }
@@ -210,19 +257,19 @@ impl Snapshots {
     /// order and the snapshot name.
     fn check(req: &mut CreateRequest) -> Result<(Vec<String>, String), FreezeError> {
         if req.volumes.is_empty() {
-            return Err(FreezeError::Invalid(
-                "name at least one volume to snapshot".into(),
-            ));
+            return Err(FreezeError::NoVolumes);
         }
         let name = req.name.get_or_insert_with(default_name).clone();
-        validate_name(&name).map_err(|e| {
-            FreezeError::Invalid(e.to_string().replace("volume name", "snapshot name"))
+        validate_name(&name).map_err(|e| FreezeError::BadName {
+            reason: e.to_string().replace("volume name", "snapshot name"),
+            name: name.clone(),
         })?;
         let mut names = req.volumes.clone();
         names.sort();
-        names.dedup();
-        if names.len() != req.volumes.len() {
-            return Err(FreezeError::Invalid("a volume is named twice".into()));
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(FreezeError::NamedTwice {
+                volume: w[0].clone(),
+            });
         }
         Ok((names, name))
     }
@@ -239,20 +286,18 @@ impl Snapshots {
         let (names, name) = Self::check(&mut req)?;
         let mut members: Vec<Arc<Volume>> = Vec::with_capacity(names.len());
         for n in &names {
-            let v = self.volumes.get(n).ok_or_else(|| {
-                FreezeError::NotFound(format!(
-                    "volume {n:?} not found: list volumes with `blockctl volume list`"
-                ))
-            })?;
+            let v = self
+                .volumes
+                .get(n)
+                .ok_or_else(|| FreezeError::VolumeNotFound { volume: n.clone() })?;
             if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
-                return Err(FreezeError::Invalid(format!(
-                    "volume {n} is still being restored: snapshot it once `blockctl cloudsnap status` shows the restore Done"
-                )));
+                return Err(FreezeError::Restoring { volume: n.clone() });
             }
             if self.get(n, &name).is_some() {
-                return Err(FreezeError::Exists(format!(
-                    "volume {n} already has a snapshot named {name}"
-                )));
+                return Err(FreezeError::Exists {
+                    volume: n.clone(),
+                    snapshot: name,
+                });
             }
             members.push(v);
         }
@@ -407,11 +452,7 @@ impl Snapshots {
         let s = self
             .lock()
             .remove(&(volume.to_string(), name.to_string()))
-            .ok_or_else(|| {
-                FreezeError::NotFound(format!(
-                    "snapshot {volume}@{name} not found: list them with `blockctl snapshot list`"
-                ))
-            })?;
+            .ok_or_else(|| FreezeError::not_found(volume, name))?;
         match self.volumes.get(volume) {
             Some(v) => abandon(&v, &s),
             None => {
@@ -434,7 +475,7 @@ impl Snapshots {
         let s = self
             .lock()
             .remove(&(volume.to_string(), name.to_string()))
-            .ok_or_else(|| FreezeError::NotFound(format!("snapshot {volume}@{name} not found")))?;
+            .ok_or_else(|| FreezeError::not_found(volume, name))?;
         if let Some(v) = self.volumes.get(volume) {
             v.disarm(&s);
         }
