@@ -457,10 +457,10 @@ pub fn remove_present(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     }
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
+    match path.parent() {
+        Some(dir) => crate::durable::sync_dir(dir),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Encodes a present map.
