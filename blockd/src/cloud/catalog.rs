@@ -111,19 +111,19 @@ impl Cloud {
                     .filter(|(_, n)| name::is_valid(n))
                     .max_by(|a, b| a.1.cmp(&b.1))
                 else {
-                    return Err(CloudError::NotFound(format!(
-                        "no cloud snapshot {snap:?} in location {}: give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)",
-                        repo.location()
-                    )));
+                    return Err(CloudError::NoSnapshotOf {
+                        snap: snap.to_string(),
+                        location: repo.location().to_string(),
+                    });
                 };
                 last
             }
         };
         match repo.get_manifest(&v, &n).await {
-            Err(RepoError::Missing { .. }) => Err(CloudError::NotFound(format!(
-                "no cloud snapshot {v}/{n} in location {}: see `blockctl cloudsnap list`",
-                repo.location()
-            ))),
+            Err(RepoError::Missing { .. }) => Err(CloudError::SnapshotNotFound {
+                snapshot: format!("{v}/{n}"),
+                location: repo.location().to_string(),
+            }),
             r => Ok(r?),
         }
     }
@@ -143,7 +143,10 @@ impl Cloud {
         let repo = self.locations.repo(&location).await?;
         let m = self.find(&repo, snap).await?;
         let id = format!("{}/{}", m.volume, m.name);
-        let named = |e: RepoError| CloudError::Internal(format!("snapshot {id}: {e}"));
+        let named = |source| CloudError::Damaged {
+            snapshot: id.clone(),
+            source,
+        };
         let mut data_bytes = 0u64;
         let mut chunks = 0u64;
         let mut bytes = 0u64;
@@ -182,18 +185,17 @@ impl Cloud {
     pub async fn delete(&self, location: Option<&str>, snap: &str) -> Result<(), CloudError> {
         let location = self.locations.resolve(location)?;
         let repo = self.locations.repo(&location).await?;
-        let (v, n) = name::split(snap).ok_or_else(|| {
-            CloudError::Invalid(format!(
-                "--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
-            ))
+        let (v, n) = name::split(snap).ok_or_else(|| CloudError::BadSnapshotId {
+            snap: snap.to_string(),
         })?;
         let _claim = self
             .claims
             .acquire(Want::for_cloudsnap_delete(&location, &format!("{v}/{n}")))?;
         if !repo.has_manifest(v, n).await? {
-            return Err(CloudError::NotFound(format!(
-                "no cloud snapshot {snap} in location {location}"
-            )));
+            return Err(CloudError::SnapshotNotFound {
+                snapshot: snap.to_string(),
+                location,
+            });
         }
         repo.delete_manifest(v, n).await?;
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");

@@ -101,10 +101,7 @@ impl RepoSource {
     async fn ready(&self) -> Result<&Ready, CloudError> {
         self.ready
             .get_or_try_init(|| async {
-                let cloud = self
-                    .cloud
-                    .upgrade()
-                    .ok_or_else(|| CloudError::Internal("shutting down".into()))?;
+                let cloud = self.cloud.upgrade().ok_or(CloudError::Cancelled)?;
                 let repo = cloud.locations.repo(&self.location).await?;
                 let manifest = repo.get_manifest(&self.src_volume, &self.src_name).await?;
                 Ok(Ready::new(repo, manifest))
@@ -155,7 +152,7 @@ impl RepoSource {
                         Progress::add(&progress.transferred, bytes.len() as u64);
                         tokio::task::spawn_blocking(move || runs(&repo, &f, &bytes, &used, base))
                             .await
-                            .map_err(|e| CloudError::Internal(e.to_string()))?
+                            .map_err(CloudError::from)?
                     }
                 })
                 .buffer_unordered(GETS);
@@ -188,11 +185,16 @@ fn runs(
             let from = e.chunk_off as usize;
             let to = from + e.len as usize;
             if to > plain.len() {
-                return Err(CloudError::Internal(format!(
-                    "index entry at {} reaches past its chunk ({to} > {} bytes)",
-                    base + u64::from(e.start),
-                    plain.len()
-                )));
+                return Err(repo
+                    .corrupt_pack(
+                        &f.pack,
+                        format_args!(
+                            "index entry at {} reaches past its chunk ({to} > {} bytes)",
+                            base + u64::from(e.start),
+                            plain.len()
+                        ),
+                    )
+                    .into());
             }
             runs.push((base + u64::from(e.start), plain.slice(from..to)));
         }

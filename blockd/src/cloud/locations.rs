@@ -23,9 +23,156 @@ use serde::{Deserialize, Serialize};
 
 use super::{now, CloudError};
 use crate::claims::{Claims, Want};
+use crate::outcome::Outcome;
 use crate::repo::faulty::FaultyStore;
 use crate::repo::Repo;
 use crate::state::StateDb;
+
+/// Why a location was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocationError {
+    /// No location has this name.
+    #[error(
+        "no location (credentials) named {name:?}: list them with `blockctl credentials list`"
+    )]
+    NotFound {
+        /// Name given.
+        name: String,
+    },
+    /// Several locations exist and none was named.
+    #[error("several locations exist ({names}): choose one with --cred-id")]
+    Ambiguous {
+        /// Every location, comma-separated.
+        names: String,
+    },
+    /// The name is taken.
+    #[error("credentials {name:?} already exist: delete them first or choose another name")]
+    Exists {
+        /// Name given.
+        name: String,
+    },
+    /// The name is not a valid name.
+    #[error("{why}")]
+    BadName {
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `local` is built in.
+    #[error("the embedded location `local` cannot be deleted")]
+    Embedded,
+    /// A required flag is missing.
+    #[error("{flag} is required for provider {provider}")]
+    Missing {
+        /// Flag.
+        flag: &'static str,
+        /// Provider chosen.
+        provider: Provider,
+    },
+    /// Flags of another provider were given.
+    #[error("{flags} do(es) not apply to provider {provider}")]
+    Foreign {
+        /// The flags, comma-separated.
+        flags: String,
+        /// Provider chosen.
+        provider: Provider,
+    },
+    /// A flag's value is unusable.
+    #[error("{flag} {why}")]
+    BadFlag {
+        /// Flag.
+        flag: &'static str,
+        /// What is wrong with its value.
+        why: String,
+    },
+    /// The provider's client refused the settings.
+    #[error("location {name}: {source}")]
+    Config {
+        /// Location.
+        name: String,
+        /// What the client said.
+        #[source]
+        source: object_store::Error,
+    },
+    /// The local directory cannot be created.
+    #[error("location {name}: cannot create directory {dir}: {source}")]
+    Directory {
+        /// Location.
+        name: String,
+        /// Directory.
+        dir: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The write/read/delete round trip of a test object failed.
+    #[error("location {name}: validation failed: {op} of a test object: {source}")]
+    Probe {
+        /// Location.
+        name: String,
+        /// "write", "read" or "delete".
+        op: &'static str,
+        /// What the provider said.
+        #[source]
+        source: object_store::Error,
+    },
+    /// The test object read back differently.
+    #[error("location {name}: validation failed: the test object read back differently")]
+    ProbeMismatch {
+        /// Location.
+        name: String,
+    },
+    /// The secrets file cannot be read, written or decoded.
+    #[error("credentials of {name}: {op} {path}: {source}")]
+    Secrets {
+        /// Location.
+        name: String,
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Settings cannot be encoded.
+    #[error("location {name}: encoding its settings: {source}")]
+    Encode {
+        /// Location.
+        name: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl LocationError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::NotFound { .. } => Outcome::NotFound,
+            Self::Exists { .. } => Outcome::Conflict,
+            Self::Ambiguous { .. }
+            | Self::BadName { .. }
+            | Self::Embedded
+            | Self::Missing { .. }
+            | Self::Foreign { .. }
+            | Self::BadFlag { .. }
+            | Self::Config { .. }
+            | Self::Directory { .. }
+            | Self::Probe { .. }
+            | Self::ProbeMismatch { .. } => Outcome::Invalid,
+            Self::Secrets { .. } | Self::Encode { .. } => Outcome::Failed,
+        }
+    }
+}
+
+fn encode(name: &str, s: &Settings) -> Result<String, LocationError> {
+    serde_json::to_string(s).map_err(|source| LocationError::Encode {
+        name: name.to_string(),
+        source,
+    })
+}
 
 /// Non-secret settings, kept in the state database.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -87,10 +234,6 @@ fn within(path: &Path, dir: &Path) -> bool {
     full.starts_with(dir) || path.starts_with(dir)
 }
 
-fn invalid(m: impl Into<String>) -> CloudError {
-    CloudError::Invalid(m.into())
-}
-
 impl Locations {
     /// Loads locations, creating `local` on first start.
     ///
@@ -103,8 +246,12 @@ impl Locations {
         fault_rate: Option<f64>,
     ) -> Result<Self, CloudError> {
         let secrets_dir = state_dir.join("credentials");
-        std::fs::create_dir_all(&secrets_dir)
-            .map_err(|e| CloudError::internal("creating credentials dir", e))?;
+        std::fs::create_dir_all(&secrets_dir).map_err(|source| LocationError::Secrets {
+            name: "*".into(),
+            op: "creating",
+            path: secrets_dir.display().to_string(),
+            source,
+        })?;
         let _ = std::fs::set_permissions(&secrets_dir, std::fs::Permissions::from_mode(0o700));
         let objects_dir = state_dir.join("objects");
         let fault_rate = fault_rate.filter(|r| *r > 0.0);
@@ -128,12 +275,8 @@ impl Locations {
                 provider: Some(Provider::Local),
                 ..Settings::default()
             };
-            me.db.insert_location(
-                LOCAL_LOCATION,
-                &serde_json::to_string(&s)
-                    .map_err(|e| CloudError::internal("encoding location settings", e))?,
-                &now(),
-            )?;
+            me.db
+                .insert_location(LOCAL_LOCATION, &encode(LOCAL_LOCATION, &s)?, &now())?;
         }
         Ok(me)
     }
@@ -158,7 +301,12 @@ impl Locations {
         self.rows()?
             .into_iter()
             .find(|(n, _, _)| n == name)
-            .ok_or_else(|| CloudError::NotFound(format!("no credentials named {name:?}")))
+            .ok_or_else(|| {
+                LocationError::NotFound {
+                    name: name.to_string(),
+                }
+                .into()
+            })
     }
 
     fn to_api(&self, name: &str, s: &Settings, created: &str) -> Location {
@@ -215,19 +363,21 @@ impl Locations {
                 if rows.iter().any(|(r, _, _)| r == n) {
                     Ok(n.to_string())
                 } else {
-                    Err(CloudError::NotFound(format!(
-                        "no location (credentials) named {n:?}: list them with `blockctl credentials list`"
-                    )))
+                    Err(LocationError::NotFound {
+                        name: n.to_string(),
+                    }
+                    .into())
                 }
             }
             None if rows.len() == 1 => Ok(rows[0].0.clone()),
-            None => Err(invalid(format!(
-                "several locations exist ({}): choose one with --cred-id",
-                rows.iter()
+            None => Err(LocationError::Ambiguous {
+                names: rows
+                    .iter()
                     .map(|r| r.0.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+                    .join(", "),
+            }
+            .into()),
         }
     }
 
@@ -235,21 +385,29 @@ impl Locations {
         self.secrets_dir.join(format!("{name}.json"))
     }
 
-    fn read_secrets(&self, name: &str) -> Result<Secrets, CloudError> {
-        match std::fs::read(self.secrets_path(name)) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                CloudError::Internal(format!("credentials file of {name} is unreadable: {e}"))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Secrets::default()),
-            Err(e) => Err(CloudError::internal("reading credentials", e)),
+    fn secrets_error(&self, name: &str, op: &'static str, source: std::io::Error) -> LocationError {
+        LocationError::Secrets {
+            name: name.to_string(),
+            op,
+            path: self.secrets_path(name).display().to_string(),
+            source,
         }
     }
 
-    fn write_secrets(&self, name: &str, s: &Secrets) -> Result<(), CloudError> {
+    fn read_secrets(&self, name: &str) -> Result<Secrets, LocationError> {
+        match std::fs::read(self.secrets_path(name)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| self.secrets_error(name, "decoding", e.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Secrets::default()),
+            Err(e) => Err(self.secrets_error(name, "reading", e)),
+        }
+    }
+
+    fn write_secrets(&self, name: &str, s: &Secrets) -> Result<(), LocationError> {
         let body =
-            serde_json::to_vec(s).map_err(|e| CloudError::internal("encoding credentials", e))?;
+            serde_json::to_vec(s).map_err(|e| self.secrets_error(name, "encoding", e.into()))?;
         crate::durable::write_atomic_mode(&self.secrets_path(name), &body, 0o600)
-            .map_err(|e| CloudError::internal("writing credentials", e))
+            .map_err(|e| self.secrets_error(name, "writing", e))
     }
 
     /// Builds the object store of a location.
@@ -258,7 +416,7 @@ impl Locations {
         name: &str,
         s: &Settings,
         secrets: &Secrets,
-    ) -> Result<Arc<dyn ObjectStore>, CloudError> {
+    ) -> Result<Arc<dyn ObjectStore>, LocationError> {
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -272,22 +430,25 @@ impl Locations {
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(120));
         let bucket = || {
-            s.bucket
-                .clone()
-                .ok_or_else(|| invalid("--bucket is required for this provider"))
+            s.bucket.clone().ok_or_else(|| LocationError::Missing {
+                flag: "--bucket",
+                provider: s.provider.unwrap_or(Provider::Local),
+            })
         };
-        let cfg_err = |e: object_store::Error| invalid(format!("location {name}: {e}"));
+        let cfg_err = |source| LocationError::Config {
+            name: name.to_string(),
+            source,
+        };
         let store: Arc<dyn ObjectStore> = match s.provider.unwrap_or(Provider::Local) {
             Provider::Local => {
                 let dir = s
                     .path
                     .as_ref()
                     .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    invalid(format!(
-                        "location {name}: cannot create directory {}: {e}",
-                        dir.display()
-                    ))
+                std::fs::create_dir_all(&dir).map_err(|source| LocationError::Directory {
+                    name: name.to_string(),
+                    dir: dir.display().to_string(),
+                    source,
                 })?;
                 // A backup is done when its objects are durable: fsync files and
                 // directories, as object stores do before acknowledging a PUT.
@@ -366,7 +527,7 @@ impl Locations {
         store: &Arc<dyn ObjectStore>,
         prefix: &str,
         name: &str,
-    ) -> Result<(), CloudError> {
+    ) -> Result<(), LocationError> {
         let mut tag = [0u8; 8];
         crate::repo::crypto::fill_random(&mut tag);
         let key = format!(
@@ -379,10 +540,10 @@ impl Locations {
             hex::encode(tag)
         );
         let path = object_store::path::Path::from(key.as_str());
-        let fail = |op: &str, e: object_store::Error| {
-            invalid(format!(
-                "location {name}: validation failed: {op} of a test object: {e}"
-            ))
+        let fail = |op, source| LocationError::Probe {
+            name: name.to_string(),
+            op,
+            source,
         };
         store
             .put(&path, bytes::Bytes::from_static(b"blockd probe").into())
@@ -396,9 +557,9 @@ impl Locations {
             .await
             .map_err(|e| fail("read", e))?;
         if &got[..] != b"blockd probe" {
-            return Err(invalid(format!(
-                "location {name}: validation failed: the test object read back differently"
-            )));
+            return Err(LocationError::ProbeMismatch {
+                name: name.to_string(),
+            });
         }
         store.delete(&path).await.map_err(|e| fail("delete", e))?;
         Ok(())
@@ -410,27 +571,27 @@ impl Locations {
     /// # Errors
     /// Bad flags, a failing endpoint or key, a wrong passphrase, a taken name.
     pub async fn create(&self, req: CreateLocation) -> Result<Location, CloudError> {
-        validate_name(&req.name)
-            .map_err(|e| invalid(e.to_string().replace("volume name", "credentials name")))?;
-        let provider = req
-            .provider
-            .ok_or_else(|| invalid("--provider is required: local, s3, azure or google"))?;
+        validate_name(&req.name).map_err(|e| LocationError::BadName {
+            why: e.to_string().replace("volume name", "credentials name"),
+        })?;
+        let provider = req.provider.ok_or_else(|| LocationError::BadFlag {
+            flag: "--provider",
+            why: "is required: local, s3, azure or google".into(),
+        })?;
         // Held until the row exists: two creates of one name cannot both
         // pass the check below (and overwrite each other's secrets).
         let _claim = self
             .claims
             .acquire(Want::for_location_change(&req.name, "are being created"))?;
         if self.rows()?.iter().any(|(n, _, _)| *n == req.name) {
-            return Err(CloudError::Conflict(format!(
-                "credentials {:?} already exist: delete them first or choose another name",
-                req.name
-            )));
+            return Err(LocationError::Exists {
+                name: req.name.clone(),
+            }
+            .into());
         }
-        let needs = |v: &Option<String>, flag: &str| {
+        let needs = |v: &Option<String>, flag| {
             if v.as_deref().is_none_or(str::is_empty) {
-                Err(invalid(format!(
-                    "{flag} is required for provider {provider}"
-                )))
+                Err(LocationError::Missing { flag, provider })
             } else {
                 Ok(())
             }
@@ -499,10 +660,11 @@ impl Locations {
             .map(|(f, _, _)| *f)
             .collect();
         if !foreign.is_empty() {
-            return Err(invalid(format!(
-                "{} do(es) not apply to provider {provider}",
-                foreign.join(", ")
-            )));
+            return Err(LocationError::Foreign {
+                flags: foreign.join(", "),
+                provider,
+            }
+            .into());
         }
         let mut google_key = None;
         match provider {
@@ -521,27 +683,36 @@ impl Locations {
                 needs(&req.bucket, "--bucket")?;
                 needs(&req.google_json_key_file, "--google-json-key-file")?;
                 let f = req.google_json_key_file.as_deref().unwrap_or_default();
-                let key = std::fs::read_to_string(f).map_err(|e| {
-                    invalid(format!(
-                        "--google-json-key-file {f}: {e} (the file is read by blockd)"
-                    ))
+                let key = std::fs::read_to_string(f).map_err(|e| LocationError::BadFlag {
+                    flag: "--google-json-key-file",
+                    why: format!("{f}: {e} (the file is read by blockd)"),
                 })?;
-                serde_json::from_str::<serde_json::Value>(&key)
-                    .map_err(|e| invalid(format!("--google-json-key-file {f} is not JSON: {e}")))?;
+                serde_json::from_str::<serde_json::Value>(&key).map_err(|e| {
+                    LocationError::BadFlag {
+                        flag: "--google-json-key-file",
+                        why: format!("{f} is not JSON: {e}"),
+                    }
+                })?;
                 google_key = Some(key);
             }
         }
         if let Some(p) = &req.path {
             if !Path::new(p).is_absolute() {
-                return Err(invalid(format!(
-                    "--path {p:?} must be an absolute directory"
-                )));
+                return Err(LocationError::BadFlag {
+                    flag: "--path",
+                    why: format!("{p:?} must be an absolute directory"),
+                }
+                .into());
             }
             if within(Path::new(p), &self.state_dir) {
-                return Err(invalid(format!(
-                    "--path {p} is inside blockd's state directory {}, where it would collide with the daemon's own files: choose a directory outside it",
-                    self.state_dir.display()
-                )));
+                return Err(LocationError::BadFlag {
+                    flag: "--path",
+                    why: format!(
+                        "{p} is inside blockd's state directory {}, where it would collide with the daemon's own files: choose a directory outside it",
+                        self.state_dir.display()
+                    ),
+                }
+                .into());
             }
         }
         if req
@@ -549,7 +720,11 @@ impl Locations {
             .as_deref()
             .is_some_and(str::is_empty)
         {
-            return Err(invalid("--encryption-passphrase must not be empty"));
+            return Err(LocationError::BadFlag {
+                flag: "--encryption-passphrase",
+                why: "must not be empty".into(),
+            }
+            .into());
         }
         let settings = Settings {
             provider: Some(provider),
@@ -581,12 +756,10 @@ impl Locations {
             .await?;
         self.write_secrets(&req.name, &secrets)?;
         let created = now();
-        if let Err(e) = self.db.insert_location(
-            &req.name,
-            &serde_json::to_string(&settings)
-                .map_err(|e| CloudError::internal("encoding location settings", e))?,
-            &created,
-        ) {
+        if let Err(e) = self
+            .db
+            .insert_location(&req.name, &encode(&req.name, &settings)?, &created)
+        {
             let _ = std::fs::remove_file(self.secrets_path(&req.name));
             return Err(e.into());
         }
@@ -629,7 +802,7 @@ impl Locations {
     /// Unknown name; `local`.
     pub async fn delete(&self, name: &str) -> Result<(), CloudError> {
         if name == LOCAL_LOCATION {
-            return Err(invalid("the embedded location `local` cannot be deleted"));
+            return Err(LocationError::Embedded.into());
         }
         // Tasks and mounts hold the location shared: deleting it waits for
         // none of them, it is refused while any runs.
@@ -637,9 +810,10 @@ impl Locations {
             .claims
             .acquire(Want::for_location_change(name, "are being deleted"))?;
         if !self.db.delete_location(name)? {
-            return Err(CloudError::NotFound(format!(
-                "no credentials named {name:?}: list them with `blockctl credentials list`"
-            )));
+            return Err(LocationError::NotFound {
+                name: name.to_string(),
+            }
+            .into());
         }
         let _ = std::fs::remove_file(self.secrets_path(name));
         self.open.lock().await.remove(name);

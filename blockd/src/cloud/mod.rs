@@ -33,8 +33,8 @@ use crate::outcome::Outcome;
 use crate::repo::RepoError;
 use crate::snapshot::{FreezeError, Snapshots};
 use crate::state::{StateDb, StateError};
-use crate::volume::store::Store;
-use locations::Locations;
+use crate::volume::store::{Store, StoreError};
+use locations::{LocationError, Locations};
 use task::{Record, Running};
 
 /// A full read every this many backups (pxctl: "every 7th backup is a full backup").
@@ -63,18 +63,15 @@ impl Default for Settings {
 }
 
 /// Why a cloud operation failed.
+///
+/// Variants say what happened and name what it happened to; the HTTP
+/// status follows from [`CloudError::outcome`], nowhere else.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CloudError {
-    /// The request is wrong; the message says how.
-    #[error("{0}")]
-    Invalid(String),
-    /// Something named does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// Conflicts with existing state.
-    #[error("{0}")]
-    Conflict(String),
+    /// A location (credentials) was refused or failed.
+    #[error(transparent)]
+    Location(#[from] LocationError),
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -87,28 +84,197 @@ pub enum CloudError {
     /// The freeze of a backup was refused or failed.
     #[error(transparent)]
     Freeze(#[from] FreezeError),
-    /// Anything else.
-    #[error("{0}")]
-    Internal(String),
+    /// Creating the volume of a restore failed.
+    #[error(transparent)]
+    Volume(#[from] StoreError),
+    /// Both explicit volumes and a label selector were given.
+    #[error("give --volume-ids or --label, not both")]
+    VolumesAndLabels,
+    /// Neither volumes nor labels were given.
+    #[error("name at least one volume (--volume-ids) or labels (--label)")]
+    NoVolumes,
+    /// No volume carries every given label.
+    #[error("no volume carries all the given labels")]
+    NoLabelMatch,
+    /// The exec timeout is out of range.
+    #[error("{why}")]
+    ExecTimeout {
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An unknown volume.
+    #[error("volume {volume:?} not found: list volumes with `blockctl volume list`")]
+    VolumeNotFound {
+        /// Volume.
+        volume: String,
+    },
+    /// The volume of a task was deleted under it.
+    #[error("volume {volume} is gone")]
+    VolumeGone {
+        /// Volume.
+        volume: String,
+    },
+    /// The volume is being restored and has no consistent content yet.
+    #[error("volume {volume} is being restored")]
+    Restoring {
+        /// Volume.
+        volume: String,
+    },
+    /// A restore never overwrites a volume.
+    #[error("volume {volume} already exists: restore into a new name (a restore never overwrites a volume)")]
+    VolumeExists {
+        /// Volume.
+        volume: String,
+    },
+    /// `--snap` named a volume without cloud snapshots.
+    #[error("no cloud snapshot {snap:?} in location {location}: give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)")]
+    NoSnapshotOf {
+        /// What was given.
+        snap: String,
+        /// Location.
+        location: String,
+    },
+    /// An unknown cloud snapshot.
+    #[error("no cloud snapshot {snapshot} in location {location}: see `blockctl cloudsnap list`")]
+    SnapshotNotFound {
+        /// `VOLUME/SNAPSHOT`.
+        snapshot: String,
+        /// Location.
+        location: String,
+    },
+    /// `--snap` is not `VOLUME/SNAPSHOT` where one is required.
+    #[error("--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)")]
+    BadSnapshotId {
+        /// What was given.
+        snap: String,
+    },
+    /// An object of a cloud snapshot is missing or corrupt.
+    #[error("snapshot {snapshot}: {source}")]
+    Damaged {
+        /// `VOLUME/SNAPSHOT`.
+        snapshot: String,
+        /// What the repository found.
+        #[source]
+        source: RepoError,
+    },
+    /// The new local snapshot of a backup member disappeared.
+    #[error("the new snapshot of {volume} vanished")]
+    SnapshotVanished {
+        /// Volume.
+        volume: String,
+    },
+    /// The lazy restore's record of fetched units is gone.
+    #[error("the present map {path} of lazily restored volume {volume} is missing")]
+    PresentMapMissing {
+        /// Volume.
+        volume: String,
+        /// Expected file.
+        path: String,
+    },
+    /// Reading or writing a volume failed.
+    #[error("{op} volume {volume}: {source}")]
+    VolumeIo {
+        /// What was being done ("reading", "writing", ...).
+        op: &'static str,
+        /// Volume.
+        volume: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An unknown task id.
+    #[error("no task {id:?}: list them with `blockctl cloudsnap status`")]
+    TaskNotFound {
+        /// Task id.
+        id: String,
+    },
+    /// Neither a task nor a group has this id.
+    #[error("no task or group {id:?}: list them with `blockctl cloudsnap status`")]
+    NoTaskOrGroup {
+        /// What was given.
+        id: String,
+    },
+    /// The task is not running any more.
+    #[error("task {id} already ended ({state})")]
+    TaskEnded {
+        /// Task id.
+        id: String,
+        /// Its final state.
+        state: blockd_api::TaskState,
+    },
+    /// A task record of the other kind was handed to a runner.
+    #[error("task {id} is not a {expected}")]
+    WrongPlan {
+        /// Task id.
+        id: String,
+        /// "backup" or "restore".
+        expected: &'static str,
+    },
+    /// A task record cannot be encoded or decoded.
+    #[error("task {id}: record: {source}")]
+    Record {
+        /// Task id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A worker of the task panicked or was aborted.
+    #[error("a worker of the task failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+    /// An internal sequence broke (a defect of blockd, reported, not hidden).
+    #[error("internal error: {what}")]
+    Defect {
+        /// What broke.
+        what: String,
+    },
     /// Stopped or shutting down.
     #[error("cancelled")]
     Cancelled,
 }
 
 impl CloudError {
-    fn internal(what: &str, e: impl std::fmt::Display) -> Self {
-        Self::Internal(format!("{what}: {e}"))
+    /// Reading or writing `volume` failed.
+    pub(crate) fn volume_io(op: &'static str, volume: &str, source: std::io::Error) -> Self {
+        Self::VolumeIo {
+            op,
+            volume: volume.to_string(),
+            source,
+        }
     }
 
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Invalid(_) => Outcome::Invalid,
-            Self::NotFound(_) => Outcome::NotFound,
-            Self::Conflict(_) | Self::Busy(_) => Outcome::Conflict,
+            Self::Location(l) => l.outcome(),
             Self::Repo(r) => r.outcome(),
             Self::Freeze(f) => f.outcome(),
-            Self::State(_) | Self::Internal(_) | Self::Cancelled => Outcome::Failed,
+            Self::Volume(v) => v.outcome(),
+            Self::VolumesAndLabels
+            | Self::NoVolumes
+            | Self::ExecTimeout { .. }
+            | Self::BadSnapshotId { .. } => Outcome::Invalid,
+            Self::NoLabelMatch
+            | Self::VolumeNotFound { .. }
+            | Self::VolumeGone { .. }
+            | Self::NoSnapshotOf { .. }
+            | Self::SnapshotNotFound { .. }
+            | Self::TaskNotFound { .. }
+            | Self::NoTaskOrGroup { .. } => Outcome::NotFound,
+            Self::Busy(_)
+            | Self::Restoring { .. }
+            | Self::VolumeExists { .. }
+            | Self::TaskEnded { .. } => Outcome::Conflict,
+            Self::State(_)
+            | Self::Damaged { .. }
+            | Self::SnapshotVanished { .. }
+            | Self::PresentMapMissing { .. }
+            | Self::VolumeIo { .. }
+            | Self::WrongPlan { .. }
+            | Self::Record { .. }
+            | Self::Worker(_)
+            | Self::Defect { .. }
+            | Self::Cancelled => Outcome::Failed,
         }
     }
 }

@@ -126,7 +126,10 @@ impl Running {
 /// A task record as stored; an encoding failure is an error, never an
 /// empty record.
 fn encode_record(r: &Record) -> Result<String, CloudError> {
-    serde_json::to_string(r).map_err(|e| CloudError::internal("encoding a task record", e))
+    serde_json::to_string(r).map_err(|source| CloudError::Record {
+        id: r.task.id.clone(),
+        source,
+    })
 }
 
 /// A running task's checkpoints, handed to its data path: the blocks
@@ -350,9 +353,7 @@ impl Cloud {
             out.push(t);
         }
         if let Some(n) = name.filter(|_| out.is_empty()) {
-            return Err(CloudError::NotFound(format!(
-                "no task or group {n:?}: list them with `blockctl cloudsnap status`"
-            )));
+            return Err(CloudError::NoTaskOrGroup { id: n.to_string() });
         }
         Ok(out)
     }
@@ -365,14 +366,16 @@ impl Cloud {
         if let Some(r) = self.lock().get(id) {
             return Ok(r.snapshot().task);
         }
-        let rec = self.db.task(id)?.ok_or_else(|| {
-            CloudError::NotFound(format!(
-                "no task {id:?}: list them with `blockctl cloudsnap status`"
-            ))
-        })?;
+        let rec = self
+            .db
+            .task(id)?
+            .ok_or_else(|| CloudError::TaskNotFound { id: id.to_string() })?;
         serde_json::from_str::<Record>(&rec)
             .map(|r| r.task)
-            .map_err(|e| CloudError::internal("task record", e))
+            .map_err(|source| CloudError::Record {
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Stops a running task and waits for it to end.
@@ -383,10 +386,10 @@ impl Cloud {
         let run = self.lock().get(id).cloned();
         let Some(run) = run else {
             let t = self.task(id)?;
-            return Err(CloudError::Conflict(format!(
-                "task {id} already ended ({})",
-                t.state
-            )));
+            return Err(CloudError::TaskEnded {
+                id: id.to_string(),
+                state: t.state,
+            });
         };
         run.stopped
             .store(true, std::sync::atomic::Ordering::Release);

@@ -36,7 +36,9 @@ pub fn overlay(parent: &[Entry], ranges: &[(u64, u64)], new: Vec<Entry>) -> Vec<
     out
 }
 
-/// The part `[s, t)` of entry `e` (block-relative offsets).
+/// The part `[s, t)` of entry `e` (block-relative offsets). Offsets
+/// inside a block are below the index span, which the config check keeps
+/// at most `MAX_INDEX_SPAN` (1 GiB): the conversions cannot saturate.
 fn cut(e: &Entry, s: u64, t: u64) -> Entry {
     Entry {
         start: u32::try_from(s).unwrap_or(u32::MAX),

@@ -475,6 +475,7 @@ pub fn encode(map: &RoaringBitmap, unit: u64, size: u64) -> Vec<u8> {
     out.extend_from_slice(&unit.to_le_bytes());
     out.extend_from_slice(&size.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    // A bitmap of u32 unit numbers serialises to at most 512 MiB.
     out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&body);
     out

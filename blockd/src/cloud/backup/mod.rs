@@ -14,7 +14,7 @@ use crate::claims::{Claim, Want};
 use crate::repo::format::{Group, Manifest};
 use crate::repo::{name, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
-use crate::snapshot::CreateRequest;
+use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::dirty_map::ChangeSet;
 
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
@@ -58,9 +58,7 @@ impl Cloud {
         let mut names = req.volumes.clone();
         if !req.select.is_empty() {
             if !names.is_empty() {
-                return Err(CloudError::Invalid(
-                    "give --volume-ids or --label, not both".into(),
-                ));
+                return Err(CloudError::VolumesAndLabels);
             }
             names = self
                 .volumes
@@ -73,21 +71,19 @@ impl Cloud {
                 .map(|v| v.name().to_string())
                 .collect();
             if names.is_empty() {
-                return Err(CloudError::NotFound(
-                    "no volume carries all the given labels".into(),
-                ));
+                return Err(CloudError::NoLabelMatch);
             }
         }
         if names.is_empty() {
-            return Err(CloudError::Invalid(
-                "name at least one volume (--volume-ids) or labels (--label)".into(),
-            ));
+            return Err(CloudError::NoVolumes);
         }
-        let mut unique = names.clone();
-        unique.sort();
-        unique.dedup();
-        if unique.len() != names.len() {
-            return Err(CloudError::Invalid("a volume is named twice".into()));
+        let mut sorted = names.clone();
+        sorted.sort();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(FreezeError::NamedTwice {
+                volume: w[0].clone(),
+            }
+            .into());
         }
         let location = self.locations.resolve(req.location.as_deref())?;
         let created_name = name::new();
@@ -108,15 +104,12 @@ impl Cloud {
         let repo = self.locations.repo(&location).await?;
         let mut plans = Vec::with_capacity(members.len());
         for (n, id, claim) in members {
-            let v = self.volumes.get(n).ok_or_else(|| {
-                CloudError::NotFound(format!(
-                    "volume {n:?} not found: list volumes with `blockctl volume list`"
-                ))
-            })?;
+            let v = self
+                .volumes
+                .get(n)
+                .ok_or_else(|| CloudError::VolumeNotFound { volume: n.clone() })?;
             if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
-                return Err(CloudError::Conflict(format!(
-                    "volume {n} is being restored"
-                )));
+                return Err(CloudError::Restoring { volume: n.clone() });
             }
             let (parent, base) = self.parent_of(&repo, &location, &v).await?;
             plans.push((v, parent, base, id, claim));
@@ -129,7 +122,7 @@ impl Cloud {
                 pre_exec: req.pre_exec.clone(),
                 post_exec: req.post_exec.clone(),
                 exec_timeout: blockd_api::exec_timeout(req.exec_timeout_secs)
-                    .map_err(CloudError::Invalid)?,
+                    .map_err(|why| CloudError::ExecTimeout { why })?,
             })
             .await?;
         let group_id = (group || names.len() > 1).then(|| created_name.clone());
@@ -145,10 +138,9 @@ impl Cloud {
             let snap = self.snapshots.get(v.name(), &created_name);
             let meta = metas.iter().find(|m| m.volume == v.name());
             let (Some(snap), Some(meta)) = (snap, meta) else {
-                failed = Some(CloudError::Internal(format!(
-                    "the new snapshot of {} vanished",
-                    v.name()
-                )));
+                failed = Some(CloudError::SnapshotVanished {
+                    volume: v.name().to_string(),
+                });
                 break;
             };
             let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
@@ -370,13 +362,20 @@ impl Cloud {
                 pre_exec.clone(),
                 post_exec.clone(),
             ),
-            Plan::Restore { .. } => return Err(CloudError::Internal("not a backup".into())),
+            Plan::Restore { .. } => {
+                return Err(CloudError::WrongPlan {
+                    id: rec.task.id.clone(),
+                    expected: "backup",
+                })
+            }
         };
         let repo = self.locations.repo(&rec.task.location).await?;
         let volume = self
             .volumes
             .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+            .ok_or_else(|| CloudError::VolumeGone {
+                volume: rec.task.volume.clone(),
+            })?;
         let parent = match (parent, parent_id.as_deref().and_then(name::split)) {
             (Some(m), _) => Some(m),
             (None, Some((v, n))) => Some(repo.get_manifest(v, n).await?),

@@ -149,7 +149,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         let reads = if job.full {
             job.volume
                 .frozen_data(&*job.snap, bstart, blen)
-                .map_err(|e| read_error(job, &e))?
+                .map_err(|e| read_error(job, e))?
         } else {
             ranges.clone()
         };
@@ -161,8 +161,8 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     w.finish().await
 }
 
-fn read_error(job: &Job, e: &std::io::Error) -> CloudError {
-    CloudError::Internal(format!("reading volume {}: {e}", job.volume.name()))
+fn read_error(job: &Job, e: std::io::Error) -> CloudError {
+    CloudError::volume_io("reading", job.volume.name(), e)
 }
 
 /// The parent's index block id for block `b`, if it has one.
@@ -275,15 +275,15 @@ impl<'a> IndexAhead<'a> {
             let (pb, handle) = self
                 .fetching
                 .pop_front()
-                .ok_or_else(|| CloudError::Internal("index prefetch out of step".into()))?;
+                .ok_or_else(|| CloudError::Defect {
+                    what: format!("index prefetch out of step: nothing fetched for block {b}"),
+                })?;
             if pb != b {
-                return Err(CloudError::Internal(format!(
-                    "index prefetch out of step: got block {pb}, wanted {b}"
-                )));
+                return Err(CloudError::Defect {
+                    what: format!("index prefetch out of step: got block {pb}, wanted {b}"),
+                });
             }
-            handle
-                .await
-                .map_err(|e| CloudError::Internal(e.to_string()))??
+            handle.await.map_err(CloudError::from)??
         } else {
             Vec::new()
         };
@@ -390,12 +390,7 @@ impl<'a> Writer<'a> {
                             volume
                                 .read_frozen(&*snap, buf, 0, bstart + pos)
                                 .await
-                                .map_err(|e| {
-                                    CloudError::Internal(format!(
-                                        "reading volume {}: {e}",
-                                        volume.name()
-                                    ))
-                                })
+                                .map_err(|e| CloudError::volume_io("reading", volume.name(), e))
                         }
                     });
                     let data = futures::future::try_join_all(reads).await?;
@@ -417,7 +412,7 @@ impl<'a> Writer<'a> {
                         out
                     })
                     .await
-                    .map_err(|e| CloudError::Internal(e.to_string()))
+                    .map_err(CloudError::from)
                 }
             })
             .buffered(AHEAD);
@@ -502,7 +497,7 @@ impl<'a> Writer<'a> {
             let (id, sealed) = repo.seal_index(b, &entries)?;
             while self.uploads.len() >= UPLOADS * 4 {
                 if let Some(r) = self.uploads.join_next().await {
-                    r.map_err(|e| CloudError::Internal(e.to_string()))??;
+                    r.map_err(CloudError::from)??;
                 }
             }
             let (repo, progress, key) = (repo.clone(), self.job.progress.clone(), id.clone());
@@ -611,7 +606,7 @@ async fn upload(
     }
     while uploads.len() >= UPLOADS {
         if let Some(r) = uploads.join_next().await {
-            r.map_err(|e| CloudError::Internal(e.to_string()))??;
+            r.map_err(CloudError::from)??;
         }
     }
     let id = pack.id;
@@ -623,7 +618,7 @@ async fn upload(
         let repo = repo.clone();
         tokio::task::spawn_blocking(move || pack.finish(&repo.keys))
             .await
-            .map_err(|e| CloudError::Internal(e.to_string()))?
+            .map_err(CloudError::from)?
             .map_err(RepoError::from)?
     };
     // Recorded before the upload: after a crash the pack is checked for,
@@ -640,7 +635,7 @@ async fn upload(
 
 async fn drain(uploads: &mut JoinSet<Result<(), CloudError>>) -> Result<(), CloudError> {
     while let Some(r) = uploads.join_next().await {
-        r.map_err(|e| CloudError::Internal(e.to_string()))??;
+        r.map_err(CloudError::from)??;
     }
     Ok(())
 }

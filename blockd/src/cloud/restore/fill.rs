@@ -74,7 +74,7 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
                     Ok::<_, CloudError>((f.chunks.len() as u64, n))
                 })
                 .await
-                .map_err(|e| CloudError::Internal(e.to_string()))?
+                .map_err(CloudError::from)?
             }
         })
         .buffer_unordered(FETCHES);
@@ -110,7 +110,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     );
     let snap_id = format!("{}/{}", job.manifest.volume, job.manifest.name);
     let named = |e: CloudError| match e {
-        CloudError::Repo(r) => CloudError::Internal(format!("snapshot {snap_id}: {r}")),
+        CloudError::Repo(source) => CloudError::Damaged {
+            snapshot: snap_id.clone(),
+            source,
+        },
         e => e,
     };
     let write_lock = Arc::new(std::sync::Mutex::new(()));
@@ -159,7 +162,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                         Ok::<u64, CloudError>(n)
                     })
                     .await
-                    .map_err(|e| CloudError::Internal(e.to_string()))??;
+                    .map_err(CloudError::from)??;
                     Progress::add(&progress.done, written);
                     Ok::<(), CloudError>(())
                 }
@@ -182,20 +185,20 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             .is_none_or(tokio::task::JoinHandle::is_finished)
         {
             if let Some(h) = flushing.take() {
-                let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
+                let covered = h.await.map_err(CloudError::from)??;
                 job.checkpoint.save(&covered)?;
             }
             flushing = Some(start_flush(&job.volume, std::mem::take(&mut finished)));
         }
     }
     if let Some(h) = flushing.take() {
-        let covered = h.await.map_err(|e| CloudError::Internal(e.to_string()))??;
+        let covered = h.await.map_err(CloudError::from)??;
         job.checkpoint.save(&covered)?;
     }
     if !finished.is_empty() {
         let covered = start_flush(&job.volume, finished)
             .await
-            .map_err(|e| CloudError::Internal(e.to_string()))??;
+            .map_err(CloudError::from)??;
         job.checkpoint.save(&covered)?;
     }
     Ok(())
@@ -211,7 +214,7 @@ fn start_flush(volume: &Arc<Volume>, blocks: Vec<u64>) -> Flushing {
         volume
             .flush()
             .await
-            .map_err(|e| CloudError::Internal(format!("flushing volume {}: {e}", volume.name())))?;
+            .map_err(|e| CloudError::volume_io("flushing", volume.name(), e))?;
         Ok(blocks.into_iter().map(|k| (k, None)).collect())
     })
 }
@@ -232,8 +235,7 @@ fn write_fetch(
     for c in &f.chunks {
         plain.insert(c.offset, repo.open_chunk_in(c, f.record(repo, c, bytes)?)?);
     }
-    let io =
-        |e: std::io::Error| CloudError::Internal(format!("writing volume {}: {e}", volume.name()));
+    let io = |e| CloudError::volume_io("writing", volume.name(), e);
     // Buffered writes to one file serialise on its inode lock anyway: one
     // writer at a time sleeps instead of spinning on it.
     let _one = write_lock

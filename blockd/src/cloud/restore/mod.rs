@@ -30,10 +30,9 @@ impl Cloud {
         let location = self.locations.resolve(req.location.as_deref())?;
         let repo = self.locations.repo(&location).await?;
         if self.volumes.get(&req.volume).is_some() {
-            return Err(CloudError::Conflict(format!(
-                "volume {} already exists: restore into a new name (a restore never overwrites a volume)",
-                req.volume
-            )));
+            return Err(CloudError::VolumeExists {
+                volume: req.volume.clone(),
+            });
         }
         let m = self.find(&repo, &req.snap).await?;
         let id = new_task_id();
@@ -51,27 +50,14 @@ impl Cloud {
         // A delete that ended between `find` and the claim.
         self.locations.resolve(Some(&location))?;
         if !repo.has_manifest(&m.volume, &m.name).await? {
-            return Err(CloudError::NotFound(format!(
-                "cloud snapshot {snapshot} was just deleted from location {location}"
-            )));
+            return Err(CloudError::SnapshotNotFound { snapshot, location });
         }
-        let v = self
-            .volumes
-            .create(blockd_api::CreateVolume {
-                name: req.volume.clone(),
-                size: m.size,
-                extent_size: Some(m.extent_size),
-                labels: BTreeMap::new(),
-            })
-            .map_err(|e| match e {
-                crate::volume::store::StoreError::Exists { .. } => {
-                    CloudError::Conflict(e.to_string())
-                }
-                crate::volume::store::StoreError::Invalid { .. } => {
-                    CloudError::Invalid(e.to_string())
-                }
-                e => CloudError::Internal(e.to_string()),
-            })?;
+        let v = self.volumes.create(blockd_api::CreateVolume {
+            name: req.volume.clone(),
+            size: m.size,
+            extent_size: Some(m.extent_size),
+            labels: BTreeMap::new(),
+        })?;
         if !req.lazy {
             v.restoring
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -113,7 +99,9 @@ impl Cloud {
                 h.lazy
                     .persist(roaring::RoaringBitmap::new(), 0)
                     .await
-                    .map_err(|e| CloudError::internal("writing the present map", e))?;
+                    .map_err(|e| {
+                        CloudError::volume_io("writing the present map of", &req.volume, e)
+                    })?;
                 Ok::<_, CloudError>(h)
             };
             match started.await {
@@ -236,15 +224,17 @@ impl Cloud {
             ..
         } = &r.plan
         else {
-            return Err(CloudError::Internal("not a restore".into()));
+            return Err(CloudError::WrongPlan {
+                id: r.task.id.clone(),
+                expected: "restore",
+            });
         };
         let path = self.volumes.present_path(v.name());
         if !fresh && !path.exists() {
-            return Err(CloudError::Internal(format!(
-                "the present map {} of lazily restored volume {} is missing",
-                path.display(),
-                v.name()
-            )));
+            return Err(CloudError::PresentMapMissing {
+                volume: v.name().to_string(),
+                path: path.display().to_string(),
+            });
         }
         let progress = Arc::new(Progress::default());
         progress
@@ -264,7 +254,7 @@ impl Cloud {
         ));
         let lazy = v
             .make_lazy(path, *unit, source.clone())
-            .map_err(|e| CloudError::internal(&format!("volume {}", v.name()), e))?;
+            .map_err(|e| CloudError::volume_io("making lazy", v.name(), e))?;
         Ok(Hydration { lazy, source })
     }
 
@@ -277,7 +267,9 @@ impl Cloud {
         let volume = self
             .volumes
             .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+            .ok_or_else(|| CloudError::VolumeGone {
+                volume: rec.task.volume.clone(),
+            })?;
         let run2 = run.clone();
         let job = hydrate::Job {
             volume,
@@ -305,17 +297,25 @@ impl Cloud {
             ..
         } = &rec.plan
         else {
-            return Err(CloudError::Internal("not a restore".into()));
+            return Err(CloudError::WrongPlan {
+                id: rec.task.id.clone(),
+                expected: "restore",
+            });
         };
         let repo = self.locations.repo(&rec.task.location).await?;
         let manifest = repo
             .get_manifest(src_volume, src_name)
             .await
-            .map_err(|e| CloudError::Internal(format!("snapshot {src_volume}/{src_name}: {e}")))?;
+            .map_err(|source| CloudError::Damaged {
+                snapshot: format!("{src_volume}/{src_name}"),
+                source,
+            })?;
         let volume = self
             .volumes
             .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::NotFound(format!("volume {} is gone", rec.task.volume)))?;
+            .ok_or_else(|| CloudError::VolumeGone {
+                volume: rec.task.volume.clone(),
+            })?;
         let cancel = run.stop.clone();
         let job = fill::Job {
             task: rec.task.id.clone(),
