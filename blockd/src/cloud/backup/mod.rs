@@ -50,11 +50,9 @@ impl Cloud {
         self.start_backups(req, true).await
     }
 
-    pub(super) async fn start_backups(
-        self: &Arc<Self>,
-        req: BackupGroupRequest,
-        group: bool,
-    ) -> Result<Started, CloudError> {
+    /// The volumes a backup request names: explicit, or chosen by labels;
+    /// each at most once.
+    fn members(&self, req: &BackupGroupRequest) -> Result<Vec<String>, CloudError> {
         let mut names = req.volumes.clone();
         if !req.select.is_empty() {
             if !names.is_empty() {
@@ -85,6 +83,15 @@ impl Cloud {
             }
             .into());
         }
+        Ok(names)
+    }
+
+    pub(super) async fn start_backups(
+        self: &Arc<Self>,
+        req: BackupGroupRequest,
+        group: bool,
+    ) -> Result<Started, CloudError> {
+        let names = self.members(&req)?;
         let location = self.locations.resolve(req.location.as_deref())?;
         let created_name = name::new();
         // Claims first: each member's volume, its one job slot, the new
