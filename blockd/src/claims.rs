@@ -26,6 +26,7 @@
 //! | credentials create / delete | location X                                               |
 //! | catalog mount          | location S (for as long as it is mounted)                     |
 //! | open `disk.img`        | cloud snapshot S (until the file is closed)                   |
+//! | repo check             | location S (while it runs; no lock in the bucket)             |
 //!
 //! A claim is released when its [`Claim`] is dropped: every path out of an
 //! operation, failures included, gives back what it took.
@@ -266,6 +267,12 @@ impl Want {
     /// Creating or deleting location `name`.
     pub fn for_location_change(name: &str, doing: &str) -> Self {
         Self::new(Holder::request(doing)).with(Resource::Location(name.into()), Mode::Exclusive)
+    }
+
+    /// A repository maintenance run (`doing`: "are being checked") on
+    /// `location`: the credentials stay while it runs.
+    pub fn for_location_use(location: &str, doing: &str, hint: &str) -> Self {
+        Self::new(Holder::new(doing, hint)).with(Resource::Location(location.into()), Mode::Shared)
     }
 
     /// A catalog mount of `location` at `dir`.

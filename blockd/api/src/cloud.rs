@@ -393,3 +393,170 @@ pub struct Verified {
     /// Plain bytes checked.
     pub bytes: u64,
 }
+
+/// Which packs `repo check --read-data` reads: `n/m` (the n-th of m
+/// slices, 1-based) or a percentage. Chosen by pack id, so repeated runs
+/// with n = 1..m read every pack exactly once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Subset {
+    /// Slice `n` of `m` (1 ≤ n ≤ m).
+    Slice {
+        /// Which slice, from 1.
+        n: u64,
+        /// How many slices.
+        m: u64,
+    },
+    /// This percentage of the packs (0 < p ≤ 100).
+    Percent(f64),
+}
+
+impl Subset {
+    /// Whether a pack whose id starts with the 8 bytes `key` (read as a
+    /// big-endian number) is in the subset.
+    pub fn contains(&self, key: u64) -> bool {
+        match *self {
+            Self::Slice { n, m } => key % m == n - 1,
+            Self::Percent(p) => {
+                // key / 2^64 < p / 100, without floating-point rounding at
+                // 100%.
+                p >= 100.0 || (key as f64) < p / 100.0 * 18_446_744_073_709_551_616.0
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Subset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid subset {s:?}: give n/m (e.g. 1/5, the first of five slices) or a percentage (e.g. 10%)")
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(Self::Percent(p));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let n: u64 = n.trim().parse().map_err(|_| bad())?;
+        let m: u64 = m.trim().parse().map_err(|_| bad())?;
+        if n == 0 || m == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(Self::Slice { n, m })
+    }
+}
+
+impl fmt::Display for Subset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Slice { n, m } => write!(f, "{n}/{m}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Body of `POST /v1/repo/check`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// Location [default: the only one].
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Also read packs and check every record's seal and hash.
+    #[serde(default)]
+    pub read_data: bool,
+    /// With `read_data`: only these packs (`n/m` or `x%`).
+    #[serde(default)]
+    pub subset: Option<String>,
+}
+
+/// A damaged object found by a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The object's key in the repository.
+    pub object: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// A snapshot that cannot be fully restored, and the objects why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedSnapshot {
+    /// `VOLUME/SNAPSHOT`.
+    pub snapshot: String,
+    /// Damaged objects it needs.
+    pub objects: Vec<String>,
+}
+
+/// What `--read-data` read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRead {
+    /// The subset asked for, if any.
+    pub subset: Option<String>,
+    /// Packs read whole.
+    pub packs: u64,
+    /// Records opened and checked.
+    pub records: u64,
+    /// Bytes fetched.
+    pub bytes: u64,
+}
+
+/// Answer of `POST /v1/repo/check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Location checked.
+    pub location: String,
+    /// Snapshots (manifests) found.
+    pub snapshots: u64,
+    /// Distinct index blocks the snapshots reference.
+    pub index_blocks: u64,
+    /// Packs the snapshots reference.
+    pub packs: u64,
+    /// Records (chunks) the snapshots reference.
+    pub records: u64,
+    /// Packs no snapshot references (reclaimed by `repo gc`).
+    pub unreferenced_packs: u64,
+    /// Index blocks no snapshot references (reclaimed by `repo gc`).
+    pub unreferenced_index_blocks: u64,
+    /// With `--read-data`: what was read.
+    pub data: Option<DataRead>,
+    /// Every damaged object.
+    pub problems: Vec<Problem>,
+    /// Every snapshot that needs a damaged object.
+    pub damaged: Vec<DamagedSnapshot>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Subset;
+
+    #[test]
+    fn subsets_parse_and_partition() {
+        assert_eq!("2/5".parse(), Ok(Subset::Slice { n: 2, m: 5 }));
+        assert_eq!("10%".parse(), Ok(Subset::Percent(10.0)));
+        for bad in ["0/5", "6/5", "1/0", "x", "0%", "101%", "1/", "/2", "-1%"] {
+            assert!(bad.parse::<Subset>().is_err(), "{bad}");
+        }
+        // Slices 1..m take every key exactly once.
+        let keys: Vec<u64> = (0..1000u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        for k in &keys {
+            let hits = (1..=7)
+                .filter(|n| Subset::Slice { n: *n, m: 7 }.contains(*k))
+                .count();
+            assert_eq!(hits, 1);
+        }
+        // A percentage takes about that share; 100% takes all.
+        let ten = keys
+            .iter()
+            .filter(|k| Subset::Percent(10.0).contains(**k))
+            .count();
+        assert!((50..=150).contains(&ten), "{ten}");
+        assert!(keys.iter().all(|k| Subset::Percent(100.0).contains(*k)));
+        assert!(Subset::Percent(100.0).contains(u64::MAX));
+    }
+}

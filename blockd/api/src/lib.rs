@@ -365,8 +365,9 @@ mod tests {
 
 pub mod cloud;
 pub use cloud::{
-    BackupGroupRequest, BackupRequest, Catalog, CloudSnap, CreateLocation, Location, Provider,
-    RestoreRequest, Started, Task, TaskKind, TaskState, Verified, LOCAL_LOCATION,
+    BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
+    CreateLocation, DamagedSnapshot, DataRead, Location, Problem, Provider, RestoreRequest,
+    Started, Subset, Task, TaskKind, TaskState, Verified, LOCAL_LOCATION,
 };
 
 pub mod mount;

@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockd_api::{
-    BackupGroupRequest, BackupRequest, Catalog, CloudSnap, CreateLocation, Location,
-    RestoreRequest, Started, Task,
+    BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
+    CreateLocation, Location, RestoreRequest, Started, Task,
 };
 
 use super::{body, query_pairs, ApiResult, Failure};
@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<Daemon>> {
         .route("/v1/cloudsnaps/backup", post(backup))
         .route("/v1/cloudsnaps/backup-group", post(backup_group))
         .route("/v1/cloudsnaps/restore", post(restore))
+        .route("/v1/repo/check", post(check))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/stop", post(stop))
@@ -152,6 +153,11 @@ fn snap_and_location(q: Option<&str>) -> Result<(String, Option<String>, bool), 
         .map(|(_, v)| v.clone());
     let verify = q.iter().any(|(k, v)| k == "verify" && v == "true");
     Ok((snap, location, verify))
+}
+
+async fn check(State(d): State<Arc<Daemon>>, bytes: Bytes) -> ApiResult<CheckReport> {
+    let req: CheckRequest = body(&bytes)?;
+    Ok(Json(d.cloud.check(req).await?))
 }
 
 async fn catalog(State(d): State<Arc<Daemon>>, RawQuery(q): RawQuery) -> ApiResult<Catalog> {

@@ -17,6 +17,7 @@
 
 pub mod backup;
 mod catalog;
+mod check;
 pub mod hydrate;
 pub mod locations;
 pub mod restore;
@@ -96,6 +97,12 @@ pub enum CloudError {
     /// No volume carries every given label.
     #[error("no volume carries all the given labels")]
     NoLabelMatch,
+    /// `--subset` is malformed or given without `--read-data`.
+    #[error("{why}")]
+    BadSubset {
+        /// What is wrong with it.
+        why: String,
+    },
     /// The exec timeout is out of range.
     #[error("{why}")]
     ExecTimeout {
@@ -253,6 +260,7 @@ impl CloudError {
             Self::VolumesAndLabels
             | Self::NoVolumes
             | Self::ExecTimeout { .. }
+            | Self::BadSubset { .. }
             | Self::BadSnapshotId { .. } => Outcome::Invalid,
             Self::NoLabelMatch
             | Self::VolumeNotFound { .. }

@@ -8,12 +8,14 @@
 //! errors retried, on top of the HTTP client's own retries) over the
 //! provider's store. Every error names the object it is about.
 
+pub mod check;
 pub mod crypto;
 pub mod faulty;
 pub mod fetch;
 pub mod format;
 pub mod index;
 pub mod name;
+pub mod refs;
 pub mod retry;
 
 use std::ops::Range;
@@ -153,6 +155,17 @@ pub fn new_pack_id() -> [u8; 16] {
 
 fn fan(kind: &str, hex: &str) -> String {
     format!("{kind}/{}/{hex}", &hex[..2])
+}
+
+/// A pack id.
+pub type PackId = [u8; 16];
+
+/// The hex id of a key `<kind>/<aa>/<id>` with an id of `len` hex digits
+/// whose first two are `<aa>`.
+fn parse_fanned<'a>(key: &'a str, kind: &str, len: usize) -> Option<&'a str> {
+    let rest = key.strip_prefix(kind)?.strip_prefix('/')?;
+    let (aa, id) = rest.split_once('/')?;
+    (id.len() == len && id.starts_with(aa) && aa.len() == 2).then_some(id)
 }
 
 /// Object key of a pack.
@@ -408,6 +421,143 @@ impl Repo {
             &manifest_key(volume, name),
             "not a snapshot name blockd writes",
         )
+    }
+
+    /// Reads the config object again: it must still be the one opened.
+    ///
+    /// # Errors
+    /// A missing, unreadable or changed config, named.
+    pub async fn check_config(&self) -> Result<(), RepoError> {
+        let bytes = self.objects.get_meta("config").await?;
+        let c = parse_config(&self.objects, &bytes)?;
+        if c != self.config {
+            return Err(self
+                .objects
+                .corrupt("config", "differs from the config this daemon opened"));
+        }
+        Ok(())
+    }
+
+    /// Every pack object, with its id parsed from its key; keys under
+    /// `packs/` that blockd never writes are returned apart.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn list_packs(&self) -> Result<(Vec<(PackId, Listed)>, Vec<String>), RepoError> {
+        let mut packs = Vec::new();
+        let mut foreign = Vec::new();
+        for l in self.objects.list_meta("packs").await? {
+            match parse_fanned(&l.key, "packs", 32).and_then(|h| {
+                let mut id = [0u8; 16];
+                hex::decode_to_slice(h, &mut id).ok().map(|()| id)
+            }) {
+                Some(id) if l.key == pack_key(&id) => packs.push((id, l)),
+                _ => foreign.push(l.key),
+            }
+        }
+        Ok((packs, foreign))
+    }
+
+    /// Every index block object, with its id (hex); keys under `index/`
+    /// that blockd never writes are returned apart.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn list_index_blocks(
+        &self,
+    ) -> Result<(Vec<(String, Listed)>, Vec<String>), RepoError> {
+        let mut blocks = Vec::new();
+        let mut foreign = Vec::new();
+        for l in self.objects.list_meta("index").await? {
+            match parse_fanned(&l.key, "index", 64) {
+                Some(h)
+                    if h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+                {
+                    blocks.push((h.to_string(), l));
+                }
+                _ => foreign.push(l.key),
+            }
+        }
+        Ok((blocks, foreign))
+    }
+
+    /// The key of pack `id`, for naming it in a report.
+    pub fn pack_name(id: &PackId) -> String {
+        pack_key(id)
+    }
+
+    /// The key of index block `id`, for naming it in a report.
+    pub fn index_name(id: &str) -> String {
+        index_key(id)
+    }
+
+    /// The key of a snapshot's manifest, for naming it in a report.
+    pub fn manifest_name(volume: &str, name: &str) -> String {
+        manifest_key(volume, name)
+    }
+
+    /// The records of pack `id` (of `size` bytes), read from its trailer
+    /// with a ranged GET of the pack's tail (two when the trailer is
+    /// larger than 64 KiB).
+    ///
+    /// # Errors
+    /// Missing pack; a footer or trailer that does not open, named.
+    pub async fn pack_trailer(&self, id: &PackId, size: u64) -> Result<Vec<ChunkLoc>, RepoError> {
+        const TAIL: u64 = 64 * 1024;
+        let key = pack_key(id);
+        if size < 12 {
+            return Err(self
+                .objects
+                .corrupt(&key, "not a pack (shorter than its footer)"));
+        }
+        let from = size.saturating_sub(TAIL);
+        let tail = self.objects.get_range(&key, from..size).await?;
+        let n = tail.len();
+        if &tail[n - 8..] != format::PACK_MAGIC {
+            return Err(self.objects.corrupt(&key, "not a pack (bad footer)"));
+        }
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&tail[n - 12..n - 8]);
+        let tl = u64::from(u32::from_le_bytes(l));
+        if tl + 12 > size {
+            return Err(self
+                .objects
+                .corrupt(&key, "pack trailer length exceeds the pack"));
+        }
+        let records_end = size - 12 - tl;
+        let sealed = if records_end >= from {
+            let at = usize::try_from(records_end - from).unwrap_or(usize::MAX);
+            tail.slice(at..n - 12)
+        } else {
+            self.objects.get_range(&key, records_end..size - 12).await?
+        };
+        self.open_trailer(id, &sealed, records_end)
+    }
+
+    /// The records of a whole pack `bytes` (as fetched by [`Repo::get_pack`]).
+    ///
+    /// # Errors
+    /// A footer or trailer that does not open, named.
+    pub fn pack_records(&self, id: &PackId, bytes: &[u8]) -> Result<Vec<ChunkLoc>, RepoError> {
+        let (records, trailer) = format::split_pack(bytes)
+            .map_err(|Malformed(m)| self.objects.corrupt(&pack_key(id), m))?;
+        self.open_trailer(id, trailer, records.len() as u64)
+    }
+
+    fn open_trailer(
+        &self,
+        id: &PackId,
+        sealed: &[u8],
+        records_end: u64,
+    ) -> Result<Vec<ChunkLoc>, RepoError> {
+        let key = pack_key(id);
+        let plain = self.keys.open(&pack_ad(id), sealed).map_err(|Tampered| {
+            self.objects
+                .corrupt(&key, "pack trailer: integrity check failed")
+        })?;
+        format::decode_trailer(&plain, *id, records_end)
+            .map_err(|Malformed(m)| self.objects.corrupt(&key, format!("pack trailer: {m}")))
     }
 
     /// Reads and checks index block `block`.
@@ -759,6 +909,20 @@ impl Objects {
     /// # Errors
     /// Provider errors.
     pub async fn list(&self, dir: &str) -> Result<Vec<String>, RepoError> {
+        Ok(self
+            .list_meta(dir)
+            .await?
+            .into_iter()
+            .map(|l| l.key)
+            .collect())
+    }
+
+    /// The objects under `dir` with their sizes and the store's
+    /// modification times, sorted by key.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn list_meta(&self, dir: &str) -> Result<Vec<Listed>, RepoError> {
         let path = ObjPath::from(dir);
         let metas: Vec<object_store::ObjectMeta> =
             retry::run(&self.location, "list", &path, || {
@@ -766,10 +930,28 @@ impl Objects {
             })
             .await
             .map_err(|e| self.error("list", dir, e))?;
-        let mut keys: Vec<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
-        keys.sort();
-        Ok(keys)
+        let mut out: Vec<Listed> = metas
+            .into_iter()
+            .map(|m| Listed {
+                key: m.location.to_string(),
+                size: m.size,
+                modified: m.last_modified.into(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
+}
+
+/// An object as listed by the store.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Key relative to the repository.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When the store last wrote it (the store's clock, not this host's).
+    pub modified: std::time::SystemTime,
 }
 
 /// Parses and checks a config object.

@@ -9,6 +9,7 @@ mod cloudsnap;
 mod credentials;
 mod mount;
 mod output;
+mod repo;
 mod wait;
 
 use std::collections::BTreeMap;
@@ -49,6 +50,9 @@ enum Command {
     /// Back up volumes to object storage and restore them
     #[command(subcommand, alias = "cs")]
     Cloudsnap(cloudsnap::CloudsnapCmd),
+    /// Maintain a location's repository: check it
+    #[command(subcommand)]
+    Repo(repo::RepoCmd),
     /// Mount a location's cloud snapshots read-only at DIR (served by blockd)
     Mount(mount::MountArgs),
     /// Unmount a catalog mount (also one left by a blockd that crashed)
@@ -248,6 +252,7 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
         Command::Snapshot(cmd) => snapshot(out, client, cmd).await,
         Command::Credentials(cmd) => credentials::run(out, client, cmd).await,
         Command::Cloudsnap(cmd) => cloudsnap::run(out, client, cmd).await,
+        Command::Repo(cmd) => repo::run(out, client, cmd).await,
         Command::Mount(args) => mount::mount(out, client, args).await,
         Command::Umount(args) => mount::umount(out, client, args).await,
     }

@@ -1,0 +1,208 @@
+//! What the snapshots of a repository reach: index blocks, packs and the
+//! records inside them. One walk, used by `repo check` and by garbage
+//! collection.
+//!
+//! Memory grows with snapshots, index blocks and packs, not with chunks:
+//! the records a pack must keep are a roaring bitmap of their offsets
+//! (about 2 bytes per record), and the index blocks that reach a pack a
+//! roaring bitmap of index-block numbers. Entries are looked at once, as
+//! each index block arrives, and dropped.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use roaring::RoaringBitmap;
+
+use super::format::Manifest;
+use super::{name, PackId, Repo, RepoError};
+
+/// Index blocks and manifests fetched at once.
+const FETCHES: usize = 16;
+
+/// An index block the snapshots reference.
+#[derive(Debug, Clone)]
+pub struct IndexRef {
+    /// Its number in [`Refs::index_ids`].
+    pub num: u32,
+    /// The volume range it maps.
+    pub block: u64,
+    /// Snapshots (numbers in [`Refs::snapshots`]) that reference it.
+    pub snapshots: RoaringBitmap,
+}
+
+/// What the snapshots need of one pack.
+#[derive(Debug, Clone, Default)]
+pub struct PackRef {
+    /// Offsets of the records referenced.
+    pub records: RoaringBitmap,
+    /// Index blocks (numbers) that reference it.
+    pub index: RoaringBitmap,
+}
+
+/// A damaged object met on the walk, and the snapshots that need it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Object key.
+    pub object: String,
+    /// What is wrong.
+    pub reason: String,
+    /// Snapshots (numbers) that need it.
+    pub snapshots: RoaringBitmap,
+}
+
+/// Everything the snapshots of a repository reference.
+#[derive(Debug, Default)]
+pub struct Refs {
+    /// Snapshot ids (`VOLUME/NAME`), numbered by position.
+    pub snapshots: Vec<String>,
+    /// Index blocks by id.
+    pub index: HashMap<String, IndexRef>,
+    /// Index block ids by number.
+    pub index_ids: Vec<String>,
+    /// Packs by id.
+    pub packs: HashMap<PackId, PackRef>,
+    /// Damage met while walking (manifests and index blocks).
+    pub problems: Vec<Found>,
+}
+
+impl Refs {
+    /// Records referenced, over every pack.
+    pub fn records(&self) -> u64 {
+        self.packs.values().map(|p| p.records.len()).sum()
+    }
+
+    /// The snapshots reaching any of the index blocks `index`.
+    pub fn snapshots_of(&self, index: &RoaringBitmap) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        for n in index {
+            if let Some(r) = self
+                .index_ids
+                .get(n as usize)
+                .and_then(|id| self.index.get(id))
+            {
+                out |= &r.snapshots;
+            }
+        }
+        out
+    }
+}
+
+/// `n` as a number of the walk: snapshots and index blocks are numbered
+/// with u32 (roaring bitmaps); the walk refuses to go past that rather
+/// than alias two of them.
+fn num(what: &'static str, n: usize) -> Result<u32, RepoError> {
+    super::format::u32_field(what, n as u64)
+        .ok()
+        .filter(|n| *n < u32::MAX)
+        .ok_or(RepoError::Overflow(super::format::Overflow {
+            what,
+            value: n as u64,
+            bits: 32,
+        }))
+}
+
+/// Reads every manifest and every index block they reference.
+///
+/// Damage (a missing or corrupt manifest or index block, a name blockd
+/// never writes) is collected in [`Refs::problems`]; a provider failure
+/// ends the walk with an error, since what it would have read is unknown.
+///
+/// # Errors
+/// Provider errors; more than 2^32 − 1 snapshots or index blocks.
+pub async fn walk(repo: &Repo) -> Result<Refs, RepoError> {
+    let mut refs = Refs::default();
+    let names = repo.list_snapshots(None).await?;
+    let manifests = futures::stream::iter(names.into_iter().map(|(v, n)| async move {
+        if !name::is_valid(&n) {
+            let e = repo.foreign_manifest(&v, &n);
+            return (v, n, Err(e));
+        }
+        let m = repo.get_manifest(&v, &n).await;
+        (v, n, m)
+    }))
+    .buffered(FETCHES)
+    .collect::<Vec<_>>()
+    .await;
+    for (v, n, m) in manifests {
+        let s = num("snapshots in one walk", refs.snapshots.len())?;
+        refs.snapshots.push(format!("{v}/{n}"));
+        match m {
+            Ok(m) => add_manifest(&mut refs, s, &m)?,
+            Err(e) if is_damage(&e) => {
+                refs.problems.push(found(&e, std::iter::once(s).collect()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let blocks: Vec<(u32, u64, String)> = refs
+        .index_ids
+        .iter()
+        .map(|id| {
+            let r = &refs.index[id];
+            (r.num, r.block, id.clone())
+        })
+        .collect();
+    let mut read = futures::stream::iter(
+        blocks
+            .into_iter()
+            .map(|(n, block, id)| async move { (n, repo.get_index(block, &id).await) }),
+    )
+    .buffer_unordered(FETCHES);
+    while let Some((n, entries)) = read.next().await {
+        match entries {
+            Ok(entries) => {
+                for e in entries {
+                    let p = refs.packs.entry(e.chunk.pack).or_default();
+                    p.records.insert(e.chunk.offset);
+                    p.index.insert(n);
+                }
+            }
+            Err(e) if is_damage(&e) => {
+                let id = &refs.index_ids[n as usize];
+                let snaps = refs.index[id].snapshots.clone();
+                refs.problems.push(found(&e, snaps));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(refs)
+}
+
+fn add_manifest(refs: &mut Refs, s: u32, m: &Manifest) -> Result<(), RepoError> {
+    for (block, id) in &m.blocks {
+        if let Some(r) = refs.index.get_mut(id) {
+            r.snapshots.insert(s);
+            continue;
+        }
+        let n = num("index blocks in one walk", refs.index_ids.len())?;
+        refs.index_ids.push(id.clone());
+        refs.index.insert(
+            id.clone(),
+            IndexRef {
+                num: n,
+                block: *block,
+                snapshots: std::iter::once(s).collect(),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Whether `e` says the object is damaged (missing, corrupt), as opposed
+/// to the store failing to answer.
+pub fn is_damage(e: &RepoError) -> bool {
+    matches!(e, RepoError::Missing { .. } | RepoError::Corrupt { .. })
+}
+
+fn found(e: &RepoError, snapshots: RoaringBitmap) -> Found {
+    let reason = match e {
+        RepoError::Missing { .. } => "missing".to_string(),
+        RepoError::Corrupt { reason, .. } => reason.clone(),
+        e => e.to_string(),
+    };
+    Found {
+        object: e.object().to_string(),
+        reason,
+        snapshots,
+    }
+}

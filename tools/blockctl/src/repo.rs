@@ -1,0 +1,106 @@
+//! `blockctl repo`: maintenance of a location's repository.
+
+use blockd_api::{human_size, CheckReport, CheckRequest, Subset};
+use clap::{Args, Subcommand};
+
+use crate::client::Client;
+use crate::output::{line, Output};
+
+/// `blockctl repo ...`.
+#[derive(Debug, Subcommand)]
+pub enum RepoCmd {
+    /// Check that every snapshot of a location can be restored: the config,
+    /// every manifest and index block, and that every pack and record they
+    /// need exists; with --read-data, every record's seal and hash too.
+    /// Exits 1 when anything is damaged. Takes no lock: backups may run.
+    Check(CheckArgs),
+}
+
+/// Arguments of `blockctl repo check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Credentials (location) to check [default: the only ones, when just one exists]
+    #[arg(long, alias = "cr", value_name = "NAME")]
+    cred_id: Option<String>,
+    /// Also read the packs and check every record (costs a full download)
+    #[arg(long)]
+    read_data: bool,
+    /// With --read-data: only these packs, chosen by pack id: n/m (the
+    /// n-th of m slices; runs 1/m .. m/m read everything once) or x%
+    #[arg(long, value_name = "n/m|x%", requires = "read_data", value_parser = subset_arg)]
+    subset: Option<String>,
+}
+
+fn subset_arg(s: &str) -> Result<String, String> {
+    s.parse::<Subset>().map(|_| s.to_string())
+}
+
+/// Runs a `blockctl repo` command.
+pub async fn run(out: Output, client: &Client, cmd: &RepoCmd) -> Result<(), String> {
+    match cmd {
+        RepoCmd::Check(args) => check(out, client, args).await,
+    }
+}
+
+async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), String> {
+    let req = CheckRequest {
+        location: args.cred_id.clone(),
+        read_data: args.read_data,
+        subset: args.subset.clone(),
+    };
+    let r: CheckReport = client.call("POST", "/v1/repo/check", Some(&req)).await?;
+    out.answer(&r, show_check);
+    if r.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "location {}: {} damaged object(s), {} snapshot(s) affected{}",
+            r.location,
+            r.problems.len(),
+            r.damaged.len(),
+            if r.damaged.is_empty() {
+                String::new()
+            } else {
+                ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`)".into()
+            }
+        ))
+    }
+}
+
+fn show_check(r: &CheckReport) {
+    line(format_args!(
+        "location {}: {} snapshot(s), {} index block(s), {} pack(s), {} record(s) referenced",
+        r.location, r.snapshots, r.index_blocks, r.packs, r.records
+    ));
+    if let Some(d) = &r.data {
+        line(format_args!(
+            "read {} pack(s){}: {} record(s) checked, {} fetched",
+            d.packs,
+            d.subset
+                .as_deref()
+                .map(|s| format!(" (subset {s})"))
+                .unwrap_or_default(),
+            d.records,
+            human_size(d.bytes)
+        ));
+    }
+    if r.unreferenced_packs + r.unreferenced_index_blocks > 0 {
+        line(format_args!(
+            "unreferenced: {} pack(s), {} index block(s) (reclaimed by `blockctl repo gc`)",
+            r.unreferenced_packs, r.unreferenced_index_blocks
+        ));
+    }
+    for p in &r.problems {
+        line(format_args!("damaged: {}: {}", p.object, p.reason));
+    }
+    for d in &r.damaged {
+        line(format_args!(
+            "snapshot {} needs damaged {}",
+            d.snapshot,
+            d.objects.join(", ")
+        ));
+    }
+    if r.problems.is_empty() {
+        line("no errors were found");
+    }
+}
