@@ -27,6 +27,7 @@
 //! | catalog mount          | location S (for as long as it is mounted)                     |
 //! | open `disk.img`        | cloud snapshot S (until the file is closed)                   |
 //! | repo check             | location S (while it runs; no lock in the bucket)             |
+//! | repo gc                | location S (while it runs; coordination in the bucket)        |
 //!
 //! A claim is released when its [`Claim`] is dropped: every path out of an
 //! operation, failures included, gives back what it took.

@@ -19,6 +19,10 @@ pub const PACK_MAGIC: &[u8; 8] = b"BLKDPACK";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BLKDSNAP";
 /// Group object envelope.
 pub const GROUP_MAGIC: &[u8; 8] = b"BLKDGRUP";
+/// Garbage-collection mark (`locks/marks/<id>`): a condemned list.
+pub const MARK_MAGIC: &[u8; 8] = b"BLKDMARK";
+/// Backup session (`locks/sessions/<task>`): a writer's registration.
+pub const SESSION_MAGIC: &[u8; 8] = b"BLKDSESS";
 /// Chunk payload kind: stored as is.
 pub const CHUNK_RAW: u8 = 0;
 /// Chunk payload kind: an lz4 block.

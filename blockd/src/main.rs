@@ -52,6 +52,25 @@ struct Args {
     /// backups and restores survive a flaky provider; for testing only
     #[arg(long, env = "BLOCKD_FAULT_INJECT", value_name = "RATE", value_parser = rate_arg)]
     fault_inject: Option<f64>,
+    /// Garbage collection deletes what it condemned only after this long,
+    /// e.g. 24h (`blockctl repo gc`)
+    #[arg(long, env = "BLOCKD_GC_GRACE", value_name = "DURATION", default_value = "24h",
+          value_parser = duration_arg)]
+    gc_grace: Duration,
+    /// A backup that has run this long may no longer commit (garbage
+    /// collection stops waiting for it), e.g. 20h
+    #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION", default_value = "20h",
+          value_parser = duration_arg)]
+    backup_deadline: Duration,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 30s, 20h or 7days"))?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -98,6 +117,8 @@ fn main() -> anyhow::Result<()> {
             full_every: args.full_every,
             hydrate_limit: args.hydrate_limit,
             fault_rate: args.fault_inject,
+            gc_grace: args.gc_grace,
+            backup_deadline: args.backup_deadline,
         },
         state_dir,
     };

@@ -560,3 +560,54 @@ mod tests {
         assert!(Subset::Percent(100.0).contains(u64::MAX));
     }
 }
+
+/// Body of `POST /v1/repo/gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Location [default: the only one].
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Report what would be marked and deleted; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Grace period of the marks this run writes, seconds [default: the
+    /// daemon's `--gc-grace`].
+    #[serde(default)]
+    pub grace_secs: Option<u64>,
+}
+
+/// Answer of `POST /v1/repo/gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Location collected.
+    pub location: String,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Grace period of the mark written by this run, seconds.
+    pub grace_secs: u64,
+    /// Packs condemned by this run (deleted by a run at least the grace
+    /// period later, if still unreferenced).
+    pub marked_packs: u64,
+    /// Index blocks condemned by this run.
+    pub marked_index_blocks: u64,
+    /// Bytes condemned by this run.
+    pub marked_bytes: u64,
+    /// Packs deleted.
+    pub deleted_packs: u64,
+    /// Index blocks deleted.
+    pub deleted_index_blocks: u64,
+    /// Bytes deleted.
+    pub deleted_bytes: u64,
+    /// Condemned objects found in use again (or rewritten), kept.
+    pub kept: u64,
+    /// Earlier marks swept.
+    pub swept_marks: u64,
+    /// Earlier marks still in their grace period.
+    pub pending_marks: u64,
+    /// Earlier marks past their grace period but waiting for backups that
+    /// started before them.
+    pub held_marks: u64,
+    /// Those backups (task ids).
+    pub holding: Vec<String>,
+}

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockd_api::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
-    CreateLocation, Location, RestoreRequest, Started, Task,
+    CreateLocation, GcReport, GcRequest, Location, RestoreRequest, Started, Task,
 };
 
 use super::{body, query_pairs, ApiResult, Failure};
@@ -32,6 +32,7 @@ pub fn routes() -> Router<Arc<Daemon>> {
         .route("/v1/cloudsnaps/backup-group", post(backup_group))
         .route("/v1/cloudsnaps/restore", post(restore))
         .route("/v1/repo/check", post(check))
+        .route("/v1/repo/gc", post(gc))
         .route("/v1/tasks", get(tasks))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/stop", post(stop))
@@ -158,6 +159,11 @@ fn snap_and_location(q: Option<&str>) -> Result<(String, Option<String>, bool), 
 async fn check(State(d): State<Arc<Daemon>>, bytes: Bytes) -> ApiResult<CheckReport> {
     let req: CheckRequest = body(&bytes)?;
     Ok(Json(d.cloud.check(req).await?))
+}
+
+async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> ApiResult<GcReport> {
+    let req: GcRequest = body(&bytes)?;
+    Ok(Json(d.cloud.gc(req).await?))
 }
 
 async fn catalog(State(d): State<Arc<Daemon>>, RawQuery(q): RawQuery) -> ApiResult<Catalog> {

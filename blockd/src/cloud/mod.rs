@@ -18,6 +18,7 @@
 pub mod backup;
 mod catalog;
 mod check;
+mod gc;
 pub mod hydrate;
 pub mod locations;
 pub mod restore;
@@ -51,6 +52,10 @@ pub struct Settings {
     pub hydrate_limit: Option<u64>,
     /// Fraction of object-store requests failed on purpose (testing).
     pub fault_rate: Option<f64>,
+    /// Minimum age of a garbage-collection mark before it is swept.
+    pub gc_grace: std::time::Duration,
+    /// A backup running longer may not commit.
+    pub backup_deadline: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -59,6 +64,8 @@ impl Default for Settings {
             full_every: DEFAULT_FULL_EVERY,
             hydrate_limit: None,
             fault_rate: None,
+            gc_grace: std::time::Duration::from_secs(24 * 3600),
+            backup_deadline: std::time::Duration::from_secs(20 * 3600),
         }
     }
 }
@@ -229,6 +236,24 @@ pub enum CloudError {
     /// A worker of the task panicked or was aborted.
     #[error("a worker of the task failed: {0}")]
     Worker(#[from] tokio::task::JoinError),
+    /// The host id file cannot be read or written.
+    #[error("<state dir>/host-id: {source}")]
+    HostId {
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backup may no longer commit.
+    #[error("backup task {task} may not commit: {why}; start a new backup")]
+    PastDeadline {
+        /// Task id.
+        task: String,
+        /// Why.
+        why: String,
+    },
+    /// Garbage collection did not run.
+    #[error(transparent)]
+    Gc(crate::repo::gc::GcError),
     /// An internal sequence broke (a defect of blockd, reported, not hidden).
     #[error("internal error: {what}")]
     Defect {
@@ -282,7 +307,14 @@ impl CloudError {
             | Self::Record { .. }
             | Self::Worker(_)
             | Self::Defect { .. }
+            | Self::HostId { .. }
+            | Self::PastDeadline { .. }
             | Self::Cancelled => Outcome::Failed,
+            Self::Gc(g) => match g {
+                crate::repo::gc::GcError::Repo(r) => r.outcome(),
+                crate::repo::gc::GcError::Running { .. } => Outcome::Conflict,
+                crate::repo::gc::GcError::Damaged { .. } => Outcome::Failed,
+            },
         }
     }
 }
@@ -303,12 +335,46 @@ pub struct Cloud {
     full_every: u32,
     /// `BLOCKD_HYDRATE_LIMIT`: bytes per second for background hydration.
     hydrate_limit: Option<u64>,
+    /// Garbage-collection grace period.
+    gc_grace: std::time::Duration,
+    /// Backup deadline.
+    backup_deadline: std::time::Duration,
+    /// This host's id (`<state dir>/host-id`).
+    host: String,
 }
 
 impl std::fmt::Debug for Cloud {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cloud").finish_non_exhaustive()
     }
+}
+
+/// This host's id: made at first start and kept in `<state dir>/host-id`,
+/// it names the host in the bucket (backup sessions, collector runs).
+fn host_id(state_dir: &std::path::Path) -> Result<String, CloudError> {
+    let path = state_dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(CloudError::HostId { source: e }),
+    }
+    let mut tag = [0u8; 8];
+    crate::repo::crypto::fill_random(&mut tag);
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let id = format!("{name}-{}", hex::encode(tag));
+    crate::durable::write_atomic(&path, format!("{id}\n").as_bytes())
+        .map_err(|e| CloudError::HostId { source: e })?;
+    Ok(id)
 }
 
 /// The current time, RFC 3339 UTC to the second.
@@ -333,6 +399,7 @@ impl Cloud {
         let db = volumes.db().clone();
         let locations =
             Locations::open(state_dir, db.clone(), claims.clone(), settings.fault_rate)?;
+        let host = host_id(state_dir)?;
         let me = Arc::new(Self {
             locations,
             volumes,
@@ -345,6 +412,9 @@ impl Cloud {
             finishing: tokio::sync::Mutex::new(()),
             full_every: settings.full_every.max(1),
             hydrate_limit: settings.hydrate_limit.filter(|n| *n > 0),
+            gc_grace: settings.gc_grace,
+            backup_deadline: settings.backup_deadline,
+            host,
         });
         for rec in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {

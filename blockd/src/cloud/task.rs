@@ -61,6 +61,10 @@ pub(super) enum Plan {
         pause_us: u64,
         pre_exec: Option<Hook>,
         post_exec: Option<Hook>,
+        /// Its registration in the bucket (garbage collection waits for
+        /// it; past its deadline the backup may not commit).
+        #[serde(default)]
+        session: Option<crate::repo::gc::Session>,
     },
     Restore {
         src_volume: String,

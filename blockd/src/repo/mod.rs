@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod faulty;
 pub mod fetch;
 pub mod format;
+pub mod gc;
 pub mod index;
 pub mod name;
 pub mod refs;
@@ -876,6 +877,23 @@ impl Objects {
             ));
         }
         Ok(b)
+    }
+
+    /// An object's size and modification time (the store's clock), or
+    /// `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn head_meta(&self, key: &str) -> Result<Option<Listed>, RepoError> {
+        match self.store.head(&ObjPath::from(key)).await {
+            Ok(m) => Ok(Some(Listed {
+                key: key.to_string(),
+                size: m.size,
+                modified: m.last_modified.into(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("head", key, e)),
+        }
     }
 
     /// The size of an object, or `None` when it does not exist.

@@ -50,7 +50,7 @@ enum Command {
     /// Back up volumes to object storage and restore them
     #[command(subcommand, alias = "cs")]
     Cloudsnap(cloudsnap::CloudsnapCmd),
-    /// Maintain a location's repository: check it
+    /// Maintain a location's repository: check it, collect its garbage
     #[command(subcommand)]
     Repo(repo::RepoCmd),
     /// Mount a location's cloud snapshots read-only at DIR (served by blockd)

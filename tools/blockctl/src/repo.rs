@@ -1,6 +1,6 @@
 //! `blockctl repo`: maintenance of a location's repository.
 
-use blockd_api::{human_size, CheckReport, CheckRequest, Subset};
+use blockd_api::{human_size, CheckReport, CheckRequest, GcReport, GcRequest, Subset};
 use clap::{Args, Subcommand};
 
 use crate::client::Client;
@@ -14,6 +14,25 @@ pub enum RepoCmd {
     /// need exists; with --read-data, every record's seal and hash too.
     /// Exits 1 when anything is damaged. Takes no lock: backups may run.
     Check(CheckArgs),
+    /// Reclaim packs and index blocks no snapshot references. Safe while
+    /// backups run on this host or others sharing the bucket: a run marks
+    /// what is unreferenced, and a later run deletes it once the mark is
+    /// older than the grace period, if still unreferenced
+    Gc(GcArgs),
+}
+
+/// Arguments of `blockctl repo gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Credentials (location) to collect [default: the only ones, when just one exists]
+    #[arg(long, alias = "cr", value_name = "NAME")]
+    cred_id: Option<String>,
+    /// Report what would be marked and deleted; change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Grace period of what this run marks, e.g. 24h [default: the daemon's --gc-grace]
+    #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
+    grace: Option<u64>,
 }
 
 /// Arguments of `blockctl repo check`.
@@ -31,6 +50,16 @@ pub struct CheckArgs {
     subset: Option<String>,
 }
 
+/// A grace period in whole seconds, at least one.
+fn grace_arg(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}): use e.g. 24h, 30m or 90s"))?;
+    match d.as_secs() {
+        0 => Err("the grace period must be at least 1s".into()),
+        n => Ok(n),
+    }
+}
+
 fn subset_arg(s: &str) -> Result<String, String> {
     s.parse::<Subset>().map(|_| s.to_string())
 }
@@ -39,6 +68,7 @@ fn subset_arg(s: &str) -> Result<String, String> {
 pub async fn run(out: Output, client: &Client, cmd: &RepoCmd) -> Result<(), String> {
     match cmd {
         RepoCmd::Check(args) => check(out, client, args).await,
+        RepoCmd::Gc(args) => gc(out, client, args).await,
     }
 }
 
@@ -103,4 +133,45 @@ fn show_check(r: &CheckReport) {
     if r.problems.is_empty() {
         line("no errors were found");
     }
+}
+
+async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), String> {
+    let req = GcRequest {
+        location: args.cred_id.clone(),
+        dry_run: args.dry_run,
+        grace_secs: args.grace,
+    };
+    let r: GcReport = client.call("POST", "/v1/repo/gc", Some(&req)).await?;
+    out.answer(&r, |r| {
+        let verb = if r.dry_run { "would delete" } else { "deleted" };
+        line(format_args!(
+            "location {}: {verb} {} pack(s) and {} index block(s), {}",
+            r.location,
+            r.deleted_packs,
+            r.deleted_index_blocks,
+            human_size(r.deleted_bytes)
+        ));
+        let verb = if r.dry_run { "would mark" } else { "marked" };
+        line(format_args!(
+            "{verb} {} pack(s) and {} index block(s), {}, unreferenced now: deleted by a run after {} s if still unreferenced",
+            r.marked_packs,
+            r.marked_index_blocks,
+            human_size(r.marked_bytes),
+            r.grace_secs
+        ));
+        if r.kept > 0 {
+            line(format_args!("kept {} condemned object(s) found in use again", r.kept));
+        }
+        if r.pending_marks > 0 {
+            line(format_args!("{} earlier mark(s) still in their grace period", r.pending_marks));
+        }
+        if r.held_marks > 0 {
+            line(format_args!(
+                "{} mark(s) wait for backups that started before them: {}",
+                r.held_marks,
+                r.holding.join(", ")
+            ));
+        }
+    });
+    Ok(())
 }

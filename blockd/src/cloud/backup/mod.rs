@@ -7,6 +7,7 @@ pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, TaskState};
 
@@ -19,6 +20,57 @@ use crate::volume::dirty_map::ChangeSet;
 
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{Cloud, CloudError};
+
+/// Whether manifest `m` was written before `fence` (the earliest cut of
+/// the garbage-collection marks not swept yet): only then did every
+/// pending mark see it, so nothing it references is condemned and a
+/// backup may reference its objects.
+async fn before_fence(
+    repo: &Repo,
+    m: &Manifest,
+    fence: Option<SystemTime>,
+) -> Result<bool, CloudError> {
+    let Some(fence) = fence else {
+        return Ok(true);
+    };
+    Ok(repo
+        .manifest_written(&m.volume, &m.name)
+        .await?
+        .is_some_and(|w| w < fence))
+}
+
+/// Backup sessions opened by a request that has not handed them to its
+/// tasks yet: closed if the request fails.
+struct OpenSessions {
+    repo: Arc<Repo>,
+    opened: Vec<crate::repo::gc::Session>,
+}
+
+impl OpenSessions {
+    fn new(repo: Arc<Repo>) -> Self {
+        Self {
+            repo,
+            opened: Vec::new(),
+        }
+    }
+
+    fn get(&self, task: &str) -> Option<crate::repo::gc::Session> {
+        self.opened.iter().find(|s| s.id == task).cloned()
+    }
+}
+
+impl Drop for OpenSessions {
+    fn drop(&mut self) {
+        for s in self.opened.drain(..) {
+            let repo = self.repo.clone();
+            tokio::spawn(async move {
+                if let Err(e) = repo.close_session(&s.id).await {
+                    tracing::warn!(task = %s.id, error = %e, "closing an unused backup session failed; it expires at its deadline");
+                }
+            });
+        }
+    }
+}
 
 impl Cloud {
     /// Starts a backup of one volume.
@@ -109,7 +161,7 @@ impl Cloud {
         // Deleted before the claims were taken? (After, it cannot be.)
         self.locations.resolve(Some(&location))?;
         let repo = self.locations.repo(&location).await?;
-        let mut plans = Vec::with_capacity(members.len());
+        let mut volumes = Vec::with_capacity(members.len());
         for (n, id, claim) in members {
             let v = self
                 .volumes
@@ -118,8 +170,23 @@ impl Cloud {
             if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
                 return Err(CloudError::Restoring { volume: n.clone() });
             }
-            let (parent, base) = self.parent_of(&repo, &location, &v).await?;
-            plans.push((v, parent, base, id, claim));
+            volumes.push((v, id, claim));
+        }
+        // Registered in the bucket before the parent is chosen: a
+        // collector that marks after this waits for these backups.
+        let mut sessions = OpenSessions::new(repo.clone());
+        for (_, id, _) in &volumes {
+            let s = repo
+                .open_session(id, &self.host, self.backup_deadline)
+                .await?;
+            sessions.opened.push(s);
+        }
+        let fence = repo.gc_fence().await?;
+        let mut plans = Vec::with_capacity(volumes.len());
+        for (v, id, claim) in volumes {
+            let (parent, base) = self.parent_of(&repo, &location, &v, fence).await?;
+            let session = sessions.get(&id);
+            plans.push((v, parent, base, id, claim, session));
         }
         let metas = self
             .snapshots
@@ -141,7 +208,7 @@ impl Cloud {
             .collect();
         let mut started = Vec::with_capacity(plans.len());
         let mut failed = None;
-        for (v, parent, base, id, claim) in plans {
+        for (v, parent, base, id, claim, session) in plans {
             let snap = self.snapshots.get(v.name(), &created_name);
             let meta = metas.iter().find(|m| m.volume == v.name());
             let (Some(snap), Some(meta)) = (snap, meta) else {
@@ -182,6 +249,7 @@ impl Cloud {
                     pause_us: meta.pause_us,
                     pre_exec: meta.pre_exec.clone().map(Into::into),
                     post_exec: meta.post_exec.clone().map(Into::into),
+                    session,
                 },
                 read: 0,
                 new: 0,
@@ -205,6 +273,8 @@ impl Cloud {
             tracing::warn!(snapshot = %created_name, error = %e, "backup could not start; its changes are kept for the next backup");
             return Err(e);
         }
+        // Each running task closes its own session from here on.
+        sessions.opened.clear();
         let mut tasks = Vec::with_capacity(started.len());
         for (record, snap, claim, parent) in started {
             tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
@@ -226,6 +296,7 @@ impl Cloud {
         repo: &Repo,
         location: &str,
         v: &crate::volume::Volume,
+        fence: Option<SystemTime>,
     ) -> Result<(Option<Manifest>, bool), CloudError> {
         let parent = match self.db.backup_base(v.name())? {
             Some((loc, snap)) if loc == location => match name::split(&snap) {
@@ -238,13 +309,23 @@ impl Cloud {
             },
             _ => None,
         };
+        let parent = match parent {
+            Some(m) if !before_fence(repo, &m, fence).await? => {
+                tracing::info!(volume = v.name(), parent = %name::id(&m.volume, &m.name), "the parent was written while garbage collection was marking: reading the whole volume and storing its own copies");
+                return Ok((None, false));
+            }
+            p => p,
+        };
         // Without one (first backup here, or the last backup went to
         // another location and took the change set with it), the whole
         // volume is read, but chunks unchanged since this volume's latest
         // snapshot in this location are still referenced.
         Ok(match parent {
             Some(p) => (Some(p), true),
-            None => (self.latest_same_shape(repo, v).await, false),
+            None => match self.latest_same_shape(repo, v).await {
+                Some(m) if before_fence(repo, &m, fence).await? => (Some(m), false),
+                _ => (None, false),
+            },
         })
     }
 
@@ -296,11 +377,22 @@ impl Cloud {
             // Held until the task has ended, whatever way it ends.
             let _claim = claim;
             let outcome = me.run_backup(&run, &snap, parent).await;
-            let (volume, name, id) = {
+            let (volume, name, id, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
-                (v.to_string(), n.to_string(), r.task.id.clone())
+                (v.to_string(), n.to_string(), r.task.id.clone(), r.task.location.clone())
             };
+            // Ended (not merely interrupted by a shutdown, after which it
+            // resumes): its registration in the bucket goes.
+            let interrupted = matches!(outcome, Err(CloudError::Cancelled))
+                && !run.stopped.load(std::sync::atomic::Ordering::Acquire);
+            if !interrupted {
+                if let Ok(repo) = me.locations.repo(&location).await {
+                    if let Err(e) = repo.close_session(&id).await {
+                        tracing::warn!(task = %id, error = %e, "closing the backup session failed; it expires at its deadline");
+                    }
+                }
+            }
             match outcome {
                 Ok(()) => {
                     if let Err(e) = me.snapshots.release(&volume, &name) {
@@ -351,31 +443,34 @@ impl Cloud {
         parent: Option<Manifest>,
     ) -> Result<(), CloudError> {
         let rec = run.snapshot();
-        let (parent_id, chain, labels, created, pause_us, pre_exec, post_exec) = match &rec.plan {
-            Plan::Backup {
-                parent,
-                chain,
-                labels,
-                created,
-                pause_us,
-                pre_exec,
-                post_exec,
-            } => (
-                parent.clone(),
-                *chain,
-                labels.clone(),
-                created.clone(),
-                *pause_us,
-                pre_exec.clone(),
-                post_exec.clone(),
-            ),
-            Plan::Restore { .. } => {
-                return Err(CloudError::WrongPlan {
-                    id: rec.task.id.clone(),
-                    expected: "backup",
-                })
-            }
-        };
+        let (parent_id, chain, labels, created, pause_us, pre_exec, post_exec, session) =
+            match &rec.plan {
+                Plan::Backup {
+                    parent,
+                    chain,
+                    labels,
+                    created,
+                    pause_us,
+                    pre_exec,
+                    post_exec,
+                    session,
+                } => (
+                    parent.clone(),
+                    *chain,
+                    labels.clone(),
+                    created.clone(),
+                    *pause_us,
+                    pre_exec.clone(),
+                    post_exec.clone(),
+                    session.clone(),
+                ),
+                Plan::Restore { .. } => {
+                    return Err(CloudError::WrongPlan {
+                        id: rec.task.id.clone(),
+                        expected: "backup",
+                    })
+                }
+            };
         let repo = self.locations.repo(&rec.task.location).await?;
         let volume = self
             .volumes
@@ -429,6 +524,16 @@ impl Cloud {
         };
         // The manifest's own size counts as uploaded too (approximately).
         manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;
+        // Garbage collection stops waiting for a backup past its deadline:
+        // such a backup must not commit.
+        if let Some(s) = &session {
+            if let Err(why) = repo.session_valid(s).await? {
+                return Err(CloudError::PastDeadline {
+                    task: rec.task.id.clone(),
+                    why,
+                });
+            }
+        }
         match repo.put_manifest(&manifest).await {
             Ok(n) => Progress::add(&run.progress.transferred, n),
             // Written by this task before a crash: done.

@@ -1,0 +1,59 @@
+//! `repo gc` of a location (the work is [`crate::repo::gc`]).
+
+use std::time::Duration;
+
+use blockd_api::{GcReport, GcRequest};
+
+use super::{Cloud, CloudError};
+use crate::claims::Want;
+use crate::repo::gc;
+
+impl Cloud {
+    /// Collects a location's garbage: sweeps marks that are due, marks
+    /// what is unreferenced now.
+    ///
+    /// # Errors
+    /// Unknown location; another collector running; a damaged repository;
+    /// provider failures.
+    pub async fn gc(&self, req: GcRequest) -> Result<GcReport, CloudError> {
+        let location = self.locations.resolve(req.location.as_deref())?;
+        let _claim = self.claims.acquire(Want::for_location_use(
+            &location,
+            "are being garbage-collected (`blockctl repo gc`)",
+            "wait for the collection to end",
+        ))?;
+        let repo = self.locations.repo(&location).await?;
+        let grace = req.grace_secs.map_or(self.gc_grace, Duration::from_secs);
+        let opts = gc::Options {
+            grace,
+            dry_run: req.dry_run,
+            host: self.host.clone(),
+        };
+        let o = gc::collect(&repo, &opts).await.map_err(CloudError::Gc)?;
+        tracing::info!(
+            %location,
+            dry_run = req.dry_run,
+            marked = o.marked_packs + o.marked_index_blocks,
+            deleted = o.deleted_packs + o.deleted_index_blocks,
+            deleted_bytes = o.deleted_bytes,
+            held = o.held_marks,
+            "garbage collected"
+        );
+        Ok(GcReport {
+            location,
+            dry_run: req.dry_run,
+            grace_secs: grace.as_secs(),
+            marked_packs: o.marked_packs,
+            marked_index_blocks: o.marked_index_blocks,
+            marked_bytes: o.marked_bytes,
+            deleted_packs: o.deleted_packs,
+            deleted_index_blocks: o.deleted_index_blocks,
+            deleted_bytes: o.deleted_bytes,
+            kept: o.kept,
+            swept_marks: o.swept_marks,
+            pending_marks: o.pending_marks,
+            held_marks: o.held_marks,
+            holding: o.holding,
+        })
+    }
+}

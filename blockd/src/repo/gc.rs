@@ -1,0 +1,610 @@
+//! Garbage collection, safe while backups run on this host and on others
+//! sharing the bucket. The argument is in FORMAT.md ("Garbage
+//! collection"); the rules, as this code keeps them:
+//!
+//! - **Two phases.** A run *marks*: it writes `locks/marks/<id>`, the
+//!   packs and index blocks no manifest references, with the *cut* (the
+//!   store's time just before it listed the manifests). A later run
+//!   *sweeps* a mark once the mark is older than the grace period and no
+//!   backup that started before the mark is still running: it deletes the
+//!   objects that are still unreferenced and were not rewritten since the
+//!   cut, then deletes the mark.
+//! - **Writers register.** A backup writes `locks/sessions/<task>` before
+//!   it chooses its parent, and deletes it after its manifest is written
+//!   (or it ends). A session older than its deadline is dead: its backup
+//!   refuses to commit, and it no longer holds sweeps back.
+//! - **Writers never start from a manifest a pending mark may not have
+//!   seen** (one written at or after the mark's cut): such a manifest may
+//!   reference condemned objects, so the backup reads the whole volume and
+//!   stores its own copies instead.
+//! - **Times come from the store** (`LastModified` of objects it just
+//!   wrote), never from a host clock.
+//! - **One collector at a time** through `locks/gc` with a heartbeat; safety
+//!   does not rest on it (two collectors at once only do work twice), so a
+//!   store that ignores conditional writes loses nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{format, refs, PackId, Repo, RepoError};
+use crate::magic::{MARK_MAGIC, SESSION_MAGIC};
+
+/// Key of the collector's run object.
+const RUN_KEY: &str = "locks/gc";
+/// A run object not refreshed for this long belongs to a dead collector.
+pub const HEARTBEAT_LAPSE: Duration = Duration::from_secs(300);
+/// How often a running collector refreshes its run object.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
+/// The deadline assumed for a session whose object does not open.
+const UNREADABLE_DEADLINE: u64 = 7 * 24 * 3600;
+/// Deletes in flight.
+const DELETES: usize = 16;
+
+fn mark_key(id: &str) -> String {
+    format!("locks/marks/{id}")
+}
+
+fn session_key(id: &str) -> String {
+    format!("locks/sessions/{id}")
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A backup's registration in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Task id (the object's name).
+    pub id: String,
+    /// When the store wrote the session object (seconds since the epoch,
+    /// the store's clock).
+    pub started: u64,
+    /// The backup may not commit after `started + deadline_secs`.
+    pub deadline_secs: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionBody {
+    task: String,
+    host: String,
+    deadline_secs: u64,
+}
+
+/// A condemned list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkBody {
+    id: String,
+    host: String,
+    /// Store time just before the marking run listed the manifests,
+    /// milliseconds since the epoch.
+    cut_ms: u64,
+    /// Minimum age of the mark before it is swept, seconds.
+    grace_secs: u64,
+    /// Condemned packs (hex ids).
+    packs: Vec<String>,
+    /// Condemned index blocks (hex ids).
+    index: Vec<String>,
+}
+
+/// A mark as read: its body and when the store wrote it.
+#[derive(Debug, Clone)]
+struct Mark {
+    body: MarkBody,
+    written: SystemTime,
+}
+
+/// Why a collection did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// The repository failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// Another collector holds the bucket.
+    #[error("location {location}: another collector ({holder}) is running on this bucket (its heartbeat is {age_secs} s old): wait for it, or retry after {lapse_secs} s without a heartbeat")]
+    Running {
+        /// Location.
+        location: String,
+        /// Who.
+        holder: String,
+        /// Age of its last heartbeat.
+        age_secs: u64,
+        /// When it counts as dead.
+        lapse_secs: u64,
+    },
+    /// Damaged objects make the live set unknown.
+    #[error("location {location}: {count} damaged object(s) (first: {first}); nothing was collected, since what the damaged objects reference is unknown: run `blockctl repo check` and delete the damaged snapshots first")]
+    Damaged {
+        /// Location.
+        location: String,
+        /// How many.
+        count: usize,
+        /// The first, named.
+        first: String,
+    },
+}
+
+/// Options of one collection.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Minimum age of a mark before its objects are deleted.
+    pub grace: Duration,
+    /// Report only; change nothing.
+    pub dry_run: bool,
+    /// Who is collecting (in the run object and marks).
+    pub host: String,
+}
+
+/// What a collection did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Packs and their bytes newly marked.
+    pub marked_packs: u64,
+    /// Index blocks newly marked.
+    pub marked_index_blocks: u64,
+    /// Bytes newly marked.
+    pub marked_bytes: u64,
+    /// Packs deleted.
+    pub deleted_packs: u64,
+    /// Index blocks deleted.
+    pub deleted_index_blocks: u64,
+    /// Bytes deleted.
+    pub deleted_bytes: u64,
+    /// Condemned objects found referenced again, or rewritten (kept).
+    pub kept: u64,
+    /// Marks swept (and removed).
+    pub swept_marks: u64,
+    /// Marks still waiting for their grace period.
+    pub pending_marks: u64,
+    /// Marks old enough but held back by backups that started before them.
+    pub held_marks: u64,
+    /// The backups holding marks back (task ids).
+    pub holding: Vec<String>,
+    /// Store time the run is based on.
+    pub now: u64,
+}
+
+impl Repo {
+    /// The store's current time: the modification time of an object it
+    /// has just written (then deleted).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn store_now(&self) -> Result<SystemTime, RepoError> {
+        let mut tag = [0u8; 8];
+        super::crypto::fill_random(&mut tag);
+        let key = format!("locks/clock/{}", hex::encode(tag));
+        self.objects
+            .put(&key, Bytes::from_static(b"blockd clock probe"), false)
+            .await?;
+        let meta = self.objects.head_meta(&key).await?;
+        let _ = self.objects.delete(&key).await;
+        meta.map(|m| m.modified).ok_or_else(|| {
+            self.objects
+                .corrupt(&key, "vanished right after it was written")
+        })
+    }
+
+    /// Registers backup `task` as a writer with a deadline.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn open_session(
+        &self,
+        task: &str,
+        host: &str,
+        deadline: Duration,
+    ) -> Result<Session, RepoError> {
+        let key = session_key(task);
+        let body = SessionBody {
+            task: task.to_string(),
+            host: host.to_string(),
+            deadline_secs: deadline.as_secs(),
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| unreachable!("sessions serialise"));
+        let sealed = format::envelope(SESSION_MAGIC, &self.keys.seal(key.as_bytes(), &json));
+        self.objects.put(&key, sealed.into(), false).await?;
+        let meta = self.objects.head_meta(&key).await?.ok_or_else(|| {
+            self.objects
+                .corrupt(&key, "vanished right after it was written")
+        })?;
+        Ok(Session {
+            id: task.to_string(),
+            started: secs(meta.modified),
+            deadline_secs: body.deadline_secs,
+        })
+    }
+
+    /// Whether `s` is still registered and within its deadline: the
+    /// backup may commit.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn session_valid(&self, s: &Session) -> Result<Result<(), String>, RepoError> {
+        let Some(meta) = self.objects.head_meta(&session_key(&s.id)).await? else {
+            return Ok(Err(format!(
+                "its registration {} is gone from the bucket",
+                session_key(&s.id)
+            )));
+        };
+        if secs(meta.modified) != s.started {
+            return Ok(Err("its registration was rewritten by someone else".into()));
+        }
+        let now = secs(self.store_now().await?);
+        let age = now.saturating_sub(s.started);
+        if age >= s.deadline_secs {
+            return Ok(Err(format!(
+                "it has run {age} s, past its {} s deadline (garbage collection may already have reclaimed what it wrote)",
+                s.deadline_secs
+            )));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Removes a backup's registration (missing is fine).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn close_session(&self, task: &str) -> Result<(), RepoError> {
+        self.objects.delete(&session_key(task)).await
+    }
+
+    /// The earliest cut of the marks not swept yet: a backup must not start
+    /// from a manifest written at or after it. `None` without marks.
+    ///
+    /// # Errors
+    /// Provider errors; a damaged mark.
+    pub async fn gc_fence(&self) -> Result<Option<SystemTime>, RepoError> {
+        let mut fence: Option<u64> = None;
+        for (_, m) in self.marks().await? {
+            fence = Some(fence.map_or(m.body.cut_ms, |f| f.min(m.body.cut_ms)));
+        }
+        Ok(fence.map(from_millis))
+    }
+
+    /// When the store wrote snapshot `volume/name`'s manifest.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn manifest_written(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<Option<SystemTime>, RepoError> {
+        Ok(self
+            .objects
+            .head_meta(&super::manifest_key(volume, name))
+            .await?
+            .map(|l| l.modified))
+    }
+
+    async fn marks(&self) -> Result<Vec<(String, Mark)>, RepoError> {
+        let mut out = Vec::new();
+        for l in self.objects.list_meta("locks/marks").await? {
+            let Some(id) = l.key.strip_prefix("locks/marks/") else {
+                continue;
+            };
+            let bytes = match self.objects.get_meta(&l.key).await {
+                Ok(b) => b,
+                // Swept by another collector meanwhile.
+                Err(RepoError::Missing { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let sealed = format::open_envelope(MARK_MAGIC, &bytes)
+                .map_err(|format::Malformed(m)| self.objects.corrupt(&l.key, m))?;
+            let json = self.keys.open(l.key.as_bytes(), sealed).map_err(|_| {
+                self.objects
+                    .corrupt(&l.key, "integrity check failed (wrong key, or altered)")
+            })?;
+            let body: MarkBody =
+                serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&l.key, e))?;
+            out.push((
+                id.to_string(),
+                Mark {
+                    body,
+                    written: l.modified,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn put_mark(&self, m: &MarkBody) -> Result<SystemTime, RepoError> {
+        let key = mark_key(&m.id);
+        let json = serde_json::to_vec(m).unwrap_or_else(|_| unreachable!("marks serialise"));
+        let sealed = format::envelope(MARK_MAGIC, &self.keys.seal(key.as_bytes(), &json));
+        self.objects.put(&key, sealed.into(), true).await?;
+        Ok(self
+            .objects
+            .head_meta(&key)
+            .await?
+            .map_or(SystemTime::UNIX_EPOCH, |l| l.modified))
+    }
+
+    /// Sessions: (task id, written, deadline), expired ones included.
+    async fn sessions(&self) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
+        let mut out = Vec::new();
+        for l in self.objects.list_meta("locks/sessions").await? {
+            let Some(id) = l.key.strip_prefix("locks/sessions/") else {
+                continue;
+            };
+            let deadline = match self.objects.get_meta(&l.key).await {
+                Ok(bytes) => format::open_envelope(SESSION_MAGIC, &bytes)
+                    .ok()
+                    .and_then(|s| self.keys.open(l.key.as_bytes(), s).ok())
+                    .and_then(|j| serde_json::from_slice::<SessionBody>(&j).ok())
+                    .map(|b| b.deadline_secs),
+                Err(RepoError::Missing { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            out.push((id.to_string(), l.modified, deadline));
+        }
+        Ok(out)
+    }
+}
+
+/// The collector's hold on the bucket: refreshed in the background,
+/// removed at the end. Only saves duplicate work; safety does not rest on
+/// it.
+struct RunHold {
+    repo: Arc<Repo>,
+    run: String,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl RunHold {
+    async fn take(repo: &Arc<Repo>, host: &str) -> Result<(Self, SystemTime), GcError> {
+        let mut tag = [0u8; 8];
+        super::crypto::fill_random(&mut tag);
+        let run = format!("{host} run {}", hex::encode(tag));
+        if let Some(meta) = repo.objects.head_meta(RUN_KEY).await? {
+            let now = repo.store_now().await?;
+            let age = now.duration_since(meta.modified).unwrap_or_default();
+            if age < HEARTBEAT_LAPSE {
+                let holder = repo
+                    .objects
+                    .get_meta(RUN_KEY)
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|_| "unknown".into());
+                return Err(GcError::Running {
+                    location: repo.location().to_string(),
+                    holder,
+                    age_secs: age.as_secs(),
+                    lapse_secs: HEARTBEAT_LAPSE.as_secs(),
+                });
+            }
+        }
+        let body = Bytes::from(run.clone().into_bytes());
+        repo.objects.put(RUN_KEY, body.clone(), false).await?;
+        let now = repo
+            .objects
+            .head_meta(RUN_KEY)
+            .await?
+            .map(|m| m.modified)
+            .ok_or_else(|| {
+                repo.objects
+                    .corrupt(RUN_KEY, "vanished right after it was written")
+            })?;
+        let r = repo.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+                if let Err(e) = r.objects.put(RUN_KEY, body.clone(), false).await {
+                    tracing::warn!(error = %e, "garbage collection heartbeat failed");
+                }
+            }
+        });
+        Ok((
+            Self {
+                repo: repo.clone(),
+                run,
+                heartbeat,
+            },
+            now,
+        ))
+    }
+
+    async fn release(self) {
+        self.heartbeat.abort();
+        // Only our own run object is removed.
+        if let Ok(b) = self.repo.objects.get_meta(RUN_KEY).await {
+            if b.as_ref() == self.run.as_bytes() {
+                let _ = self.repo.objects.delete(RUN_KEY).await;
+            }
+        }
+    }
+}
+
+/// One collection: sweep the marks that are due, then mark what is
+/// unreferenced now. See the module docs.
+///
+/// # Errors
+/// Provider failures; another collector running; a damaged repository.
+pub async fn collect(repo: &Arc<Repo>, opts: &Options) -> Result<Outcome, GcError> {
+    let (hold, now) = RunHold::take(repo, &opts.host).await?;
+    let r = collect_held(repo, opts, now).await;
+    hold.release().await;
+    r
+}
+
+async fn collect_held(
+    repo: &Arc<Repo>,
+    opts: &Options,
+    now: SystemTime,
+) -> Result<Outcome, GcError> {
+    let mut out = Outcome {
+        now: secs(now),
+        ..Outcome::default()
+    };
+    // Order matters: sessions, then marks, then manifests (the walk). A
+    // backup whose session is gone by the listing wrote its manifest
+    // before, so the walk sees it.
+    let sessions = repo.sessions().await?;
+    let marks = repo.marks().await?;
+    let walk = refs::walk(repo).await?;
+    if let Some(first) = walk.problems.first() {
+        return Err(GcError::Damaged {
+            location: repo.location().to_string(),
+            count: walk.problems.len(),
+            first: format!("{}: {}", first.object, first.reason),
+        });
+    }
+    let (packs, _) = repo.list_packs().await?;
+    let (blocks, _) = repo.list_index_blocks().await?;
+    let packs: HashMap<String, super::Listed> = packs
+        .into_iter()
+        .map(|(id, l)| (hex::encode(id), l))
+        .collect();
+    let blocks: HashMap<String, super::Listed> = blocks.into_iter().collect();
+    let live_pack = |h: &str| -> bool {
+        let mut id: PackId = [0; 16];
+        hex::decode_to_slice(h, &mut id).is_ok() && walk.packs.contains_key(&id)
+    };
+
+    // Sweep.
+    let mut pending: HashSet<String> = HashSet::new();
+    let mut doomed: Vec<(String, u64)> = Vec::new();
+    let mut swept = Vec::new();
+    for (id, m) in &marks {
+        let due = m.written + Duration::from_secs(m.body.grace_secs) <= now;
+        // Backups that started before the mark and may still commit.
+        let holders: Vec<&String> = sessions
+            .iter()
+            .filter(|(_, started, deadline)| {
+                *started < m.written
+                    && *started + Duration::from_secs(deadline.unwrap_or(UNREADABLE_DEADLINE)) > now
+            })
+            .map(|(t, _, _)| t)
+            .collect();
+        if !due || !holders.is_empty() {
+            if due {
+                out.held_marks += 1;
+                out.holding.extend(holders.into_iter().cloned());
+            } else {
+                out.pending_marks += 1;
+            }
+            pending.extend(m.body.packs.iter().cloned());
+            pending.extend(m.body.index.iter().cloned());
+            continue;
+        }
+        let cut = from_millis(m.body.cut_ms);
+        for h in &m.body.packs {
+            match packs.get(h) {
+                Some(l) if !live_pack(h) && l.modified < cut => {
+                    doomed.push((l.key.clone(), l.size));
+                    out.deleted_packs += 1;
+                    out.deleted_bytes += l.size;
+                }
+                Some(_) => out.kept += 1,
+                None => {}
+            }
+        }
+        for h in &m.body.index {
+            match blocks.get(h) {
+                Some(l) if !walk.index.contains_key(h) && l.modified < cut => {
+                    doomed.push((l.key.clone(), l.size));
+                    out.deleted_index_blocks += 1;
+                    out.deleted_bytes += l.size;
+                }
+                Some(_) => out.kept += 1,
+                None => {}
+            }
+        }
+        swept.push(id.clone());
+    }
+    out.swept_marks = swept.len() as u64;
+    out.holding.sort();
+    out.holding.dedup();
+
+    // Mark: unreferenced, older than this run, not condemned already.
+    let mut mark = MarkBody {
+        id: String::new(),
+        host: opts.host.clone(),
+        cut_ms: millis(now),
+        grace_secs: opts.grace.as_secs(),
+        packs: Vec::new(),
+        index: Vec::new(),
+    };
+    let doomed_keys: HashSet<&str> = doomed.iter().map(|(k, _)| k.as_str()).collect();
+    for (h, l) in &packs {
+        if !live_pack(h)
+            && l.modified < now
+            && !pending.contains(h)
+            && !doomed_keys.contains(l.key.as_str())
+        {
+            mark.packs.push(h.clone());
+            out.marked_packs += 1;
+            out.marked_bytes += l.size;
+        }
+    }
+    for (h, l) in &blocks {
+        if !walk.index.contains_key(h)
+            && l.modified < now
+            && !pending.contains(h)
+            && !doomed_keys.contains(l.key.as_str())
+        {
+            mark.index.push(h.clone());
+            out.marked_index_blocks += 1;
+            out.marked_bytes += l.size;
+        }
+    }
+    if opts.dry_run {
+        return Ok(out);
+    }
+    mark.packs.sort();
+    mark.index.sort();
+    let mut failed = None;
+    let keys: Vec<String> = doomed.iter().map(|(k, _)| k.clone()).collect();
+    let mut deletes = futures::stream::iter(keys.into_iter().map(|k| {
+        let repo = repo.clone();
+        async move {
+            let r = repo.objects.delete(&k).await;
+            (k, r)
+        }
+    }))
+    .buffer_unordered(DELETES);
+    while let Some((k, r)) = deletes.next().await {
+        if let Err(e) = r {
+            tracing::warn!(object = %k, error = %e, "garbage collection could not delete");
+            failed = Some(e);
+        }
+    }
+    drop(deletes);
+    if let Some(e) = failed {
+        // The marks stay: the next run sweeps what is left.
+        return Err(e.into());
+    }
+    for id in &swept {
+        repo.objects.delete(&mark_key(id)).await?;
+    }
+    if !mark.packs.is_empty() || !mark.index.is_empty() {
+        let mut tag = [0u8; 8];
+        super::crypto::fill_random(&mut tag);
+        mark.id = format!("{}-{}", mark.cut_ms, hex::encode(tag));
+        repo.put_mark(&mark).await?;
+    }
+    // Registrations of backups long past their deadline are dead weight.
+    for (t, started, deadline) in &sessions {
+        if deadline.is_some_and(|d| *started + Duration::from_secs(d) + HEARTBEAT_LAPSE < now) {
+            let _ = repo.close_session(t).await;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,277 @@
+//! `blockctl repo gc`: space comes back after the grace period and not
+//! before, nothing live is ever deleted, a backup running (or killed) on
+//! another host holds its objects, a backup past its deadline cannot
+//! commit.
+
+mod common;
+
+use std::path::Path;
+
+use common::cloud::*;
+use common::*;
+use serde_json::Value;
+
+fn gc(d: &Blockd, args: &[&str]) -> Value {
+    let mut a = vec!["-j", "repo", "gc"];
+    a.extend_from_slice(args);
+    json(&d.ok(&a))
+}
+
+fn bytes_under(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
+}
+
+fn listing(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains("/locks/"))
+        .map(|p| {
+            let n = std::fs::metadata(&p).unwrap().len();
+            (p, n)
+        })
+        .collect()
+}
+
+fn check_clean(d: &Blockd, args: &[&str]) {
+    let mut a = vec!["-j", "repo", "check", "--read-data"];
+    a.extend_from_slice(args);
+    let r = json(&d.ok(&a));
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+}
+
+#[test]
+fn gc_reclaims_after_the_grace_period_and_keeps_every_live_snapshot() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    d.create("v", "32M");
+    // s1: 16 MiB of data; s2: the same range rewritten whole (s1's chunks
+    // are then used by s1 alone); s3: an incremental on s2.
+    let img1 = image(tmp.path(), "1.img", 32 * MB, 16 * MB, 1);
+    load(&d, "v", &img1);
+    let s1 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    let img2 = image(tmp.path(), "2.img", 32 * MB, 16 * MB, 2);
+    load(&d, "v", &img2);
+    let s2 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    scatter(&d, "v", &img2, 32, 9);
+    let s3 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    let before = bytes_under(&objects.join("packs"));
+
+    // Nothing unreferenced yet: nothing marked.
+    let r = gc(&d, &["--grace", "2s"]);
+    assert_eq!(r["marked_packs"], 0, "{r}");
+    assert_eq!(r["deleted_packs"], 0, "{r}");
+
+    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    // --dry-run reports and changes nothing.
+    let files = listing(&objects);
+    let r = gc(&d, &["--dry-run", "--grace", "2s"]);
+    assert!(r["marked_packs"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["dry_run"], true);
+    assert_eq!(listing(&objects), files, "--dry-run changed the bucket");
+    assert!(files_under(&objects.join("locks/marks")).is_empty());
+
+    // First run marks; a run within the grace period deletes nothing.
+    let r = gc(&d, &["--grace", "2s"]);
+    let marked = r["marked_bytes"].as_u64().unwrap();
+    assert!(marked >= 16 * MB as u64, "s1's data is condemned: {r}");
+    assert_eq!(r["deleted_bytes"], 0, "{r}");
+    let r = gc(&d, &["--grace", "2s"]);
+    assert_eq!(
+        r["deleted_bytes"], 0,
+        "deleted within the grace period: {r}"
+    );
+    assert_eq!(r["pending_marks"], 1, "{r}");
+    assert_eq!(r["marked_packs"], 0, "condemned twice: {r}");
+    assert_eq!(bytes_under(&objects.join("packs")), before);
+
+    // After it: deleted, space back, everything left restores bit-exact.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let r = gc(&d, &["--grace", "2s"]);
+    assert!(
+        r["deleted_bytes"].as_u64().unwrap() >= 16 * MB as u64,
+        "{r}"
+    );
+    assert_eq!(r["swept_marks"], 1, "{r}");
+    let after = bytes_under(&objects.join("packs"));
+    assert!(
+        after + 16 * MB as u64 <= before,
+        "packs hold {after} bytes after GC, {before} before"
+    );
+    assert!(files_under(&objects.join("locks/marks")).is_empty());
+    check_clean(&d, &[]);
+    let r = restore(&d, &s2, "r2", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    let r = restore(&d, &s3, "r3", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img2, "r3");
+    // The next backup after GC is still an incremental and restores.
+    scatter(&d, "v", &img2, 8, 10);
+    let t = backup(&d, &["v"]);
+    assert_eq!(t["full"], false, "{t}");
+    let r = restore(&d, "v", "r4", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img2, "r4");
+}
+
+/// Two hosts on one bucket (a shared directory): host A's backup is
+/// killed mid-way; host B collects. A's session holds B's sweep until A
+/// has resumed and committed; then B's sweep keeps A's packs, and B
+/// restores A's snapshot bit-exact. A stopped backup's packs are
+/// reclaimed after the grace period, not before.
+#[test]
+fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_the_grace() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let mut a = Blockd::start();
+    let b = Blockd::start();
+    for d in [&a, &b] {
+        d.ok(&[
+            "credentials",
+            "create",
+            "shared",
+            "--provider",
+            "local",
+            "--path",
+            &path,
+        ]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 * MB;
+    a.create("big", "256M");
+    let img = image(tmp.path(), "big.img", size, size, 5);
+    load(&a, "big", &img);
+
+    let start = |a: &Blockd| -> String {
+        let s = json(&a.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "shared"]));
+        s["tasks"][0]["id"].as_str().unwrap().to_string()
+    };
+    let id = start(&a);
+    let t = wait_until(&a, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 40 * MB as u64
+    });
+    assert_eq!(
+        t["state"], "Active",
+        "finished before the kill: make it bigger"
+    );
+    a.kill9();
+    let packs = Path::new(&path).join("packs");
+    let orphaned = bytes_under(&packs);
+    assert!(orphaned >= 32 * MB as u64);
+
+    // B marks A's packs (unreferenced: A has not committed) ...
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "1s"]);
+    assert!(r["marked_bytes"].as_u64().unwrap() >= 32 * MB as u64, "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // ... but may not sweep: A's backup started before the mark and may
+    // still commit.
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "1s"]);
+    assert_eq!(r["held_marks"], 1, "{r}");
+    assert_eq!(r["holding"][0], id.as_str(), "{r}");
+    assert_eq!(r["deleted_bytes"], 0, "{r}");
+    assert!(bytes_under(&packs) >= orphaned);
+
+    // A restarts, resumes and commits; B's sweep now keeps what A uses.
+    a.spawn();
+    let t = wait_done(&a, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "1s"]);
+    assert_eq!(r["swept_marks"], 1, "{r}");
+    // What the resumed backup uses was condemned, and is kept; what the
+    // killed run wrote and the resumed one replaced (an index block) may
+    // go. The check and the restore below prove nothing live went.
+    assert!(r["kept"].as_u64().unwrap() >= 2, "{r}");
+    check_clean(&b, &["--cred-id", "shared"]);
+    let r = restore(&b, &snap, "copy", &["--cred-id", "shared"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&b, &img, "copy");
+
+    // Host C's backup is killed and C never comes back: once its session
+    // is past its deadline (3 s here) and the mark past the grace period,
+    // its packs are reclaimed; not before.
+    let mut c = Blockd::start_env(&[("BLOCKD_BACKUP_DEADLINE", "3s")]);
+    c.ok(&[
+        "credentials",
+        "create",
+        "shared",
+        "--provider",
+        "local",
+        "--path",
+        &path,
+    ]);
+    c.create("lost", "128M");
+    let img_c = image(tmp.path(), "lost.img", 128 * MB, 128 * MB, 12);
+    load(&c, "lost", &img_c);
+    let s = json(&c.ok(&["-j", "cloudsnap", "backup", "lost", "--cred-id", "shared"]));
+    let id_c = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&c, &id_c, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    c.kill9();
+    let with_leftovers = bytes_under(&packs);
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "2s"]);
+    assert!(r["marked_bytes"].as_u64().unwrap() >= 24 * MB as u64, "{r}");
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "2s"]);
+    assert_eq!(r["deleted_bytes"], 0, "before the grace period: {r}");
+    assert_eq!(bytes_under(&packs), with_leftovers);
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let r = gc(&b, &["--cred-id", "shared", "--grace", "2s"]);
+    assert!(
+        r["deleted_bytes"].as_u64().unwrap() >= 24 * MB as u64,
+        "{r}"
+    );
+    assert!(bytes_under(&packs) + 24 * (MB as u64) <= with_leftovers);
+    check_clean(&b, &["--cred-id", "shared"]);
+    let r = restore(&b, &snap, "copy2", &["--cred-id", "shared"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&b, &img, "copy2");
+}
+
+#[test]
+fn a_backup_past_its_deadline_does_not_commit() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start_env(&[("BLOCKD_BACKUP_DEADLINE", "2s")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 * MB;
+    d.create("big", "256M");
+    let img = image(tmp.path(), "big.img", size, size, 6);
+    load(&d, "big", &img);
+    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
+    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    d.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    d.spawn();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Failed", "{t}");
+    let e = t["error"].as_str().unwrap();
+    assert!(
+        e.contains("deadline") && e.contains("start a new backup"),
+        "{e}"
+    );
+    assert!(
+        list(&d, &[]).is_empty(),
+        "a backup past its deadline committed"
+    );
+    // Its local snapshot was abandoned (changes merged back), and its
+    // session is gone from the bucket.
+    let snaps = d.ok(&["-j", "snapshot", "list"]);
+    assert!(json(&snaps).as_array().unwrap().is_empty(), "{snaps}");
+    assert!(files_under(&d.dir.path().join("objects/locks/sessions")).is_empty());
+}
