@@ -275,3 +275,36 @@ fn a_backup_past_its_deadline_does_not_commit() {
     assert!(json(&snaps).as_array().unwrap().is_empty(), "{snaps}");
     assert!(files_under(&d.dir.path().join("objects/locks/sessions")).is_empty());
 }
+
+#[test]
+fn the_background_collection_reclaims_without_being_asked() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start_with(None, &["--gc-every", "1s", "--gc-grace", "1s"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let packs = d.dir.path().join("objects/packs");
+    d.create("v", "16M");
+    let img = image(tmp.path(), "1.img", 16 * MB, 8 * MB, 21);
+    load(&d, "v", &img);
+    let s1 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    let img = image(tmp.path(), "2.img", 16 * MB, 8 * MB, 22);
+    load(&d, "v", &img);
+    backup(&d, &["v"]);
+    let before = bytes_under(&packs);
+    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    // Marked by one scheduled run, deleted by a later one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while bytes_under(&packs) + 8 * (MB as u64) > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing reclaimed: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(d.log().contains("garbage collected"));
+    let r = restore(&d, "v", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}

@@ -57,11 +57,27 @@ struct Args {
     #[arg(long, env = "BLOCKD_GC_GRACE", value_name = "DURATION", default_value = "24h",
           value_parser = duration_arg)]
     gc_grace: Duration,
+    /// Run `repo gc` on every location this often, e.g. 24h; `off` to
+    /// collect only when asked
+    #[arg(long, env = "BLOCKD_GC_EVERY", value_name = "DURATION|off", default_value = "24h",
+          value_parser = every_arg)]
+    gc_every: Every,
     /// A backup that has run this long may no longer commit (garbage
     /// collection stops waiting for it), e.g. 20h
     #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION", default_value = "20h",
           value_parser = duration_arg)]
     backup_deadline: Duration,
+}
+
+/// A period, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct Every(Option<Duration>);
+
+fn every_arg(s: &str) -> Result<Every, String> {
+    if s == "off" {
+        return Ok(Every(None));
+    }
+    duration_arg(s).map(|d| Every(Some(d)))
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
@@ -119,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             fault_rate: args.fault_inject,
             gc_grace: args.gc_grace,
             backup_deadline: args.backup_deadline,
+            gc_every: args.gc_every.0,
         },
         state_dir,
     };

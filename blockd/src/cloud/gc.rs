@@ -9,6 +9,42 @@ use crate::claims::Want;
 use crate::repo::gc;
 
 impl Cloud {
+    /// Collects every location every `every` (first one `every` after
+    /// start), until shutdown. Failures are logged and retried next time.
+    pub(super) fn collect_every(self: &std::sync::Arc<Self>, every: Duration) {
+        let me = std::sync::Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let Some(cloud) = me.upgrade() else { return };
+                let names = match cloud.locations.list() {
+                    Ok(l) => l.into_iter().map(|l| l.name).collect::<Vec<_>>(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "scheduled garbage collection: cannot list locations");
+                        continue;
+                    }
+                };
+                for name in names {
+                    let req = GcRequest {
+                        location: Some(name.clone()),
+                        ..GcRequest::default()
+                    };
+                    let run = cloud.gc(req);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        r = run => if let Err(e) = r {
+                            tracing::warn!(location = %name, error = %e, "scheduled garbage collection failed; retried at the next run");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// Collects a location's garbage: sweeps marks that are due, marks
     /// what is unreferenced now.
     ///

@@ -56,6 +56,8 @@ pub struct Settings {
     pub gc_grace: std::time::Duration,
     /// A backup running longer may not commit.
     pub backup_deadline: std::time::Duration,
+    /// Background garbage collection of every location this often.
+    pub gc_every: Option<std::time::Duration>,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             fault_rate: None,
             gc_grace: std::time::Duration::from_secs(24 * 3600),
             backup_deadline: std::time::Duration::from_secs(20 * 3600),
+            gc_every: Some(std::time::Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -421,6 +424,9 @@ impl Cloud {
                 Ok(r) => me.resume(r),
                 Err(e) => tracing::error!(error = %e, "unreadable task record"),
             }
+        }
+        if let Some(every) = settings.gc_every {
+            me.collect_every(every);
         }
         Ok(me)
     }
