@@ -166,6 +166,10 @@ pub struct BackupRequest {
     /// Timeout for each hook, in seconds (default 30).
     #[serde(default)]
     pub exec_timeout_secs: Option<f64>,
+    /// Delete the snapshot at this time: RFC 3339, a date (midnight UTC)
+    /// or a duration from now (`7d`, `36h`).
+    #[serde(default)]
+    pub expire: Option<String>,
 }
 
 /// Body of `POST /v1/cloudsnaps/backup-group`.
@@ -196,6 +200,9 @@ pub struct BackupGroupRequest {
     /// Timeout for each hook, in seconds (default 30).
     #[serde(default)]
     pub exec_timeout_secs: Option<f64>,
+    /// As in [`BackupRequest`].
+    #[serde(default)]
+    pub expire: Option<String>,
 }
 
 /// Body of `POST /v1/cloudsnaps/restore`.
@@ -356,6 +363,15 @@ pub struct CloudSnap {
     /// listed so they can be inspected or deleted, never restored.
     #[serde(default = "done")]
     pub status: String,
+    /// The host that wrote it.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The schedule that made it.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// When it is deleted, if it expires.
+    #[serde(default)]
+    pub expires: Option<String>,
 }
 
 fn done() -> String {
@@ -610,4 +626,81 @@ pub struct GcReport {
     pub held_marks: u64,
     /// Those backups (task ids).
     pub holding: Vec<String>,
+}
+
+/// Body of `POST /v1/schedules`: pxctl's `cloudsnap schedules create`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// Volumes (several: one group backup, one freeze point).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Or: every volume carrying all these labels at run time.
+    #[serde(default)]
+    pub select: BTreeMap<String, String>,
+    /// `--periodic`: minutes, or a duration (`30s`, `2h`).
+    #[serde(default)]
+    pub periodic: Option<String>,
+    /// `--daily hh:mm` (UTC).
+    #[serde(default)]
+    pub daily: Vec<String>,
+    /// `--weekly weekday@hh:mm` (UTC).
+    #[serde(default)]
+    pub weekly: Vec<String>,
+    /// `--monthly day@hh:mm` (UTC).
+    #[serde(default)]
+    pub monthly: Vec<String>,
+    /// Newest snapshots kept per volume [default 7].
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// Also keep the newest of each of the last N days with a snapshot.
+    #[serde(default)]
+    pub keep_daily: u32,
+    /// ... of each of the last N ISO weeks.
+    #[serde(default)]
+    pub keep_weekly: u32,
+    /// ... of each of the last N months.
+    #[serde(default)]
+    pub keep_monthly: u32,
+    /// Every run reads whole volumes.
+    #[serde(default)]
+    pub full: bool,
+    /// Location [default: the only one].
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Command run before each freeze.
+    #[serde(default)]
+    pub pre_exec: Option<String>,
+    /// Command run after each freeze.
+    #[serde(default)]
+    pub post_exec: Option<String>,
+}
+
+/// A schedule, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Id (`schedules delete --uuid`).
+    pub id: String,
+    /// What was asked.
+    pub spec: CreateSchedule,
+    /// The location it backs up to.
+    pub location: String,
+    /// Its rules, as text (`daily @21:00`).
+    pub rules: Vec<String>,
+    /// Newest snapshots kept per volume.
+    pub max: u32,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Start of the last run.
+    pub last_run: Option<String>,
+    /// Next run.
+    pub next_run: Option<String>,
+    /// A run is going on.
+    pub running: bool,
+    /// Why the last run failed (retried at the next slot).
+    pub last_error: Option<String>,
+    /// Tasks of the last run.
+    pub last_tasks: Vec<String>,
+    /// Snapshots deleted by its retention, in all.
+    pub deleted: u64,
 }

@@ -366,8 +366,9 @@ mod tests {
 pub mod cloud;
 pub use cloud::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
-    CreateLocation, DamagedSnapshot, DataRead, GcReport, GcRequest, Location, Problem, Provider,
-    RestoreRequest, Started, Subset, Task, TaskKind, TaskState, Verified, LOCAL_LOCATION,
+    CreateLocation, CreateSchedule, DamagedSnapshot, DataRead, GcReport, GcRequest, Location,
+    Problem, Provider, RestoreRequest, Schedule, Started, Subset, Task, TaskKind, TaskState,
+    Verified, LOCAL_LOCATION,
 };
 
 pub mod mount;

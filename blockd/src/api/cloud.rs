@@ -11,7 +11,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockd_api::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
-    CreateLocation, GcReport, GcRequest, Location, RestoreRequest, Started, Task,
+    CreateLocation, CreateSchedule, GcReport, GcRequest, Location, RestoreRequest, Schedule,
+    Started, Task,
 };
 
 use super::{body, query_pairs, ApiResult, Failure};
@@ -31,6 +32,8 @@ pub fn routes() -> Router<Arc<Daemon>> {
         .route("/v1/cloudsnaps/backup", post(backup))
         .route("/v1/cloudsnaps/backup-group", post(backup_group))
         .route("/v1/cloudsnaps/restore", post(restore))
+        .route("/v1/schedules", get(list_schedules).post(create_schedule))
+        .route("/v1/schedules/{id}", axum::routing::delete(delete_schedule))
         .route("/v1/repo/check", post(check))
         .route("/v1/repo/gc", post(gc))
         .route("/v1/tasks", get(tasks))
@@ -159,6 +162,26 @@ fn snap_and_location(q: Option<&str>) -> Result<(String, Option<String>, bool), 
 async fn check(State(d): State<Arc<Daemon>>, bytes: Bytes) -> ApiResult<CheckReport> {
     let req: CheckRequest = body(&bytes)?;
     Ok(Json(d.cloud.check(req).await?))
+}
+
+async fn list_schedules(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<Schedule>> {
+    Ok(Json(d.cloud.schedules()?))
+}
+
+async fn create_schedule(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<Schedule>), Failure> {
+    let req: CreateSchedule = body(&bytes)?;
+    Ok((StatusCode::CREATED, Json(d.cloud.create_schedule(req)?)))
+}
+
+async fn delete_schedule(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    d.cloud.delete_schedule(&id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> ApiResult<GcReport> {

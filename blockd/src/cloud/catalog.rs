@@ -29,6 +29,9 @@ impl Cloud {
             bytes_reused: m.bytes_reused,
             bytes_uploaded: m.bytes_uploaded,
             status: "Done".into(),
+            host: m.host.clone(),
+            schedule: m.schedule.clone(),
+            expires: m.expires.clone(),
         }
     }
 
@@ -89,6 +92,9 @@ impl Cloud {
                         bytes_reused: 0,
                         bytes_uploaded: 0,
                         status: format!("Corrupt: {reason}"),
+                        host: None,
+                        schedule: None,
+                        expires: None,
                     });
                 }
                 Err(RepoError::Corrupt { .. }) => {}

@@ -22,6 +22,7 @@ mod gc;
 pub mod hydrate;
 pub mod locations;
 pub mod restore;
+pub mod schedule;
 mod task;
 
 use std::collections::HashMap;
@@ -107,6 +108,24 @@ pub enum CloudError {
     /// No volume carries every given label.
     #[error("no volume carries all the given labels")]
     NoLabelMatch,
+    /// A schedule is malformed.
+    #[error("{why}")]
+    BadSchedule {
+        /// What is wrong.
+        why: String,
+    },
+    /// An unknown schedule.
+    #[error("no schedule {id:?}: list them with `blockctl cloudsnap schedules list`")]
+    ScheduleNotFound {
+        /// Id given.
+        id: String,
+    },
+    /// `--expire` is malformed or in the past.
+    #[error("{why}")]
+    BadExpire {
+        /// What is wrong with it.
+        why: String,
+    },
     /// `--subset` is malformed or given without `--read-data`.
     #[error("{why}")]
     BadSubset {
@@ -289,6 +308,8 @@ impl CloudError {
             | Self::NoVolumes
             | Self::ExecTimeout { .. }
             | Self::BadSubset { .. }
+            | Self::BadExpire { .. }
+            | Self::BadSchedule { .. }
             | Self::BadSnapshotId { .. } => Outcome::Invalid,
             Self::NoLabelMatch
             | Self::VolumeNotFound { .. }
@@ -296,7 +317,8 @@ impl CloudError {
             | Self::NoSnapshotOf { .. }
             | Self::SnapshotNotFound { .. }
             | Self::TaskNotFound { .. }
-            | Self::NoTaskOrGroup { .. } => Outcome::NotFound,
+            | Self::NoTaskOrGroup { .. }
+            | Self::ScheduleNotFound { .. } => Outcome::NotFound,
             Self::Busy(_)
             | Self::Restoring { .. }
             | Self::VolumeExists { .. }
@@ -344,6 +366,8 @@ pub struct Cloud {
     backup_deadline: std::time::Duration,
     /// This host's id (`<state dir>/host-id`).
     host: String,
+    /// Schedules with a run in progress.
+    sched_running: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -418,6 +442,7 @@ impl Cloud {
             gc_grace: settings.gc_grace,
             backup_deadline: settings.backup_deadline,
             host,
+            sched_running: Mutex::new(std::collections::HashSet::new()),
         });
         for rec in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {
@@ -428,6 +453,7 @@ impl Cloud {
         if let Some(every) = settings.gc_every {
             me.collect_every(every);
         }
+        me.run_scheduler();
         Ok(me)
     }
 }

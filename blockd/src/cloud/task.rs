@@ -48,6 +48,9 @@ impl Progress {
 }
 
 /// What a task does, kept with its record so it can resume.
+// One per task, held with its record: the size of the larger variant costs
+// nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub(super) enum Plan {
@@ -65,6 +68,12 @@ pub(super) enum Plan {
         /// it; past its deadline the backup may not commit).
         #[serde(default)]
         session: Option<crate::repo::gc::Session>,
+        /// The schedule that started it.
+        #[serde(default)]
+        schedule: Option<String>,
+        /// When the snapshot is to be deleted (RFC 3339).
+        #[serde(default)]
+        expires: Option<String>,
     },
     Restore {
         src_volume: String,

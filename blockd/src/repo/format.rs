@@ -385,6 +385,15 @@ pub struct Manifest {
     pub post_exec: Option<blockd_api::Hook>,
     /// Non-empty index blocks: `[block number, id hex]`, ascending.
     pub blocks: Vec<(u64, String)>,
+    /// The host that wrote it (`<state dir>/host-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The schedule that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// When it is to be deleted (RFC 3339), if it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 /// A group object: the members frozen at one point.

@@ -1403,6 +1403,9 @@ mod tests {
             pre_exec: None,
             post_exec: None,
             blocks: vec![],
+            host: None,
+            schedule: None,
+            expires: None,
         };
         r.put_manifest(&m).await.unwrap();
         assert!(matches!(

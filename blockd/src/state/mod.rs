@@ -95,6 +95,18 @@ CREATE TABLE IF NOT EXISTS backup_base (
     location TEXT NOT NULL,
     snapshot TEXT NOT NULL
 );
+-- Version 3: backup schedules, and snapshots this host deletes at a time.
+CREATE TABLE IF NOT EXISTS schedules (
+    id       TEXT PRIMARY KEY,
+    record   TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS expiring (
+    location TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    at       TEXT NOT NULL,
+    PRIMARY KEY (location, snapshot)
+);
 ";
 
 /// The open state database.
@@ -277,6 +289,101 @@ impl StateDb {
         self.with(|c| {
             c.execute("DELETE FROM locations WHERE name = ?1", [name])
                 .map(|n| n > 0)
+        })
+    }
+
+    /// Writes a schedule record (JSON), new or updated.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn put_schedule(&self, id: &str, record: &str, created: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO schedules (id, record, created) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET record = ?2",
+                params![id, record, created],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Updates a schedule record only if it still exists; true if it did
+    /// (a run ending after a delete does not bring it back).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn update_schedule(&self, id: &str, record: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE schedules SET record = ?2 WHERE id = ?1",
+                params![id, record],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// Every schedule as `(id, record)`, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn schedules(&self) -> Result<Vec<(String, String)>, StateError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Deletes a schedule; true if it existed.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn delete_schedule(&self, id: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.execute("DELETE FROM schedules WHERE id = ?1", [id])
+                .map(|n| n > 0)
+        })
+    }
+
+    /// Records that `snapshot` of `location` is to be deleted at `at`
+    /// (RFC 3339).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn add_expiring(&self, location: &str, snapshot: &str, at: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO expiring (location, snapshot, at) VALUES (?1, ?2, ?3)",
+                params![location, snapshot, at],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Snapshots due at or before `now` (RFC 3339), as `(location, snapshot)`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn expired(&self, now: &str) -> Result<Vec<(String, String)>, StateError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT location, snapshot FROM expiring WHERE at <= ?1 ORDER BY at")?;
+            let rows = st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Forgets an expiring snapshot (deleted, or gone).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn drop_expiring(&self, location: &str, snapshot: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM expiring WHERE location = ?1 AND snapshot = ?2",
+                params![location, snapshot],
+            )
+            .map(drop)
         })
     }
 

@@ -64,7 +64,7 @@ pub enum CloudsnapCmd {
     },
     /// Delete a cloud snapshot from the object store; this is not reversible
     /// (other snapshots stay restorable; the space its chunks use comes back
-    /// only through garbage collection, which a later release adds)
+    /// through garbage collection, `blockctl repo gc`)
     #[command(alias = "rm")]
     Delete {
         /// Cloud snapshot id, VOLUME/SNAPSHOT
@@ -74,6 +74,9 @@ pub enum CloudsnapCmd {
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
     },
+    /// Backup schedules: create, list, delete
+    #[command(subcommand, alias = "sched")]
+    Schedules(crate::schedules::SchedulesCmd),
     /// Restore a cloud snapshot into a new volume
     #[command(alias = "r")]
     Restore {
@@ -116,6 +119,10 @@ pub struct BackupOpts {
     /// Wait for the backup to end, with progress on a terminal (Ctrl-C stops waiting, not the backup)
     #[arg(long)]
     wait: bool,
+    /// Delete the snapshot at this time: 2026-12-01T00:00:00Z, 2026-12-01 or
+    /// a duration from now (7days, 36h)
+    #[arg(long, value_name = "DATE|DURATION")]
+    expire: Option<String>,
 }
 
 /// Arguments of `cloudsnap backup`.
@@ -170,6 +177,7 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
     match cmd {
         CloudsnapCmd::Backup(args) => backup(out, client, args).await,
         CloudsnapCmd::BackupGroup(args) => backup_group(out, client, args).await,
+        CloudsnapCmd::Schedules(cmd) => crate::schedules::run(out, client, cmd).await,
         CloudsnapCmd::Status { name } => {
             let path = match name {
                 Some(n) => with_query("/v1/tasks", &[("name", n)]),
@@ -319,6 +327,7 @@ async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), S
         pre_exec: o.pre_exec.clone(),
         post_exec: o.post_exec.clone(),
         exec_timeout_secs: Some(o.exec_timeout),
+        expire: o.expire.clone(),
     };
     let started: Started = client
         .call("POST", "/v1/cloudsnaps/backup", Some(&req))
@@ -346,6 +355,7 @@ async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> R
         pre_exec: o.pre_exec.clone(),
         post_exec: o.post_exec.clone(),
         exec_timeout_secs: Some(o.exec_timeout),
+        expire: o.expire.clone(),
     };
     let started: Started = client
         .call("POST", "/v1/cloudsnaps/backup-group", Some(&req))

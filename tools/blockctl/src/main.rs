@@ -10,6 +10,7 @@ mod credentials;
 mod mount;
 mod output;
 mod repo;
+mod schedules;
 mod wait;
 
 use std::collections::BTreeMap;

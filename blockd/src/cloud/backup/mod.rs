@@ -21,6 +21,21 @@ use crate::volume::dirty_map::ChangeSet;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{Cloud, CloudError};
 
+/// `--expire`: RFC 3339, a date (midnight UTC) or a duration from `now`,
+/// as the RFC 3339 time it means. It must lie in the future.
+fn expiry(s: &str, now: SystemTime) -> Result<String, String> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .or_else(|_| humantime::parse_rfc3339_weak(&format!("{s}T00:00:00Z")))
+        .or_else(|_| humantime::parse_duration(s).map(|d| now + d))
+        .map_err(|_| {
+            format!("--expire {s:?}: give a time (2026-12-01T00:00:00Z), a date (2026-12-01) or a duration from now (7days, 36h)")
+        })?;
+    if t <= now {
+        return Err(format!("--expire {s:?} is not in the future"));
+    }
+    Ok(humantime::format_rfc3339_seconds(t).to_string())
+}
+
 /// Whether manifest `m` was written before `fence` (the earliest cut of
 /// the garbage-collection marks not swept yet): only then did every
 /// pending mark see it, so nothing it references is condemned and a
@@ -87,8 +102,9 @@ impl Cloud {
             pre_exec: req.pre_exec,
             post_exec: req.post_exec,
             exec_timeout_secs: req.exec_timeout_secs,
+            expire: req.expire,
         };
-        self.start_backups(g, false).await
+        self.start_backups(g, false, None).await
     }
 
     /// Starts a group backup: every member frozen at one point.
@@ -99,7 +115,7 @@ impl Cloud {
         self: &Arc<Self>,
         req: BackupGroupRequest,
     ) -> Result<Started, CloudError> {
-        self.start_backups(req, true).await
+        self.start_backups(req, true, None).await
     }
 
     /// The volumes a backup request names: explicit, or chosen by labels;
@@ -142,8 +158,15 @@ impl Cloud {
         self: &Arc<Self>,
         req: BackupGroupRequest,
         group: bool,
+        schedule: Option<&str>,
     ) -> Result<Started, CloudError> {
         let names = self.members(&req)?;
+        let expires = req
+            .expire
+            .as_deref()
+            .map(|e| expiry(e, SystemTime::now()))
+            .transpose()
+            .map_err(|why| CloudError::BadExpire { why })?;
         let location = self.locations.resolve(req.location.as_deref())?;
         let created_name = name::new();
         // Claims first: each member's volume, its one job slot, the new
@@ -250,6 +273,8 @@ impl Cloud {
                     pre_exec: meta.pre_exec.clone().map(Into::into),
                     post_exec: meta.post_exec.clone().map(Into::into),
                     session,
+                    schedule: schedule.map(str::to_string),
+                    expires: expires.clone(),
                 },
                 read: 0,
                 new: 0,
@@ -410,6 +435,11 @@ impl Cloud {
                         me.maybe_write_group(g, &location, &id).await;
                     }
                     let r = me.finish(&run, TaskState::Done, None);
+                    if let Plan::Backup { expires: Some(at), .. } = &r.plan {
+                        if let Err(e) = me.db.add_expiring(&r.task.location, &r.task.snapshot, at) {
+                            tracing::error!(snapshot = %r.task.snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
+                        }
+                    }
                     let _ = me.db.set_backup_base(&volume, Some((&r.task.location, &r.task.snapshot)));
                     tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
                 }
@@ -443,34 +473,24 @@ impl Cloud {
         parent: Option<Manifest>,
     ) -> Result<(), CloudError> {
         let rec = run.snapshot();
-        let (parent_id, chain, labels, created, pause_us, pre_exec, post_exec, session) =
-            match &rec.plan {
-                Plan::Backup {
-                    parent,
-                    chain,
-                    labels,
-                    created,
-                    pause_us,
-                    pre_exec,
-                    post_exec,
-                    session,
-                } => (
-                    parent.clone(),
-                    *chain,
-                    labels.clone(),
-                    created.clone(),
-                    *pause_us,
-                    pre_exec.clone(),
-                    post_exec.clone(),
-                    session.clone(),
-                ),
-                Plan::Restore { .. } => {
-                    return Err(CloudError::WrongPlan {
-                        id: rec.task.id.clone(),
-                        expected: "backup",
-                    })
-                }
-            };
+        let Plan::Backup {
+            parent: parent_id,
+            chain,
+            labels,
+            created,
+            pause_us,
+            pre_exec,
+            post_exec,
+            session,
+            schedule,
+            expires,
+        } = rec.plan.clone()
+        else {
+            return Err(CloudError::WrongPlan {
+                id: rec.task.id.clone(),
+                expected: "backup",
+            });
+        };
         let repo = self.locations.repo(&rec.task.location).await?;
         let volume = self
             .volumes
@@ -521,6 +541,9 @@ impl Cloud {
             pre_exec,
             post_exec,
             blocks: blocks.into_iter().collect(),
+            host: Some(self.host.clone()),
+            schedule,
+            expires,
         };
         // The manifest's own size counts as uploaded too (approximately).
         manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;

@@ -1,0 +1,434 @@
+//! Backup schedules (pxctl's `cloudsnap schedules`), their retention, and
+//! the expiry of snapshots taken with `--expire`.
+//!
+//! - Schedules live in the state database. A tick every second starts
+//!   each schedule that is due ([`times`]); the start time is recorded
+//!   before anything runs, so runs missed while the daemon was down
+//!   collapse into one run at start, and a crash never repeats a run.
+//! - A schedule never overlaps itself: a run lasts until its backups have
+//!   ended (and its retention is done), and a schedule with a run in
+//!   progress, or with a backup still active after a restart, is not
+//!   started again. A refused or failed run is recorded
+//!   (`schedules list` shows why) and the next slot tries again.
+//! - After a run whose backups are all Done, retention deletes, per
+//!   volume, the snapshots of this schedule written by this host that no
+//!   keep rule keeps ([`retention`]). Deletes go through the coordinator:
+//!   a snapshot a restore, lazy restore or mount is reading is skipped
+//!   (and tried again after the next run).
+//! - `--expire`: the host that took the snapshot deletes it at its time
+//!   (recorded locally when the backup is Done; the manifest says so too).
+
+pub mod retention;
+pub mod times;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockd_api::{BackupGroupRequest, CreateSchedule, Schedule, TaskState};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Cloud, CloudError};
+use crate::repo::name;
+use retention::Keep;
+use times::Rule;
+
+/// Newest snapshots kept per volume when `--max` is not given (pxctl).
+pub const DEFAULT_MAX: u32 = 7;
+
+/// A schedule as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    spec: CreateSchedule,
+    location: String,
+    rules: Vec<Rule>,
+    created: String,
+    #[serde(default)]
+    last_run: Option<String>,
+    #[serde(default)]
+    last_error: Option<String>,
+    #[serde(default)]
+    last_tasks: Vec<String>,
+    #[serde(default)]
+    deleted: u64,
+}
+
+impl Stored {
+    fn keep(&self) -> Keep {
+        Keep {
+            last: self.spec.max.unwrap_or(DEFAULT_MAX),
+            daily: self.spec.keep_daily,
+            weekly: self.spec.keep_weekly,
+            monthly: self.spec.keep_monthly,
+        }
+    }
+
+    /// When it is next due.
+    fn next(&self) -> Option<DateTime<Utc>> {
+        let last = self.last_run.as_deref().unwrap_or(&self.created);
+        times::next_due(&self.rules, parse_time(last)?)
+    }
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    crate::repo::crypto::fill_random(&mut b);
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+impl Cloud {
+    /// Creates a schedule.
+    ///
+    /// # Errors
+    /// No rule or volume, a malformed rule, an unknown volume or location.
+    pub fn create_schedule(&self, spec: CreateSchedule) -> Result<Schedule, CloudError> {
+        let bad = |why: String| CloudError::BadSchedule { why };
+        if spec.volumes.is_empty() == spec.select.is_empty() {
+            return Err(bad(
+                "name the volumes (VOLUME or --volume-ids a,b) or labels (--label k=v), one of the two".into(),
+            ));
+        }
+        for v in &spec.volumes {
+            if self.volumes.get(v).is_none() {
+                return Err(CloudError::VolumeNotFound { volume: v.clone() });
+            }
+        }
+        let mut rules = Vec::new();
+        if let Some(p) = &spec.periodic {
+            rules.push(Rule::periodic(p).map_err(bad)?);
+        }
+        for d in &spec.daily {
+            rules.push(Rule::daily(d).map_err(bad)?);
+        }
+        for w in &spec.weekly {
+            rules.push(Rule::weekly(w).map_err(bad)?);
+        }
+        for m in &spec.monthly {
+            rules.push(Rule::monthly(m).map_err(bad)?);
+        }
+        if rules.is_empty() {
+            return Err(bad(
+                "give when: --periodic MINUTES, --daily hh:mm, --weekly weekday@hh:mm or --monthly day@hh:mm".into(),
+            ));
+        }
+        if spec.max == Some(0) {
+            return Err(bad(
+                "--max must be at least 1 (the newest snapshot is always kept)".into(),
+            ));
+        }
+        let location = self.locations.resolve(spec.location.as_deref())?;
+        let id = new_id();
+        let stored = Stored {
+            spec,
+            location,
+            rules,
+            created: rfc3339(Utc::now()),
+            last_run: None,
+            last_error: None,
+            last_tasks: Vec::new(),
+            deleted: 0,
+        };
+        self.db
+            .put_schedule(&id, &encode(&id, &stored)?, &stored.created)?;
+        tracing::info!(schedule = %id, rules = ?stored.rules, "schedule created");
+        Ok(self.to_api(&id, &stored))
+    }
+
+    /// Every schedule.
+    ///
+    /// # Errors
+    /// State database errors.
+    pub fn schedules(&self) -> Result<Vec<Schedule>, CloudError> {
+        Ok(self
+            .stored_schedules()?
+            .iter()
+            .map(|(id, s)| self.to_api(id, s))
+            .collect())
+    }
+
+    /// Deletes a schedule (a run in progress finishes).
+    ///
+    /// # Errors
+    /// Unknown id.
+    pub fn delete_schedule(&self, id: &str) -> Result<(), CloudError> {
+        if !self.db.delete_schedule(id)? {
+            return Err(CloudError::ScheduleNotFound { id: id.to_string() });
+        }
+        tracing::info!(schedule = %id, "schedule deleted");
+        Ok(())
+    }
+
+    fn stored_schedules(&self) -> Result<Vec<(String, Stored)>, CloudError> {
+        Ok(self
+            .db
+            .schedules()?
+            .into_iter()
+            .filter_map(|(id, r)| match serde_json::from_str::<Stored>(&r) {
+                Ok(s) => Some((id, s)),
+                Err(e) => {
+                    tracing::error!(schedule = %id, error = %e, "unreadable schedule record");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn to_api(&self, id: &str, s: &Stored) -> Schedule {
+        Schedule {
+            id: id.to_string(),
+            spec: s.spec.clone(),
+            location: s.location.clone(),
+            rules: s.rules.iter().map(ToString::to_string).collect(),
+            max: s.keep().last,
+            created: s.created.clone(),
+            last_run: s.last_run.clone(),
+            next_run: s.next().map(rfc3339),
+            running: self.schedule_busy(id),
+            last_error: s.last_error.clone(),
+            last_tasks: s.last_tasks.clone(),
+            deleted: s.deleted,
+        }
+    }
+
+    /// A run of schedule `id` is in progress, or one of its backups is
+    /// still active (resumed after a restart).
+    fn schedule_busy(&self, id: &str) -> bool {
+        if self.lock_sched().contains(id) {
+            return true;
+        }
+        self.lock().values().any(|r| {
+            matches!(&r.snapshot().plan, super::task::Plan::Backup { schedule: Some(s), .. } if s == id)
+        })
+    }
+
+    fn lock_sched(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.sched_running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The scheduler: every second, starts the schedules that are due and
+    /// deletes the snapshots whose expiry has come. Stops at shutdown.
+    pub(super) fn run_scheduler(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let Some(cloud) = me.upgrade() else { return };
+                cloud.start_due();
+                cloud.expire_due().await;
+            }
+        });
+    }
+
+    fn start_due(self: &Arc<Self>) {
+        let Ok(all) = self.stored_schedules() else {
+            return;
+        };
+        let now = Utc::now();
+        for (id, mut s) in all {
+            if s.next().is_none_or(|n| n > now) || self.schedule_busy(&id) {
+                continue;
+            }
+            self.lock_sched().insert(id.clone());
+            // Recorded before the run: a crash does not repeat it, and the
+            // next slot is counted from here (missed ones collapse).
+            s.last_run = Some(rfc3339(now));
+            match encode(&id, &s).and_then(|r| Ok(self.db.update_schedule(&id, &r)?)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.lock_sched().remove(&id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(schedule = %id, error = %e, "cannot record the run; not started");
+                    self.lock_sched().remove(&id);
+                    continue;
+                }
+            }
+            let me = self.clone();
+            self.tracker.spawn(async move {
+                me.run_schedule(&id, s).await;
+                me.lock_sched().remove(&id);
+            });
+        }
+    }
+
+    async fn run_schedule(self: &Arc<Self>, id: &str, mut s: Stored) {
+        tracing::info!(schedule = %id, "scheduled backup starting");
+        let spec = &s.spec;
+        let req = BackupGroupRequest {
+            volumes: spec.volumes.clone(),
+            select: spec.select.clone(),
+            full: spec.full,
+            location: Some(s.location.clone()),
+            labels: BTreeMap::new(),
+            pre_exec: spec.pre_exec.clone(),
+            post_exec: spec.post_exec.clone(),
+            exec_timeout_secs: None,
+            expire: None,
+        };
+        let group = spec.volumes.len() > 1 || !spec.select.is_empty();
+        let mut errors = Vec::new();
+        let mut volumes = Vec::new();
+        s.last_tasks.clear();
+        match self.start_backups(req, group, Some(id)).await {
+            Ok(started) => {
+                for t in started.tasks {
+                    s.last_tasks.push(t.id.clone());
+                    let end = self.wait_task(&t.id).await;
+                    match end {
+                        Some(t) if t.state == TaskState::Done => volumes.push(t.volume),
+                        Some(t) => errors.push(format!(
+                            "backup of {} {}: {}",
+                            t.volume,
+                            t.state,
+                            t.error.unwrap_or_default()
+                        )),
+                        None => return, // shutting down: resumed at the next start
+                    }
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        if errors.is_empty() {
+            for v in &volumes {
+                match self.retain(id, &s.location, v, s.keep()).await {
+                    Ok(n) => s.deleted += n,
+                    Err(e) => errors.push(format!("retention of {v}: {e}")),
+                }
+            }
+        }
+        s.last_error = (!errors.is_empty()).then(|| errors.join("; "));
+        if let Some(e) = &s.last_error {
+            tracing::warn!(schedule = %id, error = %e, "scheduled backup failed; tried again at the next slot");
+        } else {
+            tracing::info!(schedule = %id, volumes = ?volumes, "scheduled backup done");
+        }
+        // Only the fields a run owns are written back over the latest record.
+        if let Some((_, mut latest)) = self
+            .stored_schedules()
+            .ok()
+            .and_then(|all| all.into_iter().find(|(i, _)| i == id))
+        {
+            latest.last_error = s.last_error;
+            latest.last_tasks = s.last_tasks;
+            latest.deleted = s.deleted;
+            if let Ok(r) = encode(id, &latest) {
+                let _ = self.db.update_schedule(id, &r);
+            }
+        }
+    }
+
+    /// Waits for task `id` to end; `None` at shutdown.
+    async fn wait_task(&self, id: &str) -> Option<blockd_api::Task> {
+        loop {
+            if let Ok(t) = self.task(id) {
+                if t.state.is_final() {
+                    return Some(t);
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Deletes the snapshots of `volume` that schedule `id` made on this
+    /// host and `keep` does not keep; returns how many went.
+    async fn retain(
+        &self,
+        id: &str,
+        location: &str,
+        volume: &str,
+        keep: Keep,
+    ) -> Result<u64, CloudError> {
+        let repo = self.locations.repo(location).await?;
+        let mut mine = Vec::new();
+        for (v, n) in repo.list_snapshots(Some(volume)).await? {
+            if !name::is_valid(&n) {
+                continue;
+            }
+            let Ok(m) = repo.get_manifest(&v, &n).await else {
+                continue;
+            };
+            if m.schedule.as_deref() != Some(id) || m.host.as_deref() != Some(self.host.as_str()) {
+                continue;
+            }
+            if let Some(t) = parse_time(&m.created) {
+                mine.push((n, t));
+            }
+        }
+        let mut deleted = 0;
+        for n in retention::to_delete(&mine, &keep) {
+            let snap = name::id(volume, n);
+            match self.delete(Some(location), &snap).await {
+                Ok(()) => {
+                    deleted += 1;
+                    tracing::info!(schedule = %id, snapshot = %snap, "retention deleted");
+                }
+                Err(CloudError::Busy(b)) => {
+                    tracing::info!(schedule = %id, snapshot = %snap, reason = %b, "retention skipped a snapshot in use; tried again after the next run");
+                }
+                Err(CloudError::SnapshotNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the snapshots whose `--expire` time has come.
+    async fn expire_due(&self) {
+        let Ok(due) = self
+            .db
+            .expired(&humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
+        else {
+            return;
+        };
+        for (location, snap) in due {
+            match self.delete(Some(&location), &snap).await {
+                Ok(()) => {
+                    tracing::info!(snapshot = %snap, %location, "expired snapshot deleted");
+                    let _ = self.db.drop_expiring(&location, &snap);
+                }
+                Err(CloudError::SnapshotNotFound { .. }) | Err(CloudError::Location(_)) => {
+                    let _ = self.db.drop_expiring(&location, &snap);
+                }
+                Err(e) => {
+                    tracing::debug!(snapshot = %snap, error = %e, "expired snapshot not deleted yet");
+                }
+            }
+        }
+    }
+}
+
+fn encode(id: &str, s: &Stored) -> Result<String, CloudError> {
+    serde_json::to_string(s).map_err(|source| CloudError::Record {
+        id: id.to_string(),
+        source,
+    })
+}

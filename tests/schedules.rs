@@ -1,0 +1,257 @@
+//! Backup schedules (`cloudsnap schedules`), their retention, and
+//! `cloudsnap backup --expire`, with short periodic schedules.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cloud::*;
+use common::*;
+use serde_json::Value;
+
+fn schedules(d: &Blockd) -> Vec<Value> {
+    json(&d.ok(&["-j", "cloudsnap", "schedules", "list"]))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn create(d: &Blockd, args: &[&str]) -> String {
+    let mut a = vec!["-j", "cloudsnap", "schedules", "create"];
+    a.extend_from_slice(args);
+    json(&d.ok(&a))["id"].as_str().unwrap().to_string()
+}
+
+/// Cloud snapshots of `vol` made by schedule `id`.
+fn made_by(d: &Blockd, vol: &str, id: &str) -> Vec<Value> {
+    list(d, &["--src", vol])
+        .into_iter()
+        .filter(|s| s["schedule"] == id)
+        .collect()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_periodic_schedule_backs_up_and_keeps_the_newest_max() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "16M");
+    let img = image(tmp.path(), "v.img", 16 * MB, 4 * MB, 1);
+    load(&d, "v", &img);
+    // A manual backup: never touched by the schedule's retention.
+    let manual = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    let id = create(&d, &["v", "--periodic", "1s", "--max", "2"]);
+    let s = &schedules(&d)[0];
+    assert_eq!(s["id"], id.as_str());
+    assert_eq!(s["rules"][0], "periodic 1s");
+    assert_eq!(s["max"], 2);
+
+    // Runs happen, retention keeps the newest 2 of the schedule.
+    let mut deleted = 0;
+    wait_for("five runs and retention", 60, || {
+        let s = &schedules(&d)[0];
+        deleted = s["deleted"].as_u64().unwrap();
+        deleted >= 3 && s["running"] == false
+    });
+    let mine = made_by(&d, "v", &id);
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    let all = list(&d, &["--src", "v"]);
+    assert!(
+        all.iter().any(|s| s["id"] == manual.as_str()),
+        "retention deleted a snapshot it did not make"
+    );
+    // Every manifest records its schedule and host.
+    for s in &mine {
+        assert!(s["host"].as_str().is_some_and(|h| !h.is_empty()), "{s}");
+    }
+    let s = &schedules(&d)[0];
+    assert!(s["last_error"].is_null(), "{s}");
+    assert!(
+        s["last_run"].is_string() && s["next_run"].is_string(),
+        "{s}"
+    );
+
+    // Deleted: no more runs; its snapshots stay.
+    d.ok(&["cloudsnap", "sched", "delete", "--uuid", &id]);
+    assert!(schedules(&d).is_empty());
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = made_by(&d, "v", &id).len();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(made_by(&d, "v", &id).len(), n, "a deleted schedule ran");
+    assert!(n >= 2);
+    // The newest snapshot restores bit-exact.
+    let r = restore(&d, "v", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+
+    // Bad input.
+    for (args, want) in [
+        (vec!["v"], "give when"),
+        (vec!["v", "--daily", "24:00"], "hh:mm"),
+        (vec!["v", "--weekly", "funday@10:00"], "weekday@hh:mm"),
+        (vec!["v", "--monthly", "32@10:00"], "day@hh:mm"),
+        (vec!["v", "--periodic", "0"], "at least 1s"),
+        (vec!["v", "--periodic", "5", "--max", "0"], "--max"),
+        (vec!["nope", "--periodic", "5"], "not found"),
+    ] {
+        let mut a = vec!["cloudsnap", "schedules", "create"];
+        a.extend_from_slice(&args);
+        let out = d.blockctl(&a);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = d.blockctl(&["cloudsnap", "schedules", "delete", "--uuid", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no schedule"));
+}
+
+#[test]
+fn missed_runs_collapse_into_one_and_runs_never_overlap() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "16M");
+    let img = image(tmp.path(), "v.img", 16 * MB, 4 * MB, 2);
+    load(&d, "v", &img);
+    let id = create(&d, &["v", "--periodic", "4s", "--max", "100"]);
+    wait_for("a first run", 30, || made_by(&d, "v", &id).len() == 1);
+    let before = made_by(&d, "v", &id).len();
+    // Down for three slots.
+    assert!(d.terminate().success());
+    std::thread::sleep(Duration::from_secs(13));
+    d.spawn();
+    // One run at start for everything missed, not three.
+    wait_for("the catch-up run", 10, || {
+        made_by(&d, "v", &id).len() > before
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(made_by(&d, "v", &id).len(), before + 1);
+    assert!(d.log().matches("scheduled backup starting").count() >= 2);
+
+    // A slow backup (a 256 MiB random volume) with a 1 s period: the
+    // schedule waits for its run to end instead of starting another (which
+    // the coordinator would refuse as "already being backed up").
+    d.ok(&["cloudsnap", "sched", "delete", "--uuid", &id]);
+    d.create("big", "256M");
+    let img = image(tmp.path(), "big.img", 256 * MB, 256 * MB, 3);
+    load(&d, "big", &img);
+    let id = create(&d, &["big", "--periodic", "1s", "--full", "--max", "100"]);
+    wait_for("three slow runs", 120, || {
+        made_by(&d, "big", &id).len() >= 3
+    });
+    let s = schedules(&d)
+        .into_iter()
+        .find(|s| s["id"] == id.as_str())
+        .unwrap();
+    assert!(s["last_error"].is_null(), "a run overlapped: {s}");
+    let log = d.log();
+    assert!(!log.contains("is being backed up by"), "runs overlapped");
+}
+
+#[test]
+fn a_failing_run_is_shown_and_retried_at_the_next_slot() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("v", "8M");
+    let id = create(&d, &["v", "--periodic", "1s", "--pre-exec", "exit 3"]);
+    let mut first = String::new();
+    wait_for("a failed run", 30, || {
+        let s = &schedules(&d)[0];
+        first = s["last_run"].as_str().unwrap_or("").to_string();
+        s["last_error"].is_string()
+    });
+    let s = &schedules(&d)[0];
+    let e = s["last_error"].as_str().unwrap();
+    assert!(e.contains("pre-exec"), "{e}");
+    let text = d.ok(&["cloudsnap", "schedules", "list"]);
+    assert!(text.contains("failed:") && text.contains(&id), "{text}");
+    // Tried again.
+    wait_for("a second attempt", 30, || {
+        schedules(&d)[0]["last_run"].as_str().unwrap_or("") != first
+    });
+    assert!(list(&d, &[]).is_empty());
+}
+
+#[test]
+fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
+    if !need() {
+        return;
+    }
+    // A 1 KiB/s background fill: the lazy restore below stays active.
+    let d = Blockd::start_with(None, &["--hydrate-limit", "1K"]);
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "16M");
+    let img = image(tmp.path(), "v.img", 16 * MB, 8 * MB, 4);
+    load(&d, "v", &img);
+    let id = create(&d, &["v", "--periodic", "3s", "--max", "1"]);
+    wait_for("a run", 30, || !made_by(&d, "v", &id).is_empty());
+    let held = made_by(&d, "v", &id)[0]["id"].as_str().unwrap().to_string();
+    let out = d.blockctl(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        &held,
+        "--volume",
+        "lazy",
+        "--lazy",
+    ]);
+    if !out.status.success() {
+        // Retention won the race for that snapshot: take the newest now.
+        panic!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let task = json(&String::from_utf8_lossy(&out.stdout))["tasks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Several runs later the restore's source is still there, skipped.
+    wait_for("three more runs", 60, || {
+        schedules(&d)[0]["deleted"].as_u64().unwrap() >= 2
+    });
+    assert!(
+        list(&d, &[]).iter().any(|s| s["id"] == held.as_str()),
+        "retention deleted the snapshot a lazy restore reads"
+    );
+    assert!(d.log().contains("retention skipped a snapshot in use"));
+    // Once the restore is stopped, the next run deletes it.
+    d.ok(&["cloudsnap", "stop", &task]);
+    wait_for("the held snapshot to go", 30, || {
+        !list(&d, &[]).iter().any(|s| s["id"] == held.as_str())
+    });
+    d.ok(&["cloudsnap", "sched", "delete", "--uuid", &id]);
+
+    // --expire: gone on its date, not before.
+    let t = backup(&d, &["v", "--expire", "3s"]);
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let l = list(&d, &[]);
+    let s = l.iter().find(|s| s["id"] == snap.as_str()).unwrap();
+    assert!(s["expires"].is_string(), "{s}");
+    assert!(l.iter().any(|s| s["id"] == snap.as_str()));
+    wait_for("the expiry", 20, || {
+        !list(&d, &[]).iter().any(|s| s["id"] == snap.as_str())
+    });
+    for (arg, want) in [
+        ("yesterday", "--expire"),
+        ("2020-01-01", "not in the future"),
+    ] {
+        let out = d.blockctl(&["cloudsnap", "backup", "v", "--expire", arg]);
+        assert!(!out.status.success());
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(want), "{e}");
+    }
+}
