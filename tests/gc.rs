@@ -308,3 +308,66 @@ fn the_background_collection_reclaims_without_being_asked() {
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "back");
 }
+
+/// Rule 4: a backup does not build on a snapshot whose backup ran across a
+/// pending mark (the mark may have condemned what it references); it reads
+/// the whole volume instead, once. The next one is incremental again.
+#[test]
+fn a_backup_does_not_build_on_a_snapshot_that_ran_across_a_mark() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("big", "256M");
+    let img = image(tmp.path(), "big.img", 256 * MB, 256 * MB, 31);
+    load(&d, "big", &img);
+    // Without a pending mark, the second backup is incremental.
+    backup(&d, &["big"]);
+    scatter(&d, "big", &img, 8, 1);
+    let t = backup(&d, &["big"]);
+    assert_eq!(t["full"], false, "{t}");
+
+    // A backup that a marking run overlaps (a long grace keeps the mark
+    // pending).
+    let img = image(tmp.path(), "big2.img", 256 * MB, 256 * MB, 32);
+    load(&d, "big", &img);
+    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
+    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 20 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "finished too soon: {t}");
+    // The mark condemns the running backup's packs (not committed yet).
+    let r = gc(&d, &["--grace", "1h"]);
+    assert!(r["marked_packs"].as_u64().unwrap() >= 1, "{r}");
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    // Its child reads everything rather than reference what the mark may
+    // have condemned ...
+    qemu_io(&d.uri("big"), &["write -P 0x44 0 4k"]);
+    let t = backup(&d, &["big"]);
+    assert_eq!(
+        t["full"], true,
+        "built on a snapshot that ran across a mark: {t}"
+    );
+    assert!(d.log().contains("ran while garbage collection was marking"));
+    // ... and its own child is incremental again.
+    qemu_io(&d.uri("big"), &["write -P 0x55 0 4k"]);
+    let t = backup(&d, &["big"]);
+    assert_eq!(t["full"], false, "{t}");
+    let r = restore(&d, "big", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    qemu_io(&d.uri("big"), &["write -P 0x55 0 4k"]);
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(d.uri("big"))
+        .arg(d.uri("back"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

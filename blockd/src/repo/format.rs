@@ -394,6 +394,10 @@ pub struct Manifest {
     /// When it is to be deleted (RFC 3339), if it expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// When its backup registered in the bucket (milliseconds since the
+    /// epoch, the store's clock; garbage collection's rule 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
 }
 
 /// A group object: the members frozen at one point.

@@ -71,10 +71,10 @@ fn from_millis(ms: u64) -> SystemTime {
 pub struct Session {
     /// Task id (the object's name).
     pub id: String,
-    /// When the store wrote the session object (seconds since the epoch,
-    /// the store's clock).
+    /// When the store wrote the session object (milliseconds since the
+    /// epoch, the store's clock).
     pub started: u64,
-    /// The backup may not commit after `started + deadline_secs`.
+    /// The backup may not commit after `started` plus this.
     pub deadline_secs: u64,
 }
 
@@ -84,6 +84,33 @@ struct SessionBody {
     task: String,
     host: String,
     deadline_secs: u64,
+}
+
+/// The cuts of the pending marks, as a backup reads them after it has
+/// registered: which manifests it may build on.
+#[derive(Debug, Clone, Default)]
+pub struct Fence {
+    /// `(cut, written)` of each pending mark, milliseconds.
+    marks: Vec<(u64, u64)>,
+}
+
+impl Fence {
+    /// Whether a backup may reference the objects of a manifest that the
+    /// store wrote at `written`, whose backup registered at `started`
+    /// (milliseconds, store clock; `None` when the manifest does not
+    /// say). It may when, for every pending mark, the manifest was
+    /// written before the mark's cut (so the mark's walk saw it and
+    /// condemned nothing it references), or its backup registered after
+    /// the mark was written (so that backup saw the mark, built only on
+    /// manifests this rule admitted, and wrote everything else after the
+    /// cut). A manifest whose backup ran across a mark may reference what
+    /// the mark condemned: not admitted. Equal times count as unsafe.
+    pub fn admits(&self, written: SystemTime, started: Option<u64>) -> bool {
+        let written = millis(written);
+        self.marks
+            .iter()
+            .all(|&(cut, mark)| written < cut || started.is_some_and(|s| s > mark))
+    }
 }
 
 /// A condemned list.
@@ -226,7 +253,7 @@ impl Repo {
         })?;
         Ok(Session {
             id: task.to_string(),
-            started: secs(meta.modified),
+            started: millis(meta.modified),
             deadline_secs: body.deadline_secs,
         })
     }
@@ -243,11 +270,11 @@ impl Repo {
                 session_key(&s.id)
             )));
         };
-        if secs(meta.modified) != s.started {
+        if millis(meta.modified) != s.started {
             return Ok(Err("its registration was rewritten by someone else".into()));
         }
-        let now = secs(self.store_now().await?);
-        let age = now.saturating_sub(s.started);
+        let now = millis(self.store_now().await?);
+        let age = now.saturating_sub(s.started) / 1000;
         if age >= s.deadline_secs {
             return Ok(Err(format!(
                 "it has run {age} s, past its {} s deadline (garbage collection may already have reclaimed what it wrote)",
@@ -265,17 +292,18 @@ impl Repo {
         self.objects.delete(&session_key(task)).await
     }
 
-    /// The earliest cut of the marks not swept yet: a backup must not start
-    /// from a manifest written at or after it. `None` without marks.
+    /// The cuts of the marks not swept yet (see [`Fence::admits`]).
     ///
     /// # Errors
     /// Provider errors; a damaged mark.
-    pub async fn gc_fence(&self) -> Result<Option<SystemTime>, RepoError> {
-        let mut fence: Option<u64> = None;
-        for (_, m) in self.marks().await? {
-            fence = Some(fence.map_or(m.body.cut_ms, |f| f.min(m.body.cut_ms)));
-        }
-        Ok(fence.map(from_millis))
+    pub async fn gc_fence(&self) -> Result<Fence, RepoError> {
+        let marks = self
+            .marks()
+            .await?
+            .iter()
+            .map(|(_, m)| (m.body.cut_ms, millis(m.written)))
+            .collect();
+        Ok(Fence { marks })
     }
 
     /// When the store wrote snapshot `volume/name`'s manifest.
@@ -607,4 +635,41 @@ async fn collect_held(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        from_millis(ms)
+    }
+
+    #[test]
+    fn the_fence_admits_only_what_every_pending_mark_saw_or_that_saw_it() {
+        // No pending mark: anything.
+        assert!(Fence::default().admits(at(5), None));
+        // A mark that listed manifests at 100 and was written at 150.
+        let f = Fence {
+            marks: vec![(100, 150)],
+        };
+        // Written before the cut: the walk saw it.
+        assert!(f.admits(at(99), None));
+        assert!(f.admits(at(99), Some(10)));
+        // Its backup ran across the mark: not admitted.
+        assert!(!f.admits(at(100), Some(90)));
+        assert!(!f.admits(at(200), Some(120)));
+        assert!(!f.admits(at(200), Some(150)), "equal times are unsafe");
+        // Registered after the mark was written: it saw the mark.
+        assert!(f.admits(at(200), Some(151)));
+        // Older manifests do not say when their backup began.
+        assert!(!f.admits(at(200), None));
+        // Every pending mark must admit it.
+        let f = Fence {
+            marks: vec![(100, 150), (300, 350)],
+        };
+        assert!(f.admits(at(299), Some(151)));
+        assert!(!f.admits(at(300), Some(151)));
+        assert!(f.admits(at(400), Some(351)));
+    }
 }

@@ -1406,6 +1406,7 @@ mod tests {
             host: None,
             schedule: None,
             expires: None,
+            started_ms: None,
         };
         r.put_manifest(&m).await.unwrap();
         assert!(matches!(

@@ -13,6 +13,7 @@ use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, Tas
 
 use crate::claims::{Claim, Want};
 use crate::repo::format::{Group, Manifest};
+use crate::repo::gc::Fence;
 use crate::repo::{name, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
@@ -36,22 +37,12 @@ fn expiry(s: &str, now: SystemTime) -> Result<String, String> {
     Ok(humantime::format_rfc3339_seconds(t).to_string())
 }
 
-/// Whether manifest `m` was written before `fence` (the earliest cut of
-/// the garbage-collection marks not swept yet): only then did every
-/// pending mark see it, so nothing it references is condemned and a
-/// backup may reference its objects.
-async fn before_fence(
-    repo: &Repo,
-    m: &Manifest,
-    fence: Option<SystemTime>,
-) -> Result<bool, CloudError> {
-    let Some(fence) = fence else {
-        return Ok(true);
-    };
+/// Whether a backup may build on manifest `m` ([`Fence::admits`]).
+async fn admitted(repo: &Repo, m: &Manifest, fence: &Fence) -> Result<bool, CloudError> {
     Ok(repo
         .manifest_written(&m.volume, &m.name)
         .await?
-        .is_some_and(|w| w < fence))
+        .is_some_and(|w| fence.admits(w, m.started_ms)))
 }
 
 /// Backup sessions opened by a request that has not handed them to its
@@ -207,7 +198,7 @@ impl Cloud {
         let fence = repo.gc_fence().await?;
         let mut plans = Vec::with_capacity(volumes.len());
         for (v, id, claim) in volumes {
-            let (parent, base) = self.parent_of(&repo, &location, &v, fence).await?;
+            let (parent, base) = self.parent_of(&repo, &location, &v, &fence).await?;
             let session = sessions.get(&id);
             plans.push((v, parent, base, id, claim, session));
         }
@@ -321,7 +312,7 @@ impl Cloud {
         repo: &Repo,
         location: &str,
         v: &crate::volume::Volume,
-        fence: Option<SystemTime>,
+        fence: &Fence,
     ) -> Result<(Option<Manifest>, bool), CloudError> {
         let parent = match self.db.backup_base(v.name())? {
             Some((loc, snap)) if loc == location => match name::split(&snap) {
@@ -335,8 +326,8 @@ impl Cloud {
             _ => None,
         };
         let parent = match parent {
-            Some(m) if !before_fence(repo, &m, fence).await? => {
-                tracing::info!(volume = v.name(), parent = %name::id(&m.volume, &m.name), "the parent was written while garbage collection was marking: reading the whole volume and storing its own copies");
+            Some(m) if !admitted(repo, &m, fence).await? => {
+                tracing::info!(volume = v.name(), parent = %name::id(&m.volume, &m.name), "the parent's backup ran while garbage collection was marking: reading the whole volume and storing its own copies");
                 return Ok((None, false));
             }
             p => p,
@@ -348,7 +339,7 @@ impl Cloud {
         Ok(match parent {
             Some(p) => (Some(p), true),
             None => match self.latest_same_shape(repo, v).await {
-                Some(m) if before_fence(repo, &m, fence).await? => (Some(m), false),
+                Some(m) if admitted(repo, &m, fence).await? => (Some(m), false),
                 _ => (None, false),
             },
         })
@@ -544,6 +535,7 @@ impl Cloud {
             host: Some(self.host.clone()),
             schedule,
             expires,
+            started_ms: session.as_ref().map(|s| s.started),
         };
         // The manifest's own size counts as uploaded too (approximately).
         manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;

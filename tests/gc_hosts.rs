@@ -1,0 +1,168 @@
+//! Garbage collection with two hosts on one Garage bucket (which ignores
+//! conditional writes): host A backs up continuously, incrementals that
+//! reference old chunks; host B deletes A's snapshots, often the very
+//! parent A's running backup builds on, and collects with a 1 s grace
+//! period, over and over, two collectors at once. At the end every
+//! remaining snapshot of both hosts restores bit-exact and the repository
+//! checks clean.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::cloud::*;
+use common::objstores::Garage;
+use common::*;
+use serde_json::Value;
+
+fn s3(d: &Blockd, g: &Garage) {
+    let endpoint = g.endpoint.trim_start_matches("http://").to_string();
+    d.ok(&[
+        "credentials",
+        "create",
+        "s3",
+        "--provider",
+        "s3",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-disable-ssl",
+        "--s3-region",
+        &g.region,
+        "--s3-access-key",
+        &g.key_id,
+        "--s3-secret-key",
+        &g.secret,
+        "--bucket",
+        &g.bucket,
+        "--prefix",
+        "shared",
+    ]);
+}
+
+fn gc(d: &Blockd) -> Option<Value> {
+    let out = d.blockctl(&["-j", "repo", "gc", "--cred-id", "s3", "--grace", "1s"]);
+    if out.status.success() {
+        return Some(json(&String::from_utf8_lossy(&out.stdout)));
+    }
+    // Another collector holds the bucket: fine, it is doing the work.
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("another collector"), "{e}");
+    None
+}
+
+#[test]
+fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
+    if !need() {
+        return;
+    }
+    let Some(g) = Garage::start() else { return };
+    let a = Blockd::start();
+    let b = Blockd::start();
+    s3(&a, &g);
+    s3(&b, &g);
+    let tmp = tempfile::tempdir().unwrap();
+    a.create("a", "32M");
+    let img_a = image(tmp.path(), "a.img", 32 * MB, 24 * MB, 1);
+    load(&a, "a", &img_a);
+    b.create("b", "16M");
+    let img_b = image(tmp.path(), "b.img", 16 * MB, 12 * MB, 2);
+    load(&b, "b", &img_b);
+
+    // What each snapshot must hold: a copy of the image at its backup.
+    let mut expect: HashMap<String, PathBuf> = HashMap::new();
+    let keep = |img: &PathBuf, snap: &str, expect: &mut HashMap<String, PathBuf>| {
+        let copy = tmp.path().join(snap.replace('/', "_"));
+        std::fs::copy(img, &copy).unwrap();
+        expect.insert(snap.to_string(), copy);
+    };
+    let t = backup(&b, &["b", "--cred-id", "s3"]);
+    keep(&img_b, t["snapshot"].as_str().unwrap(), &mut expect);
+
+    let done = AtomicBool::new(false);
+    let mut collected = 0u64;
+    let mut deleted_parents = 0;
+    std::thread::scope(|s| {
+        // Host B: delete A's snapshots (all but the newest, and every
+        // third round the newest too: the parent of A's next or running
+        // backup), collect.
+        let deleter = s.spawn(|| {
+            let mut round = 0;
+            while !done.load(Ordering::Acquire) {
+                round += 1;
+                let snaps = list(&b, &["--cred-id", "s3", "--src", "a"]);
+                let n = snaps.len();
+                for (i, snap) in snaps.iter().enumerate() {
+                    if i + 1 < n || round % 3 == 0 {
+                        let id = snap["id"].as_str().unwrap();
+                        let out =
+                            b.blockctl(&["cloudsnap", "delete", "--cred-id", "s3", "--snap", id]);
+                        if out.status.success() && i + 1 == n {
+                            deleted_parents += 1;
+                        }
+                    }
+                }
+                if let Some(r) = gc(&b) {
+                    collected += r["deleted_bytes"].as_u64().unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        // A second collector on host A, at the same time.
+        let second = s.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                gc(&a);
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        });
+        // Host A: incrementals, each a few scattered writes.
+        for i in 0..14 {
+            scatter(&a, "a", &img_a, 24, 100 + i);
+            let t = backup(&a, &["a", "--cred-id", "s3"]);
+            keep(&img_a, t["snapshot"].as_str().unwrap(), &mut expect);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        done.store(true, Ordering::Release);
+        deleter.join().unwrap();
+        second.join().unwrap();
+    });
+    // One last backup of A survives for sure.
+    scatter(&a, "a", &img_a, 8, 999);
+    let t = backup(&a, &["a", "--cred-id", "s3"]);
+    keep(&img_a, t["snapshot"].as_str().unwrap(), &mut expect);
+    // Sweep whatever is due, twice over the grace period.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1200));
+        if let Some(r) = gc(&b) {
+            collected += r["deleted_bytes"].as_u64().unwrap();
+        }
+    }
+    eprintln!(
+        "collected {collected} bytes; deleted {deleted_parents} newest snapshots; A's log: {} fenced parents, B's: {} held marks",
+        a.log().matches("ran while garbage collection was marking").count(),
+        b.log().matches("held=1").count()
+    );
+    assert!(collected > 0, "nothing was ever collected");
+    assert!(
+        deleted_parents > 0,
+        "the test never deleted a running backup's parent"
+    );
+
+    let r = json(&b.ok(&["-j", "repo", "check", "--cred-id", "s3", "--read-data"]));
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+    let left = list(&b, &["--cred-id", "s3"]);
+    assert!(left.len() >= 2, "{left:?}");
+    for (i, s) in left.iter().enumerate() {
+        let id = s["id"].as_str().unwrap();
+        let img = expect
+            .get(id)
+            .unwrap_or_else(|| panic!("unknown snapshot {id}"));
+        let host = if id.starts_with("a/") { &a } else { &b };
+        let vol = format!("r{i}");
+        let r = restore(host, id, &vol, &["--cred-id", "s3"]);
+        assert_eq!(r["state"], "Done", "{id}: {r}");
+        assert_same(host, img, &vol);
+    }
+}
