@@ -371,3 +371,77 @@ fn a_backup_does_not_build_on_a_snapshot_that_ran_across_a_mark() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// kill -9 in the middle of a collection (slowed by a flaky store), then
+/// restart and collect again: the crashed run's hold is taken over by the
+/// same host, the sweep completes, nothing live is lost.
+#[test]
+fn kill9_during_gc_then_gc_again_loses_nothing() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let packs = d.dir.path().join("objects/packs");
+    d.create("v", "64M");
+    let mut snaps = Vec::new();
+    let mut img = tmp.path().join("none");
+    for i in 0..6 {
+        img = image(
+            tmp.path(),
+            &format!("{i}.img"),
+            64 * MB,
+            40 * MB,
+            40 + 2 * i,
+        );
+        load(&d, "v", &img);
+        snaps.push(backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string());
+    }
+    for s in &snaps[..5] {
+        d.ok(&["cloudsnap", "delete", "--snap", s]);
+    }
+    let r = gc(&d, &["--grace", "1s"]);
+    assert!(r["marked_packs"].as_u64().unwrap() >= 10, "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let before = bytes_under(&packs);
+
+    // The sweep, slowed by retried failures, killed part-way.
+    assert!(d.terminate().success());
+    d.env.push(("BLOCKD_FAULT_INJECT".into(), "0.4".into()));
+    d.spawn();
+    let mut run = std::process::Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["repo", "gc", "--grace", "1s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed as soon as the first pack is gone.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while bytes_under(&packs) == before && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    d.kill9();
+    let _ = run.wait();
+    let midway = bytes_under(&packs);
+    assert!(midway <= before);
+
+    // Restart, collect again: the crashed run's hold does not block this
+    // host; everything condemned goes, everything live stays.
+    d.env.clear();
+    d.spawn();
+    let r = gc(&d, &["--grace", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let r2 = gc(&d, &["--grace", "1s"]);
+    let after = bytes_under(&packs);
+    eprintln!("pack bytes: {before} before, {midway} after the kill, {after} at the end");
+    assert!(
+        after + 150 * (MB as u64) <= before,
+        "{before} -> {midway} -> {after}: {r} {r2}"
+    );
+    check_clean(&d, &[]);
+    let r = restore(&d, &snaps[5], "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}

@@ -8,7 +8,42 @@ use super::{Cloud, CloudError};
 use crate::claims::Want;
 use crate::repo::gc;
 
+/// This host's collection of one location; ends on drop.
+struct Collecting<'a> {
+    cloud: &'a Cloud,
+    location: String,
+}
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        self.cloud
+            .gc_running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.location);
+    }
+}
+
 impl Cloud {
+    fn collecting(&self, location: &str) -> Result<Collecting<'_>, CloudError> {
+        let mut running = self
+            .gc_running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !running.insert(location.to_string()) {
+            return Err(CloudError::Gc(gc::GcError::Running {
+                location: location.to_string(),
+                holder: format!("{} (this host)", self.host),
+                age_secs: 0,
+                lapse_secs: gc::HEARTBEAT_LAPSE.as_secs(),
+            }));
+        }
+        Ok(Collecting {
+            cloud: self,
+            location: location.to_string(),
+        })
+    }
+
     /// Collects every location every `every` (first one `every` after
     /// start), until shutdown. Failures are logged and retried next time.
     pub(super) fn collect_every(self: &std::sync::Arc<Self>, every: Duration) {
@@ -60,10 +95,14 @@ impl Cloud {
         ))?;
         let repo = self.locations.repo(&location).await?;
         let grace = req.grace_secs.map_or(self.gc_grace, Duration::from_secs);
+        // One collection per location on this host; a run object of this
+        // host found in the bucket meanwhile is a crashed run's.
+        let _local = self.collecting(&location)?;
         let opts = gc::Options {
             grace,
             dry_run: req.dry_run,
             host: self.host.clone(),
+            own_run_is_dead: true,
         };
         let o = gc::collect(&repo, &opts).await.map_err(CloudError::Gc)?;
         tracing::info!(

@@ -368,6 +368,8 @@ pub struct Cloud {
     host: String,
     /// Schedules with a run in progress.
     sched_running: Mutex<std::collections::HashSet<String>>,
+    /// Locations this host is collecting.
+    gc_running: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -443,6 +445,7 @@ impl Cloud {
             backup_deadline: settings.backup_deadline,
             host,
             sched_running: Mutex::new(std::collections::HashSet::new()),
+            gc_running: Mutex::new(std::collections::HashSet::new()),
         });
         for rec in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {

@@ -176,6 +176,9 @@ pub struct Options {
     pub dry_run: bool,
     /// Who is collecting (in the run object and marks).
     pub host: String,
+    /// No collection of this host runs on the bucket: a fresh run object
+    /// of this host is left by a crash and may be taken over.
+    pub own_run_is_dead: bool,
 }
 
 /// What a collection did.
@@ -397,20 +400,25 @@ struct RunHold {
 }
 
 impl RunHold {
-    async fn take(repo: &Arc<Repo>, host: &str) -> Result<(Self, SystemTime), GcError> {
+    async fn take(
+        repo: &Arc<Repo>,
+        host: &str,
+        own_run_is_dead: bool,
+    ) -> Result<(Self, SystemTime), GcError> {
         let mut tag = [0u8; 8];
         super::crypto::fill_random(&mut tag);
         let run = format!("{host} run {}", hex::encode(tag));
         if let Some(meta) = repo.objects.head_meta(RUN_KEY).await? {
             let now = repo.store_now().await?;
             let age = now.duration_since(meta.modified).unwrap_or_default();
-            if age < HEARTBEAT_LAPSE {
-                let holder = repo
-                    .objects
-                    .get_meta(RUN_KEY)
-                    .await
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_else(|_| "unknown".into());
+            let holder = repo
+                .objects
+                .get_meta(RUN_KEY)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|_| "unknown".into());
+            let ours = holder.split(" run ").next() == Some(host);
+            if age < HEARTBEAT_LAPSE && !(ours && own_run_is_dead) {
                 return Err(GcError::Running {
                     location: repo.location().to_string(),
                     holder,
@@ -466,7 +474,7 @@ impl RunHold {
 /// # Errors
 /// Provider failures; another collector running; a damaged repository.
 pub async fn collect(repo: &Arc<Repo>, opts: &Options) -> Result<Outcome, GcError> {
-    let (hold, now) = RunHold::take(repo, &opts.host).await?;
+    let (hold, now) = RunHold::take(repo, &opts.host, opts.own_run_is_dead).await?;
     let r = collect_held(repo, opts, now).await;
     hold.release().await;
     r
