@@ -63,6 +63,37 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
     let b = Blockd::start();
     s3(&a, &g);
     s3(&b, &g);
+    // Garage 2.5.0 overwrites on a second `If-None-Match: *` PUT: the
+    // probe at create records that conditional writes are not honoured;
+    // a local directory honours them.
+    let locs = json(&a.ok(&["-j", "credentials", "list"]));
+    let s3 = locs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "s3")
+        .unwrap();
+    assert_eq!(s3["conditional_writes"], false, "{s3}");
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("r").display().to_string();
+    a.ok(&[
+        "credentials",
+        "create",
+        "dir",
+        "--provider",
+        "local",
+        "--path",
+        &path,
+    ]);
+    let locs = json(&a.ok(&["-j", "credentials", "list"]));
+    let dir = locs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "dir")
+        .unwrap();
+    assert_eq!(dir["conditional_writes"], true, "{dir}");
+    a.ok(&["credentials", "delete", "dir"]);
     let tmp = tempfile::tempdir().unwrap();
     a.create("a", "32M");
     let img_a = image(tmp.path(), "a.img", 32 * MB, 24 * MB, 1);

@@ -138,6 +138,10 @@ pub struct Location {
     pub storage_class: Option<String>,
     /// Data is encrypted with a passphrase.
     pub encryption: bool,
+    /// Whether the store refuses a second create of one object (probed by
+    /// `credentials create` and `validate`; unknown until then).
+    #[serde(default)]
+    pub conditional_writes: Option<bool>,
     /// Creation time, RFC 3339.
     pub created: String,
 }

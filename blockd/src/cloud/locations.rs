@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockd_api::{validate_name, CreateLocation, Location, Provider, LOCAL_LOCATION};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
@@ -191,6 +191,10 @@ struct Settings {
     account: Option<String>,
     project: Option<String>,
     encryption: bool,
+    /// Whether the store refuses a second create of one object (probed at
+    /// create and validate); `None` before the first probe.
+    #[serde(default)]
+    conditional: Option<bool>,
 }
 
 /// Secrets, kept in a 0600 file.
@@ -335,6 +339,7 @@ impl Locations {
             path_style: provider == Provider::S3 && !s.disable_path_style,
             storage_class: s.storage_class.clone(),
             encryption: s.encryption,
+            conditional_writes: s.conditional,
             created: created.to_string(),
         }
     }
@@ -468,7 +473,15 @@ impl Locations {
                         format!("https://{e}")
                     }
                 });
+                // If-None-Match only where the probe did not find it
+                // ignored: otherwise a create is a HEAD then a PUT.
+                let conditional = if s.conditional == Some(false) {
+                    S3ConditionalPut::Disabled
+                } else {
+                    S3ConditionalPut::ETagMatch
+                };
                 let mut b = AmazonS3Builder::new()
+                    .with_conditional_put(conditional)
                     .with_bucket_name(bucket()?)
                     .with_region(s.region.clone().unwrap_or_else(|| "us-east-1".into()))
                     .with_allow_http(s.disable_ssl)
@@ -523,11 +536,14 @@ impl Locations {
 
     /// Writes, reads back and deletes a small object: proves the endpoint,
     /// bucket and keys work, reporting the provider's own error if not.
+    /// Then creates one object twice: true when the store refuses the
+    /// second create (conditional writes honoured; Garage 2.5.0 answers
+    /// 200 and overwrites).
     async fn probe(
         store: &Arc<dyn ObjectStore>,
         prefix: &str,
         name: &str,
-    ) -> Result<(), LocationError> {
+    ) -> Result<bool, LocationError> {
         let mut tag = [0u8; 8];
         crate::repo::crypto::fill_random(&mut tag);
         let key = format!(
@@ -562,7 +578,22 @@ impl Locations {
             });
         }
         store.delete(&path).await.map_err(|e| fail("delete", e))?;
-        Ok(())
+        let create = || object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..object_store::PutOptions::default()
+        };
+        let body = || object_store::PutPayload::from_static(b"blockd probe");
+        let honoured = match store.put_opts(&path, body(), create()).await {
+            Ok(_) => matches!(
+                store.put_opts(&path, body(), create()).await,
+                Err(object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. })
+            ),
+            Err(object_store::Error::NotImplemented { .. }) => false,
+            Err(e) => return Err(fail("conditional write", e)),
+        };
+        store.delete(&path).await.map_err(|e| fail("delete", e))?;
+        Ok(honoured)
     }
 
     /// Creates a location: validated by a round trip and by opening (or
@@ -744,6 +775,7 @@ impl Locations {
             account: req.azure_account_name.clone(),
             project: req.google_project_id.clone(),
             encryption: req.encryption_passphrase.is_some(),
+            conditional: None,
         };
         let secrets = Secrets {
             s3_secret_key: req.s3_secret_key.clone(),
@@ -751,8 +783,9 @@ impl Locations {
             google_key,
             passphrase: req.encryption_passphrase.clone(),
         };
+        let mut settings = settings;
         let repo = self
-            .connect(&req.name, &settings, &secrets, true, true)
+            .connect(&req.name, &mut settings, &secrets, true, true)
             .await?;
         self.write_secrets(&req.name, &secrets)?;
         let created = now();
@@ -771,19 +804,26 @@ impl Locations {
     /// Builds the store and opens the repository; with `probe`, first
     /// proves the store works with a round trip; with `init`, a missing
     /// repository is created.
+    /// With `probe`, `s.conditional` is set to what the probe found.
     async fn connect(
         &self,
         name: &str,
-        s: &Settings,
+        s: &mut Settings,
         secrets: &Secrets,
         init: bool,
         probe: bool,
     ) -> Result<Arc<Repo>, CloudError> {
-        let store = self.build_store(name, s, secrets)?;
         let prefix = s.prefix.clone().unwrap_or_default();
         if probe {
-            Self::probe(&store, &prefix, name).await?;
+            s.conditional = None;
+            let store = self.build_store(name, s, secrets)?;
+            let honoured = Self::probe(&store, &prefix, name).await?;
+            s.conditional = Some(honoured);
+            if !honoured {
+                tracing::warn!(location = %name, "the store ignores conditional writes: creates are checked with a HEAD first (safety does not depend on them)");
+            }
         }
+        let store = self.build_store(name, s, secrets)?;
         let repo = Repo::open(
             store,
             &prefix,
@@ -826,9 +866,13 @@ impl Locations {
     /// # Errors
     /// What [`Locations::create`] checks.
     pub async fn validate(&self, name: &str) -> Result<Location, CloudError> {
-        let (n, s, created) = self.row(name)?;
+        let (n, mut s, created) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
-        let repo = self.connect(&n, &s, &secrets, false, true).await?;
+        let before = s.conditional;
+        let repo = self.connect(&n, &mut s, &secrets, false, true).await?;
+        if s.conditional != before {
+            self.db.update_location(&n, &encode(&n, &s)?)?;
+        }
         self.open.lock().await.insert(n.clone(), repo);
         Ok(self.to_api(&n, &s, &created))
     }
@@ -842,11 +886,11 @@ impl Locations {
         if let Some(r) = open.get(name) {
             return Ok(r.clone());
         }
-        let (n, s, _) = self.row(name)?;
+        let (n, mut s, _) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
         // Only the embedded location may be initialised on first use.
         let repo = self
-            .connect(&n, &s, &secrets, n == LOCAL_LOCATION, false)
+            .connect(&n, &mut s, &secrets, n == LOCAL_LOCATION, false)
             .await?;
         open.insert(n, repo.clone());
         Ok(repo)

@@ -281,6 +281,20 @@ impl StateDb {
         })
     }
 
+    /// Replaces a location's settings.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn update_location(&self, name: &str, config: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE locations SET config = ?2 WHERE name = ?1",
+                params![name, config],
+            )
+            .map(drop)
+        })
+    }
+
     /// Deletes a location row; true if it existed.
     ///
     /// # Errors
