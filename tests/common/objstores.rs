@@ -230,6 +230,128 @@ admin_token = "{admin_token}"
         Some(g)
     }
 
+    /// A cluster of three nodes on 127.0.0.1 with replication factor 3,
+    /// one key allowed on one bucket (every node serves S3); `None` (after
+    /// `SKIPPED: ...`) when no `garage` binary is found and this is not CI.
+    pub fn cluster3() -> Option<Vec<Garage>> {
+        let bin = garage_bin();
+        if !skip_unless(
+            bin.is_some(),
+            "garage not found on PATH nor in ~/.cargo/bin (tests/run installs it: cargo install --locked garage@2.5.0)",
+        ) {
+            return None;
+        }
+        let bin = bin?;
+        let started = Instant::now();
+        let ports = free_ports::<9>();
+        let rpc_secret = random_hex(32);
+        let admin_token = random_hex(32);
+        let region = "garage".to_string();
+        let mut nodes: Vec<Garage> = (0..3)
+            .map(|i| {
+                let [rpc_port, s3_port, admin_port] =
+                    [ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]];
+                let dir = test_tempdir(&format!("blockd-garage{i}-"));
+                let config = format!(
+                    r#"# blockd test cluster node {i}: loopback only (tests/common/objstores.rs)
+metadata_dir = "{meta}"
+data_dir = "{data}"
+db_engine = "sqlite"
+disable_scrub = true
+replication_factor = 3
+
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{rpc_secret}"
+bootstrap_peers = []
+
+[s3_api]
+api_bind_addr = "127.0.0.1:{s3_port}"
+s3_region = "{region}"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin_port}"
+admin_token = "{admin_token}"
+"#,
+                    meta = dir.path().join("meta").display(),
+                    data = dir.path().join("data").display(),
+                );
+                std::fs::write(dir.path().join("garage.toml"), config).expect("write garage.toml");
+                Garage {
+                    endpoint: format!("http://127.0.0.1:{s3_port}"),
+                    region: region.clone(),
+                    key_id: String::new(),
+                    secret: String::new(),
+                    bucket: TEST_BUCKET.to_string(),
+                    admin_endpoint: format!("http://127.0.0.1:{admin_port}"),
+                    admin_token: admin_token.clone(),
+                    version: String::new(),
+                    bin: bin.clone(),
+                    child: None,
+                    dir,
+                }
+            })
+            .collect();
+        for n in &mut nodes {
+            n.spawn();
+            n.wait_until("`garage status` succeeds", |g| {
+                g.command(&["status"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        }
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|n| n.garage(&["node", "id", "-q"]).trim().to_string())
+            .collect();
+        for full in &ids[1..] {
+            nodes[0].garage(&["node", "connect", full]);
+        }
+        for full in &ids {
+            let id = full.split('@').next().unwrap_or(full);
+            nodes[0].garage(&["layout", "assign", "-z", "dc1", "-c", "1G", id]);
+        }
+        nodes[0].garage(&["layout", "apply", "--version", "1"]);
+        for n in &mut nodes {
+            n.wait_healthy();
+        }
+        let created = nodes[0].garage(&["key", "create", TEST_BUCKET]);
+        let key_id = table_value(&created, "Key ID")
+            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
+        let secret = match table_value(&created, "Secret key") {
+            Some(s) if !s.starts_with('(') => s,
+            _ => {
+                let info = nodes[0].garage(&["key", "info", "--show-secret", &key_id]);
+                table_value(&info, "Secret key")
+                    .filter(|s| !s.starts_with('('))
+                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
+            }
+        };
+        nodes[0].garage(&["bucket", "create", TEST_BUCKET]);
+        nodes[0].garage(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            TEST_BUCKET,
+            "--key",
+            TEST_BUCKET,
+        ]);
+        for n in &mut nodes {
+            n.key_id = key_id.clone();
+            n.secret = secret.clone();
+        }
+        eprintln!(
+            "garage cluster of 3 ready at {} in {:.1?}",
+            nodes[0].endpoint,
+            started.elapsed()
+        );
+        Some(nodes)
+    }
+
     /// Temp dir holding `garage.toml`, `meta/`, `data/` and `garage.log`.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -299,6 +421,24 @@ admin_token = "{admin_token}"
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+        self.wait_healthy();
+    }
+
+    /// Starts a stopped cluster node again and has `peer` connect to it
+    /// (a node restarted alone does not find the others), then waits until
+    /// it serves requests.
+    pub fn rejoin(&mut self, peer: &Garage) {
+        self.stop();
+        self.spawn();
+        self.wait_until("`garage status` succeeds", |g| {
+            g.command(&["status"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        let id = self.garage(&["node", "id", "-q"]).trim().to_string();
+        peer.garage(&["node", "connect", &id]);
         self.wait_healthy();
     }
 
