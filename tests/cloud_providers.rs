@@ -8,35 +8,8 @@ use common::cloud::*;
 use common::objstores::{Azurite, Garage};
 use common::*;
 
-fn s3_args(g: &Garage, name: &str, secret: &str) -> Vec<String> {
-    let endpoint = g.endpoint.trim_start_matches("http://").to_string();
-    [
-        "credentials",
-        "create",
-        name,
-        "--provider",
-        "s3",
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-disable-ssl",
-        "--s3-region",
-        &g.region,
-        "--s3-access-key",
-        &g.key_id,
-        "--s3-secret-key",
-        secret,
-        "--bucket",
-        &g.bucket,
-        "--prefix",
-        "backups",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 fn create_s3(d: &Blockd, g: &Garage, name: &str, secret: &str) -> std::process::Output {
-    let args = s3_args(g, name, secret);
+    let args = g.credentials_args(name, secret, Some("backups"));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     d.blockctl(&refs)
 }

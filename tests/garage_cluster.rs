@@ -17,26 +17,9 @@ fn a_three_node_garage_cluster_keeps_working_with_one_node_down() {
         return;
     };
     let g = &nodes[0];
-    let endpoint = g.endpoint.trim_start_matches("http://").to_string();
     let d = Blockd::start();
-    d.ok(&[
-        "credentials",
-        "create",
-        "s3",
-        "--provider",
-        "s3",
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-disable-ssl",
-        "--s3-region",
-        &g.region,
-        "--s3-access-key",
-        &g.key_id,
-        "--s3-secret-key",
-        &g.secret,
-        "--bucket",
-        &g.bucket,
-    ]);
+    let args = g.credentials_args("s3", &g.secret, None);
+    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let tmp = tempfile::tempdir().unwrap();
     d.create("v", "48M");
     let img = image(tmp.path(), "v.img", 48 * MB, 32 * MB, 7);

@@ -19,27 +19,8 @@ use common::*;
 use serde_json::Value;
 
 fn s3(d: &Blockd, g: &Garage) {
-    let endpoint = g.endpoint.trim_start_matches("http://").to_string();
-    d.ok(&[
-        "credentials",
-        "create",
-        "s3",
-        "--provider",
-        "s3",
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-disable-ssl",
-        "--s3-region",
-        &g.region,
-        "--s3-access-key",
-        &g.key_id,
-        "--s3-secret-key",
-        &g.secret,
-        "--bucket",
-        &g.bucket,
-        "--prefix",
-        "shared",
-    ]);
+    let args = g.credentials_args("s3", &g.secret, Some("shared"));
+    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn gc(d: &Blockd) -> Option<Value> {

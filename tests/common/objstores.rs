@@ -179,13 +179,7 @@ admin_token = "{admin_token}"
         };
         g.spawn();
         // The RPC side answers (the CLI talks to the server over RPC).
-        g.wait_until("`garage status` succeeds", |g| {
-            g.command(&["status"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        g.wait_rpc();
         let node = g.garage(&["node", "id", "-q"]);
         let node_id = node
             .split_whitespace()
@@ -197,30 +191,7 @@ admin_token = "{admin_token}"
         g.garage(&["layout", "assign", "-z", "dc1", "-c", "1G", &node_id]);
         g.garage(&["layout", "apply", "--version", "1"]);
         g.wait_healthy();
-        let created = g.garage(&["key", "create", TEST_BUCKET]);
-        g.key_id = table_value(&created, "Key ID")
-            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
-        g.secret = match table_value(&created, "Secret key") {
-            Some(s) if !s.starts_with('(') => s,
-            // Some versions redact it unless asked.
-            _ => {
-                let info = g.garage(&["key", "info", "--show-secret", &g.key_id]);
-                table_value(&info, "Secret key")
-                    .filter(|s| !s.starts_with('('))
-                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
-            }
-        };
-        g.garage(&["bucket", "create", TEST_BUCKET]);
-        g.garage(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            TEST_BUCKET,
-            "--key",
-            TEST_BUCKET,
-        ]);
+        (g.key_id, g.secret) = g.key_and_bucket();
         eprintln!(
             "garage {} ready at {} in {:.1?}",
             g.version,
@@ -294,13 +265,7 @@ admin_token = "{admin_token}"
             .collect();
         for n in &mut nodes {
             n.spawn();
-            n.wait_until("`garage status` succeeds", |g| {
-                g.command(&["status"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            });
+            n.wait_rpc();
         }
         let ids: Vec<String> = nodes
             .iter()
@@ -317,29 +282,7 @@ admin_token = "{admin_token}"
         for n in &mut nodes {
             n.wait_healthy();
         }
-        let created = nodes[0].garage(&["key", "create", TEST_BUCKET]);
-        let key_id = table_value(&created, "Key ID")
-            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
-        let secret = match table_value(&created, "Secret key") {
-            Some(s) if !s.starts_with('(') => s,
-            _ => {
-                let info = nodes[0].garage(&["key", "info", "--show-secret", &key_id]);
-                table_value(&info, "Secret key")
-                    .filter(|s| !s.starts_with('('))
-                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
-            }
-        };
-        nodes[0].garage(&["bucket", "create", TEST_BUCKET]);
-        nodes[0].garage(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            TEST_BUCKET,
-            "--key",
-            TEST_BUCKET,
-        ]);
+        let (key_id, secret) = nodes[0].key_and_bucket();
         for n in &mut nodes {
             n.key_id = key_id.clone();
             n.secret = secret.clone();
@@ -367,6 +310,37 @@ admin_token = "{admin_token}"
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `blockctl credentials create NAME --provider s3 ...` arguments for
+    /// this server's bucket, with `secret` as the secret key.
+    pub fn credentials_args(&self, name: &str, secret: &str, prefix: Option<&str>) -> Vec<String> {
+        let endpoint = self.endpoint.trim_start_matches("http://");
+        let mut a: Vec<String> = [
+            "credentials",
+            "create",
+            name,
+            "--provider",
+            "s3",
+            "--s3-endpoint",
+            endpoint,
+            "--s3-disable-ssl",
+            "--s3-region",
+            &self.region,
+            "--s3-access-key",
+            &self.key_id,
+            "--s3-secret-key",
+            secret,
+            "--bucket",
+            &self.bucket,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(p) = prefix {
+            a.extend(["--prefix".to_string(), p.to_string()]);
+        }
+        a
     }
 
     /// `host:port` of the S3 API.
@@ -430,6 +404,14 @@ admin_token = "{admin_token}"
     pub fn rejoin(&mut self, peer: &Garage) {
         self.stop();
         self.spawn();
+        self.wait_rpc();
+        let id = self.garage(&["node", "id", "-q"]).trim().to_string();
+        peer.garage(&["node", "connect", &id]);
+        self.wait_healthy();
+    }
+
+    /// Waits until the CLI reaches the server over RPC.
+    fn wait_rpc(&mut self) {
         self.wait_until("`garage status` succeeds", |g| {
             g.command(&["status"])
                 .stdout(Stdio::null())
@@ -437,9 +419,36 @@ admin_token = "{admin_token}"
                 .status()
                 .is_ok_and(|s| s.success())
         });
-        let id = self.garage(&["node", "id", "-q"]).trim().to_string();
-        peer.garage(&["node", "connect", &id]);
-        self.wait_healthy();
+    }
+
+    /// Creates the key `blockd-test` and the bucket it may read, write and
+    /// own; returns the key id and secret.
+    fn key_and_bucket(&self) -> (String, String) {
+        let created = self.garage(&["key", "create", TEST_BUCKET]);
+        let key_id = table_value(&created, "Key ID")
+            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
+        let secret = match table_value(&created, "Secret key") {
+            Some(s) if !s.starts_with('(') => s,
+            // Some versions redact it unless asked.
+            _ => {
+                let info = self.garage(&["key", "info", "--show-secret", &key_id]);
+                table_value(&info, "Secret key")
+                    .filter(|s| !s.starts_with('('))
+                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
+            }
+        };
+        self.garage(&["bucket", "create", TEST_BUCKET]);
+        self.garage(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            TEST_BUCKET,
+            "--key",
+            TEST_BUCKET,
+        ]);
+        (key_id, secret)
     }
 
     fn spawn(&mut self) {

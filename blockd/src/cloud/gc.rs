@@ -114,21 +114,6 @@ impl Cloud {
             held = o.held_marks,
             "garbage collected"
         );
-        Ok(GcReport {
-            location,
-            dry_run: req.dry_run,
-            grace_secs: grace.as_secs(),
-            marked_packs: o.marked_packs,
-            marked_index_blocks: o.marked_index_blocks,
-            marked_bytes: o.marked_bytes,
-            deleted_packs: o.deleted_packs,
-            deleted_index_blocks: o.deleted_index_blocks,
-            deleted_bytes: o.deleted_bytes,
-            kept: o.kept,
-            swept_marks: o.swept_marks,
-            pending_marks: o.pending_marks,
-            held_marks: o.held_marks,
-            holding: o.holding,
-        })
+        Ok(o)
     }
 }

@@ -31,6 +31,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use blockd_api::GcReport;
+
 use super::{format, refs, PackId, Repo, RepoError};
 use crate::magic::{MARK_MAGIC, SESSION_MAGIC};
 
@@ -51,10 +53,6 @@ fn mark_key(id: &str) -> String {
 
 fn session_key(id: &str) -> String {
     format!("locks/sessions/{id}")
-}
-
-fn secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -179,35 +177,6 @@ pub struct Options {
     /// No collection of this host runs on the bucket: a fresh run object
     /// of this host is left by a crash and may be taken over.
     pub own_run_is_dead: bool,
-}
-
-/// What a collection did.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    /// Packs and their bytes newly marked.
-    pub marked_packs: u64,
-    /// Index blocks newly marked.
-    pub marked_index_blocks: u64,
-    /// Bytes newly marked.
-    pub marked_bytes: u64,
-    /// Packs deleted.
-    pub deleted_packs: u64,
-    /// Index blocks deleted.
-    pub deleted_index_blocks: u64,
-    /// Bytes deleted.
-    pub deleted_bytes: u64,
-    /// Condemned objects found referenced again, or rewritten (kept).
-    pub kept: u64,
-    /// Marks swept (and removed).
-    pub swept_marks: u64,
-    /// Marks still waiting for their grace period.
-    pub pending_marks: u64,
-    /// Marks old enough but held back by backups that started before them.
-    pub held_marks: u64,
-    /// The backups holding marks back (task ids).
-    pub holding: Vec<String>,
-    /// Store time the run is based on.
-    pub now: u64,
 }
 
 impl Repo {
@@ -473,7 +442,7 @@ impl RunHold {
 ///
 /// # Errors
 /// Provider failures; another collector running; a damaged repository.
-pub async fn collect(repo: &Arc<Repo>, opts: &Options) -> Result<Outcome, GcError> {
+pub async fn collect(repo: &Arc<Repo>, opts: &Options) -> Result<GcReport, GcError> {
     let (hold, now) = RunHold::take(repo, &opts.host, opts.own_run_is_dead).await?;
     let r = collect_held(repo, opts, now).await;
     hold.release().await;
@@ -484,10 +453,12 @@ async fn collect_held(
     repo: &Arc<Repo>,
     opts: &Options,
     now: SystemTime,
-) -> Result<Outcome, GcError> {
-    let mut out = Outcome {
-        now: secs(now),
-        ..Outcome::default()
+) -> Result<GcReport, GcError> {
+    let mut out = GcReport {
+        location: repo.location().to_string(),
+        dry_run: opts.dry_run,
+        grace_secs: opts.grace.as_secs(),
+        ..GcReport::default()
     };
     // Order matters: sessions, then marks, then manifests (the walk). A
     // backup whose session is gone by the listing wrote its manifest
