@@ -129,30 +129,14 @@ impl Garage {
         let [rpc_port, s3_port, admin_port] = free_ports::<3>();
         let region = "garage".to_string();
         let admin_token = random_hex(32);
-        let config = format!(
-            r#"# blockd test server: single node, loopback only (tests/common/objstores.rs)
-metadata_dir = "{meta}"
-data_dir = "{data}"
-db_engine = "sqlite"
-disable_scrub = true
-replication_factor = 1
-
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{rpc_secret}"
-bootstrap_peers = []
-
-[s3_api]
-api_bind_addr = "127.0.0.1:{s3_port}"
-s3_region = "{region}"
-
-[admin]
-api_bind_addr = "127.0.0.1:{admin_port}"
-admin_token = "{admin_token}"
-"#,
-            meta = dir.path().join("meta").display(),
-            data = dir.path().join("data").display(),
-            rpc_secret = random_hex(32),
+        let config = node_config(
+            dir.path(),
+            "single node",
+            1,
+            [rpc_port, s3_port, admin_port],
+            &random_hex(32),
+            &region,
+            &admin_token,
         );
         std::fs::write(dir.path().join("garage.toml"), config).expect("write garage.toml");
         let version = Command::new(&bin)
@@ -223,29 +207,14 @@ admin_token = "{admin_token}"
                 let [rpc_port, s3_port, admin_port] =
                     [ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]];
                 let dir = test_tempdir(&format!("blockd-garage{i}-"));
-                let config = format!(
-                    r#"# blockd test cluster node {i}: loopback only (tests/common/objstores.rs)
-metadata_dir = "{meta}"
-data_dir = "{data}"
-db_engine = "sqlite"
-disable_scrub = true
-replication_factor = 3
-
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{rpc_secret}"
-bootstrap_peers = []
-
-[s3_api]
-api_bind_addr = "127.0.0.1:{s3_port}"
-s3_region = "{region}"
-
-[admin]
-api_bind_addr = "127.0.0.1:{admin_port}"
-admin_token = "{admin_token}"
-"#,
-                    meta = dir.path().join("meta").display(),
-                    data = dir.path().join("data").display(),
+                let config = node_config(
+                    dir.path(),
+                    &format!("cluster node {i}"),
+                    3,
+                    [rpc_port, s3_port, admin_port],
+                    &rpc_secret,
+                    &region,
+                    &admin_token,
                 );
                 std::fs::write(dir.path().join("garage.toml"), config).expect("write garage.toml");
                 Garage {
@@ -504,6 +473,42 @@ impl Drop for Garage {
             eprintln!("--- garage log ---\n{}", self.log());
         }
     }
+}
+
+/// `garage.toml` of a loopback node with its data under `dir`.
+fn node_config(
+    dir: &Path,
+    what: &str,
+    replication: u32,
+    [rpc_port, s3_port, admin_port]: [u16; 3],
+    rpc_secret: &str,
+    region: &str,
+    admin_token: &str,
+) -> String {
+    format!(
+        r#"# blockd test server: {what}, loopback only (tests/common/objstores.rs)
+metadata_dir = "{meta}"
+data_dir = "{data}"
+db_engine = "sqlite"
+disable_scrub = true
+replication_factor = {replication}
+
+rpc_bind_addr = "127.0.0.1:{rpc_port}"
+rpc_public_addr = "127.0.0.1:{rpc_port}"
+rpc_secret = "{rpc_secret}"
+bootstrap_peers = []
+
+[s3_api]
+api_bind_addr = "127.0.0.1:{s3_port}"
+s3_region = "{region}"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin_port}"
+admin_token = "{admin_token}"
+"#,
+        meta = dir.join("meta").display(),
+        data = dir.join("data").display(),
+    )
 }
 
 /// The `garage` binary: `$BLOCKD_TEST_GARAGE`, else on PATH, else in
