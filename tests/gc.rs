@@ -17,6 +17,23 @@ fn gc(d: &Blockd, args: &[&str]) -> Value {
     json(&d.ok(&a))
 }
 
+/// Starts `cloudsnap backup ARGS` and returns its task id once it has
+/// uploaded `mb` MiB, still running.
+fn backup_underway(d: &Blockd, args: &[&str], mb: usize) -> String {
+    let mut a = vec!["-j", "cloudsnap", "backup"];
+    a.extend_from_slice(args);
+    let s = json(&d.ok(&a));
+    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= (mb * MB) as u64
+    });
+    assert_eq!(
+        t["state"], "Active",
+        "finished too soon: make it bigger: {t}"
+    );
+    id
+}
+
 fn bytes_under(dir: &Path) -> u64 {
     files_under(dir)
         .iter()
@@ -151,18 +168,7 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     let img = image(tmp.path(), "big.img", size, size, 5);
     load(&a, "big", &img);
 
-    let start = |a: &Blockd| -> String {
-        let s = json(&a.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "shared"]));
-        s["tasks"][0]["id"].as_str().unwrap().to_string()
-    };
-    let id = start(&a);
-    let t = wait_until(&a, &id, |t| {
-        t["bytes_transferred"].as_u64().unwrap_or(0) >= 40 * MB as u64
-    });
-    assert_eq!(
-        t["state"], "Active",
-        "finished before the kill: make it bigger"
-    );
+    let id = backup_underway(&a, &["big", "--cred-id", "shared"], 40);
     a.kill9();
     let packs = Path::new(&path).join("packs");
     let orphaned = bytes_under(&packs);
@@ -212,12 +218,7 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     c.create("lost", "128M");
     let img_c = image(tmp.path(), "lost.img", 128 * MB, 128 * MB, 12);
     load(&c, "lost", &img_c);
-    let s = json(&c.ok(&["-j", "cloudsnap", "backup", "lost", "--cred-id", "shared"]));
-    let id_c = s["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&c, &id_c, |t| {
-        t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
-    });
-    assert_eq!(t["state"], "Active", "{t}");
+    backup_underway(&c, &["lost", "--cred-id", "shared"], 24);
     c.kill9();
     let with_leftovers = bytes_under(&packs);
     let r = gc(&b, &["--cred-id", "shared", "--grace", "2s"]);
@@ -249,12 +250,7 @@ fn a_backup_past_its_deadline_does_not_commit() {
     d.create("big", "256M");
     let img = image(tmp.path(), "big.img", size, size, 6);
     load(&d, "big", &img);
-    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
-    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&d, &id, |t| {
-        t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
-    });
-    assert_eq!(t["state"], "Active", "{t}");
+    let id = backup_underway(&d, &["big"], 24);
     d.kill9();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     d.spawn();
@@ -332,12 +328,7 @@ fn a_backup_does_not_build_on_a_snapshot_that_ran_across_a_mark() {
     // pending).
     let img = image(tmp.path(), "big2.img", 256 * MB, 256 * MB, 32);
     load(&d, "big", &img);
-    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "big"]));
-    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&d, &id, |t| {
-        t["bytes_transferred"].as_u64().unwrap_or(0) >= 20 * MB as u64
-    });
-    assert_eq!(t["state"], "Active", "finished too soon: {t}");
+    let id = backup_underway(&d, &["big"], 20);
     // The mark condemns the running backup's packs (not committed yet).
     let r = gc(&d, &["--grace", "1h"]);
     assert!(r["marked_packs"].as_u64().unwrap() >= 1, "{r}");
@@ -444,4 +435,68 @@ fn kill9_during_gc_then_gc_again_loses_nothing() {
     let r = restore(&d, &snaps[5], "back", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "back");
+}
+
+/// Bad arguments are refused with a message; collections fired at once on
+/// one host run one at a time (the others are told another collector
+/// runs) and lose nothing.
+#[test]
+fn gc_refuses_bad_input_and_concurrent_runs_lose_nothing() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (vec!["repo", "gc", "--grace", "0s"], "at least 1s"),
+        (vec!["repo", "gc", "--grace", "soon"], "invalid duration"),
+        (
+            vec!["repo", "gc", "--cred-id", "nope"],
+            "no location (credentials) named",
+        ),
+        (
+            vec!["repo", "gc", "--max-unused", "5%"],
+            "unexpected argument",
+        ),
+    ] {
+        let out = d.blockctl(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    d.create("v", "32M");
+    let mut keep = Vec::new();
+    for i in 0..4 {
+        let img = image(
+            tmp.path(),
+            &format!("{i}.img"),
+            32 * MB,
+            16 * MB,
+            60 + 2 * i,
+        );
+        load(&d, "v", &img);
+        keep.push((
+            backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string(),
+            img,
+        ));
+    }
+    let (first, _) = keep.remove(0);
+    d.ok(&["cloudsnap", "delete", "--snap", &first]);
+    for _ in 0..2 {
+        let outs = at_once(4, |_| d.blockctl(&["repo", "gc", "--grace", "1s"]));
+        assert!(outs.iter().any(|o| o.status.success()));
+        for o in &outs {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success() || e.contains("another collector"), "{e}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+    }
+    gc(&d, &["--grace", "1s"]);
+    check_clean(&d, &[]);
+    for (i, (snap, img)) in keep.iter().enumerate() {
+        let vol = format!("r{i}");
+        let r = restore(&d, snap, &vol, &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(&d, img, &vol);
+    }
 }

@@ -213,6 +213,15 @@ pub(super) fn new_task_id() -> String {
 }
 
 impl Cloud {
+    /// The volume task `t` works on, still there.
+    pub(super) fn volume_of(&self, t: &Task) -> Result<Arc<crate::volume::Volume>, CloudError> {
+        self.volumes
+            .get(&t.volume)
+            .ok_or_else(|| CloudError::VolumeGone {
+                volume: t.volume.clone(),
+            })
+    }
+
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
         self.running
             .lock()

@@ -93,6 +93,11 @@ pub struct Fence {
 }
 
 impl Fence {
+    /// No mark is pending: every manifest is admitted.
+    pub fn is_open(&self) -> bool {
+        self.marks.is_empty()
+    }
+
     /// Whether a backup may reference the objects of a manifest that the
     /// store wrote at `written`, whose backup registered at `started`
     /// (milliseconds, store clock; `None` when the manifest does not
@@ -269,12 +274,25 @@ impl Repo {
     /// # Errors
     /// Provider errors; a damaged mark.
     pub async fn gc_fence(&self) -> Result<Fence, RepoError> {
-        let marks = self
-            .marks()
-            .await?
-            .iter()
-            .map(|(_, m)| (m.body.cut_ms, millis(m.written)))
-            .collect();
+        // Every backup reads this: the cut is taken from the mark's name
+        // (`<cut_ms>-<random>`, see `collect`), so a listing is enough; a
+        // mark named otherwise is read.
+        let mut marks = Vec::new();
+        for l in self.objects.list_meta("locks/marks").await? {
+            let named = l
+                .key
+                .strip_prefix("locks/marks/")
+                .and_then(|id| id.split('-').next())
+                .and_then(|c| c.parse::<u64>().ok());
+            let cut = match named {
+                Some(c) => c,
+                None => match self.mark(&l).await? {
+                    Some(m) => m.body.cut_ms,
+                    None => continue,
+                },
+            };
+            marks.push((cut, millis(l.modified)));
+        }
         Ok(Fence { marks })
     }
 
@@ -300,29 +318,33 @@ impl Repo {
             let Some(id) = l.key.strip_prefix("locks/marks/") else {
                 continue;
             };
-            let bytes = match self.objects.get_meta(&l.key).await {
-                Ok(b) => b,
-                // Swept by another collector meanwhile.
-                Err(RepoError::Missing { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            let sealed = format::open_envelope(MARK_MAGIC, &bytes)
-                .map_err(|format::Malformed(m)| self.objects.corrupt(&l.key, m))?;
-            let json = self.keys.open(l.key.as_bytes(), sealed).map_err(|_| {
-                self.objects
-                    .corrupt(&l.key, "integrity check failed (wrong key, or altered)")
-            })?;
-            let body: MarkBody =
-                serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&l.key, e))?;
-            out.push((
-                id.to_string(),
-                Mark {
-                    body,
-                    written: l.modified,
-                },
-            ));
+            if let Some(m) = self.mark(&l).await? {
+                out.push((id.to_string(), m));
+            }
         }
         Ok(out)
+    }
+
+    /// Reads the listed mark `l`; `None` when another collector swept it
+    /// meanwhile.
+    async fn mark(&self, l: &super::Listed) -> Result<Option<Mark>, RepoError> {
+        let bytes = match self.objects.get_meta(&l.key).await {
+            Ok(b) => b,
+            Err(RepoError::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let sealed = format::open_envelope(MARK_MAGIC, &bytes)
+            .map_err(|format::Malformed(m)| self.objects.corrupt(&l.key, m))?;
+        let json = self.keys.open(l.key.as_bytes(), sealed).map_err(|_| {
+            self.objects
+                .corrupt(&l.key, "integrity check failed (wrong key, or altered)")
+        })?;
+        let body: MarkBody =
+            serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&l.key, e))?;
+        Ok(Some(Mark {
+            body,
+            written: l.modified,
+        }))
     }
 
     async fn put_mark(&self, m: &MarkBody) -> Result<SystemTime, RepoError> {

@@ -488,16 +488,6 @@ impl Repo {
         pack_key(id)
     }
 
-    /// The key of index block `id`, for naming it in a report.
-    pub fn index_name(id: &str) -> String {
-        index_key(id)
-    }
-
-    /// The key of a snapshot's manifest, for naming it in a report.
-    pub fn manifest_name(volume: &str, name: &str) -> String {
-        manifest_key(volume, name)
-    }
-
     /// The records of pack `id` (of `size` bytes), read from its trailer
     /// with a ranged GET of the pack's tail (two when the trailer is
     /// larger than 64 KiB).

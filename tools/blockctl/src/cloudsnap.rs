@@ -525,12 +525,7 @@ fn print_catalog(c: &Catalog) {
     field("Bytes new", human_size(s.bytes_new));
     field("Bytes reused", human_size(s.bytes_reused));
     field("Uploaded", human_size(s.bytes_uploaded));
-    field(
-        "I/O pause",
-        format_args!("{:.3} ms", c.pause_us as f64 / 1000.0),
-    );
-    output::hook("Pre-exec", c.pre_exec.as_ref());
-    output::hook("Post-exec", c.post_exec.as_ref());
+    output::freeze(c.pause_us, c.pre_exec.as_ref(), c.post_exec.as_ref());
     if let Some(v) = &c.verified {
         field(
             "Verified",

@@ -373,12 +373,7 @@ fn print_snapshot(s: &Snapshot) {
         );
     }
     field("COW data", human_size(s.cow_bytes));
-    field(
-        "I/O pause",
-        format_args!("{:.3} ms", s.pause_us as f64 / 1000.0),
-    );
-    output::hook("Pre-exec", s.pre_exec.as_ref());
-    output::hook("Post-exec", s.post_exec.as_ref());
+    output::freeze(s.pause_us, s.pre_exec.as_ref(), s.post_exec.as_ref());
 }
 
 async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), String> {

@@ -86,6 +86,17 @@ pub fn field(key: &str, value: impl Display) {
     println!("{:<KEY_WIDTH$} {value}", format!("{key}:"));
 }
 
+/// Prints the freeze of a snapshot in a `Key: value` view: how long I/O
+/// was held, and the exec hooks around it.
+pub fn freeze(pause_us: u64, pre: Option<&Hook>, post: Option<&Hook>) {
+    field(
+        "I/O pause",
+        format_args!("{:.3} ms", pause_us as f64 / 1000.0),
+    );
+    hook("Pre-exec", pre);
+    hook("Post-exec", post);
+}
+
 /// Prints, in a `Key: value` view, an exec hook's command and outcome and
 /// the first 20 lines of its output, if it ran.
 pub fn hook(key: &str, h: Option<&Hook>) {

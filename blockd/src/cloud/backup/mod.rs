@@ -39,6 +39,9 @@ fn expiry(s: &str, now: SystemTime) -> Result<String, String> {
 
 /// Whether a backup may build on manifest `m` ([`Fence::admits`]).
 async fn admitted(repo: &Repo, m: &Manifest, fence: &Fence) -> Result<bool, CloudError> {
+    if fence.is_open() {
+        return Ok(true);
+    }
     Ok(repo
         .manifest_written(&m.volume, &m.name)
         .await?
@@ -483,12 +486,7 @@ impl Cloud {
             });
         };
         let repo = self.locations.repo(&rec.task.location).await?;
-        let volume = self
-            .volumes
-            .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::VolumeGone {
-                volume: rec.task.volume.clone(),
-            })?;
+        let volume = self.volume_of(&rec.task)?;
         let parent = match (parent, parent_id.as_deref().and_then(name::split)) {
             (Some(m), _) => Some(m),
             (None, Some((v, n))) => Some(repo.get_manifest(v, n).await?),

@@ -264,12 +264,7 @@ impl Cloud {
         h: &Hydration,
     ) -> Result<(), CloudError> {
         let rec = run.snapshot();
-        let volume = self
-            .volumes
-            .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::VolumeGone {
-                volume: rec.task.volume.clone(),
-            })?;
+        let volume = self.volume_of(&rec.task)?;
         let run2 = run.clone();
         let job = hydrate::Job {
             volume,
@@ -310,12 +305,7 @@ impl Cloud {
                 snapshot: format!("{src_volume}/{src_name}"),
                 source,
             })?;
-        let volume = self
-            .volumes
-            .get(&rec.task.volume)
-            .ok_or_else(|| CloudError::VolumeGone {
-                volume: rec.task.volume.clone(),
-            })?;
+        let volume = self.volume_of(&rec.task)?;
         let cancel = run.stop.clone();
         let job = fill::Job {
             task: rec.task.id.clone(),

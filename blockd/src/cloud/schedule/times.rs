@@ -9,7 +9,7 @@
 //! collapse into one run at start. A monthly day past the end of a month
 //! (the 31st in April) runs on that month's last day.
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc, Weekday};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 /// One rule of a schedule.
@@ -222,11 +222,6 @@ pub fn next_due(rules: &[Rule], last: DateTime<Utc>) -> Option<DateTime<Utc>> {
     rules.iter().map(|r| r.next_after(last)).min()
 }
 
-/// A weekday's name as `--weekly` takes it (used in messages).
-pub fn weekday_name(w: Weekday) -> &'static str {
-    WEEKDAYS[w.num_days_from_monday() as usize]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +322,5 @@ mod tests {
         assert_eq!(daily.to_string(), "daily @21:00");
         assert_eq!(weekly.to_string(), "weekly monday@08:00");
         assert_eq!(Rule::periodic("90s").unwrap().to_string(), "periodic 90s");
-        assert_eq!(weekday_name(Weekday::Sun), "sunday");
     }
 }
