@@ -14,6 +14,10 @@
 # `repo check` vs `restic check`, `--read-data` vs `--read-data`, deleting
 # half the snapshots then `repo gc` (a mark run and, after the grace
 # period, the sweep) vs `restic forget` + `restic prune`. One run, ratios.
+# On the large repository the mark and sweep run first without repacking
+# (`--max-unused unlimited`), then a default run merges the small packs
+# (one per snapshot) and a last one sweeps them. The small comparison
+# runs with defaults on both sides: both repack to 5% unused.
 #
 # Usage: benches/lifecycle.sh     (after cargo build --release --workspace
 #                                  --bins --examples)
@@ -99,10 +103,16 @@ blockd_phase big_check_data ctl repo check --cred-id local --read-data
 blockd_phase big_gc_nothing ctl repo gc --cred-id local --dry-run
 before=$(du -sb "$state/objects" | cut -f1)
 blockd_phase big_delete_half delete_half local
-blockd_phase big_gc_mark ctl repo gc --cred-id local --grace 1s
+blockd_phase big_gc_mark ctl repo gc --cred-id local --grace 1s --max-unused unlimited
 sleep 1.1
-blockd_phase big_gc_sweep ctl repo gc --cred-id local --grace 1s
+blockd_phase big_gc_sweep ctl repo gc --cred-id local --grace 1s --max-unused unlimited
 after=$(du -sb "$state/objects" | cut -f1)
+packs_before=$(find "$state/objects/packs" -type f | wc -l)
+blockd_phase big_gc_repack ctl repo gc --cred-id local --grace 1s
+sleep 1.1
+blockd_phase big_gc_repack_sweep ctl repo gc --cred-id local --grace 1s
+packs_after=$(find "$state/objects/packs" -type f | wc -l)
+relocs_after=$(find "$state/objects/relocs" -type f | wc -l)
 blockd_phase big_check_after ctl repo check --cred-id local --read-data
 
 note "restic: $((rvols * snaps)) snapshots of the same shape"
@@ -156,9 +166,12 @@ Large repository: $((vols * snaps)) snapshots, $((vols * snaps * chunks)) chunks
 | delete half the snapshots (cloudsnap delete, 4 at a time) | ${t_big_delete_half} s | $((rss_big_delete_half / 1024)) MiB |
 | repo gc: mark | ${t_big_gc_mark} s | $((rss_big_gc_mark / 1024)) MiB |
 | repo gc: sweep | ${t_big_gc_sweep} s | $((rss_big_gc_sweep / 1024)) MiB |
+| repo gc: merge small packs (copy, check, relocate) | ${t_big_gc_repack} s | $((rss_big_gc_repack / 1024)) MiB |
+| repo gc: sweep the merged packs | ${t_big_gc_repack_sweep} s | $((rss_big_gc_repack_sweep / 1024)) MiB |
 | repo check --read-data after | ${t_big_check_after} s | $((rss_big_check_after / 1024)) MiB |
 
 Reclaimed: $(numfmt --to=iec "$before") -> $(numfmt --to=iec "$after").
+Packs: $packs_before -> $packs_after after merging ($relocs_after relocations).
 
 Against restic, $((rvols * snaps)) snapshots of the same shape (restic / blockd; > 1 means blockd is faster):
 

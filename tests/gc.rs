@@ -80,26 +80,30 @@ fn gc_reclaims_after_the_grace_period_and_keeps_every_live_snapshot() {
     let s3 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
     let before = bytes_under(&objects.join("packs"));
 
+    // Plain mark and sweep here (repacking has tests/repack.rs).
     // Nothing unreferenced yet: nothing marked.
-    let r = gc(&d, &["--grace", "2s"]);
+    let r = gc(&d, &["--grace", "2s", "--max-unused", "unlimited"]);
     assert_eq!(r["marked_packs"], 0, "{r}");
     assert_eq!(r["deleted_packs"], 0, "{r}");
 
     d.ok(&["cloudsnap", "delete", "--snap", &s1]);
     // --dry-run reports and changes nothing.
     let files = listing(&objects);
-    let r = gc(&d, &["--dry-run", "--grace", "2s"]);
+    let r = gc(
+        &d,
+        &["--dry-run", "--grace", "2s", "--max-unused", "unlimited"],
+    );
     assert!(r["marked_packs"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["dry_run"], true);
     assert_eq!(listing(&objects), files, "--dry-run changed the bucket");
     assert!(files_under(&objects.join("locks/marks")).is_empty());
 
     // First run marks; a run within the grace period deletes nothing.
-    let r = gc(&d, &["--grace", "2s"]);
+    let r = gc(&d, &["--grace", "2s", "--max-unused", "unlimited"]);
     let marked = r["marked_bytes"].as_u64().unwrap();
     assert!(marked >= 16 * MB as u64, "s1's data is condemned: {r}");
     assert_eq!(r["deleted_bytes"], 0, "{r}");
-    let r = gc(&d, &["--grace", "2s"]);
+    let r = gc(&d, &["--grace", "2s", "--max-unused", "unlimited"]);
     assert_eq!(
         r["deleted_bytes"], 0,
         "deleted within the grace period: {r}"
@@ -110,7 +114,7 @@ fn gc_reclaims_after_the_grace_period_and_keeps_every_live_snapshot() {
 
     // After it: deleted, space back, everything left restores bit-exact.
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let r = gc(&d, &["--grace", "2s"]);
+    let r = gc(&d, &["--grace", "2s", "--max-unused", "unlimited"]);
     assert!(
         r["deleted_bytes"].as_u64().unwrap() >= 16 * MB as u64,
         "{r}"
@@ -455,8 +459,12 @@ fn gc_refuses_bad_input_and_concurrent_runs_lose_nothing() {
             "no location (credentials) named",
         ),
         (
-            vec!["repo", "gc", "--max-unused", "5%"],
-            "unexpected argument",
+            vec!["repo", "gc", "--max-unused", "150%"],
+            "invalid unused-space limit",
+        ),
+        (
+            vec!["repo", "gc", "--max-unused", "lots"],
+            "or `unlimited` to never repack",
         ),
     ] {
         let out = d.blockctl(&args);

@@ -2,7 +2,8 @@
 //! conditional writes): host A backs up continuously, incrementals that
 //! reference old chunks; host B deletes A's snapshots, often the very
 //! parent A's running backup builds on, and collects with a 1 s grace
-//! period, over and over, two collectors at once. At the end every
+//! period, repacking every pack with a dead record and merging the small
+//! ones, over and over, two collectors at once. At the end every
 //! remaining snapshot of both hosts restores bit-exact and the repository
 //! checks clean.
 
@@ -24,7 +25,17 @@ fn s3(d: &Blockd, g: &Garage) {
 }
 
 fn gc(d: &Blockd) -> Option<Value> {
-    let out = d.blockctl(&["-j", "repo", "gc", "--cred-id", "s3", "--grace", "1s"]);
+    let out = d.blockctl(&[
+        "-j",
+        "repo",
+        "gc",
+        "--cred-id",
+        "s3",
+        "--grace",
+        "1s",
+        "--max-unused",
+        "0%",
+    ]);
     if out.status.success() {
         return Some(json(&String::from_utf8_lossy(&out.stdout)));
     }
@@ -92,10 +103,20 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
     };
     let t = backup(&b, &["b", "--cred-id", "s3"]);
     keep(&img_b, t["snapshot"].as_str().unwrap(), &mut expect);
+    // Two small incrementals of B: small packs that every collection
+    // merges with A's (scattered 4 KiB writes leave no dead records, only
+    // small packs), so records move while A's backups reference them.
+    for i in 0..2 {
+        scatter(&b, "b", &img_b, 16, 50 + 2 * i);
+        let t = backup(&b, &["b", "--cred-id", "s3"]);
+        keep(&img_b, t["snapshot"].as_str().unwrap(), &mut expect);
+    }
 
     let done = AtomicBool::new(false);
     let mut collected = 0u64;
     let mut deleted_parents = 0;
+    let mut repacked = 0u64;
+    let mut repacked_a = 0u64;
     std::thread::scope(|s| {
         // Host B: delete A's snapshots (all but the newest, and every
         // third round the newest too: the parent of A's next or running
@@ -118,6 +139,7 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
                 }
                 if let Some(r) = gc(&b) {
                     collected += r["deleted_bytes"].as_u64().unwrap();
+                    repacked += r["repacked_packs"].as_u64().unwrap();
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -125,13 +147,23 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
         // A second collector on host A, at the same time.
         let second = s.spawn(|| {
             while !done.load(Ordering::Acquire) {
-                gc(&a);
+                if let Some(r) = gc(&a) {
+                    repacked_a += r["repacked_packs"].as_u64().unwrap();
+                }
                 std::thread::sleep(Duration::from_millis(700));
             }
         });
-        // Host A: incrementals, each a few scattered writes.
+        // Host A: incrementals, each a few scattered writes and a chunk.
         for i in 0..14 {
             scatter(&a, "a", &img_a, 24, 100 + i);
+            // And one whole chunk: the parent's record goes dead, so its
+            // pack is repacked (at 0% unused) once the parent is deleted.
+            let cmd = format!("write -P {} {} 64k", i + 1, (i * 37 % 384) * 65536);
+            qemu_io(&a.uri("a"), &[&cmd]);
+            run(std::process::Command::new("qemu-io")
+                .args(["-f", "raw"])
+                .arg(&img_a)
+                .args(["-c", &cmd]));
             let t = backup(&a, &["a", "--cred-id", "s3"]);
             keep(&img_a, t["snapshot"].as_str().unwrap(), &mut expect);
             std::thread::sleep(Duration::from_millis(150));
@@ -152,11 +184,15 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
         }
     }
     eprintln!(
-        "collected {collected} bytes; deleted {deleted_parents} newest snapshots; A's log: {} fenced parents, B's: {} held marks",
+        "collected {collected} bytes; repacked {repacked} + {repacked_a} packs; deleted {deleted_parents} newest snapshots; A's log: {} fenced parents, B's: {} held marks",
         a.log().matches("ran while garbage collection was marking").count(),
         b.log().matches("held=1").count()
     );
     assert!(collected > 0, "nothing was ever collected");
+    assert!(
+        repacked + repacked_a > 0,
+        "no pack was ever repacked while backups ran"
+    );
     assert!(
         deleted_parents > 0,
         "the test never deleted a running backup's parent"

@@ -15,29 +15,6 @@ use common::cloud::*;
 use common::disk::{FuseDisk, Loop, Mounted};
 use common::*;
 
-fn task_id(started: &str) -> String {
-    json(started)["tasks"][0]["id"]
-        .as_str()
-        .expect("task id")
-        .to_string()
-}
-
-fn lazy_restore(d: &Blockd, snap: &str, vol: &str) -> String {
-    let out = d.ok(&[
-        "-j",
-        "cloudsnap",
-        "restore",
-        "--snap",
-        snap,
-        "--volume",
-        vol,
-        "--lazy",
-    ]);
-    let t = &json(&out)["tasks"][0];
-    assert_eq!(t["lazy"], true, "{t}");
-    task_id(&out)
-}
-
 /// Reads `len` bytes at `off` of an export with qemu-io; Err with its
 /// output when the read fails.
 fn read_at(uri: &str, off: u64, len: u64, out: &Path) -> Result<Vec<u8>, String> {

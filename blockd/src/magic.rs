@@ -23,6 +23,8 @@ pub const GROUP_MAGIC: &[u8; 8] = b"BLKDGRUP";
 pub const MARK_MAGIC: &[u8; 8] = b"BLKDMARK";
 /// Backup session (`locks/sessions/<task>`): a writer's registration.
 pub const SESSION_MAGIC: &[u8; 8] = b"BLKDSESS";
+/// Relocation (`relocs/<aa>/<from>/<to>`): where a repacked pack's records are.
+pub const RELOC_MAGIC: &[u8; 8] = b"BLKDRELO";
 /// Chunk payload kind: stored as is.
 pub const CHUNK_RAW: u8 = 0;
 /// Chunk payload kind: an lz4 block.

@@ -67,6 +67,16 @@ struct Args {
     #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION", default_value = "20h",
           value_parser = duration_arg)]
     backup_deadline: Duration,
+    /// Unused space garbage collection tolerates inside packs still in use
+    /// before it copies their live records into new packs: a percentage
+    /// (5%: at most 5% of those bytes dead) or `unlimited` (never repack)
+    #[arg(
+        long,
+        env = "BLOCKD_GC_MAX_UNUSED",
+        value_name = "PERCENT|unlimited",
+        default_value = "5%"
+    )]
+    gc_max_unused: blockd_api::MaxUnused,
 }
 
 /// A period, or `off`.
@@ -136,6 +146,7 @@ fn main() -> anyhow::Result<()> {
             gc_grace: args.gc_grace,
             backup_deadline: args.backup_deadline,
             gc_every: args.gc_every.0,
+            gc_max_unused: args.gc_max_unused,
         },
         state_dir,
     };

@@ -157,6 +157,23 @@ pub fn wait_until(d: &Blockd, id: &str, reached: impl Fn(&Value) -> bool) -> Val
 }
 
 /// Waits for task `id` to end.
+/// `cloudsnap restore --lazy`: the task id (the volume serves at once).
+pub fn lazy_restore(d: &Blockd, snap: &str, vol: &str) -> String {
+    let out = d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        snap,
+        "--volume",
+        vol,
+        "--lazy",
+    ]);
+    let t = &json(&out)["tasks"][0];
+    assert_eq!(t["lazy"], true, "{t}");
+    t["id"].as_str().expect("task id").to_string()
+}
+
 pub fn wait_done(d: &Blockd, id: &str) -> Value {
     wait_until(d, id, |_| false)
 }

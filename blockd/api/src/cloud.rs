@@ -551,7 +551,26 @@ pub struct CheckReport {
 
 #[cfg(test)]
 mod tests {
-    use super::Subset;
+    use super::{MaxUnused, Subset};
+
+    #[test]
+    fn max_unused_parses_percentages_and_unlimited() {
+        assert_eq!("5%".parse::<MaxUnused>(), Ok(MaxUnused::Percent(500)));
+        assert_eq!("0.5%".parse::<MaxUnused>(), Ok(MaxUnused::Percent(50)));
+        assert_eq!("unlimited".parse::<MaxUnused>(), Ok(MaxUnused::Unlimited));
+        for bad in ["150%", "-1%", "5", "abc", "%"] {
+            assert!(bad.parse::<MaxUnused>().is_err(), "{bad}");
+        }
+        assert_eq!(MaxUnused::Percent(50).to_string(), "0.50%");
+        assert_eq!(MaxUnused::default().to_string(), "5%");
+        // 5%: 5 dead bytes per 95 live.
+        assert_eq!(MaxUnused::Percent(500).limit(950), Some(50));
+        assert_eq!(MaxUnused::Percent(10_000).limit(1), Some(u64::MAX));
+        assert_eq!(MaxUnused::Unlimited.limit(1), None);
+        let json = serde_json::to_string(&MaxUnused::Percent(500)).unwrap();
+        assert_eq!(json, "\"5%\"");
+        assert!(serde_json::from_str::<MaxUnused>("\"200%\"").is_err());
+    }
 
     #[test]
     fn subsets_parse_and_partition() {
@@ -595,6 +614,100 @@ pub struct GcRequest {
     /// daemon's `--gc-grace`].
     #[serde(default)]
     pub grace_secs: Option<u64>,
+    /// Unused space tolerated inside packs still in use before they are
+    /// repacked [default: the daemon's `--gc-max-unused`].
+    #[serde(default)]
+    pub max_unused: Option<MaxUnused>,
+}
+
+/// How much unused space `repo gc` tolerates inside packs that are still
+/// in use (records of deleted snapshots next to live ones) before it
+/// copies their live records into new packs: restic's `--max-unused`.
+/// A percentage of the live bytes' share, `x%` with `x / (100 - x)` of
+/// the live bytes allowed dead (`5%`: at most 5% of the bytes of packs in
+/// use are dead), or `unlimited`: never copy data (no repacking, and no
+/// merging of small packs either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MaxUnused {
+    /// Never repack.
+    Unlimited,
+    /// Hundredths of a percent, 0 ..= 10,000.
+    Percent(u16),
+}
+
+impl Default for MaxUnused {
+    fn default() -> Self {
+        Self::Percent(500)
+    }
+}
+
+impl MaxUnused {
+    /// The dead bytes tolerated beside `used` live bytes (`None`:
+    /// unlimited). At 100% nothing is repacked for being mostly dead, but
+    /// small packs are still merged.
+    pub fn limit(self, used: u64) -> Option<u64> {
+        match self {
+            Self::Unlimited => None,
+            Self::Percent(p) if p >= 10_000 => Some(u64::MAX),
+            Self::Percent(p) => {
+                let p = u128::from(p);
+                let l = u128::from(used) * p / (10_000 - p);
+                Some(u64::try_from(l).unwrap_or(u64::MAX))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for MaxUnused {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid unused-space limit {s:?}: give a percentage from 0% to 100% (e.g. 5%), or `unlimited` to never repack")
+        };
+        if s.trim() == "unlimited" {
+            return Ok(Self::Unlimited);
+        }
+        let p: f64 = s
+            .trim()
+            .strip_suffix('%')
+            .ok_or_else(bad)?
+            .trim()
+            .parse()
+            .map_err(|_| bad())?;
+        if !(0.0..=100.0).contains(&p) {
+            return Err(bad());
+        }
+        // In range by the check above.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let hundredths = (p * 100.0).round() as u16;
+        Ok(Self::Percent(hundredths))
+    }
+}
+
+impl TryFrom<String> for MaxUnused {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MaxUnused> for String {
+    fn from(m: MaxUnused) -> Self {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MaxUnused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unlimited => f.write_str("unlimited"),
+            Self::Percent(p) if p % 100 == 0 => write!(f, "{}%", p / 100),
+            Self::Percent(p) => write!(f, "{}.{:02}%", p / 100, p % 100),
+        }
+    }
 }
 
 /// Answer of `POST /v1/repo/gc`.
@@ -630,6 +743,35 @@ pub struct GcReport {
     pub held_marks: u64,
     /// Those backups (task ids).
     pub holding: Vec<String>,
+    /// The unused-space limit this run applied.
+    #[serde(default)]
+    pub max_unused: String,
+    /// Bytes of records no snapshot uses, inside packs still in use
+    /// (before this run repacked any).
+    #[serde(default)]
+    pub unused_bytes: u64,
+    /// Bytes of records in use, over every pack in use.
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// Packs whose live records this run copied into new packs (mostly
+    /// dead ones, and small ones merged); condemned by this run's mark.
+    #[serde(default)]
+    pub repacked_packs: u64,
+    /// Live bytes copied.
+    #[serde(default)]
+    pub repacked_bytes: u64,
+    /// New packs written by the repacking.
+    #[serde(default)]
+    pub written_packs: u64,
+    /// Relocation objects condemned by this run.
+    #[serde(default)]
+    pub marked_relocations: u64,
+    /// Relocation objects deleted.
+    #[serde(default)]
+    pub deleted_relocations: u64,
+    /// Packs left as they are, with why (a damaged record is never copied).
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
 
 /// Body of `POST /v1/schedules`: pxctl's `cloudsnap schedules create`.

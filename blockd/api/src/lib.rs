@@ -367,8 +367,8 @@ pub mod cloud;
 pub use cloud::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
     CreateLocation, CreateSchedule, DamagedSnapshot, DataRead, GcReport, GcRequest, Location,
-    Problem, Provider, RestoreRequest, Schedule, Started, Subset, Task, TaskKind, TaskState,
-    Verified, LOCAL_LOCATION,
+    MaxUnused, Problem, Provider, RestoreRequest, Schedule, Started, Subset, Task, TaskKind,
+    TaskState, Verified, LOCAL_LOCATION,
 };
 
 pub mod mount;

@@ -103,6 +103,8 @@ impl Cloud {
             dry_run: req.dry_run,
             host: self.host.clone(),
             own_run_is_dead: true,
+            max_unused: req.max_unused.unwrap_or(self.gc_max_unused),
+            deadline: self.backup_deadline,
         };
         let o = gc::collect(&repo, &opts).await.map_err(CloudError::Gc)?;
         tracing::info!(
@@ -112,6 +114,9 @@ impl Cloud {
             deleted = o.deleted_packs + o.deleted_index_blocks,
             deleted_bytes = o.deleted_bytes,
             held = o.held_marks,
+            repacked = o.repacked_packs,
+            unused_bytes = o.unused_bytes,
+            skipped = o.skipped.len(),
             "garbage collected"
         );
         Ok(o)

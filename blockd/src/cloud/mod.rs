@@ -59,6 +59,8 @@ pub struct Settings {
     pub backup_deadline: std::time::Duration,
     /// Background garbage collection of every location this often.
     pub gc_every: Option<std::time::Duration>,
+    /// Unused space garbage collection tolerates in packs in use.
+    pub gc_max_unused: blockd_api::MaxUnused,
 }
 
 impl Default for Settings {
@@ -70,6 +72,7 @@ impl Default for Settings {
             gc_grace: std::time::Duration::from_secs(24 * 3600),
             backup_deadline: std::time::Duration::from_secs(20 * 3600),
             gc_every: Some(std::time::Duration::from_secs(24 * 3600)),
+            gc_max_unused: blockd_api::MaxUnused::default(),
         }
     }
 }
@@ -364,6 +367,8 @@ pub struct Cloud {
     gc_grace: std::time::Duration,
     /// Backup deadline.
     backup_deadline: std::time::Duration,
+    /// Default unused-space limit of garbage collection.
+    gc_max_unused: blockd_api::MaxUnused,
     /// This host's id (`<state dir>/host-id`).
     host: String,
     /// Schedules with a run in progress.
@@ -443,6 +448,7 @@ impl Cloud {
             hydrate_limit: settings.hydrate_limit.filter(|n| *n > 0),
             gc_grace: settings.gc_grace,
             backup_deadline: settings.backup_deadline,
+            gc_max_unused: settings.gc_max_unused,
             host,
             sched_running: Mutex::new(std::collections::HashSet::new()),
             gc_running: Mutex::new(std::collections::HashSet::new()),

@@ -5,7 +5,9 @@
 //!    fetched and opened ([`refs::walk`]).
 //! 3. Every referenced pack must be listed, and its trailer (one ranged
 //!    GET of the pack's tail) must open and list every record the index
-//!    blocks point at.
+//!    blocks point at. A record of a repacked pack is looked for where its
+//!    relocation says it is now (the walk resolves them; a damaged
+//!    relocation is named like a damaged index block).
 //! 4. With `--read-data`, the packs of the subset are read whole: every
 //!    record's seal and chunk hash is checked, as a restore would.
 //!
@@ -65,7 +67,12 @@ pub async fn check(
     problems.extend(refs.problems.iter().cloned());
     let (listed, foreign_packs) = repo.list_packs().await?;
     let (blocks, foreign_index) = repo.list_index_blocks().await?;
-    for key in foreign_packs.iter().chain(&foreign_index) {
+    let (_, foreign_relocs) = repo.list_relocs().await?;
+    for key in foreign_packs
+        .iter()
+        .chain(&foreign_index)
+        .chain(&foreign_relocs)
+    {
         problems.push(Found {
             object: key.clone(),
             reason: "not an object blockd writes (left alone)".into(),
@@ -235,20 +242,30 @@ async fn trace(
     for id in damaged.keys() {
         index |= &refs.packs[id].index;
     }
+    // Records of repacked packs that moved into a damaged pack: (pack
+    // named by the index, its offset) -> (damaged pack, offset there).
+    let mut moved: HashMap<(PackId, u32), (PackId, u32)> = HashMap::new();
+    for (id, offsets) in damaged {
+        for (named, w) in refs::moved_into(repo, refs, id).await? {
+            for t in w.targets() {
+                if t.pack == *id && offsets.contains_key(&t.to) {
+                    moved.insert((named, t.from), (t.pack, t.to));
+                }
+            }
+        }
+    }
     // (pack, offset) -> index blocks using it
     let mut users: BTreeMap<(PackId, u32), RoaringBitmap> = BTreeMap::new();
     for n in &index {
         let id = &refs.index_ids[n as usize];
         let entries = repo.get_index(refs.index[id].block, id).await?;
         for e in entries {
-            if damaged
-                .get(&e.chunk.pack)
-                .is_some_and(|d| d.contains_key(&e.chunk.offset))
-            {
-                users
-                    .entry((e.chunk.pack, e.chunk.offset))
-                    .or_default()
-                    .insert(n);
+            let at = moved
+                .get(&(e.chunk.pack, e.chunk.offset))
+                .copied()
+                .unwrap_or((e.chunk.pack, e.chunk.offset));
+            if damaged.get(&at.0).is_some_and(|d| d.contains_key(&at.1)) {
+                users.entry(at).or_default().insert(n);
             }
         }
     }

@@ -10,6 +10,9 @@ use super::{pack_key, Repo, RepoError};
 
 /// Gap between records of one pack still worth reading through in one GET.
 pub const MAX_GAP: u64 = 64 << 10;
+/// Largest GET of coalesced records, for readers without a reason to
+/// choose another.
+pub const MAX_GET: u64 = 8 << 20;
 
 /// One ranged GET: adjacent records of one pack.
 #[derive(Debug, Clone)]
@@ -30,11 +33,27 @@ impl Fetch {
         pack_key(&self.pack)
     }
 
-    /// Runs the GET.
+    /// Runs the GET. A pack that is gone, repacked by garbage collection,
+    /// is read from where its relocations say its records are now, laid
+    /// out as the pack had them ([`super::reloc::read_moved`]).
+    ///
+    /// # Errors
+    /// As [`super::Objects::get_range`]; a record that is nowhere.
+    pub async fn get(&self, repo: &Repo) -> Result<bytes::Bytes, RepoError> {
+        if !repo.relocs.is_gone(&self.pack) {
+            match self.get_here(repo).await {
+                Err(RepoError::Missing { .. }) => {}
+                r => return r,
+            }
+        }
+        super::reloc::read_moved(repo, self).await
+    }
+
+    /// The GET on this very pack.
     ///
     /// # Errors
     /// As [`super::Objects::get_range`].
-    pub async fn get(&self, repo: &Repo) -> Result<bytes::Bytes, RepoError> {
+    pub(crate) async fn get_here(&self, repo: &Repo) -> Result<bytes::Bytes, RepoError> {
         repo.objects()
             .get_range(&self.key(), self.start..self.end)
             .await

@@ -107,7 +107,7 @@ pub const TRAILER_REC_LEN: usize = 32 + 4 + 4 + 4;
 #[error("{0}")]
 pub struct Malformed(pub String);
 
-fn bad(msg: impl Into<String>) -> Malformed {
+pub(crate) fn bad(msg: impl Into<String>) -> Malformed {
     Malformed(msg.into())
 }
 

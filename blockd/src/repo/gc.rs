@@ -31,9 +31,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use blockd_api::GcReport;
+use blockd_api::{GcReport, MaxUnused};
 
-use super::{format, refs, PackId, Repo, RepoError};
+use super::{format, refs, repack, PackId, Repo, RepoError};
 use crate::magic::{MARK_MAGIC, SESSION_MAGIC};
 
 /// Key of the collector's run object.
@@ -131,6 +131,9 @@ struct MarkBody {
     packs: Vec<String>,
     /// Condemned index blocks (hex ids).
     index: Vec<String>,
+    /// Condemned relocations (keys).
+    #[serde(default)]
+    relocs: Vec<String>,
 }
 
 /// A mark as read: its body and when the store wrote it.
@@ -182,6 +185,11 @@ pub struct Options {
     /// No collection of this host runs on the bucket: a fresh run object
     /// of this host is left by a crash and may be taken over.
     pub own_run_is_dead: bool,
+    /// Unused space tolerated in packs in use before they are repacked.
+    pub max_unused: MaxUnused,
+    /// Deadline of the collector's own session while it repacks (as a
+    /// backup's).
+    pub deadline: Duration,
 }
 
 impl Repo {
@@ -497,6 +505,12 @@ async fn collect_held(
     }
     let (packs, _) = repo.list_packs().await?;
     let (blocks, _) = repo.list_index_blocks().await?;
+    let (relocs, _) = repo.list_relocs().await?;
+    let relocs: HashMap<String, super::Listed> = relocs
+        .into_iter()
+        .map(|(_, l)| (l.key.clone(), l))
+        .collect();
+    let sizes: HashMap<PackId, u64> = packs.iter().map(|(id, l)| (*id, l.size)).collect();
     let packs: HashMap<String, super::Listed> = packs
         .into_iter()
         .map(|(id, l)| (hex::encode(id), l))
@@ -531,6 +545,7 @@ async fn collect_held(
             }
             pending.extend(m.body.packs.iter().cloned());
             pending.extend(m.body.index.iter().cloned());
+            pending.extend(m.body.relocs.iter().cloned());
             continue;
         }
         let cut = from_millis(m.body.cut_ms);
@@ -556,6 +571,17 @@ async fn collect_held(
                 None => {}
             }
         }
+        for k in &m.body.relocs {
+            match relocs.get(k) {
+                Some(l) if !walk.relocs.contains(k) && l.modified < cut => {
+                    doomed.push((l.key.clone(), l.size));
+                    out.deleted_relocations += 1;
+                    out.deleted_bytes += l.size;
+                }
+                Some(_) => out.kept += 1,
+                None => {}
+            }
+        }
         swept.push(id.clone());
     }
     out.swept_marks = swept.len() as u64;
@@ -570,6 +596,7 @@ async fn collect_held(
         grace_secs: opts.grace.as_secs(),
         packs: Vec::new(),
         index: Vec::new(),
+        relocs: Vec::new(),
     };
     let doomed_keys: HashSet<&str> = doomed.iter().map(|(k, _)| k.as_str()).collect();
     for (h, l) in &packs {
@@ -594,11 +621,52 @@ async fn collect_held(
             out.marked_bytes += l.size;
         }
     }
+    for (k, l) in &relocs {
+        if !walk.relocs.contains(k)
+            && l.modified < now
+            && !pending.contains(k)
+            && !doomed_keys.contains(k.as_str())
+        {
+            mark.relocs.push(k.clone());
+            out.marked_relocations += 1;
+            out.marked_bytes += l.size;
+        }
+    }
+    let choice = repack::choose(&walk, &sizes, repo.config.pack_size, opts.max_unused);
+    out.max_unused = opts.max_unused.to_string();
+    out.used_bytes = choice.used;
+    out.unused_bytes = choice.unused;
     if opts.dry_run {
+        out.repacked_packs = choice.packs.len() as u64;
+        out.repacked_bytes = choice.bytes;
         return Ok(out);
+    }
+    if !choice.packs.is_empty() {
+        // Registered like a backup: no sweep deletes a new pack before its
+        // relocations are written (rule 2).
+        let mut tag = [0u8; 8];
+        super::crypto::fill_random(&mut tag);
+        let task = format!("gc-{}", hex::encode(tag));
+        let session = repo.open_session(&task, &opts.host, opts.deadline).await?;
+        let r = repack::repack(repo, &walk, &choice.packs, &sizes, &session).await;
+        let _ = repo.close_session(&task).await;
+        let r = r?;
+        for id in &r.sources {
+            let h = hex::encode(id);
+            if let Some(l) = packs.get(&h) {
+                mark.packs.push(h);
+                out.marked_packs += 1;
+                out.marked_bytes += l.size;
+            }
+        }
+        out.repacked_packs = r.sources.len() as u64;
+        out.repacked_bytes = r.bytes;
+        out.written_packs = r.written;
+        out.skipped = r.skipped;
     }
     mark.packs.sort();
     mark.index.sort();
+    mark.relocs.sort();
     let mut failed = None;
     let keys: Vec<String> = doomed.iter().map(|(k, _)| k.clone()).collect();
     let mut deletes = futures::stream::iter(keys.into_iter().map(|k| {
@@ -623,7 +691,7 @@ async fn collect_held(
     for id in &swept {
         repo.objects.delete(&mark_key(id)).await?;
     }
-    if !mark.packs.is_empty() || !mark.index.is_empty() {
+    if !mark.packs.is_empty() || !mark.index.is_empty() || !mark.relocs.is_empty() {
         let mut tag = [0u8; 8];
         super::crypto::fill_random(&mut tag);
         mark.id = format!("{}-{}", mark.cut_ms, hex::encode(tag));

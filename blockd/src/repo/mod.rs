@@ -17,6 +17,8 @@ pub mod gc;
 pub mod index;
 pub mod name;
 pub mod refs;
+pub mod reloc;
+pub mod repack;
 pub mod retry;
 
 use std::ops::Range;
@@ -131,6 +133,8 @@ pub struct Repo {
     pub config: Config,
     /// Its keys.
     pub keys: Keys,
+    /// Packs found gone, and where their records went.
+    relocs: reloc::Cache,
 }
 
 /// Plain object access under a location's prefix, with retries and
@@ -240,6 +244,7 @@ impl Repo {
             objects,
             config,
             keys,
+            relocs: reloc::Cache::default(),
         })
     }
 

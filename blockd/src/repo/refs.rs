@@ -2,18 +2,22 @@
 //! records inside them. One walk, used by `repo check` and by garbage
 //! collection.
 //!
+//! References are then resolved through relocations (`super::reloc`):
+//! a record of a repacked pack counts as a reference to its new place.
+//!
 //! Memory grows with snapshots, index blocks and packs, not with chunks:
 //! the records a pack must keep are a roaring bitmap of their offsets
 //! (about 2 bytes per record), and the index blocks that reach a pack a
 //! roaring bitmap of index-block numbers. Entries are looked at once, as
 //! each index block arrives, and dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::StreamExt;
 use roaring::RoaringBitmap;
 
 use super::format::Manifest;
+use super::reloc::Winners;
 use super::{name, PackId, Repo, RepoError};
 
 /// Index blocks and manifests fetched at once.
@@ -37,6 +41,8 @@ pub struct PackRef {
     pub records: RoaringBitmap,
     /// Index blocks (numbers) that reference it.
     pub index: RoaringBitmap,
+    /// Stored bytes of the records referenced.
+    pub bytes: u64,
 }
 
 /// A damaged object met on the walk, and the snapshots that need it.
@@ -61,8 +67,15 @@ pub struct Refs {
     pub index_ids: Vec<String>,
     /// Packs by id.
     pub packs: HashMap<PackId, PackRef>,
-    /// Damage met while walking (manifests and index blocks).
+    /// Damage met while walking (manifests, index blocks, relocations).
     pub problems: Vec<Found>,
+    /// Relocation objects in use (keys).
+    pub relocs: HashSet<String>,
+    /// Packs holding relocated records: the packs index entries name
+    /// whose records they hold.
+    pub sources: HashMap<PackId, Vec<PackId>>,
+    /// Packs that relocation objects start from.
+    pub relocated: HashSet<PackId>,
 }
 
 impl Refs {
@@ -153,7 +166,9 @@ pub async fn walk(repo: &Repo) -> Result<Refs, RepoError> {
             Ok(entries) => {
                 for e in entries {
                     let p = refs.packs.entry(e.chunk.pack).or_default();
-                    p.records.insert(e.chunk.offset);
+                    if p.records.insert(e.chunk.offset) {
+                        p.bytes += u64::from(e.chunk.stored_len);
+                    }
                     p.index.insert(n);
                 }
             }
@@ -165,7 +180,89 @@ pub async fn walk(repo: &Repo) -> Result<Refs, RepoError> {
             Err(e) => return Err(e),
         }
     }
+    drop(read);
+    resolve(repo, &mut refs).await?;
     Ok(refs)
+}
+
+/// Moves the references to records of repacked packs to where the
+/// records are now (the winning relocation of each offset); what no
+/// relocation covers stays a reference to the pack itself.
+async fn resolve(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
+    let (listed, _) = repo.list_relocs().await?;
+    refs.relocated = listed.into_iter().map(|(from, _)| from).collect();
+    let named: Vec<PackId> = refs
+        .packs
+        .keys()
+        .filter(|p| refs.relocated.contains(*p))
+        .copied()
+        .collect();
+    let mut loaded = futures::stream::iter(
+        named
+            .into_iter()
+            .map(|p| async move { (p, repo.relocs_of(&p).await) }),
+    )
+    .buffer_unordered(FETCHES);
+    while let Some((p, relocs)) = loaded.next().await {
+        let relocs = match relocs {
+            Ok(r) => r,
+            Err(e) if is_damage(&e) => {
+                let snaps = refs.snapshots_of(&refs.packs[&p].index);
+                refs.problems.push(found(&e, snaps));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let w = Winners::of(&relocs);
+        let Some(named) = refs.packs.remove(&p) else {
+            continue;
+        };
+        let mut stays = PackRef {
+            index: named.index.clone(),
+            bytes: named.bytes,
+            ..PackRef::default()
+        };
+        let mut targets: HashSet<PackId> = HashSet::new();
+        for off in &named.records {
+            let Some(t) = w.get(off) else {
+                stays.records.insert(off);
+                continue;
+            };
+            let q = refs.packs.entry(t.pack).or_default();
+            if q.records.insert(t.to) {
+                q.bytes += u64::from(t.len);
+            }
+            stays.bytes = stays.bytes.saturating_sub(u64::from(t.len));
+            if targets.insert(t.pack) {
+                q.index |= &named.index;
+                refs.sources.entry(t.pack).or_default().push(p);
+            }
+            if !refs.relocs.contains(w.key(t)) {
+                refs.relocs.insert(w.key(t).to_string());
+            }
+        }
+        if !stays.records.is_empty() {
+            refs.packs.insert(p, stays);
+        }
+    }
+    Ok(())
+}
+
+/// The winning relocations of the packs named in index entries whose
+/// records are in `pack` now: `(named pack, its winners)`.
+///
+/// # Errors
+/// Provider errors; a damaged relocation.
+pub async fn moved_into(
+    repo: &Repo,
+    refs: &Refs,
+    pack: &PackId,
+) -> Result<Vec<(PackId, Winners)>, RepoError> {
+    let mut out = Vec::new();
+    for p in refs.sources.get(pack).into_iter().flatten() {
+        out.push((*p, Winners::of(&repo.relocs_of(p).await?)));
+    }
+    Ok(out)
 }
 
 fn add_manifest(refs: &mut Refs, s: u32, m: &Manifest) -> Result<(), RepoError> {

@@ -1,6 +1,6 @@
 //! `blockctl repo`: maintenance of a location's repository.
 
-use blockd_api::{human_size, CheckReport, CheckRequest, GcReport, GcRequest, Subset};
+use blockd_api::{human_size, CheckReport, CheckRequest, GcReport, GcRequest, MaxUnused, Subset};
 use clap::{Args, Subcommand};
 
 use crate::client::Client;
@@ -14,9 +14,10 @@ pub enum RepoCmd {
     /// need exists; with --read-data, every record's seal and hash too.
     /// Exits 1 when anything is damaged. Takes no lock: backups may run.
     Check(CheckArgs),
-    /// Reclaim packs and index blocks no snapshot references. Safe while
-    /// backups run on this host or others sharing the bucket: a run marks
-    /// what is unreferenced, and a later run deletes it once the mark is
+    /// Reclaim packs and index blocks no snapshot references, and repack
+    /// packs that are mostly dead or small. Safe while backups run on this
+    /// host or others sharing the bucket: a run marks what is unreferenced
+    /// (and what it repacked), and a later run deletes it once the mark is
     /// older than the grace period, if still unreferenced
     Gc(GcArgs),
 }
@@ -33,6 +34,12 @@ pub struct GcArgs {
     /// Grace period of what this run marks, e.g. 24h [default: the daemon's --gc-grace]
     #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
     grace: Option<u64>,
+    /// Unused space tolerated inside packs still in use before their live
+    /// records are copied into new packs (and the old ones reclaimed): a
+    /// percentage, e.g. 5%, or `unlimited` to never repack [default: the
+    /// daemon's --gc-max-unused]
+    #[arg(long, value_name = "PERCENT|unlimited")]
+    max_unused: Option<MaxUnused>,
 }
 
 /// Arguments of `blockctl repo check`.
@@ -140,6 +147,7 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), String> {
         location: args.cred_id.clone(),
         dry_run: args.dry_run,
         grace_secs: args.grace,
+        max_unused: args.max_unused,
     };
     let r: GcReport = client.call("POST", "/v1/repo/gc", Some(&req)).await?;
     out.answer(&r, |r| {
@@ -159,6 +167,23 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), String> {
             human_size(r.marked_bytes),
             r.grace_secs
         ));
+        let verb = if r.dry_run { "would repack" } else { "repacked" };
+        line(format_args!(
+            "in packs in use: {} used, {} unused (limit {}); {verb} {} pack(s), copying {}{}",
+            human_size(r.used_bytes),
+            human_size(r.unused_bytes),
+            r.max_unused,
+            r.repacked_packs,
+            human_size(r.repacked_bytes),
+            if r.dry_run {
+                String::new()
+            } else {
+                format!(" into {} new pack(s)", r.written_packs)
+            }
+        ));
+        for s in &r.skipped {
+            line(format_args!("not repacked: {s}"));
+        }
         if r.kept > 0 {
             line(format_args!("kept {} condemned object(s) found in use again", r.kept));
         }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::task::{Checkpoint, Progress};
 use crate::cloud::CloudError;
-use crate::repo::fetch::{self, Fetch};
+use crate::repo::fetch::{self, Fetch, MAX_GET};
 use crate::repo::format::{Entry, Manifest};
 use crate::repo::Repo;
 use crate::state::StateDb;
@@ -27,8 +27,6 @@ use crate::volume::Volume;
 
 /// Ranged GETs in flight.
 const FETCHES: usize = 6;
-/// Largest coalesced GET.
-const MAX_GET: u64 = 8 << 20;
 
 /// What a restore needs.
 pub struct Job {

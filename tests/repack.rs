@@ -1,0 +1,247 @@
+//! Repacking by `blockctl repo gc`: a pack kept alive by a few records of
+//! a live snapshot is copied down to those records and the rest reclaimed;
+//! small packs (one per small incremental) are merged; every reader
+//! (restore, lazy restore, the catalog mount, `repo check`)
+//! finds the moved records through the relocations, over two generations
+//! of repacking; a damaged relocation is named and stops collection;
+//! `--max-unused unlimited` and `--dry-run` copy nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::cloud::*;
+use common::*;
+use serde_json::Value;
+
+fn gc(d: &Blockd, args: &[&str]) -> Value {
+    let mut a = vec!["-j", "repo", "gc", "--grace", "1s"];
+    a.extend_from_slice(args);
+    json(&d.ok(&a))
+}
+
+/// Collects, waits out the grace period, collects again: what the first
+/// run repacked is deleted by the second. Returns both reports.
+fn gc_twice(d: &Blockd) -> (Value, Value) {
+    let first = gc(d, &[]);
+    std::thread::sleep(Duration::from_millis(1200));
+    (first, gc(d, &[]))
+}
+
+fn bytes_under(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
+}
+
+fn check_clean(d: &Blockd) {
+    let r = json(&d.ok(&["-j", "repo", "check", "--read-data"]));
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+}
+
+/// `base` with `len` bytes at `off` replaced by seeded random bytes.
+fn rewrite(base: &Path, to: &Path, off: usize, len: usize, seed: u64) -> PathBuf {
+    let mut b = std::fs::read(base).unwrap();
+    b[off..off + len].copy_from_slice(&random_bytes(len, seed));
+    std::fs::write(to, b).unwrap();
+    to.to_path_buf()
+}
+
+fn snap(t: &Value) -> String {
+    t["snapshot"].as_str().unwrap().to_string()
+}
+
+/// Every relocation names a pack that exists: nothing points at what GC
+/// deleted (superseded relocations go with their targets).
+fn relocations_point_at_packs(objects: &Path) -> usize {
+    let relocs = files_under(&objects.join("relocs"));
+    for r in &relocs {
+        let to = r.file_name().unwrap().to_string_lossy().into_owned();
+        let pack = objects.join("packs").join(&to[..2]).join(&to);
+        assert!(pack.exists(), "{} points at a deleted pack", r.display());
+    }
+    relocs.len()
+}
+
+#[test]
+fn a_mostly_dead_pack_is_repacked_and_every_reader_finds_the_moved_records() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    let packs = objects.join("packs");
+    d.create("v", "16M");
+    // s1: 12 MiB of data, one pack. s2 rewrites the first 11 MiB: once s1
+    // is deleted its pack is 11/12 dead, kept only for s2's last MiB.
+    let img1 = image(tmp.path(), "1.img", 16 * MB, 12 * MB, 71);
+    load(&d, "v", &img1);
+    let s1 = snap(&backup(&d, &["v"]));
+    let img2 = rewrite(&img1, &tmp.path().join("2.img"), 0, 11 * MB, 73);
+    load(&d, "v", &img2);
+    let s2 = snap(&backup(&d, &["v"]));
+    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    let before = bytes_under(&packs);
+
+    // Nothing copied by a dry run, nor with `unlimited`.
+    let files = files_under(&objects);
+    let r = gc(&d, &["--dry-run"]);
+    assert_eq!(r["repacked_packs"], 1, "{r}");
+    assert!(r["unused_bytes"].as_u64().unwrap() >= 10 * MB as u64, "{r}");
+    let r = gc(&d, &["--dry-run", "--max-unused", "unlimited"]);
+    assert_eq!(r["repacked_packs"], 0, "{r}");
+    assert_eq!(files_under(&objects), files, "--dry-run changed the bucket");
+
+    // The live MiB is copied out; the old pack goes a grace period later.
+    let (r, r2) = gc_twice(&d);
+    assert_eq!(r["repacked_packs"], 1, "{r}");
+    assert_eq!(r["written_packs"], 1, "{r}");
+    let copied = r["repacked_bytes"].as_u64().unwrap();
+    assert!(
+        (MB as u64..2 * MB as u64).contains(&copied),
+        "copied {copied}: {r}"
+    );
+    assert!(
+        r2["deleted_bytes"].as_u64().unwrap() >= 11 * MB as u64,
+        "{r2}"
+    );
+    let after = bytes_under(&packs);
+    assert!(
+        after + 10 * (MB as u64) <= before,
+        "packs hold {after} bytes after repacking, {before} before"
+    );
+    assert!(relocations_point_at_packs(&objects) >= 1);
+    check_clean(&d);
+    let r = restore(&d, &s2, "full2", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img2, "full2");
+    // A lazy restore reads the moved records on demand.
+    let id = lazy_restore(&d, &s2, "lazy2");
+    assert_same(&d, &img2, "lazy2");
+    assert_eq!(wait_done(&d, &id)["state"], "Done");
+
+    // Second generation: s3 rewrites half of the moved MiB; with s2 gone
+    // the new pack is half dead and small, and moves again. Index entries
+    // still name s1's pack, long deleted.
+    let img3 = rewrite(&img2, &tmp.path().join("3.img"), 11 * MB, MB / 2, 75);
+    load(&d, "v", &img3);
+    let s3 = snap(&backup(&d, &["v"]));
+    d.ok(&["cloudsnap", "delete", "--snap", &s2]);
+    let (r, _) = gc_twice(&d);
+    assert!(r["repacked_packs"].as_u64().unwrap() >= 1, "{r}");
+    // Superseded relocations are collected too.
+    gc_twice(&d);
+    relocations_point_at_packs(&objects);
+    check_clean(&d);
+    let r = restore(&d, &s3, "full3", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img3, "full3");
+    // The next backup is an incremental on the repacked snapshot.
+    let img4 = rewrite(&img3, &tmp.path().join("4.img"), 15 * MB, 4096, 77);
+    load(&d, "v", &img4);
+    let t = backup(&d, &["v"]);
+    assert_eq!(t["full"], false, "{t}");
+    let r = restore(&d, &snap(&t), "full4", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img4, "full4");
+
+    // A damaged relocation is named, with the snapshots that need it, and
+    // collection refuses (what it references is unknown).
+    let reloc = files_under(&objects.join("relocs"))
+        .into_iter()
+        .find(|p| {
+            let to = p.file_name().unwrap().to_string_lossy().into_owned();
+            objects.join("packs").join(&to[..2]).join(&to).exists()
+        })
+        .expect("a relocation");
+    let key = reloc.strip_prefix(&objects).unwrap().display().to_string();
+    let good = std::fs::read(&reloc).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x10;
+    std::fs::write(&reloc, &bad).unwrap();
+    let out = d.blockctl(&["-j", "repo", "check"]);
+    assert!(!out.status.success());
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        r["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["object"] == key.as_str()),
+        "{r}"
+    );
+    assert!(!r["damaged"].as_array().unwrap().is_empty(), "{r}");
+    let out = d.blockctl(&["repo", "gc", "--grace", "1s"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("damaged") && e.contains(&key), "{e}");
+    std::fs::write(&reloc, &good).unwrap();
+    check_clean(&d);
+}
+
+#[test]
+fn small_packs_are_merged_and_every_snapshot_still_restores() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    let packs = objects.join("packs");
+    d.create("v", "8M");
+    let img = image(tmp.path(), "v.img", 8 * MB, 0, 1);
+    // Sixteen backups of one 4 KiB write each: a pack apiece.
+    let mut kept: Vec<(String, PathBuf)> = Vec::new();
+    for i in 0..16u64 {
+        let cmd = format!("write -P {} {} 4k", i + 1, i * 65536 + 8192);
+        qemu_io(&d.uri("v"), &[&cmd]);
+        run(std::process::Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&img)
+            .args(["-c", &cmd]));
+        let s = snap(&backup(&d, &["v"]));
+        if i % 5 == 0 || i == 15 {
+            let copy = tmp.path().join(format!("{i}.img"));
+            std::fs::copy(&img, &copy).unwrap();
+            kept.push((s, copy));
+        }
+    }
+    let before = files_under(&packs).len();
+    assert!(before >= 16, "{before} packs");
+
+    let (r, r2) = gc_twice(&d);
+    assert!(r["repacked_packs"].as_u64().unwrap() >= 16, "{r}");
+    assert_eq!(r["written_packs"], 1, "{r}");
+    assert!(r2["deleted_packs"].as_u64().unwrap() >= 16, "{r2}");
+    let after = files_under(&packs).len();
+    assert!(after <= 2, "{after} packs left of {before}");
+    check_clean(&d);
+    for (i, (s, img)) in kept.iter().enumerate() {
+        let vol = format!("r{i}");
+        let r = restore(&d, s, &vol, &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(&d, img, &vol);
+    }
+    // A merged repository needs no more merging.
+    let r = gc(&d, &[]);
+    assert_eq!(r["repacked_packs"], 0, "{r}");
+
+    // The catalog mount reads the moved records too.
+    if require_tools(&["fusermount3"])
+        && skip_unless(is_root(), "the catalog mount needs root")
+        && skip_unless(Path::new("/dev/fuse").exists(), "no /dev/fuse")
+    {
+        let dir = tmp.path().join("cat");
+        std::fs::create_dir_all(&dir).unwrap();
+        d.ok(&["mount", dir.to_str().unwrap()]);
+        let (s, img) = &kept[1];
+        let name = s.split_once('/').unwrap().1;
+        let read = std::fs::read(dir.join(format!("v/{name}/disk.img")));
+        d.ok(&["umount", dir.to_str().unwrap()]);
+        assert_eq!(read.unwrap(), std::fs::read(img).unwrap());
+    }
+}
