@@ -41,7 +41,7 @@ fn gc(d: &Blockd) -> Option<Value> {
     }
     // Another collector holds the bucket: fine, it is doing the work.
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("another collector"), "{e}");
+    assert!(e.contains("another collector"), "repo gc failed: {e}");
     None
 }
 

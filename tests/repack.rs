@@ -245,3 +245,93 @@ fn small_packs_are_merged_and_every_snapshot_still_restores() {
         assert_eq!(read.unwrap(), std::fs::read(img).unwrap());
     }
 }
+
+/// kill -9 while a collection repacks (slowed by a flaky store), restart,
+/// collect again: the crashed run's session does not hold the sweeps, the
+/// small packs are merged and reclaimed, every snapshot restores.
+#[test]
+fn kill9_while_repacking_then_gc_again_loses_nothing() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    d.create("v", "8M");
+    let img = image(tmp.path(), "v.img", 8 * MB, 0, 1);
+    let mut kept: Vec<(String, PathBuf)> = Vec::new();
+    for i in 0..24u64 {
+        let cmd = format!("write -P {} {} 4k", i + 1, i * 65536);
+        qemu_io(&d.uri("v"), &[&cmd]);
+        run(std::process::Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&img)
+            .args(["-c", &cmd]));
+        let s = snap(&backup(&d, &["v"]));
+        if i % 8 == 7 {
+            let copy = tmp.path().join(format!("{i}.img"));
+            std::fs::copy(&img, &copy).unwrap();
+            kept.push((s, copy));
+        }
+    }
+    let before = files_under(&objects.join("packs")).len();
+    assert!(before >= 24, "{before} packs");
+
+    assert!(d.terminate().success());
+    d.env.push(("BLOCKD_FAULT_INJECT".into(), "0.15".into()));
+    d.spawn();
+    let mut run = std::process::Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["repo", "gc", "--grace", "1s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed as soon as the collector has registered to repack.
+    let sessions = objects.join("locks/sessions");
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while files_under(&sessions).is_empty()
+        && std::time::Instant::now() < end
+        && run.try_wait().unwrap().is_none()
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.kill9();
+    let out = run.wait_with_output().unwrap();
+    let left = files_under(&sessions);
+    assert!(
+        left.iter()
+            .any(|p| p.file_name().unwrap().to_string_lossy().starts_with("gc-")),
+        "not killed while repacking: {left:?}; repo gc said: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+
+    d.env.clear();
+    d.spawn();
+    let (r, r2) = gc_twice(&d);
+    // Its session (and any write it left unfinished) is gone.
+    let stays = files_under(&sessions);
+    assert!(stays.is_empty(), "a crashed run's session stays: {stays:?}");
+    let partial: Vec<_> = files_under(&objects)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains('#'))
+        .collect();
+    assert!(partial.is_empty(), "unfinished writes stay: {partial:?}");
+    assert_eq!(r2["held_marks"], 0, "{r} {r2}");
+    assert!(r2["deleted_packs"].as_u64().unwrap() >= 24, "{r} {r2}");
+    // Whatever the crashed run wrote (a pack, relocations) is either in
+    // use or reclaimed by the next runs.
+    gc_twice(&d);
+    let after = files_under(&objects.join("packs")).len();
+    assert!(after <= 3, "{after} packs left of {before}");
+    relocations_point_at_packs(&objects);
+    check_clean(&d);
+    for (i, (s, img)) in kept.iter().enumerate() {
+        let vol = format!("r{i}");
+        let r = restore(&d, s, &vol, &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(&d, img, &vol);
+    }
+}

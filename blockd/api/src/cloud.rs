@@ -772,6 +772,11 @@ pub struct GcReport {
     /// Packs left as they are, with why (a damaged record is never copied).
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// Unfinished writes found in a local directory location (files a
+    /// writer killed mid-write left beside its objects), deleted once
+    /// older than the grace period; their bytes count in `deleted_bytes`.
+    #[serde(default)]
+    pub deleted_partial: u64,
 }
 
 /// Body of `POST /v1/schedules`: pxctl's `cloudsnap schedules create`.

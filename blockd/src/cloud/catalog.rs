@@ -98,6 +98,8 @@ impl Cloud {
                     });
                 }
                 Err(RepoError::Corrupt { .. }) => {}
+                // Deleted since it was listed.
+                Err(RepoError::Missing { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }

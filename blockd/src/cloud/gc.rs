@@ -105,6 +105,7 @@ impl Cloud {
             own_run_is_dead: true,
             max_unused: req.max_unused.unwrap_or(self.gc_max_unused),
             deadline: self.backup_deadline,
+            local_dir: self.locations.local_dir(&location)?,
         };
         let o = gc::collect(&repo, &opts).await.map_err(CloudError::Gc)?;
         tracing::info!(
@@ -117,6 +118,7 @@ impl Cloud {
             repacked = o.repacked_packs,
             unused_bytes = o.unused_bytes,
             skipped = o.skipped.len(),
+            partial = o.deleted_partial,
             "garbage collected"
         );
         Ok(o)

@@ -344,6 +344,28 @@ impl Locations {
         }
     }
 
+    /// The directory a local location's objects live in (under its
+    /// prefix); `None` for a cloud provider.
+    ///
+    /// # Errors
+    /// Unknown location; database errors.
+    pub fn local_dir(&self, name: &str) -> Result<Option<PathBuf>, CloudError> {
+        let (_, s, _) = self.row(name)?;
+        if s.provider.unwrap_or(Provider::Local) != Provider::Local {
+            return Ok(None);
+        }
+        let dir = s
+            .path
+            .as_ref()
+            .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
+        Ok(Some(
+            match s.prefix.as_deref().map(|p| p.trim_matches('/')) {
+                Some(p) if !p.is_empty() => dir.join(p),
+                _ => dir,
+            },
+        ))
+    }
+
     /// Every location.
     ///
     /// # Errors

@@ -46,6 +46,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 const UNREADABLE_DEADLINE: u64 = 7 * 24 * 3600;
 /// Deletes in flight.
 const DELETES: usize = 16;
+/// Name prefix of a collector's own session (while it repacks).
+const COLLECTOR_SESSION: &str = "gc-";
 
 fn mark_key(id: &str) -> String {
     format!("locks/marks/{id}")
@@ -190,6 +192,9 @@ pub struct Options {
     /// Deadline of the collector's own session while it repacks (as a
     /// backup's).
     pub deadline: Duration,
+    /// For a local directory location, the directory its objects are
+    /// in: unfinished writes left there by killed writers are removed.
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl Repo {
@@ -368,22 +373,34 @@ impl Repo {
     }
 
     /// Sessions: (task id, written, deadline), expired ones included.
-    async fn sessions(&self) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
+    /// With `dead_host`, that host's collector sessions (`gc-*`) are
+    /// removed instead: its collection is known not to run, so they are a
+    /// crashed run's, and would hold every sweep until their deadline.
+    async fn sessions(
+        &self,
+        dead_host: Option<&str>,
+    ) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
         let mut out = Vec::new();
         for l in self.objects.list_meta("locks/sessions").await? {
             let Some(id) = l.key.strip_prefix("locks/sessions/") else {
                 continue;
             };
-            let deadline = match self.objects.get_meta(&l.key).await {
+            let body = match self.objects.get_meta(&l.key).await {
                 Ok(bytes) => format::open_envelope(SESSION_MAGIC, &bytes)
                     .ok()
                     .and_then(|s| self.keys.open(l.key.as_bytes(), s).ok())
-                    .and_then(|j| serde_json::from_slice::<SessionBody>(&j).ok())
-                    .map(|b| b.deadline_secs),
+                    .and_then(|j| serde_json::from_slice::<SessionBody>(&j).ok()),
                 Err(RepoError::Missing { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            out.push((id.to_string(), l.modified, deadline));
+            if id.starts_with(COLLECTOR_SESSION)
+                && body.as_ref().map(|b| b.host.as_str()) == dead_host
+                && dead_host.is_some()
+            {
+                self.objects.delete(&l.key).await?;
+                continue;
+            }
+            out.push((id.to_string(), l.modified, body.map(|b| b.deadline_secs)));
         }
         Ok(out)
     }
@@ -493,7 +510,9 @@ async fn collect_held(
     // Order matters: sessions, then marks, then manifests (the walk). A
     // backup whose session is gone by the listing wrote its manifest
     // before, so the walk sees it.
-    let sessions = repo.sessions().await?;
+    let sessions = repo
+        .sessions(opts.own_run_is_dead.then_some(opts.host.as_str()))
+        .await?;
     let marks = repo.marks().await?;
     let walk = refs::walk(repo).await?;
     if let Some(first) = walk.problems.first() {
@@ -646,7 +665,7 @@ async fn collect_held(
         // relocations are written (rule 2).
         let mut tag = [0u8; 8];
         super::crypto::fill_random(&mut tag);
-        let task = format!("gc-{}", hex::encode(tag));
+        let task = format!("{COLLECTOR_SESSION}{}", hex::encode(tag));
         let session = repo.open_session(&task, &opts.host, opts.deadline).await?;
         let r = repack::repack(repo, &walk, &choice.packs, &sizes, &session).await;
         let _ = repo.close_session(&task).await;
@@ -697,6 +716,22 @@ async fn collect_held(
         mark.id = format!("{}-{}", mark.cut_ms, hex::encode(tag));
         repo.put_mark(&mark).await?;
     }
+    if let Some(dir) = &opts.local_dir {
+        // Older than the grace period, and than every writer that may
+        // still run (a later writer's files are newer than this listing).
+        let mut cut = now.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
+        for (_, started, deadline) in &sessions {
+            if *started + Duration::from_secs(deadline.unwrap_or(UNREADABLE_DEADLINE)) > now {
+                cut = cut.min(*started);
+            }
+        }
+        let dir = dir.clone();
+        let (n, bytes) = tokio::task::spawn_blocking(move || unfinished_writes(&dir, cut))
+            .await
+            .unwrap_or_default();
+        out.deleted_partial = n;
+        out.deleted_bytes += bytes;
+    }
     // Registrations of backups long past their deadline are dead weight.
     for (t, started, deadline) in &sessions {
         if deadline.is_some_and(|d| *started + Duration::from_secs(d) + HEARTBEAT_LAPSE < now) {
@@ -706,9 +741,61 @@ async fn collect_held(
     Ok(out)
 }
 
+/// Removes the unfinished writes under a local directory location last
+/// modified before `cut`: a local write goes to `NAME#N` beside its
+/// object and is renamed into place when complete, so a writer killed
+/// mid-write leaves that file, which no listing shows and nothing else
+/// removes. No object name has a `#`. Returns (files, bytes); what cannot
+/// be read or removed is logged and left for the next run.
+fn unfinished_writes(dir: &std::path::Path, cut: SystemTime) -> (u64, u64) {
+    let (mut n, mut bytes) = (0, 0);
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(e.path());
+                continue;
+            }
+            if !meta.is_file()
+                || !e.file_name().to_string_lossy().contains('#')
+                || !meta.modified().is_ok_and(|m| m < cut)
+            {
+                continue;
+            }
+            if let Err(error) = std::fs::remove_file(e.path()) {
+                tracing::warn!(file = %e.path().display(), %error, "cannot remove an unfinished write");
+                continue;
+            }
+            n += 1;
+            bytes += meta.len();
+        }
+    }
+    (n, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_unfinished_writes_older_than_the_cut_go() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("packs/ab");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("abcd"), b"object").unwrap();
+        std::fs::write(sub.join("abce#1"), b"partial").unwrap();
+        std::fs::write(d.path().join("config#3"), b"p").unwrap();
+        // Nothing is older than a cut in the past.
+        assert_eq!(unfinished_writes(d.path(), UNIX_EPOCH), (0, 0));
+        let later = SystemTime::now() + Duration::from_secs(5);
+        assert_eq!(unfinished_writes(d.path(), later), (2, 8));
+        assert!(sub.join("abcd").exists());
+        assert!(!sub.join("abce#1").exists());
+    }
 
     fn at(ms: u64) -> SystemTime {
         from_millis(ms)

@@ -182,7 +182,46 @@ pub async fn walk(repo: &Repo) -> Result<Refs, RepoError> {
     }
     drop(read);
     resolve(repo, &mut refs).await?;
+    settle(repo, &mut refs).await?;
     Ok(refs)
+}
+
+/// Drops the damage that a concurrent delete explains: a manifest listed
+/// and gone by its read, an index block or relocation that only deleted
+/// snapshots needed (collected after them). What the remaining
+/// snapshots need stays a problem.
+async fn settle(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
+    if refs.problems.is_empty() {
+        return Ok(());
+    }
+    let mut gone = RoaringBitmap::new();
+    let needed: RoaringBitmap =
+        refs.problems
+            .iter()
+            .map(|p| &p.snapshots)
+            .fold(RoaringBitmap::new(), |mut a, s| {
+                a |= s;
+                a
+            });
+    for s in &needed {
+        let id = &refs.snapshots[s as usize];
+        let Some((v, n)) = id.rsplit_once('/') else {
+            continue;
+        };
+        if !name::is_valid(n) {
+            continue;
+        }
+        match repo.get_manifest(v, n).await {
+            Err(RepoError::Missing { .. }) => {
+                gone.insert(s);
+            }
+            Ok(_) | Err(RepoError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    refs.problems
+        .retain(|p| p.snapshots.is_empty() || !p.snapshots.is_subset(&gone));
+    Ok(())
 }
 
 /// Moves the references to records of repacked packs to where the

@@ -184,6 +184,13 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), String> {
         for s in &r.skipped {
             line(format_args!("not repacked: {s}"));
         }
+        if r.deleted_partial > 0 {
+            line(format_args!(
+                "{} {} unfinished write(s) left by killed writers",
+                if r.dry_run { "would delete" } else { "deleted" },
+                r.deleted_partial
+            ));
+        }
         if r.kept > 0 {
             line(format_args!("kept {} condemned object(s) found in use again", r.kept));
         }
