@@ -377,3 +377,91 @@ fn exec_hooks_success_failure_timeout() {
         "snapshots of a deleted volume left on disk"
     );
 }
+
+/// One write without a flush: its COW copy stays in the page cache only
+/// (libnbd's shutdown sends no FLUSH).
+const UNSYNCED_WRITE: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([0x22]) * 65536, 0)
+h.shutdown()
+"#;
+
+#[test]
+fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
+    if !require_tools(&["qemu-io", "nbdsh", "nbdinfo", "nbdcopy"]) {
+        return;
+    }
+    // Retried failures slow the backup that is underway at the crash.
+    let mut d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.3")]);
+    let tmp = tempfile::tempdir().unwrap();
+    // v: overwritten after its snapshot, no flush; w: the same, flushed.
+    for n in ["v", "w"] {
+        d.create(n, "8M");
+        qemu_io(&d.uri(n), &["write -P 0x11 0 8M"]);
+        d.ok(&["snapshot", "create", n, "--name", "s"]);
+    }
+    // b: a backup reading its frozen image when the host goes down.
+    d.create("b", "64M");
+    let img = common::cloud::image(tmp.path(), "b.img", 64 << 20, 64 << 20, 3);
+    common::cloud::load(&d, "b", &img);
+    let task = common::cloud::backup_underway(&d, &["b"], 1);
+    nbdsh(UNSYNCED_WRITE, &[&d.uri("b")]);
+    nbdsh(UNSYNCED_WRITE, &[&d.uri("v")]);
+    qemu_io(&d.uri("w"), &["write -P 0x22 0 64k", "flush"]);
+    let snaps = d.dir.path().join("snapshots");
+    assert!(snaps.join("v/s/cow.unsynced").exists());
+    assert!(!snaps.join("w/s/cow.unsynced").exists());
+
+    // The host goes down: blockd starts again in another boot.
+    d.kill9();
+    d.env.clear();
+    d.env
+        .push(("BLOCKD_TEST_BOOT_ID".into(), "another-boot".into()));
+    d.spawn();
+    let damaged = |d: &Blockd, id: &str| -> serde_json::Value {
+        let l: serde_json::Value =
+            serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+        l.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["export"] == id)
+            .unwrap_or_else(|| panic!("{id} not listed: {l}"))["damaged"]
+            .clone()
+    };
+    let why = damaged(&d, "v@s");
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("host went down")),
+        "{why}"
+    );
+    assert!(damaged(&d, "w@s").is_null());
+    assert!(d.ok(&["snapshot", "list"]).contains("DAMAGED"));
+    // Never exported...
+    let out = Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .arg(d.uri("v@s"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("v@s is damaged"), "{e}");
+    // ... while the flushed one still reads its frozen contents.
+    let frozen = tmp.path().join("w.img");
+    export_to_file(&snap_uri(&d, "w@s"), &frozen);
+    assert!(read_file(&frozen).iter().all(|&b| b == 0x11));
+    // Never backed up: the resumed backup fails and says why; the next
+    // one reads the whole volume.
+    let t = common::cloud::wait_until(&d, &task, |_| false);
+    assert_eq!(t["state"], "Failed", "{t}");
+    assert!(t["error"].as_str().unwrap().contains("is damaged"), "{t}");
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "b"])).unwrap();
+    assert_eq!(v["tracking_known"], false, "{v}");
+    // The damage is remembered across restarts, and the snapshot can go.
+    assert!(d.terminate().success());
+    d.spawn();
+    assert!(damaged(&d, "v@s").is_string());
+    d.ok(&["snapshot", "delete", "v@s"]);
+    let _ = tmp;
+}

@@ -60,6 +60,23 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// This boot of the kernel (`/proc/sys/kernel/random/boot_id`): what the
+/// page cache held survives a crash of the process, not of the host, so
+/// records written without an fsync are trusted only within the boot that
+/// wrote them. `BLOCKD_TEST_BOOT_ID` replaces it, so tests can play a
+/// host crash by restarting the daemon "in another boot".
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        if let Some(b) = std::env::var_os("BLOCKD_TEST_BOOT_ID").filter(|b| !b.is_empty()) {
+            return b.to_string_lossy().into_owned();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

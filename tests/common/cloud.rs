@@ -194,3 +194,20 @@ pub fn backed_up(
     backup(d, &[vol]);
     img
 }
+
+/// Starts `cloudsnap backup ARGS` and returns its task id once it has
+/// uploaded `mb` MiB, still running.
+pub fn backup_underway(d: &Blockd, args: &[&str], mb: usize) -> String {
+    let mut a = vec!["-j", "cloudsnap", "backup"];
+    a.extend_from_slice(args);
+    let s = json(&d.ok(&a));
+    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= (mb * MB) as u64
+    });
+    assert_eq!(
+        t["state"], "Active",
+        "finished too soon: make it bigger: {t}"
+    );
+    id
+}

@@ -150,6 +150,11 @@ pub struct Snapshot {
     pub pre_exec: Option<Hook>,
     /// Post-exec outcome.
     pub post_exec: Option<Hook>,
+    /// Why the frozen image cannot be trusted (the host went down with
+    /// copy-on-write data not on disk); such a snapshot is neither
+    /// exported nor backed up.
+    #[serde(default)]
+    pub damaged: Option<String>,
 }
 
 /// Daemon facts returned by `GET /v1/info`.

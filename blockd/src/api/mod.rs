@@ -247,6 +247,7 @@ fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
         changes_known: m.changes_known,
         pre_exec: m.pre_exec.map(Into::into),
         post_exec: m.post_exec.map(Into::into),
+        damaged: m.damaged,
     }
 }
 

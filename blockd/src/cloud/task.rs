@@ -261,6 +261,13 @@ impl Cloud {
                     .map(|(_, n)| n.to_string())
                     .unwrap_or_default();
                 match self.snapshots.get(&r.task.volume, &snap_name) {
+                    Some(s) if s.damaged().is_some() => {
+                        if let Some(v) = self.volumes.get(&r.task.volume) {
+                            v.dirty.lose();
+                        }
+                        let why = s.damaged().unwrap_or_default();
+                        self.fail_record(r, &format!("not backed up: local snapshot {} is damaged: {why}; change tracking is reset so the next backup reads the whole volume", s.id()));
+                    }
                     Some(s) => self.spawn_backup(r, s, claim, None),
                     None => {
                         if let Some(v) = self.volumes.get(&r.task.volume) {

@@ -53,6 +53,10 @@ pub trait Exports {
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
     /// Every export, for NBD_OPT_LIST: `(name, description)`.
     fn list(&self) -> Vec<(String, String)>;
+    /// Why an export of that name exists but is not served, if it is so.
+    fn refused(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Metadata context id of `base:allocation`.
@@ -357,6 +361,10 @@ impl Negotiation {
             return (out, Next::Continue);
         };
         let Some(export) = exports.lookup(name) else {
+            if let Some(why) = exports.refused(name) {
+                option_error(&mut out, option, REP_ERR_POLICY, &why);
+                return (out, Next::Continue);
+            }
             option_error(
                 &mut out,
                 option,

@@ -79,7 +79,11 @@ impl NbdContext {
                 .map(Source::Volume),
             Some((vol, snap)) => {
                 let v = self.store.get(vol)?;
-                let s = self.snapshots.get(vol, snap)?;
+                // A damaged frozen image is never read as if it were good.
+                let s = self
+                    .snapshots
+                    .get(vol, snap)
+                    .filter(|s| s.damaged().is_none())?;
                 Some(Source::Snapshot(v, s))
             }
         }
@@ -110,9 +114,16 @@ impl Exports for StoreExports<'_> {
             .map(|v| (v.name().to_string(), description(v)))
             .collect();
         for s in self.0.snapshots.list(None) {
-            out.push((s.id(), format!("blockd snapshot {} (read-only)", s.id())));
+            if s.damaged().is_none() {
+                out.push((s.id(), format!("blockd snapshot {} (read-only)", s.id())));
+            }
         }
         out
+    }
+    fn refused(&self, name: &str) -> Option<String> {
+        let (vol, snap) = name.split_once('@')?;
+        let why = self.0.snapshots.get(vol, snap)?.damaged()?;
+        Some(format!("snapshot {name} is damaged: {why}"))
     }
 }
 

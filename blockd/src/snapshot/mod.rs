@@ -401,6 +401,7 @@ impl Snapshots {
                 changed_extents: changes.extents.len(),
                 pre_exec: None,
                 post_exec: None,
+                damaged: None,
             };
             let s = Arc::new(SnapshotStore::new(
                 self.dir.join(v.name()).join(name),

@@ -10,6 +10,8 @@
 //!                  u32 LE | reserved u32 (zero)
 //! meta.json      the snapshot record; written last at creation: the
 //!                commit point (a directory without it is discarded)
+//! cow.unsynced   present (durably, holding the kernel's boot id) while
+//!                COW data may not be on disk
 //! ```
 //! Crash rule (process crash, `kill -9`): before a write overwrites an
 //! extent the frozen image still needs, the old contents are written to
@@ -17,6 +19,17 @@
 //! proceed. The page cache keeps those writes across a crash of blockd, so
 //! after restart every overwritten extent is found in the index. FLUSH
 //! fsyncs the COW files before the volume (see kernel-notes).
+//!
+//! A host crash loses the page cache, and writeback may have stored an
+//! overwrite without the copy it displaced: the frozen image would then
+//! read data written after the freeze. So the first copy after a sync
+//! first creates `cow.unsynced` durably (one fsync of a tiny file and the
+//! directory per flush interval), and a sync that leaves no copy unsynced
+//! removes it. Found at start with another boot id, it means the host
+//! went down with copies not on disk: the snapshot is marked damaged
+//! (persisted in `meta.json`), listed as such, and refused for export and
+//! backup, never read as if it were good. Found with this boot id, only
+//! blockd stopped: the page cache still holds every copy.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,6 +45,8 @@ use crate::volume::dirty_map::{self, ChangeSet};
 use crate::volume::FrozenImage;
 
 const RECORD_LEN: usize = 16;
+/// Present while COW data may not be on disk (see the module docs).
+const UNSYNCED: &str = "cow.unsynced";
 
 /// The persisted record of a snapshot (`meta.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +74,10 @@ pub struct SnapshotMeta {
     pub pre_exec: Option<HookRecord>,
     /// Output of the post-exec hook, if any.
     pub post_exec: Option<HookRecord>,
+    /// Why the frozen image cannot be trusted (a host crash with
+    /// copy-on-write data not on disk); `None` when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// What an exec hook did.
@@ -125,6 +144,8 @@ pub struct SnapshotStore {
     index: Mutex<HashMap<u32, u32>>,
     /// COW data written since the last sync.
     unsynced: AtomicBool,
+    /// `cow.unsynced` exists (changed with the index lock held).
+    marked: AtomicBool,
     /// Cancelled when the snapshot is deleted: its export connections end.
     pub closing: tokio_util::sync::CancellationToken,
 }
@@ -195,6 +216,7 @@ impl SnapshotStore {
             index_file: files.1,
             index: Mutex::new(HashMap::new()),
             unsynced: AtomicBool::new(false),
+            marked: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
         }
     }
@@ -279,7 +301,13 @@ impl SnapshotStore {
             }
             index.insert(extent, slot);
         }
-        Ok(Some(Self {
+        let marker = dir.join(UNSYNCED);
+        let marked = match std::fs::read_to_string(&marker) {
+            Ok(boot) => Some(boot.trim().to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&id, &marker)(e)),
+        };
+        let s = Self {
             dir: dir.to_path_buf(),
             size: meta.size,
             extent_size: meta.extent_size,
@@ -288,9 +316,31 @@ impl SnapshotStore {
             data,
             index_file,
             index: Mutex::new(index),
-            unsynced: AtomicBool::new(false),
+            unsynced: AtomicBool::new(marked.is_some()),
+            marked: AtomicBool::new(marked.is_some()),
             closing: tokio_util::sync::CancellationToken::new(),
-        }))
+        };
+        if let Some(boot) = marked.filter(|b| b != crate::durable::boot_id()) {
+            tracing::error!(snapshot = %id, "the host went down with copy-on-write data of this snapshot not on disk: it is marked damaged");
+            s.update_meta(|m| {
+                m.damaged = Some(format!(
+                    "the host went down (boot {boot}) before copy-on-write data of this snapshot \
+                     reached the disk: its frozen image may read data written after it; \
+                     delete it and take a new snapshot"
+                ));
+            });
+            // Recorded before the marker goes: the damage outlives it.
+            s.write_meta()?;
+            std::fs::remove_file(&marker).map_err(io_err(&id, &marker))?;
+            s.marked.store(false, Ordering::SeqCst);
+            s.unsynced.store(false, Ordering::SeqCst);
+        }
+        Ok(Some(s))
+    }
+
+    /// Why the frozen image cannot be trusted, if it cannot.
+    pub fn damaged(&self) -> Option<String> {
+        self.meta().damaged
     }
 
     /// Frozen image size in bytes.
@@ -325,6 +375,13 @@ impl SnapshotStore {
             return Ok(());
         }
         let slot = u32::try_from(index.len()).map_err(|_| io::Error::other("COW index full"))?;
+        if !self.marked.load(Ordering::SeqCst) {
+            crate::durable::write_atomic(
+                &self.dir.join(UNSYNCED),
+                crate::durable::boot_id().as_bytes(),
+            )?;
+            self.marked.store(true, Ordering::SeqCst);
+        }
         let es = self.extent_size;
         self.data.write_all_at(old, u64::from(slot) * es)?;
         let mut rec = [0u8; RECORD_LEN];
@@ -368,8 +425,24 @@ impl SnapshotStore {
             .and_then(|()| self.index_file.sync_data());
         if r.is_err() {
             self.unsynced.store(true, Ordering::SeqCst);
+            return r;
         }
-        r
+        // No copy since the swap (a copy holds the index lock from its
+        // marker check until it sets `unsynced`): everything is on disk.
+        let index = self.lock_index();
+        if self.unsynced.load(Ordering::SeqCst) || !self.marked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match std::fs::remove_file(self.dir.join(UNSYNCED)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.marked.store(false, Ordering::SeqCst);
+        drop(index);
+        // Lost, the removal only makes a later host crash report a
+        // snapshot damaged that is not.
+        crate::durable::sync_dir(&self.dir)
     }
 
     /// Bytes of preserved data.

@@ -67,7 +67,7 @@ impl Volume {
             .retain(|s| !std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(image)));
     }
 
-    fn held_images(&self) -> Vec<Arc<dyn FrozenImage>> {
+    pub(super) fn held_images(&self) -> Vec<Arc<dyn FrozenImage>> {
         self.held
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -481,8 +481,11 @@ impl Volume {
 
     /// fsync of data and metadata (and the present map of a lazy
     /// restore: a clean shutdown keeps every acknowledged write), used at
-    /// shutdown.
+    /// shutdown; the COW data of held snapshots first, as on a flush.
     pub fn sync_all(&self) -> io::Result<()> {
+        for s in self.held_images() {
+            s.sync()?;
+        }
         let lazy = self.lazy();
         let map = lazy.as_ref().map(|l| l.checkpoint());
         self.file.sync_all()?;

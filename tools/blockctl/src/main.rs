@@ -325,9 +325,9 @@ async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(),
 /// Prints the `snapshot list` table.
 fn print_snapshots(snaps: &[Snapshot]) {
     let header = [
-        "SNAPSHOT", "GROUP", "CREATED", "SIZE", "CHANGED", "COW", "PAUSE",
+        "SNAPSHOT", "GROUP", "CREATED", "SIZE", "CHANGED", "COW", "PAUSE", "STATE",
     ];
-    let rows: Vec<[String; 7]> = snaps
+    let rows: Vec<[String; 8]> = snaps
         .iter()
         .map(|s| {
             [
@@ -342,6 +342,11 @@ fn print_snapshots(snaps: &[Snapshot]) {
                 },
                 human_size(s.cow_bytes),
                 format!("{:.3} ms", s.pause_us as f64 / 1000.0),
+                if s.damaged.is_some() {
+                    "DAMAGED (see inspect)".into()
+                } else {
+                    "ok".into()
+                },
             ]
         })
         .collect();
@@ -373,6 +378,9 @@ fn print_snapshot(s: &Snapshot) {
         );
     }
     field("COW data", human_size(s.cow_bytes));
+    if let Some(why) = &s.damaged {
+        field("DAMAGED", why);
+    }
     output::freeze(s.pause_us, s.pre_exec.as_ref(), s.post_exec.as_ref());
 }
 

@@ -269,7 +269,5 @@ fn write_fetch(
 /// This boot of the kernel: restore records written without an fsync are
 /// trusted only within the boot that wrote them.
 fn boot_tag() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| format!("boot:{}", s.trim()))
-        .unwrap_or_else(|_| "boot:unknown".into())
+    format!("boot:{}", crate::durable::boot_id())
 }
