@@ -48,6 +48,9 @@ pub struct Config {
     pub change_tracking: bool,
     /// Backups, restores and locations.
     pub cloud: crate::cloud::Settings,
+    /// Group whose members may use the control API (name or number);
+    /// `None`: `blockd` if that group exists.
+    pub api_group: Option<String>,
 }
 
 /// The default state directory: `/var/lib/blockd` for root, else
@@ -93,20 +96,107 @@ impl Daemon {
     }
 }
 
-fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
-    // We hold the state-dir lock, so a socket file left here is stale.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+/// A socket path this daemon owns while it runs: `PATH.lock` is held
+/// (flock) for the daemon's life, so a second daemon, whatever its state
+/// directory, cannot take the path over.
+struct BoundSocket {
+    path: PathBuf,
+    ino: u64,
+    _lock: std::fs::File,
+}
+
+impl BoundSocket {
+    /// Removes the socket, if it is still the one bound.
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Binds a Unix socket at `path` (named by `flag` in messages). Only a
+/// stale socket is replaced: one no blockd holds and nothing answers on.
+/// Anything else there (a regular file, a directory, a live socket) is
+/// refused, untouched.
+fn bind_unix(
+    path: &Path,
+    flag: &str,
+    mode: u32,
+    group: Option<u32>,
+) -> anyhow::Result<(UnixListener, BoundSocket)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("opening {} (the lock of {flag})", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another blockd serves {} (it holds {}): stop it, or pass another {flag}",
+            path.display(),
+            lock_path.display()
+        )
+    })?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "{} is a socket another program answers on: stop it, or pass another {flag}",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket: blockd only replaces a stale socket; move it away, or pass another {flag}",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))?;
-    Ok(listener)
+    if let Some(g) = group {
+        std::os::unix::fs::chown(path, None, Some(g))
+            .with_context(|| format!("chgrp {g} {}", path.display()))?;
+    }
+    let ino = std::fs::symlink_metadata(path)
+        .with_context(|| format!("checking {}", path.display()))?
+        .ino();
+    Ok((
+        listener,
+        BoundSocket {
+            path: path.to_path_buf(),
+            ino,
+            _lock: lock,
+        },
+    ))
+}
+
+/// The control API's group: `name` (a group name or number) when given,
+/// which must exist; else `blockd` when that group exists.
+fn api_group(name: Option<&str>) -> anyhow::Result<(Option<u32>, String)> {
+    let wanted = name.unwrap_or("blockd");
+    if let Ok(gid) = wanted.parse::<u32>() {
+        return Ok((Some(gid), wanted.to_string()));
+    }
+    match nix::unistd::Group::from_name(wanted) {
+        Ok(Some(g)) => Ok((Some(g.gid.as_raw()), wanted.to_string())),
+        Ok(None) if name.is_none() => Ok((None, wanted.to_string())),
+        Ok(None) => anyhow::bail!(
+            "--api-group {wanted}: no such group; create it (groupadd {wanted}) or name another"
+        ),
+        Err(e) => Err(e).with_context(|| format!("looking up group {wanted}")),
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -159,8 +249,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker.clone(),
     )
     .context("opening locations and tasks")?;
-    let api_listener = bind_unix(&config.api_socket, 0o600)?;
-    let nbd_listener = bind_unix(&config.nbd_socket, 0o660)?;
+    let (group, group_name) = api_group(config.api_group.as_deref())?;
+    let access = crate::api::access::Access {
+        owner: rustix::process::geteuid().as_raw(),
+        group,
+        group_name,
+    };
+    let (api_listener, api_bound) = bind_unix(&config.api_socket, "--api-socket", 0o660, group)?;
+    let (nbd_listener, nbd_bound) = bind_unix(&config.nbd_socket, "--nbd-socket", 0o660, group)?;
     let tcp_listener = match config.nbd_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -191,7 +287,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         engine: engine_name,
     });
     let mounts = daemon.mounts.clone();
-    let api = axum::serve(api_listener, crate::api::router(daemon))
+    let api = axum::serve(api_listener, crate::api::service(daemon, access))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let api_task = tokio::spawn(async move {
         if let Err(e) = api.await {
@@ -238,9 +334,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.sync_all()).await?;
-    for p in [&config.api_socket, &config.nbd_socket] {
-        let _ = std::fs::remove_file(p);
-    }
+    api_bound.remove();
+    nbd_bound.remove();
     tracing::info!("blockd stopped cleanly");
     drop(lock);
     Ok(())

@@ -27,6 +27,10 @@ struct Args {
     /// NBD Unix socket [default: STATE_DIR/nbd.sock]
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
+    /// Group whose members may use the control API and the NBD socket
+    /// (a name or number) [default: blockd, when that group exists]
+    #[arg(long, env = "BLOCKD_API_GROUP", value_name = "GROUP")]
+    api_group: Option<String>,
     /// Also serve NBD on TCP at ADDR:PORT (off by default)
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<SocketAddr>,
@@ -124,6 +128,10 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    // Everything blockd creates (volumes, snapshots, the state database,
+    // repository objects in a local directory) is its own: 0600 files in
+    // 0700 directories. Sockets are then opened up explicitly.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     if !(0.0..=3600.0).contains(&args.shutdown_grace) {
         anyhow::bail!("--shutdown-grace must be between 0 and 3600 seconds");
     }
@@ -148,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             gc_every: args.gc_every.0,
             gc_max_unused: args.gc_max_unused,
         },
+        api_group: args.api_group,
         state_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

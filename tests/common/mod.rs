@@ -194,12 +194,20 @@ impl Blockd {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The value of `--FLAG` among the extra arguments.
+    fn arg(&self, flag: &str) -> Option<PathBuf> {
+        let i = self.extra_args.iter().position(|a| a == flag)?;
+        self.extra_args.get(i + 1).map(PathBuf::from)
+    }
+
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
+        self.arg("--api-socket")
+            .unwrap_or_else(|| self.dir.path().join("api.sock"))
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
-        self.dir.path().join("nbd.sock")
+        self.arg("--nbd-socket")
+            .unwrap_or_else(|| self.dir.path().join("nbd.sock"))
     }
 
     /// `nbd+unix:///EXPORT?socket=...`

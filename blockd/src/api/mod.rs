@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolume};
 use serde::de::DeserializeOwned;
 
+pub mod access;
 mod cloud;
 mod mount;
 
@@ -132,6 +133,19 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             }
         })
         .with_state(daemon)
+}
+
+/// The control API as served: every request passes [`access::guard`].
+pub fn service(
+    daemon: Arc<Daemon>,
+    access: access::Access,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, access::Peer> {
+    router(daemon)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            access::guard,
+        ))
+        .into_make_service_with_connect_info::<access::Peer>()
 }
 
 fn to_api(v: &Volume) -> blockd_api::Volume {

@@ -27,8 +27,11 @@ use roaring::RoaringBitmap;
 use super::refs::{self, Found, Refs};
 use super::{PackId, Repo, RepoError};
 
-/// Packs read at once.
+/// Pack trailers read at once.
 const READS: usize = 8;
+/// Packs read whole at once (`--read-data`): memory is about twice the
+/// pack size per read in flight.
+const FULL_READS: usize = 3;
 
 /// What one pack held against what the index blocks want of it.
 struct PackVerdict {
@@ -101,7 +104,7 @@ pub async fn check(
         let repo = repo.clone();
         async move { verdict(&repo, id, size, &want, full).await }
     }))
-    .buffer_unordered(READS)
+    .buffer_unordered(if read_data { FULL_READS } else { READS })
     .collect::<Vec<_>>()
     .await;
     let mut data = DataRead {

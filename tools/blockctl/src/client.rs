@@ -29,6 +29,12 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), String> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return format!(
+                    "cannot reach blockd at {}: {e}: run blockctl as root or as a member of the group that owns the socket (blockd's --api-group, `blockd` by default)",
+                    self.socket.display()
+                );
+            }
             format!(
                 "cannot reach blockd at {}: {e}; is the daemon running? (start it with `blockd`, or point --socket/BLOCKD_SOCKET at its api.sock)",
                 self.socket.display()
