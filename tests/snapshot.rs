@@ -402,17 +402,19 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
         qemu_io(&d.uri(n), &["write -P 0x11 0 8M"]);
         d.ok(&["snapshot", "create", n, "--name", "s"]);
     }
-    // b: a backup reading its frozen image when the host goes down.
-    d.create("b", "64M");
-    let img = common::cloud::image(tmp.path(), "b.img", 64 << 20, 64 << 20, 3);
-    common::cloud::load(&d, "b", &img);
-    let task = common::cloud::backup_underway(&d, &["b"], 1);
-    nbdsh(UNSYNCED_WRITE, &[&d.uri("b")]);
     nbdsh(UNSYNCED_WRITE, &[&d.uri("v")]);
     qemu_io(&d.uri("w"), &["write -P 0x22 0 64k", "flush"]);
     let snaps = d.dir.path().join("snapshots");
     assert!(snaps.join("v/s/cow.unsynced").exists());
     assert!(!snaps.join("w/s/cow.unsynced").exists());
+    // b: a backup reading its frozen image when the host goes down.
+    d.create("b", "128M");
+    let img = common::cloud::image(tmp.path(), "b.img", 128 << 20, 128 << 20, 3);
+    common::cloud::load(&d, "b", &img);
+    let task = common::cloud::backup_underway(&d, &["b"], 1);
+    nbdsh(UNSYNCED_WRITE, &[&d.uri("b")]);
+    let t = common::cloud::status(&d, &task);
+    assert_eq!(t["state"], "Active", "backup ended before the crash: {t}");
 
     // The host goes down: blockd starts again in another boot.
     d.kill9();

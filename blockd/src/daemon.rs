@@ -51,6 +51,8 @@ pub struct Config {
     /// Group whose members may use the control API (name or number);
     /// `None`: `blockd` if that group exists.
     pub api_group: Option<String>,
+    /// Memory-pressure protections in force (see [`crate::host`]).
+    pub protections: Vec<String>,
 }
 
 /// The default state directory: `/var/lib/blockd` for root, else
@@ -92,6 +94,7 @@ impl Daemon {
             nbd_socket: self.config.nbd_socket.display().to_string(),
             nbd_listen: self.config.nbd_listen.map(|a| a.to_string()),
             io_engine: self.engine.into(),
+            protections: self.config.protections.clone(),
         }
     }
 }
@@ -196,6 +199,14 @@ fn api_group(name: Option<&str>) -> anyhow::Result<(Option<u32>, String)> {
             "--api-group {wanted}: no such group; create it (groupadd {wanted}) or name another"
         ),
         Err(e) => Err(e).with_context(|| format!("looking up group {wanted}")),
+    }
+}
+
+/// Tells the service manager (systemd's `Type=notify`, through
+/// `$NOTIFY_SOCKET`; nothing without it).
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
     }
 }
 
@@ -322,10 +333,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         io_engine = engine_name,
         "blockd ready"
     );
+    let status = format!(
+        "serving {} volume(s) on {}",
+        store.list().len(),
+        config.nbd_socket.display()
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    // WatchdogSec=: pinged from the runtime, so a wedged runtime is
+    // restarted.
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => notify(&[sd_notify::NotifyState::Watchdog]),
+                }
+            }
+        });
+    }
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining connections, syncing volumes"),
+    ]);
     // Catalog mounts first, while their reads can still be answered.
     mounts.unmount_all().await;
     shutdown.cancel();

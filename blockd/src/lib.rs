@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod daemon;
 pub mod durable;
 pub mod fuse;
+pub mod host;
 pub mod magic;
 pub mod nbd;
 pub mod outcome;

@@ -31,6 +31,9 @@ struct Args {
     /// (a name or number) [default: blockd, when that group exists]
     #[arg(long, env = "BLOCKD_API_GROUP", value_name = "GROUP")]
     api_group: Option<String>,
+    /// Do not lock the daemon's memory (mlockall); see kernel-notes/nbd.md
+    #[arg(long, env = "BLOCKD_NO_MLOCK")]
+    no_mlock: bool,
     /// Also serve NBD on TCP at ADDR:PORT (off by default)
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<SocketAddr>,
@@ -132,6 +135,9 @@ fn main() -> anyhow::Result<()> {
     // repository objects in a local directory) is its own: 0600 files in
     // 0700 directories. Sockets are then opened up explicitly.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Before any thread exists: every thread inherits the flags.
+    let protections = blockd::host::Protections::apply(!args.no_mlock);
+    protections.log();
     if !(0.0..=3600.0).contains(&args.shutdown_grace) {
         anyhow::bail!("--shutdown-grace must be between 0 and 3600 seconds");
     }
@@ -157,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             gc_max_unused: args.gc_max_unused,
         },
         api_group: args.api_group,
+        protections: protections.names(),
         state_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

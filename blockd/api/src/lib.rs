@@ -170,6 +170,10 @@ pub struct DaemonInfo {
     pub nbd_listen: Option<String>,
     /// I/O engine in use: `io_uring` or `threads`.
     pub io_engine: String,
+    /// Memory-pressure protections in force (`io_flusher`, `mlockall`,
+    /// `oom_score_adj`); see kernel-notes/nbd.md.
+    #[serde(default)]
+    pub protections: Vec<String>,
 }
 
 /// Every error body the API returns, with a 4xx or 5xx status.

@@ -300,7 +300,7 @@ async fn transmit<R, W>(
     };
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let dead = CancellationToken::new();
-    let buffers = Arc::new(BufPool::default());
+    let buffers = Arc::new(BufPool::prefilled());
     let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone(), buffers.clone()));
     let conn = Arc::new(Conn {
         volume: volume.clone(),

@@ -40,12 +40,20 @@ impl HookRecord {
     }
 }
 
+/// What a hook's shell does first: it does not inherit what blockd set
+/// for itself (OOM protection, a private umask).
+const PRELUDE: &str =
+    "echo 0 >/proc/self/oom_score_adj 2>/dev/null; umask 022; blockd_hook=$1; shift; eval \"$blockd_hook\"";
+
 /// Runs `command` with `sh -c`, killing it (and its process group) after
 /// `timeout`.
 pub async fn run(command: &str, timeout: Duration) -> HookRecord {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
+        .arg(PRELUDE)
+        .arg("blockd-hook")
         .arg(command)
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,79 @@
+//! What blockd asks of the kernel for itself, so that it keeps serving
+//! under memory pressure when its clients are on the same host (see
+//! kernel-notes/nbd.md): the kernel may write back dirty pages of a
+//! `/dev/nbdX` through blockd, so blockd must never wait for reclaim
+//! that needs those very pages.
+//!
+//! Applied once, in `main`, before the runtime starts any thread: every
+//! thread (tokio workers, the blocking pool, io_uring's kernel workers)
+//! inherits the I/O-flusher flags from the thread that creates it.
+
+/// What was applied, and what could not be (with why).
+#[derive(Debug, Clone)]
+pub struct Protections {
+    /// `PR_SET_IO_FLUSHER`: allocations never recurse into I/O reclaim,
+    /// and writeback throttling looks at this device only.
+    pub io_flusher: Result<(), String>,
+    /// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`: no page of the
+    /// daemon is swapped out (a fault would wait for swap-in I/O).
+    pub memory_locked: Result<(), String>,
+    /// `oom_score_adj` -1000: the OOM killer picks another process.
+    pub oom_protected: Result<(), String>,
+}
+
+impl Protections {
+    /// Applies them; `lock_memory` false leaves memory unlocked. Each
+    /// failure (typically: not root, no CAP_SYS_RESOURCE or CAP_IPC_LOCK,
+    /// a low RLIMIT_MEMLOCK) is kept, and the daemon runs without it.
+    pub fn apply(lock_memory: bool) -> Self {
+        let io_flusher =
+            rustix::process::configure_io_flusher_behavior(true).map_err(|e| e.to_string());
+        // ONFAULT: pages are locked as they are first touched, not when
+        // mapped, so thread stacks and allocator arenas do not become
+        // resident at their full reserved size.
+        let memory_locked = if lock_memory {
+            use rustix::mm::MlockAllFlags as F;
+            rustix::mm::mlockall(F::CURRENT | F::FUTURE | F::ONFAULT).map_err(|e| e.to_string())
+        } else {
+            Err("turned off (--no-mlock)".into())
+        };
+        let oom_protected =
+            std::fs::write("/proc/self/oom_score_adj", "-1000").map_err(|e| e.to_string());
+        Self {
+            io_flusher,
+            memory_locked,
+            oom_protected,
+        }
+    }
+
+    /// Logs what holds and what does not.
+    pub fn log(&self) {
+        for (what, r) in [
+            ("PR_SET_IO_FLUSHER", &self.io_flusher),
+            ("mlockall", &self.memory_locked),
+            ("oom_score_adj -1000", &self.oom_protected),
+        ] {
+            match r {
+                Ok(()) => tracing::info!(protection = what, "memory-pressure protection on"),
+                Err(why) => tracing::warn!(
+                    protection = what,
+                    why,
+                    "memory-pressure protection off: a client of /dev/nbdX on this host may deadlock blockd under memory pressure (run as root, see kernel-notes/nbd.md)"
+                ),
+            }
+        }
+    }
+
+    /// The protections on, by name (for `GET /v1/info`).
+    pub fn names(&self) -> Vec<String> {
+        [
+            ("io_flusher", &self.io_flusher),
+            ("mlockall", &self.memory_locked),
+            ("oom_score_adj", &self.oom_protected),
+        ]
+        .into_iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(n, _)| n.to_string())
+        .collect()
+    }
+}
