@@ -159,7 +159,12 @@ pub fn wait_until(d: &Blockd, id: &str, reached: impl Fn(&Value) -> bool) -> Val
 /// Waits for task `id` to end.
 /// `cloudsnap restore --lazy`: the task id (the volume serves at once).
 pub fn lazy_restore(d: &Blockd, snap: &str, vol: &str) -> String {
-    let out = d.ok(&[
+    lazy_restore_with(d, snap, vol, &[])
+}
+
+/// [`lazy_restore`] with more arguments (`--cred-id NAME`).
+pub fn lazy_restore_with(d: &Blockd, snap: &str, vol: &str, extra: &[&str]) -> String {
+    let mut a = vec![
         "-j",
         "cloudsnap",
         "restore",
@@ -168,7 +173,9 @@ pub fn lazy_restore(d: &Blockd, snap: &str, vol: &str) -> String {
         "--volume",
         vol,
         "--lazy",
-    ]);
+    ];
+    a.extend_from_slice(extra);
+    let out = d.ok(&a);
     let t = &json(&out)["tasks"][0];
     assert_eq!(t["lazy"], true, "{t}");
     t["id"].as_str().expect("task id").to_string()

@@ -81,7 +81,7 @@ pub struct CreateLocation {
     pub s3_access_key: Option<String>,
     /// S3 secret key (secret).
     #[serde(default)]
-    pub s3_secret_key: Option<String>,
+    pub s3_secret_key: Option<crate::Secret>,
     /// Plain HTTP to the S3 endpoint.
     #[serde(default)]
     pub s3_disable_ssl: bool,
@@ -96,7 +96,7 @@ pub struct CreateLocation {
     pub azure_account_name: Option<String>,
     /// Azure account key (secret).
     #[serde(default)]
-    pub azure_account_key: Option<String>,
+    pub azure_account_key: Option<crate::Secret>,
     /// Azure Blob endpoint URL (emulators, sovereign clouds).
     #[serde(default)]
     pub azure_endpoint: Option<String>,
@@ -108,7 +108,7 @@ pub struct CreateLocation {
     pub google_json_key_file: Option<String>,
     /// Passphrase for encrypting everything stored (secret).
     #[serde(default)]
-    pub encryption_passphrase: Option<String>,
+    pub encryption_passphrase: Option<crate::Secret>,
 }
 
 /// A location as listed: non-secret fields only.

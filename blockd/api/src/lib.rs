@@ -372,6 +372,9 @@ mod tests {
     }
 }
 
+pub mod secret;
+pub use secret::Secret;
+
 pub mod cloud;
 pub use cloud::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockd_api::{validate_name, CreateLocation, Location, Provider, LOCAL_LOCATION};
+use blockd_api::{validate_name, CreateLocation, Location, Provider, Secret, LOCAL_LOCATION};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
@@ -201,10 +201,10 @@ struct Settings {
 #[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Secrets {
-    s3_secret_key: Option<String>,
-    azure_account_key: Option<String>,
-    google_key: Option<String>,
-    passphrase: Option<String>,
+    s3_secret_key: Option<Secret>,
+    azure_account_key: Option<Secret>,
+    google_key: Option<Secret>,
+    passphrase: Option<Secret>,
 }
 
 /// The locations of this daemon, with opened repositories cached.
@@ -422,8 +422,26 @@ impl Locations {
     }
 
     fn read_secrets(&self, name: &str) -> Result<Secrets, LocationError> {
-        match std::fs::read(self.secrets_path(name)) {
-            Ok(b) => serde_json::from_slice(&b)
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.secrets_path(name);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                return Err(self.secrets_error(
+                    name,
+                    "reading",
+                    std::io::Error::other(format!(
+                        "{} is mode {:o}: credentials must be readable by their owner only; \
+                         run `chmod 600 {}` (and check who read it)",
+                        path.display(),
+                        m.permissions().mode() & 0o777,
+                        path.display()
+                    )),
+                ));
+            }
+            _ => {}
+        }
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&zeroize::Zeroizing::new(b))
                 .map_err(|e| self.secrets_error(name, "decoding", e.into())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Secrets::default()),
             Err(e) => Err(self.secrets_error(name, "reading", e)),
@@ -431,8 +449,9 @@ impl Locations {
     }
 
     fn write_secrets(&self, name: &str, s: &Secrets) -> Result<(), LocationError> {
-        let body =
-            serde_json::to_vec(s).map_err(|e| self.secrets_error(name, "encoding", e.into()))?;
+        let body = zeroize::Zeroizing::new(
+            serde_json::to_vec(s).map_err(|e| self.secrets_error(name, "encoding", e.into()))?,
+        );
         crate::durable::write_atomic_mode(&self.secrets_path(name), &body, 0o600)
             .map_err(|e| self.secrets_error(name, "writing", e))
     }
@@ -517,7 +536,7 @@ impl Locations {
                     b = b.with_access_key_id(k);
                 }
                 if let Some(k) = &secrets.s3_secret_key {
-                    b = b.with_secret_access_key(k);
+                    b = b.with_secret_access_key(k.expose());
                 }
                 Arc::new(b.build().map_err(cfg_err)?)
             }
@@ -530,7 +549,7 @@ impl Locations {
                     b = b.with_account(a);
                 }
                 if let Some(k) = &secrets.azure_account_key {
-                    b = b.with_access_key(k);
+                    b = b.with_access_key(k.expose());
                 }
                 if let Some(e) = &s.endpoint {
                     b = b
@@ -545,7 +564,7 @@ impl Locations {
                     .with_retry(retry)
                     .with_client_options(client);
                 if let Some(k) = &secrets.google_key {
-                    b = b.with_service_account_key(k);
+                    b = b.with_service_account_key(k.expose());
                 }
                 Arc::new(b.build().map_err(cfg_err)?)
             }
@@ -642,8 +661,8 @@ impl Locations {
             }
             .into());
         }
-        let needs = |v: &Option<String>, flag| {
-            if v.as_deref().is_none_or(str::is_empty) {
+        let needs = |v: Option<&str>, flag| {
+            if v.is_none_or(str::is_empty) {
                 Err(LocationError::Missing { flag, provider })
             } else {
                 Ok(())
@@ -721,20 +740,29 @@ impl Locations {
         }
         let mut google_key = None;
         match provider {
-            Provider::Local => needs(&req.path, "--path")?,
+            Provider::Local => needs(req.path.as_deref(), "--path")?,
             Provider::S3 => {
-                needs(&req.bucket, "--bucket")?;
-                needs(&req.s3_access_key, "--s3-access-key")?;
-                needs(&req.s3_secret_key, "--s3-secret-key")?;
+                needs(req.bucket.as_deref(), "--bucket")?;
+                needs(req.s3_access_key.as_deref(), "--s3-access-key")?;
+                needs(
+                    req.s3_secret_key.as_ref().map(Secret::expose),
+                    "--s3-secret-key",
+                )?;
             }
             Provider::Azure => {
-                needs(&req.bucket, "--bucket")?;
-                needs(&req.azure_account_name, "--azure-account-name")?;
-                needs(&req.azure_account_key, "--azure-account-key")?;
+                needs(req.bucket.as_deref(), "--bucket")?;
+                needs(req.azure_account_name.as_deref(), "--azure-account-name")?;
+                needs(
+                    req.azure_account_key.as_ref().map(Secret::expose),
+                    "--azure-account-key",
+                )?;
             }
             Provider::Google => {
-                needs(&req.bucket, "--bucket")?;
-                needs(&req.google_json_key_file, "--google-json-key-file")?;
+                needs(req.bucket.as_deref(), "--bucket")?;
+                needs(
+                    req.google_json_key_file.as_deref(),
+                    "--google-json-key-file",
+                )?;
                 let f = req.google_json_key_file.as_deref().unwrap_or_default();
                 let key = std::fs::read_to_string(f).map_err(|e| LocationError::BadFlag {
                     flag: "--google-json-key-file",
@@ -746,7 +774,7 @@ impl Locations {
                         why: format!("{f} is not JSON: {e}"),
                     }
                 })?;
-                google_key = Some(key);
+                google_key = Some(Secret::from(key));
             }
         }
         if let Some(p) = &req.path {
@@ -770,8 +798,8 @@ impl Locations {
         }
         if req
             .encryption_passphrase
-            .as_deref()
-            .is_some_and(str::is_empty)
+            .as_ref()
+            .is_some_and(|p| p.expose().is_empty())
         {
             return Err(LocationError::BadFlag {
                 flag: "--encryption-passphrase",
@@ -850,7 +878,7 @@ impl Locations {
             store,
             &prefix,
             name,
-            secrets.passphrase.as_deref(),
+            secrets.passphrase.as_ref().map(Secret::expose),
             s.storage_class.clone(),
             init,
         )
@@ -944,13 +972,13 @@ mod tests {
             ..Settings::default()
         };
         let secrets = Secrets {
-            google_key: Some(key),
+            google_key: Some(Secret::from(key)),
             ..Secrets::default()
         };
         let store = l.build_store("g", &s, &secrets).unwrap();
         assert!(store.to_string().contains("GoogleCloudStorage"), "{store}");
         let bad = Secrets {
-            google_key: Some("{}".into()),
+            google_key: Some(Secret::from("{}".to_string())),
             ..Secrets::default()
         };
         assert!(l.build_store("g", &s, &bad).is_err());
@@ -977,7 +1005,7 @@ mod tests {
             name: name.into(),
             provider: Some(Provider::Local),
             path: Some(path.clone()),
-            encryption_passphrase: pass.map(str::to_string),
+            encryption_passphrase: pass.map(|p| Secret::from(p.to_string())),
             ..CreateLocation::default()
         };
         let loc = l.create(mk("enc", Some("secret one"))).await.unwrap();

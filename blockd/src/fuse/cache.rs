@@ -139,8 +139,9 @@ pub struct ChunkCache {
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<Id, (u64, Fetching)>>,
     serial: AtomicU64,
-    /// Chunks whose fetched record failed its check: not to be cached.
-    rejected: Mutex<std::collections::HashSet<Id>>,
+    /// Records that failed their check, by chunk and GET: that GET's
+    /// copy is not to be cached.
+    rejected: Mutex<std::collections::HashSet<(Id, u64)>>,
     gets: Arc<Semaphore>,
     closed: AtomicBool,
     /// Counters.
@@ -274,7 +275,7 @@ impl ChunkCache {
                 inflight.remove(id);
             }
         }
-        lock(&self.rejected).insert(*id);
+        lock(&self.rejected).insert((*id, serial));
         lock(&self.lru).remove(id);
         let _ = std::fs::remove_file(Self::path(&self.dir, id));
     }
@@ -406,7 +407,7 @@ impl ChunkCache {
             let Some((_, rec)) = f.record(id) else {
                 continue;
             };
-            if lock(&self.rejected).remove(id) {
+            if lock(&self.rejected).remove(&(*id, serial)) {
                 continue;
             }
             let len = rec.len() as u64;
@@ -427,6 +428,13 @@ impl ChunkCache {
             let evicted = lock(&self.lru).insert(*id, len, self.capacity);
             for old in evicted {
                 let _ = std::fs::remove_file(Self::path(&self.dir, &old));
+            }
+            // A reader may have rejected this very copy while it was being
+            // written (after the check above): then it goes again. A
+            // rejection after this point removes the file itself.
+            if lock(&self.rejected).remove(&(*id, serial)) {
+                lock(&self.lru).remove(id);
+                let _ = std::fs::remove_file(&path);
             }
         }
         self.done(ids, serial);

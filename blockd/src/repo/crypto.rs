@@ -12,6 +12,7 @@
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce};
+use zeroize::Zeroizing;
 
 /// Bytes added by [`Keys::seal`] when encrypting: nonce + tag.
 pub const SEAL_OVERHEAD_ENCRYPTED: usize = 12 + 16;
@@ -31,6 +32,14 @@ pub struct Keys {
     id_key: [u8; 32],
     mac_key: [u8; 32],
     cipher: Option<Box<Aes256GcmSiv>>,
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        // The cipher wipes its own key schedule (aes's `zeroize`).
+        zeroize::Zeroize::zeroize(&mut self.id_key);
+        zeroize::Zeroize::zeroize(&mut self.mac_key);
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -183,7 +192,7 @@ pub fn derive_kek(
     m_kib: u32,
     t: u32,
     p: u32,
-) -> Result<[u8; 32], String> {
+) -> Result<Zeroizing<[u8; 32]>, String> {
     // Refuse costs a damaged config could use to exhaust memory or time.
     if m_kib > 4 * 1024 * 1024 || t > 64 || p > 64 {
         return Err(format!(
@@ -192,8 +201,8 @@ pub fn derive_kek(
     }
     let params = argon2::Params::new(m_kib, t, p, Some(32)).map_err(|e| e.to_string())?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut out = [0u8; 32];
-    a.hash_password_into(passphrase.as_bytes(), salt, &mut out)
+    let mut out = Zeroizing::new([0u8; 32]);
+    a.hash_password_into(passphrase.as_bytes(), salt, &mut *out)
         .map_err(|e| e.to_string())?;
     Ok(out)
 }
@@ -214,18 +223,24 @@ pub fn wrap(kek: &[u8; 32], material: &[u8; 64], nonce: &[u8; 12]) -> Vec<u8> {
 
 /// Unwraps key material; `None` means the passphrase is wrong (or the
 /// config was altered).
-pub fn unwrap(kek: &[u8; 32], wrapped: &[u8], nonce: &[u8; 12]) -> Option<[u8; 64]> {
+pub fn unwrap(kek: &[u8; 32], wrapped: &[u8], nonce: &[u8; 12]) -> Option<Zeroizing<[u8; 64]>> {
     let c = Aes256GcmSiv::new_from_slice(kek).ok()?;
-    let plain = c
-        .decrypt(
+    let plain = Zeroizing::new(
+        c.decrypt(
             &Nonce::from(*nonce),
             Payload {
                 msg: wrapped,
                 aad: b"blockd repository keys v1",
             },
         )
-        .ok()?;
-    plain.try_into().ok()
+        .ok()?,
+    );
+    let mut out = Zeroizing::new([0u8; 64]);
+    if plain.len() != out.len() {
+        return None;
+    }
+    out.copy_from_slice(&plain);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -262,7 +277,7 @@ mod tests {
         let wrong = derive_kek("wrong horse", b"0123456789abcdef", 64, 1, 1).unwrap();
         let m = [9u8; 64];
         let w = wrap(&kek, &m, &[3u8; 12]);
-        assert_eq!(unwrap(&kek, &w, &[3u8; 12]), Some(m));
+        assert_eq!(unwrap(&kek, &w, &[3u8; 12]).as_deref(), Some(&m));
         assert_eq!(unwrap(&wrong, &w, &[3u8; 12]), None);
         assert!(derive_kek("x", b"0123456789abcdef", u32::MAX, 1, 1).is_err());
     }

@@ -1063,12 +1063,12 @@ pub fn pack_ad(pack: &[u8; 16]) -> Vec<u8> {
 
 /// A fresh config: default sizes and new key material, wrapped when a
 /// passphrase is given. Returns the material too.
-pub fn new_config(passphrase: Option<&str>) -> (Config, [u8; 64]) {
-    let mut material = [0u8; 64];
-    crypto::fill_random(&mut material);
+pub fn new_config(passphrase: Option<&str>) -> (Config, zeroize::Zeroizing<[u8; 64]>) {
+    let mut material = zeroize::Zeroizing::new([0u8; 64]);
+    crypto::fill_random(&mut *material);
     let keys = match passphrase {
         None => KeyWrap::None {
-            material: hex::encode(material),
+            material: hex::encode(*material),
         },
         Some(pass) => {
             let mut salt = [0u8; 16];
@@ -1358,7 +1358,10 @@ mod tests {
             check("keys-wrapped.bin", &wrapped),
             "key wrapping changed"
         );
-        assert_eq!(crypto::unwrap(&kek, &wrapped, &[2u8; 12]), Some(material()));
+        assert_eq!(
+            crypto::unwrap(&kek, &wrapped, &[2u8; 12]).as_deref(),
+            Some(&material())
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blockd_api::{CreateLocation, Location, Provider};
+use blockd_api::{CreateLocation, Location, Provider, Secret};
 use clap::{Args, Subcommand};
 
 use crate::client::Client;
@@ -125,7 +125,8 @@ impl CreateArgs {
             s3_secret_key: self
                 .s3_secret_key
                 .clone()
-                .filter(|_| self.provider == Provider::S3),
+                .filter(|_| self.provider == Provider::S3)
+                .map(Secret::from),
             s3_disable_ssl: self.s3_disable_ssl,
             disable_path_style: self.disable_path_style,
             s3_storage_class: self.s3_storage_class.clone(),
@@ -133,7 +134,8 @@ impl CreateArgs {
             azure_account_key: self
                 .azure_account_key
                 .clone()
-                .filter(|_| self.provider == Provider::Azure),
+                .filter(|_| self.provider == Provider::Azure)
+                .map(Secret::from),
             azure_endpoint: self.azure_endpoint.clone(),
             google_project_id: self.google_project_id.clone(),
             google_json_key_file: self
@@ -141,7 +143,7 @@ impl CreateArgs {
                 .as_deref()
                 .map(absolute)
                 .transpose()?,
-            encryption_passphrase: self.encryption_passphrase.clone(),
+            encryption_passphrase: self.encryption_passphrase.clone().map(Secret::from),
         })
     }
 }
