@@ -107,7 +107,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Decodes and checks a relocation's plain bytes against its key.
-fn decode(plain: &[u8], from: &PackId, to: &PackId) -> Result<Reloc, Malformed> {
+pub fn decode(plain: &[u8], from: &PackId, to: &PackId) -> Result<Reloc, Malformed> {
     if plain.len() < 41 || plain[0] != 1 {
         return Err(bad("not a version 1 relocation"));
     }
