@@ -388,14 +388,7 @@ fn kill9_during_gc_then_gc_again_loses_nothing() {
     assert!(d.terminate().success());
     d.env.push(("BLOCKD_FAULT_INJECT".into(), "0.4".into()));
     d.spawn();
-    let mut run = std::process::Command::new(bin("blockctl"))
-        .arg("--socket")
-        .arg(d.api_socket())
-        .args(["repo", "gc", "--grace", "1s"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut run = gc_started(&d, &["--grace", "1s"]);
     // Killed as soon as the first pack is gone.
     let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while bytes_under(&packs) == before && std::time::Instant::now() < end {
@@ -505,11 +498,7 @@ fn gc_and_check_racing_deletes_see_no_damage() {
     let mut snaps = Vec::new();
     for i in 0..24u64 {
         let cmd = format!("write -P {} {} 64k", i + 1, i * 65536);
-        qemu_io(&d.uri("v"), &[&cmd]);
-        run(std::process::Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(&img)
-            .args(["-c", &cmd]));
+        write_both(&d, "v", &img, &cmd);
         snaps.push(backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string());
     }
     let newest = snaps.pop().unwrap();

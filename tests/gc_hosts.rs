@@ -159,11 +159,7 @@ fn two_hosts_back_up_delete_and_collect_on_one_bucket_and_lose_nothing() {
             // And one whole chunk: the parent's record goes dead, so its
             // pack is repacked (at 0% unused) once the parent is deleted.
             let cmd = format!("write -P {} {} 64k", i + 1, (i * 37 % 384) * 65536);
-            qemu_io(&a.uri("a"), &[&cmd]);
-            run(std::process::Command::new("qemu-io")
-                .args(["-f", "raw"])
-                .arg(&img_a)
-                .args(["-c", &cmd]));
+            write_both(&a, "a", &img_a, &cmd);
             let t = backup(&a, &["a", "--cred-id", "s3"]);
             keep(&img_a, t["snapshot"].as_str().unwrap(), &mut expect);
             std::thread::sleep(Duration::from_millis(150));

@@ -198,11 +198,7 @@ fn small_packs_are_merged_and_every_snapshot_still_restores() {
     let mut kept: Vec<(String, PathBuf)> = Vec::new();
     for i in 0..16u64 {
         let cmd = format!("write -P {} {} 4k", i + 1, i * 65536 + 8192);
-        qemu_io(&d.uri("v"), &[&cmd]);
-        run(std::process::Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(&img)
-            .args(["-c", &cmd]));
+        write_both(&d, "v", &img, &cmd);
         let s = snap(&backup(&d, &["v"]));
         if i % 5 == 0 || i == 15 {
             let copy = tmp.path().join(format!("{i}.img"));
@@ -262,11 +258,7 @@ fn kill9_while_repacking_then_gc_again_loses_nothing() {
     let mut kept: Vec<(String, PathBuf)> = Vec::new();
     for i in 0..24u64 {
         let cmd = format!("write -P {} {} 4k", i + 1, i * 65536);
-        qemu_io(&d.uri("v"), &[&cmd]);
-        run(std::process::Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .arg(&img)
-            .args(["-c", &cmd]));
+        write_both(&d, "v", &img, &cmd);
         let s = snap(&backup(&d, &["v"]));
         if i % 8 == 7 {
             let copy = tmp.path().join(format!("{i}.img"));
@@ -280,14 +272,7 @@ fn kill9_while_repacking_then_gc_again_loses_nothing() {
     assert!(d.terminate().success());
     d.env.push(("BLOCKD_FAULT_INJECT".into(), "0.15".into()));
     d.spawn();
-    let mut run = std::process::Command::new(bin("blockctl"))
-        .arg("--socket")
-        .arg(d.api_socket())
-        .args(["repo", "gc", "--grace", "1s"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = gc_started(&d, &["--grace", "1s"]);
     // Killed as soon as the collector has registered to repack.
     let sessions = objects.join("locks/sessions");
     let end = std::time::Instant::now() + Duration::from_secs(60);

@@ -218,3 +218,27 @@ pub fn backup_underway(d: &Blockd, args: &[&str], mb: usize) -> String {
     );
     id
 }
+
+/// Runs the qemu-io command `cmd` on volume `vol` and on `img`, the image
+/// that mirrors what the volume must hold.
+pub fn write_both(d: &Blockd, vol: &str, img: &Path, cmd: &str) {
+    qemu_io(&d.uri(vol), &[cmd]);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(img)
+        .args(["-c", cmd]));
+}
+
+/// Starts `blockctl repo gc ARGS` and returns at once (to kill the daemon
+/// under it); its stderr is piped.
+pub fn gc_started(d: &Blockd, args: &[&str]) -> std::process::Child {
+    Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["repo", "gc"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
