@@ -245,7 +245,7 @@ fn handshake_rules() {
     // STRUCTURED_REPLY with data: ERR_INVALID.
     c.option(8, b"x");
     assert_eq!(c.reply().1, ERR_INVALID);
-    // STARTTLS: refused by policy until TLS exists.
+    // STARTTLS: refused by policy (the Unix socket has no TLS).
     c.option(5, &[]);
     assert_eq!(c.reply().1, 0x8000_0002);
     // Now a proper GO still works on the same connection.

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::claims::Claims;
 use crate::cloud::Cloud;
 use crate::fuse::Mounts;
+use crate::nbd::tls::TlsServer;
 use crate::nbd::{self, NbdContext};
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
@@ -40,6 +41,12 @@ pub struct Config {
     pub nbd_socket: PathBuf,
     /// Optional NBD TCP address.
     pub nbd_listen: Option<SocketAddr>,
+    /// TLS on the TCP address (see [`crate::nbd::tls`]).
+    pub nbd_tls: crate::nbd::tls::TlsSetting,
+    /// Directory of `server-cert.pem`, `server-key.pem`, `ca-cert.pem`.
+    pub nbd_tls_certificates: Option<PathBuf>,
+    /// Require client certificates signed by `ca-cert.pem`.
+    pub nbd_tls_verify_peer: bool,
     /// I/O engine choice.
     pub io_engine: EngineKind,
     /// How long connections answer ESHUTDOWN before closing.
@@ -83,6 +90,7 @@ pub struct Daemon {
     pub claims: Arc<Claims>,
     config: Config,
     engine: &'static str,
+    nbd_tls: Option<String>,
 }
 
 impl Daemon {
@@ -93,10 +101,54 @@ impl Daemon {
             state_dir: self.config.state_dir.display().to_string(),
             nbd_socket: self.config.nbd_socket.display().to_string(),
             nbd_listen: self.config.nbd_listen.map(|a| a.to_string()),
+            nbd_tls: self.nbd_tls.clone(),
             io_engine: self.engine.into(),
             protections: self.config.protections.clone(),
         }
     }
+}
+
+/// The TLS side of `--nbd-listen`: the certificates (loaded now, so a
+/// bad file stops the start with its name) and how `blockctl info` shows it.
+fn nbd_tls(config: &Config) -> anyhow::Result<(Option<Arc<TlsServer>>, Option<String>)> {
+    use crate::nbd::negotiate::Tls;
+    let Some(addr) = config.nbd_listen else {
+        return Ok((None, None));
+    };
+    let mode = crate::nbd::tls::resolve(
+        addr,
+        config.nbd_tls,
+        config.nbd_tls_certificates.is_some(),
+        config.nbd_tls_verify_peer,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut shown = match mode {
+        Tls::Unavailable | Tls::Active => "off",
+        Tls::Offered => "offered",
+        Tls::Required => "required",
+    }
+    .to_string();
+    let server = match (&config.nbd_tls_certificates, mode) {
+        (Some(dir), Tls::Offered | Tls::Required) => {
+            let server =
+                TlsServer::load(dir, config.nbd_tls_verify_peer, mode).with_context(|| {
+                    format!("loading the NBD TLS certificates in {}", dir.display())
+                })?;
+            if server.verify_peer() {
+                shown.push_str("+client-certificates");
+            }
+            Some(Arc::new(server))
+        }
+        _ => {
+            tracing::warn!(
+                %addr,
+                "NBD on TCP without TLS: anyone who can reach this address (on loopback, every \
+                 local user) can read and write every volume; see --nbd-tls-certificates"
+            );
+            None
+        }
+    };
+    Ok((server, Some(shown)))
 }
 
 /// A socket path this daemon owns while it runs: `PATH.lock` is held
@@ -268,6 +320,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let (api_listener, api_bound) = bind_unix(&config.api_socket, "--api-socket", 0o660, group)?;
     let (nbd_listener, nbd_bound) = bind_unix(&config.nbd_socket, "--nbd-socket", 0o660, group)?;
+    let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
     let tcp_listener = match config.nbd_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -285,7 +338,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracker.spawn(nbd::serve_unix(nbd_listener, ctx.clone(), tracker.clone()));
     if let Some(l) = tcp_listener {
-        tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tracker.clone()));
+        tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tcp_tls, tracker.clone()));
     }
 
     let daemon = Arc::new(Daemon {
@@ -296,6 +349,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         claims,
         config: config.clone(),
         engine: engine_name,
+        nbd_tls,
     });
     let mounts = daemon.mounts.clone();
     let api = axum::serve(api_listener, crate::api::service(daemon, access))

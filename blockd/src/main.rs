@@ -34,9 +34,22 @@ struct Args {
     /// Do not lock the daemon's memory (mlockall); see kernel-notes/nbd.md
     #[arg(long, env = "BLOCKD_NO_MLOCK")]
     no_mlock: bool,
-    /// Also serve NBD on TCP at ADDR:PORT (off by default)
+    /// Also serve NBD on TCP at ADDR:PORT (off by default). TLS is required
+    /// there unless ADDR is loopback; see --nbd-tls
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<SocketAddr>,
+    /// TLS on --nbd-listen: auto = required off loopback and with
+    /// --nbd-tls-verify-peer, offered on loopback when certificates are given
+    #[arg(long, env = "BLOCKD_NBD_TLS", value_enum, default_value = "auto")]
+    nbd_tls: blockd::nbd::tls::TlsSetting,
+    /// Directory holding server-cert.pem and server-key.pem (and ca-cert.pem
+    /// for --nbd-tls-verify-peer), the layout nbdkit and qemu use; reloaded
+    /// when the files change
+    #[arg(long, env = "BLOCKD_NBD_TLS_CERTIFICATES", value_name = "DIR")]
+    nbd_tls_certificates: Option<PathBuf>,
+    /// Admit only TLS clients whose certificate ca-cert.pem signed
+    #[arg(long, env = "BLOCKD_NBD_TLS_VERIFY_PEER")]
+    nbd_tls_verify_peer: bool,
     /// I/O engine
     #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum, default_value = "auto")]
     io_engine: EngineKind,
@@ -150,6 +163,9 @@ fn main() -> anyhow::Result<()> {
             .nbd_socket
             .unwrap_or_else(|| state_dir.join("nbd.sock")),
         nbd_listen: args.nbd_listen,
+        nbd_tls: args.nbd_tls,
+        nbd_tls_certificates: args.nbd_tls_certificates,
+        nbd_tls_verify_peer: args.nbd_tls_verify_peer,
         io_engine: args.io_engine,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
         change_tracking: !args.no_change_tracking,

@@ -168,6 +168,10 @@ pub struct DaemonInfo {
     pub nbd_socket: String,
     /// NBD TCP address, if listening on TCP.
     pub nbd_listen: Option<String>,
+    /// TLS on the NBD TCP address: `off`, `offered`, `required`, with
+    /// `+client-certificates` when clients must present one.
+    #[serde(default)]
+    pub nbd_tls: Option<String>,
     /// I/O engine in use: `io_uring` or `threads`.
     pub io_engine: String,
     /// Memory-pressure protections in force (`io_flusher`, `mlockall`,

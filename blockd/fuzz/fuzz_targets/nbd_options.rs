@@ -3,6 +3,8 @@
 //!
 //! Input layout (all big-endian):
 //! ```text
+//! u8            TLS mode of the server: 0 none, 1 offered, 2 required
+//!               (taken modulo 3)
 //! u32           client handshake flags (unknown bits must be refused)
 //! then, repeated until the input ends:
 //!   u32         option number
@@ -12,7 +14,9 @@
 //!   data
 //! ```
 //! The run stops at the first option that ends the negotiation (Close or
-//! Transmit), as the server does.
+//! Transmit), as the server does. An acknowledged STARTTLS goes on with the
+//! negotiation the server continues with over TLS, which must have
+//! forgotten everything agreed before.
 //!
 //! Every reply is checked: except for a successful EXPORT_NAME, the bytes
 //! are a sequence of option replies, each with the reply magic, the option
@@ -81,6 +85,10 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// What the client has negotiated so far, tracked from the replies.
 #[derive(Default)]
 struct Model {
+    /// TLS mode: 0 none, 1 offered, 2 required; 3 once TLS is up.
+    tls: u8,
+    /// The client sent FIXED_NEWSTYLE.
+    fixed: bool,
     structured: bool,
     extended: bool,
     /// Export name and context ids of the last SET_META_CONTEXT that was
@@ -126,19 +134,21 @@ const ERRORS: &[u32] = &[
 ];
 
 fn run(data: &[u8]) {
-    if data.len() < 4 {
+    if data.len() < 5 {
         return;
     }
     let g = greeting();
     assert_eq!(be64(&g, 0), NBDMAGIC);
     assert_eq!(be64(&g, 8), IHAVEOPT);
     assert_eq!(be16(&g, 16), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    let mode = data[0] % 3;
+    let data = &data[1..];
     let flags = be32(data, 0);
     let known = CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES;
     let mut nego = match Negotiation::new(flags) {
         Ok(n) => {
             assert_eq!(flags & !known, 0, "unknown client flags accepted");
-            n
+            n.with_tls([Tls::Unavailable, Tls::Offered, Tls::Required][usize::from(mode)])
         }
         Err(e) => {
             assert_ne!(flags & !known, 0, "known client flags refused");
@@ -147,7 +157,11 @@ fn run(data: &[u8]) {
         }
     };
     let no_zeroes = flags & CLIENT_NO_ZEROES != 0;
-    let mut model = Model::default();
+    let mut model = Model {
+        tls: mode,
+        fixed: flags & CLIENT_FIXED_NEWSTYLE != 0,
+        ..Model::default()
+    };
     let mut shutting_down = false;
     let mut rest = &data[4..];
     while rest.len() >= 6 {
@@ -159,6 +173,26 @@ fn run(data: &[u8]) {
         rest = &rest[6 + len..];
 
         let (out, next) = nego.option(option, payload, &TwoExports, shutting_down);
+        if !shutting_down && model.tls == 2 && option != OPT_STARTTLS && option != OPT_ABORT {
+            tls_required(option, &out, &next, model.fixed);
+            if next == Next::Close {
+                return;
+            }
+            continue;
+        }
+        if next == Next::StartTls {
+            assert!(!shutting_down && payload.is_empty() && model.fixed);
+            assert!(matches!(model.tls, 1 | 2), "STARTTLS accepted in mode {}", model.tls);
+            assert_eq!(out.len(), 20, "STARTTLS answered with more than an ACK");
+            assert_eq!(be32(&out, 12), REP_ACK);
+            nego = nego.after_tls();
+            model = Model {
+                tls: 3,
+                fixed: model.fixed,
+                ..Model::default()
+            };
+            continue;
+        }
         let go_on = if option == OPT_EXPORT_NAME {
             export_name(payload, &out, &next, &model, no_zeroes, shutting_down)
         } else {
@@ -168,6 +202,20 @@ fn run(data: &[u8]) {
             return;
         }
     }
+}
+
+/// Before TLS, with TLS required: one TLS_REQD reply, or the end of the
+/// connection for EXPORT_NAME and clients without fixed newstyle.
+fn tls_required(option: u32, out: &[u8], next: &Next, fixed: bool) {
+    if option == OPT_EXPORT_NAME || !fixed {
+        assert!(out.is_empty());
+        assert_eq!(*next, Next::Close, "option {option} served without TLS");
+        return;
+    }
+    assert_eq!(*next, Next::Continue, "option {option} served without TLS");
+    assert!(out.len() >= 20);
+    assert_eq!(be32(out, 12), REP_ERR_TLS_REQD, "option {option} served without TLS");
+    assert_eq!(be32(out, 16) as usize, out.len() - 20, "more than one reply");
 }
 
 /// The export name at the start of INFO/GO/META_CONTEXT data, if well formed.
@@ -206,6 +254,7 @@ fn export_name(
             transmission(t, model);
         }
         Next::Continue => panic!("EXPORT_NAME continued the negotiation"),
+        Next::StartTls => panic!("EXPORT_NAME started TLS"),
     }
     false
 }
@@ -262,6 +311,11 @@ fn other_option(
         );
     }
     for &(k, d) in &replies {
+        assert!(
+            k != REP_ERR_TLS_REQD || model.tls == 2,
+            "TLS_REQD from a server that does not require TLS (mode {})",
+            model.tls
+        );
         if is_err(k) {
             // Error messages are for humans: UTF-8 text.
             assert!(std::str::from_utf8(d).is_ok());
@@ -286,6 +340,7 @@ fn other_option(
             assert!(acked);
         }
         Next::Transmit(_) => assert!(option == OPT_GO && acked, "option {option} transmits"),
+        Next::StartTls => unreachable!("handled by run"),
         Next::Continue => {
             assert_ne!(option, OPT_ABORT);
             assert!(!(option == OPT_GO && acked), "acknowledged GO did not transmit");
@@ -307,7 +362,7 @@ fn other_option(
                 assert_eq!(names, ["vol1", "archive"]);
             }
         }
-        OPT_STARTTLS => assert!(!acked, "STARTTLS acknowledged without TLS"),
+        OPT_STARTTLS => assert!(!acked, "STARTTLS acknowledged without moving to TLS"),
         OPT_STRUCTURED_REPLY => {
             if model.extended {
                 assert!(!acked, "STRUCTURED_REPLY acknowledged after EXTENDED_HEADERS");

@@ -9,6 +9,7 @@ pub mod buffers;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::task::TaskTracker;
@@ -36,8 +37,14 @@ pub async fn serve_unix(listener: UnixListener, ctx: NbdContext, tracker: TaskTr
     }
 }
 
-/// Accepts TCP clients until shutdown.
-pub async fn serve_tcp(listener: TcpListener, ctx: NbdContext, tracker: TaskTracker) {
+/// Accepts TCP clients until shutdown; `tls` holds the certificates when
+/// TLS is offered or required.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    ctx: NbdContext,
+    tls: Option<std::sync::Arc<tls::TlsServer>>,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -49,8 +56,12 @@ pub async fn serve_tcp(listener: TcpListener, ctx: NbdContext, tracker: TaskTrac
                     tracing::warn!(error = %e, "cannot set TCP_NODELAY");
                 }
                 tune(&stream);
-                let (r, w) = stream.into_split();
-                tracker.spawn(server::serve(r, w, ctx.clone(), peer.to_string()));
+                tracker.spawn(server::serve_tcp(
+                    stream,
+                    ctx.clone(),
+                    peer.to_string(),
+                    tls.clone(),
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on the NBD TCP socket failed");

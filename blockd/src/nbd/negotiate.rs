@@ -11,6 +11,15 @@
 //! STRUCTURED_REPLY gets `ERR_INVALID`; the contexts selected by
 //! SET_META_CONTEXT apply only if GO names the same export; during shutdown
 //! every option but ABORT gets `ERR_SHUTDOWN`.
+//!
+//! TLS (doc/proto.md, "TLS support"): a server without certificates is in
+//! NOTLS mode (STARTTLS gets `ERR_POLICY`); with certificates it is in
+//! FORCEDTLS mode when TLS is required (every option but STARTTLS and
+//! ABORT gets `ERR_TLS_REQD`, EXPORT_NAME closes) or offers TLS without
+//! requiring it. STARTTLS is acknowledged and the caller upgrades the
+//! connection ([`Next::StartTls`]); the negotiation then starts over from
+//! [`Negotiation::after_tls`], forgetting everything agreed in plain text
+//! so nothing a man in the middle injected before the upgrade survives it.
 
 use super::proto::*;
 
@@ -85,6 +94,23 @@ pub enum Next {
     Close,
     /// Enter transmission on this export.
     Transmit(Transmission),
+    /// STARTTLS was acknowledged: run the TLS handshake, then go on with
+    /// [`Negotiation::after_tls`].
+    StartTls,
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tls {
+    /// No certificates: STARTTLS is refused (NOTLS mode).
+    #[default]
+    Unavailable,
+    /// STARTTLS is accepted, plain text too.
+    Offered,
+    /// Nothing but STARTTLS and ABORT until TLS is up (FORCEDTLS mode).
+    Required,
+    /// The connection runs over TLS.
+    Active,
 }
 
 /// The settled parameters of the transmission phase.
@@ -112,6 +138,8 @@ pub struct ClientFlagsError {
 #[derive(Debug, Clone, Default)]
 pub struct Negotiation {
     no_zeroes: bool,
+    fixed: bool,
+    tls: Tls,
     structured: bool,
     extended: bool,
     /// Export name and context ids chosen by the last SET_META_CONTEXT.
@@ -187,8 +215,28 @@ impl Negotiation {
         }
         Ok(Self {
             no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
+            fixed: client_flags & CLIENT_FIXED_NEWSTYLE != 0,
             ..Self::default()
         })
+    }
+
+    /// Sets this connection's TLS mode (before the first option).
+    #[must_use]
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The negotiation that continues over TLS once STARTTLS succeeded:
+    /// the client flags stay, every option agreed before is forgotten.
+    #[must_use]
+    pub fn after_tls(&self) -> Self {
+        Self {
+            no_zeroes: self.no_zeroes,
+            fixed: self.fixed,
+            tls: Tls::Active,
+            ..Self::default()
+        }
     }
 
     /// Handles one option and returns the reply bytes and what comes next.
@@ -209,6 +257,21 @@ impl Negotiation {
                 option,
                 REP_ERR_SHUTDOWN,
                 "server is shutting down",
+            );
+            return (out, Next::Continue);
+        }
+        if self.tls == Tls::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+            // Without fixed newstyle a client cannot ask for TLS at all,
+            // and EXPORT_NAME has no error reply: both end here.
+            if option == OPT_EXPORT_NAME || !self.fixed {
+                return (out, Next::Close);
+            }
+            option_error(
+                &mut out,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: connect with nbds:// (libnbd) or \
+                 tls-creds (qemu) and the CA that signed its certificate",
             );
             return (out, Next::Continue);
         }
@@ -233,20 +296,7 @@ impl Negotiation {
                 }
                 Next::Continue
             }
-            OPT_STARTTLS => {
-                let msg = if data.is_empty() {
-                    "TLS is not configured on this server"
-                } else {
-                    "STARTTLS takes no data"
-                };
-                let kind = if data.is_empty() {
-                    REP_ERR_POLICY
-                } else {
-                    REP_ERR_INVALID
-                };
-                option_error(&mut out, option, kind, msg);
-                Next::Continue
-            }
+            OPT_STARTTLS => return self.starttls(data),
             OPT_INFO | OPT_GO => return self.info_or_go(option, data, exports),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -294,6 +344,31 @@ impl Negotiation {
             }
         };
         (out, next)
+    }
+
+    fn starttls(&mut self, data: &[u8]) -> (Vec<u8>, Next) {
+        let mut out = Vec::new();
+        let refusal = if !data.is_empty() {
+            Some((REP_ERR_INVALID, "STARTTLS takes no data"))
+        } else {
+            match self.tls {
+                Tls::Unavailable => Some((
+                    REP_ERR_POLICY,
+                    "TLS is not configured on this server (blockd --nbd-tls-certificates)",
+                )),
+                Tls::Active => Some((REP_ERR_INVALID, "TLS is already active")),
+                Tls::Offered | Tls::Required if !self.fixed => {
+                    Some((REP_ERR_POLICY, "TLS needs the fixed newstyle handshake"))
+                }
+                Tls::Offered | Tls::Required => None,
+            }
+        };
+        if let Some((kind, message)) = refusal {
+            option_error(&mut out, OPT_STARTTLS, kind, message);
+            return (out, Next::Continue);
+        }
+        option_reply(&mut out, OPT_STARTTLS, REP_ACK, &[]);
+        (out, Next::StartTls)
     }
 
     fn style(&self) -> ReplyStyle {
@@ -534,6 +609,92 @@ mod tests {
     fn unknown_client_flags_rejected() {
         assert!(Negotiation::new(1 << 5).is_err());
         assert!(Negotiation::new(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).is_ok());
+    }
+
+    #[test]
+    fn starttls_without_certificates_is_refused_by_policy() {
+        let mut n = Negotiation::new(3).unwrap();
+        let (out, next) = n.option(OPT_STARTTLS, &[], &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ERR_POLICY]);
+        assert_eq!(next, Next::Continue);
+        // And the plain negotiation goes on.
+        let (_, next) = n.option(OPT_GO, &go("vol1"), &One, false);
+        assert!(matches!(next, Next::Transmit(_)));
+    }
+
+    #[test]
+    fn required_tls_refuses_every_option_but_starttls_and_abort() {
+        let mut n = Negotiation::new(3).unwrap().with_tls(Tls::Required);
+        for (option, data) in [
+            (OPT_LIST, Vec::new()),
+            (OPT_INFO, go("vol1")),
+            (OPT_GO, go("vol1")),
+            (OPT_STRUCTURED_REPLY, Vec::new()),
+            (OPT_EXTENDED_HEADERS, Vec::new()),
+            (99, b"junk".to_vec()),
+        ] {
+            let (out, next) = n.option(option, &data, &One, false);
+            assert_eq!(reply_kinds(&out), vec![REP_ERR_TLS_REQD], "option {option}");
+            assert_eq!(next, Next::Continue);
+        }
+        // EXPORT_NAME has no error reply: the connection ends.
+        let (out, next) = n.clone().option(OPT_EXPORT_NAME, b"vol1", &One, false);
+        assert!(out.is_empty());
+        assert_eq!(next, Next::Close);
+        let (out, next) = n.clone().option(OPT_ABORT, &[], &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ACK]);
+        assert_eq!(next, Next::Close);
+        let (out, next) = n.option(OPT_STARTTLS, b"x", &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ERR_INVALID]);
+        assert_eq!(next, Next::Continue);
+        let (out, next) = n.option(OPT_STARTTLS, &[], &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ACK]);
+        assert_eq!(next, Next::StartTls);
+    }
+
+    #[test]
+    fn required_tls_closes_a_client_without_fixed_newstyle() {
+        let mut n = Negotiation::new(0).unwrap().with_tls(Tls::Required);
+        let (out, next) = n.option(OPT_LIST, &[], &One, false);
+        assert!(out.is_empty());
+        assert_eq!(next, Next::Close);
+        let mut n = Negotiation::new(0).unwrap().with_tls(Tls::Offered);
+        let (out, _) = n.option(OPT_STARTTLS, &[], &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ERR_POLICY]);
+    }
+
+    #[test]
+    fn after_tls_everything_agreed_in_plain_text_is_forgotten() {
+        let mut n = Negotiation::new(3).unwrap().with_tls(Tls::Offered);
+        n.option(OPT_STRUCTURED_REPLY, &[], &One, false);
+        n.option(
+            OPT_SET_META_CONTEXT,
+            &meta_query("vol1", &["base:allocation"]),
+            &One,
+            false,
+        );
+        let (_, next) = n.option(OPT_STARTTLS, &[], &One, false);
+        assert_eq!(next, Next::StartTls);
+        let mut t = n.after_tls();
+        // Options are served now, STARTTLS again is invalid.
+        let (out, next) = t.option(OPT_STARTTLS, &[], &One, false);
+        assert_eq!(reply_kinds(&out), vec![REP_ERR_INVALID]);
+        assert_eq!(next, Next::Continue);
+        let (out, next) = t.option(OPT_GO, &go("vol1"), &One, false);
+        assert_eq!(*reply_kinds(&out).last().unwrap(), REP_ACK);
+        let Next::Transmit(tr) = next else {
+            panic!("GO over TLS did not transmit")
+        };
+        assert_eq!(tr.style, ReplyStyle::Simple);
+        assert!(tr.contexts.is_empty());
+    }
+
+    #[test]
+    fn offered_tls_allows_plain_text() {
+        let mut n = Negotiation::new(3).unwrap().with_tls(Tls::Offered);
+        let (out, next) = n.option(OPT_GO, &go("vol1"), &One, false);
+        assert_eq!(*reply_kinds(&out).last().unwrap(), REP_ACK);
+        assert!(matches!(next, Next::Transmit(_)));
     }
 
     #[test]

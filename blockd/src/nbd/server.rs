@@ -25,10 +25,11 @@ use tracing::Instrument;
 
 use super::buffers::BufPool;
 use super::negotiate::{
-    self, ExportInfo, Exports, Negotiation, Next, Transmission, CONTEXT_BASE_ALLOCATION,
+    self, ExportInfo, Exports, Negotiation, Next, Tls, Transmission, CONTEXT_BASE_ALLOCATION,
     CONTEXT_BLOCKD_DIRTY, CONTEXT_QEMU_DIRTY,
 };
 use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
+use super::tls::TlsServer;
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
@@ -141,7 +142,7 @@ fn export_info(v: &Volume) -> ExportInfo {
     }
 }
 
-/// Serves one client connection until it ends.
+/// Serves one client connection until it ends (the Unix socket: no TLS).
 pub async fn serve<R, W>(reader: R, mut writer: W, ctx: NbdContext, peer: String)
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -149,26 +150,115 @@ where
 {
     let span = tracing::info_span!("nbd", peer = %peer);
     async move {
-        let mut reader = BufReader::with_capacity(256 << 10, reader);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
         let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
-        let t = tokio::select! {
-            r = handshake(&mut reader, &mut writer, &ctx) => r,
+        let haggled = tokio::select! {
+            r = handshake(&mut reader, &mut writer, &ctx, Tls::Unavailable) => r,
             () = deadline => Err(HandshakeEnd::Closed),
         };
-        match t {
-            Ok(t) => {
-                let Some(source) = ctx.resolve(&t.export.name) else {
-                    return;
-                };
-                tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
-                transmit(reader, writer, t, source, ctx).await;
-            }
-            Err(HandshakeEnd::Closed) => {}
-            Err(HandshakeEnd::Protocol(e)) => tracing::info!(error = %e, "handshake ended"),
-        }
+        enter(haggled, reader, writer, ctx).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Serves one TCP connection, upgrading it to TLS when the client asks
+/// (and insisting when `tls` requires it).
+pub async fn serve_tcp(
+    stream: tokio::net::TcpStream,
+    ctx: NbdContext,
+    peer: String,
+    tls: Option<Arc<TlsServer>>,
+) {
+    let span = tracing::info_span!("nbd", peer = %peer);
+    async move {
+        let mode = tls.as_ref().map_or(Tls::Unavailable, |t| t.mode());
+        let (r, mut w) = stream.into_split();
+        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
+        tokio::pin!(deadline);
+        let haggled = tokio::select! {
+            r = handshake(&mut reader, &mut w, &ctx, mode) => r,
+            () = &mut deadline => Err(HandshakeEnd::Closed),
+        };
+        let (nego, tls) = match (haggled, tls) {
+            (Ok(Haggled::StartTls(nego)), Some(tls)) => (nego, tls),
+            (haggled, _) => return enter(haggled, reader, w, ctx).await,
+        };
+        // The client waits for the ACK before its ClientHello: anything
+        // already buffered is a protocol violation (and would otherwise be
+        // read as plain text behind the TLS layer's back).
+        if !reader.buffer().is_empty() {
+            tracing::info!("client sent data between STARTTLS and the TLS handshake");
+            return;
+        }
+        let Ok(stream) = reader.into_inner().reunite(w) else {
+            return;
+        };
+        let accept = tls.acceptor().accept(stream);
+        let stream = tokio::select! {
+            r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!("TLS handshake timed out");
+                    return;
+                }
+            },
+            () = &mut deadline => return,
+        };
+        {
+            let (_, session) = stream.get_ref();
+            tracing::debug!(
+                version = ?session.protocol_version(),
+                suite = ?session.negotiated_cipher_suite().map(|s| s.suite()),
+                client_certificate = session.peer_certificates().is_some(),
+                "TLS established"
+            );
+        }
+        let (r, mut w) = tokio::io::split(stream);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let mut nego = nego.after_tls();
+        let haggled = tokio::select! {
+            r = haggle(&mut reader, &mut w, &ctx, &mut nego) => r,
+            () = &mut deadline => Err(HandshakeEnd::Closed),
+        };
+        enter(haggled, reader, w, ctx).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Read buffer of a connection.
+const READ_BUFFER: usize = 256 << 10;
+/// How long a client has to finish its TLS handshake after STARTTLS.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Enters transmission when the handshake chose an export.
+async fn enter<R, W>(
+    haggled: Result<Haggled, HandshakeEnd>,
+    reader: BufReader<R>,
+    writer: W,
+    ctx: NbdContext,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    match haggled {
+        Ok(Haggled::Transmit(t)) => {
+            let Some(source) = ctx.resolve(&t.export.name) else {
+                return;
+            };
+            tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
+            transmit(reader, writer, t, source, ctx).await;
+        }
+        // Only offered where the caller can upgrade.
+        Ok(Haggled::StartTls(_)) | Err(HandshakeEnd::Closed) => {}
+        Err(HandshakeEnd::Protocol(e)) => tracing::info!(error = %e, "handshake ended"),
+    }
 }
 
 async fn shutdown_deadline(token: CancellationToken, grace: Duration) {
@@ -187,11 +277,20 @@ impl From<std::io::Error> for HandshakeEnd {
     }
 }
 
+/// How option haggling ended, when it did not end the connection.
+enum Haggled {
+    Transmit(Transmission),
+    /// STARTTLS acknowledged; the negotiation so far.
+    StartTls(Negotiation),
+}
+
+/// Greeting, client flags, then options.
 async fn handshake<R, W>(
     reader: &mut R,
     writer: &mut W,
     ctx: &NbdContext,
-) -> Result<Transmission, HandshakeEnd>
+    tls: Tls,
+) -> Result<Haggled, HandshakeEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -199,7 +298,23 @@ where
     writer.write_all(&negotiate::greeting()).await?;
     writer.flush().await?;
     let flags = reader.read_u32().await?;
-    let mut nego = Negotiation::new(flags).map_err(|e| HandshakeEnd::Protocol(e.to_string()))?;
+    let mut nego = Negotiation::new(flags)
+        .map_err(|e| HandshakeEnd::Protocol(e.to_string()))?
+        .with_tls(tls);
+    haggle(reader, writer, ctx, &mut nego).await
+}
+
+/// Option haggling until an option ends it.
+async fn haggle<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    ctx: &NbdContext,
+    nego: &mut Negotiation,
+) -> Result<Haggled, HandshakeEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let magic = reader.read_u64().await?;
         if magic != proto::IHAVEOPT {
@@ -249,7 +364,8 @@ where
         match next {
             Next::Continue => {}
             Next::Close => return Err(HandshakeEnd::Closed),
-            Next::Transmit(t) => return Ok(t),
+            Next::Transmit(t) => return Ok(Haggled::Transmit(t)),
+            Next::StartTls => return Ok(Haggled::StartTls(nego.clone())),
         }
     }
 }
