@@ -517,3 +517,47 @@ fn an_encrypted_location_caches_no_plaintext_and_a_wrong_passphrase_refuses_the_
     );
     assert!(!is_mounted(&dir));
 }
+
+/// blockd in a mount namespace of its own, as systemd's ProtectSystem=,
+/// ProtectHome= and PrivateTmp= put it (a slave copy of the host's): the
+/// catalog still appears where the admin who asked for it lives, and is
+/// unmounted there, by `blockctl umount` and by the daemon's shutdown.
+#[test]
+fn a_daemon_in_its_own_mount_namespace_mounts_where_the_caller_is() {
+    if !need_fuse(&["unshare", "curl"]) {
+        return;
+    }
+    let mut d = Blockd::start_wrapped(&["unshare", "--mount", "--propagation", "slave", "--"]);
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let its = std::fs::read_link(format!("/proc/{}/ns/mnt", d.pid())).unwrap();
+    assert_ne!(ours, its, "blockd is not in a mount namespace of its own");
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("app", "8M");
+    let img = image(tmp.path(), "app", 8 * MB, 6 * MB, 52);
+    load(&d, "app", &img);
+    backup(&d, &["app"]);
+
+    {
+        let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
+        assert!(
+            is_mounted(&cat.dir),
+            "the catalog is not visible in the caller's mount namespace"
+        );
+        assert_eq!(sha256(&cat.path("app/latest/disk.img")), sha256(&img));
+        let listed = json(&run(Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(d.api_socket())
+            .arg("http://blockd/v1/mounts")));
+        assert_eq!(listed[0]["dir"], cat.dir.to_str().unwrap(), "{listed}");
+        d.ok(&["umount", cat.dir.to_str().unwrap()]);
+        assert!(!is_mounted(&cat.dir), "umount left the mount in place");
+    }
+
+    // Shutdown unmounts it in the caller's namespace too.
+    std::fs::create_dir_all(tmp.path().join("again")).unwrap();
+    let dir = tmp.path().join("again").canonicalize().unwrap();
+    d.ok(&["mount", dir.to_str().unwrap()]);
+    assert!(is_mounted(&dir));
+    assert!(d.terminate().success(), "{}", d.log());
+    assert!(!is_mounted(&dir), "shutdown left the mount behind");
+}

@@ -90,6 +90,8 @@ pub struct Blockd {
     pub extra_args: Vec<String>,
     /// Extra environment for the daemon (e.g. `BLOCKD_FAULT_INJECT`).
     pub env: Vec<(String, String)>,
+    /// A command blockd runs under (e.g. `unshare -m`), which must exec it.
+    pub wrapper: Vec<String>,
 }
 
 impl Blockd {
@@ -108,6 +110,17 @@ impl Blockd {
         Self::launch(None, &[], env)
     }
 
+    /// Starts blockd under `wrapper` (a command that execs its arguments,
+    /// such as `unshare --mount --propagation slave`).
+    pub fn start_wrapped(wrapper: &[&str]) -> Self {
+        let base =
+            std::env::var_os("BLOCKD_TEST_TMP").map_or_else(std::env::temp_dir, PathBuf::from);
+        let mut d = Self::new_in(&base, None, &[], &[]);
+        d.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        d.spawn();
+        d
+    }
+
     /// Starts blockd with its state dir under `base` (a file system of the
     /// test's own, say a small tmpfs).
     pub fn start_in(base: &Path) -> Self {
@@ -121,11 +134,17 @@ impl Blockd {
     }
 
     fn launch_in(base: &Path, engine: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut d = Self::new_in(base, engine, args, env);
+        d.spawn();
+        d
+    }
+
+    fn new_in(base: &Path, engine: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("blockd-test-")
             .tempdir_in(base)
             .expect("temp dir");
-        let mut d = Self {
+        Self {
             child: None,
             dir,
             engine: engine.map(str::to_string),
@@ -134,9 +153,8 @@ impl Blockd {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        d.spawn();
-        d
+            wrapper: Vec::new(),
+        }
     }
 
     /// (Re)starts the process on the same state dir.
@@ -146,7 +164,14 @@ impl Blockd {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let mut cmd = Command::new(bin("blockd"));
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(bin("blockd")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("blockd"));
+                c
+            }
+        };
         cmd.arg("--state-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)

@@ -31,6 +31,13 @@ pub struct Peer {
     pid: Option<i32>,
 }
 
+impl Peer {
+    /// The calling process, when the kernel told.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+}
+
 impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         match stream.io().peer_cred() {

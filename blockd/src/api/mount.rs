@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use blockd_api::{MountInfo, MountRequest};
 
+use super::access::Peer;
 use super::{body, query_pairs, ApiResult, Failure};
 use crate::daemon::Daemon;
 
@@ -25,10 +26,12 @@ async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<MountInfo>> {
 
 async fn mount(
     State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<MountInfo>), Failure> {
     let req: MountRequest = body(&bytes)?;
-    let info = d.mounts.mount(req, &d.cloud.locations).await?;
+    // Mounted in the caller's mount namespace (see fuse::namespace).
+    let info = d.mounts.mount(req, &d.cloud.locations, peer.pid()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

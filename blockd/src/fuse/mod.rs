@@ -56,6 +56,7 @@
 
 pub mod cache;
 mod mounts;
+pub mod namespace;
 pub mod tree;
 
 pub use mounts::{MountError, Mounts};

@@ -12,6 +12,7 @@ use fuser::{BackgroundSession, MountOption, SessionACL};
 use tokio::runtime::Handle;
 
 use super::cache::ChunkCache;
+use super::namespace::CallerNs;
 use super::{lock, Catalog, CatalogFs, FUSE_THREADS, KERNEL_READ_AHEAD_KB, MIN_CACHE};
 use crate::claims::{Claim, Claims, Want};
 use crate::cloud::locations::Locations;
@@ -66,6 +67,9 @@ pub enum MountError {
         /// Mount point.
         dir: String,
     },
+    /// The caller is in a mount namespace the daemon cannot enter.
+    #[error("{0}")]
+    OtherNamespace(String),
     /// The location could not be opened.
     #[error(transparent)]
     Cloud(#[from] CloudError),
@@ -89,6 +93,7 @@ impl MountError {
                 Outcome::Invalid
             }
             Self::NotMounted { .. } => Outcome::NotFound,
+            Self::OtherNamespace(_) => Outcome::Invalid,
             Self::AlreadyMounted { .. } | Self::StaleMount { .. } | Self::Busy { .. } => {
                 Outcome::Conflict
             }
@@ -105,6 +110,8 @@ struct Active {
     _claim: Claim,
     session: BackgroundSession,
     catalog: Arc<Catalog>,
+    /// The caller's mount namespace, when the mount was made there.
+    ns: Option<CallerNs>,
 }
 
 /// The catalog mounts of this daemon.
@@ -143,7 +150,8 @@ impl Mounts {
             .collect()
     }
 
-    /// Mounts a location's catalog at `req.dir`.
+    /// Mounts a location's catalog at `req.dir`, in the mount namespace of
+    /// process `caller` (see [`super::namespace`]).
     ///
     /// # Errors
     /// A missing directory, one already mounted, an unknown location or
@@ -152,13 +160,32 @@ impl Mounts {
         &self,
         req: MountRequest,
         locations: &Locations,
+        caller: Option<i32>,
     ) -> Result<MountInfo, MountError> {
         let _one = self.changing.lock().await;
-        let dir = std::fs::canonicalize(&req.dir).map_err(|e| MountError::NoDirectory {
+        let ns = CallerNs::of(caller).map_err(MountError::OtherNamespace)?;
+        let no_dir = |e: std::io::Error| MountError::NoDirectory {
             dir: req.dir.clone(),
             reason: e.to_string(),
-        })?;
-        if !dir.is_dir() {
+        };
+        // In the caller's namespace the path is the caller's (blockctl
+        // sends it resolved); it is checked through /proc/PID/root.
+        let (dir, seen) = match &ns {
+            None => {
+                let dir = std::fs::canonicalize(&req.dir).map_err(no_dir)?;
+                (dir.clone(), dir)
+            }
+            Some(ns) => {
+                let dir = PathBuf::from(&req.dir);
+                if !dir.is_absolute() {
+                    return Err(no_dir(std::io::Error::other("not an absolute path")));
+                }
+                let seen = ns.view(&dir);
+                std::fs::metadata(&seen).map_err(no_dir)?;
+                (dir, seen)
+            }
+        };
+        if !seen.is_dir() {
             return Err(MountError::NotADirectory {
                 dir: dir.display().to_string(),
             });
@@ -167,7 +194,10 @@ impl Mounts {
         if lock(&self.active).contains_key(&dir_s) {
             return Err(MountError::AlreadyMounted { dir: dir_s });
         }
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mounts = match &ns {
+            None => std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
+            Some(ns) => ns.mounts_table(),
+        };
         if blockd_api::mount::is_catalog_mount(&mounts, &dir_s) {
             return Err(MountError::StaleMount { dir: dir_s });
         }
@@ -229,8 +259,22 @@ impl Mounts {
             rt: Handle::current(),
         };
         let at = dir.clone();
-        let session = tokio::task::spawn_blocking(move || {
-            fuser::Session::new(fs, &at, &config).and_then(fuser::Session::spawn)
+        let caller_ns = ns;
+        let (session, ns) = tokio::task::spawn_blocking(move || match caller_ns {
+            None => fuser::Session::new(fs, &at, &config)
+                .and_then(fuser::Session::spawn)
+                .map(|s| (s, None)),
+            Some(ns) => {
+                let options = fusermount_options(&config.mount_options);
+                let fd = ns.mount_fuse(&at, &options)?;
+                let acl = config.acl;
+                let session = fuser::Session::from_fd(fs, fd, acl, config)
+                    .and_then(fuser::Session::spawn)
+                    .inspect_err(|_| {
+                        let _ = ns.unmount(&at, true);
+                    })?;
+                Ok((session, Some(ns)))
+            }
         })
         .await
         .map_err(|e| MountError::Failed {
@@ -246,7 +290,7 @@ impl Mounts {
                 reason: e.to_string(),
             }
         })?;
-        raise_read_ahead(&dir);
+        raise_read_ahead(&seen);
         let info = MountInfo {
             dir: dir_s.clone(),
             location: location.clone(),
@@ -261,6 +305,7 @@ impl Mounts {
                 _claim: claim,
                 session,
                 catalog,
+                ns,
             },
         );
         Ok(info)
@@ -273,20 +318,27 @@ impl Mounts {
     /// Not a mount of this daemon; busy.
     pub async fn unmount(&self, dir: &str) -> Result<(), MountError> {
         let _one = self.changing.lock().await;
-        let key = std::fs::canonicalize(dir)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| dir.to_string());
+        let key = if lock(&self.active).contains_key(dir) {
+            dir.to_string()
+        } else {
+            std::fs::canonicalize(dir)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| dir.to_string())
+        };
         let Some(active) = lock(&self.active).remove(&key) else {
             return Err(MountError::NotMounted { dir: dir.into() });
         };
         let at = PathBuf::from(&key);
-        let detached = tokio::task::spawn_blocking(move || detach(&at, false))
-            .await
-            .map_err(|e| MountError::Failed {
-                what: "unmounting",
-                dir: key.clone(),
-                reason: e.to_string(),
-            })?;
+        let (active, detached) = tokio::task::spawn_blocking(move || {
+            let r = detach(active.ns.as_ref(), &at, false);
+            (active, r)
+        })
+        .await
+        .map_err(|e| MountError::Failed {
+            what: "unmounting",
+            dir: key.clone(),
+            reason: e.to_string(),
+        })?;
         if let Err(e) = detached {
             let busy = e.raw_os_error() == Some(libc::EBUSY);
             lock(&self.active).insert(key.clone(), active);
@@ -313,18 +365,22 @@ impl Mounts {
             .collect();
         for (key, active) in all {
             let at = PathBuf::from(&key);
-            let clean = tokio::task::spawn_blocking(move || match detach(&at, false) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(dir = %at.display(), error = %e, "catalog mount busy at shutdown: detaching it lazily");
-                    if let Err(e) = detach(&at, true) {
-                        tracing::warn!(dir = %at.display(), error = %e, "detaching the catalog mount failed");
+            let (active, clean) = tokio::task::spawn_blocking(move || {
+                let ns = active.ns.as_ref();
+                let clean = match detach(ns, &at, false) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(dir = %at.display(), error = %e, "catalog mount busy at shutdown: detaching it lazily");
+                        if let Err(e) = detach(ns, &at, true) {
+                            tracing::warn!(dir = %at.display(), error = %e, "detaching the catalog mount failed");
+                        }
+                        false
                     }
-                    false
-                }
+                };
+                (active, clean)
             })
             .await
-            .unwrap_or(false);
+            .expect("unmount task");
             if clean {
                 finish(active, &key).await;
             } else {
@@ -361,9 +417,13 @@ async fn finish(active: Active, key: &str) {
     tracing::info!(dir = %key, "catalog unmounted");
 }
 
-/// Unmounts `dir` (lazily: detached now, gone when unused). Root unmounts
-/// directly; anyone else goes through `fusermount3 -u`.
-fn detach(dir: &Path, lazy: bool) -> std::io::Result<()> {
+/// Unmounts `dir` (lazily: detached now, gone when unused), in the
+/// caller's namespace when it was mounted there. Root unmounts directly;
+/// anyone else goes through `fusermount3 -u`.
+fn detach(ns: Option<&CallerNs>, dir: &Path, lazy: bool) -> std::io::Result<()> {
+    if let Some(ns) = ns {
+        return ns.unmount(dir, lazy);
+    }
     let flags = if lazy {
         rustix::mount::UnmountFlags::DETACH
     } else {
@@ -388,6 +448,24 @@ fn detach(dir: &Path, lazy: bool) -> std::io::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The mount options as fusermount3 takes them (`-o a,b,c`).
+fn fusermount_options(options: &[MountOption]) -> String {
+    options
+        .iter()
+        .map(|o| match o {
+            MountOption::FSName(n) => format!("fsname={n}"),
+            MountOption::RO => "ro".into(),
+            MountOption::NoSuid => "nosuid".into(),
+            MountOption::NoDev => "nodev".into(),
+            MountOption::NoAtime => "noatime".into(),
+            MountOption::DefaultPermissions => "default_permissions".into(),
+            MountOption::CUSTOM(c) => c.clone(),
+            other => format!("{other:?}").to_lowercase(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Raises the kernel read-ahead of the mount at `dir` (its backing device
