@@ -53,7 +53,11 @@ fn every_unit_passes_systemd_analyze_verify() {
     }
     let dir = installed_copy();
     // A template is verified through an instance of it.
-    for unit in ["blockd.service", "blockd-mount@local.service"] {
+    for unit in [
+        "blockd.service",
+        "blockd-mount@local.service",
+        "blockd-attach@app.service",
+    ] {
         let out = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
             .arg(dir.path().join(unit))
@@ -72,7 +76,14 @@ fn every_unit_passes_systemd_analyze_verify() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["blockd-mount@.service", "blockd.service"]);
+    assert_eq!(
+        names,
+        [
+            "blockd-attach@.service",
+            "blockd-mount@.service",
+            "blockd.service"
+        ]
+    );
 }
 
 #[test]
@@ -83,7 +94,8 @@ fn the_daemon_unit_is_notify_hardened_and_holds_only_the_capabilities_it_uses() 
     for (key, want) in [
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
-        ("PrivateTmp", "yes"),
+        // PrivateTmp= would order blockd after local-fs.target.
+        ("TemporaryFileSystem", "/tmp:mode=1777 /var/tmp:mode=1777"),
         ("NoNewPrivileges", "yes"),
         ("LimitMEMLOCK", "infinity"),
         ("OOMScoreAdjust", "-1000"),
@@ -111,6 +123,24 @@ fn the_daemon_unit_is_notify_hardened_and_holds_only_the_capabilities_it_uses() 
     assert!(watchdog >= 10);
 }
 
+/// The attach unit runs before local-fs-pre.target, so the daemon must
+/// too, without the default dependencies that would order it after.
+#[test]
+fn attach_at_boot_is_ordered_before_local_file_systems() {
+    for unit in ["blockd.service", "blockd-attach@.service"] {
+        assert_eq!(value(unit, "DefaultDependencies"), "no", "{unit}");
+        assert!(
+            value(unit, "Before").contains("local-fs-pre.target"),
+            "{unit}"
+        );
+    }
+    assert!(value("blockd-attach@.service", "After").contains("blockd.service"));
+    assert_eq!(
+        value("blockd-attach@.service", "Requires"),
+        "blockd.service"
+    );
+}
+
 #[test]
 fn the_commands_the_units_run_are_accepted() {
     // blockd's command line: it parses (--help after the unit's arguments
@@ -127,8 +157,13 @@ fn the_commands_the_units_run_are_accepted() {
     // blockctl's: the arguments parse, and the only complaint is that no
     // daemon answers at the socket given.
     let mnt = tempfile::tempdir().unwrap();
-    for key in ["ExecStart", "ExecStop"] {
-        let line = value("blockd-mount@.service", key)
+    for (unit, key) in [
+        ("blockd-mount@.service", "ExecStart"),
+        ("blockd-mount@.service", "ExecStop"),
+        ("blockd-attach@.service", "ExecStart"),
+        ("blockd-attach@.service", "ExecStop"),
+    ] {
+        let line = value(unit, key)
             .replace("/mnt/blockd/%i", mnt.path().to_str().unwrap())
             .replace("%i", "local");
         let args: Vec<&str> = line.split_whitespace().skip(1).collect();

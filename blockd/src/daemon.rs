@@ -88,6 +88,10 @@ pub struct Daemon {
     pub mounts: Arc<Mounts>,
     /// Who uses what (see [`crate::claims`]).
     pub claims: Arc<Claims>,
+    /// Kernel attachments (`blockctl volume attach`).
+    pub attachments: Arc<crate::attach::Attachments>,
+    /// What NBD connections share (kernel attachments are served with it).
+    pub nbd: NbdContext,
     config: Config,
     engine: &'static str,
     nbd_tls: Option<String>,
@@ -337,6 +341,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         grace: config.shutdown_grace,
     };
     tracker.spawn(nbd::serve_unix(nbd_listener, ctx.clone(), tracker.clone()));
+    // Attachments recorded by the previous run: their devices get sockets
+    // again before the daemon says it is ready.
+    let attachments = Arc::new(crate::attach::Attachments::new(dir));
+    attachments.restore(&ctx).await;
     if let Some(l) = tcp_listener {
         tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tcp_tls, tracker.clone()));
     }
@@ -347,6 +355,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cloud,
         mounts: Arc::new(Mounts::new(dir, claims.clone())),
         claims,
+        attachments,
+        nbd: ctx.clone(),
         config: config.clone(),
         engine: engine_name,
         nbd_tls,

@@ -5,6 +5,7 @@
 //! through an HTTP/JSON control API on a Unix socket ([`api`]).
 
 pub mod api;
+pub mod attach;
 pub mod claims;
 pub mod cloud;
 pub mod coordinator;

@@ -42,6 +42,9 @@ pub struct Volume {
     /// unclean shutdown until the next full backup.
     #[serde(default)]
     pub tracking_known: bool,
+    /// The kernel device this volume is attached as (`/dev/nbdN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<String>,
 }
 
 /// Body of `POST /v1/volumes`.
@@ -66,6 +69,36 @@ pub struct CreateVolume {
 pub struct ResizeVolume {
     /// New size in bytes; must not be smaller than the current size.
     pub size: u64,
+}
+
+/// Body of `POST /v1/volumes/{name}/attach`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// `/dev/nbdN` to use [default: the first free one].
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Socket connections between the kernel and blockd [default: 1].
+    #[serde(default)]
+    pub connections: Option<u32>,
+    /// Seconds before the kernel times a request out [default: 30].
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// A volume attached as a kernel NBD device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Volume.
+    pub volume: String,
+    /// `/dev/nbdN`.
+    pub device: String,
+    /// N.
+    pub index: u32,
+    /// Socket connections.
+    pub connections: u32,
+    /// Request timeout, seconds.
+    pub timeout: u64,
 }
 
 /// Body of `POST /v1/snapshots`.

@@ -93,6 +93,7 @@ failures!(
     VolumeOpError,
     crate::cloud::CloudError,
     crate::fuse::MountError,
+    crate::attach::AttachError,
 );
 
 impl From<Busy> for Failure {
@@ -119,6 +120,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(inspect_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route(
+            "/v1/volumes/{name}/attach",
+            post(attach_volume).delete(detach_volume),
+        )
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route(
             "/v1/snapshots/{volume}/{name}",
@@ -165,6 +170,7 @@ fn to_api(v: &Volume) -> blockd_api::Volume {
             m.size
         },
         tracking_known: changes.known,
+        attached: None,
     }
 }
 
@@ -193,7 +199,7 @@ async fn list_volumes(
         .store
         .list()
         .iter()
-        .map(|v| to_api(v))
+        .map(|v| with_attachment(&d, to_api(v)))
         .filter(|v| want.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
         .collect();
     Ok(Json(volumes))
@@ -216,7 +222,34 @@ async fn inspect_volume(
         .store
         .get(&name)
         .ok_or(StoreError::NotFound { volume: name })?;
-    Ok(Json(to_api(&v)))
+    Ok(Json(with_attachment(&d, to_api(&v))))
+}
+
+fn with_attachment(d: &Daemon, mut v: blockd_api::Volume) -> blockd_api::Volume {
+    v.attached = d.attachments.device_of(&v.name);
+    v
+}
+
+async fn attach_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<blockd_api::Attachment>), Failure> {
+    let req: blockd_api::AttachRequest = if bytes.is_empty() {
+        blockd_api::AttachRequest::default()
+    } else {
+        body(&bytes)?
+    };
+    let a = d.attachments.attach(&d.nbd, &name, &req).await?;
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+async fn detach_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    d.attachments.detach(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn delete_volume(

@@ -232,6 +232,32 @@ pub async fn serve_tcp(
     .await;
 }
 
+/// Serves one socket of a kernel attachment: the kernel client skips
+/// the handshake (it was given size and flags by netlink), so the
+/// transmission phase starts at once, with simple replies.
+pub async fn serve_attached(stream: tokio::net::UnixStream, ctx: NbdContext, volume: Arc<Volume>) {
+    let span = tracing::info_span!("nbd", peer = %format!("kernel:{}", volume.name()));
+    async move {
+        let export = export_info(&volume);
+        let t = Transmission {
+            flags: export.transmission_flags(false),
+            style: proto::ReplyStyle::Simple,
+            contexts: Vec::new(),
+            export,
+        };
+        let (r, w) = stream.into_split();
+        let reader = BufReader::with_capacity(READ_BUFFER, r);
+        transmit(reader, w, t, Source::Volume(volume), ctx).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The transmission flags a kernel attachment of `volume` is given.
+pub fn attached_flags(volume: &Volume) -> u16 {
+    export_info(volume).transmission_flags(false)
+}
+
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
 /// How long a client has to finish its TLS handshake after STARTTLS.

@@ -178,6 +178,26 @@ enum VolumeCmd {
         #[arg(long, value_parser = size_arg)]
         size: u64,
     },
+    /// Attach a volume as a kernel block device /dev/nbdN (needs the nbd
+    /// kernel module); re-attached when blockd restarts
+    Attach {
+        /// Volume name
+        name: String,
+        /// The device to use, e.g. /dev/nbd3 [default: the first free one]
+        #[arg(long)]
+        device: Option<String>,
+        /// Socket connections between the kernel and blockd (1-16)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+        connections: u32,
+        /// Seconds before the kernel fails a request blockd has not answered
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
+    },
+    /// Detach a volume's kernel block device
+    Detach {
+        /// Volume name
+        name: String,
+    },
 }
 
 /// The same default as blockd: `$BLOCKD_STATE_DIR`, else `/var/lib/blockd`
@@ -432,6 +452,39 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Str
                 line(format_args!("Volume {name} deleted."));
             });
         }
+        VolumeCmd::Attach {
+            name,
+            device,
+            connections,
+            timeout,
+        } => {
+            let req = blockd_api::AttachRequest {
+                device: device.clone(),
+                connections: Some(*connections),
+                timeout: Some(*timeout),
+            };
+            let a: blockd_api::Attachment = client
+                .call(
+                    "POST",
+                    &format!("/v1/volumes/{}/attach", encode(name)),
+                    Some(&req),
+                )
+                .await?;
+            out.answer(&a, |a| {
+                line(format_args!(
+                    "Volume {} attached as {}.",
+                    a.volume, a.device
+                ));
+            });
+        }
+        VolumeCmd::Detach { name } => {
+            client
+                .call_empty("DELETE", &format!("/v1/volumes/{}/attach", encode(name)))
+                .await?;
+            out.answer(&serde_json::json!({ "detached": name }), |_| {
+                line(format_args!("Volume {name} detached."));
+            });
+        }
         VolumeCmd::Resize { name, size } => {
             let req = ResizeVolume { size: *size };
             let v: Volume = client
@@ -479,8 +532,16 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 
 /// Prints the `volume list` table.
 fn print_volumes(vs: &[Volume]) {
-    let header = ["NAME", "SIZE", "ALLOCATED", "EXTENT", "CONNS", "LABELS"];
-    let rows: Vec<[String; 6]> = vs
+    let header = [
+        "NAME",
+        "SIZE",
+        "ALLOCATED",
+        "EXTENT",
+        "CONNS",
+        "LABELS",
+        "DEVICE",
+    ];
+    let rows: Vec<[String; 7]> = vs
         .iter()
         .map(|v| {
             [
@@ -490,6 +551,7 @@ fn print_volumes(vs: &[Volume]) {
                 human_size(v.extent_size),
                 v.connections.to_string(),
                 labels_text(&v.labels),
+                v.attached.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -506,6 +568,12 @@ fn print_volume(v: &Volume) {
     field("Allocated", human_size(v.allocated));
     field("Extent size", human_size(v.extent_size));
     field("Connections", v.connections);
+    field(
+        "Attached",
+        v.attached
+            .as_deref()
+            .unwrap_or("no (`blockctl volume attach`)"),
+    );
     if v.tracking_known {
         field(
             "Changed",

@@ -1,0 +1,380 @@
+//! Kernel attach: a volume as `/dev/nbdN` on this host, through the
+//! kernel's generic-netlink family "nbd" (no nbd-client, no TCP).
+//!
+//! For each of `--connections` a socket pair is made: blockd serves one
+//! end in the NBD transmission phase directly (the kernel client does no
+//! handshake; it gets the size and flags in NBD_CMD_CONNECT), and hands
+//! the other end to the kernel, which takes its own reference. Detach is
+//! NBD_CMD_DISCONNECT; the device is created with DESTROY_ON_DISCONNECT
+//! so it goes away with it.
+//!
+//! Attachments are recorded in `attachments.json` and made again when
+//! blockd starts: a device whose sockets died with the previous daemon is
+//! given new ones with NBD_CMD_RECONFIGURE while its dead-connection
+//! timeout runs (so the file system on it survives a daemon restart), or
+//! connected afresh at the same index after. See kernel-notes/nbd.md for
+//! timeouts, block size and what the kernel negotiates.
+
+pub mod netlink;
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use blockd_api::{AttachRequest, Attachment};
+use netlink_packet_generic::ctrl::GenlCtrl;
+use netlink_packet_generic::GenlMessage;
+
+use crate::nbd::NbdContext;
+use crate::outcome::Outcome;
+
+use netlink::{Connect, Genl, Nbd, Reply};
+
+/// Why an attach or detach failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// The running kernel has no nbd driver.
+    #[error(
+        "this kernel has no nbd driver (generic-netlink family \"nbd\" not found): load it \
+         with `modprobe nbd`, or reach the volume as a block device through nbdfuse and \
+         losetup as the README shows"
+    )]
+    NoModule,
+    /// No such volume.
+    #[error("no volume named {0:?}: list them with `blockctl volume list`")]
+    NoVolume(String),
+    /// Already attached.
+    #[error(
+        "volume {volume} is already attached as {device}: `blockctl volume detach {volume}` first"
+    )]
+    Attached {
+        /// Volume.
+        volume: String,
+        /// Its device.
+        device: String,
+    },
+    /// Not attached.
+    #[error("volume {0} is not attached")]
+    NotAttached(String),
+    /// A request the kernel or blockd refuses.
+    #[error("{0}")]
+    Invalid(String),
+    /// The kernel refused.
+    #[error("the kernel refused to {what} (errno {errno}: {})", std::io::Error::from_raw_os_error(*errno))]
+    Kernel {
+        /// What was asked.
+        what: &'static str,
+        /// errno.
+        errno: i32,
+    },
+    /// Local failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AttachError {
+    /// What the error means to the caller.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::NoModule | Self::Invalid(_) => Outcome::Invalid,
+            Self::NoVolume(_) | Self::NotAttached(_) => Outcome::NotFound,
+            Self::Attached { .. } => Outcome::Conflict,
+            Self::Kernel { errno, .. } if *errno == libc::EBUSY => Outcome::Conflict,
+            Self::Kernel { .. } | Self::Io(_) => Outcome::Failed,
+        }
+    }
+}
+
+/// Most connections one attachment may ask for.
+pub const MAX_CONNECTIONS: u32 = 16;
+/// Default request timeout, seconds.
+pub const DEFAULT_TIMEOUT: u64 = 30;
+/// How long a device waits for blockd to come back with new sockets.
+pub const DEAD_CONN_TIMEOUT: u64 = 120;
+
+/// The attachments of this daemon.
+#[derive(Debug)]
+pub struct Attachments {
+    path: PathBuf,
+    active: Mutex<BTreeMap<String, Attachment>>,
+    /// One attach or detach at a time: the check and the action are one step.
+    changing: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Attachments {
+    /// The attachments recorded under `state_dir` (made again by
+    /// [`Attachments::restore`]).
+    pub fn new(state_dir: &std::path::Path) -> Self {
+        Self {
+            path: state_dir.join("attachments.json"),
+            active: Mutex::new(BTreeMap::new()),
+            changing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The device of `volume`, if attached.
+    pub fn device_of(&self, volume: &str) -> Option<String> {
+        lock(&self.active).get(volume).map(|a| a.device.clone())
+    }
+
+    /// Every attachment.
+    pub fn list(&self) -> Vec<Attachment> {
+        lock(&self.active).values().cloned().collect()
+    }
+
+    /// Attaches `volume` as a kernel NBD device.
+    ///
+    /// # Errors
+    /// No nbd driver (checked first, before anything is made), an unknown
+    /// or attached volume, bad parameters, the kernel's refusal.
+    pub async fn attach(
+        &self,
+        ctx: &NbdContext,
+        volume: &str,
+        req: &AttachRequest,
+    ) -> Result<Attachment, AttachError> {
+        let _one = self.changing.lock().await;
+        let index = match req.device.as_deref() {
+            None => None,
+            Some(d) => Some(parse_device(d)?),
+        };
+        let connections = req.connections.unwrap_or(1);
+        if !(1..=MAX_CONNECTIONS).contains(&connections) {
+            return Err(AttachError::Invalid(format!(
+                "--connections must be between 1 and {MAX_CONNECTIONS}"
+            )));
+        }
+        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout == 0 {
+            return Err(AttachError::Invalid(
+                "--timeout must be at least 1 second".into(),
+            ));
+        }
+        // Attaching what is attached is a no-op (boot units and scripts
+        // may ask again); another device is a conflict.
+        if let Some(a) = lock(&self.active).get(volume).cloned() {
+            if index.is_none_or(|i| i == a.index) {
+                return Ok(a);
+            }
+            return Err(AttachError::Attached {
+                volume: volume.into(),
+                device: a.device,
+            });
+        }
+        let a = self
+            .connect(ctx, volume, index, connections, timeout, false)
+            .await?;
+        lock(&self.active).insert(volume.to_string(), a.clone());
+        self.save()?;
+        tracing::info!(volume, device = %a.device, connections, "volume attached");
+        Ok(a)
+    }
+
+    /// Detaches `volume`.
+    ///
+    /// # Errors
+    /// Not attached; the kernel's refusal.
+    pub async fn detach(&self, volume: &str) -> Result<(), AttachError> {
+        let _one = self.changing.lock().await;
+        let Some(a) = lock(&self.active).get(volume).cloned() else {
+            return Err(AttachError::NotAttached(volume.into()));
+        };
+        let index = a.index;
+        let r = tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
+            let (mut genl, family) = open_family()?;
+            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+                netlink::request(
+                    family,
+                    seq,
+                    Nbd {
+                        cmd: netlink::CMD_DISCONNECT,
+                        attrs: vec![netlink::Attr::Index(index)],
+                    },
+                )
+            })?;
+            check(&replies, "disconnect the device")
+        })
+        .await
+        .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))?;
+        // A device already gone (the kernel dropped it) is detached too.
+        match r {
+            Ok(())
+            | Err(AttachError::Kernel {
+                errno: libc::EINVAL | libc::ENOENT,
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        lock(&self.active).remove(volume);
+        self.save()?;
+        tracing::info!(volume, device = %a.device, "volume detached");
+        Ok(())
+    }
+
+    /// Makes the recorded attachments again (at start). Failures are
+    /// logged and the record kept, to be retried at the next start.
+    pub async fn restore(&self, ctx: &NbdContext) {
+        let recorded: Vec<Attachment> = std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let _one = self.changing.lock().await;
+        for a in recorded {
+            let r = self
+                .connect(
+                    ctx,
+                    &a.volume,
+                    Some(a.index),
+                    a.connections,
+                    a.timeout,
+                    true,
+                )
+                .await;
+            match r {
+                Ok(now) => {
+                    tracing::info!(volume = %a.volume, device = %now.device, "attachment restored");
+                    lock(&self.active).insert(a.volume.clone(), now);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %a.volume, device = %a.device, error = %e, "attachment not restored; it is retried at the next start");
+                    lock(&self.active).insert(a.volume.clone(), a);
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        ctx: &NbdContext,
+        volume: &str,
+        index: Option<u32>,
+        connections: u32,
+        timeout: u64,
+        again: bool,
+    ) -> Result<Attachment, AttachError> {
+        // The driver first: on a kernel without it nothing is made.
+        let (genl, family) = tokio::task::spawn_blocking(open_family)
+            .await
+            .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))??;
+        let v = ctx
+            .store
+            .get(volume)
+            .ok_or_else(|| AttachError::NoVolume(volume.into()))?;
+        let mut kernel_ends = Vec::new();
+        for _ in 0..connections {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            let ours = tokio::net::UnixStream::from_std(ours)?;
+            tokio::spawn(crate::nbd::server::serve_attached(
+                ours,
+                ctx.clone(),
+                v.clone(),
+            ));
+            kernel_ends.push(theirs);
+        }
+        let c = Connect {
+            index,
+            size: v.size(),
+            block_size: 4096.min(v.extent_size()).max(512),
+            timeout,
+            dead_conn_timeout: DEAD_CONN_TIMEOUT,
+            server_flags: u64::from(crate::nbd::server::attached_flags(&v)),
+            backend: format!("blockd:{volume}"),
+        };
+        let fds: Vec<i32> = kernel_ends.iter().map(AsRawFd::as_raw_fd).collect();
+        let index = tokio::task::spawn_blocking(move || -> Result<u32, AttachError> {
+            let mut genl = genl;
+            // Sockets first to a device still waiting for them, else anew.
+            if again {
+                let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+                    netlink::request(family, seq, netlink::connect(&c, &fds, true))
+                })?;
+                if check(&replies, "reconfigure the device").is_ok() {
+                    return c
+                        .index
+                        .ok_or_else(|| AttachError::Invalid("no index".into()));
+                }
+            }
+            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+                netlink::request(family, seq, netlink::connect(&c, &fds, false))
+            })?;
+            check(&replies, "connect the device")?;
+            replies
+                .iter()
+                .find_map(|r| match r {
+                    Reply::Message(m) => m.payload.attrs.iter().find_map(|a| match a {
+                        netlink::Attr::Index(i) => Some(*i),
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+                .or(c.index)
+                .ok_or_else(|| AttachError::Invalid("the kernel named no device".into()))
+        })
+        .await
+        .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))?;
+        // The kernel holds its own references now (or the attach failed
+        // and closing these ends our side's connections).
+        drop(kernel_ends);
+        let index = index?;
+        Ok(Attachment {
+            volume: volume.to_string(),
+            device: format!("/dev/nbd{index}"),
+            index,
+            connections,
+            timeout,
+        })
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let list = self.list();
+        let bytes = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
+        crate::durable::write_atomic(&self.path, &bytes)
+    }
+}
+
+/// `/dev/nbdN` or `N`.
+fn parse_device(d: &str) -> Result<u32, AttachError> {
+    d.strip_prefix("/dev/nbd")
+        .unwrap_or(d)
+        .parse()
+        .map_err(|_| AttachError::Invalid(format!("{d:?} is not an NBD device: give /dev/nbdN")))
+}
+
+/// Opens a generic-netlink socket and looks the nbd family up.
+fn open_family() -> Result<(Genl, u16), AttachError> {
+    let mut genl = Genl::open()?;
+    let replies = genl.exchange::<GenlMessage<GenlCtrl>>(netlink::family_request)?;
+    match netlink::family_id(&replies) {
+        Some(id) => Ok((genl, id)),
+        None => Err(AttachError::NoModule),
+    }
+}
+
+fn check(replies: &[Reply<GenlMessage<Nbd>>], what: &'static str) -> Result<(), AttachError> {
+    match replies.iter().find_map(|r| match r {
+        Reply::Error(e) => Some(*e),
+        _ => None,
+    }) {
+        Some(errno) => Err(AttachError::Kernel { what, errno }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(parse_device("/dev/nbd3").unwrap(), 3);
+        assert_eq!(parse_device("12").unwrap(), 12);
+        assert!(parse_device("/dev/sda").is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! `blockctl volume attach/detach`: a volume as a kernel `/dev/nbdN`
+//! through the generic-netlink family "nbd". Where the kernel has no nbd
+//! driver (as on these machines) attach must fail at once, say what to do,
+//! and leave nothing behind; where it has one, the device must carry the
+//! volume's data both ways and come back after a daemon restart.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn kernel_has_nbd() -> bool {
+    std::path::Path::new("/sys/module/nbd").exists()
+}
+
+fn refused(d: &Blockd, args: &[&str], expect: &str) {
+    let out = d.blockctl(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "blockctl {args:?} succeeded");
+    assert!(stderr.contains(expect), "blockctl {args:?}: {stderr}");
+}
+
+#[test]
+fn attach_works_or_fails_fast_without_the_nbd_driver_and_refuses_bad_input() {
+    let d = Blockd::start();
+    d.create("vol1", "16M");
+    // Bad input, whatever the kernel: clear messages, non-zero exits.
+    refused(
+        &d,
+        &["volume", "attach", "vol1", "--connections", "0"],
+        "--connections",
+    );
+    refused(
+        &d,
+        &["volume", "attach", "vol1", "--timeout", "0"],
+        "--timeout",
+    );
+    refused(&d, &["volume", "detach", "vol1"], "not attached");
+    if kernel_has_nbd() {
+        refused(
+            &d,
+            &["volume", "attach", "vol1", "--device", "/dev/sda"],
+            "not an NBD device",
+        );
+        refused(&d, &["volume", "attach", "nope"], "no volume named");
+        drop(d);
+        attached_volume_carries_data_both_ways_and_survives_a_restart();
+        return;
+    }
+    let started = Instant::now();
+    let out = d.blockctl(&["volume", "attach", "vol1"]);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no nbd driver")
+            && stderr.contains("modprobe nbd")
+            && stderr.contains("nbdfuse"),
+        "{stderr}"
+    );
+    // Fails fast: no waiting on a device that will never appear.
+    assert!(took < Duration::from_secs(10), "attach took {took:?}");
+    // Nothing left behind: no attachment recorded or shown, and the volume
+    // is as free as before (it can be deleted).
+    assert!(!d.dir.path().join("attachments.json").exists());
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "vol1"])).unwrap();
+    assert!(v.get("attached").is_none(), "{v}");
+    assert_eq!(v["connections"], 0, "{v}");
+    assert!(d
+        .ok(&["volume", "list"])
+        .lines()
+        .nth(1)
+        .unwrap()
+        .ends_with('-'));
+    d.ok(&["volume", "delete", "vol1"]);
+}
+
+/// Where the kernel has the nbd driver (`modprobe nbd`).
+fn attached_volume_carries_data_both_ways_and_survives_a_restart() {
+    if !require_tools(&["qemu-io", "dd"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vol1", "64M");
+    let a: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "attach", "vol1", "--connections", "2"]))
+            .unwrap();
+    let dev = a["device"].as_str().unwrap().to_string();
+    sh(&format!(
+        "dd if=/dev/zero bs=1M count=4 status=none | tr '\\0' '\\141' | \
+         dd of={dev} bs=1M oflag=direct status=none"
+    ));
+    qemu_io(
+        &d.uri("vol1"),
+        &["read -P 0x61 0 4M", "write -P 0x62 8M 1M"],
+    );
+    let read = run(Command::new("dd").args([
+        &format!("if={dev}"),
+        "bs=1M",
+        "skip=8",
+        "count=1",
+        "iflag=direct",
+        "status=none",
+    ]));
+    assert!(read.bytes().all(|b| b == 0x62));
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "vol1"])).unwrap();
+    assert_eq!(v["attached"], dev.as_str());
+    refused(&d, &["volume", "delete", "vol1"], "");
+    // A restart gives the device new sockets.
+    d.kill9();
+    d.spawn();
+    let read = run(Command::new("dd").args([
+        &format!("if={dev}"),
+        "bs=1M",
+        "count=1",
+        "iflag=direct",
+        "status=none",
+    ]));
+    assert!(read.bytes().all(|b| b == 0x61));
+    d.ok(&["volume", "detach", "vol1"]);
+    d.ok(&["volume", "delete", "vol1"]);
+}
