@@ -168,18 +168,18 @@ fn daemon_info(d: &Blockd) -> serde_json::Value {
     serde_json::from_str(&body).expect("info json")
 }
 
-/// The option reply to NBD_OPT_LIST from a plain-text client: (reply type,
-/// message).
-fn plain_list_reply(port: u16) -> (u32, String) {
+/// A plain-text client that sends one option with no data (after the
+/// greeting and the client flags: fixed newstyle, no zeroes) and reads the
+/// first reply: the stream, the reply type and its message.
+fn plain_option(port: u16, option: u32) -> (TcpStream, u32, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).unwrap();
     assert_eq!(&greeting[..8], b"NBDMAGIC");
-    // Client flags: fixed newstyle, no zeroes; then OPT_LIST.
     s.write_all(&3u32.to_be_bytes()).unwrap();
     s.write_all(b"IHAVEOPT").unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(&option.to_be_bytes()).unwrap();
     s.write_all(&0u32.to_be_bytes()).unwrap();
     let mut head = [0u8; 20];
     s.read_exact(&mut head).unwrap();
@@ -187,7 +187,13 @@ fn plain_list_reply(port: u16) -> (u32, String) {
     let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
     let mut msg = vec![0u8; len];
     s.read_exact(&mut msg).unwrap();
-    (kind, String::from_utf8_lossy(&msg).into_owned())
+    (s, kind, String::from_utf8_lossy(&msg).into_owned())
+}
+
+/// The reply to NBD_OPT_LIST from a plain-text client: (type, message).
+fn plain_list_reply(port: u16) -> (u32, String) {
+    let (_, kind, msg) = plain_option(port, 3);
+    (kind, msg)
 }
 
 const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
@@ -195,21 +201,8 @@ const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
 /// STARTTLS, then bytes that are not a TLS handshake: the server must end
 /// only this connection.
 fn starttls_then_garbage(port: u16) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    s.write_all(b"IHAVEOPT").unwrap();
-    s.write_all(&5u32.to_be_bytes()).unwrap();
-    s.write_all(&0u32.to_be_bytes()).unwrap();
-    let mut head = [0u8; 20];
-    s.read_exact(&mut head).unwrap();
-    assert_eq!(
-        u32::from_be_bytes(head[12..16].try_into().unwrap()),
-        1,
-        "STARTTLS not acknowledged"
-    );
+    let (mut s, kind, _) = plain_option(port, 5);
+    assert_eq!(kind, 1, "STARTTLS not acknowledged");
     s.write_all(b"IHAVEOPT this is no ClientHello\r\n\r\n")
         .unwrap();
     // The server answers with a TLS alert or nothing, then closes.
