@@ -1,6 +1,7 @@
 //! Rules that one request checks and another can break, under requests
 //! fired at the same instant: snapshot names, one backup per volume,
-//! deleting a volume, credentials or snapshot while a backup starts,
+//! deleting a volume while a backup starts or NBD clients connect,
+//! deleting credentials or a snapshot while a backup starts,
 //! deleting a cloud snapshot that a lazy restore or an open `disk.img`
 //! reads; and what a failure at the freeze point leaves behind (nothing,
 //! and no change forgotten).
@@ -173,6 +174,68 @@ fn volume_delete_racing_a_backup_start() {
         assert!(!d.dir.path().join(format!("volumes/{vol}.img")).exists());
     }
     eprintln!("backup won {outcomes:?}");
+}
+
+#[test]
+fn volume_delete_racing_nbd_connects_never_deletes_a_connected_volume() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let mut won = (0, 0);
+    for round in 0..16u64 {
+        let vol = format!("c{round}");
+        d.create(&vol, "4M");
+        // The client reports "connected" once the handshake is done, holds
+        // the connection, then writes and flushes.
+        let script = format!(
+            "h.connect_uri({:?})\nprint('connected', flush=True)\nimport time\ntime.sleep(0.5)\nh.pwrite(b'\\x5a' * 4096, 0)\nh.flush()\nprint('written', flush=True)\n",
+            d.uri(&vol)
+        );
+        let outs = at_once(2, |i| {
+            if i == 0 {
+                nbdsh_command()
+                    .args(["-c", &script])
+                    .output()
+                    .expect("nbdsh")
+            } else {
+                // Staggered across rounds so that the delete lands before,
+                // during and after the client's handshake.
+                std::thread::sleep(Duration::from_millis(8 * round));
+                d.blockctl(&["volume", "delete", &vol])
+            }
+        });
+        let (client, del) = (&outs[0], &outs[1]);
+        let connected = stdout(client).contains("connected");
+        if del.status.success() {
+            // The delete won: the client never got a connection that
+            // could write to the deleted volume.
+            assert!(
+                !stdout(client).contains("written"),
+                "a write was acknowledged on a deleted volume: {}",
+                stdout(client)
+            );
+            won.1 += 1;
+        } else {
+            assert!(
+                stderr(del).contains("open NBD connection"),
+                "{}",
+                stderr(del)
+            );
+            assert!(connected, "{}", stderr(client));
+            assert!(client.status.success(), "{}", stderr(client));
+            // The write landed on the volume that stayed.
+            qemu_io(&d.uri(&vol), &["read -P 0x5a 0 4k"]);
+            d.ok(&["volume", "delete", &vol]);
+            won.0 += 1;
+        }
+        assert!(!d.dir.path().join(format!("volumes/{vol}.img")).exists());
+    }
+    eprintln!("client won {}, delete won {}", won.0, won.1);
+    assert!(
+        won.0 > 0 && won.1 > 0,
+        "the race was not exercised: {won:?}"
+    );
 }
 
 #[test]

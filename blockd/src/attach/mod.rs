@@ -262,20 +262,24 @@ impl Attachments {
         let (genl, family) = tokio::task::spawn_blocking(open_family)
             .await
             .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))??;
-        let v = ctx
-            .store
-            .get(volume)
-            .ok_or_else(|| AttachError::NoVolume(volume.into()))?;
-        let mut kernel_ends = Vec::new();
+        // Each connection is counted busy here, in the step that finds the
+        // volume, so a delete racing this attach either wins first (and
+        // the attach fails: no such volume) or is refused as busy.
+        let mut guards = Vec::new();
         for _ in 0..connections {
+            guards.push(
+                ctx.store
+                    .connect(volume)
+                    .ok_or_else(|| AttachError::NoVolume(volume.into()))?,
+            );
+        }
+        let v = guards[0].volume().clone();
+        let mut kernel_ends = Vec::new();
+        for guard in guards {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
             ours.set_nonblocking(true)?;
             let ours = tokio::net::UnixStream::from_std(ours)?;
-            tokio::spawn(crate::nbd::server::serve_attached(
-                ours,
-                ctx.clone(),
-                v.clone(),
-            ));
+            tokio::spawn(crate::nbd::server::serve_attached(ours, ctx.clone(), guard));
             kernel_ends.push(theirs);
         }
         let c = Connect {

@@ -33,7 +33,7 @@ use super::tls::TlsServer;
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
-use crate::volume::{Volume, ZeroError};
+use crate::volume::{ConnectionGuard, Volume, ZeroError};
 
 /// What every connection shares.
 #[derive(Debug, Clone)]
@@ -88,6 +88,20 @@ impl NbdContext {
                 Some(Source::Snapshot(v, s))
             }
         }
+    }
+
+    /// [`Self::resolve`] for a connection about to transmit: the volume
+    /// is counted busy in the same step that finds it (see
+    /// [`crate::volume::store::Store::connect`]), so a racing delete either
+    /// wins before it or is refused.
+    fn open(&self, name: &str) -> Option<(Source, ConnectionGuard)> {
+        let volume = name.split_once('@').map_or(name, |(v, _)| v);
+        let guard = self.store.connect(volume)?;
+        let source = self.resolve(name)?;
+        let same = match &source {
+            Source::Volume(v) | Source::Snapshot(v, _) => Arc::ptr_eq(v, guard.volume()),
+        };
+        same.then_some((source, guard))
     }
 }
 
@@ -235,7 +249,15 @@ pub async fn serve_tcp(
 /// Serves one socket of a kernel attachment: the kernel client skips
 /// the handshake (it was given size and flags by netlink), so the
 /// transmission phase starts at once, with simple replies.
-pub async fn serve_attached(stream: tokio::net::UnixStream, ctx: NbdContext, volume: Arc<Volume>) {
+///
+/// `guard` was taken when the attachment was asked for, so the volume
+/// counts as busy from then on.
+pub async fn serve_attached(
+    stream: tokio::net::UnixStream,
+    ctx: NbdContext,
+    guard: ConnectionGuard,
+) {
+    let volume = guard.volume().clone();
     let span = tracing::info_span!("nbd", peer = %format!("kernel:{}", volume.name()));
     async move {
         let export = export_info(&volume);
@@ -247,7 +269,7 @@ pub async fn serve_attached(stream: tokio::net::UnixStream, ctx: NbdContext, vol
         };
         let (r, w) = stream.into_split();
         let reader = BufReader::with_capacity(READ_BUFFER, r);
-        transmit(reader, w, t, Source::Volume(volume), ctx).await;
+        transmit(reader, w, t, Source::Volume(volume), guard, ctx).await;
     }
     .instrument(span)
     .await;
@@ -275,11 +297,11 @@ async fn enter<R, W>(
 {
     match haggled {
         Ok(Haggled::Transmit(t)) => {
-            let Some(source) = ctx.resolve(&t.export.name) else {
+            let Some((source, guard)) = ctx.open(&t.export.name) else {
                 return;
             };
             tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
-            transmit(reader, writer, t, source, ctx).await;
+            transmit(reader, writer, t, source, guard, ctx).await;
         }
         // Only offered where the caller can upgrade.
         Ok(Haggled::StartTls(_)) | Err(HandshakeEnd::Closed) => {}
@@ -419,6 +441,7 @@ async fn transmit<R, W>(
     writer: W,
     t: Transmission,
     source: Source,
+    _guard: ConnectionGuard,
     ctx: NbdContext,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -431,7 +454,6 @@ async fn transmit<R, W>(
     let snapshot_closing = snapshot
         .as_ref()
         .map_or_else(CancellationToken::new, |s| s.closing.clone());
-    let _guard = volume.connect();
     let extended = t.style == ReplyStyle::Extended;
     let limits = proto::ExportLimits {
         size: t.export.size,

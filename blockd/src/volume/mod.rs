@@ -84,6 +84,13 @@ pub struct Volume {
 #[derive(Debug)]
 pub struct ConnectionGuard(Arc<Volume>);
 
+impl ConnectionGuard {
+    /// The volume this connection holds.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.0
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::SeqCst);

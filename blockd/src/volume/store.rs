@@ -179,6 +179,14 @@ impl Store {
         self.read().get(name).cloned()
     }
 
+    /// Registers an open connection to `name`, under the same lock that
+    /// [`Self::delete`] holds while it checks for connections: a volume
+    /// is either deleted first (and `None` comes back) or counted busy
+    /// first (and the delete is refused), never both.
+    pub fn connect(&self, name: &str) -> Option<super::ConnectionGuard> {
+        self.read().get(name).map(Volume::connect)
+    }
+
     /// Every volume, in name order.
     pub fn list(&self) -> Vec<Arc<Volume>> {
         self.read().values().cloned().collect()
