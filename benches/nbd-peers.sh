@@ -171,7 +171,18 @@ rows=(
     "1M seq read QD8 (GiB/s)|read|gib|--rw=read --bs=1M --iodepth=8"
     "4k rand write QD32 (k IOPS)|write|kiops|--rw=randwrite --bs=4k --iodepth=32 --norandommap"
     "4k rand read QD32 (k IOPS)|read|kiops|--rw=randread --bs=4k --iodepth=32 --norandommap"
+    "4k write + FLUSH QD1 (k IOPS)|write|kiops|--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --norandommap"
 )
+# BENCH_ROWS=0,4 runs only those rows (numbered from 0 as listed above).
+if [[ -n ${BENCH_ROWS:-} ]]; then
+    picked=()
+    IFS=',' read -ra want <<<"$BENCH_ROWS"
+    for i in "${want[@]}"; do
+        [[ $i =~ ^[0-9]+$ && $i -lt ${#rows[@]} ]] || die "BENCH_ROWS: no row $i (0-$((${#rows[@]} - 1)))"
+        picked+=("${rows[$i]}")
+    done
+    rows=("${picked[@]}")
+fi
 
 # Servers run in turn inside each row (not row by row per server) so drift
 # over the run, e.g. background writeback, spreads evenly across them. With
@@ -181,6 +192,7 @@ rows=(
 repeat=${BENCH_REPEAT:-2}
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive number"
 results=()
+flush_lat=()
 for i in "${!rows[@]}"; do
     IFS='|' read -r label dir unit args <<<"${rows[$i]}"
     declare -A sum=()
@@ -204,6 +216,19 @@ print(r["bw_bytes"] / 2**30 if unit == "gib" else r["iops"] / 1000)
 EOF
             )
             sum[$s]=$("$python" -c "print(${sum[$s]} + $v)")
+            # FLUSH latency where the row flushes (fio's "sync" side).
+            if [[ $args == *--fsync=* ]]; then
+                lat=$("$python" - "$out" <<'EOF'
+import json, sys
+sync = json.load(open(sys.argv[1]))["jobs"][0]["sync"]["lat_ns"]
+pct = sync.get("percentile", {})
+p50 = next((v for k, v in pct.items() if k.startswith("50.")), sync["mean"])
+p99 = next((v for k, v in pct.items() if k.startswith("99.0")), sync["max"])
+print(f"{sync['min'] / 1000:.0f} / {p50 / 1000:.0f} / {p99 / 1000:.0f}")
+EOF
+                )
+                flush_lat+=("| $s (round $((round + 1))) | $lat |")
+            fi
             sync
         done
     done
@@ -224,3 +249,9 @@ echo
 echo "| row | blockd | qemu-nbd | nbdkit | blockd / best peer |"
 echo "|---|---:|---:|---:|---:|"
 printf '%s\n' "${results[@]}"
+if ((${#flush_lat[@]})); then
+    echo
+    echo "| FLUSH latency in the 4k write + FLUSH QD1 row | min / p50 / p99 (µs) |"
+    echo "|---|---:|"
+    printf '%s\n' "${flush_lat[@]}"
+fi

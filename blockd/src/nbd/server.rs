@@ -52,6 +52,8 @@ pub struct NbdContext {
 const CONNECTION_BUDGET: usize = 128 << 20;
 /// Budget unit (permits are counted in KiB).
 const BUDGET_UNIT: usize = 1024;
+/// Permits of a connection's budget.
+const BUDGET_PERMITS: usize = CONNECTION_BUDGET / BUDGET_UNIT;
 /// Largest WRITE served inline (see [`Conn::try_inline`]).
 const INLINE_WRITE_MAX: usize = 1 << 20;
 /// Largest READ tried inline from the page cache. Larger reads run in
@@ -474,7 +476,7 @@ async fn transmit<R, W>(
         replies: tx,
         buffers,
     });
-    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BUDGET_UNIT));
+    let budget = Arc::new(Semaphore::new(BUDGET_PERMITS));
     let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
     tokio::pin!(deadline);
     let mut header = vec![0u8; proto::request_len(extended)];
@@ -539,7 +541,10 @@ async fn transmit<R, W>(
         }
         // Page-cache hits and small buffered writes finish right here, with
         // no task and no thread hop; everything else runs concurrently.
-        let payload = match conn.try_inline(&req, payload) {
+        // Only this request holds budget: nothing else of this connection
+        // is in flight, so serving it inline holds nothing up.
+        let alone = budget.available_permits() + permit.num_permits() == BUDGET_PERMITS;
+        let payload = match conn.try_inline(&req, payload, alone) {
             None => continue,
             Some(payload) => payload,
         };
@@ -630,7 +635,8 @@ impl Conn {
     /// Serves `req` on the caller's thread when that cannot block for long:
     /// a READ fully in the page cache, or a small non-FUA WRITE. Returns the
     /// payload back when the request must go to [`Conn::handle`].
-    fn try_inline(&self, req: &Request, payload: Vec<u8>) -> Option<Vec<u8>> {
+    /// `alone`: no other request of this connection is in flight.
+    fn try_inline(&self, req: &Request, payload: Vec<u8>, alone: bool) -> Option<Vec<u8>> {
         if self.snapshot.is_some() || self.volume.is_lazy() {
             return Some(payload);
         }
@@ -671,6 +677,18 @@ impl Conn {
                     }
                 }
             }
+            // A lone FLUSH (a commit at queue depth 1) syncs right here: a
+            // hop to another thread and back costs as much as the sync
+            // itself (kernel-notes/nbd.md, "FLUSH"). The client waits for
+            // this reply before it sends more, and the runtime's other
+            // workers take over this one's queued tasks meanwhile.
+            Command::Flush if alone => match self.volume.flush_blocking() {
+                Some(r) => {
+                    self.io_result(req, r);
+                    None
+                }
+                None => Some(payload),
+            },
             _ => Some(payload),
         }
     }

@@ -350,6 +350,17 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Self::flush`] on the calling thread, for a caller that may block
+    /// for the length of an fdatasync. `None` while a lazy restore runs
+    /// (its present map is persisted on the async path).
+    pub fn flush_blocking(&self) -> Option<io::Result<()>> {
+        if self.is_lazy() {
+            return None;
+        }
+        let cow = self.held_images().iter().try_for_each(|s| s.sync());
+        Some(cow.and_then(|()| self.file.sync_data()))
+    }
+
     /// Discards a range: it becomes a hole and reads as zeros.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         if len == 0 {
