@@ -8,7 +8,8 @@
 #
 # Usage: benches/snapshot.sh      Env: BENCH_RUNTIME (seconds per fio job,
 # default 8), BENCH_FREEZES (default 100), BENCH_TMPDIR (default /var/tmp),
-# BENCH_CONTROL=1 (A/A run: tracking on for both columns).
+# BENCH_CONTROL=1 (A/A run: tracking on for both columns), BENCH_PARTS
+# (which parts to run, default 123), BENCH_COW_ROUNDS (default 3).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -68,6 +69,7 @@ PY
 
 prefill() { fio --name=p --ioengine=nbd --uri="$1" --size=1G --rw=write --bs=1M --iodepth=8 >/dev/null 2>&1; }
 
+parts=${BENCH_PARTS:-123}
 echo "blockd snapshot benchmarks: runtime ${runtime}s per fio job, $(nproc) CPUs, fio $(fio --version | sed 's/fio-//')"
 echo
 
@@ -95,6 +97,7 @@ track_stop() {
     kill -TERM "$track_pid"
     wait "$track_pid" 2>/dev/null || true
 }
+if [[ $parts == *1* ]]; then
 track_start on
 ctl track volume create bench --size 1G >/dev/null
 prefill "$(uri track bench)"
@@ -114,8 +117,10 @@ for row in "1M seq write QD8 (GiB/s)|write|1M|8" "1M seq read QD8 (GiB/s)|read|1
     "$python" -c "a=${sum[on]}/2; b=${sum[off]}/2; print('| $label | %.2f | %.2f | %.3fx |' % (a, b, a / b))"
 done
 echo
+fi
 
 # 2. Freeze pause under load.
+if [[ $parts == *2* ]]; then
 start_blockd group
 for v in v1 v2 v3 v4; do ctl group volume create "$v" --size 1G >/dev/null; done
 loaders=()
@@ -144,15 +149,29 @@ print("| p99 | %.3f ms |" % q(0.99))
 print("| max | %.3f ms |" % (p[-1] / 1000))
 PY
 echo
+fi
 
-# 3. Copy-on-write cost.
+# 3. Copy-on-write cost. Each round writes with no snapshot, then freezes
+# and writes again (every first write to an extent is then copied), then
+# deletes the snapshot; the figures are means over the rounds.
+if [[ $parts == *3* ]]; then
 start_blockd cow
 ctl cow volume create bench --size 1G >/dev/null
 prefill "$(uri cow bench)"
-plain=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
-ctl cow snapshot create bench --name held >/dev/null
-held=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
-cow=$(ctl cow -j snapshot inspect bench@held | "$python" -c 'import json,sys; print(json.load(sys.stdin)["cow_bytes"] >> 20)')
-echo "| 4k rand write QD32 (k IOPS) | no snapshot | snapshot held | held / none |"
+rounds=${BENCH_COW_ROUNDS:-3}
+echo "| 4k rand write QD32 (k IOPS), round | no snapshot | snapshot held | held / none |"
 echo "|---|---:|---:|---:|"
-echo "| first ${runtime}s after the freeze (${cow} MiB preserved) | $plain | $held | $("$python" -c "print('%.3fx' % ($held / $plain))") |"
+psum=0
+hsum=0
+for r in $(seq "$rounds"); do
+    plain=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
+    ctl cow snapshot create bench --name "held$r" >/dev/null
+    held=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
+    cow=$(ctl cow -j snapshot inspect "bench@held$r" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["cow_bytes"] >> 20)')
+    ctl cow snapshot delete "bench@held$r" >/dev/null
+    echo "| first ${runtime}s after freeze $r (${cow} MiB preserved) | $plain | $held | $("$python" -c "print('%.3fx' % ($held / $plain))") |"
+    psum=$("$python" -c "print($psum + $plain)")
+    hsum=$("$python" -c "print($hsum + $held)")
+done
+echo "| mean of $rounds | $("$python" -c "print('%.1f' % ($psum / $rounds))") | $("$python" -c "print('%.1f' % ($hsum / $rounds))") | $("$python" -c "print('%.3fx' % ($hsum / $psum))") |"
+fi
