@@ -44,8 +44,8 @@ pub const TAG_KEY_CONTEXT: &str = "blockd 2026 object tag";
 
 /// Dirty map file (`volumes/<name>.dirty`, `changes.dirty`).
 pub const DIRTY_MAGIC: &[u8; 8] = b"BLKDDIRT";
-/// Dirty map file version.
-pub const DIRTY_VERSION: u32 = 1;
+/// Dirty map file version (2: 64-bit extent numbers; 1 is still read).
+pub const DIRTY_VERSION: u32 = 2;
 /// Present map of a lazy restore (`volumes/<name>.present`).
 pub const PRESENT_MAGIC: &[u8; 8] = b"BLKDPRES";
 /// Present map version.

@@ -845,8 +845,8 @@ impl Conn {
     fn dirty_extents(&self, req: &Request, max_runs: usize) -> Vec<Extent> {
         let es = self.volume.extent_size();
         let end = req.offset + req.length;
-        let first = u32::try_from(req.offset / es).unwrap_or(u32::MAX);
-        let last = u32::try_from(end.div_ceil(es)).unwrap_or(u32::MAX);
+        let first = req.offset / es;
+        let last = end.div_ceil(es);
         let mut pos = req.offset;
         let changes = match &self.snapshot {
             Some(s) => s.changes().clone(),
@@ -861,7 +861,7 @@ impl Conn {
                 if pos >= end {
                     return None;
                 }
-                let stop = ((pos / es + u64::from(n)) * es).min(end);
+                let stop = (pos / es + n).saturating_mul(es).min(end);
                 let e = Extent {
                     length: stop - pos,
                     flags: u32::from(dirty),

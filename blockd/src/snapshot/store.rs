@@ -6,8 +6,11 @@
 //! changes.dirty  the change set frozen at the snapshot (dirty-map format)
 //! cow.data       preserved extents; slot k is at byte k * extent_size
 //! cow.index      16-byte records, appended as extents are preserved:
-//!                  extent u32 LE | slot u32 LE | CRC-32 of the first 8 bytes
-//!                  u32 LE | reserved u32 (zero)
+//!                  extent bits 0-31 u32 LE | slot u32 LE | CRC-32 u32 LE |
+//!                  extent bits 32-63 u32 LE. The CRC covers bytes 0-7, and
+//!                  bytes 12-15 too when they are not zero, so a record of
+//!                  an extent below 2^32 is the same as before 64-bit
+//!                  extent numbers (when these bytes were reserved, zero).
 //! meta.json      the snapshot record; written last at creation: the
 //!                commit point (a directory without it is discarded)
 //! cow.unsynced   present (durably, holding the kernel's boot id) while
@@ -47,6 +50,40 @@ use crate::volume::FrozenImage;
 const RECORD_LEN: usize = 16;
 /// Present while COW data may not be on disk (see the module docs).
 const UNSYNCED: &str = "cow.unsynced";
+
+/// One `cow.index` record (see the module docs).
+fn encode_record(extent: u64, slot: u32) -> [u8; RECORD_LEN] {
+    let mut rec = [0u8; RECORD_LEN];
+    // Low and high halves of the extent number.
+    let e = extent.to_le_bytes();
+    rec[..4].copy_from_slice(&e[..4]);
+    rec[4..8].copy_from_slice(&slot.to_le_bytes());
+    rec[12..16].copy_from_slice(&e[4..]);
+    let crc = record_crc(&rec);
+    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+    rec
+}
+
+/// (extent, slot) of a record, or `None` when its CRC does not match.
+fn decode_record(rec: &[u8]) -> Option<(u64, u32)> {
+    let u32_at = |at: usize| u32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]]);
+    if rec.len() != RECORD_LEN || u32_at(8) != record_crc(rec) {
+        return None;
+    }
+    Some((
+        u64::from(u32_at(12)) << 32 | u64::from(u32_at(0)),
+        u32_at(4),
+    ))
+}
+
+fn record_crc(rec: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&rec[..8]);
+    if rec[12..16] != [0; 4] {
+        h.update(&rec[12..16]);
+    }
+    h.finalize()
+}
 
 /// The persisted record of a snapshot (`meta.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +178,7 @@ pub struct SnapshotStore {
     data: File,
     index_file: File,
     /// extent -> slot in `cow.data`; the lock also orders slot allocation.
-    index: Mutex<HashMap<u32, u32>>,
+    index: Mutex<HashMap<u64, u32>>,
     /// COW data written since the last sync.
     unsynced: AtomicBool,
     /// `cow.unsynced` exists (changed with the index lock held).
@@ -291,14 +328,11 @@ impl SnapshotStore {
         let raw = std::fs::read(&index_path).map_err(io_err(&id, &index_path))?;
         let mut index = HashMap::new();
         for rec in raw.chunks_exact(RECORD_LEN) {
-            let extent = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
-            let slot = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-            let crc = u32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
-            if crc != crc32fast::hash(&rec[..8]) {
+            let Some((extent, slot)) = decode_record(rec) else {
                 // A torn tail (host crash mid-append): its write never
                 // happened, since the index is written before the volume.
                 break;
-            }
+            };
             index.insert(extent, slot);
         }
         let marker = dir.join(UNSYNCED);
@@ -354,11 +388,11 @@ impl SnapshotStore {
     }
 
     /// True when extent `e` has been preserved.
-    pub fn preserved(&self, e: u32) -> bool {
+    pub fn preserved(&self, e: u64) -> bool {
         self.lock_index().contains_key(&e)
     }
 
-    fn lock_index(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
         self.index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -369,7 +403,7 @@ impl SnapshotStore {
     ///
     /// # Errors
     /// I/O failures: the caller must fail the write that needed this.
-    pub fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()> {
+    pub fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()> {
         let mut index = self.lock_index();
         if index.contains_key(&e) {
             return Ok(());
@@ -384,11 +418,7 @@ impl SnapshotStore {
         }
         let es = self.extent_size;
         self.data.write_all_at(old, u64::from(slot) * es)?;
-        let mut rec = [0u8; RECORD_LEN];
-        rec[..4].copy_from_slice(&e.to_le_bytes());
-        rec[4..8].copy_from_slice(&slot.to_le_bytes());
-        let crc = crc32fast::hash(&rec[..8]);
-        rec[8..12].copy_from_slice(&crc.to_le_bytes());
+        let rec = encode_record(e, slot);
         self.index_file
             .write_all_at(&rec, u64::from(slot) * RECORD_LEN as u64)?;
         index.insert(e, slot);
@@ -401,7 +431,7 @@ impl SnapshotStore {
     ///
     /// # Errors
     /// I/O failures.
-    pub fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool> {
+    pub fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool> {
         let Some(slot) = self.lock_index().get(&e).copied() else {
             return Ok(false);
         };
@@ -462,19 +492,51 @@ impl FrozenImage for SnapshotStore {
         self.size
     }
 
-    fn preserved(&self, e: u32) -> bool {
+    fn preserved(&self, e: u64) -> bool {
         SnapshotStore::preserved(self, e)
     }
 
-    fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()> {
+    fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()> {
         SnapshotStore::preserve(self, e, old)
     }
 
-    fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool> {
+    fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool> {
         SnapshotStore::read_preserved(self, e, within, buf)
     }
 
     fn sync(&self) -> io::Result<()> {
         SnapshotStore::sync(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_records_known_answers() {
+        // A record written before 64-bit extent numbers (bytes 12-15
+        // reserved, zero) reads the same, and is what is written today for
+        // an extent below 2^32: extent 5 in slot 2.
+        let mut old = [0u8; RECORD_LEN];
+        old[..4].copy_from_slice(&5u32.to_le_bytes());
+        old[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&old[..8]);
+        old[8..12].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_record(&old), Some((5, 2)));
+        assert_eq!(encode_record(5, 2), old);
+        // Past 2^32 (16 TiB at 4 KiB): the high half is stored and covered.
+        let e = (3u64 << 32) + 9;
+        let rec = encode_record(e, 7);
+        assert_eq!(&rec[12..16], &3u32.to_le_bytes());
+        assert_eq!(decode_record(&rec), Some((e, 7)));
+        // Any flipped bit of a record is caught.
+        for bit in 0..RECORD_LEN * 8 {
+            let mut bad = rec;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(decode_record(&bad), None, "bit {bit}");
+        }
+        // A zero-filled tail ends the index.
+        assert_eq!(decode_record(&[0u8; RECORD_LEN]), None);
     }
 }

@@ -30,19 +30,19 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     /// Size of the frozen image (the volume's size at the freeze).
     fn size(&self) -> u64;
     /// True when extent `e` has been preserved.
-    fn preserved(&self, e: u32) -> bool;
+    fn preserved(&self, e: u64) -> bool;
     /// Preserves extent `e` whose frozen contents are `old`, unless it is
     /// already preserved. Durable against a process crash on return.
     ///
     /// # Errors
     /// I/O failures: the write that needed it must fail.
-    fn preserve(&self, e: u32, old: &[u8]) -> io::Result<()>;
+    fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()>;
     /// Reads preserved extent `e` at `within..within + buf.len()`;
     /// `Ok(false)` when it is not preserved.
     ///
     /// # Errors
     /// I/O failures.
-    fn read_preserved(&self, e: u32, within: u64, buf: &mut [u8]) -> io::Result<bool>;
+    fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool>;
     /// Makes the preserved data durable (before the volume's own flush).
     ///
     /// # Errors
@@ -98,7 +98,7 @@ impl Volume {
         }
         let es = self.extent_size;
         let range = dirty_map::extent_range(offset, len, es);
-        let needed = |s: &dyn FrozenImage, e: u32| u64::from(e) * es < s.size() && !s.preserved(e);
+        let needed = |s: &dyn FrozenImage, e: u64| e * es < s.size() && !s.preserved(e);
         if !held.iter().any(|s| range.clone().any(|e| needed(&**s, e))) {
             return Ok(());
         }
@@ -110,7 +110,7 @@ impl Volume {
             if missing.is_empty() {
                 continue;
             }
-            self.read_live(&mut old, u64::from(e) * es)?;
+            self.read_live(&mut old, e * es)?;
             for s in missing {
                 s.preserve(e, &old)?;
             }
@@ -163,7 +163,7 @@ impl Volume {
         let end = offset + live_len as u64;
         let mut pos = offset;
         while pos < end {
-            let e = u32::try_from(pos / es).map_err(io::Error::other)?;
+            let e = pos / es;
             let stop = ((pos / es + 1) * es).min(end);
             // Both below `len`, which is a usize.
             let at = start + usize::try_from(pos - offset).map_err(io::Error::other)?;
@@ -202,7 +202,7 @@ impl Volume {
             if run.hole {
                 let mut at = pos;
                 while at < pos + run.length {
-                    let e = u32::try_from((offset + at) / es).map_err(io::Error::other)?;
+                    let e = (offset + at) / es;
                     let stop = (((offset + at) / es + 1) * es - offset).min(pos + run.length);
                     if image.preserved(e) {
                         push(at, stop - at);

@@ -1,22 +1,28 @@
 //! Dirty map: which extents of a volume changed since the last successful
-//! backup, as a roaring bitmap of extent numbers.
+//! backup, as a 64-bit roaring bitmap of extent numbers (a
+//! [`RoaringTreemap`]: one 32-bit bitmap per 2^32 extents, so a 64 TiB
+//! volume at 4 KiB extents is tracked at the default extent size, and an
+//! untouched range costs nothing).
 //!
 //! Every WRITE, TRIM and WRITE_ZEROES marks its extents before it is
 //! acknowledged. The map can be *unknown*: after an unclean shutdown the
 //! writes made since the last persisted copy are not in it, so it must not
 //! be trusted; an unknown map reports every extent dirty.
 //!
-//! # On-disk format (`<state dir>/volumes/<name>.dirty`, version 1)
+//! # On-disk format (`<state dir>/volumes/<name>.dirty`, version 2)
 //! ```text
 //! offset  size  field
 //!      0     8  magic "BLKDDIRT"                 (never changes)
-//!      8     4  version, u32 LE (1)
+//!      8     4  version, u32 LE (2; 1 is still read)
 //!     12     4  flags, u32 LE: bit 0 IN_USE, bit 1 UNKNOWN
 //!     16     8  extent size in bytes, u64 LE
 //!     24     8  payload length, u64 LE
 //!     32     4  CRC-32 (IEEE) of the payload, u32 LE
 //!     36     4  reserved, zero
-//!     40     n  payload: the bitmap in the portable roaring format
+//!     40     n  payload: version 2, the 64-bit portable roaring format
+//!               (a u64 LE count of 32-bit bitmaps, then each as a u32 LE
+//!               high half and a 32-bit portable bitmap); version 1, one
+//!               32-bit portable bitmap
 //! ```
 //! Crash rule: the file is replaced by write-temp, fsync, rename, fsync-dir,
 //! so it is always one whole version. While the daemon runs, the file on
@@ -28,7 +34,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Mutex;
 
-use roaring::RoaringBitmap;
+use roaring::{RoaringBitmap, RoaringTreemap};
 
 use crate::magic::{DIRTY_MAGIC as MAGIC, DIRTY_VERSION as VERSION};
 /// Header length.
@@ -42,7 +48,7 @@ const FLAG_UNKNOWN: u32 = 1 << 1;
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChangeSet {
     /// Changed extent numbers.
-    pub extents: RoaringBitmap,
+    pub extents: RoaringTreemap,
     /// False when tracking was lost: treat every extent as changed.
     pub known: bool,
 }
@@ -51,7 +57,7 @@ impl ChangeSet {
     /// An empty, trusted set.
     pub fn empty() -> Self {
         Self {
-            extents: RoaringBitmap::new(),
+            extents: RoaringTreemap::new(),
             known: true,
         }
     }
@@ -59,13 +65,13 @@ impl ChangeSet {
     /// A set that covers everything because tracking was lost.
     pub fn unknown() -> Self {
         Self {
-            extents: RoaringBitmap::new(),
+            extents: RoaringTreemap::new(),
             known: false,
         }
     }
 
     /// True when extent `e` may have changed.
-    pub fn contains(&self, e: u32) -> bool {
+    pub fn contains(&self, e: u64) -> bool {
         !self.known || self.extents.contains(e)
     }
 
@@ -77,7 +83,7 @@ impl ChangeSet {
 
     /// Changed and unchanged runs over extents `first..end`, as
     /// `(extent count, changed)`; at most `max_runs` runs.
-    pub fn runs(&self, first: u32, end: u32, max_runs: usize) -> Vec<(u32, bool)> {
+    pub fn runs(&self, first: u64, end: u64, max_runs: usize) -> Vec<(u64, bool)> {
         let mut runs = Vec::new();
         if first >= end {
             return runs;
@@ -119,14 +125,10 @@ impl ChangeSet {
 }
 
 /// Extent numbers touched by `offset..offset + len` (len > 0).
-///
-/// Callers check that the volume has at most 2^32 extents, so the
-/// conversions cannot truncate.
-pub fn extent_range(offset: u64, len: u64, extent_size: u64) -> std::ops::RangeInclusive<u32> {
+pub fn extent_range(offset: u64, len: u64, extent_size: u64) -> std::ops::RangeInclusive<u64> {
     let first = offset / extent_size;
-    let last = (offset + len.max(1) - 1) / extent_size;
-    let clamp = |e: u64| u32::try_from(e).unwrap_or(u32::MAX);
-    clamp(first)..=clamp(last)
+    let last = offset.saturating_add(len.max(1) - 1) / extent_size;
+    first..=last
 }
 
 /// The live map of one volume.
@@ -331,7 +333,7 @@ pub fn decode(bytes: &[u8], extent_size: u64) -> Result<(ChangeSet, u32), String
         u64::from_le_bytes(a)
     };
     let version = u32_at(8);
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(format!("unsupported version {version}"));
     }
     let flags = u32_at(12);
@@ -348,7 +350,12 @@ pub fn decode(bytes: &[u8], extent_size: u64) -> Result<(ChangeSet, u32), String
     if crc32fast::hash(payload) != u32_at(32) {
         return Err("checksum mismatch".into());
     }
-    let extents = RoaringBitmap::deserialize_from(payload).map_err(|e| format!("bitmap: {e}"))?;
+    let extents = if version == 1 {
+        let v1 = RoaringBitmap::deserialize_from(payload).map_err(|e| format!("bitmap: {e}"))?;
+        v1.iter().map(u64::from).collect()
+    } else {
+        RoaringTreemap::deserialize_from(payload).map_err(|e| format!("bitmap: {e}"))?
+    };
     Ok((
         ChangeSet {
             extents,
@@ -374,6 +381,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => (0u64..1 << 22, 1u64..1 << 18).prop_map(|(o, l)| Op::Mark(o, l)),
+            // Past 2^32 extents of 4 KiB (16 TiB), up to 64 TiB.
+            2 => ((1u64 << 44)..(1 << 46), 1u64..1 << 18).prop_map(|(o, l)| Op::Mark(o, l)),
             1 => Just(Op::Take),
             1 => Just(Op::Merge),
         ]
@@ -386,14 +395,14 @@ mod tests {
         fn matches_model(ops in proptest::collection::vec(op(), 1..60)) {
             let es = 4096u64;
             let map = DirtyMap::new(es);
-            let mut model: BTreeSet<u32> = BTreeSet::new();
-            let mut taken: Vec<(ChangeSet, BTreeSet<u32>)> = Vec::new();
+            let mut model: BTreeSet<u64> = BTreeSet::new();
+            let mut taken: Vec<(ChangeSet, BTreeSet<u64>)> = Vec::new();
             for op in ops {
                 match op {
                     Op::Mark(o, l) => {
                         map.mark(o, l);
                         for e in (o / es)..=((o + l - 1) / es) {
-                            model.insert(u32::try_from(e).unwrap());
+                            model.insert(e);
                         }
                     }
                     Op::Take => taken.push((map.take(), std::mem::take(&mut model))),
@@ -408,7 +417,7 @@ mod tests {
                 prop_assert!(cur.extents.iter().eq(model.iter().copied()));
                 // Runs cover the range exactly and agree with the model.
                 let runs = cur.runs(0, 1100, usize::MAX);
-                let mut e = 0u32;
+                let mut e = 0u64;
                 for (n, dirty) in runs {
                     for x in e..e + n {
                         prop_assert_eq!(model.contains(&x), dirty);
@@ -457,17 +466,51 @@ mod tests {
         assert_eq!(rec, Recovery::Corrupt);
     }
 
-    #[test]
-    fn known_answer_v1() {
-        // Committed bytes of format version 1: extents {0, 5, 6}, in use.
+    /// extents {0, 5, 6} and, in version 2, 2^32 + 7 (past 16 TiB at 4 KiB).
+    fn fixture_set(v2: bool) -> ChangeSet {
         let mut set = ChangeSet::empty();
         set.extents.insert(0);
         set.extents.insert_range(5..=6);
-        let bytes = encode(&set, 4096, true);
+        if v2 {
+            set.extents.insert((1 << 32) + 7);
+        }
+        set
+    }
+
+    #[test]
+    fn known_answer_v1_is_still_read() {
+        // Committed bytes of format version 1: extents {0, 5, 6}, in use.
         let fixture = include_bytes!("../../../tests/fixtures/dirty-map-v1.bin");
-        assert_eq!(&bytes[..], &fixture[..], "format version 1 bytes changed");
+        assert_eq!(u32::from_le_bytes(fixture[8..12].try_into().unwrap()), 1);
+        let (back, flags) = decode(fixture, 4096).unwrap();
+        assert_eq!(back, fixture_set(false));
+        assert_eq!(flags, FLAG_IN_USE);
+    }
+
+    #[test]
+    fn known_answer_v2() {
+        // Committed bytes of format version 2: extents {0, 5, 6, 2^32 + 7}.
+        let set = fixture_set(true);
+        let bytes = encode(&set, 4096, true);
+        let fixture = include_bytes!("../../../tests/fixtures/dirty-map-v2.bin");
+        assert_eq!(&bytes[..], &fixture[..], "format version 2 bytes changed");
         let (back, flags) = decode(fixture, 4096).unwrap();
         assert_eq!(back, set);
         assert_eq!(flags, FLAG_IN_USE);
+    }
+
+    #[test]
+    fn a_64_tib_volume_is_tracked_at_4_kib() {
+        let map = DirtyMap::new(4096);
+        let last = (64u64 << 40) - 4096;
+        map.mark(last, 4096);
+        map.mark(17 << 40, 8192);
+        let cur = map.current();
+        assert!(cur.contains(last / 4096));
+        assert_eq!(cur.extents.len(), 3);
+        let runs = cur.runs((17 << 40) / 4096 - 1, (17 << 40) / 4096 + 3, usize::MAX);
+        assert_eq!(runs, vec![(1, false), (2, true), (1, false)]);
+        let (back, _) = decode(&encode(&cur, 4096, false), 4096).unwrap();
+        assert_eq!(back, cur);
     }
 }

@@ -185,8 +185,8 @@ fn touched(job: &Job, b: u64) -> bool {
         job.snap.extent_size(),
         job.snap.size(),
     );
-    let first = u32::try_from(b * span / es).unwrap_or(u32::MAX);
-    let end = u32::try_from(((b + 1) * span).min(size).div_ceil(es)).unwrap_or(u32::MAX);
+    let first = b * span / es;
+    let end = ((b + 1) * span).min(size).div_ceil(es);
     job.changes.extents.range_cardinality(first..end) > 0
 }
 
@@ -197,12 +197,12 @@ fn replaced_ranges(job: &Job, bstart: u64, blen: u64) -> Vec<(u64, u64)> {
         return vec![(0, blen)];
     }
     let es = job.snap.extent_size();
-    let first = u32::try_from(bstart / es).unwrap_or(u32::MAX);
-    let end = u32::try_from((bstart + blen).div_ceil(es)).unwrap_or(u32::MAX);
+    let first = bstart / es;
+    let end = (bstart + blen).div_ceil(es);
     let mut pos = 0u64;
     let mut out = Vec::new();
     for (n, dirty) in job.changes.runs(first, end, usize::MAX) {
-        let len = (u64::from(n) * es).min(blen - pos);
+        let len = n.saturating_mul(es).min(blen - pos);
         if dirty {
             out.push((pos, len));
         }
