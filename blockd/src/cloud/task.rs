@@ -351,6 +351,13 @@ impl Cloud {
             tracing::error!(task = %r.task.id, error = %e, "saving task record failed");
         }
         self.lock().remove(&r.task.id);
+        // A backup or restore leaves freed buffers in the allocator's
+        // arenas: hand them back, so the daemon returns to its idle size.
+        // A moment later: the task's last buffers are dropped after this.
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let _ = tokio::task::spawn_blocking(crate::host::release_memory).await;
+        });
         r
     }
 
