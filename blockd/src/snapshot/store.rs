@@ -34,7 +34,7 @@
 //! backup, never read as if it were good. Found with this boot id, only
 //! blockd stopped: the page cache still holds every copy.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -177,8 +177,10 @@ pub struct SnapshotStore {
     changes: ChangeSet,
     data: File,
     index_file: File,
-    /// extent -> slot in `cow.data`; the lock also orders slot allocation.
-    index: Mutex<HashMap<u64, u32>>,
+    /// extent -> slot in `cow.data`, ordered so that the preserved extents
+    /// of a range are found without visiting the rest; the lock also
+    /// orders slot allocation.
+    index: Mutex<BTreeMap<u64, u32>>,
     /// COW data written since the last sync.
     unsynced: AtomicBool,
     /// `cow.unsynced` exists (changed with the index lock held).
@@ -251,7 +253,7 @@ impl SnapshotStore {
             changes,
             data: files.0,
             index_file: files.1,
-            index: Mutex::new(HashMap::new()),
+            index: Mutex::new(BTreeMap::new()),
             unsynced: AtomicBool::new(false),
             marked: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -326,7 +328,7 @@ impl SnapshotStore {
         let data = open_rw(&data_path, false).map_err(io_err(&id, &data_path))?;
         let index_file = open_rw(&index_path, false).map_err(io_err(&id, &index_path))?;
         let raw = std::fs::read(&index_path).map_err(io_err(&id, &index_path))?;
-        let mut index = HashMap::new();
+        let mut index = BTreeMap::new();
         for rec in raw.chunks_exact(RECORD_LEN) {
             let Some((extent, slot)) = decode_record(rec) else {
                 // A torn tail (host crash mid-append): its write never
@@ -392,7 +394,13 @@ impl SnapshotStore {
         self.lock_index().contains_key(&e)
     }
 
-    fn lock_index(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+    /// The preserved extents in `range`, in order: as many as were
+    /// preserved, however long the range.
+    pub fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64> {
+        self.lock_index().range(range).map(|(e, _)| *e).collect()
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u32>> {
         self.index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -494,6 +502,10 @@ impl FrozenImage for SnapshotStore {
 
     fn preserved(&self, e: u64) -> bool {
         SnapshotStore::preserved(self, e)
+    }
+
+    fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64> {
+        SnapshotStore::preserved_in(self, range)
     }
 
     fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()> {

@@ -31,6 +31,9 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// True when extent `e` has been preserved.
     fn preserved(&self, e: u64) -> bool;
+    /// The preserved extents in `range`, in order (cost proportional to
+    /// them, not to the range).
+    fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64>;
     /// Preserves extent `e` whose frozen contents are `old`, unless it is
     /// already preserved. Durable against a process crash on return.
     ///
@@ -200,14 +203,13 @@ impl Volume {
         let mut pos = 0;
         for run in self.allocation(offset, len, usize::MAX)? {
             if run.hole {
-                let mut at = pos;
-                while at < pos + run.length {
-                    let e = (offset + at) / es;
-                    let stop = (((offset + at) / es + 1) * es - offset).min(pos + run.length);
-                    if image.preserved(e) {
-                        push(at, stop - at);
-                    }
-                    at = stop;
+                // Only the preserved extents inside the hole: a hole of a
+                // 64 TiB volume is not walked extent by extent.
+                let (from, to) = (offset + pos, offset + pos + run.length);
+                for e in image.preserved_in(from / es..to.div_ceil(es)) {
+                    let start = (e * es).max(from);
+                    let stop = ((e + 1) * es).min(to);
+                    push(start - offset, stop - start);
                 }
             } else {
                 push(pos, run.length);
