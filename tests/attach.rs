@@ -15,36 +15,23 @@ fn kernel_has_nbd() -> bool {
     std::path::Path::new("/sys/module/nbd").exists()
 }
 
-fn refused(d: &Blockd, args: &[&str], expect: &str) {
-    let out = d.blockctl(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "blockctl {args:?} succeeded");
-    assert!(stderr.contains(expect), "blockctl {args:?}: {stderr}");
-}
-
 #[test]
 fn attach_works_or_fails_fast_without_the_nbd_driver_and_refuses_bad_input() {
     let d = Blockd::start();
     d.create("vol1", "16M");
     // Bad input, whatever the kernel: clear messages, non-zero exits.
-    refused(
-        &d,
+    d.fails(
         &["volume", "attach", "vol1", "--connections", "0"],
         "--connections",
     );
-    refused(
-        &d,
-        &["volume", "attach", "vol1", "--timeout", "0"],
-        "--timeout",
-    );
-    refused(&d, &["volume", "detach", "vol1"], "not attached");
+    d.fails(&["volume", "attach", "vol1", "--timeout", "0"], "--timeout");
+    d.fails(&["volume", "detach", "vol1"], "not attached");
     if kernel_has_nbd() {
-        refused(
-            &d,
+        d.fails(
             &["volume", "attach", "vol1", "--device", "/dev/sda"],
             "not an NBD device",
         );
-        refused(&d, &["volume", "attach", "nope"], "no volume named");
+        d.fails(&["volume", "attach", "nope"], "no volume named");
         drop(d);
         attached_volume_carries_data_both_ways_and_survives_a_restart();
         return;
@@ -109,7 +96,7 @@ fn attached_volume_carries_data_both_ways_and_survives_a_restart() {
     let v: serde_json::Value =
         serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "vol1"])).unwrap();
     assert_eq!(v["attached"], dev.as_str());
-    refused(&d, &["volume", "delete", "vol1"], "");
+    d.fails(&["volume", "delete", "vol1"], "");
     // A restart gives the device new sockets.
     d.kill9();
     d.spawn();

@@ -7,16 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn fails_with(d: &Blockd, args: &[&str], needle: &str) {
-    let out = d.blockctl(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "blockctl {args:?} should fail");
-    assert!(
-        stderr.contains(needle),
-        "blockctl {args:?}: expected {needle:?} in stderr, got: {stderr}"
-    );
-}
-
 #[test]
 fn volume_verbs_and_output() {
     let d = Blockd::start();
@@ -80,42 +70,36 @@ fn volume_verbs_and_output() {
         serde_json::from_str(&d.ok(&["-j", "volume", "resize", "scratch", "--size", "1G"]))
             .unwrap();
     assert_eq!(r["size"], 1u64 << 30);
-    fails_with(
-        &d,
+    d.fails(
         &["volume", "resize", "scratch", "--size", "256M"],
         "shrinking",
     );
 
     d.ok(&["volume", "delete", "scratch"]);
-    fails_with(&d, &["volume", "inspect", "scratch"], "not found");
+    d.fails(&["volume", "inspect", "scratch"], "not found");
 }
 
 #[test]
 fn volume_errors() {
     let d = Blockd::start();
     d.create("vol1", "1G");
-    fails_with(
-        &d,
+    d.fails(
         &["volume", "create", "vol1", "--size", "1G"],
         "already exists",
     );
-    fails_with(
-        &d,
+    d.fails(
         &["volume", "create", "vol2", "--size", "10Q"],
         "invalid size \"10Q\"",
     );
-    fails_with(
-        &d,
+    d.fails(
         &["volume", "create", "../x", "--size", "1G"],
         "must not start with a dot",
     );
-    fails_with(
-        &d,
+    d.fails(
         &["volume", "create", "a/b", "--size", "1G"],
         "may contain only",
     );
-    fails_with(
-        &d,
+    d.fails(
         &[
             "volume",
             "create",
@@ -127,19 +111,14 @@ fn volume_errors() {
         ],
         "power of two",
     );
-    fails_with(
-        &d,
+    d.fails(
         &[
             "volume", "create", "vol3", "--size", "1G", "--label", "novalue",
         ],
         "key=value",
     );
-    fails_with(&d, &["volume", "delete", "ghost"], "not found");
-    fails_with(
-        &d,
-        &["volume", "resize", "ghost", "--size", "1G"],
-        "not found",
-    );
+    d.fails(&["volume", "delete", "ghost"], "not found");
+    d.fails(&["volume", "resize", "ghost", "--size", "1G"], "not found");
     // The API itself answers bad JSON and unknown volumes with 4xx and a message.
     if require_tools(&["curl"]) {
         let call = |method: &str, path: &str, body: &str| {
@@ -204,7 +183,7 @@ fn delete_with_open_connection_needs_force() {
         assert!(Instant::now() < deadline, "connection never showed up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    fails_with(&d, &["volume", "delete", "busy"], "open NBD connection");
+    d.fails(&["volume", "delete", "busy"], "open NBD connection");
     assert!(d.ok(&["volume", "list"]).contains("busy"));
     d.ok(&["volume", "delete", "busy", "--force"]);
     let status = wait_timeout(&mut client, Duration::from_secs(30))

@@ -32,8 +32,7 @@ impl Protections {
         // mapped, so thread stacks and allocator arenas do not become
         // resident at their full reserved size.
         let memory_locked = if lock_memory {
-            use rustix::mm::MlockAllFlags as F;
-            rustix::mm::mlockall(F::CURRENT | F::FUTURE | F::ONFAULT).map_err(|e| e.to_string())
+            lock_all().map_err(|e| e.to_string())
         } else {
             Err("turned off (--no-mlock)".into())
         };
@@ -80,10 +79,15 @@ impl Protections {
     }
 }
 
+/// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`.
+fn lock_all() -> rustix::io::Result<()> {
+    use rustix::mm::MlockAllFlags as F;
+    rustix::mm::mlockall(F::CURRENT | F::FUTURE | F::ONFAULT)
+}
+
 /// Most malloc arenas (glibc makes up to 8 per core, and each keeps what
 /// was freed in it): with memory locked, what an arena keeps stays
-/// resident. Two bound the heap with no measurable cost on the data path
-/// (benches/cloudsnap.sh, peak RSS column).
+/// resident. Two bound the heap (kernel-notes/nbd.md, "A bounded heap").
 const ARENAS: i32 = 2;
 
 /// Bounds the allocator's heap (glibc); set before any thread starts.
@@ -108,7 +112,6 @@ fn bound_heap() {
 pub fn release_memory() {
     #[cfg(target_env = "gnu")]
     {
-        use rustix::mm::MlockAllFlags as F;
         let locked = LOCKED.load(std::sync::atomic::Ordering::SeqCst);
         if locked {
             let _ = rustix::mm::munlockall();
@@ -120,7 +123,7 @@ pub fn release_memory() {
             libc::malloc_trim(0);
         }
         if locked {
-            if let Err(e) = rustix::mm::mlockall(F::CURRENT | F::FUTURE | F::ONFAULT) {
+            if let Err(e) = lock_all() {
                 tracing::warn!(error = %e, "locking memory again after a trim failed");
             }
         }

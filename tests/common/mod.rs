@@ -268,6 +268,19 @@ impl Blockd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs blockctl and asserts it fails with `needle` in its error
+    /// output; returns that output.
+    pub fn fails(&self, args: &[&str], needle: &str) -> String {
+        let out = self.blockctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "blockctl {args:?} should fail");
+        assert!(
+            stderr.contains(needle),
+            "blockctl {args:?}: expected {needle:?} in stderr, got: {stderr}"
+        );
+        stderr
+    }
+
     /// Creates a volume.
     pub fn create(&self, name: &str, size: &str) {
         self.ok(&["volume", "create", name, "--size", size]);

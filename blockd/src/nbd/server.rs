@@ -77,22 +77,8 @@ enum Source {
 
 impl NbdContext {
     fn resolve(&self, name: &str) -> Option<Source> {
-        match name.split_once('@') {
-            None => self
-                .store
-                .get(name)
-                .filter(|v| !v.restoring.load(std::sync::atomic::Ordering::Acquire))
-                .map(Source::Volume),
-            Some((vol, snap)) => {
-                let v = self.store.get(vol)?;
-                // A damaged frozen image is never read as if it were good.
-                let s = self
-                    .snapshots
-                    .get(vol, snap)
-                    .filter(|s| s.damaged().is_none())?;
-                Some(Source::Snapshot(v, s))
-            }
-        }
+        let (vol, snap) = split_export(name);
+        self.source(self.store.get(vol)?, snap)
     }
 
     /// [`Self::resolve`] for a connection about to transmit: the volume
@@ -100,13 +86,34 @@ impl NbdContext {
     /// [`crate::volume::store::Store::connect`]), so a racing delete either
     /// wins before it or is refused.
     fn open(&self, name: &str) -> Option<(Source, ConnectionGuard)> {
-        let volume = name.split_once('@').map_or(name, |(v, _)| v);
-        let guard = self.store.connect(volume)?;
-        let source = self.resolve(name)?;
-        let same = match &source {
-            Source::Volume(v) | Source::Snapshot(v, _) => Arc::ptr_eq(v, guard.volume()),
-        };
-        same.then_some((source, guard))
+        let (vol, snap) = split_export(name);
+        let guard = self.store.connect(vol)?;
+        let source = self.source(guard.volume().clone(), snap)?;
+        Some((source, guard))
+    }
+
+    /// The export of volume `v`, or of its snapshot `snap`.
+    fn source(&self, v: Arc<Volume>, snap: Option<&str>) -> Option<Source> {
+        match snap {
+            None => (!v.restoring.load(std::sync::atomic::Ordering::Acquire))
+                .then_some(Source::Volume(v)),
+            Some(snap) => {
+                // A damaged frozen image is never read as if it were good.
+                let s = self
+                    .snapshots
+                    .get(v.name(), snap)
+                    .filter(|s| s.damaged().is_none())?;
+                Some(Source::Snapshot(v, s))
+            }
+        }
+    }
+}
+
+/// `volume` or `volume@snapshot`.
+fn split_export(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        None => (name, None),
+        Some((vol, snap)) => (vol, Some(snap)),
     }
 }
 
