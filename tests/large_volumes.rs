@@ -4,6 +4,10 @@
 //! sizes over the maximum, and sizes the state dir's file system cannot
 //! hold, are refused with the reason.
 //!
+//! A 64 TiB volume holding a few MiB backs up (full, with writes and trims
+//! landing after the freeze, and incremental) and restores (in full and
+//! lazily) exactly what it holds.
+//!
 //! ext4 files stop at 16 TiB, so the 64 TiB volume lives in a state dir on
 //! tmpfs (`/dev/shm`), where a sparse file of any size costs nothing.
 
@@ -11,6 +15,7 @@ mod common;
 
 use std::path::Path;
 
+use common::cloud::{backup, json, list, restore, wait_done};
 use common::*;
 use serde_json::Value;
 
@@ -88,6 +93,116 @@ fn a_64_tib_volume_tracks_4_kib_extents_past_2_pow_32() {
     d.fails(
         &["volume", "resize", "big", "--size", "128T"],
         "maximum of 64 TiB",
+    );
+}
+
+/// A 64 TiB volume holding a few MiB: backups read what it holds and
+/// restores bring back exactly that, whatever the size around it.
+#[test]
+fn a_64_tib_volume_holding_a_few_mib_backs_up_and_restores_exactly() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let d = Blockd::start_in(Path::new("/dev/shm"));
+    d.create("big", "64T");
+    let uri = d.uri("big");
+    let end = 64 * TIB - (1 << 20);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x11 0 1M",
+            &format!("write -P 0x22 {} 1M", 40 * TIB),
+            &format!("write -P 0x33 {end} 1M"),
+        ],
+    );
+    // The post-exec hook runs once I/O resumes, before the backup reads:
+    // it trims data the frozen image holds (preserved, then a hole in the
+    // live file) and writes where the frozen image has a hole. The full
+    // backup must take the first and not the second.
+    let hook = format!(
+        "qemu-io -f raw -c 'discard {} 1M' -c 'write -P 0x55 {} 64k' '{uri}'",
+        40 * TIB,
+        30 * TIB
+    );
+    let full = backup(&d, &["big", "--full", "--post-exec", &hook]);
+    qemu_io(
+        &uri,
+        &[
+            &format!("read -P 0x00 {} 1M", 40 * TIB),
+            &format!("read -P 0x55 {} 64k", 30 * TIB),
+        ],
+    );
+    let snaps = list(&d, &["--src", "big"]);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    let read = snaps[0]["bytes_read"].as_u64().unwrap();
+    // What the frozen image holds, plus the 64 KiB the live file gained:
+    // not the volume.
+    assert!(
+        (3 << 20..=4 << 20).contains(&read),
+        "a full backup of 3 MiB read {read} bytes: {full}"
+    );
+    let first = snaps[0]["id"].as_str().unwrap().to_string();
+    // One more 64 KiB write, and an incremental.
+    qemu_io(&uri, &[&format!("write -P 0x44 {} 64k", 20 * TIB)]);
+    backup(&d, &["big"]);
+    let snaps = list(&d, &["--src", "big"]);
+    let incr = snaps
+        .iter()
+        .find(|s| s["id"] != first.as_str())
+        .expect("the incremental");
+    assert_eq!(incr["full"], false, "{incr}");
+    let second = incr["id"].as_str().unwrap().to_string();
+    let read = incr["bytes_read"].as_u64().unwrap();
+    // The hook's trim and write, and the new write: three changes.
+    assert!(
+        read <= 2 << 20,
+        "an incremental of three changes read {read} bytes"
+    );
+
+    // The full snapshot: 0x22 at 40 TiB (trimmed after the freeze), zeros
+    // at 30 TiB (written after it).
+    let t = restore(&d, &first, "r1", &[]);
+    assert_eq!(t["state"], "Done", "{t}");
+    qemu_io(
+        &d.uri("r1"),
+        &[
+            "read -P 0x11 0 1M",
+            &format!("read -P 0x22 {} 1M", 40 * TIB),
+            &format!("read -P 0x00 {} 64k", 30 * TIB),
+            &format!("read -P 0x33 {end} 1M"),
+            &format!("read -P 0x00 {} 1M", 10 * TIB),
+        ],
+    );
+    // The incremental, restored lazily: readable at once, then hydrated.
+    let id = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        &second,
+        "--volume",
+        "r2",
+        "--lazy",
+    ]))["tasks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let expect = [
+        "read -P 0x11 0 1M".to_string(),
+        format!("read -P 0x00 {} 1M", 40 * TIB),
+        format!("read -P 0x55 {} 64k", 30 * TIB),
+        format!("read -P 0x44 {} 64k", 20 * TIB),
+        format!("read -P 0x33 {end} 1M"),
+        format!("read -P 0x00 {} 1M", 50 * TIB),
+    ];
+    let expect: Vec<&str> = expect.iter().map(String::as_str).collect();
+    qemu_io(&d.uri("r2"), &expect);
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    qemu_io(&d.uri("r2"), &expect);
+    assert!(
+        !d.dir.path().join("volumes/r2.present").exists(),
+        "the present map outlived the restore"
     );
 }
 

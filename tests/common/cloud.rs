@@ -156,7 +156,6 @@ pub fn wait_until(d: &Blockd, id: &str, reached: impl Fn(&Value) -> bool) -> Val
     }
 }
 
-/// Waits for task `id` to end.
 /// `cloudsnap restore --lazy`: the task id (the volume serves at once).
 pub fn lazy_restore(d: &Blockd, snap: &str, vol: &str) -> String {
     lazy_restore_with(d, snap, vol, &[])
@@ -181,6 +180,7 @@ pub fn lazy_restore_with(d: &Blockd, snap: &str, vol: &str, extra: &[&str]) -> S
     t["id"].as_str().expect("task id").to_string()
 }
 
+/// Waits for task `id` to end.
 pub fn wait_done(d: &Blockd, id: &str) -> Value {
     wait_until(d, id, |_| false)
 }

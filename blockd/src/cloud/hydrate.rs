@@ -10,7 +10,9 @@
 //!   is one GET of one ≤ 64 KiB record.
 //! - The hydrator walks the volume in order, 8 MiB batches of missing
 //!   units, a few in flight; units already present (read by a client,
-//!   overwritten whole) are skipped. A batch that fails is tried again on
+//!   overwritten whole) are skipped, and the units outside the snapshot's
+//!   index blocks are marked present before the first pass (they are
+//!   holes), so the walk costs what the snapshot holds, not its size. A batch that fails is tried again on
 //!   the next pass, with a growing pause; the task shows why meanwhile.
 //! - Every two seconds the volume is flushed, which persists its present
 //!   map: a restart fetches at most the last two seconds again.
@@ -289,12 +291,30 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     let _stop_persister = AbortOnDrop(persister);
     let mut pause = Duration::from_secs(1);
     loop {
-        let units = l.units();
-        let batches =
-            futures::stream::iter((0..units).step_by(per_batch as usize)).flat_map(|from| {
+        // What the snapshot holds nothing in is present from the start
+        // (before the first pass, or on a later one if the store could not
+        // be reached): passes visit only its index blocks' units.
+        if let Ok(r) = job.source.ready().await {
+            let span = r.repo.config.index_span;
+            l.present_outside(
+                r.manifest
+                    .blocks
+                    .iter()
+                    .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
+            );
+        }
+        // Batches of up to `per_batch` units from each missing unit on,
+        // jumping over what is present.
+        let mut pos = Some(0u32);
+        let batches = futures::stream::iter(
+            std::iter::from_fn(move || {
+                let from = l.next_missing(pos?)?;
                 let to = from.saturating_add(per_batch);
-                futures::stream::iter(l.missing(from, to))
-            });
+                pos = (to < u32::MAX).then_some(to);
+                Some(l.missing(from, to))
+            })
+            .flatten(),
+        );
         let results = batches
             .map(|(f, c)| {
                 let lazy = l.clone();

@@ -508,6 +508,10 @@ impl FrozenImage for SnapshotStore {
         SnapshotStore::preserved_in(self, range)
     }
 
+    fn next_preserved(&self, from: u64) -> Option<u64> {
+        self.lock_index().range(from..).next().map(|(e, _)| *e)
+    }
+
     fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()> {
         SnapshotStore::preserve(self, e, old)
     }

@@ -34,6 +34,8 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     /// The preserved extents in `range`, in order (cost proportional to
     /// them, not to the range).
     fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64>;
+    /// The first preserved extent at or after `from`.
+    fn next_preserved(&self, from: u64) -> Option<u64>;
     /// Preserves extent `e` whose frozen contents are `old`, unless it is
     /// already preserved. Durable against a process crash on return.
     ///
@@ -177,6 +179,28 @@ impl Volume {
             pos = stop;
         }
         Ok(buf)
+    }
+
+    /// The first byte at or after `from` that may hold data in the frozen
+    /// image (a jump over holes, never a walk): the live file's next data
+    /// or the next preserved extent, whichever comes first. The file is
+    /// asked first, as in [`Volume::frozen_data`]: an extent trimmed
+    /// meanwhile was preserved before its hole appeared.
+    ///
+    /// # Errors
+    /// I/O errors of the allocation query.
+    pub fn next_frozen_data(&self, image: &dyn FrozenImage, from: u64) -> io::Result<Option<u64>> {
+        if from >= image.size() {
+            return Ok(None);
+        }
+        let es = self.extent_size;
+        let live = self.next_data(from)?;
+        let preserved = image.next_preserved(from / es).map(|e| (e * es).max(from));
+        Ok(match (preserved, live) {
+            (Some(p), Some(l)) => Some(p.min(l)),
+            (p, l) => p.or(l),
+        }
+        .filter(|&at| at < image.size()))
     }
 
     /// Byte ranges of `[offset, offset + len)` (relative to `offset`) that

@@ -75,6 +75,17 @@ impl ChangeSet {
         !self.known || self.extents.contains(e)
     }
 
+    /// The first changed extent at or after `from` (`from` itself when
+    /// the set is unknown): a jump, not a walk.
+    pub fn next_at(&self, from: u64) -> Option<u64> {
+        if !self.known {
+            return Some(from);
+        }
+        let mut iter = self.extents.iter();
+        iter.advance_to(from);
+        iter.next()
+    }
+
     /// Adds every change of `other`.
     pub fn merge(&mut self, other: &ChangeSet) {
         self.known &= other.known;
@@ -512,5 +523,14 @@ mod tests {
         assert_eq!(runs, vec![(1, false), (2, true), (1, false)]);
         let (back, _) = decode(&encode(&cur, 4096, false), 4096).unwrap();
         assert_eq!(back, cur);
+        // Jumps to the next change, across the 2^32 boundary.
+        assert_eq!(cur.next_at(0), Some((17 << 40) / 4096));
+        assert_eq!(
+            cur.next_at((17 << 40) / 4096 + 1),
+            Some((17 << 40) / 4096 + 1)
+        );
+        assert_eq!(cur.next_at((17 << 40) / 4096 + 2), Some(last / 4096));
+        assert_eq!(cur.next_at(last / 4096 + 1), None);
+        assert_eq!(ChangeSet::unknown().next_at(5), Some(5));
     }
 }

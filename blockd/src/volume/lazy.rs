@@ -189,29 +189,79 @@ impl Lazy {
         lock(&self.present).contains(u)
     }
 
-    /// Runs `(first, count)` of missing units in `from..to`.
+    /// Runs `(first, count)` of missing units in `from..to` (cost
+    /// proportional to the units present in it, at most `to - from`).
     pub fn missing(&self, from: u32, to: u32) -> Vec<(u32, u32)> {
         let to = to.min(self.units);
         if from >= to {
             return Vec::new();
         }
         let p = lock(&self.present);
-        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut out = Vec::new();
+        let mut it = p.iter();
+        it.advance_to(from);
         let mut u = from;
-        while u < to {
-            if p.contains(u) {
-                // Skip the present run quickly.
-                let next_missing = (u..to).find(|&x| !p.contains(x)).unwrap_or(to);
-                u = next_missing;
-                continue;
+        for x in it {
+            if x >= to {
+                break;
             }
-            match out.last_mut() {
-                Some((f, c)) if *f + *c == u => *c += 1,
-                _ => out.push((u, 1)),
+            if x > u {
+                out.push((u, x - u));
             }
-            u += 1;
+            u = x + 1;
+        }
+        if u < to {
+            out.push((u, to - u));
         }
         out
+    }
+
+    /// The first missing unit at or after `from`: a step per 2^16 units
+    /// present (one bitmap container), so a volume whose holes were
+    /// marked present by [`Lazy::present_outside`] is crossed at once.
+    pub fn next_missing(&self, from: u32) -> Option<u32> {
+        let p = lock(&self.present);
+        let mut u = from;
+        while u < self.units {
+            let end = ((u64::from(u >> 16) + 1) << 16).min(u64::from(self.units));
+            let end = u32::try_from(end).unwrap_or(u32::MAX);
+            if p.range_cardinality(u..end) == u64::from(end - u) {
+                u = end;
+                continue;
+            }
+            let mut it = p.iter();
+            it.advance_to(u);
+            for x in it {
+                if x != u {
+                    break;
+                }
+                u += 1;
+            }
+            return Some(u);
+        }
+        None
+    }
+
+    /// Marks present every unit outside `ranges` (byte ranges, in any
+    /// order): the snapshot holds nothing there, so the sparse data file's
+    /// zeros are its contents, and neither the hydrator nor a read fetches
+    /// them. Idempotent. Restoring a 64 TiB volume holding a few MiB then
+    /// costs a few containers of runs, not 2^30 units visited.
+    pub fn present_outside(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) {
+        let mut outside = RoaringBitmap::new();
+        outside.insert_range(0..self.units);
+        for r in ranges {
+            let a = u32::try_from(r.start / self.unit).unwrap_or(u32::MAX);
+            let b = u32::try_from(r.end.div_ceil(self.unit)).unwrap_or(u32::MAX);
+            outside.remove_range(a..b);
+        }
+        let mut p = lock(&self.present);
+        if outside.is_subset(&p) {
+            return;
+        }
+        *p |= outside;
+        p.optimize();
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn stripe(&self, u: u32) -> MutexGuard<'_, ()> {
@@ -407,7 +457,9 @@ impl Lazy {
     /// A copy of the map and its generation, taken before the fdatasync
     /// that must precede [`Lazy::persist`].
     pub fn checkpoint(&self) -> (RoaringBitmap, u64) {
-        let p = lock(&self.present);
+        let mut p = lock(&self.present);
+        // Full containers become single runs (fills insert unit by unit).
+        p.optimize();
         (p.clone(), self.generation.load(Ordering::Acquire))
     }
 
@@ -622,5 +674,29 @@ mod tests {
         .unwrap();
         assert_eq!(l2.missing(0, 16), vec![(3, 13)]);
         assert!(!l2.complete());
+    }
+
+    #[test]
+    fn holes_outside_the_snapshot_are_present_and_skipped() {
+        // 2^20 units of 4 KiB (4 GiB); the snapshot holds two ranges.
+        let (_d, l) = setup(4 << 30);
+        l.present_outside([(1 << 30)..(1 << 30) + 3 * 4096, 4096..8192]);
+        assert!(l.is_present(0) && !l.is_present(1) && l.is_present(2));
+        assert_eq!(l.next_missing(0), Some(1));
+        assert_eq!(l.next_missing(2), Some(1 << 18));
+        assert_eq!(l.next_missing((1 << 18) + 3), None);
+        assert_eq!(l.missing(0, 1 << 20), vec![(1, 1), (1 << 18, 3)]);
+        assert_eq!(l.missing(1 << 18, (1 << 18) + 2), vec![(1 << 18, 2)]);
+        assert!(!l.complete());
+        // Idempotent, and a unit present since stays present.
+        l.mark(1);
+        l.present_outside([(1 << 30)..(1 << 30) + 3 * 4096, 4096..8192]);
+        assert_eq!(l.missing(0, 1 << 20), vec![(1 << 18, 3)]);
+        // Compact: full containers are runs, not 8 KiB bitmaps.
+        let (m, _) = l.checkpoint();
+        assert!(m.serialized_size() < 256, "{}", m.serialized_size());
+        l.present_outside([]);
+        assert!(l.complete());
+        assert_eq!(l.next_missing(0), None);
     }
 }

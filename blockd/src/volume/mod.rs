@@ -445,6 +445,23 @@ impl Volume {
         Ok(())
     }
 
+    /// The first byte at or after `from` that may hold data (SEEK_DATA;
+    /// `from` itself on a lazy volume, whose holes may be units not
+    /// fetched yet); `None` past the last data.
+    pub fn next_data(&self, from: u64) -> io::Result<Option<u64>> {
+        if from >= self.size() {
+            return Ok(None);
+        }
+        if self.is_lazy() {
+            return Ok(Some(from));
+        }
+        match rustix::fs::seek(&*self.file, SeekFrom::Data(from)) {
+            Ok(d) => Ok(Some(d)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Allocation of `offset..offset + len` as alternating data and hole
     /// runs (at most `max_runs`; the last run may end early, never late).
     pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<Run>> {

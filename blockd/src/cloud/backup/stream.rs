@@ -1,7 +1,9 @@
 //! Streaming a frozen image to a repository.
 //!
 //! The volume is walked one index block (a fixed range, 64 MiB by default)
-//! at a time. An incremental reads only the dirty runs of its change set;
+//! at a time, visiting only the blocks that can matter (see [`Candidates`]):
+//! the cost follows the data and the change, not the volume size. An
+//! incremental reads only the dirty runs of its change set;
 //! a block without changes keeps the parent's index block id without even
 //! fetching it. Each run is read through the I/O engine in pieces of up to
 //! 1 MiB, cut at chunk-size boundaries (so a run of dirty extents becomes
@@ -17,7 +19,7 @@
 //! soon as it lands, so after a crash the chunks uploaded since the last
 //! checkpoint are referenced again, never uploaded twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,16 +118,16 @@ fn is_zero(b: &[u8]) -> bool {
 pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
     let span = job.repo.config.index_span;
     let size = job.snap.size();
-    let nblocks = size.div_ceil(span);
     // Blocks finished before a crash (resume), with their index ids.
-    let done_blocks: HashMap<u64, Option<String>> =
+    let done_blocks: BTreeMap<u64, Option<String>> =
         job.db.task_blocks(&job.task)?.into_iter().collect();
     if !done_blocks.is_empty() {
         tracing::info!(task = %job.task, blocks = done_blocks.len(), "resuming backup after its last checkpoint");
     }
     let mut w = Writer::open(job).await?;
-    let mut ahead = IndexAhead::new(job, nblocks, &done_blocks);
-    for b in 0..nblocks {
+    let mut ahead = IndexAhead::new(job, &done_blocks);
+    for b in Candidates::new(job, &done_blocks) {
+        let b = b?;
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
         }
@@ -159,6 +161,85 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             .await?;
     }
     w.finish().await
+}
+
+/// The index blocks a backup visits, ascending: those that may hold
+/// something to read (a full read: data in the frozen image; an
+/// incremental: changed extents), the parent's blocks an incremental keeps
+/// or replaces, and the blocks a crashed run finished. Each step jumps to
+/// the next such block (SEEK_DATA, the COW index, the change set's
+/// bitmap, the sorted parent list), so a 64 TiB volume holding a few MiB
+/// costs a few steps, not a million.
+struct Candidates<'a> {
+    job: &'a Job,
+    done: &'a BTreeMap<u64, Option<String>>,
+    /// The next block to consider.
+    from: u64,
+    nblocks: u64,
+}
+
+impl<'a> Candidates<'a> {
+    fn new(job: &'a Job, done: &'a BTreeMap<u64, Option<String>>) -> Self {
+        Self {
+            job,
+            done,
+            from: 0,
+            nblocks: job.snap.size().div_ceil(job.repo.config.index_span),
+        }
+    }
+
+    fn next_block(&self) -> Result<Option<u64>, CloudError> {
+        let (job, from) = (self.job, self.from);
+        let span = job.repo.config.index_span;
+        let es = job.snap.extent_size();
+        let done = self.done.range(from..).next().map(|(b, _)| *b);
+        let data = if job.full {
+            job.volume
+                .next_frozen_data(&*job.snap, from.saturating_mul(span))
+                .map_err(|e| read_error(job, e))?
+                .map(|at| at / span)
+        } else {
+            job.changes
+                .next_at(from.saturating_mul(span) / es)
+                .map(|e| e.saturating_mul(es) / span)
+        };
+        // A full read replaces every block: the parent's blocks without
+        // data now simply end.
+        let parent = if job.full {
+            None
+        } else {
+            job.parent.as_ref().and_then(|p| {
+                let i = p.blocks.partition_point(|x| x.0 < from);
+                p.blocks.get(i).map(|x| x.0)
+            })
+        };
+        Ok([done, data, parent]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|&b| b < self.nblocks))
+    }
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = Result<u64, CloudError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_block() {
+            Ok(Some(b)) => {
+                self.from = b + 1;
+                Some(Ok(b))
+            }
+            Ok(None) => {
+                self.from = self.nblocks;
+                None
+            }
+            Err(e) => {
+                self.from = self.nblocks;
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 fn read_error(job: &Job, e: std::io::Error) -> CloudError {
@@ -246,8 +327,9 @@ struct IndexAhead<'a> {
 }
 
 impl<'a> IndexAhead<'a> {
-    fn new(job: &'a Job, nblocks: u64, done: &'a HashMap<u64, Option<String>>) -> Self {
-        let wanted = (0..nblocks)
+    fn new(job: &'a Job, done: &'a BTreeMap<u64, Option<String>>) -> Self {
+        let wanted = Candidates::new(job, done)
+            .map_while(Result::ok)
             .filter(move |b| !done.contains_key(b) && touched(job, *b))
             .filter_map(move |b| parent_id_of(job, b).map(|id| (b, id)));
         Self {
