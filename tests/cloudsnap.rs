@@ -417,7 +417,13 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
     let snap = t["snapshot"].as_str().unwrap().to_string();
     let objects = d.dir.path().join("objects");
     let pack = files_under(&objects.join("packs"))[0].clone();
-    let index = files_under(&objects.join("index"))[0].clone();
+    // Objects under index/: index blocks (the repository is unencrypted,
+    // so the first byte is the plain kind: 1) and the manifest's index map
+    // (2).
+    let kind = |p: &Path| std::fs::read(p).unwrap()[0];
+    let index_objects = files_under(&objects.join("index"));
+    let index = index_objects.iter().find(|p| kind(p) == 1).unwrap().clone();
+    let map = index_objects.iter().find(|p| kind(p) == 2).unwrap().clone();
     let pack_key = pack.strip_prefix(&objects).unwrap().display().to_string();
     let index_key = index.strip_prefix(&objects).unwrap().display().to_string();
     let original = std::fs::read(&pack).unwrap();
@@ -458,6 +464,30 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
     drop(f);
     expect_failure("absurd index", &index_key, 4);
     std::fs::write(&index, &ix).unwrap();
+    // A damaged or missing index map: the snapshot cannot be read at all,
+    // so a restore is refused before it starts, naming the map.
+    let map_key = map.strip_prefix(&objects).unwrap().display().to_string();
+    let original_map = std::fs::read(&map).unwrap();
+    for (n, (damage, said)) in [("truncated", "corrupt"), ("missing", "missing")]
+        .iter()
+        .enumerate()
+    {
+        if *damage == "truncated" {
+            std::fs::write(&map, &original_map[..original_map.len() / 2]).unwrap();
+        } else {
+            std::fs::remove_file(&map).unwrap();
+        }
+        let err = d.fails(&["cloudsnap", "catalog", &snap], &map_key);
+        assert!(err.contains(&snap), "{damage} map: {err}");
+        let vol = format!("m{n}");
+        let err = d.fails(
+            &["cloudsnap", "restore", "--snap", &snap, "--volume", &vol],
+            &map_key,
+        );
+        assert!(err.contains(said), "{damage} map: {err}");
+        assert!(!d.ok(&["volume", "list"]).contains(&vol));
+    }
+    std::fs::write(&map, &original_map).unwrap();
     // Foreign objects under snapshots/ are listed as such, never used.
     std::fs::write(objects.join("snapshots/vol1/garbage"), b"not a manifest").unwrap();
     let l = list(&d, &[]);

@@ -83,12 +83,13 @@ async fn volume(repo: Arc<Repo>, v: u64, snaps: u64, chunks: u64, bytes: usize) 
             pre_exec: None,
             post_exec: None,
             blocks: vec![(0, ix)],
+            map: Vec::new(),
             host: Some("repo-gen".into()),
             schedule: None,
             expires: None,
             started_ms: None,
         };
-        repo.put_manifest(&m).await.expect("put manifest");
+        repo.put_manifest(&m, None).await.expect("put manifest");
         // Names carry the time in milliseconds: keep them distinct.
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }

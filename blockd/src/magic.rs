@@ -37,6 +37,14 @@ pub const INDEX_AD: &str = "index/";
 pub const PACK_AD: &str = "pack/";
 /// Domain of index block ids (keyed BLAKE3 of the plain block).
 pub const INDEX_ID_DOMAIN: &[u8] = b"index";
+/// Domain of index map ids (keyed BLAKE3 of the plain map).
+pub const MAP_ID_DOMAIN: &[u8] = b"index map";
+/// First byte of an index map's plain bytes (an index block's is its
+/// version, 1).
+pub const MAP_KIND: u8 = 2;
+/// Manifest envelope version this build writes: 2, the block list in index
+/// maps. Version 1 (the list inline) is still read.
+pub const MANIFEST_VERSION: u8 = 2;
 /// BLAKE3 key-derivation context of the integrity tag key.
 pub const TAG_KEY_CONTEXT: &str = "blockd 2026 object tag";
 

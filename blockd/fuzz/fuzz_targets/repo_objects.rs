@@ -13,6 +13,9 @@
 //! 7  a whole pack (Repo::pack_records): a trailer that is not sealed
 //!    with the repository's keys is never accepted
 //! 8  config JSON (format::Config), as the repository opens it
+//! 9  index map (format::decode_map), then re-encoded and decoded again
+//! 10 manifest plaintext in a version 2 envelope (its index maps are
+//!    looked for and, when the input names them, missing)
 //! ```
 //! Besides "never panics" (overflow checks on), each accepted object
 //! satisfies what its readers rely on.
@@ -56,7 +59,7 @@ fn run(data: &[u8]) {
         return;
     };
     let w = world();
-    match sel % 9 {
+    match sel % 11 {
         0 => {
             if let Ok(entries) = format::decode_index(body, 3, SPAN, CHUNK) {
                 let again = format::encode_index(3, &entries).expect("re-encodes");
@@ -119,6 +122,27 @@ fn run(data: &[u8]) {
                 w.repo.pack_records(&[9; 16], body).is_err(),
                 "unsealed trailer accepted"
             );
+        }
+        9 => {
+            if let Ok(list) = format::decode_map(body, 2) {
+                assert!(list.iter().all(|b| b.0 / format::MAP_BLOCKS == 2));
+                let again = format::encode_map(2, &list).expect("re-encodes");
+                assert_eq!(format::decode_map(&again, 2).expect("decodes again"), list);
+            }
+        }
+        10 => {
+            let key = "snapshots/v/20260101T000000.000Z-00000002";
+            let sealed = w.repo.keys.seal(key.as_bytes(), body);
+            put(
+                w,
+                key,
+                &format::envelope_v(blockd::magic::MANIFEST_MAGIC, 2, &sealed),
+            );
+            if let Ok(m) =
+                w.rt.block_on(w.repo.get_manifest("v", "20260101T000000.000Z-00000002"))
+            {
+                assert!(m.map.is_empty() && m.blocks.is_empty(), "{m:?}");
+            }
         }
         _ => {
             // A config as stored: opened (and its sizes checked) by Repo::open.

@@ -89,7 +89,7 @@ pub async fn check(
         .count();
     let unreferenced_index_blocks = blocks
         .iter()
-        .filter(|(id, _)| !refs.index.contains_key(id))
+        .filter(|(id, _)| !refs.references_index(id))
         .count();
 
     let jobs: Vec<(PackId, Option<u64>, RoaringBitmap, bool)> = refs

@@ -7,8 +7,15 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::magic::{
-    CHUNK_LZ4, CHUNK_RAW, GROUP_MAGIC, MANIFEST_MAGIC, PACK_MAGIC, REPO_VERSION as FORMAT_VERSION,
+    CHUNK_LZ4, CHUNK_RAW, GROUP_MAGIC, MANIFEST_MAGIC, MANIFEST_VERSION, MAP_KIND, PACK_MAGIC,
+    REPO_VERSION as FORMAT_VERSION,
 };
+/// Index blocks one index map covers (a version 2 manifest's second
+/// level): 256 GiB of volume at the default span, so a 64 TiB volume's
+/// manifest names at most 256 maps, and a map is at most 160 KiB.
+pub const MAP_BLOCKS: u64 = 4096;
+/// Bytes per index map record: block number, index block id.
+pub const MAP_REC_LEN: usize = 8 + 32;
 /// Largest chunk a repository may use.
 pub const MAX_CHUNK_SIZE: u64 = 1 << 20;
 /// Largest index span.
@@ -170,6 +177,74 @@ pub fn u32_field(
         value: value.into(),
         bits: 32,
     })
+}
+
+/// Index map plaintext: `kind u8 = 2 | slot u64 | count u32 | count ×
+/// (block u64 | index block id [32])`, blocks ascending, every one in
+/// `slot × MAP_BLOCKS .. (slot + 1) × MAP_BLOCKS`, at least one.
+///
+/// # Errors
+/// A list that does not belong to `slot`, or is empty or unsorted.
+pub fn encode_map(slot: u64, blocks: &[(u64, [u8; 32])]) -> Result<Vec<u8>, Malformed> {
+    check_map(slot, blocks.iter().map(|b| b.0), blocks.len())?;
+    let count = u32::try_from(blocks.len()).map_err(|_| bad("index map too long"))?;
+    let mut out = Vec::with_capacity(13 + blocks.len() * MAP_REC_LEN);
+    out.push(MAP_KIND);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    for (b, id) in blocks {
+        out.extend_from_slice(&b.to_le_bytes());
+        out.extend_from_slice(id);
+    }
+    Ok(out)
+}
+
+/// Decodes index map `slot`.
+///
+/// # Errors
+/// Anything out of shape.
+pub fn decode_map(bytes: &[u8], slot: u64) -> Result<Vec<(u64, [u8; 32])>, Malformed> {
+    let mut r = Reader { b: bytes };
+    if r.u8()? != MAP_KIND {
+        return Err(bad("not an index map"));
+    }
+    let got = r.u64()?;
+    if got != slot {
+        return Err(bad(format!("index map is for slot {got}, expected {slot}")));
+    }
+    let count = r.u32()? as usize;
+    if Some(r.b.len()) != count.checked_mul(MAP_REC_LEN) {
+        return Err(bad(format!(
+            "index map claims {count} blocks but holds {} bytes of them",
+            r.b.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push((r.u64()?, r.arr()?));
+    }
+    check_map(slot, out.iter().map(|b| b.0), count)?;
+    Ok(out)
+}
+
+fn check_map(slot: u64, blocks: impl Iterator<Item = u64>, n: usize) -> Result<(), Malformed> {
+    let lo = slot
+        .checked_mul(MAP_BLOCKS)
+        .ok_or_else(|| bad("index map slot out of range"))?;
+    let hi = lo.saturating_add(MAP_BLOCKS);
+    if n == 0 {
+        return Err(bad("empty index map"));
+    }
+    let mut prev = None;
+    for b in blocks {
+        if b < lo || b >= hi || prev.is_some_and(|p| p >= b) {
+            return Err(bad(format!(
+                "index map {slot}: block {b} out of order or outside {lo}..{hi}"
+            )));
+        }
+        prev = Some(b);
+    }
+    Ok(())
 }
 
 /// Index block plaintext: `version u8 = 1 | block u64 | count u32 |
@@ -383,8 +458,15 @@ pub struct Manifest {
     pub pre_exec: Option<blockd_api::Hook>,
     /// Post-exec outcome.
     pub post_exec: Option<blockd_api::Hook>,
-    /// Non-empty index blocks: `[block number, id hex]`, ascending.
+    /// Non-empty index blocks: `[block number, id hex]`, ascending. In
+    /// the JSON of a version 1 manifest only; a version 2 manifest names
+    /// [`Manifest::map`] instead, and reading it fills this in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<(u64, String)>,
+    /// Version 2: the index maps holding the block list, `[slot, id hex]`
+    /// ascending, slot `s` covering blocks `s × MAP_BLOCKS ..`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map: Vec<(u64, String)>,
     /// The host that wrote it (`<state dir>/host-id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -412,11 +494,16 @@ pub struct Group {
     pub members: Vec<String>,
 }
 
-/// Wraps a sealed payload with a magic and version.
+/// Wraps a sealed payload with a magic and version 1.
 pub fn envelope(magic: &[u8; 8], sealed: &[u8]) -> Vec<u8> {
+    envelope_v(magic, 1, sealed)
+}
+
+/// Wraps a sealed payload with a magic and `version`.
+pub fn envelope_v(magic: &[u8; 8], version: u8, sealed: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + sealed.len());
     out.extend_from_slice(magic);
-    out.push(1);
+    out.push(version);
     out.extend_from_slice(sealed);
     out
 }
@@ -426,21 +513,62 @@ pub fn envelope(magic: &[u8; 8], sealed: &[u8]) -> Vec<u8> {
 /// # Errors
 /// Wrong magic or version.
 pub fn open_envelope<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<&'a [u8], Malformed> {
+    open_envelope_v(magic, 1, bytes).map(|(_, b)| b)
+}
+
+/// Strips the envelope of an object read in versions `1..=newest`;
+/// returns the version.
+///
+/// # Errors
+/// Wrong magic, version 0 or newer than `newest`.
+pub fn open_envelope_v<'a>(
+    magic: &[u8; 8],
+    newest: u8,
+    bytes: &'a [u8],
+) -> Result<(u8, &'a [u8]), Malformed> {
     if bytes.len() < 9 || &bytes[..8] != magic {
         return Err(bad("wrong object type (bad magic)"));
     }
-    if bytes[8] != 1 {
-        return Err(bad(format!(
-            "object format version {} is newer than this blockd",
-            bytes[8]
-        )));
+    match bytes[8] {
+        0 => return Err(bad("unknown object format version 0")),
+        v if v > newest => {
+            return Err(bad(format!(
+                "object format version {v} is newer than this blockd"
+            )))
+        }
+        _ => {}
     }
-    Ok(&bytes[9..])
+    Ok((bytes[8], &bytes[9..]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_maps_round_trip_and_refuse_what_is_out_of_shape() {
+        let list = vec![(4096, [1u8; 32]), (4097, [2; 32]), (8191, [3; 32])];
+        let plain = encode_map(1, &list).unwrap();
+        assert_eq!(plain.len(), 13 + 3 * MAP_REC_LEN);
+        assert_eq!(decode_map(&plain, 1).unwrap(), list);
+        // Read as another slot, truncated, padded, or an index block.
+        assert!(decode_map(&plain, 2).unwrap_err().0.contains("slot 1"));
+        assert!(decode_map(&plain[..plain.len() - 1], 1).is_err());
+        let mut long = plain.clone();
+        long.push(0);
+        assert!(decode_map(&long, 1).is_err());
+        assert!(decode_map(&encode_index(1, &[]).unwrap(), 1).is_err());
+        // Writers refuse lists that readers would.
+        assert!(encode_map(1, &[]).is_err());
+        assert!(encode_map(0, &list).is_err());
+        assert!(encode_map(1, &[(4097, [0; 32]), (4096, [0; 32])]).is_err());
+        assert!(encode_map(1, &[(4100, [0; 32]), (4100, [0; 32])]).is_err());
+        // An unsorted list with a valid shape is refused on read.
+        let mut swapped = plain.clone();
+        swapped[13..21].copy_from_slice(&5000u64.to_le_bytes());
+        assert!(decode_map(&swapped, 1).is_err());
+        assert!(decode_map(&[], 1).is_err());
+    }
 
     fn entry(start: u32, len: u32) -> Entry {
         Entry {

@@ -581,7 +581,7 @@ async fn collect_held(
         }
         for h in &m.body.index {
             match blocks.get(h) {
-                Some(l) if !walk.index.contains_key(h) && l.modified < cut => {
+                Some(l) if !walk.references_index(h) && l.modified < cut => {
                     doomed.push((l.key.clone(), l.size));
                     out.deleted_index_blocks += 1;
                     out.deleted_bytes += l.size;
@@ -630,7 +630,7 @@ async fn collect_held(
         }
     }
     for (h, l) in &blocks {
-        if !walk.index.contains_key(h)
+        if !walk.references_index(h)
             && l.modified < now
             && !pending.contains(h)
             && !doomed_keys.contains(l.key.as_str())

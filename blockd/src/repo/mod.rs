@@ -21,11 +21,12 @@ pub mod reloc;
 pub mod repack;
 pub mod retry;
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{
     Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
@@ -556,23 +557,38 @@ impl Repo {
             .map_err(|Malformed(m)| self.objects.corrupt(&key, format!("pack trailer: {m}")))
     }
 
-    /// Reads and checks index block `block`.
-    ///
-    /// # Errors
-    /// Missing or corrupt block, named.
-    pub async fn get_index(&self, block: u64, id: &str) -> Result<Vec<Entry>, RepoError> {
+    /// Fetches the object `index/<aa>/<id>` (an index block or an index
+    /// map, `what`), opens it and checks it against its id in `domain`;
+    /// returns its key and plain bytes.
+    async fn get_index_object(
+        &self,
+        id: &str,
+        domain: &[u8],
+        what: &str,
+    ) -> Result<(String, Vec<u8>), RepoError> {
         let key = index_key(id);
         if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(self.objects.corrupt(&key, "bad index block id"));
+            return Err(self.objects.corrupt(&key, format_args!("bad {what} id")));
         }
         let sealed = self.objects.get_meta(&key).await?;
         let plain = self
             .keys
             .open(&index_ad(id), &sealed)
             .map_err(|Tampered| self.objects.corrupt(&key, "integrity check failed"))?;
-        if hex::encode(self.keys.object_id(crate::magic::INDEX_ID_DOMAIN, &plain)) != id {
+        if hex::encode(self.keys.object_id(domain, &plain)) != id {
             return Err(self.objects.corrupt(&key, "content does not match its id"));
         }
+        Ok((key, plain))
+    }
+
+    /// Reads and checks index block `block`.
+    ///
+    /// # Errors
+    /// Missing or corrupt block, named.
+    pub async fn get_index(&self, block: u64, id: &str) -> Result<Vec<Entry>, RepoError> {
+        let (key, plain) = self
+            .get_index_object(id, crate::magic::INDEX_ID_DOMAIN, "index block")
+            .await?;
         format::decode_index(
             &plain,
             block,
@@ -583,23 +599,177 @@ impl Repo {
     }
 
     /// Writes a manifest, only if that snapshot does not exist yet: the
-    /// commit point of a backup.
+    /// commit point of a backup. Its block list goes into index maps first
+    /// (version 2): a map equal to `parent`'s in the same slot is named
+    /// again, not uploaded (as an unchanged index block keeps its id), so
+    /// what a backup writes follows what changed, not the volume's size.
+    /// Returns the bytes uploaded.
     ///
     /// # Errors
     /// Provider errors; [`RepoError::Exists`].
-    pub async fn put_manifest(&self, m: &Manifest) -> Result<u64, RepoError> {
+    pub async fn put_manifest(
+        &self,
+        m: &Manifest,
+        parent: Option<&Manifest>,
+    ) -> Result<u64, RepoError> {
         let key = manifest_key(&m.volume, &m.name);
-        let json = serde_json::to_vec(m).unwrap_or_else(|_| unreachable!("manifests serialise"));
-        let body = format::envelope(
+        let keep: HashSet<(u64, &str)> = parent
+            .map(|p| p.map.iter().map(|(s, id)| (*s, id.as_str())).collect())
+            .unwrap_or_default();
+        let mut map = Vec::new();
+        let mut uploads = Vec::new();
+        for (slot, plain) in self.encode_maps(&key, &m.blocks)? {
+            let id = hex::encode(self.keys.object_id(crate::magic::MAP_ID_DOMAIN, &plain));
+            if !keep.contains(&(slot, id.as_str())) {
+                uploads.push((index_key(&id), self.keys.seal(&index_ad(&id), &plain)));
+            }
+            map.push((slot, id));
+        }
+        let sent: Vec<u64> =
+            futures::stream::iter(uploads.into_iter().map(|(k, sealed)| async move {
+                self.objects.put(&k, sealed.into(), false).await
+            }))
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        let v2 = Manifest {
+            blocks: Vec::new(),
+            map,
+            ..m.clone()
+        };
+        let json = serde_json::to_vec(&v2).unwrap_or_else(|_| unreachable!("manifests serialise"));
+        let body = format::envelope_v(
             format::MANIFEST_MAGIC,
+            format::MANIFEST_VERSION,
             &self.keys.seal(key.as_bytes(), &json),
         );
-        self.objects.put(&key, body.into(), true).await
+        Ok(self.objects.put(&key, body.into(), true).await? + sent.iter().sum::<u64>())
     }
 
-    /// Reads a manifest.
+    /// The plain index maps of a block list, by slot.
+    fn encode_maps(
+        &self,
+        key: &str,
+        blocks: &[(u64, String)],
+    ) -> Result<Vec<(u64, Vec<u8>)>, RepoError> {
+        let corrupt = |why: String| self.objects.corrupt(key, why);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < blocks.len() {
+            let slot = blocks[at].0 / format::MAP_BLOCKS;
+            let n = blocks[at..]
+                .iter()
+                .take_while(|b| b.0 / format::MAP_BLOCKS == slot)
+                .count();
+            let list = blocks[at..at + n]
+                .iter()
+                .map(|(b, id)| {
+                    let mut raw = [0u8; 32];
+                    hex::decode_to_slice(id, &mut raw)
+                        .map(|()| (*b, raw))
+                        .map_err(|_| corrupt(format!("bad index block id {id:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let plain = format::encode_map(slot, &list).map_err(|Malformed(m)| corrupt(m))?;
+            out.push((slot, plain));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads and checks index map `slot` `id`: its block list.
+    async fn get_map(&self, slot: u64, id: &str) -> Result<Vec<(u64, String)>, RepoError> {
+        let (key, plain) = self
+            .get_index_object(id, crate::magic::MAP_ID_DOMAIN, "index map")
+            .await?;
+        let list = format::decode_map(&plain, slot)
+            .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
+        Ok(list
+            .into_iter()
+            .map(|(b, raw)| (b, hex::encode(raw)))
+            .collect())
+    }
+
+    /// A damaged index map of manifest `key`, as [`RepoError::Corrupt`]
+    /// naming the map and the manifest. A missing map too: the manifest
+    /// exists, and callers take `Missing` from [`Repo::get_manifest`] to
+    /// mean a deleted snapshot (garbage collection would then stop
+    /// protecting the rest of it).
+    fn map_damage(&self, key: &str, e: RepoError) -> RepoError {
+        match e {
+            RepoError::Missing { object, .. } => self
+                .objects
+                .corrupt(&object, format_args!("missing (an index map of {key})")),
+            RepoError::Corrupt { object, reason, .. } => self
+                .objects
+                .corrupt(&object, format_args!("{reason} (an index map of {key})")),
+            e => e,
+        }
+    }
+
+    /// Reads a manifest (version 1, or 2 with its index maps, whose
+    /// blocks fill [`Manifest::blocks`]).
     ///
     /// # Errors
+    /// Missing or corrupt manifest, named; a missing or corrupt index map
+    /// as [`RepoError::Corrupt`], named with its manifest.
+    pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
+        let key = manifest_key(volume, name);
+        let bytes = self.objects.get_meta(&key).await?;
+        let (version, sealed) =
+            format::open_envelope_v(format::MANIFEST_MAGIC, format::MANIFEST_VERSION, &bytes)
+                .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
+        let json = self.keys.open(key.as_bytes(), sealed).map_err(|Tampered| {
+            self.objects
+                .corrupt(&key, "integrity check failed (wrong key, or altered)")
+        })?;
+        let mut m: Manifest =
+            serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&key, e))?;
+        if m.volume != volume || m.name != name {
+            return Err(self
+                .objects
+                .corrupt(&key, "manifest names a different snapshot"));
+        }
+        let span = self.config.index_span;
+        let blocks = m.size.div_ceil(span);
+        match version {
+            1 if !m.map.is_empty() => {
+                return Err(self
+                    .objects
+                    .corrupt(&key, "a version 1 manifest with index maps"));
+            }
+            1 => {}
+            _ => {
+                if !m.blocks.is_empty()
+                    || m.map.windows(2).any(|w| w[0].0 >= w[1].0)
+                    || m.map
+                        .last()
+                        .is_some_and(|s| s.0 >= blocks.div_ceil(format::MAP_BLOCKS))
+                {
+                    return Err(self.objects.corrupt(&key, "index map list out of range"));
+                }
+                let lists: Vec<Vec<(u64, String)>> = futures::stream::iter(
+                    m.map
+                        .clone()
+                        .into_iter()
+                        .map(|(slot, id)| async move { self.get_map(slot, &id).await }),
+                )
+                .buffered(8)
+                .try_collect()
+                .await
+                .map_err(|e| self.map_damage(&key, e))?;
+                m.blocks = lists.into_iter().flatten().collect();
+            }
+        }
+        if m.extent_size == 0
+            || m.blocks.windows(2).any(|w| w[0].0 >= w[1].0)
+            || m.blocks.last().is_some_and(|b| b.0 >= blocks)
+        {
+            return Err(self.objects.corrupt(&key, "index block list out of range"));
+        }
+        Ok(m)
+    }
+
     /// True when snapshot `volume/name` has a manifest (one HEAD).
     ///
     /// # Errors
@@ -619,34 +789,6 @@ impl Repo {
     /// Provider errors.
     pub async fn delete_manifest(&self, volume: &str, name: &str) -> Result<(), RepoError> {
         self.objects.delete(&manifest_key(volume, name)).await
-    }
-
-    /// Missing or corrupt manifest, named.
-    pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
-        let key = manifest_key(volume, name);
-        let bytes = self.objects.get_meta(&key).await?;
-        let sealed = format::open_envelope(format::MANIFEST_MAGIC, &bytes)
-            .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
-        let json = self.keys.open(key.as_bytes(), sealed).map_err(|Tampered| {
-            self.objects
-                .corrupt(&key, "integrity check failed (wrong key, or altered)")
-        })?;
-        let m: Manifest =
-            serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(&key, e))?;
-        if m.volume != volume || m.name != name {
-            return Err(self
-                .objects
-                .corrupt(&key, "manifest names a different snapshot"));
-        }
-        let span = self.config.index_span;
-        let blocks = m.size.div_ceil(span);
-        if m.extent_size == 0
-            || m.blocks.windows(2).any(|w| w[0].0 >= w[1].0)
-            || m.blocks.last().is_some_and(|b| b.0 >= blocks)
-        {
-            return Err(self.objects.corrupt(&key, "index block list out of range"));
-        }
-        Ok(m)
     }
 
     /// Names of the snapshots of `volume`, or of every volume, as
@@ -1252,6 +1394,105 @@ mod tests {
         assert_eq!(failing.gets(), u64::from(retry::ATTEMPTS));
     }
 
+    const KAT_SNAPSHOT: &str = "20261121T101500.123Z-3f4f0a67";
+    const KAT_V2: &str = "20261123T101500.123Z-3f4f0a68";
+
+    /// The known-answer manifest: blocks 0 and 5 (both with index block
+    /// `ix`) of a 1 GiB volume.
+    fn kat_manifest(ix: &str) -> Manifest {
+        Manifest {
+            volume: "kat".into(),
+            name: KAT_SNAPSHOT.into(),
+            created: "2026-11-21T10:15:00.123Z".into(),
+            size: 1 << 30,
+            extent_size: 4096,
+            full: true,
+            chain: 0,
+            parent: None,
+            group: None,
+            labels: [("app".to_string(), "db".to_string())].into(),
+            bytes_read: 8192,
+            bytes_new: 4096,
+            bytes_reused: 4096,
+            bytes_uploaded: 9000,
+            pause_us: 120,
+            pre_exec: None,
+            post_exec: None,
+            blocks: vec![(0, ix.to_string()), (5, ix.to_string())],
+            map: Vec::new(),
+            host: Some("h".into()),
+            schedule: None,
+            expires: None,
+            started_ms: Some(1_763_720_100_000),
+        }
+    }
+
+    /// A version 1 manifest's bytes, as blockd wrote them before the
+    /// two-level map.
+    fn manifest_v1_bytes(repo: &Repo, ix_id: &str) -> Vec<u8> {
+        let key = manifest_key("kat", KAT_SNAPSHOT);
+        let json = serde_json::to_vec(&kat_manifest(ix_id)).unwrap();
+        let mut out = format::MANIFEST_MAGIC.to_vec();
+        out.push(1);
+        out.extend_from_slice(&repo.keys.seal(key.as_bytes(), &json));
+        out
+    }
+
+    #[tokio::test]
+    async fn manifests_keep_unchanged_index_maps_of_their_parent() {
+        let r = repo(true).await;
+        let id = |n: u64| hex::encode(r.keys.object_id(b"test", &n.to_le_bytes()));
+        // 64 TiB at 64 MiB blocks: 2^20 blocks, 256 map slots; data in
+        // three of them.
+        let blocks: Vec<(u64, String)> = [3, 4095, 4096, 700_000, (1 << 20) - 1]
+            .into_iter()
+            .map(|b| (b, id(b)))
+            .collect();
+        let first = Manifest {
+            size: 64 << 40,
+            blocks: blocks.clone(),
+            ..kat_manifest("")
+        };
+        r.put_manifest(&first, None).await.unwrap();
+        let first = r.get_manifest("kat", KAT_SNAPSHOT).await.unwrap();
+        assert_eq!(first.blocks, blocks);
+        let slots: Vec<u64> = first.map.iter().map(|m| m.0).collect();
+        assert_eq!(slots, [0, 1, 170, 255]);
+        assert_eq!(r.list_index_blocks().await.unwrap().0.len(), 4);
+        // One block changes: one new map, the other three named again.
+        let mut changed = blocks.clone();
+        changed[3].1 = id(1);
+        let second = Manifest {
+            name: KAT_V2.into(),
+            blocks: changed.clone(),
+            ..first.clone()
+        };
+        r.put_manifest(&second, Some(&first)).await.unwrap();
+        let second = r.get_manifest("kat", KAT_V2).await.unwrap();
+        assert_eq!(second.blocks, changed);
+        assert_eq!(r.list_index_blocks().await.unwrap().0.len(), 5);
+        let same: Vec<bool> = first
+            .map
+            .iter()
+            .zip(&second.map)
+            .map(|(a, b)| a == b)
+            .collect();
+        assert_eq!(same, [true, true, false, true]);
+        // A missing map is named; the snapshot is not read without it.
+        r.objects()
+            .delete(&index_key(&second.map[2].1))
+            .await
+            .unwrap();
+        // It is damage, not a deleted snapshot.
+        let e = r.get_manifest("kat", KAT_V2).await.unwrap_err();
+        assert!(matches!(e, RepoError::Corrupt { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains(&second.map[2].1) && e.contains(KAT_V2) && e.contains("missing"),
+            "{e}"
+        );
+    }
+
     /// Compares `bytes` with a committed fixture (written when
     /// `BLOCKD_WRITE_FIXTURES=1`).
     fn check(name: &str, bytes: &[u8]) -> Vec<u8> {
@@ -1350,6 +1591,72 @@ mod tests {
             chunks
         );
 
+        // Manifests: version 1 (the block list inline) is still read.
+        let store = plain_repo.objects();
+        let v1 = check("manifest-v1.bin", &manifest_v1_bytes(&plain_repo, &ix_id));
+        store
+            .put(&manifest_key("kat", KAT_SNAPSHOT), v1.into(), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            plain_repo.get_manifest("kat", KAT_SNAPSHOT).await.unwrap(),
+            kat_manifest(&ix_id)
+        );
+
+        // Version 2: the block list in an index map (blocks 0 and 5 share
+        // slot 0), then the manifest naming it.
+        let m = kat_manifest(&ix_id);
+        plain_repo
+            .put_manifest(
+                &Manifest {
+                    name: KAT_V2.into(),
+                    ..m.clone()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let v2 = store
+            .get_meta(&manifest_key("kat", KAT_V2))
+            .await
+            .unwrap()
+            .to_vec();
+        let v2 = check("manifest-v2.bin", &v2);
+        assert_eq!(v2[8], 2, "manifest version");
+        let maps = plain_repo.encode_maps("kat", &m.blocks).unwrap();
+        assert_eq!(maps.len(), 1);
+        let map_plain = check("map-plain.bin", &maps[0].1);
+        assert_eq!(map_plain, maps[0].1, "index map bytes changed");
+        let map_id = hex::encode(
+            plain_repo
+                .keys
+                .object_id(crate::magic::MAP_ID_DOMAIN, &map_plain),
+        );
+        let map_sealed = store.get_meta(&index_key(&map_id)).await.unwrap().to_vec();
+        assert_eq!(map_sealed, check("map-sealed.bin", &map_sealed));
+        // The committed bytes read back as the same manifest.
+        let kat2 = repo(false).await;
+        kat2.objects()
+            .put(&index_key(&map_id), map_sealed.into(), false)
+            .await
+            .unwrap();
+        kat2.objects()
+            .put(&manifest_key("kat", KAT_V2), v2.into(), false)
+            .await
+            .unwrap();
+        let back = kat2.get_manifest("kat", KAT_V2).await.unwrap();
+        assert_eq!(back.map, vec![(0, map_id)]);
+        assert_eq!(
+            Manifest {
+                map: Vec::new(),
+                ..back
+            },
+            Manifest {
+                name: KAT_V2.into(),
+                ..m
+            }
+        );
+
         // Config wrapped with a known passphrase (small Argon2 cost for speed).
         let kek = crypto::derive_kek("blockd known answer", &[1u8; 16], 256, 1, 1).unwrap();
         let wrapped = crypto::wrap(&kek, &material(), &[2u8; 12]);
@@ -1401,14 +1708,15 @@ mod tests {
             pre_exec: None,
             post_exec: None,
             blocks: vec![],
+            map: Vec::new(),
             host: None,
             schedule: None,
             expires: None,
             started_ms: None,
         };
-        r.put_manifest(&m).await.unwrap();
+        r.put_manifest(&m, None).await.unwrap();
         assert!(matches!(
-            r.put_manifest(&m).await,
+            r.put_manifest(&m, None).await,
             Err(RepoError::Exists { .. })
         ));
         assert_eq!(r.get_manifest("v", "n").await.unwrap(), m);

@@ -65,6 +65,9 @@ pub struct Refs {
     pub index: HashMap<String, IndexRef>,
     /// Index block ids by number.
     pub index_ids: Vec<String>,
+    /// Index maps (version 2 manifests' block lists) by id: objects under
+    /// `index/` too, read with their manifests.
+    pub maps: HashSet<String>,
     /// Packs by id.
     pub packs: HashMap<PackId, PackRef>,
     /// Damage met while walking (manifests, index blocks, relocations).
@@ -79,6 +82,12 @@ pub struct Refs {
 }
 
 impl Refs {
+    /// True when the object `index/<aa>/<id>` is in use: an index block or
+    /// an index map some manifest names.
+    pub fn references_index(&self, id: &str) -> bool {
+        self.index.contains_key(id) || self.maps.contains(id)
+    }
+
     /// Records referenced, over every pack.
     pub fn records(&self) -> u64 {
         self.packs.values().map(|p| p.records.len()).sum()
@@ -114,7 +123,8 @@ fn num(what: &'static str, n: usize) -> Result<u32, RepoError> {
         }))
 }
 
-/// Reads every manifest and every index block they reference.
+/// Reads every manifest (with its index maps) and every index block they
+/// reference.
 ///
 /// Damage (a missing or corrupt manifest or index block, a name blockd
 /// never writes) is collected in [`Refs::problems`]; a provider failure
@@ -305,6 +315,7 @@ pub async fn moved_into(
 }
 
 fn add_manifest(refs: &mut Refs, s: u32, m: &Manifest) -> Result<(), RepoError> {
+    refs.maps.extend(m.map.iter().map(|(_, id)| id.clone()));
     for (block, id) in &m.blocks {
         if let Some(r) = refs.index.get_mut(id) {
             r.snapshots.insert(s);

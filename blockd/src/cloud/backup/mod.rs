@@ -530,13 +530,15 @@ impl Cloud {
             pre_exec,
             post_exec,
             blocks: blocks.into_iter().collect(),
+            map: Vec::new(),
             host: Some(self.host.clone()),
             schedule,
             expires,
             started_ms: session.as_ref().map(|s| s.started),
         };
-        // The manifest's own size counts as uploaded too (approximately).
-        manifest.bytes_uploaded += 256 + 80 * manifest.blocks.len() as u64;
+        // The manifest and its index maps count as uploaded too
+        // (approximately: 40 bytes per block).
+        manifest.bytes_uploaded += 256 + 40 * manifest.blocks.len() as u64;
         // Garbage collection stops waiting for a backup past its deadline:
         // such a backup must not commit.
         if let Some(s) = &session {
@@ -547,7 +549,7 @@ impl Cloud {
                 });
             }
         }
-        match repo.put_manifest(&manifest).await {
+        match repo.put_manifest(&manifest, parent.as_ref()).await {
             Ok(n) => Progress::add(&run.progress.transferred, n),
             // Written by this task before a crash: done.
             Err(RepoError::Exists { .. })
