@@ -39,7 +39,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -97,6 +97,28 @@ pub struct Lazy {
     readahead: Mutex<(u32, u32)>,
     /// Serialises writes of the `.present` file.
     persist: Mutex<()>,
+    /// Client requests fetching now: background fills wait for them.
+    foreground: AtomicUsize,
+    /// Woken when the last of them ends.
+    foreground_done: tokio::sync::Notify,
+}
+
+/// Counts a client request among [`Lazy::foreground`] while it lives.
+struct Foreground<'a>(&'a Lazy);
+
+impl<'a> Foreground<'a> {
+    fn enter(l: &'a Lazy) -> Self {
+        l.foreground.fetch_add(1, Ordering::AcqRel);
+        Self(l)
+    }
+}
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        if self.0.foreground.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.foreground_done.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Lazy {
@@ -160,6 +182,8 @@ impl Lazy {
             source,
             readahead: Mutex::new((u32::MAX, 0)),
             persist: Mutex::new(()),
+            foreground: AtomicUsize::new(0),
+            foreground_done: tokio::sync::Notify::new(),
         })
     }
 
@@ -284,6 +308,13 @@ impl Lazy {
         }
     }
 
+    /// Marks units `first..first + count` present without fetching: the
+    /// snapshot holds nothing there (the caller checked its index), so
+    /// the sparse file's zeros are their contents.
+    pub fn holes(&self, first: u32, count: u32) {
+        self.claim(first, count.min(self.units.saturating_sub(first)));
+    }
+
     /// Writes the fetched `runs` into units `first..first + count` that
     /// are still missing and marks them present. Blocking (pwrite).
     ///
@@ -382,10 +413,31 @@ impl Lazy {
                 }
             }
         }
+        let _fg = Foreground::enter(self);
         for (f, c) in fetch {
             self.fill(f, c, true).await?;
         }
         Ok(true)
+    }
+
+    /// Waits (at most `limit`) while client requests are fetching: the
+    /// hydrator calls this before each fetch, so a client's read goes to
+    /// the store and the disk ahead of background batches, not behind
+    /// them. Bounded so that a client reading without pause still lets
+    /// hydration move.
+    pub async fn background_turn(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self.foreground_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.foreground.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Fetches and installs the missing units of `first..first + count`
@@ -674,6 +726,42 @@ mod tests {
         .unwrap();
         assert_eq!(l2.missing(0, 16), vec![(3, 13)]);
         assert!(!l2.complete());
+    }
+
+    #[tokio::test]
+    async fn background_fills_wait_for_client_fetches() {
+        use std::time::Duration;
+        let (_d, l) = setup(64 * 4096);
+        // Nothing in the foreground: no wait.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            l.background_turn(Duration::from_secs(60)),
+        )
+        .await
+        .expect("no client fetch: the hydrator goes on");
+        // A client fetch in progress: the hydrator waits for its end...
+        let fg = Foreground::enter(&l);
+        let l2 = l.clone();
+        let waiting =
+            tokio::spawn(async move { l2.background_turn(Duration::from_secs(60)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        drop(fg);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken when the client fetch ends")
+            .unwrap();
+        // ...but never longer than its limit.
+        let _fg = Foreground::enter(&l);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            l.background_turn(Duration::from_millis(20)),
+        )
+        .await
+        .expect("bounded wait");
+        // Holes are marked present without a fetch.
+        l.holes(60, 10);
+        assert_eq!(l.missing(58, 64), vec![(58, 2)]);
     }
 
     #[test]

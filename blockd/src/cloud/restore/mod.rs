@@ -280,6 +280,10 @@ impl Cloud {
                     .error = why;
             }),
             limit: self.hydrate_limit,
+            batch_bytes: match self.locations.local_dir(&rec.task.location) {
+                Ok(Some(_)) => hydrate::BATCH_LOCAL,
+                _ => hydrate::BATCH_REMOTE,
+            },
         };
         hydrate::run(&job).await
     }
