@@ -67,7 +67,9 @@ disks() {
         uri=$1
         shift
         mkdir -p "$tmp/fuse/$server-$d" "$tmp/mnt/$server/$d"
+        rm -f "$tmp/fuse/$server-$d.pid"
         nbdfuse -P "$tmp/fuse/$server-$d.pid" "$tmp/fuse/$server-$d/disk" "$uri" &
+        pids+=($!)
         for _ in $(seq 200); do [[ -e $tmp/fuse/$server-$d.pid ]] && break; sleep 0.05; done
         [[ -e $tmp/fuse/$server-$d.pid ]] || die "nbdfuse did not start for $uri"
         steps+=("fusermount3 -u $tmp/fuse/$server-$d")
@@ -109,7 +111,7 @@ round() {
     out=$(pg "$pg_bin/pgbench" -h "$sock" -U postgres -c 4 -j 2 -T "$runtime" postgres 2>&1)
     pg "$pg_bin/pg_ctl" -D "$m/data/pg" -m fast -w stop >/dev/null
     undo_disks
-    result=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
+    result=$(sed -n 's/^tps = \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
 }
 
 start_blockd "$tmp/blockd"
