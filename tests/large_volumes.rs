@@ -141,6 +141,12 @@ fn a_64_tib_volume_holding_a_few_mib_backs_up_and_restores_exactly() {
         (3 << 20..=4 << 20).contains(&read),
         "a full backup of 3 MiB read {read} bytes: {full}"
     );
+    // Its progress counted the data, not the volume: "3.1 MiB/3.1 MiB".
+    let total = full["bytes_total"].as_u64().unwrap();
+    assert!(
+        total <= 4 << 20 && full["bytes_done"] == full["bytes_total"],
+        "a finished full backup of 3 MiB shows {total} bytes to do: {full}"
+    );
     let first = snaps[0]["id"].as_str().unwrap().to_string();
     // One more 64 KiB write, and an incremental.
     qemu_io(&uri, &[&format!("write -P 0x44 {} 64k", 20 * TIB)]);

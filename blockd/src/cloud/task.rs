@@ -347,6 +347,11 @@ impl Cloud {
         }
         let mut r = run.snapshot();
         r.task.eta_secs = None;
+        // A finished task did all there was: the total started as an
+        // estimate (a full backup's allocated bytes), it ends as the count.
+        if state == TaskState::Done {
+            r.task.bytes_total = r.task.bytes_done;
+        }
         if let Err(e) = self.save(&r) {
             tracing::error!(task = %r.task.id, error = %e, "saving task record failed");
         }

@@ -237,8 +237,11 @@ impl Cloud {
             let chain = parent.as_ref().map_or(0, |p| p.chain + 1);
             let incremental = base && !req.full && meta.changes_known && chain < self.full_every;
             let full = !incremental;
+            // What the backup expects to read: a full read skips holes, so
+            // the volume's allocated bytes, not its size (a 64 TiB volume
+            // holding 6 MiB does not show 64 TiB to go).
             let total = if full {
-                meta.size
+                v.allocated().min(meta.size)
             } else {
                 self.changes_for(&snap).extents.len() * meta.extent_size
             };
