@@ -145,7 +145,7 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
             w.unchanged(b, parent_id);
             continue;
         }
-        let parent_entries = Arc::new(ahead.next(b, parent_id.is_some()).await?);
+        let parent_entries = Arc::new(ahead.next(b, parent_id.as_deref()).await?);
         // A full read replaces the whole block but reads only what is not
         // a hole in the frozen image.
         let reads = if job.full {
@@ -350,24 +350,33 @@ impl<'a> IndexAhead<'a> {
         }
     }
 
-    /// The parent's entries of block `b` (none when it has no parent block).
-    async fn next(&mut self, b: u64, has_parent: bool) -> Result<Vec<Entry>, CloudError> {
+    /// The parent's entries of block `b`, whose parent index block is
+    /// `parent_id` (none when it has none). Fetched ahead when the
+    /// prefetch saw `b` coming; fetched now when it did not: data written
+    /// into a hole after the freeze makes a block a candidate only once
+    /// it is there, so the walk may meet a block the prefetch passed over.
+    async fn next(&mut self, b: u64, parent_id: Option<&str>) -> Result<Vec<Entry>, CloudError> {
         self.fill();
-        let entries = if has_parent {
-            let (pb, handle) = self
+        let Some(id) = parent_id else {
+            return Ok(Vec::new());
+        };
+        // Blocks the walk no longer visits are never ahead of it (the
+        // candidates only grow); drop any that are.
+        while self.fetching.front().is_some_and(|(pb, _)| *pb < b) {
+            if let Some((_, handle)) = self.fetching.pop_front() {
+                handle.abort();
+            }
+        }
+        let entries = if self.fetching.front().is_some_and(|(pb, _)| *pb == b) {
+            let (_, handle) = self
                 .fetching
                 .pop_front()
                 .ok_or_else(|| CloudError::Defect {
-                    what: format!("index prefetch out of step: nothing fetched for block {b}"),
+                    what: format!("index prefetch lost block {b}"),
                 })?;
-            if pb != b {
-                return Err(CloudError::Defect {
-                    what: format!("index prefetch out of step: got block {pb}, wanted {b}"),
-                });
-            }
             handle.await.map_err(CloudError::from)??
         } else {
-            Vec::new()
+            self.repo.get_index(b, id).await?
         };
         self.fill();
         Ok(entries)
