@@ -883,6 +883,16 @@ impl Locations {
             init,
         )
         .await?;
+        let repo = match s.provider.unwrap_or(Provider::Local) {
+            Provider::Local => {
+                let dir = s
+                    .path
+                    .as_ref()
+                    .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
+                repo.with_local_dir(dir.join(prefix.trim_matches('/')))
+            }
+            _ => repo,
+        };
         Ok(Arc::new(repo))
     }
 

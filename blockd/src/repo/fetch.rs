@@ -54,9 +54,10 @@ impl Fetch {
     /// # Errors
     /// As [`super::Objects::get_range`].
     pub(crate) async fn get_here(&self, repo: &Repo) -> Result<bytes::Bytes, RepoError> {
-        repo.objects()
-            .get_range(&self.key(), self.start..self.end)
-            .await
+        let key = self.key();
+        let bytes = repo.objects().get_range(&key, self.start..self.end).await?;
+        repo.objects().drop_cached(&key, Some(self.start..self.end));
+        Ok(bytes)
     }
 
     /// The sealed record of `c` within the bytes this GET returned.

@@ -145,6 +145,10 @@ pub struct Objects {
     store: Arc<dyn ObjectStore>,
     location: String,
     storage_class: Option<String>,
+    /// For a location in a local directory: the directory of this prefix,
+    /// whose files bulk transfers drop from the page cache (see
+    /// [`Objects::drop_cached`]).
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// Hex of a pack id.
@@ -388,7 +392,19 @@ impl Repo {
     /// # Errors
     /// Provider errors.
     pub async fn put_pack(&self, id: &[u8; 16], bytes: Vec<u8>) -> Result<u64, RepoError> {
-        self.objects.put(&pack_key(id), bytes.into(), false).await
+        let key = pack_key(id);
+        let n = self.objects.put(&key, bytes.into(), false).await?;
+        self.objects.drop_cached(&key, None);
+        Ok(n)
+    }
+
+    /// A location in a local directory: `dir` is the directory its objects
+    /// are in (under the prefix), whose packs bulk transfers keep out of
+    /// the page cache.
+    #[must_use]
+    pub fn with_local_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.objects.local_root = Some(dir);
+        self
     }
 
     /// A whole pack, as stored.
@@ -893,7 +909,28 @@ impl Objects {
             store,
             location: location.to_string(),
             storage_class,
+            local_root: None,
         }
+    }
+
+    /// Tells a pack's bytes from a local directory out of the page cache
+    /// once they are durable or read: a backup or restore streams each
+    /// byte once, so keeping them cached would only push the host's
+    /// working set out, and a cache that grows through gigabytes of fresh
+    /// pages costs far more than one that recycles a few (kernel-notes/README.md,
+    /// "Bulk transfers and the page cache"). Best effort: a file that
+    /// cannot be opened is left alone. No-op for object stores.
+    pub fn drop_cached(&self, key: &str, range: Option<Range<u64>>) {
+        let Some(root) = &self.local_root else {
+            return;
+        };
+        let Ok(f) = std::fs::File::open(root.join(key)) else {
+            return;
+        };
+        let (at, len) = range.map_or((0, None), |r| {
+            (r.start, std::num::NonZeroU64::new(r.end - r.start))
+        });
+        let _ = rustix::fs::fadvise(&f, at, len, rustix::fs::Advice::DontNeed);
     }
 
     /// The location's name.
@@ -1259,6 +1296,20 @@ pub struct PackBuilder {
 }
 
 impl PackBuilder {
+    /// An empty pack with a new id, its buffer sized once for a full pack
+    /// of `config`: the last record that takes it past `pack_size` (at
+    /// most a chunk and its seal) and the trailer (well under 1/32 of the
+    /// pack even for 4 KiB chunks) fit without the buffer growing, so
+    /// filling a pack never copies it again or doubles its memory.
+    pub fn for_config(config: &Config) -> Self {
+        let cap = config
+            .pack_size
+            .saturating_add(config.pack_size / 32)
+            .saturating_add(config.chunk_size)
+            .saturating_add(4096);
+        Self::new(usize::try_from(cap).unwrap_or(0))
+    }
+
     /// An empty pack with a new id.
     pub fn new(capacity: usize) -> Self {
         Self {

@@ -78,6 +78,10 @@ pub struct Volume {
     /// A lazy restore is filling this volume while it is served.
     lazy: std::sync::RwLock<Option<Arc<Lazy>>>,
     lazy_on: std::sync::atomic::AtomicBool,
+    /// The data file opened again with `O_DIRECT`, for bulk reads that
+    /// should not go through the page cache (backups); `None` where the
+    /// file system refuses it.
+    direct: std::sync::OnceLock<Option<Arc<File>>>,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -116,7 +120,33 @@ impl Volume {
             restoring: std::sync::atomic::AtomicBool::new(false),
             lazy: std::sync::RwLock::new(None),
             lazy_on: std::sync::atomic::AtomicBool::new(false),
+            direct: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The data file opened for reading with `O_DIRECT` (once, on first
+    /// use), or `None` where the file system does not do direct I/O
+    /// (tmpfs before Linux 6.6, some FUSE file systems). Opened through
+    /// `/proc/self/fd`, so it is the same file even if it was renamed.
+    pub(crate) fn direct_reader(&self) -> Option<Arc<File>> {
+        self.direct
+            .get_or_init(|| {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::fs::OpenOptionsExt;
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+                    .open(path)
+                {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        tracing::debug!(volume = %self.name, error = %e, "no direct I/O on this volume's file system: bulk reads go through the page cache");
+                        None
+                    }
+                }
+            })
+            .clone()
     }
 
     /// Name.
@@ -443,6 +473,16 @@ impl Volume {
         let len = std::num::NonZeroU64::new(len);
         rustix::fs::fadvise(&*self.file, offset, len, rustix::fs::Advice::WillNeed)?;
         Ok(())
+    }
+
+    /// Drops clean cached pages of a range that a bulk writer (a full
+    /// restore) has made durable and will not read again: the page cache
+    /// then recycles a few pages instead of growing through the whole
+    /// volume (kernel-notes/README.md, "Bulk transfers and the page cache").
+    /// Best effort; dirty pages are left.
+    pub fn drop_cached(&self, offset: u64, len: u64) {
+        let len = std::num::NonZeroU64::new(len);
+        let _ = rustix::fs::fadvise(&*self.file, offset, len, rustix::fs::Advice::DontNeed);
     }
 
     /// The first byte at or after `from` that may hold data (SEEK_DATA;

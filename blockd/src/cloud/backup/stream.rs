@@ -33,6 +33,7 @@ use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
 use crate::repo::{index, PackBuilder, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
 use crate::state::StateDb;
+use crate::volume::cow::aligned;
 use crate::volume::dirty_map::ChangeSet;
 use crate::volume::Volume;
 
@@ -45,7 +46,7 @@ const PREFETCH: usize = 8;
 /// Most ranges read as one piece.
 const BATCH_RANGES: usize = 256;
 /// Pieces read and processed ahead of the packer.
-const AHEAD: usize = 4;
+const AHEAD: usize = 8;
 /// Packs uploading at once.
 const UPLOADS: usize = 3;
 /// Checkpoint after this many blocks or this long.
@@ -426,7 +427,7 @@ impl<'a> Writer<'a> {
             job,
             blocks: Vec::new(),
             pending: Vec::new(),
-            pack: PackBuilder::new(0),
+            pack: PackBuilder::for_config(&job.repo.config),
             uploads: JoinSet::new(),
             resumed,
             dedup: Arc::new(Mutex::new(HashMap::new())),
@@ -476,12 +477,12 @@ impl<'a> Writer<'a> {
                             .unwrap_or_default();
                         async move {
                             let n = usize::try_from(len).unwrap_or(0);
-                            let mut buf = buf;
-                            buf.resize(n, 0);
-                            volume
-                                .read_frozen(&*snap, buf, 0, bstart + pos)
+                            let (buf, start) = aligned(buf, n);
+                            let buf = volume
+                                .read_frozen_direct(&*snap, buf, start, bstart + pos)
                                 .await
-                                .map_err(|e| CloudError::volume_io("reading", volume.name(), e))
+                                .map_err(|e| CloudError::volume_io("reading", volume.name(), e))?;
+                            Ok::<_, CloudError>((buf, start))
                         }
                     });
                     let data = futures::future::try_join_all(reads).await?;
@@ -490,12 +491,14 @@ impl<'a> Writer<'a> {
                         let out = piece
                             .iter()
                             .zip(&data)
-                            .flat_map(|(&(pos, _), d)| analyze(&repo, d, pos, cs, &parent, &dedup))
+                            .flat_map(|(&(pos, _), (d, start))| {
+                                analyze(&repo, &d[*start..], pos, cs, &parent, &dedup)
+                            })
                             .collect::<Vec<_>>();
                         let mut pool = pool
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        for d in data {
+                        for (d, _) in data {
                             if pool.len() < POOL {
                                 pool.push(d);
                             }
@@ -626,7 +629,11 @@ impl<'a> Writer<'a> {
     }
 
     async fn upload_pack(&mut self) -> Result<(), CloudError> {
-        let full = std::mem::replace(&mut self.pack, PackBuilder::new(0));
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let next = PackBuilder::for_config(&self.job.repo.config);
+        let full = std::mem::replace(&mut self.pack, next);
         upload(self.job, full, &mut self.uploads).await
     }
 
@@ -713,10 +720,15 @@ async fn upload(
             .map_err(RepoError::from)?
     };
     // Recorded before the upload: after a crash the pack is checked for,
-    // so a pack that landed just before the crash is never sent again.
+    // so a pack that landed just before the crash is never sent again. The
+    // record (a SQLite commit, an fsync of its log) is made by the upload
+    // task on the blocking pool, so the packer goes on filling the next
+    // pack meanwhile.
     let trailer = format::encode_trailer(&chunks).map_err(RepoError::from)?;
-    db.add_task_pack(&task, &id, &trailer)?;
     uploads.spawn(async move {
+        tokio::task::spawn_blocking(move || db.add_task_pack(&task, &id, &trailer))
+            .await
+            .map_err(CloudError::from)??;
         let n = repo.put_pack(&id, bytes).await?;
         Progress::add(&progress.transferred, n);
         Ok(())

@@ -188,7 +188,11 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let covered = h.await.map_err(CloudError::from)??;
                 job.checkpoint.save(&covered)?;
             }
-            flushing = Some(start_flush(&job.volume, std::mem::take(&mut finished)));
+            flushing = Some(start_flush(
+                &job.volume,
+                std::mem::take(&mut finished),
+                span,
+            ));
         }
     }
     if let Some(h) = flushing.take() {
@@ -196,7 +200,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         job.checkpoint.save(&covered)?;
     }
     if !finished.is_empty() {
-        let covered = start_flush(&job.volume, finished)
+        let covered = start_flush(&job.volume, finished, span)
             .await
             .map_err(CloudError::from)??;
         job.checkpoint.save(&covered)?;
@@ -207,14 +211,20 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
 /// A background flush; yields the block keys it made durable.
 type Flushing = tokio::task::JoinHandle<Result<Vec<(u64, Option<String>)>, CloudError>>;
 
-/// Flushes the volume in the background.
-fn start_flush(volume: &Arc<Volume>, blocks: Vec<u64>) -> Flushing {
+/// Flushes the volume in the background, then drops the flushed blocks'
+/// pages (keys `block << 20` of `span` bytes each) from the page cache:
+/// the new volume is not served before the restore ends, and nothing
+/// reads them back.
+fn start_flush(volume: &Arc<Volume>, blocks: Vec<u64>, span: u64) -> Flushing {
     let volume = volume.clone();
     tokio::spawn(async move {
         volume
             .flush()
             .await
             .map_err(|e| CloudError::volume_io("flushing", volume.name(), e))?;
+        for k in &blocks {
+            volume.drop_cached((k >> 20).saturating_mul(span), span);
+        }
         Ok(blocks.into_iter().map(|k| (k, None)).collect())
     })
 }
