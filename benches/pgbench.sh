@@ -10,7 +10,11 @@
 # Per round and server (the order alternates): fresh file systems, initdb,
 # `pgbench -i -s 10`, then `pgbench -c 4 -j 2 -T BENCH_RUNTIME`; the
 # transactions per second are reported per round with the median, and
-# blockd's ratio to qemu-nbd.
+# blockd's ratio to qemu-nbd. A third configuration is blockd again with a
+# group backup of both volumes (one freeze point for data and WAL: a
+# crash-consistent database) started a third of the way into the run: its
+# tps, and the backup's own time and size, show what protecting a busy
+# database costs it.
 #
 # Usage: benches/pgbench.sh   (as root: losetup, mount, runuser)
 # Env:
@@ -95,11 +99,14 @@ undo_disks() {
 
 pg() { runuser -u postgres -- "$@"; }
 
-# round SERVER URI_DATA URI_WAL: sets `result` to the tps of one pgbench run
-# (not in a subshell, so the cleanup trap knows what is mounted).
+# round SERVER URI_DATA URI_WAL [backup]: sets `result` to the tps of one
+# pgbench run (not in a subshell, so the cleanup trap knows what is
+# mounted); with `backup`, a group backup of pgdata and pgwal starts a
+# third of the way in, and `backup_note` says how long it took and what it
+# uploaded.
 round() {
-    local server=$1 m=$tmp/mnt/$1 sock=$tmp/sock-$1
-    disks "$@"
+    local server=$1 m=$tmp/mnt/$1 sock=$tmp/sock-$1 backup=${4:-}
+    disks "$1" "$2" "$3"
     mkdir -p "$sock"
     chown postgres: "$sock"
     pg "$pg_bin/initdb" -A trust -D "$m/data/pg" --waldir="$m/wal/pg" -U postgres >/dev/null
@@ -108,7 +115,24 @@ round() {
     pg "$pg_bin/pgbench" -h "$sock" -U postgres -i -q -s "$scale" postgres >/dev/null 2>&1
     pg "$pg_bin/psql" -h "$sock" -U postgres -qc checkpoint postgres >/dev/null
     local out
-    out=$(pg "$pg_bin/pgbench" -h "$sock" -U postgres -c 4 -j 2 -T "$runtime" postgres 2>&1)
+    if [[ -n $backup ]]; then
+        pg "$pg_bin/pgbench" -h "$sock" -U postgres -c 4 -j 2 -T "$runtime" postgres >"$tmp/pgbench.out" 2>&1 &
+        local bench=$!
+        sleep "$((runtime / 3))"
+        local t0=$EPOCHREALTIME
+        ctl -j cloudsnap backup-group -v pgdata,pgwal --wait >"$tmp/backup.json" ||
+            die "the group backup failed: $(cat "$tmp/backup.json")"
+        local took
+        took=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+        wait "$bench" || die "pgbench failed: $(cat "$tmp/pgbench.out")"
+        out=$(cat "$tmp/pgbench.out")
+        backup_note+="$took s/$(python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+tasks = d if isinstance(d, list) else d.get("tasks", [d])
+print("%.0f MiB" % (sum(t.get("bytes_transferred", 0) for t in tasks) / 2**20))' "$tmp/backup.json") "
+    else
+        out=$(pg "$pg_bin/pgbench" -h "$sock" -U postgres -c 4 -j 2 -T "$runtime" postgres 2>&1)
+    fi
     pg "$pg_bin/pg_ctl" -D "$m/data/pg" -m fast -w stop >/dev/null
     undo_disks
     result=$(sed -n 's/^tps = \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
@@ -129,14 +153,17 @@ for f in data wal; do
 done
 
 declare -A tps
+backup_note=
 for ((r = 1; r <= repeat; r++)); do
-    order=(blockd qemu-nbd)
-    ((r % 2)) || order=(qemu-nbd blockd)
+    order=(blockd qemu-nbd blockd+backup)
+    ((r % 2)) || order=(blockd+backup qemu-nbd blockd)
     for s in "${order[@]}"; do
         echo "round $r: $s" >&2
         result=
         if [[ $s == blockd ]]; then
             round blockd "$(uri pgdata)" "$(uri pgwal)"
+        elif [[ $s == blockd+backup ]]; then
+            round blockd "$(uri pgdata)" "$(uri pgwal)" backup
         else
             round qemu-nbd "nbd+unix:///?socket=$tmp/qdata.sock" "nbd+unix:///?socket=$tmp/qwal.sock"
         fi
@@ -147,6 +174,7 @@ done
 
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 b=$(median <<<"${tps[blockd]}")
+bb=$(median <<<"${tps[blockd+backup]}")
 q=$(median <<<"${tps[qemu-nbd]}")
 echo
 echo "blockd $("$blockctl_bin" --version | awk '{ print $2 }'), PostgreSQL $("$pg_bin/postgres" --version | awk '{ print $3 }'), $(nproc) CPUs, pgbench -c 4 -j 2 -T $runtime at scale $scale, data and WAL on two ext4 volumes (nbdfuse + loop), $repeat rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -154,4 +182,7 @@ echo
 echo "| server | tps per round | median tps | blockd / qemu-nbd |"
 echo "|---|---|---:|---:|"
 echo "| blockd | ${tps[blockd]% } | $b | $(awk -v b="$b" -v q="$q" 'BEGIN { printf "%.2fx", b / q }') |"
+echo "| blockd, group backup of both volumes at $((runtime / 3)) s | ${tps[blockd+backup]% } | $bb | $(awk -v b="$bb" -v q="$q" 'BEGIN { printf "%.2fx", b / q }') |"
 echo "| qemu-nbd | ${tps[qemu-nbd]% } | $q | |"
+echo
+echo "Group backups (time to done / bytes uploaded, per round): ${backup_note% }"

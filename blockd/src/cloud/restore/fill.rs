@@ -5,12 +5,15 @@
 //! with ranged GETs (adjacent records coalesced, several GETs in flight);
 //! every chunk is opened, decompressed and checked against its id before a
 //! byte of it is written. Holes are never written: the new volume is
-//! sparse. Each GET, once written, is recorded (task_blocks key
-//! `block << 20 | (fetch + 1)`, tagged with the kernel's boot id); each
-//! block, once flushed, is recorded as durable (`block << 20`, untagged).
-//! After a process crash only the GETs in flight are fetched again (the
-//! page cache kept the rest); after a host crash, the GETs of blocks not
-//! yet flushed are fetched again too.
+//! sparse. The GETs of a block, once all written, are recorded in one
+//! commit (task_blocks keys `block << 20 | (fetch + 1)`, tagged with the
+//! kernel's boot id); each block, once flushed, is recorded as durable
+//! (`block << 20`, untagged). After a process crash only the GETs of the
+//! block in progress are fetched again (the page cache kept the rest);
+//! after a host crash, the GETs of blocks not yet flushed are fetched
+//! again too. One commit per block, not per GET: each commit is an fsync
+//! of the state database's log, and a GET that waited for its own held
+//! one of the few fetch slots idle meanwhile.
 
 use std::sync::Arc;
 
@@ -136,12 +139,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             })
             .map(|(i, f)| {
                 let key = (b << 20) | (i as u64 + 1);
-                let checkpoint = job.checkpoint.clone();
                 let repo = repo.clone();
                 let entries = entries.clone();
                 let volume = job.volume.clone();
                 let progress = job.progress.clone();
-                let boot = boot.clone();
                 let write_lock = write_lock.clone();
                 async move {
                     let bytes = f.get(&repo).await?;
@@ -149,32 +150,32 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     // Open and check every chunk before writing any of it,
                     // then write runs of adjacent entries in one go, on the
                     // blocking pool (no thread hop per chunk).
-                    // The record (a SQLite commit, an fsync of its log) is
-                    // made on the blocking pool too, never on a runtime thread.
                     let written = tokio::task::spawn_blocking(move || {
-                        let n =
-                            write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)?;
-                        // Recorded without an fsync of the volume: after a
-                        // process crash the page cache still holds the data.
-                        // The boot id tells a resume whether that is still
-                        // true (see `run`).
-                        checkpoint.save(&[(key, Some(boot))])?;
-                        Ok::<u64, CloudError>(n)
+                        write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)
                     })
                     .await
                     .map_err(CloudError::from)??;
                     Progress::add(&progress.done, written);
-                    Ok::<(), CloudError>(())
+                    Ok::<u64, CloudError>(key)
                 }
             })
             .buffer_unordered(FETCHES);
         futures::pin_mut!(results);
+        let mut written = Vec::new();
         while let Some(r) = results.next().await {
-            r.map_err(named)?;
+            written.push((r.map_err(named)?, Some(boot.clone())));
             if job.cancel.is_cancelled() {
                 return Err(CloudError::Cancelled);
             }
         }
+        // Recorded without an fsync of the volume: after a process crash
+        // the page cache still holds the data. The boot id tells a resume
+        // whether that is still true (see above). The record (a SQLite
+        // commit) is made on the blocking pool, never on a runtime thread.
+        let checkpoint = job.checkpoint.clone();
+        tokio::task::spawn_blocking(move || checkpoint.save(&written))
+            .await
+            .map_err(CloudError::from)??;
         // A block is durable once flushed: its record then survives host
         // crashes. The flush runs in the background while the next blocks
         // are fetched; one at a time, covering every block finished before
