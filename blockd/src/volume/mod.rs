@@ -309,7 +309,15 @@ impl Volume {
         use std::os::unix::fs::FileExt;
         self.dirty.mark(offset, data.len() as u64);
         self.guard(offset, data.len() as u64)?;
-        self.file.write_all_at(data, offset)
+        // In steps, as the engine writes (see `engine::write_step`).
+        let mut pos = 0;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let end = pos + engine::write_step(at, data.len() - pos);
+            self.file.write_all_at(&data[pos..end], at)?;
+            pos = end;
+        }
+        Ok(())
     }
 
     /// Writes `parts`, back to back, at `offset` with one `pwritev` (as
