@@ -463,21 +463,21 @@ fn submit_op(ring: &mut io_uring::IoUring, op: &mut Op, tag: u64) {
 }
 
 /// Largest piece of one buffered write to a volume file, and its
-/// alignment: the page cache then holds the volume in folios of at most
-/// 64 KiB.
+/// alignment: the page cache then holds what blockd writes in folios of
+/// at most 256 KiB.
 ///
 /// ext4 (Linux 6.16 and later) caches a file in large folios, as large as
 /// the write that created them (or the read-ahead window). Every later
 /// buffered write into a folio walks all of its buffer heads
 /// (`ext4_block_write_begin`), so a 4 KiB write into a region written 1 MiB
 /// at a time costs 256 times the walk it costs in a 4 KiB folio. Measured
-/// on a 1 GiB volume, fio 4k random writes at QD32: 33k IOPS after a 1 MiB
-/// sequential fill, 84k after a 64 KiB fill, 137k after a 4 KiB fill, with
-/// `ext4_block_write_begin` at 73% of blockd's CPU in the first case.
-/// Pieces of 64 KiB keep most of the gain for small writes and cost large
-/// sequential writes one more system call per 64 KiB (kernel-notes/README.md,
-/// "Large folios and small writes").
-pub const WRITE_STEP: usize = 64 << 10;
+/// on a 1 GiB volume, fio 4k random writes at QD32: 33-42k IOPS after a
+/// 1 MiB sequential fill, with `ext4_block_write_begin` at 73% of blockd's
+/// CPU; 88k with 256 KiB steps, 108k with 128 KiB, 125k with 64 KiB. Small
+/// folios cost random 4 KiB reads instead (64 KiB steps: 12% fewer read
+/// IOPS, the same with 128 KiB; 256 KiB none measurable), so 256 KiB it is
+/// (kernel-notes/README.md, "Large folios and small writes").
+pub const WRITE_STEP: usize = 256 << 10;
 
 /// How much of `remaining` bytes at `offset` to write in one call: up to
 /// the next [`WRITE_STEP`] boundary.
