@@ -509,7 +509,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buffered_writes_step_at_64_kib_boundaries() {
+    fn buffered_writes_step_at_write_step_boundaries() {
         assert_eq!(write_step(0, 1 << 20), WRITE_STEP);
         assert_eq!(write_step(4096, 1 << 20), WRITE_STEP - 4096);
         assert_eq!(write_step(4096, 100), 100);
