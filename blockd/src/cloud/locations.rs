@@ -351,19 +351,28 @@ impl Locations {
     /// Unknown location; database errors.
     pub fn local_dir(&self, name: &str) -> Result<Option<PathBuf>, CloudError> {
         let (_, s, _) = self.row(name)?;
-        if s.provider.unwrap_or(Provider::Local) != Provider::Local {
-            return Ok(None);
-        }
-        let dir = s
-            .path
+        Ok(self.objects_under_prefix(&s))
+    }
+
+    /// The directory of a local location (`--path`, else the state dir's
+    /// `objects`), before its prefix.
+    fn local_root(&self, s: &Settings) -> PathBuf {
+        s.path
             .as_ref()
-            .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
-        Ok(Some(
-            match s.prefix.as_deref().map(|p| p.trim_matches('/')) {
-                Some(p) if !p.is_empty() => dir.join(p),
-                _ => dir,
-            },
-        ))
+            .map_or_else(|| self.objects_dir.clone(), PathBuf::from)
+    }
+
+    /// [`Self::local_root`] under the location's prefix; `None` for a
+    /// cloud provider.
+    fn objects_under_prefix(&self, s: &Settings) -> Option<PathBuf> {
+        if s.provider.unwrap_or(Provider::Local) != Provider::Local {
+            return None;
+        }
+        let dir = self.local_root(s);
+        Some(match s.prefix.as_deref().map(|p| p.trim_matches('/')) {
+            Some(p) if !p.is_empty() => dir.join(p),
+            _ => dir,
+        })
     }
 
     /// Every location.
@@ -487,10 +496,7 @@ impl Locations {
         };
         let store: Arc<dyn ObjectStore> = match s.provider.unwrap_or(Provider::Local) {
             Provider::Local => {
-                let dir = s
-                    .path
-                    .as_ref()
-                    .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
+                let dir = self.local_root(s);
                 std::fs::create_dir_all(&dir).map_err(|source| LocationError::Directory {
                     name: name.to_string(),
                     dir: dir.display().to_string(),
@@ -883,15 +889,9 @@ impl Locations {
             init,
         )
         .await?;
-        let repo = match s.provider.unwrap_or(Provider::Local) {
-            Provider::Local => {
-                let dir = s
-                    .path
-                    .as_ref()
-                    .map_or_else(|| self.objects_dir.clone(), PathBuf::from);
-                repo.with_local_dir(dir.join(prefix.trim_matches('/')))
-            }
-            _ => repo,
+        let repo = match self.objects_under_prefix(s) {
+            Some(dir) => repo.with_local_dir(dir),
+            None => repo,
         };
         Ok(Arc::new(repo))
     }

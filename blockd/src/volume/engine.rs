@@ -508,6 +508,19 @@ fn push(ring: &mut io_uring::IoUring, sqe: &io_uring::squeue::Entry) {
 mod tests {
     use super::*;
 
+    /// An empty file in a new temp dir (kept while the dir lives).
+    fn temp_file() -> (tempfile::TempDir, Arc<std::fs::File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        (dir, Arc::new(file))
+    }
+
     #[test]
     fn buffered_writes_step_at_write_step_boundaries() {
         assert_eq!(write_step(0, 1 << 20), WRITE_STEP);
@@ -521,16 +534,7 @@ mod tests {
     /// reply-header gap, lands whole (both engines).
     async fn stepped_write(kind: EngineKind) {
         let engine = Engine::new(kind).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .unwrap(),
-        );
+        let (_dir, file) = temp_file();
         let len = 300 << 10;
         let mut buf = vec![0u8; 16 + len];
         for (i, b) in buf[16..].iter_mut().enumerate() {
@@ -555,16 +559,7 @@ mod tests {
 
     async fn roundtrip(kind: EngineKind) {
         let engine = Engine::new(kind).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .unwrap(),
-        );
+        let (_dir, file) = temp_file();
         file.set_len(1 << 20).unwrap();
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         engine
