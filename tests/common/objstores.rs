@@ -687,6 +687,19 @@ impl Azurite {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> HttpResponse {
+        self.try_request(method, path_and_query, headers, body)
+            .unwrap_or_else(|e| panic!("azurite {method} {path_and_query}: {e}\n{}", self.log()))
+    }
+
+    /// [`Self::request`], with transport errors returned instead of
+    /// panicking (a server still starting may accept and then reset).
+    fn try_request(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<HttpResponse> {
         let (rel_path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
@@ -759,7 +772,6 @@ impl Azurite {
         };
         let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         http_request(self.addr(), method, &target, &refs, body)
-            .unwrap_or_else(|e| panic!("azurite {method} {target}: {e}\n{}", self.log()))
     }
 
     fn spawn(&mut self) {
@@ -795,27 +807,30 @@ impl Azurite {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok() {
-                let r = self.request("GET", "?comp=list", &[], b"");
-                assert!(
-                    r.status == 200,
-                    "azurite: list containers answered {}: {}\n{}",
-                    r.status,
-                    r.text(),
+            // Azurite listens before it serves: a first request may be
+            // refused or reset. Transport errors retry until the deadline.
+            match self.try_request("GET", "?comp=list", &[], b"") {
+                Ok(r) => {
+                    assert!(
+                        r.status == 200,
+                        "azurite: list containers answered {}: {}\n{}",
+                        r.status,
+                        r.text(),
+                        self.log()
+                    );
+                    return;
+                }
+                Err(e) if Instant::now() >= deadline => panic!(
+                    "azurite did not answer within {START_TIMEOUT:?} (last error: {e}):\n{}",
                     self.log()
-                );
-                return;
+                ),
+                Err(_) => {}
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     panic!("azurite exited early ({status}):\n{}", self.log());
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "azurite did not listen within {START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
