@@ -93,8 +93,28 @@ fn volume_errors() {
     );
     d.fails(
         &["volume", "create", "../x", "--size", "1G"],
-        "must not start with a dot",
+        "must start with a letter or a digit",
     );
+    d.fails(
+        &["volume", "create", "-", "--size", "1G"],
+        "must start with a letter or a digit",
+    );
+    d.fails(
+        &["volume", "create", "x..y", "--size", "1G"],
+        "must not contain \"..\"",
+    );
+    // Decimal units are ambiguous: refused with the binary spelling to use.
+    d.fails(
+        &["volume", "create", "vol2", "--size", "1GB"],
+        "write 1G or 1GiB",
+    );
+    d.fails(
+        &[
+            "volume", "create", "vol2", "--size", "1G", "--label", "k=v", "--label", "k=w",
+        ],
+        "label \"k\" is given twice",
+    );
+
     d.fails(
         &["volume", "create", "a/b", "--size", "1G"],
         "may contain only",
@@ -154,6 +174,95 @@ fn volume_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the daemon running?"));
+}
+
+#[test]
+fn exit_codes_and_json_errors() {
+    let d = Blockd::start();
+    d.create("vol1", "16M");
+    let code = |out: &std::process::Output| out.status.code().expect("exit status");
+    // 2: the command line is wrong (blockctl refuses it itself).
+    let out = d.blockctl(&["volume", "create", "v", "--size", "1GB"]);
+    assert_eq!(code(&out), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    let out = d.blockctl(&["volume", "list", "--label", "a=1", "--label", "a=2"]);
+    assert_eq!(code(&out), 2, "{out:?}");
+    // 1: the daemon refused or failed.
+    let out = d.blockctl(&["volume", "inspect", "ghost"]);
+    assert_eq!(code(&out), 1);
+    // Under -j, stdout holds only answers; an error is one JSON object on
+    // stderr, usage errors included.
+    for (args, status, needle) in [
+        (
+            &["-j", "volume", "create", "v", "--size", "1GB"][..],
+            2,
+            "write 1G or 1GiB",
+        ),
+        (
+            &["volume", "create", "v", "--size", "1GB", "--json"][..],
+            2,
+            "1GB",
+        ),
+        (&["-j", "volume", "inspect", "ghost"][..], 1, "not found"),
+        (
+            &["-j", "snapshot", "delete", "vol1@none"][..],
+            1,
+            "not found",
+        ),
+    ] {
+        let out = d.blockctl(args);
+        assert_eq!(code(&out), status, "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        let err: serde_json::Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: stderr is not JSON ({e}): {out:?}"));
+        assert_eq!(err["exit_status"], status, "{err}");
+        assert!(err["error"].as_str().unwrap().contains(needle), "{err}");
+    }
+    // 0, and --help is not an error.
+    assert_eq!(code(&d.blockctl(&["-j", "volume", "list"])), 0);
+    let out = d.blockctl(&["-j", "volume", "--help"]);
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+
+    // The API answers JSON errors even where the HTTP layer refuses a
+    // request itself: a method a route does not take, a body too large.
+    if require_tools(&["curl"]) {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(d.api_socket())
+            .args(["-X", "PUT", "http://blockd/v1/volumes"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        assert_eq!(status, "405", "{text}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("405 body is JSON");
+        assert!(
+            v["error"].as_str().unwrap().contains("PUT is not allowed"),
+            "{v}"
+        );
+        let big = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(big.path(), vec![b' '; 4 << 20]).unwrap();
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(d.api_socket())
+            .args([
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", big.path().display()))
+            .arg("http://blockd/v1/volumes")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        assert_eq!(status, "413", "{text}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("413 body is JSON");
+        assert!(v["error"].as_str().unwrap().contains("too large"), "{v}");
+    }
 }
 
 #[test]

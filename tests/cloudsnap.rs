@@ -94,9 +94,27 @@ fn full_and_incremental_round_trip_bit_exact() {
         snaps[2]["id"].as_str().unwrap(),
         "--verify",
     ]));
+    assert_eq!(c["verified"]["bytes"], c["data_bytes"], "{c}");
     assert!(
         c["verified"]["bytes"].as_u64().unwrap() >= 40 * MB as u64 - changed,
         "{c}"
+    );
+    // After an incremental of 4 KiB writes into 64 KiB chunks, the verify
+    // reports the snapshot's data, not the larger chunks it checked.
+    scatter(&d, "vol1", &img, 8, 11);
+    let t = backup(&d, &["vol1"]);
+    assert_eq!(t["full"], false, "{t}");
+    let c = json(&d.ok(&["-j", "cloudsnap", "catalog", "vol1", "--verify"]));
+    assert_eq!(c["verified"]["bytes"], c["data_bytes"], "{c}");
+    assert!(
+        c["verified"]["chunk_bytes"].as_u64() > c["data_bytes"].as_u64(),
+        "{c}"
+    );
+    let text = d.ok(&["cloudsnap", "catalog", "vol1", "--verify"]);
+    let data = c["data_bytes"].as_u64().unwrap();
+    assert!(
+        text.contains(&format!("({data} bytes) of data in")),
+        "{text}"
     );
 
     // A full read skips holes: a never-written volume reads nothing.
@@ -245,14 +263,17 @@ fn second_host_restores_from_an_encrypted_bucket() {
         "no passphrase for an encrypted repository must fail"
     );
     assert!(create(&b, "correct horse").status.success());
-    let snaps = list(&b, &["--cred-id", "vault", "--label", "env=prod"]);
+    // Disaster recovery as the README has it: `local` exists too, and no
+    // --cred-id is needed to list the bucket and restore from it.
+    let snaps = list(&b, &["--label", "env=prod"]);
     assert_eq!(snaps.len(), 1);
     assert_eq!(snaps[0]["id"], snap.as_str());
+    assert_eq!(snaps[0]["location"], "vault");
     assert_eq!(
         list(&b, &["--cred-id", "vault", "--label", "env=dev"]).len(),
         0
     );
-    let r = restore(&b, &snap, "dr", &["--cred-id", "vault"]);
+    let r = restore(&b, &snap, "dr", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&b, &img, "dr");
     // The restored volume's next backup is an incremental on that snapshot.
@@ -341,6 +362,51 @@ fn kill9_mid_backup_and_mid_restore_resume_without_repeating_uploads() {
 }
 
 #[test]
+fn local_snapshot_changes_count_until_a_backup_takes_them() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vol1", "16M");
+    backup(&d, &["vol1"]);
+    let uri = d.uri("vol1");
+    let dirty =
+        |d: &Blockd| json(&d.ok(&["-j", "volume", "inspect", "vol1"]))["dirty_bytes"].clone();
+    qemu_io(&uri, &["write -P 1 1M 4k"]);
+    d.ok(&["snapshot", "create", "vol1", "--name", "s1"]);
+    // The freeze moved the change into the snapshot; it is still a change
+    // since the last backup.
+    assert_eq!(dirty(&d), 4096);
+    qemu_io(&uri, &["write -P 2 2M 4k"]);
+    assert_eq!(dirty(&d), 8192);
+    let t = backup(&d, &["vol1"]);
+    assert_eq!(t["full"], false, "{t}");
+    assert_eq!(t["bytes_total"], 8192, "the backup reads both changes: {t}");
+    assert_eq!(dirty(&d), 0);
+    // The backup stored s1's change: deleting s1 does not bring it back.
+    d.ok(&["snapshot", "delete", "vol1@s1"]);
+    assert_eq!(dirty(&d), 0);
+    let t = backup(&d, &["vol1"]);
+    assert_eq!(t["bytes_total"], 0, "nothing changed since: {t}");
+    // Kept across a restart: a snapshot taken before a backup, deleted
+    // after the daemon restarted.
+    qemu_io(&uri, &["write -P 3 3M 4k"]);
+    d.ok(&["snapshot", "create", "vol1", "--name", "s2"]);
+    backup(&d, &["vol1"]);
+    assert!(d.terminate().success());
+    d.spawn();
+    d.ok(&["snapshot", "delete", "vol1@s2"]);
+    assert_eq!(dirty(&d), 0);
+    let r = restore(&d, "vol1", "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    // qemu_io asserts every pattern.
+    qemu_io(
+        &d.uri("back"),
+        &["read -P 1 1M 4k", "read -P 2 2M 4k", "read -P 3 3M 4k"],
+    );
+}
+
+#[test]
 fn stop_abandons_the_snapshot_and_keeps_its_changes() {
     if !need() {
         return;
@@ -352,6 +418,9 @@ fn stop_abandons_the_snapshot_and_keeps_its_changes() {
     backup(&d, &["vol1"]);
     let img = image(tmp.path(), "a.img", 384 * MB, 384 * MB, 3);
     load(&d, "vol1", &img);
+    // A local snapshot holds the changes when the backup freezes: the
+    // backup takes them over, and stopping it gives them back.
+    d.ok(&["snapshot", "create", "vol1", "--name", "local"]);
     let before = list(&d, &[]).len();
     let started = json(&d.ok(&["-j", "cloudsnap", "backup", "vol1"]));
     let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
@@ -379,19 +448,19 @@ fn stop_abandons_the_snapshot_and_keeps_its_changes() {
         before,
         "a stopped backup must not commit a snapshot"
     );
-    assert_eq!(
-        json(&d.ok(&["-j", "snapshot", "list"]))
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
+    let held = json(&d.ok(&["-j", "snapshot", "list"]));
+    assert_eq!(held.as_array().unwrap().len(), 1, "{held}");
+    assert_eq!(held[0]["name"], "local", "{held}");
     let v = json(&d.ok(&["-j", "volume", "inspect", "vol1"]));
     assert_eq!(
         v["dirty_bytes"],
         384 * MB,
         "the changes go back to the change set: {v}"
     );
+    // Deleting the local snapshot neither loses nor doubles them.
+    d.ok(&["snapshot", "delete", "vol1@local"]);
+    let v = json(&d.ok(&["-j", "volume", "inspect", "vol1"]));
+    assert_eq!(v["dirty_bytes"], 384 * MB, "{v}");
     // Stopping it again is refused; the next backup covers the changes.
     assert!(!d.blockctl(&["cloudsnap", "stop", &id]).status.success());
     let t = backup(&d, &["vol1"]);
@@ -622,6 +691,24 @@ fn credentials_rules_and_errors() {
     std::fs::rename(&moved, tmp.path().join("second")).unwrap();
     d.ok(&["credentials", "validate", "second"]);
     assert_eq!(list(&d, &["--cred-id", "second"]).len(), 3);
+    // Reading needs no --cred-id: list shows every location's snapshots,
+    // and a snapshot found in one location only is restored from there.
+    let all = list(&d, &[]);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(all.iter().filter(|s| s["location"] == "local").count(), 1);
+    let in_second = all.iter().find(|s| s["location"] == "second").unwrap();
+    let id = in_second["id"].as_str().unwrap();
+    let r = restore(&d, id, "from-second", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    d.ok(&["cloudsnap", "catalog", id]);
+    // A volume name whose snapshots are in both is ambiguous.
+    let out = d.blockctl(&["cloudsnap", "restore", "--snap", "v", "--volume", "n"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("several locations (local, second)"),
+        "{err}"
+    );
+    d.ok(&["volume", "delete", "from-second"]);
     // Flags of another provider are refused.
     let out = d.blockctl(&[
         "credentials",

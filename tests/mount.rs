@@ -414,6 +414,27 @@ fn mount_refuses_bad_input_and_umount_cleans_a_stale_mount() {
     );
     fails(&d, &["mount", &dir_s, "--cache-size", "1K"], "too small");
     fails(&d, &["umount", &dir_s], "not a blockd catalog mount");
+    // A mount would hide what is there: a directory with files, the
+    // daemon's own state (and sockets), a directory holding it or one
+    // inside it.
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    fails(&d, &["mount", full.to_str().unwrap()], "not empty");
+    let state = d.dir.path().canonicalize().unwrap();
+    let inside = state.join("empty-inside");
+    std::fs::create_dir(&inside).unwrap();
+    for p in [&state, &state.parent().unwrap().to_path_buf(), &inside] {
+        let p = p.to_str().unwrap();
+        let out = d.blockctl(&["mount", p]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{p}: {err}");
+        assert!(err.contains("would hide blockd's own"), "{p}: {err}");
+        assert!(!is_mounted(Path::new(p)), "{p}");
+    }
+    std::fs::remove_dir(&inside).unwrap();
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    d.ok(&["volume", "list"]);
     assert!(!is_mounted(&dir));
 
     // An empty location mounts too; -j gives the mount.

@@ -289,6 +289,28 @@ fn exec_hooks_success_failure_timeout() {
     assert!(marker.exists());
     std::fs::remove_file(&marker).unwrap();
 
+    // A failing post-exec: the snapshot is kept (I/O had resumed), and
+    // the command fails, saying how the hook ended.
+    let out = d.blockctl(&[
+        "snapshot",
+        "create",
+        "vol1",
+        "--name",
+        "post-failed",
+        "--post-exec",
+        "echo still-frozen >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exited with status 3")
+            && err.contains("still-frozen")
+            && err.contains("snapshot was taken and is kept"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vol1@post-failed created"));
+    d.ok(&["snapshot", "delete", "vol1@post-failed"]);
+
     // Failure: aborted, nothing created, post-exec still ran.
     let out = d.blockctl(&[
         "snapshot",

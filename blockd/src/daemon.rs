@@ -353,7 +353,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         snapshots,
         cloud,
-        mounts: Arc::new(Mounts::new(dir, claims.clone())),
+        mounts: Arc::new(Mounts::new(dir, own_paths(dir, &config), claims.clone())),
         claims,
         attachments,
         nbd: ctx.clone(),
@@ -441,4 +441,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("blockd stopped cleanly");
     drop(lock);
     Ok(())
+}
+
+/// The paths a catalog mount must not hide: the state directory and the
+/// directories holding the sockets.
+fn own_paths(state_dir: &Path, config: &Config) -> Vec<(String, PathBuf)> {
+    let mut own = vec![("state directory".to_string(), state_dir.to_path_buf())];
+    for (what, socket) in [
+        ("API socket", &config.api_socket),
+        ("NBD socket", &config.nbd_socket),
+    ] {
+        own.push((what.to_string(), socket.clone()));
+    }
+    own
 }

@@ -329,6 +329,11 @@ pub struct Started {
     pub group: Option<String>,
     /// One task per volume.
     pub tasks: Vec<Task>,
+    /// A backup's post-exec hook, when one ran: the backup goes on whatever
+    /// it did (I/O had already resumed), but a failure is the caller's to
+    /// report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_exec: Option<crate::Hook>,
 }
 
 /// A snapshot in object storage.
@@ -410,8 +415,13 @@ pub struct Catalog {
 pub struct Verified {
     /// Chunks checked.
     pub chunks: u64,
-    /// Plain bytes checked.
+    /// Bytes of the volume whose chunks were checked (the snapshot's data,
+    /// holes excluded).
     pub bytes: u64,
+    /// Plain bytes of the chunks checked: more than `bytes` where a chunk
+    /// is only partly used (an incremental overwrote part of it).
+    #[serde(default)]
+    pub chunk_bytes: u64,
 }
 
 /// Which packs `repo check --read-data` reads: `n/m` (the n-th of m

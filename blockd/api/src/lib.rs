@@ -154,6 +154,25 @@ pub struct Hook {
     pub output: String,
 }
 
+impl Hook {
+    /// True when the hook exited 0 in time.
+    pub fn ok(&self) -> bool {
+        !self.timed_out && self.exit_code == Some(0)
+    }
+
+    /// How it ended, for a message: `exited with status 3`, `timed out`.
+    pub fn ending(&self) -> String {
+        if self.timed_out {
+            "timed out".into()
+        } else {
+            match self.exit_code {
+                Some(c) => format!("exited with status {c}"),
+                None => "was killed by a signal".into(),
+            }
+        }
+    }
+}
+
 /// A local snapshot as the API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -230,9 +249,17 @@ pub enum NameError {
         /// The refused name.
         name: String,
     },
-    /// Starts with a dot.
-    #[error("volume name {name:?} must not start with a dot")]
-    LeadingDot {
+    /// Starts with something other than a letter or digit (`-x` reads as
+    /// an option, `.x` as a hidden or relative path).
+    #[error("volume name {name:?} must start with a letter or a digit")]
+    Start {
+        /// The refused name.
+        name: String,
+    },
+    /// Holds `..` (a relative path step in the files and object keys a
+    /// name becomes).
+    #[error("volume name {name:?} must not contain \"..\"")]
+    DotDot {
         /// The refused name.
         name: String,
     },
@@ -244,7 +271,8 @@ pub enum NameError {
     },
 }
 
-/// Checks a volume name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot.
+/// Checks a volume name: `[A-Za-z0-9._-]`, 1 to 64 characters, starting
+/// with a letter or digit, no `..`.
 ///
 /// Names become NBD export names and file names under the state directory,
 /// so anything that could traverse paths or confuse URIs is refused.
@@ -255,8 +283,11 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > 64 {
         return Err(NameError::Length { name: name.into() });
     }
-    if name.starts_with('.') {
-        return Err(NameError::LeadingDot { name: name.into() });
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(NameError::Start { name: name.into() });
+    }
+    if name.contains("..") {
+        return Err(NameError::DotDot { name: name.into() });
     }
     if !name
         .bytes()
@@ -269,37 +300,55 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 
 /// Why a size was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid size {input:?}: use a number with an optional K, M, G or T suffix (powers of 1024), e.g. 10G")]
+#[error("invalid size {input:?}: {why}")]
 pub struct SizeError {
     /// The refused text.
     pub input: String,
+    /// What is wrong and what to write instead.
+    pub why: String,
 }
 
-/// Parses `4096`, `4K`, `10G`, `1.5T`-free sizes: an integer with an
-/// optional binary suffix K, M, G, T (also `KiB`, `MB` style spellings).
+/// Parses a size: an integer with an optional binary suffix, `K`, `M`,
+/// `G`, `T` or `P` (also spelled `KiB` .. `PiB`; any case), powers of 1024.
+///
+/// Decimal spellings (`KB`, `MB`, `GB`, `TB`, `PB`) are refused rather
+/// than read as binary: `1GB` is 10^9 bytes to some readers and 2^30 to
+/// others, and a volume size must not depend on which.
 ///
 /// # Errors
 /// Returns [`SizeError`] for anything else, or on overflow.
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
-    let err = || SizeError {
+    const USE: &str =
+        "use a whole number with an optional K, M, G, T or P suffix (powers of 1024), e.g. 10G";
+    let err = |why: String| SizeError {
         input: input.into(),
+        why,
     };
     let s = input.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
     if digits.is_empty() {
-        return Err(err());
+        return Err(err(USE.into()));
     }
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
+    let n: u64 = digits.parse().map_err(|_| err(USE.into()))?;
+    let upper = suffix.to_ascii_uppercase();
+    let shift = match upper.as_str() {
         "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(err()),
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        "P" | "PIB" => 50,
+        "KB" | "MB" | "GB" | "TB" | "PB" => {
+            let binary = &upper[..1];
+            return Err(err(format!(
+                "sizes are powers of 1024: write {digits}{binary} or {digits}{binary}iB ({digits}{suffix} is ambiguous)"
+            )));
+        }
+        _ => return Err(err(USE.into())),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(err)
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| err("too large: sizes stop at 16383P".into()))
 }
 
 /// Formats a byte count for humans: `1.5 GiB`, `4.0 KiB`, `512 B`.
@@ -363,6 +412,10 @@ mod tests {
         assert_eq!(parse_size("10g"), Ok(10 << 30));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1P"), Ok(1 << 50));
+        let e = parse_size("1GB").unwrap_err();
+        assert!(e.to_string().contains("write 1G or 1GiB"), "{e}");
+        assert!(parse_size("4kb").is_err());
         assert!(parse_size("10Q").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("G").is_err());
@@ -375,8 +428,15 @@ mod tests {
         assert!(validate_name("vol-1.data_2").is_ok());
         assert!(matches!(
             validate_name("../x"),
-            Err(NameError::LeadingDot { .. })
+            Err(NameError::Start { .. })
         ));
+        assert!(matches!(validate_name("-"), Err(NameError::Start { .. })));
+        assert!(matches!(validate_name("_a"), Err(NameError::Start { .. })));
+        assert!(matches!(
+            validate_name("x..y"),
+            Err(NameError::DotDot { .. })
+        ));
+        assert!(validate_name("20261121T101500.123Z-3f4f0a67").is_ok());
         assert!(matches!(
             validate_name("a/b"),
             Err(NameError::Character { .. })

@@ -138,6 +138,49 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             }
         })
         .with_state(daemon)
+        .layer(axum::middleware::from_fn(json_errors))
+}
+
+/// Keeps the promise that every error is JSON: answers that axum itself
+/// makes (405 for a method a route does not take, 413 for a body over
+/// the limit, a rejected extractor) come as text, and are rewritten here.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{method} is not allowed on {path}{}: is blockctl newer than blockd?",
+            allow
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(|a| format!(" (it takes {a})"))
+                .unwrap_or_default()
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body to {path} is too large ({text}): requests are small JSON documents"
+        ),
+        _ if text.is_empty() => format!("{method} {path}: {status}"),
+        _ => format!("{method} {path}: {text}"),
+    };
+    let mut resp = Failure { status, message }.into_response();
+    if let Some(a) = allow {
+        resp.headers_mut().insert(axum::http::header::ALLOW, a);
+    }
+    resp
 }
 
 /// The control API as served: every request passes [`access::guard`].
@@ -153,9 +196,17 @@ pub fn service(
         .into_make_service_with_connect_info::<access::Peer>()
 }
 
-fn to_api(v: &Volume) -> blockd_api::Volume {
+fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
     let m = v.meta();
-    let changes = v.dirty.current();
+    // Changed since the last backup: the volume's map, plus the change
+    // sets of its local snapshots that no backup has taken yet (a freeze
+    // moves changes from the map into the snapshot).
+    let mut changes = v.dirty.current();
+    for s in d.snapshots.list(Some(&m.name)) {
+        if !s.meta().handed_on {
+            changes.merge(s.changes());
+        }
+    }
     blockd_api::Volume {
         name: m.name,
         size: m.size,
@@ -199,7 +250,7 @@ async fn list_volumes(
         .store
         .list()
         .iter()
-        .map(|v| with_attachment(&d, to_api(v)))
+        .map(|v| with_attachment(&d, to_api(&d, v)))
         .filter(|v| want.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
         .collect();
     Ok(Json(volumes))
@@ -211,7 +262,7 @@ async fn create_volume(
 ) -> Result<(StatusCode, Json<blockd_api::Volume>), Failure> {
     let req: CreateVolume = body(&bytes)?;
     let v = d.create_volume(req)?;
-    Ok((StatusCode::CREATED, Json(to_api(&v))))
+    Ok((StatusCode::CREATED, Json(to_api(&d, &v))))
 }
 
 async fn inspect_volume(
@@ -222,7 +273,7 @@ async fn inspect_volume(
         .store
         .get(&name)
         .ok_or(StoreError::NotFound { volume: name })?;
-    Ok(Json(with_attachment(&d, to_api(&v))))
+    Ok(Json(with_attachment(&d, to_api(&d, &v))))
 }
 
 fn with_attachment(d: &Daemon, mut v: blockd_api::Volume) -> blockd_api::Volume {
@@ -271,7 +322,7 @@ async fn resize_volume(
 ) -> ApiResult<blockd_api::Volume> {
     let req: ResizeVolume = body(&bytes)?;
     let v = d.resize_volume(&name, req.size)?;
-    Ok(Json(to_api(&v)))
+    Ok(Json(to_api(&d, &v)))
 }
 
 fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
@@ -313,6 +364,7 @@ async fn create_snapshot(
             pre_exec: req.pre_exec,
             post_exec: req.post_exec,
             exec_timeout,
+            absorb: false,
         })
         .await?;
     let out = metas

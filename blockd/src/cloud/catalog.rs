@@ -35,7 +35,8 @@ impl Cloud {
         }
     }
 
-    /// Snapshots in a location's bucket.
+    /// Snapshots in a location's bucket; without a location, in every
+    /// location's (each listed with its location).
     ///
     /// # Errors
     /// Unknown location, provider errors, a corrupt manifest (named).
@@ -45,7 +46,74 @@ impl Cloud {
         src: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<CloudSnap>, CloudError> {
-        let location = self.locations.resolve(location)?;
+        let locations = match location {
+            Some(l) => vec![self.locations.resolve(Some(l))?],
+            None => self.locations.names()?,
+        };
+        let mut out = Vec::new();
+        for location in locations {
+            out.extend(self.list_in(location, src, labels).await?);
+        }
+        // Names start with the freeze time in milliseconds: id order is time order.
+        out.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.location.cmp(&b.location)));
+        Ok(out)
+    }
+
+    /// The location `--snap` names a snapshot in, when no `--cred-id` was
+    /// given: the only location, or else the one whose bucket holds it. A
+    /// new host's disaster recovery has `local` and the bucket just added,
+    /// and `cloudsnap restore --snap app` finds `app` in the bucket.
+    ///
+    /// # Errors
+    /// In no location, or in several; an unknown location.
+    pub(super) async fn locate(
+        &self,
+        location: Option<&str>,
+        snap: &str,
+    ) -> Result<String, CloudError> {
+        let names = match location {
+            Some(_) => return self.locations.resolve(location),
+            None => self.locations.names()?,
+        };
+        if names.len() == 1 {
+            return self.locations.resolve(None);
+        }
+        let mut found = Vec::new();
+        let mut failed = None;
+        for l in &names {
+            let looked = match self.locations.repo(l).await {
+                Ok(repo) => self.find(&repo, snap).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match looked {
+                Ok(()) => found.push(l.clone()),
+                Err(CloudError::NoSnapshotOf { .. } | CloudError::SnapshotNotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(location = %l, error = %e, "looking for a cloud snapshot failed there");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(failed.unwrap_or_else(|| CloudError::NoSnapshotAnywhere {
+                snap: snap.to_string(),
+                locations: names.join(", "),
+            })),
+            _ => Err(CloudError::SnapshotInSeveral {
+                snap: snap.to_string(),
+                locations: found.join(", "),
+            }),
+        }
+    }
+
+    /// [`Cloud::list`] of one location.
+    async fn list_in(
+        &self,
+        location: String,
+        src: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<CloudSnap>, CloudError> {
         let repo = self.locations.repo(&location).await?;
         let names = repo.list_snapshots(src).await?;
         let manifests: Vec<((String, String), Result<Manifest, RepoError>)> =
@@ -103,8 +171,6 @@ impl Cloud {
                 Err(e) => return Err(e.into()),
             }
         }
-        // Names start with the freeze time in milliseconds: id order is time order.
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
@@ -147,7 +213,7 @@ impl Cloud {
         snap: &str,
         verify: bool,
     ) -> Result<Catalog, CloudError> {
-        let location = self.locations.resolve(location)?;
+        let location = self.locate(location, snap).await?;
         let repo = self.locations.repo(&location).await?;
         let m = self.find(&repo, snap).await?;
         let id = format!("{}/{}", m.volume, m.name);
@@ -157,7 +223,7 @@ impl Cloud {
         };
         let mut data_bytes = 0u64;
         let mut chunks = 0u64;
-        let mut bytes = 0u64;
+        let mut chunk_bytes = 0u64;
         for (b, ix) in &m.blocks {
             let entries = repo.get_index(*b, ix).await.map_err(named)?;
             data_bytes += entries.iter().map(|e| u64::from(e.len)).sum::<u64>();
@@ -169,7 +235,7 @@ impl Cloud {
                         e => e,
                     })?;
                 chunks += c;
-                bytes += n;
+                chunk_bytes += n;
             }
         }
         Ok(Catalog {
@@ -181,7 +247,12 @@ impl Cloud {
             pause_us: m.pause_us,
             pre_exec: m.pre_exec.clone(),
             post_exec: m.post_exec.clone(),
-            verified: verify.then_some(Verified { chunks, bytes }),
+            // Every entry's chunk was checked, or the verify failed.
+            verified: verify.then_some(Verified {
+                chunks,
+                bytes: data_bytes,
+                chunk_bytes,
+            }),
         })
     }
 
@@ -191,11 +262,11 @@ impl Cloud {
     /// # Errors
     /// Unknown snapshot, provider errors.
     pub async fn delete(&self, location: Option<&str>, snap: &str) -> Result<(), CloudError> {
-        let location = self.locations.resolve(location)?;
-        let repo = self.locations.repo(&location).await?;
         let (v, n) = name::split(snap).ok_or_else(|| CloudError::BadSnapshotId {
             snap: snap.to_string(),
         })?;
+        let location = self.locate(location, snap).await?;
+        let repo = self.locations.repo(&location).await?;
         let _claim = self
             .claims
             .acquire(Want::for_cloudsnap_delete(&location, &format!("{v}/{n}")))?;

@@ -387,6 +387,14 @@ impl Locations {
             .collect())
     }
 
+    /// Every location's name, in name order.
+    ///
+    /// # Errors
+    /// The state database failed.
+    pub fn names(&self) -> Result<Vec<String>, CloudError> {
+        Ok(self.rows()?.into_iter().map(|(n, _, _)| n).collect())
+    }
+
     /// Resolves an optional `--cred-id`: pxctl's rule, the only location
     /// when there is just one.
     ///

@@ -173,6 +173,24 @@ pub enum CloudError {
         /// Location.
         location: String,
     },
+    /// `--snap` without `--cred-id` is in no location.
+    #[error("no cloud snapshot {snap:?} in any location ({locations}): give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)")]
+    NoSnapshotAnywhere {
+        /// What was given.
+        snap: String,
+        /// Every location, comma-separated.
+        locations: String,
+    },
+    /// `--snap` without `--cred-id` is in several locations.
+    #[error(
+        "cloud snapshot {snap:?} is in several locations ({locations}): choose one with --cred-id"
+    )]
+    SnapshotInSeveral {
+        /// What was given.
+        snap: String,
+        /// The locations holding it, comma-separated.
+        locations: String,
+    },
     /// An unknown cloud snapshot.
     #[error("no cloud snapshot {snapshot} in location {location}: see `blockctl cloudsnap list`")]
     SnapshotNotFound {
@@ -308,6 +326,7 @@ impl CloudError {
             Self::Freeze(f) => f.outcome(),
             Self::Volume(v) => v.outcome(),
             Self::VolumesAndLabels
+            | Self::SnapshotInSeveral { .. }
             | Self::NoVolumes
             | Self::ExecTimeout { .. }
             | Self::BadSubset { .. }
@@ -318,6 +337,7 @@ impl CloudError {
             | Self::VolumeNotFound { .. }
             | Self::VolumeGone { .. }
             | Self::NoSnapshotOf { .. }
+            | Self::NoSnapshotAnywhere { .. }
             | Self::SnapshotNotFound { .. }
             | Self::TaskNotFound { .. }
             | Self::NoTaskOrGroup { .. }

@@ -37,6 +37,21 @@ pub enum MountError {
         /// Mount point.
         dir: String,
     },
+    /// The directory holds files: a mount would hide them.
+    #[error("cannot mount at {dir}: the directory is not empty (a mount would hide what is in it); give an empty directory")]
+    NotEmpty {
+        /// Mount point.
+        dir: String,
+    },
+    /// The directory is the daemon's own, or holds or lies inside it: a
+    /// mount there would hide the daemon's sockets and state from it.
+    #[error("cannot mount at {dir}: it would hide blockd's own {what}; give an empty directory elsewhere, e.g. /mnt/snapshots")]
+    DaemonPath {
+        /// Mount point.
+        dir: String,
+        /// What it would hide (`state directory /var/lib/blockd`).
+        what: String,
+    },
     /// This daemon already mounts a catalog there.
     #[error("{dir} is already a blockd catalog mount: use it, or `blockctl umount {dir}` first")]
     AlreadyMounted {
@@ -89,9 +104,11 @@ impl MountError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::NoDirectory { .. } | Self::NotADirectory { .. } | Self::CacheTooSmall { .. } => {
-                Outcome::Invalid
-            }
+            Self::NoDirectory { .. }
+            | Self::NotADirectory { .. }
+            | Self::NotEmpty { .. }
+            | Self::DaemonPath { .. }
+            | Self::CacheTooSmall { .. } => Outcome::Invalid,
             Self::NotMounted { .. } => Outcome::NotFound,
             Self::OtherNamespace(_) => Outcome::Invalid,
             Self::AlreadyMounted { .. } | Self::StaleMount { .. } | Self::Busy { .. } => {
@@ -117,6 +134,9 @@ struct Active {
 /// The catalog mounts of this daemon.
 pub struct Mounts {
     cache_root: PathBuf,
+    /// The daemon's own paths (state dir, socket directories): no mount
+    /// may cover them, or sit inside them.
+    own: Vec<(String, PathBuf)>,
     claims: Arc<Claims>,
     active: Mutex<BTreeMap<String, Active>>,
     /// Serialises mounting and unmounting.
@@ -132,9 +152,19 @@ impl std::fmt::Debug for Mounts {
 }
 
 impl Mounts {
-    /// No mounts yet; caches go under `<state dir>/cache/mounts`.
-    pub fn new(state_dir: &Path, claims: Arc<Claims>) -> Self {
+    /// No mounts yet; caches go under `<state dir>/cache/mounts`. `own`
+    /// names the daemon's paths a mount must not hide, with what they are
+    /// (`("state directory", STATE_DIR)`, `("API socket", ...)`).
+    pub fn new(state_dir: &Path, own: Vec<(String, PathBuf)>, claims: Arc<Claims>) -> Self {
+        let own = own
+            .into_iter()
+            .map(|(what, p)| {
+                let p = std::fs::canonicalize(&p).unwrap_or(p);
+                (format!("{what} {}", p.display()), p)
+            })
+            .collect();
         Self {
+            own,
             cache_root: state_dir.join("cache").join("mounts"),
             claims,
             active: Mutex::new(BTreeMap::new()),
@@ -194,12 +224,27 @@ impl Mounts {
         if lock(&self.active).contains_key(&dir_s) {
             return Err(MountError::AlreadyMounted { dir: dir_s });
         }
+        // Where the caller sees the daemon's own paths too (the same
+        // namespace, or one that shares them).
+        if let Some((what, _)) = self
+            .own
+            .iter()
+            .find(|(_, p)| p.starts_with(&dir) || dir.starts_with(p))
+        {
+            return Err(MountError::DaemonPath {
+                dir: dir_s,
+                what: what.clone(),
+            });
+        }
         let mounts = match &ns {
             None => std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
             Some(ns) => ns.mounts_table(),
         };
         if blockd_api::mount::is_catalog_mount(&mounts, &dir_s) {
             return Err(MountError::StaleMount { dir: dir_s });
+        }
+        if std::fs::read_dir(&seen).map_err(no_dir)?.next().is_some() {
+            return Err(MountError::NotEmpty { dir: dir_s });
         }
         let cache_size = req.cache_size.unwrap_or(DEFAULT_CACHE_SIZE);
         if cache_size < MIN_CACHE {

@@ -49,6 +49,11 @@ pub struct CreateRequest {
     pub post_exec: Option<String>,
     /// Timeout for each hook.
     pub exec_timeout: Duration,
+    /// A backup's freeze: the change sets of the members' other snapshots
+    /// are merged into the new one's and marked handed on, so that the
+    /// backup stores them and deleting those snapshots later does not
+    /// report their changes again.
+    pub absorb: bool,
 }
 
 /// Why a snapshot operation failed.
@@ -326,7 +331,23 @@ impl Snapshots {
             None => None,
         };
 
-        let frozen = self.freeze(&members, &name, group.clone()).await;
+        // Under the freeze lock: every snapshot held now was frozen before
+        // this one, and none is deleted meanwhile (a backup holds the
+        // volume's job slot, which deletes take).
+        let prior: Vec<Vec<Arc<SnapshotStore>>> = members
+            .iter()
+            .map(|v| {
+                if req.absorb {
+                    self.list(Some(v.name()))
+                        .into_iter()
+                        .filter(|s| !s.meta().handed_on)
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        let frozen = self.freeze(&members, &name, group.clone(), &prior).await;
         let post = match &req.post_exec {
             Some(cmd) => Some(hooks::run(cmd, req.exec_timeout).await),
             None => None,
@@ -347,6 +368,15 @@ impl Snapshots {
             }
             metas.push(s.meta());
         }
+        // After the new snapshot is durable: a crash before this leaves the
+        // older ones unmarked, and deleting them then merges changes the
+        // map may already hold again, which costs a re-read, nothing more.
+        for s in prior.iter().flatten() {
+            s.update_meta(|m| m.handed_on = true);
+            if let Err(e) = s.write_meta() {
+                tracing::warn!(snapshot = %s.id(), error = %e, "marking the change set handed on failed; deleting the snapshot will report its changes again");
+            }
+        }
         let mut held = self.lock();
         for s in stores {
             let m = s.meta();
@@ -366,7 +396,21 @@ impl Snapshots {
         members: &[Arc<Volume>],
         name: &str,
         group: Option<String>,
+        prior: &[Vec<Arc<SnapshotStore>>],
     ) -> Result<(Vec<Arc<SnapshotStore>>, Duration), FreezeError> {
+        // Merged before the gates close, so the pause holds only the
+        // union with what changed since the last freeze.
+        let prior: Vec<Option<crate::volume::dirty_map::ChangeSet>> = prior
+            .iter()
+            .map(|held| {
+                let mut held = held.iter();
+                let mut c = held.next()?.changes().clone();
+                for s in held {
+                    c.merge(s.changes());
+                }
+                Some(c)
+            })
+            .collect();
         let mut files = Vec::with_capacity(members.len());
         for v in members {
             let dir = self.dir.join(v.name()).join(name);
@@ -387,8 +431,14 @@ impl Snapshots {
             gates.push(v.gate.write().await);
         }
         let mut stores = Vec::with_capacity(members.len());
-        for (v, f) in members.iter().zip(files) {
-            let changes = v.dirty.take();
+        for ((v, f), prior) in members.iter().zip(files).zip(prior) {
+            let changes = match prior {
+                Some(mut c) => {
+                    c.merge(&v.dirty.take());
+                    c
+                }
+                None => v.dirty.take(),
+            };
             let meta = SnapshotMeta {
                 volume: v.name().into(),
                 name: name.into(),
@@ -402,6 +452,7 @@ impl Snapshots {
                 pre_exec: None,
                 post_exec: None,
                 damaged: None,
+                handed_on: false,
             };
             let s = Arc::new(SnapshotStore::new(
                 self.dir.join(v.name()).join(name),
@@ -500,7 +551,9 @@ impl Snapshots {
 /// Undoes a snapshot: disarm, merge the change set back, remove the files.
 fn abandon(v: &Volume, s: &Arc<SnapshotStore>) {
     v.disarm(s);
-    v.dirty.merge(s.changes());
+    if !s.meta().handed_on {
+        v.dirty.merge(s.changes());
+    }
     if let Err(e) = s.remove() {
         tracing::warn!(snapshot = %s.id(), error = %e, "removing snapshot files failed");
     }

@@ -115,6 +115,12 @@ pub struct SnapshotMeta {
     /// copy-on-write data not on disk); `None` when it can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damaged: Option<String>,
+    /// The change set was handed on to a later backup's freeze, which holds
+    /// a copy of it: deleting this snapshot merges nothing back (the
+    /// backup stored those changes, or merged them back itself when it
+    /// failed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_on: bool,
 }
 
 /// What an exec hook did.

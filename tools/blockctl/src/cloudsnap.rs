@@ -1,6 +1,7 @@
 //! `blockctl cloudsnap`: backups to object storage, their tasks, and
 //! restores, named after `pxctl cloudsnap`.
 
+use crate::failure::Failure;
 use blockd_api::{
     human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, RestoreRequest, Started,
     Task, TaskKind,
@@ -11,7 +12,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use crate::client::Client;
 use crate::output::{self, field, line, Output};
 use crate::wait::{human_secs, wait};
-use crate::{duration_arg, encode, label_arg, labels_text};
+use crate::{duration_arg, encode, label_arg, label_map, labels_text, post_exec_ran};
 
 /// `pxctl cloudsnap` verbs.
 #[derive(Debug, Subcommand)]
@@ -44,7 +45,7 @@ pub enum CloudsnapCmd {
         /// Only snapshots of this source volume
         #[arg(long, short = 's')]
         src: Option<String>,
-        /// Credentials to list [default: the only ones, when just one exists]
+        /// Credentials to list [default: every location's snapshots]
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
         /// Only snapshots with this label (repeatable; all must match)
@@ -55,7 +56,8 @@ pub enum CloudsnapCmd {
     Catalog {
         /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
         snap: String,
-        /// Credentials the snapshot is stored with
+        /// Credentials the snapshot is stored with [default: the one
+        /// location holding it]
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
         /// Fetch and check every chunk the snapshot references
@@ -70,7 +72,8 @@ pub enum CloudsnapCmd {
         /// Cloud snapshot id, VOLUME/SNAPSHOT
         #[arg(long, short = 's')]
         snap: String,
-        /// Credentials the snapshot is stored with
+        /// Credentials the snapshot is stored with [default: the one
+        /// location holding it]
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
     },
@@ -86,7 +89,8 @@ pub enum CloudsnapCmd {
         /// Name of the new volume
         #[arg(long, short = 'v')]
         volume: String,
-        /// Credentials the snapshot is stored with
+        /// Credentials the snapshot is stored with [default: the one
+        /// location holding it]
         #[arg(long, alias = "cr", value_name = "NAME")]
         cred_id: Option<String>,
         /// Serve the new volume at once: data is fetched as it is read, and in the background until complete
@@ -173,7 +177,7 @@ fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 }
 
 /// Runs a `cloudsnap` verb.
-pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(), Failure> {
     match cmd {
         CloudsnapCmd::Backup(args) => backup(out, client, args).await,
         CloudsnapCmd::BackupGroup(args) => backup_group(out, client, args).await,
@@ -210,6 +214,7 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
             cred_id,
             labels,
         } => {
+            label_map(labels)?;
             let pairs: Vec<(&str, String)> = src
                 .iter()
                 .map(|s| ("src", s.clone()))
@@ -305,7 +310,7 @@ async fn finish(
     client: &Client,
     started: Started,
     wait_flag: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     if wait_flag {
         wait(out, client, started.tasks).await
     } else {
@@ -317,13 +322,13 @@ async fn finish(
 }
 
 /// `cloudsnap backup`.
-async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), String> {
+async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), Failure> {
     let o = &args.opts;
     let req = BackupRequest {
         volume: args.volume.clone(),
         full: o.full,
         location: o.cred_id.clone(),
-        labels: args.labels.iter().cloned().collect(),
+        labels: label_map(&args.labels)?,
         pre_exec: o.pre_exec.clone(),
         post_exec: o.post_exec.clone(),
         exec_timeout_secs: Some(o.exec_timeout),
@@ -340,15 +345,17 @@ async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), S
         ));
         line(format_args!("Cloud snapshot: {}", t.snapshot));
     }
-    finish(out, client, started, o.wait).await
+    let hook = started.post_exec.clone();
+    finish(out, client, started, o.wait).await?;
+    post_exec_ran(hook.as_ref())
 }
 
 /// `cloudsnap backup-group`.
-async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> Result<(), String> {
+async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> Result<(), Failure> {
     let o = &args.opts;
     let req = BackupGroupRequest {
         volumes: args.volume_ids.clone(),
-        select: args.select.iter().cloned().collect(),
+        select: label_map(&args.select)?,
         full: o.full,
         location: o.cred_id.clone(),
         labels: Default::default(),
@@ -369,7 +376,9 @@ async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> R
             line(format_args!("  task {}: {}", t.id, t.snapshot));
         }
     }
-    finish(out, client, started, o.wait).await
+    let hook = started.post_exec.clone();
+    finish(out, client, started, o.wait).await?;
+    post_exec_ran(hook.as_ref())
 }
 
 /// pxctl's state column: `Backup-Active`, `Restore-Done`, ...
@@ -465,6 +474,7 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
     let header = [
         "SOURCEVOLUME",
         "CLOUD-SNAP-ID",
+        "CREDENTIALS",
         "CREATED",
         "TYPE",
         "SIZE",
@@ -473,12 +483,13 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
         "GROUP",
         "STATUS",
     ];
-    let rows: Vec<[String; 9]> = snaps
+    let rows: Vec<[String; 10]> = snaps
         .iter()
         .map(|s| {
             [
                 s.volume.clone(),
                 s.id.clone(),
+                s.location.clone(),
                 s.created.clone(),
                 kind_text(s).into(),
                 human_size(s.size),
@@ -530,10 +541,10 @@ fn print_catalog(c: &Catalog) {
         field(
             "Verified",
             format_args!(
-                "{} chunks, {} ({} bytes)",
-                v.chunks,
+                "{} ({} bytes) of data in {} chunks, each read and checked",
                 human_size(v.bytes),
-                v.bytes
+                v.bytes,
+                v.chunks,
             ),
         );
     }

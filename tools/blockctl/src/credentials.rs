@@ -5,6 +5,7 @@
 //! never shown again: the daemon lists only non-secret fields, and this
 //! module never prints what it sends.
 
+use crate::failure::Failure;
 use std::path::{Path, PathBuf};
 
 use blockd_api::{CreateLocation, Location, Provider, Secret};
@@ -149,7 +150,7 @@ impl CreateArgs {
 }
 
 /// Runs a `credentials` verb.
-pub async fn run(out: Output, client: &Client, cmd: &CredentialsCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &CredentialsCmd) -> Result<(), Failure> {
     match cmd {
         CredentialsCmd::Create(args) => {
             let req = args.request()?;

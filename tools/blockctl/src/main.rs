@@ -7,6 +7,7 @@
 mod client;
 mod cloudsnap;
 mod credentials;
+mod failure;
 mod mount;
 mod output;
 mod repo;
@@ -21,6 +22,7 @@ use blockd_api::{human_size, CreateSnapshot, CreateVolume, ResizeVolume, Snapsho
 use clap::{Parser, Subcommand};
 
 use client::Client;
+use failure::Failure;
 use output::{field, line, Output};
 
 /// Control blockd: volumes, snapshots and cloud backups.
@@ -132,6 +134,21 @@ fn label_arg(s: &str) -> Result<(String, String), String> {
     blockd_api::parse_label(s)
 }
 
+/// The labels of repeated `--label KEY=VALUE` flags as a map; a key given
+/// twice is refused (a second value would silently replace the first, and
+/// in a selector it would match nothing).
+fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, Failure> {
+    let mut map = BTreeMap::new();
+    for (k, v) in labels {
+        if let Some(first) = map.insert(k.clone(), v.clone()) {
+            return Err(Failure::Usage(format!(
+                "label {k:?} is given twice ({k}={first} and {k}={v}): give each key once"
+            )));
+        }
+    }
+    Ok(map)
+}
+
 #[derive(Debug, Subcommand)]
 enum VolumeCmd {
     /// Create a volume (a sparse file served over NBD as export NAME)
@@ -200,6 +217,28 @@ enum VolumeCmd {
     },
 }
 
+/// Fails the command when a post-exec hook failed: the snapshot was taken
+/// (I/O had resumed before the hook ran), but what the hook was to undo,
+/// such as a frozen file system, may still be in place.
+fn post_exec_ran(hook: Option<&blockd_api::Hook>) -> Result<(), Failure> {
+    match hook {
+        Some(h) if !h.ok() => {
+            let output = h.output.trim();
+            let output = if output.is_empty() {
+                " (no output)".to_string()
+            } else {
+                format!(": {output}")
+            };
+            Err(format!(
+                "post-exec `{}` {}{output}; the snapshot was taken and is kept, but check by hand that what pre-exec did is undone (e.g. `fsfreeze -u MOUNTPOINT`)",
+                h.command,
+                h.ending()
+            ).into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The same default as blockd: `$BLOCKD_STATE_DIR`, else `/var/lib/blockd`
 /// for root, else `$XDG_STATE_HOME/blockd` (or `~/.local/state/blockd`).
 fn default_socket() -> PathBuf {
@@ -244,29 +283,56 @@ fn default_sigpipe() {
 
 fn main() -> ExitCode {
     default_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version are "errors" to clap that print on stdout.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) if json_asked() => {
+            // The first paragraph: the error, without the usage lines.
+            let text = e.render().to_string();
+            let first = text.split("\n\n").next().unwrap_or_default().trim();
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            return fail(true, &Failure::Usage(message.to_string()));
+        }
+        Err(e) => e.exit(),
+    };
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(cli.json, &format!("cannot start: {e}").into()),
     };
     let client = Client::new(socket);
     match runtime.block_on(run(&cli, &client)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(cli.json, &e),
     }
 }
 
-async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
+/// `-j`/`--json` is on the command line (before a `--`), for usage errors
+/// found before the arguments could be parsed.
+fn json_asked() -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json" || (a.starts_with('-') && !a.starts_with("--") && a.contains('j')))
+}
+
+/// Reports `e` on stderr, as `error: ...` or, under `-j`, as one JSON
+/// object (`{"error": "...", "exit_status": N}`; stdout keeps only
+/// answers), and returns its exit status.
+fn fail(json: bool, e: &Failure) -> ExitCode {
+    if json {
+        output::error_json(e.message(), e.exit_status());
+    } else {
+        eprintln!("error: {}", e.message());
+    }
+    ExitCode::from(e.exit_status())
+}
+
+async fn run(cli: &Cli, client: &Client) -> Result<(), Failure> {
     let out = Output::new(cli.json);
     match &cli.command {
         Command::Volume(cmd) => volume(out, client, cmd).await,
@@ -279,7 +345,7 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), String> {
     }
 }
 
-async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(), String> {
+async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(), Failure> {
     match cmd {
         SnapshotCmd::Create {
             volumes,
@@ -304,16 +370,8 @@ async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(),
                         s.pause_us as f64 / 1000.0
                     ));
                 }
-                for s in snaps.iter().take(1) {
-                    if let Some(h) = s.post_exec.as_ref().filter(|h| h.exit_code != Some(0)) {
-                        eprintln!(
-                            "warning: post-exec `{}` failed: {}",
-                            h.command,
-                            h.output.trim()
-                        );
-                    }
-                }
             });
+            post_exec_ran(snaps.first().and_then(|s| s.post_exec.as_ref()))?;
         }
         SnapshotCmd::List { volume } => {
             let path = match volume {
@@ -404,7 +462,7 @@ fn print_snapshot(s: &Snapshot) {
     output::freeze(s.pause_us, s.pre_exec.as_ref(), s.post_exec.as_ref());
 }
 
-async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), String> {
+async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Failure> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -416,7 +474,7 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Str
                 name: name.clone(),
                 size: *size,
                 extent_size: *extent_size,
-                labels: labels.iter().cloned().collect(),
+                labels: label_map(labels)?,
             };
             let v: Volume = client.call("POST", "/v1/volumes", Some(&req)).await?;
             out.answer(&v, |v| {
@@ -428,6 +486,7 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Str
             });
         }
         VolumeCmd::List { labels } => {
+            label_map(labels)?;
             let mut path = "/v1/volumes".to_string();
             let query: Vec<String> = labels
                 .iter()

@@ -2,6 +2,7 @@
 //! tree of a location, served by the daemon (which holds the credentials
 //! and keys; this process only asks).
 
+use crate::failure::Failure;
 use std::path::{Path, PathBuf};
 
 use blockd_api::mount::is_catalog_mount;
@@ -57,31 +58,34 @@ fn absolute(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// `blockctl mount DIR`.
-pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(), String> {
+pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(), Failure> {
     let shown = args.dir.display();
     let dir = match std::fs::canonicalize(&args.dir) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
                 "{shown} does not exist: create the mount point first (mkdir -p {shown})"
-            ))
+            )
+            .into())
         }
         Err(e) => {
             return Err(format!(
             "cannot use {shown}: {e}; if it is a stale blockd mount, run `blockctl umount {shown}`"
-        ))
+        )
+            .into())
         }
     };
     if !dir.is_dir() {
-        return Err(format!(
-            "{shown} is not a directory: give an empty directory to mount at"
-        ));
+        return Err(
+            format!("{shown} is not a directory: give an empty directory to mount at").into(),
+        );
     }
     let dir_s = dir.display().to_string();
     if is_catalog_mount(&mounts_table(), &dir_s) {
         return Err(format!(
             "{dir_s} is already a blockd catalog mount: use it, or `blockctl umount {dir_s}` first"
-        ));
+        )
+        .into());
     }
     let req = MountRequest {
         dir: dir_s,
@@ -108,7 +112,7 @@ pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(),
 
 /// `blockctl umount DIR`: through the daemon; a mount the daemon does not
 /// know (left by a blockd that crashed) is detached here.
-pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(), String> {
+pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(), Failure> {
     let dir = absolute(&args.dir)?;
     let dir_s = dir.display().to_string();
     let known = match client
@@ -132,9 +136,10 @@ pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(
         Ok(false) => {
             return Err(format!(
                 "{dir_s} is not a blockd catalog mount (mount one with `blockctl mount {dir_s}`)"
-            ))
+            )
+            .into())
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     out.answer(
         &serde_json::json!({ "unmounted": dir_s, "stale": stale }),

@@ -49,6 +49,15 @@ pub fn json<T: Serialize + ?Sized>(v: &T) {
     }
 }
 
+/// Prints an error on stderr as one line of JSON: `{"error": "...",
+/// "exit_status": N}`.
+pub fn error_json(message: &str, exit_status: u8) {
+    eprintln!(
+        "{}",
+        serde_json::json!({ "error": message, "exit_status": exit_status })
+    );
+}
+
 /// Prints a line of text.
 pub fn line(text: impl Display) {
     println!("{text}");

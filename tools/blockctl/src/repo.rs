@@ -1,5 +1,6 @@
 //! `blockctl repo`: maintenance of a location's repository.
 
+use crate::failure::Failure;
 use blockd_api::{human_size, CheckReport, CheckRequest, GcReport, GcRequest, MaxUnused, Subset};
 use clap::{Args, Subcommand};
 
@@ -72,14 +73,14 @@ fn subset_arg(s: &str) -> Result<String, String> {
 }
 
 /// Runs a `blockctl repo` command.
-pub async fn run(out: Output, client: &Client, cmd: &RepoCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &RepoCmd) -> Result<(), Failure> {
     match cmd {
         RepoCmd::Check(args) => check(out, client, args).await,
         RepoCmd::Gc(args) => gc(out, client, args).await,
     }
 }
 
-async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), String> {
+async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), Failure> {
     let req = CheckRequest {
         location: args.cred_id.clone(),
         read_data: args.read_data,
@@ -100,7 +101,7 @@ async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), Str
             } else {
                 ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`)".into()
             }
-        ))
+        ).into())
     }
 }
 
@@ -142,7 +143,7 @@ fn show_check(r: &CheckReport) {
     }
 }
 
-async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), String> {
+async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> {
     let req = GcRequest {
         location: args.cred_id.clone(),
         dry_run: args.dry_run,

@@ -1,12 +1,13 @@
 //! `blockctl cloudsnap schedules` (alias `sched`): pxctl's backup
 //! schedules, plus calendar retention.
 
+use crate::failure::Failure;
 use blockd_api::{CreateSchedule, Schedule};
 use clap::{Args, Subcommand};
 
 use crate::client::Client;
 use crate::output::{line, table, Output};
-use crate::{encode, label_arg};
+use crate::{encode, label_arg, label_map};
 
 /// `cloudsnap schedules` verbs.
 #[derive(Debug, Subcommand)]
@@ -86,13 +87,13 @@ pub struct CreateArgs {
 }
 
 /// Runs a `schedules` command.
-pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(), String> {
+pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(), Failure> {
     match cmd {
         SchedulesCmd::Create(a) => {
             let volume = a.volume.clone().or(a.volume_flag.clone());
             let req = CreateSchedule {
                 volumes: volume.into_iter().chain(a.volume_ids.clone()).collect(),
-                select: a.labels.iter().cloned().collect(),
+                select: label_map(&a.labels)?,
                 periodic: a.periodic.clone(),
                 daily: a.daily.clone(),
                 weekly: a.weekly.clone(),

@@ -4,6 +4,7 @@
 //! progress bar per task shows what the daemon reports; otherwise nothing
 //! is printed until the end, so scripts see only the outcome.
 
+use crate::failure::Failure;
 use std::io::IsTerminal;
 use std::time::Duration;
 
@@ -188,7 +189,7 @@ fn outcome(t: &Task) -> String {
 /// # Errors
 /// When the daemon cannot be asked, or when any task ended Failed or
 /// Stopped (so the exit code is non-zero).
-pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), String> {
+pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), Failure> {
     let bars = Bars::new(&tasks);
     let result = poll(client, tasks, bars.as_ref()).await;
     if let Some(bars) = &bars {
@@ -213,7 +214,8 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
         return Err(format!(
             "{bad} of {} cloudsnap task(s) did not complete",
             tasks.len()
-        ));
+        )
+        .into());
     }
     Ok(())
 }

@@ -214,6 +214,7 @@ impl Cloud {
                 post_exec: req.post_exec.clone(),
                 exec_timeout: blockd_api::exec_timeout(req.exec_timeout_secs)
                     .map_err(|why| CloudError::ExecTimeout { why })?,
+                absorb: true,
             })
             .await?;
         let group_id = (group || names.len() > 1).then(|| created_name.clone());
@@ -306,6 +307,10 @@ impl Cloud {
         Ok(Started {
             group: group_id,
             tasks,
+            post_exec: metas
+                .first()
+                .and_then(|m| m.post_exec.clone())
+                .map(Into::into),
         })
     }
 
@@ -369,14 +374,15 @@ impl Cloud {
         None
     }
 
-    /// The change set a backup of `snap` must read: its own, plus those of
-    /// any other held snapshot of the volume (a local snapshot taken since
-    /// the last backup took those changes from the volume's map).
+    /// The change set a backup of `snap` must read: its own (which holds
+    /// those of the local snapshots taken before it, handed on at its
+    /// freeze), plus those of any other held snapshot not handed on (a
+    /// backup frozen by an older blockd, which did not hand them on).
     pub(super) fn changes_for(&self, snap: &SnapshotStore) -> ChangeSet {
         let m = snap.meta();
         let mut c = snap.changes().clone();
         for other in self.snapshots.list(Some(&m.volume)) {
-            if other.meta().name != m.name {
+            if other.meta().name != m.name && !other.meta().handed_on {
                 c.merge(other.changes());
             }
         }

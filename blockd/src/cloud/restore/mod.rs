@@ -27,7 +27,7 @@ impl Cloud {
     /// # Errors
     /// Unknown snapshot or location, an existing volume name.
     pub async fn restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Started, CloudError> {
-        let location = self.locations.resolve(req.location.as_deref())?;
+        let location = self.locate(req.location.as_deref(), &req.snap).await?;
         let repo = self.locations.repo(&location).await?;
         if self.volumes.get(&req.volume).is_some() {
             return Err(CloudError::VolumeExists {
@@ -129,6 +129,7 @@ impl Cloud {
         Ok(Started {
             group: None,
             tasks: vec![task],
+            post_exec: None,
         })
     }
 
