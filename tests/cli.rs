@@ -374,3 +374,41 @@ fn cloud_bad_arguments_exit_nonzero() {
         "invalid duration",
     );
 }
+
+#[test]
+fn completions_and_man_pages_generate() {
+    let blockctl = |args: &[&str]| Command::new(bin("blockctl")).args(args).output().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = blockctl(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["cloudsnap", "backup-group", "--cred-id", "volume"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = blockctl(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = blockctl(&["-j", "man", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let written: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    for page in [
+        "blockctl.1",
+        "blockctl-volume-create.1",
+        "blockctl-cloudsnap-backup.1",
+        "blockctl-cloudsnap-schedules-create.1",
+        "blockctl-repo-gc.1",
+    ] {
+        assert!(written.iter().any(|w| w == page), "{page} missing: {written:?}");
+    }
+    for page in &written {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains("\n.TH "), "{page} is not a man page");
+        let name = page.trim_end_matches(".1");
+        assert!(text.contains(name), "{page} does not name {name}");
+    }
+    // Every verb's page shows its example.
+    let create = std::fs::read_to_string(dir.path().join("blockctl-volume-create.1")).unwrap();
+    assert!(create.contains("volume create db1"), "{create}");
+}

@@ -60,6 +60,10 @@ pub struct Config {
     pub api_group: Option<String>,
     /// Memory-pressure protections in force (see [`crate::host`]).
     pub protections: Vec<String>,
+    /// Serve `/metrics` over HTTP here too (it is always on the API).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token `--metrics-listen` requires, if any.
+    pub metrics_token: Option<blockd_api::Secret>,
 }
 
 /// The default state directory: `/var/lib/blockd` for root, else
@@ -325,14 +329,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (api_listener, api_bound) = bind_unix(&config.api_socket, "--api-socket", 0o660, group)?;
     let (nbd_listener, nbd_bound) = bind_unix(&config.nbd_socket, "--nbd-socket", 0o660, group)?;
     let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
-    let tcp_listener = match config.nbd_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding NBD TCP address {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = bind_tcp(config.metrics_listen, "the metrics address").await?;
+    let tcp_listener = bind_tcp(config.nbd_listen, "NBD TCP address").await?;
 
     let ctx = NbdContext {
         store: store.clone(),
@@ -362,6 +360,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         nbd_tls,
     });
     let mounts = daemon.mounts.clone();
+    if let Some(l) = metrics_listener {
+        let app = crate::api::metrics_service(daemon.clone(), config.metrics_token.clone());
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     let api = axum::serve(api_listener, crate::api::service(daemon, access))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let api_task = tokio::spawn(async move {
@@ -394,6 +402,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api = %config.api_socket.display(),
         nbd = %config.nbd_socket.display(),
         tcp = ?config.nbd_listen,
+        metrics = ?config.metrics_listen,
         io_engine = engine_name,
         "blockd ready"
     );
@@ -454,4 +463,16 @@ fn own_paths(state_dir: &Path, config: &Config) -> Vec<(String, PathBuf)> {
         own.push((what.to_string(), socket.clone()));
     }
     own
+}
+
+/// Binds `addr` when one is configured.
+async fn bind_tcp(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {what} {addr}"))?,
+        )),
+        None => Ok(None),
+    }
 }

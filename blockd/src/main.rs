@@ -2,11 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::ExitCode;
 
 use clap::Parser;
 
-use blockd::daemon::{self, Config};
+use blockd::config::{
+    Cloud, Every, Fraction, FullEvery, Gc, Limit, Log, LogFilter, LogFormat, Metrics, MetricsAddr,
+    Nbd, Period, Settings,
+};
+use blockd::daemon;
 use blockd::volume::EngineKind;
 
 /// Block-device backup gateway: serves volumes over NBD.
@@ -14,10 +18,20 @@ use blockd::volume::EngineKind;
 #[command(
     version,
     about,
-    after_help = "Every setting is read once at start, from its flag or else its environment \
-variable. Logging: BLOCKD_LOG (a tracing filter, e.g. `info,blockd=debug`; default `info`)."
+    after_help = "Settings come from the config file (/etc/blockd/blockd.toml, or --config), \
+then the environment variables named above, then flags: each overrides the one before. \
+blockd.toml.example in the source tree describes every key; --print-config shows the \
+effective settings. Logging: --log-filter or BLOCKD_LOG take a tracing filter as RUST_LOG \
+does (e.g. `info,blockd=debug`; default `info`)."
 )]
 struct Args {
+    /// Config file [default: /etc/blockd/blockd.toml, when it exists]
+    #[arg(long, env = "BLOCKD_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Print the effective settings (file, environment, flags, defaults;
+    /// secrets redacted) as TOML and exit
+    #[arg(long)]
+    print_config: bool,
     /// State directory [default: /var/lib/blockd for root, else $XDG_STATE_HOME/blockd]
     #[arg(long, env = "BLOCKD_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -39,9 +53,10 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     nbd_listen: Option<SocketAddr>,
     /// TLS on --nbd-listen: auto = required off loopback and with
-    /// --nbd-tls-verify-peer, offered on loopback when certificates are given
-    #[arg(long, env = "BLOCKD_NBD_TLS", value_enum, default_value = "auto")]
-    nbd_tls: blockd::nbd::tls::TlsSetting,
+    /// --nbd-tls-verify-peer, offered on loopback when certificates are
+    /// given [default: auto]
+    #[arg(long, env = "BLOCKD_NBD_TLS", value_enum)]
+    nbd_tls: Option<blockd::nbd::tls::TlsSetting>,
     /// Directory holding server-cert.pem and server-key.pem (and ca-cert.pem
     /// for --nbd-tls-verify-peer), the layout nbdkit and qemu use; reloaded
     /// when the files change
@@ -50,138 +65,172 @@ struct Args {
     /// Admit only TLS clients whose certificate ca-cert.pem signed
     #[arg(long, env = "BLOCKD_NBD_TLS_VERIFY_PEER")]
     nbd_tls_verify_peer: bool,
-    /// I/O engine
-    #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum, default_value = "auto")]
-    io_engine: EngineKind,
+    /// I/O engine [default: auto]
+    #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum)]
+    io_engine: Option<EngineKind>,
     /// Do not track changed extents (backups then read whole volumes); for
     /// measuring what tracking costs
     #[arg(long)]
     no_change_tracking: bool,
-    /// Seconds connections keep answering ESHUTDOWN after SIGTERM before closing
-    #[arg(long, default_value = "2")]
-    shutdown_grace: f64,
+    /// How long connections keep answering ESHUTDOWN after SIGTERM before
+    /// closing: seconds, or a duration such as 500ms [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
+    shutdown_grace: Option<Period>,
     /// Every Nth backup of a volume reads it whole (pxctl's rule: every 7th)
-    #[arg(long, env = "BLOCKD_FULL_EVERY", default_value_t = blockd::cloud::DEFAULT_FULL_EVERY,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    full_every: u32,
-    /// Bytes per second for the background fetches of lazy restores, e.g. 50M
-    /// (reads by clients are never held back) [default: unlimited]
-    #[arg(long, env = "BLOCKD_HYDRATE_LIMIT", value_name = "SIZE", value_parser = size_arg)]
-    hydrate_limit: Option<u64>,
+    /// [default: 7]
+    #[arg(long, env = "BLOCKD_FULL_EVERY", value_name = "N")]
+    full_every: Option<FullEvery>,
+    /// Bytes per second for the background fetches of lazy restores, e.g.
+    /// 50M, or `unlimited` (reads by clients are never held back)
+    /// [default: unlimited]
+    #[arg(long, env = "BLOCKD_HYDRATE_LIMIT", value_name = "SIZE")]
+    hydrate_limit: Option<Limit>,
     /// Fail this fraction (0 to 1) of object-store requests on purpose, to prove
     /// backups and restores survive a flaky provider; for testing only
-    #[arg(long, env = "BLOCKD_FAULT_INJECT", value_name = "RATE", value_parser = rate_arg)]
-    fault_inject: Option<f64>,
+    #[arg(long, env = "BLOCKD_FAULT_INJECT", value_name = "RATE")]
+    fault_inject: Option<Fraction>,
     /// Garbage collection deletes what it condemned only after this long,
-    /// e.g. 24h (`blockctl repo gc`)
-    #[arg(long, env = "BLOCKD_GC_GRACE", value_name = "DURATION", default_value = "24h",
-          value_parser = duration_arg)]
-    gc_grace: Duration,
+    /// e.g. 24h (`blockctl repo gc`) [default: 24h]
+    #[arg(long, env = "BLOCKD_GC_GRACE", value_name = "DURATION")]
+    gc_grace: Option<Period>,
     /// Run `repo gc` on every location this often, e.g. 24h; `off` to
-    /// collect only when asked
-    #[arg(long, env = "BLOCKD_GC_EVERY", value_name = "DURATION|off", default_value = "24h",
-          value_parser = every_arg)]
-    gc_every: Every,
+    /// collect only when asked [default: 24h]
+    #[arg(long, env = "BLOCKD_GC_EVERY", value_name = "DURATION|off")]
+    gc_every: Option<Every>,
     /// A backup that has run this long may no longer commit (garbage
-    /// collection stops waiting for it), e.g. 20h
-    #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION", default_value = "20h",
-          value_parser = duration_arg)]
-    backup_deadline: Duration,
+    /// collection stops waiting for it), e.g. 20h [default: 20h]
+    #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION")]
+    backup_deadline: Option<Period>,
     /// Unused space garbage collection tolerates inside packs still in use
     /// before it copies their live records into new packs: a percentage
     /// (5%: at most 5% of those bytes dead) or `unlimited` (never repack)
-    #[arg(
-        long,
-        env = "BLOCKD_GC_MAX_UNUSED",
-        value_name = "PERCENT|unlimited",
-        default_value = "5%"
-    )]
-    gc_max_unused: blockd_api::MaxUnused,
+    /// [default: 5%]
+    #[arg(long, env = "BLOCKD_GC_MAX_UNUSED", value_name = "PERCENT|unlimited")]
+    gc_max_unused: Option<blockd_api::MaxUnused>,
+    /// What to log: a tracing filter as RUST_LOG takes it, e.g. info or
+    /// warn,blockd=debug [default: info]
+    #[arg(long, env = "BLOCKD_LOG", value_name = "FILTER")]
+    log_filter: Option<LogFilter>,
+    /// Log lines as text (no colour unless stderr is a terminal) or as
+    /// one JSON object each [default: text]
+    #[arg(long, env = "BLOCKD_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Also serve Prometheus metrics over HTTP at ADDR:PORT, or at a port
+    /// of 127.0.0.1 (they are always at /metrics on the API socket)
+    /// [default: off]
+    #[arg(long, env = "BLOCKD_METRICS_LISTEN", value_name = "ADDR:PORT|PORT")]
+    metrics_listen: Option<MetricsAddr>,
+    /// The token --metrics-listen requires (`Authorization: Bearer`); from
+    /// the environment or the config file only, never a flag
+    #[arg(skip = std::env::var("BLOCKD_METRICS_TOKEN").ok().filter(|t| !t.is_empty()).map(blockd_api::Secret::from))]
+    metrics_token: Option<blockd_api::Secret>,
 }
 
-/// A period, or `off`.
-#[derive(Debug, Clone, Copy)]
-struct Every(Option<Duration>);
-
-fn every_arg(s: &str) -> Result<Every, String> {
-    if s == "off" {
-        return Ok(Every(None));
+/// `--shutdown-grace`: seconds (as it always took), or a duration; 0 to 1h.
+fn grace_arg(s: &str) -> Result<Period, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if (0.0..=3600.0).contains(&secs) => std::time::Duration::from_secs_f64(secs),
+        Ok(_) => return Err("must be between 0 and 3600 seconds".into()),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 2s or 500ms"))?,
+    };
+    if d > std::time::Duration::from_secs(3600) {
+        return Err("must be at most 1h".into());
     }
-    duration_arg(s).map(|d| Every(Some(d)))
+    Ok(Period(d))
 }
 
-fn duration_arg(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 30s, 20h or 7days"))?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".into());
+impl Args {
+    /// What the environment and flags set, as settings.
+    fn settings(&self) -> Settings {
+        Settings {
+            state_dir: self.state_dir.clone(),
+            api_socket: self.api_socket.clone(),
+            nbd_socket: self.nbd_socket.clone(),
+            api_group: self.api_group.clone(),
+            mlock: self.no_mlock.then_some(false),
+            io_engine: self.io_engine,
+            change_tracking: self.no_change_tracking.then_some(false),
+            shutdown_grace: self.shutdown_grace,
+            nbd: Nbd {
+                listen: self.nbd_listen,
+                tls: self.nbd_tls,
+                tls_certificates: self.nbd_tls_certificates.clone(),
+                tls_verify_peer: self.nbd_tls_verify_peer.then_some(true),
+            },
+            cloud: Cloud {
+                full_every: self.full_every,
+                hydrate_limit: self.hydrate_limit,
+                backup_deadline: self.backup_deadline,
+                fault_inject: self.fault_inject,
+            },
+            gc: Gc {
+                grace: self.gc_grace,
+                every: self.gc_every,
+                max_unused: self.gc_max_unused,
+            },
+            log: Log {
+                filter: self.log_filter.clone(),
+                format: self.log_format,
+            },
+            metrics: Metrics {
+                listen: self.metrics_listen,
+                token: self.metrics_token.clone(),
+            },
+        }
     }
-    Ok(d)
 }
 
-fn size_arg(s: &str) -> Result<u64, String> {
-    match blockd_api::parse_size(s) {
-        Ok(0) => Err("must be more than 0".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn rate_arg(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
-    }
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BLOCKD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+fn main() -> ExitCode {
     let args = Args::parse();
+    let file = match Settings::load(args.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = args.settings().over(file).with_defaults();
+    if args.print_config {
+        print!("{}", settings.print());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&settings.log);
+    match run(&settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr (journald under systemd), as text or JSON.
+fn init_logging(log: &Log) {
+    let filter = log.filter.as_ref().map_or("info", |f| f.0.as_str());
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format.unwrap_or(LogFormat::Text) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+fn run(settings: &Settings) -> anyhow::Result<()> {
     // Everything blockd creates (volumes, snapshots, the state database,
     // repository objects in a local directory) is its own: 0600 files in
     // 0700 directories. Sockets are then opened up explicitly.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     // Before any thread exists: every thread inherits the flags.
-    let protections = blockd::host::Protections::apply(!args.no_mlock);
+    let protections = blockd::host::Protections::apply(settings.mlock.unwrap_or(true));
     protections.log();
-    if !(0.0..=3600.0).contains(&args.shutdown_grace) {
-        anyhow::bail!("--shutdown-grace must be between 0 and 3600 seconds");
-    }
-    let state_dir = args.state_dir.unwrap_or_else(daemon::default_state_dir);
-    let config = Config {
-        api_socket: args
-            .api_socket
-            .unwrap_or_else(|| state_dir.join("api.sock")),
-        nbd_socket: args
-            .nbd_socket
-            .unwrap_or_else(|| state_dir.join("nbd.sock")),
-        nbd_listen: args.nbd_listen,
-        nbd_tls: args.nbd_tls,
-        nbd_tls_certificates: args.nbd_tls_certificates,
-        nbd_tls_verify_peer: args.nbd_tls_verify_peer,
-        io_engine: args.io_engine,
-        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
-        change_tracking: !args.no_change_tracking,
-        cloud: blockd::cloud::Settings {
-            full_every: args.full_every,
-            hydrate_limit: args.hydrate_limit,
-            fault_rate: args.fault_inject,
-            gc_grace: args.gc_grace,
-            backup_deadline: args.backup_deadline,
-            gc_every: args.gc_every.0,
-            gc_max_unused: args.gc_max_unused,
-        },
-        api_group: args.api_group,
-        protections: protections.names(),
-        state_dir,
-    };
+    let config = settings.daemon_config(protections.names());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blockd")

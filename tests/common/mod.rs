@@ -176,6 +176,8 @@ impl Blockd {
             .arg(self.dir.path())
             .args(&self.extra_args)
             .env("BLOCKD_LOG", "info,blockd=debug")
+            // Never the host's /etc/blockd/blockd.toml.
+            .env("BLOCKD_CONFIG", "/dev/null")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -114,6 +114,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Failure> {
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
+        .route("/metrics", get(metrics))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
             "/v1/volumes/{name}",
@@ -223,6 +224,68 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
         tracking_known: changes.known,
         attached: None,
     }
+}
+
+/// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
+async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    let text = crate::metrics::Collector::new(&d).render();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The HTTP service of `--metrics-listen`: `/metrics` only, behind a
+/// bearer token when one is configured.
+pub fn metrics_service(
+    daemon: Arc<Daemon>,
+    token: Option<blockd_api::Secret>,
+) -> axum::routing::IntoMakeService<Router> {
+    let token = Arc::new(token);
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            Failure {
+                status: StatusCode::NOT_FOUND,
+                message: "only /metrics is served here".into(),
+            }
+        })
+        .with_state(daemon)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let token = token.clone();
+                async move {
+                    if let Some(t) = token.as_ref() {
+                        let given = req
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "));
+                        let ok = given.is_some_and(|g| {
+                            constant_time_eq(g.as_bytes(), t.expose().as_bytes())
+                        });
+                        if !ok {
+                            return Failure {
+                                status: StatusCode::UNAUTHORIZED,
+                                message: "a bearer token is required (the metrics token of blockd's config file)".into(),
+                            }
+                            .into_response();
+                        }
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
+        .into_make_service()
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn info(State(d): State<Arc<Daemon>>) -> Json<DaemonInfo> {

@@ -32,7 +32,18 @@ impl Cloud {
             "wait for the check to end",
         ))?;
         let repo = self.locations.repo(&location).await?;
-        let report = crate::repo::check::check(&repo, req.read_data, subset).await?;
+        let report = crate::repo::check::check(&repo, req.read_data, subset)
+            .await
+            .inspect_err(|_| crate::metrics::STATS.maintenance(&location, "check", "failed"))?;
+        crate::metrics::STATS.maintenance(
+            &location,
+            "check",
+            if report.problems.is_empty() && report.damaged.is_empty() {
+                "clean"
+            } else {
+                "damaged"
+            },
+        );
         tracing::info!(
             %location,
             snapshots = report.snapshots,

@@ -107,7 +107,14 @@ impl Cloud {
             deadline: self.backup_deadline,
             local_dir: self.locations.local_dir(&location)?,
         };
-        let o = gc::collect(&repo, &opts).await.map_err(CloudError::Gc)?;
+        let o = gc::collect(&repo, &opts).await.map_err(|e| {
+            crate::metrics::STATS.maintenance(&location, "gc", "failed");
+            CloudError::Gc(e)
+        })?;
+        if !req.dry_run {
+            crate::metrics::STATS.maintenance(&location, "gc", "done");
+            crate::metrics::STATS.gc_deleted(&location, o.deleted_bytes);
+        }
         tracing::info!(
             %location,
             dry_run = req.dry_run,

@@ -161,6 +161,7 @@ impl RepoSource {
                     async move {
                         let bytes = f.get(&repo).await?;
                         Progress::add(&progress.transferred, bytes.len() as u64);
+                        crate::metrics::STATS.hydrated(bytes.len() as u64);
                         tokio::task::spawn_blocking(move || runs(&repo, &f, &bytes, &used, base))
                             .await
                             .map_err(CloudError::from)?

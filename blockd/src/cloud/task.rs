@@ -347,6 +347,17 @@ impl Cloud {
         }
         let mut r = run.snapshot();
         r.task.eta_secs = None;
+        crate::metrics::STATS.task_ended(
+            match r.task.kind {
+                TaskKind::Backup => "backup",
+                TaskKind::Restore => "restore",
+            },
+            match state {
+                TaskState::Done => "done",
+                TaskState::Stopped => "stopped",
+                _ => "failed",
+            },
+        );
         // A finished task did all there was: the total started as an
         // estimate (a full backup's allocated bytes), it ends as the count.
         if state == TaskState::Done {
@@ -364,6 +375,15 @@ impl Cloud {
             let _ = tokio::task::spawn_blocking(crate::host::release_memory).await;
         });
         r
+    }
+
+    /// The tasks running now (no database read: for metrics).
+    pub fn running(&self) -> Vec<Task> {
+        self.lock()
+            .values()
+            .map(|r| r.snapshot().task)
+            .filter(|t| !t.state.is_final())
+            .collect()
     }
 
     /// Tasks, newest first: all, those matching a task or group id, or the

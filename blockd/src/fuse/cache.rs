@@ -229,6 +229,7 @@ impl ChunkCache {
         self.stats
             .misses
             .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        crate::metrics::STATS.cache(false, missing.len() as u64);
         for (serial, ids, fetching) in self.fetch(&missing) {
             let fetched = fetching.await?;
             let me = self.clone();
@@ -312,6 +313,7 @@ impl ChunkCache {
             match checked {
                 Ok(plain) => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::STATS.cache(true, 1);
                     opened.push((loc.id, plain));
                 }
                 Err(error) => {

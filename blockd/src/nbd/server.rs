@@ -312,7 +312,6 @@ async fn enter<R, W>(
             let Some((source, guard)) = ctx.open(&t.export.name) else {
                 return;
             };
-            tracing::debug!(export = %t.export.name, style = ?t.style, "transmission");
             transmit(reader, writer, t, source, guard, ctx).await;
         }
         // Only offered where the caller can upgrade.
@@ -490,6 +489,9 @@ async fn transmit<R, W>(
     let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
     tokio::pin!(deadline);
     let mut header = vec![0u8; proto::request_len(extended)];
+    let opened = std::time::Instant::now();
+    let mut requests = 0u64;
+    tracing::info!(export = %t.export.name, style = ?t.style, "NBD connection opened");
     loop {
         let read = tokio::select! {
             biased;
@@ -520,6 +522,8 @@ async fn transmit<R, W>(
         if req.command == Command::Disc {
             break;
         }
+        requests += 1;
+        let started = std::time::Instant::now();
         // Budget: count the payload (or, for reads, the data to send back).
         let cost = match req.command {
             Command::Read => req.length.min(u64::from(proto::MAX_PAYLOAD)),
@@ -554,19 +558,41 @@ async fn transmit<R, W>(
         // Only this request holds budget: nothing else of this connection
         // is in flight, so serving it inline holds nothing up.
         let alone = budget.available_permits() + permit.num_permits() == BUDGET_PERMITS;
+        let (op, bytes) = metered(&req);
         let payload = match conn.try_inline(&req, payload, alone) {
-            None => continue,
+            None => {
+                volume.stats.request(op, bytes, started.elapsed());
+                continue;
+            }
             Some(payload) => payload,
         };
         let conn = conn.clone();
         tokio::spawn(async move {
             conn.handle(req, payload).await;
+            conn.volume.stats.request(op, bytes, started.elapsed());
             drop(permit);
         });
     }
     // Running requests hold their own sender; the writer ends after the last.
     drop(conn);
     let _ = writer_task.await;
+    tracing::info!(
+        export = %t.export.name,
+        requests,
+        secs = opened.elapsed().as_secs_f64(),
+        "NBD connection closed"
+    );
+}
+
+/// The metrics class of a request and the bytes it moves.
+fn metered(req: &Request) -> (crate::metrics::Op, u64) {
+    use crate::metrics::Op;
+    match req.command {
+        Command::Read => (Op::Read, req.length),
+        Command::Write => (Op::Write, req.length),
+        Command::Flush => (Op::Flush, 0),
+        _ => (Op::Other, 0),
+    }
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
@@ -621,6 +647,7 @@ impl Conn {
     }
 
     fn error(&self, req: &Request, errno: Errno, message: &str) {
+        self.volume.stats.error();
         let mut out = Vec::new();
         proto::error_reply(&mut out, self.style, req.cookie, req.offset, errno, message);
         self.send(out);

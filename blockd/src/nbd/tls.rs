@@ -38,7 +38,18 @@ use tokio_rustls::TlsAcceptor;
 use super::negotiate::Tls;
 
 /// What `--nbd-tls` asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum TlsSetting {
     /// Required on non-loopback addresses (and whenever client
     /// certificates are verified), offered on loopback when certificates

@@ -85,7 +85,12 @@ where
                 pause = (pause * 2).min(MAX_PAUSE);
                 attempt += 1;
             }
-            r => return r,
+            r => {
+                // A missing object is an answer, not a failed request.
+                let ok = matches!(&r, Ok(_) | Err(object_store::Error::NotFound { .. }));
+                crate::metrics::STATS.store_request(location, op, attempt, ok);
+                return r;
+            }
         }
     }
 }
@@ -104,10 +109,14 @@ impl ObjectStore for RetryStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        self.retry("put", location, || {
-            self.inner.put_opts(location, payload.clone(), opts.clone())
-        })
-        .await
+        let bytes = payload.content_length() as u64;
+        let r = self
+            .retry("put", location, || {
+                self.inner.put_opts(location, payload.clone(), opts.clone())
+            })
+            .await?;
+        crate::metrics::STATS.store_bytes(&self.location, "put", bytes);
+        Ok(r)
     }
 
     async fn put_multipart_opts(
@@ -119,15 +128,24 @@ impl ObjectStore for RetryStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.retry("get", location, || {
-            self.inner.get_opts(location, options.clone())
-        })
-        .await
+        let r = self
+            .retry("get", location, || {
+                self.inner.get_opts(location, options.clone())
+            })
+            .await?;
+        if !options.head {
+            crate::metrics::STATS.store_bytes(&self.location, "get", r.range.end - r.range.start);
+        }
+        Ok(r)
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        self.retry("get", location, || self.inner.get_ranges(location, ranges))
-            .await
+        let r = self
+            .retry("get", location, || self.inner.get_ranges(location, ranges))
+            .await?;
+        let bytes = r.iter().map(|b| b.len() as u64).sum();
+        crate::metrics::STATS.store_bytes(&self.location, "get", bytes);
+        Ok(r)
     }
 
     fn delete_stream(

@@ -353,6 +353,7 @@ impl Snapshots {
             None => None,
         };
         let (stores, pause) = frozen?;
+        crate::metrics::STATS.freeze(pause);
         let mut metas = Vec::with_capacity(stores.len());
         for s in &stores {
             s.update_meta(|m| {

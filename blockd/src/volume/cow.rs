@@ -134,6 +134,7 @@ impl Volume {
             self.read_live(&mut old, e * es)?;
             for s in missing {
                 s.preserve(e, &old)?;
+                self.stats.cow(es);
             }
         }
         Ok(())

@@ -24,7 +24,10 @@ use rustix::fs::FallocateFlags;
 use tokio::sync::oneshot;
 
 /// Which engine to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// io_uring if available, else threads.
     Auto,

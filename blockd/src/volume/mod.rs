@@ -82,6 +82,8 @@ pub struct Volume {
     /// should not go through the page cache (backups); `None` where the
     /// file system refuses it.
     direct: std::sync::OnceLock<Option<Arc<File>>>,
+    /// Request counters and latencies (see [`crate::metrics`]).
+    pub stats: crate::metrics::IoStats,
 }
 
 /// Counts one open connection for as long as it lives.
@@ -121,6 +123,7 @@ impl Volume {
             lazy: std::sync::RwLock::new(None),
             lazy_on: std::sync::atomic::AtomicBool::new(false),
             direct: std::sync::OnceLock::new(),
+            stats: crate::metrics::IoStats::default(),
         }
     }
 

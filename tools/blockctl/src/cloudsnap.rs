@@ -18,11 +18,20 @@ use crate::{duration_arg, encode, label_arg, label_map, labels_text, post_exec_r
 #[derive(Debug, Subcommand)]
 pub enum CloudsnapCmd {
     /// Back up a volume to object storage: incremental when its change set is known
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap backup db1 --wait\n  blockctl cs backup db1 --cred-id s3 --full --expire 30days"
+    )]
     Backup(BackupArgs),
     /// Back up several volumes from one consistent freeze point
     #[command(alias = "bg")]
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap backup-group --volume_ids db-data,db-log --wait\n  blockctl cs bg --label tier=gold --cred-id s3"
+    )]
     BackupGroup(BackupGroupArgs),
     /// Report backups and restores: progress of active ones, outcome of recent ones
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap status\n  blockctl -j cloudsnap status --name 846a-d2c7-8473d084"
+    )]
     Status {
         /// Only this task
         #[arg(long, value_name = "ID")]
@@ -30,6 +39,7 @@ pub enum CloudsnapCmd {
     },
     /// Stop an active backup or restore
     #[command(group(ArgGroup::new("task").required(true).args(["id", "name"])))]
+    #[command(after_help = "Example:\n  blockctl cloudsnap stop 846a-d2c7-8473d084")]
     Stop {
         /// Task id (see `blockctl cloudsnap status`)
         id: Option<String>,
@@ -38,9 +48,13 @@ pub enum CloudsnapCmd {
         name: Option<String>,
     },
     /// Show finished backups and restores with their outcome
+    #[command(after_help = "Example:\n  blockctl cloudsnap history")]
     History,
     /// List snapshots in object storage
     #[command(aliases = ["ls", "l"])]
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap list\n  blockctl cloudsnap list --src db1 --cred-id s3 --label env=prod"
+    )]
     List {
         /// Only snapshots of this source volume
         #[arg(long, short = 's')]
@@ -53,6 +67,9 @@ pub enum CloudsnapCmd {
         labels: Vec<(String, String)>,
     },
     /// Show what a cloud snapshot holds, optionally checking every chunk
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap catalog db1 --verify\n  blockctl cloudsnap catalog db1/20261121T101500.123Z-3f4f0a67"
+    )]
     Catalog {
         /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
         snap: String,
@@ -68,6 +85,9 @@ pub enum CloudsnapCmd {
     /// (other snapshots stay restorable; the space its chunks use comes back
     /// through garbage collection, `blockctl repo gc`)
     #[command(alias = "rm")]
+    #[command(
+        after_help = "Example:\n  blockctl cloudsnap delete --snap db1/20261121T101500.123Z-3f4f0a67"
+    )]
     Delete {
         /// Cloud snapshot id, VOLUME/SNAPSHOT
         #[arg(long, short = 's')]
@@ -82,6 +102,9 @@ pub enum CloudsnapCmd {
     Schedules(crate::schedules::SchedulesCmd),
     /// Restore a cloud snapshot into a new volume
     #[command(alias = "r")]
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap restore --snap db1 --volume db1-copy --wait\n  blockctl cloudsnap restore --snap db1/20261121T101500.123Z-3f4f0a67 --volume db1-now --lazy"
+    )]
     Restore {
         /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
         #[arg(long, short = 's')]

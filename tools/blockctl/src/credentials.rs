@@ -25,17 +25,23 @@ fn provider_arg(s: &str) -> Result<Provider, String> {
 pub enum CredentialsCmd {
     /// Create credentials for an object store (NAME is the --cred-id of cloudsnap commands)
     #[command(alias = "c")]
+    #[command(
+        after_help = "Examples:\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --s3-secret-key ... --bucket backups --encryption-passphrase 'long passphrase'\n  blockctl credentials create nas --provider local --path /srv/backups"
+    )]
     Create(Box<CreateArgs>),
     /// List credentials (secrets are never shown)
     #[command(aliases = ["ls", "l"])]
+    #[command(after_help = "Example:\n  blockctl credentials list")]
     List,
     /// Delete credentials (cloud snapshots stored with them stay in the object store)
     #[command(alias = "rm")]
+    #[command(after_help = "Example:\n  blockctl credentials delete s3")]
     Delete {
         /// Credentials name
         name: String,
     },
     /// Check that the object store is reachable and usable with these credentials
+    #[command(after_help = "Example:\n  blockctl credentials validate s3")]
     Validate {
         /// Credentials name
         name: String,

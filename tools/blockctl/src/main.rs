@@ -57,9 +57,29 @@ enum Command {
     #[command(subcommand)]
     Repo(repo::RepoCmd),
     /// Mount a location's cloud snapshots read-only at DIR (served by blockd)
+    #[command(
+        after_help = "Examples:\n  mkdir -p /mnt/snaps && blockctl mount /mnt/snaps\n  blockctl mount /mnt/snaps --cred-id s3 --cache-size 4G"
+    )]
     Mount(mount::MountArgs),
     /// Unmount a catalog mount (also one left by a blockd that crashed)
+    #[command(after_help = "Example:\n  blockctl umount /mnt/snaps")]
     Umount(mount::UmountArgs),
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  blockctl completions bash > /etc/bash_completion.d/blockctl\n  blockctl completions zsh > /usr/local/share/zsh/site-functions/_blockctl\n  blockctl completions fish > ~/.config/fish/completions/blockctl.fish"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for blockctl and each of its verbs into DIR
+    #[command(
+        after_help = "Example:\n  blockctl man /usr/local/share/man/man1 && man blockctl-cloudsnap-backup"
+    )]
+    Man {
+        /// Directory to write blockctl.1, blockctl-volume.1, ... into
+        dir: PathBuf,
+    },
 }
 
 fn duration_arg(s: &str) -> Result<f64, String> {
@@ -88,6 +108,9 @@ fn snapshot_ref(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Subcommand)]
 enum SnapshotCmd {
     /// Freeze one volume, or several at one consistent point (a group)
+    #[command(
+        after_help = "Examples:\n  blockctl snapshot create db1 --name before-upgrade\n  blockctl snapshot create db-data db-log --name nightly --pre-exec 'fsfreeze -f /mnt/db' --post-exec 'fsfreeze -u /mnt/db'"
+    )]
     Create {
         /// Volumes to freeze together
         #[arg(required = true)]
@@ -107,11 +130,13 @@ enum SnapshotCmd {
     },
     /// List snapshots
     #[command(alias = "ls")]
+    #[command(after_help = "Examples:\n  blockctl snapshot list\n  blockctl -j snapshot list db1")]
     List {
         /// Only this volume's snapshots
         volume: Option<String>,
     },
     /// Show one snapshot
+    #[command(after_help = "Example:\n  blockctl snapshot inspect db1@before-upgrade")]
     Inspect {
         /// VOLUME@SNAPSHOT
         #[arg(value_parser = snapshot_ref)]
@@ -119,6 +144,7 @@ enum SnapshotCmd {
     },
     /// Delete a snapshot; its changes go back to the volume's change set
     #[command(alias = "rm")]
+    #[command(after_help = "Example:\n  blockctl snapshot delete db1@before-upgrade")]
     Delete {
         /// VOLUME@SNAPSHOT
         #[arg(value_parser = snapshot_ref)]
@@ -152,6 +178,9 @@ fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, Fa
 #[derive(Debug, Subcommand)]
 enum VolumeCmd {
     /// Create a volume (a sparse file served over NBD as export NAME)
+    #[command(
+        after_help = "Examples:\n  blockctl volume create db1 --size 10G --label tier=gold\n  blockctl volume create big --size 16T --extent-size 64K"
+    )]
     Create {
         /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
         name: String,
@@ -167,18 +196,25 @@ enum VolumeCmd {
     },
     /// List volumes
     #[command(alias = "ls")]
+    #[command(
+        after_help = "Examples:\n  blockctl volume list --label tier=gold\n  blockctl -j volume list"
+    )]
     List {
         /// Only volumes with this label (repeatable; all must match)
         #[arg(long = "label", value_parser = label_arg)]
         labels: Vec<(String, String)>,
     },
     /// Show one volume
+    #[command(after_help = "Example:\n  blockctl volume inspect db1")]
     Inspect {
         /// Volume name
         name: String,
     },
     /// Delete a volume and its data (refused while it has clients or snapshots, unless --force)
     #[command(alias = "rm")]
+    #[command(
+        after_help = "Examples:\n  blockctl volume delete db1\n  blockctl volume delete db1 --force   # also its snapshots and clients"
+    )]
     Delete {
         /// Volume name
         name: String,
@@ -188,6 +224,7 @@ enum VolumeCmd {
         force: bool,
     },
     /// Grow a volume (shrinking is refused)
+    #[command(after_help = "Example:\n  blockctl volume resize db1 --size 20G")]
     Resize {
         /// Volume name
         name: String,
@@ -197,6 +234,9 @@ enum VolumeCmd {
     },
     /// Attach a volume as a kernel block device /dev/nbdN (needs the nbd
     /// kernel module); re-attached when blockd restarts
+    #[command(
+        after_help = "Examples:\n  blockctl volume attach db1\n  blockctl volume attach db1 --device /dev/nbd3 --connections 4 --timeout 60"
+    )]
     Attach {
         /// Volume name
         name: String,
@@ -211,10 +251,52 @@ enum VolumeCmd {
         timeout: u64,
     },
     /// Detach a volume's kernel block device
+    #[command(after_help = "Example:\n  blockctl volume detach db1")]
     Detach {
         /// Volume name
         name: String,
     },
+}
+
+/// Writes `blockctl.1` and one page per verb (`blockctl-volume-create.1`)
+/// into `dir`.
+fn man_pages(out: Output, dir: &std::path::Path) -> Result<(), Failure> {
+    fn write(
+        cmd: &clap::Command,
+        name: &str,
+        dir: &std::path::Path,
+        written: &mut Vec<String>,
+    ) -> Result<(), Failure> {
+        let cmd = cmd.clone().name(name.to_string());
+        let file = format!("{name}.1");
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut page)
+            .map_err(|e| format!("rendering {file}: {e}"))?;
+        std::fs::write(dir.join(&file), page)
+            .map_err(|e| format!("writing {}: {e}", dir.join(&file).display()))?;
+        written.push(file);
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let mut written = Vec::new();
+    write(&cmd, "blockctl", dir, &mut written)?;
+    out.answer(&written, |w| {
+        line(format_args!(
+            "{} man pages written to {}",
+            w.len(),
+            dir.display()
+        ));
+    });
+    Ok(())
 }
 
 /// Fails the command when a post-exec hook failed: the snapshot was taken
@@ -335,6 +417,16 @@ fn fail(json: bool, e: &Failure) -> ExitCode {
 async fn run(cli: &Cli, client: &Client) -> Result<(), Failure> {
     let out = Output::new(cli.json);
     match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "blockctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(out, dir),
         Command::Volume(cmd) => volume(out, client, cmd).await,
         Command::Snapshot(cmd) => snapshot(out, client, cmd).await,
         Command::Credentials(cmd) => credentials::run(out, client, cmd).await,
@@ -643,4 +735,87 @@ fn print_volume(v: &Volume) {
     }
     field("Labels", labels_text(&v.labels));
     field("Created", &v.created);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Splits a command line as sh does for the quoting the examples use
+    /// ('single quotes'), dropping a trailing `# comment`.
+    fn words(line: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut word = String::new();
+        let (mut quoted, mut any) = (false, false);
+        for c in line.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                '#' if !quoted && !any => break,
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        out.push(std::mem::take(&mut word));
+                        any = false;
+                    }
+                }
+                c => {
+                    word.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            out.push(word);
+        }
+        out
+    }
+
+    fn leaves(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        let subs: Vec<_> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            out.push((path.clone(), cmd.clone()));
+        }
+        for s in subs {
+            leaves(s, format!("{path} {}", s.get_name()), out);
+        }
+    }
+
+    /// Every verb's --help ends with examples, and every example is a
+    /// command line blockctl accepts.
+    #[test]
+    fn every_verb_has_examples_that_parse() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut all = Vec::new();
+        leaves(&cmd, "blockctl".into(), &mut all);
+        assert!(all.len() >= 30, "{} verbs", all.len());
+        for (path, leaf) in all {
+            let help = leaf
+                .get_after_help()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(help.starts_with("Example"), "{path} has no example");
+            // The blockctl commands of each line, without redirections.
+            let examples: Vec<&str> = help
+                .lines()
+                .flat_map(|l| l.split("&&"))
+                .filter_map(|c| c.split(['>', '|']).next())
+                .map(str::trim)
+                .filter(|c| c.starts_with("blockctl "))
+                .collect();
+            assert!(!examples.is_empty(), "{path}: {help}");
+            for e in examples {
+                let argv = words(e);
+                if let Err(err) = Cli::try_parse_from(&argv) {
+                    panic!("{path}: example `{e}` does not parse: {err}");
+                }
+            }
+        }
+    }
 }

@@ -14,12 +14,18 @@ pub enum RepoCmd {
     /// every manifest and index block, and that every pack and record they
     /// need exists; with --read-data, every record's seal and hash too.
     /// Exits 1 when anything is damaged. Takes no lock: backups may run.
+    #[command(
+        after_help = "Examples:\n  blockctl repo check\n  blockctl repo check --read-data --subset 1/7 --cred-id s3"
+    )]
     Check(CheckArgs),
     /// Reclaim packs and index blocks no snapshot references, and repack
     /// packs that are mostly dead or small. Safe while backups run on this
     /// host or others sharing the bucket: a run marks what is unreferenced
     /// (and what it repacked), and a later run deletes it once the mark is
     /// older than the grace period, if still unreferenced
+    #[command(
+        after_help = "Examples:\n  blockctl repo gc --dry-run\n  blockctl repo gc --cred-id s3"
+    )]
     Gc(GcArgs),
 }
 

@@ -15,12 +15,17 @@ pub enum SchedulesCmd {
     /// Create a schedule: backups at the given times (UTC), keeping the
     /// newest --max per volume
     #[command(alias = "c")]
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap schedules create db1 --daily 21:00 --max 15\n  blockctl cs sched create --label tier=gold --periodic 60 --keep-daily 7 --keep-monthly 12"
+    )]
     Create(Box<CreateArgs>),
     /// List schedules with their last and next run
     #[command(aliases = ["ls", "l"])]
+    #[command(after_help = "Example:\n  blockctl cloudsnap schedules list")]
     List,
     /// Delete a schedule (its snapshots stay)
     #[command(alias = "rm")]
+    #[command(after_help = "Example:\n  blockctl cloudsnap schedules delete --uuid 0b6f3c1e")]
     Delete {
         /// Schedule id (see `schedules list`)
         #[arg(long, value_name = "ID")]
