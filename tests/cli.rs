@@ -400,11 +400,17 @@ fn completions_and_man_pages_generate() {
         "blockctl-cloudsnap-schedules-create.1",
         "blockctl-repo-gc.1",
     ] {
-        assert!(written.iter().any(|w| w == page), "{page} missing: {written:?}");
+        assert!(
+            written.iter().any(|w| w == page),
+            "{page} missing: {written:?}"
+        );
     }
     for page in &written {
         let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
-        assert!(text.starts_with(".ie") || text.contains("\n.TH "), "{page} is not a man page");
+        assert!(
+            text.starts_with(".ie") || text.contains("\n.TH "),
+            "{page} is not a man page"
+        );
         let name = page.trim_end_matches(".1");
         assert!(text.contains(name), "{page} does not name {name}");
     }
