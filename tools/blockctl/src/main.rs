@@ -27,7 +27,15 @@ use output::{field, line, Output};
 
 /// Control blockd: volumes, snapshots and cloud backups.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Control blockd: volumes, snapshots, cloud backups and restores",
+    after_help = "Exit status: 0 done, 1 failed (the daemon refused or could not do it, or is not \
+running), 2 the command line is wrong. With -j, stdout holds only the JSON answer and an error \
+is one JSON object on stderr ({\"error\": ..., \"exit_status\": N}).\n\n\
+Examples:\n  blockctl volume create db1 --size 10G\n  blockctl cs backup db1 --wait\n  \
+blockctl -j cloudsnap list"
+)]
 struct Cli {
     /// blockd's control socket [default: STATE_DIR/api.sock of the default state dir]
     #[arg(long, global = true, env = "BLOCKD_SOCKET")]
