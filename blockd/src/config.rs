@@ -312,50 +312,43 @@ impl Settings {
         text
     }
 
-    /// The daemon's configuration from complete settings (see
-    /// [`Settings::with_defaults`]).
+    /// The daemon's configuration: these settings over
+    /// [`Settings::defaults`], which alone hold the default values.
+    #[must_use]
     pub fn daemon_config(&self, protections: Vec<String>) -> crate::daemon::Config {
-        let state_dir = self.state_dir.clone().unwrap_or_default();
-        let period =
-            |p: Option<Period>, default: u64| p.map_or(Duration::from_secs(default), |p| p.0);
+        let s = self.clone().with_defaults();
         crate::daemon::Config {
-            api_socket: self
-                .api_socket
-                .clone()
-                .unwrap_or_else(|| state_dir.join("api.sock")),
-            nbd_socket: self
-                .nbd_socket
-                .clone()
-                .unwrap_or_else(|| state_dir.join("nbd.sock")),
-            nbd_listen: self.nbd.listen,
-            nbd_tls: self.nbd.tls.unwrap_or_default(),
-            nbd_tls_certificates: self.nbd.tls_certificates.clone(),
-            nbd_tls_verify_peer: self.nbd.tls_verify_peer.unwrap_or(false),
-            io_engine: self.io_engine.unwrap_or(EngineKind::Auto),
-            shutdown_grace: period(self.shutdown_grace, 2),
-            change_tracking: self.change_tracking.unwrap_or(true),
+            api_socket: set(s.api_socket, "api_socket"),
+            nbd_socket: set(s.nbd_socket, "nbd_socket"),
+            nbd_listen: s.nbd.listen,
+            nbd_tls: set(s.nbd.tls, "nbd.tls"),
+            nbd_tls_certificates: s.nbd.tls_certificates,
+            nbd_tls_verify_peer: set(s.nbd.tls_verify_peer, "nbd.tls_verify_peer"),
+            io_engine: set(s.io_engine, "io_engine"),
+            shutdown_grace: set(s.shutdown_grace, "shutdown_grace").0,
+            change_tracking: set(s.change_tracking, "change_tracking"),
             cloud: crate::cloud::Settings {
-                full_every: self
-                    .cloud
-                    .full_every
-                    .map_or(crate::cloud::DEFAULT_FULL_EVERY, |f| f.0),
-                hydrate_limit: self.cloud.hydrate_limit.and_then(|l| l.0),
-                fault_rate: self.cloud.fault_inject.map(|f| f.0).filter(|r| *r > 0.0),
-                gc_grace: period(self.gc.grace, 24 * 3600),
-                backup_deadline: period(self.cloud.backup_deadline, 20 * 3600),
-                gc_every: self
-                    .gc
-                    .every
-                    .map_or(Some(Duration::from_secs(24 * 3600)), |e| e.0),
-                gc_max_unused: self.gc.max_unused.unwrap_or_default(),
+                full_every: set(s.cloud.full_every, "cloud.full_every").0,
+                hydrate_limit: set(s.cloud.hydrate_limit, "cloud.hydrate_limit").0,
+                fault_rate: s.cloud.fault_inject.map(|f| f.0).filter(|r| *r > 0.0),
+                gc_grace: set(s.gc.grace, "gc.grace").0,
+                backup_deadline: set(s.cloud.backup_deadline, "cloud.backup_deadline").0,
+                gc_every: set(s.gc.every, "gc.every").0,
+                gc_max_unused: set(s.gc.max_unused, "gc.max_unused"),
             },
-            api_group: self.api_group.clone(),
+            api_group: s.api_group,
             protections,
-            metrics_listen: self.metrics.listen.map(|a| a.0),
-            metrics_token: self.metrics.token.clone(),
-            state_dir,
+            metrics_listen: s.metrics.listen.map(|a| a.0),
+            metrics_token: s.metrics.token,
+            state_dir: set(s.state_dir, "state_dir"),
         }
     }
+}
+
+/// A setting that [`Settings::defaults`] (and so `with_defaults`) always
+/// fills.
+pub fn set<T>(value: Option<T>, key: &str) -> T {
+    value.unwrap_or_else(|| unreachable!("setting {key} has no default"))
 }
 
 fn table(s: &Settings) -> toml::Table {
@@ -599,6 +592,18 @@ impl<'de> Deserialize<'de> for Text {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_fill_every_setting_the_daemon_reads() {
+        let c = Settings::default().daemon_config(Vec::new());
+        assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.cloud.gc_grace, Duration::from_secs(24 * 3600));
+        assert_eq!(c.cloud.gc_every, Some(Duration::from_secs(24 * 3600)));
+        assert_eq!(c.cloud.backup_deadline, Duration::from_secs(20 * 3600));
+        assert_eq!(c.cloud.full_every, crate::cloud::DEFAULT_FULL_EVERY);
+        assert!(c.change_tracking);
+        assert_eq!(c.api_socket, c.state_dir.join("api.sock"));
+    }
 
     #[test]
     fn a_file_sets_what_it_names_and_refuses_what_it_does_not_know() {

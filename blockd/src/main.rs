@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use blockd::config;
 use blockd::config::{
     Cloud, Every, Fraction, FullEvery, Gc, Limit, Log, LogFilter, LogFormat, Metrics, MetricsAddr,
     Nbd, Period, Settings,
@@ -207,14 +208,14 @@ fn main() -> ExitCode {
 
 /// Logs to stderr (journald under systemd), as text or JSON.
 fn init_logging(log: &Log) {
-    let filter = log.filter.as_ref().map_or("info", |f| f.0.as_str());
+    let filter = config::set(log.filter.as_ref(), "log.filter").0.as_str();
     let filter = tracing_subscriber::EnvFilter::builder()
         .parse(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match log.format.unwrap_or(LogFormat::Text) {
+    match config::set(log.format, "log.format") {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -228,7 +229,7 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
     // 0700 directories. Sockets are then opened up explicitly.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     // Before any thread exists: every thread inherits the flags.
-    let protections = blockd::host::Protections::apply(settings.mlock.unwrap_or(true));
+    let protections = blockd::host::Protections::apply(config::set(settings.mlock, "mlock"));
     protections.log();
     let config = settings.daemon_config(protections.names());
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -171,6 +171,16 @@ impl Hook {
             }
         }
     }
+
+    /// One line for error messages: the command, how it ended, its output.
+    pub fn describe(&self) -> String {
+        let out = self.output.trim();
+        if out.is_empty() {
+            format!("`{}` {}", self.command, self.ending())
+        } else {
+            format!("`{}` {}: {out}", self.command, self.ending())
+        }
+    }
 }
 
 /// A local snapshot as the API reports it.

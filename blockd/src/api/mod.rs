@@ -406,8 +406,8 @@ fn snapshot_to_api(s: &SnapshotStore) -> blockd_api::Snapshot {
         extent_size: m.extent_size,
         pause_us: m.pause_us,
         changes_known: m.changes_known,
-        pre_exec: m.pre_exec.map(Into::into),
-        post_exec: m.post_exec.map(Into::into),
+        pre_exec: m.pre_exec,
+        post_exec: m.post_exec,
         damaged: m.damaged,
     }
 }

@@ -15,31 +15,6 @@ use super::store::HookRecord;
 /// Most output kept per hook.
 const MAX_OUTPUT: usize = 64 << 10;
 
-impl HookRecord {
-    /// True when the hook exited 0 in time.
-    pub fn ok(&self) -> bool {
-        !self.timed_out && self.exit_code == Some(0)
-    }
-
-    /// One line for error messages.
-    pub fn describe(&self) -> String {
-        let how = if self.timed_out {
-            "timed out".to_string()
-        } else {
-            match self.exit_code {
-                Some(c) => format!("exited with status {c}"),
-                None => "was killed by a signal".to_string(),
-            }
-        };
-        let out = self.output.trim();
-        if out.is_empty() {
-            format!("`{}` {how}", self.command)
-        } else {
-            format!("`{}` {how}: {out}", self.command)
-        }
-    }
-}
-
 /// What a hook's shell does first: it does not inherit what blockd set
 /// for itself (OOM protection, a private umask).
 const PRELUDE: &str =

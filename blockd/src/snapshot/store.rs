@@ -123,29 +123,9 @@ pub struct SnapshotMeta {
     pub handed_on: bool,
 }
 
-/// What an exec hook did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookRecord {
-    /// The command line.
-    pub command: String,
-    /// Exit code, if it exited.
-    pub exit_code: Option<i32>,
-    /// True when it was killed at the timeout.
-    pub timed_out: bool,
-    /// Combined stdout and stderr (truncated to 64 KiB).
-    pub output: String,
-}
-
-impl From<HookRecord> for blockd_api::Hook {
-    fn from(h: HookRecord) -> Self {
-        Self {
-            command: h.command,
-            exit_code: h.exit_code,
-            timed_out: h.timed_out,
-            output: h.output,
-        }
-    }
-}
+/// What an exec hook did, as the snapshot's metadata keeps it and the API
+/// reports it (one type, so the stored form and the answer cannot drift).
+pub type HookRecord = blockd_api::Hook;
 
 /// Snapshot store errors.
 #[derive(Debug, thiserror::Error)]

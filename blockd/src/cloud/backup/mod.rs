@@ -268,8 +268,8 @@ impl Cloud {
                     labels: labels.clone(),
                     created: meta.created.clone(),
                     pause_us: meta.pause_us,
-                    pre_exec: meta.pre_exec.clone().map(Into::into),
-                    post_exec: meta.post_exec.clone().map(Into::into),
+                    pre_exec: meta.pre_exec.clone(),
+                    post_exec: meta.post_exec.clone(),
                     session,
                     schedule: schedule.map(str::to_string),
                     expires: expires.clone(),
@@ -307,10 +307,7 @@ impl Cloud {
         Ok(Started {
             group: group_id,
             tasks,
-            post_exec: metas
-                .first()
-                .and_then(|m| m.post_exec.clone())
-                .map(Into::into),
+            post_exec: metas.first().and_then(|m| m.post_exec.clone()),
         })
     }
 
