@@ -52,12 +52,16 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64>;
     /// The first preserved extent at or after `from`.
     fn next_preserved(&self, from: u64) -> Option<u64>;
-    /// Preserves extent `e` whose frozen contents are `old`, unless it is
-    /// already preserved. Durable against a process crash on return.
+    /// Preserves `extents` (ascending, distinct) whose frozen contents lie
+    /// back to back in `old`, one extent size each, skipping any already
+    /// preserved; returns how many it preserved. Durable against a process
+    /// crash on return. One call for
+    /// many extents lets the image write them with one write each for data
+    /// and index (see [`Volume::guard_many`]).
     ///
     /// # Errors
-    /// I/O failures: the write that needed it must fail.
-    fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()>;
+    /// I/O failures: the writes that needed them must fail.
+    fn preserve_many(&self, extents: &[u64], old: &[u8]) -> io::Result<usize>;
     /// Reads preserved extent `e` at `within..within + buf.len()`;
     /// `Ok(false)` when it is not preserved.
     ///
@@ -110,32 +114,71 @@ impl Volume {
     /// that still reads an affected extent from the live volume gets a copy
     /// of it.
     pub(super) fn guard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.guard_many(&[(offset, len)])
+    }
+
+    fn needed<'a>(
+        &'a self,
+        held: &'a [Arc<dyn FrozenImage>],
+        ranges: &'a [(u64, u64)],
+    ) -> impl Iterator<Item = u64> + 'a {
+        let es = self.extent_size;
+        ranges
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .flat_map(move |&(offset, len)| dirty_map::extent_range(offset, len, es))
+            .filter(move |&e| held.iter().any(|s| e * es < s.size() && !s.preserved(e)))
+    }
+
+    /// [`Self::guard`] for several ranges at once, as a batch of writes
+    /// needs: the extents to copy are read into one buffer and each image
+    /// stores them with one data write and one index write, not two writes
+    /// per extent. With random 4 KiB writes after a freeze, where most
+    /// writes need a copy, that halves what the copies cost
+    /// (kernel-notes/README.md, "Copy-on-write").
+    pub(super) fn guard_many(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
         let held = self
             .held
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.is_empty() || len == 0 {
+        if held.is_empty() {
             return Ok(());
         }
-        let es = self.extent_size;
-        let range = dirty_map::extent_range(offset, len, es);
-        let needed = |s: &dyn FrozenImage, e: u64| e * es < s.size() && !s.preserved(e);
-        if !held.iter().any(|s| range.clone().any(|e| needed(&**s, e))) {
+        let mut extents: Vec<u64> = self.needed(&held, ranges).collect();
+        if extents.is_empty() {
             return Ok(());
         }
+        extents.sort_unstable();
+        extents.dedup();
         // es is an extent size, at most a few MiB (validated at create).
-        let mut old = vec![0u8; usize::try_from(es).map_err(io::Error::other)?];
-        for e in range {
-            let missing: Vec<&Arc<dyn FrozenImage>> =
-                held.iter().filter(|s| needed(&***s, e)).collect();
-            if missing.is_empty() {
-                continue;
-            }
-            self.read_live(&mut old, e * es)?;
-            for s in missing {
-                s.preserve(e, &old)?;
-                self.stats.cow(es);
-            }
+        let es = usize::try_from(self.extent_size).map_err(io::Error::other)?;
+        let mut old = vec![0u8; extents.len() * es];
+        for (e, buf) in extents.iter().zip(old.chunks_exact_mut(es)) {
+            self.read_live(buf, e * self.extent_size)?;
+        }
+        for s in held.iter() {
+            // With one image (the usual case) every extent is its own; the
+            // image skips any preserved meanwhile.
+            let mine: Vec<u64> = if held.len() == 1 {
+                extents.clone()
+            } else {
+                let want = |e: &u64| e * self.extent_size < s.size() && !s.preserved(*e);
+                extents.iter().copied().filter(want).collect()
+            };
+            let copied = if mine.len() == extents.len() {
+                s.preserve_many(&mine, &old)?
+            } else if mine.is_empty() {
+                0
+            } else {
+                let mut part = Vec::with_capacity(mine.len() * es);
+                for (e, buf) in extents.iter().zip(old.chunks_exact(es)) {
+                    if mine.binary_search(e).is_ok() {
+                        part.extend_from_slice(buf);
+                    }
+                }
+                s.preserve_many(&mine, &part)?
+            };
+            self.stats.cow(copied as u64 * self.extent_size);
         }
         Ok(())
     }
@@ -349,13 +392,14 @@ mod tests {
                 .next()
                 .map(|(e, _)| *e)
         }
-        fn preserve(&self, e: u64, old: &[u8]) -> io::Result<()> {
-            self.kept
-                .lock()
-                .unwrap()
-                .entry(e)
-                .or_insert_with(|| old.to_vec());
-            Ok(())
+        fn preserve_many(&self, extents: &[u64], old: &[u8]) -> io::Result<usize> {
+            let es = old.len() / extents.len();
+            let mut kept = self.kept.lock().unwrap();
+            let before = kept.len();
+            for (e, old) in extents.iter().zip(old.chunks_exact(es)) {
+                kept.entry(*e).or_insert_with(|| old.to_vec());
+            }
+            Ok(kept.len() - before)
         }
         fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool> {
             let kept = self.kept.lock().unwrap();

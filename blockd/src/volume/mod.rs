@@ -309,9 +309,44 @@ impl Volume {
     /// kernel worker thread; the copy costs less than those two thread hops.
     /// May block briefly under dirty-page throttling, like any writer.
     pub fn write_cached(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
         self.dirty.mark(offset, data.len() as u64);
         self.guard(offset, data.len() as u64)?;
+        self.write_steps(offset, data)
+    }
+
+    /// True when a write could need copies for a held frozen image: then
+    /// small writes are worth gathering for [`Self::write_many_cached`].
+    pub fn holds_frozen_images(&self) -> bool {
+        !self
+            .held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// [`Self::write_cached`] for several writes, whose copy-on-write
+    /// copies are made together (see [`Self::guard_many`]) before any of
+    /// them lands. One result per write; when the copies fail, every write
+    /// fails with that error.
+    pub fn write_many_cached(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        let ranges: Vec<(u64, u64)> = writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        for &(offset, len) in &ranges {
+            self.dirty.mark(offset, len);
+        }
+        if let Err(e) = self.guard_many(&ranges) {
+            return writes
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect();
+        }
+        writes
+            .iter()
+            .map(|(offset, data)| self.write_steps(*offset, data))
+            .collect()
+    }
+
+    fn write_steps(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         // In steps, as the engine writes (see `engine::write_step`).
         let mut pos = 0;
         while pos < data.len() {
