@@ -2,7 +2,7 @@
 //! index blocks the readers walk. Shared by full restores, lazy restores
 //! and the catalog mount.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::format::{ChunkLoc, Entry, Manifest};
@@ -121,15 +121,21 @@ pub fn plan(chunks: impl IntoIterator<Item = ChunkLoc>, max_get: u64) -> Vec<Fet
     out
 }
 
+/// One index block's load, shared by its readers.
+type Loading = tokio::sync::OnceCell<Arc<Vec<Entry>>>;
+
 /// Recently used index blocks, by their content-addressed id (snapshots
-/// share them); one load at a time, so concurrent readers of a block
-/// fetch it once.
+/// share them); concurrent readers of a block fetch it once.
 #[derive(Debug)]
 pub struct IndexCache {
     capacity: usize,
     /// Least recently used first.
     blocks: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
-    load: tokio::sync::Mutex<()>,
+    /// Blocks being loaded, one load per block: a second reader of the
+    /// same block waits for it, a reader of another block does not (a
+    /// lazy restore's client read must not queue behind the hydrator's
+    /// index GETs).
+    loading: Mutex<HashMap<String, Arc<Loading>>>,
 }
 
 impl IndexCache {
@@ -138,7 +144,7 @@ impl IndexCache {
         Self {
             capacity: capacity.max(1),
             blocks: Mutex::new(Vec::new()),
-            load: tokio::sync::Mutex::new(()),
+            loading: Mutex::new(HashMap::new()),
         }
     }
 
@@ -206,19 +212,36 @@ impl IndexCache {
         if let Some(e) = self.cached(id) {
             return Ok(e);
         }
-        let _one = self.load.lock().await;
-        if let Some(e) = self.cached(id) {
-            return Ok(e);
-        }
-        let entries = Arc::new(repo.get_index(block, id).await?);
-        let mut blocks = self
-            .blocks
+        let cell = self
+            .loading
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if blocks.len() >= self.capacity {
-            blocks.remove(0);
-        }
-        blocks.push((id.to_string(), entries.clone()));
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let loaded: Result<_, RepoError> = cell
+            .get_or_try_init(|| async {
+                if let Some(e) = self.cached(id) {
+                    return Ok(e);
+                }
+                let entries = Arc::new(repo.get_index(block, id).await?);
+                let mut blocks = self
+                    .blocks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if blocks.len() >= self.capacity {
+                    blocks.remove(0);
+                }
+                blocks.push((id.to_string(), entries.clone()));
+                Ok(entries)
+            })
+            .await;
+        // Loaded (now cached) or failed (the next reader tries again).
+        self.loading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        let entries = loaded?.clone();
         Ok(entries)
     }
 }

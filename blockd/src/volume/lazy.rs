@@ -101,6 +101,9 @@ pub struct Lazy {
     foreground: AtomicUsize,
     /// Woken when the last of them ends.
     foreground_done: tokio::sync::Notify,
+    /// Woken when a client request starts fetching: background fetches
+    /// in flight give way (see [`Lazy::fill_background`]).
+    foreground_started: tokio::sync::Notify,
 }
 
 /// Counts a client request among [`Lazy::foreground`] while it lives.
@@ -109,6 +112,7 @@ struct Foreground<'a>(&'a Lazy);
 impl<'a> Foreground<'a> {
     fn enter(l: &'a Lazy) -> Self {
         l.foreground.fetch_add(1, Ordering::AcqRel);
+        l.foreground_started.notify_waiters();
         Self(l)
     }
 }
@@ -184,6 +188,7 @@ impl Lazy {
             persist: Mutex::new(()),
             foreground: AtomicUsize::new(0),
             foreground_done: tokio::sync::Notify::new(),
+            foreground_started: tokio::sync::Notify::new(),
         })
     }
 
@@ -415,7 +420,7 @@ impl Lazy {
         }
         let _fg = Foreground::enter(self);
         for (f, c) in fetch {
-            self.fill(f, c, true).await?;
+            self.fill(f, c).await?;
         }
         Ok(true)
     }
@@ -441,13 +446,13 @@ impl Lazy {
     }
 
     /// Fetches and installs the missing units of `first..first + count`
-    /// that no one else is fetching; with `wait`, then waits for the ones
-    /// others are fetching (and fetches those whose fetch failed).
-    /// Returns the bytes written.
+    /// that no one else is fetching, then waits for the ones others are
+    /// fetching (and fetches those whose fetch failed or gave way). Returns
+    /// the bytes written. For client requests.
     ///
     /// # Errors
     /// A failed fetch or write.
-    pub async fn fill(self: &Arc<Self>, first: u32, count: u32, wait: bool) -> io::Result<u64> {
+    pub async fn fill(self: &Arc<Self>, first: u32, count: u32) -> io::Result<u64> {
         let end = first.saturating_add(count).min(self.units);
         let mut written = 0;
         loop {
@@ -455,30 +460,96 @@ impl Lazy {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (mine, others) = self.take(first, end);
-            for (i, &(f, c)) in mine.iter().enumerate() {
-                let r = async {
-                    let runs = self.source.fetch(f, c).await?;
-                    let me = self.clone();
-                    tokio::task::spawn_blocking(move || me.install(f, c, &runs))
-                        .await
-                        .map_err(io::Error::other)?
-                }
-                .await;
-                if r.is_err() {
-                    // Release this run and the ones not started.
-                    for &(f, c) in &mine[i..] {
-                        lock(&self.fetching).remove_range(f..f + c);
-                    }
-                }
-                lock(&self.fetching).remove_range(f..f + c);
-                self.fetched.notify_waiters();
-                written += r?;
-            }
-            if !wait || !others {
+            written += self.fill_runs(&mine, false).await?.0;
+            if !others {
                 return Ok(written);
             }
             notified.await;
         }
+    }
+
+    /// The hydrator's fill: fetches and installs the missing units of
+    /// `first..first + count` that no one else is fetching. With
+    /// `yielding`, gives way when a client request starts fetching: the
+    /// GETs in flight are dropped (so the store serves the client's alone,
+    /// not behind megabytes of background reads), the units not installed
+    /// are released, and `Ok(None)` tells the caller to try again after
+    /// [`Lazy::background_turn`] (without `yielding`, so that a client
+    /// reading without pause still lets hydration move).
+    ///
+    /// # Errors
+    /// A failed fetch or write.
+    pub async fn fill_background(
+        self: &Arc<Self>,
+        first: u32,
+        count: u32,
+        yielding: bool,
+    ) -> io::Result<Option<u64>> {
+        let end = first.saturating_add(count).min(self.units);
+        let (mine, _) = self.take(first, end);
+        let (written, finished) = self.fill_runs(&mine, yielding).await?;
+        Ok(finished.then_some(written))
+    }
+
+    /// Fetches and installs `runs`, which the caller has taken (see
+    /// [`Lazy::take`]), releasing each as it ends. With `yielding`, stops
+    /// when a client request starts fetching. Returns the bytes written
+    /// and whether every run was installed.
+    async fn fill_runs(
+        self: &Arc<Self>,
+        runs: &[(u32, u32)],
+        yielding: bool,
+    ) -> io::Result<(u64, bool)> {
+        let mut written = 0;
+        for (i, &(f, c)) in runs.iter().enumerate() {
+            let fetch = async {
+                let runs = self.source.fetch(f, c).await?;
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.install(f, c, &runs))
+                    .await
+                    .map_err(io::Error::other)?
+            };
+            let r = if yielding {
+                let started = self.foreground_started.notified();
+                tokio::pin!(started);
+                started.as_mut().enable();
+                if self.foreground.load(Ordering::Acquire) > 0 {
+                    None
+                } else {
+                    tokio::select! {
+                        r = fetch => Some(r),
+                        () = started => None,
+                    }
+                }
+            } else {
+                Some(fetch.await)
+            };
+            // Release this run, and on failure or giving way the ones not
+            // started.
+            let release = |done: &[(u32, u32)]| {
+                let mut fetching = lock(&self.fetching);
+                for &(f, c) in done {
+                    fetching.remove_range(f..f + c);
+                }
+                drop(fetching);
+                self.fetched.notify_waiters();
+            };
+            match r {
+                Some(Ok(n)) => {
+                    release(&runs[i..=i]);
+                    written += n;
+                }
+                Some(Err(e)) => {
+                    release(&runs[i..]);
+                    return Err(e);
+                }
+                None => {
+                    release(&runs[i..]);
+                    return Ok((written, false));
+                }
+            }
+        }
+        Ok((written, true))
     }
 
     /// Marks the missing units of `first..end` that no one is fetching as
@@ -643,6 +714,24 @@ mod tests {
     }
 
     fn setup(size: u64) -> (tempfile::TempDir, Arc<Lazy>) {
+        setup_with(size, Arc::new(Pattern))
+    }
+
+    /// [`Pattern`], but units from 32 on take a minute: a background GET
+    /// still under way.
+    struct SlowTail;
+
+    #[async_trait::async_trait]
+    impl Source for SlowTail {
+        async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+            if first >= 32 {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+            Pattern.fetch(first, count).await
+        }
+    }
+
+    fn setup_with(size: u64, source: Arc<dyn Source>) -> (tempfile::TempDir, Arc<Lazy>) {
         let dir = tempfile::tempdir().unwrap();
         let f = File::options()
             .read(true)
@@ -657,7 +746,7 @@ mod tests {
             dir.path().join("v.present"),
             4096,
             size,
-            Arc::new(Pattern),
+            source,
         )
         .unwrap();
         (dir, Arc::new(l))
@@ -762,6 +851,36 @@ mod tests {
         // Holes are marked present without a fetch.
         l.holes(60, 10);
         assert_eq!(l.missing(58, 64), vec![(58, 2)]);
+    }
+
+    #[tokio::test]
+    async fn background_fetches_give_way_to_a_client_fetch() {
+        use std::time::Duration;
+        let (_d, l) = setup_with(64 * 4096, Arc::new(SlowTail));
+        let l2 = l.clone();
+        let batch = tokio::spawn(async move { l2.fill_background(32, 16, true).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!batch.is_finished(), "the background fetch is under way");
+        // A client read starts fetching: the batch stops and lets go of
+        // its units, which a client may then fetch itself.
+        assert!(l.prepare(0, 4096, Need::Read).await.unwrap());
+        let r = tokio::time::timeout(Duration::from_secs(5), batch)
+            .await
+            .expect("the batch gives way at once")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r, None);
+        assert!(lock(&l.fetching).is_empty());
+        assert_eq!(l.missing(32, 48), vec![(32, 16)]);
+        // Without yielding (its second go), a client fetch does not stop it.
+        let l2 = l.clone();
+        let batch = tokio::spawn(async move { l2.fill_background(32, 16, false).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(l.prepare(4096, 4096, Need::Read).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!batch.is_finished());
+        assert_eq!(lock(&l.fetching).len(), 16);
+        batch.abort();
     }
 
     #[test]
