@@ -431,8 +431,8 @@ impl SnapshotStore {
     }
 
     /// Preserves `extents` (ascending, distinct) whose current (frozen)
-    /// contents lie back to back in `old`, skipping any already preserved;
-    /// returns how many it preserved.
+    /// contents lie back to back in `old`, skipping any already preserved
+    /// or past the frozen image's end; returns how many it preserved.
     /// They take consecutive slots, so the data goes down with one write
     /// and the index records with another. Data first, then the index
     /// records: a record never names data that is not there.
@@ -447,7 +447,7 @@ impl SnapshotStore {
         }
         let mut index = self.lock_index();
         let fresh: Vec<usize> = (0..extents.len())
-            .filter(|&i| !index.contains(extents[i]))
+            .filter(|&i| extents[i] * es < self.size && !index.contains(extents[i]))
             .collect();
         if fresh.is_empty() {
             return Ok(0);
@@ -467,7 +467,9 @@ impl SnapshotStore {
         if fresh.len() == extents.len() {
             self.data.write_all_at(old, at)?;
         } else {
-            // Another writer preserved some meanwhile: only the rest.
+            // Some were preserved before (by another writer meanwhile, or
+            // for an image that had not yet been written to when another
+            // held image needed them), or lie past this image's end.
             let mut part = Vec::with_capacity(fresh.len() * len);
             for &i in &fresh {
                 part.extend_from_slice(&old[i * len..(i + 1) * len]);

@@ -54,10 +54,10 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     fn next_preserved(&self, from: u64) -> Option<u64>;
     /// Preserves `extents` (ascending, distinct) whose frozen contents lie
     /// back to back in `old`, one extent size each, skipping any already
-    /// preserved; returns how many it preserved. Durable against a process
-    /// crash on return. One call for
-    /// many extents lets the image write them with one write each for data
-    /// and index (see [`Volume::guard_many`]).
+    /// preserved or past the image's end; returns how many it preserved.
+    /// Durable against a process crash on return. One call for many
+    /// extents lets the image write them with one write each for data and
+    /// index (see [`Volume::guard_many`]).
     ///
     /// # Errors
     /// I/O failures: the writes that needed them must fail.
@@ -157,27 +157,8 @@ impl Volume {
             self.read_live(buf, e * self.extent_size)?;
         }
         for s in held.iter() {
-            // With one image (the usual case) every extent is its own; the
-            // image skips any preserved meanwhile.
-            let mine: Vec<u64> = if held.len() == 1 {
-                extents.clone()
-            } else {
-                let want = |e: &u64| e * self.extent_size < s.size() && !s.preserved(*e);
-                extents.iter().copied().filter(want).collect()
-            };
-            let copied = if mine.len() == extents.len() {
-                s.preserve_many(&mine, &old)?
-            } else if mine.is_empty() {
-                0
-            } else {
-                let mut part = Vec::with_capacity(mine.len() * es);
-                for (e, buf) in extents.iter().zip(old.chunks_exact(es)) {
-                    if mine.binary_search(e).is_ok() {
-                        part.extend_from_slice(buf);
-                    }
-                }
-                s.preserve_many(&mine, &part)?
-            };
+            // Each image keeps the ones it still needs.
+            let copied = s.preserve_many(&extents, &old)?;
             self.stats.cow(copied as u64 * self.extent_size);
         }
         Ok(())
@@ -397,7 +378,9 @@ mod tests {
             let mut kept = self.kept.lock().unwrap();
             let before = kept.len();
             for (e, old) in extents.iter().zip(old.chunks_exact(es)) {
-                kept.entry(*e).or_insert_with(|| old.to_vec());
+                if *e * (es as u64) < self.size {
+                    kept.entry(*e).or_insert_with(|| old.to_vec());
+                }
             }
             Ok(kept.len() - before)
         }
