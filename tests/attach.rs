@@ -2,7 +2,9 @@
 //! through the generic-netlink family "nbd". Where the kernel has no nbd
 //! driver (as on these machines) attach must fail at once, say what to do,
 //! and leave nothing behind; where it has one, the device must carry the
-//! volume's data both ways and come back after a daemon restart.
+//! volume's data both ways and come back after a daemon restart. The
+//! second half runs in a VM whose kernel has the module (tests/vm/
+//! attach.sh, booted by tests/common/vm.rs), so it runs on every machine.
 
 mod common;
 
@@ -110,4 +112,64 @@ fn attached_volume_carries_data_both_ways_and_survives_a_restart() {
     assert!(read.bytes().all(|b| b == 0x61));
     d.ok(&["volume", "detach", "vol1"]);
     d.ok(&["volume", "delete", "vol1"]);
+}
+
+/// The kernel side for real: in a VM with nbd.ko, attach over netlink,
+/// raw I/O both ways, a second kernel client through nbd-client's
+/// handshake, the busy rules, ext4 across a kill -9 of the daemon (the
+/// device gets new sockets), refusal to detach a mounted device, a backup
+/// of what the host wrote and its lazy restore mounted from a second
+/// device, detach, the data still there at another device, and attach
+/// racing a forced delete.
+#[test]
+fn attach_in_a_vm_with_the_nbd_module() {
+    let Some(out) = vm::run_scenario("attach.sh", vm::BOOT_AND_RUN) else {
+        return;
+    };
+    assert!(
+        !out.contains("VMTEST FAIL"),
+        "a step failed in the VM (console above)"
+    );
+    let want = [
+        "start",
+        "attach",
+        "sysfs",
+        "list-inspect",
+        "write",
+        "read",
+        "read-back",
+        "nbd-client",
+        "read-nbd-client",
+        "same-bytes",
+        "nbd-client-disconnect",
+        "delete-refused",
+        "attach-twice",
+        "attach-again-same",
+        "mkfs",
+        "mount",
+        "fs-write",
+        "detach-mounted-refused",
+        "restart",
+        "fs-survives",
+        "status-after-restart",
+        "umount",
+        "fsck",
+        "backup",
+        "restore",
+        "attach-restored",
+        "mount-restored",
+        "restored-files",
+        "umount-restored",
+        "detach-restored",
+        "detach",
+        "detached",
+        "detach-twice",
+        "mount-again",
+        "data-kept",
+        "detach-again",
+        "delete",
+        "race",
+    ];
+    assert_eq!(vm::passed_steps(&out), want, "steps passed in the VM");
+    assert!(out.contains("VMTEST PASS"), "the scenario did not finish");
 }

@@ -161,6 +161,14 @@ impl Want {
         Self::new(Holder::request(doing)).with(Resource::Volume(volume.into()), Mode::Exclusive)
     }
 
+    /// Attaching `volume` as a kernel device: it must not be deleted
+    /// while the device is being set up (a delete checks the attachments
+    /// under its exclusive claim, so the two are one step either way).
+    pub fn for_attach(volume: &str) -> Self {
+        Self::new(Holder::request("is being attached"))
+            .with(Resource::Volume(volume.into()), Mode::Shared)
+    }
+
     /// Taking snapshot `name` of each of `volumes` (one freeze point).
     pub fn for_snapshot_create(volumes: &[String], name: &str) -> Self {
         let mut w = Self::new(Holder::request(&format!(

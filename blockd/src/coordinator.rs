@@ -21,6 +21,15 @@ pub enum VolumeOpError {
     /// A snapshot, backup, restore or another request uses the volume.
     #[error(transparent)]
     Busy(#[from] Busy),
+    /// The volume is attached as a kernel device; `--force` does not
+    /// change that: a file system may be mounted on it.
+    #[error("volume {volume:?} is attached as {device}: unmount what uses it and run `blockctl volume detach {volume}` first")]
+    Attached {
+        /// Volume.
+        volume: String,
+        /// Its device.
+        device: String,
+    },
     /// The volume has snapshots and `--force` was not given.
     #[error("volume {volume:?} has {count} snapshot(s): delete them first (`blockctl snapshot list {volume}`) or delete with --force, which deletes them too")]
     HasSnapshots {
@@ -38,7 +47,7 @@ impl VolumeOpError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Busy(_) | Self::HasSnapshots { .. } => Outcome::Conflict,
+            Self::Busy(_) | Self::HasSnapshots { .. } | Self::Attached { .. } => Outcome::Conflict,
             Self::Store(s) => s.outcome(),
         }
     }
@@ -68,6 +77,14 @@ impl Daemon {
         let v = self.store.get(name).ok_or(StoreError::NotFound {
             volume: name.into(),
         })?;
+        // An attach holds a shared claim until its device is recorded, so
+        // under this exclusive one the record is final.
+        if let Some(device) = self.attachments.device_of(name) {
+            return Err(VolumeOpError::Attached {
+                volume: name.into(),
+                device,
+            });
+        }
         if v.connections() > 0 && !force {
             return Err(StoreError::Busy {
                 volume: name.into(),
@@ -85,6 +102,20 @@ impl Daemon {
         self.snapshots.delete_volume(name);
         self.store.delete(name, force)?;
         Ok(())
+    }
+
+    /// Attaches a volume as a kernel NBD device.
+    ///
+    /// # Errors
+    /// The volume is being deleted; what [`crate::attach::Attachments::attach`]
+    /// refuses.
+    pub async fn attach_volume(
+        &self,
+        name: &str,
+        req: &blockd_api::AttachRequest,
+    ) -> Result<blockd_api::Attachment, crate::attach::AttachError> {
+        let _claim = self.claims.acquire(Want::for_attach(name))?;
+        self.attachments.attach(&self.nbd, name, req).await
     }
 
     /// Grows a volume.

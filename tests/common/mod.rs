@@ -10,6 +10,7 @@
 pub mod cloud;
 pub mod disk;
 pub mod objstores;
+pub mod vm;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;

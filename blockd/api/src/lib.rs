@@ -45,6 +45,11 @@ pub struct Volume {
     /// The kernel device this volume is attached as (`/dev/nbdN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<String>,
+    /// Whether the kernel reports that device connected (NBD_CMD_STATUS;
+    /// `volume inspect` only). `false` while it waits for blockd to come
+    /// back with new sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_connected: Option<bool>,
 }
 
 /// Body of `POST /v1/volumes`.

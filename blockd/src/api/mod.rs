@@ -223,6 +223,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
         },
         tracking_known: changes.known,
         attached: None,
+        kernel_connected: None,
     }
 }
 
@@ -336,7 +337,11 @@ async fn inspect_volume(
         .store
         .get(&name)
         .ok_or(StoreError::NotFound { volume: name })?;
-    Ok(Json(with_attachment(&d, to_api(&d, &v))))
+    let mut v = with_attachment(&d, to_api(&d, &v));
+    if v.attached.is_some() {
+        v.kernel_connected = d.attachments.kernel_connected(&v.name).await;
+    }
+    Ok(Json(v))
 }
 
 fn with_attachment(d: &Daemon, mut v: blockd_api::Volume) -> blockd_api::Volume {
@@ -354,15 +359,19 @@ async fn attach_volume(
     } else {
         body(&bytes)?
     };
-    let a = d.attachments.attach(&d.nbd, &name, &req).await?;
+    let a = d.attach_volume(&name, &req).await?;
     Ok((StatusCode::CREATED, Json(a)))
 }
 
 async fn detach_volume(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> Result<StatusCode, Failure> {
-    d.attachments.detach(&name).await?;
+    let force = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    d.attachments.detach(&name, force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -69,6 +69,19 @@ pub enum AttachError {
         /// errno.
         errno: i32,
     },
+    /// The volume is being deleted (or otherwise claimed).
+    #[error(transparent)]
+    Busy(#[from] crate::claims::Busy),
+    /// The device is mounted or held open exclusively.
+    #[error(
+        "{device} is in use (mounted, or held by device-mapper, md or another exclusive \
+         user): unmount it first, or detach with --force, which fails every I/O still \
+         in flight on it"
+    )]
+    InUse {
+        /// The device.
+        device: String,
+    },
     /// Local failure.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -80,7 +93,7 @@ impl AttachError {
         match self {
             Self::NoModule | Self::Invalid(_) => Outcome::Invalid,
             Self::NoVolume(_) | Self::NotAttached(_) => Outcome::NotFound,
-            Self::Attached { .. } => Outcome::Conflict,
+            Self::Attached { .. } | Self::Busy(_) | Self::InUse { .. } => Outcome::Conflict,
             Self::Kernel { errno, .. } if *errno == libc::EBUSY => Outcome::Conflict,
             Self::Kernel { .. } | Self::Io(_) => Outcome::Failed,
         }
@@ -176,17 +189,26 @@ impl Attachments {
         Ok(a)
     }
 
-    /// Detaches `volume`.
+    /// Detaches `volume`. Unless `force`, a device that is mounted (or
+    /// held open exclusively) is refused, and the exclusive open taken to
+    /// check it is held until the kernel has disconnected the device, so
+    /// nothing mounts it in between.
     ///
     /// # Errors
-    /// Not attached; the kernel's refusal.
-    pub async fn detach(&self, volume: &str) -> Result<(), AttachError> {
+    /// Not attached; in use; the kernel's refusal.
+    pub async fn detach(&self, volume: &str, force: bool) -> Result<(), AttachError> {
         let _one = self.changing.lock().await;
         let Some(a) = lock(&self.active).get(volume).cloned() else {
             return Err(AttachError::NotAttached(volume.into()));
         };
         let index = a.index;
+        let device = a.device.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
+            let _held = if force {
+                None
+            } else {
+                hold_exclusive(&device)?
+            };
             let (mut genl, family) = open_family()?;
             let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
                 netlink::request(
@@ -213,8 +235,19 @@ impl Attachments {
         }
         lock(&self.active).remove(volume);
         self.save()?;
-        tracing::info!(volume, device = %a.device, "volume detached");
+        tracing::info!(volume, device = %a.device, force, "volume detached");
         Ok(())
+    }
+
+    /// Whether the kernel reports `volume`'s device connected
+    /// (NBD_CMD_STATUS); `None` when it is not attached or the kernel
+    /// does not answer.
+    pub async fn kernel_connected(&self, volume: &str) -> Option<bool> {
+        let index = lock(&self.active).get(volume)?.index;
+        tokio::task::spawn_blocking(move || status(index).ok())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Makes the recorded attachments again (at start). Failures are
@@ -299,10 +332,15 @@ impl Attachments {
                 let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
                     netlink::request(family, seq, netlink::connect(&c, &fds, true))
                 })?;
-                if check(&replies, "reconfigure the device").is_ok() {
-                    return c
-                        .index
-                        .ok_or_else(|| AttachError::Invalid("no index".into()));
+                match check(&replies, "reconfigure the device") {
+                    Ok(()) => {
+                        return c
+                            .index
+                            .ok_or_else(|| AttachError::Invalid("no index".into()))
+                    }
+                    Err(e) => {
+                        tracing::info!(device = ?c.index, error = %e, "device not waiting for new sockets; connecting it anew");
+                    }
                 }
             }
             let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
@@ -359,6 +397,46 @@ fn open_family() -> Result<(Genl, u16), AttachError> {
         Some(id) => Ok((genl, id)),
         None => Err(AttachError::NoModule),
     }
+}
+
+/// An exclusive open of `device`, which the kernel refuses with EBUSY
+/// while a file system is mounted on it or device-mapper, md or another
+/// `O_EXCL` user holds it. `None` when the node is gone or cannot be
+/// opened for another reason (a device without sockets): there is
+/// nothing left to protect.
+fn hold_exclusive(device: &str) -> Result<Option<std::fs::File>, AttachError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(device)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(AttachError::InUse {
+            device: device.into(),
+        }),
+        Err(e) => {
+            tracing::debug!(device, error = %e, "no exclusive open before detach");
+            Ok(None)
+        }
+    }
+}
+
+/// NBD_CMD_STATUS for device `index`: whether it is connected.
+fn status(index: u32) -> Result<bool, AttachError> {
+    let (mut genl, family) = open_family()?;
+    let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+        netlink::request(
+            family,
+            seq,
+            Nbd {
+                cmd: netlink::CMD_STATUS,
+                attrs: vec![netlink::Attr::Index(index)],
+            },
+        )
+    })?;
+    check(&replies, "report the device's status")?;
+    Ok(netlink::connected(&replies, index).unwrap_or(false))
 }
 
 fn check(replies: &[Reply<GenlMessage<Nbd>>], what: &'static str) -> Result<(), AttachError> {

@@ -326,9 +326,12 @@ pub fn connect(c: &Connect, fds: &[RawFd], reconfigure: bool) -> Nbd {
             Attr::ServerFlags(c.server_flags),
             // The device goes away when blockd detaches it.
             Attr::ClientFlags(CFLAG_DESTROY_ON_DISCONNECT),
-            Attr::BackendIdentifier(c.backend.clone()),
         ]);
     }
+    // A device connected with a backend identifier is reconfigured only
+    // by a request naming the same one (the kernel answers EINVAL,
+    // "backend image doesn't match", otherwise).
+    attrs.push(Attr::BackendIdentifier(c.backend.clone()));
     attrs.extend([
         Attr::Timeout(c.timeout),
         Attr::DeadConnTimeout(c.dead_conn_timeout),
@@ -356,7 +359,9 @@ pub fn family_request(seq: u32) -> Vec<u8> {
     });
     genl.finalize();
     let mut nl = NetlinkMessage::from(genl);
-    nl.header.flags = NLM_F_REQUEST;
+    // The ACK ends the exchange ([`Genl::exchange`] reads up to it): the
+    // kernel sends the family's message and then, asked, an ACK.
+    nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
     nl.header.sequence_number = seq;
     nl.finalize();
     let mut out = vec![0u8; nl.buffer_len()];
@@ -416,6 +421,23 @@ pub fn family_id(replies: &[Reply<GenlMessage<GenlCtrl>>]) -> Option<u16> {
     })
 }
 
+/// How long an exchange waits for each datagram of the kernel's answer.
+/// NBD_CMD_CONNECT returns once the device is set up (the partition scan
+/// runs later, when the device is first opened), so seconds are plenty.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether device `index` is connected, from the device lists of STATUS
+/// replies; `None` when no reply lists it.
+pub fn connected(replies: &[Reply<GenlMessage<Nbd>>], index: u32) -> Option<bool> {
+    replies.iter().find_map(|r| match r {
+        Reply::Message(m) => m.payload.attrs.iter().find_map(|a| match a {
+            Attr::DeviceList(d) => d.iter().find(|(i, _)| *i == index).map(|(_, c)| *c),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// A generic-netlink socket for request/reply exchanges.
 pub struct Genl {
     socket: netlink_sys::Socket,
@@ -431,6 +453,12 @@ impl Genl {
         let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_GENERIC)?;
         socket.bind_auto()?;
         socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+        // A reply that never comes must not hold an API request forever.
+        rustix::net::sockopt::set_socket_timeout(
+            &socket,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(REPLY_TIMEOUT),
+        )?;
         Ok(Self { socket, seq: 0 })
     }
 
@@ -452,7 +480,19 @@ impl Genl {
         let mut all = Vec::new();
         loop {
             let mut buf = vec![0u8; 16 << 10];
-            let n = self.socket.recv(&mut &mut buf[..], 0)?;
+            let n = self.socket.recv(&mut &mut buf[..], 0).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the kernel's nbd driver did not answer within {}s",
+                            REPLY_TIMEOUT.as_secs()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
             let replies = parse_replies::<T>(&buf[..n])
                 .map_err(|e| std::io::Error::other(format!("netlink reply: {e}")))?;
             let done = replies
@@ -553,7 +593,7 @@ mod tests {
         let msg = request(0x1c, 1, connect(&c, &[4], true));
         assert_eq!(msg[16], 3, "RECONFIGURE");
         let kinds: Vec<u16> = attrs(&msg).iter().map(|(k, _)| k & !NLA_F_NESTED).collect();
-        assert_eq!(kinds, [1, 4, 8, 7]);
+        assert_eq!(kinds, [1, 10, 4, 8, 7], "index, backend, timeouts, sockets");
         let msg = request(
             0x1c,
             2,
@@ -592,6 +632,9 @@ mod tests {
             [Attr::DeviceList(vec![(0, true), (1, false)])]
         );
         assert_eq!(replies[1], Reply::Ack);
+        assert_eq!(connected(&replies, 0), Some(true));
+        assert_eq!(connected(&replies, 1), Some(false));
+        assert_eq!(connected(&replies, 2), None);
         // An error: -ENOENT.
         let mut err = ack;
         err[16..20].copy_from_slice(&(-2i32).to_ne_bytes());
@@ -604,6 +647,13 @@ mod tests {
         let msg = family_request(1);
         assert_eq!(u16_at(&msg, 4), 0x10, "GENL_ID_CTRL");
         assert_eq!(msg[16], 3, "CTRL_CMD_GETFAMILY");
+        // Without NLM_F_ACK a kernel that has the family answers with its
+        // message only, and an exchange waiting for the ACK never ends.
+        assert_eq!(
+            u16_at(&msg, 6),
+            NLM_F_REQUEST | NLM_F_ACK,
+            "NLM_F_REQUEST | NLM_F_ACK"
+        );
         let a = attrs(&msg);
         assert_eq!(a, [(2, b"nbd\0".to_vec())], "CTRL_ATTR_FAMILY_NAME");
     }

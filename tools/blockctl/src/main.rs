@@ -259,10 +259,17 @@ enum VolumeCmd {
         timeout: u64,
     },
     /// Detach a volume's kernel block device
-    #[command(after_help = "Example:\n  blockctl volume detach db1")]
+    #[command(
+        after_help = "Examples:\n  blockctl volume detach db1\n  umount /srv/db1 && blockctl volume detach db1\n  blockctl volume detach db1 --force"
+    )]
     Detach {
         /// Volume name
         name: String,
+        /// Detach even while the device is mounted or held open: I/O still
+        /// in flight on it fails, and what the page cache has not written
+        /// back is lost
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -636,10 +643,9 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Fai
                 ));
             });
         }
-        VolumeCmd::Detach { name } => {
-            client
-                .call_empty("DELETE", &format!("/v1/volumes/{}/attach", encode(name)))
-                .await?;
+        VolumeCmd::Detach { name, force } => {
+            let path = format!("/v1/volumes/{}/attach?force={force}", encode(name));
+            client.call_empty("DELETE", &path).await?;
             out.answer(&serde_json::json!({ "detached": name }), |_| {
                 line(format_args!("Volume {name} detached."));
             });
@@ -727,12 +733,15 @@ fn print_volume(v: &Volume) {
     field("Allocated", human_size(v.allocated));
     field("Extent size", human_size(v.extent_size));
     field("Connections", v.connections);
-    field(
-        "Attached",
-        v.attached
-            .as_deref()
-            .unwrap_or("no (`blockctl volume attach`)"),
-    );
+    match (&v.attached, v.kernel_connected) {
+        (None, _) => field("Attached", "no (`blockctl volume attach`)"),
+        (Some(d), Some(true)) => field("Attached", format_args!("{d} (connected)")),
+        (Some(d), Some(false)) => field(
+            "Attached",
+            format_args!("{d} (not connected: the kernel waits for blockd's sockets)"),
+        ),
+        (Some(d), None) => field("Attached", d),
+    }
     if v.tracking_known {
         field(
             "Changed",

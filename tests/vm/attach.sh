@@ -1,0 +1,180 @@
+# Runs inside the test VM (tests/common/vm.rs boots it): a Linux kernel with
+# the nbd module loaded, blockd and blockctl, busybox, e2fsprogs and
+# nbd-client. Every check prints `VMTEST OK <step>`; the first failure
+# prints `VMTEST FAIL <step>: <why>` and stops. tests/kernel.rs asserts
+# the steps.
+set -u
+S=/tmp/state
+export BLOCKD_SOCKET=$S/api.sock
+ok() { echo "VMTEST OK $1"; }
+fail() {
+  echo "VMTEST FAIL $1: $2"
+  echo "--- blockd log"
+  tail -n 40 /tmp/blockd.log
+  exit 1
+}
+# step NAME CMD...: CMD must succeed.
+step() {
+  name=$1
+  shift
+  out=$("$@" 2>&1) || fail "$name" "$* -> $out"
+  ok "$name"
+}
+start_blockd() {
+  blockd --state-dir $S >>/tmp/blockd.log 2>&1 &
+  BLOCKD_PID=$!
+  i=0
+  until blockctl volume list >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 300 ] || fail "$1" "blockd did not answer within 30s"
+    sleep 0.1
+  done
+}
+# sysfs NAME FILE: the value of /sys/block/NAME/FILE, or empty.
+sysfs() { cat "/sys/block/$1/$2" 2>/dev/null; }
+# patterned FILE MIB SEED: MIB MiB of pseudo-random bytes.
+patterned() { dd if=/dev/urandom of="$1" bs=1M count="$2" status=none; }
+
+start_blockd start
+ok start
+
+# Attach over netlink: the first free device, two connections.
+blockctl volume create vol1 --size 64M >/dev/null || fail create "volume create"
+out=$(blockctl -j volume attach vol1 --connections 2 2>&1) || fail attach "$out"
+echo "$out" | grep -q '"device": *"/dev/nbd0"' || fail attach "unexpected answer: $out"
+ok attach
+[ "$(sysfs nbd0 backend)" = "blockd:vol1" ] || fail backend "backend is '$(sysfs nbd0 backend)'"
+[ "$(sysfs nbd0 size)" = "131072" ] || fail size "size is '$(sysfs nbd0 size)' sectors"
+[ "$(sysfs nbd0 queue/logical_block_size)" = "4096" ] || fail block-size "$(sysfs nbd0 queue/logical_block_size)"
+[ -n "$(sysfs nbd0 pid)" ] || fail connected "no pid: the device is not connected"
+ok sysfs
+blockctl volume list | grep -q "/dev/nbd0" || fail list "$(blockctl volume list)"
+inspect=$(blockctl -j volume inspect vol1)
+echo "$inspect" | grep -q '"attached": *"/dev/nbd0"' || fail inspect "$inspect"
+echo "$inspect" | grep -q '"kernel_connected": *true' || fail inspect-status "$inspect"
+ok list-inspect
+
+# Raw data both ways, with direct I/O so the page cache proves nothing.
+patterned /tmp/a 4
+step write dd if=/tmp/a of=/dev/nbd0 bs=1M oflag=direct status=none
+step read dd if=/dev/nbd0 of=/tmp/b bs=1M count=4 iflag=direct status=none
+cmp /tmp/a /tmp/b >/dev/null || fail read-back "what /dev/nbd0 returned differs"
+ok read-back
+# The same bytes through blockd's own NBD socket, to a second kernel
+# client that negotiates with nbd-client (handshake, then netlink).
+step nbd-client nbd-client -unix $S/nbd.sock /dev/nbd7 -N vol1 -b 4096
+step read-nbd-client dd if=/dev/nbd7 of=/tmp/c bs=1M count=4 iflag=direct status=none
+cmp /tmp/a /tmp/c >/dev/null || fail same-bytes "nbd-client's device reads other bytes"
+ok same-bytes
+step nbd-client-disconnect nbd-client -d /dev/nbd7
+
+# Busy rules while attached: not even --force deletes what a kernel
+# device serves.
+out=$(blockctl volume delete vol1 2>&1) && fail delete-refused "deleted an attached volume"
+echo "$out" | grep -q "attached as /dev/nbd0" || fail delete-refused "$out"
+out=$(blockctl volume delete vol1 --force 2>&1) && fail delete-refused "force-deleted an attached volume"
+echo "$out" | grep -q "attached as /dev/nbd0" || fail delete-refused "$out"
+ok delete-refused
+out=$(blockctl volume attach vol1 --device /dev/nbd3 2>&1) && fail attach-twice "attached twice"
+echo "$out" | grep -q "already attached as /dev/nbd0" || fail attach-twice "$out"
+ok attach-twice
+step attach-again-same blockctl volume attach vol1
+
+# A file system on it, through a daemon restart.
+step mkfs mkfs.ext4 -q -F -b 4096 /dev/nbd0
+step mount mount -t ext4 /dev/nbd0 /mnt
+patterned /mnt/before 8
+cp /mnt/before /tmp/before
+sync
+ok fs-write
+out=$(blockctl volume detach vol1 2>&1) && fail detach-mounted "detached a mounted device"
+echo "$out" | grep -q "in use" || fail detach-mounted "$out"
+[ -n "$(sysfs nbd0 pid)" ] || fail detach-mounted "the refused detach disconnected the device"
+ok detach-mounted-refused
+kill -9 $BLOCKD_PID
+wait $BLOCKD_PID 2>/dev/null
+start_blockd restart
+grep -q "attachment restored" /tmp/blockd.log || fail restart "no 'attachment restored' in the log"
+ok restart
+echo 3 >/proc/sys/vm/drop_caches
+cmp /mnt/before /tmp/before >/dev/null || fail fs-survives "the file reads other bytes after the restart"
+patterned /mnt/after 4
+cp /mnt/after /tmp/after
+sync
+ok fs-survives
+blockctl -j volume inspect vol1 | grep -q '"kernel_connected": *true' ||
+  fail status-after-restart "$(blockctl -j volume inspect vol1)"
+ok status-after-restart
+step umount umount /mnt
+step fsck e2fsck -f -n /dev/nbd0
+
+# What the host wrote through the device is backed up, and a lazy restore
+# attached as another device mounts with the same files.
+step backup blockctl cloudsnap backup vol1 --wait
+step restore blockctl cloudsnap restore --snap vol1 --volume vol2 --lazy --wait
+step attach-restored blockctl volume attach vol2 --device /dev/nbd5
+step mount-restored mount -t ext4 -o ro /dev/nbd5 /mnt
+cmp /mnt/before /tmp/before >/dev/null || fail restored-files "before differs"
+cmp /mnt/after /tmp/after >/dev/null || fail restored-files "after differs"
+ok restored-files
+step umount-restored umount /mnt
+step detach-restored blockctl volume detach vol2
+
+# Detach: the device goes away and the volume is free again.
+step detach blockctl volume detach vol1
+i=0
+while [ -n "$(sysfs nbd0 pid)" ]; do
+  i=$((i + 1))
+  [ $i -lt 100 ] || fail detached "/dev/nbd0 still connected after detach"
+  sleep 0.1
+done
+blockctl volume list | grep -q "/dev/nbd0" && fail detached "$(blockctl volume list)"
+ok detached
+out=$(blockctl volume detach vol1 2>&1) && fail detach-twice "detached twice"
+echo "$out" | grep -q "not attached" || fail detach-twice "$out"
+ok detach-twice
+
+# Attach again at a chosen device: the file system's data is all there.
+out=$(blockctl -j volume attach vol1 --device /dev/nbd3 2>&1) || fail attach-device "$out"
+echo "$out" | grep -q '"device": *"/dev/nbd3"' || fail attach-device "$out"
+step mount-again mount -t ext4 -o ro /dev/nbd3 /mnt
+cmp /mnt/before /tmp/before >/dev/null || fail data-kept "before differs"
+cmp /mnt/after /tmp/after >/dev/null || fail data-kept "after differs"
+umount /mnt
+ok data-kept
+step detach-again blockctl volume detach vol1
+step delete blockctl volume delete vol1
+
+# An attach and a forced delete fired at the same moment: either the
+# attach wins (the delete is refused and the device serves the volume) or
+# the delete wins (the attach fails and no device or record is left).
+attached=0
+deleted=0
+for r in 1 2 3 4 5 6 7 8; do
+  blockctl volume create race --size 16M >/dev/null || fail race "create round $r"
+  blockctl volume attach race --device /dev/nbd9 >/tmp/ra 2>&1 &
+  a=$!
+  blockctl volume delete race --force >/tmp/rd 2>&1 &
+  d=$!
+  wait $a
+  ra=$?
+  wait $d
+  rd=$?
+  if [ $ra -eq 0 ] && [ $rd -ne 0 ]; then
+    grep -q "attached as /dev/nbd9\|is being attached" /tmp/rd || fail race "delete refused oddly: $(cat /tmp/rd)"
+    [ -n "$(sysfs nbd9 pid)" ] || fail race "attach won but /dev/nbd9 is not connected"
+    blockctl volume detach race >/dev/null || fail race "detach round $r"
+    blockctl volume delete race >/dev/null || fail race "delete round $r"
+    attached=$((attached + 1))
+  elif [ $rd -eq 0 ] && [ $ra -ne 0 ]; then
+    blockctl volume list | grep -q "^race " && fail race "deleted volume still listed"
+    [ -z "$(sysfs nbd9 pid)" ] || fail race "delete won but /dev/nbd9 is still connected"
+    grep -q race $S/attachments.json 2>/dev/null && fail race "delete won but the attachment is recorded"
+    deleted=$((deleted + 1))
+  else
+    fail race "round $r: attach exit $ra ($(cat /tmp/ra)), delete exit $rd ($(cat /tmp/rd))"
+  fi
+done
+echo "VMTEST race: attach won $attached, delete won $deleted"
+ok race
+echo "VMTEST PASS"
