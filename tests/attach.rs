@@ -119,8 +119,10 @@ fn attached_volume_carries_data_both_ways_and_survives_a_restart() {
 /// handshake, the busy rules, ext4 across a kill -9 of the daemon (the
 /// device gets new sockets), refusal to detach a mounted device, a backup
 /// of what the host wrote and its lazy restore mounted from a second
-/// device, detach, the data still there at another device, and attach
-/// racing a forced delete.
+/// device, detach, the data still there at another device, attach racing
+/// a forced delete, blockd stalled past the request timeout (the kernel
+/// drops its sockets and blockd hands it new ones), and a file system on
+/// the device written back through blockd while memory runs short.
 #[test]
 fn attach_in_a_vm_with_the_nbd_module() {
     let Some(out) = vm::run_scenario("attach.sh", vm::BOOT_AND_RUN) else {
@@ -169,6 +171,8 @@ fn attach_in_a_vm_with_the_nbd_module() {
         "detach-again",
         "delete",
         "race",
+        "stall",
+        "pressure",
     ];
     assert_eq!(vm::passed_steps(&out), want, "steps passed in the VM");
     assert!(out.contains("VMTEST PASS"), "the scenario did not finish");

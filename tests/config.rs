@@ -219,6 +219,12 @@ fn a_running_daemon_follows_its_file() {
             .collect();
         let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
         qemu_io(&d.uri("v"), &refs);
+        // The server writes its closing line once it has seen the client
+        // go, which may be after qemu-io has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !d.log().contains("NBD connection closed") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let log = d.log();
         let new: Vec<serde_json::Value> = log
             .lines()

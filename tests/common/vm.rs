@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::{bin, have, skip_unless, wait_timeout};
 
-/// Where tests/run unpacks the kernel: `vmlinuz` and `nbd.ko`.
+/// Where tests/run unpacks the kernel: `vmlinuz`, and `modules/N-NAME.ko`
+/// in load order (virtio for the state disk, then nbd).
 pub fn kernel_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("BLOCKD_TEST_KERNEL_DIR") {
         return Some(PathBuf::from(d));
@@ -32,7 +33,7 @@ pub fn kernel_dir() -> Option<PathBuf> {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("linux-"))
                 && p.join("vmlinuz").exists()
-                && p.join("nbd.ko").exists()
+                && p.join("modules/7-nbd.ko").exists()
         })
         .collect();
     found.sort();
@@ -75,6 +76,12 @@ pub fn run_scenario(script: &str, timeout: Duration) -> Option<String> {
     let root = work.path().join("root");
     let initrd = work.path().join("initrd.cpio");
     pack(&root, &initrd, &kernel, script);
+    // The state dir's disk: ext4 on a virtio disk, made in the VM (a
+    // tmpfs state dir would turn every volume byte into memory).
+    let disk = work.path().join("state.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(4 << 30))
+        .expect("state disk");
     let console = work.path().join("console.txt");
     let accel = std::env::var("BLOCKD_TEST_VM_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
     let cpu = if accel.starts_with("kvm") {
@@ -96,6 +103,8 @@ pub fn run_scenario(script: &str, timeout: Duration) -> Option<String> {
         ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
         .arg("-kernel")
         .arg(kernel.join("vmlinuz"))
         .arg("-initrd")
@@ -145,6 +154,8 @@ fn pack(root: &Path, initrd: &Path, kernel: &Path, script: &str) {
         "run",
         "etc",
         "mnt",
+        "state",
+        "modules",
     ] {
         std::fs::create_dir_all(root.join(d)).expect("initramfs dir");
     }
@@ -178,7 +189,10 @@ fn pack(root: &Path, initrd: &Path, kernel: &Path, script: &str) {
             }
         }
     }
-    copy(&kernel.join("nbd.ko"), &root.join("nbd.ko"));
+    for m in std::fs::read_dir(kernel.join("modules")).expect("kernel modules") {
+        let m = m.expect("module").path();
+        copy(&m, &root.join("modules").join(m.file_name().expect("name")));
+    }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("passwd");
     std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -208,7 +222,11 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 export PATH=/usr/local/bin:/sbin:/bin HOME=/root
-insmod /nbd.ko || echo "VMTEST FAIL insmod: nbd.ko did not load"
+for m in /modules/*.ko; do
+  insmod "$m" || echo "VMTEST FAIL insmod: $m did not load"
+done
+mkfs.ext4 -q -F /dev/vda && mount -t ext4 /dev/vda /state ||
+  echo "VMTEST FAIL state-disk: no ext4 state dir on /dev/vda"
 echo "VMTEST kernel $(uname -r)"
 sh /scenario.sh
 echo "VMTEST EXIT $?"

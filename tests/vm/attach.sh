@@ -1,10 +1,10 @@
 # Runs inside the test VM (tests/common/vm.rs boots it): a Linux kernel with
-# the nbd module loaded, blockd and blockctl, busybox, e2fsprogs and
+# the nbd module loaded, an ext4 state disk at /state, blockd and blockctl, busybox, e2fsprogs and
 # nbd-client. Every check prints `VMTEST OK <step>`; the first failure
 # prints `VMTEST FAIL <step>: <why>` and stops. tests/kernel.rs asserts
 # the steps.
 set -u
-S=/tmp/state
+S=/state/blockd
 export BLOCKD_SOCKET=$S/api.sock
 ok() { echo "VMTEST OK $1"; }
 fail() {
@@ -177,4 +177,64 @@ for r in 1 2 3 4 5 6 7 8; do
 done
 echo "VMTEST race: attach won $attached, delete won $deleted"
 ok race
+
+# blockd stalled past the device's request timeout (SIGSTOP): the kernel
+# marks the connections dead and requeues their requests; once blockd runs
+# again it must give the device new sockets at once, so the writer finishes
+# and nothing is lost (without that the device would wait out its 120 s
+# dead-connection timeout and then fail the I/O).
+blockctl volume create stall --size 64M >/dev/null || fail stall "create"
+out=$(blockctl -j volume attach stall --device /dev/nbd4 --connections 2 --timeout 2 2>&1) ||
+  fail stall "$out"
+patterned /tmp/s 32
+kill -STOP $BLOCKD_PID
+dd if=/tmp/s of=/dev/nbd4 bs=1M oflag=direct status=none 2>/tmp/stall.err &
+writer=$!
+sleep 6
+kill -CONT $BLOCKD_PID
+wait $writer || fail stall "the write failed: $(cat /tmp/stall.err)"
+dd if=/dev/nbd4 of=/tmp/s2 bs=1M count=32 iflag=direct status=none || fail stall "read back"
+cmp /tmp/s /tmp/s2 >/dev/null || fail stall "what was written while blockd was stopped reads back differently"
+grep -q "gave it a new socket" /tmp/blockd.log || fail stall "no connection was given a new socket"
+blockctl -j volume inspect stall | grep -q '"kernel_connected": *true' ||
+  fail stall "not connected after: $(blockctl -j volume inspect stall)"
+blockctl volume detach stall >/dev/null || fail stall "detach"
+sleep 0.3
+grep -q "refused a new socket" /tmp/blockd.log && fail stall "a detach was answered with a new socket"
+ok stall
+
+# Memory pressure with the client on the same host: all but ~400 MiB of
+# the VM's memory pinned in tmpfs, then a file system on the device written
+# to twice what is left, so the kernel must write back the device's dirty
+# pages through blockd to find memory (kernel-notes/nbd.md, "The
+# memory-pressure deadlock"). It must finish, read back intact, and leave
+# no OOM kill and no hung task.
+blockctl volume create pressure --size 1G >/dev/null || fail pressure "create"
+out=$(blockctl -j volume attach pressure --device /dev/nbd2 2>&1) || fail pressure "$out"
+mkfs.ext4 -q -F -b 4096 /dev/nbd2 || fail pressure "mkfs"
+mount -t ext4 /dev/nbd2 /mnt || fail pressure "mount"
+avail=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
+pin=$((avail - 400))
+rss() { awk '/^VmRSS:/ { r = $2 } /^VmLck:/ { l = $2 } END { printf "%d MiB resident, %d MiB locked", r / 1024, l / 1024 }' /proc/$BLOCKD_PID/status; }
+echo "VMTEST pressure: blockd before: $(rss)"
+mkdir -p /tmp/pin
+mount -t tmpfs -o size=${pin}m pin /tmp/pin
+dd if=/dev/zero of=/tmp/pin/fill bs=1M count=$pin status=none 2>/dev/null
+echo "VMTEST pressure: $pin MiB pinned, $(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo) MiB left"
+patterned /tmp/p 4
+i=0
+while [ $i -lt 200 ]; do cat /tmp/p; i=$((i + 1)); done >/mnt/big || fail pressure "write"
+sync || fail pressure "sync"
+echo "VMTEST pressure: blockd after: $(rss)"
+want=$(i=0; while [ $i -lt 200 ]; do cat /tmp/p; i=$((i + 1)); done | md5sum)
+echo 3 >/proc/sys/vm/drop_caches
+got=$(md5sum </mnt/big)
+[ "$want" = "$got" ] || fail pressure "800 MiB written under pressure read back differently"
+umount /mnt
+umount /tmp/pin
+dmesg | grep -q "Out of memory\|oom-kill" && fail pressure "the OOM killer ran: $(dmesg | grep -m3 -i 'killed process')"
+dmesg | grep -q "blocked for more than" && fail pressure "a task hung: $(dmesg | grep -m3 'blocked for more than')"
+kill -0 $BLOCKD_PID || fail pressure "blockd is gone"
+blockctl volume detach pressure >/dev/null || fail pressure "detach"
+ok pressure
 echo "VMTEST PASS"

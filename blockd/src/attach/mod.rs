@@ -20,7 +20,9 @@ pub mod netlink;
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use blockd_api::{AttachRequest, Attachment};
 use netlink_packet_generic::ctrl::GenlCtrl;
@@ -114,6 +116,24 @@ pub struct Attachments {
     active: Mutex<BTreeMap<String, Attachment>>,
     /// One attach or detach at a time: the check and the action are one step.
     changing: tokio::sync::Mutex<()>,
+    /// The live links of each attached volume (see [`Link`]).
+    links: Mutex<BTreeMap<String, Arc<Link>>>,
+}
+
+/// What the connections of one attachment share. The kernel marks a
+/// connection dead on any send or receive error (one seen: EAGAIN from an
+/// allocation that failed under memory pressure) and shuts its socket
+/// down; with blockd still running nothing else would give the device a
+/// new one, and it would hold its I/O for the dead-connection timeout and
+/// then fail it. So each connection's task, when its socket ends while the
+/// link is live, hands the device a new socket with NBD_CMD_RECONFIGURE at
+/// once, as nbd-client's persist mode does.
+#[derive(Debug)]
+struct Link {
+    /// False once a detach has begun or the attach failed.
+    live: AtomicBool,
+    /// The device, once the kernel has named it.
+    index: OnceLock<u32>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,6 +148,7 @@ impl Attachments {
             path: state_dir.join("attachments.json"),
             active: Mutex::new(BTreeMap::new()),
             changing: tokio::sync::Mutex::new(()),
+            links: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -203,12 +224,18 @@ impl Attachments {
         };
         let index = a.index;
         let device = a.device.clone();
+        let link = lock(&self.links).get(volume).cloned();
+        let ending = link.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
             let _held = if force {
                 None
             } else {
                 hold_exclusive(&device)?
             };
+            // From here the sockets the disconnect closes stay closed.
+            if let Some(l) = &ending {
+                l.live.store(false, Ordering::SeqCst);
+            }
             let (mut genl, family) = open_family()?;
             let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
                 netlink::request(
@@ -231,8 +258,15 @@ impl Attachments {
                 errno: libc::EINVAL | libc::ENOENT,
                 ..
             }) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Still attached: its connections are kept up again.
+                if let Some(l) = &link {
+                    l.live.store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
         }
+        lock(&self.links).remove(volume);
         lock(&self.active).remove(volume);
         self.save()?;
         tracing::info!(volume, device = %a.device, force, "volume detached");
@@ -307,14 +341,6 @@ impl Attachments {
             );
         }
         let v = guards[0].volume().clone();
-        let mut kernel_ends = Vec::new();
-        for guard in guards {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-            ours.set_nonblocking(true)?;
-            let ours = tokio::net::UnixStream::from_std(ours)?;
-            tokio::spawn(crate::nbd::server::serve_attached(ours, ctx.clone(), guard));
-            kernel_ends.push(theirs);
-        }
         let c = Connect {
             index,
             size: v.size(),
@@ -324,6 +350,23 @@ impl Attachments {
             server_flags: u64::from(crate::nbd::server::attached_flags(&v)),
             backend: format!("blockd:{volume}"),
         };
+        let link = Arc::new(Link {
+            live: AtomicBool::new(true),
+            index: OnceLock::new(),
+        });
+        let mut kernel_ends = Vec::new();
+        for guard in guards {
+            let (ours, theirs) = socket_pair()?;
+            tokio::spawn(keep_serving(
+                ours,
+                guard,
+                ctx.clone(),
+                link.clone(),
+                c.clone(),
+                volume.to_string(),
+            ));
+            kernel_ends.push(theirs);
+        }
         let fds: Vec<i32> = kernel_ends.iter().map(AsRawFd::as_raw_fd).collect();
         let index = tokio::task::spawn_blocking(move || -> Result<u32, AttachError> {
             let mut genl = genl;
@@ -364,7 +407,15 @@ impl Attachments {
         // The kernel holds its own references now (or the attach failed
         // and closing these ends our side's connections).
         drop(kernel_ends);
-        let index = index?;
+        let index = match index {
+            Ok(i) => i,
+            Err(e) => {
+                link.live.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let _ = link.index.set(index);
+        lock(&self.links).insert(volume.to_string(), link);
         Ok(Attachment {
             volume: volume.to_string(),
             device: format!("/dev/nbd{index}"),
@@ -378,6 +429,82 @@ impl Attachments {
         let list = self.list();
         let bytes = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
         crate::durable::write_atomic(&self.path, &bytes)
+    }
+}
+
+/// How long a connection's task waits before it gives the device a new
+/// socket: long enough that a kernel refusing every socket is not spun on.
+const RESOCKET_PAUSE: Duration = Duration::from_millis(100);
+
+/// A socket pair: blockd's end for tokio, the kernel's end as it is.
+fn socket_pair() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+}
+
+/// Serves one connection of an attachment and, each time the kernel drops
+/// it while the link is live and blockd is not shutting down, gives the
+/// device a new socket (see [`Link`]).
+async fn keep_serving(
+    mut stream: tokio::net::UnixStream,
+    mut guard: crate::volume::ConnectionGuard,
+    ctx: NbdContext,
+    link: Arc<Link>,
+    mut c: Connect,
+    volume: String,
+) {
+    loop {
+        crate::nbd::server::serve_attached(stream, ctx.clone(), guard).await;
+        tokio::time::sleep(RESOCKET_PAUSE).await;
+        let (Some(&index), true, false) = (
+            link.index.get(),
+            link.live.load(Ordering::SeqCst),
+            ctx.shutdown.is_cancelled(),
+        ) else {
+            return;
+        };
+        let Some(g) = ctx.store.connect(&volume) else {
+            return;
+        };
+        let (ours, theirs) = match socket_pair() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(volume, error = %e, "no socket for the device");
+                return;
+            }
+        };
+        c.index = Some(index);
+        let request = c.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
+            let (mut genl, family) = open_family()?;
+            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+                netlink::request(
+                    family,
+                    seq,
+                    netlink::connect(&request, &[theirs.as_raw_fd()], true),
+                )
+            })?;
+            check(&replies, "give the device a new socket")
+        })
+        .await
+        .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))
+        .and_then(|r| r);
+        match r {
+            Ok(()) => {
+                tracing::warn!(
+                    volume,
+                    device = index,
+                    "the kernel dropped a connection of the device; gave it a new socket"
+                );
+                stream = ours;
+                guard = g;
+            }
+            Err(e) => {
+                tracing::warn!(volume, device = index, error = %e, "the kernel dropped a connection of the device and refused a new socket");
+                return;
+            }
+        }
     }
 }
 
