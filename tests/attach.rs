@@ -145,6 +145,7 @@ fn attach_in_a_vm_with_the_nbd_module() {
         "same-bytes",
         "nbd-client-disconnect",
         "delete-refused",
+        "resize-refused",
         "attach-twice",
         "attach-again-same",
         "mkfs",

@@ -30,6 +30,16 @@ pub enum VolumeOpError {
         /// Its device.
         device: String,
     },
+    /// The volume is attached, and a device attached through netlink
+    /// cannot change size (RECONFIGURE carries none, and the kernel refuses
+    /// the size ioctl on such devices).
+    #[error("volume {volume:?} is attached as {device}, whose size the kernel cannot change: unmount it, `blockctl volume detach {volume}`, resize, and attach it again")]
+    AttachedResize {
+        /// Volume.
+        volume: String,
+        /// Its device.
+        device: String,
+    },
     /// The volume has snapshots and `--force` was not given.
     #[error("volume {volume:?} has {count} snapshot(s): delete them first (`blockctl snapshot list {volume}`) or delete with --force, which deletes them too")]
     HasSnapshots {
@@ -47,7 +57,10 @@ impl VolumeOpError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Busy(_) | Self::HasSnapshots { .. } | Self::Attached { .. } => Outcome::Conflict,
+            Self::Busy(_)
+            | Self::HasSnapshots { .. }
+            | Self::Attached { .. }
+            | Self::AttachedResize { .. } => Outcome::Conflict,
             Self::Store(s) => s.outcome(),
         }
     }
@@ -126,6 +139,12 @@ impl Daemon {
         let _claim = self
             .claims
             .acquire(Want::for_volume_change(name, "is being resized"))?;
+        if let Some(device) = self.attachments.device_of(name) {
+            return Err(VolumeOpError::AttachedResize {
+                volume: name.into(),
+                device,
+            });
+        }
         Ok(self.store.resize(name, size)?)
     }
 }

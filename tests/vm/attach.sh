@@ -75,6 +75,10 @@ echo "$out" | grep -q "attached as /dev/nbd0" || fail delete-refused "$out"
 out=$(blockctl volume delete vol1 --force 2>&1) && fail delete-refused "force-deleted an attached volume"
 echo "$out" | grep -q "attached as /dev/nbd0" || fail delete-refused "$out"
 ok delete-refused
+out=$(blockctl volume resize vol1 --size 128M 2>&1) && fail resize-refused "resized an attached volume"
+echo "$out" | grep -q "cannot change" || fail resize-refused "$out"
+[ "$(sysfs nbd0 size)" = "131072" ] || fail resize-refused "the device's size changed"
+ok resize-refused
 out=$(blockctl volume attach vol1 --device /dev/nbd3 2>&1) && fail attach-twice "attached twice"
 echo "$out" | grep -q "already attached as /dev/nbd0" || fail attach-twice "$out"
 ok attach-twice

@@ -236,17 +236,7 @@ impl Attachments {
             if let Some(l) = &ending {
                 l.live.store(false, Ordering::SeqCst);
             }
-            let (mut genl, family) = open_family()?;
-            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
-                netlink::request(
-                    family,
-                    seq,
-                    Nbd {
-                        cmd: netlink::CMD_DISCONNECT,
-                        attrs: vec![netlink::Attr::Index(index)],
-                    },
-                )
-            })?;
+            let replies = ask(on_device(netlink::CMD_DISCONNECT, index))?;
             check(&replies, "disconnect the device")
         })
         .await
@@ -477,14 +467,7 @@ async fn keep_serving(
         c.index = Some(index);
         let request = c.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), AttachError> {
-            let (mut genl, family) = open_family()?;
-            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
-                netlink::request(
-                    family,
-                    seq,
-                    netlink::connect(&request, &[theirs.as_raw_fd()], true),
-                )
-            })?;
+            let replies = ask(netlink::connect(&request, &[theirs.as_raw_fd()], true))?;
             check(&replies, "give the device a new socket")
         })
         .await
@@ -551,19 +534,23 @@ fn hold_exclusive(device: &str) -> Result<Option<std::fs::File>, AttachError> {
 
 /// NBD_CMD_STATUS for device `index`: whether it is connected.
 fn status(index: u32) -> Result<bool, AttachError> {
-    let (mut genl, family) = open_family()?;
-    let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
-        netlink::request(
-            family,
-            seq,
-            Nbd {
-                cmd: netlink::CMD_STATUS,
-                attrs: vec![netlink::Attr::Index(index)],
-            },
-        )
-    })?;
+    let replies = ask(on_device(netlink::CMD_STATUS, index))?;
     check(&replies, "report the device's status")?;
     Ok(netlink::connected(&replies, index).unwrap_or(false))
+}
+
+/// Sends `msg` to the nbd family and returns the kernel's answer.
+fn ask(msg: Nbd) -> Result<Vec<Reply<GenlMessage<Nbd>>>, AttachError> {
+    let (mut genl, family) = open_family()?;
+    Ok(genl.exchange::<GenlMessage<Nbd>>(|seq| netlink::request(family, seq, msg))?)
+}
+
+/// A command that names only device `index`.
+fn on_device(cmd: u8, index: u32) -> Nbd {
+    Nbd {
+        cmd,
+        attrs: vec![netlink::Attr::Index(index)],
+    }
 }
 
 fn check(replies: &[Reply<GenlMessage<Nbd>>], what: &'static str) -> Result<(), AttachError> {
