@@ -172,6 +172,8 @@ fn attach_in_a_vm_with_the_nbd_module() {
         "detach-again",
         "delete",
         "race",
+        "race-resize",
+        "race-mount",
         "stall",
         "pressure",
     ];

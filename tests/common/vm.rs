@@ -112,7 +112,8 @@ pub fn run_scenario(script: &str, timeout: Duration) -> Option<String> {
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // Inherited: a pipe nobody reads could fill and stall qemu.
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start qemu-system-x86_64");
     let status = wait_timeout(&mut child, timeout);

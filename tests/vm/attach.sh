@@ -182,6 +182,62 @@ done
 echo "VMTEST race: attach won $attached, delete won $deleted"
 ok race
 
+# Attach and resize at once: whatever wins, an attached device always has
+# the volume's size (the kernel cannot change it afterwards).
+blockctl volume create grow --size 16M >/dev/null || fail race-resize "create"
+mib=16
+for r in 1 2 3 4 5 6; do
+  mib=$((mib + 16))
+  blockctl volume attach grow --device /dev/nbd10 >/tmp/ra 2>&1 &
+  a=$!
+  blockctl volume resize grow --size ${mib}M >/tmp/rr 2>&1 &
+  z=$!
+  wait $a
+  ra=$?
+  wait $z
+  rz=$?
+  [ $rz -eq 0 ] || mib=$((mib - 16))
+  if [ $ra -eq 0 ]; then
+    [ "$(sysfs nbd10 size)" = "$((mib * 2048))" ] ||
+      fail race-resize "round $r: device has $(sysfs nbd10 size) sectors, volume $mib MiB"
+    blockctl volume detach grow >/dev/null || fail race-resize "detach round $r"
+  fi
+  [ $ra -eq 0 ] || [ $rz -eq 0 ] || fail race-resize "round $r: both refused: $(cat /tmp/ra) / $(cat /tmp/rr)"
+done
+blockctl volume delete grow >/dev/null || fail race-resize "delete"
+ok race-resize
+
+# Mount and detach at once: either the mount wins (the detach is refused
+# and the file system works) or the detach wins (the mount fails); never a
+# mount left on a device that is gone.
+blockctl volume create fs --size 64M >/dev/null || fail race-mount "create"
+blockctl volume attach fs --device /dev/nbd11 >/dev/null || fail race-mount "attach"
+mkfs.ext4 -q -F -b 4096 /dev/nbd11 || fail race-mount "mkfs"
+for r in 1 2 3 4 5 6; do
+  mount -t ext4 /dev/nbd11 /mnt >/tmp/rm 2>&1 &
+  m=$!
+  blockctl volume detach fs >/tmp/rd 2>&1 &
+  d=$!
+  wait $m
+  rm_=$?
+  wait $d
+  rd=$?
+  if [ $rm_ -eq 0 ]; then
+    [ $rd -ne 0 ] || fail race-mount "round $r: detached a mounted device"
+    grep -q "in use" /tmp/rd || fail race-mount "round $r: $(cat /tmp/rd)"
+    echo r$r >/mnt/probe && sync || fail race-mount "round $r: the mounted file system fails"
+    umount /mnt
+  else
+    [ $rd -eq 0 ] || fail race-mount "round $r: both failed: $(cat /tmp/rm) / $(cat /tmp/rd)"
+    [ -z "$(sysfs nbd11 pid)" ] || fail race-mount "round $r: detached but still connected"
+    grep -q " /mnt " /proc/mounts && fail race-mount "round $r: mounted on a detached device"
+  fi
+  blockctl volume attach fs --device /dev/nbd11 >/dev/null || fail race-mount "re-attach round $r"
+done
+blockctl volume detach fs >/dev/null || fail race-mount "detach"
+blockctl volume delete fs >/dev/null || fail race-mount "delete"
+ok race-mount
+
 # blockd stalled past the device's request timeout (SIGSTOP): the kernel
 # marks the connections dead and requeues their requests; once blockd runs
 # again it must give the device new sockets at once, so the writer finishes
