@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cloud;
 pub mod disk;
 pub mod objstores;

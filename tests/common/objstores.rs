@@ -1003,3 +1003,92 @@ pub fn http_date(t: SystemTime) -> String {
         rem % 60
     )
 }
+
+/// A TLS front for a plain-HTTP server on loopback: terminates TLS with a
+/// certificate for 127.0.0.1 signed by a CA of its own (in `ca_file`) and
+/// passes each connection's bytes to `backend` and back. For testing the
+/// object-store client over HTTPS against Garage, which serves plain HTTP.
+pub struct TlsFront {
+    /// `https://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The CA that signed the front's certificate, PEM.
+    pub ca_file: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+impl TlsFront {
+    /// Starts a front for `backend` (`127.0.0.1:PORT`).
+    pub fn start(backend: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = super::certs::Ca::new("blockd test object store CA");
+        let (cert, key) = ca.issue("object store", true);
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("https://{}", listener.local_addr().unwrap());
+        let backend = backend.to_string();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let conn = tokio::select! {
+                        _ = &mut stopped => return,
+                        c = listener.accept() => c,
+                    };
+                    let Ok((tcp, _)) = conn else { continue };
+                    let acceptor = acceptor.clone();
+                    let backend = backend.clone();
+                    tokio::spawn(async move {
+                        // A client that refuses the certificate ends here.
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    });
+                }
+            });
+        });
+        Self {
+            endpoint,
+            ca_file,
+            stop: Some(stop),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

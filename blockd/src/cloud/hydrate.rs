@@ -158,9 +158,13 @@ impl RepoSource {
     }
 
     async fn fetch_units(&self, first: u32, count: u32) -> Result<Vec<(u64, Bytes)>, CloudError> {
+        let t0 = std::time::Instant::now();
         let r = self.ready().await?;
+        let t_ready = t0.elapsed();
+        let blocks = self.overlapping(r, first, count).await?;
+        let t_index = t0.elapsed();
         let mut out = Vec::new();
-        for (base, used) in self.overlapping(r, first, count).await? {
+        for (base, used) in blocks {
             let used = Arc::new(used);
             let results = futures::stream::iter(plan(&used))
                 .map(|f| {
@@ -168,7 +172,14 @@ impl RepoSource {
                     let used = used.clone();
                     let progress = self.progress.clone();
                     async move {
+                        let g0 = std::time::Instant::now();
                         let bytes = f.get(&repo).await?;
+                        tracing::debug!(
+                            start = f.start,
+                            bytes = bytes.len(),
+                            ms = g0.elapsed().as_secs_f64() * 1e3,
+                            "lazy GET"
+                        );
                         Progress::add(&progress.transferred, bytes.len() as u64);
                         crate::metrics::STATS.hydrated(bytes.len() as u64);
                         tokio::task::spawn_blocking(move || runs(&repo, &f, &bytes, &used, base))
@@ -182,6 +193,14 @@ impl RepoSource {
                 out.extend(r?);
             }
         }
+        tracing::debug!(
+            first,
+            count,
+            ready_ms = t_ready.as_secs_f64() * 1e3,
+            index_ms = t_index.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "lazy fetch"
+        );
         Ok(out)
     }
 }

@@ -489,9 +489,15 @@ impl Locations {
             max_retries: 3,
             retry_timeout: Duration::from_secs(20),
         };
+        let (connect_timeout, timeout) = (Duration::from_secs(5), Duration::from_secs(120));
         let client = ClientOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(120));
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(timeout);
+        // Our own client unless a proxy is configured (super::http).
+        let http = (!super::http::proxy_in_environment()).then_some(super::http::Connector {
+            connect_timeout,
+            timeout,
+        });
         let bucket = || {
             s.bucket.clone().ok_or_else(|| LocationError::Missing {
                 flag: "--bucket",
@@ -546,6 +552,9 @@ impl Locations {
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e);
                 }
+                if let Some(h) = http {
+                    b = b.with_http_connector(h);
+                }
                 if let Some(k) = &s.access_key {
                     b = b.with_access_key_id(k);
                 }
@@ -559,6 +568,9 @@ impl Locations {
                     .with_container_name(bucket()?)
                     .with_retry(retry)
                     .with_client_options(client.with_allow_http(true));
+                if let Some(h) = http {
+                    b = b.with_http_connector(h);
+                }
                 if let Some(a) = &s.account {
                     b = b.with_account(a);
                 }
@@ -577,6 +589,9 @@ impl Locations {
                     .with_bucket_name(bucket()?)
                     .with_retry(retry)
                     .with_client_options(client);
+                if let Some(h) = http {
+                    b = b.with_http_connector(h);
+                }
                 if let Some(k) = &secrets.google_key {
                     b = b.with_service_account_key(k.expose());
                 }

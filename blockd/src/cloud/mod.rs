@@ -19,6 +19,7 @@ pub mod backup;
 mod catalog;
 mod check;
 mod gc;
+pub mod http;
 pub mod hydrate;
 pub mod locations;
 pub mod restore;

@@ -419,9 +419,16 @@ impl Lazy {
             }
         }
         let _fg = Foreground::enter(self);
+        let t0 = std::time::Instant::now();
         for (f, c) in fetch {
             self.fill(f, c).await?;
         }
+        tracing::debug!(
+            offset,
+            len,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "lazy client fill"
+        );
         Ok(true)
     }
 
@@ -544,6 +551,7 @@ impl Lazy {
                     return Err(e);
                 }
                 None => {
+                    tracing::debug!(first = f, count = c, "hydrator batch gave way");
                     release(&runs[i..]);
                     return Ok((written, false));
                 }

@@ -1,0 +1,496 @@
+//! The HTTP client of the object-store locations: hyper (through
+//! `hyper-util`'s pooled client and `hyper-rustls` with the platform's
+//! certificate verifier) over TCP sockets that acknowledge what they
+//! receive at once.
+//!
+//! Why not object_store's own reqwest client: a server that sends its
+//! response headers and its body in separate writes without `TCP_NODELAY`
+//! (Garage 2.5.0 does) holds the body's last partial segment until the
+//! headers' segment is acknowledged (Nagle, Minshall's variant). A client
+//! that has just sent its request on a kept-alive connection is in the
+//! kernel's interactive ("pingpong") mode, which delays that ACK by the
+//! 40 ms minimum of the delayed-ACK timer. So a 64 KiB GET on a connection
+//! that had answered another request a moment before took 45 ms instead of
+//! 2-3 ms: half of the first lazy reads of benches/lazy_restore.sh on
+//! Garage. Linux has no lasting per-socket switch for this (`TCP_QUICKACK`
+//! is reset by the stack as the connection goes on), so [`QuickAck`] sets
+//! it again after every read that brought data: one `setsockopt` per read,
+//! invisible next to the bytes moved. reqwest keeps its sockets to itself,
+//! hence this client. kernel-notes/README.md, "Object-store connections",
+//! has the measurements.
+//!
+//! It honours what [`super::locations`] sets: the connect timeout, the
+//! request timeout (from the start of the request to the end of its body,
+//! as reqwest counts it) and `allow_http`. A process with a proxy in its
+//! environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`) keeps reqwest,
+//! which honours it: see [`proxy_in_environment`].
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, USER_AGENT};
+use http::uri::Scheme;
+use http::Uri;
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector as TcpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpRequestBody,
+    HttpResponse, HttpResponseBody, HttpService,
+};
+use object_store::{ClientConfigKey, ClientOptions};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// Sent when a request names no user agent.
+const AGENT: &str = concat!("blockd/", env!("CARGO_PKG_VERSION"));
+/// How long an idle pooled connection is kept (reqwest's default).
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// True when the environment names a proxy: the locations then use
+/// object_store's reqwest client, which honours it.
+#[must_use]
+pub fn proxy_in_environment() -> bool {
+    ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"].iter().any(|k| {
+        [k.to_string(), k.to_lowercase()]
+            .iter()
+            .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+    })
+}
+
+/// Builds the client of one location (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Connector {
+    /// Longest a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// Longest a request may take, body included.
+    pub timeout: Duration,
+}
+
+impl HttpConnector for Connector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let allow_http = options
+            .get_config_value(&ClientConfigKey::AllowHttp)
+            .is_some_and(|v| v == "true");
+        let mut tcp = TcpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(self.connect_timeout));
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| object_store::Error::Generic {
+                store: "HTTP",
+                source: Box::new(e),
+            })?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(QuickAckConnector(tcp));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(tls);
+        Ok(HttpClient::new(Service {
+            client,
+            timeout: self.timeout,
+            allow_http,
+        }))
+    }
+}
+
+type Pool = Client<hyper_rustls::HttpsConnector<QuickAckConnector>, HttpRequestBody>;
+
+/// One location's client.
+#[derive(Debug)]
+struct Service {
+    client: Pool,
+    timeout: Duration,
+    allow_http: bool,
+}
+
+#[async_trait::async_trait]
+impl HttpService for Service {
+    async fn call(&self, mut req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        if !self.allow_http && req.uri().scheme() != Some(&Scheme::HTTPS) {
+            return Err(HttpError::new(
+                HttpErrorKind::Unknown,
+                io::Error::other(format!(
+                    "{}: plain HTTP is not allowed for this location (give the endpoint as https://, or allow HTTP, e.g. --s3-disable-ssl)",
+                    without_query(req.uri())
+                )),
+            ));
+        }
+        req.headers_mut()
+            .entry(USER_AGENT)
+            .or_insert(HeaderValue::from_static(AGENT));
+        let deadline = Instant::now() + self.timeout;
+        let res = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Ok(r) => r.map_err(|e| failed(&e))?,
+            Err(_) => return Err(timed_out(self.timeout)),
+        };
+        let (parts, body) = res.into_parts();
+        let body = Deadline {
+            body,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout: self.timeout,
+        };
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// The URI without its query (which may hold a signature).
+fn without_query(uri: &Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("?"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    )
+}
+
+fn timed_out(after: Duration) -> HttpError {
+    HttpError::new(
+        HttpErrorKind::Timeout,
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no complete answer within {}",
+                humantime::format_duration(after)
+            ),
+        ),
+    )
+}
+
+/// `e` as object_store's error, its message naming every cause (hyper's
+/// own says only "client error (Connect)" where rustls says which
+/// certificate it refused and why).
+fn failed(e: &(dyn std::error::Error + 'static)) -> HttpError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    HttpError::new(classify(e), io::Error::other(text))
+}
+
+/// What object_store's retries should make of an error: connection
+/// failures and cut-off exchanges are retried, as reqwest's are.
+fn classify(e: &(dyn std::error::Error + 'static)) -> HttpErrorKind {
+    if e.downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    {
+        return HttpErrorKind::Connect;
+    }
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_closed() || h.is_incomplete_message() || h.is_body_write_aborted() {
+                return HttpErrorKind::Request;
+            }
+            if h.is_timeout() {
+                return HttpErrorKind::Timeout;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::TimedOut => return HttpErrorKind::Timeout,
+                io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof => return HttpErrorKind::Interrupted,
+                _ => {}
+            }
+        }
+        source = e.source();
+    }
+    HttpErrorKind::Unknown
+}
+
+/// A response body that fails once the request's deadline has passed.
+struct Deadline {
+    body: hyper::body::Incoming,
+    sleep: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(timed_out(self.timeout))));
+        }
+        Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map_err(|e| failed(&e))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// hyper-util's TCP connector, its streams wrapped in [`QuickAck`].
+#[derive(Debug, Clone)]
+struct QuickAckConnector(TcpConnector);
+
+impl tower_service::Service<Uri> for QuickAckConnector {
+    type Response = Stream;
+    type Error = <TcpConnector as tower_service::Service<Uri>>::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            Ok(Stream(TokioIo::new(QuickAck(
+                connecting.await?.into_inner(),
+            ))))
+        })
+    }
+}
+
+/// A TCP stream that sets `TCP_QUICKACK` after each read that brought
+/// data, so the kernel acknowledges at once instead of delaying the ACK
+/// (see the module docs).
+#[derive(Debug)]
+pub struct QuickAck(TcpStream);
+
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Best effort: a socket that refuses it only acknowledges
+            // later.
+            let _ = rustix::net::sockopt::set_tcp_quickack(&self.0, true);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// [`QuickAck`] as hyper's connectors hand streams over.
+#[derive(Debug)]
+pub struct Stream(TokioIo<QuickAck>);
+
+impl hyper::rt::Read for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        self.0.inner().0.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader put in the kernel's interactive mode (delayed ACKs)
+    /// leaves it when a [`QuickAck`] read brings data; a plain read stays
+    /// in it (the control).
+    #[tokio::test]
+    async fn reads_switch_delayed_acks_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for wrapped in [false, true] {
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            rustix::net::sockopt::set_tcp_quickack(&client, false).unwrap();
+            assert!(!rustix::net::sockopt::tcp_quickack(&client).unwrap());
+            let sent = std::time::Instant::now();
+            server.write_all(b"answer").await.unwrap();
+            let mut buf = [0u8; 6];
+            let quick = if wrapped {
+                let mut s = QuickAck(client);
+                s.read_exact(&mut buf).await.unwrap();
+                rustix::net::sockopt::tcp_quickack(&s.0).unwrap()
+            } else {
+                let mut s = client;
+                s.read_exact(&mut buf).await.unwrap();
+                rustix::net::sockopt::tcp_quickack(&s).unwrap()
+            };
+            assert_eq!(&buf, b"answer");
+            if wrapped {
+                assert!(quick, "a QuickAck read leaves delayed ACKs off");
+            } else if sent.elapsed() < Duration::from_millis(30) {
+                // The control; past 40 ms the kernel's delayed-ACK timer
+                // fires and ends interactive mode by itself.
+                assert!(!quick, "a plain read leaves the socket in interactive mode");
+            }
+        }
+    }
+
+    /// The client over a server that writes its headers and its body
+    /// apart (as Garage does): many GETs on one kept-alive connection,
+    /// each body whole; plain HTTP refused unless allowed.
+    #[tokio::test]
+    async fn gets_on_kept_alive_connections_and_the_http_rule() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BODY: usize = 65537;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let agent = String::from_utf8_lossy(&req[..end])
+                                .contains("user-agent: blockd/");
+                            req.drain(..end + 4);
+                            let status = if agent { "200 OK" } else { "400 Bad Request" };
+                            let head =
+                                format!("HTTP/1.1 {status}\r\ncontent-length: {BODY}\r\n\r\n");
+                            s.write_all(head.as_bytes()).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            s.write_all(&[7u8; BODY]).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let connector = Connector {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        };
+        let client = connector
+            .connect(&ClientOptions::new().with_allow_http(true))
+            .unwrap();
+        let url = format!("http://{addr}/bucket/object");
+        for _ in 0..20 {
+            let req = http::Request::get(&url)
+                .body(HttpRequestBody::empty())
+                .unwrap();
+            let res = client.execute(req).await.unwrap();
+            assert_eq!(res.status(), 200, "the user agent is sent");
+            let body = res.into_body().bytes().await.unwrap();
+            assert_eq!(body.len(), BODY);
+            assert!(body.iter().all(|&b| b == 7));
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one kept-alive connection"
+        );
+
+        let strict = connector.connect(&ClientOptions::new()).unwrap();
+        let req = http::Request::get(&url)
+            .body(HttpRequestBody::empty())
+            .unwrap();
+        let e = strict.execute(req).await.unwrap_err();
+        assert!(e.to_string().contains("plain HTTP is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn errors_are_classified_for_retries() {
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(classify(&reset), HttpErrorKind::Interrupted);
+        let late = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(classify(&late), HttpErrorKind::Timeout);
+        assert_eq!(classify(&io::Error::other("x")), HttpErrorKind::Unknown);
+    }
+}
