@@ -85,6 +85,47 @@ fn nbdinfo_map_follows_writes_and_trims() {
         (6 * m, 10 * m, true),
     ];
     assert_eq!(got, want, "nbdinfo --map: {out}");
+
+    // A discard inside a data run that was just read and mapped: block
+    // status of the discarded range and a read of it say hole (one
+    // OFFSET_HOLE chunk), and the rest of the run stays data.
+    let out = nbdsh(
+        r#"
+import sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+assert h.pread(4096, 1 << 20) == b"\x01" * 4096
+def status(off, n):
+    got = []
+    h.block_status(n, off, lambda ctx, o, es, err: got.extend(es) or 0)
+    return got
+assert status(1 << 20, 1 << 20)[1] & 1 == 0, "1M..2M is data"
+h.trim(65536, 1088 * 1024)
+print("discarded", status(1088 * 1024, 65536)[1] & 1)
+print("after", status(1152 * 1024, 65536)[1] & 1)
+chunks = []
+def chunk(sub, off, kind, err):
+    chunks.append(kind)
+    return 0
+buf = h.pread_structured(65536, 1088 * 1024, chunk)
+assert buf == bytes(65536)
+print("read", chunks)
+"#,
+        &[&uri],
+    );
+    assert!(
+        out.contains("discarded 1"),
+        "the discarded range is not a hole: {out}"
+    );
+    assert!(
+        out.contains("after 0"),
+        "data after the discarded range: {out}"
+    );
+    assert!(
+        out.contains(&format!("read [{}]", 2)),
+        "a read of the discarded range is not one hole chunk: {out}"
+    );
 }
 
 #[test]
