@@ -52,6 +52,11 @@ bench_cleanup() {
     done
     for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # A failed run shows what the daemon said before its files go.
+    if ((rc != 0)) && [[ -s $tmp/blockd.log ]]; then
+        echo "--- last lines of blockd's log:" >&2
+        tail -n 40 "$tmp/blockd.log" >&2
+    fi
     rm -rf "$tmp"
     exit "$rc"
 }

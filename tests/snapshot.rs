@@ -175,6 +175,99 @@ fn frozen_images_stay_exact_under_many_small_writes_in_flight() {
     assert_eq!(inspect(&d, "vol1@s2")["cow_bytes"], 3072 * 4096);
 }
 
+/// Writes a fresh 4 KiB block and FLUSHes, over and over on two
+/// connections, until the stop file appears; any failed request ends it
+/// with the error. Prints the number of flushes.
+const FLUSHER: &str = r#"
+import nbd, os, random, sys, threading
+uri, stop = sys.argv[1], sys.argv[2]
+failed = []
+counts = []
+def run(seed):
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    n = 0
+    while not os.path.exists(stop) and not failed:
+        try:
+            h.pwrite(rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
+            h.flush()
+        except nbd.Error as e:
+            failed.append("write or flush %d: %s" % (n, e))
+            return
+        n += 1
+    counts.append(n)
+ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+for t in ts: t.start()
+for t in ts: t.join()
+if failed:
+    raise SystemExit(failed[0])
+print(sum(counts))
+"#;
+
+/// A FLUSH syncs the copy-on-write files of the snapshots it finds held;
+/// one deleted (or released by a backup) at that moment has its files
+/// removed under it. The client's FLUSH must not fail for that (it did,
+/// with EIO, and PostgreSQL stopped with a PANIC): the snapshot needs
+/// nothing durable any more. The writes between the flushes make copies
+/// while the snapshots come and go.
+#[test]
+fn flushes_racing_snapshot_deletes_never_fail() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "64M");
+    let tmp = tempfile::tempdir().unwrap();
+    let stop = tmp.path().join("stop");
+    let script = tmp.path().join("flusher.py");
+    std::fs::write(&script, FLUSHER).unwrap();
+    let mut writer = nbdsh_command()
+        .arg("-c")
+        .arg(format!(
+            "import sys; sys.argv = ['flusher.py', {:?}, {:?}]; exec(open({:?}).read())",
+            d.uri("vol1"),
+            stop.display().to_string(),
+            script.display().to_string()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for round in 0..150 {
+        let name = format!("s{round}");
+        d.ok(&["snapshot", "create", "vol1", "--name", &name]);
+        std::thread::sleep(Duration::from_millis(5));
+        d.ok(&["snapshot", "delete", &format!("vol1@{name}")]);
+        if let Ok(Some(_)) = writer.try_wait() {
+            break;
+        }
+    }
+    // A backup releases its snapshot the same way when it ends.
+    for _ in 0..10 {
+        if let Ok(Some(_)) = writer.try_wait() {
+            break;
+        }
+        common::cloud::backup(&d, &["vol1", "--cred-id", "local"]);
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "a WRITE or FLUSH failed while snapshots came and went: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+            .lines()
+            .filter(|l| l.contains("I/O error"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let flushes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(flushes > 0, "no flush ran");
+}
+
 const WRITER: &str = r#"
 import nbd, os, struct, sys, time
 a, b, stop = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -506,9 +506,26 @@ impl SnapshotStore {
 
     /// fdatasync of the COW files (before the volume's own flush).
     ///
+    /// A snapshot removed meanwhile (deleted, or released by its backup)
+    /// needs nothing durable any more, and its directory may be gone
+    /// under a FLUSH that found it held a moment before: that is not an
+    /// error of the client's FLUSH. (Copies cannot meet a removal: the
+    /// guard holds the volume's list of images while it copies, and a
+    /// removal takes the image off that list first.)
+    ///
     /// # Errors
-    /// I/O failures.
+    /// I/O failures of a snapshot still held.
     pub fn sync(&self) -> io::Result<()> {
+        if self.closing.is_cancelled() {
+            return Ok(());
+        }
+        match self.sync_files() {
+            Err(_) if self.closing.is_cancelled() => Ok(()),
+            r => r,
+        }
+    }
+
+    fn sync_files(&self) -> io::Result<()> {
         if !self.unsynced.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
@@ -544,6 +561,7 @@ impl SnapshotStore {
     }
 
     /// Ends the snapshot's export connections and removes its files.
+    /// `closing` is cancelled first: [`SnapshotStore::sync`] relies on it.
     pub fn remove(&self) -> io::Result<()> {
         self.closing.cancel();
         std::fs::remove_dir_all(&self.dir)
