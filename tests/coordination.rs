@@ -123,6 +123,37 @@ fn two_backups_of_one_volume_at_once_run_one() {
     assert_same(&d, &img, "v2");
 }
 
+/// A task shown ended has let go of its volume: a backup started the
+/// moment the previous one (or a restore) reports Done is never refused
+/// as "being backed up", and a restored volume can be backed up, resized
+/// and deleted at once.
+#[test]
+fn a_task_seen_done_has_released_its_volume() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, tmp.path(), "v", 16 * MB, 16 * MB, 5);
+    for round in 0..25 {
+        scatter(&d, "v", &img, 4, round);
+        let t = backup(&d, &["v"]);
+        assert_eq!(t["state"], "Done", "round {round}: {t}");
+    }
+    let snap = list(&d, &["--src", "v"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for round in 0..5 {
+        let name = format!("r{round}");
+        let r = restore(&d, &snap, &name, &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        backup(&d, &[&name]);
+        d.ok(&["volume", "resize", &name, "--size", "32M"]);
+        d.ok(&["volume", "delete", &name]);
+    }
+}
+
 #[test]
 fn volume_delete_racing_a_backup_start() {
     if !need() {

@@ -32,13 +32,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, USER_AGENT};
+use http::header::{HeaderValue, AUTHORIZATION, COOKIE, LOCATION, PROXY_AUTHORIZATION, USER_AGENT};
 use http::uri::Scheme;
-use http::Uri;
+use http::{Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector as TcpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpRequestBody,
     HttpResponse, HttpResponseBody, HttpService,
@@ -50,8 +50,15 @@ use tokio::time::{Instant, Sleep};
 
 /// Sent when a request names no user agent.
 const AGENT: &str = concat!("blockd/", env!("CARGO_PKG_VERSION"));
+/// Most redirects followed for one request (reqwest's default).
+const MAX_REDIRECTS: usize = 10;
 /// How long an idle pooled connection is kept (reqwest's default).
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// TCP keepalive idle time and probe interval (reqwest's).
+const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Longest unacknowledged data may wait before the connection fails
+/// (`TCP_USER_TIMEOUT`, reqwest's).
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// True when the environment names a proxy: the locations then use
 /// object_store's reqwest client, which honours it.
@@ -82,6 +89,12 @@ impl HttpConnector for Connector {
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(self.connect_timeout));
+        // As reqwest does: a peer that vanishes without a reset (a node
+        // losing power) is noticed in seconds, not at the request deadline.
+        tcp.set_keepalive(Some(KEEPALIVE));
+        tcp.set_keepalive_interval(Some(KEEPALIVE));
+        tcp.set_keepalive_retries(Some(3));
+        tcp.set_tcp_user_timeout(Some(USER_TIMEOUT));
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .try_with_platform_verifier()
             .map_err(|e| object_store::Error::Generic {
@@ -89,11 +102,14 @@ impl HttpConnector for Connector {
                 source: Box::new(e),
             })?
             .https_or_http()
+            // HTTP/1.1 only, as object_store's own client: one stream per
+            // connection, so a slow transfer holds up no other request.
             .enable_http1()
-            .enable_http2()
             .wrap_connector(QuickAckConnector(tcp));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
+            // Idle connections are closed on time, not at their next use.
+            .pool_timer(TokioTimer::new())
             .build(tls);
         Ok(HttpClient::new(Service {
             client,
@@ -116,31 +132,88 @@ struct Service {
 #[async_trait::async_trait]
 impl HttpService for Service {
     async fn call(&self, mut req: HttpRequest) -> Result<HttpResponse, HttpError> {
-        if !self.allow_http && req.uri().scheme() != Some(&Scheme::HTTPS) {
-            return Err(HttpError::new(
-                HttpErrorKind::Unknown,
-                io::Error::other(format!(
-                    "{}: plain HTTP is not allowed for this location (give the endpoint as https://, or allow HTTP, e.g. --s3-disable-ssl)",
-                    without_query(req.uri())
-                )),
-            ));
-        }
+        self.check_scheme(req.uri())?;
         req.headers_mut()
             .entry(USER_AGENT)
             .or_insert(HeaderValue::from_static(AGENT));
         let deadline = Instant::now() + self.timeout;
-        let res = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-            Ok(r) => r.map_err(|e| failed(&e))?,
-            Err(_) => return Err(timed_out(self.timeout)),
-        };
-        let (parts, body) = res.into_parts();
-        let body = Deadline {
-            body,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            timeout: self.timeout,
-        };
-        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+        let mut redirects = 0;
+        loop {
+            // A GET or HEAD that is redirected goes again to the new
+            // place, as reqwest did (gateways that send reads to a CDN).
+            let again = matches!(*req.method(), Method::GET | Method::HEAD).then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+            let res = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                Ok(r) => r.map_err(|e| failed(&e))?,
+                Err(_) => return Err(timed_out(self.timeout)),
+            };
+            let next = again.and_then(|(method, uri, headers)| {
+                redirected(&res, &uri).map(|to| (method, uri, headers, to))
+            });
+            match next {
+                Some((method, from, mut headers, to)) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    self.check_scheme(&to)?;
+                    if to.authority() != from.authority() || to.scheme() != from.scheme() {
+                        // Credentials stay with the host they were meant for.
+                        for h in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
+                            headers.remove(h);
+                        }
+                    }
+                    let mut r = http::Request::new(HttpRequestBody::empty());
+                    *r.method_mut() = method;
+                    *r.uri_mut() = to;
+                    *r.headers_mut() = headers;
+                    req = r;
+                }
+                _ => {
+                    let (parts, body) = res.into_parts();
+                    let body = Deadline {
+                        body,
+                        sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                        timeout: self.timeout,
+                    };
+                    return Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)));
+                }
+            }
+        }
     }
+}
+
+impl Service {
+    fn check_scheme(&self, uri: &Uri) -> Result<(), HttpError> {
+        if self.allow_http || uri.scheme() == Some(&Scheme::HTTPS) {
+            return Ok(());
+        }
+        Err(HttpError::new(
+            HttpErrorKind::Unknown,
+            io::Error::other(format!(
+                "{}: plain HTTP is not allowed for this location (give the endpoint as https://, or allow HTTP, e.g. --s3-disable-ssl)",
+                without_query(uri)
+            )),
+        ))
+    }
+}
+
+/// Where a redirect answer to a request for `from` points, resolved
+/// against `from` when relative; `None` for any other answer.
+fn redirected<B>(res: &http::Response<B>, from: &Uri) -> Option<Uri> {
+    if !matches!(res.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return None;
+    }
+    let to: Uri = res.headers().get(LOCATION)?.to_str().ok()?.parse().ok()?;
+    if to.scheme().is_some() {
+        return Some(to);
+    }
+    let mut parts = to.into_parts();
+    parts.scheme = from.scheme().cloned();
+    parts.authority = from.authority().cloned();
+    Uri::from_parts(parts).ok()
 }
 
 /// The URI without its query (which may hold a signature).
@@ -483,6 +556,100 @@ mod tests {
             .unwrap();
         let e = strict.execute(req).await.unwrap_err();
         assert!(e.to_string().contains("plain HTTP is not allowed"), "{e}");
+    }
+
+    /// A tiny HTTP/1.1 server: each request head goes to `answer`, which
+    /// gives the status line, extra headers and body.
+    async fn serve(answer: fn(&str) -> (&'static str, String, Vec<u8>)) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&req[..end]).to_lowercase();
+                            req.drain(..end + 4);
+                            let (status, headers, body) = answer(&head);
+                            let head = format!(
+                                "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            s.write_all(head.as_bytes()).await.unwrap();
+                            s.write_all(&body).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// GETs follow redirects, relative or to another host; credentials do
+    /// not go to another host.
+    #[tokio::test]
+    async fn redirects_are_followed_without_credentials_across_hosts() {
+        let other = serve(|head| {
+            if head.contains("authorization:") {
+                (
+                    "400 Bad Request",
+                    String::new(),
+                    b"credentials leaked".to_vec(),
+                )
+            } else {
+                ("200 OK", String::new(), b"from the other host".to_vec())
+            }
+        })
+        .await;
+        static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        OTHER.set(format!("http://{other}/there")).unwrap();
+        let first = serve(|head| {
+            if head.starts_with("get /moved ") {
+                (
+                    "307 Temporary Redirect",
+                    "location: /here\r\n".into(),
+                    Vec::new(),
+                )
+            } else if head.starts_with("get /here ") {
+                ("200 OK", String::new(), b"here".to_vec())
+            } else if head.starts_with("get /away ") {
+                let to = OTHER.get().unwrap();
+                ("302 Found", format!("location: {to}\r\n"), Vec::new())
+            } else {
+                ("404 Not Found", String::new(), Vec::new())
+            }
+        })
+        .await;
+        let connector = Connector {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        };
+        let client = connector
+            .connect(&ClientOptions::new().with_allow_http(true))
+            .unwrap();
+        let get = |path: &str| {
+            http::Request::get(format!("http://{first}{path}"))
+                .header(AUTHORIZATION, "AWS4-HMAC-SHA256 secret")
+                .body(HttpRequestBody::empty())
+                .unwrap()
+        };
+        let res = client.execute(get("/moved")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(&res.into_body().bytes().await.unwrap()[..], b"here");
+        let res = client.execute(get("/away")).await.unwrap();
+        assert_eq!(
+            &res.into_body().bytes().await.unwrap()[..],
+            b"from the other host"
+        );
     }
 
     #[test]

@@ -136,6 +136,17 @@ impl Running {
     }
 }
 
+/// Shows a task as running until dropped; then its saved record (final,
+/// once [`Cloud::finish`] has run) is what status shows. A task's body
+/// declares it before its claims, so it drops after them.
+pub(super) struct Shown(pub(super) Arc<Cloud>, pub(super) String);
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
 /// A task record as stored; an encoding failure is an error, never an
 /// empty record.
 fn encode_record(r: &Record) -> Result<String, CloudError> {
@@ -334,18 +345,16 @@ impl Cloud {
         running
     }
 
-    /// Ends a running task with `state`.
+    /// Ends a running task with `state`: its final record is saved, and
+    /// shown once the task's [`Shown`] guard drops (after the claims and
+    /// whatever else the task held are released). So a client that saw
+    /// the task Done can at once start what it blocked: a second backup of
+    /// the volume, a delete, a resize.
     pub(super) fn finish(&self, run: &Running, state: TaskState, error: Option<String>) -> Record {
-        {
-            let mut r = run
-                .record
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            r.task.state = state;
-            r.task.error = error;
-            r.task.finished = Some(now());
-        }
         let mut r = run.snapshot();
+        r.task.state = state;
+        r.task.error = error;
+        r.task.finished = Some(now());
         r.task.eta_secs = None;
         crate::metrics::STATS.task_ended(
             match r.task.kind {
@@ -366,7 +375,7 @@ impl Cloud {
         if let Err(e) = self.save(&r) {
             tracing::error!(task = %r.task.id, error = %e, "saving task record failed");
         }
-        self.lock().remove(&r.task.id);
+
         // A backup or restore leaves freed buffers in the allocator's
         // arenas: hand them back, so the daemon returns to its idle size.
         // A moment later: the task's last buffers are dropped after this.

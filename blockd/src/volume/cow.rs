@@ -159,6 +159,11 @@ impl Volume {
         for s in held.iter() {
             // Each image keeps the ones it still needs.
             let copied = s.preserve_many(&extents, &old)?;
+            if copied > 0 {
+                // The next flush must sync the copies, even if the write
+                // that needed them fails (another image's copy failing).
+                self.wrote();
+            }
             self.stats.cow(copied as u64 * self.extent_size);
         }
         Ok(())
