@@ -449,6 +449,9 @@ impl Connection for Stream {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     /// A reader put in the kernel's interactive mode (delayed ACKs)
@@ -489,43 +492,21 @@ mod tests {
 
     /// The client over a server that writes its headers and its body
     /// apart (as Garage does): many GETs on one kept-alive connection,
-    /// each body whole; plain HTTP refused unless allowed.
+    /// each body whole, the user agent sent; plain HTTP refused unless
+    /// allowed.
     #[tokio::test]
     async fn gets_on_kept_alive_connections_and_the_http_rule() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const BODY: usize = 65537;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let mut req = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        req.extend_from_slice(&buf[..n]);
-                        while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let agent = String::from_utf8_lossy(&req[..end])
-                                .contains("user-agent: blockd/");
-                            req.drain(..end + 4);
-                            let status = if agent { "200 OK" } else { "400 Bad Request" };
-                            let head =
-                                format!("HTTP/1.1 {status}\r\ncontent-length: {BODY}\r\n\r\n");
-                            s.write_all(head.as_bytes()).await.unwrap();
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            s.write_all(&[7u8; BODY]).await.unwrap();
-                        }
-                    }
-                });
-            }
-        });
+        let (addr, accepted) = serve(
+            |head| {
+                if head.contains("user-agent: blockd/") {
+                    ("200 OK", String::new(), vec![7u8; 65537])
+                } else {
+                    ("400 Bad Request", String::new(), Vec::new())
+                }
+            },
+            true,
+        )
+        .await;
         let connector = Connector {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
@@ -541,11 +522,11 @@ mod tests {
             let res = client.execute(req).await.unwrap();
             assert_eq!(res.status(), 200, "the user agent is sent");
             let body = res.into_body().bytes().await.unwrap();
-            assert_eq!(body.len(), BODY);
+            assert_eq!(body.len(), 65537);
             assert!(body.iter().all(|&b| b == 7));
         }
         assert_eq!(
-            accepted.load(std::sync::atomic::Ordering::Relaxed),
+            accepted.load(Ordering::Relaxed),
             1,
             "one kept-alive connection"
         );
@@ -560,13 +541,22 @@ mod tests {
 
     /// A tiny HTTP/1.1 server: each request head goes to `answer`, which
     /// gives the status line, extra headers and body.
-    async fn serve(answer: fn(&str) -> (&'static str, String, Vec<u8>)) -> std::net::SocketAddr {
+    /// With `split`, the head leaves alone before the body, as from a
+    /// server streaming its body from disk (Garage). Returns the address
+    /// and the count of connections accepted.
+    async fn serve(
+        answer: fn(&str) -> (&'static str, String, Vec<u8>),
+        split: bool,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -585,49 +575,54 @@ mod tests {
                                 body.len()
                             );
                             s.write_all(head.as_bytes()).await.unwrap();
+                            if split {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
                             s.write_all(&body).await.unwrap();
                         }
                     }
                 });
             }
         });
-        addr
+        (addr, accepted)
     }
 
     /// GETs follow redirects, relative or to another host; credentials do
     /// not go to another host.
     #[tokio::test]
     async fn redirects_are_followed_without_credentials_across_hosts() {
-        let other = serve(|head| {
-            if head.contains("authorization:") {
-                (
-                    "400 Bad Request",
-                    String::new(),
-                    b"credentials leaked".to_vec(),
-                )
-            } else {
-                ("200 OK", String::new(), b"from the other host".to_vec())
-            }
-        })
+        let (other, _) = serve(
+            |head| {
+                if head.contains("authorization:") {
+                    ("400 Bad Request", String::new(), b"leaked".to_vec())
+                } else {
+                    ("200 OK", String::new(), b"from the other host".to_vec())
+                }
+            },
+            false,
+        )
         .await;
         static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         OTHER.set(format!("http://{other}/there")).unwrap();
-        let first = serve(|head| {
-            if head.starts_with("get /moved ") {
-                (
-                    "307 Temporary Redirect",
-                    "location: /here\r\n".into(),
-                    Vec::new(),
-                )
-            } else if head.starts_with("get /here ") {
-                ("200 OK", String::new(), b"here".to_vec())
-            } else if head.starts_with("get /away ") {
-                let to = OTHER.get().unwrap();
-                ("302 Found", format!("location: {to}\r\n"), Vec::new())
-            } else {
-                ("404 Not Found", String::new(), Vec::new())
-            }
-        })
+        let (first, _) = serve(
+            |head| {
+                if head.starts_with("get /moved ") {
+                    (
+                        "307 Temporary Redirect",
+                        "location: /here\r\n".into(),
+                        Vec::new(),
+                    )
+                } else if head.starts_with("get /here ") {
+                    ("200 OK", String::new(), b"here".to_vec())
+                } else if head.starts_with("get /away ") {
+                    let to = OTHER.get().unwrap();
+                    ("302 Found", format!("location: {to}\r\n"), Vec::new())
+                } else {
+                    ("404 Not Found", String::new(), Vec::new())
+                }
+            },
+            false,
+        )
         .await;
         let connector = Connector {
             connect_timeout: Duration::from_secs(5),

@@ -344,9 +344,6 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::state::VolumeMeta;
-    use crate::volume::dirty_map::DirtyMap;
-    use crate::volume::engine::{Engine, EngineKind};
 
     /// A frozen image kept in memory.
     #[derive(Debug)]
@@ -425,25 +422,7 @@ mod tests {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let es = 4096u64;
         let size = 64 * es + 512;
-        let path = dir.path().join("v");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(size).unwrap();
-        let meta = VolumeMeta {
-            name: "v".into(),
-            size,
-            extent_size: es,
-            labels: BTreeMap::new(),
-            created: String::new(),
-        };
-        let dirty = DirtyMap::create(&dir.path().join("v.dirty"), es).unwrap();
-        let engine = Arc::new(Engine::new(EngineKind::Threads).unwrap());
-        let v = Volume::new(meta, file, dirty, engine);
+        let v = crate::volume::scratch(dir.path(), size, es);
         // Frozen contents: byte i is i % 251, written through the page
         // cache and never synced.
         let frozen: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();

@@ -681,9 +681,32 @@ impl Volume {
     }
 }
 
+/// A volume on a file of `size` bytes in `dir`, on the thread-pool
+/// engine, for unit tests.
+#[cfg(test)]
+pub(crate) fn scratch(dir: &std::path::Path, size: u64, extent_size: u64) -> Volume {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("v"))
+        .unwrap();
+    file.set_len(size).unwrap();
+    let meta = VolumeMeta {
+        name: "v".into(),
+        size,
+        extent_size,
+        labels: BTreeMap::new(),
+        created: String::new(),
+    };
+    let dirty = DirtyMap::create(&dir.join("v.dirty"), extent_size).unwrap();
+    let engine = Arc::new(engine::Engine::new(engine::EngineKind::Threads).unwrap());
+    Volume::new(meta, file, dirty, engine)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::engine::{Engine, EngineKind};
     use super::*;
 
     /// Every change to the data file makes the next flush sync; a flush
@@ -693,26 +716,7 @@ mod tests {
     async fn a_flush_syncs_exactly_when_something_changed() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let es = 4096u64;
-        let size = 64 * es;
-        let path = dir.path().join("v");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(size).unwrap();
-        let meta = VolumeMeta {
-            name: "v".into(),
-            size,
-            extent_size: es,
-            labels: BTreeMap::new(),
-            created: String::new(),
-        };
-        let dirty = DirtyMap::create(&dir.path().join("v.dirty"), es).unwrap();
-        let engine = Arc::new(Engine::new(EngineKind::Threads).unwrap());
-        let v = Volume::new(meta, file, dirty, engine);
+        let v = scratch(dir.path(), 64 * es, es);
         assert!(v.sync_due().is_some(), "a volume just opened syncs first");
         v.flush().await.unwrap();
         assert!(v.sync_due().is_none());
