@@ -178,3 +178,73 @@ fn nbdcopy_four_connections_round_trip() {
         "256 MiB round trip through nbdcopy is not bit-exact"
     );
 }
+
+/// Write-behind, seen from the volume's file: after a FLUSH (a client
+/// committing), a small WRITE's pages leave the dirty state shortly after
+/// it is answered, so the next FLUSH waits only for the disk's cache
+/// flush; a WRITE with no FLUSH before it stays in the page cache as any
+/// buffered write (cachestat(2) counts the dirty pages of the file).
+#[test]
+fn writes_between_flushes_start_their_writeback_early() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "16M");
+    let file = d.dir.path().join("volumes/vol1.img");
+    let out = nbdsh(
+        r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[2], os.O_RDONLY)
+def dirty(off):
+    rng = (ctypes.c_uint64 * 2)(off, 4096)
+    st = (ctypes.c_uint64 * 5)()
+    if libc.syscall(451, fd, rng, st, 0) != 0:
+        print("SKIPPED: no cachestat(2) in this kernel")
+        sys.exit(0)
+    return st[1]
+def settles(off):
+    # The writeback starts once the reply is on the socket: give it a moment.
+    for _ in range(200):
+        if dirty(off) == 0:
+            return 0
+        time.sleep(0.005)
+    return dirty(off)
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x01" * 4096, 0)
+print("unflushed", settles(0))
+h.flush()
+h.pwrite(b"\x02" * 4096, 1 << 20)
+print("after flush", settles(1 << 20))
+h.flush()
+for i in range(32):
+    h.pwrite(b"\x03" * (64 << 10), (4 << 20) + i * (64 << 10))
+print("bulk head", settles(4 << 20))
+print("bulk tail", dirty((6 << 20) - 4096))
+"#,
+        &[&d.uri("vol1"), file.to_str().unwrap()],
+    );
+    if out.contains("SKIPPED") {
+        eprintln!("{out}");
+        assert!(
+            std::env::var_os("BLOCKD_TEST_REQUIRE_ALL").is_none(),
+            "{out}"
+        );
+        return;
+    }
+    assert!(
+        out.contains("unflushed 1"),
+        "a write with no FLUSH before it left the page cache: {out}"
+    );
+    assert!(
+        out.contains("after flush 0"),
+        "a write after a FLUSH did not start its writeback: {out}"
+    );
+    assert!(
+        out.contains("bulk head 0") && out.contains("bulk tail 1"),
+        "write-behind of the first MiB after a FLUSH, and not of the \
+         writes past that budget: {out}"
+    );
+}

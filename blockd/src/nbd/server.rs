@@ -448,6 +448,38 @@ struct Conn {
     contexts: Vec<u32>,
     replies: mpsc::UnboundedSender<Vec<u8>>,
     buffers: Arc<BufPool>,
+    behind: Arc<Behind>,
+}
+
+/// Writes answered inline whose writeback is to start once their replies
+/// are on the socket (write-behind: see [`crate::volume::behind`]). The
+/// writer task starts it: then the client already has its answer and is
+/// on its way to the FLUSH that this writeback shortens.
+struct Behind {
+    volume: Arc<Volume>,
+    ranges: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Behind {
+    fn push(&self, offset: u64, len: u64) {
+        self.ranges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((offset, len));
+    }
+
+    /// Starts the writeback of every range pushed so far.
+    fn start(&self) {
+        let ranges = std::mem::take(
+            &mut *self
+                .ranges
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if !ranges.is_empty() {
+            self.volume.start_writeback(&ranges);
+        }
+    }
 }
 
 async fn transmit<R, W>(
@@ -479,7 +511,17 @@ async fn transmit<R, W>(
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let dead = CancellationToken::new();
     let buffers = Arc::new(BufPool::prefilled());
-    let writer_task = tokio::spawn(write_replies(writer, rx, dead.clone(), buffers.clone()));
+    let behind = Arc::new(Behind {
+        volume: volume.clone(),
+        ranges: std::sync::Mutex::new(Vec::new()),
+    });
+    let writer_task = tokio::spawn(write_replies(
+        writer,
+        rx,
+        dead.clone(),
+        buffers.clone(),
+        behind.clone(),
+    ));
     let conn = Arc::new(Conn {
         volume: volume.clone(),
         snapshot,
@@ -487,6 +529,7 @@ async fn transmit<R, W>(
         contexts: t.contexts,
         replies: tx,
         buffers,
+        behind,
     });
     let budget = Arc::new(Semaphore::new(BUDGET_PERMITS));
     let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
@@ -638,6 +681,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     dead: CancellationToken,
     buffers: Arc<BufPool>,
+    behind: Arc<Behind>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
@@ -655,6 +699,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         for b in batch.drain(..) {
             buffers.give(b);
         }
+        behind.start();
     }
     let _ = writer.shutdown().await;
 }
@@ -773,6 +818,10 @@ impl Conn {
         match req.command {
             Command::Write if !fua && payload.len() <= INLINE_WRITE_MAX => {
                 let r = self.volume.write_cached(req.offset, &payload);
+                let len = payload.len() as u64;
+                if r.is_ok() && self.volume.write_behind(len) {
+                    self.behind.push(req.offset, len);
+                }
                 self.io_result(req, r);
                 self.buffers.give(payload);
                 None
