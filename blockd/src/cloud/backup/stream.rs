@@ -487,7 +487,7 @@ impl<'a> Writer<'a> {
                     });
                     let data = futures::future::try_join_all(reads).await?;
                     Progress::add(&progress.read, piece.iter().map(|r| r.1).sum());
-                    tokio::task::spawn_blocking(move || {
+                    crate::host::spawn_background(move || {
                         let out = piece
                             .iter()
                             .zip(&data)
@@ -714,7 +714,7 @@ async fn upload(
     let progress = job.progress.clone();
     let (bytes, chunks) = {
         let repo = repo.clone();
-        tokio::task::spawn_blocking(move || pack.finish(&repo.keys))
+        crate::host::spawn_background(move || pack.finish(&repo.keys))
             .await
             .map_err(CloudError::from)?
             .map_err(RepoError::from)?
