@@ -507,13 +507,7 @@ mod tests {
             true,
         )
         .await;
-        let connector = Connector {
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
-        };
-        let client = connector
-            .connect(&ClientOptions::new().with_allow_http(true))
-            .unwrap();
+        let client = plain_http_client();
         let url = format!("http://{addr}/bucket/object");
         for _ in 0..20 {
             let req = http::Request::get(&url)
@@ -531,12 +525,26 @@ mod tests {
             "one kept-alive connection"
         );
 
-        let strict = connector.connect(&ClientOptions::new()).unwrap();
+        let strict = test_connector().connect(&ClientOptions::new()).unwrap();
         let req = http::Request::get(&url)
             .body(HttpRequestBody::empty())
             .unwrap();
         let e = strict.execute(req).await.unwrap_err();
         assert!(e.to_string().contains("plain HTTP is not allowed"), "{e}");
+    }
+
+    fn test_connector() -> Connector {
+        Connector {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A client of this module that may speak plain HTTP (the test servers).
+    fn plain_http_client() -> HttpClient {
+        test_connector()
+            .connect(&ClientOptions::new().with_allow_http(true))
+            .unwrap()
     }
 
     /// A tiny HTTP/1.1 server: each request head goes to `answer`, which
@@ -624,13 +632,7 @@ mod tests {
             false,
         )
         .await;
-        let connector = Connector {
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
-        };
-        let client = connector
-            .connect(&ClientOptions::new().with_allow_http(true))
-            .unwrap();
+        let client = plain_http_client();
         let get = |path: &str| {
             http::Request::get(format!("http://{first}{path}"))
                 .header(AUTHORIZATION, "AWS4-HMAC-SHA256 secret")
