@@ -421,6 +421,58 @@ fn held_snapshot_survives_kill_9() {
     );
 }
 
+/// A delete renames the snapshot's directory out of the way before it
+/// empties it, so a crash midway leaves nothing that looks like a
+/// snapshot: the next start sweeps the rest and starts. (Emptied in
+/// place, a half-deleted snapshot stopped the next start, or came back.)
+#[test]
+fn a_crash_midway_through_a_delete_leaves_no_half_snapshot() {
+    if !require_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vol1", "8M");
+    qemu_io(&d.uri("vol1"), &["write -P 0x11 0 8M"]);
+    for n in ["a", "b", "c"] {
+        d.ok(&["snapshot", "create", "vol1", "--name", n]);
+    }
+    qemu_io(&d.uri("vol1"), &["write -P 0x22 0 1M"]);
+    let dir = d.dir.path().join("snapshots/vol1");
+    let entries = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    d.ok(&["snapshot", "delete", "vol1@a"]);
+    assert_eq!(entries(&dir), ["b", "c"], "a delete leaves nothing behind");
+    // The crash: "b" was renamed and partly emptied when blockd died.
+    d.kill9();
+    let removed = dir.join(".removed.b.4242.0");
+    std::fs::rename(dir.join("b"), &removed).unwrap();
+    std::fs::remove_file(removed.join("cow.index")).unwrap();
+    std::fs::remove_file(removed.join("changes.dirty")).unwrap();
+    assert!(removed.join("meta.json").exists());
+    d.spawn();
+    let l: serde_json::Value = serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+    let listed: Vec<&str> = l
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["export"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["vol1@c"], "{l}");
+    assert_eq!(entries(&dir), ["c"], "what was left of b is swept");
+    // The name is free again, and the snapshot still held is intact.
+    d.ok(&["snapshot", "create", "vol1", "--name", "b"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let frozen = tmp.path().join("c.img");
+    export_to_file(&snap_uri(&d, "vol1@c"), &frozen);
+    assert!(read_file(&frozen).iter().all(|&b| b == 0x11));
+}
+
 #[test]
 fn exec_hooks_success_failure_timeout() {
     let d = Blockd::start();

@@ -194,6 +194,11 @@ impl Snapshots {
                 continue;
             };
             for snap_dir in read_dirs(&vol_dir) {
+                if store::is_removed(&snap_dir) {
+                    tracing::info!(dir = %snap_dir.display(), "removing what is left of a deleted snapshot");
+                    let _ = std::fs::remove_dir_all(&snap_dir);
+                    continue;
+                }
                 match SnapshotStore::load(&snap_dir)? {
                     Some(s) => {
                         let s = Arc::new(s);

@@ -16,6 +16,9 @@
 //! cow.unsynced   present (durably, holding the kernel's boot id) while
 //!                COW data may not be on disk
 //! ```
+//! A deleted snapshot's directory is renamed to `.removed.<name>.<pid>.<n>`
+//! before it is emptied; one found at start is swept (see
+//! [`SnapshotStore::remove`]).
 //! Crash rule (process crash, `kill -9`): before a write overwrites an
 //! extent the frozen image still needs, the old contents are written to
 //! `cow.data` and then the record to `cow.index`; only then does the write
@@ -562,10 +565,42 @@ impl SnapshotStore {
 
     /// Ends the snapshot's export connections and removes its files.
     /// `closing` is cancelled first: [`SnapshotStore::sync`] relies on it.
+    ///
+    /// One step as a restart sees it: the directory is first renamed to a
+    /// name no snapshot can have (see [`is_removed`]), durably, and only
+    /// then emptied. Emptied in place, a crash midway would leave a
+    /// snapshot with some of its files gone, which the next start cannot
+    /// load, or a deleted snapshot that comes back.
+    ///
+    /// # Errors
+    /// I/O failures. After a failed rename the snapshot's files are all
+    /// still there; after that, what is left is swept at the next start.
     pub fn remove(&self) -> io::Result<()> {
+        use std::sync::atomic::AtomicU64;
+        static REMOVALS: AtomicU64 = AtomicU64::new(0);
         self.closing.cancel();
-        std::fs::remove_dir_all(&self.dir)
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let trash = self.dir.with_file_name(format!(
+            "{REMOVED_PREFIX}{name}.{}.{}",
+            std::process::id(),
+            REMOVALS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::rename(&self.dir, &trash)?;
+        let synced = self.dir.parent().map_or(Ok(()), crate::durable::sync_dir);
+        std::fs::remove_dir_all(&trash)?;
+        synced
     }
+}
+
+/// Start of the name a snapshot directory is renamed to when it is
+/// removed (snapshot names start with a letter or digit).
+const REMOVED_PREFIX: &str = ".removed.";
+
+/// True for the directory of a removed snapshot, renamed by
+/// [`SnapshotStore::remove`] and not yet emptied (a crash in between).
+pub fn is_removed(dir: &Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(REMOVED_PREFIX))
 }
 
 impl FrozenImage for SnapshotStore {
