@@ -21,7 +21,10 @@
 //!
 //! It honours what [`super::locations`] sets: the connect timeout, the
 //! request timeout (from the start of the request to the end of its body,
-//! as reqwest counts it) and `allow_http`. A process with a proxy in its
+//! as reqwest counts it) and `allow_http`. The addresses a host name
+//! resolves to are tried in a random order ([`ShuffleResolver`], as
+//! object_store's client does), so the connections to a name with many
+//! addresses (S3 endpoints have dozens) spread over them. A process with a proxy in its
 //! environment (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`) keeps reqwest,
 //! which honours it: see [`proxy_in_environment`].
 
@@ -36,7 +39,8 @@ use http::header::{HeaderValue, AUTHORIZATION, COOKIE, LOCATION, PROXY_AUTHORIZA
 use http::uri::Scheme;
 use http::{Method, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector as TcpConnector};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use object_store::client::{
@@ -85,7 +89,7 @@ impl HttpConnector for Connector {
         let allow_http = options
             .get_config_value(&ClientConfigKey::AllowHttp)
             .is_some_and(|v| v == "true");
-        let mut tcp = TcpConnector::new();
+        let mut tcp = TcpConnector::new_with_resolver(ShuffleResolver(GaiResolver::new()));
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(self.connect_timeout));
@@ -320,6 +324,49 @@ impl Body for Deadline {
     }
 }
 
+/// hyper-util's TCP connector, resolving with [`ShuffleResolver`].
+type TcpConnector = hyper_util::client::legacy::connect::HttpConnector<ShuffleResolver>;
+
+/// The system resolver (`getaddrinfo` on a blocking thread), its
+/// addresses in a random order: each connection to a name with several
+/// addresses starts at a random one of them. (hyper-util's connector then
+/// tries them in that order, IPv6 and IPv4 interleaved as RFC 8305 asks.)
+#[derive(Debug, Clone)]
+struct ShuffleResolver(GaiResolver);
+
+impl tower_service::Service<Name> for ShuffleResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolving = self.0.call(name);
+        Box::pin(async move {
+            let mut addrs: Vec<std::net::SocketAddr> = resolving.await?.collect();
+            shuffle(&mut addrs);
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+/// Fisher-Yates with the system's random numbers (a shuffle that cannot
+/// get them leaves the order as the resolver gave it).
+fn shuffle<T>(items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let Ok(r) = getrandom::u64() else {
+            return;
+        };
+        // i + 1 is at most the slice's length, a usize.
+        let j = usize::try_from(r % (i as u64 + 1)).unwrap_or(0);
+        items.swap(i, j);
+    }
+}
+
 /// hyper-util's TCP connector, its streams wrapped in [`QuickAck`].
 #[derive(Debug, Clone)]
 struct QuickAckConnector(TcpConnector);
@@ -453,6 +500,37 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// Every address stays, and each comes first in some order: over 400
+    /// shuffles of 8, one never coming first has odds below 10^-22.
+    #[test]
+    fn shuffled_addresses_keep_every_address_and_vary_the_first() {
+        let addrs: Vec<std::net::SocketAddr> = (1..=8u8)
+            .map(|i| std::net::SocketAddr::from(([127, 0, 0, i], 443)))
+            .collect();
+        let mut first = std::collections::BTreeSet::new();
+        for _ in 0..400 {
+            let mut v = addrs.clone();
+            shuffle(&mut v);
+            first.insert(v[0]);
+            v.sort();
+            assert_eq!(v, addrs);
+        }
+        assert_eq!(first.len(), addrs.len(), "{first:?}");
+    }
+
+    /// The resolver answers from the system's (here `/etc/hosts`).
+    #[tokio::test]
+    async fn the_shuffling_resolver_resolves_through_the_system() {
+        use std::str::FromStr;
+        let mut r = ShuffleResolver(GaiResolver::new());
+        let got: Vec<std::net::SocketAddr> =
+            tower_service::Service::call(&mut r, Name::from_str("localhost").unwrap())
+                .await
+                .unwrap()
+                .collect();
+        assert!(got.iter().any(|a| a.ip().is_loopback()), "{got:?}");
+    }
 
     /// A reader put in the kernel's interactive mode (delayed ACKs)
     /// leaves it when a [`QuickAck`] read brings data; a plain read stays
