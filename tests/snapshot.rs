@@ -471,6 +471,35 @@ fn a_crash_midway_through_a_delete_leaves_no_half_snapshot() {
     let frozen = tmp.path().join("c.img");
     export_to_file(&snap_uri(&d, "vol1@c"), &frozen);
     assert!(read_file(&frozen).iter().all(|&b| b == 0x11));
+    // Deletes of one snapshot racing creates of its name: one delete
+    // wins, and every create that succeeds leaves a whole snapshot.
+    let outs = at_once(8, |i| match i % 2 {
+        0 => d.blockctl(&["snapshot", "delete", "vol1@b"]),
+        _ => d.blockctl(&["snapshot", "create", "vol1", "--name", "b"]),
+    });
+    let won = |k: usize| {
+        outs.iter()
+            .enumerate()
+            .filter(|(i, o)| i % 2 == k && o.status.success())
+            .count()
+    };
+    let (deleted, created) = (won(0), won(1));
+    assert!((1..=4).contains(&deleted), "{outs:?}");
+    assert!(
+        created <= deleted,
+        "a create can only follow a delete: {outs:?}"
+    );
+    let held = usize::from(dir.join("b").exists());
+    assert_eq!(held, 1 + created - deleted, "{outs:?}");
+    assert!(
+        entries(&dir).iter().all(|n| n == "b" || n == "c"),
+        "nothing half-deleted is left: {:?}",
+        entries(&dir)
+    );
+    d.kill9();
+    d.spawn();
+    let l: serde_json::Value = serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+    assert_eq!(l.as_array().unwrap().len(), 1 + held, "{l}");
 }
 
 #[test]
