@@ -14,7 +14,11 @@
 //!   after them.
 //! - Reads and partial writes fill the units they touch first
 //!   (copy-on-read); a write, trim or zeroing that covers a whole unit
-//!   *claims* it (marks it present, no fetch) before it is issued.
+//!   *claims* it (marks it present, no fetch) before it is issued, and
+//!   after the fills of the units it covers in part: a request whose fill
+//!   fails is never issued and claims nothing. A write that fails once
+//!   issued leaves what it covered undefined, as a disk's failed write
+//!   does; the client was told it failed.
 //! - Fills bypass the dirty map: they bring back the snapshot the volume
 //!   is restored from. The volume's own writes are tracked as usual.
 //! - The bitmap is persisted in `<volume>.present` (write-temp, fsync,
@@ -375,6 +379,7 @@ impl Lazy {
             return Ok(false);
         }
         let mut fetch: Vec<(u32, u32)> = Vec::new();
+        let mut claims: Vec<u32> = Vec::new();
         match need {
             Need::Read => {
                 let mut runs = missing;
@@ -407,7 +412,7 @@ impl Lazy {
                         let lo = u64::from(u) * self.unit;
                         let hi = (lo + self.unit).min(self.size);
                         if offset <= lo && hi <= end {
-                            self.claim(u, 1);
+                            claims.push(u);
                         } else {
                             match fetch.last_mut() {
                                 Some((pf, pc)) if *pf + *pc == u => *pc += 1,
@@ -422,6 +427,13 @@ impl Lazy {
         let t0 = std::time::Instant::now();
         for (f, c) in fetch {
             self.fill(f, c).await?;
+        }
+        // Claimed only once every fill the request needs has landed: a
+        // request that fails before its write is issued (a store that
+        // cannot be reached) leaves the units it would have overwritten
+        // missing, so they still read as the snapshot, not as zeros.
+        for u in claims {
+            self.claim(u, 1);
         }
         tracing::debug!(
             offset,
@@ -800,6 +812,46 @@ mod tests {
         l.file.read_exact_at(&mut b, 4096 * 7).unwrap();
         assert_eq!(b[0], 7);
         assert_eq!(l.missing(0, 9), vec![(0, 2), (3, 2), (6, 1), (8, 1)]);
+    }
+
+    /// [`Pattern`], but every fetch fails while `down` is set: a store
+    /// that cannot be reached.
+    struct Flaky {
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Flaky {
+        async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(io::Error::other("store unreachable"));
+            }
+            Pattern.fetch(first, count).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overwrite_that_fails_to_fill_claims_nothing() {
+        use std::os::unix::fs::FileExt;
+        let source = Arc::new(Flaky {
+            down: std::sync::atomic::AtomicBool::new(true),
+        });
+        let (_d, l) = setup_with(16 * 4096, source.clone());
+        // Units 2 and 3 covered whole, unit 4 in part: its fill fails, so
+        // the write is never issued and units 2 and 3 keep the snapshot.
+        let err = l
+            .prepare(4096 * 2, 2 * 4096 + 100, Need::Overwrite)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("unreachable"), "{err}");
+        assert_eq!(l.missing(0, 16), vec![(0, 16)]);
+        source.down.store(false, Ordering::SeqCst);
+        assert!(l.prepare(4096 * 2, 3 * 4096, Need::Read).await.unwrap());
+        let mut b = [0u8; 1];
+        for u in 2..5u64 {
+            l.file.read_exact_at(&mut b, 4096 * u).unwrap();
+            assert_eq!(u64::from(b[0]), u | 1, "unit {u} holds the snapshot");
+        }
     }
 
     #[tokio::test]
