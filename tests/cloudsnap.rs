@@ -134,6 +134,72 @@ fn full_and_incremental_round_trip_bit_exact() {
     assert!(h.as_array().unwrap().len() >= 7, "{h}");
 }
 
+/// Growing a volume costs its next backup nothing: the backup before the
+/// resize is still its parent, so the next one is an incremental of what
+/// changed, and a full read references every chunk it already has.
+#[test]
+fn a_grown_volume_backs_up_only_its_changes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("grow", "16M");
+    let img = image(tmp.path(), "g.img", 16 * MB, 12 * MB, 21);
+    load(&d, "grow", &img);
+    let t = backup(&d, &["grow"]);
+    assert_eq!(t["full"], true, "{t}");
+
+    d.ok(&["volume", "resize", "grow", "--size", "32M"]);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(32 * MB as u64)
+        .unwrap();
+    // 64 KiB in the grown range, 4 KiB in the old one.
+    write_both(&d, "grow", &img, "write -P 0x6b 20M 64k");
+    write_both(&d, "grow", &img, "write -P 0x2c 4M 4k");
+    let t = backup(&d, &["grow"]);
+    assert_eq!(t["full"], false, "after a resize: {t}");
+    let changed = 64 * 1024 + 4096;
+    assert!(t["bytes_total"].as_u64().unwrap() <= changed, "{t}");
+    assert!(
+        t["bytes_transferred"].as_u64().unwrap() <= changed * 3 / 2 + 64 * 1024,
+        "{t}"
+    );
+    let r = restore(&d, "grow", "grown-back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "grown-back");
+    let v = json(&d.ok(&["-j", "volume", "inspect", "grown-back"]));
+    assert_eq!(v["size"], 32 * MB);
+
+    // Grown again, then read whole: the data it had is referenced.
+    d.ok(&["volume", "resize", "grow", "--size", "48M"]);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(48 * MB as u64)
+        .unwrap();
+    let t = backup(&d, &["grow", "--full"]);
+    assert_eq!(t["full"], true, "{t}");
+    assert!(
+        t["bytes_reused"].as_u64().unwrap() >= 12 * MB as u64,
+        "a full read after a resize stores its unchanged chunks again: {t}"
+    );
+    assert!(t["bytes_transferred"].as_u64().unwrap() < MB as u64, "{t}");
+    let r = restore(&d, "grow", "grown-full", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "grown-full");
+    let snaps = list(&d, &["--src", "grow"]);
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    let r = restore(&d, snaps[0]["id"].as_str().unwrap(), "before-grow", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    let v = json(&d.ok(&["-j", "volume", "inspect", "before-grow"]));
+    assert_eq!(v["size"], 16 * MB, "the first snapshot keeps its size");
+}
+
 #[test]
 fn group_backup_freezes_members_together_and_each_restores() {
     if !need() {

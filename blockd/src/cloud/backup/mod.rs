@@ -315,6 +315,11 @@ impl Cloud {
     /// base of an incremental: the volume's last backup there, still listed.
     /// A full read uses a parent too: chunks unchanged at the same place are
     /// referenced, not uploaded again.
+    ///
+    /// A parent of the volume's size before it grew serves as well (volumes
+    /// only grow): its blocks cover the old range, the grown range held
+    /// zeros at the resize, and every write since, there as anywhere, is in
+    /// the change set. So a resize costs the next backup nothing.
     pub(super) async fn parent_of(
         &self,
         repo: &Repo,
@@ -325,7 +330,7 @@ impl Cloud {
         let parent = match self.db.backup_base(v.name())? {
             Some((loc, snap)) if loc == location => match name::split(&snap) {
                 Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
-                    Ok(m) if m.size == v.size() && m.extent_size == v.extent_size() => Some(m),
+                    Ok(m) if fits(&m, v) => Some(m),
                     Ok(_) | Err(RepoError::Missing { .. }) => None,
                     Err(e) => return Err(e.into()),
                 },
@@ -353,8 +358,8 @@ impl Cloud {
         })
     }
 
-    /// The latest readable snapshot of `v`'s name in `repo` with its size
-    /// and extent size (a full read references its unchanged chunks).
+    /// The latest readable snapshot of `v`'s name in `repo` that [`fits`]
+    /// it (a full read references its unchanged chunks).
     pub(super) async fn latest_same_shape(
         &self,
         repo: &Repo,
@@ -363,7 +368,7 @@ impl Cloud {
         let names = repo.list_snapshots(Some(v.name())).await.ok()?;
         for (vol, name) in names.iter().rev().filter(|(_, n)| name::is_valid(n)) {
             if let Ok(m) = repo.get_manifest(vol, name).await {
-                if m.size == v.size() && m.extent_size == v.extent_size() {
+                if fits(&m, v) {
                     return Some(m);
                 }
             }
@@ -606,4 +611,10 @@ impl Cloud {
             Err(e) => tracing::error!(group, error = %e, "writing the group object failed"),
         }
     }
+}
+
+/// True when snapshot `m` can be the parent of a backup of `v`: the same
+/// extent size, and the volume's size or the size it had before growing.
+fn fits(m: &Manifest, v: &crate::volume::Volume) -> bool {
+    m.extent_size == v.extent_size() && m.size <= v.size()
 }
