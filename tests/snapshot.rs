@@ -633,6 +633,10 @@ fn exec_hooks_success_failure_timeout() {
             vec!["snapshot", "create", "vol1", "--exec-timeout", "soon"],
             "invalid duration",
         ),
+        (
+            vec!["snapshot", "create", "vol1", "--exec-timeout", "0s"],
+            "at least 1s",
+        ),
     ] {
         let out = d.blockctl(&args);
         assert!(!out.status.success(), "{args:?}");
@@ -734,4 +738,129 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
     assert!(damaged(&d, "v@s").is_string());
     d.ok(&["snapshot", "delete", "v@s"]);
     let _ = tmp;
+}
+
+/// Reads the export at argv[1] over a connection held for argv[2] seconds;
+/// prints "refused" when the connection cannot open, "ok" when every read
+/// on it succeeded, and "broken: ..." when one failed.
+const HOLD_READER: &str = r#"
+import sys, time
+h = nbd.NBD()
+try:
+    h.connect_uri(sys.argv[1])
+except nbd.Error:
+    print("refused")
+    sys.exit(0)
+try:
+    h.pread(4096, 0)
+    time.sleep(float(sys.argv[2]))
+    h.pread(4096, 4096)
+    print("ok")
+except nbd.Error as e:
+    print("broken:", e)
+"#;
+
+/// A snapshot read over NBD is deleted only with --force, as a volume with
+/// clients is: without it the delete is refused and the client reads on;
+/// deletes racing new connections never end one that opened.
+#[test]
+fn a_snapshot_with_clients_is_deleted_only_with_force() {
+    if !require_tools(&["qemu-io", "nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "16M");
+    qemu_io(&d.uri("vol1"), &["write -P 0x33 0 1M"]);
+    d.ok(&["snapshot", "create", "vol1", "--name", "s"]);
+    let uri = snap_uri(&d, "vol1@s");
+    let mut held = nbdsh_command();
+    held.args([
+        "-c",
+        HOLD_READER
+            .replace("sys.argv[1]", &format!("{uri:?}"))
+            .replace("float(sys.argv[2])", "3")
+            .as_str(),
+    ]);
+    let held = held.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    // The connection is counted before the delete is tried.
+    let mut counted = false;
+    for _ in 0..100 {
+        let out = d.blockctl(&["snapshot", "delete", "vol1@s"]);
+        if !out.status.success() {
+            let e = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                e.contains("1 open NBD connection") && e.contains("--force"),
+                "{e}"
+            );
+            counted = true;
+            break;
+        }
+        // Deleted before the client connected: take it again.
+        d.ok(&["snapshot", "create", "vol1", "--name", "s"]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(counted, "the open connection was never seen");
+    let out = held.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    // Once the client is gone, a plain delete goes through.
+    d.ok(&["snapshot", "delete", "vol1@s"]);
+
+    // --force ends the connection.
+    d.ok(&["snapshot", "create", "vol1", "--name", "f"]);
+    let uri = snap_uri(&d, "vol1@f");
+    let mut c = nbdsh_command();
+    c.args([
+        "-c",
+        HOLD_READER
+            .replace("sys.argv[1]", &format!("{uri:?}"))
+            .replace("float(sys.argv[2])", "3")
+            .as_str(),
+    ]);
+    let child = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    d.ok(&["snapshot", "delete", "vol1@f", "--force"]);
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(said.starts_with("broken"), "{said}");
+
+    // Racing: four clients connect while two deletes run. A delete that
+    // wins comes first; no client that opened is cut off.
+    for round in 0..3 {
+        let name = format!("r{round}");
+        d.ok(&["snapshot", "create", "vol1", "--name", &name]);
+        let uri = snap_uri(&d, &format!("vol1@{name}"));
+        let script = HOLD_READER
+            .replace("sys.argv[1]", &format!("{uri:?}"))
+            .replace("float(sys.argv[2])", "0.5");
+        let outs = at_once(6, |i| {
+            if i < 4 {
+                let out = nbdsh_command().args(["-c", &script]).output().unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            } else {
+                let out = d.blockctl(&["snapshot", "delete", &format!("vol1@{name}")]);
+                if out.status.success() {
+                    "deleted".to_string()
+                } else {
+                    String::from_utf8_lossy(&out.stderr).into_owned()
+                }
+            }
+        });
+        for o in &outs[..4] {
+            assert!(o == "ok" || o == "refused", "round {round}: {outs:?}");
+        }
+        let deleted = outs[4..].iter().filter(|o| *o == "deleted").count();
+        assert!(deleted <= 1, "{outs:?}");
+        for o in &outs[4..] {
+            assert!(
+                o == "deleted"
+                    || o.contains("open NBD connection")
+                    || o.contains("not found")
+                    || o.contains("being deleted"),
+                "{outs:?}"
+            );
+        }
+        if deleted == 0 {
+            d.ok(&["snapshot", "delete", &format!("vol1@{name}")]);
+        }
+    }
 }

@@ -483,7 +483,11 @@ async fn inspect_snapshot(
 async fn delete_snapshot(
     State(d): State<Arc<Daemon>>,
     Path((volume, name)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
 ) -> Result<StatusCode, Failure> {
-    d.snapshots.delete(&volume, &name)?;
+    let force = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    d.snapshots.delete(&volume, &name, force)?;
     Ok(StatusCode::NO_CONTENT)
 }

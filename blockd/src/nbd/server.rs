@@ -30,7 +30,7 @@ use super::negotiate::{
 };
 use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
 use super::tls::TlsServer;
-use crate::snapshot::store::SnapshotStore;
+use crate::snapshot::store::{Reader, SnapshotStore};
 use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
 use crate::volume::{ConnectionGuard, Volume, ZeroError};
@@ -75,38 +75,46 @@ const MAX_DRAIN: u32 = 16 << 20;
 /// What an export name resolves to.
 enum Source {
     Volume(Arc<Volume>),
-    Snapshot(Arc<Volume>, Arc<SnapshotStore>),
+    /// With the count of an open connection, for one that transmits.
+    Snapshot(Arc<Volume>, Arc<SnapshotStore>, Option<Reader>),
 }
 
 impl NbdContext {
     fn resolve(&self, name: &str) -> Option<Source> {
         let (vol, snap) = split_export(name);
-        self.source(self.store.get(vol)?, snap)
+        self.source(self.store.get(vol)?, snap, false)
     }
 
     /// [`Self::resolve`] for a connection about to transmit: the volume
-    /// is counted busy in the same step that finds it (see
-    /// [`crate::volume::store::Store::connect`]), so a racing delete either
+    /// (and the snapshot read) is counted busy in the same step that finds
+    /// it (see [`crate::volume::store::Store::connect`] and
+    /// [`crate::snapshot::Snapshots::open_reader`]), so a racing delete either
     /// wins before it or is refused.
     fn open(&self, name: &str) -> Option<(Source, ConnectionGuard)> {
         let (vol, snap) = split_export(name);
         let guard = self.store.connect(vol)?;
-        let source = self.source(guard.volume().clone(), snap)?;
+        let source = self.source(guard.volume().clone(), snap, true)?;
         Some((source, guard))
     }
 
-    /// The export of volume `v`, or of its snapshot `snap`.
-    fn source(&self, v: Arc<Volume>, snap: Option<&str>) -> Option<Source> {
+    /// The export of volume `v`, or of its snapshot `snap`; `count`: as
+    /// an open connection to the snapshot.
+    fn source(&self, v: Arc<Volume>, snap: Option<&str>, count: bool) -> Option<Source> {
         match snap {
             None => (!v.restoring.load(std::sync::atomic::Ordering::Acquire))
                 .then_some(Source::Volume(v)),
             Some(snap) => {
+                let (s, reader) = if count {
+                    let r = self.snapshots.open_reader(v.name(), snap)?;
+                    (r.snapshot().clone(), Some(r))
+                } else {
+                    (self.snapshots.get(v.name(), snap)?, None)
+                };
                 // A damaged frozen image is never read as if it were good.
-                let s = self
-                    .snapshots
-                    .get(v.name(), snap)
-                    .filter(|s| s.damaged().is_none())?;
-                Some(Source::Snapshot(v, s))
+                if s.damaged().is_some() {
+                    return None;
+                }
+                Some(Source::Snapshot(v, s, reader))
             }
         }
     }
@@ -126,7 +134,7 @@ impl Exports for StoreExports<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         match self.0.resolve(name)? {
             Source::Volume(v) => Some(export_info(&v)),
-            Source::Snapshot(v, s) => Some(ExportInfo {
+            Source::Snapshot(v, s, _) => Some(ExportInfo {
                 name: name.to_string(),
                 description: format!("blockd snapshot {name} (read-only)"),
                 size: s.size(),
@@ -493,9 +501,10 @@ async fn transmit<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (volume, snapshot) = match source {
-        Source::Volume(v) => (v, None),
-        Source::Snapshot(v, s) => (v, Some(s)),
+    // Held until the connection ends: it counts as open meanwhile.
+    let (volume, snapshot, _reader) = match source {
+        Source::Volume(v) => (v, None, None),
+        Source::Snapshot(v, s, reader) => (v, Some(s), reader),
     };
     let snapshot_closing = snapshot
         .as_ref()

@@ -105,6 +105,16 @@ pub enum FreezeError {
         /// Snapshot name.
         snapshot: String,
     },
+    /// Clients read the snapshot over NBD.
+    #[error("snapshot {volume}@{snapshot} has {connections} open NBD connection(s): disconnect the clients or delete with --force")]
+    Open {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// Open connections.
+        connections: u64,
+    },
     /// Something it needs is in use by another request or task.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -147,7 +157,9 @@ impl FreezeError {
             | Self::NamedTwice { .. }
             | Self::Hook { .. } => Outcome::Invalid,
             Self::VolumeNotFound { .. } | Self::NotFound { .. } => Outcome::NotFound,
-            Self::Restoring { .. } | Self::Exists { .. } | Self::Busy(_) => Outcome::Conflict,
+            Self::Restoring { .. } | Self::Exists { .. } | Self::Open { .. } | Self::Busy(_) => {
+                Outcome::Conflict
+            }
             Self::Store(_) | Self::Flush { .. } => Outcome::Failed,
         }
     }
@@ -234,6 +246,16 @@ impl Snapshots {
         self.lock()
             .get(&(volume.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// One snapshot for an export connection, counted open in the same
+    /// step that finds it: a racing `snapshot delete` either removes it
+    /// first (and `None` comes back) or sees the connection (and is
+    /// refused without `--force`), never neither.
+    pub fn open_reader(&self, volume: &str, name: &str) -> Option<store::Reader> {
+        self.lock()
+            .get(&(volume.to_string(), name.to_string()))
+            .map(SnapshotStore::read)
     }
 
     /// Snapshots, of one volume or all, oldest first per volume.
@@ -490,15 +512,34 @@ impl Snapshots {
 
     /// Deletes a snapshot: its guard is disarmed, its change set merged back
     /// into the volume's map (it was never used by a backup), its files and
-    /// COW data removed.
+    /// COW data removed. Refused while clients read it over NBD, unless
+    /// `force` (which ends their connections), as a volume delete is.
     ///
     /// # Errors
-    /// Unknown snapshot.
-    pub fn delete(&self, volume: &str, name: &str) -> Result<(), FreezeError> {
+    /// Unknown snapshot; open connections without `force`; in use by a task.
+    pub fn delete(&self, volume: &str, name: &str, force: bool) -> Result<(), FreezeError> {
         let _claim = self
             .claims
             .acquire(Want::for_snapshot_delete(volume, name))?;
-        self.discard(volume, name)
+        let s = {
+            let mut held = self.lock();
+            let key = (volume.to_string(), name.to_string());
+            let s = held
+                .get(&key)
+                .ok_or_else(|| FreezeError::not_found(volume, name))?;
+            let connections = s.readers();
+            if connections > 0 && !force {
+                return Err(FreezeError::Open {
+                    volume: volume.into(),
+                    snapshot: name.into(),
+                    connections,
+                });
+            }
+            held.remove(&key)
+                .ok_or_else(|| FreezeError::not_found(volume, name))?
+        };
+        self.dispose(volume, name, &s);
+        Ok(())
     }
 
     /// [`Snapshots::delete`] for a caller that holds the snapshot's claim
@@ -511,8 +552,14 @@ impl Snapshots {
             .lock()
             .remove(&(volume.to_string(), name.to_string()))
             .ok_or_else(|| FreezeError::not_found(volume, name))?;
+        self.dispose(volume, name, &s);
+        Ok(())
+    }
+
+    /// Undoes snapshot `s`, already taken off the list.
+    fn dispose(&self, volume: &str, name: &str, s: &Arc<SnapshotStore>) {
         match self.volumes.get(volume) {
-            Some(v) => abandon(&v, &s),
+            Some(v) => abandon(&v, s),
             None => {
                 let _ = s.remove();
             }
@@ -520,7 +567,6 @@ impl Snapshots {
         // The volume's snapshot directory goes when its last snapshot does.
         let _ = std::fs::remove_dir(self.dir.join(volume));
         tracing::info!(snapshot = %format!("{volume}@{name}"), "snapshot deleted");
-        Ok(())
     }
 
     /// Releases a snapshot whose change set a backup has stored: its guard

@@ -210,6 +210,26 @@ pub struct SnapshotStore {
     marked: AtomicBool,
     /// Cancelled when the snapshot is deleted: its export connections end.
     pub closing: tokio_util::sync::CancellationToken,
+    /// Open export connections (see [`crate::snapshot::Snapshots::open_reader`]).
+    readers: std::sync::atomic::AtomicU64,
+}
+
+/// One open export connection to a snapshot: counted while it lives, so
+/// `snapshot delete` without `--force` refuses to end it.
+#[derive(Debug)]
+pub struct Reader(std::sync::Arc<SnapshotStore>);
+
+impl Reader {
+    /// The snapshot read.
+    pub fn snapshot(&self) -> &std::sync::Arc<SnapshotStore> {
+        &self.0
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn io_err(snapshot: &str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + use<> {
@@ -246,6 +266,19 @@ impl SnapshotStore {
             .clone()
     }
 
+    /// Open export connections.
+    pub fn readers(&self) -> u64 {
+        self.readers.load(Ordering::SeqCst)
+    }
+
+    /// Counts one more export connection until the [`Reader`] drops. Only
+    /// [`crate::snapshot::Snapshots::open_reader`] calls this, under the lock a
+    /// delete checks the count under.
+    pub(super) fn read(self: &std::sync::Arc<Self>) -> Reader {
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        Reader(self.clone())
+    }
+
     /// The change set frozen with this snapshot.
     pub fn changes(&self) -> &ChangeSet {
         &self.changes
@@ -280,6 +313,7 @@ impl SnapshotStore {
             unsynced: AtomicBool::new(false),
             marked: AtomicBool::new(false),
             closing: tokio_util::sync::CancellationToken::new(),
+            readers: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -378,6 +412,7 @@ impl SnapshotStore {
             unsynced: AtomicBool::new(marked.is_some()),
             marked: AtomicBool::new(marked.is_some()),
             closing: tokio_util::sync::CancellationToken::new(),
+            readers: std::sync::atomic::AtomicU64::new(0),
         };
         if let Some(boot) = marked.filter(|b| b != crate::durable::boot_id()) {
             tracing::error!(snapshot = %id, "the host went down with copy-on-write data of this snapshot not on disk: it is marked damaged");
