@@ -218,6 +218,19 @@ fn exit_codes_and_json_errors() {
         assert_eq!(err["exit_status"], status, "{err}");
         assert!(err["error"].as_str().unwrap().contains(needle), "{err}");
     }
+    // Pointed at the NBD socket by mistake: says so.
+    let out = Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.nbd_socket())
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is blockd's NBD socket") && err.contains("api.sock"),
+        "{err}"
+    );
     // 0, and --help is not an error.
     assert_eq!(code(&d.blockctl(&["-j", "volume", "list"])), 0);
     let out = d.blockctl(&["-j", "volume", "--help"]);
@@ -342,7 +355,11 @@ fn blockctl_no_daemon(args: &[&str]) -> std::process::Output {
 fn usage_error(args: &[&str], needle: &str) {
     let out = blockctl_no_daemon(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "blockctl {args:?} should fail");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "blockctl {args:?}: a wrong command line exits 2: {stderr}"
+    );
     assert!(
         stderr.contains(needle),
         "blockctl {args:?}: expected {needle:?} in stderr, got: {stderr}"
@@ -373,6 +390,79 @@ fn cloud_bad_arguments_exit_nonzero() {
         &["cloudsnap", "backup", "vol", "--exec-timeout", "soon"],
         "invalid duration",
     );
+    usage_error(
+        &["cloudsnap", "backup", "vol", "--exec-timeout", "0s"],
+        "at least 1s",
+    );
+    usage_error(
+        &["cloudsnap", "delete", "--snap", "app2"],
+        "VOLUME/SNAPSHOT",
+    );
+    usage_error(
+        &["snapshot", "create", "x", "x", "--name", "s"],
+        "named twice",
+    );
+    usage_error(
+        &["cloudsnap", "backup-group", "--volume-ids", "a,a"],
+        "named twice",
+    );
+    usage_error(
+        &[
+            "cloudsnap",
+            "schedules",
+            "create",
+            "--volume-ids",
+            "a,a",
+            "--daily",
+            "21:00",
+        ],
+        "named twice",
+    );
+}
+
+/// Every command and command group ends its --help with examples.
+#[test]
+fn every_help_ends_with_examples() {
+    fn help(path: &[String]) -> String {
+        let out = Command::new(bin("blockctl"))
+            .args(path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+    /// The subcommands a help text lists (skipping `help`).
+    fn subcommands(text: &str) -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .map(str::to_string)
+            .collect()
+    }
+    let mut todo: Vec<Vec<String>> = subcommands(&help(&[]))
+        .into_iter()
+        .map(|c| vec![c])
+        .collect();
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        let text = help(&path);
+        assert!(
+            text.contains("\nExample"),
+            "`blockctl {} --help` has no examples:\n{text}",
+            path.join(" ")
+        );
+        seen += 1;
+        for c in subcommands(&text) {
+            let mut p = path.clone();
+            p.push(c);
+            todo.push(p);
+        }
+    }
+    assert!(seen > 30, "only {seen} commands found");
 }
 
 #[test]

@@ -189,6 +189,14 @@ fn bad_keys_and_values_stop_the_start_naming_file_and_line() {
         }
         assert!(!state.exists(), "a refused start created its state dir");
     }
+    // A state dir that is a file is named as such, and left alone.
+    let file = tmp.path().join("disk.img");
+    std::fs::write(&file, b"data").unwrap();
+    let out = blockd(&["--state-dir", file.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is not a directory"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
 }
 
 #[test]

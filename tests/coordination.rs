@@ -614,15 +614,26 @@ fn concurrent_credentials_creates_of_one_name_keep_one() {
 
 #[test]
 fn a_group_naming_a_volume_twice_is_refused_before_anything_is_claimed() {
+    use std::io::{Read, Write};
     let d = Blockd::start();
     d.create("a", "16M");
+    // blockctl refuses it as a wrong command line...
     let out = d.blockctl(&["cloudsnap", "backup-group", "--volume-ids", "a,a"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("a volume is named twice"),
-        "{}",
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("named twice"), "{}", stderr(&out));
+    // ...and the daemon does too, for any other client of its API.
+    let body = r#"{"volumes": ["a", "a"]}"#;
+    let mut s = std::os::unix::net::UnixStream::connect(d.api_socket()).unwrap();
+    write!(
+        s,
+        "POST /v1/cloudsnaps/backup-group HTTP/1.1\r\nHost: blockd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("a volume is named twice"), "{answer}");
     // Nothing was left claimed: a backup of the volume runs at once.
     let out = d.ok(&["-j", "cloudsnap", "backup", "a", "--wait"]);
     assert_eq!(json(&out)[0]["state"], "Done", "{out}");

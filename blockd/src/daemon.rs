@@ -276,6 +276,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// Start-up failures: state directory, lock, database, sockets.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let dir = &config.state_dir;
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "state dir {} exists and is not a directory: pass --state-dir a directory (it is created if missing)",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating state dir {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -59,7 +59,7 @@ impl Protections {
                 Err(why) => tracing::warn!(
                     protection = what,
                     why,
-                    "memory-pressure protection off: a client of /dev/nbdX on this host may deadlock blockd under memory pressure (run as root, see kernel-notes/nbd.md)"
+                    "memory-pressure protection off: a client of /dev/nbdX on this host may deadlock blockd under memory pressure (it needs root with CAP_SYS_RESOURCE and CAP_IPC_LOCK, which containers often drop; see kernel-notes/nbd.md)"
                 ),
             }
         }

@@ -130,6 +130,9 @@ pub struct CreateSnapshot {
 pub const DEFAULT_EXEC_TIMEOUT_SECS: f64 = 30.0;
 /// Longest exec hook timeout accepted, in seconds (a day).
 pub const MAX_EXEC_TIMEOUT_SECS: f64 = 86_400.0;
+/// Shortest exec hook timeout: a shorter one kills any hook before it
+/// has started, so the snapshot would fail or not by chance.
+pub const MIN_EXEC_TIMEOUT_SECS: f64 = 1.0;
 
 /// The exec hook timeout a request asks for (the default when it gives
 /// none).
@@ -138,9 +141,9 @@ pub const MAX_EXEC_TIMEOUT_SECS: f64 = 86_400.0;
 /// A value outside 0 ..= [`MAX_EXEC_TIMEOUT_SECS`], with what is allowed.
 pub fn exec_timeout(secs: Option<f64>) -> Result<std::time::Duration, String> {
     let secs = secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
-    if !(0.0..=MAX_EXEC_TIMEOUT_SECS).contains(&secs) {
+    if !(MIN_EXEC_TIMEOUT_SECS..=MAX_EXEC_TIMEOUT_SECS).contains(&secs) {
         return Err(format!(
-            "exec timeout must be between 0 and {MAX_EXEC_TIMEOUT_SECS} seconds"
+            "exec timeout must be between {MIN_EXEC_TIMEOUT_SECS} and {MAX_EXEC_TIMEOUT_SECS} seconds"
         ));
     }
     Ok(std::time::Duration::from_secs_f64(secs))

@@ -54,10 +54,16 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| format!("building request: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("talking to blockd: {e}"))?;
+        let resp = match sender.send_request(req).await {
+            Ok(resp) => resp,
+            Err(e) if speaks_nbd(&self.socket).await => {
+                return Err(format!(
+                    "{} is blockd's NBD socket, not its API socket ({e}): point --socket/BLOCKD_SOCKET at the api.sock beside it",
+                    self.socket.display()
+                ))
+            }
+            Err(e) => return Err(format!("talking to blockd: {e}")),
+        };
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
@@ -102,4 +108,22 @@ impl Client {
         let (status, bytes) = self.send(method, path, None).await?;
         Self::check(status, &bytes)
     }
+}
+
+/// True when the server at `socket` greets as an NBD server does (its
+/// first bytes are `NBDMAGIC`): blockctl was pointed at blockd's NBD
+/// socket, which sits beside the API socket.
+async fn speaks_nbd(socket: &std::path::Path) -> bool {
+    use tokio::io::AsyncReadExt;
+    let probe = async {
+        let mut s = UnixStream::connect(socket).await.ok()?;
+        let mut magic = [0u8; 8];
+        s.read_exact(&mut magic).await.ok()?;
+        Some(&magic == b"NBDMAGIC")
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

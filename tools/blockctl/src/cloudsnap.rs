@@ -12,7 +12,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use crate::client::Client;
 use crate::output::{self, field, line, Output};
 use crate::wait::{human_secs, wait};
-use crate::{duration_arg, encode, label_arg, label_map, labels_text, post_exec_ran};
+use crate::{distinct, duration_arg, encode, label_arg, label_map, labels_text, post_exec_ran};
 
 /// `pxctl cloudsnap` verbs.
 #[derive(Debug, Subcommand)]
@@ -90,7 +90,7 @@ pub enum CloudsnapCmd {
     )]
     Delete {
         /// Cloud snapshot id, VOLUME/SNAPSHOT
-        #[arg(long, short = 's')]
+        #[arg(long, short = 's', value_parser = cloud_snapshot_id)]
         snap: String,
         /// Credentials the snapshot is stored with [default: the one
         /// location holding it]
@@ -98,7 +98,11 @@ pub enum CloudsnapCmd {
         cred_id: Option<String>,
     },
     /// Backup schedules: create, list, delete
-    #[command(subcommand, alias = "sched")]
+    #[command(
+        subcommand,
+        alias = "sched",
+        after_help = "Examples:\n  blockctl cloudsnap schedules create db1 --daily 21:00 --max 14\n  blockctl cloudsnap schedules list"
+    )]
     Schedules(crate::schedules::SchedulesCmd),
     /// Restore a cloud snapshot into a new volume
     #[command(alias = "r")]
@@ -376,6 +380,7 @@ async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), F
 /// `cloudsnap backup-group`.
 async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> Result<(), Failure> {
     let o = &args.opts;
+    distinct(&args.volume_ids)?;
     let req = BackupGroupRequest {
         volumes: args.volume_ids.clone(),
         select: label_map(&args.select)?,
@@ -570,5 +575,16 @@ fn print_catalog(c: &Catalog) {
                 v.chunks,
             ),
         );
+    }
+}
+
+/// A cloud snapshot id, `VOLUME/SNAPSHOT` (deletes name one snapshot, never
+/// "the latest of a volume").
+fn cloud_snapshot_id(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((v, n)) if !v.is_empty() && !n.is_empty() && !n.contains('/') => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not a cloud snapshot id VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
+        )),
     }
 }

@@ -50,19 +50,37 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Manage volumes
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  blockctl volume create db1 --size 100G\n  blockctl volume list\n  blockctl volume resize db1 --size 200G"
+    )]
     Volume(VolumeCmd),
     /// Local snapshots: consistent freeze points of volumes and groups
-    #[command(subcommand, alias = "snap")]
+    #[command(
+        subcommand,
+        alias = "snap",
+        after_help = "Examples:\n  blockctl snapshot create db1 --name before-upgrade\n  blockctl snapshot list db1\n  blockctl snapshot delete db1@before-upgrade"
+    )]
     Snapshot(SnapshotCmd),
     /// Object-store credentials for cloud backups (a "location" in the API)
-    #[command(subcommand, alias = "cred")]
+    #[command(
+        subcommand,
+        alias = "cred",
+        after_help = "Examples:\n  blockctl credentials list\n  blockctl credentials create nas --provider local --path /srv/backups"
+    )]
     Credentials(credentials::CredentialsCmd),
     /// Back up volumes to object storage and restore them
-    #[command(subcommand, alias = "cs")]
+    #[command(
+        subcommand,
+        alias = "cs",
+        after_help = "Examples:\n  blockctl cloudsnap backup db1 --wait\n  blockctl cloudsnap list --src db1\n  blockctl cloudsnap restore --snap db1 --volume db1-restored --wait"
+    )]
     Cloudsnap(cloudsnap::CloudsnapCmd),
     /// Maintain a location's repository: check it, collect its garbage
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  blockctl repo check\n  blockctl repo gc --cred-id s3"
+    )]
     Repo(repo::RepoCmd),
     /// Mount a location's cloud snapshots read-only at DIR (served by blockd)
     #[command(
@@ -91,16 +109,21 @@ enum Command {
 }
 
 fn duration_arg(s: &str) -> Result<f64, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        if secs >= 0.0 {
-            return Ok(secs);
-        }
+    let secs = match s.parse::<f64>() {
+        Ok(secs) if secs >= 0.0 => secs,
+        _ => humantime::parse_duration(s)
+            .map(|d| d.as_secs_f64())
+            .map_err(|e| {
+                format!("invalid duration {s:?} ({e}): use e.g. 30s, 2m or a number of seconds")
+            })?,
+    };
+    if secs < blockd_api::MIN_EXEC_TIMEOUT_SECS {
+        return Err(format!(
+            "{s:?} is too short: an exec hook timeout must be at least {}s",
+            blockd_api::MIN_EXEC_TIMEOUT_SECS
+        ));
     }
-    humantime::parse_duration(s)
-        .map(|d| d.as_secs_f64())
-        .map_err(|e| {
-            format!("invalid duration {s:?} ({e}): use e.g. 30s, 2m or a number of seconds")
-        })
+    Ok(secs)
 }
 
 /// `VOLUME@SNAPSHOT`.
@@ -151,12 +174,18 @@ enum SnapshotCmd {
         snapshot: (String, String),
     },
     /// Delete a snapshot; its changes go back to the volume's change set
+    /// (refused while clients read it over NBD, unless --force)
     #[command(alias = "rm")]
-    #[command(after_help = "Example:\n  blockctl snapshot delete db1@before-upgrade")]
+    #[command(
+        after_help = "Examples:\n  blockctl snapshot delete db1@before-upgrade\n  blockctl snapshot delete db1@before-upgrade --force   # also ends its NBD clients"
+    )]
     Delete {
         /// VOLUME@SNAPSHOT
         #[arg(value_parser = snapshot_ref)]
         snapshot: (String, String),
+        /// End the NBD connections reading it
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -181,6 +210,20 @@ fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, Fa
         }
     }
     Ok(map)
+}
+
+/// Refuses a volume named twice in one command (the daemon would too, but
+/// a wrong command line exits 2, not 1).
+fn distinct(volumes: &[String]) -> Result<(), Failure> {
+    let mut seen = std::collections::BTreeSet::new();
+    for v in volumes {
+        if !seen.insert(v.as_str()) {
+            return Err(Failure::Usage(format!(
+                "volume {v:?} is named twice: name each volume once"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -461,6 +504,7 @@ async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(),
             post_exec,
             exec_timeout,
         } => {
+            distinct(volumes)?;
             let req = CreateSnapshot {
                 volumes: volumes.clone(),
                 name: name.clone(),
@@ -493,8 +537,11 @@ async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(),
             let s: Snapshot = client.call::<(), _>("GET", &path, None).await?;
             out.answer(&s, print_snapshot);
         }
-        SnapshotCmd::Delete { snapshot: (v, n) } => {
-            let path = format!("/v1/snapshots/{}/{}", encode(v), encode(n));
+        SnapshotCmd::Delete {
+            snapshot: (v, n),
+            force,
+        } => {
+            let path = format!("/v1/snapshots/{}/{}?force={force}", encode(v), encode(n));
             client.call_empty("DELETE", &path).await?;
             out.answer(
                 &serde_json::json!({ "deleted": format!("{v}@{n}") }),

@@ -96,8 +96,10 @@ pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(),
     match cmd {
         SchedulesCmd::Create(a) => {
             let volume = a.volume.clone().or(a.volume_flag.clone());
+            let volumes: Vec<String> = volume.into_iter().chain(a.volume_ids.clone()).collect();
+            crate::distinct(&volumes)?;
             let req = CreateSchedule {
-                volumes: volume.into_iter().chain(a.volume_ids.clone()).collect(),
+                volumes,
                 select: label_map(&a.labels)?,
                 periodic: a.periodic.clone(),
                 daily: a.daily.clone(),
