@@ -173,8 +173,18 @@ fn writes_to_a_lazily_restored_volume_are_kept_tracked_and_survive_kill9() {
         ),
         &[],
     );
+    let before = status(&d, &id);
     d.terminate();
     d.spawn();
+    // The restart keeps what the task had counted: its time and what it
+    // fetched do not go back.
+    let after = status(&d, &id);
+    for k in ["bytes_transferred", "elapsed_secs"] {
+        assert!(
+            after[k].as_f64().unwrap() >= before[k].as_f64().unwrap(),
+            "{k} went back over a restart: {before} then {after}"
+        );
+    }
     let st = wait_done(&d, &id);
     assert_eq!(st["state"], "Done", "{st}");
     let got = read_at(&d.uri("q"), 47 * MB as u64, 65536, &t.path().join("q.bin")).unwrap();

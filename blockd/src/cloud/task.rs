@@ -249,6 +249,28 @@ impl Cloud {
         Ok(())
     }
 
+    /// A task interrupted by a shutdown, left Active to resume at the next
+    /// start: the time it ran and the bytes it moved are added to its
+    /// saved record. Nothing else is: its other counters go with its last
+    /// checkpoint, where it resumes, so nothing is counted twice.
+    pub(super) fn interrupted(&self, run: &Running) {
+        let now = run.snapshot();
+        let id = &now.task.id;
+        let saved = match self.db.task(id) {
+            Ok(Some(rec)) => serde_json::from_str::<Record>(&rec).ok(),
+            _ => None,
+        };
+        let Some(mut r) = saved.filter(|r| !r.task.state.is_final()) else {
+            return;
+        };
+        r.task.elapsed_secs = now.task.elapsed_secs;
+        r.task.bytes_transferred = now.task.bytes_transferred;
+        r.task.eta_secs = None;
+        if let Err(e) = self.save(&r) {
+            tracing::warn!(task = %id, error = %e, "saving an interrupted task's counters failed");
+        }
+    }
+
     pub(super) fn resume(self: &Arc<Self>, r: Record) {
         tracing::info!(task = %r.task.id, volume = %r.task.volume, "resuming task after restart");
         let id = r.task.id.clone();

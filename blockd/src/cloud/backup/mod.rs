@@ -457,7 +457,9 @@ impl Cloud {
                 {
                     // Left active: it resumes at the next start from its
                     // last checkpoint, whose record (and counters) stay as
-                    // saved then, so redone work is not counted twice.
+                    // saved then, so redone work is not counted twice;
+                    // only its running time and uploaded bytes are added.
+                    me.interrupted(&run);
                     me.lock().remove(&id);
                 }
                 Err(e) => {

@@ -194,6 +194,7 @@ impl Cloud {
                 Err(CloudError::Cancelled)
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
                 {
+                    me.interrupted(&run);
                     me.lock().remove(&id);
                 }
                 Err(e) => {
