@@ -320,6 +320,17 @@ fn delete_with_open_connection_needs_force() {
         !d.dir.path().join("volumes/busy.img").exists(),
         "data file left behind"
     );
+    // A client that has just exited is not an open connection: a script
+    // deleting right after its last client is never refused.
+    for round in 0..10 {
+        let name = format!("brief{round}");
+        d.create(&name, "4M");
+        qemu_io(
+            &d.uri(&name),
+            &["write -P 0x11 0 64k", "read -P 0x11 0 64k"],
+        );
+        d.ok(&["volume", "delete", &name]);
+    }
 }
 
 #[test]

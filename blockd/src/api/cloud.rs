@@ -114,8 +114,15 @@ async fn task(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult
     Ok(Json(d.cloud.task(&id)?))
 }
 
-async fn stop(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Task> {
-    Ok(Json(d.cloud.stop(&id).await?))
+async fn stop(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Task> {
+    let force = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    Ok(Json(d.cloud.stop(&id, force).await?))
 }
 
 async fn list_snaps(

@@ -375,6 +375,21 @@ async fn detach_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Waits (at most half a second) for open connections to end before a
+/// delete without `--force` decides. A client that has just disconnected
+/// is counted until the server has finished with its connection: a few
+/// milliseconds, more on a loaded host, and a script that deletes right
+/// after its last client exits must not be refused for that. The decision
+/// itself stays one step with the count (see the delete).
+async fn settle(open: impl Fn() -> u64) {
+    for _ in 0..50 {
+        if open() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn delete_volume(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
@@ -383,6 +398,9 @@ async fn delete_volume(
     let force = query_pairs(q.as_deref())
         .iter()
         .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    if !force {
+        settle(|| d.store.get(&name).map_or(0, |v| v.connections())).await;
+    }
     d.delete_volume(&name, force)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -488,6 +506,9 @@ async fn delete_snapshot(
     let force = query_pairs(q.as_deref())
         .iter()
         .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    if !force {
+        settle(|| d.snapshots.get(&volume, &name).map_or(0, |s| s.readers())).await;
+    }
     d.snapshots.delete(&volume, &name, force)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -252,6 +252,14 @@ pub enum CloudError {
         /// What was given.
         id: String,
     },
+    /// Stopping a lazy restore would delete a volume clients use.
+    #[error("volume {volume} is being restored lazily and has {connections} open NBD connection(s); stopping the restore deletes the volume and what was written to it: disconnect the clients or stop with --force")]
+    InUse {
+        /// Volume.
+        volume: String,
+        /// Open connections.
+        connections: u64,
+    },
     /// The task is not running any more.
     #[error("task {id} already ended ({state})")]
     TaskEnded {
@@ -346,6 +354,7 @@ impl CloudError {
             Self::Busy(_)
             | Self::Restoring { .. }
             | Self::VolumeExists { .. }
+            | Self::InUse { .. }
             | Self::TaskEnded { .. } => Outcome::Conflict,
             Self::State(_)
             | Self::Damaged { .. }

@@ -470,11 +470,14 @@ impl Cloud {
             })
     }
 
-    /// Stops a running task and waits for it to end.
+    /// Stops a running task and waits for it to end. A stopped restore
+    /// deletes its incomplete volume; a lazily restored one may have
+    /// clients, so without `force` the stop is refused while they are
+    /// connected, as a volume delete is (with it, they are disconnected).
     ///
     /// # Errors
-    /// Unknown or finished task.
-    pub async fn stop(&self, id: &str) -> Result<Task, CloudError> {
+    /// Unknown or finished task; a lazy restore's volume in use.
+    pub async fn stop(&self, id: &str, force: bool) -> Result<Task, CloudError> {
         let run = self.lock().get(id).cloned();
         let Some(run) = run else {
             let t = self.task(id)?;
@@ -483,6 +486,28 @@ impl Cloud {
                 state: t.state,
             });
         };
+        let task = run.snapshot().task;
+        let lazy = task.kind == TaskKind::Restore && task.lazy;
+        if lazy {
+            // A client that has just disconnected is counted until the
+            // server is done with it: give such connections a moment.
+            for _ in 0..50 {
+                let open = self
+                    .volumes
+                    .get(&task.volume)
+                    .map_or(0, |v| v.connections());
+                if force || open == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.volumes
+                .refuse_connections(&task.volume, force)
+                .map_err(|connections| CloudError::InUse {
+                    volume: task.volume.clone(),
+                    connections,
+                })?;
+        }
         run.stopped
             .store(true, std::sync::atomic::Ordering::Release);
         run.stop.cancel();
@@ -492,6 +517,11 @@ impl Cloud {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.task(id)
+        let t = self.task(id)?;
+        if lazy && t.state == TaskState::Done {
+            // It completed before the stop reached it: the volume stays.
+            self.volumes.accept_connections(&task.volume);
+        }
+        Ok(t)
     }
 }

@@ -76,6 +76,9 @@ pub struct Volume {
     pub closing: CancellationToken,
     /// A full restore is filling this volume: it is not exported until done.
     pub restoring: std::sync::atomic::AtomicBool,
+    /// A stopped lazy restore is about to delete this volume: new
+    /// connections are refused (see [`store::Store::refuse_connections`]).
+    pub(crate) refusing: std::sync::atomic::AtomicBool,
     /// A lazy restore is filling this volume while it is served.
     lazy: std::sync::RwLock<Option<Arc<Lazy>>>,
     lazy_on: std::sync::atomic::AtomicBool,
@@ -130,6 +133,7 @@ impl Volume {
             held: std::sync::RwLock::new(Vec::new()),
             closing: CancellationToken::new(),
             restoring: std::sync::atomic::AtomicBool::new(false),
+            refusing: std::sync::atomic::AtomicBool::new(false),
             lazy: std::sync::RwLock::new(None),
             lazy_on: std::sync::atomic::AtomicBool::new(false),
             direct: std::sync::OnceLock::new(),

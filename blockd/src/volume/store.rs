@@ -189,7 +189,36 @@ impl Store {
     /// is either deleted first (and `None` comes back) or counted busy
     /// first (and the delete is refused), never both.
     pub fn connect(&self, name: &str) -> Option<super::ConnectionGuard> {
-        self.read().get(name).map(Volume::connect)
+        self.read()
+            .get(name)
+            .filter(|v| !v.refusing.load(std::sync::atomic::Ordering::SeqCst))
+            .map(Volume::connect)
+    }
+
+    /// Refuses new connections to `name` from now on, unless it has open
+    /// ones and not `force`: then returns how many. One step under the
+    /// lock [`Self::connect`] counts under, so no client connects between
+    /// the check and the refusal. [`Self::accept_connections`] undoes it.
+    ///
+    /// # Errors
+    /// The open connections, without `force`.
+    pub fn refuse_connections(&self, name: &str, force: bool) -> Result<(), u64> {
+        let volumes = self.write();
+        if let Some(v) = volumes.get(name) {
+            let open = v.connections();
+            if open > 0 && !force {
+                return Err(open);
+            }
+            v.refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Accepts connections to `name` again.
+    pub fn accept_connections(&self, name: &str) {
+        if let Some(v) = self.read().get(name) {
+            v.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Every volume, in name order.

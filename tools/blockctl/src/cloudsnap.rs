@@ -46,6 +46,10 @@ pub enum CloudsnapCmd {
         /// Task id, as pxctl spells it
         #[arg(long, value_name = "ID")]
         name: Option<String>,
+        /// Stop a lazy restore whose volume has NBD clients (they are
+        /// disconnected, and the volume with what they wrote is deleted)
+        #[arg(long)]
+        force: bool,
     },
     /// Show finished backups and restores with their outcome
     #[command(after_help = "Example:\n  blockctl cloudsnap history")]
@@ -218,12 +222,12 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
             out.answer(tasks.as_slice(), print_status);
             Ok(())
         }
-        CloudsnapCmd::Stop { id, name } => {
+        CloudsnapCmd::Stop { id, name, force } => {
             let id = id
                 .as_deref()
                 .or(name.as_deref())
                 .ok_or("give the task id to stop")?;
-            let path = format!("/v1/tasks/{}/stop", encode(id));
+            let path = format!("/v1/tasks/{}/stop?force={force}", encode(id));
             let t: Task = client.call::<(), _>("POST", &path, None).await?;
             out.answer(&t, |t| {
                 line(format_args!("Cloudsnap task {} stopped", t.id))
