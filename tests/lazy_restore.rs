@@ -346,60 +346,12 @@ fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
     stop_refused_while_clients_use_the_volume(&d, &id, "r", "src");
 }
 
-/// Reads export argv[1] over one connection held for argv[2] seconds:
-/// prints "refused" when it cannot open, "ok" when every read succeeded,
-/// "broken: ..." when one failed.
-const HOLD: &str = r#"
-import sys, time
-h = nbd.NBD()
-try:
-    h.connect_uri(sys.argv[1])
-except nbd.Error:
-    print("refused")
-    sys.exit(0)
-try:
-    h.pread(4096, 0)
-    time.sleep(float(sys.argv[2]))
-    h.pread(4096, 4096)
-    print("ok")
-except nbd.Error as e:
-    print("broken:", e)
-"#;
-
-fn hold(d: &Blockd, vol: &str, secs: &str) -> std::process::Child {
-    let script = HOLD
-        .replace("sys.argv[1]", &format!("{:?}", d.uri(vol)))
-        .replace("float(sys.argv[2])", secs);
-    nbdsh_command()
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn said(c: std::process::Child) -> String {
-    let out = c.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Waits until volume `vol` has an open connection.
-fn connected(d: &Blockd, vol: &str) {
-    for _ in 0..200 {
-        let v = json(&d.ok(&["-j", "volume", "inspect", vol]));
-        if v["connections"].as_u64().unwrap() > 0 {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("no client connected to {vol}");
-}
-
 /// Stopping a lazy restore deletes its volume: with clients connected it
 /// is refused unless --force, as a volume delete is, and a stop racing
 /// new connections never cuts off one that opened.
 fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, src: &str) {
-    let c = hold(d, vol, "2");
-    connected(d, vol);
+    let mut c = HeldReader::start(&d.uri(vol), 2.0);
+    assert!(c.opened());
     let out = d.blockctl(&["cloudsnap", "stop", id]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
@@ -407,14 +359,14 @@ fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, sr
         e.contains("1 open NBD connection") && e.contains("--force"),
         "{e}"
     );
-    assert_eq!(said(c), "ok");
+    assert_eq!(c.outcome(), "ok");
     assert_eq!(status(d, id)["state"], "Active");
     // --force disconnects it, and the volume goes with the task.
-    let c = hold(d, vol, "3");
-    connected(d, vol);
+    let mut c = HeldReader::start(&d.uri(vol), 3.0);
+    assert!(c.opened());
     let t = json(&d.ok(&["-j", "cloudsnap", "stop", id, "--force"]));
     assert_eq!(t["state"], "Stopped", "{t}");
-    let s = said(c);
+    let s = c.outcome();
     assert!(s.starts_with("broken"), "{s}");
     assert!(!d.blockctl(&["volume", "inspect", vol]).status.success());
     // Racing: clients connect while the restore is stopped.
@@ -423,7 +375,7 @@ fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, sr
         let id = lazy_restore(d, src, &vol);
         let outs = at_once(4, |i| {
             if i < 3 {
-                said(hold(d, &vol, "0.5"))
+                HeldReader::start(&d.uri(&vol), 0.5).outcome()
             } else {
                 let out = d.blockctl(&["cloudsnap", "stop", &id]);
                 if out.status.success() {

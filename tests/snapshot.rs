@@ -740,26 +740,6 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
     let _ = tmp;
 }
 
-/// Reads the export at argv[1] over a connection held for argv[2] seconds;
-/// prints "refused" when the connection cannot open, "ok" when every read
-/// on it succeeded, and "broken: ..." when one failed.
-const HOLD_READER: &str = r#"
-import sys, time
-h = nbd.NBD()
-try:
-    h.connect_uri(sys.argv[1])
-except nbd.Error:
-    print("refused")
-    sys.exit(0)
-try:
-    h.pread(4096, 0)
-    time.sleep(float(sys.argv[2]))
-    h.pread(4096, 4096)
-    print("ok")
-except nbd.Error as e:
-    print("broken:", e)
-"#;
-
 /// A snapshot read over NBD is deleted only with --force, as a volume with
 /// clients is: without it the delete is refused and the client reads on;
 /// deletes racing new connections never end one that opened.
@@ -772,55 +752,25 @@ fn a_snapshot_with_clients_is_deleted_only_with_force() {
     d.create("vol1", "16M");
     qemu_io(&d.uri("vol1"), &["write -P 0x33 0 1M"]);
     d.ok(&["snapshot", "create", "vol1", "--name", "s"]);
-    let uri = snap_uri(&d, "vol1@s");
-    let mut held = nbdsh_command();
-    held.args([
-        "-c",
-        HOLD_READER
-            .replace("sys.argv[1]", &format!("{uri:?}"))
-            .replace("float(sys.argv[2])", "3")
-            .as_str(),
-    ]);
-    let held = held.stdout(std::process::Stdio::piped()).spawn().unwrap();
-    // The connection is counted before the delete is tried.
-    let mut counted = false;
-    for _ in 0..100 {
-        let out = d.blockctl(&["snapshot", "delete", "vol1@s"]);
-        if !out.status.success() {
-            let e = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                e.contains("1 open NBD connection") && e.contains("--force"),
-                "{e}"
-            );
-            counted = true;
-            break;
-        }
-        // Deleted before the client connected: take it again.
-        d.ok(&["snapshot", "create", "vol1", "--name", "s"]);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(counted, "the open connection was never seen");
-    let out = held.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let mut held = HeldReader::start(&snap_uri(&d, "vol1@s"), 2.0);
+    assert!(held.opened());
+    let out = d.blockctl(&["snapshot", "delete", "vol1@s"]);
+    assert!(!out.status.success(), "deleted under its client");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("1 open NBD connection") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(held.outcome(), "ok");
     // Once the client is gone, a plain delete goes through.
     d.ok(&["snapshot", "delete", "vol1@s"]);
 
     // --force ends the connection.
     d.ok(&["snapshot", "create", "vol1", "--name", "f"]);
-    let uri = snap_uri(&d, "vol1@f");
-    let mut c = nbdsh_command();
-    c.args([
-        "-c",
-        HOLD_READER
-            .replace("sys.argv[1]", &format!("{uri:?}"))
-            .replace("float(sys.argv[2])", "3")
-            .as_str(),
-    ]);
-    let child = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    let mut held = HeldReader::start(&snap_uri(&d, "vol1@f"), 3.0);
+    assert!(held.opened());
     d.ok(&["snapshot", "delete", "vol1@f", "--force"]);
-    let out = child.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let said = held.outcome();
     assert!(said.starts_with("broken"), "{said}");
 
     // Racing: four clients connect while two deletes run. A delete that
@@ -829,13 +779,9 @@ fn a_snapshot_with_clients_is_deleted_only_with_force() {
         let name = format!("r{round}");
         d.ok(&["snapshot", "create", "vol1", "--name", &name]);
         let uri = snap_uri(&d, &format!("vol1@{name}"));
-        let script = HOLD_READER
-            .replace("sys.argv[1]", &format!("{uri:?}"))
-            .replace("float(sys.argv[2])", "0.5");
         let outs = at_once(6, |i| {
             if i < 4 {
-                let out = nbdsh_command().args(["-c", &script]).output().unwrap();
-                String::from_utf8_lossy(&out.stdout).trim().to_string()
+                HeldReader::start(&uri, 0.5).outcome()
             } else {
                 let out = d.blockctl(&["snapshot", "delete", &format!("vol1@{name}")]);
                 if out.status.success() {

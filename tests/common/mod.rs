@@ -449,3 +449,62 @@ pub fn read_file(p: &Path) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     v
 }
+
+/// An nbdsh client reading one export over one connection that it holds
+/// open for a while: how a test asks "was this client cut off?".
+pub struct HeldReader {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    refused: bool,
+}
+
+impl HeldReader {
+    /// Connects to `uri`, reads, waits `secs` seconds, reads again.
+    pub fn start(uri: &str, secs: f64) -> Self {
+        let script = format!(
+            "import sys, time\n\
+             h = nbd.NBD()\n\
+             try:\n    h.connect_uri({uri:?})\n\
+             except nbd.Error:\n    print('refused', flush=True)\n    sys.exit(0)\n\
+             print('open', flush=True)\n\
+             try:\n    h.pread(4096, 0)\n    time.sleep({secs})\n    h.pread(4096, 4096)\n    print('ok')\n\
+             except nbd.Error as e:\n    print('broken:', e)\n"
+        );
+        let mut child = nbdsh_command()
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("nbdsh");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            out,
+            refused: false,
+        }
+    }
+
+    /// Waits until the connection is open (true) or was refused (false).
+    pub fn opened(&mut self) -> bool {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("nbdsh output");
+        self.refused = line.trim() != "open";
+        !self.refused
+    }
+
+    /// How it ended: "refused" (the connection could not open), "ok"
+    /// (every read succeeded) or "broken: ..." (a read failed).
+    pub fn outcome(mut self) -> String {
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).expect("nbdsh output");
+        let _ = self.child.wait();
+        if self.refused {
+            return "refused".into();
+        }
+        rest.lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty() && *l != "open")
+            .unwrap_or("")
+            .to_string()
+    }
+}

@@ -15,7 +15,7 @@ use blockd_api::{
     Started, Task,
 };
 
-use super::{body, query_pairs, ApiResult, Failure};
+use super::{body, forced, query_pairs, ApiResult, Failure};
 use crate::daemon::Daemon;
 
 /// The cloud routes.
@@ -119,9 +119,7 @@ async fn stop(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Task> {
-    let force = query_pairs(q.as_deref())
-        .iter()
-        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    let force = forced(q.as_deref());
     Ok(Json(d.cloud.stop(&id, force).await?))
 }
 

@@ -293,6 +293,13 @@ async fn info(State(d): State<Arc<Daemon>>) -> Json<DaemonInfo> {
     Json(d.info())
 }
 
+/// `force=true` (or `force=1`) in a query string.
+fn forced(q: Option<&str>) -> bool {
+    query_pairs(q)
+        .iter()
+        .any(|(k, v)| k == "force" && (v == "true" || v == "1"))
+}
+
 fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(q.unwrap_or("").as_bytes())
         .into_owned()
@@ -368,9 +375,7 @@ async fn detach_volume(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<StatusCode, Failure> {
-    let force = query_pairs(q.as_deref())
-        .iter()
-        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    let force = forced(q.as_deref());
     d.attachments.detach(&name, force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -395,9 +400,7 @@ async fn delete_volume(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<StatusCode, Failure> {
-    let force = query_pairs(q.as_deref())
-        .iter()
-        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    let force = forced(q.as_deref());
     if !force {
         settle(|| d.store.get(&name).map_or(0, |v| v.connections())).await;
     }
@@ -503,9 +506,7 @@ async fn delete_snapshot(
     Path((volume, name)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<StatusCode, Failure> {
-    let force = query_pairs(q.as_deref())
-        .iter()
-        .any(|(k, v)| k == "force" && (v == "true" || v == "1"));
+    let force = forced(q.as_deref());
     if !force {
         settle(|| d.snapshots.get(&volume, &name).map_or(0, |s| s.readers())).await;
     }
