@@ -218,9 +218,10 @@ fn volume_delete_racing_nbd_connects_never_deletes_a_connected_volume() {
         let vol = format!("c{round}");
         d.create(&vol, "4M");
         // The client reports "connected" once the handshake is done, holds
-        // the connection, then writes and flushes.
+        // the connection (longer than a delete waits for connections to
+        // end), then writes and flushes.
         let script = format!(
-            "h.connect_uri({:?})\nprint('connected', flush=True)\nimport time\ntime.sleep(0.5)\nh.pwrite(b'\\x5a' * 4096, 0)\nh.flush()\nprint('written', flush=True)\n",
+            "h.connect_uri({:?})\nprint('connected', flush=True)\nimport time\ntime.sleep(1.5)\nh.pwrite(b'\\x5a' * 4096, 0)\nh.flush()\nprint('written', flush=True)\n",
             d.uri(&vol)
         );
         let outs = at_once(2, |i| {
