@@ -380,21 +380,6 @@ async fn detach_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Waits (at most half a second) for open connections to end before a
-/// delete without `--force` decides. A client that has just disconnected
-/// is counted until the server has finished with its connection: a few
-/// milliseconds, more on a loaded host, and a script that deletes right
-/// after its last client exits must not be refused for that. The decision
-/// itself stays one step with the count (see the delete).
-async fn settle(open: impl Fn() -> u64) {
-    for _ in 0..50 {
-        if open() == 0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
 async fn delete_volume(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
@@ -402,7 +387,7 @@ async fn delete_volume(
 ) -> Result<StatusCode, Failure> {
     let force = forced(q.as_deref());
     if !force {
-        settle(|| d.store.get(&name).map_or(0, |v| v.connections())).await;
+        crate::volume::settle(|| d.store.get(&name).map_or(0, |v| v.connections())).await;
     }
     d.delete_volume(&name, force)?;
     Ok(StatusCode::NO_CONTENT)
@@ -508,7 +493,7 @@ async fn delete_snapshot(
 ) -> Result<StatusCode, Failure> {
     let force = forced(q.as_deref());
     if !force {
-        settle(|| d.snapshots.get(&volume, &name).map_or(0, |s| s.readers())).await;
+        crate::volume::settle(|| d.snapshots.get(&volume, &name).map_or(0, |s| s.readers())).await;
     }
     d.snapshots.delete(&volume, &name, force)?;
     Ok(StatusCode::NO_CONTENT)

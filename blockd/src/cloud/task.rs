@@ -489,17 +489,13 @@ impl Cloud {
         let task = run.snapshot().task;
         let lazy = task.kind == TaskKind::Restore && task.lazy;
         if lazy {
-            // A client that has just disconnected is counted until the
-            // server is done with it: give such connections a moment.
-            for _ in 0..50 {
-                let open = self
-                    .volumes
-                    .get(&task.volume)
-                    .map_or(0, |v| v.connections());
-                if force || open == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if !force {
+                crate::volume::settle(|| {
+                    self.volumes
+                        .get(&task.volume)
+                        .map_or(0, |v| v.connections())
+                })
+                .await;
             }
             self.volumes
                 .refuse_connections(&task.volume, force)

@@ -99,6 +99,22 @@ pub struct Volume {
     behind: behind::WriteBehind,
 }
 
+/// Waits (at most half a second) for `open` connections to end, before a
+/// delete or stop without `--force` decides on them. A client that has
+/// just disconnected is counted until the server has finished with its
+/// connection: a few milliseconds, more on a loaded host, and a script
+/// that deletes right after its last client exits must not be refused
+/// for that. The decision itself stays one step with the count (see
+/// [`store::Store::delete`] and [`store::Store::refuse_connections`]).
+pub async fn settle(open: impl Fn() -> u64) {
+    for _ in 0..50 {
+        if open() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Counts one open connection for as long as it lives.
 #[derive(Debug)]
 pub struct ConnectionGuard(Arc<Volume>);
