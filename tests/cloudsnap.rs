@@ -150,13 +150,17 @@ fn a_grown_volume_backs_up_only_its_changes() {
     let t = backup(&d, &["grow"]);
     assert_eq!(t["full"], true, "{t}");
 
-    d.ok(&["volume", "resize", "grow", "--size", "32M"]);
-    std::fs::File::options()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(32 * MB as u64)
-        .unwrap();
+    // The volume and its reference image grow alike.
+    let grow = |mb: usize| {
+        d.ok(&["volume", "resize", "grow", "--size", &format!("{mb}M")]);
+        std::fs::File::options()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len((mb * MB) as u64)
+            .unwrap();
+    };
+    grow(32);
     // 64 KiB in the grown range, 4 KiB in the old one.
     write_both(&d, "grow", &img, "write -P 0x6b 20M 64k");
     write_both(&d, "grow", &img, "write -P 0x2c 4M 4k");
@@ -175,13 +179,7 @@ fn a_grown_volume_backs_up_only_its_changes() {
     assert_eq!(v["size"], 32 * MB);
 
     // Grown again, then read whole: the data it had is referenced.
-    d.ok(&["volume", "resize", "grow", "--size", "48M"]);
-    std::fs::File::options()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(48 * MB as u64)
-        .unwrap();
+    grow(48);
     let t = backup(&d, &["grow", "--full"]);
     assert_eq!(t["full"], true, "{t}");
     assert!(

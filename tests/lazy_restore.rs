@@ -377,12 +377,7 @@ fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, sr
             if i < 3 {
                 HeldReader::start(&d.uri(&vol), 0.5).outcome()
             } else {
-                let out = d.blockctl(&["cloudsnap", "stop", &id]);
-                if out.status.success() {
-                    "stopped".into()
-                } else {
-                    String::from_utf8_lossy(&out.stderr).into_owned()
-                }
+                succeeded_or_stderr(&d.blockctl(&["cloudsnap", "stop", &id]), "stopped")
             }
         });
         for o in &outs[..3] {

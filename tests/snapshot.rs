@@ -784,11 +784,7 @@ fn a_snapshot_with_clients_is_deleted_only_with_force() {
                 HeldReader::start(&uri, 0.5).outcome()
             } else {
                 let out = d.blockctl(&["snapshot", "delete", &format!("vol1@{name}")]);
-                if out.status.success() {
-                    "deleted".to_string()
-                } else {
-                    String::from_utf8_lossy(&out.stderr).into_owned()
-                }
+                succeeded_or_stderr(&out, "deleted")
             }
         });
         for o in &outs[..4] {

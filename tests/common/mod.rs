@@ -508,3 +508,13 @@ impl HeldReader {
             .to_string()
     }
 }
+
+/// `said` when a blockctl run succeeded, else its stderr: one word per
+/// outcome for the requests a race fires together.
+pub fn succeeded_or_stderr(out: &Output, said: &str) -> String {
+    if out.status.success() {
+        said.to_string()
+    } else {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
