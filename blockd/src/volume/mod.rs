@@ -386,25 +386,31 @@ impl Volume {
 
     /// [`Self::write_cached`] for several writes, whose copy-on-write
     /// copies are made together (see [`Self::guard_many`]) before any of
-    /// them lands. One result per write; when the copies fail, every write
-    /// fails with that error.
-    pub fn write_many_cached(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+    /// them lands. `done` gets each write's result (by its index in
+    /// `writes`) as soon as that write is in the page cache, so its reply
+    /// need not wait for the rest; when the copies fail, every write fails
+    /// with that error.
+    pub fn write_many_cached(
+        &self,
+        writes: &[(u64, &[u8])],
+        mut done: impl FnMut(usize, io::Result<()>),
+    ) {
         let ranges: Vec<(u64, u64)> = writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
         for &(offset, len) in &ranges {
             self.dirty.mark(offset, len);
         }
         if let Err(e) = self.guard_many(&ranges) {
-            return writes
-                .iter()
-                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-                .collect();
+            for i in 0..writes.len() {
+                done(i, Err(io::Error::new(e.kind(), e.to_string())));
+            }
+            return;
         }
-        let results = writes
-            .iter()
-            .map(|(offset, data)| self.write_steps(*offset, data))
-            .collect();
-        self.wrote();
-        results
+        for (i, (offset, data)) in writes.iter().enumerate() {
+            let r = self.write_steps(*offset, data);
+            // Before the reply: a FLUSH that follows it must sync this write.
+            self.wrote();
+            done(i, r);
+        }
     }
 
     fn write_steps(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -776,8 +782,7 @@ mod tests {
             match what {
                 "write_cached" => v.write_cached(0, &[1; 4096]).unwrap(),
                 "write_many_cached" => {
-                    let r = v.write_many_cached(&[(es, &[2; 512][..])]);
-                    assert!(r.iter().all(Result::is_ok));
+                    v.write_many_cached(&[(es, &[2; 512][..])], |_, r| r.unwrap());
                 }
                 "write_parts_cached" => v
                     .write_parts_cached(2 * es, &[&[3; 100], &[4; 100]])
