@@ -66,9 +66,9 @@ const INLINE_READ_MAX: u64 = 128 << 10;
 /// Most small writes gathered into one batch while a frozen image is held
 /// (see [`Conn::write_batch`]). Small on purpose: a batch stops the reading
 /// of requests until its copies are made, and the client's queue drains
-/// meanwhile. With 4k random writes at QD32 after a freeze, held / none
-/// went from 0.66-0.85x at 64 to 0.84-0.90x at 4, and 0.74x with no
-/// batching (kernel-notes/README.md, "Copy-on-write").
+/// meanwhile; with no batching at all each copy costs two more writes.
+/// Measured with 4k random writes at QD32 after a freeze
+/// (kernel-notes/README.md, "Copy-on-write").
 const BATCH_MAX: usize = 4;
 /// Most block-status runs in one reply.
 const MAX_STATUS_RUNS: usize = 4096;
