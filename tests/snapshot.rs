@@ -101,6 +101,42 @@ print("ok")
         .output()
         .unwrap();
     assert!(!out.status.success(), "deleted snapshot still exported");
+
+    // The COW area is kept for the volume's next snapshot, which takes it
+    // over: what it held (the first frozen image) is never read as part
+    // of the new one.
+    let vol_dir = d.dir.path().join("snapshots/vol1");
+    let spare = vol_dir.join(".cow.spare");
+    let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    assert_eq!(len(&spare), Some(32 * MB as u64), "COW area not kept");
+    d.ok(&["snapshot", "create", "vol1", "--name", "s2"]);
+    assert!(
+        !spare.exists(),
+        "the next snapshot did not take the kept area"
+    );
+    assert_eq!(len(&vol_dir.join("s2/cow.data")), Some(32 * MB as u64));
+    let mut image2 = vec![0x99u8; 32 * MB];
+    image2[..MB].fill(0);
+    image2[2 * MB..3 * MB].fill(0);
+    qemu_io(
+        &d.uri("vol1"),
+        &["write -P 0x42 4M 3M", "write -P 0x43 20M 64k"],
+    );
+    let frozen2 = tmp.path().join("frozen2.img");
+    export_to_file(&snap_uri(&d, "vol1@s2"), &frozen2);
+    assert!(
+        read_file(&frozen2) == image2,
+        "second frozen image differs from the volume at its freeze"
+    );
+    assert_eq!(inspect(&d, "vol1@s2")["cow_bytes"], 3 * MB + 64 * 1024);
+    // Deleting the volume frees the area with the rest.
+    d.ok(&["snapshot", "delete", "vol1@s2"]);
+    assert!(spare.exists());
+    d.ok(&["volume", "delete", "vol1"]);
+    assert!(
+        !vol_dir.exists(),
+        "snapshot files left after the volume's delete"
+    );
 }
 
 /// Many small writes in flight at once, each to its own extent (the
@@ -447,7 +483,11 @@ fn a_crash_midway_through_a_delete_leaves_no_half_snapshot() {
         v
     };
     d.ok(&["snapshot", "delete", "vol1@a"]);
-    assert_eq!(entries(&dir), ["b", "c"], "a delete leaves nothing behind");
+    assert_eq!(
+        entries(&dir),
+        [".cow.spare", "b", "c"],
+        "a delete leaves nothing behind but the COW area it hands on"
+    );
     // The crash: "b" was renamed and partly emptied when blockd died.
     d.kill9();
     let removed = dir.join(".removed.b.4242.0");
@@ -464,7 +504,11 @@ fn a_crash_midway_through_a_delete_leaves_no_half_snapshot() {
         .map(|s| s["export"].as_str().unwrap())
         .collect();
     assert_eq!(listed, ["vol1@c"], "{l}");
-    assert_eq!(entries(&dir), ["c"], "what was left of b is swept");
+    assert_eq!(
+        entries(&dir),
+        [".cow.spare", "c"],
+        "what was left of b is swept"
+    );
     // The name is free again, and the snapshot still held is intact.
     d.ok(&["snapshot", "create", "vol1", "--name", "b"]);
     let tmp = tempfile::tempdir().unwrap();
@@ -492,7 +536,9 @@ fn a_crash_midway_through_a_delete_leaves_no_half_snapshot() {
     let held = usize::from(dir.join("b").exists());
     assert_eq!(held, 1 + created - deleted, "{outs:?}");
     assert!(
-        entries(&dir).iter().all(|n| n == "b" || n == "c"),
+        entries(&dir)
+            .iter()
+            .all(|n| n == "b" || n == "c" || n == ".cow.spare"),
         "nothing half-deleted is left: {:?}",
         entries(&dir)
     );

@@ -19,6 +19,17 @@
 //! A deleted snapshot's directory is renamed to `.removed.<name>.<pid>.<n>`
 //! before it is emptied; one found at start is swept (see
 //! [`SnapshotStore::remove`]).
+//!
+//! `<state dir>/snapshots/<volume>/.cow.spare` is the `cow.data` of a
+//! removed snapshot, kept for the volume's next snapshot, which takes it
+//! as its own `cow.data` (see [`SnapshotStore::prepare`]): copies then
+//! overwrite blocks the file system has already allocated, in pages the
+//! page cache may still hold, instead of growing a new file into fresh
+//! memory (kernel-notes/README.md, "Copy-on-write"). Its old contents are
+//! never read: a slot is read only through a `cow.index` record, and a
+//! record is written after its slot's data. A volume keeps at most one
+//! (no larger than the frozen image it served), and it goes with the volume's other
+//! snapshot files when the volume is deleted.
 //! Crash rule (process crash, `kill -9`): before a write overwrites an
 //! extent the frozen image still needs, the old contents are written to
 //! `cow.data` and then the record to `cow.index`; only then does the write
@@ -293,6 +304,11 @@ impl SnapshotStore {
         std::fs::create_dir_all(dir).map_err(io_err(id, dir))?;
         let data_path = dir.join("cow.data");
         let index_path = dir.join("cow.index");
+        if let Some(parent) = dir.parent() {
+            // Taken by one snapshot only (a rename is atomic); none there,
+            // or a `cow.data` already there, and a new file is used.
+            let _ = rename_noreplace(&parent.join(SPARE), &data_path);
+        }
         let data = open_rw(&data_path, true).map_err(io_err(id, &data_path))?;
         let index = open_rw(&index_path, true).map_err(io_err(id, &index_path))?;
         Ok((data, index))
@@ -622,6 +638,9 @@ impl SnapshotStore {
         ));
         std::fs::rename(&self.dir, &trash)?;
         let synced = self.dir.parent().map_or(Ok(()), crate::durable::sync_dir);
+        if let Some(parent) = self.dir.parent() {
+            self.keep_spare(&trash.join("cow.data"), &parent.join(SPARE));
+        }
         std::fs::remove_dir_all(&trash)?;
         synced
     }
@@ -630,6 +649,45 @@ impl SnapshotStore {
 /// Start of the name a snapshot directory is renamed to when it is
 /// removed (snapshot names start with a letter or digit).
 const REMOVED_PREFIX: &str = ".removed.";
+
+/// The `cow.data` kept for a volume's next snapshot (see the module docs).
+const SPARE: &str = ".cow.spare";
+
+/// `rename` that fails rather than replace `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}
+
+impl SnapshotStore {
+    /// Keeps the `cow.data` of this removed snapshot (at `from`, inside its
+    /// renamed directory) as the volume's spare, unless the volume has one
+    /// or the area is empty.
+    /// Copies not yet on disk are written back now, on a thread of their
+    /// own, so the next snapshot's first FLUSH does not find them dirty;
+    /// a removed snapshot's unsynced copies used to be dropped unwritten,
+    /// and are now written once. Failures only cost the reuse.
+    fn keep_spare(&self, from: &Path, to: &Path) {
+        // An empty area saves nothing.
+        if self.data.metadata().is_ok_and(|m| m.len() == 0)
+            || rename_noreplace(from, to).is_err()
+            || !self.unsynced.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        if let Ok(spare) = self.data.try_clone() {
+            let _ = std::thread::Builder::new()
+                .name("cow-spare-sync".into())
+                .spawn(move || spare.sync_data());
+        }
+    }
+}
 
 /// True for the directory of a removed snapshot, renamed by
 /// [`SnapshotStore::remove`] and not yet emptied (a crash in between).
