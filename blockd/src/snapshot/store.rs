@@ -28,8 +28,9 @@
 //! memory (kernel-notes/README.md, "Copy-on-write"). Its old contents are
 //! never read: a slot is read only through a `cow.index` record, and a
 //! record is written after its slot's data. A volume keeps at most one
-//! (no larger than the frozen image it served), and it goes with the volume's other
-//! snapshot files when the volume is deleted.
+//! (no larger than the frozen image it served), and it goes with the
+//! volume's other snapshot files when the volume is deleted.
+//!
 //! Crash rule (process crash, `kill -9`): before a write overwrites an
 //! extent the frozen image still needs, the old contents are written to
 //! `cow.data` and then the record to `cow.index`; only then does the write
@@ -670,9 +671,9 @@ impl SnapshotStore {
     /// renamed directory) as the volume's spare, unless the volume has one
     /// or the area is empty.
     /// Copies not yet on disk are written back now, on a thread of their
-    /// own, so the next snapshot's first FLUSH does not find them dirty;
-    /// a removed snapshot's unsynced copies used to be dropped unwritten,
-    /// and are now written once. Failures only cost the reuse.
+    /// own, so the next snapshot's first FLUSH does not find them dirty
+    /// (the price of the reuse: unlinked, they would have been dropped
+    /// unwritten). Failures only cost the reuse.
     fn keep_spare(&self, from: &Path, to: &Path) {
         // An empty area saves nothing.
         if self.data.metadata().is_ok_and(|m| m.len() == 0)
