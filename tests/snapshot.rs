@@ -129,9 +129,24 @@ print("ok")
         "second frozen image differs from the volume at its freeze"
     );
     assert_eq!(inspect(&d, "vol1@s2")["cow_bytes"], 3 * MB + 64 * 1024);
-    // Deleting the volume frees the area with the rest.
+    // Only a regular file is taken: a link planted in its place is not
+    // followed, and the snapshot gets a new area of its own.
     d.ok(&["snapshot", "delete", "vol1@s2"]);
     assert!(spare.exists());
+    let kept = vol_dir.join("kept.area");
+    std::fs::rename(&spare, &kept).unwrap();
+    let target = tmp.path().join("elsewhere");
+    std::fs::write(&target, b"not blockd's").unwrap();
+    std::os::unix::fs::symlink(&target, &spare).unwrap();
+    d.ok(&["snapshot", "create", "vol1", "--name", "s3"]);
+    qemu_io(&d.uri("vol1"), &["write -P 0x44 0 1M"]);
+    assert_eq!(std::fs::read(&target).unwrap(), b"not blockd's");
+    assert!(!vol_dir.join("s3/cow.data").is_symlink());
+    assert_eq!(inspect(&d, "vol1@s3")["cow_bytes"], MB);
+    d.ok(&["snapshot", "delete", "vol1@s3"]);
+    std::fs::remove_file(&spare).unwrap();
+    std::fs::rename(&kept, &spare).unwrap();
+    // Deleting the volume frees the area with the rest.
     d.ok(&["volume", "delete", "vol1"]);
     assert!(
         !vol_dir.exists(),

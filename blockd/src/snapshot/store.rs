@@ -307,8 +307,12 @@ impl SnapshotStore {
         let index_path = dir.join("cow.index");
         if let Some(parent) = dir.parent() {
             // Taken by one snapshot only (a rename is atomic); none there,
-            // or a `cow.data` already there, and a new file is used.
-            let _ = rename_noreplace(&parent.join(SPARE), &data_path);
+            // or a `cow.data` already there, and a new file is used. Only
+            // a regular file is taken: never a link to somewhere else.
+            let spare = parent.join(SPARE);
+            if std::fs::symlink_metadata(&spare).is_ok_and(|m| m.file_type().is_file()) {
+                let _ = rename_noreplace(&spare, &data_path);
+            }
         }
         let data = open_rw(&data_path, true).map_err(io_err(id, &data_path))?;
         let index = open_rw(&index_path, true).map_err(io_err(id, &index_path))?;
