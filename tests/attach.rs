@@ -173,6 +173,7 @@ fn attach_in_a_vm_with_the_nbd_module() {
         "delete",
         "race",
         "race-resize",
+        "reattach-same-index",
         "race-mount",
         "stall",
         "pressure",

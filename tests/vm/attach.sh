@@ -207,6 +207,40 @@ done
 blockctl volume delete grow >/dev/null || fail race-resize "delete"
 ok race-resize
 
+# Detach, then attach at the same index at once: the kernel destroys a
+# detached device a moment later, and refuses the index meanwhile ("device
+# at index N is going down"); the attach waits that out.
+blockctl volume create again --size 16M >/dev/null || fail reattach-same-index "create"
+for r in 1 2 3 4 5 6 7 8 9 10; do
+  blockctl volume attach again --device /dev/nbd12 >/tmp/ra 2>&1 ||
+    fail reattach-same-index "round $r: $(cat /tmp/ra)"
+  blockctl volume detach again >/dev/null || fail reattach-same-index "detach round $r"
+done
+# A reader holding the device open across the detach keeps it going down
+# until it closes: an attach at its index waits for that, and one that
+# would wait too long is refused with a message saying why.
+blockctl volume attach again --device /dev/nbd12 >/dev/null || fail reattach-same-index "attach held"
+sh -c 'exec 3</dev/nbd12; sleep 0.7' &
+h=$!
+sleep 0.2
+blockctl volume detach again >/dev/null || fail reattach-same-index "detach held"
+blockctl volume attach again --device /dev/nbd12 >/tmp/ra 2>&1 ||
+  fail reattach-same-index "attach after a held detach: $(cat /tmp/ra)"
+wait $h
+sh -c 'exec 3</dev/nbd12; sleep 4' &
+h=$!
+sleep 0.2
+blockctl volume detach again >/dev/null || fail reattach-same-index "detach held long"
+blockctl volume attach again --device /dev/nbd12 >/tmp/ra 2>&1 &&
+  fail reattach-same-index "attached to a device held open for 4 s"
+grep -q "going down" /tmp/ra || fail reattach-same-index "refusal does not say why: $(cat /tmp/ra)"
+wait $h
+blockctl volume attach again --device /dev/nbd12 >/tmp/ra 2>&1 ||
+  fail reattach-same-index "attach once the holder closed: $(cat /tmp/ra)"
+blockctl volume detach again >/dev/null || fail reattach-same-index "last detach"
+blockctl volume delete again >/dev/null || fail reattach-same-index "delete"
+ok reattach-same-index
+
 # Mount and detach at once: either the mount wins (the detach is refused
 # and the file system works) or the detach wins (the mount fails); never a
 # mount left on a device that is gone.

@@ -376,10 +376,37 @@ impl Attachments {
                     }
                 }
             }
-            let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
-                netlink::request(family, seq, netlink::connect(&c, &fds, false))
-            })?;
-            check(&replies, "connect the device")?;
+            // A device just detached is destroyed by the kernel a moment
+            // after its disconnect (DESTROY_ON_DISCONNECT); until then a
+            // connect naming its index is refused with EINVAL ("device at
+            // index N is going down"), so it is asked again for a while. A
+            // process holding the old device open keeps it going down until
+            // it closes; past the wait the refusal says so.
+            let asked = std::time::Instant::now();
+            let replies = loop {
+                let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
+                    netlink::request(family, seq, netlink::connect(&c, &fds, false))
+                })?;
+                match check(&replies, "connect the device") {
+                    Err(AttachError::Kernel {
+                        errno: libc::EINVAL,
+                        ..
+                    }) if c.index.is_some() => {
+                        if asked.elapsed() >= GOING_DOWN_WAIT {
+                            let n = c.index.unwrap_or_default();
+                            return Err(AttachError::Invalid(format!(
+                                "the kernel still refuses /dev/nbd{n} (EINVAL) after {} s: it is \
+                                 most likely still going down from a detach while something \
+                                 holds it open (see `fuser -v /dev/nbd{n}`); close that and \
+                                 try again, or attach without --device",
+                                GOING_DOWN_WAIT.as_secs()
+                            )));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    r => break r.map(|()| replies)?,
+                }
+            };
             replies
                 .iter()
                 .find_map(|r| match r {
@@ -552,6 +579,11 @@ fn on_device(cmd: u8, index: u32) -> Nbd {
         attrs: vec![netlink::Attr::Index(index)],
     }
 }
+
+/// How long a connect to a device named by index waits for the kernel to
+/// finish destroying the device it had at that index (see
+/// the retry in `Attachments::connect`).
+const GOING_DOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn check(replies: &[Reply<GenlMessage<Nbd>>], what: &'static str) -> Result<(), AttachError> {
     match replies.iter().find_map(|r| match r {
