@@ -40,7 +40,10 @@
 //!
 //! # Freshness
 //! Directory listings come from the bucket and are listed again when older
-//! than one second, so new snapshots appear without remounting;
+//! than one second, so new snapshots appear without remounting, and at
+//! once when this daemon wrote or deleted a snapshot or group there (a
+//! script that reads `latest` right after `cloudsnap backup --wait` gets
+//! that backup);
 //! directories and links carry a one-second TTL, `disk.img` and
 //! `info.json` (immutable) a long one. Inode numbers are stable for the
 //! life of the mount.
@@ -222,7 +225,12 @@ impl Catalog {
     /// last one (retried a second later).
     async fn listing(&self) -> Result<Arc<Listing>, Errno> {
         let mut cur = self.listing.lock().await;
-        if let Some(l) = cur.as_ref().filter(|l| l.at.elapsed() < REFRESH) {
+        // Read before listing: a change landing meanwhile lists again.
+        let changes = self.repo.changes();
+        if let Some(l) = cur
+            .as_ref()
+            .filter(|l| l.at.elapsed() < REFRESH && l.changes == changes)
+        {
             return Ok(l.clone());
         }
         let listed = tokio::try_join!(self.repo.list_snapshots(None), self.repo.list_groups());
@@ -232,7 +240,9 @@ impl Catalog {
                     .into_iter()
                     .filter(|(_, n)| name::is_valid(n))
                     .collect();
-                let l = Arc::new(Listing::new(snaps, groups));
+                let mut l = Listing::new(snaps, groups);
+                l.changes = changes;
+                let l = Arc::new(l);
                 *cur = Some(l.clone());
                 Ok(l)
             }

@@ -130,6 +130,9 @@ pub struct Listing {
     pub groups: Vec<String>,
     /// When it was listed.
     pub at: Instant,
+    /// The repository's change count when it was listed
+    /// ([`crate::repo::Repo::changes`]).
+    pub changes: u64,
 }
 
 impl Listing {
@@ -146,6 +149,7 @@ impl Listing {
             volumes,
             groups,
             at: Instant::now(),
+            changes: 0,
         }
     }
 

@@ -136,6 +136,9 @@ pub struct Repo {
     pub keys: Keys,
     /// Packs found gone, and where their records went.
     relocs: reloc::Cache,
+    /// Counts the snapshot and group objects this process has written or
+    /// deleted here (see [`Repo::changes`]).
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// Plain object access under a location's prefix, with retries and
@@ -250,7 +253,23 @@ impl Repo {
             config,
             keys,
             relocs: reloc::Cache::default(),
+            changes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many snapshot manifests and group objects this process has
+    /// written or deleted through this repository so far. A reader that
+    /// caches listings (the catalog mount) lists again when the count
+    /// moved since its listing, so a backup this daemon made is in the
+    /// listing the moment its task is done; changes made by other hosts
+    /// show once the cached listing ages out.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The location's name.
@@ -659,7 +678,9 @@ impl Repo {
             format::MANIFEST_VERSION,
             &self.keys.seal(key.as_bytes(), &json),
         );
-        Ok(self.objects.put(&key, body.into(), true).await? + sent.iter().sum::<u64>())
+        let put = self.objects.put(&key, body.into(), true).await?;
+        self.changed();
+        Ok(put + sent.iter().sum::<u64>())
     }
 
     /// The plain index maps of a block list, by slot.
@@ -804,7 +825,9 @@ impl Repo {
     /// # Errors
     /// Provider errors.
     pub async fn delete_manifest(&self, volume: &str, name: &str) -> Result<(), RepoError> {
-        self.objects.delete(&manifest_key(volume, name)).await
+        let r = self.objects.delete(&manifest_key(volume, name)).await;
+        self.changed();
+        r
     }
 
     /// Names of the snapshots of `volume`, or of every volume, as
@@ -845,7 +868,9 @@ impl Repo {
         let key = group_key(&g.group);
         let json = serde_json::to_vec(g).unwrap_or_else(|_| unreachable!("groups serialise"));
         let body = format::envelope(format::GROUP_MAGIC, &self.keys.seal(key.as_bytes(), &json));
-        self.objects.put(&key, body.into(), false).await
+        let put = self.objects.put(&key, body.into(), false).await?;
+        self.changed();
+        Ok(put)
     }
 
     /// Reads a group object.
