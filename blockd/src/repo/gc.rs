@@ -5,7 +5,8 @@
 //! - **Two phases.** A run *marks*: it writes `locks/marks/<id>`, the
 //!   packs and index blocks no manifest references, with the *cut* (the
 //!   store's time just before it listed the manifests). A later run
-//!   *sweeps* a mark once the mark is older than the grace period and no
+//!   *sweeps* a mark once the mark is older than the grace period (the
+//!   shorter of the mark's and the sweeping run's) and no
 //!   backup that started before the mark is still running: it deletes the
 //!   objects that are still unreferenced and were not rewritten since the
 //!   cut, then deletes the mark.
@@ -545,7 +546,11 @@ async fn collect_held(
     let mut doomed: Vec<(String, u64)> = Vec::new();
     let mut swept = Vec::new();
     for (id, m) in &marks {
-        let due = m.written + Duration::from_secs(m.body.grace_secs) <= now;
+        // The shorter of the mark's grace and this run's decides, so
+        // `repo gc --grace 1h` sweeps a mark a 24h run made an hour ago
+        // (the writers' sessions, not the grace, keep backups safe).
+        let grace = Duration::from_secs(m.body.grace_secs).min(opts.grace);
+        let due = m.written + grace <= now;
         // Backups that started before the mark and may still commit.
         let holders: Vec<&String> = sessions
             .iter()
