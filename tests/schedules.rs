@@ -255,3 +255,115 @@ fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+/// Credentials a schedule backs up to are not deleted from under it, and
+/// a schedule is never created for credentials being deleted: fired at
+/// once, either the schedule exists and the credentials stay, or the
+/// credentials are gone and the schedule was refused.
+#[test]
+fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "8M");
+    let path = tmp.path().join("nas").display().to_string();
+    let make = |d: &Blockd| {
+        d.ok(&[
+            "credentials",
+            "create",
+            "nas",
+            "--provider",
+            "local",
+            "--path",
+            &path,
+        ]);
+    };
+    make(&d);
+    let id = create(&d, &["v", "--daily", "03:00", "--cred-id", "nas"]);
+    let out = d.blockctl(&["credentials", "delete", "nas"]);
+    assert!(!out.status.success(), "deleted credentials a schedule uses");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&id) && err.contains("schedules delete"),
+        "the refusal must name the schedule and what to do: {err}"
+    );
+    assert!(d.ok(&["credentials", "list"]).contains("nas"));
+    // A second schedule of the same volume at one of the same times would
+    // start with the first and fail every time: refused, naming it.
+    let out = d.blockctl(&[
+        "cloudsnap",
+        "schedules",
+        "create",
+        "v",
+        "--daily",
+        "04:00",
+        "--daily",
+        "03:00",
+        "--cred-id",
+        "local",
+    ]);
+    assert!(!out.status.success(), "a clashing schedule was created");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&id) && err.contains("03:00"), "{err}");
+    assert_eq!(schedules(&d).len(), 1);
+    // Other times, or other volumes, are fine.
+    d.create("w", "8M");
+    let other = create(&d, &["w", "--daily", "03:00", "--cred-id", "nas"]);
+    d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &other]);
+    d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
+    d.ok(&["credentials", "delete", "nas"]);
+
+    for round in 0..6 {
+        make(&d);
+        let (c, r) = std::thread::scope(|s| {
+            let c = s.spawn(|| {
+                d.blockctl(&[
+                    "-j",
+                    "cloudsnap",
+                    "schedules",
+                    "create",
+                    "v",
+                    "--daily",
+                    "03:00",
+                    "--cred-id",
+                    "nas",
+                ])
+            });
+            let r = s.spawn(|| d.blockctl(&["credentials", "delete", "nas"]));
+            (c.join().unwrap(), r.join().unwrap())
+        });
+        let listed = d.ok(&["-j", "credentials", "list"]);
+        let have_creds = json(&listed)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "nas");
+        let scheds = schedules(&d);
+        assert!(
+            c.status.success() != r.status.success(),
+            "round {round}: exactly one must win: create {:?} {}, delete {:?} {}",
+            c.status,
+            String::from_utf8_lossy(&c.stderr),
+            r.status,
+            String::from_utf8_lossy(&r.stderr)
+        );
+        if c.status.success() {
+            assert!(
+                have_creds,
+                "round {round}: a schedule on deleted credentials"
+            );
+            assert_eq!(scheds.len(), 1, "round {round}");
+            let sid = json(&String::from_utf8_lossy(&c.stdout))["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &sid]);
+            d.ok(&["credentials", "delete", "nas"]);
+        } else {
+            assert!(!have_creds, "round {round}: {listed}");
+            assert!(scheds.is_empty(), "round {round}: {scheds:?}");
+        }
+    }
+}

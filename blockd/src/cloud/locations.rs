@@ -46,6 +46,17 @@ pub enum LocationError {
         /// Every location, comma-separated.
         names: String,
     },
+    /// Schedules back up to it.
+    #[error(
+        "credentials {name:?} are used by schedule(s) {schedules}: delete those first \
+         (`blockctl cloudsnap schedules delete --uuid ID`)"
+    )]
+    Scheduled {
+        /// Name given.
+        name: String,
+        /// The schedules' ids, comma-separated.
+        schedules: String,
+    },
     /// The name is taken.
     #[error("credentials {name:?} already exist: delete them first or choose another name")]
     Exists {
@@ -151,7 +162,7 @@ impl LocationError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::NotFound { .. } => Outcome::NotFound,
-            Self::Exists { .. } => Outcome::Conflict,
+            Self::Exists { .. } | Self::Scheduled { .. } => Outcome::Conflict,
             Self::Ambiguous { .. }
             | Self::BadName { .. }
             | Self::Embedded
@@ -932,11 +943,21 @@ impl Locations {
         let _claim = self
             .claims
             .acquire(Want::for_location_change(name, "are being deleted"))?;
-        if !self.db.delete_location(name)? {
-            return Err(LocationError::NotFound {
-                name: name.to_string(),
+        match self.db.delete_location(name)? {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(LocationError::NotFound {
+                    name: name.to_string(),
+                }
+                .into())
             }
-            .into());
+            Err(schedules) => {
+                return Err(LocationError::Scheduled {
+                    name: name.to_string(),
+                    schedules: schedules.join(", "),
+                }
+                .into())
+            }
         }
         let _ = std::fs::remove_file(self.secrets_path(name));
         self.open.lock().await.remove(name);

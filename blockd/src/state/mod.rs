@@ -116,6 +116,22 @@ pub struct StateDb {
     path: String,
 }
 
+/// What [`StateDb::insert_schedule`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// Added.
+    Added,
+    /// Not added: the location is gone.
+    NoLocation,
+    /// Not added: schedule `id` clashes with it, for `why`.
+    Clash {
+        /// The existing schedule.
+        id: String,
+        /// What the two share.
+        why: String,
+    },
+}
+
 impl StateDb {
     /// Opens (creating if needed) the database in `dir`.
     ///
@@ -295,29 +311,70 @@ impl StateDb {
         })
     }
 
-    /// Deletes a location row; true if it existed.
+    /// Deletes a location row unless a schedule backs up to it, in one
+    /// step with respect to [`StateDb::insert_schedule`] (both run under
+    /// the connection's lock): `Ok(Ok(true))` deleted, `Ok(Ok(false))` no
+    /// such row, `Ok(Err(ids))` kept for the schedules `ids`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn delete_location(&self, name: &str) -> Result<bool, StateError> {
+    pub fn delete_location(&self, name: &str) -> Result<Result<bool, Vec<String>>, StateError> {
         self.with(|c| {
+            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
+            let users: Vec<String> = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .filter_map(Result::ok)
+                .filter(|(_, record)| {
+                    serde_json::from_str::<serde_json::Value>(record)
+                        .ok()
+                        .is_some_and(|v| v["location"] == name)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            if !users.is_empty() {
+                return Ok(Err(users));
+            }
             c.execute("DELETE FROM locations WHERE name = ?1", [name])
-                .map(|n| n > 0)
+                .map(|n| Ok(n > 0))
         })
     }
 
-    /// Writes a schedule record (JSON), new or updated.
+    /// Adds a new schedule record (JSON) backing up to `location`, only
+    /// if that location exists (see [`StateDb::delete_location`]) and no
+    /// existing record `clashes` (given the record, it says why); the
+    /// checks and the insert are one step.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn put_schedule(&self, id: &str, record: &str, created: &str) -> Result<(), StateError> {
+    pub fn insert_schedule(
+        &self,
+        id: &str,
+        record: &str,
+        created: &str,
+        location: &str,
+        clashes: impl Fn(&str) -> Option<String>,
+    ) -> Result<Insert, StateError> {
         self.with(|c| {
+            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
+            let clash = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .filter_map(Result::ok)
+                .find_map(|(id, r)| clashes(&r).map(|why| (id, why)));
+            if let Some((id, why)) = clash {
+                return Ok(Insert::Clash { id, why });
+            }
             c.execute(
-                "INSERT INTO schedules (id, record, created) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET record = ?2",
-                params![id, record, created],
+                "INSERT INTO schedules (id, record, created)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM locations WHERE name = ?4)",
+                params![id, record, created, location],
             )
-            .map(drop)
+            .map(|n| {
+                if n > 0 {
+                    Insert::Added
+                } else {
+                    Insert::NoLocation
+                }
+            })
         })
     }
 

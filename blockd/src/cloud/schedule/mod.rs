@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Cloud, CloudError};
 use crate::repo::name;
+use crate::state::Insert;
 use retention::Keep;
 use times::Rule;
 
@@ -147,8 +148,44 @@ impl Cloud {
             last_tasks: Vec::new(),
             deleted: 0,
         };
-        self.db
-            .put_schedule(&id, &encode(&id, &stored)?, &stored.created)?;
+        // Added only while the location still exists: a concurrent
+        // `credentials delete` either sees this schedule and refuses, or
+        // has deleted the location and this is refused.
+        // Nor when a schedule of the same volumes (or labels) shares one of
+        // its times: the two would start at once and one fail every time.
+        let clashes = |record: &str| {
+            let other: Stored = serde_json::from_str(record).ok()?;
+            let same_volumes = {
+                let (mut a, mut b) = (other.spec.volumes.clone(), stored.spec.volumes.clone());
+                a.sort();
+                b.sort();
+                a == b && other.spec.select == stored.spec.select
+            };
+            let shared = stored.rules.iter().find(|r| other.rules.contains(r))?;
+            same_volumes.then(|| shared.to_string())
+        };
+        match self.db.insert_schedule(
+            &id,
+            &encode(&id, &stored)?,
+            &stored.created,
+            &stored.location,
+            clashes,
+        )? {
+            Insert::Added => {}
+            Insert::NoLocation => {
+                return Err(crate::cloud::LocationError::NotFound {
+                    name: stored.location,
+                }
+                .into())
+            }
+            Insert::Clash { id, why } => {
+                return Err(bad(format!(
+                    "schedule {id} already backs up the same volumes at {why} (two schedules \
+                     starting together make one fail every time): choose other times, or \
+                     delete it first with `blockctl cloudsnap schedules delete --uuid {id}`"
+                )))
+            }
+        }
         tracing::info!(schedule = %id, rules = ?stored.rules, "schedule created");
         Ok(self.to_api(&id, &stored))
     }
