@@ -123,6 +123,27 @@ fn gc_reclaims_after_the_grace_period_and_keeps_every_live_snapshot() {
     let r = restore(&d, "v", "r4", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img2, "r4");
+
+    // A mark made with a long grace is swept by a later run with a short
+    // one: the shorter grace applies.
+    load(&d, "v", &img1);
+    let s5 = backup(&d, &["v"])["snapshot"].as_str().unwrap().to_string();
+    load(&d, "v", &img2);
+    backup(&d, &["v"]);
+    d.ok(&["cloudsnap", "delete", "--snap", &s5]);
+    let r = gc(&d, &["--grace", "1h", "--max-unused", "unlimited"]);
+    assert!(r["marked_bytes"].as_u64().unwrap() >= 16 * MB as u64, "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let r = gc(&d, &["--grace", "1s", "--max-unused", "unlimited"]);
+    assert_eq!(r["swept_marks"], 1, "a 1s run kept a 1h mark: {r}");
+    assert!(
+        r["deleted_bytes"].as_u64().unwrap() >= 16 * MB as u64,
+        "{r}"
+    );
+    check_clean(&d, &[]);
+    let r = restore(&d, "v", "r5", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img2, "r5");
 }
 
 /// Two hosts on one bucket (a shared directory): host A's backup is
@@ -238,8 +259,38 @@ fn a_backup_past_its_deadline_does_not_commit() {
     d.create("big", "256M");
     let img = image(tmp.path(), "big.img", size, size, 6);
     load(&d, "big", &img);
-    let id = backup_underway(&d, &["big"], 24);
+    // Followed with --wait: when the daemon dies under it, blockctl says
+    // the outcome is unknown and how to follow the task.
+    let waiter = std::process::Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["cloudsnap", "backup", "big", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = loop {
+        let tasks = json(&d.ok(&["-j", "cloudsnap", "status"]));
+        let active = tasks.as_array().unwrap().iter().find_map(|t| {
+            (t["volume"] == "big" && t["state"] == "Active").then(|| t["id"].clone())
+        });
+        if let Some(id) = active {
+            break id.as_str().unwrap().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let t = wait_until(&d, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "finished too soon: {t}");
     d.kill9();
+    let out = waiter.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&id) && err.contains("resumes when blockd starts again"),
+        "{err}"
+    );
     std::thread::sleep(std::time::Duration::from_millis(2500));
     d.spawn();
     let t = wait_done(&d, &id);

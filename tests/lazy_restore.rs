@@ -263,6 +263,17 @@ fn failed_fetches_answer_eio_only_for_that_request_and_are_retried() {
     let st = wait_until(&d, &id, |t| t["error"].is_string());
     assert_eq!(st["state"], "Active", "{st}");
     assert!(st["error"].as_str().unwrap().contains("packs/"), "{st}");
+    // The table says so too, and promises no time of arrival.
+    let table = d.ok(&["cloudsnap", "status", "--name", &id]);
+    let held = format!("{id} is held up: ");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&held) && l.contains("packs/")),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(row.trim_end().ends_with('-'), "an ETA while stuck: {table}");
 
     // The store comes back: later reads and the hydrator succeed.
     std::fs::rename(&away, &packs).unwrap();

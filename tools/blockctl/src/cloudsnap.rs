@@ -25,7 +25,7 @@ pub enum CloudsnapCmd {
     /// Back up several volumes from one consistent freeze point
     #[command(alias = "bg")]
     #[command(
-        after_help = "Examples:\n  blockctl cloudsnap backup-group --volume_ids db-data,db-log --wait\n  blockctl cs bg --label tier=gold --cred-id s3"
+        after_help = "Examples:\n  blockctl cloudsnap backup-group --volume-ids db-data,db-log --wait\n  blockctl cs bg --label tier=gold --cred-id s3"
     )]
     BackupGroup(BackupGroupArgs),
     /// Report backups and restores: progress of active ones, outcome of recent ones
@@ -448,13 +448,22 @@ fn print_status(tasks: &[Task]) {
                 human_size(t.bytes_reused),
                 human_secs(t.elapsed_secs),
                 match t.eta_secs {
-                    Some(s) if !t.state.is_final() => human_secs(s),
+                    Some(s) if !t.state.is_final() && t.error.is_none() => human_secs(s),
                     _ => "-".into(),
                 },
             ]
         })
         .collect();
     output::table(&header, &rows);
+    // A task still running with an error is held up (retrying, or a
+    // lazy restore's fill stuck on a damaged object): say why under the
+    // table, as `-j` does in its `error` field.
+    for t in tasks.iter().filter(|t| !t.state.is_final()) {
+        if let Some(e) = &t.error {
+            let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
+            line(format_args!("{} is held up: {e}", t.id));
+        }
+    }
 }
 
 /// Prints the `history` table.

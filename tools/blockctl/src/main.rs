@@ -230,7 +230,7 @@ fn distinct(volumes: &[String]) -> Result<(), Failure> {
 enum VolumeCmd {
     /// Create a volume (a sparse file served over NBD as export NAME)
     #[command(
-        after_help = "Examples:\n  blockctl volume create db1 --size 10G --label tier=gold\n  blockctl volume create big --size 16T --extent-size 64K"
+        after_help = "Examples:\n  blockctl volume create db1 --size 10G --label tier=gold\n  blockctl volume create big --size 8T --extent-size 64K\n(ext4 stores files of up to 16 TiB; XFS and btrfs reach the 64 TiB maximum)"
     )]
     Create {
         /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
@@ -370,7 +370,7 @@ fn post_exec_ran(hook: Option<&blockd_api::Hook>) -> Result<(), Failure> {
                 format!(": {output}")
             };
             Err(format!(
-                "post-exec `{}` {}{output}; the snapshot was taken and is kept, but check by hand that what pre-exec did is undone (e.g. `fsfreeze -u MOUNTPOINT`)",
+                "post-exec `{}` {}{output}; the snapshot was taken and is kept, but check by hand that what the hook was to undo is undone (e.g. a file system frozen by pre-exec: `fsfreeze -u MOUNTPOINT`)",
                 h.command,
                 h.ending()
             ).into())

@@ -149,6 +149,29 @@ fn show_check(r: &CheckReport) {
     }
 }
 
+/// What a collection run counts, in words: the bytes it reports are
+/// theirs together, so every kind that has any is named.
+fn objects(packs: u64, index: u64, relocations: u64, partial: u64) -> String {
+    let mut parts = vec![
+        format!("{packs} pack(s)"),
+        format!("{index} index block(s)"),
+    ];
+    if relocations > 0 {
+        parts.push(format!("{relocations} relocation record(s)"));
+    }
+    if partial > 0 {
+        parts.push(format!(
+            "{partial} unfinished write(s) left by killed writers"
+        ));
+    }
+    let last = parts.pop().unwrap_or_default();
+    if parts.is_empty() {
+        last
+    } else {
+        format!("{} and {last}", parts.join(", "))
+    }
+}
+
 async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> {
     let req = GcRequest {
         location: args.cred_id.clone(),
@@ -160,21 +183,33 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
     out.answer(&r, |r| {
         let verb = if r.dry_run { "would delete" } else { "deleted" };
         line(format_args!(
-            "location {}: {verb} {} pack(s) and {} index block(s), {}",
+            "location {}: {verb} {}, {}",
             r.location,
-            r.deleted_packs,
-            r.deleted_index_blocks,
+            objects(
+                r.deleted_packs,
+                r.deleted_index_blocks,
+                r.deleted_relocations,
+                r.deleted_partial
+            ),
             human_size(r.deleted_bytes)
         ));
         let verb = if r.dry_run { "would mark" } else { "marked" };
         line(format_args!(
-            "{verb} {} pack(s) and {} index block(s), {}, unreferenced now: deleted by a run after {} s if still unreferenced",
-            r.marked_packs,
-            r.marked_index_blocks,
+            "{verb} {}, {}, unreferenced now: deleted by a run after {} s if still unreferenced",
+            objects(
+                r.marked_packs,
+                r.marked_index_blocks,
+                r.marked_relocations,
+                0
+            ),
             human_size(r.marked_bytes),
             r.grace_secs
         ));
-        let verb = if r.dry_run { "would repack" } else { "repacked" };
+        let verb = if r.dry_run {
+            "would repack"
+        } else {
+            "repacked"
+        };
         line(format_args!(
             "in packs in use: {} used, {} unused (limit {}); {verb} {} pack(s), copying {}{}",
             human_size(r.used_bytes),
@@ -191,18 +226,17 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
         for s in &r.skipped {
             line(format_args!("not repacked: {s}"));
         }
-        if r.deleted_partial > 0 {
+        if r.kept > 0 {
             line(format_args!(
-                "{} {} unfinished write(s) left by killed writers",
-                if r.dry_run { "would delete" } else { "deleted" },
-                r.deleted_partial
+                "kept {} condemned object(s) found in use again",
+                r.kept
             ));
         }
-        if r.kept > 0 {
-            line(format_args!("kept {} condemned object(s) found in use again", r.kept));
-        }
         if r.pending_marks > 0 {
-            line(format_args!("{} earlier mark(s) still in their grace period", r.pending_marks));
+            line(format_args!(
+                "{} earlier mark(s) still in their grace period",
+                r.pending_marks
+            ));
         }
         if r.held_marks > 0 {
             line(format_args!(

@@ -25,7 +25,9 @@ pub enum SchedulesCmd {
     List,
     /// Delete a schedule (its snapshots stay)
     #[command(alias = "rm")]
-    #[command(after_help = "Example:\n  blockctl cloudsnap schedules delete --uuid 0b6f3c1e")]
+    #[command(
+        after_help = "Example:\n  blockctl cloudsnap schedules delete --uuid 0b6f3c1e-5a2d-4c8e-9f1a-7d3b2e6c4a10\n(the full id, as `cloudsnap schedules list` shows it)"
+    )]
     Delete {
         /// Schedule id (see `schedules list`)
         #[arg(long, value_name = "ID")]

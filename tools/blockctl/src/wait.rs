@@ -142,12 +142,26 @@ async fn poll(
                 continue;
             }
             let path = format!("/v1/tasks/{}", encode(&t.id));
-            *t = client.call::<(), _>("GET", &path, None).await?;
+            *t = client
+                .call::<(), _>("GET", &path, None)
+                .await
+                .map_err(|e| lost(&e, t))?;
             if let Some(bars) = bars {
                 bars.show(i, t);
             }
         }
     }
+}
+
+/// The error of a poll that failed: the task's outcome is not known
+/// (blockd may have stopped; tasks resume when it starts again).
+fn lost(e: &str, t: &Task) -> String {
+    format!(
+        "{e}\nstopped waiting for task {id}, whose outcome is unknown: a task blockd was \
+         running resumes when blockd starts again; follow it with \
+         `blockctl cloudsnap status --name {id}`",
+        id = t.id
+    )
 }
 
 /// The closing line of a task that ended.
