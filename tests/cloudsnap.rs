@@ -824,6 +824,14 @@ fn credentials_rules_and_errors() {
         "{err}"
     );
     d.ok(&["volume", "delete", "from-second"]);
+    // A backup of a volume that does not exist says so first, not which
+    // location to choose.
+    let out = d.blockctl(&["cloudsnap", "backup", "ghost"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ghost") && !err.contains("several locations"),
+        "{err}"
+    );
     // Flags of another provider are refused.
     let out = d.blockctl(&[
         "credentials",

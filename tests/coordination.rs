@@ -614,6 +614,29 @@ fn concurrent_credentials_creates_of_one_name_keep_one() {
 }
 
 #[test]
+fn concurrent_volume_creates_of_one_name_keep_one_and_losers_say_it_is_taken() {
+    let d = Blockd::start();
+    for round in 0..3 {
+        let name = format!("same{round}");
+        let outs = at_once(4, |_| {
+            d.blockctl(&["volume", "create", &name, "--size", "16M"])
+        });
+        assert_eq!(
+            outs.iter().filter(|o| o.status.success()).count(),
+            1,
+            "{outs:?}"
+        );
+        for o in outs.iter().filter(|o| !o.status.success()) {
+            let e = stderr(o);
+            assert!(
+                e.contains("already exists") || e.contains("the name is taken"),
+                "a loser must learn the name is taken, not to retry: {e}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_group_naming_a_volume_twice_is_refused_before_anything_is_claimed() {
     use std::io::{Read, Write};
     let d = Blockd::start();

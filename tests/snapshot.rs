@@ -109,7 +109,18 @@ print("ok")
     let spare = vol_dir.join(".cow.spare");
     let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
     assert_eq!(len(&spare), Some(32 * MB as u64), "COW area not kept");
+    // `volume inspect` shows it (what it takes on disk).
+    let kept = |d: &Blockd| {
+        serde_json::from_str::<serde_json::Value>(&d.ok(&["-j", "volume", "inspect", "vol1"]))
+            .unwrap()["kept_cow_bytes"]
+            .as_u64()
+    };
+    assert!(kept(&d).unwrap() > 0, "the kept area is not shown");
+    assert!(d
+        .ok(&["volume", "inspect", "vol1"])
+        .contains("Kept COW area"));
     d.ok(&["snapshot", "create", "vol1", "--name", "s2"]);
+    assert_eq!(kept(&d), Some(0), "shown after the next snapshot took it");
     assert!(
         !spare.exists(),
         "the next snapshot did not take the kept area"

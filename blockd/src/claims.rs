@@ -161,6 +161,17 @@ impl Want {
         Self::new(Holder::request(doing)).with(Resource::Volume(volume.into()), Mode::Exclusive)
     }
 
+    /// Creating volume `volume`: a second create of the name can only
+    /// find it taken once the first is done, so its hint says that.
+    pub fn for_volume_create(volume: &str) -> Self {
+        Self::new(Holder::new(
+            "is being created by another request",
+            "once that is done the name is taken: choose another, or use that volume \
+             (`blockctl volume list`)",
+        ))
+        .with(Resource::Volume(volume.into()), Mode::Exclusive)
+    }
+
     /// Attaching `volume` as a kernel device: it must not be deleted
     /// while the device is being set up (a delete checks the attachments
     /// under its exclusive claim, so the two are one step either way).

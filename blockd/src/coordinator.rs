@@ -72,9 +72,7 @@ impl Daemon {
     /// # Errors
     /// The name is being restored into or deleted; what the store checks.
     pub fn create_volume(&self, req: CreateVolume) -> Result<Arc<Volume>, VolumeOpError> {
-        let _claim = self
-            .claims
-            .acquire(Want::for_volume_change(&req.name, "is being created"))?;
+        let _claim = self.claims.acquire(Want::for_volume_create(&req.name))?;
         Ok(self.store.create(req)?)
     }
 

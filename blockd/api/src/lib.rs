@@ -42,6 +42,10 @@ pub struct Volume {
     /// unclean shutdown until the next full backup.
     #[serde(default)]
     pub tracking_known: bool,
+    /// Bytes on disk of the copy-on-write area a deleted snapshot left
+    /// for the volume's next snapshot (freed by `volume delete`).
+    #[serde(default)]
+    pub kept_cow_bytes: u64,
     /// The kernel device this volume is attached as (`/dev/nbdN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<String>,

@@ -208,6 +208,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
             changes.merge(s.changes());
         }
     }
+    let kept_cow_bytes = d.snapshots.kept_cow_bytes(&m.name);
     blockd_api::Volume {
         name: m.name,
         size: m.size,
@@ -222,6 +223,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
             m.size
         },
         tracking_known: changes.known,
+        kept_cow_bytes,
         attached: None,
         kernel_connected: None,
     }

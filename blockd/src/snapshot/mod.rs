@@ -259,6 +259,16 @@ impl Snapshots {
     }
 
     /// Snapshots, of one volume or all, oldest first per volume.
+    /// Bytes on disk of `volume`'s kept copy-on-write area (the one a
+    /// deleted snapshot left for the next; see [`store`]), 0 if none.
+    pub fn kept_cow_bytes(&self, volume: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(self.dir.join(volume).join(store::SPARE))
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map_or(0, |m| m.blocks() * 512)
+    }
+
     pub fn list(&self, volume: Option<&str>) -> Vec<Arc<SnapshotStore>> {
         let mut v: Vec<_> = self
             .lock()

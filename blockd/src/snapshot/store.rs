@@ -656,7 +656,7 @@ impl SnapshotStore {
 const REMOVED_PREFIX: &str = ".removed.";
 
 /// The `cow.data` kept for a volume's next snapshot (see the module docs).
-const SPARE: &str = ".cow.spare";
+pub(crate) const SPARE: &str = ".cow.spare";
 
 /// `rename` that fails rather than replace `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {

@@ -522,9 +522,10 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
         "NEW",
         "REUSED",
         "GROUP",
+        "EXPIRES",
         "STATUS",
     ];
-    let rows: Vec<[String; 10]> = snaps
+    let rows: Vec<[String; 11]> = snaps
         .iter()
         .map(|s| {
             [
@@ -537,6 +538,7 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
                 human_size(s.bytes_new),
                 human_size(s.bytes_reused),
                 s.group.clone().unwrap_or_else(|| "-".into()),
+                s.expires.clone().unwrap_or_else(|| "-".into()),
                 s.status.clone(),
             ]
         })

@@ -778,6 +778,15 @@ fn print_volume(v: &Volume) {
         format_args!("{} ({} bytes)", human_size(v.size), v.size),
     );
     field("Allocated", human_size(v.allocated));
+    if v.kept_cow_bytes > 0 {
+        field(
+            "Kept COW area",
+            format_args!(
+                "{} (left by a deleted snapshot for the next one; freed with the volume)",
+                human_size(v.kept_cow_bytes)
+            ),
+        );
+    }
     field("Extent size", human_size(v.extent_size));
     field("Connections", v.connections);
     match (&v.attached, v.kernel_connected) {

@@ -130,12 +130,13 @@ pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(),
         SchedulesCmd::List => {
             let all: Vec<Schedule> = client.call::<(), _>("GET", "/v1/schedules", None).await?;
             out.answer(all.as_slice(), |all| {
-                let rows: Vec<[String; 8]> = all
+                let rows: Vec<[String; 9]> = all
                     .iter()
                     .map(|s| {
                         [
                             s.id.clone(),
                             target(s),
+                            s.location.clone(),
                             s.max.to_string(),
                             s.spec.full.to_string(),
                             s.rules.join(", "),
@@ -154,6 +155,7 @@ pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(),
                     &[
                         "UUID",
                         "VOLUMEID",
+                        "CREDENTIALS",
                         "MAX-BACKUPS",
                         "FULL",
                         "SCHEDULE(UTC)",

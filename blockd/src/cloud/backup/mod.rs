@@ -161,6 +161,11 @@ impl Cloud {
             .map(|e| expiry(e, SystemTime::now()))
             .transpose()
             .map_err(|why| CloudError::BadExpire { why })?;
+        // An unknown volume is the first thing to say (before, say, which
+        // location to choose); checked again under the claims below.
+        if let Some(n) = names.iter().find(|n| self.volumes.get(n).is_none()) {
+            return Err(CloudError::VolumeNotFound { volume: n.clone() });
+        }
         let location = self.locations.resolve(req.location.as_deref())?;
         let created_name = name::new();
         // Claims first: each member's volume, its one job slot, the new
