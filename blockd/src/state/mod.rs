@@ -116,6 +116,13 @@ pub struct StateDb {
     path: String,
 }
 
+/// Every schedule as `(id, record)`, oldest first.
+fn schedule_rows(c: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// What [`StateDb::insert_schedule`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Insert {
@@ -320,10 +327,8 @@ impl StateDb {
     /// SQLite errors.
     pub fn delete_location(&self, name: &str) -> Result<Result<bool, Vec<String>>, StateError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
-            let users: Vec<String> = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .filter_map(Result::ok)
+            let users: Vec<String> = schedule_rows(c)?
+                .into_iter()
                 .filter(|(_, record)| {
                     serde_json::from_str::<serde_json::Value>(record)
                         .ok()
@@ -355,10 +360,8 @@ impl StateDb {
         clashes: impl Fn(&str) -> Option<String>,
     ) -> Result<Insert, StateError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
-            let clash = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .filter_map(Result::ok)
+            let clash = schedule_rows(c)?
+                .into_iter()
                 .find_map(|(id, r)| clashes(&r).map(|why| (id, why)));
             if let Some((id, why)) = clash {
                 return Ok(Insert::Clash { id, why });
@@ -398,11 +401,7 @@ impl StateDb {
     /// # Errors
     /// SQLite errors.
     pub fn schedules(&self) -> Result<Vec<(String, String)>, StateError> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT id, record FROM schedules ORDER BY created, id")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
+        self.with(schedule_rows)
     }
 
     /// Deletes a schedule; true if it existed.

@@ -148,11 +148,11 @@ impl Cloud {
             last_tasks: Vec::new(),
             deleted: 0,
         };
-        // Added only while the location still exists: a concurrent
-        // `credentials delete` either sees this schedule and refuses, or
-        // has deleted the location and this is refused.
-        // Nor when a schedule of the same volumes (or labels) shares one of
-        // its times: the two would start at once and one fail every time.
+        // Added in one step with two checks: the location still exists (a
+        // concurrent `credentials delete` either sees this schedule and
+        // refuses, or has deleted the location and this is refused), and
+        // no schedule of the same volumes (or labels) shares one of its
+        // times (the two would start at once and one fail every time).
         let clashes = |record: &str| {
             let other: Stored = serde_json::from_str(record).ok()?;
             let same_volumes = {
