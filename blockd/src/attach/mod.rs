@@ -387,13 +387,15 @@ impl Attachments {
                 let replies = genl.exchange::<GenlMessage<Nbd>>(|seq| {
                     netlink::request(family, seq, netlink::connect(&c, &fds, false))
                 })?;
-                match check(&replies, "connect the device") {
-                    Err(AttachError::Kernel {
-                        errno: libc::EINVAL,
-                        ..
-                    }) if c.index.is_some() => {
+                match (check(&replies, "connect the device"), c.index) {
+                    (
+                        Err(AttachError::Kernel {
+                            errno: libc::EINVAL,
+                            ..
+                        }),
+                        Some(n),
+                    ) => {
                         if asked.elapsed() >= GOING_DOWN_WAIT {
-                            let n = c.index.unwrap_or_default();
                             return Err(AttachError::Invalid(format!(
                                 "the kernel still refuses /dev/nbd{n} (EINVAL) after {} s: it is \
                                  most likely still going down from a detach while something \
@@ -404,7 +406,7 @@ impl Attachments {
                         }
                         std::thread::sleep(std::time::Duration::from_millis(20));
                     }
-                    r => break r.map(|()| replies)?,
+                    (r, _) => break r.map(|()| replies)?,
                 }
             };
             replies

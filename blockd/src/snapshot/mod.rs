@@ -258,7 +258,6 @@ impl Snapshots {
             .map(SnapshotStore::read)
     }
 
-    /// Snapshots, of one volume or all, oldest first per volume.
     /// Bytes on disk of `volume`'s kept copy-on-write area (the one a
     /// deleted snapshot left for the next; see [`store`]), 0 if none.
     pub fn kept_cow_bytes(&self, volume: &str) -> u64 {
@@ -269,6 +268,7 @@ impl Snapshots {
             .map_or(0, |m| m.blocks() * 512)
     }
 
+    /// Snapshots, of one volume or all, oldest first per volume.
     pub fn list(&self, volume: Option<&str>) -> Vec<Arc<SnapshotStore>> {
         let mut v: Vec<_> = self
             .lock()

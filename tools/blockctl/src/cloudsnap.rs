@@ -460,10 +460,14 @@ fn print_status(tasks: &[Task]) {
     // table, as `-j` does in its `error` field.
     for t in tasks.iter().filter(|t| !t.state.is_final()) {
         if let Some(e) = &t.error {
-            let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
-            line(format_args!("{} is held up: {e}", t.id));
+            line(format_args!("{} is held up: {}", t.id, one_line(e)));
         }
     }
+}
+
+/// An error message on one line (a table cell, or a line under a table).
+fn one_line(e: &str) -> String {
+    e.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Prints the `history` table.
@@ -491,10 +495,7 @@ fn print_history(tasks: &[Task]) {
                 human_secs(t.elapsed_secs),
                 human_size(t.bytes_done),
                 human_size(t.bytes_transferred),
-                t.error.as_deref().map_or_else(
-                    || "-".into(),
-                    |e| e.split_whitespace().collect::<Vec<_>>().join(" "),
-                ),
+                t.error.as_deref().map_or_else(|| "-".into(), one_line),
             ]
         })
         .collect();
