@@ -588,6 +588,48 @@ fn stop_abandons_the_snapshot_and_keeps_its_changes() {
 }
 
 #[test]
+fn stop_with_a_group_id_stops_every_member() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, v) in ["db", "log"].iter().enumerate() {
+        d.create(v, "384M");
+        let img = image(tmp.path(), v, 384 * MB, 384 * MB, 20 + i as u64);
+        load(&d, v, &img);
+    }
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup-group", "--volume-ids", "db,log"]));
+    let group = started["group"].as_str().unwrap().to_string();
+    let stopped = json(&d.ok(&["-j", "cloudsnap", "stop", &group]));
+    let stopped = stopped.as_array().unwrap();
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    for t in stopped {
+        assert_eq!(t["group"], group.as_str(), "{t}");
+        assert_eq!(t["state"], "Stopped", "{t}");
+    }
+    assert!(list(&d, &[]).is_empty(), "a stopped group commits nothing");
+    assert!(!d.dir.path().join("objects/groups").join(&group).exists());
+    for v in ["db", "log"] {
+        let info = json(&d.ok(&["-j", "volume", "inspect", v]));
+        assert_eq!(info["dirty_bytes"], 384 * MB, "changes kept: {info}");
+    }
+    // Once nothing of it runs, stopping it again says so.
+    let out = d.blockctl(&["cloudsnap", "stop", &group]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no running task"),
+        "{err}"
+    );
+    let out = d.blockctl(&["cloudsnap", "stop", "no-such-task"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-such-task"),
+        "{err}"
+    );
+}
+
+#[test]
 fn corrupt_or_missing_objects_are_named_and_never_restored() {
     if !need() {
         return;

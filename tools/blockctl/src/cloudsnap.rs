@@ -4,7 +4,7 @@
 use crate::failure::Failure;
 use blockd_api::{
     human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, RestoreRequest, Started,
-    Task, TaskKind,
+    Task, TaskKind, TaskState,
 };
 use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Args, Subcommand};
@@ -37,13 +37,15 @@ pub enum CloudsnapCmd {
         #[arg(long, value_name = "ID")]
         name: Option<String>,
     },
-    /// Stop an active backup or restore
+    /// Stop an active backup or restore, or every running task of a group backup
     #[command(group(ArgGroup::new("task").required(true).args(["id", "name"])))]
-    #[command(after_help = "Example:\n  blockctl cloudsnap stop 846a-d2c7-8473d084")]
+    #[command(
+        after_help = "Examples:\n  blockctl cloudsnap stop 846a-d2c7-8473d084\n  blockctl cloudsnap stop 20261124T020000.000Z-9f3c1a2e   # a group id: its running tasks"
+    )]
     Stop {
-        /// Task id (see `blockctl cloudsnap status`)
+        /// Task id or group id (see `blockctl cloudsnap status`)
         id: Option<String>,
-        /// Task id, as pxctl spells it
+        /// Task id or group id, as pxctl spells it
         #[arg(long, value_name = "ID")]
         name: Option<String>,
         /// Stop a lazy restore whose volume has NBD clients (they are
@@ -227,10 +229,29 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
                 .as_deref()
                 .or(name.as_deref())
                 .ok_or("give the task id to stop")?;
-            let path = format!("/v1/tasks/{}/stop?force={force}", encode(id));
-            let t: Task = client.call::<(), _>("POST", &path, None).await?;
-            out.answer(&t, |t| {
-                line(format_args!("Cloudsnap task {} stopped", t.id))
+            // A group backup's id names its members' tasks: each one still
+            // running is stopped.
+            let path = with_query("/v1/tasks", &[("name", id)]);
+            let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            if tasks.iter().any(|t| t.id == *id) {
+                let t = stop_task(client, id, *force).await?;
+                out.answer(&t, |t| {
+                    line(format_args!("Cloudsnap task {} stopped", t.id))
+                });
+                return Ok(());
+            }
+            let stopped = stop_group(client, id, &tasks, *force).await?;
+            out.answer(stopped.as_slice(), |tasks| {
+                for t in tasks {
+                    if t.state == TaskState::Stopped {
+                        line(format_args!("Cloudsnap task {} stopped", t.id));
+                    } else {
+                        line(format_args!(
+                            "Cloudsnap task {} ended before the stop reached it ({})",
+                            t.id, t.state
+                        ));
+                    }
+                }
             });
             Ok(())
         }
@@ -423,6 +444,50 @@ fn state_text(t: &Task) -> String {
 }
 
 /// Prints the `status` table.
+async fn stop_task(client: &Client, id: &str, force: bool) -> Result<Task, String> {
+    let path = format!("/v1/tasks/{}/stop?force={force}", encode(id));
+    client.call::<(), _>("POST", &path, None).await
+}
+
+/// Stops every running member of group `group` (`tasks`: its members, as
+/// the daemon listed them) and returns them as they ended. A member that
+/// ended on its own meanwhile is returned as it ended; a group with no
+/// running member is an error, as a task that already ended is.
+async fn stop_group(
+    client: &Client,
+    group: &str,
+    tasks: &[Task],
+    force: bool,
+) -> Result<Vec<Task>, String> {
+    let running: Vec<&Task> = tasks.iter().filter(|t| !t.state.is_final()).collect();
+    if running.is_empty() {
+        let states: Vec<String> = tasks
+            .iter()
+            .map(|t| format!("{} {}", t.id, t.state))
+            .collect();
+        return Err(format!(
+            "group {group} has no running task ({}): nothing to stop",
+            states.join(", ")
+        ));
+    }
+    let mut out = Vec::with_capacity(running.len());
+    for t in running {
+        match stop_task(client, &t.id, force).await {
+            Ok(t) => out.push(t),
+            Err(e) => {
+                // Ended on its own between the listing and the stop.
+                let path = with_query("/v1/tasks", &[("name", t.id.as_str())]);
+                let now: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+                match now.into_iter().find(|n| n.id == t.id) {
+                    Some(n) if n.state.is_final() => out.push(n),
+                    _ => return Err(format!("stopping task {} of group {group}: {e}", t.id)),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn print_status(tasks: &[Task]) {
     let header = [
         "NAME",
