@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cloud::json;
 use common::*;
 
 #[test]
@@ -77,6 +78,98 @@ fn volume_verbs_and_output() {
 
     d.ok(&["volume", "delete", "scratch"]);
     d.fails(&["volume", "inspect", "scratch"], "not found");
+}
+
+#[test]
+fn labels_change_in_one_step_and_stay_changed() {
+    let mut d = Blockd::start();
+    d.ok(&[
+        "volume",
+        "create",
+        "db1",
+        "--size",
+        "1G",
+        "--label",
+        "tier=gold",
+    ]);
+    let out = d.ok(&[
+        "volume",
+        "update",
+        "db1",
+        "--label",
+        "tier=silver",
+        "--label",
+        "env=prod",
+    ]);
+    assert_eq!(out.trim(), "Volume db1 labels: env=prod,tier=silver");
+    let sel = json(&d.ok(&["-j", "volume", "list", "--label", "env=prod"]));
+    assert_eq!(sel[0]["name"], "db1", "{sel}");
+    // A group backup selects by the new labels.
+    let g = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--label",
+        "tier=silver",
+        "--wait",
+    ]));
+    assert_eq!(g[0]["volume"], "db1", "{g}");
+    let v = json(&d.ok(&["-j", "volume", "update", "db1", "--remove-label", "tier"]));
+    assert_eq!(v["labels"], serde_json::json!({"env": "prod"}), "{v}");
+
+    // Racing updates of one volume, each adding its own key, lose none.
+    let socket = d.api_socket();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            Command::new(bin("blockctl"))
+                .env("BLOCKD_SOCKET", &socket)
+                .args(["volume", "update", "db1", "--label", &format!("k{i}={i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v = json(&d.ok(&["-j", "volume", "inspect", "db1"]));
+    for i in 0..8 {
+        assert_eq!(v["labels"][format!("k{i}")], i.to_string(), "{v}");
+    }
+
+    // They are stored, not only held in memory.
+    d.terminate();
+    d.spawn();
+    let v = json(&d.ok(&["-j", "volume", "inspect", "db1"]));
+    assert_eq!(v["labels"]["env"], "prod", "{v}");
+    assert_eq!(v["labels"]["k7"], "7", "{v}");
+    assert!(v["labels"].get("tier").is_none(), "{v}");
+
+    // Bad input.
+    d.fails(&["volume", "update", "nope", "--label", "a=b"], "not found");
+    let out = d.blockctl(&["volume", "update", "db1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "nothing to change is a usage error"
+    );
+    let out = d.blockctl(&[
+        "volume",
+        "update",
+        "db1",
+        "--label",
+        "a=b",
+        "--remove-label",
+        "a",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("both set and removed"));
 }
 
 #[test]

@@ -80,6 +80,19 @@ pub struct ResizeVolume {
     pub size: u64,
 }
 
+/// Body of `POST /v1/volumes/{name}/labels`: labels to set (added, or
+/// given a new value) and keys to remove, in one step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateLabels {
+    /// Labels to add or change.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Keys to remove (a key that is not there is no error).
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
 /// Body of `POST /v1/volumes/{name}/attach`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolume};
+use blockd_api::{ApiError, CreateSnapshot, CreateVolume, DaemonInfo, ResizeVolume, UpdateLabels};
 use serde::de::DeserializeOwned;
 
 pub mod access;
@@ -121,6 +121,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(inspect_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/labels", post(update_labels))
         .route(
             "/v1/volumes/{name}/attach",
             post(attach_volume).delete(detach_volume),
@@ -393,6 +394,16 @@ async fn delete_volume(
     }
     d.delete_volume(&name, force)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn update_labels(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<blockd_api::Volume> {
+    let req: UpdateLabels = body(&bytes)?;
+    let v = d.store.update_labels(&name, req.set, &req.remove)?;
+    Ok(Json(with_attachment(&d, to_api(&d, &v))))
 }
 
 async fn resize_volume(

@@ -246,6 +246,25 @@ impl StateDb {
         })
     }
 
+    /// Replaces a volume's labels.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_labels(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), StateError> {
+        let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        self.with(|c| {
+            c.execute(
+                "UPDATE volumes SET labels = ?2 WHERE name = ?1",
+                params![name, labels],
+            )
+            .map(drop)
+        })
+    }
+
     /// Deletes a volume row.
     ///
     /// # Errors

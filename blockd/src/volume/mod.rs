@@ -59,7 +59,7 @@ pub enum ZeroError {
 pub struct Volume {
     name: String,
     extent_size: u64,
-    labels: BTreeMap<String, String>,
+    labels: std::sync::Mutex<BTreeMap<String, String>>,
     created: String,
     size: AtomicU64,
     file: Arc<File>,
@@ -139,7 +139,7 @@ impl Volume {
             size: AtomicU64::new(meta.size),
             name: meta.name,
             extent_size: meta.extent_size,
-            labels: meta.labels,
+            labels: std::sync::Mutex::new(meta.labels),
             created: meta.created,
             file: Arc::new(file),
             engine,
@@ -223,13 +223,24 @@ impl Volume {
         self.extent_size
     }
 
+    fn labels(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the labels (the caller has stored them).
+    pub(crate) fn set_labels(&self, labels: BTreeMap<String, String>) {
+        *self.labels() = labels;
+    }
+
     /// Metadata snapshot.
     pub fn meta(&self) -> VolumeMeta {
         VolumeMeta {
             name: self.name.clone(),
             size: self.size(),
             extent_size: self.extent_size,
-            labels: self.labels.clone(),
+            labels: self.labels().clone(),
             created: self.created.clone(),
         }
     }

@@ -369,6 +369,41 @@ impl Store {
         Ok(volume)
     }
 
+    /// Sets and removes labels of a volume in one step: the row and the
+    /// live volume change together, under the lock every create, delete
+    /// and resize takes, so two updates never lose one another's labels.
+    ///
+    /// # Errors
+    /// Unknown volume; an empty key; state database errors.
+    pub fn update_labels(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Arc<Volume>, StoreError> {
+        let volumes = self.write();
+        let volume = volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound {
+                volume: name.into(),
+            })?;
+        if set.keys().chain(remove).any(String::is_empty) {
+            return Err(StoreError::Invalid {
+                message: "a label key is empty: write labels as key=value, e.g. tier=gold".into(),
+            });
+        }
+        let mut labels = volume.meta().labels;
+        for k in remove {
+            labels.remove(k);
+        }
+        labels.extend(set);
+        self.db.set_labels(name, &labels)?;
+        volume.set_labels(labels);
+        tracing::info!(volume = %name, "volume labels changed");
+        Ok(volume)
+    }
+
     /// Where a lazily restored volume keeps its present map.
     pub fn present_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.present"))

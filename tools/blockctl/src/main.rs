@@ -274,6 +274,22 @@ enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Add, change or remove a volume's labels (what `--label` selectors
+    /// of group backups and schedules match)
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["labels", "remove"])))]
+    #[command(
+        after_help = "Examples:\n  blockctl volume update db1 --label tier=gold --label env=prod\n  blockctl volume update db1 --remove-label env"
+    )]
+    Update {
+        /// Volume name
+        name: String,
+        /// Label to add or change, as key=value (repeatable)
+        #[arg(long = "label", value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+        /// Key of a label to remove (repeatable)
+        #[arg(long = "remove-label", value_name = "KEY", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        remove: Vec<String>,
+    },
     /// Grow a volume (shrinking is refused)
     #[command(after_help = "Example:\n  blockctl volume resize db1 --size 20G")]
     Resize {
@@ -695,6 +711,36 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Fai
             client.call_empty("DELETE", &path).await?;
             out.answer(&serde_json::json!({ "detached": name }), |_| {
                 line(format_args!("Volume {name} detached."));
+            });
+        }
+        VolumeCmd::Update {
+            name,
+            labels,
+            remove,
+        } => {
+            let set = label_map(labels)?;
+            if let Some(k) = remove.iter().find(|k| set.contains_key(*k)) {
+                return Err(Failure::Usage(format!(
+                    "label {k:?} is both set and removed: give it once"
+                )));
+            }
+            let req = blockd_api::UpdateLabels {
+                set,
+                remove: remove.clone(),
+            };
+            let v: Volume = client
+                .call(
+                    "POST",
+                    &format!("/v1/volumes/{}/labels", encode(name)),
+                    Some(&req),
+                )
+                .await?;
+            out.answer(&v, |v| {
+                line(format_args!(
+                    "Volume {} labels: {}",
+                    v.name,
+                    labels_text(&v.labels)
+                ));
             });
         }
         VolumeCmd::Resize { name, size } => {
