@@ -357,6 +357,65 @@ fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
     stop_refused_while_clients_use_the_volume(&d, &id, "r", "src");
 }
 
+#[test]
+fn a_forced_stop_ends_a_reading_client_and_leaves_shutdown_free() {
+    if !need() || !require_tools(&["nbdcopy"]) {
+        return;
+    }
+    // Full speed: the hydrator's batches are in flight when the stop comes,
+    // and the client's reads wait for units those batches took.
+    let mut d = Blockd::start();
+    let t = tempfile::tempdir().unwrap();
+    let _img = backed_up(&d, t.path(), "src", 512 * MB, 512 * MB, 7);
+    let mut stopped = 0;
+    for round in 0..8u64 {
+        let vol = format!("s{round}");
+        let id = lazy_restore(&d, "src", &vol);
+        let mut copy = Command::new("nbdcopy")
+            .args([d.uri(&vol).as_str(), "-"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150 + 50 * round));
+        let out = succeeded_or_stderr(
+            &d.blockctl(&["cloudsnap", "stop", &id, "--force"]),
+            "stopped",
+        );
+        if out == "stopped" {
+            stopped += 1;
+        } else {
+            assert!(out.contains("already ended"), "round {round}: {out}");
+        }
+        if wait_timeout(&mut copy, std::time::Duration::from_secs(8)).is_none() {
+            let _ = copy.kill();
+            panic!(
+                "round {round}: the reader still hangs 8 s after the stop\n{}",
+                d.log()
+            );
+        }
+    }
+    assert!(stopped > 0, "no round stopped a running restore");
+    let log = d.log();
+    assert_eq!(
+        log.matches("NBD connection opened").count(),
+        log.matches("NBD connection closed").count(),
+        "every connection a stop cut off has ended:\n{log}"
+    );
+    // A shutdown stops a restore a client is reading in the same way, and
+    // still ends (`terminate` panics after 30 s).
+    lazy_restore(&d, "src", "last");
+    let mut copy = Command::new("nbdcopy")
+        .args([d.uri("last").as_str(), "-"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(d.terminate().success());
+    assert!(wait_timeout(&mut copy, std::time::Duration::from_secs(8)).is_some());
+}
+
 /// Stopping a lazy restore deletes its volume: with clients connected it
 /// is refused unless --force, as a volume delete is, and a stop racing
 /// new connections never cuts off one that opened.

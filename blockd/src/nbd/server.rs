@@ -70,6 +70,9 @@ const INLINE_READ_MAX: u64 = 128 << 10;
 /// Measured with 4k random writes at QD32 after a freeze
 /// (kernel-notes/README.md, "Copy-on-write").
 const BATCH_MAX: usize = 4;
+/// How long a connection that has ended waits for its running requests'
+/// replies before it closes without them.
+const REPLIES_AFTER_CLOSE: Duration = Duration::from_secs(10);
 /// Most block-status runs in one reply.
 const MAX_STATUS_RUNS: usize = 4096;
 /// Option payloads up to this size are drained and refused; larger ones
@@ -658,9 +661,23 @@ async fn transmit<R, W>(
     if !batch.is_empty() {
         conn.write_batch(batch);
     }
-    // Running requests hold their own sender; the writer ends after the last.
+    // Running requests hold their own sender; the writer ends after the
+    // last. A request that never ends (a fetch from a store that stopped
+    // answering) must not keep the socket, and with it a deleted volume's
+    // file or the daemon's shutdown, forever: its reply is dropped instead.
     drop(conn);
-    let _ = writer_task.await;
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(REPLIES_AFTER_CLOSE, &mut writer_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            export = %t.export.name,
+            secs = REPLIES_AFTER_CLOSE.as_secs(),
+            "requests still running after the connection ended: closing it without their replies"
+        );
+        writer_task.abort();
+    }
     tracing::info!(
         export = %t.export.name,
         requests,

@@ -139,6 +139,44 @@ impl std::fmt::Debug for Lazy {
     }
 }
 
+/// Runs of units a fill has taken (see [`Lazy::take`]): `runs[next..]`
+/// are still marked as being fetched, and are released when this is
+/// dropped, however the fill ended.
+struct Taken<'a> {
+    lazy: &'a Lazy,
+    runs: &'a [(u32, u32)],
+    next: usize,
+}
+
+impl Taken<'_> {
+    /// Releases the next run (it was installed).
+    fn release_one(&mut self) {
+        self.release(self.next..self.next + 1);
+        self.next += 1;
+    }
+
+    fn release(&self, which: std::ops::Range<usize>) {
+        let Some(runs) = self.runs.get(which) else {
+            return;
+        };
+        if runs.is_empty() {
+            return;
+        }
+        let mut fetching = lock(&self.lazy.fetching);
+        for &(f, c) in runs {
+            fetching.remove_range(f..f + c);
+        }
+        drop(fetching);
+        self.lazy.fetched.notify_waiters();
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.release(self.next..self.runs.len());
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -519,8 +557,17 @@ impl Lazy {
         runs: &[(u32, u32)],
         yielding: bool,
     ) -> io::Result<(u64, bool)> {
+        // Whatever ends this call, a run it took is released: also when the
+        // future is dropped between two awaits (a stopped restore, a
+        // shutdown), so a client read waiting for it is woken and never
+        // waits for a fetch that no one will finish.
+        let mut taken = Taken {
+            lazy: self,
+            runs,
+            next: 0,
+        };
         let mut written = 0;
-        for (i, &(f, c)) in runs.iter().enumerate() {
+        while let Some(&(f, c)) = runs.get(taken.next) {
             let fetch = async {
                 let runs = self.source.fetch(f, c).await?;
                 let me = self.clone();
@@ -543,28 +590,15 @@ impl Lazy {
             } else {
                 Some(fetch.await)
             };
-            // Release this run, and on failure or giving way the ones not
-            // started.
-            let release = |done: &[(u32, u32)]| {
-                let mut fetching = lock(&self.fetching);
-                for &(f, c) in done {
-                    fetching.remove_range(f..f + c);
-                }
-                drop(fetching);
-                self.fetched.notify_waiters();
-            };
             match r {
                 Some(Ok(n)) => {
-                    release(&runs[i..=i]);
+                    taken.release_one();
                     written += n;
                 }
-                Some(Err(e)) => {
-                    release(&runs[i..]);
-                    return Err(e);
-                }
+                // Dropping `taken` releases this run and the ones not started.
+                Some(Err(e)) => return Err(e),
                 None => {
                     tracing::debug!(first = f, count = c, "hydrator batch gave way");
-                    release(&runs[i..]);
                     return Ok((written, false));
                 }
             }
@@ -852,6 +886,51 @@ mod tests {
             l.file.read_exact_at(&mut b, 4096 * u).unwrap();
             assert_eq!(u64::from(b[0]), u | 1, "unit {u} holds the snapshot");
         }
+    }
+
+    /// [`Pattern`], but the first fetch never ends: a GET that hangs.
+    struct HangFirst(std::sync::atomic::AtomicBool);
+
+    #[async_trait::async_trait]
+    impl Source for HangFirst {
+        async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+            if !self.0.swap(true, Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Pattern.fetch(first, count).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_fill_releases_its_units_and_wakes_waiters() {
+        let source = Arc::new(HangFirst(std::sync::atomic::AtomicBool::new(false)));
+        let (_d, l) = setup_with(64 * 4096, source);
+        let background = {
+            let l = l.clone();
+            tokio::spawn(async move { l.fill_background(0, 16, false).await })
+        };
+        while lock(&l.fetching).is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let client = {
+            let l = l.clone();
+            tokio::spawn(async move { l.fill(2, 1).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!client.is_finished(), "waits for the background fetch");
+        // A stopped restore drops its hydrator between two awaits.
+        background.abort();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), client)
+            .await
+            .expect("the waiting read is woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 4096);
+        assert!(l.is_present(2));
+        assert!(
+            lock(&l.fetching).is_empty(),
+            "nothing left marked as fetching"
+        );
     }
 
     #[tokio::test]
