@@ -614,6 +614,60 @@ fn concurrent_credentials_creates_of_one_name_keep_one() {
 }
 
 #[test]
+fn one_repository_gets_one_name_even_when_names_race() {
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let create = |name: &str, path: &std::path::Path, prefix: Option<&str>| {
+        let mut a = vec![
+            "credentials",
+            "create",
+            name,
+            "--provider",
+            "local",
+            "--path",
+            path.to_str().unwrap(),
+        ];
+        if let Some(p) = prefix {
+            a.extend(["--prefix", p]);
+        }
+        d.blockctl(&a)
+    };
+    let bucket = tmp.path().join("bucket");
+    // Four names for one new directory at once: one wins, the others are
+    // told which name to use.
+    let outs = at_once(4, |i| create(&format!("n{i}"), &bucket, None));
+    let won: Vec<usize> = (0..4).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(won.len(), 1, "{outs:?}");
+    let winner = format!("n{}", won[0]);
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let e = stderr(o);
+        assert!(
+            e.contains("already name this repository") || e.contains("are being created"),
+            "{e}"
+        );
+    }
+    // Another spelling of the same directory (a symbolic link, a trailing
+    // slash) is the same repository.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&bucket, &link).unwrap();
+    for path in [link.clone(), tmp.path().join("bucket/")] {
+        let out = create("again", &path, None);
+        assert!(!out.status.success(), "{} accepted", path.display());
+        let e = stderr(&out);
+        assert!(
+            e.contains("already name this repository")
+                && e.contains(&format!("--cred-id {winner}")),
+            "{e}"
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+    // Another prefix in the same directory is another repository.
+    assert!(create("other", &bucket, Some("team2")).status.success());
+    let listed = d.ok(&["credentials", "list"]);
+    assert!(!listed.contains("again"), "{listed}");
+}
+
+#[test]
 fn concurrent_volume_creates_of_one_name_keep_one_and_losers_say_it_is_taken() {
     let d = Blockd::start();
     for round in 0..3 {

@@ -57,6 +57,18 @@ pub enum LocationError {
         /// The schedules' ids, comma-separated.
         schedules: String,
     },
+    /// Other credentials already name the same repository.
+    #[error(
+        "credentials {other:?} already name this repository ({target}): use --cred-id {other}. \
+         A second name for it would let one name delete or collect what the other is \
+         restoring or mounting, unseen"
+    )]
+    SameTarget {
+        /// The credentials that name it.
+        other: String,
+        /// Where it is.
+        target: String,
+    },
     /// The name is taken.
     #[error("credentials {name:?} already exist: delete them first or choose another name")]
     Exists {
@@ -162,7 +174,9 @@ impl LocationError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::NotFound { .. } => Outcome::NotFound,
-            Self::Exists { .. } | Self::Scheduled { .. } => Outcome::Conflict,
+            Self::Exists { .. } | Self::Scheduled { .. } | Self::SameTarget { .. } => {
+                Outcome::Conflict
+            }
             Self::Ambiguous { .. }
             | Self::BadName { .. }
             | Self::Embedded
@@ -293,6 +307,17 @@ impl Locations {
             me.db
                 .insert_location(LOCAL_LOCATION, &encode(LOCAL_LOCATION, &s)?, &now())?;
         }
+        // Two names for one repository from before they were refused: say
+        // so, since each name guards only what it is used for itself.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for (name, s, _) in me.rows()? {
+            let target = me.target(&s);
+            if let Some(first) = seen.get(&target) {
+                tracing::warn!(location = %name, same_as = %first, %target, "two credentials name one repository: delete one (`blockctl credentials delete NAME`), or a delete or gc through one can remove what the other is restoring");
+            } else {
+                seen.insert(target, name);
+            }
+        }
         Ok(me)
     }
 
@@ -384,6 +409,42 @@ impl Locations {
             Some(p) if !p.is_empty() => dir.join(p),
             _ => dir,
         })
+    }
+
+    /// Where a location's repository is, one string per repository: two
+    /// locations with the same target are one repository under two names.
+    /// A local directory is compared as the file system resolves it.
+    fn target(&self, s: &Settings) -> String {
+        let prefix = s.prefix.as_deref().unwrap_or("").trim_matches('/');
+        let endpoint = s
+            .endpoint
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        let bucket = s.bucket.as_deref().unwrap_or("");
+        match s.provider.unwrap_or(Provider::Local) {
+            Provider::Local => {
+                let dir = self.objects_under_prefix(s).unwrap_or_default();
+                let dir = std::fs::canonicalize(&dir)
+                    .unwrap_or_else(|_| dir.components().collect::<PathBuf>());
+                format!("local directory {}", dir.display())
+            }
+            Provider::S3 => {
+                let region = s.region.as_deref().unwrap_or("");
+                let at = if endpoint.is_empty() {
+                    format!("AWS {region}")
+                } else {
+                    endpoint
+                };
+                format!("S3 bucket {bucket} prefix /{prefix} at {at}")
+            }
+            Provider::Azure => {
+                let account = s.account.as_deref().unwrap_or("");
+                format!("Azure container {bucket} prefix /{prefix} of {account} at {endpoint}")
+            }
+            Provider::Google => format!("GCS bucket {bucket} prefix /{prefix}"),
+        }
     }
 
     /// Every location.
@@ -873,6 +934,20 @@ impl Locations {
             google_key,
             passphrase: req.encryption_passphrase.clone(),
         };
+        // One name per repository, checked and inserted in one step: the
+        // target's claim is held until the row exists.
+        let target = self.target(&settings);
+        let _target_claim = self.claims.acquire(Want::for_location_change(
+            &format!("for the {target}"),
+            "are being created",
+        ))?;
+        if let Some((other, ..)) = self
+            .rows()?
+            .into_iter()
+            .find(|(_, s, _)| self.target(s) == target)
+        {
+            return Err(LocationError::SameTarget { other, target }.into());
+        }
         let mut settings = settings;
         let repo = self
             .connect(&req.name, &mut settings, &secrets, true, true)
