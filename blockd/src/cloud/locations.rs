@@ -1139,14 +1139,6 @@ mod tests {
         };
         let loc = l.create(mk("enc", Some("secret one"))).await.unwrap();
         assert!(loc.encryption);
-        let e = l
-            .create(mk("enc2", Some("wrong")))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("wrong encryption passphrase"), "{e}");
-        let e = l.create(mk("enc3", None)).await.unwrap_err().to_string();
-        assert!(e.contains("encrypted"), "{e}");
         // Secrets are not in the database and the file is 0600.
         let mode = std::fs::metadata(dir.path().join("credentials/enc.json"))
             .unwrap()
@@ -1160,5 +1152,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--cred-id"));
+        // While it has a name, a second one is refused before anything else.
+        let e = l.create(mk("enc2", Some("secret one"))).await.unwrap_err();
+        assert!(e.to_string().contains("--cred-id enc"), "{e}");
+        // Once the name is gone, the repository checks the passphrase.
+        l.delete("enc").await.unwrap();
+        let e = l
+            .create(mk("enc2", Some("wrong")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wrong encryption passphrase"), "{e}");
+        let e = l.create(mk("enc3", None)).await.unwrap_err().to_string();
+        assert!(e.contains("encrypted"), "{e}");
+        l.create(mk("enc4", Some("secret one"))).await.unwrap();
     }
 }
