@@ -85,6 +85,16 @@ impl StoreError {
     }
 }
 
+/// The volume `name` of `volumes`, or the error that names it.
+fn found(volumes: &BTreeMap<String, Arc<Volume>>, name: &str) -> Result<Arc<Volume>, StoreError> {
+    volumes
+        .get(name)
+        .cloned()
+        .ok_or_else(|| StoreError::NotFound {
+            volume: name.into(),
+        })
+}
+
 /// All volumes of this daemon.
 #[derive(Debug)]
 pub struct Store {
@@ -301,12 +311,7 @@ impl Store {
     /// Unknown volume; open connections without `force`; I/O.
     pub fn delete(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let mut volumes = self.write();
-        let volume = volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound {
-                volume: name.into(),
-            })?;
+        let volume = found(&volumes, name)?;
         let connections = volume.connections();
         if connections > 0 && !force {
             return Err(StoreError::Busy {
@@ -342,12 +347,7 @@ impl Store {
     /// Unknown volume; a smaller size; I/O.
     pub fn resize(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
         let volumes = self.write();
-        let volume = volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound {
-                volume: name.into(),
-            })?;
+        let volume = found(&volumes, name)?;
         let current = volume.size();
         if size < current {
             return Err(StoreError::Shrink {
@@ -382,12 +382,7 @@ impl Store {
         remove: &[String],
     ) -> Result<Arc<Volume>, StoreError> {
         let volumes = self.write();
-        let volume = volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound {
-                volume: name.into(),
-            })?;
+        let volume = found(&volumes, name)?;
         if set.keys().chain(remove).any(String::is_empty) {
             return Err(StoreError::Invalid {
                 message: "a label key is empty: write labels as key=value, e.g. tier=gold".into(),
