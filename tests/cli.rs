@@ -170,6 +170,38 @@ fn labels_change_in_one_step_and_stay_changed() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("both set and removed"));
+    // Other clients of the API get the same rules from the daemon, and
+    // the labels stay as they were.
+    let post = |body: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(d.api_socket()).unwrap();
+        write!(
+            s,
+            "POST /v1/volumes/db1/labels HTTP/1.1\r\nHost: blockd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let before = json(&d.ok(&["-j", "volume", "inspect", "db1"]))["labels"].clone();
+    let a = post(r#"{"set": {"": "x"}}"#);
+    assert!(
+        a.starts_with("HTTP/1.1 400") && a.contains("label key is empty"),
+        "{a}"
+    );
+    let a = post(r#"{"remove": [""]}"#);
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    let a = post(r#"{"labels": {"a": "b"}}"#);
+    assert!(
+        a.starts_with("HTTP/1.1 400") && a.contains("unknown field"),
+        "{a}"
+    );
+    let a = post("not json");
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    let after = json(&d.ok(&["-j", "volume", "inspect", "db1"]))["labels"].clone();
+    assert_eq!(before, after);
 }
 
 #[test]
