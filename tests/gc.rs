@@ -1,7 +1,7 @@
 //! `blockctl repo gc`: space comes back after the grace period and not
 //! before, nothing live is ever deleted, a backup running (or killed) on
-//! another host holds its objects, a backup past its deadline cannot
-//! commit.
+//! another host holds its objects, so does a restore on another host of a
+//! snapshot deleted under it, a backup past its deadline cannot commit.
 
 mod common;
 
@@ -34,6 +34,21 @@ fn listing(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
             (p, n)
         })
         .collect()
+}
+
+/// Names the local directory `path` `shared` on each host.
+fn share(path: &str, hosts: &[&Blockd]) {
+    for d in hosts {
+        d.ok(&[
+            "credentials",
+            "create",
+            "shared",
+            "--provider",
+            "local",
+            "--path",
+            path,
+        ]);
+    }
 }
 
 fn check_clean(d: &Blockd, args: &[&str]) {
@@ -160,17 +175,7 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     let path = bucket.path().join("repo").display().to_string();
     let mut a = Blockd::start();
     let b = Blockd::start();
-    for d in [&a, &b] {
-        d.ok(&[
-            "credentials",
-            "create",
-            "shared",
-            "--provider",
-            "local",
-            "--path",
-            &path,
-        ]);
-    }
+    share(&path, &[&a, &b]);
     let tmp = tempfile::tempdir().unwrap();
     let size = 256 * MB;
     a.create("big", "256M");
@@ -215,15 +220,7 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     // is past its deadline (3 s here) and the mark past the grace period,
     // its packs are reclaimed; not before.
     let mut c = Blockd::start_env(&[("BLOCKD_BACKUP_DEADLINE", "3s")]);
-    c.ok(&[
-        "credentials",
-        "create",
-        "shared",
-        "--provider",
-        "local",
-        "--path",
-        &path,
-    ]);
+    share(&path, &[&c]);
     c.create("lost", "128M");
     let img_c = image(tmp.path(), "lost.img", 128 * MB, 128 * MB, 12);
     load(&c, "lost", &img_c);
@@ -246,6 +243,248 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     let r = restore(&b, &snap, "copy2", &["--cred-id", "shared"]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&b, &img, "copy2");
+}
+
+/// Host A backs up and deletes; host B restores A's snapshots. B's
+/// lease (3 s here, its backup deadline) is renewed while it restores.
+#[test]
+fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let a = Blockd::start();
+    let mut b = Blockd::start_env(&[
+        ("BLOCKD_BACKUP_DEADLINE", "3s"),
+        ("BLOCKD_HYDRATE_LIMIT", "2M"),
+    ]);
+    share(&path, &[&a, &b]);
+    let shared = ["--cred-id", "shared"];
+    let tmp = tempfile::tempdir().unwrap();
+    let data = 24 * MB;
+    a.create("src", "32M");
+    let img = image(tmp.path(), "src.img", 32 * MB, data, 21);
+    load(&a, "src", &img);
+    let snap = backup(&a, &["src", "--cred-id", "shared"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let packs = Path::new(&path).join("packs");
+    let readers = Path::new(&path).join("locks/readers");
+
+    // B serves the snapshot at once and fills it at 2 MB/s (some 12 s).
+    let id = lazy_restore_with(&b, &snap, "copy", &shared);
+    let t = wait_until(&b, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 2 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "finished too soon: {t}");
+    assert_eq!(files_under(&readers).len(), 1, "no lease in the bucket");
+
+    // A, which knows nothing of B's restore, deletes the snapshot and
+    // condemns its objects ...
+    a.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        &snap,
+        "--cred-id",
+        "shared",
+    ]);
+    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    assert!(r["marked_bytes"].as_u64().unwrap() >= data as u64, "{r}");
+    let before = bytes_under(&packs);
+    // ... but may not delete them while B reads them, even past B's
+    // lease length: B renews it.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(3500));
+        let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+        assert_eq!(r["held_marks"], 1, "{r}");
+        assert_eq!(r["deleted_bytes"], 0, "{r}");
+        assert!(
+            r["holding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h == id.as_str()),
+            "{r}"
+        );
+    }
+    assert_eq!(bytes_under(&packs), before);
+    let t = wait_done(&b, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert_same(&b, &img, "copy");
+    assert!(
+        files_under(&readers).is_empty(),
+        "the lease outlived its restore"
+    );
+    // Now the space comes back.
+    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    assert_eq!(r["swept_marks"], 1, "{r}");
+    assert!(r["deleted_bytes"].as_u64().unwrap() >= data as u64, "{r}");
+
+    // A host that dies while restoring holds sweeps back until its lease
+    // lapses, not for ever. Restarted, its restore names what is gone (a
+    // lazy restore keeps the volume and its writes, and retries, until
+    // it is stopped).
+    let img2 = image(tmp.path(), "src2.img", 32 * MB, data, 22);
+    load(&a, "src", &img2);
+    let snap2 = backup(&a, &["src", "--cred-id", "shared", "--full"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id2 = lazy_restore_with(&b, &snap2, "copy2", &shared);
+    let t = wait_until(&b, &id2, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 2 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "finished too soon: {t}");
+    b.kill9();
+    a.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        &snap2,
+        "--cred-id",
+        "shared",
+    ]);
+    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    let lapsed = r["held_marks"] == 0;
+    if !lapsed {
+        assert_eq!(r["deleted_bytes"], 0, "{r}");
+        std::thread::sleep(Duration::from_millis(3500));
+    }
+    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    assert_eq!(
+        r["held_marks"], 0,
+        "a dead host's lease held the sweep: {r}"
+    );
+    assert!(
+        r["deleted_bytes"].as_u64().unwrap() >= (data / 2) as u64,
+        "{r}"
+    );
+    b.spawn();
+    let t = wait_until(&b, &id2, |t| t["error"].is_string());
+    assert_eq!(t["state"], "Active", "{t}");
+    let e = t["error"].as_str().unwrap();
+    let (vol, name) = snap2.split_once('/').unwrap();
+    assert!(
+        e.contains(&format!("snapshots/{vol}/{name} is missing")),
+        "the missing object is not named: {e}"
+    );
+    let t = json(&b.ok(&["-j", "cloudsnap", "stop", &id2, "--force"]));
+    assert_eq!(t["state"], "Stopped", "{t}");
+    assert!(
+        files_under(&readers).is_empty(),
+        "a stopped restore left its lease"
+    );
+}
+
+/// A restore on host B and a delete of its snapshot on host A, fired at
+/// once while A collects without pause: each restore is either refused
+/// (the snapshot is gone) or completes bit-exact, never cut off midway.
+#[test]
+fn restores_racing_deletes_and_collections_on_another_host_lose_nothing() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let a = Blockd::start();
+    let b = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "4M")]);
+    share(&path, &[&a, &b]);
+    let tmp = tempfile::tempdir().unwrap();
+    a.create("src", "8M");
+    let rounds = 6;
+    let mut snaps = Vec::new();
+    for i in 0..rounds {
+        let img = image(tmp.path(), &format!("{i}.img"), 8 * MB, 8 * MB, 100 + i);
+        load(&a, "src", &img);
+        let t = backup(&a, &["src", "--cred-id", "shared", "--full"]);
+        snaps.push((t["snapshot"].as_str().unwrap().to_string(), img));
+    }
+    /// Ends the collecting loop however the rounds end.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let (mut restored, mut refused) = (0, 0);
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let stop = Stop(&stopped);
+        let collecting = s.spawn(|| {
+            let mut runs = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+                runs += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            runs
+        });
+        for (i, (snap, img)) in snaps.iter().enumerate() {
+            let vol = format!("copy{i}");
+            let go = std::sync::Barrier::new(2);
+            let (restore, delete) = std::thread::scope(|r| {
+                let restore = r.spawn(|| {
+                    go.wait();
+                    b.blockctl(&[
+                        "-j",
+                        "cloudsnap",
+                        "restore",
+                        "--snap",
+                        snap,
+                        "--volume",
+                        &vol,
+                        "--lazy",
+                        "--cred-id",
+                        "shared",
+                    ])
+                });
+                let delete = r.spawn(|| {
+                    go.wait();
+                    // Now and then a little later, inside the restore.
+                    std::thread::sleep(Duration::from_millis(150 * (i as u64 % 3)));
+                    a.blockctl(&["cloudsnap", "delete", "--snap", snap, "--cred-id", "shared"])
+                });
+                (restore.join().unwrap(), delete.join().unwrap())
+            });
+            assert!(
+                delete.status.success(),
+                "{}",
+                String::from_utf8_lossy(&delete.stderr)
+            );
+            if !restore.status.success() {
+                let e = String::from_utf8_lossy(&restore.stderr);
+                assert!(e.contains("no cloud snapshot"), "{e}");
+                refused += 1;
+                continue;
+            }
+            let id = json(&String::from_utf8_lossy(&restore.stdout))["tasks"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let t = wait_done(&b, &id);
+            assert_eq!(t["state"], "Done", "round {i}: {t}");
+            assert_same(&b, img, &vol);
+            restored += 1;
+        }
+        drop(stop);
+        assert!(collecting.join().unwrap() > 2);
+    });
+    eprintln!("{restored} restored, {refused} refused");
+    assert!(
+        restored > 0,
+        "no restore got ahead of its delete ({refused} refused)"
+    );
+    // Everything was deleted: once the restores are done, it all goes.
+    std::thread::sleep(Duration::from_millis(1100));
+    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    assert!(bytes_under(&Path::new(&path).join("packs")) == 0);
 }
 
 #[test]

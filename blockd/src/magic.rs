@@ -21,7 +21,8 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"BLKDSNAP";
 pub const GROUP_MAGIC: &[u8; 8] = b"BLKDGRUP";
 /// Garbage-collection mark (`locks/marks/<id>`): a condemned list.
 pub const MARK_MAGIC: &[u8; 8] = b"BLKDMARK";
-/// Backup session (`locks/sessions/<task>`): a writer's registration.
+/// Backup session (`locks/sessions/<task>`): a writer's registration; also
+/// a restore's lease (`locks/readers/<task>`), which has the same body.
 pub const SESSION_MAGIC: &[u8; 8] = b"BLKDSESS";
 /// Relocation (`relocs/<aa>/<from>/<to>`): where a repacked pack's records are.
 pub const RELOC_MAGIC: &[u8; 8] = b"BLKDRELO";

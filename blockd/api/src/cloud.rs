@@ -749,9 +749,9 @@ pub struct GcReport {
     /// Earlier marks still in their grace period.
     pub pending_marks: u64,
     /// Earlier marks past their grace period but waiting for backups that
-    /// started before them.
+    /// started before them, or for restores running on any host.
     pub held_marks: u64,
-    /// Those backups (task ids).
+    /// Those backups and restores (task ids).
     pub holding: Vec<String>,
     /// The unused-space limit this run applied.
     #[serde(default)]

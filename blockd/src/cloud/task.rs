@@ -312,7 +312,7 @@ impl Cloud {
             }
             Plan::Restore { lazy: true, .. } => match self.volumes.get(&r.task.volume) {
                 Some(v) => match self.attach_lazy(&v, &r, None, false) {
-                    Ok(h) => self.spawn_restore(r, Some(h), claim),
+                    Ok(h) => self.spawn_restore(r, Some(h), claim, None),
                     Err(e) => {
                         // Which units hold the volume's own writes is
                         // unknown: it must not be served.
@@ -327,7 +327,7 @@ impl Cloud {
                 Some(v) => {
                     v.restoring
                         .store(true, std::sync::atomic::Ordering::Release);
-                    self.spawn_restore(r, None, claim);
+                    self.spawn_restore(r, None, claim, None);
                 }
                 None => self.fail_record(r, "the volume being restored into is gone"),
             },

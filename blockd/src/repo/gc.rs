@@ -20,6 +20,12 @@
 //!   stores its own copies instead.
 //! - **Times come from the store** (`LastModified` of objects it just
 //!   wrote), never from a host clock.
+//! - **Readers hold every sweep.** A restore writes `locks/readers/<task>`
+//!   before it confirms its manifest exists, renews it while it runs and
+//!   deletes it when it ends. While any lease is alive, no mark is swept
+//!   (whenever the restore started: the manifest it reads may be deleted
+//!   by another host after any mark). The leases are listed after the
+//!   walk, so a restore that registered later read a manifest the walk saw.
 //! - **One collector at a time** through `locks/gc` with a heartbeat; safety
 //!   does not rest on it (two collectors at once only do work twice), so a
 //!   store that ignores conditional writes loses nothing.
@@ -58,6 +64,14 @@ fn session_key(id: &str) -> String {
     format!("locks/sessions/{id}")
 }
 
+fn lease_key(id: &str) -> String {
+    format!("locks/readers/{id}")
+}
+
+/// Longest lease of a reader: how long a host that died while restoring
+/// can hold sweeps back.
+pub const LEASE_MAX: Duration = Duration::from_secs(600);
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -85,6 +99,76 @@ struct SessionBody {
     task: String,
     host: String,
     deadline_secs: u64,
+}
+
+/// A restore's lease in the bucket (`locks/readers/<task>`): while it is
+/// alive, no collector on any host sweeps a mark, so nothing the restore
+/// reads is deleted under it even when another host deletes the snapshot.
+/// Renewed in the background every third of its length; [`Lease::release`]
+/// removes it. Dropped without a release (a restore interrupted by a
+/// shutdown, to be resumed), it stays until it lapses.
+#[derive(Debug)]
+pub struct Lease {
+    repo: Arc<Repo>,
+    task: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Takes the lease of restore `task` for `length` (at most
+    /// [`LEASE_MAX`]; a dead host's lease holds sweeps back that long).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn take(
+        repo: &Arc<Repo>,
+        task: &str,
+        host: &str,
+        length: Duration,
+    ) -> Result<Self, RepoError> {
+        let length = length.clamp(Duration::from_secs(1), LEASE_MAX);
+        let key = lease_key(task);
+        let sealed = Bytes::from(repo.seal_registration(&key, task, host, length.as_secs()));
+        let put = {
+            let repo = repo.clone();
+            let key = key.clone();
+            move || {
+                let sealed = sealed.clone();
+                let repo = repo.clone();
+                let key = key.clone();
+                async move { repo.objects.put(&key, sealed, false).await }
+            }
+        };
+        put().await?;
+        let every = length / 3;
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = put().await {
+                    tracing::warn!(key = %key, error = %e, "renewing a restore's lease failed; garbage collection on other hosts may reclaim what it reads once the lease lapses");
+                }
+            }
+        });
+        Ok(Self {
+            repo: repo.clone(),
+            task: task.to_string(),
+            renew,
+        })
+    }
+
+    /// Removes the lease: the restore no longer reads the bucket.
+    pub async fn release(self) {
+        self.renew.abort();
+        if let Err(e) = self.repo.objects.delete(&lease_key(&self.task)).await {
+            tracing::warn!(task = %self.task, error = %e, "removing a restore's lease failed; it holds garbage collection back until it lapses");
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
 }
 
 /// The cuts of the pending marks, as a backup reads them after it has
@@ -230,13 +314,7 @@ impl Repo {
         deadline: Duration,
     ) -> Result<Session, RepoError> {
         let key = session_key(task);
-        let body = SessionBody {
-            task: task.to_string(),
-            host: host.to_string(),
-            deadline_secs: deadline.as_secs(),
-        };
-        let json = serde_json::to_vec(&body).unwrap_or_else(|_| unreachable!("sessions serialise"));
-        let sealed = format::envelope(SESSION_MAGIC, &self.keys.seal(key.as_bytes(), &json));
+        let sealed = self.seal_registration(&key, task, host, deadline.as_secs());
         self.objects.put(&key, sealed.into(), false).await?;
         let meta = self.objects.head_meta(&key).await?.ok_or_else(|| {
             self.objects
@@ -245,8 +323,20 @@ impl Repo {
         Ok(Session {
             id: task.to_string(),
             started: millis(meta.modified),
-            deadline_secs: body.deadline_secs,
+            deadline_secs: deadline.as_secs(),
         })
+    }
+
+    /// The sealed object of a backup's session or a restore's lease at
+    /// `key`.
+    fn seal_registration(&self, key: &str, task: &str, host: &str, secs: u64) -> Vec<u8> {
+        let body = SessionBody {
+            task: task.to_string(),
+            host: host.to_string(),
+            deadline_secs: secs,
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| unreachable!("sessions serialise"));
+        format::envelope(SESSION_MAGIC, &self.keys.seal(key.as_bytes(), &json))
     }
 
     /// Whether `s` is still registered and within its deadline: the
@@ -373,17 +463,16 @@ impl Repo {
             .map_or(SystemTime::UNIX_EPOCH, |l| l.modified))
     }
 
-    /// Sessions: (task id, written, deadline), expired ones included.
-    /// With `dead_host`, that host's collector sessions (`gc-*`) are
-    /// removed instead: its collection is known not to run, so they are a
-    /// crashed run's, and would hold every sweep until their deadline.
-    async fn sessions(
+    /// The registrations under `locks/<kind>/`: (id, when the store last
+    /// wrote it, its body; `None` when it does not open).
+    async fn registrations(
         &self,
-        dead_host: Option<&str>,
-    ) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
+        kind: &str,
+    ) -> Result<Vec<(String, SystemTime, Option<SessionBody>)>, RepoError> {
         let mut out = Vec::new();
-        for l in self.objects.list_meta("locks/sessions").await? {
-            let Some(id) = l.key.strip_prefix("locks/sessions/") else {
+        let prefix = format!("locks/{kind}/");
+        for l in self.objects.list_meta(&format!("locks/{kind}")).await? {
+            let Some(id) = l.key.strip_prefix(&prefix) else {
                 continue;
             };
             let body = match self.objects.get_meta(&l.key).await {
@@ -394,16 +483,49 @@ impl Repo {
                 Err(RepoError::Missing { .. }) => continue,
                 Err(e) => return Err(e),
             };
+            out.push((id.to_string(), l.modified, body));
+        }
+        Ok(out)
+    }
+
+    /// Sessions: (task id, written, deadline), expired ones included.
+    /// With `dead_host`, that host's collector sessions (`gc-*`) are
+    /// removed instead: its collection is known not to run, so they are a
+    /// crashed run's, and would hold every sweep until their deadline.
+    async fn sessions(
+        &self,
+        dead_host: Option<&str>,
+    ) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
+        let mut out = Vec::new();
+        for (id, written, body) in self.registrations("sessions").await? {
             if id.starts_with(COLLECTOR_SESSION)
                 && body.as_ref().map(|b| b.host.as_str()) == dead_host
                 && dead_host.is_some()
             {
-                self.objects.delete(&l.key).await?;
+                self.objects.delete(&session_key(&id)).await?;
                 continue;
             }
-            out.push((id.to_string(), l.modified, body.map(|b| b.deadline_secs)));
+            out.push((id, written, body.map(|b| b.deadline_secs)));
         }
         Ok(out)
+    }
+}
+
+impl Repo {
+    /// Restores' leases: (task id, last renewed, length in seconds).
+    async fn leases(&self) -> Result<Vec<(String, SystemTime, u64)>, RepoError> {
+        Ok(self
+            .registrations("readers")
+            .await?
+            .into_iter()
+            .map(|(id, renewed, body)| {
+                // One that does not open counts for the longest lease.
+                let length = body.map_or(LEASE_MAX.as_secs(), |b| {
+                    b.deadline_secs.min(LEASE_MAX.as_secs())
+                });
+                (id, renewed, length)
+            })
+            .collect())
     }
 }
 
@@ -536,6 +658,14 @@ async fn collect_held(
         .map(|(id, l)| (hex::encode(id), l))
         .collect();
     let blocks: HashMap<String, super::Listed> = blocks.into_iter().collect();
+    // Listed after the walk: a restore that registers later confirms its
+    // manifest after the walk saw it, so nothing it reads is unreferenced.
+    let leases = repo.leases().await?;
+    let readers: Vec<&String> = leases
+        .iter()
+        .filter(|(_, renewed, length)| *renewed + Duration::from_secs(*length) > now)
+        .map(|(t, _, _)| t)
+        .collect();
     let live_pack = |h: &str| -> bool {
         let mut id: PackId = [0; 16];
         hex::decode_to_slice(h, &mut id).is_ok() && walk.packs.contains_key(&id)
@@ -551,7 +681,8 @@ async fn collect_held(
         // (the writers' sessions, not the grace, keep backups safe).
         let grace = Duration::from_secs(m.body.grace_secs).min(opts.grace);
         let due = m.written + grace <= now;
-        // Backups that started before the mark and may still commit.
+        // Backups that started before the mark and may still commit, and
+        // every running restore.
         let holders: Vec<&String> = sessions
             .iter()
             .filter(|(_, started, deadline)| {
@@ -559,6 +690,7 @@ async fn collect_held(
                     && *started + Duration::from_secs(deadline.unwrap_or(UNREADABLE_DEADLINE)) > now
             })
             .map(|(t, _, _)| t)
+            .chain(readers.iter().copied())
             .collect();
         if !due || !holders.is_empty() {
             if due {
@@ -737,10 +869,16 @@ async fn collect_held(
         out.deleted_partial = n;
         out.deleted_bytes += bytes;
     }
-    // Registrations of backups long past their deadline are dead weight.
+    // Registrations of backups long past their deadline, and leases of
+    // restores long lapsed, are dead weight.
     for (t, started, deadline) in &sessions {
         if deadline.is_some_and(|d| *started + Duration::from_secs(d) + HEARTBEAT_LAPSE < now) {
             let _ = repo.close_session(t).await;
+        }
+    }
+    for (t, renewed, length) in &leases {
+        if *renewed + Duration::from_secs(*length) + HEARTBEAT_LAPSE < now {
+            let _ = repo.objects.delete(&lease_key(t)).await;
         }
     }
     Ok(out)

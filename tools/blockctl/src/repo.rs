@@ -240,7 +240,7 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
         }
         if r.held_marks > 0 {
             line(format_args!(
-                "{} mark(s) wait for backups that started before them: {}",
+                "{} mark(s) wait for backups that started before them or running restores: {}",
                 r.held_marks,
                 r.holding.join(", ")
             ));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use blockd_api::{RestoreRequest, Started, Task, TaskKind, TaskState};
 
 use crate::claims::{Claim, Want};
+use crate::repo::gc::Lease;
 
 use super::hydrate;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
@@ -49,7 +50,13 @@ impl Cloud {
         ))?;
         // A delete that ended between `find` and the claim.
         self.locations.resolve(Some(&location))?;
+        // The claim keeps this host from deleting the snapshot; the lease
+        // keeps every host's collector from reclaiming what it references
+        // should another host delete it. Taken before the manifest is
+        // confirmed: a collector's walk that runs after this sees it.
+        let lease = Lease::take(&repo, &id, &self.host, self.lease_length()).await?;
         if !repo.has_manifest(&m.volume, &m.name).await? {
+            lease.release().await;
             return Err(CloudError::SnapshotNotFound { snapshot, location });
         }
         let v = self.volumes.create(blockd_api::CreateVolume {
@@ -109,6 +116,7 @@ impl Cloud {
                 Err(e) => {
                     v.end_lazy();
                     let _ = self.volumes.delete(&req.volume, true);
+                    lease.release().await;
                     return Err(e);
                 }
             }
@@ -122,10 +130,11 @@ impl Cloud {
                 v.end_lazy();
             }
             let _ = self.volumes.delete(&req.volume, true);
+            lease.release().await;
             return Err(e);
         }
         tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
-        self.spawn_restore(record, hydration, claim);
+        self.spawn_restore(record, hydration, claim, Some(lease));
         Ok(Started {
             group: None,
             tasks: vec![task],
@@ -133,11 +142,20 @@ impl Cloud {
         })
     }
 
+    /// How long a restore's lease in the bucket lasts unrenewed: the
+    /// backup deadline, at most [`crate::repo::gc::LEASE_MAX`].
+    fn lease_length(&self) -> std::time::Duration {
+        self.backup_deadline.min(crate::repo::gc::LEASE_MAX)
+    }
+
+    /// Runs restore `record`; `lease`: its lease, taken already (a resumed
+    /// restore takes it again first).
     pub(super) fn spawn_restore(
         self: &Arc<Self>,
         record: Record,
         hydration: Option<Hydration>,
         claim: Claim,
+        lease: Option<Lease>,
     ) {
         let run = self.register(
             record,
@@ -152,10 +170,22 @@ impl Cloud {
             // Held until the task has ended, whatever way it ends.
             let _claim = claim;
             let lazy = hydration.is_some();
+            let lease = match lease {
+                Some(l) => Some(l),
+                None => me.retake_lease(&run).await,
+            };
             let outcome = match &hydration {
                 Some(h) => me.run_hydrate(&run, h).await,
                 None => me.run_restore(&run).await,
             };
+            let interrupted = matches!(outcome, Err(CloudError::Cancelled))
+                && !run.stopped.load(std::sync::atomic::Ordering::Acquire);
+            // Gone before the task shows as ended. An interrupted restore
+            // is resumed at the next start: its lease stays (and lapses
+            // if that start is long in coming).
+            if let Some(l) = lease.filter(|_| !interrupted) {
+                l.release().await;
+            }
             let (id, volume, snapshot, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 (r.task.id.clone(), r.task.volume.clone(), r.task.snapshot.clone(), r.task.location.clone())
@@ -212,6 +242,27 @@ impl Cloud {
                 }
             }
         });
+    }
+
+    /// The lease of a resumed restore, taken again before it reads (the
+    /// one it held may have lapsed while the daemon was down). Without
+    /// one it still runs: what it reads is verified, and a missing object
+    /// fails it by name.
+    async fn retake_lease(&self, run: &Arc<Running>) -> Option<Lease> {
+        let task = run.snapshot().task;
+        let taken = async {
+            let repo = self.locations.repo(&task.location).await?;
+            Ok::<_, CloudError>(
+                Lease::take(&repo, &task.id, &self.host, self.lease_length()).await?,
+            )
+        };
+        match taken.await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "a resumed restore could not take its lease in the bucket; garbage collection on other hosts will not wait for it");
+                None
+            }
+        }
     }
 
     /// Serves `v` lazily for the restore `r`: its present map (new when
