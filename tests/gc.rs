@@ -273,6 +273,42 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     let packs = Path::new(&path).join("packs");
     let readers = Path::new(&path).join("locks/readers");
 
+    // Refused restores leave no lease behind; a --snap that is neither a
+    // snapshot id nor a volume name never means "the newest of any".
+    for (from, into, why) in [
+        (snap.as_str(), "bad name", "may contain only"),
+        (snap.as_str(), "a/b", "may contain only"),
+        ("", "e1", "neither a cloud snapshot id"),
+        ("/", "e1", "neither a cloud snapshot id"),
+        ("src/", "e1", "neither a cloud snapshot id"),
+    ] {
+        for lazy in [false, true] {
+            let mut args = vec![
+                "cloudsnap",
+                "restore",
+                "--snap",
+                from,
+                "--volume",
+                into,
+                "--cred-id",
+                "shared",
+            ];
+            if lazy {
+                args.push("--lazy");
+            }
+            let out = b.blockctl(&args);
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && e.contains(why), "{args:?}: {e}");
+        }
+    }
+    let vols = json(&b.ok(&["-j", "volume", "list"]));
+    assert!(vols.as_array().unwrap().is_empty(), "{vols}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        files_under(&readers).is_empty(),
+        "a refused restore left a lease"
+    );
+
     // B serves the snapshot at once and fills it at 2 MB/s (some 12 s).
     let id = lazy_restore_with(&b, &snap, "copy", &shared);
     let t = wait_until(&b, &id, |t| {
@@ -324,9 +360,9 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     assert!(r["deleted_bytes"].as_u64().unwrap() >= data as u64, "{r}");
 
     // A host that dies while restoring holds sweeps back until its lease
-    // lapses, not for ever. Restarted, its restore names what is gone (a
-    // lazy restore keeps the volume and its writes, and retries, until
-    // it is stopped).
+    // lapses, not for ever. Restarted, its restore names what is gone and
+    // takes no lease for ever (a lazy restore keeps serving the volume and
+    // its writes for what it holds, until it is stopped).
     let img2 = image(tmp.path(), "src2.img", 32 * MB, data, 22);
     load(&a, "src", &img2);
     let snap2 = backup(&a, &["src", "--cred-id", "shared", "--full"])["snapshot"]
@@ -365,7 +401,11 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
         "{r}"
     );
     b.spawn();
-    let t = wait_until(&b, &id2, |t| t["error"].is_string());
+    let t = wait_until(&b, &id2, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gone from the bucket"))
+    });
     assert_eq!(t["state"], "Active", "{t}");
     let e = t["error"].as_str().unwrap();
     let (vol, name) = snap2.split_once('/').unwrap();
@@ -373,6 +413,18 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
         e.contains(&format!("snapshots/{vol}/{name} is missing")),
         "the missing object is not named: {e}"
     );
+    assert!(
+        e.contains("gone from the bucket") && e.contains("stop --force"),
+        "{e}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !files_under(&readers).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a restore that can read nothing more keeps its lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let t = json(&b.ok(&["-j", "cloudsnap", "stop", &id2, "--force"]));
     assert_eq!(t["state"], "Stopped", "{t}");
     assert!(

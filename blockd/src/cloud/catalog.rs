@@ -71,6 +71,7 @@ impl Cloud {
         location: Option<&str>,
         snap: &str,
     ) -> Result<String, CloudError> {
+        snapshot_ref(snap)?;
         let names = match location {
             Some(_) => return self.locations.resolve(location),
             None => self.locations.names()?,
@@ -179,6 +180,7 @@ impl Cloud {
         let (v, n) = match name::split(snap) {
             Some((v, n)) => (v.to_string(), n.to_string()),
             None => {
+                snapshot_ref(snap)?;
                 let names = repo.list_snapshots(Some(snap)).await?;
                 let Some(last) = names
                     .into_iter()
@@ -280,4 +282,16 @@ impl Cloud {
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
         Ok(())
     }
+}
+
+/// Refuses a `--snap` that is neither `VOLUME/SNAPSHOT` nor a volume name
+/// (for its newest snapshot): an empty `--snap "$UNSET"` must not mean
+/// "any volume's newest".
+fn snapshot_ref(snap: &str) -> Result<(), CloudError> {
+    if name::split(snap).is_some() || blockd_api::validate_name(snap).is_ok() {
+        return Ok(());
+    }
+    Err(CloudError::BadSnapshotRef {
+        snap: snap.to_string(),
+    })
 }

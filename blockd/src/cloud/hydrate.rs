@@ -269,6 +269,9 @@ pub struct Job {
     pub limit: Option<u64>,
     /// Largest batch ([`BATCH_LOCAL`] or [`BATCH_REMOTE`]).
     pub batch_bytes: u64,
+    /// The restore's lease in the bucket: released once the snapshot is
+    /// found gone, since it then protects nothing this restore can read.
+    pub lease: Arc<std::sync::Mutex<Option<crate::repo::gc::Lease>>>,
 }
 
 /// Paces the hydrator's fetches to a byte rate.
@@ -334,14 +337,33 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         // What the snapshot holds nothing in is present from the start
         // (before the first pass, or on a later one if the store could not
         // be reached): passes visit only its index blocks' units.
-        if let Ok(r) = job.source.ready().await {
-            let span = r.repo.config.index_span;
-            l.present_outside(
-                r.manifest
-                    .blocks
-                    .iter()
-                    .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
-            );
+        let mut gone = None;
+        match job.source.ready().await {
+            Ok(r) => {
+                let span = r.repo.config.index_span;
+                l.present_outside(
+                    r.manifest
+                        .blocks
+                        .iter()
+                        .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
+                );
+            }
+            // The manifest is gone (deleted on another host while this
+            // restore was interrupted, its lease lapsed): nothing more can
+            // be fetched. The volume stays served for what it holds.
+            Err(e @ CloudError::Repo(crate::repo::RepoError::Missing { .. })) => {
+                let lease = job
+                    .lease
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(lease) = lease {
+                    tracing::warn!(volume = %job.volume.name(), error = %e, "the snapshot of a lazy restore is gone: its lease is released, and the units not restored yet never will be");
+                    lease.release().await;
+                }
+                gone = Some(e);
+            }
+            Err(_) => {}
         }
         // Batches of up to `per_batch` units from each missing unit on,
         // jumping over what is present.
@@ -409,12 +431,15 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         if l.complete() {
             break;
         }
-        let why = match failed {
-            Some((n, e)) => format!(
+        let why = match (gone, failed) {
+            (Some(e), _) => format!(
+                "{e}: the snapshot is gone from the bucket, so what is not restored yet never will be and reads of it fail; copy what you need from the volume, then end this restore with `blockctl cloudsnap stop --force` (which deletes the volume)"
+            ),
+            (None, Some((n, e))) => format!(
                 "{n} fetch(es) failed, retrying in {}s: {e}",
                 pause.as_secs()
             ),
-            None => "units still missing, retrying".into(),
+            (None, None) => "units still missing, retrying".into(),
         };
         (job.report)(Some(why));
         tokio::select! {

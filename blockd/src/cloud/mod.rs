@@ -110,7 +110,7 @@ pub enum CloudError {
     #[error("name at least one volume (--volume-ids) or labels (--label)")]
     NoVolumes,
     /// No volume carries every given label.
-    #[error("no volume carries all the given labels")]
+    #[error("no volume carries all the given labels: `blockctl volume list` shows each volume's labels, `blockctl volume update NAME --label KEY=VALUE` sets one")]
     NoLabelMatch,
     /// A schedule is malformed.
     #[error("{why}")]
@@ -203,6 +203,12 @@ pub enum CloudError {
     /// `--snap` is not `VOLUME/SNAPSHOT` where one is required.
     #[error("--snap {snap:?} must be VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)")]
     BadSnapshotId {
+        /// What was given.
+        snap: String,
+    },
+    /// `--snap` is neither `VOLUME/SNAPSHOT` nor a volume name.
+    #[error("--snap {snap:?} is neither a cloud snapshot id VOLUME/SNAPSHOT nor a volume name (for its newest snapshot): see `blockctl cloudsnap list`")]
+    BadSnapshotRef {
         /// What was given.
         snap: String,
     },
@@ -341,7 +347,8 @@ impl CloudError {
             | Self::BadSubset { .. }
             | Self::BadExpire { .. }
             | Self::BadSchedule { .. }
-            | Self::BadSnapshotId { .. } => Outcome::Invalid,
+            | Self::BadSnapshotId { .. }
+            | Self::BadSnapshotRef { .. } => Outcome::Invalid,
             Self::NoLabelMatch
             | Self::VolumeNotFound { .. }
             | Self::VolumeGone { .. }

@@ -105,13 +105,16 @@ struct SessionBody {
 /// alive, no collector on any host sweeps a mark, so nothing the restore
 /// reads is deleted under it even when another host deletes the snapshot.
 /// Renewed in the background every third of its length; [`Lease::release`]
-/// removes it. Dropped without a release (a restore interrupted by a
-/// shutdown, to be resumed), it stays until it lapses.
+/// removes it, and so does a drop (in the background), so that no refusal
+/// leaves one behind. [`Lease::keep`] leaves it to lapse instead (a
+/// restore interrupted by a shutdown, to be resumed).
 #[derive(Debug)]
 pub struct Lease {
     repo: Arc<Repo>,
     task: String,
     renew: tokio::task::JoinHandle<()>,
+    /// Removed or kept already: nothing left for the drop.
+    settled: bool,
 }
 
 impl Lease {
@@ -153,21 +156,39 @@ impl Lease {
             repo: repo.clone(),
             task: task.to_string(),
             renew,
+            settled: false,
         })
     }
 
     /// Removes the lease: the restore no longer reads the bucket.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
         self.renew.abort();
-        if let Err(e) = self.repo.objects.delete(&lease_key(&self.task)).await {
-            tracing::warn!(task = %self.task, error = %e, "removing a restore's lease failed; it holds garbage collection back until it lapses");
-        }
+        self.settled = true;
+        remove_lease(&self.repo, &self.task).await;
+    }
+
+    /// Stops renewing the lease and leaves it to lapse.
+    pub fn keep(mut self) {
+        self.settled = true;
+    }
+}
+
+async fn remove_lease(repo: &Repo, task: &str) {
+    if let Err(e) = repo.objects.delete(&lease_key(task)).await {
+        tracing::warn!(%task, error = %e, "removing a restore's lease failed; it holds garbage collection back until it lapses");
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renew.abort();
+        if self.settled {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (repo, task) = (self.repo.clone(), std::mem::take(&mut self.task));
+            rt.spawn(async move { remove_lease(&repo, &task).await });
+        }
     }
 }
 
@@ -550,14 +571,18 @@ impl RunHold {
         if let Some(meta) = repo.objects.head_meta(RUN_KEY).await? {
             let now = repo.store_now().await?;
             let age = now.duration_since(meta.modified).unwrap_or_default();
-            let holder = repo
-                .objects
-                .get_meta(RUN_KEY)
-                .await
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_else(|_| "unknown".into());
-            let ours = holder.split(" run ").next() == Some(host);
-            if age < HEARTBEAT_LAPSE && !(ours && own_run_is_dead) {
+            let holder = match repo.objects.get_meta(RUN_KEY).await {
+                Ok(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                // Ended between the two requests: nobody holds the bucket.
+                Err(RepoError::Missing { .. }) => None,
+                Err(e) => Some(format!("unreadable run object {RUN_KEY}: {e}")),
+            };
+            let ours = holder
+                .as_deref()
+                .is_some_and(|h| h.split(" run ").next() == Some(host));
+            if let Some(holder) =
+                holder.filter(|_| age < HEARTBEAT_LAPSE && !(ours && own_run_is_dead))
+            {
                 return Err(GcError::Running {
                     location: repo.location().to_string(),
                     holder,

@@ -28,6 +28,12 @@ impl Cloud {
     /// # Errors
     /// Unknown snapshot or location, an existing volume name.
     pub async fn restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Started, CloudError> {
+        // Before anything is looked up or written to the bucket.
+        blockd_api::validate_name(&req.volume).map_err(|e| {
+            CloudError::Volume(crate::volume::store::StoreError::Invalid {
+                message: e.to_string(),
+            })
+        })?;
         let location = self.locate(req.location.as_deref(), &req.snap).await?;
         let repo = self.locations.repo(&location).await?;
         if self.volumes.get(&req.volume).is_some() {
@@ -53,10 +59,10 @@ impl Cloud {
         // The claim keeps this host from deleting the snapshot; the lease
         // keeps every host's collector from reclaiming what it references
         // should another host delete it. Taken before the manifest is
-        // confirmed: a collector's walk that runs after this sees it.
+        // confirmed: a collector's walk that runs after this sees it. A
+        // refusal from here on drops it, which removes it.
         let lease = Lease::take(&repo, &id, &self.host, self.lease_length()).await?;
         if !repo.has_manifest(&m.volume, &m.name).await? {
-            lease.release().await;
             return Err(CloudError::SnapshotNotFound { snapshot, location });
         }
         let v = self.volumes.create(blockd_api::CreateVolume {
@@ -116,7 +122,6 @@ impl Cloud {
                 Err(e) => {
                     v.end_lazy();
                     let _ = self.volumes.delete(&req.volume, true);
-                    lease.release().await;
                     return Err(e);
                 }
             }
@@ -130,7 +135,6 @@ impl Cloud {
                 v.end_lazy();
             }
             let _ = self.volumes.delete(&req.volume, true);
-            lease.release().await;
             return Err(e);
         }
         tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
@@ -174,17 +178,26 @@ impl Cloud {
                 Some(l) => Some(l),
                 None => me.retake_lease(&run).await,
             };
+            let lease = Arc::new(std::sync::Mutex::new(lease));
             let outcome = match &hydration {
-                Some(h) => me.run_hydrate(&run, h).await,
+                Some(h) => me.run_hydrate(&run, h, lease.clone()).await,
                 None => me.run_restore(&run).await,
             };
+            let lease = lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             let interrupted = matches!(outcome, Err(CloudError::Cancelled))
                 && !run.stopped.load(std::sync::atomic::Ordering::Acquire);
             // Gone before the task shows as ended. An interrupted restore
             // is resumed at the next start: its lease stays (and lapses
             // if that start is long in coming).
-            if let Some(l) = lease.filter(|_| !interrupted) {
-                l.release().await;
+            if let Some(l) = lease {
+                if interrupted {
+                    l.keep();
+                } else {
+                    l.release().await;
+                }
             }
             let (id, volume, snapshot, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -319,6 +332,7 @@ impl Cloud {
         &self,
         run: &Arc<Running>,
         h: &Hydration,
+        lease: Arc<std::sync::Mutex<Option<Lease>>>,
     ) -> Result<(), CloudError> {
         let rec = run.snapshot();
         let volume = self.volume_of(&rec.task)?;
@@ -341,6 +355,7 @@ impl Cloud {
                 Ok(Some(_)) => hydrate::BATCH_LOCAL,
                 _ => hydrate::BATCH_REMOTE,
             },
+            lease,
         };
         hydrate::run(&job).await
     }
