@@ -241,9 +241,7 @@ impl Store {
     /// # Errors
     /// Invalid name, size or extent size; duplicate name; I/O.
     pub fn create(&self, req: CreateVolume) -> Result<Arc<Volume>, StoreError> {
-        validate_name(&req.name).map_err(|e| StoreError::Invalid {
-            message: e.to_string(),
-        })?;
+        check_name(&req.name)?;
         let extent_size = req.extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
         validate_extent_size(extent_size).map_err(|message| StoreError::Invalid { message })?;
         check_size(req.size, extent_size)?;
@@ -470,4 +468,15 @@ fn too_large(dir: &Path, size: u64, e: io::Error) -> Result<StoreError, io::Erro
 
 fn open_data(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// Refuses a name no volume may have, as [`Store::create`] does: for
+/// callers that must refuse it before doing anything else.
+///
+/// # Errors
+/// The name is invalid.
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    validate_name(name).map_err(|e| StoreError::Invalid {
+        message: e.to_string(),
+    })
 }

@@ -29,11 +29,7 @@ impl Cloud {
     /// Unknown snapshot or location, an existing volume name.
     pub async fn restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Started, CloudError> {
         // Before anything is looked up or written to the bucket.
-        blockd_api::validate_name(&req.volume).map_err(|e| {
-            CloudError::Volume(crate::volume::store::StoreError::Invalid {
-                message: e.to_string(),
-            })
-        })?;
+        crate::volume::store::check_name(&req.volume)?;
         let location = self.locate(req.location.as_deref(), &req.snap).await?;
         let repo = self.locations.repo(&location).await?;
         if self.volumes.get(&req.volume).is_some() {
