@@ -461,3 +461,169 @@ fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, sr
         }
     }
 }
+
+/// Whether NBD export `vol` can be opened: `Err` with what the client was
+/// told when it cannot (libnbd logs the server's message in debug mode).
+fn nbd_opens(d: &Blockd, vol: &str) -> Result<(), String> {
+    let out = Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .arg(d.uri(vol))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The volume's `unexported` reason (`volume inspect`), `None` when it is
+/// exported.
+fn unexported(d: &Blockd, vol: &str) -> Option<String> {
+    let v = json(&d.ok(&["-j", "volume", "inspect", vol]));
+    v["unexported"].as_str().map(str::to_string)
+}
+
+#[test]
+fn a_restore_that_cannot_go_on_leaves_its_volume_unexported_across_restarts() {
+    if !need() || !require_tools(&["nbdsh", "nbdinfo", "python3"]) {
+        return;
+    }
+    let mut d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "2M")]);
+    let t = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, t.path(), "src", 64 * MB, 48 * MB, 21);
+
+    // Two lazy restores, one with a client's write in it, both cut short.
+    let lost_map = lazy_restore(&d, "src", "nomap");
+    let lost_record = lazy_restore(&d, "src", "norecord");
+    qemu_io(&d.uri("nomap"), &["write -P 0x3c 1M 64k", "flush"]);
+    for id in [&lost_map, &lost_record] {
+        assert_eq!(status(&d, id)["state"], "Active");
+    }
+    d.kill9();
+    // Damage a start cannot repair: a present map gone, a task record
+    // unreadable.
+    std::fs::remove_file(d.dir.path().join("volumes/nomap.present")).unwrap();
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+         c = sqlite3.connect(sys.argv[1])\n\
+         c.execute(\"UPDATE tasks SET record = '{' WHERE id = ?\", (sys.argv[2],))\n\
+         c.commit()\n",
+        )
+        .arg(d.dir.path().join("state.db"))
+        .arg(&lost_record));
+
+    for round in 0..3 {
+        match round {
+            0 => d.spawn(),
+            1 => {
+                d.terminate();
+                d.spawn();
+            }
+            _ => {
+                d.kill9();
+                d.spawn();
+            }
+        }
+        // Neither is served: the one holds part of the snapshot, the other
+        // that and a client's write in units nothing records.
+        for (vol, why) in [
+            ("nomap", "could not resume"),
+            ("norecord", "unreadable record"),
+        ] {
+            let told = nbd_opens(&d, vol).expect_err(&format!(
+                "round {round}: incomplete volume {vol} was exported"
+            ));
+            assert!(
+                told.contains(&format!("volume {vol} is not exported")),
+                "{told}"
+            );
+            let reason = unexported(&d, vol)
+                .unwrap_or_else(|| panic!("round {round}: volume inspect shows {vol} exported"));
+            assert!(reason.contains(why), "{reason}");
+            assert!(
+                reason.contains(&format!("blockctl volume delete {vol}")),
+                "{reason}"
+            );
+            // No backup or snapshot passes it off as a volume's content.
+            d.fails(&["cloudsnap", "backup", vol], "cannot be backed up");
+            d.fails(
+                &["snapshot", "create", vol, "--name", "s"],
+                "cannot be snapshotted",
+            );
+            let table = d.ok(&["volume", "list"]);
+            assert!(
+                table
+                    .lines()
+                    .any(|l| l.starts_with(vol) && l.contains("unexported")),
+                "{table}"
+            );
+        }
+        let failed = status(&d, &lost_map);
+        assert_eq!(failed["state"], "Failed", "{failed}");
+        assert!(
+            failed["error"]
+                .as_str()
+                .unwrap()
+                .contains("stays unexported"),
+            "{failed}"
+        );
+    }
+    // The client's write is still in the data file, for whoever wants it.
+    let data = read_file(&d.dir.path().join("volumes/nomap.img"));
+    assert!(data[MB..MB + 65536].iter().all(|&b| b == 0x3c));
+
+    // Deleting them frees the names; a new restore under one is served,
+    // whole, with nothing left of the old state.
+    d.ok(&["volume", "delete", "nomap"]);
+    d.ok(&["volume", "delete", "norecord"]);
+    let id = lazy_restore(&d, "src", "nomap");
+    nbd_opens(&d, "nomap").unwrap();
+    assert_eq!(unexported(&d, "nomap"), None);
+    assert_eq!(wait_done(&d, &id)["state"], "Done");
+    d.terminate();
+    d.spawn();
+    nbd_opens(&d, "nomap").unwrap();
+    assert_same(&d, &img, "nomap");
+}
+
+/// A full restore's volume is unexported from the moment it exists until
+/// the restore is done, across a kill -9, and exported after.
+#[test]
+fn a_full_restore_is_unexported_until_done_even_across_kill9() {
+    if !need() || !require_tools(&["nbdinfo"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let t = tempfile::tempdir().unwrap();
+    let img = backed_up(&d, t.path(), "src", 256 * MB, 256 * MB, 22);
+    let started = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        "src",
+        "--volume",
+        "full",
+    ]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    // At once: no window in which a client could write to it.
+    let told = nbd_opens(&d, "full").expect_err("a volume being restored was exported");
+    assert!(told.contains("is being restored from"), "{told}");
+    let t1 = wait_until(&d, &id, |t| {
+        t["bytes_done"].as_u64().unwrap_or(0) >= 16 * MB as u64
+    });
+    assert_eq!(t1["state"], "Active", "restore finished before the kill");
+    d.kill9();
+    d.spawn();
+    let told = nbd_opens(&d, "full").expect_err("a resumed restore's volume was exported");
+    assert!(told.contains(&id), "{told}");
+    assert_eq!(wait_done(&d, &id)["state"], "Done");
+    assert_eq!(unexported(&d, "full"), None);
+    nbd_opens(&d, "full").unwrap();
+    d.kill9();
+    d.spawn();
+    assert_same(&d, &img, "full");
+}

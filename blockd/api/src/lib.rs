@@ -54,6 +54,10 @@ pub struct Volume {
     /// back with new sockets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_connected: Option<bool>,
+    /// Why the volume is not exported over NBD, when it is not: a restore
+    /// is filling it, or one that could not go on left it incomplete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unexported: Option<String>,
 }
 
 /// Body of `POST /v1/volumes`.

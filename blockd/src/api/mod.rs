@@ -227,6 +227,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
         kept_cow_bytes,
         attached: None,
         kernel_connected: None,
+        unexported: v.unexported(),
     }
 }
 

@@ -154,11 +154,14 @@ pub enum CloudError {
         /// Volume.
         volume: String,
     },
-    /// The volume is being restored and has no consistent content yet.
-    #[error("volume {volume} is being restored")]
+    /// A restore is filling the volume, or left it incomplete: it has no
+    /// consistent content.
+    #[error("volume {volume} cannot be backed up: {why}")]
     Restoring {
         /// Volume.
         volume: String,
+        /// The volume's state.
+        why: String,
     },
     /// A restore never overwrites a volume.
     #[error("volume {volume} already exists: restore into a new name (a restore never overwrites a volume)")]
@@ -496,6 +499,7 @@ impl Cloud {
                 Err(e) => tracing::error!(error = %e, "unreadable task record"),
             }
         }
+        me.settle_withheld();
         if let Some(every) = settings.gc_every {
             me.collect_every(every);
         }

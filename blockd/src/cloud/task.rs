@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::claims::Want;
+use crate::state::Withheld;
 
 use super::{now, Cloud, CloudError};
 use crate::repo::name;
@@ -286,7 +287,7 @@ impl Cloud {
         };
         let claim = match self.claims.acquire(want) {
             Ok(c) => c,
-            Err(e) => return self.fail_record(r, &e.to_string()),
+            Err(e) => return self.cannot_resume(r, &e.to_string()),
         };
         match r.plan.clone() {
             Plan::Backup { .. } => {
@@ -311,28 +312,91 @@ impl Cloud {
                 }
             }
             Plan::Restore { lazy: true, .. } => match self.volumes.get(&r.task.volume) {
+                // Which units hold the volume's own writes is unknown
+                // without its present map: it must not be served.
                 Some(v) => match self.attach_lazy(&v, &r, None, false) {
                     Ok(h) => self.spawn_restore(r, Some(h), claim, None),
-                    Err(e) => {
-                        // Which units hold the volume's own writes is
-                        // unknown: it must not be served.
-                        v.restoring
-                            .store(true, std::sync::atomic::Ordering::Release);
-                        self.fail_record(r, &format!("{e}; volume {} is not exported: restore it again into a new volume", v.name()));
-                    }
+                    Err(e) => self.cannot_resume(r, &e.to_string()),
                 },
                 None => self.fail_record(r, "the volume being restored into is gone"),
             },
             Plan::Restore { .. } => match self.volumes.get(&r.task.volume) {
-                Some(v) => {
-                    v.restoring
-                        .store(true, std::sync::atomic::Ordering::Release);
+                Some(_) => {
+                    // Withheld since its creation; stored again for a
+                    // volume created before that was stored.
+                    let w = super::restore::filling(&r.task.id, &r.task.snapshot, false);
+                    if let Err(e) = self.volumes.withhold(&r.task.volume, w) {
+                        tracing::warn!(volume = %r.task.volume, error = %e, "recording the restore's volume as unexported failed");
+                    }
                     self.spawn_restore(r, None, claim, None);
                 }
                 None => self.fail_record(r, "the volume being restored into is gone"),
             },
         }
         tracing::debug!(task = %id, "resumed");
+    }
+
+    /// Fails task `r`, which could not resume for `why`. A restore's
+    /// volume holds part of a snapshot at most: it stays unexported, for
+    /// good and across restarts, until it is deleted.
+    fn cannot_resume(&self, r: Record, why: &str) {
+        let volume = r.task.volume.clone();
+        if !matches!(r.plan, Plan::Restore { .. }) || self.volumes.get(&volume).is_none() {
+            return self.fail_record(r, why);
+        }
+        let tail = super::restore::incomplete(&volume, &self.volumes.data_path(&volume));
+        let w = Withheld {
+            reason: format!("restore task {} could not resume: {why}; {tail}", r.task.id),
+            task: None,
+        };
+        if let Err(e) = self.volumes.withhold(&volume, w) {
+            tracing::warn!(%volume, error = %e, "recording the volume as unexported failed");
+        }
+        self.fail_record(r, &format!("{why}; {tail}"));
+    }
+
+    /// After the resumes of a start: a volume withheld for a restore
+    /// that is not running now is settled. Its restore was Done (the
+    /// release was not stored): it is exported. Otherwise the restore
+    /// cannot go on (its record is missing or unreadable, or it ended
+    /// while that was not stored): it stays withheld for good.
+    pub(super) fn settle_withheld(&self) {
+        for v in self.volumes.list() {
+            let Some(task) = v.withheld_state().and_then(|w| w.task) else {
+                continue;
+            };
+            if self.lock().contains_key(&task) {
+                continue;
+            }
+            let record = self.db.task(&task).ok().flatten();
+            let state = record
+                .as_deref()
+                .and_then(|rec| serde_json::from_str::<Record>(rec).ok())
+                .map(|r| r.task.state);
+            let volume = v.name().to_string();
+            let settled = if state == Some(TaskState::Done) {
+                tracing::info!(%volume, %task, "restore was done: volume exported");
+                self.volumes.release(&volume)
+            } else {
+                let why = match (record, state) {
+                    (None, _) => format!("restore task {task} has no record"),
+                    (Some(_), None) => format!("restore task {task} has an unreadable record"),
+                    (Some(_), Some(s)) => format!("restore task {task} ended {s:?}"),
+                };
+                let tail = super::restore::incomplete(&volume, &self.volumes.data_path(&volume));
+                tracing::warn!(%volume, %task, why, "restore cannot go on: volume not exported");
+                self.volumes.withhold(
+                    &volume,
+                    Withheld {
+                        reason: format!("{why}; {tail}"),
+                        task: None,
+                    },
+                )
+            };
+            if let Err(e) = settled {
+                tracing::warn!(%volume, error = %e, "recording the volume's state failed");
+            }
+        }
     }
 
     pub(super) fn fail_record(&self, mut r: Record, why: &str) {

@@ -108,8 +108,7 @@ impl NbdContext {
     /// an open connection to the snapshot.
     fn source(&self, v: Arc<Volume>, snap: Option<&str>, count: bool) -> Option<Source> {
         match snap {
-            None => (!v.restoring.load(std::sync::atomic::Ordering::Acquire))
-                .then_some(Source::Volume(v)),
+            None => v.unexported().is_none().then_some(Source::Volume(v)),
             Some(snap) => {
                 let (s, reader) = if count {
                     let r = self.snapshots.open_reader(v.name(), snap)?;
@@ -156,6 +155,7 @@ impl Exports for StoreExports<'_> {
             .store
             .list()
             .iter()
+            .filter(|v| v.unexported().is_none())
             .map(|v| (v.name().to_string(), description(v)))
             .collect();
         for s in self.0.snapshots.list(None) {
@@ -166,7 +166,10 @@ impl Exports for StoreExports<'_> {
         out
     }
     fn refused(&self, name: &str) -> Option<String> {
-        let (vol, snap) = name.split_once('@')?;
+        let Some((vol, snap)) = name.split_once('@') else {
+            let why = self.0.store.get(name)?.unexported()?;
+            return Some(format!("volume {name} is not exported: {why}"));
+        };
         let why = self.0.snapshots.get(vol, snap)?.damaged()?;
         Some(format!("snapshot {name} is damaged: {why}"))
     }

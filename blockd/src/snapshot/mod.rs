@@ -83,11 +83,13 @@ pub enum FreezeError {
         /// Volume.
         volume: String,
     },
-    /// The volume is still being filled by a restore.
-    #[error("volume {volume} is still being restored: snapshot it once `blockctl cloudsnap status` shows the restore Done")]
+    /// A restore is filling the volume, or left it incomplete.
+    #[error("volume {volume} cannot be snapshotted: {why}")]
     Restoring {
         /// Volume.
         volume: String,
+        /// The volume's state.
+        why: String,
     },
     /// The volume has a snapshot of that name.
     #[error("volume {volume} already has a snapshot named {snapshot}")]
@@ -332,8 +334,11 @@ impl Snapshots {
                 .volumes
                 .get(n)
                 .ok_or_else(|| FreezeError::VolumeNotFound { volume: n.clone() })?;
-            if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
-                return Err(FreezeError::Restoring { volume: n.clone() });
+            if let Some(why) = v.filling() {
+                return Err(FreezeError::Restoring {
+                    volume: n.clone(),
+                    why,
+                });
             }
             if self.get(n, &name).is_some() {
                 return Err(FreezeError::Exists {

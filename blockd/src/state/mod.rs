@@ -24,6 +24,19 @@ pub struct VolumeMeta {
     pub labels: BTreeMap<String, String>,
     /// Creation time, RFC 3339.
     pub created: String,
+    /// Why the volume is not served; `None` for a volume in use.
+    pub withheld: Option<Withheld>,
+}
+
+/// Why a volume is not served: a restore is filling it, or one that could
+/// not go on left it incomplete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withheld {
+    /// What a user is told (`volume inspect`, an NBD client's error).
+    pub reason: String,
+    /// The restore task filling it; `None` once no task will (the volume
+    /// stays withheld until it is deleted).
+    pub task: Option<String>,
 }
 
 /// State database errors.
@@ -106,6 +119,15 @@ CREATE TABLE IF NOT EXISTS expiring (
     snapshot TEXT NOT NULL,
     at       TEXT NOT NULL,
     PRIMARY KEY (location, snapshot)
+);
+-- Version 4: volumes not served, and why: a restore's volume from its
+-- creation until the restore is done, or for good when the restore can
+-- no longer finish. Kept here, not only in memory, so that no restart
+-- serves a half-filled volume as if it were whole.
+CREATE TABLE IF NOT EXISTS withheld (
+    volume   TEXT PRIMARY KEY,
+    reason   TEXT NOT NULL,
+    task     TEXT
 );
 ";
 
@@ -195,7 +217,8 @@ impl StateDb {
     pub fn volumes(&self) -> Result<Vec<VolumeMeta>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT name, size, extent_size, labels, created FROM volumes ORDER BY name",
+                "SELECT name, size, extent_size, labels, created, w.reason, w.task FROM volumes \
+                 LEFT JOIN withheld w ON w.volume = name ORDER BY name",
             )?;
             let rows = stmt.query_map([], row_to_meta)?;
             rows.collect()
@@ -209,7 +232,8 @@ impl StateDb {
     pub fn volume(&self, name: &str) -> Result<Option<VolumeMeta>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT name, size, extent_size, labels, created FROM volumes WHERE name = ?1",
+                "SELECT name, size, extent_size, labels, created, w.reason, w.task FROM volumes \
+                 LEFT JOIN withheld w ON w.volume = name WHERE name = ?1",
                 [name],
                 row_to_meta,
             )
@@ -217,18 +241,46 @@ impl StateDb {
         })
     }
 
-    /// Inserts a new volume row.
+    /// Inserts a new volume row, and its `withheld` reason in the same
+    /// transaction: a volume created to be filled is never, even for a
+    /// crash's length, a plain volume.
     ///
     /// # Errors
     /// SQLite errors, including a duplicate name.
     pub fn insert_volume(&self, v: &VolumeMeta) -> Result<(), StateError> {
         let labels = serde_json::to_string(&v.labels).unwrap_or_else(|_| "{}".into());
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
                 "INSERT INTO volumes (name, size, extent_size, labels, created) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![v.name, v.size as i64, v.extent_size as i64, labels, v.created],
-            )
-            .map(drop)
+            )?;
+            if let Some(w) = &v.withheld {
+                tx.execute(
+                    "INSERT OR REPLACE INTO withheld (volume, reason, task) VALUES (?1, ?2, ?3)",
+                    params![v.name, w.reason, w.task],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Records why volume `name` is not served (`Some`), or that it is
+    /// served again (`None`).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_withheld(&self, name: &str, w: Option<&Withheld>) -> Result<(), StateError> {
+        self.with(|c| match w {
+            Some(w) => c
+                .execute(
+                    "INSERT OR REPLACE INTO withheld (volume, reason, task) VALUES (?1, ?2, ?3)",
+                    params![name, w.reason, w.task],
+                )
+                .map(drop),
+            None => c
+                .execute("DELETE FROM withheld WHERE volume = ?1", [name])
+                .map(drop),
         })
     }
 
@@ -271,9 +323,11 @@ impl StateDb {
     /// SQLite errors.
     pub fn delete_volume(&self, name: &str) -> Result<(), StateError> {
         self.with(|c| {
-            c.execute("DELETE FROM backup_base WHERE volume = ?1", [name])?;
-            c.execute("DELETE FROM volumes WHERE name = ?1", [name])
-                .map(drop)
+            let tx = c.unchecked_transaction()?;
+            tx.execute("DELETE FROM backup_base WHERE volume = ?1", [name])?;
+            tx.execute("DELETE FROM withheld WHERE volume = ?1", [name])?;
+            tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
+            tx.commit()
         })
     }
 
@@ -654,6 +708,13 @@ fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeMeta> {
         extent_size: r.get::<_, i64>(2)?.unsigned_abs(),
         labels: serde_json::from_str::<BTreeMap<String, String>>(&labels).unwrap_or_default(),
         created: r.get(4)?,
+        withheld: match r.get::<_, Option<String>>(5)? {
+            Some(reason) => Some(Withheld {
+                reason,
+                task: r.get(6)?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -671,6 +732,7 @@ mod tests {
             extent_size: 4096,
             labels: [("tier".to_string(), "gold".to_string())].into(),
             created: "2026-11-21T10:15:00Z".into(),
+            withheld: None,
         };
         db.insert_volume(&v).unwrap();
         assert!(db.insert_volume(&v).is_err());
@@ -680,7 +742,52 @@ mod tests {
         let got = db.volume("vol1").unwrap().unwrap();
         assert_eq!(got.size, 2 << 30);
         assert_eq!(got.labels, v.labels);
+        assert_eq!(got.withheld, None);
         db.delete_volume("vol1").unwrap();
         assert!(db.volumes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn withheld_volumes_stay_withheld_until_released_or_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let v = VolumeMeta {
+            name: "r".into(),
+            size: 1 << 20,
+            extent_size: 4096,
+            labels: BTreeMap::new(),
+            created: "2026-11-21T10:15:00Z".into(),
+            withheld: Some(Withheld {
+                reason: "being restored".into(),
+                task: Some("t1".into()),
+            }),
+        };
+        db.insert_volume(&v).unwrap();
+        // A failed insert (duplicate name) changes no reason.
+        let other = VolumeMeta {
+            withheld: None,
+            ..v.clone()
+        };
+        assert!(db.insert_volume(&other).is_err());
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.volume("r").unwrap().unwrap().withheld, v.withheld);
+        let failed = Withheld {
+            reason: "restore failed".into(),
+            task: None,
+        };
+        db.set_withheld("r", Some(&failed)).unwrap();
+        assert_eq!(db.volumes().unwrap()[0].withheld.as_ref(), Some(&failed));
+        db.set_withheld("r", None).unwrap();
+        assert_eq!(db.volume("r").unwrap().unwrap().withheld, None);
+        // A new volume of the same name starts with no old reason.
+        db.set_withheld("r", Some(&failed)).unwrap();
+        db.delete_volume("r").unwrap();
+        db.insert_volume(&VolumeMeta {
+            withheld: None,
+            ..v
+        })
+        .unwrap();
+        assert_eq!(db.volume("r").unwrap().unwrap().withheld, None);
     }
 }

@@ -74,8 +74,11 @@ pub struct Volume {
     held: std::sync::RwLock<Vec<Arc<dyn FrozenImage>>>,
     /// Cancelled when the volume is deleted with `--force`: its connections end.
     pub closing: CancellationToken,
-    /// A full restore is filling this volume: it is not exported until done.
-    pub restoring: std::sync::atomic::AtomicBool,
+    /// Why this volume is not exported, when it is not: a restore is
+    /// filling it (a lazy one serves it once attached), or one that could
+    /// not go on left it incomplete. Kept in the state database too (see
+    /// [`store::Store::withhold`]).
+    withheld: std::sync::Mutex<Option<crate::state::Withheld>>,
     /// A stopped lazy restore is about to delete this volume: new
     /// connections are refused (see [`store::Store::refuse_connections`]).
     pub(crate) refusing: std::sync::atomic::AtomicBool,
@@ -141,6 +144,7 @@ impl Volume {
             extent_size: meta.extent_size,
             labels: std::sync::Mutex::new(meta.labels),
             created: meta.created,
+            withheld: std::sync::Mutex::new(meta.withheld),
             file: Arc::new(file),
             engine,
             connections: AtomicU64::new(0),
@@ -148,7 +152,6 @@ impl Volume {
             gate: tokio::sync::RwLock::new(()),
             held: std::sync::RwLock::new(Vec::new()),
             closing: CancellationToken::new(),
-            restoring: std::sync::atomic::AtomicBool::new(false),
             refusing: std::sync::atomic::AtomicBool::new(false),
             lazy: std::sync::RwLock::new(None),
             lazy_on: std::sync::atomic::AtomicBool::new(false),
@@ -242,6 +245,45 @@ impl Volume {
             extent_size: self.extent_size,
             labels: self.labels().clone(),
             created: self.created.clone(),
+            withheld: self.withheld_state(),
+        }
+    }
+
+    /// Why this volume is withheld, whether or not a lazy restore serves it
+    /// meanwhile.
+    pub fn withheld_state(&self) -> Option<crate::state::Withheld> {
+        self.withheld
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets or clears (`None`) why this volume is withheld; the caller has
+    /// stored it.
+    pub(crate) fn set_withheld(&self, w: Option<crate::state::Withheld>) {
+        *self
+            .withheld
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = w;
+    }
+
+    /// Why the volume is not exported now, or `None` when it is: a volume
+    /// a lazy restore is filling is served while the restore is attached.
+    pub fn unexported(&self) -> Option<String> {
+        if self.is_lazy() {
+            return None;
+        }
+        self.withheld_state().map(|w| w.reason)
+    }
+
+    /// Why this volume is no source for snapshots or backups, if it is
+    /// not: a restore fills it, or one left it incomplete.
+    pub fn filling(&self) -> Option<String> {
+        match self.withheld_state() {
+            Some(w) => Some(w.reason),
+            None => self
+                .is_lazy()
+                .then(|| "a lazy restore is still filling it".to_string()),
         }
     }
 
@@ -757,6 +799,7 @@ pub(crate) fn scratch(dir: &std::path::Path, size: u64, extent_size: u64) -> Vol
         extent_size,
         labels: BTreeMap::new(),
         created: String::new(),
+        withheld: None,
     };
     let dirty = DirtyMap::create(&dir.join("v.dirty"), extent_size).unwrap();
     let engine = Arc::new(engine::Engine::new(engine::EngineKind::Threads).unwrap());

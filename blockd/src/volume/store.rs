@@ -241,6 +241,20 @@ impl Store {
     /// # Errors
     /// Invalid name, size or extent size; duplicate name; I/O.
     pub fn create(&self, req: CreateVolume) -> Result<Arc<Volume>, StoreError> {
+        self.create_withheld(req, None)
+    }
+
+    /// [`Self::create`] for a volume that is not exported from its first
+    /// moment, for `withheld` (a restore's target): the reason is stored
+    /// with the volume's row, in one transaction.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn create_withheld(
+        &self,
+        req: CreateVolume,
+        withheld: Option<crate::state::Withheld>,
+    ) -> Result<Arc<Volume>, StoreError> {
         check_name(&req.name)?;
         let extent_size = req.extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
         validate_extent_size(extent_size).map_err(|message| StoreError::Invalid { message })?;
@@ -280,6 +294,7 @@ impl Store {
             extent_size,
             labels: req.labels,
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            withheld,
         };
         let made = made.and_then(|fd| {
             self.db.insert_volume(&meta)?;
@@ -339,6 +354,35 @@ impl Store {
         Ok(())
     }
 
+    /// Stops exporting volume `name`, for the reason in `w`, also across
+    /// restarts. Withheld in memory even when storing it fails (the error
+    /// says so). Connections already open are the caller's to deal with.
+    ///
+    /// # Errors
+    /// Unknown volume; the state database.
+    pub fn withhold(&self, name: &str, w: crate::state::Withheld) -> Result<(), StoreError> {
+        let volumes = self.read();
+        let volume = found(&volumes, name)?;
+        let stored = self.db.set_withheld(name, Some(&w));
+        volume.set_withheld(Some(w));
+        Ok(stored?)
+    }
+
+    /// Exports volume `name` again: its restore is done. Cleared in the
+    /// state database first; when that fails the volume is exported all
+    /// the same, and the next start clears it (the restore's task is then
+    /// Done: see `Cloud::open`).
+    ///
+    /// # Errors
+    /// Unknown volume; the state database.
+    pub fn release(&self, name: &str) -> Result<(), StoreError> {
+        let volumes = self.read();
+        let volume = found(&volumes, name)?;
+        let stored = self.db.set_withheld(name, None);
+        volume.set_withheld(None);
+        Ok(stored?)
+    }
+
     /// Grows a volume.
     ///
     /// # Errors
@@ -395,6 +439,11 @@ impl Store {
         volume.set_labels(labels);
         tracing::info!(volume = %name, "volume labels changed");
         Ok(volume)
+    }
+
+    /// Volume `name`'s data file.
+    pub fn data_path(&self, name: &str) -> PathBuf {
+        self.path_of(name)
     }
 
     /// Where a lazily restored volume keeps its present map.

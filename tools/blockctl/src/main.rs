@@ -809,7 +809,11 @@ fn print_volumes(vs: &[Volume]) {
                 human_size(v.extent_size),
                 v.connections.to_string(),
                 labels_text(&v.labels),
-                v.attached.clone().unwrap_or_else(|| "-".into()),
+                match (&v.attached, &v.unexported) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(_)) => "unexported".into(),
+                    (None, None) => "-".into(),
+                },
             ]
         })
         .collect();
@@ -834,6 +838,9 @@ fn print_volume(v: &Volume) {
         );
     }
     field("Extent size", human_size(v.extent_size));
+    if let Some(why) = &v.unexported {
+        field("Exported", format_args!("no: {why}"));
+    }
     field("Connections", v.connections);
     match (&v.attached, v.kernel_connected) {
         (None, _) => field("Attached", "no (`blockctl volume attach`)"),

@@ -189,8 +189,11 @@ impl Cloud {
                 .volumes
                 .get(n)
                 .ok_or_else(|| CloudError::VolumeNotFound { volume: n.clone() })?;
-            if v.restoring.load(std::sync::atomic::Ordering::Acquire) || v.is_lazy() {
-                return Err(CloudError::Restoring { volume: n.clone() });
+            if let Some(why) = v.filling() {
+                return Err(CloudError::Restoring {
+                    volume: n.clone(),
+                    why,
+                });
             }
             volumes.push((v, id, claim));
         }

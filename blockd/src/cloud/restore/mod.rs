@@ -11,10 +11,37 @@ use blockd_api::{RestoreRequest, Started, Task, TaskKind, TaskState};
 
 use crate::claims::{Claim, Want};
 use crate::repo::gc::Lease;
+use crate::state::Withheld;
 
 use super::hydrate;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{Cloud, CloudError};
+
+/// Why the target of restore `task` is withheld while the restore runs
+/// (a lazy restore serves it meanwhile: then this shows only where the
+/// volume is snapshotted or backed up).
+pub(super) fn filling(task: &str, snapshot: &str, lazy: bool) -> Withheld {
+    let reason = if lazy {
+        format!("it is being restored lazily from {snapshot} by task {task}; snapshot or back it up once `blockctl cloudsnap status` shows that task Done")
+    } else {
+        format!("it is being restored from {snapshot} by task {task}; it is exported once `blockctl cloudsnap status` shows that task Done")
+    };
+    Withheld {
+        reason,
+        task: Some(task.to_string()),
+    }
+}
+
+/// What is said of volume `volume` (data file `data`) once its restore
+/// cannot go on: it holds part of a snapshot, and a lazy restore's target
+/// its clients' writes too, so it is neither served as if it were whole
+/// nor deleted behind the user's back.
+pub(super) fn incomplete(volume: &str, data: &std::path::Path) -> String {
+    format!(
+        "the volume is incomplete and stays unexported (its data file, with any writes it took, is {}): delete it with `blockctl volume delete {volume}` and restore again into a new volume",
+        data.display()
+    )
+}
 
 /// A lazy restore's present map and source.
 pub(super) struct Hydration {
@@ -61,16 +88,18 @@ impl Cloud {
         if !repo.has_manifest(&m.volume, &m.name).await? {
             return Err(CloudError::SnapshotNotFound { snapshot, location });
         }
-        let v = self.volumes.create(blockd_api::CreateVolume {
-            name: req.volume.clone(),
-            size: m.size,
-            extent_size: Some(m.extent_size),
-            labels: BTreeMap::new(),
-        })?;
-        if !req.lazy {
-            v.restoring
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
+        // Withheld from its first moment, in the same step that creates
+        // it: no client may connect to it (and write to it) before a lazy
+        // restore serves it or before a full restore is done.
+        let v = self.volumes.create_withheld(
+            blockd_api::CreateVolume {
+                name: req.volume.clone(),
+                size: m.size,
+                extent_size: Some(m.extent_size),
+                labels: BTreeMap::new(),
+            },
+            Some(filling(&id, &snapshot, req.lazy)),
+        )?;
         let task = Task {
             lazy: req.lazy,
             ..new_task(
@@ -205,6 +234,11 @@ impl Cloud {
                     // its dirty map holds: the next backup to the same
                     // location can be an incremental on the snapshot.
                     let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    // Released before Done is recorded: a crash in between
+                    // resumes the restore, which finds every unit present.
+                    if let Err(e) = me.volumes.release(&volume) {
+                        tracing::warn!(%volume, error = %e, "recording the restored volume whole failed: the next start does");
+                    }
                     // Done is recorded before the present map goes: a
                     // crash in between must not restart hydration on an
                     // empty map (it would overwrite the volume's writes).
@@ -224,9 +258,14 @@ impl Cloud {
                         // The volume now equals the snapshot: its next backup
                         // to the same location can be an incremental on it.
                         let _ = v.dirty.take();
-                        v.restoring.store(false, std::sync::atomic::Ordering::Release);
                     }
                     let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    // Exported before Done is shown, and released before
+                    // Done is recorded: a crash in between runs the restore
+                    // again, withheld again from the start.
+                    if let Err(e) = me.volumes.release(&volume) {
+                        tracing::warn!(%volume, error = %e, "recording the restored volume whole failed: the next start does");
+                    }
                     let r = me.finish(&run, TaskState::Done, None);
                     tracing::info!(task = %id, %volume, %snapshot, secs = r.task.elapsed_secs, fetched = r.task.bytes_transferred, "restore done");
                 }
