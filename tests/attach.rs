@@ -121,8 +121,9 @@ fn attached_volume_carries_data_both_ways_and_survives_a_restart() {
 /// of what the host wrote and its lazy restore mounted from a second
 /// device, detach, the data still there at another device, attach racing
 /// a forced delete, blockd stalled past the request timeout (the kernel
-/// drops its sockets and blockd hands it new ones), and a file system on
-/// the device written back through blockd while memory runs short.
+/// drops its sockets and blockd hands it new ones), no device for a volume
+/// a restore left incomplete, and a file system on the device written back
+/// through blockd while memory runs short.
 #[test]
 fn attach_in_a_vm_with_the_nbd_module() {
     let Some(out) = vm::run_scenario("attach.sh", vm::BOOT_AND_RUN) else {
@@ -176,6 +177,7 @@ fn attach_in_a_vm_with_the_nbd_module() {
         "reattach-same-index",
         "race-mount",
         "stall",
+        "attach-unexported",
         "pressure",
     ];
     assert_eq!(vm::passed_steps(&out), want, "steps passed in the VM");

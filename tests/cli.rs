@@ -644,3 +644,52 @@ fn completions_and_man_pages_generate() {
     let create = std::fs::read_to_string(dir.path().join("blockctl-volume-create.1")).unwrap();
     assert!(create.contains("volume create db1"), "{create}");
 }
+
+/// A volume whose data file was removed behind blockd's back takes only
+/// itself out: the daemon starts, serves the others, lists that one as
+/// unexported with why and what to do, refuses to serve, resize or back it
+/// up, and deletes it.
+#[test]
+fn a_missing_data_file_takes_out_only_its_volume() {
+    if !require_tools(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("kept", "4M");
+    d.create("lost", "4M");
+    qemu_io(&d.uri("kept"), &["write -P 0x5e 0 64k"]);
+    d.terminate();
+    let data = d.dir.path().join("volumes/lost.img");
+    std::fs::remove_file(&data).unwrap();
+    d.spawn();
+    qemu_io(&d.uri("kept"), &["read -P 0x5e 0 64k"]);
+    let v = json(&d.ok(&["-j", "volume", "inspect", "lost"]));
+    let why = v["unexported"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        why.contains(&data.display().to_string())
+            && why.contains("missing")
+            && why.contains("blockctl volume delete lost"),
+        "{why}"
+    );
+    assert!(
+        d.ok(&["volume", "list"])
+            .lines()
+            .any(|l| l.starts_with("lost ") && l.contains("unexported")),
+        "{}",
+        d.ok(&["volume", "list"])
+    );
+    let told = nbd_opens(&d, "lost").expect_err("a volume without data was served");
+    assert!(told.contains("volume lost is not exported"), "{told}");
+    d.fails(
+        &["volume", "resize", "lost", "--size", "8M"],
+        "cannot be resized",
+    );
+    d.fails(
+        &["snapshot", "create", "lost", "--name", "s"],
+        "cannot be snapshotted",
+    );
+    assert!(!data.exists(), "nothing may stand in for the missing file");
+    d.ok(&["volume", "delete", "lost"]);
+    d.create("lost", "4M");
+    qemu_io(&d.uri("lost"), &["read -P 0 0 64k"]);
+}

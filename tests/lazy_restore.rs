@@ -83,13 +83,23 @@ fn lazy_restore_serves_ext4_at_once_and_survives_kill9() {
             "cd {mnt_s} && grep docs/ {sums} | sha256sum --quiet -c -"
         ));
     }
-    let st = status(&d, &id);
+    // Long enough for its counters to have been saved (every 2 s).
+    let st = wait_until(&d, &id, |t| {
+        t["elapsed_secs"].as_f64().unwrap_or(0.0) >= 3.0
+    });
     assert_eq!(st["state"], "Active", "hydrated before the kill: {st}");
 
-    // kill -9 mid-hydration: the present map brings back what was there.
+    // kill -9 mid-hydration: the present map brings back what was there,
+    // the task its time and bytes fetched so far.
     d.kill9();
     d.spawn();
     assert!(d.log().contains("resuming task after restart"));
+    let resumed = status(&d, &id);
+    assert!(
+        resumed["elapsed_secs"].as_f64().unwrap() >= 1.0
+            && resumed["bytes_transferred"].as_u64().unwrap() >= 2 * MB as u64,
+        "counters reset by the kill: {st} then {resumed}"
+    );
     // A whole-volume read racing the hydrator gets the snapshot's bytes.
     let copy = t.path().join("copy.img");
     run(Command::new("nbdcopy").arg(&uri).arg(&copy));
@@ -459,21 +469,6 @@ fn stop_refused_while_clients_use_the_volume(d: &Blockd, id: &str, vol: &str, sr
             assert!(outs[3].contains("open NBD connection"), "{outs:?}");
             d.ok(&["cloudsnap", "stop", &id]);
         }
-    }
-}
-
-/// Whether NBD export `vol` can be opened: `Err` with what the client was
-/// told when it cannot (libnbd logs the server's message in debug mode).
-fn nbd_opens(d: &Blockd, vol: &str) -> Result<(), String> {
-    let out = Command::new("nbdinfo")
-        .env("LIBNBD_DEBUG", "1")
-        .arg(d.uri(vol))
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

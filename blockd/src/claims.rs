@@ -253,7 +253,12 @@ impl Want {
         } else {
             "is being read by restore"
         };
-        Self::new(Holder::task("is being restored by", task))
+        // Waiting does not free the name: the restore keeps its volume.
+        let filling = Holder::new(
+            format!("is being restored by task {task}"),
+            format!("wait for the restore to end, or stop it (`blockctl cloudsnap stop {task}`), which deletes the volume"),
+        );
+        Self::new(filling)
             .with(Resource::Volume(volume.into()), Mode::Exclusive)
             .with(Resource::VolumeJob(volume.into()), Mode::Exclusive)
             .with_holder(

@@ -402,6 +402,21 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     out
 }
 
+/// Whether NBD export `vol` can be opened: `Err` with what the client was
+/// told when it cannot (libnbd logs the server's message in debug mode).
+pub fn nbd_opens(d: &Blockd, vol: &str) -> Result<(), String> {
+    let out = Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .arg(d.uri(vol))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// Runs an nbdsh (python3-libnbd) script; asserts success and returns stdout.
 pub fn nbdsh(script: &str, args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tmp");

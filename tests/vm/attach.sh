@@ -297,6 +297,27 @@ sleep 0.3
 grep -q "refused a new socket" /tmp/blockd.log && fail stall "a detach was answered with a new socket"
 ok stall
 
+# A volume a restore left incomplete is no more a device than an export:
+# a lazy restore cut short by kill -9, its present map then lost.
+kill -9 $BLOCKD_PID
+wait $BLOCKD_PID 2>/dev/null
+export BLOCKD_HYDRATE_LIMIT=1M
+start_blockd attach-unexported
+unset BLOCKD_HYDRATE_LIMIT
+blockctl cloudsnap restore --snap vol1 --volume half --lazy >/tmp/ru 2>&1 ||
+  fail attach-unexported "restore: $(cat /tmp/ru)"
+kill -9 $BLOCKD_PID
+wait $BLOCKD_PID 2>/dev/null
+rm -f $S/volumes/half.present
+start_blockd attach-unexported
+out=$(blockctl volume attach half --device /dev/nbd6 2>&1) &&
+  fail attach-unexported "attached a volume its restore left incomplete"
+echo "$out" | grep -q "volume half is not exported" || fail attach-unexported "$out"
+[ -z "$(sysfs nbd6 pid)" ] || fail attach-unexported "/dev/nbd6 is connected"
+blockctl volume list | grep -q "^half .*unexported" || fail attach-unexported "$(blockctl volume list)"
+blockctl volume delete half >/dev/null || fail attach-unexported "delete"
+ok attach-unexported
+
 # Memory pressure with the client on the same host: all but ~400 MiB of
 # the VM's memory pinned in tmpfs, then a file system on the device written
 # to twice what is left, so the kernel must write back the device's dirty

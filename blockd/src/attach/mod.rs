@@ -47,6 +47,15 @@ pub enum AttachError {
     /// No such volume.
     #[error("no volume named {0:?}: list them with `blockctl volume list`")]
     NoVolume(String),
+    /// The volume is not exported (a restore fills it, or left it
+    /// incomplete).
+    #[error("volume {volume} is not exported: {why}")]
+    Unexported {
+        /// Volume.
+        volume: String,
+        /// Why.
+        why: String,
+    },
     /// Already attached.
     #[error(
         "volume {volume} is already attached as {device}: `blockctl volume detach {volume}` first"
@@ -95,7 +104,10 @@ impl AttachError {
         match self {
             Self::NoModule | Self::Invalid(_) => Outcome::Invalid,
             Self::NoVolume(_) | Self::NotAttached(_) => Outcome::NotFound,
-            Self::Attached { .. } | Self::Busy(_) | Self::InUse { .. } => Outcome::Conflict,
+            Self::Attached { .. }
+            | Self::Busy(_)
+            | Self::InUse { .. }
+            | Self::Unexported { .. } => Outcome::Conflict,
             Self::Kernel { errno, .. } if *errno == libc::EBUSY => Outcome::Conflict,
             Self::Kernel { .. } | Self::Io(_) => Outcome::Failed,
         }
@@ -331,6 +343,13 @@ impl Attachments {
             );
         }
         let v = guards[0].volume().clone();
+        // A device is an export like any other.
+        if let Some(why) = v.unexported() {
+            return Err(AttachError::Unexported {
+                volume: volume.into(),
+                why,
+            });
+        }
         let c = Connect {
             index,
             size: v.size(),
@@ -486,6 +505,9 @@ async fn keep_serving(
         let Some(g) = ctx.store.connect(&volume) else {
             return;
         };
+        if g.volume().unexported().is_some() {
+            return;
+        }
         let (ours, theirs) = match socket_pair() {
             Ok(p) => p,
             Err(e) => {

@@ -251,8 +251,8 @@ impl Cloud {
     }
 
     /// A task interrupted by a shutdown, left Active to resume at the next
-    /// start: the time it ran and the bytes it moved are added to its
-    /// saved record. Nothing else is: its other counters go with its last
+    /// start (or a lazy restore saving its counters as it runs): the time
+    /// it ran and the bytes it moved are added to its saved record. Nothing else is: its other counters go with its last
     /// checkpoint, where it resumes, so nothing is counted twice.
     pub(super) fn interrupted(&self, run: &Running) {
         let now = run.snapshot();

@@ -54,6 +54,15 @@ pub enum StoreError {
         /// Requested size.
         requested: u64,
     },
+    /// A restore fills the volume, or left it incomplete, or its data file
+    /// is missing: it cannot change size.
+    #[error("volume {volume} cannot be resized: {why}")]
+    Withheld {
+        /// Volume.
+        volume: String,
+        /// Why it is withheld.
+        why: String,
+    },
     /// Data file I/O failed.
     #[error("volume {volume:?}: {path}: {source}")]
     Io {
@@ -78,7 +87,7 @@ impl StoreError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::NotFound { .. } => Outcome::NotFound,
-            Self::Exists { .. } | Self::Busy { .. } => Outcome::Conflict,
+            Self::Exists { .. } | Self::Busy { .. } | Self::Withheld { .. } => Outcome::Conflict,
             Self::Invalid { .. } | Self::Shrink { .. } => Outcome::Invalid,
             Self::Io { .. } | Self::State(_) | Self::DirtyMap(_) => Outcome::Failed,
         }
@@ -128,13 +137,34 @@ impl Store {
         })?;
         let db = Arc::new(StateDb::open(state_dir)?);
         let mut volumes = BTreeMap::new();
-        for meta in db.volumes()? {
+        for mut meta in db.volumes()? {
             let path = dir.join(format!("{}.img", meta.name));
-            let file = open_data(&path).map_err(|source| StoreError::Io {
-                volume: meta.name.clone(),
-                path: path.display().to_string(),
-                source,
-            })?;
+            let file = match open_data(&path) {
+                Ok(f) => f,
+                // One volume's missing file takes only that volume out:
+                // the rest are served, and this one is listed with why.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let reason = format!(
+                        "its data file {} is missing (removed outside blockd): put it back and restart blockd, or delete the volume (`blockctl volume delete {}`)",
+                        path.display(),
+                        meta.name
+                    );
+                    tracing::error!(volume = %meta.name, %reason, "volume not exported");
+                    meta.withheld = Some(crate::state::Withheld { reason, task: None });
+                    placeholder().map_err(|source| StoreError::Io {
+                        volume: meta.name.clone(),
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                }
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        volume: meta.name.clone(),
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            };
             let (dirty, recovery) =
                 DirtyMap::open(&dirty_path(&dir, &meta.name), meta.extent_size)?;
             match recovery {
@@ -390,6 +420,12 @@ impl Store {
     pub fn resize(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
         let volumes = self.write();
         let volume = found(&volumes, name)?;
+        if let Some(w) = volume.withheld_state() {
+            return Err(StoreError::Withheld {
+                volume: name.into(),
+                why: w.reason,
+            });
+        }
         let current = volume.size();
         if size < current {
             return Err(StoreError::Shrink {
@@ -517,6 +553,14 @@ fn too_large(dir: &Path, size: u64, e: io::Error) -> Result<StoreError, io::Erro
 
 fn open_data(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// An empty anonymous file standing in for a data file that is missing:
+/// the volume is withheld (never read or written as data), and nothing
+/// is created in the state dir under its name.
+fn placeholder() -> io::Result<File> {
+    let fd = rustix::fs::memfd_create("blockd-missing-volume", rustix::fs::MemfdFlags::CLOEXEC)?;
+    Ok(File::from(fd))
 }
 
 /// Refuses a name no volume may have, as [`Store::create`] does: for

@@ -235,23 +235,12 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
             let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
             if tasks.iter().any(|t| t.id == *id) {
                 let t = stop_task(client, id, *force).await?;
-                out.answer(&t, |t| {
-                    line(format_args!("Cloudsnap task {} stopped", t.id))
-                });
+                out.answer(&t, print_stopped);
                 return Ok(());
             }
             let stopped = stop_group(client, id, &tasks, *force).await?;
             out.answer(stopped.as_slice(), |tasks| {
-                for t in tasks {
-                    if t.state == TaskState::Stopped {
-                        line(format_args!("Cloudsnap task {} stopped", t.id));
-                    } else {
-                        line(format_args!(
-                            "Cloudsnap task {} ended before the stop reached it ({})",
-                            t.id, t.state
-                        ));
-                    }
-                }
+                tasks.iter().for_each(print_stopped)
             });
             Ok(())
         }
@@ -443,7 +432,20 @@ fn state_text(t: &Task) -> String {
     format!("{kind}-{}", t.state)
 }
 
-/// Prints the `status` table.
+/// What `cloudsnap stop` did to task `t`: stopped it, or found it ended
+/// (a restore that finished meanwhile keeps its volume).
+fn print_stopped(t: &Task) {
+    if t.state == TaskState::Stopped {
+        line(format_args!("Cloudsnap task {} stopped", t.id));
+    } else {
+        line(format_args!(
+            "Cloudsnap task {} ended before the stop reached it ({})",
+            t.id, t.state
+        ));
+    }
+}
+
+/// Asks blockd to stop task `id`; the task as it ended.
 async fn stop_task(client: &Client, id: &str, force: bool) -> Result<Task, String> {
     let path = format!("/v1/tasks/{}/stop?force={force}", encode(id));
     client.call::<(), _>("POST", &path, None).await
@@ -488,6 +490,7 @@ async fn stop_group(
     Ok(out)
 }
 
+/// Prints the `status` table.
 fn print_status(tasks: &[Task]) {
     let header = [
         "NAME",

@@ -22,7 +22,7 @@ use super::{Cloud, CloudError};
 /// volume is snapshotted or backed up).
 pub(super) fn filling(task: &str, snapshot: &str, lazy: bool) -> Withheld {
     let reason = if lazy {
-        format!("it is being restored lazily from {snapshot} by task {task}; snapshot or back it up once `blockctl cloudsnap status` shows that task Done")
+        format!("it is being restored lazily from {snapshot} by task {task}; it is whole once `blockctl cloudsnap status` shows that task Done")
     } else {
         format!("it is being restored from {snapshot} by task {task}; it is exported once `blockctl cloudsnap status` shows that task Done")
     };
@@ -38,10 +38,14 @@ pub(super) fn filling(task: &str, snapshot: &str, lazy: bool) -> Withheld {
 /// nor deleted behind the user's back.
 pub(super) fn incomplete(volume: &str, data: &std::path::Path) -> String {
     format!(
-        "the volume is incomplete and stays unexported (its data file, with any writes it took, is {}): delete it with `blockctl volume delete {volume}` and restore again into a new volume",
+        "the volume is incomplete and stays unexported (its data file, with any writes it took, is {}): delete it with `blockctl volume delete {volume}` and restore again",
         data.display()
     )
 }
+
+/// How often a lazy restore saves its counters (see
+/// [`Cloud::run_hydrate`]).
+const COUNTERS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A lazy restore's present map and source.
 pub(super) struct Hydration {
@@ -392,7 +396,19 @@ impl Cloud {
             },
             lease,
         };
-        hydrate::run(&job).await
+        // A lazy restore has no checkpoints: the time it ran and the bytes
+        // it fetched are saved now and then, so that a kill -9 does not
+        // reset them (its present map keeps what is present).
+        let counters = async {
+            loop {
+                tokio::time::sleep(COUNTERS_EVERY).await;
+                self.interrupted(run);
+            }
+        };
+        tokio::select! {
+            r = hydrate::run(&job) => r,
+            () = counters => Ok(()),
+        }
     }
 
     pub(super) async fn run_restore(&self, run: &Arc<Running>) -> Result<(), CloudError> {
