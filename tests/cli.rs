@@ -693,3 +693,31 @@ fn a_missing_data_file_takes_out_only_its_volume() {
     d.create("lost", "4M");
     qemu_io(&d.uri("lost"), &["read -P 0 0 64k"]);
 }
+
+/// A daemon that dies under a request that changes something: blockctl
+/// fails and says the request may have been carried out, and where to
+/// look once the daemon is back.
+#[test]
+fn a_request_cut_short_by_the_daemon_dying_says_where_to_look() {
+    let mut d = Blockd::start();
+    signal(d.pid(), "STOP");
+    let client = Command::new(bin("blockctl"))
+        .env("BLOCKD_SOCKET", d.api_socket())
+        .args(["volume", "create", "cut", "--size", "4M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The request waits in the stopped daemon's socket; then it dies.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("may have been carried out") && err.contains("blockctl volume list"),
+        "{err}"
+    );
+    d.spawn();
+    d.ok(&["volume", "list"]);
+}

@@ -62,6 +62,11 @@ impl Client {
                     self.socket.display()
                 ))
             }
+            // The daemon may have done part of the request or all of it
+            // before it went (a restore may have started): say where to look.
+            Err(e) if method != "GET" => return Err(format!(
+                "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list` and `blockctl cloudsnap status`"
+            )),
             Err(e) => return Err(format!("talking to blockd: {e}")),
         };
         let status = resp.status().as_u16();
