@@ -344,15 +344,27 @@ impl Cloud {
         if !matches!(r.plan, Plan::Restore { .. }) || self.volumes.get(&volume).is_none() {
             return self.fail_record(r, why);
         }
-        let tail = super::restore::incomplete(&volume, &self.volumes.data_path(&volume));
+        let reason = self.give_up(
+            &volume,
+            &format!("restore task {} could not resume: {why}", r.task.id),
+        );
+        self.fail_record(r, &reason);
+    }
+
+    /// Withholds `volume` for good: its restore cannot go on, for `why`.
+    /// Returns the reason it is shown with.
+    fn give_up(&self, volume: &str, why: &str) -> String {
+        let data = self.volumes.data_path(volume);
+        let reason = format!("{why}; {}", super::restore::incomplete(volume, &data));
+        tracing::warn!(%volume, %reason, "volume not exported");
         let w = Withheld {
-            reason: format!("restore task {} could not resume: {why}; {tail}", r.task.id),
+            reason: reason.clone(),
             task: None,
         };
-        if let Err(e) = self.volumes.withhold(&volume, w) {
+        if let Err(e) = self.volumes.withhold(volume, w) {
             tracing::warn!(%volume, error = %e, "recording the volume as unexported failed");
         }
-        self.fail_record(r, &format!("{why}; {tail}"));
+        reason
     }
 
     /// After the resumes of a start: a volume withheld for a restore
@@ -373,29 +385,20 @@ impl Cloud {
                 .as_deref()
                 .and_then(|rec| serde_json::from_str::<Record>(rec).ok())
                 .map(|r| r.task.state);
-            let volume = v.name().to_string();
-            let settled = if state == Some(TaskState::Done) {
-                tracing::info!(%volume, %task, "restore was done: volume exported");
-                self.volumes.release(&volume)
-            } else {
-                let why = match (record, state) {
-                    (None, _) => format!("restore task {task} has no record"),
-                    (Some(_), None) => format!("restore task {task} has an unreadable record"),
-                    (Some(_), Some(s)) => format!("restore task {task} ended {s:?}"),
-                };
-                let tail = super::restore::incomplete(&volume, &self.volumes.data_path(&volume));
-                tracing::warn!(%volume, %task, why, "restore cannot go on: volume not exported");
-                self.volumes.withhold(
-                    &volume,
-                    Withheld {
-                        reason: format!("{why}; {tail}"),
-                        task: None,
-                    },
-                )
+            let volume = v.name();
+            let why = match (record, state) {
+                (Some(_), Some(TaskState::Done)) => {
+                    tracing::info!(%volume, %task, "restore was done: volume exported");
+                    if let Err(e) = self.volumes.release(volume) {
+                        tracing::warn!(%volume, error = %e, "recording the volume exported failed");
+                    }
+                    continue;
+                }
+                (None, _) => format!("restore task {task} has no record"),
+                (Some(_), None) => format!("restore task {task} has an unreadable record"),
+                (Some(_), Some(s)) => format!("restore task {task} ended {s:?}"),
             };
-            if let Err(e) = settled {
-                tracing::warn!(%volume, error = %e, "recording the volume's state failed");
-            }
+            self.give_up(volume, &why);
         }
     }
 

@@ -210,7 +210,8 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn path_of(&self, name: &str) -> PathBuf {
+    /// Volume `name`'s data file.
+    pub fn data_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.img"))
     }
 
@@ -293,7 +294,7 @@ impl Store {
         if volumes.contains_key(&req.name) {
             return Err(StoreError::Exists { volume: req.name });
         }
-        let path = self.path_of(&req.name);
+        let path = self.data_path(&req.name);
         let io_err = |source| StoreError::Io {
             volume: req.name.clone(),
             path: path.display().to_string(),
@@ -365,7 +366,7 @@ impl Store {
         volume.closing.cancel();
         self.db.delete_volume(name)?;
         volumes.remove(name);
-        let path = self.path_of(name);
+        let path = self.data_path(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -391,11 +392,7 @@ impl Store {
     /// # Errors
     /// Unknown volume; the state database.
     pub fn withhold(&self, name: &str, w: crate::state::Withheld) -> Result<(), StoreError> {
-        let volumes = self.read();
-        let volume = found(&volumes, name)?;
-        let stored = self.db.set_withheld(name, Some(&w));
-        volume.set_withheld(Some(w));
-        Ok(stored?)
+        self.set_withheld(name, Some(w))
     }
 
     /// Exports volume `name` again: its restore is done. Cleared in the
@@ -406,10 +403,20 @@ impl Store {
     /// # Errors
     /// Unknown volume; the state database.
     pub fn release(&self, name: &str) -> Result<(), StoreError> {
+        self.set_withheld(name, None)
+    }
+
+    /// [`Self::withhold`] or [`Self::release`]: the live volume changes
+    /// whether or not the state database took it.
+    fn set_withheld(
+        &self,
+        name: &str,
+        w: Option<crate::state::Withheld>,
+    ) -> Result<(), StoreError> {
         let volumes = self.read();
         let volume = found(&volumes, name)?;
-        let stored = self.db.set_withheld(name, None);
-        volume.set_withheld(None);
+        let stored = self.db.set_withheld(name, w.as_ref());
+        volume.set_withheld(w);
         Ok(stored?)
     }
 
@@ -438,7 +445,7 @@ impl Store {
         volume.grow(size).map_err(|source| {
             too_large(&self.dir, size, source).unwrap_or_else(|source| StoreError::Io {
                 volume: name.into(),
-                path: self.path_of(name).display().to_string(),
+                path: self.data_path(name).display().to_string(),
                 source,
             })
         })?;
@@ -475,11 +482,6 @@ impl Store {
         volume.set_labels(labels);
         tracing::info!(volume = %name, "volume labels changed");
         Ok(volume)
-    }
-
-    /// Volume `name`'s data file.
-    pub fn data_path(&self, name: &str) -> PathBuf {
-        self.path_of(name)
     }
 
     /// Where a lazily restored volume keeps its present map.
