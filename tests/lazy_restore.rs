@@ -497,14 +497,18 @@ fn a_restore_that_cannot_go_on_leaves_its_volume_unexported_across_restarts() {
     }
     d.kill9();
     // Damage a start cannot repair: a present map gone, a task record
-    // unreadable.
+    // unreadable (its plan of a kind this blockd does not know, as a later
+    // version might write).
     std::fs::remove_file(d.dir.path().join("volumes/nomap.present")).unwrap();
     run(Command::new("python3")
         .arg("-c")
         .arg(
-            "import sqlite3, sys\n\
+            "import json, sqlite3, sys\n\
          c = sqlite3.connect(sys.argv[1])\n\
-         c.execute(\"UPDATE tasks SET record = '{' WHERE id = ?\", (sys.argv[2],))\n\
+         (rec,) = c.execute('SELECT record FROM tasks WHERE id = ?', (sys.argv[2],)).fetchone()\n\
+         rec = json.loads(rec)\n\
+         rec['plan'] = {'FromALaterVersion': {}}\n\
+         c.execute('UPDATE tasks SET record = ? WHERE id = ?', (json.dumps(rec), sys.argv[2]))\n\
          c.commit()\n",
         )
         .arg(d.dir.path().join("state.db"))
@@ -564,6 +568,27 @@ fn a_restore_that_cannot_go_on_leaves_its_volume_unexported_across_restarts() {
                 .unwrap()
                 .contains("stays unexported"),
             "{failed}"
+        );
+        // The task whose record cannot be read is still listed, as failed,
+        // with what could be read of it and why it is not running.
+        let unread = status(&d, &lost_record);
+        assert_eq!(unread["state"], "Failed", "{unread}");
+        assert_eq!(unread["volume"], "norecord", "{unread}");
+        assert!(
+            unread["error"]
+                .as_str()
+                .unwrap()
+                .contains("cannot read the task's record"),
+            "{unread}"
+        );
+        let listed = json(&d.ok(&["-j", "cloudsnap", "status"]));
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["id"] == lost_record.as_str() && t["state"] == "Failed"),
+            "{listed}"
         );
     }
     // The client's write is still in the data file, for whoever wants it.

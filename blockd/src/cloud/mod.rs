@@ -493,10 +493,14 @@ impl Cloud {
             sched_running: Mutex::new(std::collections::HashSet::new()),
             gc_running: Mutex::new(std::collections::HashSet::new()),
         });
-        for rec in me.db.tasks(true, u32::MAX)? {
+        for (id, rec) in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {
                 Ok(r) => me.resume(r),
-                Err(e) => tracing::error!(error = %e, "unreadable task record"),
+                Err(e) => tracing::error!(
+                    task = %id,
+                    error = %e,
+                    "task record unreadable: not resumed (kept as it is; `blockctl cloudsnap status` lists it as failed)"
+                ),
             }
         }
         me.settle_withheld();

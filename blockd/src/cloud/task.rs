@@ -150,6 +150,59 @@ impl Drop for Shown {
 
 /// A task record as stored; an encoding failure is an error, never an
 /// empty record.
+/// The task a stored record describes. A record this blockd cannot read
+/// (written by a later version, or damaged) is not resumed; rather than
+/// vanish from `cloudsnap status`, it is shown failed, with as much as can
+/// be made out of it and why. The record itself is kept as it is.
+fn read_task(id: &str, rec: &str) -> Task {
+    let e = match serde_json::from_str::<Record>(rec) {
+        Ok(r) => return r.task,
+        Err(e) => e,
+    };
+    let value: serde_json::Value = serde_json::from_str(rec).unwrap_or_default();
+    let part = &value["task"];
+    let mut t = match serde_json::from_value::<Task>(part.clone()) {
+        // Only its plan is unreadable, and that is not needed any more.
+        Ok(t) if t.state.is_final() => {
+            return Task {
+                id: id.to_string(),
+                ..t
+            }
+        }
+        Ok(t) => t,
+        Err(_) => {
+            let text = |k: &str| part[k].as_str().unwrap_or_default().to_string();
+            Task {
+                id: id.to_string(),
+                kind: serde_json::from_value(part["kind"].clone()).unwrap_or(TaskKind::Backup),
+                state: TaskState::Failed,
+                volume: text("volume"),
+                snapshot: text("snapshot"),
+                location: text("location"),
+                group: part["group"].as_str().map(str::to_string),
+                full: part["full"].as_bool().unwrap_or_default(),
+                lazy: part["lazy"].as_bool().unwrap_or_default(),
+                created: text("created"),
+                finished: None,
+                bytes_total: 0,
+                bytes_done: 0,
+                bytes_transferred: 0,
+                bytes_reused: 0,
+                elapsed_secs: 0.0,
+                eta_secs: None,
+                error: None,
+            }
+        }
+    };
+    t.id = id.to_string();
+    t.state = TaskState::Failed;
+    t.eta_secs = None;
+    t.error = Some(format!(
+        "this blockd cannot read the task's record ({e}), so the task is not running and cannot resume here; the record is kept as it is, for the blockd version that wrote it"
+    ));
+    t
+}
+
 fn encode_record(r: &Record) -> Result<String, CloudError> {
     serde_json::to_string(r).map_err(|source| CloudError::Record {
         id: r.task.id.clone(),
@@ -496,11 +549,11 @@ impl Cloud {
             .map(|(id, r)| (id.clone(), r.snapshot().task))
             .collect();
         let mut out = Vec::new();
-        for rec in self.db.tasks(false, 1000)? {
-            let Ok(r) = serde_json::from_str::<Record>(&rec) else {
-                continue;
+        for (id, rec) in self.db.tasks(false, 1000)? {
+            let t = match live.get(&id) {
+                Some(t) => t.clone(),
+                None => read_task(&id, &rec),
             };
-            let t = live.get(&r.task.id).cloned().unwrap_or(r.task);
             if let Some(n) = name {
                 if t.id != n && t.group.as_deref() != Some(n) {
                     continue;
@@ -529,12 +582,7 @@ impl Cloud {
             .db
             .task(id)?
             .ok_or_else(|| CloudError::TaskNotFound { id: id.to_string() })?;
-        serde_json::from_str::<Record>(&rec)
-            .map(|r| r.task)
-            .map_err(|source| CloudError::Record {
-                id: id.to_string(),
-                source,
-            })
+        Ok(read_task(id, &rec))
     }
 
     /// Stops a running task and waits for it to end. A stopped restore
@@ -586,5 +634,77 @@ impl Cloud {
             self.volumes.accept_connections(&task.volume);
         }
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState) -> Task {
+        Task {
+            id: "t1".into(),
+            kind: TaskKind::Restore,
+            state,
+            volume: "vol".into(),
+            snapshot: "src/s1".into(),
+            location: "default".into(),
+            group: None,
+            full: false,
+            lazy: true,
+            created: "2026-01-01T00:00:00Z".into(),
+            finished: None,
+            bytes_total: 10,
+            bytes_done: 5,
+            bytes_transferred: 5,
+            bytes_reused: 0,
+            elapsed_secs: 1.0,
+            eta_secs: Some(1.0),
+            error: None,
+        }
+    }
+
+    /// A record of a later version (a plan this blockd does not know) or a
+    /// damaged one is listed, failed, with what can be read of it; a
+    /// finished task needs no plan and is listed as it ended.
+    #[test]
+    fn unreadable_records_are_listed_failed_with_what_can_be_read() {
+        let later = |t: Task| {
+            serde_json::json!({ "task": t, "plan": { "FromALaterVersion": {} } }).to_string()
+        };
+        let active = read_task("t1", &later(task(TaskState::Active)));
+        assert_eq!(active.state, TaskState::Failed);
+        assert_eq!(
+            (active.volume.as_str(), active.kind),
+            ("vol", TaskKind::Restore)
+        );
+        assert_eq!(active.eta_secs, None);
+        assert!(active
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("cannot read the task's record"));
+
+        let done = read_task("t1", &later(task(TaskState::Done)));
+        assert_eq!(done, task(TaskState::Done));
+
+        for damaged in [
+            "{",
+            "[]",
+            r#"{"task": {"volume": "vol", "kind": "Backup"}}"#,
+        ] {
+            let t = read_task("t9", damaged);
+            assert_eq!(
+                (t.id.as_str(), t.state),
+                ("t9", TaskState::Failed),
+                "{damaged}"
+            );
+            assert!(t.error.is_some(), "{damaged}");
+        }
+        let partial = read_task("t9", r#"{"task": {"volume": "vol", "kind": "Backup"}}"#);
+        assert_eq!(
+            (partial.volume.as_str(), partial.kind),
+            ("vol", TaskKind::Backup)
+        );
     }
 }

@@ -551,16 +551,23 @@ impl StateDb {
         })
     }
 
-    /// Task records, newest first; only active ones with `active_only`.
+    /// Task ids and records, newest first; only active ones with
+    /// `active_only`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn tasks(&self, active_only: bool, limit: u32) -> Result<Vec<String>, StateError> {
+    pub fn tasks(
+        &self,
+        active_only: bool,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT record FROM tasks WHERE active >= ?1 ORDER BY created DESC, id LIMIT ?2",
+                "SELECT id, record FROM tasks WHERE active >= ?1 ORDER BY created DESC, id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![i64::from(active_only), limit], |r| r.get(0))?;
+            let rows = stmt.query_map(params![i64::from(active_only), limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
             rows.collect()
         })
     }

@@ -595,7 +595,7 @@ impl Cloud {
         };
         let members: Vec<Record> = records
             .iter()
-            .filter_map(|r| serde_json::from_str::<Record>(r).ok())
+            .filter_map(|(_, r)| serde_json::from_str::<Record>(r).ok())
             .filter(|r| r.task.group.as_deref() == Some(group) && r.task.kind == TaskKind::Backup)
             .collect();
         if members
