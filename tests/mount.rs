@@ -2,7 +2,8 @@
 //! then what an admin does with it (`mount -o ro,loop` of a snapshot's
 //! disk.img, copy a file out), groups, a new backup appearing without a
 //! remount, damaged objects failing only the reads that need them, a
-//! flaky store, and the CLI's refusals.
+//! flaky store, an open image holding back another host's garbage
+//! collection, and the CLI's refusals.
 
 mod common;
 
@@ -393,6 +394,101 @@ fn a_store_failing_five_percent_of_requests_still_reads_bit_exact() {
 }
 
 /// Runs blockctl, expecting a failure whose message contains `expect`.
+/// An open `disk.img` holds garbage collection back on every host that
+/// shares the location, as a restore does: another host deletes the
+/// snapshot and collects, and the open image still reads back whole, past
+/// its lease's length (it is renewed). A mount with nothing open holds
+/// nothing back, and once the image is closed the space comes back.
+#[test]
+fn an_open_image_holds_the_sweep_of_a_snapshot_another_host_deletes() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let a = Blockd::start();
+    let b = Blockd::start_env(&[("BLOCKD_BACKUP_DEADLINE", "3s")]);
+    for d in [&a, &b] {
+        d.ok(&[
+            "credentials",
+            "create",
+            "shared",
+            "--provider",
+            "local",
+            "--path",
+            &path,
+        ]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = 24 * MB;
+    a.create("src", "32M");
+    let img = image(tmp.path(), "src.img", 32 * MB, data, 31);
+    load(&a, "src", &img);
+    let task = backup(&a, &["src", "--cred-id", "shared"]);
+    let snap = task["snapshot"].as_str().unwrap().to_string();
+    let readers = Path::new(&path).join("locks/readers");
+    let gc = || json(&a.ok(&["-j", "repo", "gc", "--cred-id", "shared", "--grace", "1s"]));
+
+    let (cat, _) = Catalog::mount(&b, tmp.path(), &["--cred-id", "shared"]);
+    let disk = cat.path(&format!("src/{}/disk.img", snap_name(&task)));
+    assert!(disk.exists(), "{}", disk.display());
+    assert!(
+        files_under(&readers).is_empty(),
+        "a mount alone took a lease"
+    );
+    let open = std::fs::File::open(&disk).unwrap();
+    assert_eq!(
+        files_under(&readers).len(),
+        1,
+        "no lease for the open image"
+    );
+
+    a.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        &snap,
+        "--cred-id",
+        "shared",
+    ]);
+    let r = gc();
+    assert!(r["marked_bytes"].as_u64().unwrap() >= data as u64, "{r}");
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(3500));
+        let r = gc();
+        assert_eq!(r["held_marks"], 1, "{r}");
+        assert_eq!(r["deleted_bytes"], 0, "{r}");
+        assert!(
+            r["holding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h.as_str().unwrap().starts_with("catalog-")),
+            "{r}"
+        );
+    }
+    // Nothing of it was read before: every byte comes from the packs.
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut &open, &mut got).unwrap();
+    assert!(
+        got == std::fs::read(&img).unwrap(),
+        "the open image read back wrong"
+    );
+
+    drop(open);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !files_under(&readers).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease outlived its open image"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = gc();
+    assert_eq!(r["swept_marks"], 1, "{r}");
+    assert!(r["deleted_bytes"].as_u64().unwrap() >= data as u64, "{r}");
+}
+
 fn fails(d: &Blockd, args: &[&str], expect: &str) {
     let out = d.blockctl(args);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -31,7 +31,7 @@ async fn mount(
 ) -> Result<(StatusCode, Json<MountInfo>), Failure> {
     let req: MountRequest = body(&bytes)?;
     // Mounted in the caller's mount namespace (see fuse::namespace).
-    let info = d.mounts.mount(req, &d.cloud.locations, peer.pid()).await?;
+    let info = d.mounts.mount(req, &d.cloud, peer.pid()).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -81,6 +81,7 @@ use crate::claims::{Claim, Claims, Want};
 use crate::cloud::Cloud;
 use crate::repo::fetch::IndexCache;
 use crate::repo::format::{ChunkLoc, Manifest};
+use crate::repo::gc::{Lease, LeaseTerms};
 use crate::repo::name;
 use crate::repo::{Repo, RepoError};
 use cache::ChunkCache;
@@ -129,6 +130,10 @@ struct GroupObj {
 struct Stream {
     /// Holds the snapshot open: it cannot be deleted until the file is closed.
     _claim: Option<Claim>,
+    /// Holds garbage collection back on every host sharing the location
+    /// while the file is open, as a restore's lease does (`None` when the
+    /// credentials may not write it).
+    _lease: Option<Lease>,
     /// End of the furthest read so far.
     next: u64,
     /// Current window; 0 until reads are sequential.
@@ -155,6 +160,8 @@ pub struct Catalog {
     claims: Arc<Claims>,
     /// Where it is mounted (named to whoever finds a snapshot open).
     dir: String,
+    /// This host's readers' leases, one per open `disk.img`.
+    lease_terms: LeaseTerms,
     cache: Arc<ChunkCache>,
     inodes: Mutex<Inodes>,
     listing: tokio::sync::Mutex<Option<Arc<Listing>>>,
@@ -181,12 +188,14 @@ impl Catalog {
         cache: Arc<ChunkCache>,
         claims: Arc<Claims>,
         dir: String,
+        lease_terms: LeaseTerms,
     ) -> Self {
         Self {
             repo,
             location,
             claims,
             dir,
+            lease_terms,
             cache,
             inodes: Mutex::new(Inodes::default()),
             listing: tokio::sync::Mutex::new(None),
@@ -199,6 +208,13 @@ impl Catalog {
             gid: rustix::process::getgid().as_raw(),
             mounted: SystemTime::now(),
         }
+    }
+
+    /// Forgets every open file (the mount is gone): their leases are
+    /// removed. Called on the runtime, which removes them.
+    fn close_streams(&self) {
+        let streams = std::mem::take(&mut *lock(&self.streams));
+        drop(streams);
     }
 
     fn node(&self, ino: INodeNo) -> Option<Node> {
@@ -272,6 +288,29 @@ impl Catalog {
         let s = Arc::new(Snap { manifest: m, info });
         lock(&self.snaps).insert(key, s.clone());
         Ok(s)
+    }
+
+    /// The lease of open file `fh` of snapshot `v/n`, taken before its
+    /// manifest is confirmed to exist, as a restore's (FORMAT.md, "Garbage
+    /// collection", rule 8): from then on no host sweeps what it reads.
+    /// A snapshot deleted meanwhile is gone (ENOENT). Credentials that may
+    /// only read still browse, with nothing held back: a read of what a
+    /// sweep deleted then fails, naming the object.
+    async fn lease_for(&self, v: &str, n: &str, fh: u64) -> Result<Option<Lease>, Errno> {
+        let dir = blake3::hash(self.dir.as_bytes()).to_hex();
+        let id = format!("catalog-{}-{}-{fh}", self.lease_terms.host, &dir[..8]);
+        let lease = match self.lease_terms.take(&self.repo, &id).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(location = %self.location, snapshot = %format!("{v}/{n}"), error = %e, "no reader lease for this open image: garbage collection on any host may delete what it reads (its reads then fail with EIO, naming the object)");
+                None
+            }
+        };
+        match self.repo.get_manifest(v, n).await {
+            Ok(_) => Ok(lease),
+            Err(RepoError::Missing { .. }) => Err(Errno::ENOENT),
+            Err(e) => Err(self.eio(&format!("{v}/{n}"), &e)),
+        }
     }
 
     async fn group(&self, g: &str) -> Result<Arc<GroupObj>, Errno> {
@@ -671,13 +710,22 @@ impl Filesystem for CatalogFs {
                     // Being deleted right now.
                     Err(_) => return reply.error(Errno::ENOENT),
                 };
-                let fh = c.next_fh.fetch_add(1, Ordering::Relaxed);
-                let stream = Stream {
-                    _claim: Some(claim),
-                    ..Stream::default()
-                };
-                lock(&c.streams).insert(fh, stream);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                let c = c.clone();
+                self.rt.spawn(async move {
+                    let fh = c.next_fh.fetch_add(1, Ordering::Relaxed);
+                    match c.lease_for(&v, &n, fh).await {
+                        Ok(lease) => {
+                            let stream = Stream {
+                                _claim: Some(claim),
+                                _lease: lease,
+                                ..Stream::default()
+                            };
+                            lock(&c.streams).insert(fh, stream);
+                            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                        }
+                        Err(e) => reply.error(e),
+                    }
+                });
             }
             Some(n) if n.kind() == Kind::File => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
@@ -723,7 +771,10 @@ impl Filesystem for CatalogFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.catalog.streams).remove(&fh.0);
+        let stream = lock(&self.catalog.streams).remove(&fh.0);
+        // Its lease is removed from the store by a task of the runtime.
+        let _rt = self.rt.enter();
+        drop(stream);
         reply.ok();
     }
 

@@ -15,8 +15,7 @@ use super::cache::ChunkCache;
 use super::namespace::CallerNs;
 use super::{lock, Catalog, CatalogFs, FUSE_THREADS, KERNEL_READ_AHEAD_KB, MIN_CACHE};
 use crate::claims::{Claim, Claims, Want};
-use crate::cloud::locations::Locations;
-use crate::cloud::CloudError;
+use crate::cloud::{Cloud, CloudError};
 use crate::outcome::Outcome;
 
 /// Why a mount request failed.
@@ -189,7 +188,7 @@ impl Mounts {
     pub async fn mount(
         &self,
         req: MountRequest,
-        locations: &Locations,
+        cloud: &Cloud,
         caller: Option<i32>,
     ) -> Result<MountInfo, MountError> {
         let _one = self.changing.lock().await;
@@ -250,6 +249,7 @@ impl Mounts {
         if cache_size < MIN_CACHE {
             return Err(MountError::CacheTooSmall { size: cache_size });
         }
+        let locations = &cloud.locations;
         let location = locations.resolve(req.location.as_deref())?;
         let claim = self
             .claims
@@ -274,6 +274,7 @@ impl Mounts {
             cache,
             self.claims.clone(),
             dir_s.clone(),
+            cloud.lease_terms(),
         ));
 
         let mut options = vec![
@@ -430,6 +431,7 @@ impl Mounts {
                 finish(active, &key).await;
             } else {
                 active.catalog.cache.close();
+                active.catalog.close_streams();
                 // Its threads serve the detached mount's last users until
                 // the process exits; dropping the session would try to
                 // unmount the path again.
@@ -459,6 +461,7 @@ async fn finish(active: Active, key: &str) {
         );
     }
     catalog.cache.close();
+    catalog.close_streams();
     tracing::info!(dir = %key, "catalog unmounted");
 }
 

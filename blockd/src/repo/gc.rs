@@ -20,7 +20,8 @@
 //!   stores its own copies instead.
 //! - **Times come from the store** (`LastModified` of objects it just
 //!   wrote), never from a host clock.
-//! - **Readers hold every sweep.** A restore writes `locks/readers/<task>`
+//! - **Readers hold every sweep.** A restore (and each open `disk.img` of
+//!   a catalog mount) writes `locks/readers/<task>`
 //!   before it confirms its manifest exists, renews it while it runs and
 //!   deletes it when it ends. While any lease is alive, no mark is swept
 //!   (whenever the restore started: the manifest it reads may be deleted
@@ -170,6 +171,26 @@ impl Lease {
     /// Stops renewing the lease and leaves it to lapse.
     pub fn keep(mut self) {
         self.settled = true;
+    }
+}
+
+/// What a reader's lease says besides its id: the host taking it, and how
+/// long it lasts unrenewed.
+#[derive(Debug, Clone)]
+pub struct LeaseTerms {
+    /// This host's id.
+    pub host: String,
+    /// Length (at most [`LEASE_MAX`]).
+    pub length: Duration,
+}
+
+impl LeaseTerms {
+    /// Takes lease `id` on these terms (see [`Lease::take`]).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn take(&self, repo: &Arc<Repo>, id: &str) -> Result<Lease, RepoError> {
+        Lease::take(repo, id, &self.host, self.length).await
     }
 }
 

@@ -175,10 +175,20 @@ impl Cloud {
         })
     }
 
-    /// How long a restore's lease in the bucket lasts unrenewed: the
+    /// How long a reader's lease in the bucket lasts unrenewed: the
     /// backup deadline, at most [`crate::repo::gc::LEASE_MAX`].
     fn lease_length(&self) -> std::time::Duration {
         self.backup_deadline.min(crate::repo::gc::LEASE_MAX)
+    }
+
+    /// The terms of this host's readers' leases, for the catalog mounts'
+    /// open images, which read snapshots another host may delete just as
+    /// restores do.
+    pub fn lease_terms(&self) -> crate::repo::gc::LeaseTerms {
+        crate::repo::gc::LeaseTerms {
+            host: self.host.clone(),
+            length: self.lease_length(),
+        }
     }
 
     /// Runs restore `record`; `lease`: its lease, taken already (a resumed
