@@ -36,21 +36,6 @@ fn listing(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
         .collect()
 }
 
-/// Names the local directory `path` `shared` on each host.
-fn share(path: &str, hosts: &[&Blockd]) {
-    for d in hosts {
-        d.ok(&[
-            "credentials",
-            "create",
-            "shared",
-            "--provider",
-            "local",
-            "--path",
-            path,
-        ]);
-    }
-}
-
 fn check_clean(d: &Blockd, args: &[&str]) {
     let mut a = vec!["-j", "repo", "check", "--read-data"];
     a.extend_from_slice(args);

@@ -408,17 +408,7 @@ fn an_open_image_holds_the_sweep_of_a_snapshot_another_host_deletes() {
     let path = bucket.path().join("repo").display().to_string();
     let a = Blockd::start();
     let b = Blockd::start_env(&[("BLOCKD_BACKUP_DEADLINE", "3s")]);
-    for d in [&a, &b] {
-        d.ok(&[
-            "credentials",
-            "create",
-            "shared",
-            "--provider",
-            "local",
-            "--path",
-            &path,
-        ]);
-    }
+    share(&path, &[&a, &b]);
     let tmp = tempfile::tempdir().unwrap();
     let data = 24 * MB;
     a.create("src", "32M");

@@ -242,3 +242,18 @@ pub fn gc_started(d: &Blockd, args: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// Names the local directory `path` `shared` on each host.
+pub fn share(path: &str, hosts: &[&Blockd]) {
+    for d in hosts {
+        d.ok(&[
+            "credentials",
+            "create",
+            "shared",
+            "--provider",
+            "local",
+            "--path",
+            path,
+        ]);
+    }
+}
