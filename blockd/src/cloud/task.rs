@@ -148,8 +148,6 @@ impl Drop for Shown {
     }
 }
 
-/// A task record as stored; an encoding failure is an error, never an
-/// empty record.
 /// The task a stored record describes. A record this blockd cannot read
 /// (written by a later version, or damaged) is not resumed; rather than
 /// vanish from `cloudsnap status`, it is shown failed, with as much as can
@@ -203,6 +201,8 @@ fn read_task(id: &str, rec: &str) -> Task {
     t
 }
 
+/// A task record as stored; an encoding failure is an error, never an
+/// empty record.
 fn encode_record(r: &Record) -> Result<String, CloudError> {
     serde_json::to_string(r).map_err(|source| CloudError::Record {
         id: r.task.id.clone(),
