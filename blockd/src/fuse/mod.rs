@@ -293,9 +293,11 @@ impl Catalog {
     /// The lease of open file `fh` of snapshot `v/n`, taken before its
     /// manifest is confirmed to exist, as a restore's (FORMAT.md, "Garbage
     /// collection", rule 8): from then on no host sweeps what it reads.
-    /// A snapshot deleted meanwhile is gone (ENOENT). Credentials that may
-    /// only read still browse, with nothing held back: a read of what a
-    /// sweep deleted then fails, naming the object.
+    /// A snapshot deleted meanwhile is gone (ENOENT), and the lease taken
+    /// for it is removed again. A lease the store refuses (a bucket policy
+    /// that forbids writes under `locks/`, a full disk) does not fail the
+    /// open: the image is browsed with nothing held back, and a read of
+    /// what a sweep deleted then fails, naming the object.
     async fn lease_for(&self, v: &str, n: &str, fh: u64) -> Result<Option<Lease>, Errno> {
         let dir = blake3::hash(self.dir.as_bytes()).to_hex();
         let id = format!("catalog-{}-{}-{fh}", self.lease_terms.host, &dir[..8]);
