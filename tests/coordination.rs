@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::cloud::*;
-use common::disk::Mounted;
+use common::disk::{fill_up, small_tmpfs};
 use common::*;
 use serde_json::Value;
 
@@ -487,13 +487,7 @@ fn a_backup_failing_at_its_freeze_point_leaves_nothing_and_forgets_nothing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    sh(&format!(
-        "mount -t tmpfs -o size=48m tmpfs {}",
-        small.display()
-    ));
-    let _fs = Mounted(small.display().to_string());
+    let (small, _fs) = small_tmpfs(tmp.path(), "48m");
     let mut d = Blockd::start_in(&small);
     let state = d.dir.path().to_path_buf();
     // Objects go outside the small file system.
@@ -515,11 +509,7 @@ fn a_backup_failing_at_its_freeze_point_leaves_nothing_and_forgets_nothing() {
 
     // The state dir's file system fills up.
     let filler = small.join("filler");
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M", "count=100"])
-        .arg(format!("of={}", filler.display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+    fill_up(&filler);
     let out = d.blockctl(&["cloudsnap", "backup", "v", "--cred-id", "off"]);
     assert!(
         !out.status.success(),

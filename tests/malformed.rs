@@ -359,6 +359,158 @@ fn transmission_rules_raw() {
     assert_data_intact(&d);
 }
 
+impl Raw {
+    /// READs `len` bytes at `offset` with simple replies.
+    fn read_at(&mut self, cookie: u64, offset: u64, len: usize) -> Vec<u8> {
+        self.request(0, 0, cookie, offset, len as u32, &[]);
+        assert_eq!(self.simple(), (0, cookie), "READ at {offset}");
+        let mut data = vec![0; len];
+        self.s.read_exact(&mut data).unwrap();
+        data
+    }
+}
+
+/// A pattern no two nearby bytes of which repeat in step with 4 KiB.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i % 251) as u8).wrapping_add(seed))
+        .collect()
+}
+
+/// Large WRITEs, whose payload goes from the socket into the volume as it
+/// arrives: stored exactly however the client cuts and paces its sends; a
+/// large WRITE that is invalid answers its error with its payload
+/// consumed; one cut short by the client's death ends only its own
+/// connection and leaves nothing but old or new bytes in its range.
+#[test]
+fn large_writes_raw() {
+    let Some(d) = daemon_with_data() else { return };
+    let mut good = Raw::connect(&d, 3);
+    good.go("vol1");
+    let mut c = Raw::connect(&d, 3);
+    let (size, _) = c.go("vol1");
+
+    // 1 MiB and 1000 bytes at an offset aligned to nothing, in uneven
+    // pieces with pauses between some of them.
+    let data = pattern((1 << 20) + 1000, 3);
+    let at = (2 << 20) + 4096 + 100;
+    c.request(0, 1, 1, at, data.len() as u32, &[]);
+    for (i, piece) in data.chunks(70_001).enumerate() {
+        c.s.write_all(piece).unwrap();
+        if i % 4 == 1 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(c.simple(), (0, 1));
+    assert!(
+        c.read_at(2, at, data.len()) == data,
+        "large write not stored exactly"
+    );
+    // And through another connection (the page cache is the volume's).
+    assert!(
+        good.read_at(3, at, data.len()) == data,
+        "large write not seen by another client"
+    );
+
+    // Back to back, with the next request right behind each payload.
+    let second = pattern(512 << 10, 9);
+    let third = pattern(300 << 10, 17);
+    let mut both = Vec::new();
+    for (cookie, offset, payload) in [(4u64, 5u64 << 20, &second), (5, (6 << 20) + 512, &third)] {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        b.extend_from_slice(payload);
+        both.extend_from_slice(&b);
+    }
+    c.s.write_all(&both).unwrap();
+    let mut answered = [c.simple(), c.simple()];
+    answered.sort_unstable();
+    assert_eq!(answered, [(0, 4), (0, 5)]);
+    assert!(
+        c.read_at(6, 5 << 20, second.len()) == second,
+        "first of two back-to-back writes"
+    );
+    assert!(
+        c.read_at(7, (6 << 20) + 512, third.len()) == third,
+        "second of two back-to-back writes"
+    );
+
+    // Past the end: ENOSPC, its payload consumed, nothing written.
+    c.request(0, 1, 8, size - 4096, 512 << 10, &[0xee; 512 << 10]);
+    assert_eq!(c.simple(), (28, 8));
+    // With FUA (durable before the reply): exact as well.
+    let fua = pattern(400 << 10, 23);
+    c.request(1, 1, 9, 7 << 20, fua.len() as u32, &fua);
+    assert_eq!(c.simple(), (0, 9));
+    assert!(c.read_at(10, 7 << 20, fua.len()) == fua, "FUA large write");
+
+    // A client that dies 600 KiB into a 1 MiB write.
+    let mut dying = Raw::connect(&d, 3);
+    dying.go("vol1");
+    dying.request(0, 1, 1, 4 << 20, 1 << 20, &[0xaa; 600 << 10]);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(dying);
+    std::thread::sleep(Duration::from_millis(200));
+    let range = good.read_at(11, 4 << 20, 1 << 20);
+    assert!(
+        range[..600 << 10].iter().all(|&b| b == 0 || b == 0xaa),
+        "a write cut short left bytes that are neither old nor new"
+    );
+    assert!(
+        range[600 << 10..].iter().all(|&b| b == 0),
+        "bytes the dead client never sent were written"
+    );
+
+    // Nothing else changed, and both other connections go on.
+    assert!(c.read_at(12, at, data.len()) == data);
+    assert!(good.read_at(13, 5 << 20, second.len()) == second);
+    assert_data_intact(&d);
+}
+
+/// A large WRITE that fails part-way (the volume's file system fills up
+/// under it) answers ENOSPC and consumes the rest of its payload: the
+/// connection goes on with the next request, and once there is space the
+/// same write succeeds.
+#[test]
+fn a_large_write_that_fails_midway_answers_and_the_connection_goes_on() {
+    if !(require_tools(&["mount", "umount", "dd"])
+        && skip_unless(is_root(), "needs root to mount a small tmpfs"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (small, _fs) = common::disk::small_tmpfs(tmp.path(), "24m");
+    let d = Blockd::start_in(&small);
+    d.create("vol1", "64M");
+    let mut c = Raw::connect(&d, 3);
+    c.go("vol1");
+    // Fill the file system until less than 1 MiB is left.
+    let filler = small.join("filler");
+    common::disk::fill_up(&filler);
+    sh(&format!("truncate -s -768K {}", filler.display()));
+
+    let data = pattern(4 << 20, 5);
+    c.request(0, 1, 1, 8 << 20, data.len() as u32, &data);
+    let (errno, cookie) = c.simple();
+    assert_eq!((errno, cookie), (28, 1), "a write beyond the space left");
+    // The payload was consumed whole: the next request is read as one.
+    let zero = c.read_at(2, 32 << 20, 4096);
+    assert!(zero.iter().all(|&b| b == 0));
+
+    // Space again: the same write succeeds, exactly.
+    std::fs::remove_file(&filler).unwrap();
+    c.request(0, 1, 3, 8 << 20, data.len() as u32, &data);
+    assert_eq!(c.simple(), (0, 3));
+    assert!(
+        c.read_at(4, 8 << 20, data.len()) == data,
+        "write after space came back"
+    );
+}
+
 #[test]
 fn extended_headers_raw() {
     let Some(d) = daemon_with_data() else { return };

@@ -430,6 +430,119 @@ fn group_snapshots_are_consistent_under_load() {
     assert_eq!(group[0]["group"], "g000");
 }
 
+/// Writes 1 MiB at a time at queue depth 1, write `n` to slot `n % 8`
+/// and every 8-byte record of it holding `n`, until the stop file
+/// appears; after each acknowledgement the file `acked` names the last.
+const LARGE_WRITER: &str = r#"
+import nbd, os, struct, sys
+uri, stop, acked = sys.argv[1], sys.argv[2], sys.argv[3]
+h = nbd.NBD()
+h.connect_uri(uri)
+n = 0
+while not os.path.exists(stop):
+    n += 1
+    h.pwrite(struct.pack("<Q", n) * 131072, (n % 8) << 20)
+    with open(acked + ".tmp", "w") as f:
+        f.write(str(n))
+    os.replace(acked + ".tmp", acked)
+print(n)
+"#;
+
+/// Checks snapshots `NAME:A:B` of volume v, taken when the last
+/// acknowledged write was at least A before and at most B after: each slot
+/// holds its last write acknowledged by A, or writes to it that came
+/// later but not after B + 1 (the one in flight), and at most two of them.
+const LARGE_CHECK: &str = r#"
+import array, nbd, sys
+sock, snaps = sys.argv[1], sys.argv[2:]
+for spec in snaps:
+    name, a, b = spec.split(":")
+    a, b = int(a), int(b)
+    h = nbd.NBD()
+    h.connect_uri("nbd+unix:///v@%s?socket=%s" % (name, sock))
+    for k in range(8):
+        seen = set(array.array("Q", h.pread(1 << 20, k << 20)))
+        acked = [n for n in range(1, a + 1) if n % 8 == k]
+        floor = acked[-1] if acked else 0
+        for v in seen:
+            if v == 0 and floor == 0:
+                continue
+            if v % 8 != k or not floor <= v <= b + 1:
+                raise SystemExit("%s slot %d holds write %d (acknowledged by then: %d, last possible: %d)" % (name, k, v, floor, b + 1))
+        if len(seen) > 2:
+            raise SystemExit("%s slot %d mixes writes %s" % (name, k, sorted(seen)))
+    h.shutdown()
+    print(name, a, b)
+"#;
+
+/// Large writes go from the socket into the volume a step at a time as
+/// they arrive, each step under the gate a freeze takes. Frozen images
+/// taken while 1 MiB writes stream hold every write acknowledged before
+/// the freeze, nothing written after it, and of the write in flight only
+/// its old or new bytes.
+#[test]
+fn frozen_images_taken_while_large_writes_stream_hold_every_acknowledged_write() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("v", "8M");
+    let tmp = tempfile::tempdir().unwrap();
+    let writer_py = tmp.path().join("writer.py");
+    std::fs::write(&writer_py, LARGE_WRITER).unwrap();
+    let stop = tmp.path().join("stop");
+    let acked = tmp.path().join("acked");
+    let writer = nbdsh_command()
+        .arg("-c")
+        .arg(format!(
+            "import sys; sys.argv = ['w', {:?}, {:?}, {:?}]; exec(open({:?}).read())",
+            d.uri("v"),
+            stop.display().to_string(),
+            acked.display().to_string(),
+            writer_py.display().to_string()
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let last = || -> u64 {
+        std::fs::read_to_string(&acked)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while last() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never got going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut specs = Vec::new();
+    for i in 0..20 {
+        let name = format!("s{i:02}");
+        let a = last();
+        d.ok(&["snapshot", "create", "v", "--name", &name]);
+        let b = last();
+        specs.push(format!("{name}:{a}:{b}"));
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    std::fs::write(&stop, "").unwrap();
+    let out = writer.wait_with_output().unwrap();
+    assert!(out.status.success(), "the writer failed");
+    let written: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let first: u64 = specs[0].rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        written > first + 8,
+        "too few writes after the first freeze: {written}"
+    );
+    let mut args = vec![d.nbd_socket().display().to_string()];
+    args.extend(specs.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = nbdsh(LARGE_CHECK, &args);
+    assert_eq!(report.lines().count(), 20, "{report}");
+}
+
 #[test]
 fn held_snapshot_survives_kill_9() {
     if !require_tools(&["qemu-io", "nbdcopy"]) {

@@ -78,6 +78,29 @@ impl Loop {
     }
 }
 
+/// Mounts a tmpfs of `size` (as `mount -o size=` takes it, say `48m`) at
+/// `parent/small`, so a test can fill a file system up; unmounted when
+/// the guard drops.
+pub fn small_tmpfs(parent: &Path, size: &str) -> (std::path::PathBuf, Mounted) {
+    let dir = parent.join("small");
+    std::fs::create_dir_all(&dir).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size={size} tmpfs {}",
+        dir.display()
+    ));
+    let guard = Mounted(dir.display().to_string());
+    (dir, guard)
+}
+
+/// Fills the file system holding `file` with zeros, as `file`.
+pub fn fill_up(file: &Path) {
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", file.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 /// Unmounts on drop (also when an assertion fails mid-test).
 pub struct Mounted(pub String);
 

@@ -9,6 +9,7 @@ pub mod buffers;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+pub mod splice;
 pub mod tls;
 
 use tokio::net::{TcpListener, UnixListener};

@@ -3,7 +3,14 @@
 //! One reader loop per connection parses requests and spawns one task per
 //! request, so requests complete out of order; a writer task sends each
 //! reply as one buffer and coalesces replies that are ready together into a
-//! single `writev`. A byte budget per connection bounds the memory a client
+//! single `writev`. What cannot block for long is served by the reader
+//! loop itself: page-cache hits, small writes, a lone FLUSH, and large
+//! writes on a plain socket, whose payload goes from the socket into the
+//! volume file through a pipe as it arrives ([`super::splice`]).
+//!
+//! A large write is applied a step at a time as its payload arrives: a
+//! client that disconnects mid-payload may leave the steps that arrived
+//! written, as a disk may leave part of a write it never acknowledged. A byte budget per connection bounds the memory a client
 //! can pin with queued requests.
 //!
 //! Hostile or broken input ends only its own connection: a bad magic or an
@@ -29,9 +36,11 @@ use super::negotiate::{
     CONTEXT_BLOCKD_DIRTY, CONTEXT_QEMU_DIRTY,
 };
 use super::proto::{self, Command, Errno, Extent, ReplyStyle, Request};
+use super::splice::{self, Pipe};
 use super::tls::TlsServer;
 use crate::snapshot::store::{Reader, SnapshotStore};
 use crate::snapshot::Snapshots;
+use crate::volume::engine::{write_step, WRITE_STEP};
 use crate::volume::store::Store;
 use crate::volume::{ConnectionGuard, Volume, ZeroError};
 
@@ -54,10 +63,11 @@ const CONNECTION_BUDGET: usize = 128 << 20;
 const BUDGET_UNIT: usize = 1024;
 /// Permits of a connection's budget.
 const BUDGET_PERMITS: usize = CONNECTION_BUDGET / BUDGET_UNIT;
-/// Largest WRITE served inline (see [`Conn::try_inline`]). Larger writes
-/// run in their own task, so copying one into the page cache overlaps
-/// reading the next from the socket (1 MiB sequential writes at QD8: 0.97x
-/// -> 1.3x nbdkit, benches/nbd-peers.sh).
+/// Largest WRITE served inline from a buffer (see [`Conn::try_inline`]).
+/// Larger writes are spliced on a plain socket ([`Conn::write_streamed`]);
+/// on TLS they run in their own task, so copying one into the page cache
+/// overlaps reading the next from the socket (1 MiB sequential writes at
+/// QD8: 0.97x -> 1.3x nbdkit, benches/nbd-peers.sh).
 const INLINE_WRITE_MAX: usize = 128 << 10;
 /// Largest READ tried inline from the page cache. Larger reads run in
 /// their own task, so their copy proceeds on the other worker while this
@@ -192,7 +202,7 @@ fn export_info(v: &Volume) -> ExportInfo {
 /// Serves one client connection until it ends (the Unix socket: no TLS).
 pub async fn serve<R, W>(reader: R, mut writer: W, ctx: NbdContext, peer: String)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + splice::Source + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::info_span!("nbd", peer = %peer);
@@ -325,7 +335,7 @@ async fn enter<R, W>(
     writer: W,
     ctx: NbdContext,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + splice::Source + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     match haggled {
@@ -508,7 +518,7 @@ async fn transmit<R, W>(
     _guard: ConnectionGuard,
     ctx: NbdContext,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + splice::Source + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     // Held until the connection ends: it counts as open meanwhile.
@@ -560,18 +570,28 @@ async fn transmit<R, W>(
     // Small writes gathered while a frozen image is held; they go down
     // together once no further request is waiting in the buffer.
     let mut batch: Vec<InFlight> = Vec::new();
+    // Large writes go through this pipe (see [`splice`]); made on the
+    // first one, and never for a transport that cannot splice.
+    let mut pipe: Option<Pipe> = None;
+    let mut can_splice = reader.get_ref().socket().is_some();
+    // Set after a spliced write: the next header is read on its own, not
+    // with as much of the next payload as the read buffer takes (that
+    // part would be copied out of the socket instead of spliced).
+    let mut header_alone = false;
     loop {
         if !batch.is_empty() && (batch.len() >= BATCH_MAX || reader.buffer().len() < header.len()) {
             conn.write_batch(std::mem::take(&mut batch));
         }
+        let alone_now = header_alone && reader.buffer().is_empty();
         let read = tokio::select! {
             biased;
             () = dead.cancelled() => break,
             () = volume.closing.cancelled() => break,
             () = snapshot_closing.cancelled() => break,
             () = &mut deadline => break,
-            r = reader.read_exact(&mut header) => r,
+            r = read_header(&mut reader, &mut header, alone_now) => r,
         };
+        header_alone = false;
         if read.is_err() {
             break;
         }
@@ -607,7 +627,41 @@ async fn transmit<R, W>(
         let mut payload = Vec::new();
         if payload_len > 0 {
             // At most MAX_PAYLOAD, checked above.
-            payload = conn.buffers.take(usize::try_from(payload_len).unwrap_or(0));
+            let len = usize::try_from(payload_len).unwrap_or(0);
+            let splice_it = can_splice
+                && len > INLINE_WRITE_MAX
+                && !ctx.shutdown.is_cancelled()
+                && conn.spliceable(&req, &limits);
+            if splice_it && pipe.is_none() {
+                match Pipe::new() {
+                    Ok(p) if p.capacity() >= WRITE_STEP => pipe = Some(p),
+                    Ok(p) => {
+                        tracing::debug!(
+                            capacity = p.capacity(),
+                            "payload pipe too small: large writes go through buffers"
+                        );
+                        can_splice = false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no pipe for large writes: they go through buffers");
+                        can_splice = false;
+                    }
+                }
+            }
+            if let Some(p) = pipe.as_mut().filter(|_| splice_it) {
+                if !batch.is_empty() {
+                    conn.write_batch(std::mem::take(&mut batch));
+                }
+                if conn.write_streamed(&mut reader, p, &req).await.is_err() {
+                    break;
+                }
+                let (op, bytes) = metered(&req);
+                volume.stats.request(op, bytes, started.elapsed());
+                drop(permit);
+                header_alone = true;
+                continue;
+            }
+            payload = conn.buffers.take(len);
             if reader.read_exact(&mut payload).await.is_err() {
                 break;
             }
@@ -687,6 +741,21 @@ async fn transmit<R, W>(
         secs = opened.elapsed().as_secs_f64(),
         "NBD connection closed"
     );
+}
+
+/// Reads a request header, from the read buffer or (`alone`, when the
+/// buffer is empty) straight from the transport, so that no byte past the
+/// header is read.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    header: &mut [u8],
+    alone: bool,
+) -> std::io::Result<usize> {
+    if alone {
+        reader.get_mut().read_exact(header).await
+    } else {
+        reader.read_exact(header).await
+    }
 }
 
 /// A request read from the socket and not yet answered, with the budget
@@ -840,6 +909,62 @@ impl Conn {
         for r in batch {
             self.buffers.give(r.payload);
         }
+    }
+
+    /// Whether a WRITE's payload may go through the pipe: a valid
+    /// non-FUA write to a volume that serves it from its own file.
+    fn spliceable(&self, req: &Request, limits: &proto::ExportLimits) -> bool {
+        req.command == Command::Write
+            && req.flags & proto::CMD_FLAG_FUA == 0
+            && self.snapshot.is_none()
+            && !self.volume.is_lazy()
+            && proto::check_request(req, limits).is_ok()
+    }
+
+    /// Receives a WRITE's payload through `pipe` and writes it as it
+    /// arrives, from the caller's thread, then answers it. Each step of
+    /// at most [`WRITE_STEP`] bytes is written as a write of its own, under
+    /// the gate, once the pipe holds it: the gate is never held while the
+    /// client is still sending, and a freeze that comes in between splits
+    /// the write as a disk may split any write it has not acknowledged.
+    /// An error means the connection failed mid-payload.
+    async fn write_streamed<R>(
+        &self,
+        reader: &mut BufReader<R>,
+        pipe: &mut Pipe,
+        req: &Request,
+    ) -> std::io::Result<()>
+    where
+        R: AsyncRead + splice::Source + Unpin,
+    {
+        let len = usize::try_from(req.length).unwrap_or(0);
+        pipe.start(len);
+        let mut at = 0;
+        let mut result = Ok(());
+        while at < len {
+            let offset = req.offset + at as u64;
+            let want = write_step(offset, len - at);
+            let n = pipe.fill(reader, want).await?;
+            let r = {
+                let _gate = match self.volume.gate.try_read() {
+                    Ok(g) => g,
+                    Err(_) => self.volume.gate.read().await,
+                };
+                self.volume.write_cached_from_pipe(offset, n, pipe.output())
+            };
+            if let Err(e) = r {
+                result = Err(e);
+                pipe.skip(reader).await?;
+                break;
+            }
+            pipe.took(n);
+            at += n;
+        }
+        if result.is_ok() && self.volume.write_behind(len as u64) {
+            self.behind.push(req.offset, len as u64);
+        }
+        self.io_result(req, result);
+        Ok(())
     }
 
     fn try_inline(&self, req: &Request, payload: Vec<u8>, alone: bool) -> Option<Vec<u8>> {

@@ -427,6 +427,68 @@ impl Volume {
         r
     }
 
+    /// [`Self::write_cached`] for a payload waiting in a pipe (see
+    /// `nbd::splice`): its `len` bytes move from `pipe` into the data file
+    /// with `splice`, and the copy into the page cache is the only one. On
+    /// an error the pipe may still hold part of the payload.
+    pub fn write_cached_from_pipe(
+        &self,
+        offset: u64,
+        len: usize,
+        pipe: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        self.dirty.mark(offset, len as u64);
+        self.guard(offset, len as u64)?;
+        let r = self.splice_steps(offset, len, pipe);
+        self.wrote();
+        r
+    }
+
+    fn splice_steps(
+        &self,
+        offset: u64,
+        len: usize,
+        pipe: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        use rustix::io::Errno;
+        use rustix::pipe::SpliceFlags;
+        let mut pos = 0;
+        while pos < len {
+            let mut at = offset + pos as u64;
+            // In steps, as `write_steps` writes.
+            let step = engine::write_step(at, len - pos);
+            match rustix::pipe::splice(
+                pipe,
+                None,
+                &*self.file,
+                Some(&mut at),
+                step,
+                SpliceFlags::MOVE,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => pos += n,
+                Err(Errno::INTR) => {}
+                // A file system that takes no splice: the rest through a
+                // buffer.
+                Err(Errno::INVAL) => {
+                    let mut rest = vec![0u8; len - pos];
+                    let mut got = 0;
+                    while got < rest.len() {
+                        match rustix::io::read(pipe, &mut rest[got..]) {
+                            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                            Ok(n) => got += n,
+                            Err(Errno::INTR) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    return self.write_steps(offset + pos as u64, &rest);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// True when a write could need copies for a held frozen image: then
     /// small writes are worth gathering for [`Self::write_many_cached`].
     pub fn holds_frozen_images(&self) -> bool {
