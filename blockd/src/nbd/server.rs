@@ -570,10 +570,16 @@ async fn transmit<R, W>(
     // Small writes gathered while a frozen image is held; they go down
     // together once no further request is waiting in the buffer.
     let mut batch: Vec<InFlight> = Vec::new();
-    // Large writes go through this pipe (see [`splice`]); made on the
-    // first one, and never for a transport that cannot splice.
-    let mut pipe: Option<Pipe> = None;
-    let mut can_splice = reader.get_ref().socket().is_some();
+    // Large writes go through this pipe (see [`splice`]), made before the
+    // first request: the kernel's writeback through an attachment must
+    // not need a new pipe, and its memory, to be served (kernel-notes/
+    // nbd.md). None on a transport that cannot splice or a read-only
+    // export.
+    let mut pipe = if reader.get_ref().socket().is_some() && !t.export.read_only {
+        payload_pipe()
+    } else {
+        None
+    };
     // Set after a spliced write: the next header is read on its own, not
     // with as much of the next payload as the read buffer takes (that
     // part would be copied out of the socket instead of spliced).
@@ -628,26 +634,10 @@ async fn transmit<R, W>(
         if payload_len > 0 {
             // At most MAX_PAYLOAD, checked above.
             let len = usize::try_from(payload_len).unwrap_or(0);
-            let splice_it = can_splice
+            let splice_it = pipe.is_some()
                 && len > INLINE_WRITE_MAX
                 && !ctx.shutdown.is_cancelled()
                 && conn.spliceable(&req, &limits);
-            if splice_it && pipe.is_none() {
-                match Pipe::new() {
-                    Ok(p) if p.capacity() >= WRITE_STEP => pipe = Some(p),
-                    Ok(p) => {
-                        tracing::debug!(
-                            capacity = p.capacity(),
-                            "payload pipe too small: large writes go through buffers"
-                        );
-                        can_splice = false;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "no pipe for large writes: they go through buffers");
-                        can_splice = false;
-                    }
-                }
-            }
             if let Some(p) = pipe.as_mut().filter(|_| splice_it) {
                 if !batch.is_empty() {
                     conn.write_batch(std::mem::take(&mut batch));
@@ -741,6 +731,25 @@ async fn transmit<R, W>(
         secs = opened.elapsed().as_secs_f64(),
         "NBD connection closed"
     );
+}
+
+/// A pipe for large writes' payloads, or `None` (they then go through
+/// buffers) when the kernel gives none of at least [`WRITE_STEP`].
+fn payload_pipe() -> Option<Pipe> {
+    match Pipe::new() {
+        Ok(p) if p.capacity() >= WRITE_STEP => Some(p),
+        Ok(p) => {
+            tracing::debug!(
+                capacity = p.capacity(),
+                "payload pipe too small: large writes go through buffers"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "no pipe for large writes: they go through buffers");
+            None
+        }
+    }
 }
 
 /// Reads a request header, from the read buffer or (`alone`, when the
