@@ -954,6 +954,10 @@ impl Conn {
             let offset = req.offset + at as u64;
             let want = write_step(offset, len - at);
             let n = pipe.fill(reader, want).await?;
+            if n == 0 {
+                // The payload's count is off: go no further with it.
+                return Err(std::io::Error::other("payload pipe ran dry mid-write"));
+            }
             let r = {
                 let _gate = match self.volume.gate.try_read() {
                     Ok(g) => g,
