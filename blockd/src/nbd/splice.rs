@@ -39,11 +39,6 @@ pub enum Socket<'a> {
 }
 
 impl Socket<'_> {
-    pub fn raw(&self) -> i32 {
-        use std::os::fd::AsRawFd;
-        self.fd().as_raw_fd()
-    }
-
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Socket::Unix(s) => s.as_fd(),
