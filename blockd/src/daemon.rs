@@ -376,6 +376,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    let snaps = daemon.snapshots.clone();
     let api = axum::serve(api_listener, crate::api::service(daemon, access))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let api_task = tokio::spawn(async move {
@@ -396,6 +397,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 _ = tick.tick() => {
                     let s = s.clone();
                     let _ = tokio::task::spawn_blocking(move || s.checkpoint()).await;
+                }
+            }
+        }
+    });
+
+    // Markers of copy-on-write data, removed once the copies are on disk
+    // (see `snapshot::store`).
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(crate::snapshot::store::MARK_KEPT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let snaps = snaps.clone();
+                    let _ = tokio::task::spawn_blocking(move || snaps.settle()).await;
                 }
             }
         }

@@ -285,6 +285,18 @@ impl Snapshots {
         v
     }
 
+    /// Removes the `cow.unsynced` markers that a sync left in place
+    /// because they were younger than [`store::MARK_KEPT`] (see
+    /// [`SnapshotStore::settle`]); the daemon calls it every second.
+    pub fn settle(&self) {
+        let held: Vec<_> = self.lock().values().cloned().collect();
+        for s in held {
+            if let Err(e) = s.settle() {
+                tracing::warn!(snapshot = %s.id(), error = %e, "removing the copy-on-write marker failed; a host crash now would report this snapshot damaged");
+            }
+        }
+    }
+
     /// Takes one snapshot of one volume or a group of volumes.
     ///
     /// # Errors

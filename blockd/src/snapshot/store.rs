@@ -14,7 +14,7 @@
 //! meta.json      the snapshot record; written last at creation: the
 //!                commit point (a directory without it is discarded)
 //! cow.unsynced   present (durably, holding the kernel's boot id) while
-//!                COW data may not be on disk
+//!                COW data may not be on disk, and for a moment after
 //! ```
 //! A deleted snapshot's directory is renamed to `.removed.<name>.<pid>.<n>`
 //! before it is emptied; one found at start is swept (see
@@ -40,10 +40,14 @@
 //!
 //! A host crash loses the page cache, and writeback may have stored an
 //! overwrite without the copy it displaced: the frozen image would then
-//! read data written after the freeze. So the first copy after a sync
-//! first creates `cow.unsynced` durably (one fsync of a tiny file and the
-//! directory per flush interval), and a sync that leaves no copy unsynced
-//! removes it. Found at start with another boot id, it means the host
+//! read data written after the freeze. So a copy made while there is no
+//! `cow.unsynced` first creates it durably, and a sync that leaves no
+//! copy unsynced removes it, once it has existed for [`MARK_KEPT`]: a
+//! database committing every half millisecond would otherwise pay the
+//! marker's two journal commits (create, remove) on every commit while a
+//! snapshot is held (see kernel-notes, "Copy-on-write"). When the volume
+//! goes quiet before that, [`SnapshotStore::settle`], called every second
+//! by the daemon, removes it. Found at start with another boot id, it means the host
 //! went down with copies not on disk: the snapshot is marked damaged
 //! (persisted in `meta.json`), listed as such, and refused for export and
 //! backup, never read as if it were good. Found with this boot id, only
@@ -65,6 +69,13 @@ use crate::volume::FrozenImage;
 const RECORD_LEN: usize = 16;
 /// Present while COW data may not be on disk (see the module docs).
 const UNSYNCED: &str = "cow.unsynced";
+/// How long `cow.unsynced` stays at least, once created: the copies of a
+/// busy volume made meanwhile need no marker of their own.
+pub const MARK_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// One `cow.index` record (see the module docs).
 fn encode_record(extent: u64, slot: u32) -> [u8; RECORD_LEN] {
@@ -220,6 +231,13 @@ pub struct SnapshotStore {
     unsynced: AtomicBool,
     /// `cow.unsynced` exists (changed with the index lock held).
     marked: AtomicBool,
+    /// When this process created `cow.unsynced` (`None`: found at start,
+    /// or not there); read and changed with the index lock held.
+    marked_at: Mutex<Option<std::time::Instant>>,
+    /// Held through a sync and through a marker's removal: a removal never
+    /// sees `unsynced` cleared by a sync whose fsyncs are still under way,
+    /// and a FLUSH waits for the sync another FLUSH began.
+    syncing: Mutex<()>,
     /// Cancelled when the snapshot is deleted: its export connections end.
     pub closing: tokio_util::sync::CancellationToken,
     /// Open export connections (see [`crate::snapshot::Snapshots::open_reader`]).
@@ -333,6 +351,8 @@ impl SnapshotStore {
             index: Mutex::new(CowIndex::default()),
             unsynced: AtomicBool::new(false),
             marked: AtomicBool::new(false),
+            marked_at: Mutex::new(None),
+            syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
         }
@@ -432,6 +452,8 @@ impl SnapshotStore {
             index: Mutex::new(CowIndex::from(index)),
             unsynced: AtomicBool::new(marked.is_some()),
             marked: AtomicBool::new(marked.is_some()),
+            marked_at: Mutex::new(None),
+            syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
         };
@@ -521,6 +543,7 @@ impl SnapshotStore {
                 crate::durable::boot_id().as_bytes(),
             )?;
             self.marked.store(true, Ordering::SeqCst);
+            *lock(&self.marked_at) = Some(std::time::Instant::now());
         }
         let at = u64::from(slot(0)?) * es;
         if fresh.len() == extents.len() {
@@ -585,21 +608,52 @@ impl SnapshotStore {
     }
 
     fn sync_files(&self) -> io::Result<()> {
-        if !self.unsynced.swap(false, Ordering::SeqCst) {
+        let _one = lock(&self.syncing);
+        if self.unsynced.swap(false, Ordering::SeqCst) {
+            let r = self
+                .data
+                .sync_data()
+                .and_then(|()| self.index_file.sync_data());
+            if r.is_err() {
+                self.unsynced.store(true, Ordering::SeqCst);
+                return r;
+            }
+        }
+        self.unmark()
+    }
+
+    /// Removes `cow.unsynced` when every copy is on disk and the marker
+    /// has existed for [`MARK_KEPT`]: what a sync skipped while the
+    /// volume was busy, once it has gone quiet. Syncs nothing itself
+    /// (copies go to disk with the client's FLUSH or FUA writes, as
+    /// before), so a marker left by copies no FLUSH followed stays.
+    ///
+    /// # Errors
+    /// I/O failures removing the marker.
+    pub fn settle(&self) -> io::Result<()> {
+        if self.closing.is_cancelled() || !self.marked.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let r = self
-            .data
-            .sync_data()
-            .and_then(|()| self.index_file.sync_data());
-        if r.is_err() {
-            self.unsynced.store(true, Ordering::SeqCst);
-            return r;
+        let _one = lock(&self.syncing);
+        match self.unmark() {
+            Err(_) if self.closing.is_cancelled() => Ok(()),
+            r => r,
         }
-        // No copy since the swap (a copy holds the index lock from its
-        // marker check until it sets `unsynced`): everything is on disk.
+    }
+
+    /// The marker's removal, with `syncing` held.
+    fn unmark(&self) -> io::Result<()> {
+        if !self.marked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // No copy since the last sync's swap (a copy holds the index lock
+        // from its marker check until it sets `unsynced`), and that sync
+        // has ended (`syncing`): everything is on disk.
         let index = self.lock_index();
         if self.unsynced.load(Ordering::SeqCst) || !self.marked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if lock(&self.marked_at).is_some_and(|t| t.elapsed() < MARK_KEPT) {
             return Ok(());
         }
         match std::fs::remove_file(self.dir.join(UNSYNCED)) {
@@ -608,6 +662,7 @@ impl SnapshotStore {
             Err(e) => return Err(e),
         }
         self.marked.store(false, Ordering::SeqCst);
+        *lock(&self.marked_at) = None;
         drop(index);
         // Lost, the removal only makes a later host crash report a
         // snapshot damaged that is not.
@@ -738,6 +793,68 @@ impl FrozenImage for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store(dir: &Path) -> SnapshotStore {
+        let dir = dir.join("v").join("s");
+        let files = SnapshotStore::prepare(&dir, "v@s").unwrap();
+        let meta = SnapshotMeta {
+            volume: "v".into(),
+            name: "s".into(),
+            group: None,
+            created: "2026-01-01T00:00:00Z".into(),
+            size: 1 << 20,
+            extent_size: 4096,
+            pause_us: 0,
+            changes_known: true,
+            changed_extents: 0,
+            pre_exec: None,
+            post_exec: None,
+            damaged: None,
+            handed_on: false,
+        };
+        SnapshotStore::new(dir, meta, ChangeSet::empty(), files)
+    }
+
+    /// The marker goes down before the first copy, stays through the
+    /// syncs of the next [`MARK_KEPT`] (a busy volume's copies need no new
+    /// one), and goes with the first sync or settle after that which finds
+    /// every copy on disk; copies no sync followed keep it.
+    #[test]
+    fn the_unsynced_marker_outlives_syncs_for_a_moment_then_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let marker = tmp.path().join("v/s").join(UNSYNCED);
+        assert!(!marker.exists());
+        assert_eq!(s.preserve_many(&[0], &[1u8; 4096]).unwrap(), 1);
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap(),
+            crate::durable::boot_id()
+        );
+        s.sync().unwrap();
+        assert!(marker.exists(), "removed by a sync within MARK_KEPT");
+        assert_eq!(s.preserve_many(&[1], &[2u8; 4096]).unwrap(), 1);
+        std::thread::sleep(MARK_KEPT + std::time::Duration::from_millis(50));
+        // Copies not on disk: neither settle nor time removes it.
+        s.settle().unwrap();
+        assert!(marker.exists(), "removed with a copy not synced");
+        s.sync().unwrap();
+        assert!(!marker.exists(), "a sync after MARK_KEPT keeps it");
+        // A new copy marks again; the quiet volume's settle removes it.
+        assert_eq!(s.preserve_many(&[2], &[3u8; 4096]).unwrap(), 1);
+        assert!(marker.exists());
+        s.sync().unwrap();
+        s.settle().unwrap();
+        assert!(marker.exists());
+        std::thread::sleep(MARK_KEPT + std::time::Duration::from_millis(50));
+        s.settle().unwrap();
+        assert!(!marker.exists(), "settle kept it");
+        // Every copy reads back.
+        let mut buf = [0u8; 4096];
+        for (e, b) in [(0, 1u8), (1, 2), (2, 3)] {
+            assert!(s.read_preserved(e, 0, &mut buf).unwrap());
+            assert!(buf.iter().all(|&x| x == b));
+        }
+    }
 
     #[test]
     fn index_records_known_answers() {
