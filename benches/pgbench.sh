@@ -19,7 +19,8 @@
 # Usage: benches/pgbench.sh   (as root: losetup, mount, runuser)
 # Env:
 #   BENCH_RUNTIME  seconds of pgbench per round (default 30)
-#   BENCH_REPEAT   rounds per server (default 3)
+#   BENCH_REPEAT   rounds per server (default 5: single rounds swing by
+#                  about 5%, and the ratio of medians needs several)
 #   BENCH_SCALE    pgbench scale (default 10)
 #   PG_BIN         PostgreSQL's bin directory (default: pg_config --bindir,
 #                  else the newest /usr/lib/postgresql/*/bin)
@@ -31,7 +32,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=benches/common.sh
 . "$repo/benches/common.sh"
 runtime=${BENCH_RUNTIME:-30}
-repeat=${BENCH_REPEAT:-3}
+repeat=${BENCH_REPEAT:-5}
 scale=${BENCH_SCALE:-10}
 blockd_src=${BLOCKD_BIN:-$repo/target/release/blockd}
 blockctl_src=${BLOCKCTL_BIN:-$repo/target/release/blockctl}
