@@ -934,6 +934,34 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
     let _ = tmp;
 }
 
+/// A clean stop right after a flushed copy leaves no marker behind (it
+/// is otherwise kept a second), so a planned reboot does not report the
+/// snapshot damaged.
+#[test]
+fn a_clean_stop_right_after_a_flushed_copy_keeps_the_snapshot_good_across_a_reboot() {
+    if !require_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "8M");
+    qemu_io(&d.uri("v"), &["write -P 0x11 0 8M"]);
+    d.ok(&["snapshot", "create", "v", "--name", "s"]);
+    qemu_io(&d.uri("v"), &["write -P 0x22 0 64k", "flush"]);
+    let marker = d.dir.path().join("snapshots/v/s/cow.unsynced");
+    assert!(marker.exists(), "no marker within its second");
+    assert!(d.terminate().success());
+    assert!(!marker.exists(), "a clean stop left the marker");
+    d.env
+        .push(("BLOCKD_TEST_BOOT_ID".into(), "after-a-reboot".into()));
+    d.spawn();
+    let l: serde_json::Value = serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+    assert!(l[0]["damaged"].is_null(), "{l}");
+    let frozen = tmp.path().join("v.img");
+    export_to_file(&snap_uri(&d, "v@s"), &frozen);
+    assert!(read_file(&frozen).iter().all(|&b| b == 0x11));
+}
+
 /// A snapshot read over NBD is deleted only with --force, as a volume with
 /// clients is: without it the delete is refused and the client reads on;
 /// deletes racing new connections never end one that opened.

@@ -598,28 +598,45 @@ impl SnapshotStore {
     /// # Errors
     /// I/O failures of a snapshot still held.
     pub fn sync(&self) -> io::Result<()> {
+        self.sync_when(false)
+    }
+
+    /// [`SnapshotStore::sync`] at a clean shutdown: the marker goes
+    /// whatever its age once every copy is on disk, so that a reboot
+    /// does not find it and report the snapshot damaged.
+    ///
+    /// # Errors
+    /// As [`SnapshotStore::sync`].
+    pub fn sync_final(&self) -> io::Result<()> {
+        self.sync_when(true)
+    }
+
+    fn sync_when(&self, last: bool) -> io::Result<()> {
         if self.closing.is_cancelled() {
             return Ok(());
         }
-        match self.sync_files() {
+        match self.sync_files(last) {
             Err(_) if self.closing.is_cancelled() => Ok(()),
             r => r,
         }
     }
 
-    fn sync_files(&self) -> io::Result<()> {
-        let _one = lock(&self.syncing);
-        if self.unsynced.swap(false, Ordering::SeqCst) {
-            let r = self
-                .data
-                .sync_data()
-                .and_then(|()| self.index_file.sync_data());
-            if r.is_err() {
-                self.unsynced.store(true, Ordering::SeqCst);
-                return r;
+    fn sync_files(&self, last: bool) -> io::Result<()> {
+        let removed = {
+            let _one = lock(&self.syncing);
+            if self.unsynced.swap(false, Ordering::SeqCst) {
+                let r = self
+                    .data
+                    .sync_data()
+                    .and_then(|()| self.index_file.sync_data());
+                if r.is_err() {
+                    self.unsynced.store(true, Ordering::SeqCst);
+                    return r;
+                }
             }
-        }
-        self.unmark()
+            self.unmark(last)?
+        };
+        self.unmarked(removed)
     }
 
     /// Removes `cow.unsynced` when every copy is on disk and the marker
@@ -634,27 +651,35 @@ impl SnapshotStore {
         if self.closing.is_cancelled() || !self.marked.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let _one = lock(&self.syncing);
-        match self.unmark() {
+        let removed = {
+            let _one = lock(&self.syncing);
+            self.unmark(false)
+        };
+        match removed.and_then(|r| self.unmarked(r)) {
             Err(_) if self.closing.is_cancelled() => Ok(()),
             r => r,
         }
     }
 
-    /// The marker's removal, with `syncing` held.
-    fn unmark(&self) -> io::Result<()> {
-        if !self.marked.load(Ordering::SeqCst) {
-            return Ok(());
+    /// The marker's removal, with `syncing` held; true when it went (its
+    /// directory is then to be synced, after `syncing` is released, so a
+    /// FLUSH does not wait for that). `any_age`: whatever its age.
+    fn unmark(&self, any_age: bool) -> io::Result<bool> {
+        // A removed snapshot's directory may hold a new snapshot of the
+        // same name by now: [`SnapshotStore::remove`] cancels `closing`
+        // and then waits for `syncing` before it renames the directory.
+        if !self.marked.load(Ordering::SeqCst) || self.closing.is_cancelled() {
+            return Ok(false);
         }
         // No copy since the last sync's swap (a copy holds the index lock
         // from its marker check until it sets `unsynced`), and that sync
         // has ended (`syncing`): everything is on disk.
         let index = self.lock_index();
         if self.unsynced.load(Ordering::SeqCst) || !self.marked.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(false);
         }
-        if lock(&self.marked_at).is_some_and(|t| t.elapsed() < MARK_KEPT) {
-            return Ok(());
+        if !any_age && lock(&self.marked_at).is_some_and(|t| t.elapsed() < MARK_KEPT) {
+            return Ok(false);
         }
         match std::fs::remove_file(self.dir.join(UNSYNCED)) {
             Ok(()) => {}
@@ -664,9 +689,17 @@ impl SnapshotStore {
         self.marked.store(false, Ordering::SeqCst);
         *lock(&self.marked_at) = None;
         drop(index);
-        // Lost, the removal only makes a later host crash report a
-        // snapshot damaged that is not.
-        crate::durable::sync_dir(&self.dir)
+        Ok(true)
+    }
+
+    /// After [`Self::unmark`]: lost, the removal only makes a later host
+    /// crash report a snapshot damaged that is not.
+    fn unmarked(&self, removed: bool) -> io::Result<()> {
+        if removed {
+            crate::durable::sync_dir(&self.dir)
+        } else {
+            Ok(())
+        }
     }
 
     /// Bytes of preserved data.
@@ -690,6 +723,9 @@ impl SnapshotStore {
         use std::sync::atomic::AtomicU64;
         static REMOVALS: AtomicU64 = AtomicU64::new(0);
         self.closing.cancel();
+        // A sync or settle under way ends before the directory moves, and
+        // any later one sees `closing` (see `unmark`).
+        let quiet = lock(&self.syncing);
         let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
         let trash = self.dir.with_file_name(format!(
             "{REMOVED_PREFIX}{name}.{}.{}",
@@ -697,6 +733,7 @@ impl SnapshotStore {
             REMOVALS.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::rename(&self.dir, &trash)?;
+        drop(quiet);
         let synced = self.dir.parent().map_or(Ok(()), crate::durable::sync_dir);
         if let Some(parent) = self.dir.parent() {
             self.keep_spare(&trash.join("cow.data"), &parent.join(SPARE));
@@ -788,6 +825,10 @@ impl FrozenImage for SnapshotStore {
     fn sync(&self) -> io::Result<()> {
         SnapshotStore::sync(self)
     }
+
+    fn sync_final(&self) -> io::Result<()> {
+        SnapshotStore::sync_final(self)
+    }
 }
 
 #[cfg(test)]
@@ -813,6 +854,32 @@ mod tests {
             handed_on: false,
         };
         SnapshotStore::new(dir, meta, ChangeSet::empty(), files)
+    }
+
+    /// A removed snapshot never removes the marker of a new snapshot of
+    /// the same name in the same directory, whatever it was doing when
+    /// it was removed.
+    #[test]
+    fn a_removed_snapshot_leaves_the_marker_of_its_successor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = store(tmp.path());
+        assert_eq!(old.preserve_many(&[0], &[1u8; 4096]).unwrap(), 1);
+        old.sync().unwrap();
+        old.remove().unwrap();
+        let new = store(tmp.path());
+        assert_eq!(new.preserve_many(&[0], &[2u8; 4096]).unwrap(), 1);
+        let marker = tmp.path().join("v/s").join(UNSYNCED);
+        assert!(marker.exists());
+        std::thread::sleep(MARK_KEPT + std::time::Duration::from_millis(50));
+        // As a settle that passed its first check before the removal.
+        assert!(!old.unmark(false).unwrap());
+        old.settle().unwrap();
+        old.sync().unwrap();
+        old.sync_final().unwrap();
+        assert!(
+            marker.exists(),
+            "the old snapshot removed the new one's marker"
+        );
     }
 
     /// The marker goes down before the first copy, stays through the
@@ -848,6 +915,12 @@ mod tests {
         std::thread::sleep(MARK_KEPT + std::time::Duration::from_millis(50));
         s.settle().unwrap();
         assert!(!marker.exists(), "settle kept it");
+        // At a clean shutdown it goes whatever its age.
+        assert_eq!(s.preserve_many(&[3], &[4u8; 4096]).unwrap(), 1);
+        s.sync().unwrap();
+        assert!(marker.exists());
+        s.sync_final().unwrap();
+        assert!(!marker.exists(), "a clean shutdown left the marker");
         // Every copy reads back.
         let mut buf = [0u8; 4096];
         for (e, b) in [(0, 1u8), (1, 2), (2, 3)] {

@@ -73,6 +73,14 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// I/O failures.
     fn sync(&self) -> io::Result<()>;
+    /// [`FrozenImage::sync`] at a clean shutdown, when nothing may be left
+    /// for later.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn sync_final(&self) -> io::Result<()> {
+        self.sync()
+    }
 }
 
 impl Volume {

@@ -831,7 +831,7 @@ impl Volume {
     /// shutdown; the COW data of held snapshots first, as on a flush.
     pub fn sync_all(&self) -> io::Result<()> {
         for s in self.held_images() {
-            s.sync()?;
+            s.sync_final()?;
         }
         let lazy = self.lazy();
         let map = lazy.as_ref().map(|l| l.checkpoint());
