@@ -45,9 +45,11 @@
 //! copy unsynced removes it, once it has existed for [`MARK_KEPT`]: a
 //! database committing every half millisecond would otherwise pay the
 //! marker's two journal commits (create, remove) on every commit while a
-//! snapshot is held (see kernel-notes, "Copy-on-write"). When the volume
-//! goes quiet before that, [`SnapshotStore::settle`], called every second
-//! by the daemon, removes it. Found at start with another boot id, it means the host
+//! snapshot is held (see kernel-notes, "Snapshots: the freeze, COW
+//! ordering"). When the volume goes quiet before that,
+//! [`SnapshotStore::settle`], called every second by the daemon, removes
+//! it; a clean shutdown removes it whatever its age. Found at start with
+//! another boot id, it means the host
 //! went down with copies not on disk: the snapshot is marked damaged
 //! (persisted in `meta.json`), listed as such, and refused for export and
 //! backup, never read as if it were good. Found with this boot id, only
