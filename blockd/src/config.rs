@@ -62,6 +62,11 @@ pub struct Settings {
     /// How long connections answer ESHUTDOWN after SIGTERM [default: 2s].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Period>,
+    /// How often the copy-on-write data of held snapshots is synced; a
+    /// host crash within this long of a copy reports the snapshot damaged
+    /// [default: 1s].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_sync: Option<Period>,
     /// NBD over TCP.
     #[serde(default, skip_serializing_if = "Nbd::is_empty")]
     pub nbd: Nbd,
@@ -261,6 +266,7 @@ impl Settings {
             io_engine: Some(EngineKind::Auto),
             change_tracking: Some(true),
             shutdown_grace: Some(Period(Duration::from_secs(2))),
+            snapshot_sync: Some(Period(crate::snapshot::store::SYNC_EVERY)),
             nbd: Nbd {
                 listen: None,
                 tls: Some(TlsSetting::Auto),
@@ -326,6 +332,7 @@ impl Settings {
             nbd_tls_verify_peer: set(s.nbd.tls_verify_peer, "nbd.tls_verify_peer"),
             io_engine: set(s.io_engine, "io_engine"),
             shutdown_grace: set(s.shutdown_grace, "shutdown_grace").0,
+            snapshot_sync: set(s.snapshot_sync, "snapshot_sync").0,
             change_tracking: set(s.change_tracking, "change_tracking"),
             cloud: crate::cloud::Settings {
                 full_every: set(s.cloud.full_every, "cloud.full_every").0,
@@ -597,6 +604,7 @@ mod tests {
     fn defaults_fill_every_setting_the_daemon_reads() {
         let c = Settings::default().daemon_config(Vec::new());
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.snapshot_sync, Duration::from_secs(1));
         assert_eq!(c.cloud.gc_grace, Duration::from_secs(24 * 3600));
         assert_eq!(c.cloud.gc_every, Some(Duration::from_secs(24 * 3600)));
         assert_eq!(c.cloud.backup_deadline, Duration::from_secs(20 * 3600));

@@ -53,6 +53,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Track dirty extents (off only to measure what tracking costs).
     pub change_tracking: bool,
+    /// How often held snapshots' copy-on-write data is synced.
+    pub snapshot_sync: Duration,
     /// Backups, restores and locations.
     pub cloud: crate::cloud::Settings,
     /// Group whose members may use the control API (name or number);
@@ -402,18 +404,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    // Markers of copy-on-write data, removed once the copies are on disk
-    // (see `snapshot::store`).
+    // Copy-on-write data of held snapshots, synced at intervals rather
+    // than with each FLUSH (see `snapshot::store`).
     let stop = shutdown.clone();
+    let every = config.snapshot_sync;
     tracker.spawn(async move {
-        let mut tick = tokio::time::interval(crate::snapshot::store::MARK_KEPT);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {
                     let snaps = snaps.clone();
-                    let _ = tokio::task::spawn_blocking(move || snaps.settle()).await;
+                    let _ = tokio::task::spawn_blocking(move || snaps.sync()).await;
                 }
             }
         }

@@ -77,6 +77,12 @@ struct Args {
     /// closing: seconds, or a duration such as 500ms [default: 2s]
     #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
     shutdown_grace: Option<Period>,
+    /// How often the copy-on-write data of held snapshots is synced to
+    /// disk (a client's FLUSH syncs the volume, not these); a host crash
+    /// within this long of a copy reports the snapshot damaged, never
+    /// wrong. At least 1s [default: 1s]
+    #[arg(long, env = "BLOCKD_SNAPSHOT_SYNC", value_name = "DURATION")]
+    snapshot_sync: Option<Period>,
     /// Every Nth backup of a volume reads it whole (pxctl's rule: every 7th)
     /// [default: 7]
     #[arg(long, env = "BLOCKD_FULL_EVERY", value_name = "N")]
@@ -153,6 +159,7 @@ impl Args {
             io_engine: self.io_engine,
             change_tracking: self.no_change_tracking.then_some(false),
             shutdown_grace: self.shutdown_grace,
+            snapshot_sync: self.snapshot_sync,
             nbd: Nbd {
                 listen: self.nbd_listen,
                 tls: self.nbd_tls,

@@ -14,7 +14,8 @@
 //! long as writing back every dirty page takes (measured: p50 126 ms, max
 //! 1.2 s for four volumes under random writes, against well under 1 ms
 //! without it). Writes after the freeze that touch frozen extents are
-//! preserved by the COW guard, whose files that flush syncs first.
+//! preserved by the COW guard, whose copies the daemon syncs at intervals
+//! (see [`store`]).
 //!
 //! A snapshot that is abandoned (a failure, or deleted before any backup
 //! used it) merges its change set back into the volume's map: no change is
@@ -285,14 +286,14 @@ impl Snapshots {
         v
     }
 
-    /// Removes the `cow.unsynced` markers that a sync left in place
-    /// because they were younger than [`store::MARK_KEPT`] (see
-    /// [`SnapshotStore::settle`]); the daemon calls it every second.
-    pub fn settle(&self) {
+    /// Makes the copy-on-write data of every held snapshot durable and
+    /// removes the markers that stood for it (see [`SnapshotStore::sync`]);
+    /// the daemon calls it at the `snapshot_sync` interval.
+    pub fn sync(&self) {
         let held: Vec<_> = self.lock().values().cloned().collect();
         for s in held {
-            if let Err(e) = s.settle() {
-                tracing::warn!(snapshot = %s.id(), error = %e, "removing the copy-on-write marker failed; a host crash now would report this snapshot damaged");
+            if let Err(e) = s.sync() {
+                tracing::warn!(snapshot = %s.id(), error = %e, "syncing copy-on-write data failed (retried at the next interval); a host crash now would report this snapshot damaged");
             }
         }
     }
@@ -520,9 +521,10 @@ impl Snapshots {
         }
         let pause = started.elapsed();
         drop(gates);
-        // Durability of the frozen image: the live data it still reads and
-        // the COW data preserved since. Needed before the commit, not during
-        // the pause (the freeze point is an ordering, which the gate gives).
+        // Durability of the frozen image: the live data it still reads (the
+        // copies made since have their marker, see `store`). Needed before
+        // the commit, not during the pause (the freeze point is an
+        // ordering, which the gate gives).
         for (v, s) in members.iter().zip(&stores) {
             if let Err(source) = v.flush().await {
                 for (v, s) in members.iter().zip(&stores) {

@@ -68,19 +68,12 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// I/O failures.
     fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool>;
-    /// Makes the preserved data durable (before the volume's own flush).
+    /// Makes the preserved data durable: at intervals and at shutdown,
+    /// not with the volume's FLUSH (see [`crate::snapshot::store`]).
     ///
     /// # Errors
     /// I/O failures.
     fn sync(&self) -> io::Result<()>;
-    /// [`FrozenImage::sync`] at a clean shutdown, when nothing may be left
-    /// for later.
-    ///
-    /// # Errors
-    /// I/O failures.
-    fn sync_final(&self) -> io::Result<()> {
-        self.sync()
-    }
 }
 
 impl Volume {
@@ -105,17 +98,6 @@ impl Volume {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-
-    /// fsyncs the preserved data of armed images that have unsynced data.
-    pub(super) async fn sync_cow(&self) -> io::Result<()> {
-        let held = self.held_images();
-        if held.is_empty() {
-            return Ok(());
-        }
-        tokio::task::spawn_blocking(move || held.iter().try_for_each(|s| s.sync()))
-            .await
-            .map_err(io::Error::other)?
     }
 
     /// The guard: before `offset..offset + len` changes, every armed image
@@ -167,11 +149,6 @@ impl Volume {
         for s in held.iter() {
             // Each image keeps the ones it still needs.
             let copied = s.preserve_many(&extents, &old)?;
-            if copied > 0 {
-                // The next flush must sync the copies, even if the write
-                // that needed them fails (another image's copy failing).
-                self.wrote();
-            }
             self.stats.cow(copied as u64 * self.extent_size);
         }
         Ok(())

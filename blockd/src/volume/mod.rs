@@ -583,10 +583,6 @@ impl Volume {
         let filled = self.prepare(offset, len, Need::Overwrite).await?;
         self.dirty.mark(offset, len);
         self.guard(offset, len)?;
-        if fua {
-            // A durable overwrite must not outrun the copy it displaced.
-            self.sync_cow().await?;
-        }
         let written = self
             .engine
             .write_at(&self.file, buf, start, offset, fua)
@@ -600,8 +596,9 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Makes every acknowledged write durable, and the COW data of held
-    /// snapshots first (their frozen images depend on it).
+    /// Makes every acknowledged write durable. The copies held snapshots
+    /// made are not synced here but at intervals, a marker standing for
+    /// them meanwhile (see [`crate::snapshot::store`]).
     pub async fn flush(&self) -> io::Result<()> {
         let lazy = self.lazy();
         // A lazy restore's fills are not counted: its flushes always sync.
@@ -610,7 +607,6 @@ impl Volume {
             self.behind.flushed();
             return Ok(());
         }
-        self.sync_cow().await?;
         // The map is taken before the sync: every unit it records present
         // was written before the sync began.
         let map = lazy.as_ref().map(|l| l.checkpoint());
@@ -635,8 +631,7 @@ impl Volume {
             self.behind.flushed();
             return Some(Ok(()));
         };
-        let cow = self.held_images().iter().try_for_each(|s| s.sync());
-        let r = cow.and_then(|()| self.file.sync_data());
+        let r = self.file.sync_data();
         if r.is_ok() {
             self.synced_up_to(target);
             self.behind.flushed();
@@ -828,10 +823,11 @@ impl Volume {
 
     /// fsync of data and metadata (and the present map of a lazy
     /// restore: a clean shutdown keeps every acknowledged write), used at
-    /// shutdown; the COW data of held snapshots first, as on a flush.
+    /// shutdown; the COW data of held snapshots first, so that their
+    /// markers go and a reboot finds them good.
     pub fn sync_all(&self) -> io::Result<()> {
         for s in self.held_images() {
-            s.sync_final()?;
+            s.sync()?;
         }
         let lazy = self.lazy();
         let map = lazy.as_ref().map(|l| l.checkpoint());
