@@ -9,13 +9,14 @@
 # Usage: benches/snapshot.sh      Env: BENCH_RUNTIME (seconds per fio job,
 # default 8), BENCH_FREEZES (default 100), BENCH_TMPDIR (default /var/tmp),
 # BENCH_CONTROL=1 (A/A run: tracking on for both columns), BENCH_PARTS
-# (which parts to run, default 123), BENCH_COW_ROUNDS (default 3).
+# (which parts to run, default 123), BENCH_COW_ROUNDS (default 3), BLOCKD_BIN
+# (default target/release/blockd: another build to compare).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 runtime=${BENCH_RUNTIME:-8}
 freezes=${BENCH_FREEZES:-100}
-blockd_bin=$repo/target/release/blockd
+blockd_bin=${BLOCKD_BIN:-$repo/target/release/blockd}
 blockctl_bin=$repo/target/release/blockctl
 python=python3
 [[ -x /usr/bin/python3 ]] && python=/usr/bin/python3

@@ -852,13 +852,13 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
     }
     let mut d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
-    // w: overwritten after its snapshot with no FLUSH (libnbd's shutdown
-    // sends none). The daemon syncs the copies at its interval (1s) all
-    // the same: the marker goes.
+    // w: overwritten after its snapshot, and flushed. The FLUSH syncs the
+    // volume; the daemon syncs the copies at its next interval (1s), and
+    // the marker goes.
     d.create("w", "8M");
     qemu_io(&d.uri("w"), &["write -P 0x11 0 8M"]);
     d.ok(&["snapshot", "create", "w", "--name", "s"]);
-    nbdsh(UNSYNCED_WRITE, &[&d.uri("w")]);
+    qemu_io(&d.uri("w"), &["write -P 0x22 0 64k", "flush"]);
     let snaps = d.dir.path().join("snapshots");
     let t0 = std::time::Instant::now();
     while snaps.join("w/s/cow.unsynced").exists() {
@@ -869,8 +869,7 @@ fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // From here copies stay unsynced for an hour, so that the crash below
-    // meets them: v overwritten, and flushed too (a FLUSH syncs the
-    // volume, not the copies: the marker stays). Retried failures slow
+    // meets them: v overwritten and flushed, as w (the marker stays). Retried failures slow
     // the backup that is underway at the crash (at 0.2, five failures in
     // a row, which end a request, come once in 3,000 requests).
     assert!(d.terminate().success());

@@ -62,8 +62,8 @@ pub struct Settings {
     /// How long connections answer ESHUTDOWN after SIGTERM [default: 2s].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace: Option<Period>,
-    /// How often the copy-on-write data of held snapshots is synced; a
-    /// host crash within this long of a copy reports the snapshot damaged
+    /// How soon after a FLUSH the copy-on-write data of held snapshots is
+    /// synced; a host crash before reports the snapshot damaged
     /// [default: 1s].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_sync: Option<Period>,

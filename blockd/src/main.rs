@@ -77,10 +77,11 @@ struct Args {
     /// closing: seconds, or a duration such as 500ms [default: 2s]
     #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
     shutdown_grace: Option<Period>,
-    /// How often the copy-on-write data of held snapshots is synced to
-    /// disk (a client's FLUSH syncs the volume, not these); a host crash
-    /// within this long of a copy reports the snapshot damaged, never
-    /// wrong. At least 1s [default: 1s]
+    /// How soon after a client's FLUSH (which syncs the volume) the
+    /// copy-on-write data of held snapshots is synced too, and how often
+    /// it is checked; copies no FLUSH asked for are synced within 30s. A
+    /// host crash before reports the snapshot damaged, never wrong. At
+    /// least 1s [default: 1s]
     #[arg(long, env = "BLOCKD_SNAPSHOT_SYNC", value_name = "DURATION")]
     snapshot_sync: Option<Period>,
     /// Every Nth backup of a volume reads it whole (pxctl's rule: every 7th)

@@ -286,13 +286,14 @@ impl Snapshots {
         v
     }
 
-    /// Makes the copy-on-write data of every held snapshot durable and
-    /// removes the markers that stood for it (see [`SnapshotStore::sync`]);
-    /// the daemon calls it at the `snapshot_sync` interval.
+    /// Makes the copy-on-write data of held snapshots durable where it is
+    /// due and removes the markers that stood for it (see
+    /// [`SnapshotStore::sync_due`]); the daemon calls it at the
+    /// `snapshot_sync` interval.
     pub fn sync(&self) {
         let held: Vec<_> = self.lock().values().cloned().collect();
         for s in held {
-            if let Err(e) = s.sync() {
+            if let Err(e) = s.sync_due() {
                 tracing::warn!(snapshot = %s.id(), error = %e, "syncing copy-on-write data failed (retried at the next interval); a host crash now would report this snapshot damaged");
             }
         }

@@ -40,10 +40,11 @@
 //! A host crash loses the page cache, and writeback may have stored an
 //! overwrite without the copy it displaced: the frozen image would then
 //! read data written after the freeze. So a copy made while there is no
-//! `cow.unsynced` first creates it durably; the daemon syncs the copies of
-//! every held snapshot at a fixed interval (`snapshot_sync`, 1 s by
-//! default, and at a clean shutdown: [`SnapshotStore::sync`]), and a sync
-//! that leaves no copy unsynced removes the marker. Found at start with
+//! `cow.unsynced` first creates it durably; the daemon syncs the copies at
+//! an interval (`snapshot_sync`, 1 s by default) once a FLUSH or FUA write
+//! has reached the volume, or once the oldest is [`COPIES_KEPT`] old
+//! ([`SnapshotStore::sync_due`]), and at a clean shutdown; a sync that
+//! leaves no copy unsynced removes the marker. Found at start with
 //! another boot id, it means the host went down with copies not on disk:
 //! the snapshot is marked damaged (persisted in `meta.json`), listed as
 //! such, and refused for export and backup, never read as if it were
@@ -78,6 +79,10 @@ const UNSYNCED: &str = "cow.unsynced";
 /// How often the daemon syncs the copies of held snapshots when the
 /// `snapshot_sync` setting does not say.
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long copies stay unsynced at most when no FLUSH asks for them:
+/// the kernel's default `dirty_expire_centisecs`, after which it writes
+/// back the overwrites that displaced them anyway.
+pub const COPIES_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -235,6 +240,10 @@ pub struct SnapshotStore {
     index: Mutex<CowIndex>,
     /// COW data written since the last sync.
     unsynced: AtomicBool,
+    /// When `unsynced` last became true (changed with the index lock held).
+    unsynced_since: Mutex<Option<std::time::Instant>>,
+    /// The volume saw a FLUSH or FUA write since the last sync.
+    flushed: AtomicBool,
     /// `cow.unsynced` exists (changed with the index lock held).
     marked: AtomicBool,
     /// Held through a sync and the marker's removal after it: a removal
@@ -353,6 +362,8 @@ impl SnapshotStore {
             index_file: files.1,
             index: Mutex::new(CowIndex::default()),
             unsynced: AtomicBool::new(false),
+            unsynced_since: Mutex::new(None),
+            flushed: AtomicBool::new(false),
             marked: AtomicBool::new(false),
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -453,6 +464,8 @@ impl SnapshotStore {
             index_file,
             index: Mutex::new(CowIndex::from(index)),
             unsynced: AtomicBool::new(marked.is_some()),
+            unsynced_since: Mutex::new(marked.is_some().then(std::time::Instant::now)),
+            flushed: AtomicBool::new(marked.is_some()),
             marked: AtomicBool::new(marked.is_some()),
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
@@ -567,7 +580,9 @@ impl SnapshotStore {
         for (n, &i) in fresh.iter().enumerate() {
             index.insert(extents[i], slot(n)?);
         }
-        self.unsynced.store(true, Ordering::SeqCst);
+        if !self.unsynced.swap(true, Ordering::SeqCst) {
+            *lock(&self.unsynced_since) = Some(std::time::Instant::now());
+        }
         Ok(fresh.len())
     }
 
@@ -613,19 +628,59 @@ impl SnapshotStore {
     fn sync_files(&self) -> io::Result<()> {
         let removed = {
             let _one = lock(&self.syncing);
-            if self.unsynced.swap(false, Ordering::SeqCst) {
+            let taken = {
+                let _index = self.lock_index();
+                self.unsynced
+                    .swap(false, Ordering::SeqCst)
+                    .then(|| lock(&self.unsynced_since).take())
+            };
+            if let Some(since) = taken {
                 let r = self
                     .data
                     .sync_data()
                     .and_then(|()| self.index_file.sync_data());
                 if r.is_err() {
+                    let _index = self.lock_index();
                     self.unsynced.store(true, Ordering::SeqCst);
+                    let mut at = lock(&self.unsynced_since);
+                    *at = since.into_iter().chain(*at).min();
                     return r;
                 }
             }
             self.unmark()?
         };
         self.unmarked(removed)
+    }
+
+    /// What the daemon calls at each `snapshot_sync` interval: syncs the
+    /// copies when a FLUSH or FUA write reached the volume since the last
+    /// sync, or when the oldest unsynced copy is [`COPIES_KEPT`] old, and
+    /// otherwise leaves them to the page cache. A client that flushes gets
+    /// its overwrites on disk, and the copies they displaced follow within
+    /// the interval; one that never flushes leaves its overwrites to the
+    /// kernel's writeback, and syncing copies ahead of it would only add
+    /// writes where it has none (4k random writes after a freeze ran at
+    /// 0.81-0.82x of those with no snapshot with a sync every second,
+    /// 0.84-0.87x without).
+    ///
+    /// # Errors
+    /// As [`SnapshotStore::sync`].
+    pub fn sync_due(&self) -> io::Result<()> {
+        if !self.marked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let flushed = self.flushed.swap(false, Ordering::SeqCst);
+        let old = lock(&self.unsynced_since).is_some_and(|t| t.elapsed() >= COPIES_KEPT);
+        if flushed || old || !self.unsynced.load(Ordering::SeqCst) {
+            self.sync()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Notes a FLUSH or FUA write on the volume (see [`Self::sync_due`]).
+    pub fn volume_flushed(&self) {
+        self.flushed.store(true, Ordering::Relaxed);
     }
 
     /// The marker's removal, with `syncing` held; true when it went (its
@@ -787,6 +842,10 @@ impl FrozenImage for SnapshotStore {
     fn sync(&self) -> io::Result<()> {
         SnapshotStore::sync(self)
     }
+
+    fn volume_flushed(&self) {
+        SnapshotStore::volume_flushed(self);
+    }
 }
 
 #[cfg(test)]
@@ -875,6 +934,36 @@ mod tests {
             assert!(s.read_preserved(e, 0, &mut buf).unwrap());
             assert!(buf.iter().all(|&x| x == b));
         }
+    }
+
+    /// The daemon's interval sync takes the copies only when a FLUSH asked
+    /// for durability or the oldest is [`COPIES_KEPT`] old.
+    #[test]
+    fn copies_are_due_after_a_flush_or_once_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let marker = tmp.path().join("v/s").join(UNSYNCED);
+        assert_eq!(s.preserve_many(&[0], &[1u8; 4096]).unwrap(), 1);
+        s.sync_due().unwrap();
+        assert!(marker.exists(), "synced with no FLUSH and young");
+        s.volume_flushed();
+        s.sync_due().unwrap();
+        assert!(!marker.exists(), "not synced after a FLUSH");
+        assert_eq!(s.preserve_many(&[1], &[2u8; 4096]).unwrap(), 1);
+        s.sync_due().unwrap();
+        assert!(marker.exists());
+        *lock(&s.unsynced_since) = std::time::Instant::now().checked_sub(COPIES_KEPT);
+        s.sync_due().unwrap();
+        assert!(!marker.exists(), "an old copy not synced");
+        // Nothing left to sync, the marker still there (a copy came during
+        // the last sync, and that sync's successor took it): it goes.
+        assert_eq!(s.preserve_many(&[2], &[3u8; 4096]).unwrap(), 1);
+        {
+            let _one = lock(&s.syncing);
+            assert!(s.unsynced.swap(false, Ordering::SeqCst));
+        }
+        s.sync_due().unwrap();
+        assert!(!marker.exists());
     }
 
     #[test]

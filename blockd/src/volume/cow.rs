@@ -74,6 +74,9 @@ pub trait FrozenImage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// I/O failures.
     fn sync(&self) -> io::Result<()>;
+    /// Called when a FLUSH or FUA write of the volume has made its
+    /// writes durable: the copies they displaced are then due.
+    fn volume_flushed(&self) {}
 }
 
 impl Volume {
@@ -91,6 +94,19 @@ impl Volume {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|s| !std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(image)));
+    }
+
+    /// Tells every armed image that the volume's writes so far are
+    /// durable (a FLUSH or FUA write).
+    pub(super) fn tell_flushed(&self) {
+        for s in self
+            .held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            s.volume_flushed();
+        }
     }
 
     pub(super) fn held_images(&self) -> Vec<Arc<dyn FrozenImage>> {

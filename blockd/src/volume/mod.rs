@@ -589,6 +589,9 @@ impl Volume {
             .await;
         self.wrote();
         let buf = written?;
+        if fua {
+            self.tell_flushed();
+        }
         if fua && filled {
             // ... nor the record that its units are present.
             self.flush().await?;
@@ -597,14 +600,15 @@ impl Volume {
     }
 
     /// Makes every acknowledged write durable. The copies held snapshots
-    /// made are not synced here but at intervals, a marker standing for
-    /// them meanwhile (see [`crate::snapshot::store`]).
+    /// made are not synced here: the daemon syncs them within its
+    /// interval once a FLUSH has asked for durability, a marker standing
+    /// for them meanwhile (see [`crate::snapshot::store`]).
     pub async fn flush(&self) -> io::Result<()> {
         let lazy = self.lazy();
         // A lazy restore's fills are not counted: its flushes always sync.
         let target = self.written.load(Ordering::Acquire);
         if lazy.is_none() && self.sync_due().is_none() {
-            self.behind.flushed();
+            self.flushed();
             return Ok(());
         }
         // The map is taken before the sync: every unit it records present
@@ -615,7 +619,7 @@ impl Volume {
             l.persist(map, generation).await?;
         } else {
             self.synced_up_to(target);
-            self.behind.flushed();
+            self.flushed();
         }
         Ok(())
     }
@@ -628,15 +632,22 @@ impl Volume {
             return None;
         }
         let Some(target) = self.sync_due() else {
-            self.behind.flushed();
+            self.flushed();
             return Some(Ok(()));
         };
         let r = self.file.sync_data();
         if r.is_ok() {
             self.synced_up_to(target);
-            self.behind.flushed();
+            self.flushed();
         }
         Some(r)
+    }
+
+    /// After a FLUSH: write-behind's rhythm, and the held images, whose
+    /// copies are then due.
+    fn flushed(&self) {
+        self.behind.flushed();
+        self.tell_flushed();
     }
 
     /// True when the writeback of a small write of `len` bytes that just
