@@ -172,6 +172,11 @@ fn bad_keys_and_values_stop_the_start_naming_file_and_line() {
             2,
             &["write 1G or 1GiB"][..],
         ),
+        (
+            "snapshot_sync = \"200ms\"\n",
+            1,
+            &["too short: give at least 1s"][..],
+        ),
     ] {
         let file = tmp.path().join("bad.toml");
         std::fs::write(&file, text).unwrap();
@@ -189,6 +194,23 @@ fn bad_keys_and_values_stop_the_start_naming_file_and_line() {
         }
         assert!(!state.exists(), "a refused start created its state dir");
     }
+    // The same rules hold for a flag.
+    let out = blockd(
+        &[
+            "--snapshot-sync",
+            "soon",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--snapshot-sync") && err.contains("is not a duration"),
+        "{err}"
+    );
+    assert!(!state.exists(), "a refused start created its state dir");
     // A state dir that is a file is named as such, and left alone.
     let file = tmp.path().join("disk.img");
     std::fs::write(&file, b"data").unwrap();
