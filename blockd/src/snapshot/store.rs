@@ -238,10 +238,9 @@ pub struct SnapshotStore {
     /// Which extents are preserved and where; the lock also orders slot
     /// allocation.
     index: Mutex<CowIndex>,
-    /// COW data written since the last sync.
-    unsynced: AtomicBool,
-    /// When `unsynced` last became true (changed with the index lock held).
-    unsynced_since: Mutex<Option<std::time::Instant>>,
+    /// Since when COW data is written that no sync has covered (`None`:
+    /// every copy is on disk); changed with the index lock held.
+    unsynced: Mutex<Option<std::time::Instant>>,
     /// The volume saw a FLUSH or FUA write since the last sync.
     flushed: AtomicBool,
     /// `cow.unsynced` exists (changed with the index lock held).
@@ -361,8 +360,7 @@ impl SnapshotStore {
             data: files.0,
             index_file: files.1,
             index: Mutex::new(CowIndex::default()),
-            unsynced: AtomicBool::new(false),
-            unsynced_since: Mutex::new(None),
+            unsynced: Mutex::new(None),
             flushed: AtomicBool::new(false),
             marked: AtomicBool::new(false),
             syncing: Mutex::new(()),
@@ -463,8 +461,7 @@ impl SnapshotStore {
             data,
             index_file,
             index: Mutex::new(CowIndex::from(index)),
-            unsynced: AtomicBool::new(marked.is_some()),
-            unsynced_since: Mutex::new(marked.is_some().then(std::time::Instant::now)),
+            unsynced: Mutex::new(marked.is_some().then(std::time::Instant::now)),
             flushed: AtomicBool::new(marked.is_some()),
             marked: AtomicBool::new(marked.is_some()),
             syncing: Mutex::new(()),
@@ -484,7 +481,7 @@ impl SnapshotStore {
             s.write_meta()?;
             std::fs::remove_file(&marker).map_err(io_err(&id, &marker))?;
             s.marked.store(false, Ordering::SeqCst);
-            s.unsynced.store(false, Ordering::SeqCst);
+            *lock(&s.unsynced) = None;
         }
         Ok(Some(s))
     }
@@ -580,9 +577,7 @@ impl SnapshotStore {
         for (n, &i) in fresh.iter().enumerate() {
             index.insert(extents[i], slot(n)?);
         }
-        if !self.unsynced.swap(true, Ordering::SeqCst) {
-            *lock(&self.unsynced_since) = Some(std::time::Instant::now());
-        }
+        lock(&self.unsynced).get_or_insert_with(std::time::Instant::now);
         Ok(fresh.len())
     }
 
@@ -630,9 +625,7 @@ impl SnapshotStore {
             let _one = lock(&self.syncing);
             let taken = {
                 let _index = self.lock_index();
-                self.unsynced
-                    .swap(false, Ordering::SeqCst)
-                    .then(|| lock(&self.unsynced_since).take())
+                lock(&self.unsynced).take()
             };
             if let Some(since) = taken {
                 let r = self
@@ -641,9 +634,8 @@ impl SnapshotStore {
                     .and_then(|()| self.index_file.sync_data());
                 if r.is_err() {
                     let _index = self.lock_index();
-                    self.unsynced.store(true, Ordering::SeqCst);
-                    let mut at = lock(&self.unsynced_since);
-                    *at = since.into_iter().chain(*at).min();
+                    let mut at = lock(&self.unsynced);
+                    *at = Some(at.map_or(since, |t| t.min(since)));
                     return r;
                 }
             }
@@ -670,8 +662,8 @@ impl SnapshotStore {
             return Ok(());
         }
         let flushed = self.flushed.swap(false, Ordering::SeqCst);
-        let old = lock(&self.unsynced_since).is_some_and(|t| t.elapsed() >= COPIES_KEPT);
-        if flushed || old || !self.unsynced.load(Ordering::SeqCst) {
+        let unsynced = *lock(&self.unsynced);
+        if flushed || unsynced.is_none_or(|t| t.elapsed() >= COPIES_KEPT) {
             self.sync()
         } else {
             Ok(())
@@ -692,11 +684,11 @@ impl SnapshotStore {
         if !self.marked.load(Ordering::SeqCst) || self.closing.is_cancelled() {
             return Ok(false);
         }
-        // No copy since the last sync's swap (a copy holds the index lock
+        // No copy since the last sync took `unsynced` (a copy holds the index lock
         // from its marker check until it sets `unsynced`), and that sync
         // has ended (`syncing`): everything is on disk.
         let index = self.lock_index();
-        if self.unsynced.load(Ordering::SeqCst) || !self.marked.load(Ordering::SeqCst) {
+        if lock(&self.unsynced).is_some() || !self.marked.load(Ordering::SeqCst) {
             return Ok(false);
         }
         match std::fs::remove_file(self.dir.join(UNSYNCED)) {
@@ -791,7 +783,7 @@ impl SnapshotStore {
         // An empty area saves nothing.
         if self.data.metadata().is_ok_and(|m| m.len() == 0)
             || rename_noreplace(from, to).is_err()
-            || !self.unsynced.load(Ordering::SeqCst)
+            || lock(&self.unsynced).is_none()
         {
             return;
         }
@@ -917,11 +909,11 @@ mod tests {
         assert!(!marker.exists(), "a sync left the marker of synced copies");
         // A copy during a sync: its fsyncs began before it, so it keeps the
         // marker (held off here as the copy would land between the sync's
-        // swap of `unsynced` and its check).
+        // taking of `unsynced` and its check).
         assert_eq!(s.preserve_many(&[2], &[3u8; 4096]).unwrap(), 1);
         {
             let _one = lock(&s.syncing);
-            assert!(s.unsynced.swap(false, Ordering::SeqCst));
+            assert!(lock(&s.unsynced).take().is_some());
             assert_eq!(s.preserve_many(&[3], &[4u8; 4096]).unwrap(), 1);
             assert!(!s.unmark().unwrap(), "removed with a copy not synced");
         }
@@ -952,7 +944,7 @@ mod tests {
         assert_eq!(s.preserve_many(&[1], &[2u8; 4096]).unwrap(), 1);
         s.sync_due().unwrap();
         assert!(marker.exists());
-        *lock(&s.unsynced_since) = std::time::Instant::now().checked_sub(COPIES_KEPT);
+        *lock(&s.unsynced) = std::time::Instant::now().checked_sub(COPIES_KEPT);
         s.sync_due().unwrap();
         assert!(!marker.exists(), "an old copy not synced");
         // Nothing left to sync, the marker still there (a copy came during
@@ -960,7 +952,7 @@ mod tests {
         assert_eq!(s.preserve_many(&[2], &[3u8; 4096]).unwrap(), 1);
         {
             let _one = lock(&s.syncing);
-            assert!(s.unsynced.swap(false, Ordering::SeqCst));
+            assert!(lock(&s.unsynced).take().is_some());
         }
         s.sync_due().unwrap();
         assert!(!marker.exists());
