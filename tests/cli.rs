@@ -458,6 +458,66 @@ fn delete_with_open_connection_needs_force() {
     }
 }
 
+/// A delete racing clients that connect over and over: each connection is
+/// either refused at the handshake or served to its end; none is told it
+/// may transmit and then cut off (the export is counted open before the
+/// reply to NBD_OPT_GO is sent). The delete retries until it finds no
+/// client connected, which puts it in the gaps where the next handshake
+/// runs.
+#[test]
+fn a_delete_racing_new_connections_never_cuts_off_one_that_opened() {
+    if !require_tools(&["nbdsh"]) {
+        return;
+    }
+    let d = Blockd::start();
+    let looper = |uri: &str| {
+        let script = format!(
+            "import time\n\
+             opened = 0\n\
+             end = time.monotonic() + 5\n\
+             while time.monotonic() < end:\n    \
+                 h = nbd.NBD()\n    \
+                 try:\n        h.connect_uri({uri:?})\n    \
+                 except nbd.Error:\n        print('refused after', opened, flush=True)\n        break\n    \
+                 opened += 1\n    \
+                 try:\n        h.pread(4096, 0)\n        h.shutdown()\n    \
+                 except nbd.Error as e:\n        print('broken:', e, flush=True)\n        break\n\
+             else:\n    print('never refused', flush=True)\n"
+        );
+        let out = nbdsh_command()
+            .args(["-c", &script])
+            .output()
+            .expect("nbdsh");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for round in 0..6 {
+        let name = format!("race{round}");
+        d.create(&name, "4M");
+        let uri = d.uri(&name);
+        let outs = at_once(5, |i| {
+            if i < 4 {
+                return looper(&uri);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let deadline = Instant::now() + Duration::from_secs(4);
+            loop {
+                let out = d.blockctl(&["volume", "delete", &name]);
+                if out.status.success() {
+                    return "deleted".to_string();
+                }
+                let e = String::from_utf8_lossy(&out.stderr).to_string();
+                if !e.contains("open NBD connection") || Instant::now() > deadline {
+                    return e;
+                }
+            }
+        });
+        assert_eq!(outs[4], "deleted", "round {round}: {outs:?}");
+        for o in &outs[..4] {
+            assert!(o.starts_with("refused after"), "round {round}: {outs:?}");
+        }
+    }
+}
+
 #[test]
 fn bad_arguments_exit_nonzero() {
     let out = Command::new(bin("blockctl"))

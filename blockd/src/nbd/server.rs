@@ -339,10 +339,7 @@ async fn enter<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     match haggled {
-        Ok(Haggled::Transmit(t)) => {
-            let Some((source, guard)) = ctx.open(&t.export.name) else {
-                return;
-            };
+        Ok(Haggled::Transmit(t, source, guard)) => {
             transmit(reader, writer, t, source, guard, ctx).await;
         }
         // Only offered where the caller can upgrade.
@@ -369,7 +366,9 @@ impl From<std::io::Error> for HandshakeEnd {
 
 /// How option haggling ended, when it did not end the connection.
 enum Haggled {
-    Transmit(Transmission),
+    /// The export, already opened (counted as a connection) before the
+    /// client was told it may transmit.
+    Transmit(Transmission, Source, ConnectionGuard),
     /// STARTTLS acknowledged; the negotiation so far.
     StartTls(Negotiation),
 }
@@ -439,7 +438,33 @@ where
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data).await?;
         let exports = StoreExports(ctx);
-        let (out, next) = nego.option(option, &data, &exports, ctx.shutdown.is_cancelled());
+        let (mut out, mut next) = nego.option(option, &data, &exports, ctx.shutdown.is_cancelled());
+        // The export is opened, and counted, before the reply that lets the
+        // client transmit is sent: a delete (or a stopped lazy restore)
+        // racing this connection either sees it and is refused, or wins
+        // and this client is told no here, never cut off after a GO.
+        let mut opened = None;
+        if let Next::Transmit(t) = &next {
+            match ctx.open(&t.export.name) {
+                Some(o) => opened = Some(o),
+                None => {
+                    out.clear();
+                    next = if option == proto::OPT_GO {
+                        let why = exports.refused(&t.export.name).unwrap_or_else(|| {
+                            format!(
+                                "export {:?} is going away (being deleted, or its restore stopped): it takes no new connections",
+                                t.export.name
+                            )
+                        });
+                        negotiate::option_error(&mut out, option, proto::REP_ERR_POLICY, &why);
+                        Next::Continue
+                    } else {
+                        // EXPORT_NAME has no error reply: close.
+                        Next::Close
+                    };
+                }
+            }
+        }
         if !out.is_empty() {
             // After ABORT the client may already be gone: ignore write errors then.
             let r = writer.write_all(&out).await;
@@ -454,7 +479,12 @@ where
         match next {
             Next::Continue => {}
             Next::Close => return Err(HandshakeEnd::Closed),
-            Next::Transmit(t) => return Ok(Haggled::Transmit(t)),
+            Next::Transmit(t) => {
+                return match opened {
+                    Some((source, guard)) => Ok(Haggled::Transmit(t, source, guard)),
+                    None => Err(HandshakeEnd::Closed),
+                };
+            }
             Next::StartTls => return Ok(Haggled::StartTls(nego.clone())),
         }
     }
