@@ -13,7 +13,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -69,6 +69,22 @@ impl Raw {
         let mut data = vec![0; len];
         self.s.read_exact(&mut data).unwrap();
         (opt, kind, data)
+    }
+
+    /// True when the server closes the connection within `secs` (a read
+    /// that times out is not a close).
+    fn closed_within(&mut self, secs: u64) -> bool {
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(secs)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 
     /// True when the server closed the connection.
@@ -357,6 +373,45 @@ fn transmission_rules_raw() {
         "data changed by a hostile client"
     );
     assert_data_intact(&d);
+}
+
+/// A client that stops in the middle of a WRITE's payload and stays
+/// connected holds nothing up: a forced delete of its volume ends the
+/// connection and completes, other clients go on, and a shutdown ends
+/// with it still stalled.
+#[test]
+fn a_client_stalled_mid_payload_holds_nothing_up() {
+    let Some(mut d) = daemon_with_data() else {
+        return;
+    };
+    d.create("stall", "8M");
+    let mut stalled = Raw::connect(&d, 3);
+    stalled.go("stall");
+    stalled.request(0, 1, 1, 0, 65536, &[0xee; 1000]);
+    // The header and the first bytes are in: the server waits for the rest.
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    d.ok(&["volume", "delete", "stall", "--force"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the forced delete waited {:?} for a stalled client",
+        t0.elapsed()
+    );
+    assert!(
+        stalled.closed_within(5),
+        "the stalled client was not disconnected"
+    );
+    assert!(!d.ok(&["volume", "list"]).contains("stall"));
+
+    // Stalled on a volume that stays, the client does not keep the daemon
+    // from stopping (and nothing it half sent lands).
+    let mut stalled = Raw::connect(&d, 3);
+    stalled.go("vol1");
+    stalled.request(0, 1, 2, 0, 65536, &[0xee; 1000]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_data_intact(&d);
+    assert!(d.terminate().success());
+    drop(stalled);
 }
 
 impl Raw {

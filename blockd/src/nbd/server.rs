@@ -621,10 +621,7 @@ async fn transmit<R, W>(
         let alone_now = header_alone && reader.buffer().is_empty();
         let read = tokio::select! {
             biased;
-            () = dead.cancelled() => break,
-            () = volume.closing.cancelled() => break,
-            () = snapshot_closing.cancelled() => break,
-            () = &mut deadline => break,
+            () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
             r = read_header(&mut reader, &mut header, alone_now) => r,
         };
         header_alone = false;
@@ -672,7 +669,12 @@ async fn transmit<R, W>(
                 if !batch.is_empty() {
                     conn.write_batch(std::mem::take(&mut batch));
                 }
-                if conn.write_streamed(&mut reader, p, &req).await.is_err() {
+                let streamed = tokio::select! {
+                    biased;
+                    () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
+                    r = conn.write_streamed(&mut reader, p, &req) => r,
+                };
+                if streamed.is_err() {
                     break;
                 }
                 let (op, bytes) = metered(&req);
@@ -682,7 +684,14 @@ async fn transmit<R, W>(
                 continue;
             }
             payload = conn.buffers.take(len);
-            if reader.read_exact(&mut payload).await.is_err() {
+            // A client that stops mid-payload must not keep the connection
+            // (and with it a forced delete or the shutdown) waiting.
+            let read = tokio::select! {
+                biased;
+                () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
+                r = reader.read_exact(&mut payload) => r,
+            };
+            if read.is_err() {
                 break;
             }
         }
@@ -761,6 +770,24 @@ async fn transmit<R, W>(
         secs = opened.elapsed().as_secs_f64(),
         "NBD connection closed"
     );
+}
+
+/// Resolves when a connection must end whatever it is waiting for: its
+/// reply writer died, its volume (or the snapshot it reads) is closing,
+/// or the shutdown's grace ran out.
+async fn ended(
+    dead: &CancellationToken,
+    closing: &CancellationToken,
+    snapshot_closing: &CancellationToken,
+    deadline: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) {
+    tokio::select! {
+        biased;
+        () = dead.cancelled() => {}
+        () = closing.cancelled() => {}
+        () = snapshot_closing.cancelled() => {}
+        () = deadline => {}
+    }
 }
 
 /// A pipe for large writes' payloads, or `None` (they then go through
