@@ -186,6 +186,14 @@ impl Volume {
         self.synced.fetch_max(target, Ordering::AcqRel);
     }
 
+    /// True when every page of `[offset, offset + len)` of the data file
+    /// is in the page cache, by `cachestat(2)` (which reads nothing and
+    /// starts no read-ahead). False where the kernel lacks it.
+    pub(crate) fn all_cached(&self, offset: u64, len: u64) -> bool {
+        let page = rustix::param::page_size() as u64;
+        cachestat(&self.file, offset, len).is_some_and(|s| s.cache >= len.div_ceil(page))
+    }
+
     /// The data file opened for reading with `O_DIRECT` (once, on first
     /// use), or `None` where the file system does not do direct I/O
     /// (tmpfs before Linux 6.6, some FUSE file systems). Opened through
@@ -850,6 +858,42 @@ impl Volume {
     }
 }
 
+/// What `cachestat(2)` counts of a file range, in pages.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CacheStat {
+    /// Pages in the page cache.
+    pub cache: u64,
+    /// Of those, dirty ones not yet handed to writeback.
+    pub dirty: u64,
+    /// Pages under writeback.
+    pub writeback: u64,
+    /// Pages evicted from the cache.
+    pub evicted: u64,
+    /// Of those, evicted recently.
+    pub recently_evicted: u64,
+}
+
+/// The page-cache state of `[offset, offset + len)` of `file`, from
+/// `cachestat(2)` (Linux 6.5; syscall 451 on every architecture); `None`
+/// where the kernel lacks it.
+pub(crate) fn cachestat(file: &File, offset: u64, len: u64) -> Option<CacheStat> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    let range = Range { off: offset, len };
+    let mut stat = CacheStat::default();
+    // SAFETY: both pointers are to live values of the layouts the kernel
+    // reads and writes (include/uapi/linux/mman.h); the descriptor is
+    // borrowed from `file` for the call.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::syscall(451, file.as_raw_fd(), &raw const range, &raw mut stat, 0u32) };
+    (r == 0).then_some(stat)
+}
+
 /// A volume on a file of `size` bytes in `dir`, on the thread-pool
 /// engine, for unit tests.
 #[cfg(test)]
@@ -934,33 +978,10 @@ mod tests {
         }
     }
     /// Pages of `file` in `[offset, offset + len)` that are dirty in the
-    /// page cache (not yet handed to writeback), from `cachestat(2)`
-    /// (Linux 6.5; syscall 451 on every architecture); `None` where the
-    /// kernel lacks it.
+    /// page cache (not yet handed to writeback); `None` where the kernel
+    /// lacks `cachestat(2)`.
     pub(crate) fn dirty_pages(file: &File, offset: u64, len: u64) -> Option<u64> {
-        use std::os::fd::AsRawFd;
-        #[repr(C)]
-        struct Range {
-            off: u64,
-            len: u64,
-        }
-        #[repr(C)]
-        #[derive(Default)]
-        struct Stat {
-            cache: u64,
-            dirty: u64,
-            writeback: u64,
-            evicted: u64,
-            recently_evicted: u64,
-        }
-        let range = Range { off: offset, len };
-        let mut stat = Stat::default();
-        // SAFETY: both pointers are to live values of the layouts the
-        // kernel reads and writes (include/uapi/linux/mman.h).
-        #[allow(unsafe_code)]
-        let r =
-            unsafe { libc::syscall(451, file.as_raw_fd(), &raw const range, &raw mut stat, 0u32) };
-        (r == 0).then_some(stat.dirty)
+        cachestat(file, offset, len).map(|s| s.dirty)
     }
 
     /// Write-behind: after a FLUSH, a small write's writeback starts at
