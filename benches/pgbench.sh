@@ -10,7 +10,10 @@
 # Per round and server (the order alternates): fresh file systems, initdb,
 # `pgbench -i -s 10`, then `pgbench -c 4 -j 2 -T BENCH_RUNTIME`; the
 # transactions per second are reported per round with the median, and
-# blockd's ratio to qemu-nbd. A third configuration is blockd again with a
+# blockd's ratio to qemu-nbd: the ratio of the medians, and the median of
+# each round's own ratio (the three configurations of a round run back to
+# back, so a drift of the machine over the run, which moves whole rounds
+# by 10% here, cancels out of the second). A third configuration is blockd again with a
 # group backup of both volumes (one freeze point for data and WAL: a
 # crash-consistent database) started a third of the way into the run: its
 # tps, and the backup's own time and size, show what protecting a busy
@@ -185,5 +188,19 @@ echo "|---|---|---:|---:|"
 echo "| blockd | ${tps[blockd]% } | $b | $(awk -v b="$b" -v q="$q" 'BEGIN { printf "%.2fx", b / q }') |"
 echo "| blockd, group backup of both volumes at $((runtime / 3)) s | ${tps[blockd+backup]% } | $bb | $(awk -v b="$bb" -v q="$q" 'BEGIN { printf "%.2fx", b / q }') |"
 echo "| qemu-nbd | ${tps[qemu-nbd]% } | $q | |"
+# paired A: each round's tps of A over qemu-nbd's in the same round, and
+# their median.
+paired() {
+    python3 - "${tps[$1]}" "${tps[qemu-nbd]}" <<'EOF'
+import statistics, sys
+r = [a / b for a, b in zip(map(float, sys.argv[1].split()), map(float, sys.argv[2].split()))]
+print(" ".join(f"{x:.2f}" for x in r), f"| {statistics.median(r):.2f}x")
+EOF
+}
+echo
+echo "| per round, against qemu-nbd in the same round | each round | median |"
+echo "|---|---|---:|"
+echo "| blockd | $(paired blockd) |"
+echo "| blockd, group backup | $(paired blockd+backup) |"
 echo
 echo "Group backups (time to done / bytes uploaded, per round): ${backup_note% }"
