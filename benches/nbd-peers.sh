@@ -188,15 +188,17 @@ fi
 # over the run, e.g. background writeback, spreads evenly across them. With
 # BENCH_REPEAT=N (default 2) each row runs N rounds, the server order
 # rotating every round so no server is always first after the sync, and
-# each figure is the mean of its rounds.
+# each figure is the mean of its rounds; a second table lists every round,
+# so a swing of one round shows.
 repeat=${BENCH_REPEAT:-2}
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive number"
 results=()
+per_round=()
 flush_lat=()
 for i in "${!rows[@]}"; do
     IFS='|' read -r label dir unit args <<<"${rows[$i]}"
-    declare -A sum=()
-    for s in "${servers[@]}"; do sum[$s]=0; done
+    declare -A sum=() each=()
+    for s in "${servers[@]}"; do sum[$s]=0; each[$s]=; done
     for ((round = 0; round < repeat; round++)); do
         k=$((round % ${#servers[@]}))
         order=("${servers[@]:k}" "${servers[@]:0:k}")
@@ -216,6 +218,7 @@ print(r["bw_bytes"] / 2**30 if unit == "gib" else r["iops"] / 1000)
 EOF
             )
             sum[$s]=$("$python" -c "print(${sum[$s]} + $v)")
+            each[$s]+="$("$python" -c "print('%.2f' % $v if '$unit' == 'gib' else '%.1f' % $v)") "
             # FLUSH latency where the row flushes (fio's "sync" side).
             if [[ $args == *--fsync=* ]]; then
                 lat=$("$python" - "$out" <<'EOF'
@@ -245,6 +248,7 @@ EOF
     done
     ratio=$("$python" -c 'import sys; b, q, n = map(float, sys.argv[1:]); print(f"{b / max(q, n):.2f}x" if max(q, n) > 0 else "n/a")' "${vals[@]}")
     results+=("$line | $ratio |")
+    per_round+=("| $label | ${each[blockd]% } | ${each[qemu-nbd]% } | ${each[nbdkit]% } |")
 done
 
 echo
@@ -253,6 +257,10 @@ echo
 echo "| row | blockd | qemu-nbd | nbdkit | blockd / best peer |"
 echo "|---|---:|---:|---:|---:|"
 printf '%s\n' "${results[@]}"
+echo
+echo "| row, each round in run order | blockd | qemu-nbd | nbdkit |"
+echo "|---|---|---|---|"
+printf '%s\n' "${per_round[@]}"
 if ((${#flush_lat[@]})); then
     echo
     echo "| 4k write + FLUSH QD1 row | FLUSH min / p50 / p99 (µs) | WRITE p50 (µs) |"
