@@ -429,10 +429,13 @@ mod tests {
         let es = 4096u64;
         let size = 64 * es + 512;
         let v = crate::volume::scratch(dir.path(), size, es);
+        // Which way each read went is seen in the page cache's state; a
+        // kernel without cachestat(2) reads everything past the cache, and
+        // only the contents are checked.
         let cache = |from: u64, n: u64| crate::volume::cachestat(&v.file, from * es, n * es);
-        if cache(0, 1).is_none() {
-            eprintln!("SKIPPED: no cachestat(2) in this kernel");
-            return;
+        let seen = cache(0, 1).is_some();
+        if !seen {
+            eprintln!("no cachestat(2) in this kernel: which path a read took is not checked");
         }
         // Frozen contents: byte i is i % 251. Extents 32 on are on the
         // disk and out of the cache; 0-31 are in the cache, never synced.
@@ -444,7 +447,9 @@ mod tests {
         v.file.sync_data().unwrap();
         let rest = std::num::NonZeroU64::new(size - 32 * es);
         rustix::fs::fadvise(&*v.file, 32 * es, rest, rustix::fs::Advice::DontNeed).unwrap();
-        assert_eq!(cache(32, 33).map(|s| s.cache), Some(0), "dropped");
+        if seen {
+            assert_eq!(cache(32, 33).map(|s| s.cache), Some(0), "dropped");
+        }
         v.write(0, frozen[..half].to_vec(), 0, false).await.unwrap();
         let image = Arc::new(Image {
             size,
@@ -461,7 +466,9 @@ mod tests {
         let (buf, start) = aligned(Vec::new(), usize::try_from(8 * es).unwrap());
         let got = v.read_frozen_direct(&*image, buf, start, 0).await.unwrap();
         assert!(got[start..] == frozen[..8 * 4096], "cached range");
-        assert_eq!(cache(0, 8).map(|s| s.dirty), Some(8), "read in the cache");
+        if seen {
+            assert_eq!(cache(0, 8).map(|s| s.dirty), Some(8), "read in the cache");
+        }
         // The whole image, half of it out of the cache: read past the
         // cache, which first writes back what is dirty in the range.
         let whole = usize::try_from(64 * es).unwrap();
@@ -472,11 +479,13 @@ mod tests {
             v.direct_reader().is_some(),
             "/var/tmp takes O_DIRECT: the direct path was the one compared"
         );
-        assert_eq!(
-            cache(0, 64).map(|s| s.dirty),
-            Some(0),
-            "read past the cache"
-        );
+        if seen {
+            assert_eq!(
+                cache(0, 64).map(|s| s.dirty),
+                Some(0),
+                "read past the cache"
+            );
+        }
         // Unaligned offset, and the tail past the aligned end of the file.
         let (buf, start) = aligned(Vec::new(), 1000);
         let got = v
