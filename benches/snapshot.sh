@@ -158,28 +158,43 @@ fi
 # round, and each held run is compared with the mean of the runs with no
 # snapshot just before and just after it, so drift over the run (the host,
 # background writeback) weighs on both columns alike; the figures are
-# means over the rounds.
+# means over the rounds. The last column is the share of a CPU blockd used
+# in each phase (kernel-notes/README.md, "Copy-on-write").
 if [[ $parts == *3* ]]; then
 start_blockd cow
 ctl cow volume create bench --size 1G >/dev/null
 prefill "$(uri cow bench)"
 rounds=${BENCH_COW_ROUNDS:-3}
-echo "| 4k rand write QD32 (k IOPS), round | no snapshot (before, after) | snapshot held | held / none |"
-echo "|---|---:|---:|---:|"
+cow_pid=${pids[-1]}
+# cpu_mark: blockd's CPU ticks and the wall clock; cpu_since MARK: the
+# share of a CPU blockd used since MARK. Its connection's one reader
+# thread serves these writes, so near 1.0 means that thread is the limit.
+cpu_mark() { echo "$(awk '{print $14 + $15}' "/proc/$cow_pid/stat") $(date +%s.%N)"; }
+cpu_since() {
+    local now
+    now=$(cpu_mark)
+    "$python" -c "a, b, c, d = map(float, '$1 $now'.split()); print('%.2f' % ((c - a) / $(getconf CLK_TCK) / (d - b)))"
+}
+echo "| 4k rand write QD32 (k IOPS), round | no snapshot (before, after) | snapshot held | held / none | blockd CPU (none after / held) |"
+echo "|---|---:|---:|---:|---:|"
 psum=0
 hsum=0
 before=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
 for r in $(seq "$rounds"); do
     ctl cow snapshot create bench --name "held$r" >/dev/null
+    mark=$(cpu_mark)
     held=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
+    cpu_held=$(cpu_since "$mark")
     cow=$(ctl cow -j snapshot inspect "bench@held$r" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["cow_bytes"] >> 20)')
     ctl cow snapshot delete "bench@held$r" >/dev/null
+    mark=$(cpu_mark)
     after=$(fio_metric "$(uri cow bench)" randwrite 4k 32)
+    cpu_after=$(cpu_since "$mark")
     plain=$("$python" -c "print('%.1f' % (($before + $after) / 2))")
-    echo "| first ${runtime}s after freeze $r (${cow} MiB preserved) | $plain ($before, $after) | $held | $("$python" -c "print('%.3fx' % ($held / $plain))") |"
+    echo "| first ${runtime}s after freeze $r (${cow} MiB preserved) | $plain ($before, $after) | $held | $("$python" -c "print('%.3fx' % ($held / $plain))") | $cpu_after / $cpu_held |"
     psum=$("$python" -c "print($psum + $plain)")
     hsum=$("$python" -c "print($hsum + $held)")
     before=$after
 done
-echo "| mean of $rounds | $("$python" -c "print('%.1f' % ($psum / $rounds))") | $("$python" -c "print('%.1f' % ($hsum / $rounds))") | $("$python" -c "print('%.3fx' % ($hsum / $psum))") |"
+echo "| mean of $rounds | $("$python" -c "print('%.1f' % ($psum / $rounds))") | $("$python" -c "print('%.1f' % ($hsum / $rounds))") | $("$python" -c "print('%.3fx' % ($hsum / $psum))") | |"
 fi
