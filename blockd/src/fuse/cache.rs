@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -143,7 +143,12 @@ pub struct ChunkCache {
     /// copy is not to be cached.
     rejected: Mutex<std::collections::HashSet<(Id, u64)>>,
     gets: Arc<Semaphore>,
-    closed: AtomicBool,
+    /// True once the mount ended. A store holds it shared from its check
+    /// to the end of its write, and [`ChunkCache::close`] holds it
+    /// exclusively to set it and remove the directory: a write that
+    /// passed the check before the close cannot land after the removal
+    /// and leave a directory behind.
+    closed: std::sync::RwLock<bool>,
     /// Counters.
     pub stats: Stats,
 }
@@ -175,7 +180,7 @@ impl ChunkCache {
             serial: AtomicU64::new(0),
             rejected: Mutex::new(std::collections::HashSet::new()),
             gets: Arc::new(Semaphore::new(GETS)),
-            closed: AtomicBool::new(false),
+            closed: std::sync::RwLock::new(false),
             stats: Stats::default(),
         }))
     }
@@ -187,7 +192,11 @@ impl ChunkCache {
 
     /// Stops caching and removes the directory (the mount ended).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        let mut closed = self
+            .closed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *closed = true;
         *lock(&self.lru) = Lru::default();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -413,7 +422,11 @@ impl ChunkCache {
                 continue;
             }
             let len = rec.len() as u64;
-            if self.closed.load(Ordering::Acquire) || len > self.capacity {
+            let closed = self
+                .closed
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *closed || len > self.capacity {
                 continue;
             }
             let path = Self::path(&self.dir, id);
@@ -520,6 +533,22 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         panic!("cache writes did not finish");
+    }
+
+    /// A mount that ends while the chunks it just read are being written
+    /// to the cache leaves no cache directory behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_during_cache_writes_leaves_no_directory() {
+        let (repo, locs, _) = repo_with_chunks(8).await;
+        let tmp = tempfile::tempdir().unwrap();
+        for round in 0..50 {
+            let dir = tmp.path().join(format!("c{round}"));
+            let c = ChunkCache::new(dir.clone(), 1 << 20, repo.clone()).unwrap();
+            c.chunks(&locs).await.unwrap();
+            c.close();
+            settle(&c).await;
+            assert!(!dir.exists(), "round {round}: {} left", dir.display());
+        }
     }
 
     #[tokio::test]
