@@ -4,7 +4,9 @@
 //! Files under `<state dir>/snapshots/<volume>/<snapshot>/`:
 //! ```text
 //! changes.dirty  the change set frozen at the snapshot (dirty-map format)
-//! cow.data       preserved extents; slot k is at byte k * extent_size
+//! cow.data       preserved extents; slot k is at byte k * extent_size;
+//!                past the last slot, zeros written ahead of the copies
+//!                (see `Area`) or a spare area's old contents, never read
 //! cow.index      16-byte records, appended as extents are preserved:
 //!                  extent bits 0-31 u32 LE | slot u32 LE | CRC-32 u32 LE |
 //!                  extent bits 32-63 u32 LE. The CRC covers bytes 0-7, and
@@ -171,16 +173,130 @@ pub type HookRecord = blockd_api::Hook;
 /// question once per extent; the bitmap answers from one or two cache lines
 /// where the tree walks five or six nodes (kernel-notes/README.md,
 /// "Copy-on-write").
+///
+/// It also keeps the state of the area's preparation (see [`Area`]): the
+/// one lock orders slot allocation against it.
 #[derive(Debug, Default)]
 struct CowIndex {
     slots: BTreeMap<u64, u32>,
     members: roaring::RoaringTreemap,
+    /// `cow.data` below this offset is written (zeros, or copies, or a
+    /// spare's old contents): copies into it take no fresh pages or blocks.
+    prepared: u64,
+    /// The range the preparer is writing zeros into now: a copy whose
+    /// slots fall in it waits (see [`Area::prepare`]).
+    zeroing: Option<std::ops::Range<u64>>,
+    /// A preparer thread is running (or about to).
+    preparing: bool,
 }
 
 impl From<BTreeMap<u64, u32>> for CowIndex {
     fn from(slots: BTreeMap<u64, u32>) -> Self {
         let members = slots.keys().copied().collect();
-        Self { slots, members }
+        Self {
+            slots,
+            members,
+            ..Self::default()
+        }
+    }
+}
+
+/// How far ahead of the copies `cow.data` is prepared.
+const PREPARE_AHEAD: u64 = 32 << 20;
+/// The preparer starts again when the copies come this close to the end
+/// of the prepared area.
+const PREPARE_LOW: u64 = 16 << 20;
+/// The size of each write of zeros: small, like the copies' own writes,
+/// so the area's page-cache folios stay small (see kernel-notes,
+/// "Large folios and small writes").
+const PREPARE_STEP: usize = 16 << 10;
+
+/// The index and what a thread preparing `cow.data` shares with the
+/// copies.
+///
+/// A new `cow.data` grows into fresh page-cache pages and fresh blocks,
+/// and the connection thread that makes the copies paid for both: a
+/// volume's first snapshot, with no spare area to reuse, ran 4k random
+/// writes slowest of all (kernel-notes/README.md, "Copy-on-write"). So a
+/// thread of its own writes zeros ahead of the copies, up to
+/// [`PREPARE_AHEAD`] past the last slot and never past the frozen image's
+/// size. The copies then overwrite cached pages, as in a spare area. It
+/// is started by a copy that comes within [`PREPARE_LOW`] of the prepared
+/// end: a snapshot that takes no copies writes nothing, and the copies
+/// wake it once per 16 MiB, not once per batch.
+///
+/// The zeros never land on a copy: under the index lock the preparer
+/// claims a range that starts at or past the end of the allocated slots
+/// (`zeroing`), and a copy whose slots would fall in a claimed range
+/// waits for it (`zeroed`). Slot contents are read only through index
+/// records, so the zeros past the last slot are never read.
+#[derive(Debug, Default)]
+struct Area {
+    index: Mutex<CowIndex>,
+    /// Notified when a claimed range is written and when the preparer stops.
+    zeroed: std::sync::Condvar,
+}
+
+impl Area {
+    /// The area of a `cow.data` whose present length counts as prepared
+    /// (a new file's 0, a spare's or a loaded snapshot's whole length).
+    fn new(index: CowIndex, data: &File) -> std::sync::Arc<Self> {
+        let prepared = data.metadata().map_or(0, |m| m.len());
+        std::sync::Arc::new(Self {
+            index: Mutex::new(CowIndex { prepared, ..index }),
+            zeroed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CowIndex> {
+        lock(&self.index)
+    }
+
+    /// The preparer: writes zeros from the end of the prepared area (or
+    /// of the slots, if further) to [`PREPARE_AHEAD`] past the slots, one
+    /// [`PREPARE_STEP`] at a time, until `end` or until `closing`. A
+    /// write that fails only ends the preparation: copies then grow the
+    /// file as before.
+    fn prepare(
+        &self,
+        data: &File,
+        extent_size: u64,
+        end: u64,
+        closing: &tokio_util::sync::CancellationToken,
+    ) {
+        static ZEROS: [u8; PREPARE_STEP] = [0; PREPARE_STEP];
+        loop {
+            let claimed = {
+                let mut ix = self.lock();
+                let used = ix.len() as u64 * extent_size;
+                let from = ix.prepared.max(used);
+                let to = (used + PREPARE_AHEAD)
+                    .min(end)
+                    .min(from + PREPARE_STEP as u64);
+                if closing.is_cancelled() || from >= to {
+                    None
+                } else {
+                    ix.zeroing = Some(from..to);
+                    Some(from..to)
+                }
+            };
+            let Some(range) = claimed else { break };
+            // At most PREPARE_STEP bytes.
+            let len = usize::try_from(range.end - range.start).unwrap_or(0);
+            let written = data.write_all_at(&ZEROS[..len], range.start);
+            let mut ix = self.lock();
+            ix.zeroing = None;
+            if written.is_ok() {
+                ix.prepared = ix.prepared.max(range.end);
+            }
+            drop(ix);
+            self.zeroed.notify_all();
+            if written.is_err() {
+                break;
+            }
+        }
+        self.lock().preparing = false;
+        self.zeroed.notify_all();
     }
 }
 
@@ -236,8 +352,8 @@ pub struct SnapshotStore {
     data: File,
     index_file: File,
     /// Which extents are preserved and where; the lock also orders slot
-    /// allocation.
-    index: Mutex<CowIndex>,
+    /// allocation. Shared with the thread that prepares `cow.data`.
+    area: std::sync::Arc<Area>,
     /// Since when COW data is written that no sync has covered (`None`:
     /// every copy is on disk); changed with the index lock held.
     unsynced: Mutex<Option<std::time::Instant>>,
@@ -351,6 +467,7 @@ impl SnapshotStore {
     /// Builds the store for a snapshot just frozen (files from
     /// [`SnapshotStore::prepare`]); not yet committed.
     pub fn new(dir: PathBuf, meta: SnapshotMeta, changes: ChangeSet, files: (File, File)) -> Self {
+        let area = Area::new(CowIndex::default(), &files.0);
         Self {
             dir,
             size: meta.size,
@@ -359,7 +476,7 @@ impl SnapshotStore {
             changes,
             data: files.0,
             index_file: files.1,
-            index: Mutex::new(CowIndex::default()),
+            area,
             unsynced: Mutex::new(None),
             flushed: AtomicBool::new(false),
             marked: AtomicBool::new(false),
@@ -446,6 +563,7 @@ impl SnapshotStore {
             };
             index.insert(extent, slot);
         }
+        let area = Area::new(CowIndex::from(index), &data);
         let marker = dir.join(UNSYNCED);
         let marked = match std::fs::read_to_string(&marker) {
             Ok(boot) => Some(boot.trim().to_string()),
@@ -460,7 +578,7 @@ impl SnapshotStore {
             changes,
             data,
             index_file,
-            index: Mutex::new(CowIndex::from(index)),
+            area,
             unsynced: Mutex::new(marked.is_some().then(std::time::Instant::now)),
             flushed: AtomicBool::new(marked.is_some()),
             marked: AtomicBool::new(marked.is_some()),
@@ -517,9 +635,32 @@ impl SnapshotStore {
     }
 
     fn lock_index(&self) -> std::sync::MutexGuard<'_, CowIndex> {
-        self.index
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.area.lock()
+    }
+
+    /// Starts the thread that prepares `cow.data` ahead of the copies
+    /// (see [`Area`]) when the copies, now ending at `used`, have come
+    /// within [`PREPARE_LOW`] of the prepared end and none is running.
+    /// Called with the index lock held.
+    fn prepare_ahead(&self, ix: &mut CowIndex, used: u64) {
+        // Never past the image's last extent: no copy goes there.
+        let end = self.size.div_ceil(self.extent_size) * self.extent_size;
+        if ix.preparing || ix.prepared >= end || ix.prepared >= used + PREPARE_LOW {
+            return;
+        }
+        let Ok(data) = self.data.try_clone() else {
+            return;
+        };
+        let area = self.area.clone();
+        let closing = self.closing.clone();
+        let es = self.extent_size;
+        ix.preparing = true;
+        let started = std::thread::Builder::new()
+            .name("cow-prepare".into())
+            .spawn(move || area.prepare(&data, es, end, &closing));
+        if started.is_err() {
+            ix.preparing = false;
+        }
     }
 
     /// Preserves `extents` (ascending, distinct) whose current (frozen)
@@ -538,6 +679,20 @@ impl SnapshotStore {
             return Err(io::Error::other("copy-on-write data of the wrong length"));
         }
         let mut index = self.lock_index();
+        // Zeros going down where the next slots are (see [`Area`]): the
+        // copies wait and go over them, never under them. Waiting lets
+        // the lock go, so everything below is read after it.
+        let span = extents.len() as u64 * es;
+        while index.zeroing.as_ref().is_some_and(|z| {
+            let at = index.len() as u64 * es;
+            z.start < at + span && at < z.end
+        }) {
+            index = self
+                .area
+                .zeroed
+                .wait(index)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
         let fresh: Vec<usize> = (0..extents.len())
             .filter(|&i| extents[i] * es < self.size && !index.contains(extents[i]))
             .collect();
@@ -556,6 +711,7 @@ impl SnapshotStore {
             self.marked.store(true, Ordering::SeqCst);
         }
         let at = u64::from(slot(0)?) * es;
+        let end = at + fresh.len() as u64 * es;
         if fresh.len() == extents.len() {
             self.data.write_all_at(old, at)?;
         } else {
@@ -577,6 +733,8 @@ impl SnapshotStore {
         for (n, &i) in fresh.iter().enumerate() {
             index.insert(extents[i], slot(n)?);
         }
+        index.prepared = index.prepared.max(end);
+        self.prepare_ahead(&mut index, end);
         lock(&self.unsynced).get_or_insert_with(std::time::Instant::now);
         Ok(fresh.len())
     }
@@ -732,6 +890,18 @@ impl SnapshotStore {
         use std::sync::atomic::AtomicU64;
         static REMOVALS: AtomicU64 = AtomicU64::new(0);
         self.closing.cancel();
+        // The preparer stops at its next step; it must be gone before the
+        // area can become the next snapshot's (see `keep_spare`).
+        {
+            let mut ix = self.lock_index();
+            while ix.preparing {
+                ix = self
+                    .area
+                    .zeroed
+                    .wait(ix)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
         // A sync under way ends before the directory moves, and any later
         // one sees `closing` (see `unmark`).
         let quiet = lock(&self.syncing);
@@ -845,6 +1015,10 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> SnapshotStore {
+        store_sized(dir, 1 << 20)
+    }
+
+    fn store_sized(dir: &Path, size: u64) -> SnapshotStore {
         let dir = dir.join("v").join("s");
         let files = SnapshotStore::prepare(&dir, "v@s").unwrap();
         let meta = SnapshotMeta {
@@ -852,7 +1026,7 @@ mod tests {
             name: "s".into(),
             group: None,
             created: "2026-01-01T00:00:00Z".into(),
-            size: 1 << 20,
+            size,
             extent_size: 4096,
             pause_us: 0,
             changes_known: true,
@@ -863,6 +1037,91 @@ mod tests {
             handed_on: false,
         };
         SnapshotStore::new(dir, meta, ChangeSet::empty(), files)
+    }
+
+    /// Waits until no thread prepares `s`'s area.
+    fn settle(s: &SnapshotStore) {
+        let mut ix = s.lock_index();
+        while ix.preparing {
+            ix = s.area.zeroed.wait(ix).unwrap();
+        }
+    }
+
+    /// The frozen contents of extent `e` in these tests: never zero.
+    fn contents(e: u64) -> Vec<u8> {
+        (0..4096u64)
+            .map(|i| u8::try_from((e * 31 + i) % 251).unwrap() + 1)
+            .collect()
+    }
+
+    /// The area is prepared ahead of the copies, to [`PREPARE_AHEAD`]
+    /// past them and never past the image, and its zeros never land on a
+    /// copy: every extent reads back as it was preserved, here and in the
+    /// next snapshot that takes the area as its spare. A snapshot that
+    /// takes no copies prepares nothing.
+    #[test]
+    fn the_area_is_prepared_ahead_of_the_copies_and_never_over_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let size: u64 = 48 << 20;
+        let extents = size / 4096;
+        for round in 0..2 {
+            let s = store_sized(tmp.path(), size);
+            let taken = s.data.metadata().unwrap().len();
+            assert_eq!(taken, if round == 0 { 0 } else { size }, "round {round}");
+            settle(&s);
+            assert_eq!(s.data.metadata().unwrap().len(), taken, "no copy, no zeros");
+            // Every extent once, scattered (7919 is prime to 12288), four
+            // to a batch, while the preparer runs.
+            let order: Vec<u64> = (0..extents).map(|i| i * 7919 % extents).collect();
+            for (n, batch) in order.chunks(4).enumerate() {
+                let mut batch = batch.to_vec();
+                batch.sort_unstable();
+                let old: Vec<u8> = batch.iter().flat_map(|&e| contents(e)).collect();
+                assert_eq!(s.preserve_many(&batch, &old).unwrap(), batch.len());
+                if n == 0 && round == 0 {
+                    settle(&s);
+                    assert_eq!(
+                        s.data.metadata().unwrap().len(),
+                        4 * 4096 + PREPARE_AHEAD,
+                        "prepared ahead of the first copies"
+                    );
+                }
+            }
+            settle(&s);
+            assert_eq!(
+                s.data.metadata().unwrap().len(),
+                size,
+                "never past the image"
+            );
+            let mut buf = vec![0u8; 4096];
+            for e in 0..extents {
+                assert!(s.read_preserved(e, 0, &mut buf).unwrap());
+                assert!(buf == contents(e), "round {round}: extent {e} changed");
+            }
+            s.remove().unwrap();
+            assert!(!s.lock_index().preparing);
+        }
+    }
+
+    /// A copy whose slots fall in the range the preparer has claimed waits
+    /// until that range is written, then goes over it.
+    #[test]
+    fn a_copy_waits_for_zeros_going_down_where_its_slot_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.lock_index().zeroing = Some(0..PREPARE_STEP as u64);
+        std::thread::scope(|scope| {
+            let copy = scope.spawn(|| s.preserve_many(&[3], &contents(3)));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!copy.is_finished(), "the copy went ahead of the zeros");
+            assert_eq!(s.data.metadata().unwrap().len(), 0);
+            s.lock_index().zeroing = None;
+            s.area.zeroed.notify_all();
+            assert_eq!(copy.join().unwrap().unwrap(), 1);
+        });
+        let mut buf = vec![0u8; 4096];
+        assert!(s.read_preserved(3, 0, &mut buf).unwrap());
+        assert!(buf == contents(3));
     }
 
     /// A removed snapshot never removes the marker of a new snapshot of
