@@ -188,6 +188,9 @@ struct CowIndex {
     zeroing: Option<std::ops::Range<u64>>,
     /// A preparer thread is running (or about to).
     preparing: bool,
+    /// Where the copies ended when a preparation was last declined for
+    /// want of free space: the space is looked at again 16 MiB later.
+    declined_at: Option<u64>,
 }
 
 impl From<BTreeMap<u64, u32>> for CowIndex {
@@ -206,6 +209,10 @@ const PREPARE_AHEAD: u64 = 32 << 20;
 /// The preparer starts again when the copies come this close to the end
 /// of the prepared area.
 const PREPARE_LOW: u64 = 16 << 20;
+/// No area is prepared on a file system with less free space than this:
+/// there the zeros could take room that the volume's own writes and the
+/// copies need.
+const PREPARE_MIN_FREE: u64 = 1 << 30;
 /// The size of each write of zeros: small, like the copies' own writes,
 /// so the area's page-cache folios stay small (see kernel-notes,
 /// "Large folios and small writes").
@@ -223,7 +230,9 @@ const PREPARE_STEP: usize = 16 << 10;
 /// size. The copies then overwrite cached pages, as in a spare area. It
 /// is started by a copy that comes within [`PREPARE_LOW`] of the prepared
 /// end: a snapshot that takes no copies writes nothing, and the copies
-/// wake it once per 16 MiB, not once per batch.
+/// wake it once per 16 MiB, not once per batch. On a file system with
+/// less than [`PREPARE_MIN_FREE`] free, nothing is prepared: the copies
+/// grow the file as they go.
 ///
 /// The zeros never land on a copy: under the index lock the preparer
 /// claims a range that starts at or past the end of the allocated slots
@@ -648,6 +657,15 @@ impl SnapshotStore {
         if ix.preparing || ix.prepared >= end || ix.prepared >= used + PREPARE_LOW {
             return;
         }
+        if ix.declined_at.is_some_and(|at| used < at + PREPARE_LOW) {
+            return;
+        }
+        let free = rustix::fs::fstatvfs(&self.data).map_or(0, |v| v.f_bavail * v.f_frsize);
+        if free < PREPARE_MIN_FREE {
+            ix.declined_at = Some(used);
+            return;
+        }
+        ix.declined_at = None;
         let Ok(data) = self.data.try_clone() else {
             return;
         };
@@ -1080,10 +1098,19 @@ mod tests {
                 assert_eq!(s.preserve_many(&batch, &old).unwrap(), batch.len());
                 if n == 0 && round == 0 {
                     settle(&s);
+                    let free = rustix::fs::fstatvfs(&s.data)
+                        .map(|v| v.f_bavail * v.f_frsize)
+                        .unwrap();
+                    // The rule either way; see the next test for a full disk.
+                    let ahead = if free >= PREPARE_MIN_FREE {
+                        PREPARE_AHEAD
+                    } else {
+                        0
+                    };
                     assert_eq!(
                         s.data.metadata().unwrap().len(),
-                        4 * 4096 + PREPARE_AHEAD,
-                        "prepared ahead of the first copies"
+                        4 * 4096 + ahead,
+                        "prepared ahead of the first copies ({free} bytes free)"
                     );
                 }
             }
@@ -1101,6 +1128,42 @@ mod tests {
             s.remove().unwrap();
             assert!(!s.lock_index().preparing);
         }
+    }
+
+    /// On a file system with less than [`PREPARE_MIN_FREE`] free, the
+    /// copies grow the area alone: no zeros take room ahead of them.
+    #[test]
+    fn no_area_is_prepared_on_a_nearly_full_file_system() {
+        let tmp = tempfile::tempdir().unwrap();
+        if let Err(e) = rustix::mount::mount(
+            "tmpfs",
+            tmp.path(),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            c"size=64m",
+        ) {
+            assert!(
+                std::env::var_os("BLOCKD_TEST_REQUIRE_ALL").is_none(),
+                "cannot mount a small tmpfs: {e}"
+            );
+            eprintln!("SKIPPED: mounting a small tmpfs needs root ({e})");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        let _unmount = Unmount(tmp.path());
+        let s = store_sized(tmp.path(), 48 << 20);
+        for n in 0..8u64 {
+            let batch = [n * 4, n * 4 + 1, n * 4 + 2, n * 4 + 3];
+            let old: Vec<u8> = batch.iter().flat_map(|&e| contents(e)).collect();
+            assert_eq!(s.preserve_many(&batch, &old).unwrap(), 4);
+        }
+        settle(&s);
+        assert_eq!(s.data.metadata().unwrap().len(), 32 * 4096);
     }
 
     /// A copy whose slots fall in the range the preparer has claimed waits
