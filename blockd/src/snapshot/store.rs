@@ -204,15 +204,25 @@ impl From<BTreeMap<u64, u32>> for CowIndex {
     }
 }
 
-/// How far ahead of the copies `cow.data` is prepared.
+/// How far ahead of the copies `cow.data` is prepared at most.
 const PREPARE_AHEAD: u64 = 32 << 20;
-/// The preparer starts again when the copies come this close to the end
-/// of the prepared area.
-const PREPARE_LOW: u64 = 16 << 20;
+/// ... and at least (see [`prepare_ahead_of`]).
+const PREPARE_FIRST: u64 = 1 << 20;
+/// After a preparation was declined for want of space, how many more
+/// bytes of copies before free space is looked at again.
+const PREPARE_RECHECK: u64 = 16 << 20;
 /// No area is prepared on a file system with less free space than this:
 /// there the zeros could take room that the volume's own writes and the
 /// copies need.
 const PREPARE_MIN_FREE: u64 = 1 << 30;
+/// How far past `used` bytes of copies the area is prepared: as far as
+/// the copies have come, between [`PREPARE_FIRST`] and [`PREPARE_AHEAD`].
+/// A snapshot that takes a few copies costs a few zeros, and one that
+/// takes many soon has the whole lead.
+fn prepare_ahead_of(used: u64) -> u64 {
+    used.clamp(PREPARE_FIRST, PREPARE_AHEAD)
+}
+
 /// The size of each write of zeros: small, like the copies' own writes,
 /// so the area's page-cache folios stay small (see kernel-notes,
 /// "Large folios and small writes").
@@ -226,11 +236,12 @@ const PREPARE_STEP: usize = 16 << 10;
 /// volume's first snapshot, with no spare area to reuse, ran 4k random
 /// writes slowest of all (kernel-notes/README.md, "Copy-on-write"). So a
 /// thread of its own writes zeros ahead of the copies, up to
-/// [`PREPARE_AHEAD`] past the last slot and never past the frozen image's
-/// size. The copies then overwrite cached pages, as in a spare area. It
-/// is started by a copy that comes within [`PREPARE_LOW`] of the prepared
-/// end: a snapshot that takes no copies writes nothing, and the copies
-/// wake it once per 16 MiB, not once per batch. On a file system with
+/// [`prepare_ahead_of`] past the last slot (1 to 32 MiB) and never past
+/// the frozen image's size. The copies then overwrite cached pages, as in
+/// a spare area. It is started by a copy that comes within half that
+/// lead of the prepared end: a snapshot that takes no copies writes
+/// nothing, and the copies wake it once per half lead (16 MiB once
+/// they have come 32 MiB), not once per batch. On a file system with
 /// less than [`PREPARE_MIN_FREE`] free, nothing is prepared: the copies
 /// grow the file as they go.
 ///
@@ -262,7 +273,7 @@ impl Area {
     }
 
     /// The preparer: writes zeros from the end of the prepared area (or
-    /// of the slots, if further) to [`PREPARE_AHEAD`] past the slots, one
+    /// of the slots, if further) to [`prepare_ahead_of`] past the slots, one
     /// [`PREPARE_STEP`] at a time, until `end` or until `closing`. A
     /// write that fails only ends the preparation: copies then grow the
     /// file as before.
@@ -279,10 +290,13 @@ impl Area {
                 let mut ix = self.lock();
                 let used = ix.len() as u64 * extent_size;
                 let from = ix.prepared.max(used);
-                let to = (used + PREPARE_AHEAD)
+                let to = (used + prepare_ahead_of(used))
                     .min(end)
                     .min(from + PREPARE_STEP as u64);
                 if closing.is_cancelled() || from >= to {
+                    // Stopped in the step that saw nothing to do: a copy
+                    // after it finds no preparer and starts one.
+                    ix.preparing = false;
                     None
                 } else {
                     ix.zeroing = Some(from..to);
@@ -295,16 +309,17 @@ impl Area {
             let written = data.write_all_at(&ZEROS[..len], range.start);
             let mut ix = self.lock();
             ix.zeroing = None;
-            if written.is_ok() {
-                ix.prepared = ix.prepared.max(range.end);
+            match written {
+                Ok(()) => ix.prepared = ix.prepared.max(range.end),
+                Err(_) => ix.preparing = false,
             }
+            let failed = !ix.preparing;
             drop(ix);
             self.zeroed.notify_all();
-            if written.is_err() {
+            if failed {
                 break;
             }
         }
-        self.lock().preparing = false;
         self.zeroed.notify_all();
     }
 }
@@ -649,15 +664,16 @@ impl SnapshotStore {
 
     /// Starts the thread that prepares `cow.data` ahead of the copies
     /// (see [`Area`]) when the copies, now ending at `used`, have come
-    /// within [`PREPARE_LOW`] of the prepared end and none is running.
+    /// within half of [`prepare_ahead_of`] of the prepared end and none is
+    /// running.
     /// Called with the index lock held.
     fn prepare_ahead(&self, ix: &mut CowIndex, used: u64) {
         // Never past the image's last extent: no copy goes there.
         let end = self.size.div_ceil(self.extent_size) * self.extent_size;
-        if ix.preparing || ix.prepared >= end || ix.prepared >= used + PREPARE_LOW {
+        if ix.preparing || ix.prepared >= end || ix.prepared >= used + prepare_ahead_of(used) / 2 {
             return;
         }
-        if ix.declined_at.is_some_and(|at| used < at + PREPARE_LOW) {
+        if ix.declined_at.is_some_and(|at| used < at + PREPARE_RECHECK) {
             return;
         }
         let free = rustix::fs::fstatvfs(&self.data).map_or(0, |v| v.f_bavail * v.f_frsize);
@@ -1072,7 +1088,7 @@ mod tests {
             .collect()
     }
 
-    /// The area is prepared ahead of the copies, to [`PREPARE_AHEAD`]
+    /// The area is prepared ahead of the copies, to [`prepare_ahead_of`]
     /// past them and never past the image, and its zeros never land on a
     /// copy: every extent reads back as it was preserved, here and in the
     /// next snapshot that takes the area as its spare. A snapshot that
@@ -1096,22 +1112,27 @@ mod tests {
                 batch.sort_unstable();
                 let old: Vec<u8> = batch.iter().flat_map(|&e| contents(e)).collect();
                 assert_eq!(s.preserve_many(&batch, &old).unwrap(), batch.len());
-                if n == 0 && round == 0 {
+                if round == 0 && n % 256 == 0 {
                     settle(&s);
                     let free = rustix::fs::fstatvfs(&s.data)
                         .map(|v| v.f_bavail * v.f_frsize)
                         .unwrap();
                     // The rule either way; see the next test for a full disk.
-                    let ahead = if free >= PREPARE_MIN_FREE {
-                        PREPARE_AHEAD
+                    let used = (n as u64 + 1) * 4 * 4096;
+                    let lead = if free >= PREPARE_MIN_FREE {
+                        prepare_ahead_of(used)
                     } else {
                         0
                     };
-                    assert_eq!(
-                        s.data.metadata().unwrap().len(),
-                        4 * 4096 + ahead,
-                        "prepared ahead of the first copies ({free} bytes free)"
-                    );
+                    let len = s.data.metadata().unwrap().len();
+                    if n == 0 {
+                        assert_eq!(len, used + lead, "prepared ahead of the first copies");
+                    } else {
+                        assert!(
+                            ((used + lead / 2).min(size)..=(used + lead).min(size)).contains(&len),
+                            "{len} bytes prepared for {used} of copies ({free} bytes free)"
+                        );
+                    }
                 }
             }
             settle(&s);
