@@ -250,7 +250,7 @@ const PREPARE_STEP: usize = 16 << 10;
 /// (`zeroing`), and a copy whose slots would fall in a claimed range
 /// waits for it (`zeroed`). Slot contents are read only through index
 /// records, so the zeros past the last slot are never read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Area {
     index: Mutex<CowIndex>,
     /// Notified when a claimed range is written and when the preparer stops.
@@ -270,6 +270,22 @@ impl Area {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CowIndex> {
         lock(&self.index)
+    }
+
+    /// The index once `busy` no longer holds of it, waiting on `zeroed`.
+    fn wait_until<'a>(
+        &self,
+        ix: std::sync::MutexGuard<'a, CowIndex>,
+        busy: impl FnMut(&mut CowIndex) -> bool,
+    ) -> std::sync::MutexGuard<'a, CowIndex> {
+        self.zeroed
+            .wait_while(ix, busy)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until no preparer runs.
+    fn settle(&self) {
+        drop(self.wait_until(self.lock(), |ix| ix.preparing));
     }
 
     /// The preparer: writes zeros from the end of the prepared area (or
@@ -309,16 +325,16 @@ impl Area {
             let written = data.write_all_at(&ZEROS[..len], range.start);
             let mut ix = self.lock();
             ix.zeroing = None;
-            match written {
-                Ok(()) => ix.prepared = ix.prepared.max(range.end),
-                Err(_) => ix.preparing = false,
+            if written.is_ok() {
+                ix.prepared = ix.prepared.max(range.end);
+            } else {
+                ix.preparing = false;
             }
-            let failed = !ix.preparing;
             drop(ix);
-            self.zeroed.notify_all();
-            if failed {
+            if written.is_err() {
                 break;
             }
+            self.zeroed.notify_all();
         }
         self.zeroed.notify_all();
     }
@@ -717,16 +733,12 @@ impl SnapshotStore {
         // copies wait and go over them, never under them. Waiting lets
         // the lock go, so everything below is read after it.
         let span = extents.len() as u64 * es;
-        while index.zeroing.as_ref().is_some_and(|z| {
-            let at = index.len() as u64 * es;
-            z.start < at + span && at < z.end
-        }) {
-            index = self
-                .area
-                .zeroed
-                .wait(index)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        index = self.area.wait_until(index, |ix| {
+            let at = ix.len() as u64 * es;
+            ix.zeroing
+                .as_ref()
+                .is_some_and(|z| z.start < at + span && at < z.end)
+        });
         let fresh: Vec<usize> = (0..extents.len())
             .filter(|&i| extents[i] * es < self.size && !index.contains(extents[i]))
             .collect();
@@ -926,16 +938,7 @@ impl SnapshotStore {
         self.closing.cancel();
         // The preparer stops at its next step; it must be gone before the
         // area can become the next snapshot's (see `keep_spare`).
-        {
-            let mut ix = self.lock_index();
-            while ix.preparing {
-                ix = self
-                    .area
-                    .zeroed
-                    .wait(ix)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
-        }
+        self.area.settle();
         // A sync under way ends before the directory moves, and any later
         // one sees `closing` (see `unmark`).
         let quiet = lock(&self.syncing);
@@ -1073,12 +1076,8 @@ mod tests {
         SnapshotStore::new(dir, meta, ChangeSet::empty(), files)
     }
 
-    /// Waits until no thread prepares `s`'s area.
     fn settle(s: &SnapshotStore) {
-        let mut ix = s.lock_index();
-        while ix.preparing {
-            ix = s.area.zeroed.wait(ix).unwrap();
-        }
+        s.area.settle();
     }
 
     /// The frozen contents of extent `e` in these tests: never zero.
@@ -1185,6 +1184,33 @@ mod tests {
         }
         settle(&s);
         assert_eq!(s.data.metadata().unwrap().len(), 32 * 4096);
+    }
+
+    /// A snapshot removed while its area is being prepared hands the area
+    /// on only once the preparer has stopped: nothing writes into it after
+    /// the removal (it would write into the next snapshot's copies).
+    #[test]
+    fn a_removal_waits_for_the_preparer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        assert_eq!(s.preserve_many(&[0], &contents(0)).unwrap(), 1);
+        settle(&s);
+        // As a preparer between two steps.
+        s.lock_index().preparing = true;
+        std::thread::scope(|scope| {
+            let removal = scope.spawn(|| s.remove());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!removal.is_finished(), "removed under a running preparer");
+            assert!(
+                s.closing.is_cancelled(),
+                "the preparer was not told to stop"
+            );
+            assert!(!tmp.path().join("v").join(SPARE).exists());
+            s.lock_index().preparing = false;
+            s.area.zeroed.notify_all();
+            removal.join().unwrap().unwrap();
+        });
+        assert!(tmp.path().join("v").join(SPARE).exists());
     }
 
     /// A copy whose slots fall in the range the preparer has claimed waits
