@@ -14,7 +14,8 @@
 #      to the volume over NBD and to the image file);
 #   5. incremental backup vs restic's second backup; bytes uploaded vs bytes
 #      changed (index blocks counted apart);
-#   6. full restore into a new volume vs `restic restore`; both results are
+#   6. full restore into a new volume vs `restic restore` and vs `cp` + sync
+#      of the image, BENCH_REPEAT rounds, order turning; round 1's results are
 #      compared with the changed image, a mismatch fails the run;
 #   7. scaling: a 4x BENCH_SIZE sparse volume holding the image in its first
 #      quarter, full backup; then BENCH_REPEAT rounds in which it and `v`
@@ -40,8 +41,9 @@
 #   BENCH_DIR      parent of the temp dir (default /var/tmp; BENCH_TMPDIR
 #                  is accepted too)
 #   BENCH_SEED     seed of the image and of the change lists (default 1)
-#   BENCH_REPEAT   rounds of the 1x / 4x incremental comparison, 1-5
-#                  (default 3; the median counts)
+#   BENCH_REPEAT   rounds of the full restores and of the 1x / 4x
+#                  incremental comparison, 1-5 (default 3; the median counts,
+#                  and the restore targets are checked in every round)
 #   BENCH_GARAGE   0 skips the Garage rows (default 1; skipped with a
 #                  message when no garage binary is found)
 #   BENCH_PERF=1   perf record -e cpu-clock on blockd during its phases; the
@@ -235,14 +237,27 @@ def table(path):
         rows.append("| incremental upload vs %s changed: packs / index blocks / manifest+other | | | | | | %s / %s / %s | <= 1.5x changed + index: %.2fx + %s index: %s |" % (
             mib(changed), mib(packs), mib(index), mib(f("bd.incr.other")), packs / changed,
             mib(index), ok(packs <= 1.5 * changed)))
-    bres, rres = f("bd.restore.s"), f("rs.restore.s")
-    t = "—"
-    if bres and rres:
-        t = ">= 1.5x restic restore: %s" % ok(rres / bres >= 1.5)
-    row("full restore (peer: restic restore)", bres, rres, size,
-        f("bd.restore.transferred"), None, t)
+    # Restore rounds: round 1 under bd.restore / rs.restore, round n > 1
+    # under bd.restore.n / rs.restore.n; cp.restore.n in every round.
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
+    nr = sum(1 for k in r if k.startswith("cp.restore.") and k.endswith(".s"))
+    key = lambda base, i: "%s.s" % base if i == 1 else "%s.%d.s" % (base, i)
+    bd_r = [f(key("bd.restore", i)) for i in range(1, nr + 1)]
+    rs_r = [f(key("rs.restore", i)) for i in range(1, nr + 1)]
+    cp_r = [f("cp.restore.%d.s" % i) for i in range(1, nr + 1)]
+    if nr and all(bd_r) and all(cp_r):
+        each = [b / c for b, c in zip(bd_r, cp_r)]
+        t = "within 1.1x of cp + sync in every round: %s: %s" % (
+            " ".join("%.2fx" % x for x in each), ok(max(each) <= 1.1))
+        row("full restore vs `cp` + sync of the image, median of %d rounds (peer: cp)" % nr,
+            med(bd_r), med(cp_r), size, f("bd.restore.transferred"), f("image.alloc"), t)
+    if nr and all(bd_r) and all(rs_r):
+        each = [p / b for b, p in zip(bd_r, rs_r)]
+        t = ">= 1.5x restic restore in every round: %s: %s" % (
+            " ".join("%.2fx" % x for x in each), ok(min(each) >= 1.5))
+        row("full restore, median of %d rounds (peer: restic restore)" % nr,
+            med(bd_r), med(rs_r), size, f("bd.restore.transferred"), None, t)
     if "bd.big_full.s" in r:
-        med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
         rounds = lambda x, k: [float(v) for key, v in r.items() if key.startswith("bd.%s." % x) and key.endswith("." + k)]
         row("full backup, %s sparse volume, first quarter = the image (blockd only)" % mib(4 * size).replace(".0 MiB", " MiB"),
             f("bd.big_full.s"), None, 4 * size, f("bd.big_full.uploaded"), None, "—")
@@ -280,6 +295,12 @@ def table(path):
             continue
         print("| %s | %s | %s | %s (%s) | %s |" % (label, c(f(b + ".cpu_s")), c(f(p + ".cpu_s") if p else None),
               m(f(b + ".rss_kib")), m(f(b + ".rss0_kib")), m(f(p + ".rss_kib") if p else None)))
+    if nr > 1:
+        peaks = [f("bd.restore.rss_kib")] + [f("bd.restore.%d.rss_kib" % i) for i in range(2, nr + 1)]
+        after = [f("bd.restore.%d.rss0_kib" % i) for i in range(2, nr + 1)]
+        print()
+        print("blockd during the %d full restores: peak RSS %s; RSS before rounds 2-%d (after the one before): %s" % (
+            nr, " ".join(m(v) for v in peaks), nr, " ".join(m(v) for v in after)))
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
@@ -498,32 +519,74 @@ rs_run rs.incr backup --json --host bench "$img"
 put rs.incr.du "$(($(bytes_of "$RESTIC_REPOSITORY") - rs_before))"
 put rs.incr.added "$(py restic-summary "$tmp/rs.incr.out")"
 
-# --- 6. full restores, verified ----------------------------------------------------
-echo "6. restores" >&2
-bd_start bd.restore
-ctl -j cloudsnap restore --snap v --volume r --cred-id local --wait >"$tmp/bd.restore.json" ||
-    { cat "$tmp/bd.restore.json" >&2; die "blockd restore failed"; }
-bd_end bd.restore
-eval "$(py task "$tmp/bd.restore.json" rr)"
-put bd.restore.daemon_s "$rr_daemon_s"
-put bd.restore.transferred "$rr_transferred"
-echo "  bd.restore: $(get bd.restore.s) s wall, daemon $rr_daemon_s s" >&2
-if qemu-img compare -q -f raw -F raw "$img" "$(uri r)"; then
-    echo "  blockd restore == changed image" >&2
-else
-    fail "blockd's restored volume r differs from the changed image"
-fi
-ctl volume delete r >/dev/null
-
-mkdir "$tmp/restic-out"
-rs_run rs.restore restore latest --target "$tmp/restic-out"
-restored=$tmp/restic-out$img
-if [[ -f $restored ]] && cmp -s "$img" "$restored"; then
-    echo "  restic restore == changed image" >&2
-else
-    fail "restic's restored file $restored differs from the changed image"
-fi
-rm -rf "$tmp/restic-out"
+# --- 6. full restores, verified, in rounds -----------------------------------------
+# BENCH_REPEAT rounds of three restores of the same data, each after a cache
+# drop: blockd's into a new volume (durable when its task ends), `cp` of the
+# image + sync (the disk's pace), restic's into a new directory. The order
+# turns every round. Round 1's keys are bd.restore and rs.restore (the
+# resource table and perf use them), later rounds' add the round's number.
+echo "6. restores, $repeat rounds" >&2
+restore_blockd() {
+    local key=$1 verify=$2
+    bd_start "$key"
+    ctl -j cloudsnap restore --snap v --volume r --cred-id local --wait >"$tmp/$key.json" ||
+        { cat "$tmp/$key.json" >&2; die "blockd restore failed"; }
+    bd_end "$key"
+    local rr_snap rr_daemon_s rr_transferred
+    eval "$(py task "$tmp/$key.json" rr)"
+    put "$key.daemon_s" "$rr_daemon_s"
+    put "$key.transferred" "$rr_transferred"
+    echo "  $key: $(get "$key.s") s wall, daemon $rr_daemon_s s" >&2
+    if ((verify)); then
+        if qemu-img compare -q -f raw -F raw "$img" "$(uri r)"; then
+            echo "  blockd restore == changed image" >&2
+        else
+            fail "blockd's restored volume r differs from the changed image"
+        fi
+    fi
+    ctl volume delete r >/dev/null
+}
+restore_restic() {
+    local key=$1 verify=$2
+    mkdir "$tmp/restic-out"
+    rs_run "$key" restore latest --target "$tmp/restic-out"
+    local restored=$tmp/restic-out$img
+    if ((verify)); then
+        if [[ -f $restored ]] && cmp -s "$img" "$restored"; then
+            echo "  restic restore == changed image" >&2
+        else
+            fail "restic's restored file $restored differs from the changed image"
+        fi
+    fi
+    rm -rf "$tmp/restic-out"
+}
+restore_cp() {
+    local key=$1 t0
+    drop_caches
+    t0=$(clock)
+    cp "$img" "$tmp/img/copy.img"
+    sync
+    put "$key.s" "$(since "$t0")"
+    rm -f "$tmp/img/copy.img"
+    echo "  $key: $(get "$key.s") s" >&2
+}
+for ((round = 1; round <= repeat; round++)); do
+    suffix=.$round
+    ((round == 1)) && suffix=
+    verify=$((round == 1))
+    case $((round % 3)) in
+    1) order=(blockd cp restic) ;;
+    2) order=(restic blockd cp) ;;
+    0) order=(cp restic blockd) ;;
+    esac
+    for what in "${order[@]}"; do
+        case $what in
+        blockd) restore_blockd "bd.restore$suffix" "$verify" ;;
+        restic) restore_restic "rs.restore$suffix" "$verify" ;;
+        cp) restore_cp "cp.restore.$round" ;;
+        esac
+    done
+done
 
 # --- 7. scaling: same writes, 4x the volume ---------------------------------------
 echo "7. 4x volume, $repeat rounds" >&2
