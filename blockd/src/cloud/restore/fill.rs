@@ -120,67 +120,81 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         e => e,
     };
     let write_lock = Arc::new(std::sync::Mutex::new(()));
+    // One stream of GETs across the blocks: the next block's index is read
+    // and its GETs start while the last GETs of the block before are still
+    // under way, so the pipeline never drains at a block's end. Each GET
+    // carries its block's count of GETs still to finish; the one that
+    // brings it to zero finishes the block. A block whose GETs were all
+    // done before (but not flushed) yields one empty item.
+    let todo: Vec<(u64, String)> = job
+        .manifest
+        .blocks
+        .iter()
+        .filter(|(b, _)| !done.contains(&(b << 20)))
+        .map(|(b, id)| (*b, id.clone()))
+        .collect();
+    let blocks = futures::stream::iter(todo)
+        .then(move |(b, id)| index_items(repo.clone(), done.clone(), b, id))
+        .flat_map(futures::stream::iter);
+    let results = blocks
+        .map(|item| {
+            let repo = repo.clone();
+            let volume = job.volume.clone();
+            let progress = job.progress.clone();
+            let write_lock = write_lock.clone();
+            async move {
+                let item = item?;
+                let b = item.block;
+                let Some((i, f)) = item.get else {
+                    return Ok((None, Some(b << 20)));
+                };
+                let base = b * span;
+                let bytes = f.get(&repo).await?;
+                Progress::add(&progress.transferred, bytes.len() as u64);
+                // Open and check every chunk before writing any of it,
+                // then write runs of adjacent entries in one go, on the
+                // blocking pool (no thread hop per chunk).
+                let entries = item.entries;
+                let written = tokio::task::spawn_blocking(move || {
+                    write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)
+                })
+                .await
+                .map_err(CloudError::from)??;
+                Progress::add(&progress.done, written);
+                let last = item.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1;
+                Ok::<_, CloudError>((Some((b << 20) | (i as u64 + 1)), last.then_some(b << 20)))
+            }
+        })
+        .buffer_unordered(FETCHES);
+    futures::pin_mut!(results);
     let mut finished: Vec<u64> = Vec::new();
     let mut flushing: Option<Flushing> = None;
-    for (b, id) in &job.manifest.blocks {
+    let mut written = Vec::new();
+    while let Some(r) = results.next().await {
+        let (get, block) = r.map_err(named)?;
+        if let Some(key) = get {
+            written.push((key, Some(boot.clone())));
+        }
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
         }
-        if done.contains(&(b << 20)) {
+        let Some(block) = block else {
             continue;
-        }
-        let entries = Arc::new(repo.get_index(*b, id).await.map_err(|e| named(e.into()))?);
-        let base = b * span;
-        let fetches = plan(&entries);
-        let results = futures::stream::iter(fetches.into_iter().enumerate())
-            .filter(|(i, _)| {
-                let key = (b << 20) | (*i as u64 + 1);
-                std::future::ready(!done.contains(&key))
-            })
-            .map(|(i, f)| {
-                let key = (b << 20) | (i as u64 + 1);
-                let repo = repo.clone();
-                let entries = entries.clone();
-                let volume = job.volume.clone();
-                let progress = job.progress.clone();
-                let write_lock = write_lock.clone();
-                async move {
-                    let bytes = f.get(&repo).await?;
-                    Progress::add(&progress.transferred, bytes.len() as u64);
-                    // Open and check every chunk before writing any of it,
-                    // then write runs of adjacent entries in one go, on the
-                    // blocking pool (no thread hop per chunk).
-                    let written = tokio::task::spawn_blocking(move || {
-                        write_fetch(&repo, &volume, &entries, &f, &bytes, base, &write_lock)
-                    })
-                    .await
-                    .map_err(CloudError::from)??;
-                    Progress::add(&progress.done, written);
-                    Ok::<u64, CloudError>(key)
-                }
-            })
-            .buffer_unordered(FETCHES);
-        futures::pin_mut!(results);
-        let mut written = Vec::new();
-        while let Some(r) = results.next().await {
-            written.push((r.map_err(named)?, Some(boot.clone())));
-            if job.cancel.is_cancelled() {
-                return Err(CloudError::Cancelled);
-            }
-        }
+        };
         // Recorded without an fsync of the volume: after a process crash
         // the page cache still holds the data. The boot id tells a resume
         // whether that is still true (see above). The record (a SQLite
         // commit) is made on the blocking pool, never on a runtime thread.
         let checkpoint = job.checkpoint.clone();
-        tokio::task::spawn_blocking(move || checkpoint.save(&written))
+        let saved = std::mem::take(&mut written);
+        tokio::task::spawn_blocking(move || checkpoint.save(&saved))
             .await
             .map_err(CloudError::from)??;
         // A block is durable once flushed: its record then survives host
         // crashes. The flush runs in the background while the next blocks
         // are fetched; one at a time, covering every block finished before
         // it started.
-        finished.push(b << 20);
+        finished.push(block);
         if flushing
             .as_ref()
             .is_none_or(tokio::task::JoinHandle::is_finished)
@@ -207,6 +221,54 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         job.checkpoint.save(&covered)?;
     }
     Ok(())
+}
+
+/// Reads block `b`'s index (object `id`) and plans its GETs: an item per
+/// GET not `done`, or one empty item when none is left.
+async fn index_items(
+    repo: Arc<Repo>,
+    done: Arc<std::collections::HashSet<u64>>,
+    b: u64,
+    id: String,
+) -> Vec<Result<Item, CloudError>> {
+    let entries = match repo.get_index(b, &id).await {
+        Ok(e) => Arc::new(e),
+        Err(e) => return vec![Err(CloudError::from(e))],
+    };
+    let todo: Vec<(usize, Fetch)> = plan(&entries)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !done.contains(&((b << 20) | (*i as u64 + 1))))
+        .collect();
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(todo.len()));
+    if todo.is_empty() {
+        return vec![Ok(Item {
+            block: b,
+            get: None,
+            entries,
+            left,
+        })];
+    }
+    todo.into_iter()
+        .map(|(i, f)| {
+            Ok(Item {
+                block: b,
+                get: Some((i, f)),
+                entries: entries.clone(),
+                left: left.clone(),
+            })
+        })
+        .collect()
+}
+
+/// One GET of a restore, or a block with none left to do.
+struct Item {
+    block: u64,
+    /// The GET's number in its block's plan, and the GET.
+    get: Option<(usize, Fetch)>,
+    entries: Arc<Vec<Entry>>,
+    /// GETs of the block not yet finished.
+    left: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A background flush; yields the block keys it made durable.
