@@ -130,7 +130,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         .manifest
         .blocks
         .iter()
-        .filter(|(b, _)| !done.contains(&(b << 20)))
+        .filter(|(b, _)| !done.contains(&block_key(*b)))
         .map(|(b, id)| (*b, id.clone()))
         .collect();
     let blocks = futures::stream::iter(todo)
@@ -146,7 +146,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 let item = item?;
                 let b = item.block;
                 let Some((i, f)) = item.get else {
-                    return Ok((None, Some(b << 20)));
+                    return Ok((None, Some(block_key(b))));
                 };
                 let base = b * span;
                 let bytes = f.get(&repo).await?;
@@ -162,7 +162,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 .map_err(CloudError::from)??;
                 Progress::add(&progress.done, written);
                 let last = item.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1;
-                Ok::<_, CloudError>((Some((b << 20) | (i as u64 + 1)), last.then_some(b << 20)))
+                Ok::<_, CloudError>((Some(get_key(b, i)), last.then_some(block_key(b))))
             }
         })
         .buffer_unordered(FETCHES);
@@ -238,7 +238,7 @@ async fn index_items(
     let todo: Vec<(usize, Fetch)> = plan(&entries)
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| !done.contains(&((b << 20) | (*i as u64 + 1))))
+        .filter(|(i, _)| !done.contains(&get_key(b, *i)))
         .collect();
     let left = Arc::new(std::sync::atomic::AtomicUsize::new(todo.len()));
     if todo.is_empty() {
@@ -259,6 +259,16 @@ async fn index_items(
             })
         })
         .collect()
+}
+
+/// The checkpoint key of index block `b`, finished and flushed.
+fn block_key(b: u64) -> u64 {
+    b << 20
+}
+
+/// The checkpoint key of GET `i` of index block `b`, written.
+fn get_key(b: u64, i: usize) -> u64 {
+    block_key(b) | (i as u64 + 1)
 }
 
 /// One GET of a restore, or a block with none left to do.
