@@ -590,11 +590,12 @@ impl Locations {
                 })?;
                 // A backup is done when its objects are durable: fsync files and
                 // directories, as object stores do before acknowledging a PUT.
-                Arc::new(
+                // Large ranged GETs bypass the page cache (`repo::direct`).
+                Arc::new(crate::repo::direct::DirectLocal::new(
                     LocalFileSystem::new_with_prefix(&dir)
                         .map_err(cfg_err)?
                         .with_fsync(true),
-                )
+                ))
             }
             Provider::S3 => {
                 let endpoint = s.endpoint.as_deref().map(|e| {

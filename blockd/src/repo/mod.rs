@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod crypto;
+pub mod direct;
 pub mod faulty;
 pub mod fetch;
 pub mod format;

@@ -1,0 +1,379 @@
+//! Large ranged GETs of a local location read with `O_DIRECT`.
+//!
+//! A full restore, a repack and the hydrator read each pack range once, in
+//! pieces of up to 8 MiB. Through the page cache every byte of them takes
+//! a fresh cached page, is copied once more into the GET's buffer and is
+//! then dropped again (`Objects::drop_cached`). A direct read lands in the
+//! buffer at once: no page to allocate, fill and free, no copy
+//! (kernel-notes/README.md, "Bulk transfers and the page cache").
+//!
+//! The wrapper sits under the retry and fault-injection layers, so they
+//! see the same GETs as before. `object_store`'s own `get_opts` still
+//! resolves the object: a missing file, a range past its end and every
+//! precondition give its errors, and the metadata is its own. Only the
+//! read of the bytes changes, and only for a bounded range of at least
+//! [`DIRECT_MIN`]. A file system that refuses `O_DIRECT` (tmpfs before
+//! Linux 6.6) is read through the cache, as before.
+
+use std::fmt;
+use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
+};
+
+/// Smallest range read directly. Smaller reads (an index block, a FUSE
+/// read of one chunk) may find their pages cached, and a direct read's
+/// rounding to whole 4 KiB blocks would weigh on them.
+pub const DIRECT_MIN: u64 = 1 << 20;
+
+/// `O_DIRECT`'s alignment on the file systems blockd runs on.
+const ALIGN: usize = 4096;
+
+/// A [`LocalFileSystem`] whose large ranged GETs bypass the page cache.
+#[derive(Debug)]
+pub struct DirectLocal {
+    inner: Arc<LocalFileSystem>,
+}
+
+impl DirectLocal {
+    /// Wraps `inner`.
+    pub fn new(inner: LocalFileSystem) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+impl fmt::Display for DirectLocal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DirectLocal({})", self.inner)
+    }
+}
+
+/// Buffers kept for the next direct read: as many as a restore has GETs
+/// in flight, with some slack.
+const POOL_MAX: usize = 4;
+
+/// The size of a kept buffer: the largest GET of a restore
+/// ([`super::fetch::MAX_GET`]) with a 4 KiB block on either side.
+#[allow(clippy::cast_possible_truncation)] // 8 MiB
+const POOLED: usize = super::fetch::MAX_GET as usize + 2 * ALIGN;
+
+/// Buffers of [`POOLED`] bytes, each returned by the GET that used it
+/// once its bytes are dropped, until [`release_buffers`].
+static POOL: std::sync::Mutex<Vec<memmap2::MmapMut>> = std::sync::Mutex::new(Vec::new());
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<memmap2::MmapMut>> {
+    POOL.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Frees the buffers kept for direct reads; a bulk job calls it when it
+/// ends, so that its memory goes back to the system with it.
+pub fn release_buffers() {
+    pool().clear();
+}
+
+/// Calls [`release_buffers`] when dropped: held by a bulk job for as long
+/// as it runs, whichever way it ends.
+pub struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_buffers();
+    }
+}
+
+/// A direct read's buffer: an anonymous mapping, page-aligned as
+/// `O_DIRECT` wants and given back to the system when dropped, not kept
+/// by the allocator: buffers of this size from the heap stayed with the
+/// allocator's arenas after a restore, tens of MiB of them. A fresh
+/// mapping costs a fault and a cleared page per 4 KiB, so a few are
+/// kept for the next GETs ([`POOL`]); huge pages make the faults fewer.
+struct Buffer(Option<memmap2::MmapMut>);
+
+impl Buffer {
+    /// A buffer of at least `len` bytes.
+    fn take(len: usize) -> std::io::Result<Self> {
+        if len <= POOLED {
+            if let Some(m) = pool().pop() {
+                return Ok(Self(Some(m)));
+            }
+        }
+        let m = memmap2::MmapMut::map_anon(len.max(POOLED))?;
+        let _ = m.advise(memmap2::Advice::HugePage);
+        Ok(Self(Some(m)))
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_ref()
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take().filter(|m| m.len() == POOLED) {
+            let mut pool = pool();
+            if pool.len() < POOL_MAX {
+                pool.push(m);
+            }
+        }
+    }
+}
+
+/// Reads `range` of `path` with `O_DIRECT` into a buffer aligned for it.
+/// `Ok(None)`: the file system does not take direct reads.
+fn read_direct(path: &std::path::Path, range: &Range<u64>) -> std::io::Result<Option<Bytes>> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let first = range.start - range.start % ALIGN as u64;
+    let want = usize::try_from(range.end - first)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let span = want.next_multiple_of(ALIGN);
+    let mut buf = Buffer::take(span)?;
+    let mut got = 0usize;
+    while got < want {
+        match rustix::io::pread(&file, &mut buf[got..span], first + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::INVAL) if got == 0 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        // A short read not at the end of the file leaves the position
+        // unaligned: finish through the cache.
+        if got < want && !got.is_multiple_of(ALIGN) {
+            return Ok(None);
+        }
+    }
+    if got < want {
+        // The file is shorter than the range `get_opts` checked: it
+        // changed in between. Let the ordinary read report it.
+        return Ok(None);
+    }
+    let lead = usize::try_from(range.start - first).unwrap_or(0);
+    Ok(Some(Bytes::from_owner(buf).slice(lead..want)))
+}
+
+#[async_trait]
+impl ObjectStore for DirectLocal {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        let bounded = !options.head && options.range.is_some();
+        let got = self.inner.get_opts(location, options).await?;
+        if !bounded || got.range.end - got.range.start < DIRECT_MIN {
+            return Ok(got);
+        }
+        let GetResult {
+            payload,
+            meta,
+            range,
+            attributes,
+            extensions,
+        } = got;
+        let GetResultPayload::File(file, path) = payload else {
+            return Ok(GetResult {
+                payload,
+                meta,
+                range,
+                attributes,
+                extensions,
+            });
+        };
+        let r = range.clone();
+        let (payload, path) = tokio::task::spawn_blocking(move || {
+            let direct = read_direct(&path, &r);
+            (direct, path)
+        })
+        .await
+        .map_err(|e| object_store::Error::Generic {
+            store: "DirectLocal",
+            source: Box::new(e),
+        })?;
+        let payload = match payload {
+            Ok(Some(bytes)) => {
+                GetResultPayload::Stream(futures::stream::once(async move { Ok(bytes) }).boxed())
+            }
+            Ok(None) => GetResultPayload::File(file, path),
+            Err(source) => {
+                return Err(object_store::Error::Generic {
+                    store: "DirectLocal",
+                    source: format!("reading {}: {source}", path.display()).into(),
+                })
+            }
+        };
+        Ok(GetResult {
+            payload,
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt;
+
+    /// The same bytes and errors as the store it wraps, for ranges read
+    /// directly (aligned or not, up to the file's unaligned end) and not.
+    #[tokio::test]
+    async fn ranges_read_as_the_plain_store_reads_them() {
+        // On the disk, not tmpfs: the direct path is the one compared.
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let plain = LocalFileSystem::new_with_prefix(tmp.path()).unwrap();
+        let direct = DirectLocal::new(LocalFileSystem::new_with_prefix(tmp.path()).unwrap());
+        let len = 3 * DIRECT_MIN + 12_345;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let key = Path::from("packs/ab/abcd");
+        plain.put(&key, data.clone().into()).await.unwrap();
+        let ranges = [
+            0..DIRECT_MIN,
+            1..DIRECT_MIN + 2,
+            4095..2 * DIRECT_MIN + 4097,
+            DIRECT_MIN..len,
+            len - DIRECT_MIN - 1..len,
+            0..len,
+            100..200,
+        ];
+        for r in ranges {
+            let got = direct.get_range(&key, r.clone()).await.unwrap();
+            let want = &data[r.start as usize..r.end as usize];
+            assert_eq!(got.len(), want.len(), "{r:?}");
+            assert!(got == want, "{r:?}: different bytes");
+        }
+        // The whole object, and ranges past the end: clamped or refused
+        // as the plain store does.
+        assert_eq!(direct.get(&key).await.unwrap().bytes().await.unwrap(), data);
+        for r in [
+            len - 10..len + DIRECT_MIN,
+            len - 2 * DIRECT_MIN..len + DIRECT_MIN,
+            len + 1..len + DIRECT_MIN + 1,
+        ] {
+            let a = plain
+                .get_range(&key, r.clone())
+                .await
+                .map_err(|e| e.to_string());
+            let b = direct
+                .get_range(&key, r.clone())
+                .await
+                .map_err(|e| e.to_string());
+            assert_eq!(a, b, "{r:?}");
+        }
+        let gone = Path::from("packs/ab/gone");
+        let e = direct.get_range(&gone, 0..DIRECT_MIN).await.unwrap_err();
+        assert!(matches!(e, object_store::Error::NotFound { .. }), "{e}");
+    }
+
+    /// The direct read itself: the bytes of an unaligned range, and the
+    /// file's cached pages are neither used nor added.
+    #[test]
+    fn read_direct_takes_no_page_cache() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = tmp.path().join("f");
+        let data: Vec<u8> = (0..4 * DIRECT_MIN).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        rustix::fs::fdatasync(&f).unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let r = 5000..3 * DIRECT_MIN + 17;
+        let got = read_direct(&path, &r)
+            .unwrap()
+            .expect("the disk takes O_DIRECT");
+        assert!(got[..] == data[r.start as usize..r.end as usize]);
+        // fincore (util-linux): the file's resident bytes.
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(&path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "fincore: {out:?}");
+        let res = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(res, "0", "pages of the file cached after a direct read");
+    }
+}
