@@ -15,13 +15,17 @@
 #   5. incremental backup vs restic's second backup; bytes uploaded vs bytes
 #      changed (index blocks counted apart);
 #   6. full restore into a new volume vs `restic restore` and vs `cp` + sync
-#      of the image, BENCH_REPEAT rounds, order turning; round 1's results are
-#      compared with the changed image, a mismatch fails the run;
+#      of the image, BENCH_REPEAT rounds; blockd's restore between two
+#      `cp` + sync runs (its reference is their mean), restic's first or
+#      last by turns; round 1's results are compared with the changed
+#      image, a mismatch fails the run;
 #   7. scaling: a 4x BENCH_SIZE sparse volume holding the image in its first
 #      quarter, full backup; then BENCH_REPEAT rounds in which it and `v`
 #      each get the same number of fresh 4 KiB writes (spread over the whole
 #      of each) and an incremental: the time should track the bytes changed,
 #      not the volume size (medians compared);
+#   7b. BENCH_REPEAT first (full) backups of a volume holding the image,
+#      each into a new local location, between two `cp` + sync runs;
 #   8. the full + incremental pair again against a single-node Garage (S3)
 #      on 127.0.0.1, for blockd and for restic (bucket per tool);
 #   9. per phase, CPU seconds and peak RSS: blockd's from /proc/PID (VmHWM
@@ -217,9 +221,19 @@ def table(path):
         rows.append("| %s | %s | %s | %s | %s | %s | %s / %s | %s |" % (
             phase, sec(b), sec(p), ratio(p, b), rate(nbytes, b), rate(nbytes, p), mib(bb), mib(pb), target))
 
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
     bf, rf, cp = f("bd.full.s"), f("rs.full.s"), f("cp.s")
     row("full backup vs `cp` + sync of the image (peer: cp, physical reference)", bf, cp, size,
         f("bd.full.uploaded"), f("image.alloc"), "—")
+    nf = sum(1 for k in r if k.startswith("cp.full.") and k.endswith(".s"))
+    bd_f = [f("bd.fullr.%d.s" % i) for i in range(1, nf + 1)]
+    cp_f = [f("cp.full.%d.s" % i) for i in range(1, nf + 1)]
+    if nf and all(bd_f) and all(cp_f):
+        each = [c / b for b, c in zip(bd_f, cp_f)]
+        t = ">= 0.8x of cp + sync in every round: %s: %s" % (
+            " ".join("%.2fx" % x for x in each), ok(min(each) >= 0.8))
+        row("full backup (a first backup of the image into a new location per round) vs `cp` + sync just before and after it, median of %d rounds" % nf,
+            med(bd_f), med(cp_f), size, f("bd.fullr.1.uploaded"), f("image.alloc"), t)
     t = "—"
     if bf and rf:
         t = ">= 2x restic: %s" % ok(rf / bf >= 2)
@@ -239,7 +253,6 @@ def table(path):
             mib(index), ok(packs <= 1.5 * changed)))
     # Restore rounds: round 1 under bd.restore / rs.restore, round n > 1
     # under bd.restore.n / rs.restore.n; cp.restore.n in every round.
-    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
     nr = sum(1 for k in r if k.startswith("cp.restore.") and k.endswith(".s"))
     key = lambda base, i: "%s.s" % base if i == 1 else "%s.%d.s" % (base, i)
     bd_r = [f(key("bd.restore", i)) for i in range(1, nr + 1)]
@@ -247,7 +260,7 @@ def table(path):
     cp_r = [f("cp.restore.%d.s" % i) for i in range(1, nr + 1)]
     if nr and all(bd_r) and all(cp_r):
         each = [b / c for b, c in zip(bd_r, cp_r)]
-        t = "within 1.1x of cp + sync in every round: %s: %s" % (
+        t = "within 1.1x of cp + sync (the mean of the runs just before and after) in every round: %s: %s" % (
             " ".join("%.2fx" % x for x in each), ok(max(each) <= 1.1))
         row("full restore vs `cp` + sync of the image, median of %d rounds (peer: cp)" % nr,
             med(bd_r), med(cp_r), size, f("bd.restore.transferred"), f("image.alloc"), t)
@@ -301,6 +314,14 @@ def table(path):
         print()
         print("blockd during the %d full restores: peak RSS %s; RSS before rounds 2-%d (after the one before): %s" % (
             nr, " ".join(m(v) for v in peaks), nr, " ".join(m(v) for v in after)))
+    # Each round's blockd time with the cp + sync runs just before and just
+    # after it (the reference is their mean).
+    for label, bd, cpk, n in (("restore", bd_r, "restore", nr), ("full backup", bd_f, "full", nf)):
+        if n and all(bd):
+            print()
+            print("%s rounds, blockd s / cp + sync just before / just after: %s" % (label, "  ".join(
+                "%.2f / %.2f / %.2f" % (b, f("cp0.%s.%d.s" % (cpk, i)), f("cp1.%s.%d.s" % (cpk, i)))
+                for i, b in enumerate(bd, 1))))
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
@@ -520,11 +541,12 @@ put rs.incr.du "$(($(bytes_of "$RESTIC_REPOSITORY") - rs_before))"
 put rs.incr.added "$(py restic-summary "$tmp/rs.incr.out")"
 
 # --- 6. full restores, verified, in rounds -----------------------------------------
-# BENCH_REPEAT rounds of three restores of the same data, each after a cache
-# drop: blockd's into a new volume (durable when its task ends), `cp` of the
-# image + sync (the disk's pace), restic's into a new directory. The order
-# turns every round. Round 1's keys are bd.restore and rs.restore (the
-# resource table and perf use them), later rounds' add the round's number.
+# BENCH_REPEAT rounds of restores of the same data, each after a cache
+# drop: blockd's into a new volume (durable when its task ends) between two
+# `cp` of the image + sync (the disk's pace; cp_around), restic's into a new
+# directory, before or after by turns. Round 1's keys are bd.restore and
+# rs.restore (the resource table and perf use them), later rounds' add the
+# round's number.
 echo "6. restores, $repeat rounds" >&2
 restore_blockd() {
     local key=$1 verify=$2
@@ -560,7 +582,7 @@ restore_restic() {
     fi
     rm -rf "$tmp/restic-out"
 }
-restore_cp() {
+cp_sync() {
     local key=$1 t0
     drop_caches
     t0=$(clock)
@@ -570,20 +592,28 @@ restore_cp() {
     rm -f "$tmp/img/copy.img"
     echo "  $key: $(get "$key.s") s" >&2
 }
+# cp_around KEY CMD...: `cp` + sync of the image just before and just after
+# CMD (KEY0.s, KEY1.s), and their mean as the reference for CMD (KEY.s): the
+# disk's speed drifts within minutes on a shared host, and a reference
+# taken on both sides of the measurement cancels a steady drift.
+cp_around() {
+    local key=$1
+    shift
+    cp_sync "${key/./0.}"
+    "$@"
+    cp_sync "${key/./1.}"
+    put "$key.s" "$(awk -v a="$(get "${key/./0.}.s")" -v b="$(get "${key/./1.}.s")" 'BEGIN { printf "%.3f", (a + b) / 2 }')"
+}
 for ((round = 1; round <= repeat; round++)); do
     suffix=.$round
     ((round == 1)) && suffix=
     verify=$((round == 1))
-    case $((round % 3)) in
-    1) order=(blockd cp restic) ;;
-    2) order=(restic blockd cp) ;;
-    0) order=(cp restic blockd) ;;
-    esac
+    order=(blockd restic)
+    ((round % 2 == 0)) && order=(restic blockd)
     for what in "${order[@]}"; do
         case $what in
-        blockd) restore_blockd "bd.restore$suffix" "$verify" ;;
+        blockd) cp_around "cp.restore.$round" restore_blockd "bd.restore$suffix" "$verify" ;;
         restic) restore_restic "rs.restore$suffix" "$verify" ;;
-        cp) restore_cp "cp.restore.$round" ;;
         esac
     done
 done
@@ -611,6 +641,21 @@ for ((round = 1; round <= repeat; round++)); do
     done
 done
 ctl volume delete big >/dev/null
+
+# --- 7b. full backups in rounds -------------------------------------------------
+# A first backup in every round: volume w (the image) into a new local
+# location per round, between two `cp` + sync of the image (cp_around).
+# Each round's location is removed after it.
+echo "7b. full backups, $repeat rounds" >&2
+ctl volume create w --size "$size" >/dev/null
+nbdcopy "$img" "$(uri w)"
+for ((round = 1; round <= repeat; round++)); do
+    ctl credentials create "full$round" --provider local --path "$tmp/full$round" >/dev/null
+    cp_around "cp.full.$round" bd_backup "bd.fullr.$round" w --cred-id "full$round"
+    ((bd_last_full == 1)) || fail "full backup round $round of w was not full"
+    rm -rf "${tmp:?}/full$round"
+done
+ctl volume delete w >/dev/null
 
 # --- 8. Garage ------------------------------------------------------------------------
 garage_version=
