@@ -42,7 +42,7 @@ async fn volume(repo: Arc<Repo>, v: u64, snaps: u64, chunks: u64, bytes: usize) 
     let mut entries: Vec<Entry> = Vec::new();
     let mut plain = vec![0u8; bytes];
     for s in 0..snaps {
-        let mut pack = PackBuilder::new(0);
+        let mut pack = PackBuilder::new(0).expect("pack buffer");
         for c in 0..chunks {
             fill(&mut plain, (v << 40) ^ (s << 20) ^ c);
             let id = repo.keys.chunk_id(&plain);

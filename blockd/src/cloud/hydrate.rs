@@ -299,7 +299,7 @@ impl Pace {
 /// # Errors
 /// Cancellation, or a flush of the volume failing.
 pub async fn run(job: &Job) -> Result<(), CloudError> {
-    let _buffers = crate::repo::direct::ReleaseOnDrop;
+    let _buffers = crate::repo::mapped::ReleaseOnDrop;
     let l = &job.lazy;
     // Paced batches are small, so the pace is smooth.
     let batch_bytes = job.limit.map_or(job.batch_bytes, |r| {

@@ -489,7 +489,7 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let mut pb = PackBuilder::new(0);
+        let mut pb = PackBuilder::new(0).unwrap();
         let mut locs = Vec::new();
         let mut plains = Vec::new();
         for i in 0..n {
@@ -621,14 +621,14 @@ mod tests {
         let good = repo.get_pack(&pack).await.unwrap().to_vec();
         let mut bad = good.clone();
         bad[usize::try_from(locs[1].offset).unwrap() + 100] ^= 1;
-        repo.put_pack(&pack, bad).await.unwrap();
+        repo.put_pack(&pack, bad.into()).await.unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let c = ChunkCache::new(tmp.path().join("c"), 1 << 20, repo.clone()).unwrap();
         let e = c.chunks(&locs).await.unwrap_err().to_string();
         assert!(e.contains(&key) && e.contains("corrupt"), "{e}");
         // Repaired at once, before the GET's records are even written out:
         // the bad bytes are fetched again, not reused.
-        repo.put_pack(&pack, good).await.unwrap();
+        repo.put_pack(&pack, good.into()).await.unwrap();
         let got = c.chunks(&locs).await.unwrap();
         assert_eq!(got[&locs[1].id], plains[1]);
         settle(&c).await;

@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -59,112 +58,86 @@ impl fmt::Display for DirectLocal {
     }
 }
 
-/// Buffers kept for the next direct read: as many as a restore has GETs
-/// in flight, with some slack.
-const POOL_MAX: usize = 4;
-
-/// The size of a kept buffer: the largest GET of a restore
-/// ([`super::fetch::MAX_GET`]) with a 4 KiB block on either side.
+/// The size of a direct read's buffer when it is mapped afresh: the
+/// largest GET of a restore ([`super::fetch::MAX_GET`]) with a 4 KiB block
+/// on either side, so that every later GET can reuse it.
 #[allow(clippy::cast_possible_truncation)] // 8 MiB
-const POOLED: usize = super::fetch::MAX_GET as usize + 2 * ALIGN;
+const MAPPED: usize = super::fetch::MAX_GET as usize + 2 * ALIGN;
 
-/// Buffers of [`POOLED`] bytes, each returned by the GET that used it
-/// once its bytes are dropped, until [`release_buffers`].
-static POOL: std::sync::Mutex<Vec<memmap2::MmapMut>> = std::sync::Mutex::new(Vec::new());
-
-fn pool() -> std::sync::MutexGuard<'static, Vec<memmap2::MmapMut>> {
-    POOL.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Frees the buffers kept for direct reads; a bulk job calls it when it
-/// ends, so that its memory goes back to the system with it.
-pub fn release_buffers() {
-    pool().clear();
-}
-
-/// Calls [`release_buffers`] when dropped: held by a bulk job for as long
-/// as it runs, whichever way it ends.
-pub struct ReleaseOnDrop;
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        release_buffers();
-    }
-}
-
-/// A direct read's buffer: an anonymous mapping, page-aligned as
-/// `O_DIRECT` wants and given back to the system when dropped, not kept
-/// by the allocator: buffers of this size from the heap stayed with the
-/// allocator's arenas after a restore, tens of MiB of them. A fresh
-/// mapping costs a fault and a cleared page per 4 KiB, so a few are
-/// kept for the next GETs ([`POOL`]); huge pages make the faults fewer.
-struct Buffer(Option<memmap2::MmapMut>);
-
-impl Buffer {
-    /// A buffer of at least `len` bytes.
-    fn take(len: usize) -> std::io::Result<Self> {
-        if len <= POOLED {
-            if let Some(m) = pool().pop() {
-                return Ok(Self(Some(m)));
-            }
-        }
-        let m = memmap2::MmapMut::map_anon(len.max(POOLED))?;
-        let _ = m.advise(memmap2::Advice::HugePage);
-        Ok(Self(Some(m)))
-    }
-}
-
-impl AsRef<[u8]> for Buffer {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or_default()
-    }
-}
-
-impl std::ops::Deref for Buffer {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_ref()
-    }
-}
-
-impl std::ops::DerefMut for Buffer {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if let Some(m) = self.0.take().filter(|m| m.len() == POOLED) {
-            let mut pool = pool();
-            if pool.len() < POOL_MAX {
-                pool.push(m);
-            }
-        }
-    }
-}
-
-/// Reads `range` of `path` with `O_DIRECT` into a buffer aligned for it.
-/// `Ok(None)`: the file system does not take direct reads.
-fn read_direct(path: &std::path::Path, range: &Range<u64>) -> std::io::Result<Option<Bytes>> {
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
-        Err(e) => return Err(e),
+/// Reads `range` of `file` into a buffer of its own and leaves none of
+/// the file's pages cached: with `O_DIRECT`, set on the descriptor
+/// `object_store` opened (no second open), or, where the file system
+/// refuses it, through the cache with the range's pages dropped after.
+fn read_uncached(file: &std::fs::File, range: &Range<u64>) -> std::io::Result<Bytes> {
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    let direct = match rustix::fs::fcntl_setfl(file, flags | rustix::fs::OFlags::DIRECT) {
+        Ok(()) => read_direct(file, range),
+        Err(rustix::io::Errno::INVAL) => Ok(None),
+        Err(e) => Err(e.into()),
     };
+    // The descriptor is the caller's again, as it was.
+    rustix::fs::fcntl_setfl(file, flags)?;
+    match direct? {
+        Some(bytes) => Ok(bytes),
+        None => read_cached(file, range),
+    }
+}
+
+/// Reads `range` of `file` through the page cache, then drops the range's
+/// pages again.
+fn read_cached(file: &std::fs::File, range: &Range<u64>) -> std::io::Result<Bytes> {
+    let len = usize::try_from(range.end - range.start)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut buf = super::mapped::Buffer::take(len, MAPPED)?;
+    let got = read_full(file, &mut buf[..len], range.start)?;
+    // Whole pages: the kernel drops only those wholly inside the range.
+    let from = range.start - range.start % ALIGN as u64;
+    let to = range.end.next_multiple_of(ALIGN as u64);
+    let _ = rustix::fs::fadvise(
+        file,
+        from,
+        std::num::NonZeroU64::new(to - from),
+        rustix::fs::Advice::DontNeed,
+    );
+    if got < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "{got} bytes at {}..{}: the file shrank while it was read",
+                range.start, range.end
+            ),
+        ));
+    }
+    Ok(Bytes::from_owner(buf).slice(..len))
+}
+
+/// Reads into `buf` at `at` until it is full or the file ends; returns
+/// how many bytes it read.
+fn read_full(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut got = 0usize;
+    while got < buf.len() {
+        match rustix::io::pread(file, &mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads `range` of `file`, opened with `O_DIRECT`, into a buffer aligned
+/// for it. `Ok(None)`: the file system refused the direct read, or the
+/// file is shorter than the range (the cached read then reports it).
+fn read_direct(file: &std::fs::File, range: &Range<u64>) -> std::io::Result<Option<Bytes>> {
     let first = range.start - range.start % ALIGN as u64;
     let want = usize::try_from(range.end - first)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let span = want.next_multiple_of(ALIGN);
-    let mut buf = Buffer::take(span)?;
+    let mut buf = super::mapped::Buffer::take(span, MAPPED)?;
     let mut got = 0usize;
     while got < want {
-        match rustix::io::pread(&file, &mut buf[got..span], first + got as u64) {
+        match rustix::io::pread(file, &mut buf[got..span], first + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(rustix::io::Errno::INTR) => {}
@@ -172,14 +145,12 @@ fn read_direct(path: &std::path::Path, range: &Range<u64>) -> std::io::Result<Op
             Err(e) => return Err(e.into()),
         }
         // A short read not at the end of the file leaves the position
-        // unaligned: finish through the cache.
+        // unaligned: read it all again through the cache.
         if got < want && !got.is_multiple_of(ALIGN) {
             return Ok(None);
         }
     }
     if got < want {
-        // The file is shorter than the range `get_opts` checked: it
-        // changed in between. Let the ordinary read report it.
         return Ok(None);
     }
     let lead = usize::try_from(range.start - first).unwrap_or(0);
@@ -228,27 +199,18 @@ impl ObjectStore for DirectLocal {
             });
         };
         let r = range.clone();
-        let (payload, path) = tokio::task::spawn_blocking(move || {
-            let direct = read_direct(&path, &r);
-            (direct, path)
-        })
-        .await
-        .map_err(|e| object_store::Error::Generic {
+        let (read, path) = tokio::task::spawn_blocking(move || (read_uncached(&file, &r), path))
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "DirectLocal",
+                source: Box::new(e),
+            })?;
+        let bytes = read.map_err(|source| object_store::Error::Generic {
             store: "DirectLocal",
-            source: Box::new(e),
+            source: format!("reading {}: {source}", path.display()).into(),
         })?;
-        let payload = match payload {
-            Ok(Some(bytes)) => {
-                GetResultPayload::Stream(futures::stream::once(async move { Ok(bytes) }).boxed())
-            }
-            Ok(None) => GetResultPayload::File(file, path),
-            Err(source) => {
-                return Err(object_store::Error::Generic {
-                    store: "DirectLocal",
-                    source: format!("reading {}: {source}", path.display()).into(),
-                })
-            }
-        };
+        let payload =
+            GetResultPayload::Stream(futures::stream::once(async move { Ok(bytes) }).boxed());
         Ok(GetResult {
             payload,
             meta,
@@ -362,10 +324,11 @@ mod tests {
         rustix::fs::fdatasync(&f).unwrap();
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         let r = 5000..3 * DIRECT_MIN + 17;
-        let got = read_direct(&path, &r)
-            .unwrap()
-            .expect("the disk takes O_DIRECT");
+        let got = read_uncached(&f, &r).unwrap();
         assert!(got[..] == data[r.start as usize..r.end as usize]);
+        // The descriptor is left as it was opened.
+        let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::DIRECT));
         // fincore (util-linux): the file's resident bytes.
         let out = std::process::Command::new("fincore")
             .args(["--bytes", "--noheadings", "--output", "RES"])
@@ -375,5 +338,18 @@ mod tests {
         assert!(out.status.success(), "fincore: {out:?}");
         let res = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert_eq!(res, "0", "pages of the file cached after a direct read");
+        // The read for file systems that refuse O_DIRECT leaves none
+        // either, and says when the file is shorter than the range.
+        let got = read_cached(&f, &r).unwrap();
+        assert!(got[..] == data[r.start as usize..r.end as usize]);
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let res = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(res, "0", "pages of the file cached after a cached read");
+        let e = read_cached(&f, &(3 * DIRECT_MIN..5 * DIRECT_MIN)).unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
     }
 }

@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod format;
 pub mod gc;
 pub mod index;
+pub mod mapped;
 pub mod name;
 pub mod refs;
 pub mod reloc;
@@ -92,6 +93,9 @@ pub enum RepoError {
     /// A value does not fit the format (nothing was written).
     #[error(transparent)]
     Overflow(#[from] format::Overflow),
+    /// No memory for a transfer buffer (a pack being built).
+    #[error("no memory for a transfer buffer: {0}")]
+    Memory(#[source] std::io::Error),
     /// Something already exists (a manifest written twice).
     #[error("location {location}: object {object} already exists")]
     Exists {
@@ -108,7 +112,7 @@ impl RepoError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Key { .. } => Outcome::Invalid,
-            Self::Overflow(_) => Outcome::Failed,
+            Self::Overflow(_) | Self::Memory(_) => Outcome::Failed,
             _ => Outcome::Upstream,
         }
     }
@@ -122,7 +126,7 @@ impl RepoError {
             | Self::Corrupt { object, .. }
             | Self::Exists { object, .. } => object,
             Self::Key { .. } => "config",
-            Self::Overflow(_) => "",
+            Self::Overflow(_) | Self::Memory(_) => "",
         }
     }
 }
@@ -411,9 +415,9 @@ impl Repo {
     ///
     /// # Errors
     /// Provider errors.
-    pub async fn put_pack(&self, id: &[u8; 16], bytes: Vec<u8>) -> Result<u64, RepoError> {
+    pub async fn put_pack(&self, id: &[u8; 16], bytes: Bytes) -> Result<u64, RepoError> {
         let key = pack_key(id);
-        let n = self.objects.put(&key, bytes.into(), false).await?;
+        let n = self.objects.put(&key, bytes, false).await?;
         self.objects.drop_cached(&key, None);
         Ok(n)
     }
@@ -945,16 +949,27 @@ impl Objects {
     /// working set out, and a cache that grows through gigabytes of fresh
     /// pages costs far more than one that recycles a few (kernel-notes/README.md,
     /// "Bulk transfers and the page cache"). Best effort: a file that
-    /// cannot be opened is left alone. No-op for object stores.
+    /// cannot be opened is left alone. No-op for object stores, and for
+    /// ranges of [`direct::DIRECT_MIN`] or more, which the local store
+    /// reads without leaving pages cached ([`direct::DirectLocal`]).
     pub fn drop_cached(&self, key: &str, range: Option<Range<u64>>) {
         let Some(root) = &self.local_root else {
             return;
         };
+        if range
+            .as_ref()
+            .is_some_and(|r| r.end - r.start >= direct::DIRECT_MIN)
+        {
+            return;
+        }
         let Ok(f) = std::fs::File::open(root.join(key)) else {
             return;
         };
+        // Whole pages: the kernel drops only those wholly inside the range.
         let (at, len) = range.map_or((0, None), |r| {
-            (r.start, std::num::NonZeroU64::new(r.end - r.start))
+            let from = r.start - r.start % 4096;
+            let to = r.end.next_multiple_of(4096);
+            (from, std::num::NonZeroU64::new(to - from))
         });
         let _ = rustix::fs::fadvise(&f, at, len, rustix::fs::Advice::DontNeed);
     }
@@ -1312,12 +1327,15 @@ pub fn new_config(passphrase: Option<&str>) -> (Config, zeroize::Zeroizing<[u8; 
 }
 
 /// Builds one pack in memory: sealed chunk records appended, then the
-/// sealed trailer and footer.
+/// sealed trailer and footer. The bytes live in an anonymous mapping
+/// ([`mapped::Bytestring`]), reused from pack to pack while the job runs
+/// and unmapped after it, so a finished backup leaves no pack buffers in
+/// the allocator's arenas.
 #[derive(Debug)]
 pub struct PackBuilder {
     /// Pack id.
     pub id: [u8; 16],
-    buf: Vec<u8>,
+    buf: mapped::Bytestring,
     chunks: Vec<ChunkLoc>,
 }
 
@@ -1327,7 +1345,10 @@ impl PackBuilder {
     /// most a chunk and its seal) and the trailer (well under 1/32 of the
     /// pack even for 4 KiB chunks) fit without the buffer growing, so
     /// filling a pack never copies it again or doubles its memory.
-    pub fn for_config(config: &Config) -> Self {
+    ///
+    /// # Errors
+    /// The buffer could not be mapped.
+    pub fn for_config(config: &Config) -> Result<Self, RepoError> {
         let cap = config
             .pack_size
             .saturating_add(config.pack_size / 32)
@@ -1337,12 +1358,15 @@ impl PackBuilder {
     }
 
     /// An empty pack with a new id.
-    pub fn new(capacity: usize) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// The buffer could not be mapped.
+    pub fn new(capacity: usize) -> Result<Self, RepoError> {
+        Ok(Self {
             id: new_pack_id(),
-            buf: Vec::with_capacity(capacity),
+            buf: mapped::Bytestring::with_capacity(capacity).map_err(RepoError::Memory)?,
             chunks: Vec::new(),
-        }
+        })
     }
 
     /// Bytes so far.
@@ -1359,12 +1383,13 @@ impl PackBuilder {
     ///
     /// # Errors
     /// A pack past 4 GiB, or a record over 4 GiB: nothing is appended.
+    /// No memory to grow the buffer.
     pub fn push(
         &mut self,
         id: [u8; 32],
         sealed: &[u8],
         plain_len: u32,
-    ) -> Result<ChunkLoc, format::Overflow> {
+    ) -> Result<ChunkLoc, RepoError> {
         let loc = ChunkLoc {
             id,
             pack: self.id,
@@ -1372,7 +1397,9 @@ impl PackBuilder {
             stored_len: format::u32_field("record length", sealed.len() as u64)?,
             plain_len,
         };
-        self.buf.extend_from_slice(sealed);
+        self.buf
+            .extend_from_slice(sealed)
+            .map_err(RepoError::Memory)?;
         self.chunks.push(loc);
         Ok(loc)
     }
@@ -1380,15 +1407,18 @@ impl PackBuilder {
     /// Seals the trailer and returns the pack bytes and its chunks.
     ///
     /// # Errors
-    /// A trailer too large for its format.
-    pub fn finish(mut self, keys: &Keys) -> Result<(Vec<u8>, Vec<ChunkLoc>), format::Overflow> {
+    /// A trailer too large for its format; no memory to grow the buffer.
+    pub fn finish(mut self, keys: &Keys) -> Result<(Bytes, Vec<ChunkLoc>), RepoError> {
         let trailer = format::encode_trailer(&self.chunks)?;
-        let before = self.buf.len();
-        keys.seal_into(&pack_ad(&self.id), &trailer, &mut self.buf);
-        let tl = format::u32_field("trailer length", (self.buf.len() - before) as u64)?;
-        self.buf.extend_from_slice(&tl.to_le_bytes());
-        self.buf.extend_from_slice(format::PACK_MAGIC);
-        Ok((self.buf, self.chunks))
+        let mut tail = Vec::with_capacity(trailer.len() + keys.overhead() + 8);
+        keys.seal_into(&pack_ad(&self.id), &trailer, &mut tail);
+        let tl = format::u32_field("trailer length", tail.len() as u64)?;
+        tail.extend_from_slice(&tl.to_le_bytes());
+        tail.extend_from_slice(format::PACK_MAGIC);
+        self.buf
+            .extend_from_slice(&tail)
+            .map_err(RepoError::Memory)?;
+        Ok((self.buf.into_bytes(), self.chunks))
     }
 }
 
@@ -1652,7 +1682,7 @@ mod tests {
         );
 
         // A pack of two chunks with a fixed id.
-        let mut pb = PackBuilder::new(0);
+        let mut pb = PackBuilder::new(0).unwrap();
         pb.id = [0x5a; 16];
         pb.push(id, &rec, 4096).unwrap();
         pb.push(id, &rec, 4096).unwrap();

@@ -147,8 +147,11 @@ pub async fn repack(
 ) -> Result<Repacked, RepoError> {
     let cap = usize::try_from(repo.config.pack_size).unwrap_or(usize::MAX);
     let mut done = Repacked::default();
+    // Pack buffers and direct reads' buffers go back to the system at
+    // the end.
+    let _buffers = super::mapped::ReleaseOnDrop;
     let mut out = Out {
-        pack: PackBuilder::new(cap),
+        pack: PackBuilder::for_config(&repo.config)?,
         moves: Vec::new(),
     };
     // Sources whose records are all in `out` or earlier packs.
@@ -276,7 +279,7 @@ async fn flush(
     session: &Session,
     done: &mut Repacked,
 ) -> Result<Result<(), String>, RepoError> {
-    let full = std::mem::replace(&mut out.pack, PackBuilder::new(0));
+    let full = std::mem::replace(&mut out.pack, PackBuilder::new(0)?);
     let to = full.id;
     let (bytes, _) = full.finish(&repo.keys)?;
     repo.put_pack(&to, bytes).await?;
@@ -302,6 +305,6 @@ async fn flush(
         })
         .await?;
     }
-    out.pack = PackBuilder::new(usize::try_from(repo.config.pack_size).unwrap_or(0));
+    out.pack = PackBuilder::for_config(&repo.config)?;
     Ok(Ok(()))
 }

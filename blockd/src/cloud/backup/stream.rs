@@ -117,6 +117,8 @@ fn is_zero(b: &[u8]) -> bool {
 /// # Errors
 /// Volume I/O, provider errors, cancellation.
 pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
+    // The packs' buffers go back to the system when the backup ends.
+    let _buffers = crate::repo::mapped::ReleaseOnDrop;
     let span = job.repo.config.index_span;
     let size = job.snap.size();
     // Blocks finished before a crash (resume), with their index ids.
@@ -427,7 +429,7 @@ impl<'a> Writer<'a> {
             job,
             blocks: Vec::new(),
             pending: Vec::new(),
-            pack: PackBuilder::for_config(&job.repo.config),
+            pack: PackBuilder::for_config(&job.repo.config)?,
             uploads: JoinSet::new(),
             resumed,
             dedup: Arc::new(Mutex::new(HashMap::new())),
@@ -546,10 +548,7 @@ impl<'a> Writer<'a> {
                     Progress::add(&progress.reused, u64::from(a.len));
                     (loc, 0)
                 } else {
-                    let loc = self
-                        .pack
-                        .push(id, &sealed, a.len)
-                        .map_err(RepoError::from)?;
+                    let loc = self.pack.push(id, &sealed, a.len)?;
                     Progress::add(&progress.new, u64::from(a.len));
                     {
                         let mut d = lock(&self.dedup);
@@ -632,7 +631,7 @@ impl<'a> Writer<'a> {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let next = PackBuilder::for_config(&self.job.repo.config);
+        let next = PackBuilder::for_config(&self.job.repo.config)?;
         let full = std::mem::replace(&mut self.pack, next);
         upload(self.job, full, &mut self.uploads).await
     }
@@ -716,8 +715,7 @@ async fn upload(
         let repo = repo.clone();
         crate::host::spawn_background(move || pack.finish(&repo.keys))
             .await
-            .map_err(CloudError::from)?
-            .map_err(RepoError::from)?
+            .map_err(CloudError::from)??
     };
     // Recorded before the upload: after a crash the pack is checked for,
     // so a pack that landed just before the crash is never sent again. The

@@ -97,7 +97,7 @@ pub async fn verify(repo: &Arc<Repo>, entries: &[Entry]) -> Result<(u64, u64), C
 /// Missing or corrupt objects (named), provider errors, volume I/O,
 /// cancellation.
 pub async fn run(job: &Job) -> Result<(), CloudError> {
-    let _buffers = crate::repo::direct::ReleaseOnDrop;
+    let _buffers = crate::repo::mapped::ReleaseOnDrop;
     let repo = &job.repo;
     let span = repo.config.index_span;
     // Finished GETs and blocks. A GET recorded in an earlier boot, whose
