@@ -62,7 +62,6 @@
 //! copies synced at intervals (kernel-notes, "Snapshots: the freeze, COW
 //! ordering").
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -166,19 +165,20 @@ pub struct SnapshotMeta {
 /// reports it (one type, so the stored form and the answer cannot drift).
 pub type HookRecord = blockd_api::Hook;
 
-/// The preserved extents of a snapshot: extent -> slot in `cow.data`,
-/// ordered so that the preserved extents of a range are found without
-/// visiting the rest, with a roaring bitmap of the same extents beside it
-/// for the guard's membership test. Every write after a freeze asks that
-/// question once per extent; the bitmap answers from one or two cache lines
-/// where the tree walks five or six nodes (kernel-notes/README.md,
-/// "Copy-on-write").
+/// The preserved extents of a snapshot: a roaring bitmap of them, which
+/// answers the guard's membership test (once per written extent after a
+/// freeze) from one or two cache lines and lists the preserved extents of
+/// a range in order without visiting the rest; and a hash map from each to
+/// its slot in `cow.data`, needed only to read a preserved extent back.
+/// The map was a B-tree, ordered for the range queries the bitmap now
+/// answers: its insert, five or six nodes deep, was 3% of the CPU of the
+/// writes that take copies (kernel-notes/README.md, "Copy-on-write").
 ///
 /// It also keeps the state of the area's preparation (see [`Area`]): the
 /// one lock orders slot allocation against it.
 #[derive(Debug, Default)]
 struct CowIndex {
-    slots: BTreeMap<u64, u32>,
+    slots: rustc_hash::FxHashMap<u64, u32>,
     members: roaring::RoaringTreemap,
     /// `cow.data` below this offset is written (zeros, or copies, or a
     /// spare's old contents): copies into it take no fresh pages or blocks.
@@ -193,8 +193,8 @@ struct CowIndex {
     declined_at: Option<u64>,
 }
 
-impl From<BTreeMap<u64, u32>> for CowIndex {
-    fn from(slots: BTreeMap<u64, u32>) -> Self {
+impl From<rustc_hash::FxHashMap<u64, u32>> for CowIndex {
+    fn from(slots: rustc_hash::FxHashMap<u64, u32>) -> Self {
         let members = slots.keys().copied().collect();
         Self {
             slots,
@@ -594,7 +594,7 @@ impl SnapshotStore {
         let data = open_rw(&data_path, false).map_err(io_err(&id, &data_path))?;
         let index_file = open_rw(&index_path, false).map_err(io_err(&id, &index_path))?;
         let raw = std::fs::read(&index_path).map_err(io_err(&id, &index_path))?;
-        let mut index = BTreeMap::new();
+        let mut index = rustc_hash::FxHashMap::default();
         for rec in raw.chunks_exact(RECORD_LEN) {
             let Some((extent, slot)) = decode_record(rec) else {
                 // A torn tail (host crash mid-append): its write never
@@ -667,11 +667,10 @@ impl SnapshotStore {
     /// The preserved extents in `range`, in order: as many as were
     /// preserved, however long the range.
     pub fn preserved_in(&self, range: std::ops::Range<u64>) -> Vec<u64> {
-        self.lock_index()
-            .slots
-            .range(range)
-            .map(|(e, _)| *e)
-            .collect()
+        let index = self.lock_index();
+        let mut it = index.members.iter();
+        it.advance_to(range.start);
+        it.take_while(|&e| e < range.end).collect()
     }
 
     fn lock_index(&self) -> std::sync::MutexGuard<'_, CowIndex> {
@@ -1023,11 +1022,10 @@ impl FrozenImage for SnapshotStore {
     }
 
     fn next_preserved(&self, from: u64) -> Option<u64> {
-        self.lock_index()
-            .slots
-            .range(from..)
-            .next()
-            .map(|(e, _)| *e)
+        let index = self.lock_index();
+        let mut it = index.members.iter();
+        it.advance_to(from);
+        it.next()
     }
 
     fn preserve_many(&self, extents: &[u64], old: &[u8]) -> io::Result<usize> {
