@@ -294,6 +294,37 @@ impl Pace {
     }
 }
 
+/// The missing runs of each window of up to `per_batch` units, region by
+/// region, each looked up only when the hydrator comes to it (units a
+/// client fetched meanwhile are skipped).
+struct Windows {
+    lazy: Arc<Lazy>,
+    regions: std::vec::IntoIter<(u32, u32)>,
+    /// The next unit to look from, and the current region's end.
+    at: Option<(u32, u32)>,
+    per_batch: u32,
+}
+
+impl Iterator for Windows {
+    type Item = Vec<(u32, u32)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (pos, end) = match self.at {
+                Some(at) => at,
+                None => self.regions.next()?,
+            };
+            let Some(from) = self.lazy.next_missing(pos, end) else {
+                self.at = None;
+                continue;
+            };
+            let to = from.saturating_add(self.per_batch).min(end);
+            self.at = (to < end).then_some((to, end));
+            return Some(self.lazy.missing(from, to));
+        }
+    }
+}
+
 /// Fetches every missing unit; returns once all are present and durable.
 ///
 /// # Errors
@@ -339,15 +370,23 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         // (before the first pass, or on a later one if the store could not
         // be reached): passes visit only its index blocks' units.
         let mut gone = None;
+        // The units a pass visits: the snapshot's index blocks, or the
+        // whole volume while the manifest cannot be read.
+        let mut regions = vec![(0, l.units())];
         match job.source.ready().await {
             Ok(r) => {
                 let span = r.repo.config.index_span;
-                l.present_outside(
+                let blocks = || {
                     r.manifest
                         .blocks
                         .iter()
-                        .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
-                );
+                        .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span))
+                };
+                l.present_outside(blocks());
+                let unit = |units: u64| u32::try_from(units).unwrap_or(u32::MAX);
+                regions = blocks()
+                    .map(|b| (unit(b.start / l.unit()), unit(b.end.div_ceil(l.unit()))))
+                    .collect();
             }
             // The manifest is gone (deleted on another host while this
             // restore was interrupted, its lease lapsed): nothing more can
@@ -366,16 +405,15 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             }
             Err(_) => {}
         }
-        // Batches of up to `per_batch` units from each missing unit on,
-        // jumping over what is present.
-        let mut pos = Some(0u32);
+        // Batches of up to `per_batch` units from each missing unit of a
+        // region on, jumping over what is present.
         let batches = futures::stream::iter(
-            std::iter::from_fn(move || {
-                let from = l.next_missing(pos?)?;
-                let to = from.saturating_add(per_batch);
-                pos = (to < u32::MAX).then_some(to);
-                Some(l.missing(from, to))
-            })
+            Windows {
+                lazy: l.clone(),
+                regions: regions.into_iter(),
+                at: None,
+                per_batch,
+            }
             .flatten(),
         );
         let results = batches

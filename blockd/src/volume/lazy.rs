@@ -87,6 +87,10 @@ pub struct Lazy {
     size: u64,
     units: u32,
     present: Mutex<RoaringBitmap>,
+    /// How many units `present` holds, changed under its lock: the
+    /// hydrator asks after every batch, and a bitmap counts its members
+    /// container by container, 16384 of them for a 64 TiB volume.
+    present_len: AtomicU64,
     /// Units some request or the hydrator is fetching: others wait for
     /// them instead of fetching them again.
     fetching: Mutex<RoaringBitmap>,
@@ -219,6 +223,7 @@ impl Lazy {
             unit,
             size,
             units,
+            present_len: AtomicU64::new(present.len()),
             present: Mutex::new(present),
             fetching: Mutex::new(RoaringBitmap::new()),
             fetched: tokio::sync::Notify::new(),
@@ -246,13 +251,13 @@ impl Lazy {
 
     /// Bytes present.
     pub fn present_bytes(&self) -> u64 {
-        let n = lock(&self.present).len();
-        (n * self.unit).min(self.size)
+        let n = self.present_len.load(Ordering::Acquire);
+        n.saturating_mul(self.unit).min(self.size)
     }
 
     /// True once every unit is present.
     pub fn complete(&self) -> bool {
-        lock(&self.present).len() >= u64::from(self.units)
+        self.present_len.load(Ordering::Acquire) >= u64::from(self.units)
     }
 
     /// True when unit `u` is present.
@@ -287,14 +292,16 @@ impl Lazy {
         out
     }
 
-    /// The first missing unit at or after `from`: a step per 2^16 units
-    /// present (one bitmap container), so a volume whose holes were
-    /// marked present by [`Lazy::present_outside`] is crossed at once.
-    pub fn next_missing(&self, from: u32) -> Option<u32> {
+    /// The first missing unit in `from..to`: a step per 2^16 units
+    /// present (one bitmap container) that it crosses. The hydrator asks
+    /// within the snapshot's index blocks, not across the whole volume:
+    /// a 64 TiB volume of 64 KiB units is 16384 containers to cross.
+    pub fn next_missing(&self, from: u32, to: u32) -> Option<u32> {
         let p = lock(&self.present);
+        let to = to.min(self.units);
         let mut u = from;
-        while u < self.units {
-            let end = ((u64::from(u >> 16) + 1) << 16).min(u64::from(self.units));
+        while u < to {
+            let end = ((u64::from(u >> 16) + 1) << 16).min(u64::from(to));
             let end = u32::try_from(end).unwrap_or(u32::MAX);
             if p.range_cardinality(u..end) == u64::from(end - u) {
                 u = end;
@@ -308,7 +315,7 @@ impl Lazy {
                 }
                 u += 1;
             }
-            return Some(u);
+            return (u < to).then_some(u);
         }
         None
     }
@@ -326,12 +333,27 @@ impl Lazy {
             let b = u32::try_from(r.end.div_ceil(self.unit)).unwrap_or(u32::MAX);
             outside.remove_range(a..b);
         }
-        let mut p = lock(&self.present);
-        if outside.is_subset(&p) {
+        // Built outside the lock: a client read waits for none of it. A
+        // map still empty (the first pass, nothing read yet) is replaced
+        // whole; merging it would visit every container under the lock.
+        if outside.is_empty() {
             return;
         }
-        *p |= outside;
-        p.optimize();
+        outside.optimize();
+        let len = outside.len();
+        let mut p = lock(&self.present);
+        if p.is_empty() {
+            *p = outside;
+            self.present_len.store(len, Ordering::Release);
+        } else {
+            if outside.is_subset(&p) {
+                return;
+            }
+            *p |= outside;
+            p.optimize();
+            self.present_len.store(p.len(), Ordering::Release);
+        }
+        drop(p);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -340,7 +362,11 @@ impl Lazy {
     }
 
     fn mark(&self, u: u32) {
-        lock(&self.present).insert(u);
+        let mut p = lock(&self.present);
+        if p.insert(u) {
+            self.present_len.fetch_add(1, Ordering::AcqRel);
+        }
+        drop(p);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -1028,9 +1054,11 @@ mod tests {
         let (_d, l) = setup(4 << 30);
         l.present_outside([(1 << 30)..(1 << 30) + 3 * 4096, 4096..8192]);
         assert!(l.is_present(0) && !l.is_present(1) && l.is_present(2));
-        assert_eq!(l.next_missing(0), Some(1));
-        assert_eq!(l.next_missing(2), Some(1 << 18));
-        assert_eq!(l.next_missing((1 << 18) + 3), None);
+        assert_eq!(l.next_missing(0, u32::MAX), Some(1));
+        assert_eq!(l.next_missing(2, u32::MAX), Some(1 << 18));
+        assert_eq!(l.next_missing(2, 1 << 18), None);
+        assert_eq!(l.next_missing(2, (1 << 18) + 1), Some(1 << 18));
+        assert_eq!(l.next_missing((1 << 18) + 3, u32::MAX), None);
         assert_eq!(l.missing(0, 1 << 20), vec![(1, 1), (1 << 18, 3)]);
         assert_eq!(l.missing(1 << 18, (1 << 18) + 2), vec![(1 << 18, 2)]);
         assert!(!l.complete());
@@ -1043,6 +1071,6 @@ mod tests {
         assert!(m.serialized_size() < 256, "{}", m.serialized_size());
         l.present_outside([]);
         assert!(l.complete());
-        assert_eq!(l.next_missing(0), None);
+        assert_eq!(l.next_missing(0, u32::MAX), None);
     }
 }
