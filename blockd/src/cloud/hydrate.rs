@@ -376,17 +376,12 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         match job.source.ready().await {
             Ok(r) => {
                 let span = r.repo.config.index_span;
-                let blocks = || {
+                regions = l.present_outside(
                     r.manifest
                         .blocks
                         .iter()
-                        .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span))
-                };
-                l.present_outside(blocks());
-                let unit = |units: u64| u32::try_from(units).unwrap_or(u32::MAX);
-                regions = blocks()
-                    .map(|b| (unit(b.start / l.unit()), unit(b.end.div_ceil(l.unit()))))
-                    .collect();
+                        .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
+                );
             }
             // The manifest is gone (deleted on another host while this
             // restore was interrupted, its lease lapsed): nothing more can

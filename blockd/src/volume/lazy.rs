@@ -324,15 +324,31 @@ impl Lazy {
     /// order): the snapshot holds nothing there, so the sparse data file's
     /// zeros are its contents, and neither the hydrator nor a read fetches
     /// them. Idempotent. Restoring a 64 TiB volume holding a few MiB then
-    /// costs a few containers of runs, not 2^30 units visited.
-    pub fn present_outside(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) {
+    /// costs a few containers of runs, not 2^30 units visited. Returns
+    /// `ranges` in units, `(first, end)`: what the hydrator visits.
+    pub fn present_outside(
+        &self,
+        ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
+    ) -> Vec<(u32, u32)> {
         let mut outside = RoaringBitmap::new();
         outside.insert_range(0..self.units);
-        for r in ranges {
-            let a = u32::try_from(r.start / self.unit).unwrap_or(u32::MAX);
-            let b = u32::try_from(r.end.div_ceil(self.unit)).unwrap_or(u32::MAX);
+        let units: Vec<(u32, u32)> = ranges
+            .into_iter()
+            .map(|r| {
+                let a = u32::try_from(r.start / self.unit).unwrap_or(u32::MAX);
+                let b = u32::try_from(r.end.div_ceil(self.unit)).unwrap_or(u32::MAX);
+                (a, b)
+            })
+            .collect();
+        for &(a, b) in &units {
             outside.remove_range(a..b);
         }
+        self.mark_present(outside);
+        units
+    }
+
+    /// [`Self::present_outside`]'s marking of `outside`.
+    fn mark_present(&self, mut outside: RoaringBitmap) {
         // Built outside the lock: a client read waits for none of it. A
         // map still empty (the first pass, nothing read yet) is replaced
         // whole; merging it would visit every container under the lock.
