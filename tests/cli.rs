@@ -170,6 +170,19 @@ fn labels_change_in_one_step_and_stay_changed() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("both set and removed"));
+    // The socket named in the environment is used, and a usage error
+    // does not show it as an option the user left out.
+    let out = Command::new(bin("blockctl"))
+        .env("BLOCKD_SOCKET", &socket)
+        .args(["volume", "update"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Usage: blockctl volume update") && !err.contains("--socket"),
+        "{err}"
+    );
     // Other clients of the API get the same rules from the daemon, and
     // the labels stay as they were.
     let post = |body: &str| {

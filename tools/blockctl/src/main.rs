@@ -37,8 +37,11 @@ Examples:\n  blockctl volume create db1 --size 10G\n  blockctl cs backup db1 --w
 blockctl -j cloudsnap list"
 )]
 struct Cli {
-    /// blockd's control socket [default: STATE_DIR/api.sock of the default state dir]
-    #[arg(long, global = true, env = "BLOCKD_SOCKET")]
+    /// blockd's control socket [env: BLOCKD_SOCKET] [default: STATE_DIR/api.sock of the
+    /// default state dir]
+    // The variable is read in `main`, not by clap's `env`, which would show
+    // a socket taken from it in the usage line of every usage error.
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Machine-readable JSON output
     #[arg(short, long, global = true)]
@@ -452,7 +455,15 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let socket = cli.socket.clone().unwrap_or_else(default_socket);
+    let socket = cli
+        .socket
+        .clone()
+        .or_else(|| {
+            std::env::var_os("BLOCKD_SOCKET")
+                .filter(|x| !x.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(default_socket);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
