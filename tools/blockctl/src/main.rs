@@ -39,8 +39,9 @@ blockctl -j cloudsnap list"
 struct Cli {
     /// blockd's control socket [env: BLOCKD_SOCKET] [default: STATE_DIR/api.sock of the
     /// default state dir]
-    // The variable is read in `main`, not by clap's `env`, which would show
-    // a socket taken from it in the usage line of every usage error.
+    // The variable is read by `default_socket`, not by clap's `env`, which
+    // would show a socket taken from it in the usage line of every usage
+    // error.
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Machine-readable JSON output
@@ -398,10 +399,15 @@ fn post_exec_ran(hook: Option<&blockd_api::Hook>) -> Result<(), Failure> {
     }
 }
 
-/// The same default as blockd: `$BLOCKD_STATE_DIR`, else `/var/lib/blockd`
-/// for root, else `$XDG_STATE_HOME/blockd` (or `~/.local/state/blockd`).
+/// The socket when `--socket` is not given: `$BLOCKD_SOCKET`, else
+/// `api.sock` in blockd's own default state dir: `$BLOCKD_STATE_DIR`, else
+/// `/var/lib/blockd` for root, else `$XDG_STATE_HOME/blockd` (or
+/// `~/.local/state/blockd`).
 fn default_socket() -> PathBuf {
     let env = |k: &str| std::env::var_os(k).filter(|x| !x.is_empty());
+    if let Some(x) = env("BLOCKD_SOCKET") {
+        return PathBuf::from(x);
+    }
     let dir = if let Some(x) = env("BLOCKD_STATE_DIR") {
         PathBuf::from(x)
     } else if is_root() {
@@ -455,15 +461,7 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    let socket = cli
-        .socket
-        .clone()
-        .or_else(|| {
-            std::env::var_os("BLOCKD_SOCKET")
-                .filter(|x| !x.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(default_socket);
+    let socket = cli.socket.clone().unwrap_or_else(default_socket);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
