@@ -165,6 +165,71 @@ print("ok")
     );
 }
 
+/// A snapshot export maps its holes (`base:allocation`), so `nbdcopy`
+/// and `qemu-img convert` skip what the frozen image never held, and a
+/// range trimmed or written on the live volume since the freeze is data
+/// of the image, as it holds. A read of length 0 gets an empty success on
+/// a snapshot as on a volume, and the connection goes on.
+#[test]
+fn snapshot_exports_map_their_holes_and_answer_empty_reads() {
+    if !require_tools(&["qemu-io", "nbdsh", "nbdcopy"]) {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "8M");
+    qemu_io(
+        &d.uri("vol1"),
+        &["write -P 0x11 0 1M", "write -P 0x22 4M 1M"],
+    );
+    d.ok(&["snapshot", "create", "vol1", "--name", "s1"]);
+    // After the freeze: a trimmed data range (now a hole of the live
+    // file), a hole written over, and part of a data range overwritten.
+    qemu_io(
+        &d.uri("vol1"),
+        &[
+            "discard 0 1M",
+            "write -P 0x33 6M 1M",
+            "write -P 0x44 4M 64k",
+        ],
+    );
+    let map = r#"
+import sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+got = []
+h.block_status(h.get_size(), 0, lambda ctx, o, es, err: got.extend(es) or 0)
+runs = []
+for n, flags in zip(got[0::2], got[1::2]):
+    kind = "hole" if flags & 1 else "data"
+    if runs and runs[-1][1] == kind:
+        runs[-1][0] += n
+    else:
+        runs.append([n, kind])
+print(" ".join("%d:%s" % (n >> 20, k) for n, k in runs))
+h.set_strict_mode(0)
+assert h.pread(0, 4096) == b"", "empty read"
+print("then", h.pread(4096, 4 << 20)[:1].hex())
+"#;
+    let out = nbdsh(map, &[&snap_uri(&d, "vol1@s1")]);
+    assert!(
+        out.contains("1:data 3:hole 1:data 1:hole 1:data 1:hole"),
+        "frozen image map: {out}"
+    );
+    assert!(out.contains("then 22"), "after an empty read: {out}");
+    let out = nbdsh(map, &[&d.uri("vol1")]);
+    assert!(out.contains("then 44"), "after an empty read: {out}");
+
+    // nbdcopy trusts the map: the copy is the image at the freeze.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("frozen.img");
+    export_to_file(&snap_uri(&d, "vol1@s1"), &copy);
+    let mut want = vec![0u8; 8 * MB];
+    want[..MB].fill(0x11);
+    want[4 * MB..5 * MB].fill(0x22);
+    assert!(read_file(&copy) == want, "nbdcopy of the snapshot differs");
+}
+
 /// Many small writes in flight at once, each to its own extent (the
 /// protocol leaves the order of overlapping in-flight writes open), some
 /// unaligned and shorter than an extent. Reads the volume first and

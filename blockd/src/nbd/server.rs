@@ -1099,6 +1099,11 @@ impl Conn {
     }
 
     async fn handle(&self, req: Request, payload: Vec<u8>) {
+        // A read of nothing is answered with no data, for a volume and a
+        // snapshot alike: a data chunk of length 0 is not a valid reply.
+        if req.command == Command::Read && req.length == 0 {
+            return self.empty_read(&req);
+        }
         if let Some(s) = &self.snapshot {
             return self.handle_snapshot(s, req).await;
         }
@@ -1147,26 +1152,28 @@ impl Conn {
         }
     }
 
+    /// The reply to a read of length 0: success and no data.
+    fn empty_read(&self, req: &Request) {
+        let mut out = Vec::new();
+        match self.style {
+            ReplyStyle::Simple => proto::simple_reply(&mut out, req.cookie, 0),
+            style => proto::chunk_header(
+                &mut out,
+                style,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                req.cookie,
+                req.offset,
+                0,
+            ),
+        }
+        self.send(out);
+    }
+
     async fn read(&self, req: &Request) {
         let v = &self.volume;
         // check_request bounds length by MAX_PAYLOAD.
         let len = usize::try_from(req.length).unwrap_or(0);
-        if len == 0 {
-            let mut out = Vec::new();
-            match self.style {
-                ReplyStyle::Simple => proto::simple_reply(&mut out, req.cookie, 0),
-                style => proto::chunk_header(
-                    &mut out,
-                    style,
-                    proto::REPLY_FLAG_DONE,
-                    proto::REPLY_TYPE_NONE,
-                    req.cookie,
-                    req.offset,
-                    0,
-                ),
-            }
-            return self.send(out);
-        }
         let df = req.flags & proto::CMD_FLAG_DF != 0;
         let holes = match self.read_holes(req) {
             ReadPlan::AllHole(reply) => return self.send(reply),
@@ -1283,14 +1290,14 @@ impl Conn {
         let last = self.contexts.len().saturating_sub(1);
         for (i, &ctx) in self.contexts.iter().enumerate() {
             let extents: Vec<Extent> = match ctx {
-                // A frozen image is reported as all data: its holes may
-                // since have been filled on the live volume.
-                CONTEXT_BASE_ALLOCATION if self.snapshot.is_some() => vec![Extent {
-                    length: req.length,
-                    flags: 0,
-                }],
                 CONTEXT_BASE_ALLOCATION => {
-                    match self.volume.allocation(req.offset, req.length, max_runs) {
+                    let runs = match &self.snapshot {
+                        Some(s) => self
+                            .volume
+                            .frozen_allocation(&**s, req.offset, req.length, max_runs),
+                        None => self.volume.allocation(req.offset, req.length, max_runs),
+                    };
+                    match runs {
                         Ok(runs) => runs
                             .iter()
                             .map(|r| Extent {

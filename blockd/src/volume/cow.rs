@@ -22,7 +22,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::{dirty_map, Volume};
+use super::{dirty_map, Run, Volume};
 
 /// Alignment of direct reads: buffer address, offset and length (the
 /// largest logical block size of the devices blockd runs on).
@@ -299,11 +299,8 @@ impl Volume {
     }
 
     /// Byte ranges of `[offset, offset + len)` (relative to `offset`) that
-    /// may hold data in the frozen image: the live file's data runs, plus
-    /// every extent the guard preserved inside a live hole. A live hole
-    /// with no preserved extent was a hole at the freeze (the guard
-    /// preserves an extent before any write or trim changes it, and this
-    /// checks after asking the file system), so it reads as zeros.
+    /// may hold data in the frozen image: the data runs of
+    /// [`Self::frozen_allocation`].
     ///
     /// # Errors
     /// I/O errors of the allocation query.
@@ -313,32 +310,82 @@ impl Volume {
         offset: u64,
         len: u64,
     ) -> io::Result<Vec<(u64, u64)>> {
-        let es = self.extent_size;
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut push = |s: u64, l: u64| match out.last_mut() {
-            Some(last) if last.0 + last.1 == s => last.1 += l,
-            _ => out.push((s, l)),
-        };
+        let mut out = Vec::new();
         let mut pos = 0;
-        for run in self.allocation(offset, len, usize::MAX)? {
-            if run.hole {
-                // Only the preserved extents inside the hole: a hole of a
-                // 64 TiB volume is not walked extent by extent.
-                let (from, to) = (offset + pos, offset + pos + run.length);
-                for e in image.preserved_in(from / es..to.div_ceil(es)) {
-                    let start = (e * es).max(from);
-                    let stop = ((e + 1) * es).min(to);
-                    push(start - offset, stop - start);
-                }
-            } else {
-                push(pos, run.length);
+        for run in self.frozen_allocation(image, offset, len, usize::MAX)? {
+            if !run.hole {
+                out.push((pos, run.length));
             }
             pos += run.length;
         }
-        // Past the live file's end (it cannot be shorter, but be safe): read.
-        if pos < len {
-            push(pos, len - pos);
+        Ok(out)
+    }
+
+    /// Allocation of the frozen image in `offset..offset + len`, as
+    /// [`Volume::allocation`] reports the live volume's (at most `max_runs`
+    /// runs, the last of which may end early, never late): the live file's
+    /// data runs, plus every extent the guard preserved inside a live
+    /// hole. A live hole with no preserved extent was a hole at the freeze
+    /// (the guard preserves an extent before any write or trim changes it,
+    /// and this checks after asking the file system), so it reads as
+    /// zeros. Live data may have been a hole at the freeze (the extent was
+    /// preserved first): reported as data, which is never wrong. Runs
+    /// past the live file's end, which cannot be shorter, are data too.
+    ///
+    /// # Errors
+    /// I/O errors of the allocation query.
+    pub fn frozen_allocation(
+        &self,
+        image: &dyn FrozenImage,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> io::Result<Vec<Run>> {
+        fn push(out: &mut Vec<Run>, hole: bool, length: u64) {
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.length += length,
+                _ => out.push(Run { length, hole }),
+            }
         }
+        let es = self.extent_size;
+        let end = offset.saturating_add(len);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        // Live runs merge when a hole holds preserved extents, so the file
+        // is asked again until the runs asked for are known.
+        while pos < end && out.len() <= max_runs {
+            let live = self.allocation(pos, end - pos, max_runs)?;
+            if live.is_empty() {
+                break;
+            }
+            for run in live {
+                let stop = pos + run.length;
+                if run.hole {
+                    // Only the preserved extents inside the hole: a hole of
+                    // a 64 TiB volume is not walked extent by extent.
+                    let mut at = pos;
+                    for e in image.preserved_in(pos / es..stop.div_ceil(es)) {
+                        let start = (e * es).max(pos);
+                        let stop = ((e + 1) * es).min(stop);
+                        if start > at {
+                            push(&mut out, true, start - at);
+                        }
+                        push(&mut out, false, stop - start);
+                        at = stop;
+                    }
+                    if stop > at {
+                        push(&mut out, true, stop - at);
+                    }
+                } else {
+                    push(&mut out, false, run.length);
+                }
+                pos = stop;
+            }
+        }
+        if pos < end && out.len() < max_runs {
+            push(&mut out, false, end - pos);
+        }
+        out.truncate(max_runs);
         Ok(out)
     }
 }
@@ -415,6 +462,51 @@ mod tests {
         assert_eq!(again.as_ptr(), ptr, "a large enough buffer is reused");
         assert_eq!(again[start..].as_ptr().align_offset(DIRECT_ALIGN), 0);
         assert!(again[start..].iter().all(|&b| b == 0));
+    }
+
+    /// The frozen image's allocation: live data, and inside live holes
+    /// only the extents preserved there; never more runs than asked for,
+    /// and the last one never past the range.
+    #[tokio::test]
+    async fn frozen_allocation_maps_preserved_extents_in_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let es = 4096u64;
+        let v = crate::volume::scratch(dir.path(), 64 * es, es);
+        v.write(0, vec![1; 4 * 4096], 0, false).await.unwrap();
+        let image = Arc::new(Image {
+            size: 64 * es,
+            kept: Mutex::new(BTreeMap::new()),
+        });
+        v.arm(image.clone());
+        // Extents 10 and 20 written after the freeze (holes at it), extent
+        // 2 trimmed: each is preserved first.
+        v.write(10 * es, vec![2; 4096], 0, false).await.unwrap();
+        v.write(20 * es + 100, vec![3; 10], 0, false).await.unwrap();
+        v.trim(2 * es, es, false).await.unwrap();
+        let runs = |off: u64, len: u64, max: usize| -> Vec<(u64, bool)> {
+            v.frozen_allocation(&*image, off, len, max)
+                .unwrap()
+                .iter()
+                .map(|r| (r.length / es, r.hole))
+                .collect()
+        };
+        assert_eq!(
+            runs(0, 64 * es, usize::MAX),
+            [
+                (4, false),
+                (6, true),
+                (1, false),
+                (9, true),
+                (1, false),
+                (43, true)
+            ],
+        );
+        assert_eq!(runs(0, 64 * es, 2), [(4, false), (6, true)]);
+        assert_eq!(runs(8 * es, 4 * es, 8), [(2, true), (1, false), (1, true)]);
+        assert_eq!(
+            v.frozen_data(&*image, 8 * es, 16 * es).unwrap(),
+            [(2 * es, es), (12 * es, es)]
+        );
     }
 
     /// A direct read gives the frozen image exactly as a cached read does:
