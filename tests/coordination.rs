@@ -70,7 +70,7 @@ fn concurrent_snapshot_creates_of_one_name_keep_every_change() {
         let e = stderr(o);
         assert!(
             e.contains("already has a snapshot named same")
-                || e.contains("snapshot rz@same is being snapshotted"),
+                || e.contains("snapshot rz@same is being taken by another request"),
             "{e}"
         );
     }

@@ -910,6 +910,105 @@ h.pwrite(bytes([0x22]) * 65536, 0)
 h.shutdown()
 "#;
 
+/// The post-exec undoes what the pre-exec did (`fsfreeze -f`), so it runs
+/// even when the freeze between them is cut short: by a client that goes
+/// away (the snapshot is still taken), or by blockd dying (it runs at the
+/// next start, once, and no snapshot is left).
+#[test]
+fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
+    let mut d = Blockd::start();
+    d.create("vol1", "4M");
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    let post = tmp.path().join("post");
+    let wait_for = |p: &std::path::Path| {
+        (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            p.exists()
+        })
+    };
+    let create = |d: &Blockd, name: &str, pause: &str| {
+        Command::new(bin("blockctl"))
+            .arg("--socket")
+            .arg(d.api_socket())
+            .args(["snapshot", "create", "vol1", "--name", name, "--pre-exec"])
+            .arg(format!(
+                "touch {p}; sleep {pause}; touch {p}.done",
+                p = pre.display()
+            ))
+            .arg("--post-exec")
+            // Whether it ran after the pre-exec had ended.
+            .arg(format!(
+                "if [ -e {p}.done ]; then echo after; else echo before; fi >{q}.tmp; mv {q}.tmp {q}",
+                p = pre.display(),
+                q = post.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // The client is killed while the pre-exec runs.
+    let mut client = create(&d, "left", "1");
+    assert!(wait_for(&pre), "pre-exec did not start");
+    client.kill().unwrap();
+    client.wait().unwrap();
+    assert!(
+        wait_for(&post),
+        "post-exec did not run after the client left"
+    );
+    assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
+    d.ok(&["snapshot", "inspect", "vol1@left"]);
+
+    // blockd is killed while the pre-exec runs; it starts again before
+    // the pre-exec has ended.
+    for f in [&pre, &post] {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::fs::remove_file(tmp.path().join("pre.done")).unwrap();
+    let mut client = create(&d, "cut", "3");
+    assert!(wait_for(&pre), "pre-exec did not start");
+    d.kill9();
+    assert!(!client.wait().unwrap().success());
+    assert!(!post.exists(), "post-exec ran though blockd was killed");
+    d.spawn();
+    assert!(
+        wait_for(&post),
+        "the owed post-exec did not run at start:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&post).unwrap(),
+        "after\n",
+        "the owed post-exec ran before the pre-exec had ended"
+    );
+    assert!(
+        d.log().contains("the post-exec ran now"),
+        "no warning says why the post-exec ran:\n{}",
+        d.log()
+    );
+    assert!(!d
+        .blockctl(&["snapshot", "inspect", "vol1@cut"])
+        .status
+        .success());
+    // Once: its record is gone, and the next start owes nothing.
+    let owed = d.dir.path().join("snapshots/.post-exec.owed");
+    assert!(
+        (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            !owed.exists()
+        }),
+        "the owed post-exec is still recorded"
+    );
+    std::fs::remove_file(&post).unwrap();
+    assert!(d.terminate().success());
+    d.spawn();
+    d.ok(&["snapshot", "list"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!post.exists(), "the post-exec ran a second time");
+}
+
 #[test]
 fn a_host_crash_with_unsynced_cow_data_marks_the_snapshot_damaged() {
     if !require_tools(&["qemu-io", "nbdsh", "nbdinfo", "nbdcopy"]) {

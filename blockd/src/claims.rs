@@ -186,13 +186,20 @@ impl Want {
             "is being snapshotted (snapshot {name})"
         )));
         for v in volumes {
-            w = w.with(Resource::Volume(v.clone()), Mode::Shared).with(
-                Resource::Snapshot {
-                    volume: v.clone(),
-                    name: name.into(),
-                },
-                Mode::Exclusive,
-            );
+            w = w
+                .with(Resource::Volume(v.clone()), Mode::Shared)
+                .with_holder(
+                    Holder::new(
+                        "is being taken by another request",
+                        "once that is done the name is taken: choose another \
+                     (`blockctl snapshot list`)",
+                    ),
+                    Resource::Snapshot {
+                        volume: v.clone(),
+                        name: name.into(),
+                    },
+                    Mode::Exclusive,
+                );
         }
         w
     }
@@ -555,9 +562,11 @@ mod tests {
         let e = c
             .acquire(Want::for_snapshot_create(&["v".into()], "same"))
             .unwrap_err();
-        assert!(e
-            .to_string()
-            .contains("snapshot v@same is being snapshotted"));
+        assert!(
+            e.to_string()
+                .contains("snapshot v@same is being taken by another request"),
+            "{e}"
+        );
         drop(first);
         assert!(c
             .acquire(Want::for_snapshot_create(&["v".into()], "same"))

@@ -316,6 +316,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // A freeze interrupted between its hooks owes the host its post-exec
+    // (an `fsfreeze -u`): run it first thing.
+    let s = snapshots.clone();
+    tracker.spawn(async move { s.run_owed_post_exec().await });
     // Opened (and unfinished tasks resumed) before the sockets exist: a
     // client that can connect finds the daemon ready.
     let cloud = Cloud::open(

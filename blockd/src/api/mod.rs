@@ -448,17 +448,27 @@ async fn create_snapshot(
     let req: CreateSnapshot = body(&bytes)?;
     let exec_timeout =
         blockd_api::exec_timeout(req.exec_timeout_secs).map_err(Failure::bad_request)?;
-    let metas = d
-        .snapshots
-        .create(CreateRequest {
-            volumes: req.volumes,
-            name: req.name,
-            pre_exec: req.pre_exec,
-            post_exec: req.post_exec,
-            exec_timeout,
-            absorb: false,
+    // In a task of its own: a client that goes away (Ctrl-C of blockctl)
+    // between the hooks would otherwise cancel the request there, and the
+    // post-exec that undoes the pre-exec (`fsfreeze -u`) would never run.
+    let create = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            d.snapshots
+                .create(CreateRequest {
+                    volumes: req.volumes,
+                    name: req.name,
+                    pre_exec: req.pre_exec,
+                    post_exec: req.post_exec,
+                    exec_timeout,
+                    absorb: false,
+                })
+                .await
         })
-        .await?;
+    };
+    let metas = create
+        .await
+        .map_err(|e| Failure::of(Outcome::Failed, format!("snapshot create: {e}")))??;
     let out = metas
         .iter()
         .filter_map(|m| d.snapshots.get(&m.volume, &m.name))

@@ -23,6 +23,12 @@ const PRELUDE: &str =
 /// Runs `command` with `sh -c`, killing it (and its process group) after
 /// `timeout`.
 pub async fn run(command: &str, timeout: Duration) -> HookRecord {
+    run_noting(command, timeout, |_| {}).await
+}
+
+/// [`run`], telling `started` the id of the hook's process group once it
+/// has started (the id of its shell).
+pub async fn run_noting(command: &str, timeout: Duration, started: impl FnOnce(u32)) -> HookRecord {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(PRELUDE)
@@ -45,6 +51,9 @@ pub async fn run(command: &str, timeout: Duration) -> HookRecord {
             }
         }
     };
+    if let Some(pid) = child.id() {
+        started(pid);
+    }
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let collect = async {
@@ -91,6 +100,26 @@ pub async fn run(command: &str, timeout: Duration) -> HookRecord {
                 output: format!("killed after {} s", timeout.as_secs_f64()),
             }
         }
+    }
+}
+
+/// Waits until no process of group `group` is left (a hook started by a
+/// daemon that has since died), at most `timeout`; then kills what is
+/// left of it, as a hook that overran its timeout is killed.
+pub async fn outlive(group: u32, timeout: Duration) {
+    let Some(pid) = i32::try_from(group)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let alive = || rustix::process::test_kill_process_group(pid).is_ok();
+    let until = tokio::time::Instant::now() + timeout;
+    while alive() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if alive() {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

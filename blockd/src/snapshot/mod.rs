@@ -129,6 +129,15 @@ pub enum FreezeError {
         /// The post-exec outcome, if it also ran.
         post: String,
     },
+    /// The post-exec hook could not be recorded before the pre-exec ran.
+    #[error("snapshot aborted before its pre-exec: recording the post-exec it owes in {path} failed: {source}")]
+    OwedHook {
+        /// The record's file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] SnapshotError),
@@ -163,9 +172,37 @@ impl FreezeError {
             Self::Restoring { .. } | Self::Exists { .. } | Self::Open { .. } | Self::Busy(_) => {
                 Outcome::Conflict
             }
-            Self::Store(_) | Self::Flush { .. } => Outcome::Failed,
+            Self::Store(_) | Self::Flush { .. } | Self::OwedHook { .. } => Outcome::Failed,
         }
     }
+}
+
+/// The file, in the snapshots directory, that holds the post-exec hook a
+/// freeze owes the host from before its pre-exec runs until its post-exec
+/// has run. Freezes are one at a time, so there is at most one.
+const OWED_POST_EXEC: &str = ".post-exec.owed";
+
+/// A post-exec hook owed to the host (see [`OWED_POST_EXEC`]): a pre-exec
+/// such as `fsfreeze -f` leaves the host waiting for its post-exec, so a
+/// daemon that stops in between runs it when it starts again
+/// ([`Snapshots::run_owed_post_exec`]). A crash right after a post-exec
+/// ran, before its record went, runs it once more: hooks must bear that,
+/// as `fsfreeze -u` of a thawed file system does (it fails, harmlessly).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct OwedPostExec {
+    /// The snapshot being taken.
+    snapshot: String,
+    /// Its member volumes.
+    volumes: Vec<String>,
+    /// The post-exec command.
+    command: String,
+    /// Its timeout, in milliseconds.
+    timeout_ms: u64,
+    /// The pre-exec's process group, once it has started: a pre-exec
+    /// still running when the daemon starts again is waited for (at most
+    /// its timeout, then killed), so the post-exec never runs before it.
+    #[serde(default)]
+    pre_exec_group: Option<u32>,
 }
 
 /// Every held snapshot of this daemon.
@@ -332,6 +369,64 @@ impl Snapshots {
         Ok((names, name))
     }
 
+    /// Records, durably, the post-exec a freeze owes once its pre-exec
+    /// has run (see [`OwedPostExec`]).
+    fn owe_post_exec(&self, owed: &OwedPostExec) -> Result<(), FreezeError> {
+        let path = self.dir.join(OWED_POST_EXEC);
+        let bytes = serde_json::to_vec(owed).map_err(std::io::Error::other);
+        bytes
+            .and_then(|b| crate::durable::write_atomic_mode(&path, &b, 0o600))
+            .map_err(|source| FreezeError::OwedHook {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// The owed post-exec has run: its record goes.
+    fn paid_post_exec(&self) {
+        let path = self.dir.join(OWED_POST_EXEC);
+        let removed =
+            std::fs::remove_file(&path).and_then(|()| crate::durable::sync_dir(&self.dir));
+        if let Err(e) = removed {
+            tracing::warn!(path = %path.display(), error = %e, "removing the record of a post-exec that ran failed: it runs again at the next start");
+        }
+    }
+
+    /// Runs the post-exec hook a freeze owed when the daemon stopped
+    /// between its pre-exec and its post-exec (killed, or the host went
+    /// down), so that what the pre-exec did (`fsfreeze -f`) is undone; the
+    /// snapshot itself was never committed. Called once at start.
+    pub async fn run_owed_post_exec(&self) {
+        let path = self.dir.join(OWED_POST_EXEC);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the post-exec hook owed by an interrupted snapshot: run it by hand, then remove the file");
+                return;
+            }
+        };
+        let owed: OwedPostExec = match serde_json::from_slice(&bytes) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "the record of an owed post-exec hook is unreadable: run the hook by hand, then remove the file");
+                return;
+            }
+        };
+        let timeout = Duration::from_millis(owed.timeout_ms);
+        if let Some(group) = owed.pre_exec_group {
+            hooks::outlive(group, timeout).await;
+        }
+        let r = hooks::run(&owed.command, timeout).await;
+        tracing::warn!(
+            snapshot = %owed.snapshot,
+            volumes = ?owed.volumes,
+            post = %r.describe(),
+            "blockd stopped after this snapshot's pre-exec had run and before its post-exec: the post-exec ran now; the snapshot was not taken"
+        );
+        self.paid_post_exec();
+    }
+
     /// [`Snapshots::create`] for a caller that already holds the claims of
     /// [`Want::for_snapshot_create`] (or stronger ones, as a backup does).
     ///
@@ -365,15 +460,34 @@ impl Snapshots {
         let group = (members.len() > 1).then(|| name.clone());
 
         let _one_at_a_time = self.freeze.lock().await;
+        let mut owed = req.post_exec.as_ref().map(|command| OwedPostExec {
+            snapshot: name.clone(),
+            volumes: names.clone(),
+            command: command.clone(),
+            timeout_ms: u64::try_from(req.exec_timeout.as_millis()).unwrap_or(u64::MAX),
+            pre_exec_group: None,
+        });
+        if let Some(o) = &owed {
+            self.owe_post_exec(o)?;
+        }
         let pre = match &req.pre_exec {
             Some(cmd) => {
-                let r = hooks::run(cmd, req.exec_timeout).await;
+                let r = hooks::run_noting(cmd, req.exec_timeout, |group| {
+                    if let Some(o) = owed.as_mut() {
+                        o.pre_exec_group = Some(group);
+                        if let Err(e) = self.owe_post_exec(o) {
+                            tracing::warn!(error = %e, "noting the pre-exec's process group failed");
+                        }
+                    }
+                })
+                .await;
                 if !r.ok() {
                     let post = match &req.post_exec {
-                        Some(cmd) => format!(
-                            "; post-exec {}",
-                            hooks::run(cmd, req.exec_timeout).await.describe()
-                        ),
+                        Some(cmd) => {
+                            let post = hooks::run(cmd, req.exec_timeout).await;
+                            self.paid_post_exec();
+                            format!("; post-exec {}", post.describe())
+                        }
                         None => String::new(),
                     };
                     tracing::warn!(snapshot = %name, pre = %r.describe(), "pre-exec failed: snapshot aborted");
@@ -405,7 +519,11 @@ impl Snapshots {
             .collect();
         let frozen = self.freeze(&members, &name, group.clone(), &prior).await;
         let post = match &req.post_exec {
-            Some(cmd) => Some(hooks::run(cmd, req.exec_timeout).await),
+            Some(cmd) => {
+                let post = hooks::run(cmd, req.exec_timeout).await;
+                self.paid_post_exec();
+                Some(post)
+            }
             None => None,
         };
         let (stores, pause) = frozen?;
