@@ -32,6 +32,41 @@ fn volume_verbs_and_output() {
         "--extent-size",
         "64K",
     ]);
+    // A size that does not round to its unit is answered exactly.
+    let out = d.ok(&["volume", "create", "odd", "--size", "1M"]);
+    assert_eq!(out.trim(), "Volume odd created (1.0 MiB).");
+    let out = d.ok(&["volume", "resize", "odd", "--size", "1025M"]);
+    assert_eq!(out.trim(), "Volume odd is now 1.0 GiB, 1074790400 bytes.");
+    d.ok(&["volume", "delete", "odd"]);
+    // Labels a table row or a selector could not hold are refused, by
+    // blockctl and by the daemon alike.
+    let long = format!("{}=x", "k".repeat(129));
+    for bad in [long.as_str(), "a,b=c", "note=two\nlines"] {
+        usage_error(
+            &["volume", "create", "l", "--size", "1M", "--label", bad],
+            "label",
+        );
+    }
+    let body = format!(
+        r#"{{"name":"l","size":1048576,"labels":{{"{}":"x"}}}}"#,
+        "k".repeat(129)
+    );
+    let out = api_post(&d, "/v1/volumes", &body);
+    assert!(
+        out.starts_with("HTTP/1.1 400") && out.contains("at most 128 characters"),
+        "{out}"
+    );
+    // A directory given as the socket is named as such.
+    let out = Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.dir.path())
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("that is a directory"),
+        "{out:?}"
+    );
 
     let v: serde_json::Value =
         serde_json::from_str(&d.ok(&["-j", "volume", "inspect", "db1"])).unwrap();
@@ -185,19 +220,7 @@ fn labels_change_in_one_step_and_stay_changed() {
     );
     // Other clients of the API get the same rules from the daemon, and
     // the labels stay as they were.
-    let post = |body: &str| {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(d.api_socket()).unwrap();
-        write!(
-            s,
-            "POST /v1/volumes/db1/labels HTTP/1.1\r\nHost: blockd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        answer
-    };
+    let post = |body: &str| api_post(&d, "/v1/volumes/db1/labels", body);
     let before = json(&d.ok(&["-j", "volume", "inspect", "db1"]))["labels"].clone();
     let a = post(r#"{"set": {"": "x"}}"#);
     assert!(
@@ -545,6 +568,22 @@ fn bad_arguments_exit_nonzero() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
+}
+
+/// POSTs `body` to the daemon's API as another client would; returns the
+/// whole answer, status line first.
+fn api_post(d: &Blockd, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(d.api_socket()).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: blockd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// Runs blockctl with no daemon behind it: for argument errors, which clap

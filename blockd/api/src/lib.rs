@@ -413,17 +413,56 @@ impl fmt::Display for HumanSize {
     }
 }
 
+/// Longest label key, in characters (a Kubernetes-style key with a DNS
+/// prefix fits: `app.kubernetes.io/name`).
+pub const MAX_LABEL_KEY: usize = 128;
+/// Longest label value, in characters.
+pub const MAX_LABEL_VALUE: usize = 256;
+
 /// Parses a `k=v` label.
 ///
 /// # Errors
-/// Returns a message when there is no `=` or the key is empty.
+/// Returns a message when there is no `=`, or the label is not valid
+/// ([`validate_label`]).
 pub fn parse_label(input: &str) -> Result<(String, String), String> {
     match input.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if !k.is_empty() => {
+            validate_label(k, v)?;
+            Ok((k.to_string(), v.to_string()))
+        }
         _ => Err(format!(
             "invalid label {input:?}: write labels as key=value, e.g. --label tier=gold"
         )),
     }
+}
+
+/// Checks a label: a key of 1 to [`MAX_LABEL_KEY`] characters, a value of
+/// at most [`MAX_LABEL_VALUE`], neither with control characters (a label
+/// is printed in one cell of a table row) nor a key with `=` or `,`
+/// (selectors are written `key=value,key=value`).
+///
+/// # Errors
+/// Returns a message saying what is allowed.
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("a label key is empty: write labels as key=value, e.g. tier=gold".into());
+    }
+    if key.chars().count() > MAX_LABEL_KEY || value.chars().count() > MAX_LABEL_VALUE {
+        return Err(format!(
+            "label {key:.32}...: keys are at most {MAX_LABEL_KEY} characters and values at most {MAX_LABEL_VALUE}"
+        ));
+    }
+    if key.contains(['=', ',']) {
+        return Err(format!(
+            "label key {key:?} has '=' or ',': write labels as key=value, e.g. tier=gold"
+        ));
+    }
+    if key.chars().chain(value.chars()).any(char::is_control) {
+        return Err(format!(
+            "label {key:?}={value:?} has a control character (a newline, a tab): labels are printed on one line"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks an extent size: a power of two from 512 B to 1 MiB.
@@ -443,6 +482,27 @@ pub fn validate_extent_size(extent_size: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels() {
+        assert_eq!(parse_label("tier=gold"), Ok(("tier".into(), "gold".into())));
+        assert_eq!(
+            parse_label("app.kubernetes.io/name="),
+            Ok(("app.kubernetes.io/name".into(), String::new()))
+        );
+        assert!(parse_label(&format!("{}=x", "k".repeat(MAX_LABEL_KEY))).is_ok());
+        for bad in [
+            format!("{}=x", "k".repeat(MAX_LABEL_KEY + 1)),
+            format!("k={}", "v".repeat(MAX_LABEL_VALUE + 1)),
+            "=x".into(),
+            "x".into(),
+            "a,b=c".into(),
+            "k=a\tb".into(),
+            "k\n=v".into(),
+        ] {
+            assert!(parse_label(&bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -551,7 +551,8 @@ impl StateDb {
         })
     }
 
-    /// Task ids and records, newest first; only active ones with
+    /// Task ids and records, newest first (in the order they were created
+    /// within a second); only active ones with
     /// `active_only`.
     ///
     /// # Errors
@@ -563,7 +564,7 @@ impl StateDb {
     ) -> Result<Vec<(String, String)>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, record FROM tasks WHERE active >= ?1 ORDER BY created DESC, id LIMIT ?2",
+                "SELECT id, record FROM tasks WHERE active >= ?1 ORDER BY created DESC, rowid DESC LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![i64::from(active_only), limit], |r| {
                 Ok((r.get(0)?, r.get(1)?))

@@ -287,6 +287,7 @@ impl Store {
         withheld: Option<crate::state::Withheld>,
     ) -> Result<Arc<Volume>, StoreError> {
         check_name(&req.name)?;
+        check_labels(&req.labels)?;
         let extent_size = req.extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
         validate_extent_size(extent_size).map_err(|message| StoreError::Invalid { message })?;
         check_size(req.size, extent_size)?;
@@ -468,9 +469,11 @@ impl Store {
     ) -> Result<Arc<Volume>, StoreError> {
         let volumes = self.write();
         let volume = found(&volumes, name)?;
-        if set.keys().chain(remove).any(String::is_empty) {
+        check_labels(&set)?;
+        if remove.iter().any(String::is_empty) {
             return Err(StoreError::Invalid {
-                message: "a label key is empty: write labels as key=value, e.g. tier=gold".into(),
+                message: "a label key to remove is empty: name the key, e.g. --remove-label env"
+                    .into(),
             });
         }
         let mut labels = volume.meta().labels;
@@ -563,6 +566,15 @@ fn open_data(path: &Path) -> io::Result<File> {
 fn placeholder() -> io::Result<File> {
     let fd = rustix::fs::memfd_create("blockd-missing-volume", rustix::fs::MemfdFlags::CLOEXEC)?;
     Ok(File::from(fd))
+}
+
+/// Refuses labels a user could not select or read back
+/// ([`blockd_api::validate_label`]).
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    for (k, v) in labels {
+        blockd_api::validate_label(k, v).map_err(|message| StoreError::Invalid { message })?;
+    }
+    Ok(())
 }
 
 /// Refuses a name no volume may have, as [`Store::create`] does: for

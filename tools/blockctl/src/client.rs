@@ -35,6 +35,12 @@ impl Client {
                     self.socket.display()
                 );
             }
+            if self.socket.is_dir() {
+                return format!(
+                    "cannot reach blockd at {}: that is a directory: point --socket/BLOCKD_SOCKET at the api.sock in it",
+                    self.socket.display()
+                );
+            }
             format!(
                 "cannot reach blockd at {}: {e}; is the daemon running? (start it with `blockd`, or point --socket/BLOCKD_SOCKET at its api.sock)",
                 self.socket.display()
@@ -65,7 +71,7 @@ impl Client {
             // The daemon may have done part of the request or all of it
             // before it went (a restore may have started): say where to look.
             Err(e) if method != "GET" => return Err(format!(
-                "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list` and `blockctl cloudsnap status`"
+                "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list`, `blockctl snapshot list` and `blockctl cloudsnap status`"
             )),
             Err(e) => return Err(format!("talking to blockd: {e}")),
         };

@@ -193,6 +193,17 @@ enum SnapshotCmd {
     },
 }
 
+/// A size as [`human_size`] writes it, with the bytes too unless it is a
+/// whole number of its unit (1025M is not "1.0 GiB"): for answers to a
+/// size the user gave.
+fn exact_size(bytes: u64) -> String {
+    let human = human_size(bytes);
+    match blockd_api::parse_size(&human.replace(".0 ", "").replace(' ', "")) {
+        Ok(b) if b == bytes => human,
+        _ => format!("{human}, {bytes} bytes"),
+    }
+}
+
 fn size_arg(s: &str) -> Result<u64, String> {
     blockd_api::parse_size(s).map_err(|e| e.to_string())
 }
@@ -239,7 +250,7 @@ enum VolumeCmd {
     Create {
         /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
         name: String,
-        /// Size, e.g. 10G (K, M, G, T are powers of 1024)
+        /// Size, e.g. 10G (K, M, G, T, P are powers of 1024)
         #[arg(long, value_parser = size_arg)]
         size: u64,
         /// Label as key=value (repeatable)
@@ -660,7 +671,7 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Fai
                 line(format_args!(
                     "Volume {} created ({}).",
                     v.name,
-                    human_size(v.size)
+                    exact_size(v.size)
                 ));
             });
         }
@@ -765,7 +776,7 @@ async fn volume(out: Output, client: &Client, cmd: &VolumeCmd) -> Result<(), Fai
                 line(format_args!(
                     "Volume {} is now {}.",
                     v.name,
-                    human_size(v.size)
+                    exact_size(v.size)
                 ));
             });
         }

@@ -22,7 +22,7 @@ pub struct MountArgs {
     /// Credentials whose snapshots to show [default: the only ones, when just one exists]
     #[arg(long, alias = "cr", value_name = "NAME")]
     cred_id: Option<String>,
-    /// Local chunk cache size, e.g. 2G (K, M, G, T are powers of 1024) [default: 2G]
+    /// Local chunk cache size, e.g. 2G (K, M, G, T, P are powers of 1024) [default: 2G]
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     cache_size: Option<u64>,
     /// Let other users than the daemon's open the tree
