@@ -41,6 +41,10 @@ fn volume_verbs_and_output() {
     // Labels a table row or a selector could not hold are refused, by
     // blockctl and by the daemon alike.
     let long = format!("{}=x", "k".repeat(129));
+    usage_error(
+        &["volume", "create", "x", "--size", "-1G"],
+        "a size is not negative",
+    );
     for bad in [long.as_str(), "a,b=c", "note=two\nlines"] {
         usage_error(
             &["volume", "create", "l", "--size", "1M", "--label", bad],

@@ -364,6 +364,9 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         why,
     };
     let s = input.trim();
+    if s.starts_with('-') {
+        return Err(err(format!("a size is not negative: {USE}")));
+    }
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
     if digits.is_empty() {
@@ -518,7 +521,8 @@ mod tests {
         assert!(parse_size("10Q").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("G").is_err());
-        assert!(parse_size("-1").is_err());
+        let e = parse_size("-1").unwrap_err();
+        assert!(e.to_string().contains("not negative"), "{e}");
         assert!(parse_size("99999999999T").is_err());
     }
 

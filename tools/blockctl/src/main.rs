@@ -251,13 +251,13 @@ enum VolumeCmd {
         /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
         name: String,
         /// Size, e.g. 10G (K, M, G, T, P are powers of 1024)
-        #[arg(long, value_parser = size_arg)]
+        #[arg(long, value_parser = size_arg, allow_hyphen_values = true)]
         size: u64,
         /// Label as key=value (repeatable)
         #[arg(long = "label", value_parser = label_arg)]
         labels: Vec<(String, String)>,
         /// Extent size for change tracking, a power of two from 512 to 1M
-        #[arg(long, value_parser = size_arg)]
+        #[arg(long, value_parser = size_arg, allow_hyphen_values = true)]
         extent_size: Option<u64>,
     },
     /// List volumes
@@ -311,7 +311,7 @@ enum VolumeCmd {
         /// Volume name
         name: String,
         /// New size, e.g. 20G
-        #[arg(long, value_parser = size_arg)]
+        #[arg(long, value_parser = size_arg, allow_hyphen_values = true)]
         size: u64,
     },
     /// Attach a volume as a kernel block device /dev/nbdN (needs the nbd

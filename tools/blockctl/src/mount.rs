@@ -23,7 +23,7 @@ pub struct MountArgs {
     #[arg(long, alias = "cr", value_name = "NAME")]
     cred_id: Option<String>,
     /// Local chunk cache size, e.g. 2G (K, M, G, T, P are powers of 1024) [default: 2G]
-    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, allow_hyphen_values = true)]
     cache_size: Option<u64>,
     /// Let other users than the daemon's open the tree
     #[arg(long)]
