@@ -912,8 +912,8 @@ h.shutdown()
 
 /// The post-exec undoes what the pre-exec did (`fsfreeze -f`), so it runs
 /// even when the freeze between them is cut short: by a client that goes
-/// away (the snapshot is still taken), or by blockd dying (it runs at the
-/// next start, once, and no snapshot is left).
+/// away (the snapshot or backup is still taken), or by blockd dying (it
+/// runs at the next start, once, and no snapshot is left).
 #[test]
 fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
     let mut d = Blockd::start();
@@ -927,11 +927,12 @@ fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
             p.exists()
         })
     };
-    let create = |d: &Blockd, name: &str, pause: &str| {
+    let hooked = |d: &Blockd, args: &[&str], pause: &str| {
         Command::new(bin("blockctl"))
             .arg("--socket")
             .arg(d.api_socket())
-            .args(["snapshot", "create", "vol1", "--name", name, "--pre-exec"])
+            .args(args)
+            .arg("--pre-exec")
             .arg(format!(
                 "touch {p}; sleep {pause}; touch {p}.done",
                 p = pre.display()
@@ -948,6 +949,14 @@ fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
             .spawn()
             .unwrap()
     };
+    let create = |d: &Blockd, name: &str, pause: &str| {
+        hooked(d, &["snapshot", "create", "vol1", "--name", name], pause)
+    };
+    let reset = || {
+        for f in [pre.clone(), post.clone(), tmp.path().join("pre.done")] {
+            let _ = std::fs::remove_file(f);
+        }
+    };
 
     // The client is killed while the pre-exec runs.
     let mut client = create(&d, "left", "1");
@@ -961,12 +970,27 @@ fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
     assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
     d.ok(&["snapshot", "inspect", "vol1@left"]);
 
+    // The same for a backup's freeze: the backup goes on too.
+    reset();
+    let mut client = hooked(&d, &["cloudsnap", "backup", "vol1"], "1");
+    assert!(wait_for(&pre), "pre-exec did not start");
+    client.kill().unwrap();
+    client.wait().unwrap();
+    assert!(
+        wait_for(&post),
+        "post-exec did not run after the client left"
+    );
+    assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
+    let backed_up = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let list = d.ok(&["-j", "cloudsnap", "list", "--src", "vol1"]);
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()[0]["volume"] == "vol1"
+    });
+    assert!(backed_up, "the backup did not go on after its client left");
+
     // blockd is killed while the pre-exec runs; it starts again before
     // the pre-exec has ended.
-    for f in [&pre, &post] {
-        std::fs::remove_file(f).unwrap();
-    }
-    std::fs::remove_file(tmp.path().join("pre.done")).unwrap();
+    reset();
     let mut client = create(&d, "cut", "3");
     assert!(wait_for(&pre), "pre-exec did not start");
     d.kill9();

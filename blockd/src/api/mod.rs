@@ -141,6 +141,25 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         })
         .with_state(daemon)
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn(to_the_end))
+}
+
+/// Carries every request that changes something through to its end in a
+/// task of its own. The server drops a request's future when its client
+/// goes away (Ctrl-C of blockctl), which would stop it at whatever await
+/// it had reached: between a snapshot's pre-exec and its post-exec (the
+/// file system left frozen), or a backup's freeze and the start of its
+/// tasks. Reads are dropped as before: they change nothing.
+async fn to_the_end(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => Failure::of(Outcome::Failed, format!("{method} {path}: {e}")).into_response(),
+    }
 }
 
 /// Keeps the promise that every error is JSON: answers that axum itself
@@ -448,27 +467,17 @@ async fn create_snapshot(
     let req: CreateSnapshot = body(&bytes)?;
     let exec_timeout =
         blockd_api::exec_timeout(req.exec_timeout_secs).map_err(Failure::bad_request)?;
-    // In a task of its own: a client that goes away (Ctrl-C of blockctl)
-    // between the hooks would otherwise cancel the request there, and the
-    // post-exec that undoes the pre-exec (`fsfreeze -u`) would never run.
-    let create = {
-        let d = d.clone();
-        tokio::spawn(async move {
-            d.snapshots
-                .create(CreateRequest {
-                    volumes: req.volumes,
-                    name: req.name,
-                    pre_exec: req.pre_exec,
-                    post_exec: req.post_exec,
-                    exec_timeout,
-                    absorb: false,
-                })
-                .await
+    let metas = d
+        .snapshots
+        .create(CreateRequest {
+            volumes: req.volumes,
+            name: req.name,
+            pre_exec: req.pre_exec,
+            post_exec: req.post_exec,
+            exec_timeout,
+            absorb: false,
         })
-    };
-    let metas = create
-        .await
-        .map_err(|e| Failure::of(Outcome::Failed, format!("snapshot create: {e}")))??;
+        .await?;
     let out = metas
         .iter()
         .filter_map(|m| d.snapshots.get(&m.volume, &m.name))
