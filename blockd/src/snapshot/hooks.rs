@@ -26,9 +26,13 @@ pub async fn run(command: &str, timeout: Duration) -> HookRecord {
     run_noting(command, timeout, |_| {}).await
 }
 
-/// [`run`], telling `started` the id of the hook's process group once it
-/// has started (the id of its shell).
-pub async fn run_noting(command: &str, timeout: Duration, started: impl FnOnce(u32)) -> HookRecord {
+/// [`run`], telling `started` about the hook's shell once it has started
+/// (its process id is its process group's).
+pub async fn run_noting(
+    command: &str,
+    timeout: Duration,
+    started: impl FnOnce(Started),
+) -> HookRecord {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(PRELUDE)
@@ -51,8 +55,8 @@ pub async fn run_noting(command: &str, timeout: Duration, started: impl FnOnce(u
             }
         }
     };
-    if let Some(pid) = child.id() {
-        started(pid);
+    if let Some(s) = child.id().and_then(Started::of) {
+        started(s);
     }
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -103,22 +107,48 @@ pub async fn run_noting(command: &str, timeout: Duration, started: impl FnOnce(u
     }
 }
 
-/// Waits until no process of group `group` is left (a hook started by a
-/// daemon that has since died), at most `timeout`; then kills what is
-/// left of it, as a hook that overran its timeout is killed.
-pub async fn outlive(group: u32, timeout: Duration) {
-    let Some(pid) = i32::try_from(group)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
-    let alive = || rustix::process::test_kill_process_group(pid).is_ok();
+/// A hook's shell as started: its process id (also its process group's)
+/// and when it started, so that a later look never takes another process
+/// that was given the same id for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Started {
+    /// Process id.
+    pub pid: u32,
+    /// Start time, in clock ticks after boot (`/proc/PID/stat`, field 22).
+    pub ticks: u64,
+}
+
+impl Started {
+    /// Process `pid` as it runs now, if it does (a zombie has ended).
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command, which may hold spaces and parentheses:
+        // the state (field 3) first.
+        let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+        if matches!(rest.next()?, "Z" | "X" | "x") {
+            return None;
+        }
+        let ticks = rest.nth(18)?.parse().ok()?;
+        Some(Self { pid, ticks })
+    }
+
+    fn alive(self) -> bool {
+        Self::of(self.pid) == Some(self)
+    }
+}
+
+/// Waits until the hook `started` (by a daemon that has since died, in
+/// this boot) has ended, at most `timeout`; then kills its process group,
+/// as a hook that overran its timeout is killed.
+pub async fn outlive(started: Started, timeout: Duration) {
     let until = tokio::time::Instant::now() + timeout;
-    while alive() && tokio::time::Instant::now() < until {
+    while started.alive() && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if alive() {
+    let pid = i32::try_from(started.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid.filter(|_| started.alive()) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
@@ -131,6 +161,39 @@ fn truncate(mut output: Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hook left by a daemon that died is waited for while it runs, and
+    /// only while it is that process: not a process given its id later.
+    #[tokio::test]
+    async fn outlive_waits_for_that_process_only() {
+        use std::os::unix::process::CommandExt;
+        assert_eq!(
+            Started::of(std::process::id()).unwrap().pid,
+            std::process::id()
+        );
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.5")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let started = Started::of(child.id()).unwrap();
+        // Reaped as init reaps the orphan of a daemon that died.
+        let reaper = std::thread::spawn(move || child.wait());
+        let other = Started {
+            ticks: started.ticks + 1,
+            ..started
+        };
+        let t = std::time::Instant::now();
+        outlive(other, Duration::from_secs(5)).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "waited for another process"
+        );
+        outlive(started, Duration::from_secs(5)).await;
+        assert!(t.elapsed() >= Duration::from_millis(400), "did not wait");
+        assert!(t.elapsed() < Duration::from_secs(4), "waited past its end");
+        assert!(reaper.join().unwrap().unwrap().success(), "it was killed");
+    }
 
     #[tokio::test]
     async fn success_failure_timeout() {

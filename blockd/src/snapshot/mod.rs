@@ -198,11 +198,14 @@ struct OwedPostExec {
     command: String,
     /// Its timeout, in milliseconds.
     timeout_ms: u64,
-    /// The pre-exec's process group, once it has started: a pre-exec
-    /// still running when the daemon starts again is waited for (at most
-    /// its timeout, then killed), so the post-exec never runs before it.
+    /// The kernel's boot id when the record was written.
+    boot_id: String,
+    /// The pre-exec's shell, once it has started: a pre-exec still running
+    /// when the daemon starts again, in the same boot, is waited for (at
+    /// most its timeout, then killed), so the post-exec never runs before
+    /// it.
     #[serde(default)]
-    pre_exec_group: Option<u32>,
+    pre_exec: Option<hooks::Started>,
 }
 
 /// Every held snapshot of this daemon.
@@ -414,8 +417,9 @@ impl Snapshots {
             }
         };
         let timeout = Duration::from_millis(owed.timeout_ms);
-        if let Some(group) = owed.pre_exec_group {
-            hooks::outlive(group, timeout).await;
+        let this_boot = owed.boot_id == crate::durable::boot_id();
+        if let Some(started) = owed.pre_exec.filter(|_| this_boot) {
+            hooks::outlive(started, timeout).await;
         }
         let r = hooks::run(&owed.command, timeout).await;
         tracing::warn!(
@@ -465,18 +469,19 @@ impl Snapshots {
             volumes: names.clone(),
             command: command.clone(),
             timeout_ms: u64::try_from(req.exec_timeout.as_millis()).unwrap_or(u64::MAX),
-            pre_exec_group: None,
+            boot_id: crate::durable::boot_id().to_string(),
+            pre_exec: None,
         });
         if let Some(o) = &owed {
             self.owe_post_exec(o)?;
         }
         let pre = match &req.pre_exec {
             Some(cmd) => {
-                let r = hooks::run_noting(cmd, req.exec_timeout, |group| {
+                let r = hooks::run_noting(cmd, req.exec_timeout, |started| {
                     if let Some(o) = owed.as_mut() {
-                        o.pre_exec_group = Some(group);
+                        o.pre_exec = Some(started);
                         if let Err(e) = self.owe_post_exec(o) {
-                            tracing::warn!(error = %e, "noting the pre-exec's process group failed");
+                            tracing::warn!(error = %e, "noting the pre-exec's process failed");
                         }
                     }
                 })
