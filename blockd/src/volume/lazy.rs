@@ -506,7 +506,19 @@ impl Lazy {
         let _fg = Foreground::enter(self);
         let t0 = std::time::Instant::now();
         for (f, c) in fetch {
-            self.fill(f, c).await?;
+            if let Err(e) = self.fill(f, c).await {
+                // The run may reach past the request (read-ahead), and what
+                // failed may be there, a damaged chunk the request does not
+                // need: fetch the request's own units alone before failing
+                // it. A sequential copy then fails only the reads that need
+                // the damage.
+                let own = f.saturating_add(c).min(last).saturating_sub(f);
+                if own == 0 || own == c {
+                    return Err(e);
+                }
+                tracing::debug!(first = f, count = c, error = %e, "read-ahead failed: fetching the request's units alone");
+                self.fill(f, own).await?;
+            }
         }
         // Claimed only once every fill the request needs has landed: a
         // request that fails before its write is issued (a store that
