@@ -61,7 +61,7 @@ pub struct Settings {
     pub change_tracking: Option<bool>,
     /// How long connections answer ESHUTDOWN after SIGTERM [default: 2s].
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub shutdown_grace: Option<Period>,
+    pub shutdown_grace: Option<Grace>,
     /// How soon after a FLUSH the copy-on-write data of held snapshots is
     /// synced; a host crash before reports the snapshot damaged
     /// [default: 1s].
@@ -265,7 +265,7 @@ impl Settings {
             mlock: Some(true),
             io_engine: Some(EngineKind::Auto),
             change_tracking: Some(true),
-            shutdown_grace: Some(Period(Duration::from_secs(2))),
+            shutdown_grace: Some(Grace(Duration::from_secs(2))),
             snapshot_sync: Some(Period(crate::snapshot::store::SYNC_EVERY)),
             nbd: Nbd {
                 listen: None,
@@ -408,6 +408,37 @@ impl fmt::Display for Period {
     }
 }
 
+/// The shutdown grace: seconds (as `--shutdown-grace` always took), or a
+/// duration; 0 to 1h, in the config file as on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grace(pub Duration);
+
+impl std::str::FromStr for Grace {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let d = match s.parse::<f64>() {
+            Ok(secs) if (0.0..=3600.0).contains(&secs) => Duration::from_secs_f64(secs),
+            Ok(_) => return Err("must be between 0 and 3600 seconds".into()),
+            Err(_) => humantime::parse_duration(s)
+                .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 2s or 500ms"))?,
+        };
+        if d > Duration::from_secs(3600) {
+            return Err(format!("{s:?} is too long: give at most 1h"));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl fmt::Display for Grace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            d if d.subsec_nanos() != 0 || d.is_zero() => humantime::format_duration(d).fmt(f),
+            d => Period(d).fmt(f),
+        }
+    }
+}
+
 /// A period, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Every(pub Option<Duration>);
@@ -546,7 +577,7 @@ macro_rules! text_serde {
     )*};
 }
 
-text_serde!(Period, Every, Limit, LogFilter, MetricsAddr);
+text_serde!(Period, Grace, Every, Limit, LogFilter, MetricsAddr);
 
 /// Serde of numbers: written as TOML numbers, read from numbers or text.
 macro_rules! number_serde {
@@ -628,6 +659,14 @@ mod tests {
         assert_eq!(s.cloud.hydrate_limit, Some(Limit(Some(50 << 20))));
         assert_eq!(s.cloud.full_every, Some(FullEvery(3)));
         assert_eq!(s.nbd, Nbd::default());
+
+        // The shutdown grace takes the flag's values and limits.
+        let s = Settings::parse("shutdown_grace = \"500ms\"\n").unwrap();
+        assert_eq!(s.shutdown_grace, Some(Grace(Duration::from_millis(500))));
+        assert_eq!(s.shutdown_grace.unwrap().to_string(), "500ms");
+        assert_eq!(Grace(Duration::from_secs(2)).to_string(), "2s");
+        let e = Settings::parse("shutdown_grace = \"2h\"\n").unwrap_err();
+        assert!(e.contains("at most 1h"), "{e}");
 
         let e = Settings::parse("state_dir = \"/x\"\nnbd_lisen = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(e.contains("line 2"), "{e}");

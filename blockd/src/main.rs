@@ -8,8 +8,8 @@ use clap::Parser;
 
 use blockd::config;
 use blockd::config::{
-    Cloud, Every, Fraction, FullEvery, Gc, Limit, Log, LogFilter, LogFormat, Metrics, MetricsAddr,
-    Nbd, Period, Settings,
+    Cloud, Every, Fraction, FullEvery, Gc, Grace, Limit, Log, LogFilter, LogFormat, Metrics,
+    MetricsAddr, Nbd, Period, Settings,
 };
 use blockd::daemon;
 use blockd::volume::EngineKind;
@@ -75,8 +75,8 @@ struct Args {
     no_change_tracking: bool,
     /// How long connections keep answering ESHUTDOWN after SIGTERM before
     /// closing: seconds, or a duration such as 500ms [default: 2s]
-    #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
-    shutdown_grace: Option<Period>,
+    #[arg(long, value_name = "DURATION")]
+    shutdown_grace: Option<Grace>,
     /// How soon after a client's FLUSH (which syncs the volume) the
     /// copy-on-write data of held snapshots is synced too, and how often
     /// it is checked; copies no FLUSH asked for are synced within 30s. A
@@ -132,20 +132,6 @@ struct Args {
     /// the environment or the config file only, never a flag
     #[arg(skip = std::env::var("BLOCKD_METRICS_TOKEN").ok().filter(|t| !t.is_empty()).map(blockd_api::Secret::from))]
     metrics_token: Option<blockd_api::Secret>,
-}
-
-/// `--shutdown-grace`: seconds (as it always took), or a duration; 0 to 1h.
-fn grace_arg(s: &str) -> Result<Period, String> {
-    let d = match s.parse::<f64>() {
-        Ok(secs) if (0.0..=3600.0).contains(&secs) => std::time::Duration::from_secs_f64(secs),
-        Ok(_) => return Err("must be between 0 and 3600 seconds".into()),
-        Err(_) => humantime::parse_duration(s)
-            .map_err(|e| format!("{s:?} is not a duration ({e}): use e.g. 2s or 500ms"))?,
-    };
-    if d > std::time::Duration::from_secs(3600) {
-        return Err("must be at most 1h".into());
-    }
-    Ok(Period(d))
 }
 
 impl Args {
