@@ -416,12 +416,15 @@ impl Locations {
     /// A local directory is compared as the file system resolves it.
     fn target(&self, s: &Settings) -> String {
         let prefix = s.prefix.as_deref().unwrap_or("").trim_matches('/');
-        let endpoint = s
-            .endpoint
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/')
-            .to_ascii_lowercase();
+        // As the store is built: an S3 endpoint without a scheme is
+        // `http://` or `https://` as --disable-ssl says.
+        let endpoint = match s.provider {
+            Some(Provider::S3) => s3_endpoint(s),
+            _ => s.endpoint.clone(),
+        }
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_ascii_lowercase();
         let bucket = s.bucket.as_deref().unwrap_or("");
         match s.provider.unwrap_or(Provider::Local) {
             Provider::Local => {
@@ -598,15 +601,7 @@ impl Locations {
                 ))
             }
             Provider::S3 => {
-                let endpoint = s.endpoint.as_deref().map(|e| {
-                    if e.contains("://") {
-                        e.to_string()
-                    } else if s.disable_ssl {
-                        format!("http://{e}")
-                    } else {
-                        format!("https://{e}")
-                    }
-                });
+                let endpoint = s3_endpoint(s);
                 // If-None-Match only where the probe did not find it
                 // ignored: otherwise a create is a HEAD then a PUT.
                 let conditional = if s.conditional == Some(false) {
@@ -1077,6 +1072,20 @@ impl Locations {
     }
 }
 
+/// An S3 location's endpoint as a URL: one given without a scheme is
+/// `http://` with `--disable-ssl`, else `https://`.
+fn s3_endpoint(s: &Settings) -> Option<String> {
+    s.endpoint.as_deref().map(|e| {
+        if e.contains("://") {
+            e.to_string()
+        } else if s.disable_ssl {
+            format!("http://{e}")
+        } else {
+            format!("https://{e}")
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1086,6 +1095,37 @@ mod tests {
         let db = Arc::new(StateDb::open(dir.path()).unwrap());
         let l = Locations::open(dir.path(), db, crate::claims::Claims::new(), None).unwrap();
         (dir, l)
+    }
+
+    /// One S3 bucket spelled several ways is one repository: with or
+    /// without the scheme the store would take, a trailing slash, in
+    /// either case; another scheme or port is another endpoint.
+    #[test]
+    fn s3_endpoints_are_compared_as_the_store_takes_them() {
+        let (_dir, l) = locations();
+        let at = |endpoint: &str, disable_ssl: bool| {
+            l.target(&Settings {
+                provider: Some(Provider::S3),
+                bucket: Some("b".into()),
+                endpoint: Some(endpoint.into()),
+                disable_ssl,
+                ..Settings::default()
+            })
+        };
+        let one = at("http://127.0.0.1:3900", true);
+        for same in [
+            at("127.0.0.1:3900/", true),
+            at("HTTP://127.0.0.1:3900/", false),
+            at("http://127.0.0.1:3900", false),
+        ] {
+            assert_eq!(same, one);
+        }
+        assert_ne!(
+            at("127.0.0.1:3900", false),
+            one,
+            "https is another endpoint"
+        );
+        assert_ne!(at("http://127.0.0.1:3901", true), one);
     }
 
     #[test]
