@@ -230,6 +230,44 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
     assert_same(&b, &img, "copy2");
 }
 
+/// A backup that ended while its session could not be removed (the store
+/// was unreachable then) leaves the session in the bucket, where it would
+/// hold every sweep back until its deadline (20 h by default). This
+/// host's next collection removes it, knowing the task ended; a session
+/// of this host's id for a task it does not know is left alone.
+#[test]
+fn a_session_left_by_an_ended_backup_goes_at_the_next_collection() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "256M");
+    let img = image(tmp.path(), "v.img", 256 * MB, 256 * MB, 7);
+    load(&d, "v", &img);
+    let id = backup_underway(&d, &["v"], 40);
+    let sessions = d.dir.path().join("objects/locks/sessions");
+    let session = std::fs::read(sessions.join(&id)).unwrap();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert!(
+        !sessions.join(&id).exists(),
+        "the backup closed its session"
+    );
+    // As if that close had failed; and a task unknown here.
+    std::fs::write(sessions.join(&id), &session).unwrap();
+    std::fs::write(sessions.join("unknown-task"), &session).unwrap();
+    let r = gc(&d, &["--grace", "1s"]);
+    assert!(!sessions.join(&id).exists(), "left in place: {r}");
+    assert!(sessions.join("unknown-task").exists());
+    assert!(
+        d.log()
+            .contains("removing the session of a backup that ended without closing it"),
+        "{}",
+        d.log()
+    );
+}
+
 /// Host A backs up and deletes; host B restores A's snapshots. B's
 /// lease (3 s here, its backup deadline) is renewed while it restores.
 #[test]

@@ -106,6 +106,7 @@ impl Cloud {
             max_unused: req.max_unused.unwrap_or(self.gc_max_unused),
             deadline: self.backup_deadline,
             local_dir: self.locations.local_dir(&location)?,
+            ended: self.db.ended_tasks()?,
         };
         let o = gc::collect(&repo, &opts).await.map_err(|e| {
             crate::metrics::STATS.maintenance(&location, "gc", "failed");

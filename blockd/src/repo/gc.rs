@@ -322,6 +322,11 @@ pub struct Options {
     /// For a local directory location, the directory its objects are
     /// in: unfinished writes left there by killed writers are removed.
     pub local_dir: Option<std::path::PathBuf>,
+    /// Backup tasks of this host known to have ended: a session of one
+    /// of them is left by a close that failed (the store was unreachable
+    /// when the backup ended) and would hold every sweep back until its
+    /// deadline, so it is removed.
+    pub ended: HashSet<String>,
 }
 
 impl Repo {
@@ -533,17 +538,22 @@ impl Repo {
     /// Sessions: (task id, written, deadline), expired ones included.
     /// With `dead_host`, that host's collector sessions (`gc-*`) are
     /// removed instead: its collection is known not to run, so they are a
-    /// crashed run's, and would hold every sweep until their deadline.
+    /// crashed run's, and would hold every sweep until their deadline. So
+    /// are the sessions of `host`'s backups in `ended`.
     async fn sessions(
         &self,
         dead_host: Option<&str>,
+        host: &str,
+        ended: &HashSet<String>,
     ) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
         let mut out = Vec::new();
         for (id, written, body) in self.registrations("sessions").await? {
-            if id.starts_with(COLLECTOR_SESSION)
-                && body.as_ref().map(|b| b.host.as_str()) == dead_host
-                && dead_host.is_some()
-            {
+            let of = body.as_ref().map(|b| b.host.as_str());
+            let dead_run = id.starts_with(COLLECTOR_SESSION) && of == dead_host && of.is_some();
+            if dead_run || (of == Some(host) && ended.contains(&id)) {
+                if !dead_run {
+                    tracing::info!(task = %id, "removing the session of a backup that ended without closing it");
+                }
                 self.objects.delete(&session_key(&id)).await?;
                 continue;
             }
@@ -680,7 +690,11 @@ async fn collect_held(
     // backup whose session is gone by the listing wrote its manifest
     // before, so the walk sees it.
     let sessions = repo
-        .sessions(opts.own_run_is_dead.then_some(opts.host.as_str()))
+        .sessions(
+            opts.own_run_is_dead.then_some(opts.host.as_str()),
+            &opts.host,
+            &opts.ended,
+        )
         .await?;
     let marks = repo.marks().await?;
     let walk = refs::walk(repo).await?;

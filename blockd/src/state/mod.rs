@@ -573,6 +573,18 @@ impl StateDb {
         })
     }
 
+    /// The ids of every task that has ended.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn ended_tasks(&self) -> Result<std::collections::HashSet<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT id FROM tasks WHERE active = 0")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
     /// One task record.
     ///
     /// # Errors
