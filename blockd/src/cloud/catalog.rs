@@ -50,9 +50,18 @@ impl Cloud {
             Some(l) => vec![self.locations.resolve(Some(l))?],
             None => self.locations.names()?,
         };
+        let several = locations.len() > 1;
         let mut out = Vec::new();
         for location in locations {
-            out.extend(self.list_in(location, src, labels).await?);
+            match self.list_in(location, src, labels).await {
+                Ok(snaps) => out.extend(snaps),
+                Err(e) if several => {
+                    return Err(CloudError::ListingAll {
+                        source: Box::new(e),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
         // Names start with the freeze time in milliseconds: id order is time order.
         out.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.location.cmp(&b.location)));

@@ -88,6 +88,12 @@ pub enum CloudError {
     /// A location (credentials) was refused or failed.
     #[error(transparent)]
     Location(#[from] LocationError),
+    /// Listing every location stopped at one that failed.
+    #[error("{source}; the other locations can be listed one at a time with --cred-id NAME (`blockctl credentials list` names them)")]
+    ListingAll {
+        /// Why the location failed.
+        source: Box<CloudError>,
+    },
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -340,6 +346,7 @@ impl CloudError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Location(l) => l.outcome(),
+            Self::ListingAll { source } => source.outcome(),
             Self::Repo(r) => r.outcome(),
             Self::Freeze(f) => f.outcome(),
             Self::Volume(v) => v.outcome(),

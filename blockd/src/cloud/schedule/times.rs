@@ -69,8 +69,12 @@ fn hhmm(s: &str, flag: &str) -> Result<(u32, u32), String> {
     Ok((h, m))
 }
 
+/// The longest `--periodic` interval: a year.
+const MAX_PERIOD_SECS: u64 = 365 * 24 * 3600;
+
 impl Rule {
-    /// `--periodic`: minutes, or a duration with a unit (`30s`, `2h`).
+    /// `--periodic`: minutes, or a duration with a unit (`30s`, `2h`), at
+    /// most a year.
     ///
     /// # Errors
     /// Not a positive interval.
@@ -86,6 +90,11 @@ impl Rule {
         if secs == 0 {
             return Err(format!(
                 "--periodic {s:?}: the interval must be at least 1s"
+            ));
+        }
+        if secs > MAX_PERIOD_SECS {
+            return Err(format!(
+                "--periodic {s:?}: the interval must be at most a year (525600 minutes); for rarer runs use --monthly"
             ));
         }
         Ok(Self::Periodic { secs })
@@ -257,7 +266,7 @@ mod tests {
                 minute: 30
             })
         );
-        for bad in ["0", "x", "0s"] {
+        for bad in ["0", "x", "0s", "99999999999", "525601", "400days"] {
             assert!(Rule::periodic(bad).is_err(), "{bad}");
         }
         for bad in ["24:00", "12:60", "1200", "a:b"] {
