@@ -339,14 +339,17 @@ fn unsafe_tls_settings_stop_the_start_with_a_message() {
     let srv = server_dir(&tmp.path().join("server"), &ca, None);
     let start = |args: &[&str]| {
         let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("state");
         let o = Command::new(bin("blockd"))
             .arg("--state-dir")
-            .arg(state.path())
+            .arg(&dir)
             .args(["--no-mlock"])
             .args(args)
             .output()
             .unwrap();
         assert!(!o.status.success(), "blockd {args:?} started");
+        // Refused before anything is created.
+        assert!(!dir.exists(), "blockd {args:?} made its state dir");
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     // A non-loopback address without certificates: refused before anything

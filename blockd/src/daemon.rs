@@ -277,6 +277,8 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// # Errors
 /// Start-up failures: state directory, lock, database, sockets.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything is created: a refused --nbd-listen leaves no trace.
+    let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
     let dir = &config.state_dir;
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
@@ -340,7 +342,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let (api_listener, api_bound) = bind_unix(&config.api_socket, "--api-socket", 0o660, group)?;
     let (nbd_listener, nbd_bound) = bind_unix(&config.nbd_socket, "--nbd-socket", 0o660, group)?;
-    let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
     let metrics_listener = bind_tcp(config.metrics_listen, "the metrics address").await?;
     let tcp_listener = bind_tcp(config.nbd_listen, "NBD TCP address").await?;
 
