@@ -321,7 +321,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A freeze interrupted between its hooks owes the host its post-exec
     // (an `fsfreeze -u`): run it first thing.
     let s = snapshots.clone();
-    tracker.spawn(async move { s.run_owed_post_exec().await });
+    let held = snapshots.hold_freezes().await;
+    tracker.spawn(async move { s.run_owed_post_exec(held).await });
     // Opened (and unfinished tasks resumed) before the sockets exist: a
     // client that can connect finds the daemon ready.
     let cloud = Cloud::open(

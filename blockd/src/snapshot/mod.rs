@@ -216,7 +216,7 @@ pub struct Snapshots {
     claims: Arc<Claims>,
     held: Mutex<BTreeMap<(String, String), Arc<SnapshotStore>>>,
     /// Serialises freezes, so pause measurements are not inflated by each other.
-    freeze: tokio::sync::Mutex<()>,
+    freeze: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn default_name() -> String {
@@ -274,7 +274,7 @@ impl Snapshots {
             volumes,
             claims,
             held: Mutex::new(held),
-            freeze: tokio::sync::Mutex::new(()),
+            freeze: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -395,11 +395,19 @@ impl Snapshots {
         }
     }
 
+    /// Holds every freeze back until the guard goes: taken at start, before
+    /// requests are served, for [`Self::run_owed_post_exec`].
+    pub async fn hold_freezes(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.freeze.clone().lock_owned().await
+    }
+
     /// Runs the post-exec hook a freeze owed when the daemon stopped
     /// between its pre-exec and its post-exec (killed, or the host went
     /// down), so that what the pre-exec did (`fsfreeze -f`) is undone; the
-    /// snapshot itself was never committed. Called once at start.
-    pub async fn run_owed_post_exec(&self) {
+    /// snapshot itself was never committed. Called once at start, with
+    /// freezes held (`_held`, from [`Self::hold_freezes`]): no new freeze
+    /// runs its hooks, or records what it owes, before this is done.
+    pub async fn run_owed_post_exec(&self, _held: tokio::sync::OwnedMutexGuard<()>) {
         let path = self.dir.join(OWED_POST_EXEC);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
