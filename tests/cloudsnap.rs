@@ -931,3 +931,37 @@ fn every_nth_backup_and_lost_tracking_read_everything() {
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "back");
 }
+
+/// `cloudsnap list` over every location stops at one that fails, names
+/// it, and says how to list the others; those list with `--cred-id`.
+#[test]
+fn listing_every_location_names_the_one_that_fails() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    backed_up(&d, tmp.path(), "vol1", 4 * MB, 4 * MB, 3);
+    let bucket = tmp.path().join("bucket");
+    d.ok(&[
+        "credentials",
+        "create",
+        "gone",
+        "--provider",
+        "local",
+        "--path",
+        bucket.to_str().unwrap(),
+    ]);
+    // The location's directory is replaced by a file: it cannot list.
+    std::fs::remove_dir_all(&bucket).unwrap();
+    std::fs::write(&bucket, b"not a directory").unwrap();
+    let out = d.blockctl(&["cloudsnap", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gone") && err.contains("--cred-id NAME"),
+        "{err}"
+    );
+    let listed = d.ok(&["cloudsnap", "list", "--cred-id", "local"]);
+    assert!(listed.contains("vol1"), "{listed}");
+}
