@@ -958,29 +958,24 @@ fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
         }
     };
 
-    // The client is killed while the pre-exec runs.
-    let mut client = create(&d, "left", "1");
-    assert!(wait_for(&pre), "pre-exec did not start");
-    client.kill().unwrap();
-    client.wait().unwrap();
-    assert!(
-        wait_for(&post),
-        "post-exec did not run after the client left"
-    );
-    assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
+    // The client is killed while the pre-exec runs: the post-exec still
+    // runs, after the pre-exec.
+    let client_leaves = |mut client: std::process::Child| {
+        assert!(wait_for(&pre), "pre-exec did not start");
+        client.kill().unwrap();
+        client.wait().unwrap();
+        assert!(
+            wait_for(&post),
+            "post-exec did not run after the client left"
+        );
+        assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
+    };
+    client_leaves(create(&d, "left", "1"));
     d.ok(&["snapshot", "inspect", "vol1@left"]);
 
     // The same for a backup's freeze: the backup goes on too.
     reset();
-    let mut client = hooked(&d, &["cloudsnap", "backup", "vol1"], "1");
-    assert!(wait_for(&pre), "pre-exec did not start");
-    client.kill().unwrap();
-    client.wait().unwrap();
-    assert!(
-        wait_for(&post),
-        "post-exec did not run after the client left"
-    );
-    assert_eq!(std::fs::read_to_string(&post).unwrap(), "after\n");
+    client_leaves(hooked(&d, &["cloudsnap", "backup", "vol1"], "1"));
     let backed_up = (0..300).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         let list = d.ok(&["-j", "cloudsnap", "list", "--src", "vol1"]);
