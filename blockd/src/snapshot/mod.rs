@@ -653,14 +653,6 @@ impl Snapshots {
         }
         let pause = started.elapsed();
         drop(gates);
-        // Outside the pause: starting a thread takes tens of microseconds.
-        for (v, s) in members.iter().zip(&stores) {
-            if s.changes().known {
-                let image: Arc<dyn crate::volume::cow::FrozenImage> = s.clone();
-                let changes = s.clone();
-                v.start_copy_ahead(image, store::ChangedExtents::new(changes));
-            }
-        }
         // Durability of the frozen image: the live data it still reads (the
         // copies made since have their marker, see `store`). Needed before
         // the commit, not during the pause (the freeze point is an

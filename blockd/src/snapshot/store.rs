@@ -495,54 +495,6 @@ pub enum SnapshotError {
     },
 }
 
-/// The extents of a held snapshot's frozen change set, in order, taken
-/// from its map a chunk at a time (copy-ahead's list, on a thread of its
-/// own: no copy of a map that may be large).
-#[derive(Debug)]
-pub struct ChangedExtents {
-    store: std::sync::Arc<SnapshotStore>,
-    /// Where the next chunk starts.
-    from: u64,
-    chunk: std::vec::IntoIter<u64>,
-    ended: bool,
-}
-
-impl ChangedExtents {
-    /// Extents taken from the map at once.
-    const CHUNK: usize = 4096;
-
-    pub fn new(store: std::sync::Arc<SnapshotStore>) -> Self {
-        Self {
-            store,
-            from: 0,
-            chunk: Vec::new().into_iter(),
-            ended: false,
-        }
-    }
-}
-
-impl Iterator for ChangedExtents {
-    type Item = u64;
-
-    fn next(&mut self) -> Option<u64> {
-        if let Some(e) = self.chunk.next() {
-            return Some(e);
-        }
-        if self.ended {
-            return None;
-        }
-        let mut it = self.store.changes.extents.iter();
-        it.advance_to(self.from);
-        let chunk: Vec<u64> = it.take(Self::CHUNK).collect();
-        match chunk.last() {
-            Some(&last) if chunk.len() == Self::CHUNK && last < u64::MAX => self.from = last + 1,
-            _ => self.ended = true,
-        }
-        self.chunk = chunk.into_iter();
-        self.chunk.next()
-    }
-}
-
 /// A held snapshot.
 #[derive(Debug)]
 pub struct SnapshotStore {
@@ -572,8 +524,6 @@ pub struct SnapshotStore {
     pub closing: tokio_util::sync::CancellationToken,
     /// Open export connections (see [`crate::snapshot::Snapshots::open_reader`]).
     readers: std::sync::atomic::AtomicU64,
-    /// Copy-ahead of the frozen change set (see [`crate::volume::cow::Ahead`]).
-    ahead: crate::volume::cow::Ahead,
 }
 
 /// One open export connection to a snapshot: counted while it lives, so
@@ -688,7 +638,6 @@ impl SnapshotStore {
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
-            ahead: crate::volume::cow::Ahead::default(),
         }
     }
 
@@ -791,7 +740,6 @@ impl SnapshotStore {
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
-            ahead: crate::volume::cow::Ahead::default(),
         };
         if let Some(boot) = marked.filter(|b| b != crate::durable::boot_id()) {
             tracing::error!(snapshot = %id, "the host went down with copy-on-write data of this snapshot not on disk: it is marked damaged");
@@ -1105,7 +1053,6 @@ impl SnapshotStore {
         use std::sync::atomic::AtomicU64;
         static REMOVALS: AtomicU64 = AtomicU64::new(0);
         self.closing.cancel();
-        self.ahead.stop();
         // The preparer stops at its next step; it must be gone before the
         // area can become the next snapshot's (see `keep_spare`).
         self.area.settle();
@@ -1213,10 +1160,6 @@ impl FrozenImage for SnapshotStore {
 
     fn volume_flushed(&self) {
         SnapshotStore::volume_flushed(self);
-    }
-
-    fn ahead(&self) -> Option<&crate::volume::cow::Ahead> {
-        Some(&self.ahead)
     }
 }
 

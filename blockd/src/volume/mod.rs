@@ -842,15 +842,10 @@ impl Volume {
 
     /// fsync of data and metadata (and the present map of a lazy
     /// restore: a clean shutdown keeps every acknowledged write), used at
-    /// shutdown; the COW data of held snapshots first (their copy-ahead
-    /// stopped), so that their markers go and a reboot finds them good.
+    /// shutdown; the COW data of held snapshots first, so that their
+    /// markers go and a reboot finds them good.
     pub fn sync_all(&self) -> io::Result<()> {
         for s in self.held_images() {
-            // No copy after the last sync: it would mark the image
-            // unsynced again.
-            if let Some(a) = s.ahead() {
-                a.stop();
-            }
             s.sync()?;
         }
         let lazy = self.lazy();
