@@ -9,7 +9,7 @@
 # Usage: benches/snapshot.sh      Env: BENCH_RUNTIME (seconds per fio job,
 # default 8), BENCH_FREEZES (default 100), BENCH_TMPDIR (default /var/tmp),
 # BENCH_CONTROL=1 (A/A run: tracking on for both columns), BENCH_PARTS
-# (which parts to run, default 123), BENCH_COW_ROUNDS (default 3), BLOCKD_BIN
+# (which parts to run, default 123), BENCH_COW_ROUNDS (default 6), BLOCKD_BIN
 # (default target/release/blockd: another build to compare).
 set -euo pipefail
 
@@ -164,7 +164,7 @@ if [[ $parts == *3* ]]; then
 start_blockd cow
 ctl cow volume create bench --size 1G >/dev/null
 prefill "$(uri cow bench)"
-rounds=${BENCH_COW_ROUNDS:-3}
+rounds=${BENCH_COW_ROUNDS:-6}
 cow_pid=${pids[-1]}
 # cpu_mark: blockd's CPU ticks and the wall clock; cpu_since MARK: the
 # share of a CPU blockd used since MARK. Its connection's one reader
