@@ -8,12 +8,23 @@
 //!   adjacent records of a pack, every chunk checked against its id before
 //!   its bytes are handed over. A 4 KiB read of a unit a full backup wrote
 //!   is one GET of one ≤ 64 KiB record.
-//! - The hydrator walks the volume in order, 8 MiB batches of missing
-//!   units, a few in flight; units already present (read by a client,
+//! - `restore --lazy` reads the snapshot's index blocks (as many as fit in
+//!   32 MiB: a full backup of 28 GiB) while it takes its lease, before it
+//!   returns (for at most [`PRELOAD_WAIT`]; the hydrator reads the rest
+//!   before its first batch): a client's first read then waits for the
+//!   GET of its data alone. (Garage, 1 GiB
+//!   snapshot, page cache dropped: the first read after a daemon start
+//!   took 14-20 ms, its index block 13 ms of it; 7-10 ms with the blocks
+//!   read ahead. The command takes 35-55 ms instead of 21-30.)
+//! - The hydrator walks the volume in order, batches of missing units
+//!   (1 MiB growing to 8 MiB, see [`Stride`]), a few in flight, opened and
+//!   written at background priority ([`crate::host::spawn_background`]);
+//!   units already present (read by a client,
 //!   overwritten whole) are skipped, and the units outside the snapshot's
 //!   index blocks are marked present before the first pass (they are
-//!   holes), so the walk costs what the snapshot holds, not its size. A batch that fails is tried again on
-//!   the next pass, with a growing pause; the task shows why meanwhile.
+//!   holes), so the walk costs what the snapshot holds, not its size. A
+//!   batch that fails is tried again on the next pass, with a growing
+//!   pause; the task shows why meanwhile.
 //! - Client reads go first. A batch waits while a client request is
 //!   fetching, and a client request that starts fetching stops the
 //!   batches' GETs in flight (they go again, to the end, once the client is
@@ -30,6 +41,7 @@
 //!   between cannot make a finished volume look empty.
 
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -59,23 +71,70 @@ pub const BATCH_LOCAL: u64 = 1 << 20;
 /// and smaller batches cost throughput (Garage: 1 GiB hydrated in 4.3 s at
 /// 8 MiB, 10 s at 1 MiB).
 pub const BATCH_REMOTE: u64 = 8 << 20;
-/// Index blocks kept in memory.
-const INDEX_CACHE: usize = 64;
+/// Index blocks kept in memory, by count and by the bytes of their
+/// entries. A block covers 64 MiB of volume; a full backup's, one entry
+/// per 64 KiB chunk, takes 72 KiB, so 32 MiB hold the index of 28 GiB of
+/// such data, and 27 blocks of the most fragmented kind (one entry per
+/// 4 KiB extent).
+const INDEX_CACHE: usize = 1024;
+const INDEX_CACHE_BYTES: usize = 32 << 20;
+/// Longest `restore --lazy` waits for index blocks before it returns.
+pub const PRELOAD_WAIT: Duration = Duration::from_millis(100);
+/// Index GETs in flight while a lazy restore preloads.
+const PRELOAD_GETS: usize = 8;
 /// Longest a hydrator batch waits for client fetches to end.
 const YIELD_MAX: Duration = Duration::from_millis(100);
 /// How often hydration progress is made durable.
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 
-/// An opened repository and the snapshot being restored.
+/// An opened repository and the snapshot being restored, with the index
+/// blocks read so far.
 pub struct Ready {
     repo: Arc<Repo>,
     manifest: Manifest,
+    index: IndexCache,
 }
 
 impl Ready {
     /// Wraps an opened snapshot.
     pub fn new(repo: Arc<Repo>, manifest: Manifest) -> Self {
-        Self { repo, manifest }
+        Self {
+            repo,
+            manifest,
+            index: IndexCache::with_bytes(INDEX_CACHE, INDEX_CACHE_BYTES),
+        }
+    }
+
+    /// The snapshot.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Reads the snapshot's index blocks in order, [`PRELOAD_GETS`] at a
+    /// time, until the cache is full: a restore does this before it
+    /// returns (for at most [`PRELOAD_WAIT`]) and its hydrator before its
+    /// first batch, so that a client's read costs one GET, of its data.
+    /// Blocks already held are not read again. A block that cannot be
+    /// read is left to the read that needs it (which names the failure).
+    pub async fn preload(&self) {
+        let mut loads = futures::stream::FuturesUnordered::new();
+        let mut blocks = self.manifest.blocks.iter();
+        let mut failed = false;
+        loop {
+            while !failed && loads.len() < PRELOAD_GETS && self.index.has_room() {
+                let Some((b, id)) = blocks.next() else { break };
+                loads.push(self.index.get(&self.repo, *b, id));
+            }
+            match loads.next().await {
+                None => break,
+                // The store may be down: no more are started.
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "index blocks not preloaded");
+                    failed = true;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
     }
 }
 
@@ -86,7 +145,6 @@ pub struct RepoSource {
     src_volume: String,
     src_name: String,
     ready: tokio::sync::OnceCell<Ready>,
-    index: IndexCache,
     /// Bytes fetched from the store.
     pub progress: Arc<Progress>,
 }
@@ -109,7 +167,6 @@ impl RepoSource {
             src_volume,
             src_name,
             ready: tokio::sync::OnceCell::new_with(ready),
-            index: IndexCache::new(INDEX_CACHE),
             progress,
         }
     }
@@ -140,7 +197,7 @@ impl RepoSource {
         let unit = r.repo.config.chunk_size;
         let lo = u64::from(first) * unit;
         let hi = (u64::from(first) + u64::from(count)).saturating_mul(unit);
-        Ok(self.index.overlapping(&r.repo, &r.manifest, lo, hi).await?)
+        Ok(r.index.overlapping(&r.repo, &r.manifest, lo, hi).await?)
     }
 
     /// Bytes of data (not holes) in units `first..first + count`.
@@ -157,7 +214,14 @@ impl RepoSource {
             .sum())
     }
 
-    async fn fetch_units(&self, first: u32, count: u32) -> Result<Vec<(u64, Bytes)>, CloudError> {
+    /// The runs of units `first..first + count`; `background`: opened at
+    /// background priority.
+    async fn fetch_units(
+        &self,
+        first: u32,
+        count: u32,
+        background: bool,
+    ) -> Result<Vec<(u64, Bytes)>, CloudError> {
         let t0 = std::time::Instant::now();
         let r = self.ready().await?;
         let t_ready = t0.elapsed();
@@ -182,9 +246,13 @@ impl RepoSource {
                         );
                         Progress::add(&progress.transferred, bytes.len() as u64);
                         crate::metrics::STATS.hydrated(bytes.len() as u64);
-                        tokio::task::spawn_blocking(move || runs(&repo, &f, &bytes, &used, base))
-                            .await
-                            .map_err(CloudError::from)?
+                        let open = move || runs(&repo, &f, &bytes, &used, base);
+                        if background {
+                            crate::host::spawn_background(open).await
+                        } else {
+                            tokio::task::spawn_blocking(open).await
+                        }
+                        .map_err(CloudError::from)?
                     }
                 })
                 .buffer_unordered(GETS);
@@ -245,7 +313,13 @@ fn runs(
 #[async_trait::async_trait]
 impl Source for RepoSource {
     async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
-        self.fetch_units(first, count)
+        self.fetch_units(first, count, false)
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot {}: {e}", self.snap_id())))
+    }
+
+    async fn fetch_background(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+        self.fetch_units(first, count, true)
             .await
             .map_err(|e| io::Error::other(format!("snapshot {}: {e}", self.snap_id())))
     }
@@ -294,7 +368,99 @@ impl Pace {
     }
 }
 
-/// The missing runs of each window of up to `per_batch` units, region by
+/// The hydrator's batch, in units, and how many fetch at once. It starts
+/// at the smallest, one at a time, and doubles (one more at a time, up to
+/// [`BATCHES`]) with each batch that ends without a client fetch starting
+/// meanwhile, up to the largest; a batch that gives way to a client
+/// brings it back to the smallest, one at a time. The store then holds little background work whenever
+/// clients are reading (a restored volume is mounted, its journal
+/// replayed, right after the restore returns), and hydration reaches full
+/// speed within a few batches when they are not. Garage, 1 GiB snapshot,
+/// 40 random 4 KiB reads 20 ms apart right after `restore --lazy`, the
+/// hydrator at full speed: p90 7.5-10 ms and max 10-15 ms, against p90
+/// 14-27 ms and max 18-38 ms with batches always of 8 MiB (the medians
+/// 5-7 ms either way); hydration with no reader took as long.
+struct Stride {
+    /// Doublings since the last back-off.
+    level: AtomicU32,
+    min: u32,
+    max: u32,
+    /// Batches fetching now.
+    active: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Stride {
+    /// From `min` units, up to `max`.
+    fn new(min: u32, max: u32) -> Self {
+        let min = min.clamp(1, max.max(1));
+        Self {
+            level: AtomicU32::new(0),
+            min,
+            max: max.max(min),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The batch now, in units.
+    fn get(&self) -> u32 {
+        let level = self.level.load(Ordering::Relaxed).min(31);
+        self.min.saturating_mul(1 << level).min(self.max)
+    }
+
+    /// Batches that may fetch at once now: one after a back-off, one
+    /// more per doubling, up to [`BATCHES`].
+    fn allowed(&self) -> usize {
+        (self.level.load(Ordering::Relaxed) as usize + 1).min(BATCHES)
+    }
+
+    fn grow(&self) {
+        let _ = self
+            .level
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some((l + 1).min(16))
+            });
+        self.freed.notify_waiters();
+    }
+
+    fn back_off(&self) {
+        self.level.store(0, Ordering::Relaxed);
+    }
+
+    /// Waits for a batch's turn to fetch; the turn ends when the guard
+    /// is dropped.
+    async fn turn(&self) -> Turn<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let allowed = self.allowed();
+            if self
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                    (a < allowed).then_some(a + 1)
+                })
+                .is_ok()
+            {
+                return Turn(self);
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A batch's turn to fetch (see [`Stride::turn`]).
+struct Turn<'a>(&'a Stride);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_waiters();
+    }
+}
+
+/// The missing runs of each window of up to a stride of units, region by
 /// region, each looked up only when the hydrator comes to it (units a
 /// client fetched meanwhile are skipped).
 struct Windows {
@@ -302,7 +468,7 @@ struct Windows {
     regions: std::vec::IntoIter<(u32, u32)>,
     /// The next unit to look from, and the current region's end.
     at: Option<(u32, u32)>,
-    per_batch: u32,
+    stride: Arc<Stride>,
 }
 
 impl Iterator for Windows {
@@ -318,7 +484,7 @@ impl Iterator for Windows {
                 self.at = None;
                 continue;
             };
-            let to = from.saturating_add(self.per_batch).min(end);
+            let to = from.saturating_add(self.stride.get()).min(end);
             self.at = (to < end).then_some((to, end));
             return Some(self.lazy.missing(from, to));
         }
@@ -336,7 +502,8 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     let batch_bytes = job.limit.map_or(job.batch_bytes, |r| {
         (r / 4).clamp(l.unit(), job.batch_bytes)
     });
-    let per_batch = u32::try_from((batch_bytes / l.unit()).max(1)).unwrap_or(1);
+    let units = |bytes: u64| u32::try_from((bytes / l.unit()).max(1)).unwrap_or(u32::MAX);
+    let stride = Arc::new(Stride::new(units(BATCH_LOCAL), units(batch_bytes)));
     let pace = job.limit.map(|rate| Pace {
         rate: rate.max(1),
         next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
@@ -375,6 +542,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         let mut regions = vec![(0, l.units())];
         match job.source.ready().await {
             Ok(r) => {
+                tokio::select! {
+                    () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
+                    () = r.preload() => {}
+                }
                 let span = r.repo.config.index_span;
                 regions = l.present_outside(
                     r.manifest
@@ -400,20 +571,21 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             }
             Err(_) => {}
         }
-        // Batches of up to `per_batch` units from each missing unit of a
+        // Batches of up to a stride of units from each missing unit of a
         // region on, jumping over what is present.
         let batches = futures::stream::iter(
             Windows {
                 lazy: l.clone(),
                 regions: regions.into_iter(),
                 at: None,
-                per_batch,
+                stride: stride.clone(),
             }
             .flatten(),
         );
         let results = batches
             .map(|(f, c)| {
                 let lazy = l.clone();
+                let stride = &stride;
                 async move {
                     lazy.background_turn(YIELD_MAX).await;
                     // The snapshot's index (cached) says what the batch
@@ -432,9 +604,16 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     // served (or YIELD_MAX has passed), to the end.
                     let mut yielding = true;
                     loop {
-                        if let Some(n) = lazy.fill_background(f, c, yielding).await? {
+                        let turn = stride.turn().await;
+                        let filled = lazy.fill_background(f, c, yielding).await?;
+                        drop(turn);
+                        if let Some(n) = filled {
+                            if yielding {
+                                stride.grow();
+                            }
                             return Ok(n);
                         }
+                        stride.back_off();
                         lazy.background_turn(YIELD_MAX).await;
                         yielding = false;
                     }
@@ -503,5 +682,56 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stride;
+
+    /// Batches double up to the largest while no client comes, fall back
+    /// to the smallest when one does, and never leave the bounds.
+    #[test]
+    fn stride_grows_to_its_largest_and_backs_off() {
+        let s = Stride::new(16, 128);
+        let mut seen = vec![(s.get(), s.allowed())];
+        for _ in 0..4 {
+            s.grow();
+            seen.push((s.get(), s.allowed()));
+        }
+        assert_eq!(seen, [(16, 1), (32, 2), (64, 3), (128, 3), (128, 3)]);
+        s.back_off();
+        assert_eq!((s.get(), s.allowed()), (16, 1));
+        // A local location: one size.
+        let local = Stride::new(16, 16);
+        local.grow();
+        assert_eq!(local.get(), 16);
+        // A paced restore whose batches are below the smallest.
+        let paced = Stride::new(16, 4);
+        assert_eq!(paced.get(), 4);
+        paced.grow();
+        assert_eq!(paced.get(), 4);
+    }
+
+    /// After a back-off one batch fetches at a time; a second waits for
+    /// the first's turn to end, or for the stride to grow.
+    #[tokio::test]
+    async fn turns_follow_the_stride() {
+        use std::time::Duration;
+        let s = Stride::new(16, 128);
+        let first = s.turn().await;
+        let waiting = tokio::time::timeout(Duration::from_millis(50), s.turn()).await;
+        assert!(waiting.is_err(), "a second turn while only one is allowed");
+        drop(first);
+        let a = tokio::time::timeout(Duration::from_secs(5), s.turn())
+            .await
+            .expect("the turn freed");
+        s.grow();
+        let b = tokio::time::timeout(Duration::from_secs(5), s.turn())
+            .await
+            .expect("a second turn once grown");
+        let third = tokio::time::timeout(Duration::from_millis(50), s.turn()).await;
+        assert!(third.is_err(), "two allowed at the first doubling");
+        drop((a, b));
     }
 }

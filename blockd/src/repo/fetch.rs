@@ -121,6 +121,11 @@ pub fn plan(chunks: impl IntoIterator<Item = ChunkLoc>, max_get: u64) -> Vec<Fet
     out
 }
 
+/// Memory held by a block's entries.
+fn entries_bytes(e: &[Entry]) -> usize {
+    std::mem::size_of_val(e)
+}
+
 /// One index block's load, shared by its readers.
 type Loading = tokio::sync::OnceCell<Arc<Vec<Entry>>>;
 
@@ -129,8 +134,13 @@ type Loading = tokio::sync::OnceCell<Arc<Vec<Entry>>>;
 #[derive(Debug)]
 pub struct IndexCache {
     capacity: usize,
+    /// Bytes of entries kept at most (the last block loaded is kept
+    /// whatever its size).
+    max_bytes: usize,
     /// Least recently used first.
     blocks: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
+    /// Bytes of entries in `blocks` (changed under its lock).
+    held: std::sync::atomic::AtomicUsize,
     /// Blocks being loaded, one load per block: a second reader of the
     /// same block waits for it, a reader of another block does not (a
     /// lazy restore's client read must not queue behind the hydrator's
@@ -141,11 +151,29 @@ pub struct IndexCache {
 impl IndexCache {
     /// A cache of `capacity` blocks.
     pub fn new(capacity: usize) -> Self {
+        Self::with_bytes(capacity, usize::MAX)
+    }
+
+    /// A cache of `capacity` blocks holding at most `max_bytes` of entries.
+    pub fn with_bytes(capacity: usize, max_bytes: usize) -> Self {
         Self {
             capacity: capacity.max(1),
+            max_bytes,
             blocks: Mutex::new(Vec::new()),
+            held: std::sync::atomic::AtomicUsize::new(0),
             loading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether another block may be loaded without evicting one.
+    pub fn has_room(&self) -> bool {
+        let count = self
+            .blocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        count < self.capacity
+            && self.held.load(std::sync::atomic::Ordering::Relaxed) < self.max_bytes
     }
 
     fn cached(&self, id: &str) -> Option<Arc<Vec<Entry>>> {
@@ -229,10 +257,13 @@ impl IndexCache {
                     .blocks
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if blocks.len() >= self.capacity {
-                    blocks.remove(0);
-                }
                 blocks.push((id.to_string(), entries.clone()));
+                let mut held =
+                    self.held.load(std::sync::atomic::Ordering::Relaxed) + entries_bytes(&entries);
+                while blocks.len() > 1 && (blocks.len() > self.capacity || held > self.max_bytes) {
+                    held -= entries_bytes(&blocks.remove(0).1);
+                }
+                self.held.store(held, std::sync::atomic::Ordering::Relaxed);
                 Ok(entries)
             })
             .await;

@@ -67,6 +67,27 @@ pub trait Source: Send + Sync {
     /// A missing or corrupt object or an unreachable store; the message
     /// names the snapshot and the object.
     async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>>;
+
+    /// [`Source::fetch`] for the hydrator: the same bytes, with the CPU
+    /// work of opening them at background priority, so that a client's
+    /// fetch (and the store, when it shares the host) is served first.
+    ///
+    /// # Errors
+    /// As [`Source::fetch`].
+    async fn fetch_background(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
+        self.fetch(first, count).await
+    }
+}
+
+/// Who fills units, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// A client request: at once, at normal priority.
+    Client,
+    /// The hydrator, giving way to client requests that start fetching.
+    Yielding,
+    /// The hydrator, to the end (it has given way once already).
+    Background,
 }
 
 /// What a request needs from the units it touches.
@@ -571,7 +592,7 @@ impl Lazy {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (mine, others) = self.take(first, end);
-            written += self.fill_runs(&mine, false).await?.0;
+            written += self.fill_runs(&mine, Fill::Client).await?.0;
             if !others {
                 return Ok(written);
             }
@@ -598,18 +619,24 @@ impl Lazy {
     ) -> io::Result<Option<u64>> {
         let end = first.saturating_add(count).min(self.units);
         let (mine, _) = self.take(first, end);
-        let (written, finished) = self.fill_runs(&mine, yielding).await?;
+        let how = if yielding {
+            Fill::Yielding
+        } else {
+            Fill::Background
+        };
+        let (written, finished) = self.fill_runs(&mine, how).await?;
         Ok(finished.then_some(written))
     }
 
     /// Fetches and installs `runs`, which the caller has taken (see
-    /// [`Lazy::take`]), releasing each as it ends. With `yielding`, stops
-    /// when a client request starts fetching. Returns the bytes written
-    /// and whether every run was installed.
+    /// [`Lazy::take`]), releasing each as it ends. The hydrator's runs are
+    /// opened and written at background priority, and with
+    /// [`Fill::Yielding`] they stop when a client request starts fetching.
+    /// Returns the bytes written and whether every run was installed.
     async fn fill_runs(
         self: &Arc<Self>,
         runs: &[(u32, u32)],
-        yielding: bool,
+        how: Fill,
     ) -> io::Result<(u64, bool)> {
         // Whatever ends this call, a run it took is released: also when the
         // future is dropped between two awaits (a stopped restore, a
@@ -623,13 +650,17 @@ impl Lazy {
         let mut written = 0;
         while let Some(&(f, c)) = runs.get(taken.next) {
             let fetch = async {
-                let runs = self.source.fetch(f, c).await?;
                 let me = self.clone();
-                tokio::task::spawn_blocking(move || me.install(f, c, &runs))
-                    .await
-                    .map_err(io::Error::other)?
+                if how == Fill::Client {
+                    let runs = self.source.fetch(f, c).await?;
+                    tokio::task::spawn_blocking(move || me.install(f, c, &runs)).await
+                } else {
+                    let runs = self.source.fetch_background(f, c).await?;
+                    crate::host::spawn_background(move || me.install(f, c, &runs)).await
+                }
+                .map_err(io::Error::other)?
             };
-            let r = if yielding {
+            let r = if how == Fill::Yielding {
                 let started = self.foreground_started.notified();
                 tokio::pin!(started);
                 started.as_mut().enable();

@@ -88,8 +88,26 @@ impl Cloud {
         // should another host delete it. Taken before the manifest is
         // confirmed: a collector's walk that runs after this sees it. A
         // refusal from here on drops it, which removes it.
-        let lease = Lease::take(&repo, &id, &self.host, self.lease_length()).await?;
-        if !repo.has_manifest(&m.volume, &m.name).await? {
+        //
+        // A lazy restore reads the snapshot's index blocks meanwhile (for
+        // at most PRELOAD_WAIT; its hydrator reads the rest first), so
+        // that once it returns a client's first read waits for one GET,
+        // of its data, and not for an index block first.
+        let ready = hydrate::Ready::new(repo.clone(), m);
+        let m = ready.manifest();
+        let confirmed = async {
+            let lease = Lease::take(&repo, &id, &self.host, self.lease_length()).await?;
+            let found = repo.has_manifest(&m.volume, &m.name).await?;
+            Ok::<_, CloudError>((lease, found))
+        };
+        let preload = async {
+            if req.lazy {
+                let _ = tokio::time::timeout(hydrate::PRELOAD_WAIT, ready.preload()).await;
+            }
+        };
+        let (confirmed, ()) = tokio::join!(confirmed, preload);
+        let (lease, found) = confirmed?;
+        if !found {
             return Err(CloudError::SnapshotNotFound { snapshot, location });
         }
         // Withheld from its first moment, in the same step that creates
@@ -130,12 +148,7 @@ impl Cloud {
             let started = async {
                 let _ =
                     crate::volume::lazy::remove_present(&self.volumes.present_path(&req.volume));
-                let h = self.attach_lazy(
-                    &v,
-                    &record,
-                    Some(hydrate::Ready::new(repo.clone(), m)),
-                    true,
-                )?;
+                let h = self.attach_lazy(&v, &record, Some(ready), true)?;
                 // The map exists before the task does: a resumed lazy
                 // restore without one is damage, never a fresh start.
                 h.lazy
