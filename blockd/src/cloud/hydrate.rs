@@ -12,19 +12,19 @@
 //!   32 MiB: a full backup of 28 GiB) while it takes its lease, before it
 //!   returns (for at most [`PRELOAD_WAIT`]; the hydrator reads the rest
 //!   before its first batch): a client's first read then waits for the
-//!   GET of its data alone. (Garage, 1 GiB
-//!   snapshot, page cache dropped: the first read after a daemon start
-//!   took 14-20 ms, its index block 13 ms of it; 7-10 ms with the blocks
-//!   read ahead. The command takes 35-55 ms instead of 21-30.)
+//!   GET of its data alone. (Garage, 1 GiB snapshot, page cache dropped:
+//!   the first read after a daemon start took 14-20 ms, its index block
+//!   13 ms of it; 7-10 ms with the blocks read ahead. The command takes
+//!   30-60 ms instead of 21-30.)
 //! - The hydrator walks the volume in order, batches of missing units
 //!   (1 MiB growing to 8 MiB, see [`Stride`]), a few in flight, opened and
 //!   written at background priority ([`crate::host::spawn_background`]);
-//!   units already present (read by a client,
-//!   overwritten whole) are skipped, and the units outside the snapshot's
-//!   index blocks are marked present before the first pass (they are
-//!   holes), so the walk costs what the snapshot holds, not its size. A
-//!   batch that fails is tried again on the next pass, with a growing
-//!   pause; the task shows why meanwhile.
+//!   units already present (read by a client, overwritten whole) are
+//!   skipped, and the units outside the snapshot's index blocks are
+//!   marked present before the first pass (they are holes), so the walk
+//!   costs what the snapshot holds, not its size. A batch that fails is
+//!   tried again on the next pass, with a growing pause; the task shows
+//!   why meanwhile.
 //! - Client reads go first. A batch waits while a client request is
 //!   fetching, and a client request that starts fetching stops the
 //!   batches' GETs in flight (they go again, to the end, once the client is
@@ -372,8 +372,8 @@ impl Pace {
 /// at the smallest, one at a time, and doubles (one more at a time, up to
 /// [`BATCHES`]) with each batch that ends without a client fetch starting
 /// meanwhile, up to the largest; a batch that gives way to a client
-/// brings it back to the smallest, one at a time. The store then holds little background work whenever
-/// clients are reading (a restored volume is mounted, its journal
+/// brings it back to the smallest, one at a time. The store then holds
+/// little background work whenever clients are reading (a restored volume is mounted, its journal
 /// replayed, right after the restore returns), and hydration reaches full
 /// speed within a few batches when they are not. Garage, 1 GiB snapshot,
 /// 40 random 4 KiB reads 20 ms apart right after `restore --lazy`, the

@@ -126,6 +126,14 @@ fn entries_bytes(e: &[Entry]) -> usize {
     std::mem::size_of_val(e)
 }
 
+/// The blocks an [`IndexCache`] keeps, least recently used first, and the
+/// bytes of their entries.
+#[derive(Debug, Default)]
+struct Held {
+    blocks: Vec<(String, Arc<Vec<Entry>>)>,
+    bytes: usize,
+}
+
 /// One index block's load, shared by its readers.
 type Loading = tokio::sync::OnceCell<Arc<Vec<Entry>>>;
 
@@ -137,10 +145,7 @@ pub struct IndexCache {
     /// Bytes of entries kept at most (the last block loaded is kept
     /// whatever its size).
     max_bytes: usize,
-    /// Least recently used first.
-    blocks: Mutex<Vec<(String, Arc<Vec<Entry>>)>>,
-    /// Bytes of entries in `blocks` (changed under its lock).
-    held: std::sync::atomic::AtomicUsize,
+    blocks: Mutex<Held>,
     /// Blocks being loaded, one load per block: a second reader of the
     /// same block waits for it, a reader of another block does not (a
     /// lazy restore's client read must not queue behind the hydrator's
@@ -159,28 +164,25 @@ impl IndexCache {
         Self {
             capacity: capacity.max(1),
             max_bytes,
-            blocks: Mutex::new(Vec::new()),
-            held: std::sync::atomic::AtomicUsize::new(0),
+            blocks: Mutex::new(Held::default()),
             loading: Mutex::new(HashMap::new()),
         }
     }
 
     /// Whether another block may be loaded without evicting one.
     pub fn has_room(&self) -> bool {
-        let count = self
-            .blocks
+        let held = self.held();
+        held.blocks.len() < self.capacity && held.bytes < self.max_bytes
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.blocks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
-        count < self.capacity
-            && self.held.load(std::sync::atomic::Ordering::Relaxed) < self.max_bytes
     }
 
     fn cached(&self, id: &str) -> Option<Arc<Vec<Entry>>> {
-        let mut blocks = self
-            .blocks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let blocks = &mut self.held().blocks;
         let pos = blocks.iter().position(|(i, _)| i == id)?;
         let hit = blocks.remove(pos);
         let entries = hit.1.clone();
@@ -253,17 +255,15 @@ impl IndexCache {
                     return Ok(e);
                 }
                 let entries = Arc::new(repo.get_index(block, id).await?);
-                let mut blocks = self
-                    .blocks
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                blocks.push((id.to_string(), entries.clone()));
-                let mut held =
-                    self.held.load(std::sync::atomic::Ordering::Relaxed) + entries_bytes(&entries);
-                while blocks.len() > 1 && (blocks.len() > self.capacity || held > self.max_bytes) {
-                    held -= entries_bytes(&blocks.remove(0).1);
+                let mut held = self.held();
+                held.bytes += entries_bytes(&entries);
+                held.blocks.push((id.to_string(), entries.clone()));
+                while held.blocks.len() > 1
+                    && (held.blocks.len() > self.capacity || held.bytes > self.max_bytes)
+                {
+                    let (_, evicted) = held.blocks.remove(0);
+                    held.bytes -= entries_bytes(&evicted);
                 }
-                self.held.store(held, std::sync::atomic::Ordering::Relaxed);
                 Ok(entries)
             })
             .await;
