@@ -1126,6 +1126,16 @@ pub fn is_removed(dir: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with(REMOVED_PREFIX))
 }
 
+/// A store dropped stops its preparer and waits for it: zeros it was
+/// about to write must not land on copies made through the same files
+/// once the snapshot is loaded again in this process.
+impl Drop for SnapshotStore {
+    fn drop(&mut self) {
+        self.closing.cancel();
+        self.area.settle();
+    }
+}
+
 impl FrozenImage for SnapshotStore {
     fn size(&self) -> u64 {
         self.size
