@@ -133,23 +133,6 @@ pub fn release_memory() {
 /// Memory was locked at start (see [`release_memory`]).
 static LOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Moves the calling thread into the idle scheduling class
-/// (`SCHED_IDLE`): it runs only on CPU time no other thread wants, and
-/// gives it up at once when one does. For work that pays only when it
-/// costs nobody anything (a snapshot's staged copies, see
-/// `snapshot::stage`); work that must also finish under load runs at
-/// [`BACKGROUND_NICE`] instead. Failing, the thread keeps its class.
-pub fn idle_class() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the
-    // calling thread, whose policy is all that changes.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "thread stays in its scheduling class");
-    }
-}
-
 /// Niceness of the threads that do the CPU-heavy part of backups.
 pub const BACKGROUND_NICE: i32 = 10;
 
