@@ -661,6 +661,120 @@ fn held_snapshot_survives_kill_9() {
     );
 }
 
+/// Copies that wait in the snapshot's ring in memory when blockd is
+/// killed: the next start writes them to `cow.data` before the snapshot
+/// is read, and the frozen image is intact. A ring gone by then (its
+/// tmpfs emptied) marks the snapshot damaged: never read as if it were
+/// good.
+#[test]
+fn staged_copies_survive_kill_9_and_a_lost_ring_marks_the_snapshot_damaged() {
+    if !require_tools(&["qemu-io", "nbdcopy", "nbdinfo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let rings = tmp.path().join("rings");
+    std::fs::create_dir(&rings).unwrap();
+    let rings_env = rings.display().to_string();
+    // Every copy staged, none written out by the ring's thread or by a
+    // sync before the crash.
+    let mut d = Blockd::start_env(&[
+        ("BLOCKD_TEST_STAGE", &rings_env),
+        ("BLOCKD_SNAPSHOT_SYNC", "1h"),
+    ]);
+    let snaps = d.dir.path().join("snapshots");
+    for v in ["keep", "lose"] {
+        d.create(v, "16M");
+        qemu_io(&d.uri(v), &["write -P 0x11 0 16M"]);
+        d.ok(&["snapshot", "create", v, "--name", "s"]);
+        // The first copy starts the ring; the next ones go into it.
+        qemu_io(&d.uri(v), &["write -P 0x21 0 4k"]);
+        let t0 = std::time::Instant::now();
+        while !snaps.join(v).join("s/cow.staged").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no ring for {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        qemu_io(
+            &d.uri(v),
+            &[
+                "write -P 0x22 1M 2M",
+                "write -P 0x23 8M 64k",
+                "discard 12M 1M",
+            ],
+        );
+    }
+    let frozen = tmp.path().join("frozen.img");
+    export_to_file(&snap_uri(&d, "keep@s"), &frozen);
+    assert!(
+        read_file(&frozen).iter().all(|&b| b == 0x11),
+        "read from the ring"
+    );
+    assert_eq!(
+        std::fs::read_dir(&rings).unwrap().count(),
+        2,
+        "one ring per snapshot"
+    );
+    d.kill9();
+    // The "lose" snapshot's ring goes with the crash.
+    for e in std::fs::read_dir(&rings).unwrap() {
+        let p = e.unwrap().path();
+        let mut f = std::fs::File::open(&p).unwrap();
+        let mut head = vec![0u8; 64];
+        std::io::Read::read_exact(&mut f, &mut head).unwrap();
+        let token = std::fs::read_to_string(snaps.join("lose/s/cow.staged")).unwrap();
+        let ring_token: String = head[8..24].iter().map(|b| format!("{b:02x}")).collect();
+        if ring_token == token.lines().next().unwrap().trim() {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    d.spawn();
+    assert!(d
+        .log()
+        .contains("writing copies staged in memory to cow.data"));
+    let after = tmp.path().join("after.img");
+    export_to_file(&snap_uri(&d, "keep@s"), &after);
+    assert!(
+        read_file(&after).iter().all(|&b| b == 0x11),
+        "frozen image changed across kill -9 with copies in its ring"
+    );
+    qemu_io(
+        &d.uri("keep"),
+        &[
+            "read -P 0x21 0 4k",
+            "read -P 0x22 1M 2M",
+            "read -P 0x23 8M 64k",
+            "read -P 0 12M 1M",
+        ],
+    );
+    let l: serde_json::Value = serde_json::from_str(&d.ok(&["-j", "snapshot", "list"])).unwrap();
+    let damaged = |id: &str| {
+        l.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["export"] == id)
+            .unwrap()["damaged"]
+            .clone()
+    };
+    assert!(damaged("keep@s").is_null());
+    let why = damaged("lose@s");
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("held in memory")),
+        "{why}"
+    );
+    let out = Command::new("nbdinfo")
+        .arg(d.uri("lose@s"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a damaged snapshot is never exported"
+    );
+    assert_eq!(
+        std::fs::read_dir(&rings).unwrap().count(),
+        0,
+        "no ring left behind"
+    );
+}
+
 /// A delete renames the snapshot's directory out of the way before it
 /// empties it, so a crash midway leaves nothing that looks like a
 /// snapshot: the next start sweeps the rest and starts. (Emptied in

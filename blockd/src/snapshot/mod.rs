@@ -22,6 +22,7 @@
 //! ever forgotten.
 
 pub mod hooks;
+mod stage;
 pub mod store;
 
 use std::collections::BTreeMap;
