@@ -414,7 +414,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // than with each FLUSH (see `snapshot::store`).
     let stop = shutdown.clone();
     let every = config.snapshot_sync;
-    let with_rings = snaps.clone();
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -479,10 +478,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.sync_all()).await?;
-    // Every copy is in `cow.data` now: the rings in memory can go.
-    for s in with_rings.list(None) {
-        s.close_ring();
-    }
     api_bound.remove();
     nbd_bound.remove();
     tracing::info!("blockd stopped cleanly");

@@ -133,47 +133,6 @@ pub fn release_memory() {
 /// Memory was locked at start (see [`release_memory`]).
 static LOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// A scheduling class of the normal (fair) scheduler, for threads that
-/// should not take CPU time from the requests (see [`set_class`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// `SCHED_BATCH`: its wake-ups never preempt a running thread, and it
-    /// keeps the fair share of its nice level.
-    Batch,
-    /// `SCHED_IDLE`: it runs only on CPU time no other thread wants, and
-    /// gives it up as soon as one does. A thread in it may not run at
-    /// all while the CPUs are busy: nothing a request waits for may be
-    /// left to it (see `snapshot::store`, how the ring's thread is
-    /// boosted to [`Class::Batch`] when a copy waits for it).
-    Idle,
-}
-
-/// Moves thread `tid` (0: the calling thread) into `class`. Failing, the
-/// thread keeps its class.
-pub fn set_class(tid: i32, class: Class) {
-    let param = libc::sched_param { sched_priority: 0 };
-    let policy = match class {
-        Class::Batch => libc::SCHED_BATCH,
-        Class::Idle => libc::SCHED_IDLE,
-    };
-    // SAFETY: `param` is a valid sched_param for the call; only the
-    // policy of thread `tid` (one of the daemon's own) changes.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "thread stays in its scheduling class");
-    }
-}
-
-/// The calling thread's id, for [`set_class`] from another thread.
-pub fn thread_id() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::gettid()
-    }
-}
-
 /// Niceness of the threads that do the CPU-heavy part of backups.
 pub const BACKGROUND_NICE: i32 = 10;
 

@@ -174,11 +174,6 @@ impl Blockd {
                 c
             }
         };
-        // Rings of staged copies in the test's own directory, which goes
-        // with it, however the daemon ends.
-        let rings = self.dir.path().join("cow-rings");
-        std::fs::create_dir_all(&rings).expect("rings dir");
-        cmd.env("BLOCKD_COW_STAGE_DIR", &rings);
         cmd.arg("--state-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)

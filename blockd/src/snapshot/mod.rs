@@ -22,7 +22,6 @@
 //! ever forgotten.
 
 pub mod hooks;
-mod stage;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -20,10 +20,6 @@
 //!                commit point (a directory without it is discarded)
 //! cow.unsynced   present (durably, holding the kernel's boot id) while
 //!                COW data may not be on disk
-//! cow.staged     present while copies may wait in the snapshot's ring
-//!                in memory (tmpfs) instead of `cow.data`; holds the
-//!                ring's token and its path, one per line (see
-//!                `super::stage`)
 //! ```
 //! A deleted snapshot's directory is renamed to `.removed.<name>.<pid>.<n>`
 //! before it is emptied; one found at start is swept (see
@@ -42,13 +38,9 @@
 //!
 //! Crash rule (process crash, `kill -9`): before a write overwrites an
 //! extent the frozen image still needs, the old contents are written to
-//! `cow.data` (or to the snapshot's ring on tmpfs, see `super::stage`)
-//! and then the record to `cow.index`; only then does the write proceed.
-//! The page cache and tmpfs keep those writes across a crash of blockd,
-//! so after restart every overwritten extent is found in the index, and
-//! copies left in the ring are written to `cow.data` before the snapshot
-//! is read. A ring gone by then (the same boot, with `cow.staged` there)
-//! marks the snapshot damaged.
+//! `cow.data` and then the record to `cow.index`; only then does the write
+//! proceed. The page cache keeps those writes across a crash of blockd, so
+//! after restart every overwritten extent is found in the index.
 //!
 //! A host crash loses the page cache, and writeback may have stored an
 //! overwrite without the copy it displaced: the frozen image would then
@@ -82,50 +74,12 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::stage::{self, Ring};
 use crate::volume::dirty_map::{self, ChangeSet};
 use crate::volume::FrozenImage;
 
 const RECORD_LEN: usize = 16;
 /// Present while COW data may not be on disk (see the module docs).
 const UNSYNCED: &str = "cow.unsynced";
-/// Present while copies may sit in the snapshot's ring (see
-/// [`super::stage`]); holds the ring's token.
-const STAGED: &str = "cow.staged";
-/// Copies go into a ring once a snapshot has made this many bytes of
-/// them: one that takes a few copies costs no ring.
-const STAGE_AFTER: u64 = 1 << 20;
-/// The ring's thread is woken once this many bytes of copies wait.
-const STAGE_WAKE: u64 = 1 << 20;
-
-/// Where a snapshot's ring goes, and when it is used.
-#[derive(Debug, Clone)]
-struct StagePlan {
-    ring: PathBuf,
-    marker: PathBuf,
-    token: [u8; 16],
-    /// Bytes of copies made before the ring is made.
-    after: u64,
-    /// Bytes of copies waiting that wake the ring's thread.
-    wake: u64,
-}
-
-impl StagePlan {
-    /// The plan of the snapshot in `dir` with rings under `under`.
-    fn new(under: &Path, dir: &Path) -> Self {
-        let mut token = [0u8; 16];
-        crate::repo::crypto::fill_random(&mut token);
-        let test = std::env::var_os(stage::TEST_ENV).is_some();
-        Self {
-            ring: stage::path_for(under, dir),
-            marker: dir.join(STAGED),
-            token,
-            after: if test { 0 } else { STAGE_AFTER },
-            wake: if test { u64::MAX } else { STAGE_WAKE },
-        }
-    }
-}
-
 /// How often the daemon syncs the copies of held snapshots when the
 /// `snapshot_sync` setting does not say.
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -242,15 +196,6 @@ struct CowIndex {
     declined_at: Option<u64>,
     /// Where the records go: `cow.index` mapped in windows.
     records: Records,
-    /// The ring the copies go into once it is ready (see [`super::stage`]).
-    ring: Option<std::sync::Arc<Ring>>,
-    /// Copies in slots below this are in `cow.data`; from it to the end
-    /// of the slots, in the ring.
-    drained: u64,
-    /// The ring's thread was started (it may have given up since).
-    staging: bool,
-    /// The ring's thread is asked to write the ring out.
-    wake: bool,
 }
 
 impl From<rustc_hash::FxHashMap<u64, u32>> for CowIndex {
@@ -315,15 +260,6 @@ struct Area {
     index: Mutex<CowIndex>,
     /// Notified when a claimed range is written and when the preparer stops.
     zeroed: std::sync::Condvar,
-    /// Held while the ring is written out, by one writer at a time.
-    draining: Mutex<()>,
-    /// Wakes the ring's thread.
-    staged: std::sync::Condvar,
-    /// The ring's thread (its id, 0 before it runs), raised out of the
-    /// idle class when a copy or a sync waits for it (see `Area::drain`).
-    writer: std::sync::atomic::AtomicI32,
-    /// A copy or a sync waits for the ring's thread.
-    wanted: std::sync::atomic::AtomicBool,
 }
 
 impl Area {
@@ -334,10 +270,6 @@ impl Area {
         std::sync::Arc::new(Self {
             index: Mutex::new(CowIndex { prepared, ..index }),
             zeroed: std::sync::Condvar::new(),
-            draining: Mutex::new(()),
-            staged: std::sync::Condvar::new(),
-            writer: std::sync::atomic::AtomicI32::new(0),
-            wanted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -359,134 +291,6 @@ impl Area {
     /// Waits until no preparer runs.
     fn settle(&self) {
         drop(self.wait_until(self.lock(), |ix| ix.preparing));
-    }
-
-    /// Raises the ring's thread out of the idle class for the rest of its
-    /// write (see [`Area::drain`]): in the batch class it finishes in its
-    /// fair share, however busy the CPUs are. For anyone about to wait
-    /// for it.
-    fn raise_writer(&self) {
-        self.wanted.store(true, Ordering::SeqCst);
-        let tid = self.writer.load(Ordering::SeqCst);
-        if tid != 0 {
-            crate::host::set_class(tid, crate::host::Class::Batch);
-        }
-    }
-
-    /// Writes the copies waiting in the ring to `cow.data`, in one or two
-    /// writes, and moves the drained mark past them. Called by the ring's
-    /// thread, by a copy that finds the ring full, and by a sync.
-    ///
-    /// # Errors
-    /// I/O failures of the writes: the copies stay in the ring.
-    fn drain(&self, data: &File) -> io::Result<()> {
-        let _one = match self.draining.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                // Most likely the ring's thread, writing the ring out in
-                // the idle class.
-                self.raise_writer();
-                lock(&self.draining)
-            }
-        };
-        let (ring, from, to) = {
-            let ix = self.lock();
-            match &ix.ring {
-                Some(r) => (r.clone(), ix.drained, ix.len() as u64),
-                None => return Ok(()),
-            }
-        };
-        if from >= to {
-            return Ok(());
-        }
-        let by_writer = self.writer.load(Ordering::SeqCst) == crate::host::thread_id();
-        if by_writer {
-            // Only the write itself runs in the idle class: no lock a
-            // request may wait for is held in it but `draining`, and a
-            // copy or a sync that waits there raises the thread (above;
-            // `wanted` closes the race with the lowering here).
-            crate::host::set_class(0, crate::host::Class::Idle);
-            if self.wanted.load(Ordering::SeqCst) {
-                crate::host::set_class(0, crate::host::Class::Batch);
-            }
-        }
-        let written = ring.write_out(data, from, to);
-        if by_writer {
-            crate::host::set_class(0, crate::host::Class::Batch);
-            self.wanted.store(false, Ordering::SeqCst);
-        }
-        written?;
-        let mut ix = self.lock();
-        ix.drained = ix.drained.max(to);
-        ring.set_drained(ix.drained);
-        Ok(())
-    }
-
-    /// The ring's thread: makes the ring (in the batch scheduling class,
-    /// whose wake-ups preempt no one; its writes of the ring run in the
-    /// idle class, see [`Area::drain`]), announces it in the snapshot's
-    /// `cow.staged`, hands it to the copies, then writes it out each time the copies
-    /// ask, until `closing`. Failing to make the ring only leaves the
-    /// copies writing `cow.data` themselves.
-    fn stage(
-        &self,
-        data: &File,
-        extent_size: u64,
-        plan: &StagePlan,
-        closing: &tokio_util::sync::CancellationToken,
-    ) {
-        crate::host::set_class(0, crate::host::Class::Batch);
-        // Known while it runs, and only then: no one raises a thread
-        // whose id may have gone to another.
-        struct Running<'a>(&'a std::sync::atomic::AtomicI32);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.store(0, Ordering::SeqCst);
-            }
-        }
-        self.writer
-            .store(crate::host::thread_id(), Ordering::SeqCst);
-        let _running = Running(&self.writer);
-        let ring = match Ring::create(&plan.ring, plan.token, extent_size) {
-            Ok(r) => std::sync::Arc::new(r),
-            Err(e) => {
-                tracing::debug!(ring = %plan.ring.display(), error = %e, "copies are not staged in memory");
-                return;
-            }
-        };
-        let announce = format!("{}\n{}\n", hex::encode(plan.token), plan.ring.display());
-        if let Err(e) = std::fs::write(&plan.marker, announce) {
-            tracing::debug!(error = %e, "copies are not staged in memory");
-            ring.remove();
-            return;
-        }
-        {
-            let mut ix = self.lock();
-            if closing.is_cancelled() {
-                ring.remove();
-                return;
-            }
-            ix.drained = ix.len() as u64;
-            ring.set_drained(ix.drained);
-            ix.ring = Some(ring);
-        }
-        loop {
-            let mut ix = self
-                .staged
-                .wait_while(self.lock(), |ix| !ix.wake && !closing.is_cancelled())
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if closing.is_cancelled() {
-                return;
-            }
-            ix.wake = false;
-            drop(ix);
-            if let Err(e) = self.drain(data) {
-                // Left in the ring: the copies write it out themselves
-                // when it is full, and fail with the error then.
-                tracing::warn!(error = %e, "writing staged copies to cow.data failed");
-            }
-        }
     }
 
     /// The preparer: writes zeros from the end of the prepared area (or
@@ -720,10 +524,6 @@ pub struct SnapshotStore {
     pub closing: tokio_util::sync::CancellationToken,
     /// Open export connections (see [`crate::snapshot::Snapshots::open_reader`]).
     readers: std::sync::atomic::AtomicU64,
-    /// Where copies are staged (`None`: no tmpfs, they go to `cow.data`).
-    stage: Option<StagePlan>,
-    /// The ring's thread, joined when the store closes.
-    stager: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// One open export connection to a snapshot: counted while it lives, so
@@ -752,83 +552,6 @@ fn io_err(snapshot: &str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotErro
         path,
         source,
     }
-}
-
-/// At a snapshot's load: writes the copies a crash left in its ring
-/// (under `rings`, named by its `cow.staged`) to `cow.data`, whose
-/// records number `records`, then removes the ring and `cow.staged`.
-/// Returns the ring's path when copies may have been in it and it is
-/// gone: the snapshot lost them (`cow.staged` then stays, for the caller
-/// to remove once the damage is recorded). Copies can have been in it only while
-/// `cow.unsynced` stood, from this boot (`this_boot`): a sync writes the
-/// ring out before it removes the marker, and a host crash is the
-/// marker's own case.
-///
-/// # Errors
-/// I/O failures.
-fn recover_staged(
-    dir: &Path,
-    rings: Option<&Path>,
-    data: &File,
-    records: u64,
-    extent_size: u64,
-    this_boot: bool,
-) -> io::Result<Option<PathBuf>> {
-    let marker = dir.join(STAGED);
-    let mut path = rings.map(|under| stage::path_for(under, dir));
-    let token = match std::fs::read_to_string(&marker) {
-        Ok(t) => {
-            let mut lines = t.lines();
-            let token = lines
-                .next()
-                .and_then(|t| hex::decode(t.trim()).ok())
-                .and_then(|t| <[u8; 16]>::try_from(t).ok());
-            // The ring where it was made, whatever the setting now; only
-            // a file of the name this snapshot's ring has anywhere.
-            let named = stage::path_for(Path::new(""), dir);
-            if let Some(p) = lines
-                .next()
-                .map(PathBuf::from)
-                .filter(|p| p.file_name() == named.file_name() && p.is_absolute())
-            {
-                path = Some(p);
-            }
-            token
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // A ring made just before a crash, never announced: empty.
-            if let Some(p) = &path {
-                let _ = std::fs::remove_file(p);
-            }
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
-    let ring = match (&path, token) {
-        (Some(p), Some(t)) => Ring::open(p, t, extent_size)?,
-        _ => None,
-    };
-    match ring {
-        Some(ring) => {
-            let from = ring.drained().min(records);
-            if this_boot && from < records {
-                tracing::info!(snapshot = %dir.display(), copies = records - from, "writing copies staged in memory to cow.data");
-                ring.write_out(data, from, records)?;
-            }
-            ring.remove();
-        }
-        None => {
-            // Not this snapshot's, or from another boot: stale.
-            if let Some(p) = &path {
-                let _ = std::fs::remove_file(p);
-            }
-            if this_boot {
-                return Ok(Some(path.unwrap_or_else(|| PathBuf::from("/dev/shm"))));
-            }
-        }
-    }
-    std::fs::remove_file(&marker)?;
-    Ok(None)
 }
 
 fn open_rw(path: &Path, create: bool) -> io::Result<File> {
@@ -900,7 +623,6 @@ impl SnapshotStore {
     /// [`SnapshotStore::prepare`]); not yet committed.
     pub fn new(dir: PathBuf, meta: SnapshotMeta, changes: ChangeSet, files: (File, File)) -> Self {
         let area = Area::new(CowIndex::default(), &files.0);
-        let stage = stage::default_dir().map(|under| StagePlan::new(&under, &dir));
         Self {
             dir,
             size: meta.size,
@@ -916,8 +638,6 @@ impl SnapshotStore {
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
-            stage,
-            stager: Mutex::new(None),
         }
     }
 
@@ -965,11 +685,6 @@ impl SnapshotStore {
     /// # Errors
     /// Unreadable or inconsistent files.
     pub fn load(dir: &Path) -> Result<Option<Self>, SnapshotError> {
-        Self::load_staged(dir, stage::default_dir().as_deref())
-    }
-
-    /// [`SnapshotStore::load`], with rings under `rings`.
-    fn load_staged(dir: &Path, rings: Option<&Path>) -> Result<Option<Self>, SnapshotError> {
         let id = dir.display().to_string();
         let meta_path = dir.join("meta.json");
         let meta: SnapshotMeta = match std::fs::read(&meta_path) {
@@ -1003,23 +718,13 @@ impl SnapshotStore {
             };
             index.insert(extent, slot);
         }
+        let area = Area::new(CowIndex::from(index), &data);
         let marker = dir.join(UNSYNCED);
         let marked = match std::fs::read_to_string(&marker) {
             Ok(boot) => Some(boot.trim().to_string()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(&id, &marker)(e)),
         };
-        let this_boot = marked.as_deref() == Some(crate::durable::boot_id());
-        let lost = recover_staged(
-            dir,
-            rings,
-            &data,
-            index.len() as u64,
-            meta.extent_size,
-            this_boot,
-        )
-        .map_err(io_err(&id, &dir.join(STAGED)))?;
-        let area = Area::new(CowIndex::from(index), &data);
         let s = Self {
             dir: dir.to_path_buf(),
             size: meta.size,
@@ -1035,27 +740,7 @@ impl SnapshotStore {
             syncing: Mutex::new(()),
             closing: tokio_util::sync::CancellationToken::new(),
             readers: std::sync::atomic::AtomicU64::new(0),
-            stage: rings.map(|under| StagePlan::new(under, dir)),
-            stager: Mutex::new(None),
         };
-        if let Some(ring) = lost {
-            tracing::error!(snapshot = %id, ring = %ring.display(), "copy-on-write data of this snapshot held in memory is gone: it is marked damaged");
-            s.update_meta(|m| {
-                m.damaged = Some(format!(
-                    "copy-on-write data of this snapshot held in memory ({}) was gone when \
-                     blockd started again: its frozen image may read data written after it; \
-                     delete it and take a new snapshot",
-                    ring.display()
-                ));
-            });
-            // Recorded before the markers go: the damage outlives them.
-            s.write_meta()?;
-            let staged = dir.join(STAGED);
-            std::fs::remove_file(&staged).map_err(io_err(&id, &staged))?;
-            std::fs::remove_file(&marker).map_err(io_err(&id, &marker))?;
-            s.marked.store(false, Ordering::SeqCst);
-            *lock(&s.unsynced) = None;
-        }
         if let Some(boot) = marked.filter(|b| b != crate::durable::boot_id()) {
             tracing::error!(snapshot = %id, "the host went down with copy-on-write data of this snapshot not on disk: it is marked damaged");
             s.update_meta(|m| {
@@ -1162,36 +847,12 @@ impl SnapshotStore {
         // copies wait and go over them, never under them. Waiting lets
         // the lock go, so everything below is read after it.
         let span = extents.len() as u64 * es;
-        loop {
-            index = self.area.wait_until(index, |ix| {
-                let at = ix.len() as u64 * es;
-                ix.zeroing
-                    .as_ref()
-                    .is_some_and(|z| z.start < at + span && at < z.end)
-            });
-            // A full ring is written out first, here: its thread writes
-            // on idle CPU only, and these copies cannot wait for that
-            // (if it is writing the ring out already, they raise it out
-            // of the idle class and wait for it, see `Area::drain`). A
-            // batch too large
-            // for the ring goes to `cow.data` itself, once the ring is
-            // empty.
-            let waiting = index.len() as u64 - index.drained;
-            let full = index.ring.as_ref().is_some_and(|r| {
-                let n = extents.len() as u64;
-                if n > r.slots() / 2 {
-                    waiting > 0
-                } else {
-                    waiting + n > r.slots()
-                }
-            });
-            if !full {
-                break;
-            }
-            drop(index);
-            self.area.drain(&self.data)?;
-            index = self.lock_index();
-        }
+        index = self.area.wait_until(index, |ix| {
+            let at = ix.len() as u64 * es;
+            ix.zeroing
+                .as_ref()
+                .is_some_and(|z| z.start < at + span && at < z.end)
+        });
         let fresh: Vec<usize> = (0..extents.len())
             .filter(|&i| extents[i] * es < self.size && !index.contains(extents[i]))
             .collect();
@@ -1211,125 +872,34 @@ impl SnapshotStore {
         }
         let at = u64::from(slot(0)?) * es;
         let end = at + fresh.len() as u64 * es;
-        let ring = index.ring.clone();
-        let (staged, past) = match ring {
-            Some(r) if extents.len() as u64 <= r.slots() / 2 => (Some(r), None),
-            r => (None, r),
-        };
-        // A batch too large for the ring goes past it, which is empty
-        // (see the loop above): the ring's mark moves past the batch
-        // before the batch is written, so a start after a crash never
-        // writes stale slots of the ring over it. Failing, it moves back.
-        let end_slot = (first + fresh.len()) as u64;
-        if let Some(r) = &past {
-            r.set_drained(end_slot);
+        if fresh.len() == extents.len() {
+            self.data.write_all_at(old, at)?;
+        } else {
+            // Some were preserved before (by another writer meanwhile, or
+            // for an image that had not yet been written to when another
+            // held image needed them), or lie past this image's end.
+            let mut part = Vec::with_capacity(fresh.len() * len);
+            for &i in &fresh {
+                part.extend_from_slice(&old[i * len..(i + 1) * len]);
+            }
+            self.data.write_all_at(&part, at)?;
         }
-        let written = (|| {
-            if let Some(ring) = &staged {
-                for (n, &i) in fresh.iter().enumerate() {
-                    ring.put(u64::from(slot(n)?), &old[i * len..(i + 1) * len]);
-                }
-            } else if fresh.len() == extents.len() {
-                self.data.write_all_at(old, at)?;
-            } else {
-                // Some were preserved before (by another writer meanwhile,
-                // or for an image that had not yet been written to when
-                // another held image needed them), or lie past this
-                // image's end.
-                let mut part = Vec::with_capacity(fresh.len() * len);
-                for &i in &fresh {
-                    part.extend_from_slice(&old[i * len..(i + 1) * len]);
-                }
-                self.data.write_all_at(&part, at)?;
-            }
-            let mut recs = Vec::with_capacity(fresh.len() * RECORD_LEN);
-            for (n, &i) in fresh.iter().enumerate() {
-                recs.extend_from_slice(&encode_record(extents[i], slot(n)?));
-            }
-            index.records.write(
-                &self.index_file,
-                &recs,
-                u64::from(slot(0)?) * RECORD_LEN as u64,
-            )
-        })();
-        if let Err(e) = written {
-            if let Some(r) = &past {
-                r.set_drained(index.drained);
-            }
-            return Err(e);
+        let mut recs = Vec::with_capacity(fresh.len() * RECORD_LEN);
+        for (n, &i) in fresh.iter().enumerate() {
+            recs.extend_from_slice(&encode_record(extents[i], slot(n)?));
         }
+        index.records.write(
+            &self.index_file,
+            &recs,
+            u64::from(slot(0)?) * RECORD_LEN as u64,
+        )?;
         for (n, &i) in fresh.iter().enumerate() {
             index.insert(extents[i], slot(n)?);
         }
-        if past.is_some() {
-            index.drained = end_slot;
-        }
         index.prepared = index.prepared.max(end);
         self.prepare_ahead(&mut index, end);
-        self.stage_ahead(&mut index, end);
         lock(&self.unsynced).get_or_insert_with(std::time::Instant::now);
         Ok(fresh.len())
-    }
-
-    /// Wakes the ring's thread once [`StagePlan::wake`] bytes of copies
-    /// wait in the ring; starts it once the copies reach
-    /// [`StagePlan::after`] bytes (see [`super::stage`]).
-    /// Called with the index lock held.
-    fn stage_ahead(&self, ix: &mut CowIndex, used: u64) {
-        let Some(plan) = &self.stage else { return };
-        if ix.ring.is_some() {
-            if !ix.wake && (ix.len() as u64 - ix.drained) * self.extent_size >= plan.wake {
-                ix.wake = true;
-                self.area.staged.notify_one();
-            }
-            return;
-        }
-        if ix.staging || used < plan.after || self.closing.is_cancelled() {
-            return;
-        }
-        let Ok(data) = self.data.try_clone() else {
-            return;
-        };
-        ix.staging = true;
-        let (area, plan, closing, es) = (
-            self.area.clone(),
-            plan.clone(),
-            self.closing.clone(),
-            self.extent_size,
-        );
-        let started = std::thread::Builder::new()
-            .name("cow-stage".into())
-            .spawn(move || area.stage(&data, es, &plan, &closing));
-        match started {
-            Ok(h) => *lock(&self.stager) = Some(h),
-            Err(_) => ix.staging = false,
-        }
-    }
-
-    /// At a clean shutdown, after the last sync: removes the ring and
-    /// `cow.staged` if every copy is in `cow.data` (a ring is otherwise
-    /// removed by the next load, or with the snapshot).
-    pub fn close_ring(&self) {
-        let ix = self.lock_index();
-        if let Some(ring) = ix.ring.as_ref().filter(|_| ix.drained >= ix.len() as u64) {
-            ring.remove();
-            if let Some(plan) = &self.stage {
-                let _ = std::fs::remove_file(&plan.marker);
-            }
-        }
-    }
-
-    /// Stops the ring's thread and waits for it. `closing` must be
-    /// cancelled first.
-    fn stop_staging(&self) {
-        // Under the lock its wait checks `closing` under: never missed.
-        drop(self.lock_index());
-        self.area.staged.notify_all();
-        self.area.raise_writer();
-        let h = lock(&self.stager).take();
-        if let Some(h) = h {
-            let _ = h.join();
-        }
     }
 
     /// Reads preserved extent `e` at `within..within + buf.len()`;
@@ -1338,17 +908,9 @@ impl SnapshotStore {
     /// # Errors
     /// I/O failures.
     pub fn read_preserved(&self, e: u64, within: u64, buf: &mut [u8]) -> io::Result<bool> {
-        let ix = self.lock_index();
-        let Some(slot) = ix.slots.get(&e).copied() else {
+        let Some(slot) = self.lock_index().slots.get(&e).copied() else {
             return Ok(false);
         };
-        // Still in the ring: read there, under the lock that keeps its
-        // slot from being written out and taken again meanwhile.
-        if let Some(ring) = ix.ring.as_ref().filter(|_| u64::from(slot) >= ix.drained) {
-            ring.get(u64::from(slot), within, buf);
-            return Ok(true);
-        }
-        drop(ix);
         let es = self.extent_size;
         self.data
             .read_exact_at(buf, u64::from(slot) * es + within)?;
@@ -1382,21 +944,14 @@ impl SnapshotStore {
     fn sync_files(&self) -> io::Result<()> {
         let removed = {
             let _one = lock(&self.syncing);
-            // Removed between the caller's check and here: the area may
-            // already be the volume's spare, and nothing of it is needed.
-            if self.closing.is_cancelled() {
-                return Ok(());
-            }
             let taken = {
                 let _index = self.lock_index();
                 lock(&self.unsynced).take()
             };
             if let Some(since) = taken {
-                // Copies still in the ring go to `cow.data` first.
                 let r = self
-                    .area
-                    .drain(&self.data)
-                    .and_then(|()| self.data.sync_data())
+                    .data
+                    .sync_data()
                     .and_then(|()| self.index_file.sync_data());
                 if r.is_err() {
                     let _index = self.lock_index();
@@ -1498,19 +1053,9 @@ impl SnapshotStore {
         use std::sync::atomic::AtomicU64;
         static REMOVALS: AtomicU64 = AtomicU64::new(0);
         self.closing.cancel();
-        // The preparer stops at its next step, and the ring's thread; both
-        // must be gone before the area can become the next snapshot's
-        // (see `keep_spare`). Copies still in the ring are not needed.
-        self.stop_staging();
+        // The preparer stops at its next step; it must be gone before the
+        // area can become the next snapshot's (see `keep_spare`).
         self.area.settle();
-        // The ring goes with the snapshot, and the store forgets it: a
-        // later sync has nothing to write out (the area may be the next
-        // snapshot's by then), and the store's drop cannot remove the
-        // ring of a new snapshot of the same name, which has the same path.
-        self.lock_index().ring = None;
-        if let Some(plan) = &self.stage {
-            let _ = std::fs::remove_file(&plan.ring);
-        }
         // A sync under way ends before the directory moves, and any later
         // one sees `closing` (see `unmark`).
         let quiet = lock(&self.syncing);
@@ -1587,11 +1132,7 @@ pub fn is_removed(dir: &Path) -> bool {
 impl Drop for SnapshotStore {
     fn drop(&mut self) {
         self.closing.cancel();
-        self.stop_staging();
         self.area.settle();
-        // A ring with copies not yet in `cow.data` stays for the next load
-        // (the process may be going down); an empty one goes.
-        self.close_ring();
     }
 }
 
@@ -2013,301 +1554,5 @@ mod tests {
         }
         // A zero-filled tail ends the index.
         assert_eq!(decode_record(&[0u8; RECORD_LEN]), None);
-    }
-
-    /// A directory for rings in `tmp`.
-    fn rings_in(tmp: &Path) -> PathBuf {
-        let rings = tmp.join("rings");
-        std::fs::create_dir(&rings).unwrap();
-        rings
-    }
-
-    /// The snapshot in `dir` loaded again, as a start after a crash does,
-    /// with rings under `rings`.
-    fn reload(dir: &Path, rings: &Path) -> SnapshotStore {
-        SnapshotStore::load_staged(dir, Some(rings))
-            .unwrap()
-            .unwrap()
-    }
-
-    /// A store whose copies go into a ring under `rings` from its first
-    /// copy; its thread writes the ring out only when `wake` bytes wait.
-    fn staged(dir: &Path, rings: &Path, wake: u64) -> SnapshotStore {
-        let mut s = store_sized(dir, 64 << 20);
-        s.commit().unwrap();
-        let mut plan = StagePlan::new(rings, &dir.join("v/s"));
-        plan.after = 0;
-        plan.wake = wake;
-        s.stage = Some(plan);
-        // The first copy starts the ring's thread; the next ones wait in
-        // the ring once it is there.
-        assert_eq!(s.preserve_many(&[0], &contents(0)).unwrap(), 1);
-        for _ in 0..1000 {
-            if s.lock_index().ring.is_some() {
-                return s;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("no ring");
-    }
-
-    fn preserve_each(s: &SnapshotStore, extents: impl Iterator<Item = u64>) {
-        for e in extents {
-            assert_eq!(
-                s.preserve_many(&[e], &contents(e)).unwrap(),
-                1,
-                "extent {e}"
-            );
-        }
-    }
-
-    fn assert_preserved(s: &SnapshotStore, extents: impl Iterator<Item = u64>) {
-        let mut buf = vec![0u8; 4096];
-        for e in extents {
-            assert!(s.read_preserved(e, 0, &mut buf).unwrap(), "extent {e}");
-            assert!(buf == contents(e), "extent {e} reads back wrong");
-        }
-    }
-
-    /// Copies in the ring read back from it, and a sync writes them to
-    /// `cow.data` before it syncs: the file then holds each in its slot.
-    #[test]
-    fn staged_copies_read_back_and_are_in_cow_data_after_a_sync() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let s = staged(tmp.path(), &rings, u64::MAX);
-        preserve_each(&s, 1..200);
-        {
-            let ix = s.lock_index();
-            assert_eq!(
-                ix.drained, 1,
-                "the first copy went to cow.data, the rest wait"
-            );
-            assert_eq!(ix.len(), 200);
-        }
-        assert_preserved(&s, 0..200);
-        s.volume_flushed();
-        s.sync().unwrap();
-        assert_eq!(s.lock_index().drained, 200);
-        let data = std::fs::read(tmp.path().join("v/s/cow.data")).unwrap();
-        for e in 0..200u64 {
-            let slot = usize::try_from(*s.lock_index().slots.get(&e).unwrap()).unwrap();
-            assert!(
-                data[slot * 4096..(slot + 1) * 4096] == contents(e),
-                "extent {e}"
-            );
-        }
-        assert_preserved(&s, 0..200);
-        // Removed, the snapshot takes its ring along.
-        let ring = stage::path_for(&rings, &tmp.path().join("v/s"));
-        assert!(ring.exists());
-        s.remove().unwrap();
-        assert!(!ring.exists());
-    }
-
-    /// More copies than the ring holds, from two writers at once while its
-    /// thread writes it out: a copy that finds it full writes it out
-    /// itself, and every copy reads back, before and after a reload.
-    #[test]
-    fn copies_past_a_full_ring_from_two_writers_all_read_back() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let s = staged(tmp.path(), &rings, 1 << 20);
-        let slots = s.lock_index().ring.as_ref().unwrap().slots();
-        let n = slots * 3;
-        std::thread::scope(|t| {
-            t.spawn(|| preserve_each(&s, (1..n).filter(|e| e % 2 == 0)));
-            t.spawn(|| preserve_each(&s, (1..n).filter(|e| e % 2 == 1)));
-            t.spawn(|| {
-                for _ in 0..20 {
-                    let upto = s.lock_index().len() as u64;
-                    let done: Vec<u64> = s.preserved_in(0..upto);
-                    assert_preserved(&s, done.into_iter());
-                }
-            });
-        });
-        assert_preserved(&s, 0..n);
-        drop(s);
-        let s = reload(&tmp.path().join("v/s"), &rings);
-        assert_eq!(s.damaged(), None);
-        assert_preserved(&s, 0..n);
-    }
-
-    /// A crash with copies still in the ring: the next load writes them
-    /// to `cow.data` and removes the ring; every copy reads back. With the
-    /// ring gone (a tmpfs emptied by hand), the snapshot is marked
-    /// damaged and says why.
-    #[test]
-    fn a_crash_keeps_staged_copies_and_a_lost_ring_marks_the_snapshot_damaged() {
-        for lose_ring in [false, true] {
-            let tmp = tempfile::tempdir().unwrap();
-            let rings = rings_in(tmp.path());
-            let dir = tmp.path().join("v/s");
-            let s = staged(tmp.path(), &rings, u64::MAX);
-            preserve_each(&s, 1..300);
-            assert_eq!(s.lock_index().drained, 1);
-            // What a crash leaves: the process gone, the ring's pages kept.
-            drop(s);
-            let ring = stage::path_for(&rings, &dir);
-            assert!(
-                ring.exists(),
-                "a ring with copies not yet written out stays"
-            );
-            if lose_ring {
-                std::fs::remove_file(&ring).unwrap();
-            }
-            let s = reload(&dir, &rings);
-            assert!(!ring.exists());
-            assert!(!dir.join(STAGED).exists());
-            if lose_ring {
-                let why = s.damaged().expect("damaged");
-                assert!(why.contains("held in memory"), "{why}");
-                let again = reload(&dir, &rings);
-                assert!(again.damaged().is_some(), "the damage outlives the load");
-            } else {
-                assert_eq!(s.damaged(), None);
-                assert_preserved(&s, 0..300);
-                // And it goes on: new copies after the reload.
-                drop(s);
-                let s = reload(&dir, &rings);
-                preserve_each(&s, 300..310);
-                assert_preserved(&s, 0..310);
-            }
-        }
-    }
-
-    /// A new ring says nothing is to be written out until the copies
-    /// take it: a start after a crash in between (its `cow.staged`
-    /// written, the ring not yet handed over) leaves `cow.data` as it is.
-    #[test]
-    fn a_ring_not_yet_handed_to_the_copies_writes_nothing_back() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let s = store_sized(tmp.path(), 64 << 20);
-        s.commit().unwrap();
-        preserve_each(&s, 0..8);
-        let dir = tmp.path().join("v/s");
-        let plan = StagePlan::new(&rings, &dir);
-        let ring = Ring::create(&plan.ring, plan.token, 4096).unwrap();
-        assert_eq!(ring.drained(), u64::MAX);
-        // What the ring's thread does before it takes the index lock.
-        std::fs::write(&plan.marker, hex::encode(plan.token)).unwrap();
-        for slot in 0..8 {
-            ring.put(slot, &[0xEE; 4096]);
-        }
-        drop(s);
-        let s = reload(&dir, &rings);
-        assert_eq!(s.damaged(), None);
-        assert!(!plan.ring.exists());
-        assert_preserved(&s, 0..8);
-    }
-
-    /// A batch larger than half the ring goes past it to `cow.data`, the
-    /// ring's mark past the batch (it moves before the batch is written):
-    /// a start after a crash then writes none of the ring's old slots
-    /// over the batch.
-    #[test]
-    fn a_batch_too_large_for_the_ring_moves_its_mark_past_the_batch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let dir = tmp.path().join("v/s");
-        let s = staged(tmp.path(), &rings, u64::MAX);
-        let ring = s.lock_index().ring.clone().unwrap();
-        // Old slots in the ring, then a batch past it.
-        preserve_each(&s, 1..10);
-        let n = ring.slots() / 2 + 1;
-        let extents: Vec<u64> = (100..100 + n).collect();
-        let old: Vec<u8> = extents.iter().flat_map(|&e| contents(e)).collect();
-        assert_eq!(s.preserve_many(&extents, &old).unwrap() as u64, n);
-        let len = s.lock_index().len() as u64;
-        assert_eq!(ring.drained(), len);
-        assert_eq!(s.lock_index().drained, len);
-        drop(ring);
-        // A crash now: nothing is written back over the batch.
-        std::mem::forget(s);
-        let s = reload(&dir, &rings);
-        assert_eq!(s.damaged(), None);
-        assert_preserved(&s, (0..10).chain(extents.iter().copied()));
-    }
-
-    /// A removed snapshot forgets its ring: the old store, dropped once a
-    /// new snapshot of the same name has its own ring (at the same path),
-    /// leaves that ring alone.
-    #[test]
-    fn a_removed_snapshot_leaves_a_successors_ring_alone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let dir = tmp.path().join("v/s");
-        let old = staged(tmp.path(), &rings, u64::MAX);
-        preserve_each(&old, 1..50);
-        // Written out: a store whose ring holds nothing removes it when
-        // dropped.
-        old.volume_flushed();
-        old.sync().unwrap();
-        old.remove().unwrap();
-        let new = staged(tmp.path(), &rings, u64::MAX);
-        preserve_each(&new, 1..50);
-        let ring = stage::path_for(&rings, &dir);
-        assert!(ring.exists());
-        drop(old);
-        assert!(ring.exists(), "the old store removed its successor's ring");
-        assert_preserved(&new, 0..50);
-        std::mem::forget(new);
-        let new = reload(&dir, &rings);
-        assert_eq!(new.damaged(), None);
-        assert_preserved(&new, 0..50);
-    }
-
-    /// The ring is found where it was made even if the start after a
-    /// crash stages nowhere, or elsewhere: `cow.staged` names it.
-    #[test]
-    fn staged_copies_are_recovered_whatever_the_setting_at_the_next_start() {
-        let tmp = tempfile::tempdir().unwrap();
-        let rings = rings_in(tmp.path());
-        let dir = tmp.path().join("v/s");
-        let s = staged(tmp.path(), &rings, u64::MAX);
-        preserve_each(&s, 1..40);
-        std::mem::forget(s);
-        let s = SnapshotStore::load_staged(&dir, None).unwrap().unwrap();
-        assert_eq!(s.damaged(), None);
-        assert_preserved(&s, 0..40);
-        assert!(!stage::path_for(&rings, &dir).exists());
-    }
-
-    /// A copy that finds the ring's thread writing the ring out in the
-    /// idle class raises it to the batch class, where it keeps a fair
-    /// share of the CPU, before it waits for it.
-    #[test]
-    fn a_copy_waiting_for_the_rings_thread_raises_it_out_of_the_idle_class() {
-        fn policy(tid: i32) -> i32 {
-            // SAFETY: sched_getscheduler has no memory arguments.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::sched_getscheduler(tid)
-            }
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let file = std::fs::File::create(tmp.path().join("data")).unwrap();
-        let area = Area::new(CowIndex::default(), &file);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let a = area.clone();
-        let t = std::thread::spawn(move || {
-            a.writer.store(crate::host::thread_id(), Ordering::SeqCst);
-            let held = lock(&a.draining);
-            crate::host::set_class(0, crate::host::Class::Idle);
-            tx.send(crate::host::thread_id()).unwrap();
-            done_rx.recv().unwrap();
-            drop(held);
-        });
-        let tid = rx.recv().unwrap();
-        assert_eq!(policy(tid), libc::SCHED_IDLE);
-        // What a copy does when it finds `draining` held.
-        assert!(area.draining.try_lock().is_err());
-        area.raise_writer();
-        assert_eq!(policy(tid), libc::SCHED_BATCH);
-        assert!(area.wanted.load(Ordering::SeqCst));
-        done_tx.send(()).unwrap();
-        t.join().unwrap();
     }
 }
