@@ -1,7 +1,7 @@
 //! Cloud snapshots against real object-store servers on loopback: Garage
 //! (S3, path style, plain HTTP, and behind a TLS front) and Azurite (Azure
 //! Blob). Round trips, a second host, bad keys, certificates, and an
-//! endpoint that goes away mid-backup.
+//! endpoint that goes away mid-backup or mid-restore.
 
 mod common;
 
@@ -156,33 +156,136 @@ fn garage_over_https_verifies_the_certificate() {
     assert_same(&d, &img, "lazy");
 }
 
-#[test]
-fn garage_going_away_fails_the_backup_and_keeps_the_changes() {
+/// True once task `t` says it waits for its location.
+fn waiting(t: &serde_json::Value) -> bool {
+    t["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("waiting for the location"))
+}
+
+/// Garage, and a daemon with location `s3` in it and volume `vol1`
+/// holding 256 MiB of random data (its image beside, in the temp dir).
+fn garage_and_a_full_volume() -> Option<(Garage, Blockd, tempfile::TempDir, std::path::PathBuf)> {
     if !require_tools(&["qemu-img"]) {
-        return;
+        return None;
     }
-    let Some(mut g) = Garage::start() else { return };
+    let g = Garage::start()?;
     let d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
     assert!(create_s3(&d, &g, "s3", &g.secret).status.success());
     d.create("vol1", "256M");
     let img = image(tmp.path(), "a.img", 256 * MB, 256 * MB, 41);
     load(&d, "vol1", &img);
-    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "vol1", "--cred-id", "s3"]));
-    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&d, &id, |t| {
-        t["bytes_transferred"].as_u64().unwrap_or(0) > 0
-    });
-    assert_eq!(
-        t["state"], "Active",
-        "finished before the endpoint went away"
+    Some((g, d, tmp, img))
+}
+
+#[test]
+fn garage_going_away_is_waited_out_and_the_tasks_go_on_from_their_checkpoints() {
+    let Some((mut g, d, _tmp, img)) = garage_and_a_full_volume() else {
+        return;
+    };
+
+    // The backup: the endpoint goes away once half is uploaded.
+    let id = backup_underway(&d, &["vol1", "--cred-id", "s3"], 128);
+    g.stop();
+    let t = wait_until(&d, &id, waiting);
+    assert_eq!(t["state"], "Active", "{t}");
+    let e = t["error"].as_str().unwrap();
+    assert!(e.contains("location s3") && e.contains("attempt 1"), "{e}");
+    let before = t["bytes_transferred"].as_u64().unwrap();
+    // Status says why it is held up.
+    let text = d.ok(&["cloudsnap", "status", "--name", &id]);
+    assert!(
+        text.contains(&format!("{id} is held up")) && text.contains("waiting for the location"),
+        "{text}"
     );
+    // It keeps trying while the endpoint stays away.
+    let t = wait_until(&d, &id, |t| {
+        t["error"].as_str().is_some_and(|e| e.contains("attempt 2"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    g.restart();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert!(t["error"].is_null(), "{t}");
+    // Gone on from where it was, not from the start: the packs that had
+    // landed before the outage were not uploaded again.
+    // Counted once: the work redone after the outage is not added twice.
+    assert_eq!(t["bytes_done"], 256 * MB, "{t}");
+    let total = t["bytes_transferred"].as_u64().unwrap();
+    assert!(
+        before >= 128 * MB as u64 && total < before + 200 * MB as u64,
+        "uploaded {before} bytes before the outage and {total} in all: the backup started over"
+    );
+    assert!(
+        d.log()
+            .contains("the task goes on from its last checkpoint"),
+        "the wait was not logged"
+    );
+    let v = json(&d.ok(&["-j", "volume", "inspect", "vol1"]));
+    assert_eq!(v["dirty_bytes"], 0, "{v}");
+
+    // A full restore: the endpoint goes away under it, and comes back.
+    let out = d.ok(&[
+        "-j",
+        "cloudsnap",
+        "restore",
+        "--snap",
+        t["snapshot"].as_str().unwrap(),
+        "--volume",
+        "back",
+        "--cred-id",
+        "s3",
+    ]);
+    let rid = json(&out)["tasks"][0]["id"].as_str().unwrap().to_string();
+    let r = wait_until(&d, &rid, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 32 * MB as u64
+    });
+    assert_eq!(r["state"], "Active", "finished too soon: {r}");
+    g.stop();
+    let r = wait_until(&d, &rid, waiting);
+    assert_eq!(r["state"], "Active", "{r}");
+    g.restart();
+    let r = wait_done(&d, &rid);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}
+
+#[test]
+fn a_location_failing_past_the_outage_wait_fails_the_backup_and_keeps_the_changes() {
+    let Some((mut g, mut d, _tmp, img)) = garage_and_a_full_volume() else {
+        return;
+    };
+
+    // A stop ends the wait at once.
+    let id = backup_underway(&d, &["vol1", "--cred-id", "s3"], 1);
+    g.stop();
+    wait_until(&d, &id, waiting);
+    let asked = std::time::Instant::now();
+    d.ok(&["cloudsnap", "stop", &id]);
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Stopped", "{t}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "the stop waited for the next attempt"
+    );
+
+    // Failing for longer than the daemon waits: the backup fails and says
+    // why, and no change is lost.
+    assert!(d.terminate().success());
+    d.env.push(("BLOCKD_OUTAGE_WAIT".into(), "3s".into()));
+    d.spawn();
+    g.restart();
+    let id = backup_underway(&d, &["vol1", "--cred-id", "s3"], 1);
     g.stop();
     let t = wait_done(&d, &id);
     assert_eq!(t["state"], "Failed", "{t}");
     let e = t["error"].as_str().unwrap();
     assert!(
-        e.contains("location s3") && e.contains("changes are kept"),
+        e.contains("location s3")
+            && e.contains("every attempt failed for")
+            && e.contains("outage_wait")
+            && e.contains("changes are kept"),
         "{e}"
     );
     assert!(d.log().contains("retrying"), "no retries before giving up");

@@ -679,6 +679,9 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
     // A deleted pack.
     std::fs::remove_file(&pack).unwrap();
     expect_failure("deleted pack", &pack_key, 2);
+    // A pack cut short.
+    std::fs::write(&pack, &original[..original.len() / 3]).unwrap();
+    expect_failure("truncated pack", &pack_key, 5);
     std::fs::write(&pack, &original).unwrap();
     // A truncated index block.
     let ix = std::fs::read(&index).unwrap();

@@ -3,8 +3,8 @@
 //! deleting a volume while a backup starts or NBD clients connect,
 //! deleting credentials or a snapshot while a backup starts,
 //! deleting a cloud snapshot that a lazy restore or an open `disk.img`
-//! reads; and what a failure at the freeze point leaves behind (nothing,
-//! and no change forgotten).
+//! reads; what a failure at the freeze point leaves behind (nothing,
+//! and no change forgotten); and a full location failing a backup at once.
 
 mod common;
 
@@ -550,6 +550,53 @@ fn a_backup_failing_at_its_freeze_point_leaves_nothing_and_forgets_nothing() {
     );
     assert_same(&d, &img, "v2");
     d.terminate();
+}
+
+#[test]
+fn a_location_that_answers_but_is_full_fails_the_backup_at_once() {
+    if !(need()
+        && require_tools(&["mount", "umount"])
+        && skip_unless(is_root(), "needs root to mount a small tmpfs"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The location's file system holds less than the volume.
+    let (small, _fs) = small_tmpfs(tmp.path(), "16m");
+    let d = Blockd::start();
+    d.ok(&[
+        "credentials",
+        "create",
+        "tiny",
+        "--provider",
+        "local",
+        "--path",
+        small.join("bucket").to_str().unwrap(),
+    ]);
+    d.create("v", "64M");
+    let img = image(tmp.path(), "v.img", 64 * MB, 64 * MB, 21);
+    load(&d, "v", &img);
+    let started = Instant::now();
+    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "v", "--cred-id", "tiny"]));
+    let id = s["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_done(&d, &id);
+    // Failed, not waiting for the location: it answers, so a full disk
+    // is no outage that may pass.
+    assert_eq!(t["state"], "Failed", "{t}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the backup waited {:?} before it failed",
+        started.elapsed()
+    );
+    let e = t["error"].as_str().unwrap();
+    assert!(
+        e.contains("location tiny")
+            && e.contains("changes are kept")
+            && !e.contains("every attempt failed"),
+        "{e}"
+    );
+    let v = json(&d.ok(&["-j", "volume", "inspect", "v"]));
+    assert_eq!(v["dirty_bytes"], 64 * MB, "changes lost: {v}");
 }
 
 #[test]

@@ -152,6 +152,11 @@ pub struct Cloud {
     /// A backup running longer may not commit [default: 20h].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_deadline: Option<Period>,
+    /// A backup or restore whose location keeps failing waits and tries
+    /// again from its last checkpoint for this long before it fails
+    /// [default: 30m].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outage_wait: Option<Period>,
     /// Fail this fraction of object-store requests on purpose (testing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault_inject: Option<Fraction>,
@@ -277,6 +282,7 @@ impl Settings {
                 full_every: Some(FullEvery(crate::cloud::DEFAULT_FULL_EVERY)),
                 hydrate_limit: Some(Limit(None)),
                 backup_deadline: Some(Period(Duration::from_secs(20 * 3600))),
+                outage_wait: Some(Period(crate::cloud::DEFAULT_OUTAGE_WAIT)),
                 fault_inject: None,
             },
             gc: Gc {
@@ -340,6 +346,7 @@ impl Settings {
                 fault_rate: s.cloud.fault_inject.map(|f| f.0).filter(|r| *r > 0.0),
                 gc_grace: set(s.gc.grace, "gc.grace").0,
                 backup_deadline: set(s.cloud.backup_deadline, "cloud.backup_deadline").0,
+                outage_wait: set(s.cloud.outage_wait, "cloud.outage_wait").0,
                 gc_every: set(s.gc.every, "gc.every").0,
                 gc_max_unused: set(s.gc.max_unused, "gc.max_unused"),
             },
@@ -639,6 +646,7 @@ mod tests {
         assert_eq!(c.cloud.gc_grace, Duration::from_secs(24 * 3600));
         assert_eq!(c.cloud.gc_every, Some(Duration::from_secs(24 * 3600)));
         assert_eq!(c.cloud.backup_deadline, Duration::from_secs(20 * 3600));
+        assert_eq!(c.cloud.outage_wait, Duration::from_secs(30 * 60));
         assert_eq!(c.cloud.full_every, crate::cloud::DEFAULT_FULL_EVERY);
         assert!(c.change_tracking);
         assert_eq!(c.api_socket, c.state_dir.join("api.sock"));

@@ -109,6 +109,12 @@ struct Args {
     /// collection stops waiting for it), e.g. 20h [default: 20h]
     #[arg(long, env = "BLOCKD_BACKUP_DEADLINE", value_name = "DURATION")]
     backup_deadline: Option<Period>,
+    /// A backup or restore whose location stops answering (or answers
+    /// with errors) waits and tries again from its last checkpoint, with
+    /// growing pauses, for this long before it fails, e.g. 30m
+    /// [default: 30m]
+    #[arg(long, env = "BLOCKD_OUTAGE_WAIT", value_name = "DURATION")]
+    outage_wait: Option<Period>,
     /// Unused space garbage collection tolerates inside packs still in use
     /// before it copies their live records into new packs: a percentage
     /// (5%: at most 5% of those bytes dead) or `unlimited` (never repack)
@@ -157,6 +163,7 @@ impl Args {
                 full_every: self.full_every,
                 hydrate_limit: self.hydrate_limit,
                 backup_deadline: self.backup_deadline,
+                outage_wait: self.outage_wait,
                 fault_inject: self.fault_inject,
             },
             gc: Gc {

@@ -44,6 +44,12 @@ use task::{Record, Running};
 /// A full read every this many backups (pxctl: "every 7th backup is a full backup").
 pub const DEFAULT_FULL_EVERY: u32 = 7;
 
+/// How long a backup or restore waits out a location that keeps failing
+/// before it fails (`cloud.outage_wait`): long enough for a provider's
+/// incident or a restarted gateway, short enough that a backup held up
+/// does not hold its local snapshot (and its copy-on-write cost) for hours.
+pub const DEFAULT_OUTAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Settings of the cloud layer, parsed once by the daemon (flags and
 /// environment, see `blockd --help`).
 #[derive(Debug, Clone)]
@@ -58,6 +64,8 @@ pub struct Settings {
     pub gc_grace: std::time::Duration,
     /// A backup running longer may not commit.
     pub backup_deadline: std::time::Duration,
+    /// How long a task waits out a location that keeps failing.
+    pub outage_wait: std::time::Duration,
     /// Background garbage collection of every location this often.
     pub gc_every: Option<std::time::Duration>,
     /// Unused space garbage collection tolerates in packs in use.
@@ -72,6 +80,7 @@ impl Default for Settings {
             fault_rate: None,
             gc_grace: std::time::Duration::from_secs(24 * 3600),
             backup_deadline: std::time::Duration::from_secs(20 * 3600),
+            outage_wait: DEFAULT_OUTAGE_WAIT,
             gc_every: Some(std::time::Duration::from_secs(24 * 3600)),
             gc_max_unused: blockd_api::MaxUnused::default(),
         }
@@ -230,6 +239,14 @@ pub enum CloudError {
         #[source]
         source: RepoError,
     },
+    /// The location kept failing for longer than the task waits.
+    #[error("{source} (every attempt failed for {waited}; a task waits this long, `cloud.outage_wait`, before it fails)")]
+    Outage {
+        /// How long the task waited, as people write it.
+        waited: String,
+        /// The last attempt's error.
+        source: Box<CloudError>,
+    },
     /// The new local snapshot of a backup member disappeared.
     #[error("the new snapshot of {volume} vanished")]
     SnapshotVanished {
@@ -342,11 +359,22 @@ impl CloudError {
         }
     }
 
+    /// True when the location failed in a way that may go away by itself
+    /// (it did not answer, or answered with a failure of its own) after
+    /// every request-level retry. What the location answered about an
+    /// object (missing, corrupt, refused) is final.
+    pub fn outage(&self) -> bool {
+        match self {
+            Self::Repo(r) | Self::Damaged { source: r, .. } => r.transient(),
+            _ => false,
+        }
+    }
+
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Location(l) => l.outcome(),
-            Self::ListingAll { source } => source.outcome(),
+            Self::ListingAll { source } | Self::Outage { source, .. } => source.outcome(),
             Self::Repo(r) => r.outcome(),
             Self::Freeze(f) => f.outcome(),
             Self::Volume(v) => v.outcome(),
@@ -414,6 +442,8 @@ pub struct Cloud {
     gc_grace: std::time::Duration,
     /// Backup deadline.
     backup_deadline: std::time::Duration,
+    /// How long a task waits out a location that keeps failing.
+    outage_wait: std::time::Duration,
     /// Default unused-space limit of garbage collection.
     gc_max_unused: blockd_api::MaxUnused,
     /// This host's id (`<state dir>/host-id`).
@@ -495,6 +525,7 @@ impl Cloud {
             hydrate_limit: settings.hydrate_limit.filter(|n| *n > 0),
             gc_grace: settings.gc_grace,
             backup_deadline: settings.backup_deadline,
+            outage_wait: settings.outage_wait,
             gc_max_unused: settings.gc_max_unused,
             host,
             sched_running: Mutex::new(std::collections::HashSet::new()),

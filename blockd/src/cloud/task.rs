@@ -135,7 +135,23 @@ impl Running {
             });
         r
     }
+
+    /// Says why the task is held up (`None`: it is not), in its `error`
+    /// while it runs, as status shows it.
+    pub(super) fn held_up(&self, why: Option<String>) {
+        self.record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .task
+            .error = why;
+    }
 }
+
+/// First pause of a task whose location failed; doubled after each
+/// attempt that fails too, up to [`OUTAGE_PAUSE_MAX`].
+const OUTAGE_PAUSE: Duration = Duration::from_secs(2);
+/// Longest pause between two attempts of a task whose location fails.
+const OUTAGE_PAUSE_MAX: Duration = Duration::from_secs(60);
 
 /// Shows a task as running until dropped; then its saved record (final,
 /// once [`Cloud::finish`] has run) is what status shows. A task's body
@@ -323,6 +339,109 @@ impl Cloud {
         if let Err(e) = self.save(&r) {
             tracing::warn!(task = %id, error = %e, "saving an interrupted task's counters failed");
         }
+    }
+
+    /// Runs a task's `attempt` and, while its location fails in a way that
+    /// may go away ([`CloudError::outage`]), runs it again after growing
+    /// pauses. Each attempt goes on from the task's last checkpoint (its
+    /// counters are set back to that checkpoint first, so nothing is
+    /// counted twice), as a resume after a restart does. The task fails
+    /// once every attempt has failed for `outage_wait`, counted from the
+    /// first failure since its checkpoint last moved: a long backup that
+    /// meets two short outages hours apart rides out both. While it
+    /// waits, the task shows why (its `error`, as for any task held up),
+    /// keeps its claims and its local snapshot, and a stop or a shutdown
+    /// ends the wait at once.
+    pub(super) async fn outlast<F, Fut>(
+        &self,
+        run: &Running,
+        mut attempt: F,
+    ) -> Result<(), CloudError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), CloudError>>,
+    {
+        let mut pause = OUTAGE_PAUSE;
+        // Since when every attempt has failed, and the checkpoint then.
+        let mut failing: Option<(Instant, u64)> = None;
+        let mut attempts = 0u32;
+        loop {
+            let e = match attempt().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            // Errors of the same kind as an outage's (a full local disk
+            // fails as an unmounted one does) are final while the location
+            // answers: the request failed, not the location.
+            if !e.outage() || run.stop.is_cancelled() || !self.location_down(run).await {
+                return Err(e);
+            }
+            let at = self.rewind(run);
+            let since = match failing {
+                Some((since, mark)) if at <= mark => since,
+                _ => {
+                    pause = OUTAGE_PAUSE;
+                    attempts = 0;
+                    Instant::now()
+                }
+            };
+            failing = Some((since, at));
+            attempts += 1;
+            let failed_for = since.elapsed();
+            let id = run.snapshot().task.id;
+            if failed_for >= self.outage_wait {
+                tracing::warn!(task = %id, error = %e, attempts, "location still failing; giving up");
+                return Err(CloudError::Outage {
+                    waited: humantime::format_duration(Duration::from_secs(failed_for.as_secs()))
+                        .to_string(),
+                    source: Box::new(e),
+                });
+            }
+            let wait = pause.min(self.outage_wait - failed_for);
+            tracing::warn!(task = %id, error = %e, attempts, retry_in_secs = wait.as_secs_f64(), "location failing; the task goes on from its last checkpoint when it answers");
+            run.held_up(Some(format!(
+                "{e}; waiting for the location: attempt {attempts} failed, the next in {}s goes on from the last checkpoint (the task fails after {} of failures)",
+                wait.as_secs().max(1),
+                crate::config::Period(self.outage_wait)
+            )));
+            tokio::select! {
+                () = run.stop.cancelled() => return Err(CloudError::Cancelled),
+                () = tokio::time::sleep(wait) => {}
+            }
+            // Running again: not held up while the attempt goes on.
+            run.held_up(None);
+            pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
+        }
+    }
+
+    /// True when the location of `run` does not answer now: a HEAD of its
+    /// config object fails as an outage does.
+    async fn location_down(&self, run: &Running) -> bool {
+        let location = run.snapshot().task.location;
+        match self.locations.repo(&location).await {
+            Ok(repo) => repo.reachable().await.is_err_and(|e| e.transient()),
+            Err(e) => e.outage(),
+        }
+    }
+
+    /// Sets the counters of `run` back to its last checkpoint, where its
+    /// next attempt goes on, and returns the bytes done there. The bytes
+    /// it moved stay counted: they were moved.
+    fn rewind(&self, run: &Running) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let id = run.snapshot().task.id;
+        let saved = match self.db.task(&id) {
+            Ok(Some(rec)) => serde_json::from_str::<Record>(&rec).ok(),
+            _ => None,
+        };
+        let p = &run.progress;
+        if let Some(r) = saved {
+            p.done.store(r.task.bytes_done, Relaxed);
+            p.reused.store(r.task.bytes_reused, Relaxed);
+            p.read.store(r.read, Relaxed);
+            p.new.store(r.new, Relaxed);
+        }
+        Progress::get(&p.done)
     }
 
     pub(super) fn resume(self: &Arc<Self>, r: Record) {

@@ -117,6 +117,13 @@ impl RepoError {
         }
     }
 
+    /// True when the provider failed in a way that may go away by itself
+    /// (no answer, or a failure of its own) after every request-level
+    /// retry; see [`retry::retryable`].
+    pub fn transient(&self) -> bool {
+        matches!(self, Self::Store { source, .. } if retry::retryable(source))
+    }
+
     /// The object the error is about (`config` for key errors; empty for
     /// a value that never reached an object).
     pub fn object(&self) -> &str {
@@ -468,6 +475,14 @@ impl Repo {
             &manifest_key(volume, name),
             "not a snapshot name blockd writes",
         )
+    }
+
+    /// Whether the location answers at all: a HEAD of the config object.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn reachable(&self) -> Result<(), RepoError> {
+        self.objects.head("config").await.map(|_| ())
     }
 
     /// Reads the config object again: it must still be the one opened.

@@ -534,7 +534,7 @@ fn print_status(tasks: &[Task]) {
 }
 
 /// An error message on one line (a table cell, or a line under a table).
-fn one_line(e: &str) -> String {
+pub(crate) fn one_line(e: &str) -> String {
     e.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -94,8 +94,13 @@ impl Bars {
             TaskKind::Backup => "uploaded",
             TaskKind::Restore => "fetched",
         };
-        let eta = match t.eta_secs {
-            Some(s) if t.state == TaskState::Active => format!(", ETA {}", human_secs(s)),
+        // A task held up (its location failing, say) says why instead of
+        // an ETA that no longer means anything.
+        let eta = match (&t.error, t.eta_secs) {
+            (Some(e), _) if t.state == TaskState::Active => {
+                format!(", held up: {}", crate::cloudsnap::one_line(e))
+            }
+            (None, Some(s)) if t.state == TaskState::Active => format!(", ETA {}", human_secs(s)),
             _ => String::new(),
         };
         bar.set_message(format!(

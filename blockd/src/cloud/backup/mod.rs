@@ -418,7 +418,13 @@ impl Cloud {
             let _shown = shown;
             // Held until the task has ended, whatever way it ends.
             let _claim = claim;
-            let outcome = me.run_backup(&run, &snap, parent).await;
+            // A location that fails for a while (an outage, a restarted
+            // gateway) is waited out; each attempt goes on from the last
+            // checkpoint.
+            let mut parent = parent;
+            let outcome = me
+                .outlast(&run, || me.run_backup(&run, &snap, parent.take()))
+                .await;
             let (volume, name, id, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();

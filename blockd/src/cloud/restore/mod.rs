@@ -233,7 +233,8 @@ impl Cloud {
             let lease = Arc::new(std::sync::Mutex::new(lease));
             let outcome = match &hydration {
                 Some(h) => me.run_hydrate(&run, h, lease.clone()).await,
-                None => me.run_restore(&run).await,
+                // Each attempt goes on from the GETs already recorded.
+                None => me.outlast(&run, || me.run_restore(&run)).await,
             };
             let lease = lease
                 .lock()
