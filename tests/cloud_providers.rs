@@ -1,7 +1,8 @@
 //! Cloud snapshots against real object-store servers on loopback: Garage
 //! (S3, path style, plain HTTP, and behind a TLS front) and Azurite (Azure
-//! Blob). Round trips, a second host, bad keys, certificates, and an
-//! endpoint that goes away mid-backup or mid-restore.
+//! Blob). Round trips, a second host, bad keys, certificates, one bucket
+//! at two addresses, and an endpoint that goes away mid-backup or
+//! mid-restore.
 
 mod common;
 
@@ -299,6 +300,47 @@ fn a_location_failing_past_the_outage_wait_fails_the_backup_and_keeps_the_change
     let r = restore(&d, "vol1", "back", &["--cred-id", "s3"]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "back");
+}
+
+#[test]
+fn one_bucket_at_two_addresses_gets_one_name_even_when_names_race() {
+    let Some(g) = Garage::start() else { return };
+    let d = Blockd::start();
+    let port = g.s3_addr().port();
+    // The same bucket as `localhost` and as `127.0.0.1`, created at once:
+    // one name wins, the other is told to use it.
+    let spell = |i: usize| {
+        let host = if i == 0 { "localhost" } else { "127.0.0.1" };
+        let mut a = g.credentials_args(&format!("n{i}"), &g.secret, Some("shared"));
+        let at = a.iter().position(|x| x == "--s3-endpoint").unwrap() + 1;
+        a[at] = format!("{host}:{port}");
+        a
+    };
+    let outs = at_once(2, |i| {
+        let a = spell(i);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        d.blockctl(&refs)
+    });
+    let won: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(won.len(), 1, "{outs:?}");
+    let lost = &outs[1 - won[0]];
+    let e = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        e.contains("already name this repository") && e.contains(&format!("--cred-id n{}", won[0])),
+        "{e}"
+    );
+    // Later, the other spelling again: refused the same way.
+    let mut a = spell(1 - won[0]);
+    a[2] = "again".into();
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = d.blockctl(&refs);
+    assert!(!out.status.success(), "a second name was accepted");
+    let listed = d.ok(&["credentials", "list"]);
+    assert!(!listed.contains("again"), "{listed}");
+    // Another prefix in the bucket is another repository.
+    let args = g.credentials_args("other", &g.secret, Some("team2"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.ok(&refs);
 }
 
 #[test]

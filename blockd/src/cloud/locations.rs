@@ -220,6 +220,11 @@ struct Settings {
     /// create and validate); `None` before the first probe.
     #[serde(default)]
     conditional: Option<bool>,
+    /// The repository's identity ([`Repo::id`]), recorded when it was
+    /// created or first opened: one repository reached at two addresses
+    /// (`localhost` and `127.0.0.1`, a bind mount) is still one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repository: Option<String>,
 }
 
 /// Secrets, kept in a 0600 file.
@@ -923,6 +928,7 @@ impl Locations {
             project: req.google_project_id.clone(),
             encryption: req.encryption_passphrase.is_some(),
             conditional: None,
+            repository: None,
         };
         let secrets = Secrets {
             s3_secret_key: req.s3_secret_key.clone(),
@@ -944,10 +950,27 @@ impl Locations {
         {
             return Err(LocationError::SameTarget { other, target }.into());
         }
+        // The same repository at another address is caught by what it is:
+        // it is opened (or made), its identity compared and the row
+        // inserted under the lock every open and every create takes, so
+        // two names cannot both make a new repository at one place.
+        let mut open = self.open.lock().await;
         let mut settings = settings;
         let repo = self
             .connect(&req.name, &mut settings, &secrets, true, true)
             .await?;
+        let id = repo.id();
+        if let Some((other, s, _)) = self.rows()?.into_iter().find(|(n, s, _)| {
+            s.repository.as_deref() == Some(id.as_str())
+                || open.get(n).is_some_and(|r| r.id() == id)
+        }) {
+            return Err(LocationError::SameTarget {
+                other,
+                target: format!("{target}, which is {}", self.target(&s)),
+            }
+            .into());
+        }
+        settings.repository = Some(id);
         self.write_secrets(&req.name, &secrets)?;
         let created = now();
         if let Err(e) = self
@@ -957,7 +980,7 @@ impl Locations {
             let _ = std::fs::remove_file(self.secrets_path(&req.name));
             return Err(e.into());
         }
-        self.open.lock().await.insert(req.name.clone(), repo);
+        open.insert(req.name.clone(), repo);
         tracing::info!(location = %req.name, %provider, encrypted = settings.encryption, "credentials created");
         Ok(self.to_api(&req.name, &settings, &created))
     }
@@ -1045,10 +1068,13 @@ impl Locations {
         let secrets = self.read_secrets(&n)?;
         let before = s.conditional;
         let repo = self.connect(&n, &mut s, &secrets, false, true).await?;
-        if s.conditional != before {
+        let mut open = self.open.lock().await;
+        let id = Some(repo.id());
+        if s.conditional != before || s.repository != id {
+            s.repository = id;
             self.db.update_location(&n, &encode(&n, &s)?)?;
         }
-        self.open.lock().await.insert(n.clone(), repo);
+        open.insert(n.clone(), repo);
         Ok(self.to_api(&n, &s, &created))
     }
 
@@ -1067,6 +1093,23 @@ impl Locations {
         let repo = self
             .connect(&n, &mut s, &secrets, n == LOCAL_LOCATION, false)
             .await?;
+        // Its identity, for the check at create (a location created
+        // before identities were recorded, or `local` before its first
+        // use). A different one is a repository made anew at the same
+        // address (a wiped bucket or directory initialised again).
+        let id = repo.id();
+        if s.repository.as_deref() != Some(id.as_str()) {
+            if s.repository.is_some() {
+                tracing::warn!(location = %n, "the repository at this location is not the one first recorded: it was made anew at the same address");
+            }
+            s.repository = Some(id);
+            if let Err(e) = encode(&n, &s)
+                .map_err(CloudError::from)
+                .and_then(|c| Ok(self.db.update_location(&n, &c)?))
+            {
+                tracing::warn!(location = %n, error = %e, "recording the repository's identity failed");
+            }
+        }
         open.insert(n, repo.clone());
         Ok(repo)
     }

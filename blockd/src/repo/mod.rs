@@ -477,6 +477,15 @@ impl Repo {
         )
     }
 
+    /// The repository's identity: a hash of its config, whose key
+    /// material is drawn at random when it is made. The same for every
+    /// address it is reached at.
+    pub fn id(&self) -> String {
+        let config = serde_json::to_vec(&self.config)
+            .unwrap_or_else(|_| unreachable!("a config always serialises"));
+        blake3::hash(&config).to_hex()[..32].to_string()
+    }
+
     /// Whether the location answers at all: a HEAD of the config object.
     ///
     /// # Errors
