@@ -327,7 +327,7 @@ impl Settings {
     /// The daemon's configuration: these settings over
     /// [`Settings::defaults`], which alone hold the default values.
     #[must_use]
-    pub fn daemon_config(&self, protections: Vec<String>) -> crate::daemon::Config {
+    pub fn daemon_config(&self, protections: crate::host::Protections) -> crate::daemon::Config {
         let s = self.clone().with_defaults();
         crate::daemon::Config {
             api_socket: set(s.api_socket, "api_socket"),
@@ -640,7 +640,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_every_setting_the_daemon_reads() {
-        let c = Settings::default().daemon_config(Vec::new());
+        let c = Settings::default().daemon_config(crate::host::Protections::default());
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(c.snapshot_sync, Duration::from_secs(1));
         assert_eq!(c.cloud.gc_grace, Duration::from_secs(24 * 3600));

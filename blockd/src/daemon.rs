@@ -60,8 +60,10 @@ pub struct Config {
     /// Group whose members may use the control API (name or number);
     /// `None`: `blockd` if that group exists.
     pub api_group: Option<String>,
-    /// Memory-pressure protections in force (see [`crate::host`]).
-    pub protections: Vec<String>,
+    /// Memory-pressure protections, as applied before any thread started
+    /// (see [`crate::host`]); logged once the daemon has started, so that a
+    /// start that fails says why and nothing else.
+    pub protections: crate::host::Protections,
     /// Serve `/metrics` over HTTP here too (it is always on the API).
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token `--metrics-listen` requires, if any.
@@ -113,7 +115,7 @@ impl Daemon {
             nbd_listen: self.config.nbd_listen.map(|a| a.to_string()),
             nbd_tls: self.nbd_tls.clone(),
             io_engine: self.engine.into(),
-            protections: self.config.protections.clone(),
+            protections: self.config.protections.names(),
         }
     }
 }
@@ -430,6 +432,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    config.protections.log();
     tracing::info!(
         state_dir = %dir.display(),
         api = %config.api_socket.display(),

@@ -21,6 +21,18 @@ pub struct Protections {
     pub oom_protected: Result<(), String>,
 }
 
+impl Default for Protections {
+    /// None applied.
+    fn default() -> Self {
+        let no = || Err("not applied".to_string());
+        Self {
+            io_flusher: no(),
+            memory_locked: no(),
+            oom_protected: no(),
+        }
+    }
+}
+
 impl Protections {
     /// Applies them; `lock_memory` false leaves memory unlocked. Each
     /// failure (typically: not root, no CAP_SYS_RESOURCE or CAP_IPC_LOCK,

@@ -231,8 +231,7 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     // Before any thread exists: every thread inherits the flags.
     let protections = blockd::host::Protections::apply(config::set(settings.mlock, "mlock"));
-    protections.log();
-    let config = settings.daemon_config(protections.names());
+    let config = settings.daemon_config(protections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blockd")
