@@ -737,6 +737,55 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
 }
 
 #[test]
+fn a_backup_never_commits_under_keys_the_repository_does_not_hold() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for (name, dir) in [("a", &a), ("b", &b)] {
+        d.ok(&[
+            "credentials",
+            "create",
+            name,
+            "--provider",
+            "local",
+            "--path",
+            dir.to_str().unwrap(),
+        ]);
+    }
+    // As when two hosts initialise one repository at the same moment on a
+    // store without conditional writes: the config `a` was opened with is
+    // not the one the repository ends up with.
+    std::fs::copy(b.join("config"), a.join("config")).unwrap();
+    d.create("v", "8M");
+    let img = image(tmp.path(), "v.img", 8 * MB, 8 * MB, 61);
+    load(&d, "v", &img);
+    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "v", "--cred-id", "a"]));
+    let t = wait_done(&d, s["tasks"][0]["id"].as_str().unwrap());
+    assert_eq!(t["state"], "Failed", "committed under the wrong keys: {t}");
+    let e = t["error"].as_str().unwrap();
+    assert!(
+        e.contains("object config") && e.contains("differs from the config this daemon opened"),
+        "{e}"
+    );
+    assert!(list(&d, &["--cred-id", "a"]).is_empty());
+    let v = json(&d.ok(&["-j", "volume", "inspect", "v"]));
+    assert_eq!(v["dirty_bytes"], 8 * MB, "changes lost: {v}");
+    // Its next use opens the repository again, with the keys it holds.
+    let t = backup(&d, &["v", "--cred-id", "a"]);
+    let r = restore(
+        &d,
+        t["snapshot"].as_str().unwrap(),
+        "back",
+        &["--cred-id", "a"],
+    );
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}
+
+#[test]
 fn flaky_store_still_backs_up_and_restores_exactly() {
     if !need() {
         return;

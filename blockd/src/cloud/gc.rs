@@ -94,6 +94,8 @@ impl Cloud {
             "wait for the collection to end",
         ))?;
         let repo = self.locations.repo(&location).await?;
+        // Collection deletes and repacks with the keys opened.
+        self.locations.check_keys(&location, &repo).await?;
         let grace = req.grace_secs.map_or(self.gc_grace, Duration::from_secs);
         // One collection per location on this host; a run object of this
         // host found in the bucket meanwhile is a crashed run's.

@@ -1078,6 +1078,25 @@ impl Locations {
         Ok(self.to_api(&n, &s, &created))
     }
 
+    /// Checks, before what it writes with its keys is committed, that
+    /// `repo` (location `name`, opened) still has the config it was
+    /// opened with: a config replaced since (two hosts initialising one
+    /// repository at once on a store without conditional writes) would
+    /// leave objects nobody can read. A changed one is forgotten, so the
+    /// next use opens the repository again. One GET.
+    ///
+    /// # Errors
+    /// A changed, missing or unreadable config; provider errors.
+    pub async fn check_keys(&self, name: &str, repo: &Repo) -> Result<(), CloudError> {
+        if let Err(e) = repo.check_config().await {
+            if !e.transient() {
+                self.open.lock().await.remove(name);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// The opened repository of a location (opened on first use).
     ///
     /// # Errors

@@ -244,11 +244,20 @@ impl Repo {
                 let (config, _) = new_config(passphrase);
                 let body = serde_json::to_vec_pretty(&config)
                     .unwrap_or_else(|_| unreachable!("a config always serialises"));
-                match objects.put("config", body.into(), true).await {
-                    Ok(_) => {
-                        tracing::info!(location, "repository initialised");
-                        config
-                    }
+                match objects.put("config", body.clone().into(), true).await {
+                    // Read back: a store that ignores conditional writes
+                    // lets two hosts initialising at once both write, and
+                    // the last one's is the repository's.
+                    Ok(_) => match objects.get_meta("config").await? {
+                        b if b[..] == body[..] => {
+                            tracing::info!(location, "repository initialised");
+                            config
+                        }
+                        b => {
+                            tracing::info!(location, "repository initialised by another host at the same moment: using its config");
+                            parse_config(&objects, &b)?
+                        }
+                    },
                     // Another host initialised it first: use theirs.
                     Err(RepoError::Exists { .. }) => {
                         let bytes = objects.get_meta("config").await?;
@@ -502,9 +511,10 @@ impl Repo {
         let bytes = self.objects.get_meta("config").await?;
         let c = parse_config(&self.objects, &bytes)?;
         if c != self.config {
-            return Err(self
-                .objects
-                .corrupt("config", "differs from the config this daemon opened"));
+            return Err(self.objects.corrupt(
+                "config",
+                "differs from the config this daemon opened (another host initialised the repository at the same moment on a store without conditional writes, or it was replaced): what was written since it was opened is sealed with keys the repository does not hold; the location is opened again at its next use",
+            ));
         }
         Ok(())
     }

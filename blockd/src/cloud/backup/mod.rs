@@ -580,6 +580,9 @@ impl Cloud {
                 });
             }
         }
+        // The keys this backup sealed its packs with must be the
+        // repository's, or it would leave a snapshot nobody can read.
+        self.locations.check_keys(&rec.task.location, &repo).await?;
         match repo.put_manifest(&manifest, parent.as_ref()).await {
             Ok(n) => Progress::add(&run.progress.transferred, n),
             // Written by this task before a crash: done.
