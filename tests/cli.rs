@@ -794,6 +794,14 @@ fn a_missing_data_file_takes_out_only_its_volume() {
         "{}",
         d.ok(&["volume", "list"])
     );
+    // No count of changes for a volume that is not served (a restore
+    // filling it shows the same): its writes are not a backup's to take.
+    let text = d.ok(&["volume", "inspect", "lost"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Changed:") && l.contains("not served: see Exported")),
+        "{text}"
+    );
     let told = nbd_opens(&d, "lost").expect_err("a volume without data was served");
     assert!(told.contains("volume lost is not exported"), "{told}");
     d.fails(

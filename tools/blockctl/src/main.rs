@@ -871,7 +871,11 @@ fn print_volume(v: &Volume) {
         ),
         (Some(d), None) => field("Attached", d),
     }
-    if v.tracking_known {
+    if v.unexported.is_some() {
+        // A restore is filling it (or left it incomplete): its writes are
+        // the snapshot's, not changes a backup would take.
+        field("Changed", "- (not served: see Exported)");
+    } else if v.tracking_known {
         field(
             "Changed",
             format_args!("{} since the last backup", human_size(v.dirty_bytes)),
