@@ -600,6 +600,62 @@ fn a_location_that_answers_but_is_full_fails_the_backup_at_once() {
 }
 
 #[test]
+fn a_credentials_create_waiting_on_a_silent_endpoint_holds_up_no_backup() {
+    if !need() {
+        return;
+    }
+    // An endpoint that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = silent.local_addr().unwrap().to_string();
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("v", "8M");
+    let img = image(tmp.path(), "v.img", 8 * MB, 8 * MB, 71);
+    load(&d, "v", &img);
+    let mut create = std::process::Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args([
+            "credentials",
+            "create",
+            "silent",
+            "--provider",
+            "s3",
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-disable-ssl",
+            "--s3-region",
+            "garage",
+            "--s3-access-key",
+            "k",
+            "--s3-secret-key",
+            "s",
+            "--bucket",
+            "b",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(create.try_wait().unwrap().is_none(), "the create ended");
+    // Meanwhile backups, restores and listings of other locations go on.
+    let started = Instant::now();
+    let t = backup(&d, &["v", "--cred-id", "local"]);
+    restore(&d, t["snapshot"].as_str().unwrap(), "back", &[]);
+    assert_same(&d, &img, "back");
+    assert_eq!(list(&d, &["--cred-id", "local"]).len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "held up {:?} behind the create",
+        started.elapsed()
+    );
+    assert!(create.try_wait().unwrap().is_none(), "the create ended");
+    let _ = create.kill();
+    let _ = create.wait();
+}
+
+#[test]
 fn locations_inside_the_state_dir_are_refused() {
     let d = Blockd::start();
     let state = d.dir.path().canonicalize().unwrap();

@@ -249,6 +249,11 @@ pub struct Locations {
     /// Fault injection rate for every store (testing resilience).
     fault_rate: Option<f64>,
     open: tokio::sync::Mutex<HashMap<String, Arc<Repo>>>,
+    /// Held by a create from before it opens (or makes) its repository
+    /// until its row exists: two names cannot both make one repository.
+    /// Apart from `open`, so a create waiting on a slow endpoint holds up
+    /// no backup.
+    creating: tokio::sync::Mutex<()>,
 }
 
 /// True when `path` is `dir` or inside it, following the symbolic links of
@@ -303,6 +308,7 @@ impl Locations {
             objects_dir,
             fault_rate,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
         };
         if !me.rows()?.iter().any(|(n, _, _)| n == LOCAL_LOCATION) {
             let s = Settings {
@@ -952,18 +958,22 @@ impl Locations {
         }
         // The same repository at another address is caught by what it is:
         // it is opened (or made), its identity compared and the row
-        // inserted under the lock every open and every create takes, so
-        // two names cannot both make a new repository at one place.
-        let mut open = self.open.lock().await;
+        // inserted in one step with respect to every other create, so two
+        // names cannot both make a new repository at one place.
+        let _creating = self.creating.lock().await;
         let mut settings = settings;
         let repo = self
             .connect(&req.name, &mut settings, &secrets, true, true)
             .await?;
         let id = repo.id();
-        if let Some((other, s, _)) = self.rows()?.into_iter().find(|(n, s, _)| {
-            s.repository.as_deref() == Some(id.as_str())
-                || open.get(n).is_some_and(|r| r.id() == id)
-        }) {
+        let same = {
+            let open = self.open.lock().await;
+            self.rows()?.into_iter().find(|(n, s, _)| {
+                s.repository.as_deref() == Some(id.as_str())
+                    || open.get(n).is_some_and(|r| r.id() == id)
+            })
+        };
+        if let Some((other, s, _)) = same {
             return Err(LocationError::SameTarget {
                 other,
                 target: format!("{target}, which is {}", self.target(&s)),
@@ -980,7 +990,7 @@ impl Locations {
             let _ = std::fs::remove_file(self.secrets_path(&req.name));
             return Err(e.into());
         }
-        open.insert(req.name.clone(), repo);
+        self.open.lock().await.insert(req.name.clone(), repo);
         tracing::info!(location = %req.name, %provider, encrypted = settings.encryption, "credentials created");
         Ok(self.to_api(&req.name, &settings, &created))
     }
@@ -1120,6 +1130,15 @@ impl Locations {
         if s.repository.as_deref() != Some(id.as_str()) {
             if s.repository.is_some() {
                 tracing::warn!(location = %n, "the repository at this location is not the one first recorded: it was made anew at the same address");
+            }
+            // Two locations made by an earlier blockd may name one
+            // repository; that is found only now.
+            if let Some((other, ..)) = self
+                .rows()?
+                .into_iter()
+                .find(|(o, r, _)| *o != n && r.repository.as_deref() == Some(id.as_str()))
+            {
+                tracing::warn!(location = %n, other = %other, "these two locations name the same repository: what one is restoring or mounting is not guarded under the other; delete one (`blockctl credentials delete NAME`)");
             }
             s.repository = Some(id);
             if let Err(e) = encode(&n, &s)
