@@ -1,8 +1,8 @@
 //! Cloud snapshots against real object-store servers on loopback: Garage
 //! (S3, path style, plain HTTP, and behind a TLS front) and Azurite (Azure
 //! Blob). Round trips, a second host, bad keys, certificates, one bucket
-//! at two addresses, and an endpoint that goes away mid-backup or
-//! mid-restore.
+//! at two addresses, an endpoint that goes away mid-backup or
+//! mid-restore, and a restore-only host with keys that may only read.
 
 mod common;
 
@@ -341,6 +341,156 @@ fn one_bucket_at_two_addresses_gets_one_name_even_when_names_race() {
     let args = g.credentials_args("other", &g.secret, Some("team2"));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     d.ok(&refs);
+}
+
+/// A restore-only host (disaster recovery) holds keys that may only read
+/// the bucket. `credentials create` without `--read-only` says so and
+/// what to add; with it, restores (full and lazy), the catalog mount,
+/// listings and checks work with keys the server refuses every write to,
+/// and backups, deletes, schedules and collections through it are refused
+/// up front, naming the reason, before anything is frozen or sent.
+#[test]
+fn a_restore_only_host_works_with_keys_that_may_only_read() {
+    if !require_tools(&["qemu-img", "qemu-io", "fusermount3"])
+        || !skip_unless(is_root(), "needs root for the FUSE catalog mount")
+    {
+        return;
+    }
+    let Some(g) = Garage::start() else { return };
+    let a = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(create_s3(&a, &g, "s3", &g.secret).status.success());
+    a.create("vol1", "32M");
+    let img = image(tmp.path(), "a.img", 32 * MB, 24 * MB, 57);
+    load(&a, "vol1", &img);
+    let snap = backup(&a, &["vol1", "--cred-id", "s3"])["snapshot"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+
+    let (reader, reader_secret) = g.reader_key("dr-reader");
+    let b = Blockd::start();
+    let dr_args = |secret: &str, prefix: &str, read_only: bool| {
+        let mut args = g.credentials_args("dr", secret, Some(prefix));
+        let at = args.iter().position(|a| a == "--s3-access-key").unwrap() + 1;
+        args[at] = reader.clone();
+        if read_only {
+            args.push("--read-only".into());
+        }
+        args
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        b.blockctl(&refs)
+    };
+    // Without --read-only: the write is refused, and the error says why
+    // and what to add, without the secret.
+    let out = run(dr_args(&reader_secret, "backups", false));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("can read the bucket but not write to it") && err.contains("--read-only"),
+        "{err}"
+    );
+    assert!(!err.contains(&reader_secret), "{err}");
+    // A wrong secret reads nothing either: no hint to --read-only there.
+    let zeros = "0".repeat(reader_secret.len());
+    let out = run(dr_args(&zeros, "backups", false));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("validation failed") && !err.contains("--read-only"),
+        "{err}"
+    );
+    // Read-only keys cannot make a repository where there is none.
+    let out = run(dr_args(&reader_secret, "elsewhere", true));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no repository here"),
+        "{err}"
+    );
+    let out = run(dr_args(&reader_secret, "backups", true));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = json(&b.ok(&["-j", "credentials", "list"]));
+    let dr = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "dr")
+        .expect("dr listed");
+    assert_eq!(dr["read_only"], true, "{dr}");
+    assert!(b.ok(&["credentials", "list"]).contains("read-only"));
+    b.ok(&["credentials", "validate", "dr"]);
+
+    // What a restore-only host is for.
+    let snaps = list(&b, &["--cred-id", "dr"]);
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["id"], snap.as_str());
+    let r = restore(&b, &snap, "back", &["--cred-id", "dr"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&b, &img, "back");
+    let id = lazy_restore_with(&b, &snap, "lazy", &["--cred-id", "dr"]);
+    assert_eq!(wait_done(&b, &id)["state"], "Done");
+    assert_same(&b, &img, "lazy");
+    let check = json(&b.ok(&["-j", "repo", "check", "--cred-id", "dr", "--read-data"]));
+    assert_eq!(
+        check["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{check}"
+    );
+    let cat = tmp.path().join("cat");
+    std::fs::create_dir_all(&cat).unwrap();
+    let cat_s = cat.to_str().unwrap();
+    b.ok(&["mount", cat_s, "--cred-id", "dr"]);
+    let disk = std::fs::read(cat.join("vol1/latest/disk.img"));
+    b.ok(&["umount", cat_s]);
+    assert!(disk.expect("disk.img read") == read_file(&img));
+
+    // What it may not do, refused before anything is frozen or sent.
+    for (cmd, says) in [
+        (
+            vec!["cloudsnap", "backup", "back", "--cred-id", "dr"],
+            "cannot take backups",
+        ),
+        (
+            vec!["cloudsnap", "delete", "--snap", &snap, "--cred-id", "dr"],
+            "cannot delete cloud snapshots",
+        ),
+        (
+            vec!["repo", "gc", "--cred-id", "dr"],
+            "cannot collect garbage",
+        ),
+        (
+            vec![
+                "cloudsnap",
+                "schedules",
+                "create",
+                "back",
+                "--periodic",
+                "60",
+                "--cred-id",
+                "dr",
+            ],
+            "cannot take scheduled backups",
+        ),
+    ] {
+        let err = b.fails(&cmd, says);
+        assert!(
+            err.contains("read-only") && err.contains("--read-only"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(
+        b.ok(&["snapshot", "list", "back"]).lines().count() <= 1,
+        "a refused backup froze nothing"
+    );
+    // The writing host's snapshot is untouched and still its only one.
+    let mine = list(&a, &["--cred-id", "s3"]);
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["id"], snap.as_str());
 }
 
 #[test]

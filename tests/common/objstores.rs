@@ -393,19 +393,7 @@ impl Garage {
     /// Creates the key `blockd-test` and the bucket it may read, write and
     /// own; returns the key id and secret.
     fn key_and_bucket(&self) -> (String, String) {
-        let created = self.garage(&["key", "create", TEST_BUCKET]);
-        let key_id = table_value(&created, "Key ID")
-            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
-        let secret = match table_value(&created, "Secret key") {
-            Some(s) if !s.starts_with('(') => s,
-            // Some versions redact it unless asked.
-            _ => {
-                let info = self.garage(&["key", "info", "--show-secret", &key_id]);
-                table_value(&info, "Secret key")
-                    .filter(|s| !s.starts_with('('))
-                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
-            }
-        };
+        let (key_id, secret) = self.new_key(TEST_BUCKET);
         self.garage(&["bucket", "create", TEST_BUCKET]);
         self.garage(&[
             "bucket",
@@ -418,6 +406,32 @@ impl Garage {
             TEST_BUCKET,
         ]);
         (key_id, secret)
+    }
+
+    /// Creates key `name`; returns its id and secret.
+    fn new_key(&self, name: &str) -> (String, String) {
+        let created = self.garage(&["key", "create", name]);
+        let key_id = table_value(&created, "Key ID")
+            .unwrap_or_else(|| panic!("no Key ID in `garage key create` output:\n{created}"));
+        let secret = match table_value(&created, "Secret key") {
+            Some(s) if !s.starts_with('(') => s,
+            // Some versions redact it unless asked.
+            _ => {
+                let info = self.garage(&["key", "info", "--show-secret", &key_id]);
+                table_value(&info, "Secret key")
+                    .filter(|s| !s.starts_with('('))
+                    .unwrap_or_else(|| panic!("no Secret key in `garage key info`:\n{info}"))
+            }
+        };
+        (key_id, secret)
+    }
+
+    /// Creates key `name`, allowed only to read the test bucket; returns
+    /// its id and secret.
+    pub fn reader_key(&self, name: &str) -> (String, String) {
+        let key = self.new_key(name);
+        self.garage(&["bucket", "allow", "--read", TEST_BUCKET, "--key", name]);
+        key
     }
 
     fn spawn(&mut self) {

@@ -109,6 +109,11 @@ pub struct CreateLocation {
     /// Passphrase for encrypting everything stored (secret).
     #[serde(default)]
     pub encryption_passphrase: Option<crate::Secret>,
+    /// Keys that may only read (a host that restores and browses only):
+    /// nothing is written with them, the repository must exist already,
+    /// and backups, deletes and collections through them are refused.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A location as listed: non-secret fields only.
@@ -142,6 +147,9 @@ pub struct Location {
     /// `credentials create` and `validate`; unknown until then).
     #[serde(default)]
     pub conditional_writes: Option<bool>,
+    /// Created with `--read-only`: restores, mounts and listings only.
+    #[serde(default)]
+    pub read_only: bool,
     /// Creation time, RFC 3339.
     pub created: String,
 }

@@ -277,6 +277,8 @@ impl Cloud {
             snap: snap.to_string(),
         })?;
         let location = self.locate(location, snap).await?;
+        self.locations
+            .writable(&location, "delete cloud snapshots")?;
         let repo = self.locations.repo(&location).await?;
         let _claim = self
             .claims

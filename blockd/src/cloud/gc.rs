@@ -88,6 +88,8 @@ impl Cloud {
     /// provider failures.
     pub async fn gc(&self, req: GcRequest) -> Result<GcReport, CloudError> {
         let location = self.locations.resolve(req.location.as_deref())?;
+        self.locations
+            .writable(&location, "collect garbage (it deletes objects)")?;
         let _claim = self.claims.acquire(Want::for_location_use(
             &location,
             "are being garbage-collected (`blockctl repo gc`)",

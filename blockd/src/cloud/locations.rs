@@ -139,6 +139,39 @@ pub enum LocationError {
         #[source]
         source: object_store::Error,
     },
+    /// The keys may read but not write, and `--read-only` was not given.
+    #[error(
+        "location {name}: these keys can read the bucket but not write to it ({source}): \
+         for a host that only restores and browses, add --read-only"
+    )]
+    ReadOnlyKeys {
+        /// Location.
+        name: String,
+        /// What the provider said to the write.
+        #[source]
+        source: object_store::Error,
+    },
+    /// Read-only credentials were asked to write.
+    #[error(
+        "credentials {name:?} are read-only (created with --read-only): they cannot {what}; \
+         use credentials whose keys can write"
+    )]
+    ReadOnly {
+        /// Location.
+        name: String,
+        /// What was asked, e.g. "take backups".
+        what: &'static str,
+    },
+    /// `--read-only` credentials for a place that holds no repository.
+    #[error(
+        "location {name}: there is no repository here (no config object) and read-only \
+         credentials cannot make one: check the bucket, prefix or directory, or create it \
+         first with keys that can write"
+    )]
+    NoRepository {
+        /// Location.
+        name: String,
+    },
     /// The test object read back differently.
     #[error("location {name}: validation failed: the test object read back differently")]
     ProbeMismatch {
@@ -186,6 +219,9 @@ impl LocationError {
             | Self::Config { .. }
             | Self::Directory { .. }
             | Self::Probe { .. }
+            | Self::ReadOnlyKeys { .. }
+            | Self::ReadOnly { .. }
+            | Self::NoRepository { .. }
             | Self::ProbeMismatch { .. } => Outcome::Invalid,
             Self::Secrets { .. } | Self::Encode { .. } => Outcome::Failed,
         }
@@ -225,6 +261,9 @@ struct Settings {
     /// (`localhost` and `127.0.0.1`, a bind mount) is still one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     repository: Option<String>,
+    /// Keys that may only read: nothing is written with them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    read_only: bool,
 }
 
 /// Secrets, kept in a 0600 file.
@@ -387,6 +426,7 @@ impl Locations {
             storage_class: s.storage_class.clone(),
             encryption: s.encryption,
             conditional_writes: s.conditional,
+            read_only: s.read_only,
             created: created.to_string(),
         }
     }
@@ -710,10 +750,27 @@ impl Locations {
             op,
             source,
         };
-        store
+        match store
             .put(&path, bytes::Bytes::from_static(b"blockd probe").into())
             .await
-            .map_err(|e| fail("write", e))?;
+        {
+            Ok(_) => {}
+            // Refused: keys that may read (the probe object is simply not
+            // there) are read-only keys, which `--read-only` is for.
+            Err(
+                source @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => {
+                return Err(match store.head(&path).await {
+                    Err(object_store::Error::NotFound { .. }) => LocationError::ReadOnlyKeys {
+                        name: name.to_string(),
+                        source,
+                    },
+                    _ => fail("write", source),
+                })
+            }
+            Err(e) => return Err(fail("write", e)),
+        }
         let got = store
             .get(&path)
             .await
@@ -935,6 +992,7 @@ impl Locations {
             encryption: req.encryption_passphrase.is_some(),
             conditional: None,
             repository: None,
+            read_only: req.read_only,
         };
         let secrets = Secrets {
             s3_secret_key: req.s3_secret_key.clone(),
@@ -962,8 +1020,22 @@ impl Locations {
         // names cannot both make a new repository at one place.
         let _creating = self.creating.lock().await;
         let mut settings = settings;
+        if settings.read_only {
+            // Nothing is written with these keys: a read proves them, and
+            // the repository must be there already.
+            let store = self.build_store(&req.name, &settings, &secrets)?;
+            let prefix = settings.prefix.clone().unwrap_or_default();
+            let objects = crate::repo::Objects::new(store, &prefix, &req.name, None);
+            if objects.head("config").await?.is_none() {
+                return Err(LocationError::NoRepository {
+                    name: req.name.clone(),
+                }
+                .into());
+            }
+        }
+        let (init, probe) = (!settings.read_only, !settings.read_only);
         let repo = self
-            .connect(&req.name, &mut settings, &secrets, true, true)
+            .connect(&req.name, &mut settings, &secrets, init, probe)
             .await?;
         let id = repo.id();
         let same = {
@@ -1031,7 +1103,7 @@ impl Locations {
             Some(dir) => repo.with_local_dir(dir),
             None => repo,
         };
-        Ok(Arc::new(repo))
+        Ok(Arc::new(if s.read_only { repo.read_only() } else { repo }))
     }
 
     /// Deletes a location (its objects stay in the bucket).
@@ -1077,7 +1149,8 @@ impl Locations {
         let (n, mut s, created) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
         let before = s.conditional;
-        let repo = self.connect(&n, &mut s, &secrets, false, true).await?;
+        let probe = !s.read_only;
+        let repo = self.connect(&n, &mut s, &secrets, false, probe).await?;
         let mut open = self.open.lock().await;
         let id = Some(repo.id());
         if s.conditional != before || s.repository != id {
@@ -1086,6 +1159,19 @@ impl Locations {
         }
         open.insert(n.clone(), repo);
         Ok(self.to_api(&n, &s, &created))
+    }
+
+    /// Refuses read-only credentials for `what` (e.g. "take backups"),
+    /// before anything is claimed, frozen or read.
+    ///
+    /// # Errors
+    /// Read-only credentials; an unknown location.
+    pub fn writable(&self, name: &str, what: &'static str) -> Result<(), CloudError> {
+        let (n, s, _) = self.row(name)?;
+        if s.read_only {
+            return Err(LocationError::ReadOnly { name: n, what }.into());
+        }
+        Ok(())
     }
 
     /// Checks, before what it writes with its keys is committed, that
@@ -1244,6 +1330,78 @@ mod tests {
         let repo = l.repo("local").await.unwrap();
         assert!(!repo.keys.encrypted());
         assert!(l.delete("local").await.is_err());
+    }
+
+    /// Read-only credentials need a repository already there, write
+    /// nothing through any path (the refusal is below every caller), and
+    /// are refused for what writes before it starts.
+    #[tokio::test]
+    async fn read_only_credentials_write_nothing() {
+        let (_dir, l) = locations();
+        let bucket = tempfile::tempdir().unwrap();
+        let mk = |name: &str, sub: &str, read_only: bool| CreateLocation {
+            name: name.into(),
+            provider: Some(Provider::Local),
+            path: Some(bucket.path().join(sub).display().to_string()),
+            read_only,
+            ..CreateLocation::default()
+        };
+        let e = l.create(mk("ro", "empty", true)).await.unwrap_err();
+        assert!(e.to_string().contains("no repository here"), "{e}");
+        assert!(
+            std::fs::read_dir(bucket.path().join("empty")).map_or(true, |mut d| d.next().is_none()),
+            "nothing written where there was no repository"
+        );
+        l.create(mk("rw", "repo", false)).await.unwrap();
+        l.delete("rw").await.unwrap();
+        let loc = l.create(mk("ro", "repo", true)).await.unwrap();
+        assert!(loc.read_only);
+        let files = || files_in(&bucket.path().join("repo"));
+        let before = files();
+        let e = l.writable("ro", "take backups").unwrap_err().to_string();
+        assert!(
+            e.contains("cannot take backups") && e.contains("--read-only"),
+            "{e}"
+        );
+        let repo = l.repo("ro").await.unwrap();
+        assert!(repo.is_read_only());
+        let e = repo
+            .put_pack(&[7; 16], bytes::Bytes::from_static(b"x"))
+            .await;
+        assert!(
+            matches!(e, Err(crate::repo::RepoError::ReadOnly { .. })),
+            "{e:?}"
+        );
+        let lease = crate::repo::gc::Lease::take(&repo, "t1", "h", Duration::from_secs(60))
+            .await
+            .unwrap();
+        lease.release().await;
+        l.validate("ro").await.unwrap();
+        assert_eq!(
+            files(),
+            before,
+            "nothing written through read-only credentials"
+        );
+        // A second name for the repository is still refused, read-only or not.
+        let e = l.create(mk("rw2", "repo", false)).await.unwrap_err();
+        assert!(e.to_string().contains("--cred-id ro"), "{e}");
+    }
+
+    fn files_in(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     #[tokio::test]

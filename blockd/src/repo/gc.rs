@@ -109,11 +109,18 @@ struct SessionBody {
 /// removes it, and so does a drop (in the background), so that no refusal
 /// leaves one behind. [`Lease::keep`] leaves it to lapse instead (a
 /// restore interrupted by a shutdown, to be resumed).
+///
+/// Through read-only credentials nothing can be written, so no lease is
+/// taken: what such a restore reads is protected from collections on
+/// other hosts only by the manifests that reference it, and a snapshot
+/// deleted elsewhere while it is read can lose its packs under the
+/// restore, which then fails naming the missing object.
 #[derive(Debug)]
 pub struct Lease {
     repo: Arc<Repo>,
     task: String,
-    renew: tokio::task::JoinHandle<()>,
+    /// `None` when nothing was written (read-only credentials).
+    renew: Option<tokio::task::JoinHandle<()>>,
     /// Removed or kept already: nothing left for the drop.
     settled: bool,
 }
@@ -130,6 +137,15 @@ impl Lease {
         host: &str,
         length: Duration,
     ) -> Result<Self, RepoError> {
+        if repo.is_read_only() {
+            tracing::info!(location = repo.location(), %task, "read-only credentials: reading without a lease (a collection elsewhere may remove a snapshot deleted meanwhile)");
+            return Ok(Self {
+                repo: repo.clone(),
+                task: task.to_string(),
+                renew: None,
+                settled: true,
+            });
+        }
         let length = length.clamp(Duration::from_secs(1), LEASE_MAX);
         let key = lease_key(task);
         let sealed = Bytes::from(repo.seal_registration(&key, task, host, length.as_secs()));
@@ -156,14 +172,17 @@ impl Lease {
         Ok(Self {
             repo: repo.clone(),
             task: task.to_string(),
-            renew,
+            renew: Some(renew),
             settled: false,
         })
     }
 
     /// Removes the lease: the restore no longer reads the bucket.
     pub async fn release(mut self) {
-        self.renew.abort();
+        let Some(renew) = self.renew.take() else {
+            return;
+        };
+        renew.abort();
         self.settled = true;
         remove_lease(&self.repo, &self.task).await;
     }
@@ -202,7 +221,9 @@ async fn remove_lease(repo: &Repo, task: &str) {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.renew.abort();
+        if let Some(renew) = &self.renew {
+            renew.abort();
+        }
         if self.settled {
             return;
         }

@@ -104,6 +104,19 @@ pub enum RepoError {
         /// Object key.
         object: String,
     },
+    /// A write or delete through read-only credentials.
+    #[error(
+        "location {location} is read-only (created with --read-only): {op} of {object} refused; \
+         back up, delete or collect through credentials whose keys can write"
+    )]
+    ReadOnly {
+        /// Location name.
+        location: String,
+        /// "put" or "delete".
+        op: &'static str,
+        /// Object key.
+        object: String,
+    },
 }
 
 impl RepoError {
@@ -111,7 +124,7 @@ impl RepoError {
     /// the request's mistake; everything else is the store's.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Key { .. } => Outcome::Invalid,
+            Self::Key { .. } | Self::ReadOnly { .. } => Outcome::Invalid,
             Self::Overflow(_) | Self::Memory(_) => Outcome::Failed,
             _ => Outcome::Upstream,
         }
@@ -131,7 +144,8 @@ impl RepoError {
             Self::Store { object, .. }
             | Self::Missing { object, .. }
             | Self::Corrupt { object, .. }
-            | Self::Exists { object, .. } => object,
+            | Self::Exists { object, .. }
+            | Self::ReadOnly { object, .. } => object,
             Self::Key { .. } => "config",
             Self::Overflow(_) | Self::Memory(_) => "",
         }
@@ -164,6 +178,9 @@ pub struct Objects {
     /// whose files bulk transfers drop from the page cache (see
     /// [`Objects::drop_cached`]).
     local_root: Option<std::path::PathBuf>,
+    /// Credentials that may only read: every put and delete is refused
+    /// here, below every caller, so nothing reaches the store.
+    read_only: bool,
 }
 
 /// Hex of a pack id.
@@ -445,6 +462,20 @@ impl Repo {
     pub fn with_local_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.objects.local_root = Some(dir);
         self
+    }
+
+    /// Opened through credentials that may only read: every write and
+    /// delete fails with [`RepoError::ReadOnly`] before it reaches the
+    /// store, and restores take no lease ([`gc::Lease::take`]).
+    #[must_use]
+    pub fn read_only(mut self) -> Self {
+        self.objects.read_only = true;
+        self
+    }
+
+    /// True when opened through read-only credentials.
+    pub fn is_read_only(&self) -> bool {
+        self.objects.read_only
     }
 
     /// A whole pack, as stored.
@@ -974,7 +1005,19 @@ impl Objects {
             location: location.to_string(),
             storage_class,
             local_root: None,
+            read_only: false,
         }
+    }
+
+    fn refuse_writes(&self, op: &'static str, key: &str) -> Result<(), RepoError> {
+        if self.read_only {
+            return Err(RepoError::ReadOnly {
+                location: self.location.clone(),
+                op,
+                object: key.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Tells a pack's bytes from a local directory out of the page cache
@@ -1046,6 +1089,7 @@ impl Objects {
     /// # Errors
     /// Provider errors; [`RepoError::Exists`] for a conditional create.
     pub async fn put(&self, key: &str, body: Bytes, create: bool) -> Result<u64, RepoError> {
+        self.refuse_writes("put", key)?;
         let path = ObjPath::from(key);
         let len = body.len() as u64;
         let mut attributes = Attributes::new();
@@ -1162,6 +1206,7 @@ impl Objects {
     /// # Errors
     /// Provider errors.
     pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+        self.refuse_writes("delete", key)?;
         let path = ObjPath::from(key);
         let r = retry::run(&self.location, "delete", &path, || self.store.delete(&path)).await;
         match r {

@@ -26,7 +26,7 @@ pub enum CredentialsCmd {
     /// Create credentials for an object store (NAME is the --cred-id of cloudsnap commands)
     #[command(alias = "c")]
     #[command(
-        after_help = "Examples:\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --s3-secret-key ... --bucket backups --encryption-passphrase 'long passphrase'\n  blockctl credentials create nas --provider local --path /srv/backups"
+        after_help = "Examples:\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --s3-secret-key ... --bucket backups --encryption-passphrase 'long passphrase'\n  blockctl credentials create nas --provider local --path /srv/backups\n  blockctl credentials create dr --provider s3 --s3-endpoint s3.example.com --s3-access-key AKIA-READER --s3-secret-key ... --bucket backups --read-only"
     )]
     Create(Box<CreateArgs>),
     /// List credentials (secrets are never shown)
@@ -104,6 +104,10 @@ pub struct CreateArgs {
     /// Passphrase encrypting everything stored; needed again to restore elsewhere
     #[arg(long, env = "BLOCKD_ENCRYPTION_PASSPHRASE", hide_env_values = true)]
     encryption_passphrase: Option<String>,
+    /// Keys that may only read (a host that restores and browses): nothing
+    /// is written with them; backups, deletes and gc through them are refused
+    #[arg(long)]
+    read_only: bool,
 }
 
 /// An absolute path as text: the daemon resolves paths against its own
@@ -151,6 +155,7 @@ impl CreateArgs {
                 .map(absolute)
                 .transpose()?,
             encryption_passphrase: self.encryption_passphrase.clone().map(Secret::from),
+            read_only: self.read_only,
         })
     }
 }
@@ -219,8 +224,9 @@ fn print_locations(locs: &[Location]) {
         "ACCOUNT",
         "SSL",
         "ENCRYPTION",
+        "ACCESS",
     ];
-    let rows: Vec<[String; 8]> = locs
+    let rows: Vec<[String; 9]> = locs
         .iter()
         .map(|l| {
             [
@@ -236,6 +242,12 @@ fn print_locations(locs: &[Location]) {
                     l.ssl.to_string()
                 },
                 l.encryption.to_string(),
+                if l.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+                .into(),
             ]
         })
         .collect();

@@ -167,6 +167,7 @@ impl Cloud {
             return Err(CloudError::VolumeNotFound { volume: n.clone() });
         }
         let location = self.locations.resolve(req.location.as_deref())?;
+        self.locations.writable(&location, "take backups")?;
         let created_name = name::new();
         // Claims first: each member's volume, its one job slot, the new
         // snapshot's name and the location are held from here until the

@@ -137,6 +137,8 @@ impl Cloud {
             ));
         }
         let location = self.locations.resolve(spec.location.as_deref())?;
+        self.locations
+            .writable(&location, "take scheduled backups")?;
         let id = new_id();
         let stored = Stored {
             spec,
