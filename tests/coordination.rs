@@ -634,9 +634,10 @@ fn a_credentials_create_waiting_on_a_silent_endpoint_holds_up_no_backup() {
             "b",
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let asked = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     assert!(create.try_wait().unwrap().is_none(), "the create ended");
     // Meanwhile backups, restores and listings of other locations go on.
@@ -651,8 +652,21 @@ fn a_credentials_create_waiting_on_a_silent_endpoint_holds_up_no_backup() {
         started.elapsed()
     );
     assert!(create.try_wait().unwrap().is_none(), "the create ended");
-    let _ = create.kill();
-    let _ = create.wait();
+    // The create itself gives up once the store has not answered its
+    // first request for 30 s, saying what to check, and creates nothing.
+    let status = wait_timeout(&mut create, Duration::from_secs(90));
+    let waited = asked.elapsed();
+    if status.is_none() {
+        let _ = create.kill();
+    }
+    let out = create.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("no answer from the store"),
+        "after {waited:?}: {status:?} {err}"
+    );
+    assert!(waited < Duration::from_secs(60), "gave up after {waited:?}");
+    assert!(!d.ok(&["credentials", "list"]).contains("silent"));
 }
 
 #[test]

@@ -172,6 +172,17 @@ pub enum LocationError {
         /// Location.
         name: String,
     },
+    /// The store gave no answer at all to the first request.
+    #[error(
+        "location {name}: no answer from the store within {secs} s: check the endpoint \
+         (--s3-endpoint, --azure-endpoint) and that the server is up and reachable from this host"
+    )]
+    NoAnswer {
+        /// Location.
+        name: String,
+        /// How long it waited.
+        secs: u64,
+    },
     /// The test object read back differently.
     #[error("location {name}: validation failed: the test object read back differently")]
     ProbeMismatch {
@@ -222,6 +233,7 @@ impl LocationError {
             | Self::ReadOnlyKeys { .. }
             | Self::ReadOnly { .. }
             | Self::NoRepository { .. }
+            | Self::NoAnswer { .. }
             | Self::ProbeMismatch { .. } => Outcome::Invalid,
             Self::Secrets { .. } | Self::Encode { .. } => Outcome::Failed,
         }
@@ -233,6 +245,26 @@ fn encode(name: &str, s: &Settings) -> Result<String, LocationError> {
         name: name.to_string(),
         source,
     })
+}
+
+/// How long `credentials create` and `validate` wait for the store's
+/// first answer: an endpoint that takes connections and never answers
+/// would otherwise hold the request for the HTTP client's full timeout and
+/// retries (some two minutes). Once it has answered, later requests have
+/// the client's own limits.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// `fut`, or [`LocationError::NoAnswer`] once [`FIRST_ANSWER_WAIT`] passed.
+async fn first_answer<T>(
+    name: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, LocationError> {
+    tokio::time::timeout(FIRST_ANSWER_WAIT, fut)
+        .await
+        .map_err(|_| LocationError::NoAnswer {
+            name: name.to_string(),
+            secs: FIRST_ANSWER_WAIT.as_secs(),
+        })
 }
 
 /// Non-secret settings, kept in the state database.
@@ -750,10 +782,8 @@ impl Locations {
             op,
             source,
         };
-        match store
-            .put(&path, bytes::Bytes::from_static(b"blockd probe").into())
-            .await
-        {
+        let first = store.put(&path, bytes::Bytes::from_static(b"blockd probe").into());
+        match first_answer(name, first).await? {
             Ok(_) => {}
             // Refused: keys that may read (the probe object is simply not
             // there) are read-only keys, which `--read-only` is for.
@@ -1026,7 +1056,10 @@ impl Locations {
             let store = self.build_store(&req.name, &settings, &secrets)?;
             let prefix = settings.prefix.clone().unwrap_or_default();
             let objects = crate::repo::Objects::new(store, &prefix, &req.name, None);
-            if objects.head("config").await?.is_none() {
+            if first_answer(&req.name, objects.head("config"))
+                .await??
+                .is_none()
+            {
                 return Err(LocationError::NoRepository {
                     name: req.name.clone(),
                 }
@@ -1150,7 +1183,14 @@ impl Locations {
         let secrets = self.read_secrets(&n)?;
         let before = s.conditional;
         let probe = !s.read_only;
-        let repo = self.connect(&n, &mut s, &secrets, false, probe).await?;
+        // The probe waits for its first answer only so long; without one
+        // (read-only keys), the open's first read does.
+        let connect = self.connect(&n, &mut s, &secrets, false, probe);
+        let repo = if probe {
+            connect.await?
+        } else {
+            first_answer(&n, connect).await??
+        };
         let mut open = self.open.lock().await;
         let id = Some(repo.id());
         if s.conditional != before || s.repository != id {
