@@ -113,6 +113,16 @@ pub(super) struct Running {
 }
 
 impl Running {
+    /// The task's id.
+    pub(super) fn id(&self) -> String {
+        self.record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .task
+            .id
+            .clone()
+    }
+
     pub(super) fn snapshot(&self) -> Record {
         let mut r = self
             .record
@@ -326,11 +336,7 @@ impl Cloud {
     pub(super) fn interrupted(&self, run: &Running) {
         let now = run.snapshot();
         let id = &now.task.id;
-        let saved = match self.db.task(id) {
-            Ok(Some(rec)) => serde_json::from_str::<Record>(&rec).ok(),
-            _ => None,
-        };
-        let Some(mut r) = saved.filter(|r| !r.task.state.is_final()) else {
+        let Some(mut r) = self.saved(id).filter(|r| !r.task.state.is_final()) else {
             return;
         };
         r.task.elapsed_secs = now.task.elapsed_secs;
@@ -388,7 +394,7 @@ impl Cloud {
             failing = Some((since, at));
             attempts += 1;
             let failed_for = since.elapsed();
-            let id = run.snapshot().task.id;
+            let id = run.id();
             if failed_for >= self.outage_wait {
                 tracing::warn!(task = %id, error = %e, attempts, "location still failing; giving up");
                 return Err(CloudError::Outage {
@@ -417,10 +423,24 @@ impl Cloud {
     /// True when the location of `run` does not answer now: a HEAD of its
     /// config object fails as an outage does.
     async fn location_down(&self, run: &Running) -> bool {
-        let location = run.snapshot().task.location;
+        let location = run
+            .record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .task
+            .location
+            .clone();
         match self.locations.repo(&location).await {
             Ok(repo) => repo.reachable().await.is_err_and(|e| e.transient()),
             Err(e) => e.outage(),
+        }
+    }
+
+    /// Task `id`'s record as last saved, if it can be read.
+    fn saved(&self, id: &str) -> Option<Record> {
+        match self.db.task(id) {
+            Ok(Some(rec)) => serde_json::from_str::<Record>(&rec).ok(),
+            _ => None,
         }
     }
 
@@ -429,13 +449,8 @@ impl Cloud {
     /// it moved stay counted: they were moved.
     fn rewind(&self, run: &Running) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        let id = run.snapshot().task.id;
-        let saved = match self.db.task(&id) {
-            Ok(Some(rec)) => serde_json::from_str::<Record>(&rec).ok(),
-            _ => None,
-        };
         let p = &run.progress;
-        if let Some(r) = saved {
+        if let Some(r) = self.saved(&run.id()) {
             p.done.store(r.task.bytes_done, Relaxed);
             p.reused.store(r.task.bytes_reused, Relaxed);
             p.read.store(r.read, Relaxed);
