@@ -487,6 +487,13 @@ fn a_restore_only_host_works_with_keys_that_may_only_read() {
         b.ok(&["snapshot", "list", "back"]).lines().count() <= 1,
         "a refused backup froze nothing"
     );
+    // Nothing on this host even tried a write: no path met the refusal
+    // below every caller (restores, mounts and checks wrote nothing).
+    assert!(
+        !b.log().contains("refused; back up, delete or collect"),
+        "{}",
+        b.log()
+    );
     // The writing host's snapshot is untouched and still its only one.
     let mine = list(&a, &["--cred-id", "s3"]);
     assert_eq!(mine.len(), 1);
