@@ -1017,3 +1017,136 @@ fn listing_every_location_names_the_one_that_fails() {
     let listed = d.ok(&["cloudsnap", "list", "--cred-id", "local"]);
     assert!(listed.contains("vol1"), "{listed}");
 }
+
+/// A read-only bind mount of a directory, removed on drop.
+struct ReadOnlyView(std::path::PathBuf);
+
+impl ReadOnlyView {
+    fn of(dir: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        sh(&format!(
+            "mount --bind '{0}' '{1}' && mount -o remount,bind,ro '{1}'",
+            dir.display(),
+            at.display()
+        ));
+        Self(at.to_path_buf())
+    }
+
+    fn unmount(&self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Read-only credentials on a directory a host may not write (a
+/// read-only mount of the backups): a create without `--read-only` says
+/// to add it; with it, nothing is made where there is no repository, a
+/// second name that could write is told to delete the read-only one
+/// first, scheduled collection leaves it alone, and once the mount goes
+/// the repository is reported gone instead of empty.
+#[test]
+fn read_only_credentials_on_a_read_only_directory() {
+    if !skip_unless(is_root(), "needs root for a read-only bind mount") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket");
+    let a = Blockd::start();
+    a.ok(&[
+        "credentials",
+        "create",
+        "src",
+        "--provider",
+        "local",
+        "--path",
+        bucket.to_str().unwrap(),
+    ]);
+    a.create("vol1", "16M");
+    let img = image(tmp.path(), "a.img", 16 * MB, 8 * MB, 83);
+    load(&a, "vol1", &img);
+    backup(&a, &["vol1", "--cred-id", "src"]);
+    let ro = ReadOnlyView::of(&bucket, &tmp.path().join("ro"));
+    let ro_s = ro.0.to_str().unwrap().to_string();
+
+    let b = Blockd::start_with(None, &["--gc-every", "1s"]);
+    let create = |name: &str, path: &str, read_only: bool| {
+        let mut args = vec![
+            "credentials",
+            "create",
+            name,
+            "--provider",
+            "local",
+            "--path",
+            path,
+        ];
+        if read_only {
+            args.push("--read-only");
+        }
+        b.blockctl(&args)
+    };
+    let err = |out: std::process::Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(create("dr", &ro_s, false));
+    assert!(
+        e.contains("can read the bucket but not write") && e.contains("--read-only"),
+        "{e}"
+    );
+    let nowhere = tmp.path().join("nowhere");
+    let e = err(create("dr", nowhere.to_str().unwrap(), true));
+    assert!(e.contains("no repository here"), "{e}");
+    assert!(
+        !nowhere.exists(),
+        "a read-only create made {}",
+        nowhere.display()
+    );
+    assert!(create("dr", &ro_s, true).status.success());
+    // A name that could write is told what to do about the read-only one.
+    let e = err(create("drw", bucket.to_str().unwrap(), false));
+    assert!(e.contains("credentials delete dr"), "{e}");
+
+    let snaps = list(&b, &["--cred-id", "dr"]);
+    assert_eq!(snaps.len(), 1);
+    let snap = snaps[0]["id"].as_str().unwrap().to_string();
+    let r = restore(&b, &snap, "back", &["--cred-id", "dr"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&b, &img, "back");
+    // Collection every second: never tried through the read-only name.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        !b.log().contains("scheduled garbage collection failed"),
+        "{}",
+        b.log()
+    );
+
+    // The directory goes: gone, not empty.
+    ro.unmount();
+    for cmd in [
+        vec!["cloudsnap", "list", "--cred-id", "dr"],
+        vec!["cloudsnap", "list"],
+        vec![
+            "cloudsnap",
+            "restore",
+            "--snap",
+            &snap,
+            "--volume",
+            "again",
+            "--cred-id",
+            "dr",
+        ],
+    ] {
+        b.fails(&cmd, "the repository is gone");
+    }
+    let cat = tmp.path().join("cat");
+    std::fs::create_dir_all(&cat).unwrap();
+    b.fails(
+        &["mount", cat.to_str().unwrap(), "--cred-id", "dr"],
+        "the repository is gone",
+    );
+}

@@ -909,3 +909,79 @@ fn gc_and_check_racing_deletes_see_no_damage() {
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "r");
 }
+
+/// A restore-only host (read-only credentials) takes no lease. When the
+/// writing host deletes the snapshot and collects it while a lazy
+/// restore of it runs here, the restore's fetches fail on missing packs,
+/// and the task then says the snapshot is gone and what to do, instead
+/// of retrying for ever.
+#[test]
+fn a_lazy_restore_through_read_only_credentials_says_when_its_snapshot_is_gone() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let a = Blockd::start();
+    let b = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "2M")]);
+    a.ok(&[
+        "credentials",
+        "create",
+        "shared",
+        "--provider",
+        "local",
+        "--path",
+        &path,
+    ]);
+    b.ok(&[
+        "credentials",
+        "create",
+        "dr",
+        "--provider",
+        "local",
+        "--path",
+        &path,
+        "--read-only",
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    a.create("src", "32M");
+    let img = image(tmp.path(), "src.img", 32 * MB, 24 * MB, 23);
+    load(&a, "src", &img);
+    let snap = backup(&a, &["src", "--cred-id", "shared"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = lazy_restore_with(&b, &snap, "copy", &["--cred-id", "dr"]);
+    let t = wait_until(&b, &id, |t| {
+        t["bytes_transferred"].as_u64().unwrap_or(0) >= 2 * MB as u64
+    });
+    assert_eq!(t["state"], "Active", "finished too soon: {t}");
+    assert!(
+        files_under(&Path::new(&path).join("locks/readers")).is_empty(),
+        "a lease written through read-only credentials"
+    );
+    a.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        &snap,
+        "--cred-id",
+        "shared",
+    ]);
+    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    assert!(r["deleted_bytes"].as_u64().unwrap() > 0, "{r}");
+    let t = wait_until(&b, &id, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gone from the bucket"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    let e = t["error"].as_str().unwrap();
+    let (vol, name) = snap.split_once('/').unwrap();
+    assert!(
+        e.contains(&format!("snapshots/{vol}/{name} is missing")) && e.contains("stop --force"),
+        "{e}"
+    );
+}

@@ -57,7 +57,12 @@ impl Cloud {
                 }
                 let Some(cloud) = me.upgrade() else { return };
                 let names = match cloud.locations.list() {
-                    Ok(l) => l.into_iter().map(|l| l.name).collect::<Vec<_>>(),
+                    // Read-only credentials cannot collect: nothing to do there.
+                    Ok(l) => l
+                        .into_iter()
+                        .filter(|l| !l.read_only)
+                        .map(|l| l.name)
+                        .collect::<Vec<_>>(),
                     Err(e) => {
                         tracing::warn!(error = %e, "scheduled garbage collection: cannot list locations");
                         continue;
@@ -88,8 +93,10 @@ impl Cloud {
     /// provider failures.
     pub async fn gc(&self, req: GcRequest) -> Result<GcReport, CloudError> {
         let location = self.locations.resolve(req.location.as_deref())?;
-        self.locations
-            .writable(&location, "collect garbage (it deletes objects)")?;
+        self.locations.writable(
+            &location,
+            "collect garbage (a collection, a dry run too, records its run in the bucket)",
+        )?;
         let _claim = self.claims.acquire(Want::for_location_use(
             &location,
             "are being garbage-collected (`blockctl repo gc`)",

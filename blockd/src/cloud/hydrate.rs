@@ -491,6 +491,19 @@ impl Iterator for Windows {
     }
 }
 
+/// The snapshot of `job` is gone (`e`): its lease, if any, is released.
+async fn release_gone(job: &Job, e: &CloudError) {
+    let lease = job
+        .lease
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(lease) = lease {
+        tracing::warn!(volume = %job.volume.name(), error = %e, "the snapshot of a lazy restore is gone: its lease is released, and the units not restored yet never will be");
+        lease.release().await;
+    }
+}
+
 /// Fetches every missing unit; returns once all are present and durable.
 ///
 /// # Errors
@@ -558,15 +571,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             // restore was interrupted, its lease lapsed): nothing more can
             // be fetched. The volume stays served for what it holds.
             Err(e @ CloudError::Repo(crate::repo::RepoError::Missing { .. })) => {
-                let lease = job
-                    .lease
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                if let Some(lease) = lease {
-                    tracing::warn!(volume = %job.volume.name(), error = %e, "the snapshot of a lazy restore is gone: its lease is released, and the units not restored yet never will be");
-                    lease.release().await;
-                }
+                release_gone(job, &e).await;
                 gone = Some(e);
             }
             Err(_) => {}
@@ -643,6 +648,22 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         set_done();
         if l.complete() {
             break;
+        }
+        // Fetches failing for a snapshot read before: if its manifest is
+        // gone now too (deleted on another host, then collected), nothing
+        // more will come. One HEAD per failing pass.
+        if gone.is_none() && failed.is_some() {
+            if let Ok(r) = job.source.ready().await {
+                let (v, n) = (&job.source.src_volume, &job.source.src_name);
+                if let Ok(false) = r.repo.has_manifest(v, n).await {
+                    let e = CloudError::Repo(crate::repo::RepoError::Missing {
+                        location: r.repo.location().to_string(),
+                        object: crate::repo::manifest_key(v, n),
+                    });
+                    release_gone(job, &e).await;
+                    gone = Some(e);
+                }
+            }
         }
         let why = match (gone, failed) {
             (Some(e), _) => format!(

@@ -69,6 +69,19 @@ pub enum LocationError {
         /// Where it is.
         target: String,
     },
+    /// Read-only credentials already name the repository, and these
+    /// may write.
+    #[error(
+        "credentials {other:?} already name this repository ({target}), read-only: to reach \
+         it with keys that can write, delete them first (`blockctl credentials delete {other}`), \
+         then create these"
+    )]
+    SameTargetReadOnly {
+        /// The credentials that name it.
+        other: String,
+        /// Where it is.
+        target: String,
+    },
     /// The name is taken.
     #[error("credentials {name:?} already exist: delete them first or choose another name")]
     Exists {
@@ -218,9 +231,10 @@ impl LocationError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::NotFound { .. } => Outcome::NotFound,
-            Self::Exists { .. } | Self::Scheduled { .. } | Self::SameTarget { .. } => {
-                Outcome::Conflict
-            }
+            Self::Exists { .. }
+            | Self::Scheduled { .. }
+            | Self::SameTarget { .. }
+            | Self::SameTargetReadOnly { .. } => Outcome::Conflict,
             Self::Ambiguous { .. }
             | Self::BadName { .. }
             | Self::Embedded
@@ -669,11 +683,20 @@ impl Locations {
         let store: Arc<dyn ObjectStore> = match s.provider.unwrap_or(Provider::Local) {
             Provider::Local => {
                 let dir = self.local_root(s);
-                std::fs::create_dir_all(&dir).map_err(|source| LocationError::Directory {
-                    name: name.to_string(),
-                    dir: dir.display().to_string(),
-                    source,
-                })?;
+                if s.read_only {
+                    // Nothing is made through read-only credentials.
+                    if !dir.is_dir() {
+                        return Err(LocationError::NoRepository {
+                            name: name.to_string(),
+                        });
+                    }
+                } else {
+                    std::fs::create_dir_all(&dir).map_err(|source| LocationError::Directory {
+                        name: name.to_string(),
+                        dir: dir.display().to_string(),
+                        source,
+                    })?;
+                }
                 // A backup is done when its objects are durable: fsync files and
                 // directories, as object stores do before acknowledging a PUT.
                 // Large ranged GETs bypass the page cache (`repo::direct`).
@@ -787,10 +810,7 @@ impl Locations {
             Ok(_) => {}
             // Refused: keys that may read (the probe object is simply not
             // there) are read-only keys, which `--read-only` is for.
-            Err(
-                source @ (object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. }),
-            ) => {
+            Err(source) if write_refused(&source) => {
                 return Err(match store.head(&path).await {
                     Err(object_store::Error::NotFound { .. }) => LocationError::ReadOnlyKeys {
                         name: name.to_string(),
@@ -1037,12 +1057,12 @@ impl Locations {
             &format!("for the {target}"),
             "are being created",
         ))?;
-        if let Some((other, ..)) = self
+        if let Some((other, s, _)) = self
             .rows()?
             .into_iter()
             .find(|(_, s, _)| self.target(s) == target)
         {
-            return Err(LocationError::SameTarget { other, target }.into());
+            return Err(same_target(other, &s, &settings, target).into());
         }
         // The same repository at another address is caught by what it is:
         // it is opened (or made), its identity compared and the row
@@ -1079,11 +1099,8 @@ impl Locations {
             })
         };
         if let Some((other, s, _)) = same {
-            return Err(LocationError::SameTarget {
-                other,
-                target: format!("{target}, which is {}", self.target(&s)),
-            }
-            .into());
+            let target = format!("{target}, the same repository as {}", self.target(&s));
+            return Err(same_target(other, &s, &settings, target).into());
         }
         settings.repository = Some(id);
         self.write_secrets(&req.name, &secrets)?;
@@ -1277,6 +1294,40 @@ impl Locations {
         open.insert(n, repo.clone());
         Ok(repo)
     }
+}
+
+/// The refusal of a second name (`new`) for the repository `other`
+/// (`theirs`) names: use `other`, unless only it can write nothing.
+fn same_target(other: String, theirs: &Settings, new: &Settings, target: String) -> LocationError {
+    if theirs.read_only && !new.read_only {
+        LocationError::SameTargetReadOnly { other, target }
+    } else {
+        LocationError::SameTarget { other, target }
+    }
+}
+
+/// True when `e` refuses a write for want of permission: the provider's
+/// 401 or 403, or a local directory that is read-only or not writable.
+fn write_refused(e: &object_store::Error) -> bool {
+    if matches!(
+        e,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An S3 location's endpoint as a URL: one given without a scheme is

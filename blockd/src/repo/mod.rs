@@ -152,6 +152,15 @@ impl RepoError {
     }
 }
 
+/// The error for a location whose repository is not there (no config
+/// object): an unmounted directory, a wrong bucket or prefix.
+fn gone(location: &str) -> RepoError {
+    RepoError::Key {
+        location: location.to_string(),
+        message: "the repository is gone (no config object): check that the bucket, prefix or directory is the one the backups were written to, and that it is mounted; blockd never re-initialises an existing location".into(),
+    }
+}
+
 /// An opened repository.
 #[derive(Debug)]
 pub struct Repo {
@@ -251,12 +260,7 @@ impl Repo {
         let objects = Objects::new(store, prefix, location, storage_class);
         let config = match objects.get_meta("config").await {
             Ok(bytes) => parse_config(&objects, &bytes)?,
-            Err(RepoError::Missing { .. }) if !init => {
-                return Err(RepoError::Key {
-                    location: location.to_string(),
-                    message: "the repository is gone (no config object): check that the bucket, prefix or directory is the one the backups were written to, and that it is mounted; blockd never re-initialises an existing location".into(),
-                })
-            }
+            Err(RepoError::Missing { .. }) if !init => return Err(gone(location)),
             Err(RepoError::Missing { .. }) => {
                 let (config, _) = new_config(passphrase);
                 let body = serde_json::to_vec_pretty(&config)
@@ -532,6 +536,30 @@ impl Repo {
     /// Provider errors.
     pub async fn reachable(&self) -> Result<(), RepoError> {
         self.objects.head("config").await.map(|_| ())
+    }
+
+    /// Fails when the repository is no longer there (its config object is
+    /// missing: a directory unmounted since it was opened, a bucket
+    /// emptied), so that it is not taken for an empty one. One HEAD.
+    ///
+    /// # Errors
+    /// The repository is gone; provider errors.
+    pub async fn present(&self) -> Result<(), RepoError> {
+        match self.objects.head("config").await? {
+            Some(_) => Ok(()),
+            None => Err(gone(self.location())),
+        }
+    }
+
+    /// `e`, or the repository is gone when `e` is a missing object and so
+    /// is the config.
+    async fn missing_or_gone(&self, e: RepoError) -> RepoError {
+        if matches!(e, RepoError::Missing { .. }) {
+            if let Err(g @ RepoError::Key { .. }) = self.present().await {
+                return g;
+            }
+        }
+        e
     }
 
     /// Reads the config object again: it must still be the one opened.
@@ -822,7 +850,10 @@ impl Repo {
     /// as [`RepoError::Corrupt`], named with its manifest.
     pub async fn get_manifest(&self, volume: &str, name: &str) -> Result<Manifest, RepoError> {
         let key = manifest_key(volume, name);
-        let bytes = self.objects.get_meta(&key).await?;
+        let bytes = match self.objects.get_meta(&key).await {
+            Ok(b) => b,
+            Err(e) => return Err(self.missing_or_gone(e).await),
+        };
         let (version, sealed) =
             format::open_envelope_v(format::MANIFEST_MAGIC, format::MANIFEST_VERSION, &bytes)
                 .map_err(|Malformed(m)| self.objects.corrupt(&key, m))?;
@@ -882,11 +913,16 @@ impl Repo {
     /// # Errors
     /// Provider errors.
     pub async fn has_manifest(&self, volume: &str, name: &str) -> Result<bool, RepoError> {
-        Ok(self
+        if self
             .objects
             .head(&manifest_key(volume, name))
             .await?
-            .is_some())
+            .is_some()
+        {
+            return Ok(true);
+        }
+        self.present().await?;
+        Ok(false)
     }
 
     /// Deletes the manifest of snapshot `volume/name` (its chunks stay for
@@ -913,10 +949,12 @@ impl Repo {
             Some(v) => format!("snapshots/{v}"),
             None => "snapshots".into(),
         };
-        Ok(self
-            .objects
-            .list(&dir)
-            .await?
+        let keys = self.objects.list(&dir).await?;
+        // Nothing listed: an empty repository, or none any more.
+        if keys.is_empty() {
+            self.present().await?;
+        }
+        Ok(keys
             .into_iter()
             .filter_map(|k| {
                 let mut parts = k.splitn(3, '/');
