@@ -1473,8 +1473,12 @@ mod tests {
             before,
             "nothing written through read-only credentials"
         );
-        // A second name for the repository is still refused, read-only or not.
+        // A second name for the repository is still refused: one that
+        // could write is told to delete the read-only one first, another
+        // read-only one to use it.
         let e = l.create(mk("rw2", "repo", false)).await.unwrap_err();
+        assert!(e.to_string().contains("credentials delete ro"), "{e}");
+        let e = l.create(mk("ro2", "repo", true)).await.unwrap_err();
         assert!(e.to_string().contains("--cred-id ro"), "{e}");
     }
 
