@@ -18,6 +18,16 @@ fn gc(d: &Blockd, args: &[&str]) -> Value {
     json(&d.ok(&a))
 }
 
+/// Deletes `snap` from the "shared" location, then collects twice, 1.5 s
+/// apart, so that the second collection may sweep what the first marked
+/// (grace 1 s). Returns the second collection's report.
+fn delete_and_collect(a: &Blockd, snap: &str) -> Value {
+    a.ok(&["cloudsnap", "delete", "--snap", snap, "--cred-id", "shared"]);
+    gc(a, &["--cred-id", "shared", "--grace", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    gc(a, &["--cred-id", "shared", "--grace", "1s"])
+}
+
 fn bytes_under(dir: &Path) -> u64 {
     files_under(dir)
         .iter()
@@ -398,17 +408,7 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     });
     assert_eq!(t["state"], "Active", "finished too soon: {t}");
     b.kill9();
-    a.ok(&[
-        "cloudsnap",
-        "delete",
-        "--snap",
-        &snap2,
-        "--cred-id",
-        "shared",
-    ]);
-    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    let r = delete_and_collect(&a, &snap2);
     let lapsed = r["held_marks"] == 0;
     if !lapsed {
         assert_eq!(r["deleted_bytes"], 0, "{r}");
@@ -960,17 +960,7 @@ fn a_lazy_restore_through_read_only_credentials_says_when_its_snapshot_is_gone()
         files_under(&Path::new(&path).join("locks/readers")).is_empty(),
         "a lease written through read-only credentials"
     );
-    a.ok(&[
-        "cloudsnap",
-        "delete",
-        "--snap",
-        &snap,
-        "--cred-id",
-        "shared",
-    ]);
-    gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
+    let r = delete_and_collect(&a, &snap);
     assert!(r["deleted_bytes"].as_u64().unwrap() > 0, "{r}");
     let t = wait_until(&b, &id, |t| {
         t["error"]

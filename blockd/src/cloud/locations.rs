@@ -25,7 +25,7 @@ use super::{now, CloudError};
 use crate::claims::{Claims, Want};
 use crate::outcome::Outcome;
 use crate::repo::faulty::FaultyStore;
-use crate::repo::Repo;
+use crate::repo::{Repo, RepoError};
 use crate::state::StateDb;
 
 /// Why a location was refused or failed.
@@ -1070,26 +1070,23 @@ impl Locations {
         // names cannot both make a new repository at one place.
         let _creating = self.creating.lock().await;
         let mut settings = settings;
-        if settings.read_only {
-            // Nothing is written with these keys: a read proves them, and
-            // the repository must be there already.
-            let store = self.build_store(&req.name, &settings, &secrets)?;
-            let prefix = settings.prefix.clone().unwrap_or_default();
-            let objects = crate::repo::Objects::new(store, &prefix, &req.name, None);
-            if first_answer(&req.name, objects.head("config"))
-                .await??
-                .is_none()
-            {
-                return Err(LocationError::NoRepository {
-                    name: req.name.clone(),
+        let repo = if settings.read_only {
+            // Nothing is written with these keys: the open's read of the
+            // config proves them, and the repository must be there already.
+            let connect = self.connect(&req.name, &mut settings, &secrets, false, false);
+            match first_answer(&req.name, connect).await? {
+                Err(CloudError::Repo(RepoError::Gone { .. })) => {
+                    return Err(LocationError::NoRepository {
+                        name: req.name.clone(),
+                    }
+                    .into());
                 }
-                .into());
+                r => r?,
             }
-        }
-        let (init, probe) = (!settings.read_only, !settings.read_only);
-        let repo = self
-            .connect(&req.name, &mut settings, &secrets, init, probe)
-            .await?;
+        } else {
+            self.connect(&req.name, &mut settings, &secrets, true, true)
+                .await?
+        };
         let id = repo.id();
         let same = {
             let open = self.open.lock().await;

@@ -104,6 +104,17 @@ pub enum RepoError {
         /// Object key.
         object: String,
     },
+    /// The repository is not there (no config object): an unmounted
+    /// directory, a wrong bucket or prefix, a bucket emptied since.
+    #[error(
+        "location {location}: the repository is gone (no config object): check that the bucket, \
+         prefix or directory is the one the backups were written to, and that it is mounted; \
+         blockd never re-initialises an existing location"
+    )]
+    Gone {
+        /// Location name.
+        location: String,
+    },
     /// A write or delete through read-only credentials.
     #[error(
         "location {location} is read-only (created with --read-only): {op} of {object} refused; \
@@ -124,7 +135,7 @@ impl RepoError {
     /// the request's mistake; everything else is the store's.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Key { .. } | Self::ReadOnly { .. } => Outcome::Invalid,
+            Self::Key { .. } | Self::Gone { .. } | Self::ReadOnly { .. } => Outcome::Invalid,
             Self::Overflow(_) | Self::Memory(_) => Outcome::Failed,
             _ => Outcome::Upstream,
         }
@@ -146,7 +157,7 @@ impl RepoError {
             | Self::Corrupt { object, .. }
             | Self::Exists { object, .. }
             | Self::ReadOnly { object, .. } => object,
-            Self::Key { .. } => "config",
+            Self::Key { .. } | Self::Gone { .. } => "config",
             Self::Overflow(_) | Self::Memory(_) => "",
         }
     }
@@ -155,9 +166,8 @@ impl RepoError {
 /// The error for a location whose repository is not there (no config
 /// object): an unmounted directory, a wrong bucket or prefix.
 fn gone(location: &str) -> RepoError {
-    RepoError::Key {
+    RepoError::Gone {
         location: location.to_string(),
-        message: "the repository is gone (no config object): check that the bucket, prefix or directory is the one the backups were written to, and that it is mounted; blockd never re-initialises an existing location".into(),
     }
 }
 
@@ -555,7 +565,7 @@ impl Repo {
     /// is the config.
     async fn missing_or_gone(&self, e: RepoError) -> RepoError {
         if matches!(e, RepoError::Missing { .. }) {
-            if let Err(g @ RepoError::Key { .. }) = self.present().await {
+            if let Err(g @ RepoError::Gone { .. }) = self.present().await {
                 return g;
             }
         }
