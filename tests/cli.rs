@@ -670,6 +670,20 @@ fn cloud_bad_arguments_exit_nonzero() {
         ],
         "named twice",
     );
+    // A volume given both ways is refused, not one of them dropped.
+    usage_error(
+        &[
+            "cloudsnap",
+            "schedules",
+            "create",
+            "app",
+            "--volume",
+            "logs",
+            "--daily",
+            "01:00",
+        ],
+        "cannot be used with",
+    );
 }
 
 /// Every command and command group ends its --help with examples.

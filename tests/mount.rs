@@ -296,6 +296,38 @@ fn group_backups_appear_under_groups_with_their_members() {
     assert_eq!(members, [format!("db/{name}"), format!("log/{name}")]);
     let snap_info = json(&std::fs::read_to_string(cat.path("db/latest/info.json")).unwrap());
     assert_eq!(snap_info["group"], group.as_str());
+    drop(cat);
+
+    // The group object goes with its last member (retention deletes the
+    // same way), also when the last two are deleted at once.
+    let groups = || files_under(&d.dir.path().join("objects/groups")).len();
+    assert_eq!(groups(), 1);
+    d.ok(&["cloudsnap", "delete", "--snap", &format!("db/{name}")]);
+    assert_eq!(groups(), 1, "a group with a member left was deleted");
+    d.ok(&["cloudsnap", "delete", "--snap", &format!("log/{name}")]);
+    assert_eq!(groups(), 0, "a group of deleted snapshots stayed");
+    for round in 0..3 {
+        let tasks = json(&d.ok(&[
+            "-j",
+            "cloudsnap",
+            "backup-group",
+            "--label",
+            "app=shop",
+            "--wait",
+        ]));
+        let name = snap_name(&tasks[0]);
+        assert_eq!(groups(), 1);
+        let outs = at_once(2, |i| {
+            let v = ["db", "log"][i];
+            d.blockctl(&["cloudsnap", "delete", "--snap", &format!("{v}/{name}")])
+        });
+        assert!(outs.iter().all(|o| o.status.success()), "{outs:?}");
+        assert_eq!(
+            groups(),
+            0,
+            "round {round}: a group of deleted snapshots stayed"
+        );
+    }
 }
 
 #[test]

@@ -367,3 +367,76 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
         }
     }
 }
+
+/// A volume a schedule names is not deleted under it (the schedule would
+/// fail at every run), `--force` or not; a schedule and a delete fired at
+/// once never leave a schedule naming a volume that is gone.
+#[test]
+fn a_volume_a_schedule_names_is_kept_until_the_schedule_goes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("v", "8M");
+    let id = create(&d, &["v", "--daily", "03:00"]);
+    for force in [false, true] {
+        let mut args = vec!["volume", "delete", "v"];
+        if force {
+            args.push("--force");
+        }
+        let out = d.blockctl(&args);
+        assert_eq!(out.status.code(), Some(1), "deleted a scheduled volume");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&id) && err.contains("schedules delete"),
+            "the refusal must name the schedule and what to do: {err}"
+        );
+    }
+    assert!(d.ok(&["volume", "list"]).contains('v'));
+    d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
+    d.ok(&["volume", "delete", "v"]);
+
+    for round in 0..20 {
+        let vol = format!("r{round}");
+        d.create(&vol, "1M");
+        let outs = at_once(2, |i| {
+            if i == 0 {
+                d.blockctl(&[
+                    "-j",
+                    "cloudsnap",
+                    "schedules",
+                    "create",
+                    &vol,
+                    "--daily",
+                    "03:00",
+                ])
+            } else {
+                d.blockctl(&["volume", "delete", &vol])
+            }
+        });
+        let (made, deleted) = (outs[0].status.success(), outs[1].status.success());
+        assert!(
+            made != deleted,
+            "round {round}: schedule create {made}, volume delete {deleted}: {outs:?}"
+        );
+        let exists = json(&d.ok(&["-j", "volume", "list"]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == vol.as_str());
+        let named = schedules(&d).iter().any(|s| {
+            s["spec"]["volumes"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|n| n == vol.as_str()))
+        });
+        assert_eq!(exists, made, "round {round}: {outs:?}");
+        assert_eq!(named, made, "round {round}: {outs:?}");
+        if made {
+            let sid = json(&String::from_utf8_lossy(&outs[0].stdout))["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &sid]);
+        }
+    }
+}

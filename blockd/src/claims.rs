@@ -180,6 +180,17 @@ impl Want {
             .with(Resource::Volume(volume.into()), Mode::Shared)
     }
 
+    /// Creating a schedule that names `volumes`: none of them may be
+    /// deleted between the check that it exists and the schedule's insert
+    /// (a delete checks the schedules under its exclusive claim, so the
+    /// two are one step either way).
+    pub fn for_schedule_create(volumes: &[String]) -> Self {
+        volumes.iter().fold(
+            Self::new(Holder::request("is being named by a new schedule")),
+            |w, v| w.with(Resource::Volume(v.clone()), Mode::Shared),
+        )
+    }
+
     /// Taking snapshot `name` of each of `volumes` (one freeze point).
     pub fn for_snapshot_create(volumes: &[String], name: &str) -> Self {
         let mut w = Self::new(Holder::request(&format!(

@@ -48,6 +48,18 @@ pub enum VolumeOpError {
         /// Its snapshots.
         count: usize,
     },
+    /// Schedules name the volume; `--force` does not change that: the
+    /// schedules would fail at every run.
+    #[error("volume {volume:?} is backed up by schedule(s) {schedules}: delete them first (`blockctl cloudsnap schedules delete --uuid ID`; `blockctl cloudsnap schedules list` shows them)")]
+    Scheduled {
+        /// Volume.
+        volume: String,
+        /// The schedules' ids, comma-separated.
+        schedules: String,
+    },
+    /// The state database failed.
+    #[error("reading the schedules: {0}")]
+    Schedules(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -60,7 +72,9 @@ impl VolumeOpError {
             Self::Busy(_)
             | Self::HasSnapshots { .. }
             | Self::Attached { .. }
-            | Self::AttachedResize { .. } => Outcome::Conflict,
+            | Self::AttachedResize { .. }
+            | Self::Scheduled { .. } => Outcome::Conflict,
+            Self::Schedules(_) => Outcome::Failed,
             Self::Store(s) => s.outcome(),
         }
     }
@@ -102,6 +116,18 @@ impl Daemon {
                 connections: v.connections(),
             }
             .into());
+        }
+        // Schedules are created under a shared claim of their volumes, so
+        // under this exclusive one the list is final.
+        let schedules = self
+            .cloud
+            .schedules_naming(name)
+            .map_err(|e| VolumeOpError::Schedules(e.to_string()))?;
+        if !schedules.is_empty() {
+            return Err(VolumeOpError::Scheduled {
+                volume: name.into(),
+                schedules: schedules.join(", "),
+            });
         }
         let count = self.snapshots.list(Some(name)).len();
         if count > 0 && !force {

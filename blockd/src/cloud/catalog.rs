@@ -289,9 +289,50 @@ impl Cloud {
                 location,
             });
         }
+        // Its group, if any (a manifest that cannot be read is deleted all
+        // the same).
+        let group = repo.get_manifest(v, n).await.ok().and_then(|m| m.group);
         repo.delete_manifest(v, n).await?;
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
+        if let Some(g) = group {
+            drop_group_if_empty(&repo, &g).await;
+        }
         Ok(())
+    }
+}
+
+/// Deletes group object `group` once none of its members is left (after
+/// a delete of one of them), so that the catalog shows no group of
+/// deleted snapshots. Each deleter removes its own member before it looks
+/// at the others, so of two deleting the last two members at once, the
+/// one that looks last sees both gone. A group object is written only
+/// after all its members, and a deleted manifest never comes back.
+/// Failures are logged: the snapshot's delete stands either way.
+async fn drop_group_if_empty(repo: &Repo, group: &str) {
+    let g = match repo.get_group(group).await {
+        Ok(g) => g,
+        Err(RepoError::Missing { .. }) => return,
+        Err(e) => {
+            tracing::warn!(group, error = %e, "reading the group object failed: it stays");
+            return;
+        }
+    };
+    for m in &g.members {
+        let Some((v, n)) = name::split(m) else {
+            continue;
+        };
+        match repo.has_manifest(v, n).await {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(e) => {
+                tracing::warn!(group, error = %e, "checking the group's members failed: it stays");
+                return;
+            }
+        }
+    }
+    match repo.delete_group(group).await {
+        Ok(()) => tracing::info!(group, "group object deleted: none of its members is left"),
+        Err(e) => tracing::warn!(group, error = %e, "deleting the group object failed"),
     }
 }
 

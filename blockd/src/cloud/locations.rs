@@ -95,7 +95,7 @@ pub enum LocationError {
         why: String,
     },
     /// `local` is built in.
-    #[error("the embedded location `local` cannot be deleted")]
+    #[error("the embedded location `local` cannot be deleted: it is built in; name other credentials with --cred-id to back up elsewhere")]
     Embedded,
     /// A required flag is missing.
     #[error("{flag} is required for provider {provider}")]
@@ -1004,7 +1004,7 @@ impl Locations {
                 return Err(LocationError::BadFlag {
                     flag: "--path",
                     why: format!(
-                        "{p} is inside blockd's state directory {}, where it would collide with the daemon's own files: choose a directory outside it",
+                        "{p} is inside blockd's state directory {}, where it would collide with the daemon's own files (the embedded location `local` keeps its objects there; use --cred-id local for it): choose a directory outside it",
                         self.state_dir.display()
                     ),
                 }

@@ -185,7 +185,7 @@ pub enum CloudError {
         volume: String,
     },
     /// `--snap` named a volume without cloud snapshots.
-    #[error("no cloud snapshot {snap:?} in location {location}: give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)")]
+    #[error("no cloud snapshot {snap:?} in location {location}: give an id VOLUME/SNAPSHOT as `blockctl cloudsnap list` shows it (a restore or catalog also takes a volume name, for its newest)")]
     NoSnapshotOf {
         /// What was given.
         snap: String,
@@ -193,7 +193,7 @@ pub enum CloudError {
         location: String,
     },
     /// `--snap` without `--cred-id` is in no location.
-    #[error("no cloud snapshot {snap:?} in any location ({locations}): give VOLUME/SNAPSHOT or a volume name (see `blockctl cloudsnap list`)")]
+    #[error("no cloud snapshot {snap:?} in any location ({locations}): give an id VOLUME/SNAPSHOT as `blockctl cloudsnap list` shows it (a restore or catalog also takes a volume name, for its newest)")]
     NoSnapshotAnywhere {
         /// What was given.
         snap: String,

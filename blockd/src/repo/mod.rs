@@ -1013,6 +1013,15 @@ impl Repo {
         Ok(g)
     }
 
+    /// Deletes group object `group` (see `cloud::catalog`: only once none
+    /// of its members is left).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn delete_group(&self, group: &str) -> Result<(), RepoError> {
+        self.objects.delete(&group_key(group)).await
+    }
+
     /// Ids of the group objects, sorted.
     ///
     /// # Errors

@@ -93,7 +93,7 @@ pub enum FreezeError {
         why: String,
     },
     /// The volume has a snapshot of that name.
-    #[error("volume {volume} already has a snapshot named {snapshot}")]
+    #[error("volume {volume} already has a snapshot named {snapshot}: choose another --name, or delete that one first (`blockctl snapshot list {volume}`)")]
     Exists {
         /// Volume.
         volume: String,

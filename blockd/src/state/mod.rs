@@ -417,6 +417,26 @@ impl StateDb {
         })
     }
 
+    /// The schedules that name `volume` (not those that select volumes by
+    /// label, which are resolved at each run).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn schedules_naming(&self, volume: &str) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            Ok(schedule_rows(c)?
+                .into_iter()
+                .filter(|(_, record)| {
+                    serde_json::from_str::<serde_json::Value>(record)
+                        .ok()
+                        .and_then(|v| v["spec"]["volumes"].as_array().cloned())
+                        .is_some_and(|vs| vs.iter().any(|v| v == volume))
+                })
+                .map(|(id, _)| id)
+                .collect())
+        })
+    }
+
     /// Adds a new schedule record (JSON) backing up to `location`, only
     /// if that location exists (see [`StateDb::delete_location`]) and no
     /// existing record `clashes` (given the record, it says why); the

@@ -39,7 +39,7 @@ pub enum SchedulesCmd {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Volume to back up
-    #[arg(conflicts_with_all = ["volume_ids", "labels"])]
+    #[arg(conflicts_with_all = ["volume_flag", "volume_ids", "labels"])]
     volume: Option<String>,
     /// Volume, as pxctl spells it
     #[arg(long = "volume", short = 'v', value_name = "VOLUME", conflicts_with_all = ["volume_ids", "labels"])]

@@ -32,7 +32,7 @@ fn expiry(s: &str, now: SystemTime) -> Result<String, String> {
             format!("--expire {s:?}: give a time (2026-12-01T00:00:00Z), a date (2026-12-01) or a duration from now (7days, 36h)")
         })?;
     if t <= now {
-        return Err(format!("--expire {s:?} is not in the future"));
+        return Err(format!("--expire {s:?} is not in the future: give a later time, or a duration from now (7days, 36h)"));
     }
     Ok(humantime::format_rfc3339_seconds(t).to_string())
 }

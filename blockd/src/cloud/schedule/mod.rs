@@ -97,6 +97,16 @@ fn new_id() -> String {
 }
 
 impl Cloud {
+    /// The schedules that name `volume` (see [`StateDb::schedules_naming`]).
+    ///
+    /// # Errors
+    /// The state database failing.
+    ///
+    /// [`StateDb::schedules_naming`]: crate::state::StateDb::schedules_naming
+    pub fn schedules_naming(&self, volume: &str) -> Result<Vec<String>, CloudError> {
+        Ok(self.db.schedules_naming(volume)?)
+    }
+
     /// Creates a schedule.
     ///
     /// # Errors
@@ -108,6 +118,11 @@ impl Cloud {
                 "name the volumes (VOLUME or --volume-ids a,b) or labels (--label k=v), one of the two".into(),
             ));
         }
+        // Held until the insert: a volume named here is not deleted in
+        // between (see `Want::for_schedule_create`).
+        let _claim = self
+            .claims
+            .acquire(crate::claims::Want::for_schedule_create(&spec.volumes))?;
         for v in &spec.volumes {
             if self.volumes.get(v).is_none() {
                 return Err(CloudError::VolumeNotFound { volume: v.clone() });
