@@ -283,32 +283,45 @@ impl Cloud {
         let _claim = self
             .claims
             .acquire(Want::for_cloudsnap_delete(&location, &format!("{v}/{n}")))?;
-        if !repo.has_manifest(v, n).await? {
-            return Err(CloudError::SnapshotNotFound {
-                snapshot: snap.to_string(),
-                location,
-            });
-        }
-        // Its group, if any (a manifest that cannot be read is deleted all
-        // the same).
-        let group = repo.get_manifest(v, n).await.ok().and_then(|m| m.group);
+        // One read finds the manifest and its group; a manifest that is
+        // there but cannot be read is deleted all the same.
+        let group = match repo.get_manifest(v, n).await {
+            Ok(m) => m.group,
+            Err(RepoError::Missing { .. }) => {
+                return Err(CloudError::SnapshotNotFound {
+                    snapshot: snap.to_string(),
+                    location,
+                })
+            }
+            Err(e @ RepoError::Gone { .. }) => return Err(e.into()),
+            Err(e) => {
+                if !repo.has_manifest(v, n).await? {
+                    return Err(CloudError::SnapshotNotFound {
+                        snapshot: snap.to_string(),
+                        location,
+                    });
+                }
+                tracing::warn!(snapshot = snap, error = %e, "deleting a manifest that cannot be read");
+                None
+            }
+        };
         repo.delete_manifest(v, n).await?;
         tracing::info!(snapshot = snap, %location, "cloud snapshot deleted");
         if let Some(g) = group {
-            drop_group_if_empty(&repo, &g).await;
+            drop_group_if_empty(&repo, &g, snap).await;
         }
         Ok(())
     }
 }
 
 /// Deletes group object `group` once none of its members is left (after
-/// a delete of one of them), so that the catalog shows no group of
+/// the delete of member `deleted`), so that the catalog shows no group of
 /// deleted snapshots. Each deleter removes its own member before it looks
 /// at the others, so of two deleting the last two members at once, the
 /// one that looks last sees both gone. A group object is written only
 /// after all its members, and a deleted manifest never comes back.
 /// Failures are logged: the snapshot's delete stands either way.
-async fn drop_group_if_empty(repo: &Repo, group: &str) {
+async fn drop_group_if_empty(repo: &Repo, group: &str, deleted: &str) {
     let g = match repo.get_group(group).await {
         Ok(g) => g,
         Err(RepoError::Missing { .. }) => return,
@@ -317,7 +330,7 @@ async fn drop_group_if_empty(repo: &Repo, group: &str) {
             return;
         }
     };
-    for m in &g.members {
+    for m in g.members.iter().filter(|m| *m != deleted) {
         let Some((v, n)) = name::split(m) else {
             continue;
         };

@@ -145,6 +145,22 @@ fn schedule_rows(c: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     rows.collect()
 }
 
+/// Ids of the schedules whose record (JSON) satisfies `pred`.
+fn schedules_where(
+    c: &Connection,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> rusqlite::Result<Vec<String>> {
+    Ok(schedule_rows(c)?
+        .into_iter()
+        .filter(|(_, record)| {
+            serde_json::from_str::<serde_json::Value>(record)
+                .ok()
+                .is_some_and(|v| pred(&v))
+        })
+        .map(|(id, _)| id)
+        .collect())
+}
+
 /// What [`StateDb::insert_schedule`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Insert {
@@ -400,15 +416,7 @@ impl StateDb {
     /// SQLite errors.
     pub fn delete_location(&self, name: &str) -> Result<Result<bool, Vec<String>>, StateError> {
         self.with(|c| {
-            let users: Vec<String> = schedule_rows(c)?
-                .into_iter()
-                .filter(|(_, record)| {
-                    serde_json::from_str::<serde_json::Value>(record)
-                        .ok()
-                        .is_some_and(|v| v["location"] == name)
-                })
-                .map(|(id, _)| id)
-                .collect();
+            let users = schedules_where(c, |v| v["location"] == name)?;
             if !users.is_empty() {
                 return Ok(Err(users));
             }
@@ -424,16 +432,11 @@ impl StateDb {
     /// SQLite errors.
     pub fn schedules_naming(&self, volume: &str) -> Result<Vec<String>, StateError> {
         self.with(|c| {
-            Ok(schedule_rows(c)?
-                .into_iter()
-                .filter(|(_, record)| {
-                    serde_json::from_str::<serde_json::Value>(record)
-                        .ok()
-                        .and_then(|v| v["spec"]["volumes"].as_array().cloned())
-                        .is_some_and(|vs| vs.iter().any(|v| v == volume))
-                })
-                .map(|(id, _)| id)
-                .collect())
+            schedules_where(c, |v| {
+                v["spec"]["volumes"]
+                    .as_array()
+                    .is_some_and(|vs| vs.iter().any(|v| v == volume))
+            })
         })
     }
 
