@@ -633,6 +633,31 @@ fn cloud_bad_arguments_exit_nonzero() {
     usage_error(&["cloudsnap", "backup-group"], "--volume-ids");
     usage_error(&["cloudsnap", "backup-group", "--full"], "--label");
     usage_error(&["cs", "restore", "--snap", "a/b"], "--volume");
+    // A new name the daemon would refuse is a wrong command line.
+    for (args, needle) in [
+        (
+            vec!["volume", "create", "a/b", "--size", "1G"],
+            "volume name \"a/b\" may contain only",
+        ),
+        (
+            vec!["snapshot", "create", "v", "--name", "..x"],
+            "snapshot name \"..x\" must start with",
+        ),
+        (
+            vec!["cs", "restore", "--snap", "a/b", "--volume", "new vol"],
+            "volume name \"new vol\" may contain only",
+        ),
+        (
+            vec!["credentials", "create", "s 3", "--provider", "local"],
+            "credentials name \"s 3\" may contain only",
+        ),
+        (
+            vec!["volume", "create", "v", "--size", "1G", "--label", "k=a b"],
+            "has a space",
+        ),
+    ] {
+        usage_error(&args, needle);
+    }
     usage_error(
         &["cloudsnap", "backup", "vol", "--label", "notapair"],
         "notapair",

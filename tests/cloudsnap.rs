@@ -971,10 +971,11 @@ fn every_nth_backup_and_lost_tracking_read_everything() {
     }
     // pxctl's rule with N = 3: full, then two incrementals, then full again.
     assert_eq!(kinds, [true, false, false, true, false]);
-    // An unclean stop loses the change map: the next backup reads everything.
+    // An unclean stop just after a write loses the change map: the next
+    // backup reads everything.
+    scatter(&d, "vol1", &img, 4, 200);
     d.kill9();
     d.spawn();
-    scatter(&d, "vol1", &img, 4, 200);
     let t = backup(&d, &["vol1"]);
     assert_eq!(t["full"], true, "{t}");
     // ...and still uploads little: unchanged chunks are referenced.

@@ -111,6 +111,59 @@ fn unclean_shutdown_makes_the_map_unknown() {
     assert_eq!(inspect(&d, "vol1")["tracking_known"], false);
 }
 
+/// Waits until `volume inspect` says the volume's map is settled.
+fn settled(d: &Blockd, name: &str) -> bool {
+    (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        inspect(d, name)["tracking_settled"] == true
+    })
+}
+
+/// A crash keeps the tracking of a volume that had gone idle (its map was
+/// settled on disk), and loses only that of a volume written since: the
+/// first write after the settle marks the map in use before it lands.
+#[test]
+fn a_crash_keeps_the_tracking_of_idle_volumes() {
+    if !require_tools(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("idle", "8M");
+    d.create("busy", "8M");
+    qemu_io(&d.uri("idle"), &["write -P 1 0 4k", "write -P 2 1M 8k"]);
+    qemu_io(&d.uri("busy"), &["write -P 1 0 4k"]);
+    assert!(settled(&d, "idle"), "the idle volume's map never settled");
+    assert!(settled(&d, "busy"));
+    assert!(d
+        .ok(&["volume", "inspect", "idle"])
+        .contains("Tracking:     settled on disk"));
+    // A write after the settle: in use again, at once.
+    qemu_io(&d.uri("busy"), &["write -P 2 2M 4k"]);
+    assert_eq!(inspect(&d, "busy")["tracking_settled"], false);
+    d.kill9();
+    d.spawn();
+    let want = vec![(0, 4096), (MB, 8192)];
+    assert_eq!(dirty_runs(&d.uri("idle"), "qemu:dirty-bitmap:blockd"), want);
+    let v = inspect(&d, "idle");
+    assert_eq!(v["tracking_known"], true, "{v}");
+    assert_eq!(v["dirty_bytes"], 12 * 1024, "{v}");
+    let v = inspect(&d, "busy");
+    assert_eq!(v["tracking_known"], false, "{v}");
+    assert!(d
+        .log()
+        .contains("change tracking lost after unclean shutdown"));
+    // The kept map goes on tracking: a write after the restart adds to
+    // it, and a crash right after loses it (it was not settled yet).
+    qemu_io(&d.uri("idle"), &["write -P 3 4M 4k"]);
+    let mut more = want.clone();
+    more.push((4 * MB, 4096));
+    assert_eq!(dirty_runs(&d.uri("idle"), "blockd:dirty"), more);
+    d.kill9();
+    d.spawn();
+    assert_eq!(inspect(&d, "idle")["tracking_known"], false);
+    qemu_io(&d.uri("idle"), &["read -P 3 4M 4k", "read -P 2 1M 8k"]);
+}
+
 #[test]
 fn dirty_contexts_are_listed() {
     if !require_tools(&["nbdinfo"]) {

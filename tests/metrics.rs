@@ -146,6 +146,11 @@ fn counters_move_with_io_backups_restores_and_mounts() {
         value(&m, "blockd_volume_dirty_bytes{volume=\"vol1\"}"),
         1048576.0
     );
+    assert_eq!(
+        value(&m, "blockd_volume_tracking_settled{volume=\"vol1\"}"),
+        0.0,
+        "just written: the map is in use"
+    );
 
     // A snapshot, and a write that copies a frozen extent aside.
     d.ok(&["snapshot", "create", "vol1", "--name", "s"]);

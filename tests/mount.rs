@@ -304,6 +304,12 @@ fn group_backups_appear_under_groups_with_their_members() {
     assert_eq!(groups(), 1);
     d.ok(&["cloudsnap", "delete", "--snap", &format!("db/{name}")]);
     assert_eq!(groups(), 1, "a group with a member left was deleted");
+    // The member left is shown; the deleted one is no dangling link.
+    let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
+    let g = cat.path(&format!("groups/{group}"));
+    assert_eq!(names(&g), ["info.json", "log"]);
+    assert_eq!(link(&g.join("log")), format!("../../log/{name}"));
+    drop(cat);
     d.ok(&["cloudsnap", "delete", "--snap", &format!("log/{name}")]);
     assert_eq!(groups(), 0, "a group of deleted snapshots stayed");
     for round in 0..3 {

@@ -440,3 +440,50 @@ fn a_volume_a_schedule_names_is_kept_until_the_schedule_goes() {
         }
     }
 }
+
+/// A label schedule backs up, in one group, the volumes that carry its
+/// labels at each run; one whose labels no volume carries is refused.
+#[test]
+fn a_label_schedule_takes_the_volumes_carrying_its_labels_at_each_run() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    for (v, tier) in [("a", "gold"), ("b", "gold"), ("c", "bronze")] {
+        let label = format!("tier={tier}");
+        d.ok(&["volume", "create", v, "--size", "4M", "--label", &label]);
+    }
+    for (label, want) in [
+        ("tier=silver", "no volume carries all the given labels"),
+        ("tier=gold plated", "has a space"),
+        ("tier=gold,silver", "has a space or ','"),
+    ] {
+        let out = d.blockctl(&[
+            "cloudsnap",
+            "schedules",
+            "create",
+            "--label",
+            label,
+            "--periodic",
+            "1s",
+        ]);
+        assert!(!out.status.success(), "{label}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{label}: {err}");
+    }
+    assert!(schedules(&d).is_empty());
+    let id = create(&d, &["--label", "tier=gold", "--periodic", "1s"]);
+    wait_for("a run", 60, || {
+        !made_by(&d, "a", &id).is_empty() && !made_by(&d, "b", &id).is_empty()
+    });
+    let (a, b) = (&made_by(&d, "a", &id)[0], &made_by(&d, "b", &id)[0]);
+    assert!(
+        a["group"].is_string() && a["group"] == b["group"],
+        "{a} {b}"
+    );
+    assert!(made_by(&d, "c", &id).is_empty());
+    // Labelled later: taken by the next runs.
+    d.ok(&["volume", "update", "c", "--label", "tier=gold"]);
+    wait_for("a run with c", 60, || !made_by(&d, "c", &id).is_empty());
+    d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
+}

@@ -14,19 +14,19 @@ fn bench(c: &mut Criterion) {
     let map = DirtyMap::new(4096);
     // A map with 1M scattered dirty extents, like a busy volume's.
     for i in 0..1_000_000u64 {
-        map.mark((i * 7919 % (1 << 28)) * 4096, 1);
+        map.mark((i * 7919 % (1 << 28)) * 4096, 1).unwrap();
     }
     let mut x = 0u64;
     c.bench_function("mark 4 KiB (1 extent)", |b| {
         b.iter(|| {
             x = (x + 1_048_583) % (1 << 40);
-            map.mark(black_box(x & !4095), 4096);
+            map.mark(black_box(x & !4095), 4096).unwrap();
         })
     });
     c.bench_function("mark 1 MiB (256 extents)", |b| {
         b.iter(|| {
             x = (x + 1_048_583) % (1 << 40);
-            map.mark(black_box(x & !4095), 1 << 20);
+            map.mark(black_box(x & !4095), 1 << 20).unwrap();
         })
     });
     let m = std::sync::Mutex::new(0u64);

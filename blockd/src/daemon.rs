@@ -27,8 +27,8 @@ use crate::snapshot::Snapshots;
 use crate::volume::store::Store;
 use crate::volume::{Engine, EngineKind};
 
-/// How often dirty maps are written out while running.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// How often idle volumes' dirty maps are looked at for settling.
+const SETTLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Resolved daemon settings.
 #[derive(Debug, Clone)]
@@ -395,18 +395,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    // Periodic dirty-map checkpoints (still marked in use).
+    // Dirty maps of idle volumes settled on disk, so that a crash keeps
+    // their tracking (see `volume::dirty_map`).
     let s = store.clone();
     let stop = shutdown.clone();
     tracker.spawn(async move {
-        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-        tick.tick().await;
+        let mut tick = tokio::time::interval(SETTLE_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {
                     let s = s.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.checkpoint()).await;
+                    let idle = crate::volume::dirty_map::SETTLE_AFTER;
+                    let _ = tokio::task::spawn_blocking(move || s.settle(idle)).await;
                 }
             }
         }

@@ -400,6 +400,14 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         family(
             &mut enc,
+            "blockd_volume_tracking_settled",
+            "1 when the volume's change map is settled on disk (a crash now keeps it), 0 while it is written",
+            Gauge,
+            v.iter()
+                .map(|v| (l1("volume", v.name()), f(u64::from(v.dirty.settled())))),
+        )?;
+        family(
+            &mut enc,
             "blockd_nbd_connections",
             "Open NBD connections",
             Gauge,

@@ -42,6 +42,11 @@ pub struct Volume {
     /// unclean shutdown until the next full backup.
     #[serde(default)]
     pub tracking_known: bool,
+    /// `true` when the change map on disk is settled: the volume has been
+    /// idle for a few seconds, its data is synced, and a crash now keeps
+    /// its tracking. `false` while it is being written.
+    #[serde(default)]
+    pub tracking_settled: bool,
     /// Bytes on disk of the copy-on-write area a deleted snapshot left
     /// for the volume's next snapshot (freed by `volume delete`).
     #[serde(default)]
@@ -440,9 +445,10 @@ pub fn parse_label(input: &str) -> Result<(String, String), String> {
 }
 
 /// Checks a label: a key of 1 to [`MAX_LABEL_KEY`] characters, a value of
-/// at most [`MAX_LABEL_VALUE`], neither with control characters (a label
-/// is printed in one cell of a table row) nor a key with `=` or `,`
-/// (selectors are written `key=value,key=value`).
+/// at most [`MAX_LABEL_VALUE`] (empty is allowed, as in Kubernetes),
+/// neither with control characters or white space (labels are printed
+/// `key=value key=value` in one cell of a table row) nor with `,`
+/// (selectors are written `key=value,key=value`), and no `=` in the key.
 ///
 /// # Errors
 /// Returns a message saying what is allowed.
@@ -463,6 +469,11 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
     if key.chars().chain(value.chars()).any(char::is_control) {
         return Err(format!(
             "label {key:?}={value:?} has a control character (a newline, a tab): labels are printed on one line"
+        ));
+    }
+    if key.chars().chain(value.chars()).any(char::is_whitespace) || value.contains(',') {
+        return Err(format!(
+            "label {key:?}={value:?} has a space or ',': a label is one word on each side of '=' (lists show labels separated by spaces, selectors by ','), e.g. tier=gold or team=web-shop"
         ));
     }
     Ok(())
@@ -502,6 +513,10 @@ mod tests {
             "a,b=c".into(),
             "k=a\tb".into(),
             "k\n=v".into(),
+            "k=a b".into(),
+            "k=a,b".into(),
+            "a b=c".into(),
+            "k= b".into(),
         ] {
             assert!(parse_label(&bad).is_err(), "{bad:?}");
         }

@@ -243,6 +243,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
             m.size
         },
         tracking_known: changes.known,
+        tracking_settled: v.dirty.settled(),
         kept_cow_bytes,
         attached: None,
         kernel_connected: None,

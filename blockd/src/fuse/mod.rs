@@ -343,9 +343,13 @@ impl Catalog {
     async fn children(&self, dir: &Node) -> Result<Vec<(String, Node)>, Errno> {
         if let Node::Group(g) = dir {
             let o = self.group(g).await?;
+            let l = self.listing().await?;
+            // A member deleted since (the group object goes with the last
+            // one) is left out rather than shown as a dangling link.
             let mut out: Vec<(String, Node)> = o
                 .members
                 .iter()
+                .filter(|(v, n)| l.has(v, n))
                 .map(|(v, _)| (v.clone(), Node::Member(g.clone(), v.clone())))
                 .collect();
             out.push((tree::INFO.to_string(), Node::GroupInfo(g.clone())));
@@ -364,9 +368,10 @@ impl Catalog {
             }
             Node::Member(g, v) => {
                 let o = self.group(g).await?;
+                let l = self.listing().await?;
                 o.members
                     .iter()
-                    .find(|(m, _)| m == v)
+                    .find(|(m, n)| m == v && l.has(m, n))
                     .map(|(v, n)| tree::member_target(v, n))
                     .ok_or(Errno::ENOENT)
             }

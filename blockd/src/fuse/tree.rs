@@ -153,6 +153,13 @@ impl Listing {
         }
     }
 
+    /// True when snapshot `volume/name` was listed.
+    pub fn has(&self, volume: &str, name: &str) -> bool {
+        self.volumes
+            .get(volume)
+            .is_some_and(|names| names.binary_search_by(|n| n.as_str().cmp(name)).is_ok())
+    }
+
     /// The newest snapshot of `volume`.
     pub fn latest(&self, volume: &str) -> Option<&str> {
         self.volumes
@@ -190,7 +197,7 @@ impl Listing {
                     .collect()
             }
             Node::Snapshot(v, n) => {
-                if !self.volumes.get(v)?.contains(n) {
+                if !self.has(v, n) {
                     return None;
                 }
                 vec![

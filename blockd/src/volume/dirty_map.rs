@@ -25,14 +25,37 @@
 //!               32-bit portable bitmap
 //! ```
 //! Crash rule: the file is replaced by write-temp, fsync, rename, fsync-dir,
-//! so it is always one whole version. While the daemon runs, the file on
-//! disk carries IN_USE (as QEMU marks its persistent bitmaps "in use"); a
-//! clean shutdown rewrites it without. Finding IN_USE at start therefore
-//! means the previous run did not stop cleanly, and the map is unknown.
+//! so it is always one whole version. A copy without IN_USE (*settled*) is
+//! trusted at the next start; a copy with IN_USE (as QEMU marks its
+//! persistent bitmaps "in use") says writes may have landed that the copy
+//! lacks, so the map is unknown.
+//!
+//! # Settling: a crash keeps the tracking of idle volumes
+//! Writing IN_USE once at start and clearing it only at a clean shutdown
+//! would make every `kill -9`, OOM kill or power cut lose the tracking of
+//! every volume, the idle ones too, and each one's next backup read it
+//! whole. Instead the map works like a write-intent bitmap (md's, whose
+//! bits are set on disk before the write they cover):
+//! - A volume that has had no change for [`SETTLE_AFTER`] is *settled*:
+//!   its data file is synced, then the map is written without IN_USE.
+//! - The first change after that (a WRITE, TRIM or WRITE_ZEROES marking
+//!   the map, or a change set merged back) first writes an IN_USE copy,
+//!   durably, and only then goes on to the data. That copy is a bare
+//!   header: an in-use copy's extents are never read.
+//!
+//! So a settled copy on disk always describes durable data with no write
+//! after it, and a crash keeps the tracking of every volume that was idle
+//! when it came. The cost is one small durable file write on the first
+//! write after each idle spell, none on the writes that follow.
+//!
+//! Freezes take extents out of the map without arming it: the frozen set
+//! is then held, durably, by the snapshot, and a settled copy on disk that
+//! still lists them only makes the next backup read a little more.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use roaring::{RoaringBitmap, RoaringTreemap};
 
@@ -142,14 +165,34 @@ pub fn extent_range(offset: u64, len: u64, extent_size: u64) -> std::ops::RangeI
     first..=last
 }
 
+/// How long a volume goes without a change before its map is settled on
+/// disk (see the module docs).
+pub const SETTLE_AFTER: Duration = Duration::from_secs(5);
+
 /// The live map of one volume.
 #[derive(Debug)]
 pub struct DirtyMap {
     extent_size: u64,
-    inner: Mutex<ChangeSet>,
+    /// The file, or `None` for a map kept only in memory (or forgotten
+    /// with its deleted volume).
+    path: Mutex<Option<PathBuf>>,
+    inner: Mutex<Live>,
+    /// The change count at the last look of [`Self::settle`], and since
+    /// when it has stood still.
+    seen: Mutex<(u64, Instant)>,
     /// Tracking switched off (`blockd --no-change-tracking`): nothing is
     /// marked and the map is unknown.
     disabled: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct Live {
+    set: ChangeSet,
+    /// The copy on disk carries IN_USE (or there is no file to keep):
+    /// changes need not write it first.
+    armed: bool,
+    /// Counts changes to `set`; a settle that sees it move gives up.
+    changes: u64,
 }
 
 /// Why a persisted map could not be used.
@@ -189,50 +232,118 @@ pub enum Recovery {
 }
 
 impl DirtyMap {
-    /// A fresh, empty, trusted map.
+    /// A fresh, empty, trusted map kept only in memory.
     pub fn new(extent_size: u64) -> Self {
+        Self::with(extent_size, None, ChangeSet::empty(), true)
+    }
+
+    fn with(extent_size: u64, path: Option<PathBuf>, set: ChangeSet, armed: bool) -> Self {
         Self {
             extent_size,
-            inner: Mutex::new(ChangeSet::empty()),
+            path: Mutex::new(path),
+            inner: Mutex::new(Live {
+                set,
+                armed,
+                changes: 0,
+            }),
+            seen: Mutex::new((0, Instant::now())),
             disabled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ChangeSet> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks the extents of `offset..offset + len` changed.
-    pub fn mark(&self, offset: u64, len: u64) {
+    fn path(&self) -> Option<PathBuf> {
+        self.path
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes sure the copy on disk carries IN_USE before `live` changes
+    /// (the caller holds the lock across this and the change). Where the
+    /// in-use copy cannot be written, removing the file serves as well
+    /// (a missing map is unknown at the next start).
+    fn arm(&self, live: &mut Live) -> io::Result<()> {
+        if live.armed {
+            return Ok(());
+        }
+        if let Some(path) = self.path() {
+            let bytes = encode(&ChangeSet::empty(), self.extent_size, true);
+            if let Err(e) = crate::durable::write_atomic(&path, &bytes) {
+                tracing::warn!(path = %path.display(), error = %e, "writing the in-use dirty map failed; removing it instead");
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(r) if r.kind() == io::ErrorKind::NotFound => {}
+                    Err(_) => return Err(e),
+                }
+                if let Some(dir) = path.parent() {
+                    crate::durable::sync_dir(dir).map_err(|_| e)?;
+                }
+            }
+        }
+        live.armed = true;
+        Ok(())
+    }
+
+    /// [`Self::arm`] for changes that cannot fail: an error is logged.
+    fn arm_or_log(&self, live: &mut Live) {
+        if let Err(e) = self.arm(live) {
+            tracing::error!(error = %e, "the dirty map could not be marked in use: a crash now may lose change tracking");
+            live.armed = true;
+        }
+    }
+
+    /// Marks the extents of `offset..offset + len` changed. Call before
+    /// the data changes.
+    ///
+    /// # Errors
+    /// The first change after the map was settled writes it in use first;
+    /// when that fails, the write must not go ahead.
+    pub fn mark(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.disabled.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+            return Ok(());
         }
         let r = extent_range(offset, len, self.extent_size);
-        self.lock().extents.insert_range(r);
+        let mut live = self.lock();
+        self.arm(&mut live)?;
+        live.changes += 1;
+        live.set.extents.insert_range(r);
+        Ok(())
     }
 
     /// A copy of the current set.
     pub fn current(&self) -> ChangeSet {
-        self.lock().clone()
+        self.lock().set.clone()
     }
 
     /// Replaces the set with an empty trusted one and returns the old one
     /// (the frozen change set of a snapshot).
     pub fn take(&self) -> ChangeSet {
-        std::mem::replace(&mut *self.lock(), ChangeSet::empty())
+        let mut live = self.lock();
+        live.changes += 1;
+        std::mem::replace(&mut live.set, ChangeSet::empty())
     }
 
     /// Adds a change set back (an abandoned snapshot's changes are never
     /// forgotten).
     pub fn merge(&self, changes: &ChangeSet) {
-        self.lock().merge(changes);
+        let mut live = self.lock();
+        self.arm_or_log(&mut live);
+        live.changes += 1;
+        live.set.merge(changes);
     }
 
     /// Marks the whole map unknown.
     pub fn lose(&self) {
-        *self.lock() = ChangeSet::unknown();
+        let mut live = self.lock();
+        self.arm_or_log(&mut live);
+        live.changes += 1;
+        live.set = ChangeSet::unknown();
     }
 
     /// Stops tracking: the map becomes unknown and writes no longer mark it.
@@ -242,8 +353,17 @@ impl DirtyMap {
         self.lose();
     }
 
-    /// Loads the map persisted at `path`, then immediately rewrites it with
-    /// IN_USE so a crash of this run is detected by the next.
+    /// Lets go of the file (its volume is deleted): nothing writes it again.
+    pub fn forget(&self) {
+        *self
+            .path
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Loads the map persisted at `path`. A settled copy stays as it is
+    /// until the first change; any other is rewritten in use at once, so
+    /// a crash of this run is detected by the next.
     ///
     /// # Errors
     /// Only when the in-use copy cannot be written.
@@ -267,22 +387,16 @@ impl DirtyMap {
                 })
             }
         };
-        let map = Self {
-            extent_size,
-            inner: Mutex::new(set),
-            disabled: std::sync::atomic::AtomicBool::new(false),
-        };
-        map.persist(path, true)?;
+        let map = Self::with(extent_size, Some(path.to_path_buf()), set, false);
+        if recovery != Recovery::Clean {
+            map.write_in_use(path)?;
+        }
         Ok((map, recovery))
     }
 
-    /// Writes the map to `path` atomically; `in_use` while the daemon runs.
-    ///
-    /// # Errors
-    /// I/O failures, naming the file.
-    pub fn persist(&self, path: &Path, in_use: bool) -> Result<(), MapFileError> {
-        let bytes = encode(&self.current(), self.extent_size, in_use);
-        crate::durable::write_atomic(path, &bytes).map_err(|source| MapFileError::Io {
+    fn write_in_use(&self, path: &Path) -> Result<(), MapFileError> {
+        let mut live = self.lock();
+        self.arm(&mut live).map_err(|source| MapFileError::Io {
             path: path.display().to_string(),
             source,
         })
@@ -293,9 +407,90 @@ impl DirtyMap {
     /// # Errors
     /// I/O failures.
     pub fn create(path: &Path, extent_size: u64) -> Result<Self, MapFileError> {
-        let map = Self::new(extent_size);
-        map.persist(path, true)?;
+        let map = Self::with(
+            extent_size,
+            Some(path.to_path_buf()),
+            ChangeSet::empty(),
+            false,
+        );
+        map.write_in_use(path)?;
         Ok(map)
+    }
+
+    /// Settles the map when nothing has changed it for `idle`, counting
+    /// from the first call that saw it as it is: `sync` makes the volume's
+    /// data durable, then the map is written without IN_USE. True when it
+    /// was written now. A change during the sync makes it give up.
+    ///
+    /// # Errors
+    /// The sync or the write failed (the copy on disk stays in use).
+    pub fn settle(
+        &self,
+        idle: Duration,
+        sync: impl FnOnce() -> io::Result<()>,
+    ) -> Result<bool, MapFileError> {
+        let Some(path) = self.path() else {
+            return Ok(false);
+        };
+        let changes = {
+            let live = self.lock();
+            if !live.armed {
+                return Ok(false);
+            }
+            live.changes
+        };
+        {
+            let now = Instant::now();
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.0 != changes {
+                *seen = (changes, now);
+            }
+            if now.duration_since(seen.1) < idle {
+                return Ok(false);
+            }
+        }
+        let io_err = |source| MapFileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        sync().map_err(io_err)?;
+        let mut live = self.lock();
+        if live.changes != changes || !live.armed {
+            return Ok(false);
+        }
+        self.write_settled(&path, &mut live)?;
+        Ok(true)
+    }
+
+    /// Writes the settled copy at a clean shutdown, once the caller has
+    /// made the volume's data durable.
+    ///
+    /// # Errors
+    /// I/O failures, naming the file.
+    pub fn close(&self) -> Result<(), MapFileError> {
+        let Some(path) = self.path() else {
+            return Ok(());
+        };
+        let mut live = self.lock();
+        self.write_settled(&path, &mut live)
+    }
+
+    fn write_settled(&self, path: &Path, live: &mut Live) -> Result<(), MapFileError> {
+        let bytes = encode(&live.set, self.extent_size, false);
+        crate::durable::write_atomic(path, &bytes).map_err(|source| MapFileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        live.armed = false;
+        Ok(())
+    }
+
+    /// True when the copy on disk is settled (trusted after a crash).
+    pub fn settled(&self) -> bool {
+        !self.lock().armed
     }
 }
 
@@ -411,7 +606,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Mark(o, l) => {
-                        map.mark(o, l);
+                        map.mark(o, l).unwrap();
                         for e in (o / es)..=((o + l - 1) / es) {
                             model.insert(e);
                         }
@@ -453,20 +648,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.dirty");
         let map = DirtyMap::create(&path, 4096).unwrap();
-        map.mark(8192, 1);
-        map.persist(&path, false).unwrap();
-        // Clean reopen: trusted, and now in use on disk.
+        map.mark(8192, 1).unwrap();
+        map.close().unwrap();
+        // Clean reopen: trusted.
         let (map, rec) = DirtyMap::open(&path, 4096).unwrap();
         assert_eq!(rec, Recovery::Clean);
         assert!(map.current().known && map.current().extents.contains(2));
-        // No clean persist: the next open finds IN_USE.
+        // A write, and no clean close: the next open finds IN_USE.
+        map.mark(0, 1).unwrap();
         drop(map);
         let (map, rec) = DirtyMap::open(&path, 4096).unwrap();
         assert_eq!(rec, Recovery::Unclean);
         assert!(!map.current().known);
         assert!(map.current().contains(12345));
         // Unknown survives a clean shutdown until a backup resets it.
-        map.persist(&path, false).unwrap();
+        map.close().unwrap();
         let (map, rec) = DirtyMap::open(&path, 4096).unwrap();
         assert_eq!(rec, Recovery::Clean);
         assert!(!map.current().known);
@@ -475,6 +671,78 @@ mod tests {
         drop(map);
         let (_, rec) = DirtyMap::open(&path, 4096).unwrap();
         assert_eq!(rec, Recovery::Corrupt);
+    }
+
+    fn on_disk(path: &Path) -> (ChangeSet, bool) {
+        let (set, flags) = decode(&std::fs::read(path).unwrap(), 4096).unwrap();
+        (set, flags & FLAG_IN_USE != 0)
+    }
+
+    /// A map settles only after standing still for the idle time, and only
+    /// after the data sync; the first change after that writes IN_USE
+    /// before it is made; every kind of change counts.
+    #[test]
+    fn an_idle_map_settles_and_the_next_change_arms_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.dirty");
+        let map = DirtyMap::create(&path, 4096).unwrap();
+        assert!(on_disk(&path).1, "a new volume's map starts in use");
+        map.mark(4096, 4096).unwrap();
+        let synced = std::cell::Cell::new(0);
+        let sync = || {
+            synced.set(synced.get() + 1);
+            Ok(())
+        };
+        // Not idle long enough: nothing happens, not even a sync.
+        assert!(!map.settle(Duration::from_secs(3600), sync).unwrap());
+        assert_eq!(synced.get(), 0);
+        assert!(on_disk(&path).1);
+        // Idle (zero wait): synced, then written settled.
+        assert!(map.settle(Duration::ZERO, sync).unwrap());
+        assert_eq!(synced.get(), 1);
+        let (set, in_use) = on_disk(&path);
+        assert!(!in_use && map.settled());
+        assert!(set.extents.contains(1) && set.extents.len() == 1);
+        // Settled already: nothing to do.
+        assert!(!map.settle(Duration::ZERO, sync).unwrap());
+        assert_eq!(synced.get(), 1);
+        // A crash now keeps the map.
+        let (again, rec) = DirtyMap::open(&path, 4096).unwrap();
+        assert_eq!(rec, Recovery::Clean);
+        assert_eq!(again.current(), map.current());
+        drop(again);
+        // Each change that adds to the map writes IN_USE first.
+        let changes: [&dyn Fn(&DirtyMap); 3] = [
+            &|m| m.mark(1 << 20, 1).unwrap(),
+            &|m| m.merge(&fixture_set(false)),
+            &DirtyMap::lose,
+        ];
+        for change in changes {
+            assert!(map.settle(Duration::ZERO, sync).unwrap() || map.settled());
+            assert!(!on_disk(&path).1);
+            change(&map);
+            assert!(on_disk(&path).1, "the change did not arm the map");
+            assert!(!map.settled());
+            let (_, rec) = DirtyMap::open(&path, 4096).unwrap();
+            assert_eq!(rec, Recovery::Unclean);
+        }
+        // A change while the data syncs: the settle gives up.
+        let racing = || {
+            map.mark(0, 1).unwrap();
+            Ok(())
+        };
+        assert!(!map.settle(Duration::ZERO, racing).unwrap());
+        assert!(on_disk(&path).1);
+        // A failed sync leaves the map in use.
+        let failing = || Err(io::Error::other("disk gone"));
+        assert!(map.settle(Duration::ZERO, failing).is_err());
+        assert!(on_disk(&path).1);
+        // A forgotten map (its volume deleted) writes nothing again.
+        std::fs::remove_file(&path).unwrap();
+        map.forget();
+        map.mark(0, 1).unwrap();
+        assert!(!map.settle(Duration::ZERO, sync).unwrap());
+        assert!(!path.exists());
     }
 
     /// extents {0, 5, 6} and, in version 2, 2^32 + 7 (past 16 TiB at 4 KiB).
@@ -514,8 +782,8 @@ mod tests {
     fn a_64_tib_volume_is_tracked_at_4_kib() {
         let map = DirtyMap::new(4096);
         let last = (64u64 << 40) - 4096;
-        map.mark(last, 4096);
-        map.mark(17 << 40, 8192);
+        map.mark(last, 4096).unwrap();
+        map.mark(17 << 40, 8192).unwrap();
         let cur = map.current();
         assert!(cur.contains(last / 4096));
         assert_eq!(cur.extents.len(), 3);

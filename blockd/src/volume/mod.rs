@@ -428,7 +428,7 @@ impl Volume {
     /// kernel worker thread; the copy costs less than those two thread hops.
     /// May block briefly under dirty-page throttling, like any writer.
     pub fn write_cached(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.dirty.mark(offset, data.len() as u64);
+        self.dirty.mark(offset, data.len() as u64)?;
         self.guard(offset, data.len() as u64)?;
         let r = self.write_steps(offset, data);
         self.wrote();
@@ -445,7 +445,7 @@ impl Volume {
         len: usize,
         pipe: std::os::fd::BorrowedFd<'_>,
     ) -> io::Result<()> {
-        self.dirty.mark(offset, len as u64);
+        self.dirty.mark(offset, len as u64)?;
         self.guard(offset, len as u64)?;
         let r = self.splice_steps(offset, len, pipe);
         self.wrote();
@@ -519,10 +519,10 @@ impl Volume {
         mut done: impl FnMut(usize, io::Result<()>),
     ) {
         let ranges: Vec<(u64, u64)> = writes.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
-        for &(offset, len) in &ranges {
-            self.dirty.mark(offset, len);
-        }
-        if let Err(e) = self.guard_many(&ranges) {
+        let marked = ranges
+            .iter()
+            .try_for_each(|&(offset, len)| self.dirty.mark(offset, len));
+        if let Err(e) = marked.and_then(|()| self.guard_many(&ranges)) {
             for i in 0..writes.len() {
                 done(i, Err(io::Error::new(e.kind(), e.to_string())));
             }
@@ -555,7 +555,7 @@ impl Volume {
     /// chunks.
     pub fn write_parts_cached(&self, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        self.dirty.mark(offset, total as u64);
+        self.dirty.mark(offset, total as u64)?;
         self.guard(offset, total as u64)?;
         let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
         let mut bufs = &mut slices[..];
@@ -589,7 +589,7 @@ impl Volume {
     ) -> io::Result<Vec<u8>> {
         let len = (buf.len() - start) as u64;
         let filled = self.prepare(offset, len, Need::Overwrite).await?;
-        self.dirty.mark(offset, len);
+        self.dirty.mark(offset, len)?;
         self.guard(offset, len)?;
         let written = self
             .engine
@@ -677,7 +677,7 @@ impl Volume {
             return Ok(());
         }
         self.prepare(offset, len, Need::Overwrite).await?;
-        self.dirty.mark(offset, len);
+        self.dirty.mark(offset, len)?;
         self.guard(offset, len)?;
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         let punched = self.engine.fallocate(&self.file, mode, offset, len).await;
@@ -711,7 +711,7 @@ impl Volume {
         self.prepare(offset, len, Need::Overwrite).await?;
         // FAST_ZERO may fail without touching data; marking first is still
         // safe (a spurious dirty extent only costs a re-read).
-        self.dirty.mark(offset, len);
+        self.dirty.mark(offset, len)?;
         self.guard(offset, len)?;
         let mode = if no_hole {
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
@@ -837,6 +837,16 @@ impl Volume {
         self.file.set_len(size)?;
         self.file.sync_all()?;
         self.size.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// fdatasync of the data file, covering every change finished before
+    /// it (a FLUSH after it with nothing new has nothing to do). Settling
+    /// the dirty map uses it.
+    pub fn sync_data(&self) -> io::Result<()> {
+        let target = self.written.load(Ordering::Acquire);
+        self.file.sync_data()?;
+        self.synced_up_to(target);
         Ok(())
     }
 

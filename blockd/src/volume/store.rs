@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use blockd_api::{validate_extent_size, validate_name, CreateVolume, DEFAULT_EXTENT_SIZE};
 
@@ -379,6 +380,7 @@ impl Store {
                 })
             }
         }
+        volume.dirty.forget();
         let _ = std::fs::remove_file(dirty_path(&self.dir, name));
         let _ = std::fs::remove_file(self.present_path(name));
         let _ = crate::durable::sync_dir(&self.dir);
@@ -487,17 +489,35 @@ impl Store {
         Ok(volume)
     }
 
+    /// The names of the volumes that carry every label of `select`.
+    pub fn carrying(&self, select: &BTreeMap<String, String>) -> Vec<String> {
+        self.list()
+            .iter()
+            .filter(|v| {
+                let labels = v.meta().labels;
+                select.iter().all(|(k, val)| labels.get(k) == Some(val))
+            })
+            .map(|v| v.name().to_string())
+            .collect()
+    }
+
     /// Where a lazily restored volume keeps its present map.
     pub fn present_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.present"))
     }
 
-    /// Writes every dirty map to disk, still marked in use (a crash after
-    /// this is still detected); bounds the work left for shutdown.
-    pub fn checkpoint(&self) {
+    /// Settles the dirty map of every volume that has been idle for
+    /// `idle` (see [`super::dirty_map`]): its data is synced, and the map
+    /// is written as it would be at a clean shutdown, so a crash keeps its
+    /// tracking. Called every second or so.
+    pub fn settle(&self, idle: Duration) {
         for v in self.list() {
-            if let Err(e) = v.dirty.persist(&dirty_path(&self.dir, v.name()), true) {
-                tracing::warn!(volume = %v.name(), error = %e, "dirty map checkpoint failed");
+            match v.dirty.settle(idle, || v.sync_data()) {
+                Ok(true) => tracing::debug!(volume = %v.name(), "dirty map settled"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %v.name(), error = %e, "settling the dirty map failed; it stays in use");
+                }
             }
         }
     }
@@ -511,7 +531,7 @@ impl Store {
                 tracing::error!(volume = %v.name(), error = %e, "fsync at shutdown failed; its dirty map stays in use");
                 continue;
             }
-            if let Err(e) = v.dirty.persist(&dirty_path(&self.dir, v.name()), false) {
+            if let Err(e) = v.dirty.close() {
                 tracing::error!(volume = %v.name(), error = %e, "persisting the dirty map failed");
             }
         }

@@ -120,7 +120,7 @@ pub enum CloudsnapCmd {
         #[arg(long, short = 's')]
         snap: String,
         /// Name of the new volume
-        #[arg(long, short = 'v')]
+        #[arg(long, short = 'v', value_parser = crate::name_arg("volume name"))]
         volume: String,
         /// Credentials the snapshot is stored with [default: the one
         /// location holding it]

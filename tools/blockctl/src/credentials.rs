@@ -52,6 +52,7 @@ pub enum CredentialsCmd {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Credentials name
+    #[arg(value_parser = crate::name_arg("credentials name"))]
     name: String,
     /// Object-store provider: local, s3, azure or google
     #[arg(long, value_parser = provider_arg)]

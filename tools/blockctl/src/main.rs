@@ -151,7 +151,7 @@ enum SnapshotCmd {
         #[arg(required = true)]
         volumes: Vec<String>,
         /// Snapshot name [default: UTC time and a random tag]
-        #[arg(long)]
+        #[arg(long, value_parser = name_arg("snapshot name"))]
         name: Option<String>,
         /// Command run before I/O is held, e.g. 'fsfreeze -f /mnt/data'; failure aborts
         #[arg(long)]
@@ -208,6 +208,18 @@ fn size_arg(s: &str) -> Result<u64, String> {
     blockd_api::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// A name for something new (`what`: a volume, snapshot or credentials):
+/// refused here, exit 2, where the daemon would refuse it anyway.
+pub(crate) fn name_arg(
+    what: &'static str,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        blockd_api::validate_name(s)
+            .map(|()| s.to_string())
+            .map_err(|e| e.to_string().replacen("volume name", what, 1))
+    }
+}
+
 fn label_arg(s: &str) -> Result<(String, String), String> {
     blockd_api::parse_label(s)
 }
@@ -249,6 +261,7 @@ enum VolumeCmd {
     )]
     Create {
         /// Volume name: letters, digits, '.', '_', '-'; 1-64 characters
+        #[arg(value_parser = name_arg("volume name"))]
         name: String,
         /// Size, e.g. 10G (K, M, G, T, P are powers of 1024)
         #[arg(long, value_parser = size_arg, allow_hyphen_values = true)]
@@ -879,6 +892,14 @@ fn print_volume(v: &Volume) {
         field(
             "Changed",
             format_args!("{} since the last backup", human_size(v.dirty_bytes)),
+        );
+        field(
+            "Tracking",
+            if v.tracking_settled {
+                "settled on disk (idle: a crash now keeps it)"
+            } else {
+                "in use (written in the last seconds: a crash now loses it; it settles after 5 s idle)"
+            },
         );
     } else {
         field("Changed", "unknown (change tracking lost after an unclean shutdown: the next backup reads the whole volume)");

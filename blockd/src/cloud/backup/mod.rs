@@ -120,16 +120,7 @@ impl Cloud {
             if !names.is_empty() {
                 return Err(CloudError::VolumesAndLabels);
             }
-            names = self
-                .volumes
-                .list()
-                .iter()
-                .filter(|v| {
-                    let labels = v.meta().labels;
-                    req.select.iter().all(|(k, val)| labels.get(k) == Some(val))
-                })
-                .map(|v| v.name().to_string())
-                .collect();
+            names = self.volumes.carrying(&req.select);
             if names.is_empty() {
                 return Err(CloudError::NoLabelMatch);
             }

@@ -128,6 +128,13 @@ impl Cloud {
                 return Err(CloudError::VolumeNotFound { volume: v.clone() });
             }
         }
+        for (k, v) in &spec.select {
+            blockd_api::validate_label(k, v).map_err(bad)?;
+        }
+        // Resolved again at each run; none now is most likely a typo.
+        if !spec.select.is_empty() && self.volumes.carrying(&spec.select).is_empty() {
+            return Err(CloudError::NoLabelMatch);
+        }
         let mut rules = Vec::new();
         if let Some(p) = &spec.periodic {
             rules.push(Rule::periodic(p).map_err(bad)?);
