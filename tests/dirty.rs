@@ -164,6 +164,47 @@ fn a_crash_keeps_the_tracking_of_idle_volumes() {
     qemu_io(&d.uri("idle"), &["read -P 3 4M 4k", "read -P 2 1M 8k"]);
 }
 
+/// A freeze takes the changes out of the map before its snapshot is
+/// durable: while the snapshot is being made (here, while its post-exec
+/// runs), the map is not settled, so a crash then forgets no change.
+#[test]
+fn a_crash_before_a_snapshot_is_durable_forgets_no_change() {
+    if !require_tools(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "8M");
+    qemu_io(&d.uri("vol1"), &["write -P 1 1M 4k"]);
+    let running = tmp.path().join("post-exec-runs");
+    let mut client = Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["snapshot", "create", "vol1", "--name", "s"])
+        .args(["--exec-timeout", "120s", "--post-exec"])
+        .arg(format!("touch {}; sleep 60", running.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            running.exists()
+        }),
+        "the post-exec did not start"
+    );
+    // Idle for longer than a settle waits.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert_eq!(inspect(&d, "vol1")["tracking_settled"], false);
+    d.kill9();
+    let _ = client.wait();
+    d.spawn();
+    // The snapshot never became durable: its change is still counted.
+    let v = inspect(&d, "vol1");
+    assert!(v["dirty_bytes"].as_u64().unwrap() >= 4096, "{v}");
+}
+
 #[test]
 fn dirty_contexts_are_listed() {
     if !require_tools(&["nbdinfo"]) {

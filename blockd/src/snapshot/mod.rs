@@ -551,10 +551,16 @@ impl Snapshots {
             if let Err(e) = s.commit() {
                 for (v, s) in members.iter().zip(&stores) {
                     abandon(v, s);
+                    v.dirty.kept();
                 }
                 return Err(e.into());
             }
             metas.push(s.meta());
+        }
+        // Every change set is durable in its snapshot now: the maps may
+        // settle without them.
+        for v in &members {
+            v.dirty.kept();
         }
         // After the new snapshot is durable: a crash before this leaves the
         // older ones unmarked, and deleting them then merges changes the
@@ -661,6 +667,7 @@ impl Snapshots {
             if let Err(source) = v.flush().await {
                 for (v, s) in members.iter().zip(&stores) {
                     abandon(v, s);
+                    v.dirty.kept();
                 }
                 return Err(FreezeError::Flush {
                     volume: format!("{} (snapshot {})", v.name(), s.id()),
@@ -762,10 +769,16 @@ impl Snapshots {
 }
 
 /// Undoes a snapshot: disarm, merge the change set back, remove the files.
+/// When the volume's map cannot be marked in use first, the files stay:
+/// the snapshot's `changes.dirty` is then the durable copy of its changes
+/// (a committed snapshot is back at the next start).
 fn abandon(v: &Volume, s: &Arc<SnapshotStore>) {
     v.disarm(s);
     if !s.meta().handed_on {
-        v.dirty.merge(s.changes());
+        if let Err(e) = v.dirty.merge(s.changes()) {
+            tracing::error!(snapshot = %s.id(), error = %e, "the volume's dirty map could not be marked in use; the snapshot's files are kept");
+            return;
+        }
     }
     if let Err(e) = s.remove() {
         tracing::warn!(snapshot = %s.id(), error = %e, "removing snapshot files failed");

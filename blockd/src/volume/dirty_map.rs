@@ -48,9 +48,13 @@
 //! when it came. The cost is one small durable file write on the first
 //! write after each idle spell, none on the writes that follow.
 //!
-//! Freezes take extents out of the map without arming it: the frozen set
-//! is then held, durably, by the snapshot, and a settled copy on disk that
-//! still lists them only makes the next backup read a little more.
+//! Freezes take extents out of the map without arming it. Until the
+//! snapshot holds the frozen set durably (its committed `changes.dirty`),
+//! the map is not settled, nor written settled at shutdown; after that, a
+//! settled copy that still lists them only makes the next backup read a
+//! little more. A successful backup records its snapshot as the volume's
+//! backup base before it lets the snapshot go, so a settled map without
+//! those extents always has a base that holds them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -173,9 +177,6 @@ pub const SETTLE_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct DirtyMap {
     extent_size: u64,
-    /// The file, or `None` for a map kept only in memory (or forgotten
-    /// with its deleted volume).
-    path: Mutex<Option<PathBuf>>,
     inner: Mutex<Live>,
     /// The change count at the last look of [`Self::settle`], and since
     /// when it has stood still.
@@ -188,11 +189,21 @@ pub struct DirtyMap {
 #[derive(Debug)]
 struct Live {
     set: ChangeSet,
+    /// The file, or `None` for a map kept only in memory (or forgotten
+    /// with its deleted volume). Under the same lock as the rest, so a
+    /// settle that began before a delete never writes after it.
+    path: Option<PathBuf>,
     /// The copy on disk carries IN_USE (or there is no file to keep):
     /// changes need not write it first.
     armed: bool,
     /// Counts changes to `set`; a settle that sees it move gives up.
     changes: u64,
+    /// The last write of the file was a settled copy that succeeded.
+    settled: bool,
+    /// Change sets taken by freezes whose snapshots are not durable yet
+    /// ([`DirtyMap::take`] to [`DirtyMap::kept`]): no settled copy is
+    /// written meanwhile, since it would lack them.
+    frozen: u32,
 }
 
 /// Why a persisted map could not be used.
@@ -238,13 +249,16 @@ impl DirtyMap {
     }
 
     fn with(extent_size: u64, path: Option<PathBuf>, set: ChangeSet, armed: bool) -> Self {
+        let path_is_some = path.is_some();
         Self {
             extent_size,
-            path: Mutex::new(path),
             inner: Mutex::new(Live {
                 set,
+                path,
                 armed,
                 changes: 0,
+                settled: !armed && path_is_some,
+                frozen: 0,
             }),
             seen: Mutex::new((0, Instant::now())),
             disabled: std::sync::atomic::AtomicBool::new(false),
@@ -257,11 +271,8 @@ impl DirtyMap {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn path(&self) -> Option<PathBuf> {
-        self.path
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    fn is_disabled(&self) -> bool {
+        self.disabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes sure the copy on disk carries IN_USE before `live` changes
@@ -272,11 +283,12 @@ impl DirtyMap {
         if live.armed {
             return Ok(());
         }
-        if let Some(path) = self.path() {
+        live.settled = false;
+        if let Some(path) = &live.path {
             let bytes = encode(&ChangeSet::empty(), self.extent_size, true);
-            if let Err(e) = crate::durable::write_atomic(&path, &bytes) {
+            if let Err(e) = crate::durable::write_atomic(path, &bytes) {
                 tracing::warn!(path = %path.display(), error = %e, "writing the in-use dirty map failed; removing it instead");
-                match std::fs::remove_file(&path) {
+                match std::fs::remove_file(path) {
                     Ok(()) => {}
                     Err(r) if r.kind() == io::ErrorKind::NotFound => {}
                     Err(_) => return Err(e),
@@ -290,14 +302,6 @@ impl DirtyMap {
         Ok(())
     }
 
-    /// [`Self::arm`] for changes that cannot fail: an error is logged.
-    fn arm_or_log(&self, live: &mut Live) {
-        if let Err(e) = self.arm(live) {
-            tracing::error!(error = %e, "the dirty map could not be marked in use: a crash now may lose change tracking");
-            live.armed = true;
-        }
-    }
-
     /// Marks the extents of `offset..offset + len` changed. Call before
     /// the data changes.
     ///
@@ -305,7 +309,7 @@ impl DirtyMap {
     /// The first change after the map was settled writes it in use first;
     /// when that fails, the write must not go ahead.
     pub fn mark(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.is_disabled() {
             return Ok(());
         }
         let r = extent_range(offset, len, self.extent_size);
@@ -321,27 +325,61 @@ impl DirtyMap {
         self.lock().set.clone()
     }
 
-    /// Replaces the set with an empty trusted one and returns the old one
-    /// (the frozen change set of a snapshot).
+    /// Replaces the set with an empty trusted one and returns the old one:
+    /// the frozen change set of a snapshot. Until [`Self::kept`] says the
+    /// snapshot holds it durably (or [`Self::merge`] has put it back and
+    /// `kept` has been called), the map is not settled on disk. With
+    /// tracking off, the set stays unknown.
     pub fn take(&self) -> ChangeSet {
         let mut live = self.lock();
         live.changes += 1;
-        std::mem::replace(&mut live.set, ChangeSet::empty())
+        live.frozen += 1;
+        let fresh = if self.is_disabled() {
+            ChangeSet::unknown()
+        } else {
+            ChangeSet::empty()
+        };
+        std::mem::replace(&mut live.set, fresh)
+    }
+
+    /// A set [`Self::take`] returned is now durable elsewhere (the
+    /// snapshot's committed `changes.dirty`) or merged back.
+    pub fn kept(&self) {
+        let mut live = self.lock();
+        live.frozen = live.frozen.saturating_sub(1);
+    }
+
+    /// Empties the set without holding anything back: the volume now
+    /// equals a snapshot a backup holds (the end of a full restore).
+    pub fn reset(&self) {
+        let mut live = self.lock();
+        live.changes += 1;
+        if !self.is_disabled() {
+            live.set = ChangeSet::empty();
+        }
     }
 
     /// Adds a change set back (an abandoned snapshot's changes are never
     /// forgotten).
-    pub fn merge(&self, changes: &ChangeSet) {
+    ///
+    /// # Errors
+    /// The map could not be marked in use on disk first: the changes are
+    /// in memory, but a crash could lose them, so the caller keeps its own
+    /// durable copy.
+    pub fn merge(&self, changes: &ChangeSet) -> io::Result<()> {
         let mut live = self.lock();
-        self.arm_or_log(&mut live);
+        let armed = self.arm(&mut live);
         live.changes += 1;
         live.set.merge(changes);
+        armed
     }
 
     /// Marks the whole map unknown.
     pub fn lose(&self) {
         let mut live = self.lock();
-        self.arm_or_log(&mut live);
+        if let Err(e) = self.arm(&mut live) {
+            tracing::error!(error = %e, "the dirty map could not be marked in use: a crash now may keep a map that is no longer known");
+        }
         live.changes += 1;
         live.set = ChangeSet::unknown();
     }
@@ -353,12 +391,10 @@ impl DirtyMap {
         self.lose();
     }
 
-    /// Lets go of the file (its volume is deleted): nothing writes it again.
+    /// Lets go of the file (its volume is deleted): nothing writes it again,
+    /// not even a settle that began before.
     pub fn forget(&self) {
-        *self
-            .path
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.lock().path = None;
     }
 
     /// Loads the map persisted at `path`. A settled copy stays as it is
@@ -420,7 +456,8 @@ impl DirtyMap {
     /// Settles the map when nothing has changed it for `idle`, counting
     /// from the first call that saw it as it is: `sync` makes the volume's
     /// data durable, then the map is written without IN_USE. True when it
-    /// was written now. A change during the sync makes it give up.
+    /// was written now. A change during the sync, or a freeze whose
+    /// snapshot is not durable yet, makes it give up.
     ///
     /// # Errors
     /// The sync or the write failed (the copy on disk stays in use).
@@ -429,15 +466,12 @@ impl DirtyMap {
         idle: Duration,
         sync: impl FnOnce() -> io::Result<()>,
     ) -> Result<bool, MapFileError> {
-        let Some(path) = self.path() else {
-            return Ok(false);
-        };
-        let changes = {
+        let (changes, path) = {
             let live = self.lock();
-            if !live.armed {
-                return Ok(false);
+            match &live.path {
+                Some(path) if live.armed && live.frozen == 0 => (live.changes, path.clone()),
+                _ => return Ok(false),
             }
-            live.changes
         };
         {
             let now = Instant::now();
@@ -452,45 +486,52 @@ impl DirtyMap {
                 return Ok(false);
             }
         }
-        let io_err = |source| MapFileError::Io {
+        sync().map_err(|source| MapFileError::Io {
             path: path.display().to_string(),
             source,
-        };
-        sync().map_err(io_err)?;
+        })?;
         let mut live = self.lock();
-        if live.changes != changes || !live.armed {
+        if live.changes != changes || !live.armed || live.frozen > 0 {
             return Ok(false);
         }
-        self.write_settled(&path, &mut live)?;
-        Ok(true)
+        self.write_settled(&mut live)
     }
 
     /// Writes the settled copy at a clean shutdown, once the caller has
-    /// made the volume's data durable.
+    /// made the volume's data durable. A freeze still in progress leaves
+    /// the map in use.
     ///
     /// # Errors
     /// I/O failures, naming the file.
     pub fn close(&self) -> Result<(), MapFileError> {
-        let Some(path) = self.path() else {
-            return Ok(());
-        };
         let mut live = self.lock();
-        self.write_settled(&path, &mut live)
+        if live.frozen > 0 {
+            return Ok(());
+        }
+        self.write_settled(&mut live).map(|_| ())
     }
 
-    fn write_settled(&self, path: &Path, live: &mut Live) -> Result<(), MapFileError> {
+    /// Writes `live` settled; false when there is no file to write.
+    fn write_settled(&self, live: &mut Live) -> Result<bool, MapFileError> {
+        let Some(path) = &live.path else {
+            return Ok(false);
+        };
         let bytes = encode(&live.set, self.extent_size, false);
+        // Disarmed before the write: if it fails after its rename, the
+        // copy on disk may be the settled one, and the next change must
+        // then write it in use again.
+        live.armed = false;
         crate::durable::write_atomic(path, &bytes).map_err(|source| MapFileError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        live.armed = false;
-        Ok(())
+        live.settled = true;
+        Ok(true)
     }
 
     /// True when the copy on disk is settled (trusted after a crash).
     pub fn settled(&self) -> bool {
-        !self.lock().armed
+        self.lock().settled
     }
 }
 
@@ -614,7 +655,7 @@ mod tests {
                     Op::Take => taken.push((map.take(), std::mem::take(&mut model))),
                     Op::Merge => {
                         if let Some((set, m)) = taken.pop() {
-                            map.merge(&set);
+                            map.merge(&set).unwrap();
                             model.extend(m);
                         }
                     }
@@ -714,7 +755,7 @@ mod tests {
         // Each change that adds to the map writes IN_USE first.
         let changes: [&dyn Fn(&DirtyMap); 3] = [
             &|m| m.mark(1 << 20, 1).unwrap(),
-            &|m| m.merge(&fixture_set(false)),
+            &|m| m.merge(&fixture_set(false)).unwrap(),
             &DirtyMap::lose,
         ];
         for change in changes {
@@ -737,12 +778,46 @@ mod tests {
         let failing = || Err(io::Error::other("disk gone"));
         assert!(map.settle(Duration::ZERO, failing).is_err());
         assert!(on_disk(&path).1);
-        // A forgotten map (its volume deleted) writes nothing again.
-        std::fs::remove_file(&path).unwrap();
-        map.forget();
-        map.mark(0, 1).unwrap();
+        // A freeze's set is held back from settled copies until its
+        // snapshot is durable: no settle, and a clean shutdown leaves the
+        // map in use.
+        assert!(map.settle(Duration::ZERO, sync).unwrap());
+        map.mark(8 << 20, 1).unwrap();
+        let frozen = map.take();
+        assert!(frozen.extents.contains(2048));
         assert!(!map.settle(Duration::ZERO, sync).unwrap());
-        assert!(!path.exists());
+        map.close().unwrap();
+        assert!(on_disk(&path).1, "settled while a freeze was pending");
+        map.kept();
+        assert!(map.settle(Duration::ZERO, sync).unwrap());
+        assert!(!on_disk(&path).1);
+        // A settle that began before its volume was deleted writes nothing
+        // (a new volume of the same name may own the file by then).
+        map.mark(0, 1).unwrap();
+        let deleted = || {
+            map.forget();
+            std::fs::write(&path, b"the new volume's").unwrap();
+            Ok(())
+        };
+        assert!(!map.settle(Duration::ZERO, deleted).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"the new volume's");
+        map.mark(0, 1).unwrap();
+        map.close().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the new volume's");
+    }
+
+    /// With tracking off, a freeze never yields a known set: every backup
+    /// reads the whole volume.
+    #[test]
+    fn a_disabled_map_stays_unknown_across_freezes() {
+        let map = DirtyMap::new(4096);
+        map.disable();
+        map.mark(0, 4096).unwrap();
+        assert!(!map.take().known);
+        map.kept();
+        assert!(!map.take().known, "the second freeze saw a known set");
+        map.reset();
+        assert!(!map.current().known);
     }
 
     /// extents {0, 5, 6} and, in version 2, 2^32 + 7 (past 16 TiB at 4 KiB).

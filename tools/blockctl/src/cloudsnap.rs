@@ -28,14 +28,18 @@ pub enum CloudsnapCmd {
         after_help = "Examples:\n  blockctl cloudsnap backup-group --volume-ids db-data,db-log --wait\n  blockctl cs bg --label tier=gold --cred-id s3"
     )]
     BackupGroup(BackupGroupArgs),
-    /// Report backups and restores: progress of active ones, outcome of recent ones
+    /// Report backups and restores: progress of active ones, outcome of those
+    /// that ended in the last 24 hours
     #[command(
-        after_help = "Examples:\n  blockctl cloudsnap status\n  blockctl -j cloudsnap status --name 846a-d2c7-8473d084"
+        after_help = "Examples:\n  blockctl cloudsnap status\n  blockctl -j cloudsnap status --name 846a-d2c7-8473d084\n  blockctl cloudsnap status --all   # also tasks that ended earlier"
     )]
     Status {
-        /// Only this task
+        /// Only this task (or the tasks of this group backup)
         #[arg(long, value_name = "ID")]
         name: Option<String>,
+        /// Every task kept, also those that ended over 24 hours ago
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
     },
     /// Stop an active backup or restore, or every running task of a group backup
     #[command(group(ArgGroup::new("task").required(true).args(["id", "name"])))]
@@ -215,13 +219,24 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
         CloudsnapCmd::Backup(args) => backup(out, client, args).await,
         CloudsnapCmd::BackupGroup(args) => backup_group(out, client, args).await,
         CloudsnapCmd::Schedules(cmd) => crate::schedules::run(out, client, cmd).await,
-        CloudsnapCmd::Status { name } => {
+        CloudsnapCmd::Status { name, all } => {
             let path = match name {
                 Some(n) => with_query("/v1/tasks", &[("name", n)]),
                 None => "/v1/tasks".into(),
             };
-            let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
-            out.answer(tasks.as_slice(), print_status);
+            let mut tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            let before = tasks.len();
+            if name.is_none() && !all {
+                let now = std::time::SystemTime::now();
+                tasks.retain(|t| !ended_before(t, now, STATUS_RECENT));
+            }
+            let older = before - tasks.len();
+            out.answer(tasks.as_slice(), |tasks| {
+                print_status(tasks);
+                if older > 0 {
+                    crate::output::line(format_args!("({older} task(s) that ended over 24 hours ago not shown: `blockctl cloudsnap status --all`)"));
+                }
+            });
             Ok(())
         }
         CloudsnapCmd::Stop { id, name, force } => {
@@ -491,6 +506,19 @@ async fn stop_group(
 }
 
 /// Prints the `status` table.
+/// How far back `cloudsnap status` shows tasks that have ended.
+const STATUS_RECENT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// True when `t` has ended, more than `ago` before `now`.
+fn ended_before(t: &Task, now: std::time::SystemTime, ago: std::time::Duration) -> bool {
+    t.state.is_final()
+        && t.finished
+            .as_deref()
+            .and_then(|f| humantime::parse_rfc3339_weak(f).ok())
+            .and_then(|f| now.duration_since(f).ok())
+            .is_some_and(|d| d > ago)
+}
+
 fn print_status(tasks: &[Task]) {
     let header = [
         "NAME",
@@ -670,5 +698,42 @@ fn cloud_snapshot_id(s: &str) -> Result<String, String> {
         _ => Err(format!(
             "{s:?} is not a cloud snapshot id VOLUME/SNAPSHOT (see `blockctl cloudsnap list`)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn task(state: &str, finished: Option<&str>) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "id": "t", "kind": "backup", "state": state, "volume": "v",
+            "snapshot": "v/s", "location": "local", "group": null, "full": true,
+            "created": "2026-11-20T10:00:00Z", "finished": finished,
+            "bytes_total": 0, "bytes_done": 0, "bytes_transferred": 0,
+            "bytes_reused": 0, "elapsed_secs": 1.0, "eta_secs": null, "error": null
+        }))
+        .unwrap()
+    }
+
+    /// `cloudsnap status` leaves out only tasks that ended over a day ago.
+    #[test]
+    fn status_hides_only_tasks_that_ended_long_ago() {
+        let now = humantime::parse_rfc3339("2026-11-28T12:00:00Z").unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let old = |t: &Task| ended_before(t, now, day);
+        assert!(old(&task("Done", Some("2026-11-26T12:00:00Z"))));
+        assert!(old(&task("Failed", Some("2026-11-27T11:59:00Z"))));
+        assert!(!old(&task("Done", Some("2026-11-27T12:30:00Z"))));
+        // Still going, or with no end time: always shown.
+        assert!(!old(&task("Active", None)));
+        assert!(!old(&task("Done", None)));
+        assert!(!old(&task("Done", Some("not a time"))));
+        assert!(!ended_before(
+            &task("Done", Some("2026-11-28T12:00:00Z")),
+            SystemTime::UNIX_EPOCH,
+            day
+        ));
     }
 }

@@ -435,6 +435,20 @@ impl Cloud {
             }
             match outcome {
                 Ok(()) => {
+                    // The base first: once the snapshot goes, nothing but
+                    // the base says where its changes are (the map may
+                    // already be settled without them). Unrecorded, the
+                    // next backup must read the whole volume.
+                    let snapshot = {
+                        let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        r.task.snapshot.clone()
+                    };
+                    if let Err(e) = me.db.set_backup_base(&volume, Some((&location, &snapshot))) {
+                        tracing::error!(%volume, error = %e, "recording the backup base failed; the next backup reads the whole volume");
+                        if let Some(v) = me.volumes.get(&volume) {
+                            v.dirty.lose();
+                        }
+                    }
                     if let Err(e) = me.snapshots.release(&volume, &name) {
                         tracing::warn!(error = %e, "releasing the backup's snapshot failed");
                     }
@@ -455,7 +469,6 @@ impl Cloud {
                             tracing::error!(snapshot = %r.task.snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
                         }
                     }
-                    let _ = me.db.set_backup_base(&volume, Some((&r.task.location, &r.task.snapshot)));
                     tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
                 }
                 Err(CloudError::Cancelled)

@@ -285,7 +285,7 @@ impl Cloud {
                     if let Some(v) = me.volumes.get(&volume) {
                         // The volume now equals the snapshot: its next backup
                         // to the same location can be an incremental on it.
-                        let _ = v.dirty.take();
+                        v.dirty.reset();
                     }
                     let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
                     // Exported before Done is shown, and released before
