@@ -768,18 +768,20 @@ impl Snapshots {
     }
 }
 
-/// Undoes a snapshot: disarm, merge the change set back, remove the files.
-/// When the volume's map cannot be marked in use first, the files stay:
-/// the snapshot's `changes.dirty` is then the durable copy of its changes
-/// (a committed snapshot is back at the next start).
+/// Undoes a snapshot: merge the change set back, disarm, remove the files.
+/// When the volume's map cannot be marked in use for the merge, the
+/// snapshot stays armed and its files stay: a committed one, still exact,
+/// is back at the next start with its changes. (An uncommitted one goes
+/// then, but its freeze found the map in use or the settled copy on disk
+/// holding its set, since no settle runs while a freeze is pending.)
 fn abandon(v: &Volume, s: &Arc<SnapshotStore>) {
-    v.disarm(s);
     if !s.meta().handed_on {
         if let Err(e) = v.dirty.merge(s.changes()) {
-            tracing::error!(snapshot = %s.id(), error = %e, "the volume's dirty map could not be marked in use; the snapshot's files are kept");
+            tracing::error!(snapshot = %s.id(), error = %e, "the volume's dirty map could not be marked in use; the snapshot is kept as it is until the next start");
             return;
         }
     }
+    v.disarm(s);
     if let Err(e) = s.remove() {
         tracing::warn!(snapshot = %s.id(), error = %e, "removing snapshot files failed");
     }

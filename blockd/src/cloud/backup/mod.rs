@@ -437,19 +437,21 @@ impl Cloud {
                 Ok(()) => {
                     // The base first: once the snapshot goes, nothing but
                     // the base says where its changes are (the map may
-                    // already be settled without them). Unrecorded, the
-                    // next backup must read the whole volume.
+                    // already be settled without them).
                     let snapshot = {
                         let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                         r.task.snapshot.clone()
                     };
-                    if let Err(e) = me.db.set_backup_base(&volume, Some((&location, &snapshot))) {
-                        tracing::error!(%volume, error = %e, "recording the backup base failed; the next backup reads the whole volume");
-                        if let Some(v) = me.volumes.get(&volume) {
-                            v.dirty.lose();
+                    let let_go = match me.db.set_backup_base(&volume, Some((&location, &snapshot))) {
+                        Ok(()) => me.snapshots.release(&volume, &name),
+                        Err(e) => {
+                            // Its changes go back into the map instead:
+                            // the next backup takes them again.
+                            tracing::error!(%volume, error = %e, "recording the backup base failed; the snapshot's changes go to the next backup");
+                            me.snapshots.discard(&volume, &name)
                         }
-                    }
-                    if let Err(e) = me.snapshots.release(&volume, &name) {
+                    };
+                    if let Err(e) = let_go {
                         tracing::warn!(error = %e, "releasing the backup's snapshot failed");
                     }
                     // The last member of a group writes the group object
