@@ -14,6 +14,8 @@
 #      to the volume over NBD and to the image file);
 #   5. incremental backup vs restic's second backup; bytes uploaded vs bytes
 #      changed (index blocks counted apart);
+#   5b. the same again after blockd was killed with SIGKILL once v's change
+#      map had settled (idle): still an incremental;
 #   6. full restore into a new volume vs `restic restore` and vs `cp` + sync
 #      of the image, BENCH_REPEAT rounds; blockd's restore between two
 #      `cp` + sync runs (its reference is their mean), restic's first or
@@ -246,6 +248,13 @@ def table(path):
             ok(ri / bi >= 50), ri / f("bd.incr.daemon_s"))
     row("incremental, %d x 4 KiB scattered = 1%% (peer: restic 2nd backup)" % nw, bi, ri, changed,
         f("bd.incr.uploaded"), f("rs.incr.du"), t)
+    bc, rc = f("bd.crash.s"), f("rs.crash.s")
+    if bc is not None:
+        t = "an incremental, not a full read: %s" % ok(f("bd.crash.full") == 0)
+        if rc:
+            t += "; >= 50x faster than restic: %s" % ok(rc / bc >= 50)
+        row("incremental after `kill -9` of blockd (its map settled while idle), another %d x 4 KiB (peer: restic backup of the same change)" % nw,
+            bc, rc, changed, f("bd.crash.uploaded"), f("rs.crash.du"), t)
     packs, index = f("bd.incr.packs"), f("bd.incr.index")
     if packs is not None:
         rows.append("| incremental upload vs %s changed: packs / index blocks / manifest+other | | | | | | %s / %s / %s | <= 1.5x changed + index: %.2fx + %s index: %s |" % (
@@ -539,6 +548,32 @@ rs_before=$(bytes_of "$RESTIC_REPOSITORY")
 rs_run rs.incr backup --json --host bench "$img"
 put rs.incr.du "$(($(bytes_of "$RESTIC_REPOSITORY") - rs_before))"
 put rs.incr.added "$(py restic-summary "$tmp/rs.incr.out")"
+
+# --- 5b. an incremental after the daemon was killed ---------------------------------
+# Another change of the same size on both; once v has been idle long enough
+# for its change map to settle on disk, blockd is killed with SIGKILL and
+# started again on the same state directory. Its next backup must still be
+# an incremental; restic, which keeps no state between runs, backs up the
+# same change as its peer.
+echo "5b. incremental after kill -9" >&2
+py change "$((seed * 1000 + 2))" "$nwrites" "$size" "file:$img" "$(uri v)"
+settled=0
+for _ in $(seq 300); do
+    if ctl -j volume inspect v | python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin).get("tracking_settled") else 1)'; then
+        settled=1
+        break
+    fi
+    sleep 0.1
+done
+((settled)) || fail "v's change map did not settle within 30 s of its last write"
+kill -KILL "$blockd_pid"
+wait "$blockd_pid" 2>/dev/null || true
+start_blockd "$state"
+bd_backup bd.crash v
+((bd_last_full == 0)) || fail "the incremental after kill -9 read the whole volume (full=true)"
+rs_before=$(bytes_of "$RESTIC_REPOSITORY")
+rs_run rs.crash backup --json --host bench "$img"
+put rs.crash.du "$(($(bytes_of "$RESTIC_REPOSITORY") - rs_before))"
 
 # --- 6. full restores, verified, in rounds -----------------------------------------
 # BENCH_REPEAT rounds of restores of the same data, each after a cache

@@ -66,7 +66,8 @@ bench_cleanup() {
 # defines `ctl` (blockctl against it) and `uri VOLUME`.
 start_blockd() {
     state=$1
-    mkdir -m 700 "$state"
+    # -p: a restart on the same state directory (after a kill) is allowed.
+    mkdir -p -m 700 "$state"
     BLOCKD_LOG=${BLOCKD_LOG:-info} "$blockd_bin" --state-dir "$state" </dev/null >"$tmp/blockd.log" 2>&1 &
     blockd_pid=$!
     pids+=("$blockd_pid")
