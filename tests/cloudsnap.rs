@@ -215,14 +215,7 @@ fn group_backup_freezes_members_together_and_each_restores() {
         images.push(img);
     }
     d.create("other", "4M");
-    let tasks = json(&d.ok(&[
-        "-j",
-        "cloudsnap",
-        "backup-group",
-        "--label",
-        "app=shop",
-        "--wait",
-    ]));
+    let tasks = backup_group(&d, &["--label", "app=shop"]);
     let tasks = tasks.as_array().unwrap();
     assert_eq!(tasks.len(), 2, "{tasks:?}");
     let group = tasks[0]["group"].as_str().unwrap().to_string();

@@ -259,14 +259,7 @@ fn group_backups_appear_under_groups_with_their_members() {
         load(&d, v, &img);
         images.push(img);
     }
-    let tasks = json(&d.ok(&[
-        "-j",
-        "cloudsnap",
-        "backup-group",
-        "--label",
-        "app=shop",
-        "--wait",
-    ]));
+    let tasks = backup_group(&d, &["--label", "app=shop"]);
     let group = tasks[0]["group"].as_str().unwrap().to_string();
     let name = snap_name(&tasks[0]);
 
@@ -313,14 +306,7 @@ fn group_backups_appear_under_groups_with_their_members() {
     d.ok(&["cloudsnap", "delete", "--snap", &format!("log/{name}")]);
     assert_eq!(groups(), 0, "a group of deleted snapshots stayed");
     for round in 0..3 {
-        let tasks = json(&d.ok(&[
-            "-j",
-            "cloudsnap",
-            "backup-group",
-            "--label",
-            "app=shop",
-            "--wait",
-        ]));
+        let tasks = backup_group(&d, &["--label", "app=shop"]);
         let name = snap_name(&tasks[0]);
         assert_eq!(groups(), 1);
         let outs = at_once(2, |i| {

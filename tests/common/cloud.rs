@@ -58,6 +58,14 @@ pub fn backup(d: &Blockd, args: &[&str]) -> Value {
     t
 }
 
+/// `cloudsnap backup-group ARGS --wait -j`: the members' tasks.
+pub fn backup_group(d: &Blockd, args: &[&str]) -> Value {
+    let mut a = vec!["-j", "cloudsnap", "backup-group"];
+    a.extend_from_slice(args);
+    a.push("--wait");
+    json(&d.ok(&a))
+}
+
 /// `cloudsnap restore --wait -j`: the finished task (which may have failed;
 /// blockctl then exits non-zero).
 pub fn restore(d: &Blockd, snap: &str, vol: &str, extra: &[&str]) -> Value {
