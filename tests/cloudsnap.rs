@@ -978,6 +978,99 @@ fn every_nth_backup_and_lost_tracking_read_everything() {
     assert_same(&d, &img, "back");
 }
 
+/// Sets finished backup task `id` back to active in the state database
+/// of a stopped daemon: the state a crash leaves after the task's commit
+/// and before it reported Done.
+fn reactivate(d: &Blockd, id: &str) {
+    let db = rusqlite::Connection::open(d.dir.path().join("state.db")).unwrap();
+    let record: String = db
+        .query_row("SELECT record FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
+    let mut r = json(&record);
+    assert_eq!(r["task"]["state"], "Done", "{r}");
+    r["task"]["state"] = "Active".into();
+    r["task"]["finished"] = Value::Null;
+    db.execute(
+        "UPDATE tasks SET record = ?2, active = 1 WHERE id = ?1",
+        [id, &r.to_string()],
+    )
+    .unwrap();
+}
+
+/// A restart cuts a group backup short after each member committed: one
+/// member after its base was recorded and its snapshot released, the
+/// other after its manifest was written and its bucket session closed,
+/// before its base. Both resume as Done without reading anything again,
+/// the group object is written, and both volumes keep their change
+/// tracking. (A finished backup's record is set back to active, and the
+/// second member's local snapshot taken again under its name, to make
+/// those states.)
+#[test]
+fn a_backup_cut_short_after_its_commit_resumes_as_done() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    for v in ["db", "log"] {
+        d.ok(&["volume", "create", v, "--size", "8M", "--label", "app=shop"]);
+        qemu_io(&d.uri(v), &["write -P 7 0 1M"]);
+    }
+    let tasks = backup_group(&d, &["--label", "app=shop"]);
+    let tasks = tasks.as_array().unwrap();
+    let group = tasks[0]["group"].as_str().unwrap().to_string();
+    let task = |v: &str| {
+        tasks
+            .iter()
+            .find(|t| t["volume"] == v)
+            .unwrap_or_else(|| panic!("no task for {v}: {tasks:?}"))
+            .clone()
+    };
+    let (db_task, log_task) = (task("db"), task("log"));
+    let log_snap = log_task["snapshot"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(1)
+        .unwrap();
+    d.ok(&["snapshot", "create", "log", "--name", log_snap]);
+    assert!(d.terminate().success());
+    reactivate(&d, db_task["id"].as_str().unwrap());
+    reactivate(&d, log_task["id"].as_str().unwrap());
+    rusqlite::Connection::open(d.dir.path().join("state.db"))
+        .unwrap()
+        .execute("DELETE FROM backup_base WHERE volume = 'log'", [])
+        .unwrap();
+    let group_object = d.dir.path().join("objects/groups").join(&group);
+    std::fs::remove_file(&group_object).unwrap();
+
+    d.spawn();
+    for t in [&db_task, &log_task] {
+        let done = wait_done(&d, t["id"].as_str().unwrap());
+        assert_eq!(done["state"], "Done", "{done}");
+        assert_eq!(done["error"], Value::Null, "{done}");
+        // Counted as the first run counted it, nothing read again.
+        assert_eq!(done["bytes_transferred"], t["bytes_transferred"], "{done}");
+    }
+    assert!(d
+        .log()
+        .contains("the backup was committed before the restart"));
+    assert!(
+        group_object.exists(),
+        "the group object is written on resume"
+    );
+    let left = json(&d.ok(&["-j", "snapshot", "list"]));
+    assert_eq!(left.as_array().unwrap().len(), 0, "snapshots left: {left}");
+    // The next backups build on these: they read only the new write.
+    for v in ["db", "log"] {
+        let i = json(&d.ok(&["-j", "volume", "inspect", v]));
+        assert_eq!(i["tracking_known"], true, "{i}");
+        qemu_io(&d.uri(v), &["write -P 8 2M 4k"]);
+        let t = backup(&d, &[v]);
+        assert_eq!(t["full"], false, "{t}");
+        assert_eq!(t["bytes_total"], 4096, "{t}");
+    }
+}
+
 /// `cloudsnap list` over every location stops at one that fails, names
 /// it, and says how to list the others; those list with `--cred-id`.
 #[test]

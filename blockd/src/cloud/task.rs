@@ -477,6 +477,19 @@ impl Cloud {
             Err(e) => return self.cannot_resume(r, &e.to_string()),
         };
         match r.plan.clone() {
+            // Stopped after its base was recorded: committed, and its
+            // snapshot's changes are in no map any more (the snapshot
+            // may be released already). Only its last steps are left.
+            Plan::Backup { .. }
+                if self
+                    .db
+                    .backup_base(&r.task.volume)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(l, s)| l == r.task.location && s == r.task.snapshot) =>
+            {
+                self.spawn_completion(r, claim);
+            }
             Plan::Backup { .. } => {
                 let snap_name = name::split(&r.task.snapshot)
                     .map(|(_, n)| n.to_string())
@@ -489,7 +502,7 @@ impl Cloud {
                         let why = s.damaged().unwrap_or_default();
                         self.fail_record(r, &format!("not backed up: local snapshot {} is damaged: {why}; change tracking is reset so the next backup reads the whole volume", s.id()));
                     }
-                    Some(s) => self.spawn_backup(r, s, claim, None),
+                    Some(s) => self.spawn_backup(r, s, claim, None, true),
                     None => {
                         if let Some(v) = self.volumes.get(&r.task.volume) {
                             v.dirty.lose();

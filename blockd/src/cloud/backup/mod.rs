@@ -302,7 +302,7 @@ impl Cloud {
         for (record, snap, claim, parent) in started {
             tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
             tasks.push(record.task.clone());
-            self.spawn_backup(record, snap, claim, parent);
+            self.spawn_backup(record, snap, claim, parent, false);
         }
         Ok(Started {
             group: group_id,
@@ -393,29 +393,23 @@ impl Cloud {
 
     /// Runs backup task `record` from its frozen `snap`. `parent` is the
     /// parent's manifest when the caller has it (a fresh start); a resumed
-    /// task fetches it again.
+    /// task fetches it again. A `resumed` task first looks for the
+    /// manifest it may have committed before the restart.
     pub(super) fn spawn_backup(
         self: &Arc<Self>,
         record: Record,
         snap: Arc<SnapshotStore>,
         claim: Claim,
         parent: Option<Manifest>,
+        resumed: bool,
     ) {
-        let run = self.register(record, None);
-        let me = self.clone();
-        let shown = super::task::Shown(self.clone(), run.snapshot().task.id);
-        self.tracker.spawn(async move {
-            // Dropped in reverse order: the claim goes before the task is
-            // shown ended, so whoever saw it ended may take the volume.
-            let _shown = shown;
-            // Held until the task has ended, whatever way it ends.
-            let _claim = claim;
+        self.spawn_run(record, claim, move |me, run| async move {
             // A location that fails for a while (an outage, a restarted
             // gateway) is waited out; each attempt goes on from the last
             // checkpoint.
             let mut parent = parent;
             let outcome = me
-                .outlast(&run, || me.run_backup(&run, &snap, parent.take()))
+                .outlast(&run, || me.run_backup(&run, &snap, parent.take(), resumed))
                 .await;
             let (volume, name, id, location) = {
                 let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -434,45 +428,7 @@ impl Cloud {
                 }
             }
             match outcome {
-                Ok(()) => {
-                    // The base first: once the snapshot goes, nothing but
-                    // the base says where its changes are (the map may
-                    // already be settled without them).
-                    let snapshot = {
-                        let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        r.task.snapshot.clone()
-                    };
-                    let let_go = match me.db.set_backup_base(&volume, Some((&location, &snapshot))) {
-                        Ok(()) => me.snapshots.release(&volume, &name),
-                        Err(e) => {
-                            // Its changes go back into the map instead:
-                            // the next backup takes them again.
-                            tracing::error!(%volume, error = %e, "recording the backup base failed; the snapshot's changes go to the next backup");
-                            me.snapshots.discard(&volume, &name)
-                        }
-                    };
-                    if let Err(e) = let_go {
-                        tracing::warn!(error = %e, "releasing the backup's snapshot failed");
-                    }
-                    // The last member of a group writes the group object
-                    // before it reports Done; members finish one at a time
-                    // here, so exactly one of them sees the others Done.
-                    let (group, location) = {
-                        let r = run.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        (r.task.group.clone(), r.task.location.clone())
-                    };
-                    let _finishing = me.finishing.lock().await;
-                    if let Some(g) = &group {
-                        me.maybe_write_group(g, &location, &id).await;
-                    }
-                    let r = me.finish(&run, TaskState::Done, None);
-                    if let Plan::Backup { expires: Some(at), .. } = &r.plan {
-                        if let Err(e) = me.db.add_expiring(&r.task.location, &r.task.snapshot, at) {
-                            tracing::error!(snapshot = %r.task.snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
-                        }
-                    }
-                    tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
-                }
+                Ok(()) => me.complete_backup(&run).await,
                 Err(CloudError::Cancelled)
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
                 {
@@ -498,11 +454,116 @@ impl Cloud {
         });
     }
 
+    /// Registers task `record` and runs `body` for it on the task
+    /// tracker, holding `claim` until it has ended.
+    fn spawn_run<F, Fut>(self: &Arc<Self>, record: Record, claim: Claim, body: F)
+    where
+        F: FnOnce(Arc<Self>, Arc<Running>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let run = self.register(record, None);
+        let shown = super::task::Shown(self.clone(), run.snapshot().task.id);
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            // Dropped in reverse order: the claim goes before the task is
+            // shown ended, so whoever saw it ended may take the volume.
+            let _shown = shown;
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
+            body(me, run).await;
+        });
+    }
+
+    /// Finishes resumed backup task `record`, whose base was recorded
+    /// before a restart cut it short (its local snapshot may be gone
+    /// already): the steps after the base are taken again.
+    pub(super) fn spawn_completion(self: &Arc<Self>, record: Record, claim: Claim) {
+        let session = match &record.plan {
+            Plan::Backup { session, .. } => session.clone(),
+            Plan::Restore { .. } => None,
+        };
+        let location = record.task.location.clone();
+        self.spawn_run(record, claim, move |me, run| async move {
+            // Its counters, from the manifest.
+            if let Ok(repo) = me.locations.repo(&location).await {
+                if let Err(e) = me.committed_before(&run, &repo, session.as_ref()).await {
+                    tracing::warn!(task = %run.id(), error = %e, "reading the backup's manifest failed; its counters stay as last saved");
+                }
+            }
+            me.complete_backup(&run).await;
+        });
+    }
+
+    /// Ends backup `run`, whose manifest is committed: the snapshot
+    /// becomes the volume's backup base, the local snapshot goes, the
+    /// group object is written by the group's last member, and the task
+    /// is Done. Each step may have run before a crash (a resumed task
+    /// whose manifest or base was already written comes here again):
+    /// every one is safe to repeat.
+    pub(super) async fn complete_backup(self: &Arc<Self>, run: &Arc<Running>) {
+        let (volume, name, id, location, snapshot, group) = {
+            let r = run
+                .record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
+            (
+                v.to_string(),
+                n.to_string(),
+                r.task.id.clone(),
+                r.task.location.clone(),
+                r.task.snapshot.clone(),
+                r.task.group.clone(),
+            )
+        };
+        // The base first: once the snapshot goes, nothing but the base
+        // says where its changes are (the map may already be settled
+        // without them).
+        match self
+            .db
+            .set_backup_base(&volume, Some((&location, &snapshot)))
+        {
+            Ok(()) => {
+                if self.snapshots.get(&volume, &name).is_some() {
+                    if let Err(e) = self.snapshots.release(&volume, &name) {
+                        tracing::warn!(error = %e, "releasing the backup's snapshot failed");
+                    }
+                }
+            }
+            Err(e) => {
+                // Its changes go back into the map instead: the next
+                // backup takes them again.
+                tracing::error!(%volume, error = %e, "recording the backup base failed; the snapshot's changes go to the next backup");
+                if let Err(e) = self.snapshots.discard(&volume, &name) {
+                    tracing::warn!(error = %e, "releasing the backup's snapshot failed");
+                }
+            }
+        }
+        // The last member of a group writes the group object before it
+        // reports Done; members finish one at a time here, so exactly one
+        // of them sees the others Done.
+        let _finishing = self.finishing.lock().await;
+        if let Some(g) = &group {
+            self.maybe_write_group(g, &location, &id).await;
+        }
+        let r = self.finish(run, TaskState::Done, None);
+        if let Plan::Backup {
+            expires: Some(at), ..
+        } = &r.plan
+        {
+            if let Err(e) = self.db.add_expiring(&r.task.location, &r.task.snapshot, at) {
+                tracing::error!(snapshot = %r.task.snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
+            }
+        }
+        tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
+    }
+
     pub(super) async fn run_backup(
         &self,
         run: &Arc<Running>,
         snap: &Arc<SnapshotStore>,
         parent: Option<Manifest>,
+        resumed: bool,
     ) -> Result<(), CloudError> {
         let rec = run.snapshot();
         let Plan::Backup {
@@ -524,6 +585,9 @@ impl Cloud {
             });
         };
         let repo = self.locations.repo(&rec.task.location).await?;
+        if resumed && self.committed_before(run, &repo, session.as_ref()).await? {
+            return Ok(());
+        }
         let volume = self.volume_of(&rec.task)?;
         let parent = match (parent, parent_id.as_deref().and_then(name::split)) {
             (Some(m), _) => Some(m),
@@ -601,6 +665,45 @@ impl Cloud {
             Err(e) => return Err(e.into()),
         }
         Ok(())
+    }
+
+    /// True when the manifest of resumed backup `run` is in the bucket,
+    /// written by this very task (its session started when the manifest
+    /// says) before a restart cut it short: the backup is committed, and
+    /// its counters are taken from the manifest. Nothing is read again;
+    /// the session may be closed already, which would fail a second run.
+    async fn committed_before(
+        &self,
+        run: &Running,
+        repo: &crate::repo::Repo,
+        session: Option<&crate::repo::gc::Session>,
+    ) -> Result<bool, CloudError> {
+        let Some(s) = session else {
+            return Ok(false);
+        };
+        let snapshot = run.snapshot().task.snapshot;
+        let Some((v, n)) = name::split(&snapshot) else {
+            return Ok(false);
+        };
+        let m = match repo.get_manifest(v, n).await {
+            Ok(m) => m,
+            Err(RepoError::Missing { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if m.started_ms != Some(s.started) {
+            // Someone else's snapshot of the same name: the commit
+            // reports it.
+            return Ok(false);
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &run.progress;
+        p.done.store(p.total.load(Relaxed), Relaxed);
+        p.read.store(m.bytes_read, Relaxed);
+        p.new.store(m.bytes_new, Relaxed);
+        p.reused.store(m.bytes_reused, Relaxed);
+        p.transferred.fetch_max(m.bytes_uploaded, Relaxed);
+        tracing::info!(task = %run.id(), %snapshot, "the backup was committed before the restart");
+        Ok(true)
     }
 
     /// Writes the group object if every member but `finishing` (which is
