@@ -805,6 +805,65 @@ fn flaky_store_still_backs_up_and_restores_exactly() {
     eprintln!("{faults} faults injected and survived");
 }
 
+/// A provider failing half of its requests: some fail past their own
+/// retries while the location answers. The tasks go on from their
+/// checkpoints instead of failing: every backup and the restore end Done,
+/// and the restore is exact. Starting a task makes requests of its own,
+/// whose failure the caller sees (and repeats here, as a script would).
+#[test]
+fn a_store_failing_half_its_requests_still_finishes_its_tasks() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start_env(&[("BLOCKD_FAULT_INJECT", "0.5")]);
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "64M");
+    let img = image(tmp.path(), "vol1.img", 64 * MB, 48 * MB, 23);
+    load(&d, "vol1", &img);
+    let start = |args: &[&str]| -> String {
+        let mut a = vec!["-j", "cloudsnap"];
+        a.extend_from_slice(args);
+        for _ in 0..50 {
+            let out = d.blockctl(&a);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                let s = json(&String::from_utf8_lossy(&out.stdout));
+                return s["tasks"][0]["id"].as_str().unwrap().to_string();
+            }
+            assert!(stderr.contains("injected fault"), "{args:?}: {stderr}");
+        }
+        panic!("{args:?} never started");
+    };
+    let mut rounds = 0;
+    // A request fails past its retries about once in 30 (0.5^5): it
+    // happens within a few rounds.
+    for round in 0..40 {
+        if round > 0 {
+            scatter(&d, "vol1", &img, 100, round);
+        }
+        let t = wait_done(&d, &start(&["backup", "vol1"]));
+        assert_eq!(t["state"], "Done", "round {round}: {t}");
+        rounds += 1;
+        if rounds >= 3
+            && d.log()
+                .contains("a request failed while the location answers")
+        {
+            break;
+        }
+    }
+    assert!(
+        d.log()
+            .contains("a request failed while the location answers"),
+        "no request failed past its retries in {rounds} backups"
+    );
+    let r = wait_done(
+        &d,
+        &start(&["restore", "--snap", "vol1", "--volume", "back"]),
+    );
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}
+
 #[test]
 fn credentials_rules_and_errors() {
     let d = Blockd::start();

@@ -162,6 +162,13 @@ impl Running {
 const OUTAGE_PAUSE: Duration = Duration::from_secs(2);
 /// Longest pause between two attempts of a task whose location fails.
 const OUTAGE_PAUSE_MAX: Duration = Duration::from_secs(60);
+/// Attempts in a row that may fail without moving the checkpoint while
+/// the location answers (a flaky provider: requests fail past their
+/// own retries, the location does not), before the task fails.
+const ANSWERED_ATTEMPTS: u32 = 4;
+/// Pause before the next attempt while the location answers: the
+/// failed request was already retried with backoff.
+const ANSWERED_PAUSE: Duration = Duration::from_secs(1);
 
 /// Shows a task as running until dropped; then its saved record (final,
 /// once [`Cloud::finish`] has run) is what status shows. A task's body
@@ -358,6 +365,13 @@ impl Cloud {
     /// waits, the task shows why (its `error`, as for any task held up),
     /// keeps its claims and its local snapshot, and a stop or a shutdown
     /// ends the wait at once.
+    ///
+    /// When the location answers, the request failed rather than the
+    /// location: a provider that fails many requests past their retries,
+    /// or a full local disk (which fails as an unmounted one does). The
+    /// task then goes on while its attempts move the checkpoint, and
+    /// fails after [`ANSWERED_ATTEMPTS`] in a row that do not: a flaky
+    /// provider is ridden out, a full disk fails the task in seconds.
     pub(super) async fn outlast<F, Fut>(
         &self,
         run: &Running,
@@ -376,12 +390,10 @@ impl Cloud {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            // Errors of the same kind as an outage's (a full local disk
-            // fails as an unmounted one does) are final while the location
-            // answers: the request failed, not the location.
-            if !e.outage() || run.stop.is_cancelled() || !self.location_down(run).await {
+            if !e.outage() || run.stop.is_cancelled() {
                 return Err(e);
             }
+            let answers = !self.location_down(run).await;
             let at = self.rewind(run);
             let since = match failing {
                 Some((since, mark)) if at <= mark => since,
@@ -395,6 +407,10 @@ impl Cloud {
             attempts += 1;
             let failed_for = since.elapsed();
             let id = run.id();
+            if answers && attempts >= ANSWERED_ATTEMPTS {
+                tracing::warn!(task = %id, error = %e, attempts, "requests keep failing while the location answers; giving up");
+                return Err(e);
+            }
             if failed_for >= self.outage_wait {
                 tracing::warn!(task = %id, error = %e, attempts, "location still failing; giving up");
                 return Err(CloudError::Outage {
@@ -403,13 +419,21 @@ impl Cloud {
                     source: Box::new(e),
                 });
             }
-            let wait = pause.min(self.outage_wait - failed_for);
-            tracing::warn!(task = %id, error = %e, attempts, retry_in_secs = wait.as_secs_f64(), "location failing; the task goes on from its last checkpoint when it answers");
-            run.held_up(Some(format!(
-                "{e}; waiting for the location: attempt {attempts} failed, the next in {}s goes on from the last checkpoint (the task fails after {} of failures)",
-                wait.as_secs().max(1),
-                crate::config::Period(self.outage_wait)
-            )));
+            let wait =
+                if answers { ANSWERED_PAUSE } else { pause }.min(self.outage_wait - failed_for);
+            if answers {
+                tracing::warn!(task = %id, error = %e, attempts, "a request failed while the location answers; the task goes on from its last checkpoint");
+                run.held_up(Some(format!(
+                    "{e}; the location answers: attempt {attempts} failed, the next goes on from the last checkpoint (the task fails after {ANSWERED_ATTEMPTS} attempts in a row that move nothing)"
+                )));
+            } else {
+                tracing::warn!(task = %id, error = %e, attempts, retry_in_secs = wait.as_secs_f64(), "location failing; the task goes on from its last checkpoint when it answers");
+                run.held_up(Some(format!(
+                    "{e}; waiting for the location: attempt {attempts} failed, the next in {}s goes on from the last checkpoint (the task fails after {} of failures)",
+                    wait.as_secs().max(1),
+                    crate::config::Period(self.outage_wait)
+                )));
+            }
             tokio::select! {
                 () = run.stop.cancelled() => return Err(CloudError::Cancelled),
                 () = tokio::time::sleep(wait) => {}
