@@ -200,6 +200,10 @@ struct Live {
     changes: u64,
     /// The last write of the file was a settled copy that succeeded.
     settled: bool,
+    /// That settled copy holds more than the set: a freeze or a restore
+    /// took changes out since. A crash keeping it loses nothing (those
+    /// changes are counted again), and the next settle writes the set.
+    stale: bool,
     /// Change sets taken by freezes whose snapshots are not durable yet
     /// ([`DirtyMap::take`] to [`DirtyMap::kept`]): no settled copy is
     /// written meanwhile, since it would lack them.
@@ -258,6 +262,7 @@ impl DirtyMap {
                 armed,
                 changes: 0,
                 settled: !armed && path_is_some,
+                stale: false,
                 frozen: 0,
             }),
             seen: Mutex::new((0, Instant::now())),
@@ -334,6 +339,7 @@ impl DirtyMap {
         let mut live = self.lock();
         live.changes += 1;
         live.frozen += 1;
+        live.stale = true;
         let fresh = if self.is_disabled() {
             ChangeSet::unknown()
         } else {
@@ -354,6 +360,7 @@ impl DirtyMap {
     pub fn reset(&self) {
         let mut live = self.lock();
         live.changes += 1;
+        live.stale = true;
         if !self.is_disabled() {
             live.set = ChangeSet::empty();
         }
@@ -469,7 +476,9 @@ impl DirtyMap {
         let (changes, path) = {
             let live = self.lock();
             match &live.path {
-                Some(path) if live.armed && live.frozen == 0 => (live.changes, path.clone()),
+                Some(path) if (live.armed || live.stale) && live.frozen == 0 => {
+                    (live.changes, path.clone())
+                }
                 _ => return Ok(false),
             }
         };
@@ -491,7 +500,7 @@ impl DirtyMap {
             source,
         })?;
         let mut live = self.lock();
-        if live.changes != changes || !live.armed || live.frozen > 0 {
+        if live.changes != changes || !(live.armed || live.stale) || live.frozen > 0 {
             return Ok(false);
         }
         self.write_settled(&mut live)
@@ -526,6 +535,7 @@ impl DirtyMap {
             source,
         })?;
         live.settled = true;
+        live.stale = false;
         Ok(true)
     }
 
@@ -804,6 +814,38 @@ mod tests {
         map.mark(0, 1).unwrap();
         map.close().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"the new volume's");
+    }
+
+    /// A freeze of a settled map takes its changes out without writing the
+    /// file: the settled copy, a superset, stays trusted (a crash counts
+    /// those changes again, and loses none), and the next settle writes
+    /// the set as it is now.
+    #[test]
+    fn a_settle_after_a_freeze_writes_the_set_without_what_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.dirty");
+        let map = DirtyMap::create(&path, 4096).unwrap();
+        map.mark(0, 8 << 20).unwrap();
+        assert!(map.settle(Duration::ZERO, || Ok(())).unwrap());
+        let taken = map.take();
+        assert_eq!(taken.extents.len(), 2048);
+        assert!(!on_disk(&path).1, "a freeze writes nothing");
+        assert_eq!(on_disk(&path).0.extents.len(), 2048);
+        assert!(!map.settle(Duration::ZERO, || Ok(())).unwrap(), "frozen");
+        map.kept();
+        assert!(map.settle(Duration::ZERO, || Ok(())).unwrap());
+        let (set, in_use) = on_disk(&path);
+        assert!(!in_use && set.known && set.extents.is_empty());
+        assert!(
+            !map.settle(Duration::ZERO, || Ok(())).unwrap(),
+            "written once"
+        );
+        // The end of a full restore likewise.
+        map.mark(1 << 20, 4096).unwrap();
+        assert!(map.settle(Duration::ZERO, || Ok(())).unwrap());
+        map.reset();
+        assert!(map.settle(Duration::ZERO, || Ok(())).unwrap());
+        assert!(on_disk(&path).0.extents.is_empty());
     }
 
     /// With tracking off, a freeze never yields a known set: every backup
