@@ -975,3 +975,34 @@ fn a_lazy_restore_through_read_only_credentials_says_when_its_snapshot_is_gone()
         "{e}"
     );
 }
+
+/// A write a killed writer left unfinished in a local directory location
+/// (`NAME#N` beside its object): a dry run counts it as a run would and
+/// leaves it, the run then deletes it.
+#[test]
+fn a_dry_run_counts_the_unfinished_writes_a_run_deletes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("vol1", "4M");
+    backup(&d, &["vol1"]);
+    let dir = d.dir.path().join("objects/packs/ab");
+    std::fs::create_dir_all(&dir).unwrap();
+    let partial = dir.join("abcdef#7");
+    std::fs::write(&partial, vec![0u8; 1000]).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&partial)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let r = gc(&d, &["--grace", "1s", "--dry-run"]);
+    assert_eq!(r["deleted_partial"], 1, "{r}");
+    assert!(r["deleted_bytes"].as_u64().unwrap() >= 1000, "{r}");
+    assert!(partial.exists(), "a dry run deleted it");
+    let r = gc(&d, &["--grace", "1s"]);
+    assert_eq!(r["deleted_partial"], 1, "{r}");
+    assert!(!partial.exists());
+}

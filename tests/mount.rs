@@ -681,7 +681,8 @@ fn mount_refuses_bad_input_and_umount_cleans_a_stale_mount() {
     let e = std::fs::read_dir(&dir_s).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     d.spawn();
-    fails(&d, &["mount", &dir_s], "umount");
+    let e = d.fails(&["mount", &dir_s], "umount");
+    assert!(e.contains("stale") && !e.contains("not a directory"), "{e}");
     let out = d.ok(&["umount", &dir_s]);
     assert!(out.contains("stale"), "{out}");
     assert!(!is_mounted(&dir));

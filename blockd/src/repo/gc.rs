@@ -876,6 +876,7 @@ async fn collect_held(
     if opts.dry_run {
         out.repacked_packs = choice.packs.len() as u64;
         out.repacked_bytes = choice.bytes;
+        partial_writes(opts, now, &sessions, false, &mut out).await;
         return Ok(out);
     }
     if !choice.packs.is_empty() {
@@ -934,22 +935,7 @@ async fn collect_held(
         mark.id = format!("{}-{}", mark.cut_ms, hex::encode(tag));
         repo.put_mark(&mark).await?;
     }
-    if let Some(dir) = &opts.local_dir {
-        // Older than the grace period, and than every writer that may
-        // still run (a later writer's files are newer than this listing).
-        let mut cut = now.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
-        for (_, started, deadline) in &sessions {
-            if *started + Duration::from_secs(deadline.unwrap_or(UNREADABLE_DEADLINE)) > now {
-                cut = cut.min(*started);
-            }
-        }
-        let dir = dir.clone();
-        let (n, bytes) = tokio::task::spawn_blocking(move || unfinished_writes(&dir, cut))
-            .await
-            .unwrap_or_default();
-        out.deleted_partial = n;
-        out.deleted_bytes += bytes;
-    }
+    partial_writes(opts, now, &sessions, true, &mut out).await;
     // Registrations of backups long past their deadline, and leases of
     // restores long lapsed, are dead weight.
     for (t, started, deadline) in &sessions {
@@ -965,13 +951,42 @@ async fn collect_held(
     Ok(out)
 }
 
-/// Removes the unfinished writes under a local directory location last
-/// modified before `cut`: a local write goes to `NAME#N` beside its
+/// Counts in `out` the unfinished writes of a local directory location
+/// (`opts.local_dir`) that a run deletes, and deletes them if `remove`.
+/// They go once older than the grace period, and than every writer that
+/// may still run (a later writer's files are newer than the listing
+/// `sessions` came from).
+async fn partial_writes(
+    opts: &Options,
+    now: SystemTime,
+    sessions: &[(String, SystemTime, Option<u64>)],
+    remove: bool,
+    out: &mut GcReport,
+) {
+    let Some(dir) = &opts.local_dir else {
+        return;
+    };
+    let mut cut = now.checked_sub(opts.grace).unwrap_or(UNIX_EPOCH);
+    for (_, started, deadline) in sessions {
+        if *started + Duration::from_secs(deadline.unwrap_or(UNREADABLE_DEADLINE)) > now {
+            cut = cut.min(*started);
+        }
+    }
+    let dir = dir.clone();
+    let (n, bytes) = tokio::task::spawn_blocking(move || unfinished_writes(&dir, cut, remove))
+        .await
+        .unwrap_or_default();
+    out.deleted_partial = n;
+    out.deleted_bytes += bytes;
+}
+
+/// Removes (or with `remove` false, only counts) the unfinished writes
+/// under a local directory location last modified before `cut`: a local write goes to `NAME#N` beside its
 /// object and is renamed into place when complete, so a writer killed
 /// mid-write leaves that file, which no listing shows and nothing else
 /// removes. No object name has a `#`. Returns (files, bytes); what cannot
 /// be read or removed is logged and left for the next run.
-fn unfinished_writes(dir: &std::path::Path, cut: SystemTime) -> (u64, u64) {
+fn unfinished_writes(dir: &std::path::Path, cut: SystemTime, remove: bool) -> (u64, u64) {
     let (mut n, mut bytes) = (0, 0);
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
@@ -988,6 +1003,11 @@ fn unfinished_writes(dir: &std::path::Path, cut: SystemTime) -> (u64, u64) {
                 || !e.file_name().to_string_lossy().contains('#')
                 || !meta.modified().is_ok_and(|m| m < cut)
             {
+                continue;
+            }
+            if !remove {
+                n += 1;
+                bytes += meta.len();
                 continue;
             }
             if let Err(error) = std::fs::remove_file(e.path()) {
@@ -1014,9 +1034,12 @@ mod tests {
         std::fs::write(sub.join("abce#1"), b"partial").unwrap();
         std::fs::write(d.path().join("config#3"), b"p").unwrap();
         // Nothing is older than a cut in the past.
-        assert_eq!(unfinished_writes(d.path(), UNIX_EPOCH), (0, 0));
+        assert_eq!(unfinished_writes(d.path(), UNIX_EPOCH, true), (0, 0));
         let later = SystemTime::now() + Duration::from_secs(5);
-        assert_eq!(unfinished_writes(d.path(), later), (2, 8));
+        // A dry run counts what a run removes, and removes nothing.
+        assert_eq!(unfinished_writes(d.path(), later, false), (2, 8));
+        assert!(sub.join("abce#1").exists());
+        assert_eq!(unfinished_writes(d.path(), later, true), (2, 8));
         assert!(sub.join("abcd").exists());
         assert!(!sub.join("abce#1").exists());
     }

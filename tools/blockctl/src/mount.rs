@@ -75,17 +75,25 @@ pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(),
             .into())
         }
     };
-    if !dir.is_dir() {
-        return Err(
-            format!("{shown} is not a directory: give an empty directory to mount at").into(),
-        );
-    }
     let dir_s = dir.display().to_string();
+    // First: a catalog mount whose daemon died cannot even be looked at.
     if is_catalog_mount(&mounts_table(), &dir_s) {
         return Err(format!(
-            "{dir_s} is already a blockd catalog mount: use it, or `blockctl umount {dir_s}` first"
+            "{dir_s} is already a blockd catalog mount (or a stale one, left by a blockd that stopped): use it, or `blockctl umount {dir_s}` first"
         )
         .into());
+    }
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(
+                format!("{shown} is not a directory: give an empty directory to mount at").into(),
+            )
+        }
+        Err(e) => return Err(format!(
+            "cannot use {shown}: {e}; if it is a stale mount, unmount it first (`umount {shown}`)"
+        )
+        .into()),
     }
     let req = MountRequest {
         dir: dir_s,
