@@ -291,7 +291,8 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
     );
     assert!(d.ok(&["credentials", "list"]).contains("nas"));
     // A second schedule of the same volume at one of the same times would
-    // start with the first and fail every time: refused, naming it.
+    // back up the same data again right after the first: refused, naming
+    // it.
     let out = d.blockctl(&[
         "cloudsnap",
         "schedules",
@@ -486,4 +487,47 @@ fn a_label_schedule_takes_the_volumes_carrying_its_labels_at_each_run() {
     d.ok(&["volume", "update", "c", "--label", "tier=gold"]);
     wait_for("a run with c", 60, || !made_by(&d, "c", &id).is_empty());
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
+}
+
+/// Two schedules of one volume: one whose backups hold the volume for a
+/// few seconds (a slow pre-exec), one due every second. A run that finds
+/// the volume held by the other's backup waits for it and then backs up,
+/// rather than failing.
+#[test]
+fn a_run_due_while_another_backup_holds_its_volume_waits_for_it() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    d.create("v", "8M");
+    let slow = create(
+        &d,
+        &[
+            "v",
+            "--periodic",
+            "4s",
+            "--pre-exec",
+            "sleep 3",
+            "--max",
+            "100",
+        ],
+    );
+    let quick = create(&d, &["v", "--periodic", "1s", "--max", "100"]);
+    let end = Instant::now() + Duration::from_secs(90);
+    while (made_by(&d, "v", &slow).len() < 2 || made_by(&d, "v", &quick).len() < 3)
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for s in schedules(&d) {
+        assert_eq!(s["last_error"], Value::Null, "{s}");
+    }
+    assert!(made_by(&d, "v", &slow).len() >= 2, "{}", d.log());
+    assert!(made_by(&d, "v", &quick).len() >= 3, "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("scheduled backup waits for the volume"),
+        "the runs never met: {log}"
+    );
+    assert!(!log.contains("scheduled backup failed"), "{log}");
 }

@@ -90,10 +90,12 @@ pub async fn mount(out: Output, client: &Client, args: &MountArgs) -> Result<(),
                 format!("{shown} is not a directory: give an empty directory to mount at").into(),
             )
         }
-        Err(e) => return Err(format!(
+        Err(e) => {
+            return Err(format!(
             "cannot use {shown}: {e}; if it is a stale mount, unmount it first (`umount {shown}`)"
         )
-        .into()),
+            .into())
+        }
     }
     let req = MountRequest {
         dir: dir_s,

@@ -23,7 +23,7 @@ pub mod times;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockd_api::{BackupGroupRequest, CreateSchedule, Schedule, TaskState};
 use chrono::{DateTime, Utc};
@@ -37,6 +37,14 @@ use times::Rule;
 
 /// Newest snapshots kept per volume when `--max` is not given (pxctl).
 pub const DEFAULT_MAX: u32 = 7;
+
+/// How long a run waits for volumes another task holds (a backup of the
+/// same volume, due at the same moment or still running) before it fails:
+/// long enough for a long full backup; meanwhile its own slots collapse
+/// into this run.
+const BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
+/// Pause between two attempts of a run that waits for its volumes.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// A schedule as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,8 +212,8 @@ impl Cloud {
             }
             Insert::Clash { id, why } => {
                 return Err(bad(format!(
-                    "schedule {id} already backs up the same volumes at {why} (two schedules \
-                     starting together make one fail every time): choose other times, or \
+                    "schedule {id} already backs up the same volumes at {why} (the second \
+                     would back up the same data again right after the first): choose other times, or \
                      delete it first with `blockctl cloudsnap schedules delete --uuid {id}`"
                 )))
             }
@@ -356,7 +364,25 @@ impl Cloud {
         let mut errors = Vec::new();
         let mut volumes = Vec::new();
         s.last_tasks.clear();
-        match self.start_backups(req, group, Some(id)).await {
+        // A volume held by another task (often another schedule's backup
+        // due at the same moment) is waited for, then backed up: the run
+        // is late, not lost.
+        let waiting = Instant::now();
+        let started = loop {
+            match self.start_backups(req.clone(), group, Some(id)).await {
+                Err(CloudError::Busy(b)) if waiting.elapsed() < BUSY_WAIT => {
+                    if waiting.elapsed() < BUSY_RETRY {
+                        tracing::info!(schedule = %id, busy = %b, "scheduled backup waits for the volume");
+                    }
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(BUSY_RETRY) => {}
+                    }
+                }
+                r => break r,
+            }
+        };
+        match started {
             Ok(started) => {
                 for t in started.tasks {
                     s.last_tasks.push(t.id.clone());
