@@ -105,7 +105,7 @@ async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), Fai
             if r.damaged.is_empty() {
                 String::new()
             } else {
-                ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`)".into()
+                ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`); until they are deleted, new backups of their volumes (`--full` ones too) may reuse the damaged data, so delete them before the next backup".into()
             }
         ).into())
     }
