@@ -385,6 +385,8 @@ impl Cloud {
         // Since when every attempt has failed, and the checkpoint then.
         let mut failing: Option<(Instant, u64)> = None;
         let mut attempts = 0u32;
+        // Of those, the ones that failed while the location answered.
+        let mut answered = 0u32;
         loop {
             let e = match attempt().await {
                 Ok(()) => return Ok(()),
@@ -400,14 +402,16 @@ impl Cloud {
                 _ => {
                     pause = OUTAGE_PAUSE;
                     attempts = 0;
+                    answered = 0;
                     Instant::now()
                 }
             };
             failing = Some((since, at));
             attempts += 1;
+            answered += u32::from(answers);
             let failed_for = since.elapsed();
             let id = run.id();
-            if answers && attempts >= ANSWERED_ATTEMPTS {
+            if answers && answered >= ANSWERED_ATTEMPTS {
                 tracing::warn!(task = %id, error = %e, attempts, "requests keep failing while the location answers; giving up");
                 return Err(e);
             }
@@ -424,7 +428,7 @@ impl Cloud {
             if answers {
                 tracing::warn!(task = %id, error = %e, attempts, "a request failed while the location answers; the task goes on from its last checkpoint");
                 run.held_up(Some(format!(
-                    "{e}; the location answers: attempt {attempts} failed, the next goes on from the last checkpoint (the task fails after {ANSWERED_ATTEMPTS} attempts in a row that move nothing)"
+                    "{e}; the location answers: attempt {attempts} failed, the next goes on from the last checkpoint (the task fails after {ANSWERED_ATTEMPTS} such failures in a row that move nothing)"
                 )));
             } else {
                 tracing::warn!(task = %id, error = %e, attempts, retry_in_secs = wait.as_secs_f64(), "location failing; the task goes on from its last checkpoint when it answers");
@@ -440,7 +444,9 @@ impl Cloud {
             }
             // Running again: not held up while the attempt goes on.
             run.held_up(None);
-            pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
+            if !answers {
+                pause = (pause * 2).min(OUTAGE_PAUSE_MAX);
+            }
         }
     }
 

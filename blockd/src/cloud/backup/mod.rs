@@ -484,11 +484,28 @@ impl Cloud {
         };
         let location = record.task.location.clone();
         self.spawn_run(record, claim, move |me, run| async move {
-            // Its counters, from the manifest.
-            if let Ok(repo) = me.locations.repo(&location).await {
-                if let Err(e) = me.committed_before(&run, &repo, session.as_ref()).await {
-                    tracing::warn!(task = %run.id(), error = %e, "reading the backup's manifest failed; its counters stay as last saved");
+            // Its counters, from the manifest, once the location answers
+            // (an outage is waited out, as for any resumed task: the
+            // group object is written to it next).
+            let read = me
+                .outlast(&run, || async {
+                    let repo = me.locations.repo(&location).await?;
+                    me.committed_before(&run, &repo, session.as_ref())
+                        .await
+                        .map(drop)
+                })
+                .await;
+            match read {
+                Err(CloudError::Cancelled)
+                    if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    // Shutting down: completed at the next start.
+                    me.interrupted(&run);
+                    me.lock().remove(&run.id());
+                    return;
                 }
+                Err(e) => tracing::warn!(task = %run.id(), error = %e, "reading the backup's manifest failed; its counters stay as last saved"),
+                Ok(()) => {}
             }
             me.complete_backup(&run).await;
         });
@@ -546,15 +563,16 @@ impl Cloud {
         if let Some(g) = &group {
             self.maybe_write_group(g, &location, &id).await;
         }
-        let r = self.finish(run, TaskState::Done, None);
+        // The expiry before Done: a Done task is not resumed.
         if let Plan::Backup {
             expires: Some(at), ..
-        } = &r.plan
+        } = &run.snapshot().plan
         {
-            if let Err(e) = self.db.add_expiring(&r.task.location, &r.task.snapshot, at) {
-                tracing::error!(snapshot = %r.task.snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
+            if let Err(e) = self.db.add_expiring(&location, &snapshot, at) {
+                tracing::error!(%snapshot, error = %e, "recording the expiry failed; delete the snapshot by hand");
             }
         }
+        let r = self.finish(run, TaskState::Done, None);
         tracing::info!(task = %id, snapshot = %r.task.snapshot, read = r.read, new = r.new, uploaded = r.task.bytes_transferred, secs = r.task.elapsed_secs, "backup done");
     }
 

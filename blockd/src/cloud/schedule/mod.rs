@@ -40,8 +40,9 @@ pub const DEFAULT_MAX: u32 = 7;
 
 /// How long a run waits for volumes another task holds (a backup of the
 /// same volume, due at the same moment or still running) before it fails:
-/// long enough for a long full backup; meanwhile its own slots collapse
-/// into this run.
+/// long enough for a long full backup. Its own slots do not start
+/// meanwhile (a schedule never overlaps itself); the next one due starts
+/// once this run has ended.
 const BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// Pause between two attempts of a run that waits for its volumes.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -377,6 +378,14 @@ impl Cloud {
                     tokio::select! {
                         () = self.shutdown.cancelled() => return,
                         () = tokio::time::sleep(BUSY_RETRY) => {}
+                    }
+                    // Deleted meanwhile: its run goes with it.
+                    if !self
+                        .stored_schedules()
+                        .is_ok_and(|all| all.iter().any(|(i, _)| i == id))
+                    {
+                        tracing::info!(schedule = %id, "schedule deleted while its run waited; not run");
+                        return;
                     }
                 }
                 r => break r,
