@@ -1,6 +1,8 @@
 //! `blockctl repo check`: a clean repository passes; a flipped byte, a
 //! missing pack, a missing index block and a truncated manifest are each
-//! found, named, and traced to exactly the snapshots that need them.
+//! found, named, and traced to exactly the snapshots that need them. What
+//! a check finds damaged, new backups (incremental and full) store again
+//! instead of reusing; the record goes with the damage.
 
 mod common;
 
@@ -59,6 +61,16 @@ fn damaged(report: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// The objects a check left recorded as damaged.
+fn recorded(report: &Value) -> Vec<String> {
+    report["recorded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no record list: {report}"))
+        .iter()
+        .map(|o| o.as_str().unwrap().to_string())
+        .collect()
+}
+
 fn problem_objects(report: &Value) -> Vec<String> {
     report["problems"]
         .as_array()
@@ -68,16 +80,21 @@ fn problem_objects(report: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A daemon, a scratch directory, and its default location's objects.
+fn start() -> (Blockd, tempfile::TempDir, Repo) {
+    let d = Blockd::start();
+    let repo = Repo {
+        objects: d.dir.path().join("objects"),
+    };
+    (d, tempfile::tempdir().unwrap(), repo)
+}
+
 #[test]
 fn repo_check_finds_and_names_damage() {
     if !need() {
         return;
     }
-    let d = Blockd::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = Repo {
-        objects: d.dir.path().join("objects"),
-    };
+    let (d, tmp, repo) = start();
 
     // Volume a: a full backup, then an incremental; volume b: a full.
     d.create("a", "16M");
@@ -153,6 +170,23 @@ fn repo_check_finds_and_names_damage() {
         "{text}"
     );
     std::fs::write(pack, &original).unwrap();
+    // Recorded: a check that does not read data still reports it, until
+    // one that reads the pack finds it whole and drops the record.
+    assert_eq!(recorded(&r), vec![repo.key(pack)], "{r}");
+    let (ok, r, _) = check(&d, &[]);
+    assert!(!ok, "{r}");
+    assert_eq!(problem_objects(&r), vec![repo.key(pack)], "{r}");
+    assert!(
+        r["problems"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("earlier `repo check --read-data`"),
+        "{r}"
+    );
+    assert!(damaged(&r).contains(&a1), "{r}");
+    let (ok, r, err) = check(&d, &["--read-data"]);
+    assert!(ok, "{err} {r}");
+    assert!(recorded(&r).is_empty(), "{r}");
 
     // A missing pack of b: found without reading data; only b is damaged.
     let bp = &b_packs[0];
@@ -208,4 +242,146 @@ fn repo_check_finds_and_names_damage() {
     let out = d.blockctl(&["repo", "check", "--cred-id", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no location (credentials) named"));
+}
+
+/// The pack file and record offset of the first chunk of index block
+/// `block`, read from the files `index` in the clear (the test location
+/// has no passphrase: `1 | block u64 | count u32 | entries | tag`, an
+/// entry `start len chunk_off (u32) | id (32) | pack (16) | offset
+/// stored_len plain_len (u32)`).
+fn first_chunk(repo: &Repo, index: &[PathBuf], block: u64) -> (PathBuf, usize) {
+    for p in index {
+        let b = std::fs::read(p).unwrap();
+        if b.len() < 13 + 72 || b[0] != 1 || b[1..9] != block.to_le_bytes() {
+            continue;
+        }
+        let e = &b[13..13 + 72];
+        if e[..4] != [0; 4] {
+            continue;
+        }
+        let pack = hex_of(&e[44..60]);
+        let offset = u32::from_le_bytes(e[60..64].try_into().unwrap()) as usize;
+        return (
+            repo.objects.join("packs").join(&pack[..2]).join(&pack),
+            offset,
+        );
+    }
+    panic!("no index block {block} starting at 0");
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The files under `objects/damaged` (damage records).
+fn records(repo: &Repo) -> Vec<PathBuf> {
+    files_under(&repo.objects.join("damaged"))
+}
+
+#[test]
+fn backups_after_a_check_found_damage_store_it_again() {
+    if !need() {
+        return;
+    }
+    let (d, tmp, repo) = start();
+    // a: two index blocks (64 MiB each) of data; b: one.
+    d.create("a", "80M");
+    let img_a = image(tmp.path(), "a.img", 80 * MB, 80 * MB, 7);
+    load(&d, "a", &img_a);
+    let a1 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    let a1_index = repo.index();
+    d.create("b", "16M");
+    let img_b = image(tmp.path(), "b.img", 16 * MB, 16 * MB, 8);
+    load(&d, "b", &img_b);
+    let b1 = backup(&d, &["b"])["snapshot"].as_str().unwrap().to_string();
+    let b1_index = new_files(&a1_index, &repo.index());
+
+    // A flipped byte in the record of each one's first chunk.
+    let mut packs = Vec::new();
+    for index in [&a1_index, &b1_index] {
+        let (pack, offset) = first_chunk(&repo, index, 0);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[offset + 100] ^= 0x01;
+        std::fs::write(&pack, &bytes).unwrap();
+        packs.push(pack);
+    }
+    let (ok, r, err) = check(&d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(damaged(&r), BTreeSet::from([a1.clone(), b1.clone()]), "{r}");
+    let mut keys: Vec<String> = packs.iter().map(|p| repo.key(p)).collect();
+    keys.sort();
+    assert_eq!(recorded(&r), keys, "{r}");
+    assert!(err.contains("new backups read what used it"), "{err}");
+    assert_eq!(records(&repo).len(), 2);
+
+    // An incremental of a that changes only its second block: the first,
+    // unchanged, is read from the volume again instead of kept. A full
+    // backup of b stores the damaged chunk again instead of referencing
+    // it where it found it unchanged.
+    write_both(&d, "a", &img_a, "write -P 0x5a 70M 4k");
+    let i1 = repo.index();
+    let a2 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    let a2_index = new_files(&i1, &repo.index());
+    let b2 = backup(&d, &["b", "--full"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, r, _) = check(&d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(damaged(&r), BTreeSet::from([a1.clone(), b1.clone()]), "{r}");
+    assert_eq!(restore(&d, &a2, "ra2", &[])["state"], "Done");
+    assert_same(&d, &img_a, "ra2");
+    assert_eq!(restore(&d, &b2, "rb2", &[])["state"], "Done");
+    assert_same(&d, &img_b, "rb2");
+
+    // A missing index block (a2's of the second block): the next
+    // incremental, with nothing changed there, writes it again.
+    let second = a2_index
+        .iter()
+        .find(|p| {
+            let b = std::fs::read(p).unwrap();
+            b.len() > 9 && b[0] == 1 && b[1..9] == 1u64.to_le_bytes()
+        })
+        .expect("a2 wrote an index block for the second block");
+    std::fs::remove_file(second).unwrap();
+    let (ok, r, _) = check(&d, &[]);
+    assert!(!ok, "{r}");
+    assert!(recorded(&r).contains(&repo.key(second)), "{r}");
+    assert!(damaged(&r).contains(&a2), "{r}");
+    write_both(&d, "a", &img_a, "write -P 0x33 1M 4k");
+    let a3 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    let (ok, r, _) = check(&d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(
+        damaged(&r),
+        BTreeSet::from([a1.clone(), a2.clone(), b1.clone()]),
+        "{r}"
+    );
+    assert_eq!(restore(&d, &a3, "ra3", &[])["state"], "Done");
+    assert_same(&d, &img_a, "ra3");
+
+    // Once no snapshot uses the damage, collection deletes the damaged
+    // packs and their records go with them; a check drops the record of
+    // the index block, which nothing uses any more.
+    for s in [&a1, &a2, &b1] {
+        d.ok(&["cloudsnap", "delete", "--snap", s]);
+    }
+    d.ok(&["repo", "gc", "--grace", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.ok(&["repo", "gc", "--grace", "1s"]);
+    assert!(
+        packs.iter().all(|p| !p.exists()),
+        "the damaged packs were collected"
+    );
+    assert_eq!(
+        records(&repo)
+            .iter()
+            .map(|p| repo.key(p))
+            .collect::<Vec<_>>(),
+        vec![format!("damaged/{}", repo.key(second))]
+    );
+    let (ok, r, err) = check(&d, &["--read-data"]);
+    assert!(ok, "{err} {r}");
+    assert!(recorded(&r).is_empty(), "{r}");
+    assert!(records(&repo).is_empty());
 }

@@ -565,6 +565,11 @@ pub struct CheckReport {
     pub problems: Vec<Problem>,
     /// Every snapshot that needs a damaged object.
     pub damaged: Vec<DamagedSnapshot>,
+    /// Damaged objects recorded in the repository after this check, which
+    /// new backups do not reuse; `None` when the location's credentials
+    /// may only read (nothing recorded).
+    #[serde(default)]
+    pub recorded: Option<Vec<String>>,
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@
 //! 9  index map (format::decode_map), then re-encoded and decoded again
 //! 10 manifest plaintext in a version 2 envelope (its index maps are
 //!    looked for and, when the input names them, missing)
+//! 11 damage record plaintext, sealed by the harness and read by
+//!    Repo::avoid: accepted only when it names its own object
 //! ```
 //! Besides "never panics" (overflow checks on), each accepted object
 //! satisfies what its readers rely on.
@@ -59,7 +61,7 @@ fn run(data: &[u8]) {
         return;
     };
     let w = world();
-    match sel % 11 {
+    match sel % 12 {
         0 => {
             if let Ok(entries) = format::decode_index(body, 3, SPAN, CHUNK) {
                 let again = format::encode_index(3, &entries).expect("re-encodes");
@@ -142,6 +144,21 @@ fn run(data: &[u8]) {
                 w.rt.block_on(w.repo.get_manifest("v", "20260101T000000.000Z-00000002"))
             {
                 assert!(m.map.is_empty() && m.blocks.is_empty(), "{m:?}");
+            }
+        }
+        11 => {
+            let object = "packs/ab/ab000000000000000000000000000000";
+            put_sealed(
+                w,
+                &format!("damaged/{object}"),
+                blockd::magic::DAMAGE_MAGIC,
+                body,
+            );
+            if let Ok(avoid) = w.rt.block_on(w.repo.avoid()) {
+                let (records, _) = w.rt.block_on(w.repo.damage_records()).expect("lists");
+                assert!(records.iter().all(|r| r.object == object), "{records:?}");
+                let named: usize = records.iter().map(|r| r.index.len()).sum();
+                assert!(avoid.index.len() <= named);
             }
         }
         _ => {

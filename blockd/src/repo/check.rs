@@ -14,8 +14,15 @@
 //! Damage is named by object, and mapped back to the snapshots that need
 //! it: a damaged pack record is traced to the index blocks that use that
 //! very record, so a snapshot that only uses the pack's good records is
-//! not reported. The check takes no lock and changes nothing; backups may
-//! run meanwhile (a pack they are still writing is not referenced yet).
+//! not reported. The check takes no lock and changes no data; backups
+//! may run meanwhile (a pack they are still writing is not referenced
+//! yet).
+//!
+//! What it finds damaged (packs and index blocks) it records in the
+//! repository ([`super::damage`]), so that new backups stop reusing it; a
+//! record goes when a check finds its object whole, or no snapshot uses
+//! the object any more. Damage found only by reading records stays
+//! recorded, and reported, until a check reads that pack again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,6 +31,7 @@ use blockd_api::{CheckReport, DamagedSnapshot, DataRead, Problem, Subset};
 use futures::StreamExt;
 use roaring::RoaringBitmap;
 
+use super::damage::Record;
 use super::refs::{self, Found, Refs};
 use super::{PackId, Repo, RepoError};
 
@@ -44,6 +52,9 @@ struct PackVerdict {
     /// Bytes fetched whole (read-data only).
     bytes: u64,
     read: bool,
+    /// Every bad record was found by opening it (`--read-data` only sees
+    /// such damage).
+    opened: bool,
 }
 
 /// Checks the repository; see the module docs.
@@ -115,32 +126,154 @@ pub async fn check(
     };
     // Damaged records, by pack: traced to index blocks below.
     let mut damaged: HashMap<PackId, BTreeMap<u32, String>> = HashMap::new();
+    // Packs whose damage is only in records: found by opening them?
+    let mut opened: HashMap<PackId, bool> = HashMap::new();
+    let mut examined: HashMap<PackId, Examined> = HashMap::new();
+    let mut records: Vec<Record> = Vec::new();
     for v in verdicts {
         let v = v?;
+        examined.insert(
+            v.id,
+            Examined {
+                read: v.read,
+                whole: v.bad.is_empty(),
+            },
+        );
+        if v.bad.iter().all(|(o, _)| o.is_some()) && !v.bad.is_empty() {
+            opened.insert(v.id, v.opened);
+        }
         data.records += v.records;
         data.bytes += v.bytes;
         data.packs += u64::from(v.read);
         for (offset, reason) in v.bad {
             match offset {
-                None => problems.push(Found {
-                    object: Repo::pack_name(&v.id),
-                    reason,
-                    snapshots: refs.snapshots_of(&refs.packs[&v.id].index),
-                }),
+                None => {
+                    records.push(record_of(&refs, &v.id, &refs.packs[&v.id].index, false));
+                    problems.push(Found {
+                        object: Repo::pack_name(&v.id),
+                        reason,
+                        snapshots: refs.snapshots_of(&refs.packs[&v.id].index),
+                    });
+                }
                 Some(o) => {
                     damaged.entry(v.id).or_default().insert(o, reason);
                 }
             }
         }
     }
-    problems.extend(trace(repo, &refs, &damaged).await?);
-    Ok(report(
+    for (found, pack, users) in trace(repo, &refs, &damaged).await? {
+        let data = opened.get(&pack).copied().unwrap_or(false);
+        records.push(record_of(&refs, &pack, &users, data));
+        problems.push(found);
+    }
+    for p in &refs.problems {
+        if let Some(id) = p
+            .object
+            .strip_prefix("index/")
+            .and_then(|r| r.rsplit('/').next())
+        {
+            records.push(Record {
+                object: p.object.clone(),
+                data: false,
+                index: vec![id.to_string()],
+            });
+        }
+    }
+    let recorded = if repo.is_read_only() {
+        None
+    } else {
+        let (recorded, earlier) = keep_records(repo, &refs, &examined, records).await?;
+        problems.extend(earlier);
+        Some(recorded)
+    };
+    let mut report = report(
         repo,
         &refs,
         problems,
         (unreferenced_packs, unreferenced_index_blocks),
         read_data.then_some(data),
-    ))
+    );
+    report.recorded = recorded;
+    Ok(report)
+}
+
+/// How the check saw one referenced pack.
+struct Examined {
+    /// Read whole, every record opened.
+    read: bool,
+    /// Nothing wrong found.
+    whole: bool,
+}
+
+/// The damage record of `pack`, reached by the index blocks `users`
+/// (numbers of the walk).
+fn record_of(refs: &Refs, pack: &PackId, users: &RoaringBitmap, data: bool) -> Record {
+    Record {
+        object: Repo::pack_name(pack),
+        data,
+        index: users
+            .iter()
+            .filter_map(|n| refs.index_ids.get(n as usize).cloned())
+            .collect(),
+    }
+}
+
+/// Brings the repository's damage records up to date: writes `found`,
+/// and deletes the records of objects no snapshot uses any more or that
+/// this check found whole (a record of damage only opening records
+/// shows stays unless this check read that pack whole). Returns the
+/// objects recorded afterwards, and the damage that stays recorded
+/// without this check seeing it, as findings.
+async fn keep_records(
+    repo: &Repo,
+    refs: &Refs,
+    examined: &HashMap<PackId, Examined>,
+    found: Vec<Record>,
+) -> Result<(Vec<String>, Vec<Found>), RepoError> {
+    let mut earlier = Vec::new();
+    let (old, unreadable) = repo.damage_records().await?;
+    let mut now: BTreeSet<String> = found.iter().map(|r| r.object.clone()).collect();
+    for e in unreadable {
+        tracing::warn!(error = %e, "replacing an unreadable damage record");
+        repo.delete_damage(e.object()).await?;
+    }
+    for r in old {
+        if now.contains(&r.object) {
+            continue;
+        }
+        // An index block is read whole by every check; a pack's record
+        // stays while it is in use, not read again, and the damaged
+        // records are still used.
+        let stays = r.object.starts_with("packs/")
+            && super::parse_pack_key(&r.object).is_some_and(|id| {
+                refs.packs.contains_key(&id)
+                    && examined
+                        .get(&id)
+                        .is_some_and(|e| r.data && !e.read && e.whole)
+            })
+            && r.index.iter().any(|id| refs.index.contains_key(id));
+        if stays {
+            let mut snapshots = RoaringBitmap::new();
+            for id in &r.index {
+                if let Some(ix) = refs.index.get(id) {
+                    snapshots |= &ix.snapshots;
+                }
+            }
+            earlier.push(Found {
+                object: r.object.clone(),
+                reason: "records found damaged by an earlier `repo check --read-data`, not read by this check (one that reads this pack clears it if it is whole)".into(),
+                snapshots,
+            });
+            now.insert(r.object);
+        } else {
+            tracing::info!(object = %r.object, "the damage recorded for this object is gone");
+            repo.delete_damage(&r.object).await?;
+        }
+    }
+    for r in &found {
+        repo.put_damage(r).await?;
+    }
+    Ok((now.into_iter().collect(), earlier))
 }
 
 /// The number a subset is chosen by: the pack id's first 8 bytes.
@@ -165,6 +298,7 @@ async fn verdict(
         records: 0,
         bytes: 0,
         read: false,
+        opened: false,
     };
     let Some(size) = size else {
         v.bad.push((None, "missing".into()));
@@ -203,6 +337,7 @@ async fn verdict(
                     return Ok(v);
                 };
                 v.records = records.len() as u64;
+                v.opened = !bad.is_empty();
                 v.bad.extend(bad.into_iter().map(|(o, r)| (Some(o), r)));
                 Ok(records)
             }
@@ -221,6 +356,7 @@ async fn verdict(
     };
     let present: RoaringBitmap = records.iter().map(|c| c.offset).collect();
     for o in want - &present {
+        v.opened = false;
         v.bad.push((Some(o), format!("no record at offset {o}")));
     }
     Ok(v)
@@ -236,11 +372,13 @@ fn reason_of(e: &RepoError) -> String {
 
 /// Finds the snapshots that use damaged records: the index blocks that
 /// reach each damaged pack are read again and their entries matched.
+/// Returns, per damaged pack, its finding and the index blocks (numbers)
+/// that use its damaged records.
 async fn trace(
     repo: &Repo,
     refs: &Refs,
     damaged: &HashMap<PackId, BTreeMap<u32, String>>,
-) -> Result<Vec<Found>, RepoError> {
+) -> Result<Vec<(Found, PackId, RoaringBitmap)>, RepoError> {
     let mut index = RoaringBitmap::new();
     for id in damaged.keys() {
         index |= &refs.packs[id].index;
@@ -275,11 +413,11 @@ async fn trace(
     let mut out = Vec::new();
     for (pack, offsets) in damaged {
         // One finding per pack: its damaged records, the snapshots using them.
-        let mut snapshots = RoaringBitmap::new();
+        let mut using = RoaringBitmap::new();
         let mut reasons = BTreeSet::new();
         for (o, r) in offsets {
             if let Some(ix) = users.get(&(*pack, *o)) {
-                snapshots |= refs.snapshots_of(ix);
+                using |= ix;
             }
             reasons.insert(format!("record at offset {o}: {r}"));
         }
@@ -287,11 +425,15 @@ async fn trace(
         if offsets.len() > 5 {
             reason.push(format!("and {} more damaged records", offsets.len() - 5));
         }
-        out.push(Found {
-            object: Repo::pack_name(pack),
-            reason: reason.join("; "),
-            snapshots,
-        });
+        out.push((
+            Found {
+                object: Repo::pack_name(pack),
+                reason: reason.join("; "),
+                snapshots: refs.snapshots_of(&using),
+            },
+            *pack,
+            using,
+        ));
     }
     Ok(out)
 }
@@ -336,5 +478,6 @@ fn report(
                 reason: p.reason,
             })
             .collect(),
+        recorded: None,
     }
 }

@@ -926,6 +926,14 @@ async fn collect_held(
         // The marks stay: the next run sweeps what is left.
         return Err(e.into());
     }
+    // The damage records of deleted objects go with them.
+    if !doomed.is_empty() {
+        for object in repo.damaged_objects().await? {
+            if doomed_keys.contains(object.as_str()) {
+                repo.delete_damage(&object).await?;
+            }
+        }
+    }
     for id in &swept {
         repo.objects.delete(&mark_key(id)).await?;
     }

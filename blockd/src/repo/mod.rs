@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod crypto;
+pub mod damage;
 pub mod direct;
 pub mod faulty;
 pub mod fetch;
@@ -232,6 +233,14 @@ fn parse_fanned<'a>(key: &'a str, kind: &str, len: usize) -> Option<&'a str> {
 /// Object key of a pack.
 pub(crate) fn pack_key(id: &[u8; 16]) -> String {
     fan("packs", &pack_hex(id))
+}
+
+/// The pack id of `key`, if it is a pack's key as blockd writes it.
+pub(crate) fn parse_pack_key(key: &str) -> Option<PackId> {
+    let h = parse_fanned(key, "packs", 32)?;
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(h, &mut id).ok()?;
+    (key == pack_key(&id)).then_some(id)
 }
 
 /// Object key of an index block.
@@ -597,12 +606,9 @@ impl Repo {
         let mut packs = Vec::new();
         let mut foreign = Vec::new();
         for l in self.objects.list_meta("packs").await? {
-            match parse_fanned(&l.key, "packs", 32).and_then(|h| {
-                let mut id = [0u8; 16];
-                hex::decode_to_slice(h, &mut id).ok().map(|()| id)
-            }) {
-                Some(id) if l.key == pack_key(&id) => packs.push((id, l)),
-                _ => foreign.push(l.key),
+            match parse_pack_key(&l.key) {
+                Some(id) => packs.push((id, l)),
+                None => foreign.push(l.key),
             }
         }
         Ok((packs, foreign))

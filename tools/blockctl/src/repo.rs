@@ -102,10 +102,10 @@ async fn check(out: Output, client: &Client, args: &CheckArgs) -> Result<(), Fai
             r.location,
             r.problems.len(),
             r.damaged.len(),
-            if r.damaged.is_empty() {
-                String::new()
-            } else {
-                ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`); until they are deleted, new backups of their volumes (`--full` ones too) may reuse the damaged data, so delete them before the next backup".into()
+            match (r.damaged.is_empty(), &r.recorded) {
+                (true, _) => String::new(),
+                (false, Some(_)) => ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`); the damage is recorded in the repository, and new backups read what used it from their volumes again instead of reusing it".into(),
+                (false, None) => ": restore them from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`); these credentials may only read, so the damage is not recorded and new backups of their volumes (`--full` ones too) may reuse it: delete them before the next backup".into(),
             }
         ).into())
     }
@@ -142,6 +142,12 @@ fn show_check(r: &CheckReport) {
             "snapshot {} needs damaged {}",
             d.snapshot,
             d.objects.join(", ")
+        ));
+    }
+    if let Some(recorded) = r.recorded.as_ref().filter(|o| !o.is_empty()) {
+        line(format_args!(
+            "recorded as damaged, not reused by new backups: {} (until a check finds them whole, or no snapshot uses them)",
+            recorded.join(", ")
         ));
     }
     if r.problems.is_empty() {

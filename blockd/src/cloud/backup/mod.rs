@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, TaskState};
 
 use crate::claims::{Claim, Want};
+use crate::repo::damage::Avoid;
 use crate::repo::format::{Group, Manifest};
 use crate::repo::gc::Fence;
 use crate::repo::{name, Repo, RepoError};
@@ -625,7 +626,15 @@ impl Cloud {
             progress: run.progress.clone(),
             cancel,
             checkpoint: Checkpoint::new(run.clone(), self.db.clone()),
+            avoid: if parent.is_some() {
+                repo.avoid().await?
+            } else {
+                Avoid::default()
+            },
         };
+        if !job.avoid.index.is_empty() {
+            tracing::info!(task = %rec.task.id, index_blocks = job.avoid.index.len(), "a check found damage: the index blocks that reach it are read from the volume again");
+        }
         let blocks = stream::run(&job).await;
         let blocks = blocks?;
         let r = run.snapshot();

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::task::{Checkpoint, Progress};
 use crate::cloud::CloudError;
+use crate::repo::damage::Avoid;
 use crate::repo::format::{self, ChunkLoc, Entry, Manifest};
 use crate::repo::{index, PackBuilder, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
@@ -80,6 +81,9 @@ pub struct Job {
     pub cancel: CancellationToken,
     /// Records finished blocks with the task record.
     pub checkpoint: Checkpoint,
+    /// Damage a check recorded: the parent's index blocks to read again
+    /// instead of keeping them or taking chunks from them.
+    pub avoid: Avoid,
 }
 
 /// One chunk-sized piece, after analysis.
@@ -143,15 +147,26 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         let bstart = b * span;
         let blen = span.min(size - bstart);
         let parent_id = parent_id_of(job, b);
-        let ranges = replaced_ranges(job, bstart, blen);
+        // A parent block a check found damaged, or using damaged records,
+        // is read again whole from the frozen image, as by a full read.
+        let again = redo(job, parent_id.as_deref());
+        let ranges = if again {
+            vec![(0, blen)]
+        } else {
+            replaced_ranges(job, bstart, blen)
+        };
         if ranges.is_empty() {
             w.unchanged(b, parent_id);
             continue;
         }
-        let parent_entries = Arc::new(ahead.next(b, parent_id.as_deref()).await?);
+        let parent_entries = Arc::new(if again {
+            Vec::new()
+        } else {
+            ahead.next(b, parent_id.as_deref()).await?
+        });
         // A full read replaces the whole block but reads only what is not
         // a hole in the frozen image.
-        let reads = if job.full {
+        let reads = if job.full || again {
             job.volume
                 .frozen_data(&*job.snap, bstart, blen)
                 .map_err(|e| read_error(job, e))?
@@ -259,6 +274,12 @@ fn parent_id_of(job: &Job, b: u64) -> Option<String> {
     })
 }
 
+/// True when the parent's index block `parent_id` must not be kept or
+/// read: a check recorded it as damaged or using damaged records.
+fn redo(job: &Job, parent_id: Option<&str>) -> bool {
+    parent_id.is_some_and(|id| job.avoid.index.contains(id))
+}
+
 /// True when block `b` has anything to read.
 fn touched(job: &Job, b: u64) -> bool {
     if job.full || !job.changes.known {
@@ -334,7 +355,8 @@ impl<'a> IndexAhead<'a> {
         let wanted = Candidates::new(job, done)
             .map_while(Result::ok)
             .filter(move |b| !done.contains_key(b) && touched(job, *b))
-            .filter_map(move |b| parent_id_of(job, b).map(|id| (b, id)));
+            .filter_map(move |b| parent_id_of(job, b).map(|id| (b, id)))
+            .filter(move |(_, id)| !redo(job, Some(id)));
         Self {
             repo: job.repo.clone(),
             wanted: Box::new(wanted),
