@@ -13,7 +13,7 @@ use blockd_api::{Hook, Task, TaskKind, TaskState};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::Want;
+use crate::claims::{Claim, Want};
 use crate::state::Withheld;
 
 use super::{now, Cloud, CloudError};
@@ -639,6 +639,32 @@ impl Cloud {
         r.task.eta_secs = None;
         tracing::warn!(task = %r.task.id, error = why, "task failed");
         let _ = self.save(&r);
+    }
+
+    /// Registers task `record` (with `progress`, counters shared with
+    /// something else, if any) and runs `body` for it on the task
+    /// tracker, holding `claim` until it has ended.
+    pub(super) fn spawn_run<F, Fut>(
+        self: &Arc<Self>,
+        record: Record,
+        progress: Option<Arc<Progress>>,
+        claim: Claim,
+        body: F,
+    ) where
+        F: FnOnce(Arc<Self>, Arc<Running>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let run = self.register(record, progress);
+        let shown = Shown(self.clone(), run.snapshot().task.id);
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            // Dropped in reverse order: the claim goes before the task is
+            // shown ended, so whoever saw it ended may take the volume.
+            let _shown = shown;
+            // Held until the task has ended, whatever way it ends.
+            let _claim = claim;
+            body(me, run).await;
+        });
     }
 
     pub(super) fn register(&self, r: Record, progress: Option<Arc<Progress>>) -> Arc<Running> {

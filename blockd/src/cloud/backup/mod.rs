@@ -404,7 +404,7 @@ impl Cloud {
         parent: Option<Manifest>,
         resumed: bool,
     ) {
-        self.spawn_run(record, claim, move |me, run| async move {
+        self.spawn_run(record, None, claim, move |me, run| async move {
             // A location that fails for a while (an outage, a restarted
             // gateway) is waited out; each attempt goes on from the last
             // checkpoint.
@@ -455,26 +455,6 @@ impl Cloud {
         });
     }
 
-    /// Registers task `record` and runs `body` for it on the task
-    /// tracker, holding `claim` until it has ended.
-    fn spawn_run<F, Fut>(self: &Arc<Self>, record: Record, claim: Claim, body: F)
-    where
-        F: FnOnce(Arc<Self>, Arc<Running>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let run = self.register(record, None);
-        let shown = super::task::Shown(self.clone(), run.snapshot().task.id);
-        let me = self.clone();
-        self.tracker.spawn(async move {
-            // Dropped in reverse order: the claim goes before the task is
-            // shown ended, so whoever saw it ended may take the volume.
-            let _shown = shown;
-            // Held until the task has ended, whatever way it ends.
-            let _claim = claim;
-            body(me, run).await;
-        });
-    }
-
     /// Finishes resumed backup task `record`, whose base was recorded
     /// before a restart cut it short (its local snapshot may be gone
     /// already): the steps after the base are taken again.
@@ -484,7 +464,7 @@ impl Cloud {
             Plan::Restore { .. } => None,
         };
         let location = record.task.location.clone();
-        self.spawn_run(record, claim, move |me, run| async move {
+        self.spawn_run(record, None, claim, move |me, run| async move {
             // Its counters, from the manifest, once the location answers
             // (an outage is waited out, as for any resumed task: the
             // group object is written to it next).

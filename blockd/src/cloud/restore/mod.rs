@@ -213,18 +213,8 @@ impl Cloud {
         claim: Claim,
         lease: Option<Lease>,
     ) {
-        let run = self.register(
-            record,
-            hydration.as_ref().map(|h| h.source.progress.clone()),
-        );
-        let me = self.clone();
-        let shown = super::task::Shown(self.clone(), run.snapshot().task.id);
-        self.tracker.spawn(async move {
-            // Dropped in reverse order: the claim goes before the task is
-            // shown ended, so whoever saw it ended may take the volume.
-            let _shown = shown;
-            // Held until the task has ended, whatever way it ends.
-            let _claim = claim;
+        let progress = hydration.as_ref().map(|h| h.source.progress.clone());
+        self.spawn_run(record, progress, claim, move |me, run| async move {
             let lazy = hydration.is_some();
             let lease = match lease {
                 Some(l) => Some(l),
