@@ -7,8 +7,9 @@
 //! byte of it is written. Holes are never written: the new volume is
 //! sparse. The GETs of a block, once all written, are recorded in one
 //! commit (task_blocks keys `block << 20 | (fetch + 1)`, tagged with the
-//! kernel's boot id); each block, once flushed, is recorded as durable
-//! (`block << 20`, untagged). After a process crash only the GETs of the
+//! kernel's boot id), and so are the GETs written when an attempt fails
+//! or stops, so the next attempt goes on after them; each block, once
+//! flushed, is recorded as durable (`block << 20`, untagged). After a process crash only the GETs of the
 //! block in progress are fetched again (the page cache kept the rest);
 //! after a host crash, the GETs of blocks not yet flushed are fetched
 //! again too. One commit per block, not per GET: each commit is an fsync
@@ -172,11 +173,21 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     let mut flushing: Option<Flushing> = None;
     let mut written = Vec::new();
     while let Some(r) = results.next().await {
-        let (get, block) = r.map_err(named)?;
+        let (get, block) = match r.map_err(named) {
+            Ok(done) => done,
+            Err(e) => {
+                // The GETs written so far are recorded: the next attempt
+                // (a flaky provider, an outage) or a resume goes on after
+                // them, and the attempt counts as progress.
+                save_written(job, &mut written).await?;
+                return Err(e);
+            }
+        };
         if let Some(key) = get {
             written.push((key, Some(boot.clone())));
         }
         if job.cancel.is_cancelled() {
+            save_written(job, &mut written).await?;
             return Err(CloudError::Cancelled);
         }
         let Some(block) = block else {
@@ -186,11 +197,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         // the page cache still holds the data. The boot id tells a resume
         // whether that is still true (see above). The record (a SQLite
         // commit) is made on the blocking pool, never on a runtime thread.
-        let checkpoint = job.checkpoint.clone();
-        let saved = std::mem::take(&mut written);
-        tokio::task::spawn_blocking(move || checkpoint.save(&saved))
-            .await
-            .map_err(CloudError::from)??;
+        save_written(job, &mut written).await?;
         // A block is durable once flushed: its record then survives host
         // crashes. The flush runs in the background while the next blocks
         // are fetched; one at a time, covering every block finished before
@@ -222,6 +229,22 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         job.checkpoint.save(&covered)?;
     }
     Ok(())
+}
+
+/// Records the GETs in `written` (none left there afterwards), on the
+/// blocking pool: a SQLite commit.
+async fn save_written(
+    job: &Job,
+    written: &mut Vec<(u64, Option<String>)>,
+) -> Result<(), CloudError> {
+    if written.is_empty() {
+        return Ok(());
+    }
+    let checkpoint = job.checkpoint.clone();
+    let saved = std::mem::take(written);
+    tokio::task::spawn_blocking(move || checkpoint.save(&saved))
+        .await
+        .map_err(CloudError::from)?
 }
 
 /// Reads block `b`'s index (object `id`) and plans its GETs: an item per
