@@ -1311,3 +1311,52 @@ fn read_only_credentials_on_a_read_only_directory() {
         "the repository is gone",
     );
 }
+
+/// Ctrl-C on `--wait` ends the wait, not the backup: blockctl says which
+/// task goes on and how to follow or stop it, exits 130, and the backup
+/// finishes.
+#[test]
+fn ctrl_c_on_wait_leaves_the_task_running_and_says_so() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("big", "1G");
+    let img = image(tmp.path(), "big.img", 1024 * MB, 768 * MB, 41);
+    load(&d, "big", &img);
+    let mut child = std::process::Command::new(bin("blockctl"))
+        .args(["--socket"])
+        .arg(d.api_socket())
+        .args(["cloudsnap", "backup", "big", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the backup is under way.
+    let id = loop {
+        let tasks = json(&d.ok(&["-j", "cloudsnap", "status"]));
+        if let Some(t) = tasks.as_array().unwrap().iter().find(|t| {
+            t["volume"] == "big" && t["bytes_transferred"].as_u64().unwrap_or(0) >= 16 * MB as u64
+        }) {
+            assert_eq!(
+                t["state"], "Active",
+                "finished too soon: make it bigger: {t}"
+            );
+            break t["id"].as_str().unwrap().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("stopped waiting; the daemon goes on with task(s)")
+            && err.contains(&id)
+            && err.contains(&format!("blockctl cloudsnap stop {id}")),
+        "{err}"
+    );
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+}

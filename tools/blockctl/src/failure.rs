@@ -12,6 +12,9 @@ pub enum Failure {
     Usage(String),
     /// The command failed: exit status 1.
     Failed(String),
+    /// Interrupted (Ctrl-C) while waiting: exit status 130, as a shell
+    /// reports a command ended by SIGINT.
+    Interrupted(String),
 }
 
 impl Failure {
@@ -20,13 +23,14 @@ impl Failure {
         match self {
             Self::Usage(_) => 2,
             Self::Failed(_) => 1,
+            Self::Interrupted(_) => 130,
         }
     }
 
     /// What went wrong and what to do, for a person.
     pub fn message(&self) -> &str {
         match self {
-            Self::Usage(m) | Self::Failed(m) => m,
+            Self::Usage(m) | Self::Failed(m) | Self::Interrupted(m) => m,
         }
     }
 }

@@ -210,10 +210,22 @@ fn outcome(t: &Task) -> String {
 /// Stopped (so the exit code is non-zero).
 pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), Failure> {
     let bars = Bars::new(&tasks);
-    let result = poll(client, tasks, bars.as_ref()).await;
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    // Ctrl-C ends the wait, not the tasks: the daemon runs them.
+    let result = tokio::select! {
+        r = poll(client, tasks, bars.as_ref()) => Some(r),
+        Ok(()) = tokio::signal::ctrl_c() => None,
+    };
     if let Some(bars) = &bars {
         bars.clear();
     }
+    let Some(result) = result else {
+        let first = ids.first().map_or("ID", String::as_str);
+        return Err(Failure::Interrupted(format!(
+            "stopped waiting; the daemon goes on with task(s) {}: follow with `blockctl cloudsnap status --name {first}`, stop with `blockctl cloudsnap stop {first}`",
+            ids.join(", ")
+        )));
+    };
     let tasks = result?;
     if out.is_json() {
         output::json(&tasks);
