@@ -1325,7 +1325,7 @@ fn ctrl_c_on_wait_leaves_the_task_running_and_says_so() {
     d.create("big", "1G");
     let img = image(tmp.path(), "big.img", 1024 * MB, 768 * MB, 41);
     load(&d, "big", &img);
-    let mut child = std::process::Command::new(bin("blockctl"))
+    let child = std::process::Command::new(bin("blockctl"))
         .args(["--socket"])
         .arg(d.api_socket())
         .args(["cloudsnap", "backup", "big", "--wait"])
