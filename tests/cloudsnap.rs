@@ -909,6 +909,27 @@ fn credentials_rules_and_errors() {
     );
     assert!(!err.contains("SECRET-XYZ"), "secret printed: {err}");
     assert!(!d.log().contains("SECRET-XYZ"), "secret logged");
+    // https:// with --s3-disable-ssl contradicts itself: refused, saying
+    // which to change.
+    d.fails(
+        &[
+            "credentials",
+            "create",
+            "mixed",
+            "--provider",
+            "s3",
+            "--s3-endpoint",
+            "https://127.0.0.1:9",
+            "--s3-disable-ssl",
+            "--bucket",
+            "b",
+            "--s3-access-key",
+            "k",
+            "--s3-secret-key",
+            "s",
+        ],
+        "the endpoint https://127.0.0.1:9 is https://: give the endpoint as http://HOST:PORT",
+    );
     // Missing flags are named.
     let out = d.blockctl(&[
         "credentials",
@@ -1301,6 +1322,7 @@ fn read_only_credentials_on_a_read_only_directory() {
             "--cred-id",
             "dr",
         ],
+        vec!["repo", "check", "--cred-id", "dr"],
     ] {
         b.fails(&cmd, "the repository is gone");
     }

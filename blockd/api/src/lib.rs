@@ -439,16 +439,25 @@ pub fn parse_label(input: &str) -> Result<(String, String), String> {
             Ok((k.to_string(), v.to_string()))
         }
         _ => Err(format!(
-            "invalid label {input:?}: write labels as key=value, e.g. --label tier=gold"
+            "invalid label {:?}: write labels as key=value, e.g. --label tier=gold",
+            clipped(input)
         )),
+    }
+}
+
+/// `s` as an error message shows it: at most 64 characters, then `...`.
+fn clipped(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
     }
 }
 
 /// Checks a label: a key of 1 to [`MAX_LABEL_KEY`] characters, a value of
 /// at most [`MAX_LABEL_VALUE`] (empty is allowed, as in Kubernetes),
-/// neither with control characters or white space (labels are printed
-/// `key=value key=value` in one cell of a table row) nor with `,`
-/// (selectors are written `key=value,key=value`), and no `=` in the key.
+/// neither with control characters or white space (labels are printed on
+/// one line, in one cell of a table row) nor with `,` (labels are listed,
+/// and selectors written, `key=value,key=value`), and no `=` in the key.
 ///
 /// # Errors
 /// Returns a message saying what is allowed.
@@ -463,17 +472,22 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
     }
     if key.contains(['=', ',']) {
         return Err(format!(
-            "label key {key:?} has '=' or ',': write labels as key=value, e.g. tier=gold"
+            "label key {:?} has '=' or ',': write labels as key=value, e.g. tier=gold",
+            clipped(key)
         ));
     }
     if key.chars().chain(value.chars()).any(char::is_control) {
         return Err(format!(
-            "label {key:?}={value:?} has a control character (a newline, a tab): labels are printed on one line"
+            "label {:?}={:?} has a control character (a newline, a tab): labels are printed on one line",
+            clipped(key),
+            clipped(value)
         ));
     }
     if key.chars().chain(value.chars()).any(char::is_whitespace) || value.contains(',') {
         return Err(format!(
-            "label {key:?}={value:?} has a space or ',': a label is one word on each side of '=' (lists show labels separated by spaces, selectors by ','), e.g. tier=gold or team=web-shop"
+            "label {:?}={:?} has a space or ',': a label is one word on each side of '=' (several labels are separated by ','), e.g. tier=gold or team=web-shop",
+            clipped(key),
+            clipped(value)
         ));
     }
     Ok(())
@@ -518,8 +532,17 @@ mod tests {
             "a b=c".into(),
             "k= b".into(),
         ] {
-            assert!(parse_label(&bad).is_err(), "{bad:?}");
+            let e = parse_label(&bad).unwrap_err();
+            assert!(e.len() < 300, "{bad:?} echoed whole: {e}");
         }
+        // A long value is shown clipped.
+        let e = parse_label(&"x".repeat(5000)).unwrap_err();
+        assert!(
+            e.contains(&format!("{}...", "x".repeat(64))) && e.len() < 200,
+            "{e}"
+        );
+        let e = parse_label(&format!("k=a {}", "y".repeat(200))).unwrap_err();
+        assert!(e.contains("separated by ','") && e.len() < 300, "{e}");
     }
 
     #[test]

@@ -963,6 +963,17 @@ impl Locations {
                     req.s3_secret_key.as_ref().map(Secret::expose),
                     "--s3-secret-key",
                 )?;
+                if let Some(e) = req
+                    .s3_endpoint
+                    .as_deref()
+                    .filter(|e| req.s3_disable_ssl && e.starts_with("https://"))
+                {
+                    return Err(LocationError::BadFlag {
+                        flag: "--s3-disable-ssl",
+                        why: format!("allows plain HTTP, but the endpoint {e} is https://: give the endpoint as http://HOST:PORT (or without a scheme), or drop --s3-disable-ssl"),
+                    }
+                    .into());
+                }
             }
             Provider::Azure => {
                 needs(req.bucket.as_deref(), "--bucket")?;

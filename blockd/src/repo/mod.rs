@@ -584,9 +584,15 @@ impl Repo {
     /// Reads the config object again: it must still be the one opened.
     ///
     /// # Errors
-    /// A missing, unreadable or changed config, named.
+    /// The repository is gone (no config); an unreadable or changed
+    /// config, named.
     pub async fn check_config(&self) -> Result<(), RepoError> {
-        let bytes = self.objects.get_meta("config").await?;
+        let bytes = match self.objects.get_meta("config").await {
+            // Without its config the repository is gone, not damaged: an
+            // unmounted directory, a wrong or emptied bucket.
+            Err(RepoError::Missing { .. }) => return Err(gone(self.location())),
+            r => r?,
+        };
         let c = parse_config(&self.objects, &bytes)?;
         if c != self.config {
             return Err(self.objects.corrupt(

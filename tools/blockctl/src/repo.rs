@@ -64,6 +64,15 @@ pub struct CheckArgs {
     subset: Option<String>,
 }
 
+/// A grace period as `--grace` takes it: `24h`, `90m`, `45s`.
+fn grace_text(secs: u64) -> String {
+    match secs {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// A grace period in whole seconds, at least one.
 fn grace_arg(s: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(s)
@@ -201,7 +210,7 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
         ));
         let verb = if r.dry_run { "would mark" } else { "marked" };
         line(format_args!(
-            "{verb} {}, {}, unreferenced now: deleted by a run after {} s if still unreferenced",
+            "{verb} {}, {}, unreferenced now: deleted by a run after {} if still unreferenced",
             objects(
                 r.marked_packs,
                 r.marked_index_blocks,
@@ -209,7 +218,7 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
                 0
             ),
             human_size(r.marked_bytes),
-            r.grace_secs
+            grace_text(r.grace_secs)
         ));
         let verb = if r.dry_run {
             "would repack"
@@ -253,4 +262,19 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{grace_arg, grace_text};
+
+    #[test]
+    fn grace_prints_as_it_is_given() {
+        assert_eq!(grace_text(86_400), "24h");
+        assert_eq!(grace_text(5_400), "90m");
+        assert_eq!(grace_text(61), "61s");
+        for given in ["24h", "90m", "1s", "61s"] {
+            assert_eq!(grace_text(grace_arg(given).unwrap()), given);
+        }
+    }
 }
