@@ -367,6 +367,19 @@ fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
         }
     };
     let before = settled(&d);
+    // `volume inspect` shows how much of the snapshot is in place.
+    let present = |d: &Blockd| {
+        json(&d.ok(&["-j", "volume", "inspect", "r"]))["lazy_present_bytes"]
+            .as_u64()
+            .expect("a lazily restored volume shows what is in place")
+    };
+    let present_before = present(&d);
+    assert!(present_before < 64 * MB as u64, "{present_before}");
+    let text = d.ok(&["volume", "inspect", "r"]);
+    assert!(
+        text.contains("lazily:") && text.contains("in place"),
+        "{text}"
+    );
     let got = read_at(
         &d.uri("r"),
         40 * MB as u64 + 8192,
@@ -376,6 +389,7 @@ fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
     .unwrap();
     assert!(got == slice(&read_file(&img), 40 * MB as u64 + 8192, 4096));
     let fetched = settled(&d) - before;
+    assert!(present(&d) > present_before, "the read's chunk is in place");
     // One sealed record: 64 KiB of incompressible data plus its framing.
     assert!(
         fetched > 60 * 1024 && fetched <= 64 * 1024 + 256,

@@ -63,6 +63,10 @@ pub struct Volume {
     /// is filling it, or one that could not go on left it incomplete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unexported: Option<String>,
+    /// While a lazy restore fills the volume (served meanwhile): the bytes
+    /// of the snapshot in place so far; reads elsewhere fetch first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_present_bytes: Option<u64>,
 }
 
 /// Body of `POST /v1/volumes`.

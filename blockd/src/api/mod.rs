@@ -248,6 +248,7 @@ fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
         attached: None,
         kernel_connected: None,
         unexported: v.unexported(),
+        lazy_present_bytes: v.lazy().map(|l| l.present_bytes().min(m.size)),
     }
 }
 

@@ -884,6 +884,17 @@ fn print_volume(v: &Volume) {
         ),
         (Some(d), None) => field("Attached", d),
     }
+    if let Some(present) = v.lazy_present_bytes {
+        field(
+            "Restoring",
+            format_args!(
+                "lazily: {} of {} in place ({:.0}%); reads of the rest fetch it first (`blockctl cloudsnap status` shows the task)",
+                human_size(present),
+                human_size(v.size),
+                present as f64 * 100.0 / v.size.max(1) as f64
+            ),
+        );
+    }
     if v.unexported.is_some() {
         // A restore is filling it (or left it incomplete): its writes are
         // the snapshot's, not changes a backup would take.
