@@ -295,10 +295,16 @@ fn backups_after_a_check_found_damage_store_it_again() {
     load(&d, "b", &img_b);
     let b1 = backup(&d, &["b"])["snapshot"].as_str().unwrap().to_string();
     let b1_index = new_files(&a1_index, &repo.index());
+    let i = repo.index();
+    d.create("c", "16M");
+    let img_c = image(tmp.path(), "c.img", 16 * MB, 16 * MB, 9);
+    load(&d, "c", &img_c);
+    let c1 = backup(&d, &["c"])["snapshot"].as_str().unwrap().to_string();
+    let c1_index = new_files(&i, &repo.index());
 
     // A flipped byte in the record of each one's first chunk.
     let mut packs = Vec::new();
-    for index in [&a1_index, &b1_index] {
+    for index in [&a1_index, &b1_index, &c1_index] {
         let (pack, offset) = first_chunk(&repo, index, 0);
         let mut bytes = std::fs::read(&pack).unwrap();
         bytes[offset + 100] ^= 0x01;
@@ -307,12 +313,20 @@ fn backups_after_a_check_found_damage_store_it_again() {
     }
     let (ok, r, err) = check(&d, &["--read-data"]);
     assert!(!ok, "{r}");
-    assert_eq!(damaged(&r), BTreeSet::from([a1.clone(), b1.clone()]), "{r}");
+    let all1 = BTreeSet::from([a1.clone(), b1.clone(), c1.clone()]);
+    assert_eq!(damaged(&r), all1, "{r}");
     let mut keys: Vec<String> = packs.iter().map(|p| repo.key(p)).collect();
     keys.sort();
     assert_eq!(recorded(&r), keys, "{r}");
     assert!(err.contains("new backups read what used it"), "{err}");
-    assert_eq!(records(&repo).len(), 2);
+    assert_eq!(records(&repo).len(), 3);
+    // A check that does not read data cannot see that damage: it keeps
+    // the records, and reports them.
+    let (ok, r, _) = check(&d, &[]);
+    assert!(!ok, "{r}");
+    assert_eq!(recorded(&r), keys, "{r}");
+    assert_eq!(damaged(&r), all1, "{r}");
+    assert_eq!(records(&repo).len(), 3);
 
     // An incremental of a that changes only its second block: the first,
     // unchanged, is read from the volume again instead of kept. A full
@@ -326,13 +340,21 @@ fn backups_after_a_check_found_damage_store_it_again() {
         .as_str()
         .unwrap()
         .to_string();
+    // An incremental of c that changes its damaged block elsewhere than
+    // the damaged chunk: the whole block is read again.
+    write_both(&d, "c", &img_c, "write -P 0x77 8M 4k");
+    let c2 = backup(&d, &["c"])["snapshot"].as_str().unwrap().to_string();
     let (ok, r, _) = check(&d, &["--read-data"]);
     assert!(!ok, "{r}");
-    assert_eq!(damaged(&r), BTreeSet::from([a1.clone(), b1.clone()]), "{r}");
-    assert_eq!(restore(&d, &a2, "ra2", &[])["state"], "Done");
-    assert_same(&d, &img_a, "ra2");
-    assert_eq!(restore(&d, &b2, "rb2", &[])["state"], "Done");
-    assert_same(&d, &img_b, "rb2");
+    assert_eq!(damaged(&r), all1, "{r}");
+    for (snap, vol, img) in [
+        (&a2, "ra2", &img_a),
+        (&b2, "rb2", &img_b),
+        (&c2, "rc2", &img_c),
+    ] {
+        assert_eq!(restore(&d, snap, vol, &[])["state"], "Done");
+        assert_same(&d, img, vol);
+    }
 
     // A missing index block (a2's of the second block): the next
     // incremental, with nothing changed there, writes it again.
@@ -354,7 +376,7 @@ fn backups_after_a_check_found_damage_store_it_again() {
     assert!(!ok, "{r}");
     assert_eq!(
         damaged(&r),
-        BTreeSet::from([a1.clone(), a2.clone(), b1.clone()]),
+        BTreeSet::from([a1.clone(), a2.clone(), b1.clone(), c1.clone()]),
         "{r}"
     );
     assert_eq!(restore(&d, &a3, "ra3", &[])["state"], "Done");
@@ -363,7 +385,7 @@ fn backups_after_a_check_found_damage_store_it_again() {
     // Once no snapshot uses the damage, collection deletes the damaged
     // packs and their records go with them; a check drops the record of
     // the index block, which nothing uses any more.
-    for s in [&a1, &a2, &b1] {
+    for s in [&a1, &a2, &b1, &c1] {
         d.ok(&["cloudsnap", "delete", "--snap", s]);
     }
     d.ok(&["repo", "gc", "--grace", "1s"]);

@@ -52,7 +52,7 @@ struct PackVerdict {
     /// Bytes fetched whole (read-data only).
     bytes: u64,
     read: bool,
-    /// Every bad record was found by opening it (`--read-data` only sees
+    /// Some bad record was found by opening it (`--read-data` only sees
     /// such damage).
     opened: bool,
 }
@@ -126,7 +126,7 @@ pub async fn check(
     };
     // Damaged records, by pack: traced to index blocks below.
     let mut damaged: HashMap<PackId, BTreeMap<u32, String>> = HashMap::new();
-    // Packs whose damage is only in records: found by opening them?
+    // Packs whose damage is in records: some found by opening them?
     let mut opened: HashMap<PackId, bool> = HashMap::new();
     let mut examined: HashMap<PackId, Examined> = HashMap::new();
     let mut records: Vec<Record> = Vec::new();
@@ -218,40 +218,114 @@ fn record_of(refs: &Refs, pack: &PackId, users: &RoaringBitmap, data: bool) -> R
     }
 }
 
-/// Brings the repository's damage records up to date: writes `found`,
-/// and deletes the records of objects no snapshot uses any more or that
-/// this check found whole (a record of damage only opening records
-/// shows stays unless this check read that pack whole). Returns the
-/// objects recorded afterwards, and the damage that stays recorded
-/// without this check seeing it, as findings.
+/// Brings the repository's damage records up to date, and returns the
+/// objects recorded afterwards with the damage that stays recorded without
+/// this check seeing it (as findings).
+///
+/// - What this check found is written, merged with the record already
+///   there unless this check read that pack whole: a check that does not
+///   read data cannot see what an earlier one found by opening records,
+///   so it adds to the record and never narrows it.
+/// - A pack record that does not open is replaced by a conservative one
+///   (every index block reaching the pack), unless this check read the
+///   pack whole.
+/// - A record whose object this check found whole, or that no snapshot
+///   uses, is deleted; one of damage only opening records shows stays
+///   until a check reads that pack whole.
+///
+/// Records are written before any is deleted, so a backup starting
+/// meanwhile never sees fewer than before or after.
 async fn keep_records(
     repo: &Repo,
     refs: &Refs,
     examined: &HashMap<PackId, Examined>,
     found: Vec<Record>,
 ) -> Result<(Vec<String>, Vec<Found>), RepoError> {
-    let mut earlier = Vec::new();
+    let read_whole = |object: &str| {
+        super::parse_pack_key(object)
+            .and_then(|id| examined.get(&id))
+            .is_some_and(|e| e.read)
+    };
+    let referenced = |id: &String| refs.index.contains_key(id);
     let (old, unreadable) = repo.damage_records().await?;
-    let mut now: BTreeSet<String> = found.iter().map(|r| r.object.clone()).collect();
-    for e in unreadable {
-        tracing::warn!(error = %e, "replacing an unreadable damage record");
-        repo.delete_damage(e.object()).await?;
+    let old: HashMap<String, Record> = old.into_iter().map(|r| (r.object.clone(), r)).collect();
+    let mut write: BTreeMap<String, Record> = BTreeMap::new();
+    for r in found {
+        let merged = write.entry(r.object.clone()).or_insert_with(|| {
+            match old.get(&r.object).filter(|_| !read_whole(&r.object)) {
+                Some(prev) => Record {
+                    object: prev.object.clone(),
+                    data: prev.data,
+                    index: prev
+                        .index
+                        .iter()
+                        .filter(|id| referenced(id))
+                        .cloned()
+                        .collect(),
+                },
+                None => Record {
+                    object: r.object.clone(),
+                    data: false,
+                    index: Vec::new(),
+                },
+            }
+        });
+        merged.data |= r.data;
+        for id in r.index {
+            if !merged.index.contains(&id) {
+                merged.index.push(id);
+            }
+        }
     }
-    for r in old {
-        if now.contains(&r.object) {
+    let mut earlier = Vec::new();
+    let mut delete: Vec<String> = Vec::new();
+    for e in unreadable {
+        let key = e.object().to_string();
+        let object = key.strip_prefix("damaged/").unwrap_or(&key).to_string();
+        if write.contains_key(&object) {
+            continue;
+        }
+        match super::parse_pack_key(&object).and_then(|id| refs.packs.get(&id)) {
+            Some(p) if !read_whole(&object) => {
+                tracing::warn!(error = %e, "a damage record does not open: replaced by one naming every index block that reaches its pack");
+                earlier.push(Found {
+                    object: object.clone(),
+                    reason: "its damage record did not open and was replaced by one that avoids the whole pack; a check that reads this pack (`--read-data`) clears it if it is whole".into(),
+                    snapshots: refs.snapshots_of(&p.index),
+                });
+                write.insert(
+                    object.clone(),
+                    Record {
+                        object,
+                        data: true,
+                        index: p
+                            .index
+                            .iter()
+                            .filter_map(|n| refs.index_ids.get(n as usize).cloned())
+                            .collect(),
+                    },
+                );
+            }
+            _ => {
+                tracing::warn!(error = %e, "deleting a damage record that does not open (this check covers its object)");
+                delete.push(key);
+            }
+        }
+    }
+    let mut now: BTreeSet<String> = write.keys().cloned().collect();
+    for r in old.values() {
+        if write.contains_key(&r.object) {
             continue;
         }
         // An index block is read whole by every check; a pack's record
         // stays while it is in use, not read again, and the damaged
         // records are still used.
-        let stays = r.object.starts_with("packs/")
+        let stays = r.data
             && super::parse_pack_key(&r.object).is_some_and(|id| {
                 refs.packs.contains_key(&id)
-                    && examined
-                        .get(&id)
-                        .is_some_and(|e| r.data && !e.read && e.whole)
+                    && examined.get(&id).is_some_and(|e| !e.read && e.whole)
             })
-            && r.index.iter().any(|id| refs.index.contains_key(id));
+            && r.index.iter().any(referenced);
         if stays {
             let mut snapshots = RoaringBitmap::new();
             for id in &r.index {
@@ -264,14 +338,17 @@ async fn keep_records(
                 reason: "records found damaged by an earlier `repo check --read-data`, not read by this check (one that reads this pack clears it if it is whole)".into(),
                 snapshots,
             });
-            now.insert(r.object);
+            now.insert(r.object.clone());
         } else {
             tracing::info!(object = %r.object, "the damage recorded for this object is gone");
-            repo.delete_damage(&r.object).await?;
+            delete.push(r.object.clone());
         }
     }
-    for r in &found {
+    for r in write.values() {
         repo.put_damage(r).await?;
+    }
+    for object in &delete {
+        repo.delete_damage(object).await?;
     }
     Ok((now.into_iter().collect(), earlier))
 }
@@ -356,7 +433,6 @@ async fn verdict(
     };
     let present: RoaringBitmap = records.iter().map(|c| c.offset).collect();
     for o in want - &present {
-        v.opened = false;
         v.bad.push((Some(o), format!("no record at offset {o}")));
     }
     Ok(v)

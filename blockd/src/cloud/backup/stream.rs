@@ -138,7 +138,14 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         if job.cancel.is_cancelled() {
             return Err(CloudError::Cancelled);
         }
-        if let Some(id) = done_blocks.get(&b) {
+        let parent_id = parent_id_of(job, b);
+        // A block finished before a crash or a failed attempt is kept,
+        // unless a check has since found its parent block damaged: it
+        // may have kept that block or taken chunks from it.
+        if let Some(id) = done_blocks
+            .get(&b)
+            .filter(|_| !redo(job, parent_id.as_deref()))
+        {
             if let Some(id) = id {
                 w.blocks.push((b, id.clone()));
             }
@@ -146,7 +153,6 @@ pub async fn run(job: &Job) -> Result<Vec<(u64, String)>, CloudError> {
         }
         let bstart = b * span;
         let blen = span.min(size - bstart);
-        let parent_id = parent_id_of(job, b);
         // A parent block a check found damaged, or using damaged records,
         // is read again whole from the frozen image, as by a full read.
         let again = redo(job, parent_id.as_deref());
