@@ -9,8 +9,9 @@
 //! commit (task_blocks keys `block << 20 | (fetch + 1)`, tagged with the
 //! kernel's boot id), and so are the GETs written when an attempt fails
 //! or stops, so the next attempt goes on after them; each block, once
-//! flushed, is recorded as durable (`block << 20`, untagged). After a process crash only the GETs of the
-//! block in progress are fetched again (the page cache kept the rest);
+//! flushed, is recorded as durable (`block << 20`, untagged). After a
+//! process crash only the GETs of the block in progress are fetched
+//! again (the page cache kept the rest);
 //! after a host crash, the GETs of blocks not yet flushed are fetched
 //! again too. One commit per block, not per GET: each commit is an fsync
 //! of the state database's log, and a GET that waited for its own held
