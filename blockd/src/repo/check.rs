@@ -126,8 +126,6 @@ pub async fn check(
     };
     // Damaged records, by pack: traced to index blocks below.
     let mut damaged: HashMap<PackId, BTreeMap<u32, String>> = HashMap::new();
-    // Packs whose damage is in records: some found by opening them?
-    let mut opened: HashMap<PackId, bool> = HashMap::new();
     let mut examined: HashMap<PackId, Examined> = HashMap::new();
     let mut records: Vec<Record> = Vec::new();
     for v in verdicts {
@@ -137,11 +135,9 @@ pub async fn check(
             Examined {
                 read: v.read,
                 whole: v.bad.is_empty(),
+                opened: v.opened,
             },
         );
-        if v.bad.iter().all(|(o, _)| o.is_some()) && !v.bad.is_empty() {
-            opened.insert(v.id, v.opened);
-        }
         data.records += v.records;
         data.bytes += v.bytes;
         data.packs += u64::from(v.read);
@@ -162,7 +158,7 @@ pub async fn check(
         }
     }
     for (found, pack, users) in trace(repo, &refs, &damaged).await? {
-        let data = opened.get(&pack).copied().unwrap_or(false);
+        let data = examined.get(&pack).is_some_and(|e| e.opened);
         records.push(record_of(&refs, &pack, &users, data));
         problems.push(found);
     }
@@ -203,6 +199,8 @@ struct Examined {
     read: bool,
     /// Nothing wrong found.
     whole: bool,
+    /// Some record failed to open (damage only `--read-data` sees).
+    opened: bool,
 }
 
 /// The damage record of `pack`, reached by the index blocks `users`
