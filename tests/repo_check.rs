@@ -407,3 +407,69 @@ fn backups_after_a_check_found_damage_store_it_again() {
     assert!(recorded(&r).is_empty(), "{r}");
     assert!(records(&repo).is_empty());
 }
+
+/// A backup that started before a check recorded damage (so it lists no
+/// record) and took a damaged chunk into a new snapshot: the next check,
+/// one that does not read data, traces the recorded offsets again, names
+/// that snapshot, and keeps the record after the snapshots it first named
+/// are gone, so the backup after it stores that range anew.
+#[test]
+fn a_backup_that_raced_the_check_is_named_by_the_next_check() {
+    if !need() {
+        return;
+    }
+    let (d, tmp, repo) = start();
+    d.create("a", "16M");
+    let img = image(tmp.path(), "a.img", 16 * MB, 16 * MB, 11);
+    load(&d, "a", &img);
+    let a1 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    let (pack, offset) = first_chunk(&repo, &repo.index(), 0);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[offset + 100] ^= 0x01;
+    std::fs::write(&pack, &bytes).unwrap();
+    let (ok, r, _) = check(&d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
+
+    // The backup runs as if it had listed the records before the check
+    // wrote them: it changes the damaged block elsewhere and takes the
+    // damaged chunk, unchanged at its place, from its parent.
+    let dir = repo.objects.join("damaged");
+    let hidden = tmp.path().join("damaged.hidden");
+    std::fs::rename(&dir, &hidden).unwrap();
+    write_both(&d, "a", &img, "write -P 0x77 8M 4k");
+    let a2 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    std::fs::rename(&hidden, &dir).unwrap();
+
+    // The snapshot the first check traced goes; the one written meanwhile
+    // is named, from the record alone.
+    d.ok(&["cloudsnap", "delete", "--snap", &a1]);
+    let (ok, r, _) = check(&d, &[]);
+    assert!(!ok, "{r}");
+    assert_eq!(damaged(&r), BTreeSet::from([a2.clone()]), "{r}");
+    assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
+    assert!(
+        r["problems"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("earlier `repo check --read-data`"),
+        "{r}"
+    );
+
+    // So the next backup reads that block again instead of reusing it.
+    write_both(&d, "a", &img, "write -P 0x78 9M 4k");
+    let a3 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    let (ok, r, _) = check(&d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(damaged(&r), BTreeSet::from([a2.clone()]), "{r}");
+    assert_eq!(restore(&d, &a3, "ra3", &[])["state"], "Done");
+    assert_same(&d, &img, "ra3");
+
+    // Once nothing uses the damaged record, a check that does not read
+    // data drops the record and passes.
+    d.ok(&["cloudsnap", "delete", "--snap", &a2]);
+    let (ok, r, err) = check(&d, &[]);
+    assert!(ok, "{err} {r}");
+    assert!(recorded(&r).is_empty(), "{r}");
+    assert!(records(&repo).is_empty());
+}

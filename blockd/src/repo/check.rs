@@ -22,9 +22,12 @@
 //! repository ([`super::damage`]), so that new backups stop reusing it; a
 //! record goes when a check finds its object whole, or no snapshot uses
 //! the object any more. Damage found only by reading records stays
-//! recorded, and reported, until a check reads that pack again.
+//! recorded, and reported, until a check reads that pack again; every
+//! check traces the recorded offsets to their users again, so a snapshot
+//! written since that took one (a backup that ran during the check that
+//! found it) is named and recorded too.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use blockd_api::{CheckReport, DamagedSnapshot, DataRead, Problem, Subset};
@@ -34,6 +37,10 @@ use roaring::RoaringBitmap;
 use super::damage::Record;
 use super::refs::{self, Found, Refs};
 use super::{PackId, Repo, RepoError};
+
+/// Why a recorded offset is reported by a check that did not read its
+/// pack.
+const EARLIER: &str = "found damaged by an earlier `repo check --read-data`, not read by this check (one that reads this pack clears it if it is whole)";
 
 /// Pack trailers read at once.
 const READS: usize = 8;
@@ -135,6 +142,7 @@ pub async fn check(
             Examined {
                 read: v.read,
                 whole: v.bad.is_empty(),
+                entire: v.bad.iter().any(|(o, _)| o.is_none()),
                 opened: v.opened,
             },
         );
@@ -157,9 +165,35 @@ pub async fn check(
             }
         }
     }
-    for (found, pack, users) in trace(repo, &refs, &damaged).await? {
-        let data = examined.get(&pack).is_some_and(|e| e.opened);
-        records.push(record_of(&refs, &pack, &users, data));
+    // Records an earlier check found damaged by opening them, in packs
+    // this one did not read: traced again with the rest, so that a
+    // snapshot written since that uses them (a backup that ran during
+    // that check) is named and recorded too.
+    let (old, unreadable) = repo.damage_records().await?;
+    let mut earlier: HashSet<PackId> = HashSet::new();
+    for r in &old {
+        let Some(id) = super::parse_pack_key(&r.object) else {
+            continue;
+        };
+        let seen = examined.get(&id);
+        if r.data && !r.offsets.is_empty() && seen.is_some_and(|e| !e.read && !e.entire) {
+            let d = damaged.entry(id).or_default();
+            for o in &r.offsets {
+                d.entry(*o).or_insert_with(|| EARLIER.to_string());
+            }
+            earlier.insert(id);
+        }
+    }
+    for (found, pack, users, offsets) in trace(repo, &refs, &damaged).await? {
+        let only_earlier = offsets.iter().all(|o| damaged[&pack][o] == EARLIER);
+        if only_earlier && users.is_empty() {
+            // Nothing uses what was recorded any more.
+            continue;
+        }
+        let data = examined.get(&pack).is_some_and(|e| e.opened) || earlier.contains(&pack);
+        let mut r = record_of(&refs, &pack, &users, data);
+        r.offsets = offsets;
+        records.push(r);
         problems.push(found);
     }
     for p in &refs.problems {
@@ -172,13 +206,15 @@ pub async fn check(
                 object: p.object.clone(),
                 data: false,
                 index: vec![id.to_string()],
+                offsets: Vec::new(),
             });
         }
     }
     let recorded = if repo.is_read_only() {
         None
     } else {
-        let (recorded, earlier) = keep_records(repo, &refs, &examined, records).await?;
+        let (recorded, earlier) =
+            keep_records(repo, &refs, &examined, records, (old, unreadable)).await?;
         problems.extend(earlier);
         Some(recorded)
     };
@@ -199,6 +235,8 @@ struct Examined {
     read: bool,
     /// Nothing wrong found.
     whole: bool,
+    /// Damaged as a whole (missing, or its trailer does not open).
+    entire: bool,
     /// Some record failed to open (damage only `--read-data` sees).
     opened: bool,
 }
@@ -213,6 +251,7 @@ fn record_of(refs: &Refs, pack: &PackId, users: &RoaringBitmap, data: bool) -> R
             .iter()
             .filter_map(|n| refs.index_ids.get(n as usize).cloned())
             .collect(),
+        offsets: Vec::new(),
     }
 }
 
@@ -238,6 +277,7 @@ async fn keep_records(
     refs: &Refs,
     examined: &HashMap<PackId, Examined>,
     found: Vec<Record>,
+    (old, unreadable): (Vec<Record>, Vec<RepoError>),
 ) -> Result<(Vec<String>, Vec<Found>), RepoError> {
     let read_whole = |object: &str| {
         super::parse_pack_key(object)
@@ -245,7 +285,6 @@ async fn keep_records(
             .is_some_and(|e| e.read)
     };
     let referenced = |id: &String| refs.index.contains_key(id);
-    let (old, unreadable) = repo.damage_records().await?;
     let old: HashMap<String, Record> = old.into_iter().map(|r| (r.object.clone(), r)).collect();
     let mut write: BTreeMap<String, Record> = BTreeMap::new();
     for r in found {
@@ -260,11 +299,13 @@ async fn keep_records(
                         .filter(|id| referenced(id))
                         .cloned()
                         .collect(),
+                    offsets: prev.offsets.clone(),
                 },
                 None => Record {
                     object: r.object.clone(),
                     data: false,
                     index: Vec::new(),
+                    offsets: Vec::new(),
                 },
             }
         });
@@ -274,6 +315,8 @@ async fn keep_records(
                 merged.index.push(id);
             }
         }
+        let offsets: BTreeSet<u32> = merged.offsets.drain(..).chain(r.offsets).collect();
+        merged.offsets = offsets.into_iter().collect();
     }
     let mut earlier = Vec::new();
     let mut delete: Vec<String> = Vec::new();
@@ -301,6 +344,7 @@ async fn keep_records(
                             .iter()
                             .filter_map(|n| refs.index_ids.get(n as usize).cloned())
                             .collect(),
+                        offsets: Vec::new(),
                     },
                 );
             }
@@ -315,10 +359,12 @@ async fn keep_records(
         if write.contains_key(&r.object) {
             continue;
         }
-        // An index block is read whole by every check; a pack's record
-        // stays while it is in use, not read again, and the damaged
-        // records are still used.
+        // An index block is read whole by every check, and recorded
+        // offsets were traced again above. A pack's record of an older
+        // build (no offsets) stays while the pack is in use, not read
+        // again, and the index blocks it names are still used.
         let stays = r.data
+            && r.offsets.is_empty()
             && super::parse_pack_key(&r.object).is_some_and(|id| {
                 refs.packs.contains_key(&id)
                     && examined.get(&id).is_some_and(|e| !e.read && e.whole)
@@ -333,7 +379,7 @@ async fn keep_records(
             }
             earlier.push(Found {
                 object: r.object.clone(),
-                reason: "records found damaged by an earlier `repo check --read-data`, not read by this check (one that reads this pack clears it if it is whole)".into(),
+                reason: format!("records {EARLIER}"),
                 snapshots,
             });
             now.insert(r.object.clone());
@@ -446,13 +492,13 @@ fn reason_of(e: &RepoError) -> String {
 
 /// Finds the snapshots that use damaged records: the index blocks that
 /// reach each damaged pack are read again and their entries matched.
-/// Returns, per damaged pack, its finding and the index blocks (numbers)
-/// that use its damaged records.
+/// Returns, per damaged pack, its finding, the index blocks (numbers)
+/// that use its damaged records, and the damaged offsets.
 async fn trace(
     repo: &Repo,
     refs: &Refs,
     damaged: &HashMap<PackId, BTreeMap<u32, String>>,
-) -> Result<Vec<(Found, PackId, RoaringBitmap)>, RepoError> {
+) -> Result<Vec<(Found, PackId, RoaringBitmap, Vec<u32>)>, RepoError> {
     let mut index = RoaringBitmap::new();
     for id in damaged.keys() {
         index |= &refs.packs[id].index;
@@ -486,19 +532,20 @@ async fn trace(
     }
     let mut out = Vec::new();
     for (pack, offsets) in damaged {
-        // One finding per pack: its damaged records, the snapshots using them.
+        // One finding per pack: its damaged records, grouped by reason,
+        // and the snapshots using them.
         let mut using = RoaringBitmap::new();
-        let mut reasons = BTreeSet::new();
+        let mut by_reason: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         for (o, r) in offsets {
             if let Some(ix) = users.get(&(*pack, *o)) {
                 using |= ix;
             }
-            reasons.insert(format!("record at offset {o}: {r}"));
+            by_reason.entry(r).or_default().push(*o);
         }
-        let mut reason: Vec<String> = reasons.into_iter().take(5).collect();
-        if offsets.len() > 5 {
-            reason.push(format!("and {} more damaged records", offsets.len() - 5));
-        }
+        let reason: Vec<String> = by_reason
+            .into_iter()
+            .map(|(r, at)| format!("{}: {r}", offsets_text(&at)))
+            .collect();
         out.push((
             Found {
                 object: Repo::pack_name(pack),
@@ -507,9 +554,25 @@ async fn trace(
             },
             *pack,
             using,
+            offsets.keys().copied().collect(),
         ));
     }
     Ok(out)
+}
+
+/// "record at offset 7", "records at offsets 7, 9 and 3 more".
+fn offsets_text(at: &[u32]) -> String {
+    const SHOWN: usize = 5;
+    let list: Vec<String> = at.iter().take(SHOWN).map(u32::to_string).collect();
+    match at.len() {
+        1 => format!("record at offset {}", list[0]),
+        n if n <= SHOWN => format!("records at offsets {}", list.join(", ")),
+        n => format!(
+            "records at offsets {} and {} more",
+            list.join(", "),
+            n - SHOWN
+        ),
+    }
 }
 
 fn report(

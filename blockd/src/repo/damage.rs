@@ -10,7 +10,8 @@
 //! that starts afterwards neither keeps those nor takes chunks from them:
 //! it reads their ranges from the volume again and stores fresh copies
 //! (see `cloud::backup::stream`). A backup already running when the
-//! check ends does not see the record; the next check names what it
+//! check ends does not see the record; the next check, which traces the
+//! recorded offsets to their users again, names and records what it
 //! wrote if it used the damage.
 //!
 //! A record goes when a later check finds its object whole (a pack found
@@ -44,6 +45,13 @@ pub struct Record {
     /// index block references no damaged record, so neither can a chunk
     /// found unchanged at its place.)
     pub index: Vec<String>,
+    /// Offsets of the damaged records in a pack (empty for an index
+    /// block, a pack damaged whole, and records of older builds). Every
+    /// check traces them to their users again, so a backup that took one
+    /// while the check that found it ran is named, and recorded, by the
+    /// next check, even one that does not read data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<u32>,
 }
 
 /// What a backup avoids: the index blocks of every record.
@@ -185,14 +193,21 @@ mod tests {
             object: "packs/ab/ab00".into(),
             data: true,
             index: vec!["11".into(), "22".into()],
+            offsets: vec![0, 4096],
         };
         let b = Record {
             object: "index/cd/cd00".into(),
             data: false,
             index: vec!["cd00".into()],
+            offsets: Vec::new(),
         };
         repo.put_damage(&a).await.unwrap();
         repo.put_damage(&b).await.unwrap();
+        // A record of an older build, without offsets, reads as none.
+        let old: Record =
+            serde_json::from_str(r#"{"object":"packs/ab/ab00","data":true,"index":["11"]}"#)
+                .unwrap();
+        assert!(old.offsets.is_empty());
         let (mut got, bad) = repo.damage_records().await.unwrap();
         got.sort_by(|x, y| x.object.cmp(&y.object));
         assert!(bad.is_empty());
