@@ -1166,10 +1166,11 @@ fn a_backup_cut_short_after_its_commit_resumes_as_done() {
     }
 }
 
-/// `cloudsnap list` over every location stops at one that fails, names
-/// it, and says how to list the others; those list with `--cred-id`.
+/// `cloudsnap list` over every location: one that cannot be listed hides
+/// none of the others. Their snapshots are shown (text and JSON), and the
+/// command fails naming the one it could not list.
 #[test]
-fn listing_every_location_names_the_one_that_fails() {
+fn listing_every_location_shows_the_others_and_names_the_one_that_fails() {
     if !need() {
         return;
     }
@@ -1192,12 +1193,28 @@ fn listing_every_location_names_the_one_that_fails() {
     let out = d.blockctl(&["cloudsnap", "list"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    let listed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        err.contains("gone") && err.contains("--cred-id NAME"),
+        err.contains("location gone") && err.contains("listed above"),
         "{err}"
     );
-    let listed = d.ok(&["cloudsnap", "list", "--cred-id", "local"]);
     assert!(listed.contains("vol1"), "{listed}");
+    let out = d.blockctl(&["-j", "cloudsnap", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let snaps = json(&String::from_utf8_lossy(&out.stdout));
+    let snaps = snaps.as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["volume"], "vol1");
+    assert_eq!(snaps[0]["location"], "local");
+    let err = json(&String::from_utf8_lossy(&out.stderr));
+    assert!(
+        err["error"].as_str().unwrap().contains("location gone"),
+        "{err}"
+    );
+    // Only the failing location asked for: its error alone.
+    let out = d.blockctl(&["cloudsnap", "list", "--cred-id", "gone"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
 
 /// A read-only bind mount of a directory, removed on drop.

@@ -3,8 +3,8 @@
 
 use crate::failure::Failure;
 use blockd_api::{
-    human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, RestoreRequest, Started,
-    Task, TaskKind, TaskState,
+    human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, Location, RestoreRequest,
+    Started, Task, TaskKind, TaskState,
 };
 use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Args, Subcommand};
@@ -278,10 +278,13 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
                 .chain(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))))
                 .collect();
             let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let path = with_query("/v1/cloudsnaps", &pairs);
-            let snaps: Vec<CloudSnap> = client.call::<(), _>("GET", &path, None).await?;
-            out.answer(snaps.as_slice(), print_cloudsnaps);
-            Ok(())
+            if cred_id.is_some() {
+                let path = with_query("/v1/cloudsnaps", &pairs);
+                let snaps: Vec<CloudSnap> = client.call::<(), _>("GET", &path, None).await?;
+                out.answer(snaps.as_slice(), print_cloudsnaps);
+                return Ok(());
+            }
+            list_everywhere(client, out, &pairs).await
         }
         CloudsnapCmd::Catalog {
             snap,
@@ -608,6 +611,58 @@ fn kind_text(s: &CloudSnap) -> &'static str {
 }
 
 /// Prints the `list` table.
+/// `cloudsnap list` without `--cred-id`: every location's snapshots. One
+/// location that cannot be listed (its bucket gone, its provider down)
+/// hides none of the others: they are printed, and the command then fails
+/// naming the locations it could not list.
+async fn list_everywhere(
+    client: &Client,
+    out: Output,
+    pairs: &[(&str, &str)],
+) -> Result<(), Failure> {
+    let locations: Vec<Location> = client.call::<(), _>("GET", "/v1/locations", None).await?;
+    let mut snaps: Vec<CloudSnap> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
+    for l in &locations {
+        let mut with = pairs.to_vec();
+        with.push(("location", l.name.as_str()));
+        let path = with_query("/v1/cloudsnaps", &with);
+        match client.call::<(), Vec<CloudSnap>>("GET", &path, None).await {
+            Ok(s) => snaps.extend(s),
+            Err(e) => failed.push((l.name.clone(), e)),
+        }
+    }
+    if failed.len() == locations.len() && !failed.is_empty() {
+        if let [(_, e)] = failed.as_slice() {
+            return Err(Failure::Failed(e.clone()));
+        }
+        let each: Vec<String> = failed.iter().map(|(l, e)| format!("{l}: {e}")).collect();
+        return Err(Failure::Failed(format!(
+            "no location could be listed: {}",
+            each.join("; ")
+        )));
+    }
+    // Names start with the freeze time: id order is time order.
+    snaps.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.location.cmp(&b.location)));
+    out.answer(snaps.as_slice(), print_cloudsnaps);
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = failed
+        .iter()
+        .map(|(l, e)| format!("location {l}: {e}"))
+        .collect();
+    Err(Failure::Failed(format!(
+        "{}; the snapshots of the other locations are listed{}",
+        each.join("; "),
+        if out.is_json() {
+            " on stdout"
+        } else {
+            " above"
+        }
+    )))
+}
+
 fn print_cloudsnaps(snaps: &[CloudSnap]) {
     let header = [
         "SOURCEVOLUME",
