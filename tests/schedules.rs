@@ -531,3 +531,70 @@ fn a_run_due_while_another_backup_holds_its_volume_waits_for_it() {
     );
     assert!(!log.contains("scheduled backup failed"), "{log}");
 }
+
+/// The stored record of schedule `id` (read while the daemon is stopped).
+fn stored(d: &Blockd, id: &str) -> Value {
+    let db = rusqlite::Connection::open(d.dir.path().join("state.db")).unwrap();
+    let record: String = db
+        .query_row("SELECT record FROM schedules WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    json(&record)
+}
+
+/// A run due while a backup holds its volume: `schedules list` says what
+/// it waits for (JSON and text), and a daemon stopped during that wait
+/// gives the slot back, so the next start runs it instead of counting it
+/// as run.
+#[test]
+fn a_waiting_run_is_shown_and_a_shutdown_does_not_drop_it() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("v", "8M");
+    // A schedule whose backups hold v while their pre-exec runs.
+    let slow = create(
+        &d,
+        &[
+            "v",
+            "--periodic",
+            "4s",
+            "--pre-exec",
+            "sleep 6",
+            "--max",
+            "100",
+        ],
+    );
+    let find = |d: &Blockd, id: &str| schedules(d).into_iter().find(|s| s["id"] == id).unwrap();
+    wait_for("the slow run", 30, || find(&d, &slow)["running"] == true);
+    let quick = create(&d, &["v", "--periodic", "1s", "--max", "100"]);
+    let mut shown = Value::Null;
+    wait_for("the run to wait", 30, || {
+        shown = find(&d, &quick);
+        shown["waiting"].is_string()
+    });
+    let waiting = shown["waiting"].as_str().unwrap();
+    assert!(
+        waiting.contains("volume \"v\" is being backed up by task") && waiting.contains("since"),
+        "{shown}"
+    );
+    assert_eq!(shown["running"], true, "{shown}");
+    let text = d.ok(&["cloudsnap", "schedules", "list"]);
+    assert!(text.contains("waiting: "), "{text}");
+    assert!(made_by(&d, "v", &quick).is_empty());
+
+    assert!(d.terminate().success(), "{}", d.log());
+    assert!(
+        stored(&d, &quick)["last_run"].is_null(),
+        "the slot was not given back: {}",
+        d.log()
+    );
+    assert!(d.log().contains("it runs at the next start"), "{}", d.log());
+    d.spawn();
+    wait_for("the run given back", 60, || {
+        !made_by(&d, "v", &quick).is_empty()
+    });
+    assert!(find(&d, &quick)["last_error"].is_null());
+}

@@ -871,6 +871,10 @@ pub struct Schedule {
     pub next_run: Option<String>,
     /// A run is going on.
     pub running: bool,
+    /// The run that is due waits for volumes another task holds: which,
+    /// held by what, and since when (it backs them up once they are free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Why the last run failed (retried at the next slot).
     pub last_error: Option<String>,
     /// Tasks of the last run.

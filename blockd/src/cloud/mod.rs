@@ -448,8 +448,9 @@ pub struct Cloud {
     gc_max_unused: blockd_api::MaxUnused,
     /// This host's id (`<state dir>/host-id`).
     host: String,
-    /// Schedules with a run in progress.
-    sched_running: Mutex<std::collections::HashSet<String>>,
+    /// Schedules with a run in progress, each with what its run waits
+    /// for while another task holds its volumes.
+    sched_running: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Locations this host is collecting.
     gc_running: Mutex<std::collections::HashSet<String>>,
 }
@@ -528,7 +529,7 @@ impl Cloud {
             outage_wait: settings.outage_wait,
             gc_max_unused: settings.gc_max_unused,
             host,
-            sched_running: Mutex::new(std::collections::HashSet::new()),
+            sched_running: Mutex::new(std::collections::HashMap::new()),
             gc_running: Mutex::new(std::collections::HashSet::new()),
         });
         for (id, rec) in me.db.tasks(true, u32::MAX)? {

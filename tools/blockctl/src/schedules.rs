@@ -143,7 +143,10 @@ pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(),
                             s.last_run.clone().unwrap_or_else(|| "-".into()),
                             s.next_run.clone().unwrap_or_else(|| "-".into()),
                             match (&s.last_error, s.running) {
-                                (_, true) => "running".into(),
+                                (_, true) => match &s.waiting {
+                                    Some(w) => format!("waiting: {w}"),
+                                    None => "running".into(),
+                                },
                                 (Some(e), _) => format!("failed: {e}"),
                                 (None, _) if s.last_run.is_some() => "ok".into(),
                                 (None, _) => "-".into(),

@@ -42,7 +42,9 @@ pub const DEFAULT_MAX: u32 = 7;
 /// same volume, due at the same moment or still running) before it fails:
 /// long enough for a long full backup. Its own slots do not start
 /// meanwhile (a schedule never overlaps itself); the next one due starts
-/// once this run has ended.
+/// once this run has ended. `schedules list` shows what it waits for; a
+/// shutdown during the wait gives the slot back, so the next start runs
+/// it (a crash does not: the slot was recorded as run).
 const BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// Pause between two attempts of a run that waits for its volumes.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -273,6 +275,7 @@ impl Cloud {
             last_run: s.last_run.clone(),
             next_run: s.next().map(rfc3339),
             running: self.schedule_busy(id),
+            waiting: self.lock_sched().get(id).cloned().flatten(),
             last_error: s.last_error.clone(),
             last_tasks: s.last_tasks.clone(),
             deleted: s.deleted,
@@ -282,7 +285,7 @@ impl Cloud {
     /// A run of schedule `id` is in progress, or one of its backups is
     /// still active (resumed after a restart).
     fn schedule_busy(&self, id: &str) -> bool {
-        if self.lock_sched().contains(id) {
+        if self.lock_sched().contains_key(id) {
             return true;
         }
         self.lock().values().any(|r| {
@@ -290,7 +293,9 @@ impl Cloud {
         })
     }
 
-    fn lock_sched(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    fn lock_sched(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<String>>> {
         self.sched_running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -323,10 +328,10 @@ impl Cloud {
             if s.next().is_none_or(|n| n > now) || self.schedule_busy(&id) {
                 continue;
             }
-            self.lock_sched().insert(id.clone());
+            self.lock_sched().insert(id.clone(), None);
             // Recorded before the run: a crash does not repeat it, and the
             // next slot is counted from here (missed ones collapse).
-            s.last_run = Some(rfc3339(now));
+            let previous = s.last_run.replace(rfc3339(now));
             match encode(&id, &s).and_then(|r| Ok(self.db.update_schedule(&id, &r)?)) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -341,13 +346,39 @@ impl Cloud {
             }
             let me = self.clone();
             self.tracker.spawn(async move {
-                me.run_schedule(&id, s).await;
+                me.run_schedule(&id, s, previous).await;
                 me.lock_sched().remove(&id);
             });
         }
     }
 
-    async fn run_schedule(self: &Arc<Self>, id: &str, mut s: Stored) {
+    /// Gives back the slot of a run that stopped before it started any
+    /// backup (the daemon is shutting down): the record's last run goes
+    /// back to `previous`, unless something wrote it since.
+    fn give_back(&self, id: &str, run: &Stored, previous: Option<String>) {
+        let Some((_, mut latest)) = self
+            .stored_schedules()
+            .ok()
+            .and_then(|all| all.into_iter().find(|(i, _)| i == id))
+        else {
+            return;
+        };
+        if latest.last_run != run.last_run {
+            return;
+        }
+        latest.last_run = previous;
+        match encode(id, &latest).and_then(|r| Ok(self.db.update_schedule(id, &r)?)) {
+            Ok(_) => {
+                tracing::info!(schedule = %id, "shutting down while a scheduled backup waited for its volumes: it runs at the next start");
+            }
+            Err(e) => {
+                tracing::warn!(schedule = %id, error = %e, "cannot give back the slot of a run that did not start: it runs at the next slot");
+            }
+        }
+    }
+
+    /// One run of schedule `id`; `previous` is the last run before it.
+    async fn run_schedule(self: &Arc<Self>, id: &str, mut s: Stored, previous: Option<String>) {
         tracing::info!(schedule = %id, "scheduled backup starting");
         let spec = &s.spec;
         let req = BackupGroupRequest {
@@ -369,14 +400,24 @@ impl Cloud {
         // due at the same moment) is waited for, then backed up: the run
         // is late, not lost.
         let waiting = Instant::now();
+        let since = rfc3339(Utc::now());
         let started = loop {
             match self.start_backups(req.clone(), group, Some(id)).await {
                 Err(CloudError::Busy(b)) if waiting.elapsed() < BUSY_WAIT => {
                     if waiting.elapsed() < BUSY_RETRY {
                         tracing::info!(schedule = %id, busy = %b, "scheduled backup waits for the volume");
                     }
+                    let what = format!("{} {} (since {since})", b.resource, b.holder.doing);
+                    if let Some(w) = self.lock_sched().get_mut(id) {
+                        *w = Some(what);
+                    }
                     tokio::select! {
-                        () = self.shutdown.cancelled() => return,
+                        () = self.shutdown.cancelled() => {
+                            // Nothing of this run started: the slot is
+                            // given back, so the next start runs it.
+                            self.give_back(id, &s, previous);
+                            return;
+                        }
                         () = tokio::time::sleep(BUSY_RETRY) => {}
                     }
                     // Deleted meanwhile: its run goes with it.
@@ -391,6 +432,9 @@ impl Cloud {
                 r => break r,
             }
         };
+        if let Some(w) = self.lock_sched().get_mut(id) {
+            *w = None;
+        }
         match started {
             Ok(started) => {
                 for t in started.tasks {
