@@ -456,9 +456,19 @@ fn a_backup_that_raced_the_check_is_named_by_the_next_check() {
         "{r}"
     );
 
-    // So the next backup reads that block again instead of reusing it.
+    // So the next backup, here a group backup with another volume, reads
+    // that block again instead of reusing it.
     write_both(&d, "a", &img, "write -P 0x78 9M 4k");
-    let a3 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
+    d.create("b", "4M");
+    let tasks = backup_group(&d, &["--volume-ids", "a,b"]);
+    let a3 = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["volume"] == "a")
+        .unwrap_or_else(|| panic!("no task of a: {tasks}"));
+    assert_eq!(a3["state"], "Done", "{a3}");
+    let a3 = a3["snapshot"].as_str().unwrap().to_string();
     let (ok, r, _) = check(&d, &["--read-data"]);
     assert!(!ok, "{r}");
     assert_eq!(damaged(&r), BTreeSet::from([a2.clone()]), "{r}");
