@@ -88,6 +88,17 @@ pub fn restore(d: &Blockd, snap: &str, vol: &str, extra: &[&str]) -> Value {
         t["state"] == "Done",
         "exit status must follow the outcome: {t}"
     );
+    if !out.status.success() {
+        // With -j, stderr is one JSON object, naming what went wrong.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let e: Value = serde_json::from_str(err.trim())
+            .unwrap_or_else(|e| panic!("stderr is not one JSON object ({e}): {err}"));
+        let m = e["error"].as_str().unwrap_or_default();
+        assert!(
+            m.contains("did not complete") && m.contains(t["id"].as_str().unwrap()),
+            "{err}"
+        );
+    }
     t
 }
 

@@ -230,23 +230,30 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
     if out.is_json() {
         output::json(&tasks);
     }
-    let mut bad = 0;
+    let mut bad = Vec::new();
     for t in &tasks {
         if t.state == TaskState::Done {
             if !out.is_json() {
                 line(outcome(t));
             }
+        } else if out.is_json() {
+            // stderr holds one JSON object: the outcomes go into it.
+            bad.push(outcome(t));
         } else {
-            bad += 1;
             eprintln!("{}", outcome(t));
+            bad.push(String::new());
         }
     }
-    if bad > 0 {
-        return Err(format!(
-            "{bad} of {} cloudsnap task(s) did not complete",
+    if !bad.is_empty() {
+        let mut m = format!(
+            "{} of {} cloudsnap task(s) did not complete",
+            bad.len(),
             tasks.len()
-        )
-        .into());
+        );
+        if out.is_json() {
+            m = format!("{m}: {}", bad.join("; "));
+        }
+        return Err(m.into());
     }
     Ok(())
 }
