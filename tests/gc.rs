@@ -242,15 +242,17 @@ fn a_killed_backup_on_another_host_holds_the_sweep_and_its_leftovers_go_after_th
 
 /// A backup that ended while its session could not be removed (the store
 /// was unreachable then) leaves the session in the bucket, where it would
-/// hold every sweep back until its deadline (20 h by default). This
-/// host's next collection removes it, knowing the task ended; a session
-/// of this host's id for a task it does not know is left alone.
+/// hold every sweep back until its deadline (20 h by default); so does a
+/// daemon killed while a backup's pre-exec ran, before its task existed.
+/// This host's next collection removes every session of this host whose
+/// task is not running, and leaves the session of a backup whose hooks
+/// are running at that moment, which then completes.
 #[test]
-fn a_session_left_by_an_ended_backup_goes_at_the_next_collection() {
+fn a_session_this_host_no_longer_uses_goes_at_the_next_collection() {
     if !need() {
         return;
     }
-    let d = Blockd::start();
+    let mut d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
     d.create("v", "256M");
     let img = image(tmp.path(), "v.img", 256 * MB, 256 * MB, 7);
@@ -264,18 +266,65 @@ fn a_session_left_by_an_ended_backup_goes_at_the_next_collection() {
         !sessions.join(&id).exists(),
         "the backup closed its session"
     );
-    // As if that close had failed; and a task unknown here.
+    // As if that close had failed; and a copy under another name, which
+    // does not open (a session is sealed under its name): nobody's
+    // known, it is left to its deadline.
     std::fs::write(sessions.join(&id), &session).unwrap();
     std::fs::write(sessions.join("unknown-task"), &session).unwrap();
     let r = gc(&d, &["--grace", "1s"]);
     assert!(!sessions.join(&id).exists(), "left in place: {r}");
     assert!(sessions.join("unknown-task").exists());
+    std::fs::remove_file(sessions.join("unknown-task")).unwrap();
     assert!(
         d.log()
-            .contains("removing the session of a backup that ended without closing it"),
+            .contains("removing the session of a backup of this host that is not running"),
         "{}",
         d.log()
     );
+
+    // A backup whose pre-exec runs during a collection: its session stays,
+    // and it commits.
+    let hooked = |d: &Blockd| {
+        std::process::Command::new(bin("blockctl"))
+            .arg("--socket")
+            .arg(d.api_socket())
+            .args(["cloudsnap", "backup", "v", "--pre-exec", "sleep 4"])
+            .spawn()
+            .unwrap()
+    };
+    let started = |sessions: &Path| {
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = std::fs::read_dir(sessions).unwrap().flatten().next() {
+                return e.path();
+            }
+            assert!(std::time::Instant::now() < end, "no session appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut cli = hooked(&d);
+    let open = started(&sessions);
+    gc(&d, &["--grace", "1s"]);
+    assert!(
+        open.exists(),
+        "the session of a starting backup was removed"
+    );
+    assert!(cli.wait().unwrap().success());
+    let task = open.file_name().unwrap().to_str().unwrap().to_string();
+    let t = wait_done(&d, &task);
+    assert_eq!(t["state"], "Done", "{t}");
+
+    // Killed while the pre-exec runs: the session is left, and the next
+    // collection after the restart removes it.
+    let mut cli = hooked(&d);
+    let open = started(&sessions);
+    d.kill9();
+    let _ = cli.wait();
+    d.spawn();
+    assert!(open.exists());
+    gc(&d, &["--grace", "1s"]);
+    assert!(!open.exists(), "the leftover session is still there");
+    assert!(std::fs::read_dir(&sessions).unwrap().next().is_none());
 }
 
 /// Host A backs up and deletes; host B restores A's snapshots. B's

@@ -1,10 +1,11 @@
 //! `repo gc` of a location (the work is [`crate::repo::gc`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockd_api::{GcReport, GcRequest};
 
-use super::{Cloud, CloudError};
+use super::{lock_set, Cloud, CloudError};
 use crate::claims::Want;
 use crate::repo::gc;
 
@@ -117,7 +118,13 @@ impl Cloud {
             max_unused: req.max_unused.unwrap_or(self.gc_max_unused),
             deadline: self.backup_deadline,
             local_dir: self.locations.local_dir(&location)?,
-            ended: self.db.ended_tasks()?,
+            live: {
+                let db = self.db.clone();
+                let starting = self.starting_sessions.clone();
+                gc::Live(Arc::new(move |id: &str| {
+                    lock_set(&starting).contains(id) || db.task_active(id).unwrap_or(true)
+                }))
+            },
         };
         let o = gc::collect(&repo, &opts).await.map_err(|e| {
             crate::metrics::STATS.maintenance(&location, "gc", "failed");

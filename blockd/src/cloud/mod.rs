@@ -451,6 +451,9 @@ pub struct Cloud {
     /// Schedules with a run in progress, each with what its run waits
     /// for while another task holds its volumes.
     sched_running: Mutex<std::collections::HashMap<String, Option<String>>>,
+    /// Backup sessions opened by requests that have not saved their
+    /// tasks yet (their hooks may be running): collection leaves them.
+    starting_sessions: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Locations this host is collecting.
     gc_running: Mutex<std::collections::HashSet<String>>,
 }
@@ -530,6 +533,7 @@ impl Cloud {
             gc_max_unused: settings.gc_max_unused,
             host,
             sched_running: Mutex::new(std::collections::HashMap::new()),
+            starting_sessions: Arc::default(),
             gc_running: Mutex::new(std::collections::HashSet::new()),
         });
         for (id, rec) in me.db.tasks(true, u32::MAX)? {
@@ -549,4 +553,11 @@ impl Cloud {
         me.run_scheduler();
         Ok(me)
     }
+}
+
+/// Locks a set shared with a closure, a poisoned lock included.
+pub(crate) fn lock_set(
+    s: &Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -343,11 +343,24 @@ pub struct Options {
     /// For a local directory location, the directory its objects are
     /// in: unfinished writes left there by killed writers are removed.
     pub local_dir: Option<std::path::PathBuf>,
-    /// Backup tasks of this host known to have ended: a session of one
-    /// of them is left by a close that failed (the store was unreachable
-    /// when the backup ended) and would hold every sweep back until its
-    /// deadline, so it is removed.
-    pub ended: HashSet<String>,
+    /// Whether a backup session of this host is still in use (its task
+    /// is running or will resume, or its request is still starting it),
+    /// asked after the sessions are listed. Any other session of this
+    /// host is left by a close that failed (the store was unreachable when
+    /// the backup ended) or by a daemon stopped or killed while the
+    /// backup's hooks ran, before its task existed; it would hold every
+    /// sweep back until its deadline, so it is removed.
+    pub live: Live,
+}
+
+/// See [`Options::live`].
+#[derive(Clone)]
+pub struct Live(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live(..)")
+    }
 }
 
 impl Repo {
@@ -560,20 +573,22 @@ impl Repo {
     /// With `dead_host`, that host's collector sessions (`gc-*`) are
     /// removed instead: its collection is known not to run, so they are a
     /// crashed run's, and would hold every sweep until their deadline. So
-    /// are the sessions of `host`'s backups in `ended`.
+    /// are the sessions of `host`'s backups that `live` says are not in
+    /// use.
     async fn sessions(
         &self,
         dead_host: Option<&str>,
         host: &str,
-        ended: &HashSet<String>,
+        live: &Live,
     ) -> Result<Vec<(String, SystemTime, Option<u64>)>, RepoError> {
         let mut out = Vec::new();
         for (id, written, body) in self.registrations("sessions").await? {
             let of = body.as_ref().map(|b| b.host.as_str());
-            let dead_run = id.starts_with(COLLECTOR_SESSION) && of == dead_host && of.is_some();
-            if dead_run || (of == Some(host) && ended.contains(&id)) {
+            let collector = id.starts_with(COLLECTOR_SESSION);
+            let dead_run = collector && of == dead_host && of.is_some();
+            if dead_run || (of == Some(host) && !collector && !(live.0)(&id)) {
                 if !dead_run {
-                    tracing::info!(task = %id, "removing the session of a backup that ended without closing it");
+                    tracing::info!(task = %id, "removing the session of a backup of this host that is not running");
                 }
                 self.objects.delete(&session_key(&id)).await?;
                 continue;
@@ -714,7 +729,7 @@ async fn collect_held(
         .sessions(
             opts.own_run_is_dead.then_some(opts.host.as_str()),
             &opts.host,
-            &opts.ended,
+            &opts.live,
         )
         .await?;
     let marks = repo.marks().await?;

@@ -596,15 +596,18 @@ impl StateDb {
         })
     }
 
-    /// The ids of every task that has ended.
+    /// Whether task `id` has a record that is still active (running, or
+    /// resumed at the next start).
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn ended_tasks(&self) -> Result<std::collections::HashSet<String>, StateError> {
+    pub fn task_active(&self, id: &str) -> Result<bool, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT id FROM tasks WHERE active = 0")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect()
+            c.query_row("SELECT active FROM tasks WHERE id = ?1", [id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|a| a.is_some_and(|a| a != 0))
         })
     }
 

@@ -5,9 +5,9 @@
 
 pub mod stream;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, TaskState};
 
@@ -21,7 +21,7 @@ use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::dirty_map::ChangeSet;
 
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
-use super::{Cloud, CloudError};
+use super::{lock_set, Cloud, CloudError};
 
 /// `--expire`: RFC 3339, a date (midnight UTC) or a duration from `now`,
 /// as the RFC 3339 time it means. It must lie in the future.
@@ -50,27 +50,62 @@ async fn admitted(repo: &Repo, m: &Manifest, fence: &Fence) -> Result<bool, Clou
 }
 
 /// Backup sessions opened by a request that has not handed them to its
-/// tasks yet: closed if the request fails.
+/// tasks yet: closed if the request fails. Until then they are in the
+/// daemon's set of starting sessions, which collection on this host
+/// leaves alone (any other session of this host without an active task
+/// is a leftover, and it removes that).
 struct OpenSessions {
     repo: Arc<Repo>,
+    starting: Arc<Mutex<HashSet<String>>>,
     opened: Vec<crate::repo::gc::Session>,
 }
 
 impl OpenSessions {
-    fn new(repo: Arc<Repo>) -> Self {
+    fn new(repo: Arc<Repo>, starting: Arc<Mutex<HashSet<String>>>) -> Self {
         Self {
             repo,
+            starting,
             opened: Vec::new(),
+        }
+    }
+
+    /// Registers backup `task` (in the starting set first, so that no
+    /// collection finds the session without it).
+    async fn open(&mut self, task: &str, host: &str, deadline: Duration) -> Result<(), CloudError> {
+        lock_set(&self.starting).insert(task.to_string());
+        match self.repo.open_session(task, host, deadline).await {
+            Ok(s) => {
+                self.opened.push(s);
+                Ok(())
+            }
+            Err(e) => {
+                lock_set(&self.starting).remove(task);
+                Err(e.into())
+            }
         }
     }
 
     fn get(&self, task: &str) -> Option<crate::repo::gc::Session> {
         self.opened.iter().find(|s| s.id == task).cloned()
     }
+
+    /// The tasks are saved: each closes its own session from here on.
+    fn hand_over(&mut self) {
+        let mut starting = lock_set(&self.starting);
+        for s in self.opened.drain(..) {
+            starting.remove(&s.id);
+        }
+    }
 }
 
 impl Drop for OpenSessions {
     fn drop(&mut self) {
+        {
+            let mut starting = lock_set(&self.starting);
+            for s in &self.opened {
+                starting.remove(&s.id);
+            }
+        }
         for s in self.opened.drain(..) {
             let repo = self.repo.clone();
             tokio::spawn(async move {
@@ -192,12 +227,9 @@ impl Cloud {
         }
         // Registered in the bucket before the parent is chosen: a
         // collector that marks after this waits for these backups.
-        let mut sessions = OpenSessions::new(repo.clone());
+        let mut sessions = OpenSessions::new(repo.clone(), self.starting_sessions.clone());
         for (_, id, _) in &volumes {
-            let s = repo
-                .open_session(id, &self.host, self.backup_deadline)
-                .await?;
-            sessions.opened.push(s);
+            sessions.open(id, &self.host, self.backup_deadline).await?;
         }
         let fence = repo.gc_fence().await?;
         let mut plans = Vec::with_capacity(volumes.len());
@@ -298,7 +330,7 @@ impl Cloud {
             return Err(e);
         }
         // Each running task closes its own session from here on.
-        sessions.opened.clear();
+        sessions.hand_over();
         let mut tasks = Vec::with_capacity(started.len());
         for (record, snap, claim, parent) in started {
             tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
