@@ -1031,6 +1031,26 @@ fn post_exec_runs_when_the_client_leaves_or_blockd_dies_between_the_hooks() {
     d.ok(&["snapshot", "list"]);
     std::thread::sleep(Duration::from_millis(500));
     assert!(!post.exists(), "the post-exec ran a second time");
+
+    // blockd is stopped (SIGTERM) while a pre-exec longer than the API's
+    // drain runs: it finishes the pair (the snapshot included) before it
+    // exits, so nothing stays frozen until the next start.
+    reset();
+    let mut client = create(&d, "stopped", "6");
+    assert!(wait_for(&pre), "pre-exec did not start");
+    assert!(d.terminate().success(), "{}", d.log());
+    assert_eq!(
+        std::fs::read_to_string(&post).unwrap_or_default(),
+        "after\n",
+        "the post-exec did not run before blockd exited:\n{}",
+        d.log()
+    );
+    assert!(client.wait().unwrap().success());
+    assert!(d
+        .log()
+        .contains("waiting for the hooks of a snapshot being taken before stopping"));
+    d.spawn();
+    d.ok(&["snapshot", "inspect", "vol1@stopped"]);
 }
 
 #[test]

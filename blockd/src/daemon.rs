@@ -387,6 +387,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let snaps = daemon.snapshots.clone();
+    let freezes = daemon.snapshots.clone();
     let api = axum::serve(api_listener, crate::api::service(daemon, access))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let api_task = tokio::spawn(async move {
@@ -480,6 +481,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+    // A snapshot a request is taking finishes its pre-exec, freeze and
+    // post-exec before the daemon goes, so an application frozen by the
+    // pre-exec (`fsfreeze -f`) is thawed now, not at the next start; no
+    // later one starts (the scheduler's runs were waited for above). Each
+    // hook is bounded by its exec timeout, and systemd's stop timeout
+    // bounds the whole (the owed post-exec then runs at the next start).
+    let _no_more_freezes =
+        match tokio::time::timeout(Duration::from_millis(100), freezes.hold_freezes()).await {
+            Ok(held) => held,
+            Err(_) => {
+                tracing::info!("waiting for the hooks of a snapshot being taken before stopping");
+                freezes.hold_freezes().await
+            }
+        };
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.sync_all()).await?;
