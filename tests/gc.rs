@@ -309,8 +309,12 @@ fn a_session_this_host_no_longer_uses_goes_at_the_next_collection() {
         open.exists(),
         "the session of a starting backup was removed"
     );
-    assert!(cli.wait().unwrap().success());
+    // Meanwhile the task a refused request names says it is starting.
     let task = open.file_name().unwrap().to_str().unwrap().to_string();
+    let busy = d.fails(&["cloudsnap", "backup", "v"], &task);
+    assert!(busy.contains("being backed up"), "{busy}");
+    d.fails(&["cloudsnap", "stop", &task], "is still starting");
+    assert!(cli.wait().unwrap().success());
     let t = wait_done(&d, &task);
     assert_eq!(t["state"], "Done", "{t}");
 

@@ -278,6 +278,13 @@ pub enum CloudError {
         /// Task id.
         id: String,
     },
+    /// A backup whose request is still taking its snapshot (hooks and
+    /// freeze): its task is saved once that is done.
+    #[error("task {id:?} is still starting: its snapshot is being taken (pre-exec, freeze, post-exec); once that is done it shows in `blockctl cloudsnap status` and can be stopped")]
+    TaskStarting {
+        /// Task id.
+        id: String,
+    },
     /// Neither a task nor a group has this id.
     #[error("no task or group {id:?}: list them with `blockctl cloudsnap status`")]
     NoTaskOrGroup {
@@ -400,6 +407,7 @@ impl CloudError {
             | Self::Restoring { .. }
             | Self::VolumeExists { .. }
             | Self::InUse { .. }
+            | Self::TaskStarting { .. }
             | Self::TaskEnded { .. } => Outcome::Conflict,
             Self::State(_)
             | Self::Damaged { .. }

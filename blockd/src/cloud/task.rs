@@ -768,6 +768,9 @@ impl Cloud {
             out.push(t);
         }
         if let Some(n) = name.filter(|_| out.is_empty()) {
+            if super::lock_set(&self.starting_sessions).contains(n) {
+                return Err(CloudError::TaskStarting { id: n.to_string() });
+            }
             return Err(CloudError::NoTaskOrGroup { id: n.to_string() });
         }
         Ok(out)
@@ -781,10 +784,13 @@ impl Cloud {
         if let Some(r) = self.lock().get(id) {
             return Ok(r.snapshot().task);
         }
-        let rec = self
-            .db
-            .task(id)?
-            .ok_or_else(|| CloudError::TaskNotFound { id: id.to_string() })?;
+        let rec = self.db.task(id)?.ok_or_else(|| {
+            if super::lock_set(&self.starting_sessions).contains(id) {
+                CloudError::TaskStarting { id: id.to_string() }
+            } else {
+                CloudError::TaskNotFound { id: id.to_string() }
+            }
+        })?;
         Ok(read_task(id, &rec))
     }
 
