@@ -110,6 +110,43 @@ pub(super) struct Running {
     pub(super) started: Instant,
     /// Elapsed seconds before this run (earlier runs of a resumed task).
     pub(super) before: f64,
+    /// What the ETA is worked out from.
+    pub(super) rate: Mutex<Rate>,
+}
+
+/// How long a window of progress the ETA's rate is taken over.
+const RATE_WINDOW: f64 = 10.0;
+
+/// The rate a task's ETA is worked out from: bytes done over the last
+/// [`RATE_WINDOW`] seconds, sampled whenever the task is looked at (its
+/// checkpoints and counters do so every few seconds). The average since
+/// the start, used until the window spans a second, misleads once part of
+/// the work cost nothing: a lazy restore counts holes and chunks already
+/// in place as done at once, and a resumed task what earlier runs did.
+#[derive(Debug, Default)]
+pub(super) struct Rate {
+    /// (seconds since this run started, bytes done)
+    samples: std::collections::VecDeque<(f64, u64)>,
+}
+
+impl Rate {
+    /// Seconds left at the windowed rate (`None`: no window yet, or no
+    /// progress in it).
+    fn eta(&mut self, now: f64, done: u64, total: u64) -> Option<f64> {
+        if self.samples.back().is_none_or(|(t, _)| now - t >= 0.25) {
+            self.samples.push_back((now, done));
+        }
+        while self.samples.len() > 2 && now - self.samples[1].0 >= RATE_WINDOW {
+            self.samples.pop_front();
+        }
+        let (t0, d0) = *self.samples.front()?;
+        let dt = now - t0;
+        if dt < 1.0 {
+            return None;
+        }
+        let rate = done.saturating_sub(d0) as f64 / dt;
+        (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate)
+    }
 }
 
 impl Running {
@@ -138,10 +175,21 @@ impl Running {
         r.new = Progress::get(&p.new);
         let secs = self.before + self.started.elapsed().as_secs_f64();
         r.task.elapsed_secs = secs;
+        let windowed = self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .eta(
+                self.started.elapsed().as_secs_f64(),
+                r.task.bytes_done,
+                r.task.bytes_total,
+            );
         r.task.eta_secs =
             (r.task.state == TaskState::Active && r.task.bytes_done > 0 && secs > 0.5).then(|| {
-                let rate = r.task.bytes_done as f64 / secs;
-                r.task.bytes_total.saturating_sub(r.task.bytes_done) as f64 / rate
+                windowed.unwrap_or_else(|| {
+                    let rate = r.task.bytes_done as f64 / secs;
+                    r.task.bytes_total.saturating_sub(r.task.bytes_done) as f64 / rate
+                })
             });
         r
     }
@@ -685,6 +733,7 @@ impl Cloud {
             stop: self.shutdown.child_token(),
             stopped: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
+            rate: Mutex::default(),
         });
         self.lock().insert(r.task.id.clone(), running.clone());
         running
@@ -871,6 +920,29 @@ mod tests {
             eta_secs: Some(1.0),
             error: None,
         }
+    }
+
+    /// The ETA follows the rate of the last seconds, not the average
+    /// since the start: a lazy restore that found half its volume in
+    /// place (holes) at once is not shown as nearly done.
+    #[test]
+    fn the_eta_follows_the_recent_rate() {
+        let mut r = Rate::default();
+        let gib = 1u64 << 30;
+        // Half counted at once, then 100 MiB/s.
+        assert_eq!(r.eta(0.5, 2 * gib, 4 * gib), None);
+        let mut eta = None;
+        for i in 1..=30u32 {
+            let t = 0.5 + f64::from(i) * 0.5;
+            eta = r.eta(t, 2 * gib + (100 << 20) * u64::from(i) / 2, 4 * gib);
+        }
+        // At 15.5 s: 2 GiB + 1500 MiB done, 548 MiB left at 100 MiB/s.
+        let eta = eta.unwrap();
+        assert!((eta - 5.48).abs() < 0.1, "{eta}");
+        // Nothing done in the window: no estimate.
+        let mut r = Rate::default();
+        r.eta(0.0, 5, 10);
+        assert_eq!(r.eta(2.0, 5, 10), None);
     }
 
     /// A record of a later version (a plan this blockd does not know) or a
