@@ -175,26 +175,41 @@ pub async fn check(
         let Some(id) = super::parse_pack_key(&r.object) else {
             continue;
         };
-        let seen = examined.get(&id);
-        if r.data && !r.offsets.is_empty() && seen.is_some_and(|e| !e.read && !e.entire) {
-            let d = damaged.entry(id).or_default();
-            for o in &r.offsets {
-                d.entry(*o).or_insert_with(|| EARLIER.to_string());
+        if !r.data || r.offsets.is_empty() {
+            continue;
+        }
+        match examined.get(&id) {
+            Some(e) if !e.read && !e.entire => {
+                let d = damaged.entry(id).or_default();
+                for o in &r.offsets {
+                    d.entry(*o).or_insert_with(|| EARLIER.to_string());
+                }
+                earlier.insert(id);
             }
-            earlier.insert(id);
+            // Not referenced now, but the pack is still there: a backup
+            // running now may yet commit a reference to its damage, so
+            // the record stays (naming no index block) until the pack is
+            // read whole or collected.
+            None if sizes.contains_key(&id) => records.push(Record {
+                object: r.object.clone(),
+                data: true,
+                index: Vec::new(),
+                offsets: r.offsets.clone(),
+            }),
+            _ => {}
         }
     }
     for (found, pack, users, offsets) in trace(repo, &refs, &damaged).await? {
         let only_earlier = offsets.iter().all(|o| damaged[&pack][o] == EARLIER);
-        if only_earlier && users.is_empty() {
-            // Nothing uses what was recorded any more.
-            continue;
-        }
         let data = examined.get(&pack).is_some_and(|e| e.opened) || earlier.contains(&pack);
         let mut r = record_of(&refs, &pack, &users, data);
         r.offsets = offsets;
         records.push(r);
-        problems.push(found);
+        // Recorded damage that nothing uses is kept (as above), not
+        // reported: no snapshot needs it.
+        if !(only_earlier && users.is_empty()) {
+            problems.push(found);
+        }
     }
     for p in &refs.problems {
         if let Some(id) = p
@@ -315,8 +330,17 @@ async fn keep_records(
                 merged.index.push(id);
             }
         }
-        let offsets: BTreeSet<u32> = merged.offsets.drain(..).chain(r.offsets).collect();
-        merged.offsets = offsets.into_iter().collect();
+        // A record that holds data damage without its offsets (an older
+        // build's, or one replacing a record that did not open) does not
+        // take any: listed offsets would pass for the whole damage, and the
+        // record would go once they are unused.
+        let unlisted = old
+            .get(&merged.object)
+            .is_some_and(|p| p.data && p.offsets.is_empty() && !read_whole(&p.object));
+        if !unlisted {
+            let offsets: BTreeSet<u32> = merged.offsets.drain(..).chain(r.offsets).collect();
+            merged.offsets = offsets.into_iter().collect();
+        }
     }
     let mut earlier = Vec::new();
     let mut delete: Vec<String> = Vec::new();
@@ -388,10 +412,41 @@ async fn keep_records(
             delete.push(r.object.clone());
         }
     }
+    // Another check (of this host or another) may have written records
+    // since they were read: what it added is merged in, unless this check
+    // read that pack whole, and a record it changed is not deleted (the
+    // next check decides). This narrows the window to the writes below;
+    // stores without conditional writes cannot close it.
+    let (fresh, _) = repo.damage_records().await?;
+    let fresh: HashMap<String, Record> = fresh.into_iter().map(|r| (r.object.clone(), r)).collect();
+    let changed = |object: &str| fresh.get(object) != old.get(object);
+    for r in write.values_mut() {
+        if let Some(f) = fresh.get(&r.object).filter(|_| changed(&r.object)) {
+            if !read_whole(&r.object) {
+                r.data |= f.data;
+                for id in &f.index {
+                    if !r.index.contains(id) {
+                        r.index.push(id.clone());
+                    }
+                }
+                if !r.offsets.is_empty() && !f.offsets.is_empty() {
+                    let all: BTreeSet<u32> = r.offsets.iter().chain(&f.offsets).copied().collect();
+                    r.offsets = all.into_iter().collect();
+                } else if f.data && f.offsets.is_empty() {
+                    r.offsets.clear();
+                }
+            }
+        }
+    }
     for r in write.values() {
         repo.put_damage(r).await?;
     }
     for object in &delete {
+        let record = object.strip_prefix("damaged/").unwrap_or(object);
+        if changed(record) && fresh.contains_key(record) {
+            now.insert(record.to_string());
+            continue;
+        }
         repo.delete_damage(object).await?;
     }
     Ok((now.into_iter().collect(), earlier))
@@ -477,7 +532,10 @@ async fn verdict(
     };
     let present: RoaringBitmap = records.iter().map(|c| c.offset).collect();
     for o in want - &present {
-        v.bad.push((Some(o), format!("no record at offset {o}")));
+        v.bad.push((
+            Some(o),
+            "missing: the pack's trailer lists no record there".into(),
+        ));
     }
     Ok(v)
 }
@@ -519,7 +577,14 @@ async fn trace(
     let mut users: BTreeMap<(PackId, u32), RoaringBitmap> = BTreeMap::new();
     for n in &index {
         let id = &refs.index_ids[n as usize];
-        let entries = repo.get_index(refs.index[id].block, id).await?;
+        // One deleted (or damaged) since the walk has no users here: a
+        // delete and collection may run beside the check, and a damaged
+        // one is a finding of the walk already.
+        let entries = match repo.get_index(refs.index[id].block, id).await {
+            Ok(e) => e,
+            Err(e) if refs::is_damage(&e) => continue,
+            Err(e) => return Err(e),
+        };
         for e in entries {
             let at = moved
                 .get(&(e.chunk.pack, e.chunk.offset))

@@ -16,8 +16,10 @@
 //!
 //! A record goes when a later check finds its object whole (a pack found
 //! damaged by reading its records only when that check reads it whole
-//! too), or no snapshot uses the object any more; garbage collection
-//! deletes the record with the object. Records are few and small: one
+//! too), or no snapshot uses the object any more (a record of damaged
+//! offsets stays while its pack exists: a backup running then may yet
+//! commit a reference to them); garbage collection deletes the record
+//! with the object. Records are few and small: one
 //! listing per backup finds them.
 
 use std::collections::HashSet;
