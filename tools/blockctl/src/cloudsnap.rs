@@ -610,7 +610,6 @@ fn kind_text(s: &CloudSnap) -> &'static str {
     }
 }
 
-/// Prints the `list` table.
 /// `cloudsnap list` without `--cred-id`: every location's snapshots. One
 /// location that cannot be listed (its bucket gone, its provider down)
 /// hides none of the others: they are printed, and the command then fails
@@ -648,9 +647,16 @@ async fn list_everywhere(
     if failed.is_empty() {
         return Ok(());
     }
+    // The daemon's errors mostly name the location already.
     let each: Vec<String> = failed
         .iter()
-        .map(|(l, e)| format!("location {l}: {e}"))
+        .map(|(l, e)| {
+            if e.starts_with(&format!("location {l}")) {
+                e.clone()
+            } else {
+                format!("location {l}: {e}")
+            }
+        })
         .collect();
     Err(Failure::Failed(format!(
         "{}; the snapshots of the other locations are listed{}",
@@ -663,6 +669,7 @@ async fn list_everywhere(
     )))
 }
 
+/// Prints the `list` table.
 fn print_cloudsnaps(snaps: &[CloudSnap]) {
     let header = [
         "SOURCEVOLUME",
