@@ -562,7 +562,7 @@ fn a_waiting_run_is_shown_and_a_shutdown_does_not_drop_it() {
             "--periodic",
             "4s",
             "--pre-exec",
-            "sleep 6",
+            "sleep 12",
             "--max",
             "100",
         ],
@@ -577,7 +577,8 @@ fn a_waiting_run_is_shown_and_a_shutdown_does_not_drop_it() {
     });
     let waiting = shown["waiting"].as_str().unwrap();
     assert!(
-        waiting.contains("volume \"v\" is being backed up by task") && waiting.contains("since"),
+        waiting.contains("volume \"v\" is being backed up by task")
+            && waiting.contains("waiting since"),
         "{shown}"
     );
     assert_eq!(shown["running"], true, "{shown}");

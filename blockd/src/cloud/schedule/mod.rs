@@ -368,9 +368,10 @@ impl Cloud {
         }
         latest.last_run = previous;
         match encode(id, &latest).and_then(|r| Ok(self.db.update_schedule(id, &r)?)) {
-            Ok(_) => {
+            Ok(true) => {
                 tracing::info!(schedule = %id, "shutting down while a scheduled backup waited for its volumes: it runs at the next start");
             }
+            Ok(false) => {} // deleted meanwhile
             Err(e) => {
                 tracing::warn!(schedule = %id, error = %e, "cannot give back the slot of a run that did not start: it runs at the next slot");
             }
@@ -407,11 +408,12 @@ impl Cloud {
                     if waiting.elapsed() < BUSY_RETRY {
                         tracing::info!(schedule = %id, busy = %b, "scheduled backup waits for the volume");
                     }
-                    let what = format!("{} {} (since {since})", b.resource, b.holder.doing);
+                    let what = format!("{} {} (waiting since {since})", b.resource, b.holder.doing);
                     if let Some(w) = self.lock_sched().get_mut(id) {
                         *w = Some(what);
                     }
                     tokio::select! {
+                        biased;
                         () = self.shutdown.cancelled() => {
                             // Nothing of this run started: the slot is
                             // given back, so the next start runs it.
