@@ -284,26 +284,39 @@ fn a_session_this_host_no_longer_uses_goes_at_the_next_collection() {
 
     // A backup whose pre-exec runs during a collection: its session stays,
     // and it commits.
+    // The pre-exec marks that it runs: the session is written by then.
+    let mark = tmp.path().join("pre-exec-runs");
     let hooked = |d: &Blockd| {
+        let _ = std::fs::remove_file(&mark);
         std::process::Command::new(bin("blockctl"))
             .arg("--socket")
             .arg(d.api_socket())
-            .args(["cloudsnap", "backup", "v", "--pre-exec", "sleep 4"])
+            .args(["cloudsnap", "backup", "v", "--pre-exec"])
+            .arg(format!("touch {}; sleep 4", mark.display()))
             .spawn()
             .unwrap()
     };
-    let started = |sessions: &Path| {
+    let started = |sessions: &Path, ended: &[std::path::PathBuf]| {
         let end = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(e) = std::fs::read_dir(sessions).unwrap().flatten().next() {
-                return e.path();
-            }
-            assert!(std::time::Instant::now() < end, "no session appeared");
+        while !mark.exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the pre-exec did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // (A task that just ended may not have closed its own yet.)
+        let open: Vec<_> = std::fs::read_dir(sessions)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !p.to_string_lossy().contains('#') && !ended.contains(p))
+            .collect();
+        assert_eq!(open.len(), 1, "{open:?}");
+        open[0].clone()
     };
     let mut cli = hooked(&d);
-    let open = started(&sessions);
+    let open = started(&sessions, &[]);
     gc(&d, &["--grace", "1s"]);
     assert!(
         open.exists(),
@@ -320,14 +333,20 @@ fn a_session_this_host_no_longer_uses_goes_at_the_next_collection() {
 
     // Killed while the pre-exec runs: the session is left, and the next
     // collection after the restart removes it.
+    let first = open;
     let mut cli = hooked(&d);
-    let open = started(&sessions);
+    let open = started(&sessions, std::slice::from_ref(&first));
     d.kill9();
     let _ = cli.wait();
     d.spawn();
     assert!(open.exists());
     gc(&d, &["--grace", "1s"]);
-    assert!(!open.exists(), "the leftover session is still there");
+    assert!(
+        !open.exists(),
+        "the leftover session is still there: {}",
+        d.log()
+    );
+    assert!(!first.exists());
     assert!(std::fs::read_dir(&sessions).unwrap().next().is_none());
 }
 
