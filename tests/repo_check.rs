@@ -269,6 +269,16 @@ fn first_chunk(repo: &Repo, index: &[PathBuf], block: u64) -> (PathBuf, usize) {
     panic!("no index block {block} starting at 0");
 }
 
+/// Flips a byte inside the record of the chunk at offset 0 of index
+/// block 0 (among `index`); returns its pack.
+fn damage_first_chunk(repo: &Repo, index: &[PathBuf]) -> PathBuf {
+    let (pack, offset) = first_chunk(repo, index, 0);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[offset + 100] ^= 0x01;
+    std::fs::write(&pack, &bytes).unwrap();
+    pack
+}
+
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -305,11 +315,7 @@ fn backups_after_a_check_found_damage_store_it_again() {
     // A flipped byte in the record of each one's first chunk.
     let mut packs = Vec::new();
     for index in [&a1_index, &b1_index, &c1_index] {
-        let (pack, offset) = first_chunk(&repo, index, 0);
-        let mut bytes = std::fs::read(&pack).unwrap();
-        bytes[offset + 100] ^= 0x01;
-        std::fs::write(&pack, &bytes).unwrap();
-        packs.push(pack);
+        packs.push(damage_first_chunk(&repo, index));
     }
     let (ok, r, err) = check(&d, &["--read-data"]);
     assert!(!ok, "{r}");
@@ -423,10 +429,7 @@ fn a_backup_that_raced_the_check_is_named_by_the_next_check() {
     let img = image(tmp.path(), "a.img", 16 * MB, 16 * MB, 11);
     load(&d, "a", &img);
     let a1 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
-    let (pack, offset) = first_chunk(&repo, &repo.index(), 0);
-    let mut bytes = std::fs::read(&pack).unwrap();
-    bytes[offset + 100] ^= 0x01;
-    std::fs::write(&pack, &bytes).unwrap();
+    let pack = damage_first_chunk(&repo, &repo.index());
     let (ok, r, _) = check(&d, &["--read-data"]);
     assert!(!ok, "{r}");
     assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
