@@ -249,6 +249,85 @@ fn group_backup_freezes_members_together_and_each_restores() {
     // status --name GROUP shows the members.
     let st = json(&d.ok(&["-j", "cloudsnap", "status", "--name", &group]));
     assert_eq!(st.as_array().unwrap().len(), 2);
+    // Every member committed: the group is complete.
+    assert!(
+        snaps.iter().all(|s| s["group_state"] == "complete"),
+        "{snaps:?}"
+    );
+    let text = d.ok(&["cloudsnap", "list"]);
+    assert!(
+        text.contains(&group) && !text.contains("(incomplete)") && !text.contains("(running)"),
+        "{text}"
+    );
+}
+
+/// A group backup whose member was stopped committed the other members
+/// but is not one point of the whole group: `cloudsnap list` and
+/// `catalog` say so, while a member still runs and after.
+#[test]
+fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("small", "4M");
+    let small_img = image(tmp.path(), "small", 4 * MB, 4 * MB, 40);
+    load(&d, "small", &small_img);
+    d.create("big", "384M");
+    load(&d, "big", &image(tmp.path(), "big", 384 * MB, 384 * MB, 41));
+    let started = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--volume-ids",
+        "small,big",
+    ]));
+    let group = started["group"].as_str().unwrap().to_string();
+    let task = |v: &str| {
+        started["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["volume"] == v)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (small, big) = (task("small"), task("big"));
+    assert_eq!(wait_done(&d, &small)["state"], "Done");
+    // The small member is in the bucket; the big one still runs.
+    let snaps = list(&d, &[]);
+    assert_eq!(
+        status(&d, &big)["state"],
+        "Active",
+        "the big member ended too soon"
+    );
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["group"], group.as_str());
+    assert_eq!(snaps[0]["group_state"], "running", "{snaps:?}");
+    assert!(d
+        .ok(&["cloudsnap", "list"])
+        .contains(&format!("{group} (running)")));
+    let stopped = json(&d.ok(&["-j", "cloudsnap", "stop", &big]));
+    assert_eq!(stopped["state"], "Stopped", "{stopped}");
+    // Stopped: the member that is there restores on its own, and the
+    // listing no longer passes it off as the whole group.
+    let snaps = list(&d, &[]);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["group_state"], "incomplete", "{snaps:?}");
+    let id = snaps[0]["id"].as_str().unwrap().to_string();
+    assert!(d
+        .ok(&["cloudsnap", "list"])
+        .contains(&format!("{group} (incomplete)")));
+    let cat = json(&d.ok(&["-j", "cloudsnap", "catalog", &id]));
+    assert_eq!(cat["snap"]["group_state"], "incomplete", "{cat}");
+    let text = d.ok(&["cloudsnap", "catalog", &id]);
+    assert!(text.contains(&format!("{group} (incomplete)")), "{text}");
+    let r = restore(&d, &id, "small-r", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &small_img, "small-r");
 }
 
 #[test]
@@ -736,8 +815,12 @@ fn a_backup_never_commits_under_keys_the_repository_does_not_hold() {
     }
     let d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    for (name, dir) in [("a", &a), ("b", &b)] {
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    for (name, dir) in [("a", &a), ("b", &b), ("c", &c)] {
         d.ok(&[
             "credentials",
             "create",
@@ -750,12 +833,35 @@ fn a_backup_never_commits_under_keys_the_repository_does_not_hold() {
     }
     // As when two hosts initialise one repository at the same moment on a
     // store without conditional writes: the config `a` was opened with is
-    // not the one the repository ends up with.
+    // not the one the repository ends up with. Found before anything is
+    // written.
     std::fs::copy(b.join("config"), a.join("config")).unwrap();
     d.create("v", "8M");
     let img = image(tmp.path(), "v.img", 8 * MB, 8 * MB, 61);
     load(&d, "v", &img);
-    let s = json(&d.ok(&["-j", "cloudsnap", "backup", "v", "--cred-id", "a"]));
+    let e = d.fails(
+        &["cloudsnap", "backup", "v", "--cred-id", "a"],
+        "differs from the config this daemon opened",
+    );
+    assert!(e.contains("object config"), "{e}");
+    assert!(list(&d, &["--cred-id", "a"]).is_empty());
+    // Replaced while the backup runs (here in its pre-exec, after the
+    // request's own check): it never commits.
+    let pre = format!(
+        "cp {} {}",
+        c.join("config").display(),
+        a.join("config").display()
+    );
+    let s = json(&d.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup",
+        "v",
+        "--cred-id",
+        "a",
+        "--pre-exec",
+        &pre,
+    ]));
     let t = wait_done(&d, s["tasks"][0]["id"].as_str().unwrap());
     assert_eq!(t["state"], "Failed", "committed under the wrong keys: {t}");
     let e = t["error"].as_str().unwrap();
@@ -873,6 +979,90 @@ fn a_store_failing_half_its_requests_still_finishes_its_tasks() {
     assert_same(&d, &img, "back");
 }
 
+/// A local location's directory that goes while a backup writes to it (an
+/// unmount, a move) gets nothing written in its place: the backup waits
+/// for it, showing why, and completes once it is back.
+#[test]
+fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    let away = tmp.path().join("away");
+    d.ok(&[
+        "credentials",
+        "create",
+        "disk",
+        "--provider",
+        "local",
+        "--path",
+        disk.to_str().unwrap(),
+    ]);
+    d.create("big", "512M");
+    let img = image(tmp.path(), "big.img", 512 * MB, 512 * MB, 61);
+    load(&d, "big", &img);
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
+    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    std::fs::rename(&disk, &away).unwrap();
+    let t = wait_until(&d, &id, |t| {
+        t["error"].as_str().is_some_and(|e| e.contains("is gone"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the location"),
+        "{t}"
+    );
+    assert!(!disk.exists(), "the backup made {} again", disk.display());
+    // Restarted meanwhile (a boot before the disk is mounted): the backup
+    // resumes and waits again, saying where the directory should be.
+    d.terminate();
+    d.spawn();
+    let t = wait_until(&d, &id, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not there"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    assert!(!disk.exists(), "the resumed backup made {}", disk.display());
+    // An empty mount point in its place takes nothing either.
+    std::fs::create_dir(&disk).unwrap();
+    let t = wait_until(&d, &id, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("repository is gone"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    let written: Vec<_> = std::fs::read_dir(&disk).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "written into the mount point: {written:?}"
+    );
+    // Back: the backup goes on from its last checkpoint and completes.
+    std::fs::remove_dir(&disk).unwrap();
+    std::fs::rename(&away, &disk).unwrap();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let r = restore(&d, &snap, "back", &["--cred-id", "disk"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+    d.ok(&[
+        "cloudsnap",
+        "catalog",
+        &snap,
+        "--verify",
+        "--cred-id",
+        "disk",
+    ]);
+}
+
 #[test]
 fn credentials_rules_and_errors() {
     let d = Blockd::start();
@@ -970,16 +1160,34 @@ fn credentials_rules_and_errors() {
     assert_eq!(t["full"], true, "{t}");
     assert_eq!(t["bytes_reused"], MB, "{t}");
     // A location whose repository vanished (an unmounted directory) is an
-    // error, never silently a new empty repository.
+    // error, never silently a new empty repository, and nothing is written
+    // where it was: an unmounted mount point's backups would fill the file
+    // system underneath and vanish at the next mount.
     let moved = tmp.path().join("moved");
-    std::fs::rename(tmp.path().join("second"), &moved).unwrap();
-    let out = d.blockctl(&["credentials", "validate", "second"]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let second = tmp.path().join("second");
+    std::fs::rename(&second, &moved).unwrap();
+    let backup_second = ["cloudsnap", "backup", "v", "--cred-id", "second"];
+    // Opened before it went: refused before anything is written.
+    d.fails(&backup_second, "repository is gone");
+    assert!(!second.exists(), "a backup made {}", second.display());
+    // An empty mount point in its place: the same, and it stays empty.
+    std::fs::create_dir(&second).unwrap();
+    d.fails(&backup_second, "repository is gone");
+    d.fails(&["credentials", "validate", "second"], "repository is gone");
+    let written: Vec<_> = std::fs::read_dir(&second).unwrap().collect();
     assert!(
-        !out.status.success() && err.contains("repository is gone"),
-        "{err}"
+        written.is_empty(),
+        "written into the mount point: {written:?}"
     );
-    std::fs::rename(&moved, tmp.path().join("second")).unwrap();
+    // No directory at all: named, and not made again.
+    std::fs::remove_dir(&second).unwrap();
+    d.fails(
+        &["credentials", "validate", "second"],
+        "is not there: if it is a mount point, mount it",
+    );
+    d.fails(&backup_second, "is not there");
+    assert!(!second.exists(), "validate made {}", second.display());
+    std::fs::rename(&moved, &second).unwrap();
     d.ok(&["credentials", "validate", "second"]);
     assert_eq!(list(&d, &["--cred-id", "second"]).len(), 3);
     // Reading needs no --cred-id: list shows every location's snapshots,
@@ -1398,4 +1606,50 @@ fn ctrl_c_on_wait_leaves_the_task_running_and_says_so() {
     );
     let t = wait_done(&d, &id);
     assert_eq!(t["state"], "Done", "{t}");
+
+    // Ctrl-C while blockd runs the pre-exec hook, before it answered:
+    // blockctl says the backup still starts and how to see it, and it does.
+    let ran = tmp.path().join("pre-exec-ran");
+    let pre = format!("touch {}; sleep 3", ran.display());
+    let child = std::process::Command::new(bin("blockctl"))
+        .args(["--socket"])
+        .arg(d.api_socket())
+        .args(["cloudsnap", "backup", "big", "--pre-exec", &pre])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ran.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pre-exec never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted before blockd answered")
+            && err.contains("the backup starts once its pre-exec hook")
+            && err.contains("blockctl cloudsnap status"),
+        "{err}"
+    );
+    let started = std::time::Instant::now();
+    let id = loop {
+        let tasks = json(&d.ok(&["-j", "cloudsnap", "status"]));
+        if let Some(t) = tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["volume"] == "big" && t["id"] != id.as_str())
+        {
+            break t["id"].as_str().unwrap().to_string();
+        }
+        assert!(started.elapsed().as_secs() < 30, "the backup never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(wait_done(&d, &id)["state"], "Done");
 }

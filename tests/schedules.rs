@@ -94,21 +94,28 @@ fn a_periodic_schedule_backs_up_and_keeps_the_newest_max() {
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "back");
 
-    // Bad input.
-    for (args, want) in [
-        (vec!["v"], "give when"),
-        (vec!["v", "--daily", "24:00"], "hh:mm"),
-        (vec!["v", "--weekly", "funday@10:00"], "weekday@hh:mm"),
-        (vec!["v", "--monthly", "32@10:00"], "day@hh:mm"),
-        (vec!["v", "--periodic", "0"], "at least 1s"),
-        (vec!["v", "--periodic", "5", "--max", "0"], "--max"),
-        (vec!["nope", "--periodic", "5"], "not found"),
+    // Bad input: what blockctl can tell from the command line exits 2,
+    // what the daemon judges 1.
+    for (args, want, status) in [
+        (vec!["v"], "give when", 2),
+        (vec!["--periodic", "5"], "give what to back up", 2),
+        (
+            vec!["--volume-ids", "v,,w", "--periodic", "5"],
+            "empty volume name",
+            2,
+        ),
+        (vec!["v", "--daily", "24:00"], "hh:mm", 1),
+        (vec!["v", "--weekly", "funday@10:00"], "weekday@hh:mm", 1),
+        (vec!["v", "--monthly", "32@10:00"], "day@hh:mm", 1),
+        (vec!["v", "--periodic", "0"], "at least 1s", 1),
+        (vec!["v", "--periodic", "5", "--max", "0"], "--max", 1),
+        (vec!["nope", "--periodic", "5"], "not found", 1),
     ] {
         let mut a = vec!["cloudsnap", "schedules", "create"];
         a.extend_from_slice(&args);
         let out = d.blockctl(&a);
-        assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
     let out = d.blockctl(&["cloudsnap", "schedules", "delete", "--uuid", "nope"]);

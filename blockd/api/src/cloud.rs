@@ -344,6 +344,33 @@ pub struct Started {
     pub post_exec: Option<crate::Hook>,
 }
 
+/// Where the group backup a snapshot belongs to stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupState {
+    /// Every member was committed (the group object is written): the
+    /// members are one consistent point of all the group's volumes.
+    Complete,
+    /// A member is still being backed up by this daemon.
+    Running,
+    /// No group object and no member running here: a member failed or
+    /// was stopped (or the group backup still runs on another host). The
+    /// snapshots that are there restore one by one; they are not the
+    /// whole group.
+    Incomplete,
+}
+
+impl GroupState {
+    /// The word `cloudsnap list` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Running => "running",
+            Self::Incomplete => "incomplete",
+        }
+    }
+}
+
 /// A snapshot in object storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudSnap {
@@ -365,6 +392,10 @@ pub struct CloudSnap {
     pub parent: Option<String>,
     /// Group id.
     pub group: Option<String>,
+    /// Whether the group backup it belongs to completed (listings and
+    /// catalogs only; absent outside a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_state: Option<GroupState>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// Bytes read from the volume.

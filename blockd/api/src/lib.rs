@@ -620,9 +620,9 @@ pub use secret::Secret;
 pub mod cloud;
 pub use cloud::{
     BackupGroupRequest, BackupRequest, Catalog, CheckReport, CheckRequest, CloudSnap,
-    CreateLocation, CreateSchedule, DamagedSnapshot, DataRead, GcReport, GcRequest, Location,
-    MaxUnused, Problem, Provider, RestoreRequest, Schedule, Started, Subset, Task, TaskKind,
-    TaskState, Verified, LOCAL_LOCATION,
+    CreateLocation, CreateSchedule, DamagedSnapshot, DataRead, GcReport, GcRequest, GroupState,
+    Location, MaxUnused, Problem, Provider, RestoreRequest, Schedule, Started, Subset, Task,
+    TaskKind, TaskState, Verified, LOCAL_LOCATION,
 };
 
 pub mod mount;

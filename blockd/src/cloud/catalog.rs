@@ -1,9 +1,9 @@
 //! The catalog: what a location's bucket holds (`cloudsnap list`,
 //! `catalog`, `delete`), read from the bucket alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use blockd_api::{Catalog, CloudSnap, Verified};
+use blockd_api::{Catalog, CloudSnap, GroupState, Verified};
 
 use crate::claims::Want;
 use crate::repo::format::Manifest;
@@ -23,6 +23,7 @@ impl Cloud {
             full: m.full,
             parent: m.parent.clone(),
             group: m.group.clone(),
+            group_state: None,
             labels: m.labels.clone(),
             bytes_read: m.bytes_read,
             bytes_new: m.bytes_new,
@@ -66,6 +67,28 @@ impl Cloud {
         // Names start with the freeze time in milliseconds: id order is time order.
         out.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.location.cmp(&b.location)));
         Ok(out)
+    }
+
+    /// Where group backup `group` stands, its group object `written` or
+    /// not. The object is written once every member is committed, so
+    /// without it the group is running (a member still runs here) or
+    /// incomplete.
+    fn group_state(&self, group: &str, written: bool) -> GroupState {
+        if written {
+            return GroupState::Complete;
+        }
+        let running = self.lock().values().any(|r| {
+            let r = r
+                .record
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.task.group.as_deref() == Some(group) && !r.task.state.is_final()
+        });
+        if running {
+            GroupState::Running
+        } else {
+            GroupState::Incomplete
+        }
     }
 
     /// The location `--snap` names a snapshot in, when no `--cred-id` was
@@ -125,7 +148,8 @@ impl Cloud {
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<CloudSnap>, CloudError> {
         let repo = self.locations.repo(&location).await?;
-        let names = repo.list_snapshots(src).await?;
+        let (names, groups) = tokio::try_join!(repo.list_snapshots(src), repo.list_groups())?;
+        let groups: HashSet<String> = groups.into_iter().collect();
         let manifests: Vec<((String, String), Result<Manifest, RepoError>)> =
             futures::StreamExt::collect(futures::StreamExt::buffered(
                 futures::stream::iter(names.into_iter().map(|(v, n)| {
@@ -147,7 +171,12 @@ impl Cloud {
             match m {
                 Ok(m) => {
                     if labels.iter().all(|(k, val)| m.labels.get(k) == Some(val)) {
-                        out.push(Self::to_cloudsnap(&m, &location));
+                        let mut s = Self::to_cloudsnap(&m, &location);
+                        s.group_state = m
+                            .group
+                            .as_deref()
+                            .map(|g| self.group_state(g, groups.contains(g)));
+                        out.push(s);
                     }
                 }
                 // Damaged or foreign objects are listed by name (so they can
@@ -164,6 +193,7 @@ impl Cloud {
                         full: false,
                         parent: None,
                         group: None,
+                        group_state: None,
                         labels: BTreeMap::new(),
                         bytes_read: 0,
                         bytes_new: 0,
@@ -249,8 +279,17 @@ impl Cloud {
                 chunk_bytes += n;
             }
         }
+        let mut snap = Self::to_cloudsnap(&m, &location);
+        if let Some(g) = m.group.as_deref() {
+            let written = match repo.get_group(g).await {
+                Ok(_) => true,
+                Err(RepoError::Missing { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            snap.group_state = Some(self.group_state(g, written));
+        }
         Ok(Catalog {
-            snap: Self::to_cloudsnap(&m, &location),
+            snap,
             chunk_size: repo.config.chunk_size,
             index_span: repo.config.index_span,
             index_blocks: m.blocks.len() as u64,

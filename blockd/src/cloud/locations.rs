@@ -141,6 +141,20 @@ pub enum LocationError {
         #[source]
         source: std::io::Error,
     },
+    /// The directory of an existing local location is not there: made
+    /// again, an unmounted mount point's backups would fill the file
+    /// system underneath and vanish when it is mounted again.
+    #[error(
+        "location {name}: directory {dir} is not there: if it is a mount point, mount it; if it \
+         was moved, move it back (blockd makes a location's directory only when the location is \
+         created)"
+    )]
+    DirectoryGone {
+        /// Location.
+        name: String,
+        /// Directory.
+        dir: String,
+    },
     /// The write/read/delete round trip of a test object failed.
     #[error("location {name}: validation failed: {op} of a test object: {source}")]
     Probe {
@@ -243,6 +257,7 @@ impl LocationError {
             | Self::BadFlag { .. }
             | Self::Config { .. }
             | Self::Directory { .. }
+            | Self::DirectoryGone { .. }
             | Self::Probe { .. }
             | Self::ReadOnlyKeys { .. }
             | Self::ReadOnly { .. }
@@ -645,12 +660,14 @@ impl Locations {
             .map_err(|e| self.secrets_error(name, "writing", e))
     }
 
-    /// Builds the object store of a location.
+    /// Builds the object store of a location; with `init` (the location
+    /// is being created), a local directory is made if need be.
     fn build_store(
         &self,
         name: &str,
         s: &Settings,
         secrets: &Secrets,
+        init: bool,
     ) -> Result<Arc<dyn ObjectStore>, LocationError> {
         let retry = RetryConfig {
             backoff: BackoffConfig {
@@ -690,6 +707,13 @@ impl Locations {
                             name: name.to_string(),
                         });
                     }
+                } else if !init {
+                    if !dir.is_dir() {
+                        return Err(LocationError::DirectoryGone {
+                            name: name.to_string(),
+                            dir: dir.display().to_string(),
+                        });
+                    }
                 } else {
                     std::fs::create_dir_all(&dir).map_err(|source| LocationError::Directory {
                         name: name.to_string(),
@@ -700,11 +724,20 @@ impl Locations {
                 // A backup is done when its objects are durable: fsync files and
                 // directories, as object stores do before acknowledging a PUT.
                 // Large ranged GETs bypass the page cache (`repo::direct`).
-                Arc::new(crate::repo::direct::DirectLocal::new(
-                    LocalFileSystem::new_with_prefix(&dir)
-                        .map_err(cfg_err)?
-                        .with_fsync(true),
-                ))
+                // Nothing is written once the repository's config is gone
+                // (`repo::direct`, "Guard").
+                let config = self
+                    .objects_under_prefix(s)
+                    .unwrap_or_else(|| dir.clone())
+                    .join("config");
+                Arc::new(
+                    crate::repo::direct::DirectLocal::new(
+                        LocalFileSystem::new_with_prefix(&dir)
+                            .map_err(cfg_err)?
+                            .with_fsync(true),
+                    )
+                    .guarding(config, !init),
+                )
             }
             Provider::S3 => {
                 let endpoint = s3_endpoint(s);
@@ -1140,14 +1173,29 @@ impl Locations {
         let prefix = s.prefix.clone().unwrap_or_default();
         if probe {
             s.conditional = None;
-            let store = self.build_store(name, s, secrets)?;
+            let store = self.build_store(name, s, secrets, init)?;
+            if !init {
+                // An existing location's repository must be there before
+                // the probe writes anything (an empty mount point).
+                let config = object_store::path::Path::from(
+                    format!("{}/config", prefix.trim_matches('/')).trim_start_matches('/'),
+                );
+                if let Err(object_store::Error::NotFound { .. }) =
+                    first_answer(name, store.head(&config)).await?
+                {
+                    return Err(RepoError::Gone {
+                        location: name.to_string(),
+                    }
+                    .into());
+                }
+            }
             let honoured = Self::probe(&store, &prefix, name).await?;
             s.conditional = Some(honoured);
             if !honoured {
                 tracing::warn!(location = %name, "the store ignores conditional writes: creates are checked with a HEAD first (safety does not depend on them)");
             }
         }
-        let store = self.build_store(name, s, secrets)?;
+        let store = self.build_store(name, s, secrets, init)?;
         let repo = Repo::open(
             store,
             &prefix,
@@ -1411,13 +1459,13 @@ mod tests {
             google_key: Some(Secret::from(key)),
             ..Secrets::default()
         };
-        let store = l.build_store("g", &s, &secrets).unwrap();
+        let store = l.build_store("g", &s, &secrets, true).unwrap();
         assert!(store.to_string().contains("GoogleCloudStorage"), "{store}");
         let bad = Secrets {
             google_key: Some(Secret::from("{}".to_string())),
             ..Secrets::default()
         };
-        assert!(l.build_store("g", &s, &bad).is_err());
+        assert!(l.build_store("g", &s, &bad, true).is_err());
         drop(dir);
     }
 

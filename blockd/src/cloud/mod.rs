@@ -368,10 +368,18 @@ impl CloudError {
 
     /// True when the location failed in a way that may go away by itself
     /// (it did not answer, or answered with a failure of its own) after
-    /// every request-level retry. What the location answered about an
-    /// object (missing, corrupt, refused) is final.
+    /// every request-level retry, or its repository is not there (see
+    /// below). What the location answered about an object of a repository
+    /// that is there (missing, corrupt, refused) is final.
     pub fn outage(&self) -> bool {
         match self {
+            // A repository that is gone may be back: a local directory
+            // unmounted, or not mounted yet when blockd resumed its tasks
+            // at boot. Nothing is written meanwhile (`repo::direct`), and
+            // a repository made anew in its place fails the task's
+            // session check before it commits.
+            Self::Repo(RepoError::Gone { .. })
+            | Self::Location(LocationError::DirectoryGone { .. }) => true,
             Self::Repo(r) | Self::Damaged { source: r, .. } => r.transient(),
             _ => false,
         }

@@ -17,7 +17,7 @@ use crate::claims::{Claim, Want};
 use crate::state::Withheld;
 
 use super::{now, Cloud, CloudError};
-use crate::repo::name;
+use crate::repo::{name, RepoError};
 
 /// Live counters of a task.
 #[derive(Debug, Default)]
@@ -499,7 +499,7 @@ impl Cloud {
     }
 
     /// True when the location of `run` does not answer now: a HEAD of its
-    /// config object fails as an outage does.
+    /// config object fails as an outage does, or finds it gone.
     async fn location_down(&self, run: &Running) -> bool {
         let location = run
             .record
@@ -509,7 +509,10 @@ impl Cloud {
             .location
             .clone();
         match self.locations.repo(&location).await {
-            Ok(repo) => repo.reachable().await.is_err_and(|e| e.transient()),
+            Ok(repo) => repo
+                .present()
+                .await
+                .is_err_and(|e| e.transient() || matches!(e, RepoError::Gone { .. })),
             Err(e) => e.outage(),
         }
     }

@@ -37,10 +37,26 @@ pub const DIRECT_MIN: u64 = 1 << 20;
 /// `O_DIRECT`'s alignment on the file systems blockd runs on.
 const ALIGN: usize = 4096;
 
-/// A [`LocalFileSystem`] whose large ranged GETs bypass the page cache.
+/// A [`LocalFileSystem`] whose large ranged GETs bypass the page cache,
+/// and which writes nothing once its repository's config is gone.
 #[derive(Debug)]
 pub struct DirectLocal {
     inner: Arc<LocalFileSystem>,
+    /// The repository's config file, once it has been seen there.
+    guard: Option<Guard>,
+}
+
+/// Writes stop when the config file seen before is no longer there: the
+/// directory was unmounted (its mount point, empty, is in its place) or
+/// moved. `LocalFileSystem` makes every missing parent directory of an
+/// object it writes, so without this a backup running then would fill the
+/// file system underneath with packs that vanish at the next mount, and a
+/// checkpoint could name them. The error is transient: a task waits for
+/// the directory to be back, as for any outage. One `stat` per write.
+#[derive(Debug)]
+struct Guard {
+    config: std::path::PathBuf,
+    seen: std::sync::atomic::AtomicBool,
 }
 
 impl DirectLocal {
@@ -48,7 +64,45 @@ impl DirectLocal {
     pub fn new(inner: LocalFileSystem) -> Self {
         Self {
             inner: Arc::new(inner),
+            guard: None,
         }
+    }
+
+    /// Refuses writes once `config` (the repository's config file) is
+    /// gone: from the start when it is `there` (an existing repository),
+    /// else once a write has seen it (a repository being made).
+    #[must_use]
+    pub fn guarding(mut self, config: std::path::PathBuf, there: bool) -> Self {
+        self.guard = Some(Guard {
+            config,
+            seen: std::sync::atomic::AtomicBool::new(there),
+        });
+        self
+    }
+
+    /// Fails when the repository this store writes into is gone.
+    fn may_write(&self, location: &Path) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(g) = &self.guard else {
+            return Ok(());
+        };
+        if g.config.is_file() {
+            g.seen.store(true, Relaxed);
+            return Ok(());
+        }
+        // Before the config is first written (a location being created),
+        // writes go ahead.
+        if !g.seen.load(Relaxed) {
+            return Ok(());
+        }
+        Err(object_store::Error::Generic {
+            store: "DirectLocal",
+            source: format!(
+                "not writing {location}: the repository's config {} is gone (the directory was unmounted or moved); nothing is written until it is back",
+                g.config.display()
+            )
+            .into(),
+        })
     }
 }
 
@@ -165,6 +219,7 @@ impl ObjectStore for DirectLocal {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
+        self.may_write(location)?;
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -173,6 +228,7 @@ impl ObjectStore for DirectLocal {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
+        self.may_write(location)?;
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -248,10 +304,12 @@ impl ObjectStore for DirectLocal {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.may_write(to)?;
         self.inner.copy_opts(from, to, options).await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.may_write(to)?;
         self.inner.rename_opts(from, to, options).await
     }
 }
@@ -261,6 +319,57 @@ impl ObjectStore for DirectLocal {
 mod tests {
     use super::*;
     use object_store::ObjectStoreExt;
+
+    /// Writes go ahead before the config is first there (a repository
+    /// being made) and while it is; once it has gone (an unmount, a move),
+    /// none does, and nothing is made where the repository was.
+    #[tokio::test]
+    async fn nothing_is_written_once_the_config_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("repo");
+        std::fs::create_dir(&dir).unwrap();
+        let store = |there| {
+            DirectLocal::new(LocalFileSystem::new_with_prefix(&dir).unwrap())
+                .guarding(dir.join("config"), there)
+        };
+        let making = store(false);
+        making.put(&Path::from("probe"), "p".into()).await.unwrap();
+        making.put(&Path::from("config"), "c".into()).await.unwrap();
+        making
+            .put(&Path::from("packs/ab/1"), "x".into())
+            .await
+            .unwrap();
+        let opened = store(true);
+        opened
+            .put(&Path::from("packs/ab/2"), "x".into())
+            .await
+            .unwrap();
+        // The directory goes; an empty one (a mount point) is in its place.
+        std::fs::rename(&dir, tmp.path().join("away")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        for s in [&making, &opened] {
+            let e = s
+                .put(&Path::from("packs/cd/3"), "x".into())
+                .await
+                .unwrap_err();
+            assert!(super::super::retry::retryable(&e), "{e}");
+            assert!(e.to_string().contains("is gone"), "{e}");
+            let e = s
+                .put_multipart(&Path::from("packs/cd/4"))
+                .await
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("is gone"), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // Back: writes go ahead again.
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::rename(tmp.path().join("away"), &dir).unwrap();
+        opened
+            .put(&Path::from("packs/cd/3"), "x".into())
+            .await
+            .unwrap();
+    }
 
     /// The same bytes and errors as the store it wraps, for ranges read
     /// directly (aligned or not, up to the file's unaligned end) and not.

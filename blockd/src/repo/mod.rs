@@ -549,14 +549,6 @@ impl Repo {
         blake3::hash(&config).to_hex()[..32].to_string()
     }
 
-    /// Whether the location answers at all: a HEAD of the config object.
-    ///
-    /// # Errors
-    /// Provider errors.
-    pub async fn reachable(&self) -> Result<(), RepoError> {
-        self.objects.head("config").await.map(|_| ())
-    }
-
     /// Fails when the repository is no longer there (its config object is
     /// missing: a directory unmounted since it was opened, a bucket
     /// emptied), so that it is not taken for an empty one. One HEAD.

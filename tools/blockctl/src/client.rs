@@ -1,5 +1,6 @@
 //! HTTP/1.1 over the daemon's Unix socket.
 
+use crate::failure::Failure;
 use std::path::PathBuf;
 
 use blockd_api::ApiError;
@@ -112,6 +113,28 @@ impl Client {
         let (status, bytes) = self.send(method, path, body).await?;
         Self::check(status, &bytes)?;
         serde_json::from_slice(&bytes).map_err(|e| format!("unexpected answer from blockd: {e}"))
+    }
+
+    /// [`Client::call`] of a request whose hooks may run for a while (a
+    /// backup's or a snapshot's pre-exec), interruptible: blockd carries a
+    /// request it has received through to its end whatever the client
+    /// does, so Ctrl-C ends only the wait for its answer, and says so with
+    /// `goes_on` (what still happens, and how to see it).
+    ///
+    /// # Errors
+    /// As [`Client::call`]; [`Failure::Interrupted`] on Ctrl-C.
+    pub async fn call_with_hooks<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        goes_on: &str,
+    ) -> Result<T, Failure> {
+        tokio::select! {
+            r = self.call("POST", path, Some(body)) => Ok(r?),
+            Ok(()) = tokio::signal::ctrl_c() => Err(Failure::Interrupted(format!(
+                "interrupted before blockd answered; blockd carries the request through: {goes_on}"
+            ))),
+        }
     }
 
     /// Calls an endpoint that answers with no body.

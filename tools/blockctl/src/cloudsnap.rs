@@ -3,8 +3,8 @@
 
 use crate::failure::Failure;
 use blockd_api::{
-    human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, Location, RestoreRequest,
-    Started, Task, TaskKind, TaskState,
+    human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, GroupState, Location,
+    RestoreRequest, Started, Task, TaskKind, TaskState,
 };
 use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Args, Subcommand};
@@ -380,6 +380,9 @@ async fn finish(
     }
 }
 
+/// What a backup interrupted before blockd answered still does.
+const BACKUP_GOES_ON: &str = "the backup starts once its pre-exec hook (if any) succeeds; `blockctl cloudsnap status` shows its task then, and `blockctl cloudsnap stop TASK-ID` stops it";
+
 /// `cloudsnap backup`.
 async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), Failure> {
     let o = &args.opts;
@@ -394,7 +397,7 @@ async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), F
         expire: o.expire.clone(),
     };
     let started: Started = client
-        .call("POST", "/v1/cloudsnaps/backup", Some(&req))
+        .call_with_hooks("/v1/cloudsnaps/backup", &req, BACKUP_GOES_ON)
         .await?;
     if !out.is_json() {
         let t = first(&started)?;
@@ -425,7 +428,7 @@ async fn backup_group(out: Output, client: &Client, args: &BackupGroupArgs) -> R
         expire: o.expire.clone(),
     };
     let started: Started = client
-        .call("POST", "/v1/cloudsnaps/backup-group", Some(&req))
+        .call_with_hooks("/v1/cloudsnaps/backup-group", &req, BACKUP_GOES_ON)
         .await?;
     if !out.is_json() {
         line(format_args!(
@@ -696,13 +699,23 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
                 human_size(s.size),
                 human_size(s.bytes_new),
                 human_size(s.bytes_reused),
-                s.group.clone().unwrap_or_else(|| "-".into()),
+                group_text(s),
                 s.expires.clone().unwrap_or_else(|| "-".into()),
                 s.status.clone(),
             ]
         })
         .collect();
     output::table(&header, &rows);
+}
+
+/// A snapshot's group, with where the group backup stands unless it is
+/// complete: `ID (incomplete)`, `ID (running)`; `-` outside a group.
+fn group_text(s: &CloudSnap) -> String {
+    match (&s.group, s.group_state) {
+        (None, _) => "-".into(),
+        (Some(g), None | Some(GroupState::Complete)) => g.clone(),
+        (Some(g), Some(state)) => format!("{g} ({})", state.as_str()),
+    }
 }
 
 /// Prints a catalog as `Key: value` lines.
@@ -719,7 +732,7 @@ fn print_catalog(c: &Catalog) {
     field("Extent size", human_size(s.extent_size));
     field("Type", if s.full { "full" } else { "incremental" });
     field("Parent", s.parent.as_deref().unwrap_or("-"));
-    field("Group", s.group.as_deref().unwrap_or("-"));
+    field("Group", group_text(s));
     field("Labels", labels_text(&s.labels));
     field(
         "Data",

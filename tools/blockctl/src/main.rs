@@ -240,8 +240,14 @@ fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, Fa
 }
 
 /// Refuses a volume named twice in one command (the daemon would too, but
-/// a wrong command line exits 2, not 1).
+/// a wrong command line exits 2, not 1), and an empty name in a list
+/// (`--volume-ids a,,b`).
 fn distinct(volumes: &[String]) -> Result<(), Failure> {
+    if volumes.iter().any(String::is_empty) {
+        return Err(Failure::Usage(
+            "an empty volume name in the list (two commas in a row, or one at an end): give the names separated by single commas, as in --volume-ids db,log".into(),
+        ));
+    }
     let mut seen = std::collections::BTreeSet::new();
     for v in volumes {
         if !seen.insert(v.as_str()) {
@@ -561,7 +567,13 @@ async fn snapshot(out: Output, client: &Client, cmd: &SnapshotCmd) -> Result<(),
                 post_exec: post_exec.clone(),
                 exec_timeout_secs: Some(*exec_timeout),
             };
-            let snaps: Vec<Snapshot> = client.call("POST", "/v1/snapshots", Some(&req)).await?;
+            let snaps: Vec<Snapshot> = client
+                .call_with_hooks(
+                    "/v1/snapshots",
+                    &req,
+                    "the snapshot is taken once its pre-exec hook (if any) succeeds, and its post-exec hook runs either way; `blockctl snapshot list` shows it then",
+                )
+                .await?;
             out.answer(&snaps, |snaps| {
                 for s in snaps {
                     line(format_args!(

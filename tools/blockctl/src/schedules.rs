@@ -100,6 +100,22 @@ pub async fn run(out: Output, client: &Client, cmd: &SchedulesCmd) -> Result<(),
             let volume = a.volume.clone().or(a.volume_flag.clone());
             let volumes: Vec<String> = volume.into_iter().chain(a.volume_ids.clone()).collect();
             crate::distinct(&volumes)?;
+            // What the daemon would refuse too, but a wrong command line
+            // exits 2.
+            if volumes.is_empty() && a.labels.is_empty() {
+                return Err(Failure::Usage(
+                    "give what to back up: a volume, --volume-ids A,B or --label KEY=VALUE".into(),
+                ));
+            }
+            if a.periodic.is_none()
+                && a.daily.is_empty()
+                && a.weekly.is_empty()
+                && a.monthly.is_empty()
+            {
+                return Err(Failure::Usage(
+                    "give when: --periodic MINUTES, --daily hh:mm, --weekly weekday@hh:mm or --monthly day@hh:mm".into(),
+                ));
+            }
             let req = CreateSchedule {
                 volumes,
                 select: label_map(&a.labels)?,

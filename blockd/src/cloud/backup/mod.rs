@@ -225,6 +225,11 @@ impl Cloud {
             }
             volumes.push((v, id, claim));
         }
+        // The repository must still be where the location says before
+        // anything is written: a local location's directory unmounted
+        // since it was opened would otherwise take this backup's packs on
+        // the file system underneath, to vanish at the next mount.
+        self.locations.check_keys(&location, &repo).await?;
         // Registered in the bucket before the parent is chosen: a
         // collector that marks after this waits for these backups.
         let mut sessions = OpenSessions::new(repo.clone(), self.starting_sessions.clone());
