@@ -979,6 +979,18 @@ fn a_store_failing_half_its_requests_still_finishes_its_tasks() {
     assert_same(&d, &img, "back");
 }
 
+/// `dir` holds nothing: absent, or an empty directory.
+fn empty_or_absent(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let written: Vec<_> = entries.collect();
+        assert!(
+            written.is_empty(),
+            "written into {}: {written:?}",
+            dir.display()
+        );
+    }
+}
+
 /// A local location's directory that goes while a backup writes to it (an
 /// unmount, a move) gets nothing written in its place: the backup waits
 /// for it, showing why, and completes once it is back.
@@ -1019,7 +1031,11 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
             .contains("waiting for the location"),
         "{t}"
     );
-    assert!(!disk.exists(), "the backup made {} again", disk.display());
+    // A write under way at the move may have made the directory itself
+    // again, and then taken back what it wrote (an unmount leaves the
+    // mount point anyway): nothing is in it.
+    empty_or_absent(&disk);
+    let _ = std::fs::remove_dir(&disk);
     // Restarted meanwhile (a boot before the disk is mounted): the backup
     // resumes and waits again, saying where the directory should be.
     d.terminate();
@@ -1039,11 +1055,7 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
             .is_some_and(|e| e.contains("repository is gone"))
     });
     assert_eq!(t["state"], "Active", "{t}");
-    let written: Vec<_> = std::fs::read_dir(&disk).unwrap().collect();
-    assert!(
-        written.is_empty(),
-        "written into the mount point: {written:?}"
-    );
+    empty_or_absent(&disk);
     // Back: the backup goes on from its last checkpoint and completes.
     std::fs::remove_dir(&disk).unwrap();
     std::fs::rename(&away, &disk).unwrap();
@@ -1061,6 +1073,78 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
         "--cred-id",
         "disk",
     ]);
+
+    // The embedded location likewise: an empty directory where its
+    // repository was is a repository gone, not a new one; once the
+    // directory is removed, it starts afresh.
+    d.create("small", "4M");
+    backup(&d, &["small", "--cred-id", "local"]);
+    let objects = d.dir.path().join("objects");
+    std::fs::rename(&objects, tmp.path().join("objects-away")).unwrap();
+    std::fs::create_dir(&objects).unwrap();
+    let small = ["cloudsnap", "backup", "small", "--cred-id", "local"];
+    d.fails(&small, "repository is gone");
+    d.fails(&small, "repository is gone");
+    let written: Vec<_> = std::fs::read_dir(&objects).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "written into the mount point: {written:?}"
+    );
+    std::fs::remove_dir(&objects).unwrap();
+    let t = backup(&d, &["small", "--cred-id", "local"]);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert_eq!(list(&d, &["--cred-id", "local"]).len(), 1);
+}
+
+/// A backup resumed after a restart goes on only in the repository it
+/// started in: a different one mounted at the same place holds none of
+/// what its checkpoints name, and the backup fails saying so.
+#[test]
+fn a_resumed_backup_never_goes_on_in_another_repository() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (disk, other) = (tmp.path().join("disk"), tmp.path().join("other"));
+    for (name, dir) in [("disk", &disk), ("other", &other)] {
+        d.ok(&[
+            "credentials",
+            "create",
+            name,
+            "--provider",
+            "local",
+            "--path",
+            dir.to_str().unwrap(),
+        ]);
+    }
+    d.create("big", "512M");
+    load(
+        &d,
+        "big",
+        &image(tmp.path(), "big.img", 512 * MB, 512 * MB, 62),
+    );
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
+    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    d.terminate();
+    // Another repository where the first one was.
+    std::fs::rename(&disk, tmp.path().join("first")).unwrap();
+    std::fs::rename(&other, &disk).unwrap();
+    d.spawn();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Failed", "{t}");
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not the one it started in"),
+        "{t}"
+    );
+    assert!(list(&d, &["--cred-id", "disk"]).is_empty());
+    let v = json(&d.ok(&["-j", "volume", "inspect", "big"]));
+    assert_eq!(v["dirty_bytes"], 512 * MB, "changes lost: {v}");
 }
 
 #[test]
@@ -1610,7 +1694,7 @@ fn ctrl_c_on_wait_leaves_the_task_running_and_says_so() {
     // Ctrl-C while blockd runs the pre-exec hook, before it answered:
     // blockctl says the backup still starts and how to see it, and it does.
     let ran = tmp.path().join("pre-exec-ran");
-    let pre = format!("touch {}; sleep 3", ran.display());
+    let pre = format!("touch {}; sleep 8", ran.display());
     let child = std::process::Command::new(bin("blockctl"))
         .args(["--socket"])
         .arg(d.api_socket())

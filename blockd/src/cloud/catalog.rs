@@ -69,22 +69,30 @@ impl Cloud {
         Ok(out)
     }
 
+    /// The groups with a member still being backed up here. Taken before
+    /// the group objects are listed: a group that completes in between is
+    /// then running, never incomplete.
+    fn running_groups(&self) -> HashSet<String> {
+        self.lock()
+            .values()
+            .filter_map(|r| {
+                let r = r
+                    .record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                r.task.group.clone().filter(|_| !r.task.state.is_final())
+            })
+            .collect()
+    }
+
     /// Where group backup `group` stands, its group object `written` or
     /// not. The object is written once every member is committed, so
     /// without it the group is running (a member still runs here) or
     /// incomplete.
-    fn group_state(&self, group: &str, written: bool) -> GroupState {
+    fn group_state(group: &str, written: bool, running: &HashSet<String>) -> GroupState {
         if written {
-            return GroupState::Complete;
-        }
-        let running = self.lock().values().any(|r| {
-            let r = r
-                .record
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            r.task.group.as_deref() == Some(group) && !r.task.state.is_final()
-        });
-        if running {
+            GroupState::Complete
+        } else if running.contains(group) {
             GroupState::Running
         } else {
             GroupState::Incomplete
@@ -148,6 +156,7 @@ impl Cloud {
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<CloudSnap>, CloudError> {
         let repo = self.locations.repo(&location).await?;
+        let running = self.running_groups();
         let (names, groups) = tokio::try_join!(repo.list_snapshots(src), repo.list_groups())?;
         let groups: HashSet<String> = groups.into_iter().collect();
         let manifests: Vec<((String, String), Result<Manifest, RepoError>)> =
@@ -175,7 +184,7 @@ impl Cloud {
                         s.group_state = m
                             .group
                             .as_deref()
-                            .map(|g| self.group_state(g, groups.contains(g)));
+                            .map(|g| Self::group_state(g, groups.contains(g), &running));
                         out.push(s);
                     }
                 }
@@ -281,12 +290,16 @@ impl Cloud {
         }
         let mut snap = Self::to_cloudsnap(&m, &location);
         if let Some(g) = m.group.as_deref() {
-            let written = match repo.get_group(g).await {
-                Ok(_) => true,
-                Err(RepoError::Missing { .. }) => false,
-                Err(e) => return Err(e.into()),
+            let running = self.running_groups();
+            snap.group_state = match repo.get_group(g).await {
+                Ok(_) => Some(Self::group_state(g, true, &running)),
+                Err(RepoError::Missing { .. }) => Some(Self::group_state(g, false, &running)),
+                // The snapshot's catalog stands without it.
+                Err(e) => {
+                    tracing::warn!(group = g, error = %e, "reading the group object failed: its state is not shown");
+                    None
+                }
             };
-            snap.group_state = Some(self.group_state(g, written));
         }
         Ok(Catalog {
             snap,

@@ -725,18 +725,27 @@ impl Locations {
                 // directories, as object stores do before acknowledging a PUT.
                 // Large ranged GETs bypass the page cache (`repo::direct`).
                 // Nothing is written once the repository's config is gone
-                // (`repo::direct`, "Guard").
-                let config = self
-                    .objects_under_prefix(s)
-                    .unwrap_or_else(|| dir.clone())
-                    .join("config");
+                // (`repo::direct`, "Guard"): the file under the directory
+                // as the store resolves it, which a symbolic link changed
+                // later does not move.
+                let prefix = s.prefix.as_deref().unwrap_or("").trim_matches('/');
+                let key = object_store::path::Path::from(
+                    format!("{prefix}/config").trim_start_matches('/'),
+                );
+                let resolved = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+                let config = if prefix.is_empty() {
+                    resolved.join("config")
+                } else {
+                    resolved.join(prefix).join("config")
+                };
+                let root = resolved.clone();
                 Arc::new(
                     crate::repo::direct::DirectLocal::new(
                         LocalFileSystem::new_with_prefix(&dir)
                             .map_err(cfg_err)?
                             .with_fsync(true),
                     )
-                    .guarding(config, !init),
+                    .guarding(root, config, key),
                 )
             }
             Provider::S3 => {
@@ -1317,10 +1326,12 @@ impl Locations {
         }
         let (n, mut s, _) = self.row(name)?;
         let secrets = self.read_secrets(&n)?;
-        // Only the embedded location may be initialised on first use.
-        let repo = self
-            .connect(&n, &mut s, &secrets, n == LOCAL_LOCATION, false)
-            .await?;
+        // Only the embedded location may be initialised on first use: the
+        // first time, or once its directory was removed (a way to start it
+        // afresh). An empty directory where its repository was is gone,
+        // not new: an unmounted mount point.
+        let init = n == LOCAL_LOCATION && (s.repository.is_none() || !self.local_root(&s).exists());
+        let repo = self.connect(&n, &mut s, &secrets, init, false).await?;
         // Its identity, for the check at create (a location created
         // before identities were recorded, or `local` before its first
         // use). A different one is a repository made anew at the same

@@ -75,6 +75,11 @@ pub(super) enum Plan {
         /// When the snapshot is to be deleted (RFC 3339).
         #[serde(default)]
         expires: Option<String>,
+        /// The identity of the repository it writes into: a repository
+        /// made anew at the same place (a different disk mounted there)
+        /// holds none of what its checkpoints name.
+        #[serde(default)]
+        repository: Option<String>,
     },
     Restore {
         src_volume: String,

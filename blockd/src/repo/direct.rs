@@ -51,11 +51,20 @@ pub struct DirectLocal {
 /// moved. `LocalFileSystem` makes every missing parent directory of an
 /// object it writes, so without this a backup running then would fill the
 /// file system underneath with packs that vanish at the next mount, and a
-/// checkpoint could name them. The error is transient: a task waits for
-/// the directory to be back, as for any outage. One `stat` per write.
+/// checkpoint could name them. The guard is armed by the first read or
+/// write of the config that succeeds (opening the repository reads it;
+/// making one writes it). The config is looked for before each write and
+/// again after it: a write that raced the unmount fails, so no checkpoint
+/// names it. The error is transient: a task waits for the directory to be
+/// back, as for any outage. Two `stat`s per write.
 #[derive(Debug)]
 struct Guard {
+    /// The store's directory, as it resolved it.
+    root: std::path::PathBuf,
+    /// The config file under it.
     config: std::path::PathBuf,
+    /// Its key in the store.
+    key: Path,
     seen: std::sync::atomic::AtomicBool,
 }
 
@@ -68,31 +77,40 @@ impl DirectLocal {
         }
     }
 
-    /// Refuses writes once `config` (the repository's config file) is
-    /// gone: from the start when it is `there` (an existing repository),
-    /// else once a write has seen it (a repository being made).
+    /// Refuses writes once the repository's config, object `key` (file
+    /// `config`), has been seen and is gone; `root` is the store's
+    /// directory as it resolved it.
     #[must_use]
-    pub fn guarding(mut self, config: std::path::PathBuf, there: bool) -> Self {
+    pub fn guarding(
+        mut self,
+        root: std::path::PathBuf,
+        config: std::path::PathBuf,
+        key: Path,
+    ) -> Self {
         self.guard = Some(Guard {
+            root,
             config,
-            seen: std::sync::atomic::AtomicBool::new(there),
+            key,
+            seen: std::sync::atomic::AtomicBool::new(false),
         });
         self
     }
 
+    /// Arms the guard when `location` is the config and `ok`.
+    fn saw(&self, location: &Path, ok: bool) {
+        if let Some(g) = self.guard.as_ref().filter(|g| ok && g.key == *location) {
+            g.seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Fails when the repository this store writes into is gone.
     fn may_write(&self, location: &Path) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         let Some(g) = &self.guard else {
             return Ok(());
         };
-        if g.config.is_file() {
-            g.seen.store(true, Relaxed);
-            return Ok(());
-        }
-        // Before the config is first written (a location being created),
+        // Before the config is first seen (a repository being made),
         // writes go ahead.
-        if !g.seen.load(Relaxed) {
+        if !g.seen.load(std::sync::atomic::Ordering::Relaxed) || g.config.is_file() {
             return Ok(());
         }
         Err(object_store::Error::Generic {
@@ -103,6 +121,32 @@ impl DirectLocal {
             )
             .into(),
         })
+    }
+
+    /// [`Self::may_write`] around `write`: before it, and after it when it
+    /// succeeded. A write that raced the directory's going is taken back:
+    /// the object is deleted with the directories under the store's own
+    /// that it left empty (never that one: it may be a mount point).
+    async fn guarded<T>(
+        &self,
+        location: &Path,
+        write: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.may_write(location)?;
+        let r = write.await?;
+        if let Err(e) = self.may_write(location) {
+            let _ = object_store::ObjectStoreExt::delete(self.inner.as_ref(), location).await;
+            if let Some(g) = &self.guard {
+                let mut dir = g.root.join(location.as_ref());
+                while dir.pop() && dir.starts_with(&g.root) && dir != g.root {
+                    if std::fs::remove_dir(&dir).is_err() {
+                        break;
+                    }
+                }
+            }
+            return Err(e);
+        }
+        Ok(r)
     }
 }
 
@@ -219,8 +263,11 @@ impl ObjectStore for DirectLocal {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        self.may_write(location)?;
-        self.inner.put_opts(location, payload, opts).await
+        let r = self
+            .guarded(location, self.inner.put_opts(location, payload, opts))
+            .await;
+        self.saw(location, r.is_ok());
+        r
     }
 
     async fn put_multipart_opts(
@@ -234,7 +281,9 @@ impl ObjectStore for DirectLocal {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         let bounded = !options.head && options.range.is_some();
-        let got = self.inner.get_opts(location, options).await?;
+        let got = self.inner.get_opts(location, options).await;
+        self.saw(location, got.is_ok());
+        let got = got?;
         if !bounded || got.range.end - got.range.start < DIRECT_MIN {
             return Ok(got);
         }
@@ -304,13 +353,13 @@ impl ObjectStore for DirectLocal {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.may_write(to)?;
-        self.inner.copy_opts(from, to, options).await
+        self.guarded(to, self.inner.copy_opts(from, to, options))
+            .await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.may_write(to)?;
-        self.inner.rename_opts(from, to, options).await
+        self.guarded(to, self.inner.rename_opts(from, to, options))
+            .await
     }
 }
 
@@ -320,38 +369,38 @@ mod tests {
     use super::*;
     use object_store::ObjectStoreExt;
 
-    /// Writes go ahead before the config is first there (a repository
-    /// being made) and while it is; once it has gone (an unmount, a move),
-    /// none does, and nothing is made where the repository was.
+    /// Writes go ahead before the config is first seen (a repository
+    /// being made) and while it is there; once it has gone (an unmount, a
+    /// move), none does, and nothing is made where the repository was.
     #[tokio::test]
     async fn nothing_is_written_once_the_config_is_gone() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("repo");
         std::fs::create_dir(&dir).unwrap();
-        let store = |there| {
-            DirectLocal::new(LocalFileSystem::new_with_prefix(&dir).unwrap())
-                .guarding(dir.join("config"), there)
+        let store = || {
+            DirectLocal::new(LocalFileSystem::new_with_prefix(&dir).unwrap()).guarding(
+                dir.clone(),
+                dir.join("config"),
+                Path::from("config"),
+            )
         };
-        let making = store(false);
-        making.put(&Path::from("probe"), "p".into()).await.unwrap();
-        making.put(&Path::from("config"), "c".into()).await.unwrap();
-        making
-            .put(&Path::from("packs/ab/1"), "x".into())
-            .await
-            .unwrap();
-        let opened = store(true);
-        opened
-            .put(&Path::from("packs/ab/2"), "x".into())
-            .await
-            .unwrap();
+        async fn put(s: &DirectLocal, key: &str) -> Result<PutResult> {
+            s.put(&Path::from(key), "x".into()).await
+        }
+        let making = store();
+        put(&making, "probe").await.unwrap();
+        put(&making, "config").await.unwrap();
+        put(&making, "packs/ab/1").await.unwrap();
+        let opened = store();
+        opened.get(&Path::from("config")).await.unwrap();
+        put(&opened, "packs/ab/2").await.unwrap();
+        // Neither read nor wrote the config: not armed.
+        let unarmed = store();
         // The directory goes; an empty one (a mount point) is in its place.
         std::fs::rename(&dir, tmp.path().join("away")).unwrap();
         std::fs::create_dir(&dir).unwrap();
         for s in [&making, &opened] {
-            let e = s
-                .put(&Path::from("packs/cd/3"), "x".into())
-                .await
-                .unwrap_err();
+            let e = put(s, "packs/cd/3").await.unwrap_err();
             assert!(super::super::retry::retryable(&e), "{e}");
             assert!(e.to_string().contains("is gone"), "{e}");
             let e = s
@@ -362,13 +411,12 @@ mod tests {
             assert!(e.to_string().contains("is gone"), "{e}");
         }
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        put(&unarmed, "packs/cd/5").await.unwrap();
+        std::fs::remove_dir_all(dir.join("packs")).unwrap();
         // Back: writes go ahead again.
         std::fs::remove_dir(&dir).unwrap();
         std::fs::rename(tmp.path().join("away"), &dir).unwrap();
-        opened
-            .put(&Path::from("packs/cd/3"), "x".into())
-            .await
-            .unwrap();
+        put(&opened, "packs/cd/3").await.unwrap();
     }
 
     /// The same bytes and errors as the store it wraps, for ranges read

@@ -130,9 +130,11 @@ impl Client {
         goes_on: &str,
     ) -> Result<T, Failure> {
         tokio::select! {
+            // An answer that is there wins over a Ctrl-C at the same moment.
+            biased;
             r = self.call("POST", path, Some(body)) => Ok(r?),
             Ok(()) = tokio::signal::ctrl_c() => Err(Failure::Interrupted(format!(
-                "interrupted before blockd answered; blockd carries the request through: {goes_on}"
+                "interrupted before blockd answered; blockd carries a request it has received through to its end: {goes_on}"
             ))),
         }
     }

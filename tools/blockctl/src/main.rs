@@ -245,7 +245,7 @@ fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, Fa
 fn distinct(volumes: &[String]) -> Result<(), Failure> {
     if volumes.iter().any(String::is_empty) {
         return Err(Failure::Usage(
-            "an empty volume name in the list (two commas in a row, or one at an end): give the names separated by single commas, as in --volume-ids db,log".into(),
+            "an empty volume name (an empty argument, or two commas in a row in a list): give each name, separated by single commas in a list, as in --volume-ids db,log".into(),
         ));
     }
     let mut seen = std::collections::BTreeSet::new();

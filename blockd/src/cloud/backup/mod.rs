@@ -311,6 +311,7 @@ impl Cloud {
                     session,
                     schedule: schedule.map(str::to_string),
                     expires: expires.clone(),
+                    repository: Some(repo.id()),
                 },
                 read: 0,
                 new: 0,
@@ -613,6 +614,7 @@ impl Cloud {
             session,
             schedule,
             expires,
+            repository,
         } = rec.plan.clone()
         else {
             return Err(CloudError::WrongPlan {
@@ -621,6 +623,17 @@ impl Cloud {
             });
         };
         let repo = self.locations.repo(&rec.task.location).await?;
+        // Every attempt (a resume, a retry after the location was gone)
+        // goes on in the repository it started in, or not at all.
+        if repository.as_ref().is_some_and(|id| *id != repo.id()) {
+            return Err(CloudError::PastDeadline {
+                task: rec.task.id.clone(),
+                why: format!(
+                    "the repository at location {} is not the one it started in (a repository made anew at the same place): what it wrote is not there",
+                    rec.task.location
+                ),
+            });
+        }
         if resumed && self.committed_before(run, &repo, session.as_ref()).await? {
             return Ok(());
         }
