@@ -725,27 +725,19 @@ impl Locations {
                 // directories, as object stores do before acknowledging a PUT.
                 // Large ranged GETs bypass the page cache (`repo::direct`).
                 // Nothing is written once the repository's config is gone
-                // (`repo::direct`, "Guard"): the file under the directory
-                // as the store resolves it, which a symbolic link changed
-                // later does not move.
+                // (`repo::direct`, "Guard").
                 let prefix = s.prefix.as_deref().unwrap_or("").trim_matches('/');
                 let key = object_store::path::Path::from(
                     format!("{prefix}/config").trim_start_matches('/'),
                 );
-                let resolved = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
-                let config = if prefix.is_empty() {
-                    resolved.join("config")
-                } else {
-                    resolved.join(prefix).join("config")
-                };
-                let root = resolved.clone();
                 Arc::new(
                     crate::repo::direct::DirectLocal::new(
                         LocalFileSystem::new_with_prefix(&dir)
                             .map_err(cfg_err)?
                             .with_fsync(true),
                     )
-                    .guarding(root, config, key),
+                    .guarding(key)
+                    .map_err(cfg_err)?,
                 )
             }
             Provider::S3 => {

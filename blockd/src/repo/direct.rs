@@ -59,9 +59,7 @@ pub struct DirectLocal {
 /// back, as for any outage. Two `stat`s per write.
 #[derive(Debug)]
 struct Guard {
-    /// The store's directory, as it resolved it.
-    root: std::path::PathBuf,
-    /// The config file under it.
+    /// The config file, where the store keeps object `key`.
     config: std::path::PathBuf,
     /// Its key in the store.
     key: Path,
@@ -77,23 +75,21 @@ impl DirectLocal {
         }
     }
 
-    /// Refuses writes once the repository's config, object `key` (file
-    /// `config`), has been seen and is gone; `root` is the store's
-    /// directory as it resolved it.
-    #[must_use]
-    pub fn guarding(
-        mut self,
-        root: std::path::PathBuf,
-        config: std::path::PathBuf,
-        key: Path,
-    ) -> Self {
+    /// Refuses writes once the repository's config, object `key`, has
+    /// been seen and is gone.
+    ///
+    /// # Errors
+    /// A key the store cannot map to a file.
+    pub fn guarding(mut self, key: Path) -> Result<Self> {
+        // The file as the store names it (it percent-encodes some
+        // characters of a key's parts).
+        let config = self.inner.path_to_filesystem(&key)?;
         self.guard = Some(Guard {
-            root,
             config,
             key,
             seen: std::sync::atomic::AtomicBool::new(false),
         });
-        self
+        Ok(self)
     }
 
     /// Arms the guard when `location` is the config and `ok`.
@@ -109,8 +105,10 @@ impl DirectLocal {
             return Ok(());
         };
         // Before the config is first seen (a repository being made),
-        // writes go ahead.
-        if !g.seen.load(std::sync::atomic::Ordering::Relaxed) || g.config.is_file() {
+        // writes go ahead; so they do when the config cannot be looked at
+        // (a permission, an NFS error): only a config known to be gone
+        // stops them.
+        if !g.seen.load(std::sync::atomic::Ordering::Relaxed) || !Self::gone(&g.config) {
             return Ok(());
         }
         Err(object_store::Error::Generic {
@@ -123,10 +121,21 @@ impl DirectLocal {
         })
     }
 
+    /// True when `config` is known not to be there.
+    fn gone(config: &std::path::Path) -> bool {
+        match std::fs::metadata(config) {
+            Ok(m) => !m.is_file(),
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ),
+        }
+    }
+
     /// [`Self::may_write`] around `write`: before it, and after it when it
     /// succeeded. A write that raced the directory's going is taken back:
-    /// the object is deleted with the directories under the store's own
-    /// that it left empty (never that one: it may be a mount point).
+    /// the object is deleted with the directories under the repository's
+    /// own that it left empty (never that one: it may be a mount point).
     async fn guarded<T>(
         &self,
         location: &Path,
@@ -136,9 +145,9 @@ impl DirectLocal {
         let r = write.await?;
         if let Err(e) = self.may_write(location) {
             let _ = object_store::ObjectStoreExt::delete(self.inner.as_ref(), location).await;
-            if let Some(g) = &self.guard {
-                let mut dir = g.root.join(location.as_ref());
-                while dir.pop() && dir.starts_with(&g.root) && dir != g.root {
+            let top = self.guard.as_ref().and_then(|g| g.config.parent());
+            if let (Some(top), Ok(mut dir)) = (top, self.inner.path_to_filesystem(location)) {
+                while dir.pop() && dir.starts_with(top) && dir != top {
                     if std::fs::remove_dir(&dir).is_err() {
                         break;
                     }
@@ -378,11 +387,9 @@ mod tests {
         let dir = tmp.path().join("repo");
         std::fs::create_dir(&dir).unwrap();
         let store = || {
-            DirectLocal::new(LocalFileSystem::new_with_prefix(&dir).unwrap()).guarding(
-                dir.clone(),
-                dir.join("config"),
-                Path::from("config"),
-            )
+            DirectLocal::new(LocalFileSystem::new_with_prefix(&dir).unwrap())
+                .guarding(Path::from("config"))
+                .unwrap()
         };
         async fn put(s: &DirectLocal, key: &str) -> Result<PutResult> {
             s.put(&Path::from(key), "x".into()).await
@@ -417,6 +424,30 @@ mod tests {
         std::fs::remove_dir(&dir).unwrap();
         std::fs::rename(tmp.path().join("away"), &dir).unwrap();
         put(&opened, "packs/cd/3").await.unwrap();
+    }
+
+    /// A key whose parts the store percent-encodes on disk (a prefix with
+    /// accents or `#`) is looked for where the store keeps it: the guard
+    /// never takes a healthy repository for a gone one.
+    #[tokio::test]
+    async fn the_config_is_found_under_an_encoded_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirectLocal::new(LocalFileSystem::new_with_prefix(tmp.path()).unwrap())
+            .guarding(Path::from("été #1/config"))
+            .unwrap();
+        store
+            .put(&Path::from("été #1/config"), "c".into())
+            .await
+            .unwrap();
+        store
+            .put(&Path::from("été #1/packs/ab/1"), "x".into())
+            .await
+            .unwrap();
+        store.get(&Path::from("été #1/config")).await.unwrap();
+        store
+            .put(&Path::from("été #1/packs/ab/2"), "x".into())
+            .await
+            .unwrap();
     }
 
     /// The same bytes and errors as the store it wraps, for ranges read

@@ -110,7 +110,8 @@ pub enum RepoError {
     #[error(
         "location {location}: the repository is gone (no config object): check that the bucket, \
          prefix or directory is the one the backups were written to, and that it is mounted; \
-         blockd never re-initialises an existing location"
+         blockd never re-initialises an existing location (the embedded `local` location starts \
+         afresh once its directory, `objects` in the state dir, is removed)"
     )]
     Gone {
         /// Location name.
