@@ -821,15 +821,7 @@ fn a_backup_never_commits_under_keys_the_repository_does_not_hold() {
         tmp.path().join("c"),
     );
     for (name, dir) in [("a", &a), ("b", &b), ("c", &c)] {
-        d.ok(&[
-            "credentials",
-            "create",
-            name,
-            "--provider",
-            "local",
-            "--path",
-            dir.to_str().unwrap(),
-        ]);
+        local_location(&d, name, dir);
     }
     // As when two hosts initialise one repository at the same moment on a
     // store without conditional writes: the config `a` was opened with is
@@ -1003,15 +995,7 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("disk");
     let away = tmp.path().join("away");
-    d.ok(&[
-        "credentials",
-        "create",
-        "disk",
-        "--provider",
-        "local",
-        "--path",
-        disk.to_str().unwrap(),
-    ]);
+    local_location(&d, "disk", &disk);
     d.create("big", "512M");
     let img = image(tmp.path(), "big.img", 512 * MB, 512 * MB, 61);
     load(&d, "big", &img);
@@ -1108,15 +1092,7 @@ fn a_resumed_backup_never_goes_on_in_another_repository() {
     let tmp = tempfile::tempdir().unwrap();
     let (disk, other) = (tmp.path().join("disk"), tmp.path().join("other"));
     for (name, dir) in [("disk", &disk), ("other", &other)] {
-        d.ok(&[
-            "credentials",
-            "create",
-            name,
-            "--provider",
-            "local",
-            "--path",
-            dir.to_str().unwrap(),
-        ]);
+        local_location(&d, name, dir);
     }
     d.create("big", "512M");
     load(
@@ -1217,15 +1193,7 @@ fn credentials_rules_and_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--s3-access-key"));
     // A second location makes --cred-id necessary.
     let dir = tmp.path().join("second").display().to_string();
-    d.ok(&[
-        "credentials",
-        "create",
-        "second",
-        "--provider",
-        "local",
-        "--path",
-        &dir,
-    ]);
+    local_location(&d, "second", &dir);
     d.ok(&["credentials", "validate", "second"]);
     d.create("v", "1M");
     let out = d.blockctl(&["cloudsnap", "backup", "v"]);
@@ -1470,15 +1438,7 @@ fn listing_every_location_shows_the_others_and_names_the_one_that_fails() {
     let tmp = tempfile::tempdir().unwrap();
     backed_up(&d, tmp.path(), "vol1", 4 * MB, 4 * MB, 3);
     let bucket = tmp.path().join("bucket");
-    d.ok(&[
-        "credentials",
-        "create",
-        "gone",
-        "--provider",
-        "local",
-        "--path",
-        bucket.to_str().unwrap(),
-    ]);
+    local_location(&d, "gone", &bucket);
     // The location's directory is replaced by a file: it cannot list.
     std::fs::remove_dir_all(&bucket).unwrap();
     std::fs::write(&bucket, b"not a directory").unwrap();
@@ -1548,15 +1508,7 @@ fn read_only_credentials_on_a_read_only_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let bucket = tmp.path().join("bucket");
     let a = Blockd::start();
-    a.ok(&[
-        "credentials",
-        "create",
-        "src",
-        "--provider",
-        "local",
-        "--path",
-        bucket.to_str().unwrap(),
-    ]);
+    local_location(&a, "src", &bucket);
     a.create("vol1", "16M");
     let img = image(tmp.path(), "a.img", 16 * MB, 8 * MB, 83);
     load(&a, "vol1", &img);

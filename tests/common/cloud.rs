@@ -265,14 +265,20 @@ pub fn gc_started(d: &Blockd, args: &[&str]) -> std::process::Child {
 /// Names the local directory `path` `shared` on each host.
 pub fn share(path: &str, hosts: &[&Blockd]) {
     for d in hosts {
-        d.ok(&[
-            "credentials",
-            "create",
-            "shared",
-            "--provider",
-            "local",
-            "--path",
-            path,
-        ]);
+        local_location(d, "shared", path);
     }
+}
+
+/// Creates local location `name` in directory `path`.
+pub fn local_location(d: &Blockd, name: &str, path: impl AsRef<std::ffi::OsStr>) {
+    let path = path.as_ref().to_str().expect("a UTF-8 path");
+    d.ok(&[
+        "credentials",
+        "create",
+        name,
+        "--provider",
+        "local",
+        "--path",
+        path,
+    ]);
 }
