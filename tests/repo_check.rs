@@ -288,6 +288,22 @@ fn records(repo: &Repo) -> Vec<PathBuf> {
     files_under(&repo.objects.join("damaged"))
 }
 
+/// The objects the damage records are about (a record's key is
+/// `damaged/<object key>.<tag>`), sorted, once each.
+fn record_objects(repo: &Repo) -> Vec<String> {
+    let objects: BTreeSet<String> = records(repo)
+        .iter()
+        .map(|p| {
+            let key = repo.key(p);
+            let key = key.strip_prefix("damaged/").unwrap();
+            let (object, tag) = key.rsplit_once('.').unwrap();
+            assert_eq!(tag.len(), 16, "{key}");
+            object.to_string()
+        })
+        .collect();
+    objects.into_iter().collect()
+}
+
 #[test]
 fn backups_after_a_check_found_damage_store_it_again() {
     if !need() {
@@ -326,8 +342,24 @@ fn backups_after_a_check_found_damage_store_it_again() {
     assert_eq!(recorded(&r), keys, "{r}");
     assert!(err.contains("new backups read what used it"), "{err}");
     assert_eq!(records(&repo).len(), 3);
+    assert_eq!(record_objects(&repo), keys);
+    // Checks at once, one reading data and one not: neither undoes what
+    // the other records, and both report every damaged snapshot.
+    for _ in 0..3 {
+        let both = std::thread::scope(|s| {
+            let a = s.spawn(|| check(&d, &["--read-data"]));
+            let b = s.spawn(|| check(&d, &[]));
+            [a.join().unwrap(), b.join().unwrap()]
+        });
+        for (ok, r, _) in &both {
+            assert!(!ok, "{r}");
+            assert_eq!(damaged(r), all1, "{r}");
+            assert_eq!(recorded(r), keys, "{r}");
+        }
+        assert_eq!(record_objects(&repo), keys);
+    }
     // A check that does not read data cannot see that damage: it keeps
-    // the records, and reports them.
+    // the records, and reports them (one record per object again).
     let (ok, r, _) = check(&d, &[]);
     assert!(!ok, "{r}");
     assert_eq!(recorded(&r), keys, "{r}");
@@ -401,13 +433,7 @@ fn backups_after_a_check_found_damage_store_it_again() {
         packs.iter().all(|p| !p.exists()),
         "the damaged packs were collected"
     );
-    assert_eq!(
-        records(&repo)
-            .iter()
-            .map(|p| repo.key(p))
-            .collect::<Vec<_>>(),
-        vec![format!("damaged/{}", repo.key(second))]
-    );
+    assert_eq!(record_objects(&repo), vec![repo.key(second)]);
     let (ok, r, err) = check(&d, &["--read-data"]);
     assert!(ok, "{err} {r}");
     assert!(recorded(&r).is_empty(), "{r}");

@@ -26,7 +26,7 @@ pub const MARK_MAGIC: &[u8; 8] = b"BLKDMARK";
 pub const SESSION_MAGIC: &[u8; 8] = b"BLKDSESS";
 /// Relocation (`relocs/<aa>/<from>/<to>`): where a repacked pack's records are.
 pub const RELOC_MAGIC: &[u8; 8] = b"BLKDRELO";
-/// Damage record (`damaged/<object key>`): what new backups must not reuse.
+/// Damage record (`damaged/<object key>.<tag>`): what new backups must not reuse.
 pub const DAMAGE_MAGIC: &[u8; 8] = b"BLKDDAMG";
 /// Chunk payload kind: stored as is.
 pub const CHUNK_RAW: u8 = 0;

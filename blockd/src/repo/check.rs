@@ -25,7 +25,9 @@
 //! recorded, and reported, until a check reads that pack again; every
 //! check traces the recorded offsets to their users again, so a snapshot
 //! written since that took one (a backup that ran during the check that
-//! found it) is named and recorded too.
+//! found it) is named and recorded too. Checks may run at once, on one
+//! host or several: none overwrites or deletes a record another wrote
+//! meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use blockd_api::{CheckReport, DamagedSnapshot, DataRead, Problem, Subset};
 use futures::StreamExt;
 use roaring::RoaringBitmap;
 
-use super::damage::Record;
+use super::damage::{Record, Recorded};
 use super::refs::{self, Found, Refs};
 use super::{PackId, Repo, RepoError};
 
@@ -169,9 +171,9 @@ pub async fn check(
     // this one did not read: traced again with the rest, so that a
     // snapshot written since that uses them (a backup that ran during
     // that check) is named and recorded too.
-    let (old, unreadable) = repo.damage_records().await?;
+    let old = repo.damage_records().await?;
     let mut earlier: HashSet<PackId> = HashSet::new();
-    for r in &old {
+    for r in &old.records {
         let Some(id) = super::parse_pack_key(&r.object) else {
             continue;
         };
@@ -228,8 +230,7 @@ pub async fn check(
     let recorded = if repo.is_read_only() {
         None
     } else {
-        let (recorded, earlier) =
-            keep_records(repo, &refs, &examined, records, (old, unreadable)).await?;
+        let (recorded, earlier) = keep_records(repo, &refs, &examined, records, old).await?;
         problems.extend(earlier);
         Some(recorded)
     };
@@ -286,13 +287,15 @@ fn record_of(refs: &Refs, pack: &PackId, users: &RoaringBitmap, data: bool) -> R
 ///   until a check reads that pack whole.
 ///
 /// Records are written before any is deleted, so a backup starting
-/// meanwhile never sees fewer than before or after.
+/// meanwhile never sees fewer than before or after. Each goes under a
+/// key of its own, and only keys in `old` are deleted: what a check
+/// running beside this one wrote stays (see [`super::damage`]).
 async fn keep_records(
     repo: &Repo,
     refs: &Refs,
     examined: &HashMap<PackId, Examined>,
     found: Vec<Record>,
-    (old, unreadable): (Vec<Record>, Vec<RepoError>),
+    old: Recorded,
 ) -> Result<(Vec<String>, Vec<Found>), RepoError> {
     let read_whole = |object: &str| {
         super::parse_pack_key(object)
@@ -300,6 +303,11 @@ async fn keep_records(
             .is_some_and(|e| e.read)
     };
     let referenced = |id: &String| refs.index.contains_key(id);
+    let Recorded {
+        records: old,
+        keys: old_keys,
+        unreadable,
+    } = old;
     let old: HashMap<String, Record> = old.into_iter().map(|r| (r.object.clone(), r)).collect();
     let mut write: BTreeMap<String, Record> = BTreeMap::new();
     for r in found {
@@ -343,10 +351,13 @@ async fn keep_records(
         }
     }
     let mut earlier = Vec::new();
+    // Keys this check read and now replaces or clears: deleted once every
+    // write is done.
     let mut delete: Vec<String> = Vec::new();
     for e in unreadable {
         let key = e.object().to_string();
-        let object = key.strip_prefix("damaged/").unwrap_or(&key).to_string();
+        let object = super::damage::object_of(&key).unwrap_or(&key).to_string();
+        delete.push(key);
         if write.contains_key(&object) {
             continue;
         }
@@ -374,11 +385,9 @@ async fn keep_records(
             }
             _ => {
                 tracing::warn!(error = %e, "deleting a damage record that does not open (this check covers its object)");
-                delete.push(key);
             }
         }
     }
-    let mut now: BTreeSet<String> = write.keys().cloned().collect();
     for r in old.values() {
         if write.contains_key(&r.object) {
             continue;
@@ -406,49 +415,26 @@ async fn keep_records(
                 reason: format!("records {EARLIER}"),
                 snapshots,
             });
-            now.insert(r.object.clone());
         } else {
             tracing::info!(object = %r.object, "the damage recorded for this object is gone");
-            delete.push(r.object.clone());
-        }
-    }
-    // Another check (of this host or another) may have written records
-    // since they were read: what it added is merged in, unless this check
-    // read that pack whole, and a record it changed is not deleted (the
-    // next check decides). This narrows the window to the writes below;
-    // stores without conditional writes cannot close it.
-    let (fresh, _) = repo.damage_records().await?;
-    let fresh: HashMap<String, Record> = fresh.into_iter().map(|r| (r.object.clone(), r)).collect();
-    let changed = |object: &str| fresh.get(object) != old.get(object);
-    for r in write.values_mut() {
-        if let Some(f) = fresh.get(&r.object).filter(|_| changed(&r.object)) {
-            if !read_whole(&r.object) {
-                r.data |= f.data;
-                for id in &f.index {
-                    if !r.index.contains(id) {
-                        r.index.push(id.clone());
-                    }
-                }
-                if !r.offsets.is_empty() && !f.offsets.is_empty() {
-                    let all: BTreeSet<u32> = r.offsets.iter().chain(&f.offsets).copied().collect();
-                    r.offsets = all.into_iter().collect();
-                } else if f.data && f.offsets.is_empty() {
-                    r.offsets.clear();
-                }
-            }
+            delete.extend(old_keys.get(&r.object).into_iter().flatten().cloned());
         }
     }
     for r in write.values() {
         repo.put_damage(r).await?;
+        delete.extend(old_keys.get(&r.object).into_iter().flatten().cloned());
     }
-    for object in &delete {
-        let record = object.strip_prefix("damaged/").unwrap_or(object);
-        if changed(record) && fresh.contains_key(record) {
-            now.insert(record.to_string());
-            continue;
-        }
-        repo.delete_damage(object).await?;
+    for key in &delete {
+        repo.delete_damage(key).await?;
     }
+    // What is recorded now, with what a check running beside this one
+    // wrote meanwhile.
+    let now: BTreeSet<String> = repo
+        .damage_keys()
+        .await?
+        .into_iter()
+        .map(|(_, object)| object)
+        .collect();
     Ok((now.into_iter().collect(), earlier))
 }
 

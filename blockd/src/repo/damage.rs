@@ -21,8 +21,23 @@
 //! commit a reference to them); garbage collection deletes the record
 //! with the object. Records are few and small: one
 //! listing per backup finds them.
+//!
+//! Checks that run at once (two requests on one host, or hosts sharing a
+//! bucket) never undo each other. Every record is written under a key of
+//! its own, `damaged/<object key>.<tag>` (16 random hex digits), never
+//! over another, and a check deletes only keys it read before it began
+//! writing. Readers merge every record of one object (`Record::merge`:
+//! the union of what each avoids), so what another check recorded
+//! meanwhile stays in force until a later check, which reads it, decides
+//! on it. With one key per object, a check that read the record, traced
+//! its damage and wrote the result could overwrite what another check had
+//! written in between, and a backup would then reuse damage that check
+//! found; a store's conditional writes could not close that for the local
+//! directory, which has none for replacing. Records under the key of
+//! earlier builds (`damaged/<object key>`) are read, merged and replaced
+//! the same way.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +48,9 @@ use crate::magic::DAMAGE_MAGIC;
 
 /// Key prefix of damage records.
 const DIR: &str = "damaged";
+/// Listings that [`Repo::damage_records`] makes at most while records it
+/// listed are replaced under it.
+const LISTINGS: usize = 4;
 
 /// What a damaged object means for new backups.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +74,45 @@ pub struct Record {
     pub offsets: Vec<u32>,
 }
 
+impl Record {
+    /// Damage found by opening records whose offsets are not listed (an
+    /// older build's record, or one replacing a record that did not
+    /// open): it stands for the whole pack's data.
+    fn unlisted(&self) -> bool {
+        self.data && self.offsets.is_empty()
+    }
+
+    /// Takes in another record of the same object: the result avoids
+    /// what either does.
+    pub fn merge(&mut self, other: Record) {
+        let unlisted = self.unlisted() || other.unlisted();
+        self.data |= other.data;
+        for id in other.index {
+            if !self.index.contains(&id) {
+                self.index.push(id);
+            }
+        }
+        if unlisted {
+            self.offsets.clear();
+        } else {
+            let all: BTreeSet<u32> = self.offsets.drain(..).chain(other.offsets).collect();
+            self.offsets = all.into_iter().collect();
+        }
+    }
+}
+
+/// The damage records of a repository as read at one moment.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// One per object, every record of it merged.
+    pub records: Vec<Record>,
+    /// The keys read, by object.
+    pub keys: HashMap<String, Vec<String>>,
+    /// Records that do not open (each error names its key), which the
+    /// caller names or replaces.
+    pub unreadable: Vec<RepoError>,
+}
+
 /// What a backup avoids: the index blocks of every record.
 #[derive(Debug, Default)]
 pub struct Avoid {
@@ -63,29 +120,65 @@ pub struct Avoid {
     pub index: HashSet<String>,
 }
 
-/// Key of the record of `object`.
-fn key(object: &str) -> String {
-    format!("{DIR}/{object}")
+/// A fresh key for a record of `object`.
+fn new_key(object: &str) -> String {
+    let mut tag = [0u8; 8];
+    super::crypto::fill_random(&mut tag);
+    format!("{DIR}/{object}.{}", hex::encode(tag))
+}
+
+/// The object a record key is about: `damaged/<object>.<tag>`, or
+/// `damaged/<object>` as earlier builds wrote it.
+pub fn object_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(DIR)?.strip_prefix('/')?;
+    Some(match rest.rsplit_once('.') {
+        Some((object, tag)) if tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            object
+        }
+        _ => rest,
+    })
 }
 
 impl Repo {
-    /// Every damage record, with the keys of those that do not open
-    /// (which the caller names or replaces).
+    /// Every damage record, merged by object, with the keys read and
+    /// those that do not open.
     ///
     /// # Errors
     /// Provider errors.
-    pub async fn damage_records(&self) -> Result<(Vec<Record>, Vec<RepoError>), RepoError> {
-        let mut records = Vec::new();
-        let mut unreadable = Vec::new();
-        for k in self.objects.list(DIR).await? {
-            match self.get_damage(&k).await {
-                Ok(r) => records.push(r),
-                Err(RepoError::Missing { .. }) => {}
-                Err(e) if super::refs::is_damage(&e) => unreadable.push(e),
-                Err(e) => return Err(e),
+    pub async fn damage_records(&self) -> Result<Recorded, RepoError> {
+        let mut out = Recorded::default();
+        let mut by_object: HashMap<String, Record> = HashMap::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        // A check deletes a record only after writing what replaces it,
+        // so a record gone between the listing and its read is found
+        // again, replaced, by listing again.
+        for _ in 0..LISTINGS {
+            let mut gone = false;
+            for k in self.objects.list(DIR).await? {
+                if !seen.insert(k.clone()) {
+                    continue;
+                }
+                match self.get_damage(&k).await {
+                    Ok(r) => {
+                        out.keys.entry(r.object.clone()).or_default().push(k);
+                        match by_object.get_mut(&r.object) {
+                            Some(m) => m.merge(r),
+                            None => {
+                                by_object.insert(r.object.clone(), r);
+                            }
+                        }
+                    }
+                    Err(RepoError::Missing { .. }) => gone = true,
+                    Err(e) if super::refs::is_damage(&e) => out.unreadable.push(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            if !gone {
+                break;
             }
         }
-        Ok((records, unreadable))
+        out.records = by_object.into_values().collect();
+        Ok(out)
     }
 
     async fn get_damage(&self, k: &str) -> Result<Record, RepoError> {
@@ -97,7 +190,7 @@ impl Repo {
                 .corrupt(k, "integrity check failed (wrong key, or altered)")
         })?;
         let r: Record = serde_json::from_slice(&json).map_err(|e| self.objects.corrupt(k, e))?;
-        if key(&r.object) != k {
+        if object_of(k) != Some(r.object.as_str()) {
             return Err(self.objects.corrupt(k, "names another object"));
         }
         Ok(r)
@@ -110,12 +203,12 @@ impl Repo {
     /// do (a check writes it again): reading on without it could carry
     /// damage into the new snapshot.
     pub async fn avoid(&self) -> Result<Avoid, RepoError> {
-        let (records, unreadable) = self.damage_records().await?;
+        let recorded = self.damage_records().await?;
         if let Some(RepoError::Corrupt {
             location,
             object,
             reason,
-        }) = unreadable.into_iter().next()
+        }) = recorded.unreadable.into_iter().next()
         {
             return Err(RepoError::Corrupt {
                 location,
@@ -126,47 +219,48 @@ impl Repo {
             });
         }
         Ok(Avoid {
-            index: records.into_iter().flat_map(|r| r.index).collect(),
+            index: recorded.records.into_iter().flat_map(|r| r.index).collect(),
         })
     }
 
-    /// Writes (or replaces) the record of `r.object`.
+    /// Writes a record of `r.object` under a key of its own, beside any
+    /// other record of the object; returns the key.
     ///
     /// # Errors
     /// Provider errors.
-    pub async fn put_damage(&self, r: &Record) -> Result<(), RepoError> {
-        let k = key(&r.object);
+    pub async fn put_damage(&self, r: &Record) -> Result<String, RepoError> {
+        let k = new_key(&r.object);
+        self.put_damage_at(&k, r).await?;
+        Ok(k)
+    }
+
+    /// Writes `r` at key `k` (known-answer vectors of both key forms).
+    pub(super) async fn put_damage_at(&self, k: &str, r: &Record) -> Result<(), RepoError> {
         let json = serde_json::to_vec(r).unwrap_or_else(|_| unreachable!("records serialise"));
         let body = format::envelope(DAMAGE_MAGIC, &self.keys.seal(k.as_bytes(), &json));
-        self.objects.put(&k, body.into(), false).await?;
+        self.objects.put(k, body.into(), false).await?;
         Ok(())
     }
 
-    /// Deletes the record of `object` (the key of a damaged object, or of
-    /// an unreadable record itself).
+    /// Deletes the record at `key` (as listed or read).
     ///
     /// # Errors
     /// Provider errors.
-    pub async fn delete_damage(&self, object: &str) -> Result<(), RepoError> {
-        let k = if object.starts_with(&format!("{DIR}/")) {
-            object.to_string()
-        } else {
-            key(object)
-        };
-        self.objects.delete(&k).await
+    pub async fn delete_damage(&self, key: &str) -> Result<(), RepoError> {
+        self.objects.delete(key).await
     }
 
-    /// Keys of the objects that have a record, however it reads.
+    /// Every record key with the object it is about, however it reads.
     ///
     /// # Errors
     /// Provider errors.
-    pub async fn damaged_objects(&self) -> Result<Vec<String>, RepoError> {
+    pub async fn damage_keys(&self) -> Result<Vec<(String, String)>, RepoError> {
         Ok(self
             .objects
             .list(DIR)
             .await?
             .into_iter()
-            .filter_map(|k| k.strip_prefix(&format!("{DIR}/")).map(str::to_string))
+            .filter_map(|k| object_of(&k).map(str::to_string).map(|o| (k, o)))
             .collect())
     }
 }
@@ -187,6 +281,11 @@ mod tests {
             .unwrap()
     }
 
+    fn sorted(mut v: Vec<Record>) -> Vec<Record> {
+        v.sort_by(|x, y| x.object.cmp(&y.object));
+        v
+    }
+
     #[tokio::test]
     async fn records_round_trip_and_a_moved_or_altered_one_is_named() {
         let repo = repo().await;
@@ -203,48 +302,155 @@ mod tests {
             index: vec!["cd00".into()],
             offsets: Vec::new(),
         };
-        repo.put_damage(&a).await.unwrap();
-        repo.put_damage(&b).await.unwrap();
+        let ka = repo.put_damage(&a).await.unwrap();
+        let kb = repo.put_damage(&b).await.unwrap();
+        assert_eq!(object_of(&ka), Some("packs/ab/ab00"));
+        assert!(ka.starts_with("damaged/packs/ab/ab00."), "{ka}");
         // A record of an older build, without offsets, reads as none.
         let old: Record =
             serde_json::from_str(r#"{"object":"packs/ab/ab00","data":true,"index":["11"]}"#)
                 .unwrap();
         assert!(old.offsets.is_empty());
-        let (mut got, bad) = repo.damage_records().await.unwrap();
-        got.sort_by(|x, y| x.object.cmp(&y.object));
-        assert!(bad.is_empty());
-        assert_eq!(got, vec![b.clone(), a.clone()]);
+        let got = repo.damage_records().await.unwrap();
+        assert!(got.unreadable.is_empty());
+        assert_eq!(sorted(got.records), vec![b.clone(), a.clone()]);
+        assert_eq!(got.keys["packs/ab/ab00"], vec![ka.clone()]);
         let avoid = repo.avoid().await.unwrap();
         assert_eq!(
             avoid.index,
             HashSet::from(["11".into(), "22".into(), "cd00".into()])
         );
+        let mut keys = repo.damage_keys().await.unwrap();
+        keys.sort();
         assert_eq!(
-            repo.damaged_objects().await.unwrap(),
-            vec!["index/cd/cd00".to_string(), "packs/ab/ab00".to_string()]
+            keys,
+            vec![
+                (kb.clone(), "index/cd/cd00".to_string()),
+                (ka.clone(), "packs/ab/ab00".to_string())
+            ]
         );
 
         // A record copied under another object's key does not open; a
         // backup is told which record and what to run.
         let o = repo.objects();
-        let body = o.get_meta("damaged/packs/ab/ab00").await.unwrap();
-        o.put("damaged/packs/ef/ef00", body, false).await.unwrap();
+        let body = o.get_meta(&ka).await.unwrap();
+        o.put(
+            "damaged/packs/ef/ef00.0123456789abcdef",
+            body.clone(),
+            false,
+        )
+        .await
+        .unwrap();
         let e = repo.avoid().await.unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("damaged/packs/ef/ef00") && msg.contains("blockctl repo check"),
             "{msg}"
         );
-        o.put("damaged/packs/ef/ef00", Bytes::from_static(b"junk"), false)
+        // So does one moved under another key of its own object.
+        o.put("damaged/packs/ab/ab00.fedcba9876543210", body, false)
             .await
             .unwrap();
-        let (_, bad) = repo.damage_records().await.unwrap();
-        assert_eq!(bad.len(), 1);
-        repo.delete_damage(bad[0].object()).await.unwrap();
-        repo.delete_damage("packs/ab/ab00").await.unwrap();
+        let got = repo.damage_records().await.unwrap();
+        assert_eq!(got.unreadable.len(), 2);
+        for e in &got.unreadable {
+            repo.delete_damage(e.object()).await.unwrap();
+        }
+        repo.delete_damage(&ka).await.unwrap();
         assert_eq!(
             repo.avoid().await.unwrap().index,
             HashSet::from(["cd00".into()])
         );
+        o.put("damaged/packs/ef/ef00", Bytes::from_static(b"junk"), false)
+            .await
+            .unwrap();
+        assert_eq!(repo.damage_records().await.unwrap().unreadable.len(), 1);
+    }
+
+    /// Two checks that read the records, then each write what they found
+    /// and delete what they read, in any interleaving: neither undoes the
+    /// other, and a backup avoids what either recorded.
+    #[tokio::test]
+    async fn checks_at_once_keep_what_each_recorded() {
+        let repo = repo().await;
+        let earlier = Record {
+            object: "packs/ab/ab00".into(),
+            data: true,
+            index: vec!["11".into()],
+            offsets: vec![0],
+        };
+        // As an earlier build wrote it, under the object's own key.
+        repo.put_damage_at("damaged/packs/ab/ab00", &earlier)
+            .await
+            .unwrap();
+        let read_a = repo.damage_records().await.unwrap();
+        let read_b = repo.damage_records().await.unwrap();
+        assert_eq!(read_a.records, vec![earlier.clone()]);
+        // A reads the pack whole and finds a second bad record, used by
+        // another index block; B traces the recorded offset again.
+        let mut by_a = earlier.clone();
+        by_a.merge(Record {
+            object: earlier.object.clone(),
+            data: true,
+            index: vec!["22".into()],
+            offsets: vec![4096],
+        });
+        let by_b = earlier.clone();
+        // B writes after A: with one key per object it overwrote A's.
+        repo.put_damage(&by_a).await.unwrap();
+        repo.put_damage(&by_b).await.unwrap();
+        for k in read_a.keys.values().flatten() {
+            repo.delete_damage(k).await.unwrap();
+        }
+        for k in read_b.keys.values().flatten() {
+            repo.delete_damage(k).await.unwrap();
+        }
+        let now = repo.damage_records().await.unwrap();
+        assert_eq!(now.records.len(), 1);
+        assert_eq!(now.keys["packs/ab/ab00"].len(), 2);
+        let r = &now.records[0];
+        assert!(r.data);
+        assert_eq!(r.offsets, vec![0, 4096]);
+        assert_eq!(
+            repo.avoid().await.unwrap().index,
+            HashSet::from(["11".into(), "22".into()])
+        );
+
+        // A record standing for the whole pack's data (no offsets) stays
+        // that way when merged.
+        let mut whole = Record {
+            object: "packs/ab/ab00".into(),
+            data: true,
+            index: vec!["33".into()],
+            offsets: Vec::new(),
+        };
+        whole.merge(r.clone());
+        assert!(whole.data && whole.offsets.is_empty());
+        assert_eq!(whole.index, vec!["33", "11", "22"]);
+        // An index block's record next to data damage of a pack keeps
+        // the listed offsets.
+        let mut listed = r.clone();
+        listed.merge(Record {
+            object: r.object.clone(),
+            data: false,
+            index: vec!["44".into()],
+            offsets: Vec::new(),
+        });
+        assert_eq!(listed.offsets, vec![0, 4096]);
+    }
+
+    #[test]
+    fn keys_name_their_object() {
+        assert_eq!(
+            object_of("damaged/packs/ab/ab00.0123456789abcdef"),
+            Some("packs/ab/ab00")
+        );
+        assert_eq!(object_of("damaged/packs/ab/ab00"), Some("packs/ab/ab00"));
+        assert_eq!(object_of("damaged/index/cd/cd.x"), Some("index/cd/cd.x"));
+        assert_eq!(object_of("packs/ab/ab00"), None);
+        assert_eq!(object_of("damagedx/packs"), None);
+        let k = new_key("index/cd/cd00");
+        assert_eq!(object_of(&k), Some("index/cd/cd00"));
+        assert_ne!(k, new_key("index/cd/cd00"));
     }
 }

@@ -943,9 +943,9 @@ async fn collect_held(
     }
     // The damage records of deleted objects go with them.
     if !doomed.is_empty() {
-        for object in repo.damaged_objects().await? {
+        for (key, object) in repo.damage_keys().await? {
             if doomed_keys.contains(object.as_str()) {
-                repo.delete_damage(&object).await?;
+                repo.delete_damage(&key).await?;
             }
         }
     }

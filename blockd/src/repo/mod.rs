@@ -1905,6 +1905,47 @@ mod tests {
             }
         );
 
+        // Damage records of one pack under both key forms: the object's
+        // own key (earlier builds) and a key of its own per record; read
+        // back, they merge.
+        let pack_obj = Repo::pack_name(&[0x5a; 16]);
+        let legacy = damage::Record {
+            object: pack_obj.clone(),
+            data: true,
+            index: vec![ix_id.clone()],
+            offsets: vec![0],
+        };
+        let tagged = damage::Record {
+            offsets: vec![u32::try_from(rec.len()).unwrap()],
+            index: vec!["ee".repeat(32)],
+            ..legacy.clone()
+        };
+        let legacy_key = format!("damaged/{pack_obj}");
+        let tagged_key = format!("damaged/{pack_obj}.0123456789abcdef");
+        let mut committed = Vec::new();
+        for (key, r, name) in [
+            (&legacy_key, &legacy, "damage-object-key.bin"),
+            (&tagged_key, &tagged, "damage-own-key.bin"),
+        ] {
+            plain_repo.put_damage_at(key, r).await.unwrap();
+            let bytes = store.get_meta(key).await.unwrap().to_vec();
+            assert_eq!(bytes, check(name, &bytes), "damage record bytes changed");
+            committed.push((key.clone(), bytes));
+        }
+        let kat3 = repo(false).await;
+        for (key, bytes) in committed {
+            kat3.objects().put(&key, bytes.into(), false).await.unwrap();
+        }
+        let read = kat3.damage_records().await.unwrap();
+        assert!(read.unreadable.is_empty());
+        let mut both = legacy.clone();
+        both.merge(tagged);
+        assert_eq!(read.records, vec![both]);
+        assert_eq!(
+            read.records[0].offsets,
+            vec![0, u32::try_from(rec.len()).unwrap()]
+        );
+
         // Config wrapped with a known passphrase (small Argon2 cost for speed).
         let kek = crypto::derive_kek("blockd known answer", &[1u8; 16], 256, 1, 1).unwrap();
         let wrapped = crypto::wrap(&kek, &material(), &[2u8; 12]);
