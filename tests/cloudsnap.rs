@@ -330,6 +330,84 @@ fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
     assert_same(&d, &small_img, "small-r");
 }
 
+/// A group object the location refuses when the last member finishes is
+/// kept in the state database and written once the location takes it,
+/// after a restart too; until then the group is listed as running, not
+/// as complete or incomplete.
+#[test]
+fn a_group_object_the_location_refused_is_written_later() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut imgs = Vec::new();
+    for (i, v) in ["ga", "gb"].iter().enumerate() {
+        d.create(v, "4M");
+        let img = image(tmp.path(), v, 4 * MB, 4 * MB, 60 + i as u64);
+        load(&d, v, &img);
+        imgs.push(img);
+    }
+    // The repository exists; its `groups` directory cannot be made.
+    backup(&d, &["ga"]);
+    let groups = d.dir.path().join("objects/groups");
+    assert!(!groups.exists());
+    std::fs::write(&groups, b"in the way").unwrap();
+    let tasks = backup_group(&d, &["--volume-ids", "ga,gb"]);
+    let tasks = tasks.as_array().unwrap();
+    assert!(tasks.iter().all(|t| t["state"] == "Done"), "{tasks:?}");
+    let group = tasks[0]["group"].as_str().unwrap().to_string();
+    let of_group = |d: &Blockd| {
+        list(d, &[])
+            .into_iter()
+            .filter(|s| s["group"] == group.as_str())
+            .collect::<Vec<_>>()
+    };
+    let snaps = of_group(&d);
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert!(
+        snaps.iter().all(|s| s["group_state"] == "running"),
+        "{snaps:?}"
+    );
+    assert!(d.log().contains("writing the group object failed"));
+    // Still waiting after a restart, then written once the way is clear.
+    assert!(d.terminate().success());
+    d.spawn();
+    assert!(of_group(&d).iter().all(|s| s["group_state"] == "running"));
+    std::fs::remove_file(&groups).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let snaps = of_group(&d);
+        if snaps.iter().all(|s| s["group_state"] == "complete") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not written within 60 s: {snaps:?}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(files_under(&groups).len(), 1);
+    let text = d.ok(&["cloudsnap", "list"]);
+    assert!(
+        text.contains(&group) && !text.contains(&format!("{group} (")),
+        "{text}"
+    );
+    for (v, img) in ["ga", "gb"].iter().zip(&imgs) {
+        let id = of_group(&d)
+            .into_iter()
+            .find(|s| s["volume"] == *v)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let r = restore(&d, &id, &format!("{v}-r"), &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(&d, img, &format!("{v}-r"));
+    }
+}
+
 #[test]
 fn second_host_restores_from_an_encrypted_bucket() {
     if !need() {

@@ -200,7 +200,7 @@ fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
         return;
     }
     // A 1 KiB/s background fill: the lazy restore below stays active.
-    let d = Blockd::start_with(None, &["--hydrate-limit", "1K"]);
+    let mut d = Blockd::start_with(None, &["--hydrate-limit", "1K"]);
     let tmp = tempfile::tempdir().unwrap();
     d.create("v", "16M");
     let img = image(tmp.path(), "v.img", 16 * MB, 8 * MB, 4);
@@ -251,6 +251,29 @@ fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
     assert!(l.iter().any(|s| s["id"] == snap.as_str()));
     wait_for("the expiry", 20, || {
         !list(&d, &[]).iter().any(|s| s["id"] == snap.as_str())
+    });
+    // Due while its location's directory is away (a disk not mounted, a
+    // restart meanwhile): kept due, and deleted once the directory is
+    // back.
+    let dir = tmp.path().join("away");
+    local_location(&d, "away", &dir);
+    let t = backup(&d, &["v", "--cred-id", "away", "--expire", "4s"]);
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let moved = tmp.path().join("away.moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    assert!(d.terminate().success());
+    d.spawn();
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        moved.join(format!("snapshots/{snap}")).exists(),
+        "no manifest at {}",
+        moved.display()
+    );
+    std::fs::rename(&moved, &dir).unwrap();
+    wait_for("the expiry once the directory is back", 20, || {
+        !list(&d, &["--cred-id", "away"])
+            .iter()
+            .any(|s| s["id"] == snap.as_str())
     });
     for (arg, want) in [
         ("yesterday", "--expire"),

@@ -62,4 +62,4 @@ pub const PRESENT_MAGIC: &[u8; 8] = b"BLKDPRES";
 /// Present map version.
 pub const PRESENT_VERSION: u32 = 1;
 /// State database schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;

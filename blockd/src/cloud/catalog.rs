@@ -69,11 +69,13 @@ impl Cloud {
         Ok(out)
     }
 
-    /// The groups with a member still being backed up here. Taken before
+    /// The groups with a member still being backed up here, or whose group
+    /// object waits to be written (a location refused it). Taken before
     /// the group objects are listed: a group that completes in between is
     /// then running, never incomplete.
     fn running_groups(&self) -> HashSet<String> {
-        self.lock()
+        let mut running: HashSet<String> = self
+            .lock()
             .values()
             .filter_map(|r| {
                 let r = r
@@ -82,12 +84,15 @@ impl Cloud {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 r.task.group.clone().filter(|_| !r.task.state.is_final())
             })
-            .collect()
+            .collect();
+        running.extend(self.pending_groups());
+        running
     }
 
     /// Where group backup `group` stands, its group object `written` or
     /// not. The object is written once every member is committed, so
-    /// without it the group is running (a member still runs here) or
+    /// without it the group is running (a member still runs here, or its
+    /// object waits to be written: the location refused it) or
     /// incomplete.
     fn group_state(group: &str, written: bool, running: &HashSet<String>) -> GroupState {
         if written {

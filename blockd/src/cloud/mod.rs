@@ -567,6 +567,7 @@ impl Cloud {
             me.collect_every(every);
         }
         me.run_scheduler();
+        me.write_groups_later();
         Ok(me)
     }
 }

@@ -129,6 +129,15 @@ CREATE TABLE IF NOT EXISTS withheld (
     reason   TEXT NOT NULL,
     task     TEXT
 );
+-- Version 5: group objects to write. A group backup's object is recorded
+-- here before it is written and dropped once it is, so one that a failing
+-- location refused is written later, also after a restart.
+CREATE TABLE IF NOT EXISTS pending_groups (
+    location TEXT NOT NULL,
+    grp      TEXT NOT NULL,
+    record   TEXT NOT NULL,
+    PRIMARY KEY (location, grp)
+);
 ";
 
 /// The open state database.
@@ -548,6 +557,53 @@ impl StateDb {
             c.execute(
                 "DELETE FROM expiring WHERE location = ?1 AND snapshot = ?2",
                 params![location, snapshot],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Records group object `record` (JSON) of `group` as still to be
+    /// written to `location`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn add_pending_group(
+        &self,
+        location: &str,
+        group: &str,
+        record: &str,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO pending_groups (location, grp, record) VALUES (?1, ?2, ?3)",
+                params![location, group, record],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Group objects still to be written, as `(location, group, record)`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn pending_groups(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT location, grp, record FROM pending_groups ORDER BY grp")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Forgets a group object (written, or its location gone).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn drop_pending_group(&self, location: &str, group: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM pending_groups WHERE location = ?1 AND grp = ?2",
+                params![location, group],
             )
             .map(drop)
         })

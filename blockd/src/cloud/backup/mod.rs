@@ -20,6 +20,7 @@ use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
 use crate::volume::dirty_map::ChangeSet;
 
+use super::locations::LocationError;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{lock_set, Cloud, CloudError};
 
@@ -764,10 +765,16 @@ impl Cloud {
     }
 
     /// Writes the group object if every member but `finishing` (which is
-    /// about to be Done) is Done.
+    /// about to be Done) is Done. It is recorded in the state database
+    /// first: if the location refuses it now, [`Cloud::write_groups_later`]
+    /// writes it, after a restart too.
     pub(super) async fn maybe_write_group(&self, group: &str, location: &str, finishing: &str) {
-        let Ok(records) = self.db.tasks(false, 10_000) else {
-            return;
+        let records = match self.db.tasks(false, 10_000) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(group, error = %e, "reading the group's members failed: its group object is not written, and the group is listed as incomplete");
+                return;
+            }
         };
         let members: Vec<Record> = records
             .iter()
@@ -780,9 +787,6 @@ impl Cloud {
         {
             return;
         }
-        let Ok(repo) = self.locations.repo(location).await else {
-            return;
-        };
         let g = Group {
             group: group.to_string(),
             created: members
@@ -792,12 +796,76 @@ impl Cloud {
                 .unwrap_or_default(),
             members: members.iter().map(|r| r.task.snapshot.clone()).collect(),
         };
-        match repo.put_group(&g).await {
-            Ok(_) => tracing::info!(group, members = g.members.len(), "group backup recorded"),
-            Err(e) => tracing::error!(group, error = %e, "writing the group object failed"),
+        let json = serde_json::to_string(&g).unwrap_or_else(|_| unreachable!("groups serialise"));
+        if let Err(e) = self.db.add_pending_group(location, group, &json) {
+            tracing::error!(group, error = %e, "recording the group object to write failed; writing it once");
+        }
+        self.write_group(location, &g).await;
+    }
+
+    /// Writes group object `g` to `location`, and forgets it once written
+    /// (or once the location is gone); a failure leaves it to the next try.
+    async fn write_group(&self, location: &str, g: &Group) {
+        let written = match self.locations.repo(location).await {
+            Ok(repo) => repo.put_group(g).await.map(drop).map_err(CloudError::from),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(group = %g.group, members = g.members.len(), "group backup recorded");
+            }
+            Err(CloudError::Location(LocationError::NotFound { .. })) => {
+                tracing::warn!(group = %g.group, %location, "the location of this group backup is gone: its group object is not written");
+            }
+            Err(e) => {
+                tracing::warn!(group = %g.group, error = %e, "writing the group object failed; it is tried again every {} s", GROUP_RETRY.as_secs());
+                return;
+            }
+        }
+        if let Err(e) = self.db.drop_pending_group(location, &g.group) {
+            tracing::warn!(group = %g.group, error = %e, "forgetting a written group object failed; it is written again later");
         }
     }
+
+    /// Tries again, every [`GROUP_RETRY`] until shutdown, the group
+    /// objects a location refused.
+    pub(super) fn write_groups_later(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(GROUP_RETRY) => {}
+                }
+                let Some(cloud) = me.upgrade() else { return };
+                let Ok(pending) = cloud.db.pending_groups() else {
+                    continue;
+                };
+                for (location, group, json) in pending {
+                    match serde_json::from_str::<Group>(&json) {
+                        Ok(g) if g.group == group => cloud.write_group(&location, &g).await,
+                        _ => {
+                            tracing::error!(%group, "a recorded group object does not read: dropped; the group is listed as incomplete");
+                            let _ = cloud.db.drop_pending_group(&location, &group);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Group backups whose group object is still to be written.
+    pub(super) fn pending_groups(&self) -> HashSet<String> {
+        self.db
+            .pending_groups()
+            .map(|p| p.into_iter().map(|(_, g, _)| g).collect())
+            .unwrap_or_default()
+    }
 }
+
+/// How often group objects that a location refused are tried again.
+const GROUP_RETRY: Duration = Duration::from_secs(10);
 
 /// True when snapshot `m` can be the parent of a backup of `v`: the same
 /// extent size, and the volume's size or the size it had before growing.

@@ -29,6 +29,7 @@ use blockd_api::{BackupGroupRequest, CreateSchedule, Schedule, TaskState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::locations::LocationError;
 use super::{Cloud, CloudError};
 use crate::repo::name;
 use crate::state::Insert;
@@ -557,7 +558,15 @@ impl Cloud {
                     tracing::info!(snapshot = %snap, %location, "expired snapshot deleted");
                     let _ = self.db.drop_expiring(&location, &snap);
                 }
-                Err(CloudError::SnapshotNotFound { .. }) | Err(CloudError::Location(_)) => {
+                // Gone already, or its location deleted or made read-only
+                // since. A location that fails (a directory not mounted, a
+                // store not answering) is tried again.
+                Err(CloudError::SnapshotNotFound { .. })
+                | Err(CloudError::Location(
+                    LocationError::NotFound { .. }
+                    | LocationError::ReadOnly { .. }
+                    | LocationError::ReadOnlyKeys { .. },
+                )) => {
                     let _ = self.db.drop_expiring(&location, &snap);
                 }
                 Err(e) => {
