@@ -1638,6 +1638,25 @@ fn read_only_credentials_on_a_read_only_directory() {
     let r = restore(&b, &snap, "back", &["--cred-id", "dr"]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&b, &img, "back");
+    // A damage record that does not open stops every backup; a check
+    // through the read-only name, which cannot replace it, names it.
+    let junk = bucket.join("damaged/packs/00/0011.0123456789abcdef");
+    std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    std::fs::write(&junk, b"junk").unwrap();
+    let out = b.blockctl(&["-j", "repo", "check", "--cred-id", "dr"]);
+    assert!(!out.status.success());
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        r["problems"].as_array().unwrap().iter().any(|p| p["object"]
+            == "damaged/packs/00/0011.0123456789abcdef"
+            && p["reason"]
+                .as_str()
+                .unwrap()
+                .contains("backups refuse to start")),
+        "{r}"
+    );
+    assert!(junk.exists());
+    std::fs::remove_file(&junk).unwrap();
     // Collection every second: never tried through the read-only name.
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert!(

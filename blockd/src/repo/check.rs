@@ -228,6 +228,30 @@ pub async fn check(
         }
     }
     let recorded = if repo.is_read_only() {
+        // Nothing is written, and what the records hold that this check
+        // did not see is reported all the same; so is a record that does
+        // not open, which stops every backup until a check replaces it.
+        let seen: HashSet<&str> = records.iter().map(|r| r.object.as_str()).collect();
+        for r in &old.records {
+            if !seen.contains(r.object.as_str()) {
+                problems.extend(unlisted_finding(&refs, &examined, r));
+            }
+        }
+        for e in &old.unreadable {
+            let object = super::damage::object_of(e.object()).unwrap_or(e.object());
+            let snapshots = super::parse_pack_key(object)
+                .and_then(|id| refs.packs.get(&id))
+                .map(|p| refs.snapshots_of(&p.index))
+                .unwrap_or_default();
+            problems.push(Found {
+                object: e.object().to_string(),
+                reason: format!(
+                    "{}: backups refuse to start until a check with credentials that may write replaces it",
+                    reason_of(e)
+                ),
+                snapshots,
+            });
+        }
         None
     } else {
         let (recorded, earlier) = keep_records(repo, &refs, &examined, records, old).await?;
@@ -269,6 +293,37 @@ fn record_of(refs: &Refs, pack: &PackId, users: &RoaringBitmap, data: bool) -> R
             .collect(),
         offsets: Vec::new(),
     }
+}
+
+/// What record `r` still says that this check could not see, as a
+/// finding: an index block is read whole by every check, and recorded
+/// offsets are traced again, but a pack's record of an older build (no
+/// offsets) stands while the pack is in use, not read again, and the
+/// index blocks it names are still used.
+fn unlisted_finding(
+    refs: &Refs,
+    examined: &HashMap<PackId, Examined>,
+    r: &Record,
+) -> Option<Found> {
+    let stands = r.data
+        && r.offsets.is_empty()
+        && super::parse_pack_key(&r.object).is_some_and(|id| {
+            refs.packs.contains_key(&id) && examined.get(&id).is_some_and(|e| !e.read && e.whole)
+        })
+        && r.index.iter().any(|id| refs.index.contains_key(id));
+    stands.then(|| {
+        let mut snapshots = RoaringBitmap::new();
+        for id in &r.index {
+            if let Some(ix) = refs.index.get(id) {
+                snapshots |= &ix.snapshots;
+            }
+        }
+        Found {
+            object: r.object.clone(),
+            reason: format!("records {EARLIER}"),
+            snapshots,
+        }
+    })
 }
 
 /// Brings the repository's damage records up to date, and returns the
@@ -392,29 +447,8 @@ async fn keep_records(
         if write.contains_key(&r.object) {
             continue;
         }
-        // An index block is read whole by every check, and recorded
-        // offsets were traced again above. A pack's record of an older
-        // build (no offsets) stays while the pack is in use, not read
-        // again, and the index blocks it names are still used.
-        let stays = r.data
-            && r.offsets.is_empty()
-            && super::parse_pack_key(&r.object).is_some_and(|id| {
-                refs.packs.contains_key(&id)
-                    && examined.get(&id).is_some_and(|e| !e.read && e.whole)
-            })
-            && r.index.iter().any(referenced);
-        if stays {
-            let mut snapshots = RoaringBitmap::new();
-            for id in &r.index {
-                if let Some(ix) = refs.index.get(id) {
-                    snapshots |= &ix.snapshots;
-                }
-            }
-            earlier.push(Found {
-                object: r.object.clone(),
-                reason: format!("records {EARLIER}"),
-                snapshots,
-            });
+        if let Some(f) = unlisted_finding(refs, examined, r) {
+            earlier.push(f);
         } else {
             tracing::info!(object = %r.object, "the damage recorded for this object is gone");
             delete.extend(old_keys.get(&r.object).into_iter().flatten().cloned());
