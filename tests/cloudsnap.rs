@@ -389,6 +389,9 @@ fn a_group_object_the_location_refused_is_written_later() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     assert_eq!(files_under(&groups).len(), 1);
+    // Written once, and then forgotten: not written again at the next try.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    assert_eq!(d.log().matches("group backup recorded").count(), 1);
     let text = d.ok(&["cloudsnap", "list"]);
     assert!(
         text.contains(&group) && !text.contains(&format!("{group} (")),

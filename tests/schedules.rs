@@ -257,13 +257,18 @@ fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
     // back.
     let dir = tmp.path().join("away");
     local_location(&d, "away", &dir);
-    let t = backup(&d, &["v", "--cred-id", "away", "--expire", "4s"]);
+    let asked = Instant::now();
+    let t = backup(&d, &["v", "--cred-id", "away", "--expire", "12s"]);
     let snap = t["snapshot"].as_str().unwrap().to_string();
     let moved = tmp.path().join("away.moved");
     std::fs::rename(&dir, &moved).unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the backup took too long for this test"
+    );
     assert!(d.terminate().success());
     d.spawn();
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(asked.elapsed()));
     assert!(
         moved.join(format!("snapshots/{snap}")).exists(),
         "no manifest at {}",

@@ -86,6 +86,10 @@ pub async fn check(
             snapshots: RoaringBitmap::new(),
         });
     }
+    // The records first: every one read is judged by a walk that began
+    // after it was written, and only those are replaced or deleted. A
+    // record another check writes during this one is left alone.
+    let old = repo.damage_records().await?;
     let refs = refs::walk(repo).await?;
     problems.extend(refs.problems.iter().cloned());
     let (listed, foreign_packs) = repo.list_packs().await?;
@@ -171,7 +175,6 @@ pub async fn check(
     // this one did not read: traced again with the rest, so that a
     // snapshot written since that uses them (a backup that ran during
     // that check) is named and recorded too.
-    let old = repo.damage_records().await?;
     let mut earlier: HashSet<PackId> = HashSet::new();
     for r in &old.records {
         let Some(id) = super::parse_pack_key(&r.object) else {
@@ -413,30 +416,36 @@ async fn keep_records(
         let key = e.object().to_string();
         let object = super::damage::object_of(&key).unwrap_or(&key).to_string();
         delete.push(key);
-        if write.contains_key(&object) {
+        // What the record held is unknown: unless this check read the pack
+        // whole, what is written for it stands for all of its data.
+        let pack = super::parse_pack_key(&object)
+            .and_then(|id| refs.packs.get(&id))
+            .filter(|_| !read_whole(&object));
+        let whole = pack.map(|p| Record {
+            object: object.clone(),
+            data: true,
+            index: p
+                .index
+                .iter()
+                .filter_map(|n| refs.index_ids.get(n as usize).cloned())
+                .collect(),
+            offsets: Vec::new(),
+        });
+        if let Some(w) = write.get_mut(&object) {
+            if let Some(whole) = whole {
+                w.merge(whole);
+            }
             continue;
         }
-        match super::parse_pack_key(&object).and_then(|id| refs.packs.get(&id)) {
-            Some(p) if !read_whole(&object) => {
+        match (pack, whole) {
+            (Some(p), Some(whole)) => {
                 tracing::warn!(error = %e, "a damage record does not open: replaced by one naming every index block that reaches its pack");
                 earlier.push(Found {
                     object: object.clone(),
                     reason: "its damage record did not open and was replaced by one that avoids the whole pack; a check that reads this pack (`--read-data`) clears it if it is whole".into(),
                     snapshots: refs.snapshots_of(&p.index),
                 });
-                write.insert(
-                    object.clone(),
-                    Record {
-                        object,
-                        data: true,
-                        index: p
-                            .index
-                            .iter()
-                            .filter_map(|n| refs.index_ids.get(n as usize).cloned())
-                            .collect(),
-                        offsets: Vec::new(),
-                    },
-                );
+                write.insert(object, whole);
             }
             _ => {
                 tracing::warn!(error = %e, "deleting a damage record that does not open (this check covers its object)");

@@ -25,8 +25,9 @@
 //! Checks that run at once (two requests on one host, or hosts sharing a
 //! bucket) never undo each other. Every record is written under a key of
 //! its own, `damaged/<object key>.<tag>` (16 random hex digits), never
-//! over another, and a check deletes only keys it read before it began
-//! writing. Readers merge every record of one object (`Record::merge`:
+//! over another, and a check deletes only keys it read before its walk of
+//! the snapshots began (so each is judged by a walk that saw everything
+//! its writer saw). Readers merge every record of one object (`Record::merge`:
 //! the union of what each avoids), so what another check recorded
 //! meanwhile stays in force until a later check, which reads it, decides
 //! on it. With one key per object, a check that read the record, traced
@@ -152,7 +153,7 @@ impl Repo {
         // A check deletes a record only after writing what replaces it,
         // so a record gone between the listing and its read is found
         // again, replaced, by listing again.
-        for _ in 0..LISTINGS {
+        for attempt in 0..LISTINGS {
             let mut gone = false;
             for k in self.objects.list(DIR).await? {
                 if !seen.insert(k.clone()) {
@@ -175,6 +176,9 @@ impl Repo {
             }
             if !gone {
                 break;
+            }
+            if attempt + 1 == LISTINGS {
+                tracing::warn!(location = %self.location(), "damage records kept changing while they were read; some may be missing from this reading");
             }
         }
         out.records = by_object.into_values().collect();

@@ -133,9 +133,10 @@ CREATE TABLE IF NOT EXISTS withheld (
 -- here before it is written and dropped once it is, so one that a failing
 -- location refused is written later, also after a restart.
 CREATE TABLE IF NOT EXISTS pending_groups (
-    location TEXT NOT NULL,
-    grp      TEXT NOT NULL,
-    record   TEXT NOT NULL,
+    location   TEXT NOT NULL,
+    grp        TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    repository TEXT,
     PRIMARY KEY (location, grp)
 );
 ";
@@ -168,6 +169,19 @@ fn schedules_where(
         })
         .map(|(id, _)| id)
         .collect())
+}
+
+/// A group object still to be written ([`StateDb::pending_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingGroup {
+    /// Location name.
+    pub location: String,
+    /// Group id.
+    pub group: String,
+    /// The group object (JSON).
+    pub record: String,
+    /// Identity of the repository its members went into.
+    pub repository: Option<String>,
 }
 
 /// What [`StateDb::insert_schedule`] did.
@@ -563,34 +577,38 @@ impl StateDb {
     }
 
     /// Records group object `record` (JSON) of `group` as still to be
-    /// written to `location`.
+    /// written to `location`, into the repository of identity
+    /// `repository`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn add_pending_group(
-        &self,
-        location: &str,
-        group: &str,
-        record: &str,
-    ) -> Result<(), StateError> {
+    pub fn add_pending_group(&self, p: &PendingGroup) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO pending_groups (location, grp, record) VALUES (?1, ?2, ?3)",
-                params![location, group, record],
+                "INSERT OR REPLACE INTO pending_groups (location, grp, record, repository) VALUES (?1, ?2, ?3, ?4)",
+                params![p.location, p.group, p.record, p.repository],
             )
             .map(drop)
         })
     }
 
-    /// Group objects still to be written, as `(location, group, record)`.
+    /// Group objects still to be written.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn pending_groups(&self) -> Result<Vec<(String, String, String)>, StateError> {
+    pub fn pending_groups(&self) -> Result<Vec<PendingGroup>, StateError> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT location, grp, record FROM pending_groups ORDER BY grp")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let mut st = c.prepare(
+                "SELECT location, grp, record, repository FROM pending_groups ORDER BY grp",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(PendingGroup {
+                    location: r.get(0)?,
+                    group: r.get(1)?,
+                    record: r.get(2)?,
+                    repository: r.get(3)?,
+                })
+            })?;
             rows.collect()
         })
     }

@@ -5,9 +5,9 @@
 
 pub mod stream;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use blockd_api::{BackupGroupRequest, BackupRequest, Started, Task, TaskKind, TaskState};
 
@@ -18,6 +18,7 @@ use crate::repo::gc::Fence;
 use crate::repo::{name, Repo, RepoError};
 use crate::snapshot::store::SnapshotStore;
 use crate::snapshot::{CreateRequest, FreezeError};
+use crate::state::PendingGroup;
 use crate::volume::dirty_map::ChangeSet;
 
 use super::locations::LocationError;
@@ -797,58 +798,110 @@ impl Cloud {
             members: members.iter().map(|r| r.task.snapshot.clone()).collect(),
         };
         let json = serde_json::to_string(&g).unwrap_or_else(|_| unreachable!("groups serialise"));
-        if let Err(e) = self.db.add_pending_group(location, group, &json) {
-            tracing::error!(group, error = %e, "recording the group object to write failed; writing it once");
+        let repository = members.iter().find_map(|r| match &r.plan {
+            Plan::Backup { repository, .. } => repository.clone(),
+            Plan::Restore { .. } => None,
+        });
+        let pending = PendingGroup {
+            location: location.to_string(),
+            group: group.to_string(),
+            record: json,
+            repository,
+        };
+        if let Err(e) = self.db.add_pending_group(&pending) {
+            tracing::error!(group, error = %e, "recording the group object to write failed: if the location refuses it now, the group is listed as incomplete");
         }
-        self.write_group(location, &g).await;
+        self.write_group(&pending, &g, false).await;
     }
 
-    /// Writes group object `g` to `location`, and forgets it once written
-    /// (or once the location is gone); a failure leaves it to the next try.
-    async fn write_group(&self, location: &str, g: &Group) {
-        let written = match self.locations.repo(location).await {
-            Ok(repo) => repo.put_group(g).await.map(drop).map_err(CloudError::from),
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(()) => {
-                tracing::info!(group = %g.group, members = g.members.len(), "group backup recorded");
+    /// Writes group object `g` (recorded as `p`), and forgets it once
+    /// written, or once it can never be: its location deleted, made
+    /// read-only or holding another repository, or (`later`) every member
+    /// deleted meanwhile. Returns false when it is to be tried again.
+    async fn write_group(&self, p: &PendingGroup, g: &Group, later: bool) -> bool {
+        let group = g.group.as_str();
+        let location = p.location.as_str();
+        let outcome = async {
+            let repo = self.locations.repo(location).await?;
+            if p.repository.as_deref().is_some_and(|id| id != repo.id()) {
+                return Ok(Some("the location now holds another repository"));
             }
-            Err(CloudError::Location(LocationError::NotFound { .. })) => {
-                tracing::warn!(group = %g.group, %location, "the location of this group backup is gone: its group object is not written");
+            self.locations.check_keys(location, &repo).await?;
+            if later && !any_member_left(&repo, g).await? {
+                return Ok(Some("every member was deleted meanwhile"));
+            }
+            repo.put_group(g).await?;
+            Ok::<_, CloudError>(None)
+        }
+        .await;
+        match outcome {
+            Ok(None) => {
+                tracing::info!(group, members = g.members.len(), "group backup recorded");
+            }
+            Ok(Some(why)) => {
+                tracing::warn!(group, location, "the group object is not written: {why}");
+            }
+            Err(
+                CloudError::Location(
+                    LocationError::NotFound { .. }
+                    | LocationError::ReadOnly { .. }
+                    | LocationError::ReadOnlyKeys { .. },
+                )
+                | CloudError::Repo(RepoError::ReadOnly { .. }),
+            ) => {
+                tracing::warn!(group, location, "the location of this group backup is gone or read-only: its group object is not written");
             }
             Err(e) => {
-                tracing::warn!(group = %g.group, error = %e, "writing the group object failed; it is tried again every {} s", GROUP_RETRY.as_secs());
-                return;
+                tracing::warn!(group, error = %e, "writing the group object failed; it is tried again later (the group is listed as running meanwhile)");
+                return false;
             }
         }
-        if let Err(e) = self.db.drop_pending_group(location, &g.group) {
-            tracing::warn!(group = %g.group, error = %e, "forgetting a written group object failed; it is written again later");
+        if let Err(e) = self.db.drop_pending_group(location, group) {
+            tracing::warn!(group, error = %e, "forgetting a written group object failed; it is written again later");
         }
+        true
     }
 
-    /// Tries again, every [`GROUP_RETRY`] until shutdown, the group
-    /// objects a location refused.
+    /// Tries again, until shutdown, the group objects a location refused:
+    /// each after [`GROUP_RETRY`], doubling up to [`GROUP_RETRY_MAX`].
     pub(super) fn write_groups_later(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
+            // Per group: when it is due next, and the pause after that.
+            let mut due: HashMap<String, (Instant, Duration)> = HashMap::new();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(GROUP_RETRY) => {}
                 }
                 let Some(cloud) = me.upgrade() else { return };
-                let Ok(pending) = cloud.db.pending_groups() else {
-                    continue;
+                let pending = match cloud.db.pending_groups() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the group objects to write failed");
+                        continue;
+                    }
                 };
-                for (location, group, json) in pending {
-                    match serde_json::from_str::<Group>(&json) {
-                        Ok(g) if g.group == group => cloud.write_group(&location, &g).await,
+                due.retain(|g, _| pending.iter().any(|p| &p.group == g));
+                for p in pending {
+                    let now = Instant::now();
+                    let (at, pause) = *due.entry(p.group.clone()).or_insert((now, GROUP_RETRY));
+                    if at > now {
+                        continue;
+                    }
+                    let done = match serde_json::from_str::<Group>(&p.record) {
+                        Ok(g) if g.group == p.group => cloud.write_group(&p, &g, true).await,
                         _ => {
-                            tracing::error!(%group, "a recorded group object does not read: dropped; the group is listed as incomplete");
-                            let _ = cloud.db.drop_pending_group(&location, &group);
+                            tracing::error!(group = %p.group, "a recorded group object does not read: dropped; the group is listed as incomplete");
+                            if let Err(e) = cloud.db.drop_pending_group(&p.location, &p.group) {
+                                tracing::warn!(group = %p.group, error = %e, "forgetting it failed");
+                            }
+                            true
                         }
+                    };
+                    if !done {
+                        due.insert(p.group, (Instant::now() + pause, (pause * 2).min(GROUP_RETRY_MAX)));
                     }
                 }
             }
@@ -857,15 +910,35 @@ impl Cloud {
 
     /// Group backups whose group object is still to be written.
     pub(super) fn pending_groups(&self) -> HashSet<String> {
-        self.db
-            .pending_groups()
-            .map(|p| p.into_iter().map(|(_, g, _)| g).collect())
-            .unwrap_or_default()
+        match self.db.pending_groups() {
+            Ok(p) => p.into_iter().map(|p| p.group).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the group objects to write failed: such groups are listed as incomplete");
+                HashSet::new()
+            }
+        }
     }
 }
 
-/// How often group objects that a location refused are tried again.
+/// Whether any member of `g` is still in the repository.
+async fn any_member_left(repo: &Repo, g: &Group) -> Result<bool, CloudError> {
+    for m in &g.members {
+        let Some((v, n)) = name::split(m) else {
+            continue;
+        };
+        match repo.get_manifest(v, n).await {
+            Ok(_) => return Ok(true),
+            Err(RepoError::Missing { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// How soon a group object that a location refused is tried again.
 const GROUP_RETRY: Duration = Duration::from_secs(10);
+/// The longest pause between two tries of one group object.
+const GROUP_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// True when snapshot `m` can be the parent of a backup of `v`: the same
 /// extent size, and the volume's size or the size it had before growing.
