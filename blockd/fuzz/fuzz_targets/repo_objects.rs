@@ -155,7 +155,10 @@ fn run(data: &[u8]) {
                 body,
             );
             if let Ok(avoid) = w.rt.block_on(w.repo.avoid()) {
-                let (records, _) = w.rt.block_on(w.repo.damage_records()).expect("lists");
+                let records =
+                    w.rt.block_on(w.repo.damage_records())
+                        .expect("lists")
+                        .records;
                 assert!(records.iter().all(|r| r.object == object), "{records:?}");
                 let named: usize = records.iter().map(|r| r.index.len()).sum();
                 assert!(avoid.index.len() <= named);

@@ -185,7 +185,7 @@ async fn delete_schedule(
     State(d): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    d.cloud.delete_schedule(&id)?;
+    d.cloud.delete_schedule(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -472,6 +472,10 @@ pub struct Cloud {
     starting_sessions: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Locations this host is collecting.
     gc_running: Mutex<std::collections::HashSet<String>>,
+    /// Held by retention for each snapshot it deletes, with its check that
+    /// the schedule is still there, and by `schedules delete`: once that
+    /// returns, the schedule's run deletes nothing more.
+    retention: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -551,6 +555,7 @@ impl Cloud {
             sched_running: Mutex::new(std::collections::HashMap::new()),
             starting_sessions: Arc::default(),
             gc_running: Mutex::new(std::collections::HashSet::new()),
+            retention: tokio::sync::Mutex::new(()),
         });
         for (id, rec) in me.db.tasks(true, u32::MAX)? {
             match serde_json::from_str::<Record>(&rec) {

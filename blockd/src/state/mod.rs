@@ -230,6 +230,19 @@ impl StateDb {
             });
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // `pending_groups` first came without its `repository` column.
+        let has_repository: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('pending_groups') WHERE name = 'repository'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_repository {
+            conn.execute_batch("ALTER TABLE pending_groups ADD COLUMN repository TEXT")
+                .map_err(err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
         Ok(Self {

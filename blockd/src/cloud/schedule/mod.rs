@@ -238,11 +238,14 @@ impl Cloud {
             .collect())
     }
 
-    /// Deletes a schedule (a run in progress finishes).
+    /// Deletes a schedule. A run in progress finishes its backups but
+    /// deletes no snapshot once this returns (its retention checks that
+    /// the schedule is there under the same lock as each delete).
     ///
     /// # Errors
     /// Unknown id.
-    pub fn delete_schedule(&self, id: &str) -> Result<(), CloudError> {
+    pub async fn delete_schedule(&self, id: &str) -> Result<(), CloudError> {
+        let _retention = self.retention.lock().await;
         if !self.db.delete_schedule(id)? {
             return Err(CloudError::ScheduleNotFound { id: id.to_string() });
         }
@@ -529,6 +532,15 @@ impl Cloud {
         let mut deleted = 0;
         for n in retention::to_delete(&mine, &keep) {
             let snap = name::id(volume, n);
+            let _retention = self.retention.lock().await;
+            if !self
+                .stored_schedules()?
+                .iter()
+                .any(|(schedule, _)| schedule == id)
+            {
+                tracing::info!(schedule = %id, "schedule deleted during its run: its snapshots stay");
+                break;
+            }
             match self.delete(Some(location), &snap).await {
                 Ok(()) => {
                     deleted += 1;
