@@ -952,6 +952,7 @@ fn gc_and_check_racing_deletes_see_no_damage() {
                     &["-j", "repo", "gc", "--grace", "1s"][..],
                     &["-j", "repo", "check"][..],
                     &["-j", "cloudsnap", "list"][..],
+                    &["-j", "repo", "check", "--read-data"][..],
                 ] {
                     let out = d.blockctl(args);
                     let so = String::from_utf8_lossy(&out.stdout);

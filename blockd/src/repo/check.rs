@@ -141,8 +141,18 @@ pub async fn check(
     let mut damaged: HashMap<PackId, BTreeMap<u32, String>> = HashMap::new();
     let mut examined: HashMap<PackId, Examined> = HashMap::new();
     let mut records: Vec<Record> = Vec::new();
+    let verdicts = verdicts.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // A pack gone since the walk whose every user was deleted meanwhile
+    // is a delete and collection that ran under this check, not damage:
+    // neither recorded nor reported.
+    let needed = verdicts
+        .iter()
+        .filter(|v| v.bad.iter().any(|(o, _)| o.is_none()))
+        .fold(RoaringBitmap::new(), |a, v| {
+            a | refs.snapshots_of(&refs.packs[&v.id].index)
+        });
+    let gone = refs::deleted(repo, &refs, &needed).await?;
     for v in verdicts {
-        let v = v?;
         examined.insert(
             v.id,
             Examined {
@@ -158,11 +168,16 @@ pub async fn check(
         for (offset, reason) in v.bad {
             match offset {
                 None => {
+                    let snapshots = refs.snapshots_of(&refs.packs[&v.id].index);
+                    if !snapshots.is_empty() && snapshots.is_subset(&gone) {
+                        tracing::info!(pack = %Repo::pack_name(&v.id), "a pack only deleted snapshots used went during the check");
+                        continue;
+                    }
                     records.push(record_of(&refs, &v.id, &refs.packs[&v.id].index, false));
                     problems.push(Found {
                         object: Repo::pack_name(&v.id),
                         reason,
-                        snapshots: refs.snapshots_of(&refs.packs[&v.id].index),
+                        snapshots,
                     });
                 }
                 Some(o) => {
@@ -261,6 +276,19 @@ pub async fn check(
         problems.extend(earlier);
         Some(recorded)
     };
+    // The same for every other finding: the snapshots deleted under this
+    // check are not named, and what only they needed is not reported.
+    let needed = problems
+        .iter()
+        .fold(RoaringBitmap::new(), |a, p| a | &p.snapshots);
+    let gone = refs::deleted(repo, &refs, &(&needed - &gone)).await? | gone;
+    problems.retain_mut(|p| {
+        if p.snapshots.is_empty() || p.snapshots.is_disjoint(&gone) {
+            return true;
+        }
+        p.snapshots -= &gone;
+        !p.snapshots.is_empty()
+    });
     let mut report = report(
         repo,
         &refs,
@@ -710,5 +738,164 @@ fn report(
             })
             .collect(),
         recorded: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::{Arc, Mutex};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use futures::stream::{BoxStream, StreamExt};
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+    };
+
+    use super::super::format::{Entry, Manifest};
+    use super::super::tests::{kat_manifest, KAT_SNAPSHOT, KAT_V2};
+    use super::super::{manifest_key, new_pack_id, PackBuilder, Repo};
+    use super::check;
+
+    /// A store that deletes `doomed` when the packs are first listed: what
+    /// a delete and a collection running beside a check do after its walk
+    /// and before it looks at the packs.
+    #[derive(Debug)]
+    struct DeletesUnderTheCheck {
+        inner: Arc<dyn ObjectStore>,
+        doomed: Mutex<Vec<Path>>,
+    }
+
+    impl std::fmt::Display for DeletesUnderTheCheck {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "DeletesUnderTheCheck({})", self.inner)
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for DeletesUnderTheCheck {
+        async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> Result<PutResult> {
+            self.inner.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &Path,
+            o: PutMultipartOptions,
+        ) -> Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> Result<GetResult> {
+            self.inner.get_opts(l, o).await
+        }
+        async fn get_ranges(&self, l: &Path, r: &[Range<u64>]) -> Result<Vec<Bytes>> {
+            self.inner.get_ranges(l, r).await
+        }
+        fn delete_stream(
+            &self,
+            l: BoxStream<'static, Result<Path>>,
+        ) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(l)
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            let doomed = if prefix.is_some_and(|p| p.as_ref() == "packs") {
+                std::mem::take(&mut *self.doomed.lock().unwrap())
+            } else {
+                Vec::new()
+            };
+            let inner = self.inner.clone();
+            let prefix = prefix.cloned();
+            futures::stream::once(async move {
+                for p in doomed {
+                    inner.delete(&p).await.unwrap();
+                }
+                inner.list(prefix.as_ref())
+            })
+            .flatten()
+            .boxed()
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, o: CopyOptions) -> Result<()> {
+            self.inner.copy_opts(from, to, o).await
+        }
+    }
+
+    /// Snapshot `name` of volume `kat`: one 4 KiB chunk of `byte`, in a
+    /// pack of its own, at the start of block 0. Returns the keys of its
+    /// manifest, pack and index block.
+    async fn snapshot(repo: &Repo, name: &str, byte: u8) -> [Path; 3] {
+        let data = vec![byte; 4096];
+        let id = repo.keys.chunk_id(&data);
+        let sealed = repo.seal_chunk(&id, &data);
+        let mut pb = PackBuilder::new(0).unwrap();
+        pb.id = new_pack_id();
+        let pack = pb.id;
+        let loc = pb.push(id, &sealed, 4096).unwrap();
+        let (bytes, _) = pb.finish(&repo.keys).unwrap();
+        repo.put_pack(&pack, bytes).await.unwrap();
+        let entries = [Entry {
+            start: 0,
+            len: 4096,
+            chunk_off: 0,
+            chunk: loc,
+        }];
+        let (ix, sealed) = repo.seal_index(0, &entries).unwrap();
+        repo.put_index(&ix, sealed).await.unwrap();
+        let m = Manifest {
+            name: name.into(),
+            blocks: vec![(0, ix.clone())],
+            ..kat_manifest("")
+        };
+        repo.put_manifest(&m, None).await.unwrap();
+        [
+            Path::from(manifest_key("kat", name)),
+            Path::from(Repo::pack_name(&pack)),
+            Path::from(format!("index/{}/{ix}", &ix[..2])),
+        ]
+    }
+
+    /// A snapshot deleted and collected between a check's walk and its
+    /// look at the packs is not damage; a pack gone under a snapshot that
+    /// is still there is, named with that snapshot. With and without
+    /// `--read-data`.
+    #[tokio::test]
+    async fn a_snapshot_deleted_under_the_check_is_not_damage() {
+        for read_data in [false, true] {
+            let store = Arc::new(DeletesUnderTheCheck {
+                inner: Arc::new(object_store::memory::InMemory::new()),
+                doomed: Mutex::new(Vec::new()),
+            });
+            let repo = Arc::new(
+                Repo::open(store.clone(), "", "mem", None, None, true)
+                    .await
+                    .unwrap(),
+            );
+            let [manifest, pack, index] = snapshot(&repo, KAT_SNAPSHOT, 1).await;
+            let [_, kept_pack, _] = snapshot(&repo, KAT_V2, 2).await;
+            for key in [&manifest, &pack, &index, &kept_pack] {
+                assert!(store.inner.head(key).await.is_ok(), "{key}");
+            }
+
+            *store.doomed.lock().unwrap() = vec![manifest, pack, index];
+            let r = check(&repo, read_data, None).await.unwrap();
+            assert!(store.doomed.lock().unwrap().is_empty(), "not raced");
+            assert_eq!(r.snapshots, 2, "{r:?}");
+            assert!(r.problems.is_empty(), "read_data {read_data}: {r:?}");
+            assert!(r.damaged.is_empty(), "{r:?}");
+            assert_eq!(r.recorded, Some(Vec::new()), "{r:?}");
+
+            // The pack of a snapshot that stays, gone the same way: damage.
+            *store.doomed.lock().unwrap() = vec![kept_pack.clone()];
+            let r = check(&repo, read_data, None).await.unwrap();
+            assert_eq!(r.snapshots, 1, "{r:?}");
+            assert_eq!(r.problems.len(), 1, "{r:?}");
+            assert_eq!(r.problems[0].object, kept_pack.as_ref(), "{r:?}");
+            assert_eq!(r.damaged.len(), 1, "{r:?}");
+            assert_eq!(r.damaged[0].snapshot, format!("kat/{KAT_V2}"), "{r:?}");
+        }
     }
 }

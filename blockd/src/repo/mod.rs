@@ -1642,12 +1642,12 @@ mod tests {
         assert_eq!(failing.gets(), u64::from(retry::ATTEMPTS));
     }
 
-    const KAT_SNAPSHOT: &str = "20261121T101500.123Z-3f4f0a67";
-    const KAT_V2: &str = "20261123T101500.123Z-3f4f0a68";
+    pub(super) const KAT_SNAPSHOT: &str = "20261121T101500.123Z-3f4f0a67";
+    pub(super) const KAT_V2: &str = "20261123T101500.123Z-3f4f0a68";
 
     /// The known-answer manifest: blocks 0 and 5 (both with index block
     /// `ix`) of a 1 GiB volume.
-    fn kat_manifest(ix: &str) -> Manifest {
+    pub(super) fn kat_manifest(ix: &str) -> Manifest {
         Manifest {
             volume: "kat".into(),
             name: KAT_SNAPSHOT.into(),

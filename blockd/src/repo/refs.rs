@@ -204,24 +204,42 @@ async fn settle(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
     if refs.problems.is_empty() {
         return Ok(());
     }
+    let needed = refs
+        .problems
+        .iter()
+        .fold(RoaringBitmap::new(), |a, p| a | &p.snapshots);
+    let gone = deleted(repo, refs, &needed).await?;
+    refs.problems
+        .retain(|p| p.snapshots.is_empty() || !p.snapshots.is_subset(&gone));
+    Ok(())
+}
+
+/// Which of the walk's snapshots `needed` are deleted now: their manifest
+/// is missing. A check that finds an object gone after its walk asks this
+/// of the snapshots that needed it, as [`settle`] does of the walk's own
+/// findings: a snapshot deleted (and collected) under the check is not
+/// damage.
+pub(super) async fn deleted(
+    repo: &Repo,
+    refs: &Refs,
+    needed: &RoaringBitmap,
+) -> Result<RoaringBitmap, RepoError> {
+    let named: Vec<(u32, String, String)> = needed
+        .iter()
+        .filter_map(|s| {
+            let (v, n) = refs.snapshots.get(s as usize)?.rsplit_once('/')?;
+            name::is_valid(n).then(|| (s, v.to_string(), n.to_string()))
+        })
+        .collect();
+    let mut read = futures::stream::iter(
+        named
+            .into_iter()
+            .map(|(s, v, n)| async move { (s, repo.get_manifest(&v, &n).await) }),
+    )
+    .buffer_unordered(FETCHES);
     let mut gone = RoaringBitmap::new();
-    let needed: RoaringBitmap =
-        refs.problems
-            .iter()
-            .map(|p| &p.snapshots)
-            .fold(RoaringBitmap::new(), |mut a, s| {
-                a |= s;
-                a
-            });
-    for s in &needed {
-        let id = &refs.snapshots[s as usize];
-        let Some((v, n)) = id.rsplit_once('/') else {
-            continue;
-        };
-        if !name::is_valid(n) {
-            continue;
-        }
-        match repo.get_manifest(v, n).await {
+    while let Some((s, m)) = read.next().await {
+        match m {
             Err(RepoError::Missing { .. }) => {
                 gone.insert(s);
             }
@@ -229,9 +247,7 @@ async fn settle(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
             Err(e) => return Err(e),
         }
     }
-    refs.problems
-        .retain(|p| p.snapshots.is_empty() || !p.snapshots.is_subset(&gone));
-    Ok(())
+    Ok(gone)
 }
 
 /// Moves the references to records of repacked packs to where the
