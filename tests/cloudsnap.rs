@@ -868,6 +868,16 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
         );
         assert!(err.contains(said), "{damage} map: {err}");
         assert!(!d.ok(&["volume", "list"]).contains(&vol));
+        // The volume's backups go on: the damaged snapshot was the base of
+        // its next incremental, which reads the whole volume instead.
+        if *damage == "truncated" {
+            let t = backup(&d, &["vol1"]);
+            assert_eq!(t["full"], true, "{t}");
+            let r = restore(&d, t["snapshot"].as_str().unwrap(), "after", &[]);
+            assert_eq!(r["state"], "Done", "{r}");
+            assert_same(&d, &img, "after");
+            d.ok(&["volume", "delete", "after"]);
+        }
     }
     std::fs::write(&map, &original_map).unwrap();
     // Foreign objects under snapshots/ are listed as such, never used.

@@ -241,6 +241,19 @@ pub enum LocationError {
 }
 
 impl LocationError {
+    /// True when the location will never take a write through these
+    /// credentials: it was deleted, or it is read-only (by `--read-only`,
+    /// or keys that may only read). Work waiting to write there (an
+    /// expiry, a group object) is dropped rather than tried again; any
+    /// other error (a directory not mounted, a store not answering) may
+    /// pass.
+    pub fn refuses_writes_for_good(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound { .. } | Self::ReadOnly { .. } | Self::ReadOnlyKeys { .. }
+        )
+    }
+
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {

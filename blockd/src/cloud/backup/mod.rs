@@ -21,7 +21,6 @@ use crate::snapshot::{CreateRequest, FreezeError};
 use crate::state::PendingGroup;
 use crate::volume::dirty_map::ChangeSet;
 
-use super::locations::LocationError;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{lock_set, Cloud, CloudError};
 
@@ -373,6 +372,15 @@ impl Cloud {
                 Some((pv, pn)) => match repo.get_manifest(pv, pn).await {
                     Ok(m) if fits(&m, v) => Some(m),
                     Ok(_) | Err(RepoError::Missing { .. }) => None,
+                    // Its manifest or an index map is damaged: nothing of
+                    // it can be referenced, and its change set counts from
+                    // a snapshot nobody can read. The whole volume is read
+                    // instead, so the damage never stops the backups that
+                    // replace it (a store that fails is still an error).
+                    Err(e @ RepoError::Corrupt { .. }) => {
+                        tracing::warn!(volume = v.name(), parent = %snap, error = %e, "the volume's last backup at this location does not read: this backup reads the whole volume instead; `blockctl repo check` lists what is damaged");
+                        None
+                    }
                     Err(e) => return Err(e.into()),
                 },
                 None => None,
@@ -826,9 +834,13 @@ impl Cloud {
             if p.repository.as_deref().is_some_and(|id| id != repo.id()) {
                 return Ok(Some("the location now holds another repository"));
             }
-            self.locations.check_keys(location, &repo).await?;
-            if later && !any_member_left(&repo, g).await? {
-                return Ok(Some("every member was deleted meanwhile"));
+            // The members have just written through these keys; a retry
+            // may come after they were replaced by keys that only read.
+            if later {
+                self.locations.check_keys(location, &repo).await?;
+                if !any_member_left(&repo, g).await? {
+                    return Ok(Some("every member was deleted meanwhile"));
+                }
             }
             repo.put_group(g).await?;
             Ok::<_, CloudError>(None)
@@ -841,14 +853,10 @@ impl Cloud {
             Ok(Some(why)) => {
                 tracing::warn!(group, location, "the group object is not written: {why}");
             }
-            Err(
-                CloudError::Location(
-                    LocationError::NotFound { .. }
-                    | LocationError::ReadOnly { .. }
-                    | LocationError::ReadOnlyKeys { .. },
-                )
-                | CloudError::Repo(RepoError::ReadOnly { .. }),
-            ) => {
+            Err(e)
+                if matches!(&e, CloudError::Location(l) if l.refuses_writes_for_good())
+                    || matches!(e, CloudError::Repo(RepoError::ReadOnly { .. })) =>
+            {
                 tracing::warn!(group, location, "the location of this group backup is gone or read-only: its group object is not written");
             }
             Err(e) => {

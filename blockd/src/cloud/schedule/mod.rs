@@ -21,7 +21,7 @@
 pub mod retention;
 pub mod times;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,6 @@ use blockd_api::{BackupGroupRequest, CreateSchedule, Schedule, TaskState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::locations::LocationError;
 use super::{Cloud, CloudError};
 use crate::repo::name;
 use crate::state::Insert;
@@ -49,6 +48,13 @@ pub const DEFAULT_MAX: u32 = 7;
 const BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// Pause between two attempts of a run that waits for its volumes.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// The first pause before an expired snapshot whose delete failed is tried
+/// again; it doubles up to [`EXPIRE_RETRY_MAX`].
+const EXPIRE_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest pause between tries of an expired snapshot's delete.
+const EXPIRE_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// A schedule as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -311,6 +317,7 @@ impl Cloud {
         let me = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
+            let mut retry = HashMap::new();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -318,7 +325,7 @@ impl Cloud {
                 }
                 let Some(cloud) = me.upgrade() else { return };
                 cloud.start_due();
-                cloud.expire_due().await;
+                cloud.expire_due(&mut retry).await;
             }
         });
     }
@@ -556,15 +563,29 @@ impl Cloud {
         Ok(deleted)
     }
 
-    /// Deletes the snapshots whose `--expire` time has come.
-    async fn expire_due(&self) {
+    /// Deletes the snapshots whose `--expire` time has come. One whose
+    /// delete failed is tried again after [`EXPIRE_RETRY`], the pause
+    /// doubling up to [`EXPIRE_RETRY_MAX`] (`retry`: when each is due
+    /// next, and the pause after that), so a location that is away is not
+    /// asked every second.
+    async fn expire_due(&self, retry: &mut HashMap<(String, String), (Instant, Duration)>) {
         let Ok(due) = self
             .db
             .expired(&humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
         else {
             return;
         };
+        retry.retain(|k, _| due.contains(k));
         for (location, snap) in due {
+            let key = (location.clone(), snap.clone());
+            if retry.get(&key).is_some_and(|(at, _)| *at > Instant::now()) {
+                continue;
+            }
+            let pause = retry.get(&key).map_or(EXPIRE_RETRY, |(_, p)| *p);
+            retry.insert(
+                key,
+                (Instant::now() + pause, (pause * 2).min(EXPIRE_RETRY_MAX)),
+            );
             match self.delete(Some(&location), &snap).await {
                 Ok(()) => {
                     tracing::info!(snapshot = %snap, %location, "expired snapshot deleted");
@@ -573,12 +594,10 @@ impl Cloud {
                 // Gone already, or its location deleted or made read-only
                 // since. A location that fails (a directory not mounted, a
                 // store not answering) is tried again.
-                Err(CloudError::SnapshotNotFound { .. })
-                | Err(CloudError::Location(
-                    LocationError::NotFound { .. }
-                    | LocationError::ReadOnly { .. }
-                    | LocationError::ReadOnlyKeys { .. },
-                )) => {
+                Err(CloudError::SnapshotNotFound { .. }) => {
+                    let _ = self.db.drop_expiring(&location, &snap);
+                }
+                Err(CloudError::Location(e)) if e.refuses_writes_for_good() => {
                     let _ = self.db.drop_expiring(&location, &snap);
                 }
                 Err(e) => {
