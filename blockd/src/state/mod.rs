@@ -855,6 +855,46 @@ fn row_to_meta(r: &rusqlite::Row<'_>) -> rusqlite::Result<VolumeMeta> {
 mod tests {
     use super::*;
 
+    /// A database whose `pending_groups` came without its `repository`
+    /// column (an earlier build of schema 5) gains it on open, keeping its
+    /// rows; opening it again changes nothing.
+    #[test]
+    fn pending_groups_gain_their_repository_column_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("state.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE pending_groups (
+                    location TEXT NOT NULL,
+                    grp      TEXT NOT NULL,
+                    record   TEXT NOT NULL,
+                    PRIMARY KEY (location, grp)
+                );
+                INSERT INTO pending_groups VALUES ('local', 'g1', '{}');
+                PRAGMA user_version = 5;",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let db = StateDb::open(dir.path()).unwrap();
+            let old = PendingGroup {
+                location: "local".into(),
+                group: "g1".into(),
+                record: "{}".into(),
+                repository: None,
+            };
+            assert_eq!(db.pending_groups().unwrap(), vec![old.clone()]);
+            let new = PendingGroup {
+                group: "g2".into(),
+                repository: Some("r".into()),
+                ..old.clone()
+            };
+            db.add_pending_group(&new).unwrap();
+            assert_eq!(db.pending_groups().unwrap(), vec![old, new]);
+            db.drop_pending_group("local", "g2").unwrap();
+        }
+    }
+
     #[test]
     fn volumes_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
