@@ -305,7 +305,8 @@ pub struct Task {
     pub location: String,
     /// Group id of a group backup.
     pub group: Option<String>,
-    /// Full read of the volume (backup).
+    /// A backup that read the whole volume (not an incremental), or a
+    /// restore that fills the volume before it is served (not lazy).
     pub full: bool,
     /// A lazy restore: the volume is served while it fills.
     #[serde(default)]

@@ -123,6 +123,7 @@ impl Cloud {
             Some(filling(&id, &snapshot, req.lazy)),
         )?;
         let task = Task {
+            full: !req.lazy,
             lazy: req.lazy,
             ..new_task(
                 id,
