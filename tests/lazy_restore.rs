@@ -71,7 +71,11 @@ fn lazy_restore_serves_ext4_at_once_and_survives_kill9() {
     let id = lazy_restore(&d, "src", "r");
     let st = status(&d, &id);
     assert_eq!(st["state"], "Active", "{st}");
-    assert_eq!((&st["lazy"], &st["full"]), (&true.into(), &false.into()), "{st}");
+    assert_eq!(
+        (&st["lazy"], &st["full"]),
+        (&true.into(), &false.into()),
+        "{st}"
+    );
     assert!(st["bytes_done"].as_u64().unwrap() < 64 * MB as u64, "{st}");
     let uri = d.uri("r");
     run(Command::new("nbdinfo").arg(&uri));
