@@ -355,6 +355,148 @@ fn exit_codes_and_json_errors() {
     // 1: the daemon refused or failed.
     let out = d.blockctl(&["volume", "inspect", "ghost"]);
     assert_eq!(code(&out), 1);
+    // 2 also for values only the daemon judges: the command fails again
+    // however things stand. 1 for what depends on them.
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("f"), b"x").unwrap();
+    let full = full.to_str().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    let nas = tmp.path().join("nas");
+    let nas = nas.to_str().unwrap();
+    for (args, status, needle) in [
+        (
+            &["volume", "create", "v", "--size", "0"][..],
+            2,
+            "at least one extent",
+        ),
+        (
+            &["volume", "create", "v", "--size", "6K"][..],
+            2,
+            "multiple of the extent size",
+        ),
+        (
+            &["volume", "create", "vol1", "--size", "16M"][..],
+            1,
+            "exists",
+        ),
+        (
+            &["volume", "resize", "vol1", "--size", "8M"][..],
+            2,
+            "shrinking",
+        ),
+        (
+            &[
+                "cloudsnap",
+                "schedules",
+                "create",
+                "vol1",
+                "--periodic",
+                "0",
+            ][..],
+            2,
+            "at least 1s",
+        ),
+        (
+            &[
+                "cloudsnap",
+                "schedules",
+                "create",
+                "vol1",
+                "--periodic",
+                "5",
+                "--max",
+                "0",
+            ][..],
+            2,
+            "--max",
+        ),
+        (
+            &[
+                "cloudsnap",
+                "schedules",
+                "create",
+                "vol1",
+                "--daily",
+                "24:00",
+            ][..],
+            2,
+            "hh:mm",
+        ),
+        (
+            &[
+                "cloudsnap",
+                "schedules",
+                "create",
+                "ghost",
+                "--periodic",
+                "5",
+            ][..],
+            1,
+            "not found",
+        ),
+        (&["mount", empty, "--cache-size", "0"][..], 2, "cache"),
+        (&["mount", full][..], 1, "not empty"),
+        (
+            &[
+                "credentials",
+                "create",
+                "x",
+                "--provider",
+                "s3",
+                "--bucket",
+                "b",
+            ][..],
+            2,
+            "--s3-access-key is required",
+        ),
+        (
+            &[
+                "credentials",
+                "create",
+                "x",
+                "--provider",
+                "local",
+                "--path",
+                nas,
+                "--bucket",
+                "b",
+            ][..],
+            2,
+            "--bucket",
+        ),
+        (
+            &["credentials", "create", "x", "--provider", "local"][..],
+            2,
+            "--path is required",
+        ),
+        (&["credentials", "delete", "local"][..], 2, "built in"),
+        (
+            &[
+                "snapshot",
+                "create",
+                "vol1",
+                "--name",
+                "s",
+                "--pre-exec",
+                "exit 3",
+            ][..],
+            1,
+            "exited with status 3",
+        ),
+    ] {
+        let out = d.blockctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), status, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let listed = json(&d.ok(&["-j", "volume", "list"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let creds = json(&d.ok(&["-j", "credentials", "list"]));
+    assert_eq!(creds.as_array().unwrap().len(), 1, "{creds}");
     // Under -j, stdout holds only answers; an error is one JSON object on
     // stderr, usage errors included.
     for (args, status, needle) in [

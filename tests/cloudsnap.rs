@@ -767,11 +767,20 @@ fn stop_with_a_group_id_stops_every_member() {
         let info = json(&d.ok(&["-j", "volume", "inspect", v]));
         assert_eq!(info["dirty_bytes"], 384 * MB, "changes kept: {info}");
     }
-    // Once nothing of it runs, stopping it again says so.
+    // Once nothing of it runs, stopping it again says so, and so does
+    // stopping one member: a failure (1), not a wrong command line.
     let out = d.blockctl(&["cloudsnap", "stop", &group]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("no running task"),
+        out.status.code() == Some(1) && err.contains("no running task"),
+        "{err}"
+    );
+    let member = stopped[0]["id"].as_str().unwrap();
+    let out = d.blockctl(&["cloudsnap", "stop", member]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains(&format!("task {member} already ended (Stopped)")),
         "{err}"
     );
     let out = d.blockctl(&["cloudsnap", "stop", "no-such-task"]);

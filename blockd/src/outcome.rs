@@ -9,8 +9,15 @@
 /// The kind of failure, as the caller sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The request is wrong (a name, a size, a flag): fix it and retry.
+    /// The request is wrong (a name, a size, a flag's value, a missing or
+    /// conflicting argument), whatever state the daemon is in: fix it and
+    /// retry. blockctl exits 2 for these, as for its own usage errors.
     Invalid,
+    /// The request is well formed, but something it depends on refuses
+    /// it as things stand: a hook failed, a directory cannot be used, a
+    /// key does not open the repository, a location is read-only or gone,
+    /// the kernel will not take a device. Fix that, then retry.
+    Refused,
     /// Something it names does not exist.
     NotFound,
     /// It conflicts with what exists or runs now: wait, stop or delete

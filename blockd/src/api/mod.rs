@@ -64,6 +64,7 @@ impl Failure {
     fn of(outcome: Outcome, message: String) -> Self {
         let status = match outcome {
             Outcome::Invalid => StatusCode::BAD_REQUEST,
+            Outcome::Refused => StatusCode::UNPROCESSABLE_ENTITY,
             Outcome::NotFound => StatusCode::NOT_FOUND,
             Outcome::Conflict => StatusCode::CONFLICT,
             Outcome::Upstream => StatusCode::BAD_GATEWAY,

@@ -69,9 +69,13 @@ pub enum AttachError {
     /// Not attached.
     #[error("volume {0} is not attached")]
     NotAttached(String),
-    /// A request the kernel or blockd refuses.
+    /// A request whose values are wrong (a flag out of range, a device
+    /// name that is not one).
     #[error("{0}")]
     Invalid(String),
+    /// A request the kernel refuses as things stand.
+    #[error("{0}")]
+    Refused(String),
     /// The kernel refused.
     #[error("the kernel refused to {what} (errno {errno}: {})", std::io::Error::from_raw_os_error(*errno))]
     Kernel {
@@ -102,7 +106,8 @@ impl AttachError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::NoModule | Self::Invalid(_) => Outcome::Invalid,
+            Self::Invalid(_) => Outcome::Invalid,
+            Self::NoModule | Self::Refused(_) => Outcome::Refused,
             Self::NoVolume(_) | Self::NotAttached(_) => Outcome::NotFound,
             Self::Attached { .. }
             | Self::Busy(_)
@@ -388,7 +393,7 @@ impl Attachments {
                     Ok(()) => {
                         return c
                             .index
-                            .ok_or_else(|| AttachError::Invalid("no index".into()))
+                            .ok_or_else(|| AttachError::Refused("the kernel named no device".into()))
                     }
                     Err(e) => {
                         tracing::info!(device = ?c.index, error = %e, "device not waiting for new sockets; connecting it anew");
@@ -415,7 +420,7 @@ impl Attachments {
                         Some(n),
                     ) => {
                         if asked.elapsed() >= GOING_DOWN_WAIT {
-                            return Err(AttachError::Invalid(format!(
+                            return Err(AttachError::Refused(format!(
                                 "the kernel still refuses /dev/nbd{n} (EINVAL) after {} s: it is \
                                  most likely still going down from a detach while something \
                                  holds it open (see `fuser -v /dev/nbd{n}`); close that and \
@@ -438,7 +443,7 @@ impl Attachments {
                     _ => None,
                 })
                 .or(c.index)
-                .ok_or_else(|| AttachError::Invalid("the kernel named no device".into()))
+                .ok_or_else(|| AttachError::Refused("the kernel named no device".into()))
         })
         .await
         .map_err(|e| AttachError::Io(std::io::Error::other(e.to_string())))?;

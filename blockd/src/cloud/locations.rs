@@ -268,15 +268,15 @@ impl LocationError {
             | Self::Missing { .. }
             | Self::Foreign { .. }
             | Self::BadFlag { .. }
-            | Self::Config { .. }
-            | Self::Directory { .. }
+            | Self::Config { .. } => Outcome::Invalid,
+            Self::Directory { .. }
             | Self::DirectoryGone { .. }
             | Self::Probe { .. }
             | Self::ReadOnlyKeys { .. }
             | Self::ReadOnly { .. }
             | Self::NoRepository { .. }
             | Self::NoAnswer { .. }
-            | Self::ProbeMismatch { .. } => Outcome::Invalid,
+            | Self::ProbeMismatch { .. } => Outcome::Refused,
             Self::Secrets { .. } | Self::Encode { .. } => Outcome::Failed,
         }
     }

@@ -103,13 +103,13 @@ impl MountError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::NoDirectory { .. }
-            | Self::NotADirectory { .. }
-            | Self::NotEmpty { .. }
-            | Self::DaemonPath { .. }
-            | Self::CacheTooSmall { .. } => Outcome::Invalid,
+            Self::CacheTooSmall { .. } | Self::NoDirectory { .. } | Self::NotADirectory { .. } => {
+                Outcome::Invalid
+            }
+            Self::NotEmpty { .. } | Self::DaemonPath { .. } | Self::OtherNamespace(_) => {
+                Outcome::Refused
+            }
             Self::NotMounted { .. } => Outcome::NotFound,
-            Self::OtherNamespace(_) => Outcome::Invalid,
             Self::AlreadyMounted { .. } | Self::StaleMount { .. } | Self::Busy { .. } => {
                 Outcome::Conflict
             }

@@ -133,11 +133,12 @@ pub enum RepoError {
 }
 
 impl RepoError {
-    /// What the error means to the caller: a missing or wrong passphrase is
-    /// the request's mistake; everything else is the store's.
+    /// What the error means to the caller: a missing or wrong passphrase,
+    /// a location gone or read-only, refuse the request as things stand;
+    /// everything else is the store's.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::Key { .. } | Self::Gone { .. } | Self::ReadOnly { .. } => Outcome::Invalid,
+            Self::Key { .. } | Self::Gone { .. } | Self::ReadOnly { .. } => Outcome::Refused,
             Self::Overflow(_) | Self::Memory(_) => Outcome::Failed,
             _ => Outcome::Upstream,
         }

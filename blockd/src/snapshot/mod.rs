@@ -164,10 +164,8 @@ impl FreezeError {
     /// What the error means to the caller.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Self::NoVolumes
-            | Self::BadName { .. }
-            | Self::NamedTwice { .. }
-            | Self::Hook { .. } => Outcome::Invalid,
+            Self::NoVolumes | Self::BadName { .. } | Self::NamedTwice { .. } => Outcome::Invalid,
+            Self::Hook { .. } => Outcome::Refused,
             Self::VolumeNotFound { .. } | Self::NotFound { .. } => Outcome::NotFound,
             Self::Restoring { .. } | Self::Exists { .. } | Self::Open { .. } | Self::Busy(_) => {
                 Outcome::Conflict

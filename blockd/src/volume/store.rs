@@ -37,6 +37,18 @@ pub enum StoreError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// The file system holding the volumes refuses a file this large.
+    #[error(
+        "the file system holding {dir} cannot store a file of {size} bytes \
+         (ext4 stops at 16 TiB with 4 KiB blocks): put the state dir on XFS or btrfs, \
+         or create a smaller volume"
+    )]
+    TooLarge {
+        /// The volumes' directory.
+        dir: String,
+        /// Size asked for.
+        size: u64,
+    },
     /// Open connections prevent deletion.
     #[error("volume {volume:?} has {connections} open NBD connection(s): disconnect the clients or delete with --force")]
     Busy {
@@ -90,6 +102,7 @@ impl StoreError {
             Self::NotFound { .. } => Outcome::NotFound,
             Self::Exists { .. } | Self::Busy { .. } | Self::Withheld { .. } => Outcome::Conflict,
             Self::Invalid { .. } | Self::Shrink { .. } => Outcome::Invalid,
+            Self::TooLarge { .. } => Outcome::Refused,
             Self::Io { .. } | Self::State(_) | Self::DirtyMap(_) => Outcome::Failed,
         }
     }
@@ -566,13 +579,9 @@ fn too_large(dir: &Path, size: u64, e: io::Error) -> Result<StoreError, io::Erro
     if e.raw_os_error() != Some(libc::EFBIG) {
         return Err(e);
     }
-    Ok(StoreError::Invalid {
-        message: format!(
-            "the file system holding {} cannot store a file of {size} bytes \
-             (ext4 stops at 16 TiB with 4 KiB blocks): put the state dir on XFS or btrfs, \
-             or create a smaller volume",
-            dir.display()
-        ),
+    Ok(StoreError::TooLarge {
+        dir: dir.display().to_string(),
+        size,
     })
 }
 

@@ -86,17 +86,27 @@ impl Client {
         Ok((status, bytes))
     }
 
-    fn check(status: u16, bytes: &Bytes) -> Result<(), String> {
+    /// The answer's error, if it is one. blockd answers 400 when the
+    /// request's values are wrong, whatever state it is in (a name, a
+    /// flag's value, a missing argument): that is a wrong command line,
+    /// as clap's usage errors are, and exits 2; every other refusal or
+    /// failure exits 1.
+    fn check(status: u16, bytes: &Bytes) -> Result<(), Failure> {
         if (200..300).contains(&status) {
             return Ok(());
         }
-        match serde_json::from_slice::<ApiError>(bytes) {
-            Ok(e) => Err(e.error),
-            Err(_) => Err(format!(
+        let message = match serde_json::from_slice::<ApiError>(bytes) {
+            Ok(e) => e.error,
+            Err(_) => format!(
                 "blockd answered HTTP {status}: {}",
                 String::from_utf8_lossy(bytes)
-            )),
-        }
+            ),
+        };
+        Err(if status == 400 {
+            Failure::Usage(message)
+        } else {
+            Failure::Failed(message)
+        })
     }
 
     /// Calls an endpoint and decodes its JSON answer.
@@ -105,14 +115,15 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&B>,
-    ) -> Result<T, String> {
+    ) -> Result<T, Failure> {
         let body = body
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| format!("encoding request: {e}"))?;
         let (status, bytes) = self.send(method, path, body).await?;
         Self::check(status, &bytes)?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("unexpected answer from blockd: {e}"))
+        Ok(serde_json::from_slice(&bytes)
+            .map_err(|e| format!("unexpected answer from blockd: {e}"))?)
     }
 
     /// [`Client::call`] of a request whose hooks may run for a while (a
@@ -132,7 +143,7 @@ impl Client {
         tokio::select! {
             // An answer that is there wins over a Ctrl-C at the same moment.
             biased;
-            r = self.call("POST", path, Some(body)) => Ok(r?),
+            r = self.call("POST", path, Some(body)) => r,
             Ok(()) = tokio::signal::ctrl_c() => Err(Failure::Interrupted(format!(
                 "interrupted before blockd answered; blockd carries a request it has received through to its end: {goes_on}"
             ))),
@@ -140,7 +151,7 @@ impl Client {
     }
 
     /// Calls an endpoint that answers with no body.
-    pub async fn call_empty(&self, method: &str, path: &str) -> Result<(), String> {
+    pub async fn call_empty(&self, method: &str, path: &str) -> Result<(), Failure> {
         let (status, bytes) = self.send(method, path, None).await?;
         Self::check(status, &bytes)
     }

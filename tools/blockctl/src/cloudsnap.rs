@@ -250,6 +250,12 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
             let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
             if tasks.iter().any(|t| t.id == *id) {
                 let t = stop_task(client, id, *force).await?;
+                // Ended on its own while the stop was on its way: nothing
+                // was stopped, as when it had ended before the stop was
+                // sent (the daemon's own answer then).
+                if t.state != TaskState::Stopped {
+                    return Err(Failure::Failed(already_ended(&t)));
+                }
                 out.answer(&t, print_stopped);
                 return Ok(());
             }
@@ -459,39 +465,46 @@ fn print_stopped(t: &Task) {
     if t.state == TaskState::Stopped {
         line(format_args!("Cloudsnap task {} stopped", t.id));
     } else {
-        line(format_args!(
-            "Cloudsnap task {} ended before the stop reached it ({})",
-            t.id, t.state
-        ));
+        line(format_args!("{}", already_ended(t)));
     }
 }
 
+/// A task that ended before a stop reached it, in the daemon's words for
+/// one that had ended before the stop was sent.
+fn already_ended(t: &Task) -> String {
+    format!("task {} already ended ({})", t.id, t.state)
+}
+
 /// Asks blockd to stop task `id`; the task as it ended.
-async fn stop_task(client: &Client, id: &str, force: bool) -> Result<Task, String> {
+async fn stop_task(client: &Client, id: &str, force: bool) -> Result<Task, Failure> {
     let path = format!("/v1/tasks/{}/stop?force={force}", encode(id));
     client.call::<(), _>("POST", &path, None).await
 }
 
 /// Stops every running member of group `group` (`tasks`: its members, as
 /// the daemon listed them) and returns them as they ended. A member that
-/// ended on its own meanwhile is returned as it ended; a group with no
-/// running member is an error, as a task that already ended is.
+/// ended on its own meanwhile is returned as it ended; a group none of
+/// whose members this stopped is an error, as a task that already ended
+/// is.
 async fn stop_group(
     client: &Client,
     group: &str,
     tasks: &[Task],
     force: bool,
-) -> Result<Vec<Task>, String> {
-    let running: Vec<&Task> = tasks.iter().filter(|t| !t.state.is_final()).collect();
-    if running.is_empty() {
+) -> Result<Vec<Task>, Failure> {
+    let nothing_to_stop = |tasks: &[&Task]| {
         let states: Vec<String> = tasks
             .iter()
             .map(|t| format!("{} {}", t.id, t.state))
             .collect();
-        return Err(format!(
+        Failure::Failed(format!(
             "group {group} has no running task ({}): nothing to stop",
             states.join(", ")
-        ));
+        ))
+    };
+    let running: Vec<&Task> = tasks.iter().filter(|t| !t.state.is_final()).collect();
+    if running.is_empty() {
+        return Err(nothing_to_stop(&tasks.iter().collect::<Vec<_>>()));
     }
     let mut out = Vec::with_capacity(running.len());
     for t in running {
@@ -503,10 +516,19 @@ async fn stop_group(
                 let now: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
                 match now.into_iter().find(|n| n.id == t.id) {
                     Some(n) if n.state.is_final() => out.push(n),
-                    _ => return Err(format!("stopping task {} of group {group}: {e}", t.id)),
+                    _ => {
+                        return Err(Failure::Failed(format!(
+                            "stopping task {} of group {group}: {}",
+                            t.id,
+                            e.message()
+                        )))
+                    }
                 }
             }
         }
+    }
+    if out.iter().all(|t| t.state != TaskState::Stopped) {
+        return Err(nothing_to_stop(&out.iter().collect::<Vec<_>>()));
     }
     Ok(out)
 }
@@ -631,7 +653,7 @@ async fn list_everywhere(
         let path = with_query("/v1/cloudsnaps", &with);
         match client.call::<(), Vec<CloudSnap>>("GET", &path, None).await {
             Ok(s) => snaps.extend(s),
-            Err(e) => failed.push((l.name.clone(), e)),
+            Err(e) => failed.push((l.name.clone(), e.message().to_string())),
         }
     }
     if failed.len() == locations.len() && !failed.is_empty() {

@@ -1,9 +1,16 @@
 //! How a command fails, and the exit status that says so.
 //!
-//! blockctl exits 0 when the command did what it was asked, 1 when it
-//! failed (the daemon refused or could not do it, or is not running), and
-//! 2 when the command line itself is wrong (clap's own usage errors, and
-//! the few that only a look at several arguments together finds).
+//! blockctl exits 0 when the command did what it was asked, 2 when the
+//! command line itself is wrong, and 1 when it failed otherwise.
+//!
+//! - 2: a wrong command line, found by clap (usage errors), by blockctl
+//!   (what only a look at several arguments together finds), or by the
+//!   daemon, which answers HTTP 400 when a request's values are wrong
+//!   whatever state it is in (a schedule's time, a size of 0, a flag of
+//!   another provider). Running it again as it is fails again.
+//! - 1: the daemon refused it as things stand (something named is not
+//!   there, is busy, a hook failed, a key does not open the repository),
+//!   could not do it, or is not running.
 
 /// A command's failure.
 #[derive(Debug)]

@@ -149,7 +149,7 @@ pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(
             )
             .into())
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     out.answer(
         &serde_json::json!({ "unmounted": dir_s, "stale": stale }),

@@ -150,7 +150,7 @@ async fn poll(
             *t = client
                 .call::<(), _>("GET", &path, None)
                 .await
-                .map_err(|e| lost(&e, t))?;
+                .map_err(|e| lost(e.message(), t))?;
             if let Some(bars) = bars {
                 bars.show(i, t);
             }
