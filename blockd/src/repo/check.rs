@@ -7,7 +7,10 @@
 //!    GET of the pack's tail) must open and list every record the index
 //!    blocks point at. A record of a repacked pack is looked for where its
 //!    relocation says it is now (the walk resolves them; a damaged
-//!    relocation is named like a damaged index block).
+//!    relocation is named like a damaged index block). A pack gone since
+//!    the walk is not damage when the snapshots that need it were deleted
+//!    meanwhile, or when a relocation written meanwhile covers every
+//!    record wanted of it (a repack ran under the check).
 //! 4. With `--read-data`, the packs of the subset are read whole: every
 //!    record's seal and chunk hash is checked, as a restore would.
 //!
@@ -64,6 +67,8 @@ struct PackVerdict {
     /// Some bad record was found by opening it (`--read-data` only sees
     /// such damage).
     opened: bool,
+    /// The pack is not there: not listed, or gone by its read.
+    absent: bool,
 }
 
 /// Checks the repository; see the module docs.
@@ -152,6 +157,26 @@ pub async fn check(
             a | refs.snapshots_of(&refs.packs[&v.id].index)
         });
     let gone = refs::deleted(repo, &refs, &needed).await?;
+    // A pack gone since the walk whose every wanted record a relocation
+    // written since then covers was repacked under this check (the walk
+    // resolved the relocations before it): its records are where the
+    // relocation says, and the next check looks at them there.
+    let mut repacked: HashSet<PackId> = HashSet::new();
+    for v in verdicts.iter().filter(|v| v.absent) {
+        match repo.relocs_of(&v.id).await {
+            Ok(relocs) => {
+                let w = super::reloc::Winners::of(&relocs);
+                let wanted = &refs.packs[&v.id].records;
+                if !wanted.is_empty() && wanted.iter().all(|o| w.get(o).is_some()) {
+                    repacked.insert(v.id);
+                }
+            }
+            // A damaged relocation: the pack is reported as missing, and
+            // the next walk names the relocation.
+            Err(e) if refs::is_damage(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
     for v in verdicts {
         examined.insert(
             v.id,
@@ -171,6 +196,10 @@ pub async fn check(
                     let snapshots = refs.snapshots_of(&refs.packs[&v.id].index);
                     if !snapshots.is_empty() && snapshots.is_subset(&gone) {
                         tracing::info!(pack = %Repo::pack_name(&v.id), "a pack only deleted snapshots used went during the check");
+                        continue;
+                    }
+                    if repacked.contains(&v.id) {
+                        tracing::info!(pack = %Repo::pack_name(&v.id), "a pack was repacked during the check");
                         continue;
                     }
                     records.push(record_of(&refs, &v.id, &refs.packs[&v.id].index, false));
@@ -532,9 +561,11 @@ async fn verdict(
         bytes: 0,
         read: false,
         opened: false,
+        absent: false,
     };
     let Some(size) = size else {
         v.bad.push((None, "missing".into()));
+        v.absent = true;
         return Ok(v);
     };
     let records = if full {
@@ -542,6 +573,7 @@ async fn verdict(
             Ok(b) => b,
             Err(e) if refs::is_damage(&e) => {
                 v.bad.push((None, reason_of(&e)));
+                v.absent = matches!(e, RepoError::Missing { .. });
                 return Ok(v);
             }
             Err(e) => return Err(e),
@@ -583,6 +615,7 @@ async fn verdict(
         Ok(r) => r,
         Err(e) if refs::is_damage(&e) => {
             v.bad.push((None, reason_of(&e)));
+            v.absent = matches!(e, RepoError::Missing { .. });
             return Ok(v);
         }
         Err(e) => return Err(e),
@@ -756,6 +789,7 @@ mod tests {
     };
 
     use super::super::format::{Entry, Manifest};
+    use super::super::reloc::{reloc_key, Move, Reloc};
     use super::super::tests::{kat_manifest, KAT_SNAPSHOT, KAT_V2};
     use super::super::{manifest_key, new_pack_id, PackBuilder, Repo};
     use super::check;
@@ -766,6 +800,8 @@ mod tests {
     #[derive(Debug)]
     struct DeletesUnderTheCheck {
         inner: Arc<dyn ObjectStore>,
+        /// Copied `(from, to)` first: objects that appear then.
+        arriving: Mutex<Vec<(Path, Path)>>,
         doomed: Mutex<Vec<Path>>,
     }
 
@@ -800,14 +836,20 @@ mod tests {
             self.inner.delete_stream(l)
         }
         fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-            let doomed = if prefix.is_some_and(|p| p.as_ref() == "packs") {
-                std::mem::take(&mut *self.doomed.lock().unwrap())
+            let (arriving, doomed) = if prefix.is_some_and(|p| p.as_ref() == "packs") {
+                (
+                    std::mem::take(&mut *self.arriving.lock().unwrap()),
+                    std::mem::take(&mut *self.doomed.lock().unwrap()),
+                )
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             let inner = self.inner.clone();
             let prefix = prefix.cloned();
             futures::stream::once(async move {
+                for (from, to) in arriving {
+                    inner.copy(&from, &to).await.unwrap();
+                }
                 for p in doomed {
                     inner.delete(&p).await.unwrap();
                 }
@@ -867,6 +909,7 @@ mod tests {
         for read_data in [false, true] {
             let store = Arc::new(DeletesUnderTheCheck {
                 inner: Arc::new(object_store::memory::InMemory::new()),
+                arriving: Mutex::new(Vec::new()),
                 doomed: Mutex::new(Vec::new()),
             });
             let repo = Arc::new(
@@ -896,6 +939,95 @@ mod tests {
             assert_eq!(r.problems[0].object, kept_pack.as_ref(), "{r:?}");
             assert_eq!(r.damaged.len(), 1, "{r:?}");
             assert_eq!(r.damaged[0].snapshot, format!("kat/{KAT_V2}"), "{r:?}");
+        }
+    }
+
+    /// A pack repacked between a check's walk and its look at the packs
+    /// (its record copied into a new pack, a relocation written, the old
+    /// pack deleted, as a collector does) is not damage; gone without a
+    /// relocation, it is. With and without `--read-data`.
+    #[tokio::test]
+    async fn a_pack_repacked_under_the_check_is_not_damage() {
+        for read_data in [false, true] {
+            let store = Arc::new(DeletesUnderTheCheck {
+                inner: Arc::new(object_store::memory::InMemory::new()),
+                arriving: Mutex::new(Vec::new()),
+                doomed: Mutex::new(Vec::new()),
+            });
+            let repo = Arc::new(
+                Repo::open(store.clone(), "", "mem", None, None, true)
+                    .await
+                    .unwrap(),
+            );
+            let [_, pack, _] = snapshot(&repo, KAT_SNAPSHOT, 1).await;
+            let from = super::super::parse_pack_key(pack.as_ref()).unwrap();
+            // The repack's new pack and relocation, written aside and put
+            // in place only under the check.
+            let data = vec![1u8; 4096];
+            let id = repo.keys.chunk_id(&data);
+            let sealed = repo.seal_chunk(&id, &data);
+            let mut pb = PackBuilder::new(0).unwrap();
+            pb.id = new_pack_id();
+            let to = pb.id;
+            let filler = vec![0u8; 512];
+            pb.push(
+                repo.keys.chunk_id(&filler),
+                &repo.seal_chunk(&repo.keys.chunk_id(&filler), &filler),
+                512,
+            )
+            .unwrap();
+            let loc = pb.push(id, &sealed, 4096).unwrap();
+            let (bytes, _) = pb.finish(&repo.keys).unwrap();
+            repo.put_pack(&to, bytes).await.unwrap();
+            let old = repo
+                .pack_trailer(&from, store.inner.head(&pack).await.unwrap().size)
+                .await
+                .unwrap();
+            repo.put_reloc(&Reloc {
+                from,
+                to,
+                gen: 1,
+                moves: vec![Move {
+                    from: old[0].offset,
+                    to: loc.offset,
+                    len: loc.stored_len,
+                }],
+            })
+            .await
+            .unwrap();
+            let mut arriving = Vec::new();
+            for key in [Repo::pack_name(&to), reloc_key(&from, &to)] {
+                let (real, aside) = (Path::from(key.clone()), Path::from(format!("aside/{key}")));
+                store.inner.copy(&real, &aside).await.unwrap();
+                store.inner.delete(&real).await.unwrap();
+                arriving.push((aside, real));
+            }
+
+            *store.arriving.lock().unwrap() = arriving;
+            *store.doomed.lock().unwrap() = vec![pack.clone()];
+            let r = check(&repo, read_data, None).await.unwrap();
+            assert!(store.doomed.lock().unwrap().is_empty(), "not raced");
+            assert_eq!(r.snapshots, 1, "{r:?}");
+            assert!(r.problems.is_empty(), "read_data {read_data}: {r:?}");
+            assert!(r.damaged.is_empty(), "{r:?}");
+            assert_eq!(r.recorded, Some(Vec::new()), "{r:?}");
+            // The next check finds the record where the relocation says.
+            let r = check(&repo, true, None).await.unwrap();
+            assert!(r.problems.is_empty(), "{r:?}");
+            assert_eq!(r.data.as_ref().unwrap().records, 2, "{r:?}");
+
+            // The new pack gone the same way, with no relocation of it:
+            // damage, traced to the snapshot.
+            *store.doomed.lock().unwrap() = vec![Path::from(Repo::pack_name(&to))];
+            let r = check(&repo, read_data, None).await.unwrap();
+            assert_eq!(r.problems.len(), 1, "{r:?}");
+            assert_eq!(r.problems[0].object, Repo::pack_name(&to), "{r:?}");
+            assert_eq!(r.damaged.len(), 1, "{r:?}");
+            assert_eq!(
+                r.damaged[0].snapshot,
+                format!("kat/{KAT_SNAPSHOT}"),
+                "{r:?}"
+            );
         }
     }
 }
