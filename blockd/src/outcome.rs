@@ -10,8 +10,8 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The request is wrong (a name, a size, a flag's value, a missing or
-    /// conflicting argument), whatever state the daemon is in: fix it and
-    /// retry. blockctl exits 2 for these, as for its own usage errors.
+    /// conflicting argument): fix it and retry. blockctl exits 2 for
+    /// these, as for its own usage errors.
     Invalid,
     /// The request is well formed, but something it depends on refuses
     /// it as things stand: a hook failed, a directory cannot be used, a

@@ -87,10 +87,9 @@ impl Client {
     }
 
     /// The answer's error, if it is one. blockd answers 400 when the
-    /// request's values are wrong, whatever state it is in (a name, a
-    /// flag's value, a missing argument): that is a wrong command line,
-    /// as clap's usage errors are, and exits 2; every other refusal or
-    /// failure exits 1.
+    /// request's values are wrong or missing (a name, a flag's value, an
+    /// argument left out): that is a wrong command line, as clap's usage
+    /// errors are, and exits 2; every other refusal or failure exits 1.
     fn check(status: u16, bytes: &Bytes) -> Result<(), Failure> {
         if (200..300).contains(&status) {
             return Ok(());

@@ -5,9 +5,10 @@
 //!
 //! - 2: a wrong command line, found by clap (usage errors), by blockctl
 //!   (what only a look at several arguments together finds), or by the
-//!   daemon, which answers HTTP 400 when a request's values are wrong
-//!   whatever state it is in (a schedule's time, a size of 0, a flag of
-//!   another provider). Running it again as it is fails again.
+//!   daemon, which answers HTTP 400 when a request's values are wrong or
+//!   missing (a schedule's time, a size of 0, a flag of another provider,
+//!   `--cred-id` where several locations exist): a command to correct,
+//!   not to run again as it is.
 //! - 1: the daemon refused it as things stand (something named is not
 //!   there, is busy, a hook failed, a key does not open the repository),
 //!   could not do it, or is not running.
