@@ -122,6 +122,38 @@ fn a_mostly_dead_pack_is_repacked_and_every_reader_finds_the_moved_records() {
     let id = lazy_restore(&d, &s2, "lazy2");
     assert_same(&d, &img2, "lazy2");
     assert_eq!(wait_done(&d, &id)["state"], "Done");
+    // A moved record damaged where it is now: a restore names the pack
+    // that holds it, as `repo check` does, not the deleted pack the index
+    // names.
+    let moved_to = files_under(&objects.join("relocs"))
+        .iter()
+        .map(|r| {
+            let to = r.file_name().unwrap().to_string_lossy().into_owned();
+            objects.join("packs").join(&to[..2]).join(&to)
+        })
+        .find(|p| p.exists())
+        .expect("a relocation's pack");
+    let key = moved_to
+        .strip_prefix(&objects)
+        .unwrap()
+        .display()
+        .to_string();
+    let good = std::fs::read(&moved_to).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(&moved_to, &bad).unwrap();
+    let r = restore(&d, &s2, "broken", &[]);
+    assert_eq!(r["state"], "Failed", "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains(&format!("object {key} is corrupt")) && e.contains("moved there by a repack"),
+        "{e}"
+    );
+    let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
+    let c = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(c["problems"][0]["object"], key.as_str(), "{c}");
+    std::fs::write(&moved_to, &good).unwrap();
+    d.ok(&["-j", "repo", "check", "--read-data"]);
 
     // Second generation: s3 rewrites half of the moved MiB; with s2 gone
     // the new pack is half dead and small, and moves again. Index entries

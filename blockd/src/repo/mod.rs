@@ -398,16 +398,25 @@ impl Repo {
         sealed: &'a [u8],
     ) -> Result<std::borrow::Cow<'a, [u8]>, RepoError> {
         use std::borrow::Cow;
-        let key = pack_key(&loc.pack);
+        // A record of a repacked pack was read where its relocation put
+        // it ([`fetch::Fetch::get`]): that is the object named.
         let what = |r: &str| {
-            self.objects.corrupt(
-                &key,
-                format!(
-                    "chunk {} at offset {}: {r}",
-                    hex::encode(&loc.id[..8]),
-                    loc.offset
+            let chunk = hex::encode(&loc.id[..8]);
+            match self.relocs.now_at(&loc.pack, loc.offset) {
+                Some(t) => self.objects.corrupt(
+                    &pack_key(&t.pack),
+                    format!(
+                        "chunk {chunk} at offset {} (moved there by a repack from {} at offset {}): {r}",
+                        t.to,
+                        pack_key(&loc.pack),
+                        loc.offset
+                    ),
                 ),
-            )
+                None => self.objects.corrupt(
+                    &pack_key(&loc.pack),
+                    format!("chunk {chunk} at offset {}: {r}", loc.offset),
+                ),
+            }
         };
         let payload: Cow<'a, [u8]> = if self.keys.encrypted() {
             Cow::Owned(

@@ -242,6 +242,13 @@ impl Cache {
         self.cached(pack).is_some()
     }
 
+    /// Where the record at `offset` of `pack` was read from, when `pack`
+    /// is known to be gone: for errors, which must name the object that
+    /// holds the record.
+    pub fn now_at(&self, pack: &PackId, offset: u32) -> Option<Target> {
+        self.cached(pack)?.get(offset).copied()
+    }
+
     async fn winners(
         &self,
         repo: &Repo,
