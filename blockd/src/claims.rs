@@ -114,9 +114,19 @@ impl Holder {
         )
     }
 
-    /// A short request of the API (a create, delete or resize).
+    /// A short request of the API (a create or resize).
     pub fn request(doing: &str) -> Self {
         Self::new(doing, "retry when it is done")
+    }
+
+    /// A delete under way (`doing`: "is being deleted", "are being
+    /// deleted"): once it is done the thing is gone, so the hint is not to
+    /// retry but where to see whether it went (`list`: the command).
+    pub fn deletion(doing: &str, list: &str) -> Self {
+        Self::new(
+            doing,
+            format!("once that is done it is gone (a delete that fails leaves it): see `{list}`"),
+        )
     }
 }
 
@@ -159,6 +169,12 @@ impl Want {
     /// Creating, deleting or resizing a volume.
     pub fn for_volume_change(volume: &str, doing: &str) -> Self {
         Self::new(Holder::request(doing)).with(Resource::Volume(volume.into()), Mode::Exclusive)
+    }
+
+    /// Deleting volume `volume`.
+    pub fn for_volume_delete(volume: &str) -> Self {
+        Self::new(Holder::deletion("is being deleted", "blockctl volume list"))
+            .with(Resource::Volume(volume.into()), Mode::Exclusive)
     }
 
     /// Creating volume `volume`: a second create of the name can only
@@ -222,19 +238,22 @@ impl Want {
     /// them may be deleted while a backup of the volume runs: the delete
     /// takes the volume's job slot too.
     pub fn for_snapshot_delete(volume: &str, name: &str) -> Self {
-        Self::new(Holder::request("is being deleted"))
-            .with(
-                Resource::Snapshot {
-                    volume: volume.into(),
-                    name: name.into(),
-                },
-                Mode::Exclusive,
-            )
-            .with_holder(
-                Holder::request(&format!("has snapshot {volume}@{name} being deleted")),
-                Resource::VolumeJob(volume.into()),
-                Mode::Exclusive,
-            )
+        Self::new(Holder::deletion(
+            "is being deleted",
+            "blockctl snapshot list",
+        ))
+        .with(
+            Resource::Snapshot {
+                volume: volume.into(),
+                name: name.into(),
+            },
+            Mode::Exclusive,
+        )
+        .with_holder(
+            Holder::request(&format!("has snapshot {volume}@{name} being deleted")),
+            Resource::VolumeJob(volume.into()),
+            Mode::Exclusive,
+        )
     }
 
     /// Backup task `task` of `volume` from its new snapshot `snapshot` to
@@ -296,20 +315,32 @@ impl Want {
 
     /// Deleting cloud snapshot `snapshot` of `location`.
     pub fn for_cloudsnap_delete(location: &str, snapshot: &str) -> Self {
-        Self::new(Holder::request("is being deleted"))
-            .with(Resource::Location(location.into()), Mode::Shared)
-            .with(
-                Resource::CloudSnap {
-                    location: location.into(),
-                    snapshot: snapshot.into(),
-                },
-                Mode::Exclusive,
-            )
+        Self::new(Holder::deletion(
+            "is being deleted",
+            "blockctl cloudsnap list",
+        ))
+        .with(Resource::Location(location.into()), Mode::Shared)
+        .with(
+            Resource::CloudSnap {
+                location: location.into(),
+                snapshot: snapshot.into(),
+            },
+            Mode::Exclusive,
+        )
     }
 
-    /// Creating or deleting location `name`.
+    /// Creating or changing location `name`.
     pub fn for_location_change(name: &str, doing: &str) -> Self {
         Self::new(Holder::request(doing)).with(Resource::Location(name.into()), Mode::Exclusive)
+    }
+
+    /// Deleting location `name`.
+    pub fn for_location_delete(name: &str) -> Self {
+        Self::new(Holder::deletion(
+            "are being deleted",
+            "blockctl credentials list",
+        ))
+        .with(Resource::Location(name.into()), Mode::Exclusive)
     }
 
     /// A repository maintenance run (`doing`: "are being checked") on
@@ -582,6 +613,29 @@ mod tests {
         assert!(c
             .acquire(Want::for_snapshot_create(&["v".into()], "same"))
             .is_ok());
+    }
+
+    #[test]
+    fn a_request_losing_to_a_delete_is_not_told_to_retry() {
+        let c = Claims::new();
+        let _snap = c.acquire(Want::for_cloudsnap_delete("loc", "v/s")).unwrap();
+        let e = c
+            .acquire(Want::for_restore("t1", "new", "loc", "v/s", false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("v/s in location loc is being deleted")
+                && e.contains("it is gone")
+                && e.contains("blockctl cloudsnap list")
+                && !e.contains("retry"),
+            "{e}"
+        );
+        let _vol = c.acquire(Want::for_volume_delete("v")).unwrap();
+        let e = c.acquire(Want::for_attach("v")).unwrap_err().to_string();
+        assert!(
+            e.contains("blockctl volume list") && !e.contains("retry"),
+            "{e}"
+        );
     }
 
     #[test]

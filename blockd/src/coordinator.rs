@@ -96,9 +96,7 @@ impl Daemon {
     /// Unknown volume; a snapshot, backup or restore using it; snapshots or
     /// connections without `force`.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<(), VolumeOpError> {
-        let _claim = self
-            .claims
-            .acquire(Want::for_volume_change(name, "is being deleted"))?;
+        let _claim = self.claims.acquire(Want::for_volume_delete(name))?;
         let v = self.store.get(name).ok_or(StoreError::NotFound {
             volume: name.into(),
         })?;

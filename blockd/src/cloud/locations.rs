@@ -1236,9 +1236,7 @@ impl Locations {
         }
         // Tasks and mounts hold the location shared: deleting it waits for
         // none of them, it is refused while any runs.
-        let _claim = self
-            .claims
-            .acquire(Want::for_location_change(name, "are being deleted"))?;
+        let _claim = self.claims.acquire(Want::for_location_delete(name))?;
         match self.db.delete_location(name)? {
             Ok(true) => {}
             Ok(false) => {
