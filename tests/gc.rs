@@ -1047,6 +1047,17 @@ fn a_lazy_restore_through_read_only_credentials_says_when_its_snapshot_is_gone()
         e.contains(&format!("snapshots/{vol}/{name} is missing")) && e.contains("stop --force"),
         "{e}"
     );
+    // It says how much of the volume is there to copy, as `volume
+    // inspect` does.
+    let v = json(&b.ok(&["-j", "volume", "inspect", "copy"]));
+    assert!(v["lazy_present_bytes"].as_u64().unwrap() > 0, "{v}");
+    let text = b.ok(&["volume", "inspect", "copy"]);
+    let amount = text
+        .split("lazily: ")
+        .nth(1)
+        .and_then(|s| s.split(" in place").next())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(e.contains(&format!("{amount} are in place")), "{e}\n{text}");
 }
 
 /// A write a killed writer left unfinished in a local directory location

@@ -666,8 +666,16 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             }
         }
         let why = match (gone, failed) {
+            // What is in place is said: after a crash that lost the
+            // fetches not yet flushed it may be nothing.
+            (Some(e), _) if l.present_bytes() == 0 => format!(
+                "{e}: the snapshot is gone from the bucket, and none of it was restored before: nothing can be read from this volume; end this restore with `blockctl cloudsnap stop --force` (which deletes the volume)"
+            ),
             (Some(e), _) => format!(
-                "{e}: the snapshot is gone from the bucket, so what is not restored yet never will be and reads of it fail; copy what you need from the volume, then end this restore with `blockctl cloudsnap stop --force` (which deletes the volume)"
+                "{e}: the snapshot is gone from the bucket, so what is not restored yet never will be and reads of it fail; {} of {} are in place (`blockctl volume inspect {}`): copy what you need from the volume, then end this restore with `blockctl cloudsnap stop --force` (which deletes the volume)",
+                blockd_api::human_size(l.present_bytes()),
+                blockd_api::human_size(job.volume.size()),
+                job.volume.name()
             ),
             (None, Some((n, e))) => format!(
                 "{n} fetch(es) failed, retrying in {}s: {e}",
