@@ -900,6 +900,19 @@ mod tests {
         ]
     }
 
+    /// An empty repository in memory, behind a [`DeletesUnderTheCheck`].
+    async fn raced_repo() -> (Arc<DeletesUnderTheCheck>, Arc<Repo>) {
+        let store = Arc::new(DeletesUnderTheCheck {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            arriving: Mutex::new(Vec::new()),
+            doomed: Mutex::new(Vec::new()),
+        });
+        let repo = Repo::open(store.clone(), "", "mem", None, None, true)
+            .await
+            .unwrap();
+        (store, Arc::new(repo))
+    }
+
     /// A snapshot deleted and collected between a check's walk and its
     /// look at the packs is not damage; a pack gone under a snapshot that
     /// is still there is, named with that snapshot. With and without
@@ -907,16 +920,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_deleted_under_the_check_is_not_damage() {
         for read_data in [false, true] {
-            let store = Arc::new(DeletesUnderTheCheck {
-                inner: Arc::new(object_store::memory::InMemory::new()),
-                arriving: Mutex::new(Vec::new()),
-                doomed: Mutex::new(Vec::new()),
-            });
-            let repo = Arc::new(
-                Repo::open(store.clone(), "", "mem", None, None, true)
-                    .await
-                    .unwrap(),
-            );
+            let (store, repo) = raced_repo().await;
             let [manifest, pack, index] = snapshot(&repo, KAT_SNAPSHOT, 1).await;
             let [_, kept_pack, _] = snapshot(&repo, KAT_V2, 2).await;
             for key in [&manifest, &pack, &index, &kept_pack] {
@@ -949,16 +953,7 @@ mod tests {
     #[tokio::test]
     async fn a_pack_repacked_under_the_check_is_not_damage() {
         for read_data in [false, true] {
-            let store = Arc::new(DeletesUnderTheCheck {
-                inner: Arc::new(object_store::memory::InMemory::new()),
-                arriving: Mutex::new(Vec::new()),
-                doomed: Mutex::new(Vec::new()),
-            });
-            let repo = Arc::new(
-                Repo::open(store.clone(), "", "mem", None, None, true)
-                    .await
-                    .unwrap(),
-            );
+            let (store, repo) = raced_repo().await;
             let [_, pack, _] = snapshot(&repo, KAT_SNAPSHOT, 1).await;
             let from = super::super::parse_pack_key(pack.as_ref()).unwrap();
             // The repack's new pack and relocation, written aside and put
