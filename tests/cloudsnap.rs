@@ -1180,6 +1180,76 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
     assert_eq!(list(&d, &["--cred-id", "local"]).len(), 1);
 }
 
+/// A backup cut short by a crash (kill -9) and resumed shows, when done,
+/// the time it has run and the bytes it has moved since it started, not
+/// since the restart: its checkpoints may be far apart, and the counters
+/// are saved between them.
+#[test]
+fn a_backup_resumed_after_a_crash_counts_its_time_and_bytes_from_its_start() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    let away = tmp.path().join("away");
+    local_location(&d, "disk", &disk);
+    let size = 512 * MB;
+    d.create("big", "512M");
+    let img = image(tmp.path(), "big.img", size, size, 67);
+    load(&d, "big", &img);
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(&d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
+    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    // Held up part way (its directory gone), well before a checkpoint,
+    // and for long enough that its time counts for most of the total.
+    std::fs::rename(&disk, &away).unwrap();
+    let held = wait_until(&d, &id, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("waiting for the location"))
+    });
+    assert_eq!(held["state"], "Active", "{held}");
+    let from = held["elapsed_secs"].as_f64().unwrap();
+    let t = wait_until(&d, &id, |t| {
+        t["elapsed_secs"].as_f64().unwrap_or(0.0) >= from + 12.0
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    let ran = t["elapsed_secs"].as_f64().unwrap();
+    d.kill9();
+    // (A write under way at the move may have made the directory again.)
+    let _ = std::fs::remove_dir(&disk);
+    std::fs::rename(&away, &disk).unwrap();
+    d.spawn();
+    let t = wait_done(&d, &id);
+    assert_eq!(t["state"], "Done", "{t}");
+    assert!(d.log().contains("resuming task after restart"));
+    // Every byte of the volume went up once, across both runs (random
+    // data does not compress): the packs that landed before the crash are
+    // counted, though the resumed run did not send them again.
+    let moved = t["bytes_transferred"].as_u64().unwrap();
+    assert!(
+        moved >= size as u64,
+        "{moved} bytes moved for {size}: the bytes moved before the crash are lost: {t}"
+    );
+    assert!(
+        moved < size as u64 + 8 * MB as u64,
+        "{moved} bytes moved for {size}: counted twice: {t}"
+    );
+    // The time before the crash counts, all but the last few seconds
+    // (the counters are saved every 2 s).
+    let elapsed = t["elapsed_secs"].as_f64().unwrap();
+    assert!(
+        elapsed >= ran - 5.0,
+        "{elapsed} s shown, {ran} s had run before the crash: {t}"
+    );
+    let snap = t["snapshot"].as_str().unwrap().to_string();
+    let r = restore(&d, &snap, "back", &["--cred-id", "disk"]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img, "back");
+}
+
 /// A backup resumed after a restart goes on only in the repository it
 /// started in: a different one mounted at the same place holds none of
 /// what its checkpoints name, and the backup fails saying so.

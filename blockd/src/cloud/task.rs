@@ -287,6 +287,28 @@ fn read_task(id: &str, rec: &str) -> Task {
     t
 }
 
+/// How often a running task's time and bytes moved are saved (see
+/// [`Cloud::save_counters`]).
+const COUNTERS_EVERY: Duration = Duration::from_secs(2);
+
+/// Saves the time and bytes moved of `now` (a running task's counters) to
+/// its record in `db`, if that is still active.
+fn save_counters(db: &crate::state::StateDb, now: &Task) {
+    let saved = db.edit_active_task(&now.id, |rec| {
+        let mut r = serde_json::from_str::<Record>(rec).ok()?;
+        if r.task.state.is_final() {
+            return None;
+        }
+        r.task.elapsed_secs = r.task.elapsed_secs.max(now.elapsed_secs);
+        r.task.bytes_transferred = r.task.bytes_transferred.max(now.bytes_transferred);
+        r.task.eta_secs = None;
+        encode_record(&r).ok()
+    });
+    if let Err(e) = saved {
+        tracing::warn!(task = %now.id, error = %e, "saving a task's counters failed");
+    }
+}
+
 /// A task record as stored; an encoding failure is an error, never an
 /// empty record.
 fn encode_record(r: &Record) -> Result<String, CloudError> {
@@ -389,22 +411,17 @@ impl Cloud {
         Ok(())
     }
 
-    /// A task interrupted by a shutdown, left Active to resume at the next
-    /// start (or a lazy restore saving its counters as it runs): the time
-    /// it ran and the bytes it moved are added to its saved record. Nothing else is: its other counters go with its last
-    /// checkpoint, where it resumes, so nothing is counted twice.
-    pub(super) fn interrupted(&self, run: &Running) {
-        let now = run.snapshot();
-        let id = &now.task.id;
-        let Some(mut r) = self.saved(id).filter(|r| !r.task.state.is_final()) else {
-            return;
-        };
-        r.task.elapsed_secs = now.task.elapsed_secs;
-        r.task.bytes_transferred = now.task.bytes_transferred;
-        r.task.eta_secs = None;
-        if let Err(e) = self.save(&r) {
-            tracing::warn!(task = %id, error = %e, "saving an interrupted task's counters failed");
-        }
+    /// Adds the time task `run` has run and the bytes it has moved to its
+    /// saved record: a task interrupted by a shutdown (left Active, to
+    /// resume at the next start), and every running task now and then
+    /// ([`COUNTERS_EVERY`]), so that a crash loses neither. Its other
+    /// counters go with its checkpoints, where it resumes, so nothing is
+    /// counted twice. A saved count never goes down (a save that lost a
+    /// race with a later one changes nothing), and a final record is left
+    /// as it is.
+    pub(super) fn save_counters(&self, run: &Running) {
+        let now = run.snapshot().task;
+        save_counters(&self.db, &now);
     }
 
     /// Runs a task's `attempt` and, while its location fails in a way that
@@ -719,7 +736,26 @@ impl Cloud {
             let _shown = shown;
             // Held until the task has ended, whatever way it ends.
             let _claim = claim;
-            body(me, run).await;
+            // The time it runs and the bytes it moves are saved now and
+            // then: its checkpoints may be far apart (a backup's come
+            // every 64 index blocks or 15 s, a lazy restore has none), and
+            // a crash would otherwise show a resumed task's time and bytes
+            // as counted from the restart.
+            let db = me.db.clone();
+            let counters = {
+                let run = run.clone();
+                async move {
+                    loop {
+                        tokio::time::sleep(COUNTERS_EVERY).await;
+                        let (db, now) = (db.clone(), run.snapshot().task);
+                        let _ = tokio::task::spawn_blocking(move || save_counters(&db, &now)).await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = body(me, run) => {}
+                () = counters => {}
+            }
         });
     }
 

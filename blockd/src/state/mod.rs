@@ -709,6 +709,38 @@ impl StateDb {
         })
     }
 
+    /// Rewrites the record of task `id` while it is active, with `edit`,
+    /// in one step against every other write of the database: nothing (a
+    /// checkpoint, the final record) lands between the read and the
+    /// write. `edit` returning `None` leaves the record as it is. Returns
+    /// whether it was rewritten.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn edit_active_task(
+        &self,
+        id: &str,
+        edit: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<bool, StateError> {
+        self.with(|c| {
+            let record: Option<String> = c
+                .query_row(
+                    "SELECT record FROM tasks WHERE id = ?1 AND active = 1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(new) = record.as_deref().and_then(edit) else {
+                return Ok(false);
+            };
+            c.execute(
+                "UPDATE tasks SET record = ?2 WHERE id = ?1",
+                params![id, new],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
     /// A checkpoint: these blocks are finished and the packs recorded so
     /// far are referenced by them (their rows go).
     ///

@@ -485,7 +485,7 @@ impl Cloud {
                     // last checkpoint, whose record (and counters) stay as
                     // saved then, so redone work is not counted twice;
                     // only its running time and uploaded bytes are added.
-                    me.interrupted(&run);
+                    me.save_counters(&run);
                     me.lock().remove(&id);
                 }
                 Err(e) => {
@@ -529,7 +529,7 @@ impl Cloud {
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
                 {
                     // Shutting down: completed at the next start.
-                    me.interrupted(&run);
+                    me.save_counters(&run);
                     me.lock().remove(&run.id());
                     return;
                 }

@@ -43,10 +43,6 @@ pub(super) fn incomplete(volume: &str, data: &std::path::Path) -> String {
     )
 }
 
-/// How often a lazy restore saves its counters (see
-/// [`Cloud::run_hydrate`]).
-const COUNTERS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// A lazy restore's present map and source.
 pub(super) struct Hydration {
     pub(super) lazy: Arc<crate::volume::lazy::Lazy>,
@@ -291,7 +287,7 @@ impl Cloud {
                 Err(CloudError::Cancelled)
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
                 {
-                    me.interrupted(&run);
+                    me.save_counters(&run);
                     me.lock().remove(&id);
                 }
                 Err(e) => {
@@ -411,19 +407,7 @@ impl Cloud {
             },
             lease,
         };
-        // A lazy restore has no checkpoints: the time it ran and the bytes
-        // it fetched are saved now and then, so that a kill -9 does not
-        // reset them (its present map keeps what is present).
-        let counters = async {
-            loop {
-                tokio::time::sleep(COUNTERS_EVERY).await;
-                self.interrupted(run);
-            }
-        };
-        tokio::select! {
-            r = hydrate::run(&job) => r,
-            () = counters => Ok(()),
-        }
+        hydrate::run(&job).await
     }
 
     pub(super) async fn run_restore(&self, run: &Arc<Running>) -> Result<(), CloudError> {
