@@ -553,7 +553,9 @@ impl Repo {
 
     /// The repository's identity: a hash of its config, whose key
     /// material is drawn at random when it is made. The same for every
-    /// address it is reached at.
+    /// address it is reached at, and for every build: it is kept in the
+    /// state database (locations, backup tasks), so a field added to
+    /// [`Config`] must stay out of it (a known-answer test holds it).
     pub fn id(&self) -> String {
         let config = serde_json::to_vec(&self.config)
             .unwrap_or_else(|_| unreachable!("a config always serialises"));
@@ -1967,6 +1969,37 @@ mod tests {
         assert_eq!(
             crypto::unwrap(&kek, &wrapped, &[2u8; 12]).as_deref(),
             Some(&material())
+        );
+    }
+
+    /// A repository's identity is kept in the state database (each
+    /// location's, to tell a repository made anew at the same address, and
+    /// each backup task's, so that a resume goes on only where it began):
+    /// the same config object must give the same identity in every build.
+    /// A field added to [`Config`] must stay out of the identity.
+    #[tokio::test]
+    async fn a_config_object_always_gives_the_same_repository_id() {
+        let made = Config {
+            keys: KeyWrap::None {
+                material: hex::encode(material()),
+            },
+            ..new_config(None).0
+        };
+        let fresh = serde_json::to_vec_pretty(&made).unwrap();
+        let committed = check("config.json", &fresh);
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        store
+            .put(&ObjPath::from("config"), committed.into())
+            .await
+            .unwrap();
+        let r = Repo::open(store, "", "kat", None, None, false)
+            .await
+            .unwrap();
+        let id = r.id();
+        assert_eq!(
+            id,
+            String::from_utf8(check("repository-id.hex", id.as_bytes())).unwrap(),
+            "the repository id of an unchanged config changed"
         );
     }
 
