@@ -99,8 +99,10 @@ impl DirectLocal {
         }
     }
 
-    /// Fails when the repository this store writes into is gone.
-    fn may_write(&self, location: &Path) -> Result<()> {
+    /// Fails when the repository this store writes into is gone. The
+    /// config is looked at on the blocking pool, as the store's own file
+    /// operations are: a hung mount must not stall a runtime thread.
+    async fn may_write(&self, location: &Path) -> Result<()> {
         let Some(g) = &self.guard else {
             return Ok(());
         };
@@ -108,7 +110,14 @@ impl DirectLocal {
         // writes go ahead; so they do when the config cannot be looked at
         // (a permission, an NFS error): only a config known to be gone
         // stops them.
-        if !g.seen.load(std::sync::atomic::Ordering::Relaxed) || !Self::gone(&g.config) {
+        if !g.seen.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let config = g.config.clone();
+        let gone = tokio::task::spawn_blocking(move || Self::gone(&config))
+            .await
+            .unwrap_or(false);
+        if !gone {
             return Ok(());
         }
         Err(object_store::Error::Generic {
@@ -141,17 +150,24 @@ impl DirectLocal {
         location: &Path,
         write: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        self.may_write(location)?;
+        self.may_write(location).await?;
         let r = write.await?;
-        if let Err(e) = self.may_write(location) {
+        if let Err(e) = self.may_write(location).await {
             let _ = object_store::ObjectStoreExt::delete(self.inner.as_ref(), location).await;
-            let top = self.guard.as_ref().and_then(|g| g.config.parent());
+            let top = self
+                .guard
+                .as_ref()
+                .and_then(|g| g.config.parent())
+                .map(std::path::Path::to_path_buf);
             if let (Some(top), Ok(mut dir)) = (top, self.inner.path_to_filesystem(location)) {
-                while dir.pop() && dir.starts_with(top) && dir != top {
-                    if std::fs::remove_dir(&dir).is_err() {
-                        break;
+                let _ = tokio::task::spawn_blocking(move || {
+                    while dir.pop() && dir.starts_with(&top) && dir != top {
+                        if std::fs::remove_dir(&dir).is_err() {
+                            break;
+                        }
                     }
-                }
+                })
+                .await;
             }
             return Err(e);
         }
@@ -284,7 +300,7 @@ impl ObjectStore for DirectLocal {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        self.may_write(location)?;
+        self.may_write(location).await?;
         self.inner.put_multipart_opts(location, opts).await
     }
 
