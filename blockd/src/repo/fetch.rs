@@ -126,12 +126,21 @@ fn entries_bytes(e: &[Entry]) -> usize {
     std::mem::size_of_val(e)
 }
 
-/// The blocks an [`IndexCache`] keeps, least recently used first, and the
-/// bytes of their entries.
-#[derive(Debug, Default)]
+/// The blocks an [`IndexCache`] keeps, in the order of their last use
+/// (a lookup and a move to the back in constant time, whatever the
+/// capacity), and the bytes of their entries.
 struct Held {
-    blocks: Vec<(String, Arc<Vec<Entry>>)>,
+    blocks: hashlink::LruCache<String, Arc<Vec<Entry>>>,
     bytes: usize,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("blocks", &self.blocks.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }
 
 /// One index block's load, shared by its readers.
@@ -164,7 +173,11 @@ impl IndexCache {
         Self {
             capacity: capacity.max(1),
             max_bytes,
-            blocks: Mutex::new(Held::default()),
+            // Unbounded: the cache evicts by bytes as well as by count.
+            blocks: Mutex::new(Held {
+                blocks: hashlink::LruCache::new_unbounded(),
+                bytes: 0,
+            }),
             loading: Mutex::new(HashMap::new()),
         }
     }
@@ -182,12 +195,7 @@ impl IndexCache {
     }
 
     fn cached(&self, id: &str) -> Option<Arc<Vec<Entry>>> {
-        let blocks = &mut self.held().blocks;
-        let pos = blocks.iter().position(|(i, _)| i == id)?;
-        let hit = blocks.remove(pos);
-        let entries = hit.1.clone();
-        blocks.push(hit);
-        Some(entries)
+        self.held().blocks.get(id).cloned()
     }
 
     /// The entries of snapshot `m` overlapping volume bytes `lo..hi`, per
@@ -257,11 +265,15 @@ impl IndexCache {
                 let entries = Arc::new(repo.get_index(block, id).await?);
                 let mut held = self.held();
                 held.bytes += entries_bytes(&entries);
-                held.blocks.push((id.to_string(), entries.clone()));
+                if let Some(replaced) = held.blocks.insert(id.to_string(), entries.clone()) {
+                    held.bytes -= entries_bytes(&replaced);
+                }
                 while held.blocks.len() > 1
                     && (held.blocks.len() > self.capacity || held.bytes > self.max_bytes)
                 {
-                    let (_, evicted) = held.blocks.remove(0);
+                    let Some((_, evicted)) = held.blocks.remove_lru() else {
+                        break;
+                    };
                     held.bytes -= entries_bytes(&evicted);
                 }
                 Ok(entries)
@@ -280,6 +292,87 @@ impl IndexCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An in-memory repository holding index blocks 0, 1 and 2 (one entry
+    /// each, told apart by their length), and its store.
+    async fn three_blocks() -> (
+        Repo,
+        Arc<dyn object_store::ObjectStore>,
+        Vec<(u64, String, Vec<Entry>)>,
+    ) {
+        let store: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let repo = Repo::open(store.clone(), "", "mem", None, None, true)
+            .await
+            .unwrap();
+        let mut blocks = Vec::new();
+        for b in 0..3u8 {
+            let len = 4096 * (u32::from(b) + 1);
+            let entries = vec![Entry {
+                start: 0,
+                len,
+                chunk_off: 0,
+                chunk: ChunkLoc {
+                    id: [b; 32],
+                    pack: [7; 16],
+                    offset: 0,
+                    stored_len: 100,
+                    plain_len: len,
+                },
+            }];
+            let (id, sealed) = repo.seal_index(u64::from(b), &entries).unwrap();
+            repo.put_index(&id, sealed).await.unwrap();
+            blocks.push((u64::from(b), id, entries));
+        }
+        (repo, store, blocks)
+    }
+
+    /// The cache keeps the blocks used last: a block read again stays, the
+    /// one left longest unused goes, and what it keeps is answered without
+    /// the store.
+    #[tokio::test]
+    async fn the_index_cache_evicts_the_block_used_longest_ago() {
+        let (repo, store, blocks) = three_blocks().await;
+        let cache = IndexCache::new(2);
+        let get = |i: usize| cache.get(&repo, blocks[i].0, &blocks[i].1);
+        assert_eq!(*get(0).await.unwrap(), blocks[0].2);
+        assert_eq!(*get(1).await.unwrap(), blocks[1].2);
+        assert!(!cache.has_room());
+        // Block 0 used again: block 1 is now the one used longest ago.
+        assert_eq!(*get(0).await.unwrap(), blocks[0].2);
+        assert_eq!(*get(2).await.unwrap(), blocks[2].2);
+        for (_, id, _) in &blocks {
+            let key = object_store::path::Path::from(super::super::index_key(id));
+            object_store::ObjectStoreExt::delete(store.as_ref(), &key)
+                .await
+                .unwrap();
+        }
+        assert_eq!(*get(0).await.unwrap(), blocks[0].2, "block 0 was kept");
+        assert_eq!(*get(2).await.unwrap(), blocks[2].2, "block 2 was kept");
+        let e = get(1).await.expect_err("block 1 was evicted");
+        assert!(e.to_string().contains(&blocks[1].1), "{e}");
+    }
+
+    /// A byte bound evicts too, down to the last block loaded.
+    #[tokio::test]
+    async fn the_index_cache_keeps_to_its_bytes() {
+        let (repo, store, blocks) = three_blocks().await;
+        let one = entries_bytes(&blocks[0].2);
+        let cache = IndexCache::with_bytes(100, one);
+        for (b, id, entries) in &blocks {
+            assert_eq!(*cache.get(&repo, *b, id).await.unwrap(), *entries);
+        }
+        assert!(!cache.has_room());
+        for (_, id, _) in &blocks {
+            let key = object_store::path::Path::from(super::super::index_key(id));
+            object_store::ObjectStoreExt::delete(store.as_ref(), &key)
+                .await
+                .unwrap();
+        }
+        assert!(cache.get(&repo, 2, &blocks[2].1).await.is_ok());
+        assert!(cache.get(&repo, 1, &blocks[1].1).await.is_err());
+        assert!(cache.get(&repo, 0, &blocks[0].1).await.is_err());
+    }
 
     #[test]
     fn plan_coalesces_adjacent_records() {
