@@ -215,6 +215,86 @@ fn a_mostly_dead_pack_is_repacked_and_every_reader_finds_the_moved_records() {
     check_clean(&d);
 }
 
+/// A pack the repacking finds damaged is not copied, nor let pass: the
+/// collection names it with the snapshots that need it, exits 1, and
+/// records the damage as `repo check` does, so the next backup reads the
+/// ranges that used it from the volume again instead of building on it.
+#[test]
+fn a_damaged_pack_met_by_a_repack_is_named_recorded_and_not_built_on() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    d.create("v", "16M");
+    // s1's one pack, 11/12 dead once s1 is deleted: s2 needs its last MiB.
+    let img1 = image(tmp.path(), "1.img", 16 * MB, 12 * MB, 81);
+    load(&d, "v", &img1);
+    let s1 = snap(&backup(&d, &["v"]));
+    let pack = files_under(&objects.join("packs"));
+    assert_eq!(pack.len(), 1, "one pack: {pack:?}");
+    let pack = pack[0].clone();
+    let key = pack.strip_prefix(&objects).unwrap().display().to_string();
+    let img2 = rewrite(&img1, &tmp.path().join("2.img"), 0, 11 * MB, 83);
+    load(&d, "v", &img2);
+    let s2 = snap(&backup(&d, &["v"]));
+    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    // A byte flipped in the records s2 still needs.
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let at = bytes.len() / 24 * 23;
+    bytes[at] ^= 0x20;
+    std::fs::write(&pack, &bytes).unwrap();
+
+    let out = d.blockctl(&["-j", "repo", "gc", "--grace", "1s", "--max-unused", "0%"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(r["problems"][0]["object"], key.as_str(), "{r}");
+    assert_eq!(r["damaged"][0]["snapshot"], s2.as_str(), "{r}");
+    assert_eq!(r["repacked_packs"], 0, "{r}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains(&key) && e.contains("recorded") && e.contains("repo check --read-data"),
+        "{e}"
+    );
+    // Text: the damaged pack, the snapshot, and what to do.
+    let out = d.blockctl(&["repo", "gc", "--grace", "1s", "--max-unused", "0%"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("snapshot {s2} needs damaged {key}")),
+        "{text}"
+    );
+
+    // Recorded: a check that does not read data reports it too.
+    let out = d.blockctl(&["-j", "repo", "check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let c = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(c["problems"][0]["object"], key.as_str(), "{c}");
+    // And the next backup does not build on it: it reads again what used
+    // the damaged pack, not only the 4 KiB written.
+    let img3 = rewrite(&img2, &tmp.path().join("3.img"), 0, 4096, 85);
+    load(&d, "v", &img3);
+    let t = backup(&d, &["v"]);
+    assert!(
+        t["bytes_total"].as_u64().unwrap() >= MB as u64,
+        "the backup reused the damaged pack: {t}"
+    );
+    let s3 = snap(&t);
+    let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
+    let c = json(&String::from_utf8_lossy(&out.stdout));
+    let needing: Vec<&str> = c["damaged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(needing, [s2.as_str()], "{c}");
+    let r = restore(&d, &s3, "back", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img3, "back");
+}
+
 #[test]
 fn small_packs_are_merged_and_every_snapshot_still_restores() {
     if !need() {

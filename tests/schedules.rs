@@ -105,6 +105,9 @@ fn a_periodic_schedule_backs_up_and_keeps_the_newest_max() {
             2,
         ),
         (vec!["v", "--daily", "24:00"], "hh:mm", 2),
+        // 09:05 or 09:50?
+        (vec!["v", "--daily", "9:5"], "hh:mm", 2),
+        (vec!["v", "--daily", "+9:05"], "hh:mm", 2),
         (vec!["v", "--weekly", "funday@10:00"], "weekday@hh:mm", 2),
         (vec!["v", "--monthly", "32@10:00"], "day@hh:mm", 2),
         (vec!["v", "--periodic", "0"], "at least 1s", 2),
@@ -121,6 +124,36 @@ fn a_periodic_schedule_backs_up_and_keeps_the_newest_max() {
     let out = d.blockctl(&["cloudsnap", "schedules", "delete", "--uuid", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no schedule"));
+    // Times are kept in one spelling, whatever form they were given in.
+    let id = create(
+        &d,
+        &[
+            "v",
+            "--daily",
+            "9:05",
+            "--weekly",
+            "sun@7:30",
+            "--monthly",
+            "1@0:00",
+        ],
+    );
+    let s = schedules(&d)
+        .into_iter()
+        .find(|s| s["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(
+        (
+            &s["spec"]["daily"],
+            &s["spec"]["weekly"],
+            &s["spec"]["monthly"]
+        ),
+        (
+            &serde_json::json!(["09:05"]),
+            &serde_json::json!(["sunday@07:30"]),
+            &serde_json::json!(["1@00:00"])
+        ),
+        "{s}"
+    );
 }
 
 #[test]
@@ -325,9 +358,9 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
         "the refusal must name the schedule and what to do: {err}"
     );
     assert!(d.ok(&["credentials", "list"]).contains("nas"));
-    // A second schedule of the same volume at one of the same times would
-    // back up the same data again right after the first: refused, naming
-    // it.
+    // A second schedule of the same volume to the same location at one of
+    // the same times would back up the same data again right after the
+    // first: refused as things stand (exit 1), naming it.
     let out = d.blockctl(&[
         "cloudsnap",
         "schedules",
@@ -338,16 +371,22 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
         "--daily",
         "03:00",
         "--cred-id",
-        "local",
+        "nas",
     ]);
-    assert!(!out.status.success(), "a clashing schedule was created");
+    assert_eq!(out.status.code(), Some(1), "a clashing schedule: {out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&id) && err.contains("03:00"), "{err}");
+    assert!(
+        err.contains(&id) && err.contains("03:00") && err.contains("location nas"),
+        "{err}"
+    );
     assert_eq!(schedules(&d).len(), 1);
-    // Other times, or other volumes, are fine.
+    // Other times, other volumes, or another location (a local copy
+    // beside the offsite one) are fine.
     d.create("w", "8M");
     let other = create(&d, &["w", "--daily", "03:00", "--cred-id", "nas"]);
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &other]);
+    let local = create(&d, &["v", "--daily", "03:00", "--cred-id", "local"]);
+    d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &local]);
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
     d.ok(&["credentials", "delete", "nas"]);
 

@@ -222,8 +222,9 @@ impl Stats {
         *lock(&self.tasks).entry((kind, outcome)).or_default() += 1;
     }
 
-    /// A gc or check run of `location` ended with `outcome` (ok|failed, or
-    /// for check: clean|damaged|failed).
+    /// A gc or check run of `location` ended with `outcome` (for gc:
+    /// done|damaged|failed, dry runs not counted; for check:
+    /// clean|damaged|failed).
     pub fn maintenance(&self, location: &str, kind: &'static str, outcome: &'static str) {
         *lock(&self.maintenance)
             .entry((location.to_string(), kind, outcome))

@@ -587,9 +587,11 @@ pub struct CheckReport {
     pub packs: u64,
     /// Records (chunks) the snapshots reference.
     pub records: u64,
-    /// Packs no snapshot references (reclaimed by `repo gc`).
+    /// Packs no snapshot references (reclaimed by `repo gc`). While a
+    /// manifest, index map or index block is damaged, what it references
+    /// is unknown and may be counted here (and `repo gc` refuses to run).
     pub unreferenced_packs: u64,
-    /// Index blocks no snapshot references (reclaimed by `repo gc`).
+    /// Index blocks no snapshot references (as `unreferenced_packs`).
     pub unreferenced_index_blocks: u64,
     /// With `--read-data`: what was read.
     pub data: Option<DataRead>,
@@ -832,6 +834,14 @@ pub struct GcReport {
     /// older than the grace period; their bytes count in `deleted_bytes`.
     #[serde(default)]
     pub deleted_partial: u64,
+    /// Damaged packs the repacking found (missing, or a record that does
+    /// not open), recorded in the repository as `repo check` records them:
+    /// new backups do not reuse them.
+    #[serde(default)]
+    pub problems: Vec<Problem>,
+    /// The snapshots that need them.
+    #[serde(default)]
+    pub damaged: Vec<DamagedSnapshot>,
 }
 
 /// Body of `POST /v1/schedules`: pxctl's `cloudsnap schedules create`.

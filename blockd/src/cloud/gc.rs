@@ -126,12 +126,20 @@ impl Cloud {
                 }))
             },
         };
+        // A dry run is no run: counted neither way.
         let o = gc::collect(&repo, &opts).await.map_err(|e| {
-            crate::metrics::STATS.maintenance(&location, "gc", "failed");
+            if !req.dry_run {
+                crate::metrics::STATS.maintenance(&location, "gc", "failed");
+            }
             CloudError::Gc(e)
         })?;
         if !req.dry_run {
-            crate::metrics::STATS.maintenance(&location, "gc", "done");
+            let outcome = if o.problems.is_empty() {
+                "done"
+            } else {
+                "damaged"
+            };
+            crate::metrics::STATS.maintenance(&location, "gc", outcome);
             crate::metrics::STATS.gc_deleted(&location, o.deleted_bytes);
         }
         tracing::info!(
@@ -144,6 +152,7 @@ impl Cloud {
             repacked = o.repacked_packs,
             unused_bytes = o.unused_bytes,
             skipped = o.skipped.len(),
+            damaged = o.problems.len(),
             partial = o.deleted_partial,
             "garbage collected"
         );

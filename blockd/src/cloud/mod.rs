@@ -133,6 +133,17 @@ pub enum CloudError {
         /// What is wrong.
         why: String,
     },
+    /// Another schedule backs up the same volumes to the same location at
+    /// one of the same times.
+    #[error("schedule {id} already backs up the same volumes to location {location} at {when} (the second would back up the same data again right after the first): choose other times or another location (`--cred-id`), or delete it first with `blockctl cloudsnap schedules delete --uuid {id}`")]
+    ScheduleClash {
+        /// The schedule there.
+        id: String,
+        /// The location both name.
+        location: String,
+        /// The time both have.
+        when: String,
+    },
     /// An unknown schedule.
     #[error("no schedule {id:?}: list them with `blockctl cloudsnap schedules list`")]
     ScheduleNotFound {
@@ -416,7 +427,8 @@ impl CloudError {
             | Self::VolumeExists { .. }
             | Self::InUse { .. }
             | Self::TaskStarting { .. }
-            | Self::TaskEnded { .. } => Outcome::Conflict,
+            | Self::TaskEnded { .. }
+            | Self::ScheduleClash { .. } => Outcome::Conflict,
             Self::State(_)
             | Self::Damaged { .. }
             | Self::SnapshotVanished { .. }

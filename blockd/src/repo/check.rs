@@ -45,7 +45,7 @@ use super::{PackId, Repo, RepoError};
 
 /// Why a recorded offset is reported by a check that did not read its
 /// pack.
-const EARLIER: &str = "found damaged by an earlier `repo check --read-data`, not read by this check (one that reads this pack clears it if it is whole)";
+const EARLIER: &str = "found damaged earlier (by `repo check --read-data`, or by `repo gc` repacking it), not read by this check (one that reads this pack clears it if it is whole)";
 
 /// Pack trailers read at once.
 const READS: usize = 8;

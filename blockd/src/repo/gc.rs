@@ -916,6 +916,7 @@ async fn collect_held(
         out.repacked_bytes = r.bytes;
         out.written_packs = r.written;
         out.skipped = r.skipped;
+        record_damage(repo, &walk, &r.damaged, &mut out).await?;
     }
     mark.packs.sort();
     mark.index.sort();
@@ -1042,6 +1043,61 @@ fn unfinished_writes(dir: &std::path::Path, cut: SystemTime, remove: bool) -> (u
         }
     }
     (n, bytes)
+}
+
+/// Records the packs a repacking found damaged, as `repo check` does
+/// (see `repo::damage`), so that backups starting afterwards stop
+/// building on them, and reports them with the snapshots that need them.
+/// Which of a pack's records are damaged is not known here (the repacking
+/// stops at the first): the record covers the whole pack, every index
+/// block that reaches it, until a check that reads the pack whole
+/// (`--read-data`) narrows or clears it. A missing pack is recorded as a
+/// check without `--read-data` records one: found again, it is cleared.
+async fn record_damage(
+    repo: &Arc<Repo>,
+    walk: &refs::Refs,
+    damaged: &[(PackId, RepoError)],
+    out: &mut GcReport,
+) -> Result<(), RepoError> {
+    for (id, e) in damaged {
+        let object = Repo::pack_name(id);
+        let Some(p) = walk.packs.get(id) else {
+            continue;
+        };
+        let record = super::damage::Record {
+            object: object.clone(),
+            data: !matches!(e, RepoError::Missing { .. }),
+            index: p
+                .index
+                .iter()
+                .filter_map(|n| walk.index_ids.get(n as usize).cloned())
+                .collect(),
+            offsets: Vec::new(),
+        };
+        repo.put_damage(&record).await?;
+        tracing::warn!(pack = %object, error = %e, "damage found while repacking: recorded");
+        for s in &walk.snapshots_of(&p.index) {
+            let Some(name) = walk.snapshots.get(s as usize) else {
+                continue;
+            };
+            match out.damaged.iter_mut().find(|d| d.snapshot == *name) {
+                Some(d) => d.objects.push(object.clone()),
+                None => out.damaged.push(blockd_api::DamagedSnapshot {
+                    snapshot: name.clone(),
+                    objects: vec![object.clone()],
+                }),
+            }
+        }
+        out.problems.push(blockd_api::Problem {
+            object,
+            reason: match e {
+                RepoError::Missing { .. } => "missing".to_string(),
+                RepoError::Corrupt { reason, .. } => reason.clone(),
+                e => e.to_string(),
+            },
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

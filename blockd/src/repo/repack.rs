@@ -119,6 +119,9 @@ pub struct Repacked {
     pub bytes: u64,
     /// Packs left alone, and why.
     pub skipped: Vec<String>,
+    /// Of those, the packs found damaged (missing, or a record that does
+    /// not open), with the error.
+    pub damaged: Vec<(PackId, RepoError)>,
 }
 
 /// Where a record of a source pack is named: `(pack named by index
@@ -169,6 +172,7 @@ pub async fn repack(
             Err(e) if refs::is_damage(&e) => {
                 tracing::warn!(pack = %name, error = %e, "not repacked");
                 done.skipped.push(format!("{name}: {e}"));
+                done.damaged.push((id, e));
                 continue;
             }
             Err(e) => return Err(e),

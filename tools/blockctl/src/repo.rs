@@ -138,9 +138,19 @@ fn show_check(r: &CheckReport) {
         ));
     }
     if r.unreferenced_packs + r.unreferenced_index_blocks > 0 {
+        // A damaged manifest, index map or index block hides what it
+        // references: that may be among the unreferenced, and collection
+        // refuses to run until it is gone.
+        let hidden = r.problems.iter().any(|p| !p.object.starts_with("packs/"));
         line(format_args!(
-            "unreferenced: {} pack(s), {} index block(s) (reclaimed by `blockctl repo gc`)",
-            r.unreferenced_packs, r.unreferenced_index_blocks
+            "unreferenced: {} pack(s), {} index block(s) ({})",
+            r.unreferenced_packs,
+            r.unreferenced_index_blocks,
+            if hidden {
+                "some may be what the damaged objects below reference; `blockctl repo gc` collects nothing until the snapshots that need them are deleted"
+            } else {
+                "reclaimed by `blockctl repo gc`"
+            }
         ));
     }
     for p in &r.problems {
@@ -260,8 +270,33 @@ async fn gc(out: Output, client: &Client, args: &GcArgs) -> Result<(), Failure> 
                 r.holding.join(", ")
             ));
         }
+        for d in &r.damaged {
+            line(format_args!(
+                "snapshot {} needs damaged {}",
+                d.snapshot,
+                d.objects.join(", ")
+            ));
+        }
     });
-    Ok(())
+    if r.problems.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "location {}: the collection ran, and found {} damaged pack(s) it could not repack ({}), needed by {} snapshot(s): the damage is recorded in the repository, so new backups read what used it from their volumes again instead of reusing it; run `blockctl repo check --read-data{}` to see all of it, and restore the snapshots that need it from elsewhere or delete them (`blockctl cloudsnap delete --snap ID`)",
+        r.location,
+        r.problems.len(),
+        r.problems
+            .iter()
+            .map(|p| p.object.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.damaged.len(),
+        args.cred_id
+            .as_deref()
+            .map(|c| format!(" --cred-id {c}"))
+            .unwrap_or_default(),
+    )
+    .into())
 }
 
 #[cfg(test)]

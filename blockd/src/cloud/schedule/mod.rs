@@ -129,7 +129,7 @@ impl Cloud {
     ///
     /// # Errors
     /// No rule or volume, a malformed rule, an unknown volume or location.
-    pub fn create_schedule(&self, spec: CreateSchedule) -> Result<Schedule, CloudError> {
+    pub fn create_schedule(&self, mut spec: CreateSchedule) -> Result<Schedule, CloudError> {
         let bad = |why: String| CloudError::BadSchedule { why };
         if spec.volumes.is_empty() == spec.select.is_empty() {
             return Err(bad(
@@ -153,18 +153,27 @@ impl Cloud {
         if !spec.select.is_empty() && self.volumes.carrying(&spec.select).is_empty() {
             return Err(CloudError::NoLabelMatch);
         }
+        // Each rule is kept as its flag's value in one form (`09:05` for
+        // `9:05`, `sunday@…` for `sun@…`), so that listings and scripts
+        // see one spelling.
         let mut rules = Vec::new();
         if let Some(p) = &spec.periodic {
             rules.push(Rule::periodic(p).map_err(bad)?);
         }
-        for d in &spec.daily {
-            rules.push(Rule::daily(d).map_err(bad)?);
+        let mut parse = |given: &mut String, rule: fn(&str) -> Result<Rule, String>| {
+            let r = rule(given).map_err(bad)?;
+            *given = r.arg();
+            rules.push(r);
+            Ok::<(), CloudError>(())
+        };
+        for d in &mut spec.daily {
+            parse(d, Rule::daily)?;
         }
-        for w in &spec.weekly {
-            rules.push(Rule::weekly(w).map_err(bad)?);
+        for w in &mut spec.weekly {
+            parse(w, Rule::weekly)?;
         }
-        for m in &spec.monthly {
-            rules.push(Rule::monthly(m).map_err(bad)?);
+        for m in &mut spec.monthly {
+            parse(m, Rule::monthly)?;
         }
         if rules.is_empty() {
             return Err(bad(
@@ -193,8 +202,11 @@ impl Cloud {
         // Added in one step with two checks: the location still exists (a
         // concurrent `credentials delete` either sees this schedule and
         // refuses, or has deleted the location and this is refused), and
-        // no schedule of the same volumes (or labels) shares one of its
-        // times (the two would start at once and one fail every time).
+        // no schedule of the same volumes (or labels) to the same location
+        // shares one of its times (the second would back up what the
+        // first just did). To another location it may: a local copy and
+        // an offsite one at the same time, the second run waiting for the
+        // first's backup of the volume to end.
         let clashes = |record: &str| {
             let other: Stored = serde_json::from_str(record).ok()?;
             let same_volumes = {
@@ -204,7 +216,7 @@ impl Cloud {
                 a == b && other.spec.select == stored.spec.select
             };
             let shared = stored.rules.iter().find(|r| other.rules.contains(r))?;
-            same_volumes.then(|| shared.to_string())
+            (same_volumes && other.location == stored.location).then(|| shared.to_string())
         };
         match self.db.insert_schedule(
             &id,
@@ -221,11 +233,11 @@ impl Cloud {
                 .into())
             }
             Insert::Clash { id, why } => {
-                return Err(bad(format!(
-                    "schedule {id} already backs up the same volumes at {why} (the second \
-                     would back up the same data again right after the first): choose other times, or \
-                     delete it first with `blockctl cloudsnap schedules delete --uuid {id}`"
-                )))
+                return Err(CloudError::ScheduleClash {
+                    id,
+                    location: stored.location,
+                    when: why,
+                })
             }
         }
         tracing::info!(schedule = %id, rules = ?stored.rules, "schedule created");

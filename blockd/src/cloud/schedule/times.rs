@@ -61,6 +61,14 @@ const WEEKDAYS: [&str; 7] = [
 fn hhmm(s: &str, flag: &str) -> Result<(u32, u32), String> {
     let bad = || format!("{flag} {s:?}: give the time as hh:mm in UTC, e.g. 21:00");
     let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    // One or two digits of hour, two of minute: `9:5` could mean 09:05
+    // or 09:50, and is refused.
+    let digits = |x: &str, n: std::ops::RangeInclusive<usize>| {
+        n.contains(&x.len()) && x.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(h, 1..=2) || !digits(m, 2..=2) {
+        return Err(bad());
+    }
     let h: u32 = h.parse().map_err(|_| bad())?;
     let m: u32 = m.parse().map_err(|_| bad())?;
     if h > 23 || m > 59 {
@@ -143,6 +151,26 @@ impl Rule {
         }
         let (hour, minute) = hhmm(t, "--monthly")?;
         Ok(Self::Monthly { day, hour, minute })
+    }
+
+    /// The rule as its flag's value is written (`09:05`, `sunday@09:05`,
+    /// `15@01:00`; a periodic rule in minutes or seconds), which is how a
+    /// schedule stores and shows it whatever form it was given in.
+    pub fn arg(&self) -> String {
+        match *self {
+            Self::Periodic { secs } if secs % 60 == 0 => (secs / 60).to_string(),
+            Self::Periodic { secs } => format!("{secs}s"),
+            Self::Daily { hour, minute } => format!("{hour:02}:{minute:02}"),
+            Self::Weekly {
+                weekday,
+                hour,
+                minute,
+            } => format!(
+                "{}@{hour:02}:{minute:02}",
+                WEEKDAYS.get(weekday as usize).unwrap_or(&"?")
+            ),
+            Self::Monthly { day, hour, minute } => format!("{day}@{hour:02}:{minute:02}"),
+        }
     }
 
     /// The first slot of this rule strictly after `last` (for a periodic
