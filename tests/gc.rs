@@ -322,14 +322,23 @@ fn a_session_this_host_no_longer_uses_goes_at_the_next_collection() {
         open.exists(),
         "the session of a starting backup was removed"
     );
-    // Meanwhile the task a refused request names says it is starting.
+    // Meanwhile the task a refused request names says it is starting, and
+    // the advice to stop it can be followed: the stop waits for the start
+    // (the pre-exec), then stops the backup.
     let task = open.file_name().unwrap().to_str().unwrap().to_string();
     let busy = d.fails(&["cloudsnap", "backup", "v"], &task);
-    assert!(busy.contains("being backed up"), "{busy}");
-    d.fails(&["cloudsnap", "stop", &task], "is still starting");
+    assert!(
+        busy.contains("being backed up") && busy.contains("cloudsnap stop"),
+        "{busy}"
+    );
+    d.fails(
+        &["cloudsnap", "status", "--name", &task],
+        "is still starting",
+    );
+    d.ok(&["cloudsnap", "stop", &task]);
     assert!(cli.wait().unwrap().success());
     let t = wait_done(&d, &task);
-    assert_eq!(t["state"], "Done", "{t}");
+    assert_eq!(t["state"], "Stopped", "{t}");
 
     // Killed while the pre-exec runs: the session is left, and the next
     // collection after the restart removes it.

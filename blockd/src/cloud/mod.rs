@@ -291,7 +291,7 @@ pub enum CloudError {
     },
     /// A backup whose request is still taking its snapshot (hooks and
     /// freeze): its task is saved once that is done.
-    #[error("task {id:?} is still starting: its snapshot is being taken (pre-exec, freeze, post-exec); once that is done it shows in `blockctl cloudsnap status` and can be stopped")]
+    #[error("task {id:?} is still starting: its snapshot is being taken (pre-exec, freeze, post-exec); once that is done it shows in `blockctl cloudsnap status` (`blockctl cloudsnap stop {id}` waits for that, then stops it)")]
     TaskStarting {
         /// Task id.
         id: String,
@@ -482,6 +482,9 @@ pub struct Cloud {
     /// Backup sessions opened by requests that have not saved their
     /// tasks yet (their hooks may be running): collection leaves them.
     starting_sessions: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Starting tasks a `cloudsnap stop` waits for: each is stopped as it
+    /// is registered, before it has done anything.
+    stop_on_start: Mutex<std::collections::HashSet<String>>,
     /// Locations this host is collecting.
     gc_running: Mutex<std::collections::HashSet<String>>,
     /// Held by retention for each snapshot it deletes, with its check that
@@ -566,6 +569,7 @@ impl Cloud {
             host,
             sched_running: Mutex::new(std::collections::HashMap::new()),
             starting_sessions: Arc::default(),
+            stop_on_start: Mutex::default(),
             gc_running: Mutex::new(std::collections::HashSet::new()),
             retention: tokio::sync::Mutex::new(()),
         });

@@ -779,6 +779,12 @@ impl Cloud {
             started: Instant::now(),
             rate: Mutex::default(),
         });
+        if super::lock_set(&self.stop_on_start).remove(&r.task.id) {
+            running
+                .stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+            running.stop.cancel();
+        }
         self.lock().insert(r.task.id.clone(), running.clone());
         running
     }
@@ -887,7 +893,8 @@ impl Cloud {
         Ok(read_task(id, &rec))
     }
 
-    /// Stops a running task and waits for it to end. A stopped restore
+    /// Stops a running task (one still starting once it has started) and
+    /// waits for it to end. A stopped restore
     /// deletes its incomplete volume; a lazily restored one may have
     /// clients, so without `force` the stop is refused while they are
     /// connected, as a volume delete is (with it, they are disconnected).
@@ -895,7 +902,23 @@ impl Cloud {
     /// # Errors
     /// Unknown or finished task; a lazy restore's volume in use.
     pub async fn stop(&self, id: &str, force: bool) -> Result<Task, CloudError> {
-        let run = self.lock().get(id).cloned();
+        // A backup still starting (its hooks and its freeze under way; the
+        // request that starts it returns once it runs) is stopped once it
+        // runs: "stop it" is advice that can always be followed. Its start
+        // is bounded by the hooks' timeouts.
+        let mut run = self.lock().get(id).cloned();
+        if run.is_none() && super::lock_set(&self.starting_sessions).contains(id) {
+            // Stopped as it is registered (see `register`), so that it
+            // does nothing before the stop takes hold.
+            super::lock_set(&self.stop_on_start).insert(id.to_string());
+            while run.is_none() && super::lock_set(&self.starting_sessions).contains(id) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                run = self.lock().get(id).cloned();
+            }
+            // (Its start failed, or it was registered meanwhile.)
+            super::lock_set(&self.stop_on_start).remove(id);
+        }
+        let run = run.or_else(|| self.lock().get(id).cloned());
         let Some(run) = run else {
             let t = self.task(id)?;
             return Err(CloudError::TaskEnded {

@@ -336,14 +336,16 @@ impl Cloud {
             tracing::warn!(snapshot = %created_name, error = %e, "backup could not start; its changes are kept for the next backup");
             return Err(e);
         }
-        // Each running task closes its own session from here on.
-        sessions.hand_over();
         let mut tasks = Vec::with_capacity(started.len());
         for (record, snap, claim, parent) in started {
             tracing::info!(task = %record.task.id, snapshot = %record.task.snapshot, %location, full = record.task.full, "backup started");
             tasks.push(record.task.clone());
             self.spawn_backup(record, snap, claim, parent, false);
         }
+        // Each running task closes its own session from here on. Out of
+        // the starting set only once running: a task is always one or the
+        // other, which `cloudsnap stop` relies on.
+        sessions.hand_over();
         Ok(Started {
             group: group_id,
             tasks,
