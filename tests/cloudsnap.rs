@@ -259,6 +259,24 @@ fn group_backup_freezes_members_together_and_each_restores() {
         text.contains(&group) && !text.contains("(incomplete)") && !text.contains("(running)"),
         "{text}"
     );
+    // A member deleted since (by hand, or by retention): the one left is
+    // no longer the whole group, listed with a volume or not, and in its
+    // catalog.
+    let db = snaps.iter().find(|s| s["volume"] == "db").unwrap();
+    d.ok(&["cloudsnap", "delete", "--snap", db["id"].as_str().unwrap()]);
+    for filter in [&[][..], &["--src", "log"][..]] {
+        let left = list(&d, filter);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0]["group_state"], "partial", "{left:?}");
+    }
+    let log = snaps.iter().find(|s| s["volume"] == "log").unwrap();
+    let cat = json(&d.ok(&["-j", "cloudsnap", "catalog", log["id"].as_str().unwrap()]));
+    assert_eq!(cat["snap"]["group_state"], "partial", "{cat}");
+    assert!(
+        d.ok(&["cloudsnap", "list"])
+            .contains(&format!("{group} (partial)")),
+        "the listing does not say so"
+    );
 }
 
 /// A group backup whose member was stopped committed the other members

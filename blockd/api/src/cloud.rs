@@ -359,6 +359,11 @@ pub enum GroupState {
     /// snapshots that are there restore one by one; they are not the
     /// whole group.
     Incomplete,
+    /// Every member was committed, and some have been deleted since (by
+    /// hand, or by retention, which skips a member a restore or a catalog
+    /// mount is reading): the members left restore one by one; they are
+    /// not the whole group.
+    Partial,
 }
 
 impl GroupState {
@@ -368,6 +373,7 @@ impl GroupState {
             Self::Complete => "complete",
             Self::Running => "running",
             Self::Incomplete => "incomplete",
+            Self::Partial => "partial",
         }
     }
 }

@@ -1,12 +1,12 @@
 //! The catalog: what a location's bucket holds (`cloudsnap list`,
 //! `catalog`, `delete`), read from the bucket alone.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use blockd_api::{Catalog, CloudSnap, GroupState, Verified};
 
 use crate::claims::Want;
-use crate::repo::format::Manifest;
+use crate::repo::format::{Group, Manifest};
 use crate::repo::{name, Repo, RepoError};
 
 use super::{restore, Cloud, CloudError};
@@ -89,14 +89,24 @@ impl Cloud {
         running
     }
 
-    /// Where group backup `group` stands, its group object `written` or
-    /// not. The object is written once every member is committed, so
+    /// Where group backup `group` stands: `written`, its group object
+    /// as read (`None`: there is none) and whether each member is still
+    /// there. The object is written once every member is committed, so
     /// without it the group is running (a member still runs here, or its
     /// object waits to be written: the location refused it) or
-    /// incomplete.
-    fn group_state(group: &str, written: bool, running: &HashSet<String>) -> GroupState {
-        if written {
-            GroupState::Complete
+    /// incomplete; with it, complete while every member is there.
+    fn group_state(
+        group: &str,
+        written: Option<&Group>,
+        present: impl Fn(&str) -> bool,
+        running: &HashSet<String>,
+    ) -> GroupState {
+        if let Some(g) = written {
+            if g.members.iter().all(|m| present(m)) {
+                GroupState::Complete
+            } else {
+                GroupState::Partial
+            }
         } else if running.contains(group) {
             GroupState::Running
         } else {
@@ -180,16 +190,52 @@ impl Cloud {
                 8,
             ))
             .await;
+        // The group objects of the groups listed, and every snapshot there
+        // is (to tell whether each member still is).
+        let listed: HashSet<String> = manifests
+            .iter()
+            .filter_map(|(_, m)| m.as_ref().ok()?.group.clone())
+            .filter(|g| groups.contains(g))
+            .collect();
+        let mut written: HashMap<String, Group> = HashMap::new();
+        for g in listed {
+            match repo.get_group(&g).await {
+                Ok(obj) => {
+                    written.insert(g, obj);
+                }
+                Err(e) => {
+                    tracing::warn!(group = %g, error = %e, "reading the group object failed: its members are not checked");
+                }
+            }
+        }
+        let all: HashSet<String> = if written.is_empty() {
+            HashSet::new()
+        } else if src.is_none() {
+            manifests
+                .iter()
+                .map(|((v, n), _)| format!("{v}/{n}"))
+                .collect()
+        } else {
+            repo.list_snapshots(None)
+                .await?
+                .into_iter()
+                .map(|(v, n)| format!("{v}/{n}"))
+                .collect()
+        };
         let mut out = Vec::new();
         for ((v, n), m) in manifests {
             match m {
                 Ok(m) => {
                     if labels.iter().all(|(k, val)| m.labels.get(k) == Some(val)) {
                         let mut s = Self::to_cloudsnap(&m, &location);
-                        s.group_state = m
-                            .group
-                            .as_deref()
-                            .map(|g| Self::group_state(g, groups.contains(g), &running));
+                        s.group_state = m.group.as_deref().map(|g| match written.get(g) {
+                            Some(obj) => {
+                                Self::group_state(g, Some(obj), |m| all.contains(m), &running)
+                            }
+                            // An object listed but unreadable: written.
+                            None if groups.contains(g) => GroupState::Complete,
+                            None => Self::group_state(g, None, |_| true, &running),
+                        });
                         out.push(s);
                     }
                 }
@@ -297,8 +343,27 @@ impl Cloud {
         if let Some(g) = m.group.as_deref() {
             let running = self.running_groups();
             snap.group_state = match repo.get_group(g).await {
-                Ok(_) => Some(Self::group_state(g, true, &running)),
-                Err(RepoError::Missing { .. }) => Some(Self::group_state(g, false, &running)),
+                Ok(obj) => {
+                    let mut present = HashSet::new();
+                    for m in &obj.members {
+                        let there = match name::split(m) {
+                            Some((v, n)) => repo.has_manifest(v, n).await.unwrap_or(true),
+                            None => true,
+                        };
+                        if there {
+                            present.insert(m.clone());
+                        }
+                    }
+                    Some(Self::group_state(
+                        g,
+                        Some(&obj),
+                        |m| present.contains(m),
+                        &running,
+                    ))
+                }
+                Err(RepoError::Missing { .. }) => {
+                    Some(Self::group_state(g, None, |_| true, &running))
+                }
                 // The snapshot's catalog stands without it.
                 Err(e) => {
                     tracing::warn!(group = g, error = %e, "reading the group object failed: its state is not shown");
