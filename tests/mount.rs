@@ -630,6 +630,10 @@ fn mount_refuses_bad_input_and_umount_cleans_a_stale_mount() {
     );
     fails(&d, &["mount", &dir_s, "--cache-size", "1K"], "too small");
     fails(&d, &["umount", &dir_s], "not a blockd catalog mount");
+    // A directory that is not there is not told to be mounted.
+    let gone = tmp.path().join("nonexistent");
+    let e = d.fails(&["umount", gone.to_str().unwrap()], "not a directory");
+    assert!(!e.contains("blockctl mount /"), "{e}");
     // A mount would hide what is there: a directory with files, the
     // daemon's own state (and sockets), a directory holding it or one
     // inside it.

@@ -307,6 +307,10 @@ fn retention_skips_a_snapshot_a_restore_reads_and_expiry_deletes_on_time() {
         "no manifest at {}",
         moved.display()
     );
+    // The wait is said, not kept silent.
+    wait_for("the log to say the expiry waits", 10, || {
+        d.log().contains("expired snapshot not deleted yet")
+    });
     std::fs::rename(&moved, &dir).unwrap();
     wait_for("the expiry once the directory is back", 20, || {
         !list(&d, &["--cred-id", "away"])

@@ -143,6 +143,12 @@ pub async fn umount(out: Output, client: &Client, args: &UmountArgs) -> Result<(
             detach_stale(&dir)?;
             true
         }
+        Ok(false) if !dir.is_dir() => {
+            return Err(format!(
+                "{dir_s} is not a directory, so nothing is mounted there: give the directory given to `blockctl mount`"
+            )
+            .into())
+        }
         Ok(false) => {
             return Err(format!(
                 "{dir_s} is not a blockd catalog mount (mount one with `blockctl mount {dir_s}`)"

@@ -612,6 +612,11 @@ impl Cloud {
                 Err(CloudError::Location(e)) if e.refuses_writes_for_good() => {
                     let _ = self.db.drop_expiring(&location, &snap);
                 }
+                // In use (a restore or a mount reads it), or its location
+                // failing: said once, then tried again with growing pauses.
+                Err(e) if pause == EXPIRE_RETRY => {
+                    tracing::info!(snapshot = %snap, %location, reason = %e, "expired snapshot not deleted yet; tried again later");
+                }
                 Err(e) => {
                     tracing::debug!(snapshot = %snap, error = %e, "expired snapshot not deleted yet");
                 }
