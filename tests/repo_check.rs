@@ -180,7 +180,7 @@ fn repo_check_finds_and_names_damage() {
         r["problems"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("earlier `repo check --read-data`"),
+            .contains("found damaged earlier (by `repo check --read-data`"),
         "{r}"
     );
     assert!(damaged(&r).contains(&a1), "{r}");
@@ -481,7 +481,7 @@ fn a_backup_that_raced_the_check_is_named_by_the_next_check() {
         r["problems"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("earlier `repo check --read-data`"),
+            .contains("found damaged earlier (by `repo check --read-data`"),
         "{r}"
     );
 
