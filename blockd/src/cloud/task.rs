@@ -915,8 +915,18 @@ impl Cloud {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 run = self.lock().get(id).cloned();
             }
-            // (Its start failed, or it was registered meanwhile.)
-            super::lock_set(&self.stop_on_start).remove(id);
+            // Still there: its start failed, or it was registered before
+            // the mark. Gone: `register` took it, and the task was stopped
+            // there; it may have ended already.
+            if !super::lock_set(&self.stop_on_start).remove(id) && run.is_none() {
+                for _ in 0..600 {
+                    if !self.lock().contains_key(id) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return self.task(id);
+            }
         }
         let run = run.or_else(|| self.lock().get(id).cloned());
         let Some(run) = run else {
