@@ -1027,4 +1027,65 @@ fn a_request_cut_short_by_the_daemon_dying_says_where_to_look() {
     );
     d.spawn();
     d.ok(&["volume", "list"]);
+
+    // A request larger than the socket's buffer is still being written
+    // when blockd dies: the write fails, and blockctl says so instead of
+    // dying of SIGPIPE without a word (a `--wait` across a restart polls
+    // into exactly this).
+    signal(d.pid(), "STOP");
+    let big = "k".repeat(120_000);
+    let client = Command::new(bin("blockctl"))
+        .env("BLOCKD_SOCKET", d.api_socket())
+        .args(["credentials", "create", "big", "--provider", "s3"])
+        .args([
+            "--bucket",
+            "b",
+            "--s3-endpoint",
+            "127.0.0.1:9",
+            "--s3-region",
+            "r",
+        ])
+        .args([
+            "--s3-access-key",
+            &big,
+            "--s3-secret-key",
+            &big,
+            "--prefix",
+            &big,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{:?}: {err}", out.status);
+    assert!(err.contains("may have been carried out"), "{err}");
+    d.spawn();
+    let creds = json(&d.ok(&["-j", "credentials", "list"]));
+    assert!(
+        creds.as_array().unwrap().iter().all(|c| c["name"] != "big"),
+        "{creds}"
+    );
+}
+
+/// A reader of blockctl's output that goes away (`blockctl ... | head`)
+/// ends it as it ends other tools: by SIGPIPE, with nothing on stderr.
+#[test]
+fn a_closed_stdout_ends_blockctl_by_sigpipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin("blockctl"))
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The script is larger than a pipe holds, so blockctl is still
+    // writing when the reader goes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(13), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
 }

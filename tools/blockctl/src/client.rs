@@ -74,7 +74,9 @@ impl Client {
             Err(e) if method != "GET" => return Err(format!(
                 "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list`, `blockctl snapshot list` and `blockctl cloudsnap status`"
             )),
-            Err(e) => return Err(format!("talking to blockd: {e}")),
+            Err(e) => return Err(format!(
+                "talking to blockd: {e}: the connection ended before blockd answered; if blockd stopped, start it again"
+            )),
         };
         let status = resp.status().as_u16();
         let bytes = resp

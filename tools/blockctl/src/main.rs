@@ -462,22 +462,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Lets a closed stdout end the program quietly, as it does other
-/// command-line tools: `blockctl ... | head` stops at the first write
-/// after `head` exits, killed by SIGPIPE, instead of reporting an error.
-/// Rust starts programs with SIGPIPE ignored; this puts back the default.
-#[allow(unsafe_code)]
-fn default_sigpipe() {
-    // SAFETY: called first thing in `main`, before any other thread exists
-    // (the runtime is started later), so nothing can race on the signal
-    // disposition; SIG_DFL installs no handler code of ours.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
 fn main() -> ExitCode {
-    default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version are "errors" to clap that print on stdout.
@@ -531,12 +516,14 @@ async fn run(cli: &Cli, client: &Client) -> Result<(), Failure> {
     let out = Output::new(cli.json);
     match &cli.command {
         Command::Completions { shell } => {
+            let mut script = Vec::new();
             clap_complete::generate(
                 *shell,
                 &mut <Cli as clap::CommandFactory>::command(),
                 "blockctl",
-                &mut std::io::stdout(),
+                &mut script,
             );
+            output::raw(&script);
             Ok(())
         }
         Command::Man { dir } => man_pages(out, dir),

@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::fmt::Display;
+use std::io::Write;
 
 use blockd_api::Hook;
 use serde::Serialize;
@@ -44,7 +45,7 @@ impl Output {
 /// Prints `v` as pretty-printed JSON and a newline.
 pub fn json<T: Serialize + ?Sized>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => out(format_args!("{s}")),
         Err(e) => eprintln!("error: cannot encode output: {e}"),
     }
 }
@@ -60,7 +61,54 @@ pub fn error_json(message: &str, exit_status: u8) {
 
 /// Prints a line of text.
 pub fn line(text: impl Display) {
-    println!("{text}");
+    out(format_args!("{text}"));
+}
+
+/// Writes bytes as they are (a generated completion script).
+pub fn raw(bytes: &[u8]) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(bytes).and_then(|()| o.flush()) {
+        stdout_failed(&e);
+    }
+}
+
+/// Writes one line on stdout. A reader that has gone (`blockctl ... |
+/// head`) ends the program as it ends other command-line tools, by
+/// SIGPIPE; any other failure to write says so and exits 1.
+///
+/// SIGPIPE stays ignored, as Rust starts programs, everywhere else: a
+/// write to the daemon's socket after blockd went (a `--wait` across a
+/// restart) must come back as an error blockctl explains, not end the
+/// program without a word.
+fn out(args: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the program after a failed write on stdout (see [`out`]).
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        die_of_sigpipe();
+    }
+    eprintln!("error: writing the answer on stdout: {e}");
+    std::process::exit(1);
+}
+
+/// Ends the program by SIGPIPE, its default action put back first, so
+/// that a shell sees what it sees of any tool whose reader went (status
+/// 141).
+#[allow(unsafe_code)]
+fn die_of_sigpipe() -> ! {
+    // SAFETY: `signal` with SIG_DFL installs no handler code of ours, and
+    // `raise` only sends the signal to this thread; the program is ending
+    // here, so no other part of it relies on SIGPIPE being ignored.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141);
 }
 
 /// Prints a table: the header, then a line per row, with left-aligned
@@ -78,7 +126,7 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out(format_args!("{}", s.join("  ").trim_end()));
     };
     line(header);
     for r in rows {
@@ -92,7 +140,7 @@ const KEY_WIDTH: usize = 13;
 /// Prints one line of a `Key: value` view, values aligned after the
 /// widest key (`Bytes reused:`).
 pub fn field(key: &str, value: impl Display) {
-    println!("{:<KEY_WIDTH$} {value}", format!("{key}:"));
+    out(format_args!("{:<KEY_WIDTH$} {value}", format!("{key}:")));
 }
 
 /// Prints the freeze of a snapshot in a `Key: value` view: how long I/O
@@ -117,7 +165,7 @@ pub fn hook(key: &str, h: Option<&Hook>) {
         };
         field(key, format_args!("`{}` ({outcome})", h.command));
         for line in h.output.lines().take(20) {
-            println!("{:KEY_WIDTH$} | {line}", "");
+            out(format_args!("{:KEY_WIDTH$} | {line}", ""));
         }
     }
 }
