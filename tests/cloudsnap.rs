@@ -249,11 +249,15 @@ fn group_backup_freezes_members_together_and_each_restores() {
     // status --name GROUP shows the members.
     let st = json(&d.ok(&["-j", "cloudsnap", "status", "--name", &group]));
     assert_eq!(st.as_array().unwrap().len(), 2);
-    // Every member committed: the group is complete.
+    // Every member committed: the group is complete, also when listed
+    // with one volume (the other member is looked up by itself).
     assert!(
         snaps.iter().all(|s| s["group_state"] == "complete"),
         "{snaps:?}"
     );
+    let one = list(&d, &["--src", "log"]);
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert_eq!(one[0]["group_state"], "complete", "{one:?}");
     let text = d.ok(&["cloudsnap", "list"]);
     assert!(
         text.contains(&group) && !text.contains("(incomplete)") && !text.contains("(running)"),
@@ -1101,6 +1105,34 @@ fn empty_or_absent(dir: &Path) {
     }
 }
 
+/// A backup of a 512 MiB volume `big` of random data (from `seed`) under
+/// way to local location `disk`: its directory, where a test may move it
+/// (`away`), the volume's image and the task id.
+struct Underway {
+    disk: std::path::PathBuf,
+    away: std::path::PathBuf,
+    img: std::path::PathBuf,
+    id: String,
+}
+
+fn backup_underway(d: &Blockd, tmp: &std::path::Path, seed: u64) -> Underway {
+    let disk = tmp.join("disk");
+    local_location(d, "disk", &disk);
+    d.create("big", "512M");
+    let img = image(tmp, "big.img", 512 * MB, 512 * MB, seed);
+    load(d, "big", &img);
+    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
+    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
+    let t = wait_until(d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
+    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    Underway {
+        disk,
+        away: tmp.join("away"),
+        img,
+        id,
+    }
+}
+
 /// A local location's directory that goes while a backup writes to it (an
 /// unmount, a move) gets nothing written in its place: the backup waits
 /// for it, showing why, and completes once it is back.
@@ -1111,16 +1143,12 @@ fn a_backup_waits_for_its_directory_and_writes_nothing_where_it_was() {
     }
     let mut d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("disk");
-    let away = tmp.path().join("away");
-    local_location(&d, "disk", &disk);
-    d.create("big", "512M");
-    let img = image(tmp.path(), "big.img", 512 * MB, 512 * MB, 61);
-    load(&d, "big", &img);
-    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
-    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
-    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    let Underway {
+        disk,
+        away,
+        img,
+        id,
+    } = backup_underway(&d, tmp.path(), 61);
     std::fs::rename(&disk, &away).unwrap();
     let t = wait_until(&d, &id, |t| {
         t["error"].as_str().is_some_and(|e| e.contains("is gone"))
@@ -1209,17 +1237,13 @@ fn a_backup_resumed_after_a_crash_counts_its_time_and_bytes_from_its_start() {
     }
     let mut d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("disk");
-    let away = tmp.path().join("away");
-    local_location(&d, "disk", &disk);
     let size = 512 * MB;
-    d.create("big", "512M");
-    let img = image(tmp.path(), "big.img", size, size, 67);
-    load(&d, "big", &img);
-    let started = json(&d.ok(&["-j", "cloudsnap", "backup", "big", "--cred-id", "disk"]));
-    let id = started["tasks"][0]["id"].as_str().unwrap().to_string();
-    let t = wait_until(&d, &id, |t| t["bytes_transferred"].as_u64() > Some(0));
-    assert_eq!(t["state"], "Active", "the backup ended too soon: {t}");
+    let Underway {
+        disk,
+        away,
+        img,
+        id,
+    } = backup_underway(&d, tmp.path(), 67);
     // Held up part way (its directory gone), well before a checkpoint,
     // and for long enough that its time counts for most of the total.
     std::fs::rename(&disk, &away).unwrap();

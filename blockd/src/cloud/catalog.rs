@@ -190,16 +190,27 @@ impl Cloud {
                 8,
             ))
             .await;
-        // The group objects of the groups listed, and every snapshot there
-        // is (to tell whether each member still is).
+        // The group objects of the groups listed, read 8 at a time.
         let listed: HashSet<String> = manifests
             .iter()
             .filter_map(|(_, m)| m.as_ref().ok()?.group.clone())
             .filter(|g| groups.contains(g))
             .collect();
+        let read: Vec<(String, Result<Group, RepoError>)> =
+            futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+                futures::stream::iter(listed.into_iter().map(|g| {
+                    let repo = repo.clone();
+                    async move {
+                        let r = repo.get_group(&g).await;
+                        (g, r)
+                    }
+                })),
+                8,
+            ))
+            .await;
         let mut written: HashMap<String, Group> = HashMap::new();
-        for g in listed {
-            match repo.get_group(&g).await {
+        for (g, r) in read {
+            match r {
                 Ok(obj) => {
                     written.insert(g, obj);
                 }
@@ -208,20 +219,45 @@ impl Cloud {
                 }
             }
         }
-        let all: HashSet<String> = if written.is_empty() {
+        // Whether each member is still there. The listing answers for the
+        // members it covers (all of them without --src); a member of
+        // another volume is looked up by itself (a HEAD), not by listing
+        // the whole bucket again.
+        let seen: HashSet<String> = manifests
+            .iter()
+            .map(|((v, n), _)| format!("{v}/{n}"))
+            .collect();
+        let elsewhere: HashSet<String> = if src.is_none() {
             HashSet::new()
-        } else if src.is_none() {
-            manifests
-                .iter()
-                .map(|((v, n), _)| format!("{v}/{n}"))
-                .collect()
         } else {
-            repo.list_snapshots(None)
-                .await?
+            let unseen: HashSet<String> = written
+                .values()
+                .flat_map(|g| &g.members)
+                .filter(|m| !seen.contains(*m))
+                .cloned()
+                .collect();
+            let looked: Vec<(String, bool)> =
+                futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+                    futures::stream::iter(unseen.into_iter().map(|m| {
+                        let repo = repo.clone();
+                        async move {
+                            let there = match name::split(&m) {
+                                // Unknown (the location failing): taken as there.
+                                Some((v, n)) => repo.has_manifest(v, n).await.unwrap_or(true),
+                                None => true,
+                            };
+                            (m, there)
+                        }
+                    })),
+                    8,
+                ))
+                .await;
+            looked
                 .into_iter()
-                .map(|(v, n)| format!("{v}/{n}"))
+                .filter_map(|(m, there)| there.then_some(m))
                 .collect()
         };
+        let present = |m: &str| seen.contains(m) || elsewhere.contains(m);
         let mut out = Vec::new();
         for ((v, n), m) in manifests {
             match m {
@@ -229,9 +265,7 @@ impl Cloud {
                     if labels.iter().all(|(k, val)| m.labels.get(k) == Some(val)) {
                         let mut s = Self::to_cloudsnap(&m, &location);
                         s.group_state = m.group.as_deref().map(|g| match written.get(g) {
-                            Some(obj) => {
-                                Self::group_state(g, Some(obj), |m| all.contains(m), &running)
-                            }
+                            Some(obj) => Self::group_state(g, Some(obj), present, &running),
                             // An object listed but unreadable: written.
                             None if groups.contains(g) => GroupState::Complete,
                             None => Self::group_state(g, None, |_| true, &running),
