@@ -127,6 +127,24 @@ impl Client {
             .map_err(|e| format!("unexpected answer from blockd: {e}"))?)
     }
 
+    /// [`Client::call`], with a refusal of blockd's kept apart from a
+    /// failure to reach it: `Ok(Err((status, failure)))` is blockd's
+    /// answer with HTTP `status`, for a caller that acts on what the
+    /// status means rather than on the words of the message.
+    pub async fn call_or_refusal<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<Result<T, (u16, Failure)>, Failure> {
+        let (status, bytes) = self.send(method, path, None).await?;
+        if let Err(refused) = Self::check(status, &bytes) {
+            return Ok(Err((status, refused)));
+        }
+        Ok(Ok(serde_json::from_slice(&bytes).map_err(|e| {
+            format!("unexpected answer from blockd: {e}")
+        })?))
+    }
+
     /// [`Client::call`] of a request whose hooks may run for a while (a
     /// backup's or a snapshot's pre-exec), interruptible: blockd carries a
     /// request it has received through to its end whatever the client

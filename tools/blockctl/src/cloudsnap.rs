@@ -247,11 +247,12 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
             // A group backup's id names its members' tasks: each one still
             // running is stopped.
             let path = with_query("/v1/tasks", &[("name", id)]);
-            let tasks: Vec<Task> = match client.call::<(), _>("GET", &path, None).await {
-                // A backup still starting (its hooks, its freeze) is not
-                // listed yet: the daemon's stop waits for it to run.
-                Err(e) if e.message().contains("is still starting") => Vec::new(),
-                r => r?,
+            let tasks: Vec<Task> = match client.call_or_refusal("GET", &path).await? {
+                Ok(tasks) => tasks,
+                // 409: a backup still starting (its hooks, its freeze), not
+                // listed yet; the daemon's stop waits for it to run.
+                Err((409, _)) => Vec::new(),
+                Err((_, refused)) => return Err(refused),
             };
             if tasks.is_empty() || tasks.iter().any(|t| t.id == *id) {
                 let t = stop_task(client, id, *force).await?;
