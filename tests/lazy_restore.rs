@@ -179,6 +179,35 @@ fn writes_to_a_lazily_restored_volume_are_kept_tracked_and_survive_kill9() {
     assert_eq!(st["state"], "Done", "{st}");
     assert_same(&d, &want, "r");
 
+    // So do writes never flushed, to units claimed whole or filled for
+    // them, after a crash of blockd alone: the marks are journaled before
+    // the writes are acknowledged, and the page cache holds both.
+    let id = lazy_restore(&d, "src", "u");
+    let want = t.path().join("want-u.img");
+    std::fs::copy(&img, &want).unwrap();
+    // Where the snapshot has data (its first 48 MiB), well ahead of the
+    // hydrator.
+    let writes = [
+        (0x42, 40 * MB, 65536),
+        (0x43, 41 * MB + 4096, 4096),
+        (0x44, 44 * MB, MB),
+    ];
+    let mut script = format!("h.connect_uri({:?})\n", d.uri("u"));
+    for (byte, at, len) in writes {
+        script += &format!("h.pwrite(b'\\x{byte:02x}' * {len}, {at})\n");
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]).arg(&want);
+        c.args(["-c", &format!("write -P {byte:#x} {at} {len}")]);
+        run(&mut c);
+    }
+    script += "h.shutdown()\n";
+    nbdsh(&script, &[]);
+    d.kill9();
+    d.spawn();
+    let st = wait_done(&d, &id);
+    assert_eq!(st["state"], "Done", "{st}");
+    assert_same(&d, &want, "u");
+
     // A clean shutdown keeps unflushed writes to claimed units too.
     let id = lazy_restore(&d, "src", "q");
     nbdsh(

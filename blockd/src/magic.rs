@@ -61,5 +61,9 @@ pub const DIRTY_VERSION: u32 = 2;
 pub const PRESENT_MAGIC: &[u8; 8] = b"BLKDPRES";
 /// Present map version.
 pub const PRESENT_VERSION: u32 = 1;
+/// Journal of a present map (`volumes/<name>.present.log0`, `.log1`).
+pub const PRESENT_LOG_MAGIC: &[u8; 8] = b"BLKDPLOG";
+/// Present map journal version.
+pub const PRESENT_LOG_VERSION: u32 = 1;
 /// State database schema version (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 5;

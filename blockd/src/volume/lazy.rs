@@ -26,7 +26,11 @@
 //!   follows every fill and claim it records: a unit recorded present is
 //!   on disk. A FLUSH (and a FUA write that claimed a unit) persists it,
 //!   so a flushed write to a claimed unit is never refilled after a crash.
-//!   Unflushed fills may be fetched again after a crash; that is all.
+//! - Every mark is also journaled ([`journal`]) before what it stands for
+//!   can be acknowledged, in the page cache only: a crash of blockd alone
+//!   (the host up) loses no mark, so no acknowledged write, flushed or
+//!   not; after a host crash only the map counts, and unflushed writes
+//!   and fills may be lost or fetched again, as NBD allows.
 //!
 //! `<volume>.present` bytes (little-endian):
 //! ```text
@@ -50,6 +54,9 @@ use bytes::Bytes;
 use roaring::RoaringBitmap;
 
 use crate::magic::{PRESENT_MAGIC as MAGIC, PRESENT_VERSION as VERSION};
+
+pub mod journal;
+use journal::Journal;
 const HEADER: usize = 40;
 /// Fill locks: units hash onto this many stripes.
 const STRIPES: usize = 256;
@@ -108,6 +115,8 @@ pub struct Lazy {
     size: u64,
     units: u32,
     present: Mutex<RoaringBitmap>,
+    /// Marks since the map was last written (locked after `present`).
+    journal: Mutex<Journal>,
     /// How many units `present` holds, changed under its lock: the
     /// hydrator asks after every batch, and a bitmap counts its members
     /// container by container, 16384 of them for a 64 TiB volume.
@@ -233,12 +242,25 @@ impl Lazy {
         }
         let units = u32::try_from(size.div_ceil(unit))
             .map_err(|_| invalid(&path, "volume too large for its unit size"))?;
-        let present = match std::fs::read(&path) {
+        let mut present = match std::fs::read(&path) {
             Ok(bytes) => decode(&bytes, unit, size).map_err(|why| invalid(&path, &why))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => RoaringBitmap::new(),
             Err(e) => return Err(e),
         };
+        // Marks a crash of blockd left only in the journal (this boot's
+        // page cache holds what they stand for): made durable in the map
+        // before the journal starts afresh.
+        let found = Journal::recover(&path, unit, size, units)?;
+        if !found.is_subset(&present) {
+            let added = found.difference_len(&present);
+            present |= found;
+            file.sync_data()?;
+            crate::durable::write_atomic(&path, &encode(&present, unit, size))?;
+            tracing::info!(map = %path.display(), units = added, "present map: marks kept by its journal across a crash of blockd");
+        }
+        let journal = Journal::start(&path, unit, size)?;
         Ok(Self {
+            journal: Mutex::new(journal),
             file,
             path,
             unit,
@@ -378,6 +400,9 @@ impl Lazy {
         }
         outside.optimize();
         let len = outside.len();
+        // Not journaled: the hydrator marks these again at every start,
+        // and a fetch of a unit the snapshot holds nothing in writes
+        // nothing.
         let mut p = lock(&self.present);
         if p.is_empty() {
             *p = outside;
@@ -390,21 +415,23 @@ impl Lazy {
             p.optimize();
             self.present_len.store(p.len(), Ordering::Release);
         }
-        drop(p);
-        self.generation.fetch_add(1, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn stripe(&self, u: u32) -> MutexGuard<'_, ()> {
         lock(&self.stripes[u as usize % STRIPES])
     }
 
+    /// Marks unit `u` present and journals it. The generation moves
+    /// under the map's lock, with the map: two checkpoints of one
+    /// generation hold the same units.
     fn mark(&self, u: u32) {
         let mut p = lock(&self.present);
         if p.insert(u) {
             self.present_len.fetch_add(1, Ordering::AcqRel);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            lock(&self.journal).append(u, &self.path);
         }
-        drop(p);
-        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Marks units present without fetching: the caller is about to
@@ -722,7 +749,9 @@ impl Lazy {
         let mut p = lock(&self.present);
         // Full containers become single runs (fills insert unit by unit).
         p.optimize();
-        (p.clone(), self.generation.load(Ordering::Acquire))
+        let generation = self.generation.load(Ordering::Acquire);
+        lock(&self.journal).switch(generation);
+        (p.clone(), generation)
     }
 
     /// Writes a map taken with [`Lazy::checkpoint`] before a sync of the
@@ -744,11 +773,13 @@ impl Lazy {
     /// I/O.
     pub fn persist_blocking(&self, map: &RoaringBitmap, generation: u64) -> io::Result<()> {
         let _one = lock(&self.persist);
-        if generation != 0 && generation <= self.persisted.load(Ordering::Acquire) {
-            return Ok(());
+        if generation == 0 || generation > self.persisted.load(Ordering::Acquire) {
+            crate::durable::write_atomic(&self.path, &encode(map, self.unit, self.size))?;
+            self.persisted.fetch_max(generation, Ordering::AcqRel);
         }
-        crate::durable::write_atomic(&self.path, &encode(map, self.unit, self.size))?;
-        self.persisted.fetch_max(generation, Ordering::AcqRel);
+        // The map written holds every mark up to `persisted`.
+        let persisted = self.persisted.load(Ordering::Acquire);
+        lock(&self.journal).written(persisted);
         Ok(())
     }
 
@@ -766,6 +797,7 @@ impl Lazy {
 /// # Errors
 /// I/O other than a missing file.
 pub fn remove_present(path: &Path) -> io::Result<()> {
+    journal::remove(path)?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -1039,6 +1071,56 @@ mod tests {
         .unwrap();
         assert_eq!(l2.missing(0, 16), vec![(3, 13)]);
         assert!(!l2.complete());
+    }
+
+    /// Marks made since the map was last written are kept by the journal
+    /// across a crash of blockd (no map written, the Lazy dropped): the
+    /// next open finds the units present and writes them into the map.
+    #[tokio::test]
+    async fn marks_since_the_last_map_survive_a_crash() {
+        let (d, l) = setup(16 * 4096);
+        l.prepare(0, 4096, Need::Read).await.unwrap();
+        let (m, g) = l.checkpoint();
+        l.persist(m, g).await.unwrap();
+        // Filled, claimed whole: not in any map written.
+        l.prepare(3 * 4096, 100, Need::Read).await.unwrap();
+        l.prepare(5 * 4096, 2 * 4096, Need::Overwrite)
+            .await
+            .unwrap();
+        // A checkpoint whose map is never written keeps its marks too.
+        let _ = l.checkpoint();
+        l.prepare(9 * 4096, 4096, Need::Overwrite).await.unwrap();
+        drop(l);
+        let open = || {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .open(d.path().join("v.img"))
+                .unwrap();
+            Lazy::open(
+                Arc::new(f),
+                d.path().join("v.present"),
+                4096,
+                16 * 4096,
+                Arc::new(Pattern),
+            )
+            .unwrap()
+        };
+        let l2 = open();
+        for u in [0, 3, 5, 6, 9] {
+            assert!(l2.is_present(u), "unit {u} lost");
+        }
+        assert!(!l2.is_present(1) && !l2.is_present(10));
+        // Written into the map: a third open finds them without the
+        // journal, which started afresh.
+        drop(l2);
+        for p in journal::paths(&d.path().join("v.present")) {
+            std::fs::remove_file(p).unwrap();
+        }
+        let l3 = open();
+        for u in [0, 3, 5, 6, 9] {
+            assert!(l3.is_present(u), "unit {u} not in the map");
+        }
     }
 
     #[tokio::test]

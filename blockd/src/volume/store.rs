@@ -395,7 +395,7 @@ impl Store {
         }
         volume.dirty.forget();
         let _ = std::fs::remove_file(dirty_path(&self.dir, name));
-        let _ = std::fs::remove_file(self.present_path(name));
+        let _ = crate::volume::lazy::remove_present(&self.present_path(name));
         let _ = crate::durable::sync_dir(&self.dir);
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
