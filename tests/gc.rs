@@ -443,6 +443,11 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     ]);
     let r = gc(&a, &["--cred-id", "shared", "--grace", "1s"]);
     assert!(r["marked_bytes"].as_u64().unwrap() >= data as u64, "{r}");
+    // B crashes and comes back (well within its lease): its restore
+    // resumes from the manifest it kept when it started, the bucket's
+    // being gone.
+    b.kill9();
+    b.spawn();
     let before = bytes_under(&packs);
     // ... but may not delete them while B reads them, even past B's
     // lease length: B renews it.

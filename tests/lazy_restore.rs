@@ -307,6 +307,11 @@ fn failed_fetches_answer_eio_only_for_that_request_and_are_retried() {
     let st = wait_until(&d, &id, |t| t["error"].is_string());
     assert_eq!(st["state"], "Active", "{st}");
     assert!(st["error"].as_str().unwrap().contains("packs/"), "{st}");
+    // A missing object may come back: no talk of damage.
+    assert!(
+        !st["error"].as_str().unwrap().contains("does not mend"),
+        "{st}"
+    );
     // The table says so too, and promises no time of arrival.
     let table = d.ok(&["cloudsnap", "status", "--name", &id]);
     let held = format!("{id} is held up: ");
@@ -364,13 +369,27 @@ print("failed", failed)
     );
     assert_ne!(failed, "[]", "a corrupted record must fail a read");
     assert!(d.log().contains("corrupt") || d.log().contains("Corrupt"));
-    p[mid] ^= 0xff;
-    std::fs::write(&pack, &p).unwrap();
 
-    // Without the limit, both finish and are bit-exact.
+    // Without the limit the hydrator meets the damage soon: it says that
+    // trying again does not mend it, and what to do.
     d.kill9();
     d.env.clear();
     d.spawn();
+    let st = wait_until(&d, &id2, |t| {
+        t["error"].as_str().is_some_and(|e| e.contains("corrupt"))
+    });
+    assert_eq!(st["state"], "Active", "{st}");
+    let e = st["error"].as_str().unwrap();
+    assert!(
+        e.contains("does not mend")
+            && e.contains("repo check --read-data")
+            && e.contains("stop --force"),
+        "{e}"
+    );
+
+    // Mended (a pack put back): both finish and are bit-exact.
+    p[mid] ^= 0xff;
+    std::fs::write(&pack, &p).unwrap();
     for (id, vol) in [(&id, "r"), (&id2, "bad")] {
         let st = wait_done(&d, id);
         assert_eq!(st["state"], "Done", "{st}");

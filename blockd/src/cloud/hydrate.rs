@@ -141,6 +141,8 @@ impl Ready {
 /// Fetches a snapshot's units from its repository.
 pub struct RepoSource {
     cloud: Weak<Cloud>,
+    /// The restore task reading it.
+    task: String,
     location: String,
     src_volume: String,
     src_name: String,
@@ -150,11 +152,13 @@ pub struct RepoSource {
 }
 
 impl RepoSource {
-    /// A source for snapshot `src_volume/src_name` in `location`; `ready`
+    /// A source for restore `task` of snapshot `src_volume/src_name` in
+    /// `location`; `ready`
     /// when the caller has already opened it (otherwise it is opened on
     /// first use, and again after a failure).
     pub fn new(
         cloud: Weak<Cloud>,
+        task: String,
         location: String,
         src_volume: String,
         src_name: String,
@@ -163,6 +167,7 @@ impl RepoSource {
     ) -> Self {
         Self {
             cloud,
+            task,
             location,
             src_volume,
             src_name,
@@ -175,12 +180,25 @@ impl RepoSource {
         format!("{}/{}", self.src_volume, self.src_name)
     }
 
+    /// A failed fetch as the volume's requests see it: `InvalidData` when
+    /// what the bucket holds is damaged (trying again does not mend it),
+    /// `Other` for the rest.
+    fn fetch_error(&self, e: &CloudError) -> io::Error {
+        let kind = match e {
+            CloudError::Repo(crate::repo::RepoError::Corrupt { .. }) => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, format!("snapshot {}: {e}", self.snap_id()))
+    }
+
     async fn ready(&self) -> Result<&Ready, CloudError> {
         self.ready
             .get_or_try_init(|| async {
                 let cloud = self.cloud.upgrade().ok_or(CloudError::Cancelled)?;
                 let repo = cloud.locations.repo(&self.location).await?;
-                let manifest = repo.get_manifest(&self.src_volume, &self.src_name).await?;
+                let manifest = cloud
+                    .restore_manifest(&repo, &self.task, &self.src_volume, &self.src_name)
+                    .await?;
                 Ok(Ready::new(repo, manifest))
             })
             .await
@@ -315,15 +333,19 @@ impl Source for RepoSource {
     async fn fetch(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
         self.fetch_units(first, count, false)
             .await
-            .map_err(|e| io::Error::other(format!("snapshot {}: {e}", self.snap_id())))
+            .map_err(|e| self.fetch_error(&e))
     }
 
     async fn fetch_background(&self, first: u32, count: u32) -> io::Result<Vec<(u64, Bytes)>> {
         self.fetch_units(first, count, true)
             .await
-            .map_err(|e| io::Error::other(format!("snapshot {}: {e}", self.snap_id())))
+            .map_err(|e| self.fetch_error(&e))
     }
 }
+
+/// Said of a hydrator's fetch that met damaged data: trying again is all
+/// it can do (a pack put back mends it), and what a user can do.
+const DAMAGED: &str = "; damaged data in the bucket does not mend by itself, and reads of what it holds fail meanwhile: `blockctl repo check --read-data` names the snapshots it reaches; copy what you need from the volume and end this restore with `blockctl cloudsnap stop --force` (which deletes the volume), then restore another snapshot";
 
 /// What a hydrator needs.
 pub struct Job {
@@ -567,9 +589,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                         .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
                 );
             }
-            // The manifest is gone (deleted on another host while this
-            // restore was interrupted, its lease lapsed): nothing more can
-            // be fetched. The volume stays served for what it holds.
+            // The manifest is gone and no copy was kept (a restore started
+            // by an earlier build; deleted on another host while it was
+            // interrupted): nothing more can be fetched. The volume stays
+            // served for what it holds.
             Err(e @ CloudError::Repo(crate::repo::RepoError::Missing { .. })) => {
                 release_gone(job, &e).await;
                 gone = Some(e);
@@ -626,7 +649,8 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             })
             .buffer_unordered(BATCHES);
         futures::pin_mut!(results);
-        let mut failed: Option<(u64, String)> = None;
+        // (failures this pass, the last, whether one was damage)
+        let mut failed: Option<(u64, String, bool)> = None;
         loop {
             tokio::select! {
                 () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
@@ -639,8 +663,11 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                         if n == 1 {
                             tracing::warn!(volume = %job.volume.name(), error = %e, "hydration fetch failed; retried on the next pass");
                         }
-                        (job.report)(Some(format!("{n} fetch(es) failed this pass, to be retried: {e}")));
-                        failed = Some((n, e.to_string()));
+                        let damaged = e.kind() == std::io::ErrorKind::InvalidData
+                            || failed.as_ref().is_some_and(|f| f.2);
+                        let advice = if damaged { DAMAGED } else { "" };
+                        (job.report)(Some(format!("{n} fetch(es) failed this pass, to be retried: {e}{advice}")));
+                        failed = Some((n, e.to_string(), damaged));
                     }
                 }
             }
@@ -677,9 +704,10 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 blockd_api::human_size(job.volume.size()),
                 job.volume.name()
             ),
-            (None, Some((n, e))) => format!(
-                "{n} fetch(es) failed, retrying in {}s: {e}",
-                pause.as_secs()
+            (None, Some((n, e, damaged))) => format!(
+                "{n} fetch(es) failed, retrying in {}s: {e}{}",
+                pause.as_secs(),
+                if damaged { DAMAGED } else { "" }
             ),
             (None, None) => "units still missing, retrying".into(),
         };

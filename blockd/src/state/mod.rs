@@ -139,6 +139,13 @@ CREATE TABLE IF NOT EXISTS pending_groups (
     repository TEXT,
     PRIMARY KEY (location, grp)
 );
+-- Version 6: the manifest a restore read when it started, so that it
+-- resumes after a restart though another host deleted the snapshot
+-- meanwhile (its lease keeps what the manifest references).
+CREATE TABLE IF NOT EXISTS task_manifests (
+    task     TEXT PRIMARY KEY,
+    manifest TEXT NOT NULL
+);
 ";
 
 /// The open state database.
@@ -810,6 +817,46 @@ impl StateDb {
         })
     }
 
+    /// Keeps the manifest (JSON) restore `task` started from.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn put_task_manifest(&self, task: &str, manifest: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO task_manifests (task, manifest) VALUES (?1, ?2)",
+                params![task, manifest],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Drops the manifest kept for restore `task` (one that did not start).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn drop_task_manifest(&self, task: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute("DELETE FROM task_manifests WHERE task = ?1", [task])
+                .map(drop)
+        })
+    }
+
+    /// The manifest (JSON) restore `task` started from, if kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn task_manifest(&self, task: &str) -> Result<Option<String>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT manifest FROM task_manifests WHERE task = ?1",
+                [task],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
     /// Ends a task: its record, and its resume data dropped.
     ///
     /// # Errors
@@ -819,6 +866,7 @@ impl StateDb {
             let tx = c.unchecked_transaction()?;
             tx.execute("DELETE FROM task_blocks WHERE task = ?1", [task])?;
             tx.execute("DELETE FROM task_packs WHERE task = ?1", [task])?;
+            tx.execute("DELETE FROM task_manifests WHERE task = ?1", [task])?;
             tx.execute(
                 "UPDATE tasks SET record = ?2, active = 0 WHERE id = ?1",
                 params![task, record],

@@ -141,6 +141,17 @@ impl Cloud {
             read: 0,
             new: 0,
         };
+        // The manifest is kept before the task is: a resumed restore
+        // finds it even when another host deleted the snapshot meanwhile.
+        let kept = serde_json::to_string(m)
+            .map_err(|e| CloudError::Defect {
+                what: format!("encoding a manifest: {e}"),
+            })
+            .and_then(|json| Ok(self.db.put_task_manifest(&task.id, &json)?));
+        if let Err(e) = kept {
+            let _ = self.volumes.delete(&req.volume, true);
+            return Err(e);
+        }
         let hydration = if req.lazy {
             let started = async {
                 let _ =
@@ -161,6 +172,7 @@ impl Cloud {
                 Err(e) => {
                     v.end_lazy();
                     let _ = self.volumes.delete(&req.volume, true);
+                    let _ = self.db.drop_task_manifest(&task.id);
                     return Err(e);
                 }
             }
@@ -174,6 +186,7 @@ impl Cloud {
                 v.end_lazy();
             }
             let _ = self.volumes.delete(&req.volume, true);
+            let _ = self.db.drop_task_manifest(&task.id);
             return Err(e);
         }
         tracing::info!(task = %task.id, snapshot = %task.snapshot, volume = %task.volume, lazy = req.lazy, "restore started");
@@ -307,6 +320,46 @@ impl Cloud {
         });
     }
 
+    /// The manifest of snapshot `volume/name` that restore `task` reads:
+    /// the bucket's, or, once the snapshot was deleted there (by another
+    /// host, while this one was down), the copy kept when the restore
+    /// started. The restore's lease keeps every object that copy
+    /// references, unless it lapsed while blockd was down and a collection
+    /// ran: a missing object then fails the restore by name.
+    ///
+    /// # Errors
+    /// The bucket's error when no copy was kept (a restore started by an
+    /// earlier build), or the kept copy does not decode.
+    pub(super) async fn restore_manifest(
+        &self,
+        repo: &crate::repo::Repo,
+        task: &str,
+        volume: &str,
+        name: &str,
+    ) -> Result<crate::repo::format::Manifest, CloudError> {
+        let missing = match repo.get_manifest(volume, name).await {
+            Err(e @ crate::repo::RepoError::Missing { .. }) => e,
+            r => return Ok(r?),
+        };
+        let Some(json) = self.db.task_manifest(task)? else {
+            return Err(missing.into());
+        };
+        let m: crate::repo::format::Manifest =
+            serde_json::from_str(&json).map_err(|e| CloudError::Defect {
+                what: format!("the manifest kept for restore {task} does not decode: {e}"),
+            })?;
+        if m.volume != volume || m.name != name {
+            return Err(CloudError::Defect {
+                what: format!(
+                    "the manifest kept for restore {task} is of {}/{}, not {volume}/{name}",
+                    m.volume, m.name
+                ),
+            });
+        }
+        tracing::info!(%task, snapshot = %format!("{volume}/{name}"), "the snapshot was deleted from the bucket since this restore started: it goes on from the manifest kept then");
+        Ok(m)
+    }
+
     /// The lease of a resumed restore, taken again before it reads (the
     /// one it held may have lapsed while the daemon was down). Without
     /// one it still runs: what it reads is verified, and a missing object
@@ -366,6 +419,7 @@ impl Cloud {
         );
         let source = Arc::new(hydrate::RepoSource::new(
             Arc::downgrade(self),
+            r.task.id.clone(),
             r.task.location.clone(),
             src_volume.clone(),
             src_name.clone(),
@@ -424,12 +478,15 @@ impl Cloud {
             });
         };
         let repo = self.locations.repo(&rec.task.location).await?;
-        let manifest = repo
-            .get_manifest(src_volume, src_name)
+        let manifest = self
+            .restore_manifest(&repo, &rec.task.id, src_volume, src_name)
             .await
-            .map_err(|source| CloudError::Damaged {
-                snapshot: format!("{src_volume}/{src_name}"),
-                source,
+            .map_err(|e| match e {
+                CloudError::Repo(source) => CloudError::Damaged {
+                    snapshot: format!("{src_volume}/{src_name}"),
+                    source,
+                },
+                e => e,
             })?;
         let volume = self.volume_of(&rec.task)?;
         let cancel = run.stop.clone();
