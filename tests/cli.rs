@@ -110,10 +110,11 @@ fn volume_verbs_and_output() {
         serde_json::from_str(&d.ok(&["-j", "volume", "resize", "scratch", "--size", "1G"]))
             .unwrap();
     assert_eq!(r["size"], 1u64 << 30);
-    d.fails(
+    let e = d.fails(
         &["volume", "resize", "scratch", "--size", "256M"],
         "shrinking",
     );
+    assert!(e.contains("create a new volume of the smaller size"), "{e}");
 
     d.ok(&["volume", "delete", "scratch"]);
     d.fails(&["volume", "inspect", "scratch"], "not found");
@@ -258,11 +259,11 @@ fn volume_errors() {
     );
     d.fails(
         &["volume", "create", "../x", "--size", "1G"],
-        "must start with a letter or a digit",
+        "must start with an ASCII letter or digit",
     );
     d.fails(
         &["volume", "create", "-", "--size", "1G"],
-        "must start with a letter or a digit",
+        "must start with an ASCII letter or digit",
     );
     d.fails(
         &["volume", "create", "x..y", "--size", "1G"],
@@ -376,7 +377,7 @@ fn exit_codes_and_json_errors() {
         (
             &["volume", "create", "v", "--size", "6K"][..],
             2,
-            "multiple of the extent size",
+            "multiple of the extent size 4096: give 4096 or 8192 bytes",
         ),
         (
             &["volume", "create", "vol1", "--size", "16M"][..],

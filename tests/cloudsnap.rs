@@ -132,6 +132,14 @@ fn full_and_incremental_round_trip_bit_exact() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let h = json(&d.ok(&["-j", "cloudsnap", "history"]));
     assert!(h.as_array().unwrap().len() >= 7, "{h}");
+    // The last to end first.
+    let ends: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["finished"].as_str().unwrap())
+        .collect();
+    assert!(ends.windows(2).all(|w| w[0] >= w[1]), "{ends:?}");
 }
 
 /// Growing a volume costs its next backup nothing: the backup before the
@@ -245,6 +253,28 @@ fn group_backup_freezes_members_together_and_each_restores() {
         let r = restore(&d, s["id"].as_str().unwrap(), &format!("{v}-r"), &[]);
         assert_eq!(r["state"], "Done", "{r}");
         assert_same(&d, &images[i], &format!("{v}-r"));
+    }
+    // The group's id where one snapshot is meant: refused, naming the
+    // members to give instead.
+    for args in [
+        vec![
+            "cloudsnap",
+            "restore",
+            "--snap",
+            &group,
+            "--volume",
+            "whole",
+        ],
+        vec!["cloudsnap", "catalog", &group],
+        vec!["cloudsnap", "catalog", "--snap", &group],
+    ] {
+        let out = d.blockctl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is a group backup"), "{args:?}: {err}");
+        for s in &snaps {
+            assert!(err.contains(s["id"].as_str().unwrap()), "{args:?}: {err}");
+        }
     }
     // status --name GROUP shows the members.
     let st = json(&d.ok(&["-j", "cloudsnap", "status", "--name", &group]));

@@ -299,7 +299,7 @@ pub enum NameError {
     },
     /// Starts with something other than a letter or digit (`-x` reads as
     /// an option, `.x` as a hidden or relative path).
-    #[error("volume name {name:?} must start with a letter or a digit")]
+    #[error("volume name {name:?} must start with an ASCII letter or digit (a-z, A-Z, 0-9)")]
     Start {
         /// The refused name.
         name: String,
@@ -312,7 +312,7 @@ pub enum NameError {
         name: String,
     },
     /// Contains a character outside `[A-Za-z0-9._-]`.
-    #[error("volume name {name:?} may contain only letters, digits, '.', '_' and '-'")]
+    #[error("volume name {name:?} may contain only ASCII letters, digits, '.', '_' and '-'")]
     Character {
         /// The refused name.
         name: String,

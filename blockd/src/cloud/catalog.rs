@@ -144,6 +144,7 @@ impl Cloud {
             match looked {
                 Ok(()) => found.push(l.clone()),
                 Err(CloudError::NoSnapshotOf { .. } | CloudError::SnapshotNotFound { .. }) => {}
+                Err(e @ CloudError::GroupNotSnapshot { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(location = %l, error = %e, "looking for a cloud snapshot failed there");
                     failed.get_or_insert(e);
@@ -320,6 +321,15 @@ impl Cloud {
                     .filter(|(_, n)| name::is_valid(n))
                     .max_by(|a, b| a.1.cmp(&b.1))
                 else {
+                    // A group backup's id, given where one snapshot is meant.
+                    if name::is_valid(snap) {
+                        if let Ok(g) = repo.get_group(snap).await {
+                            return Err(CloudError::GroupNotSnapshot {
+                                group: snap.to_string(),
+                                members: g.members.join(", "),
+                            });
+                        }
+                    }
                     return Err(CloudError::NoSnapshotOf {
                         snap: snap.to_string(),
                         location: repo.location().to_string(),

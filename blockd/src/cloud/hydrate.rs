@@ -567,6 +567,8 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
     };
     let _stop_persister = AbortOnDrop(persister);
     let mut pause = Duration::from_secs(1);
+    // Passes in a row that failed nothing and left units missing.
+    let mut unfinished = 0u32;
     loop {
         // What the snapshot holds nothing in is present from the start
         // (before the first pass, or on a later one if the store could not
@@ -709,8 +711,21 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                 pause.as_secs(),
                 if damaged { DAMAGED } else { "" }
             ),
+            // Nothing failed: the units left are those a client's read
+            // was fetching when the pass met them. Soon done, and not
+            // trouble to report; only if that goes on is it said.
+            (None, None) if unfinished < 10 => {
+                unfinished += 1;
+                (job.report)(None);
+                tokio::select! {
+                    () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            }
             (None, None) => "units still missing, retrying".into(),
         };
+        unfinished = 0;
         (job.report)(Some(why));
         tokio::select! {
             () = job.cancel.cancelled() => return Err(CloudError::Cancelled),

@@ -203,6 +203,14 @@ pub enum CloudError {
         /// Location.
         location: String,
     },
+    /// `--snap` named a group backup, which is several snapshots.
+    #[error("{group:?} is a group backup, not one snapshot: give one of its members as `--snap` ({members}), one restore each")]
+    GroupNotSnapshot {
+        /// What was given.
+        group: String,
+        /// Its members' ids, comma-separated.
+        members: String,
+    },
     /// `--snap` without `--cred-id` is in no location.
     #[error("no cloud snapshot {snap:?} in any location ({locations}): give an id VOLUME/SNAPSHOT as `blockctl cloudsnap list` shows it (a restore or catalog also takes a volume name, for its newest)")]
     NoSnapshotAnywhere {
@@ -412,7 +420,8 @@ impl CloudError {
             | Self::BadExpire { .. }
             | Self::BadSchedule { .. }
             | Self::BadSnapshotId { .. }
-            | Self::BadSnapshotRef { .. } => Outcome::Invalid,
+            | Self::BadSnapshotRef { .. }
+            | Self::GroupNotSnapshot { .. } => Outcome::Invalid,
             Self::NoLabelMatch
             | Self::VolumeNotFound { .. }
             | Self::VolumeGone { .. }

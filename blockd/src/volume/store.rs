@@ -58,7 +58,7 @@ pub enum StoreError {
         connections: u64,
     },
     /// Resize would shrink.
-    #[error("volume {volume:?} is {current} bytes; shrinking to {requested} would destroy data and is not supported (only growing is)")]
+    #[error("volume {volume:?} is {current} bytes; shrinking to {requested} would destroy data and is not supported (only growing is): create a new volume of the smaller size (`blockctl volume create`) and copy into it what it must hold")]
     Shrink {
         /// Volume.
         volume: String,
@@ -566,7 +566,14 @@ fn check_size(size: u64, extent_size: u64) -> Result<(), StoreError> {
     } else if size > MAX_VOLUME_SIZE {
         format!("volume size {size} is over the maximum of 64 TiB ({MAX_VOLUME_SIZE} bytes)")
     } else if !size.is_multiple_of(extent_size) {
-        format!("volume size {size} must be a multiple of the extent size {extent_size}")
+        let below = size - size % extent_size;
+        let above = below + extent_size;
+        let sizes = if below == 0 {
+            format!("{above}")
+        } else {
+            format!("{below} or {above}")
+        };
+        format!("volume size {size} must be a multiple of the extent size {extent_size}: give {sizes} bytes, or a smaller --extent-size")
     } else {
         return Ok(());
     };

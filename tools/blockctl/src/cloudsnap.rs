@@ -57,7 +57,8 @@ pub enum CloudsnapCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Show finished backups and restores with their outcome
+    /// Show finished backups and restores with their outcome, the last to
+    /// end first
     #[command(after_help = "Example:\n  blockctl cloudsnap history")]
     History,
     /// List snapshots in object storage
@@ -82,7 +83,11 @@ pub enum CloudsnapCmd {
     )]
     Catalog {
         /// Cloud snapshot id, VOLUME/SNAPSHOT, or a volume name for its latest
-        snap: String,
+        #[arg(required_unless_present = "snap_flag", conflicts_with = "snap_flag")]
+        snap: Option<String>,
+        /// The snapshot as a flag, as restore and delete take it
+        #[arg(long = "snap", short = 's', id = "snap_flag", value_name = "SNAP")]
+        snap_flag: Option<String>,
         /// Credentials the snapshot is stored with [default: the one
         /// location holding it]
         #[arg(long, alias = "cr", value_name = "NAME")]
@@ -273,7 +278,10 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
         }
         CloudsnapCmd::History => {
             let path = with_query("/v1/tasks", &[("finished", "true")]);
-            let tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            let mut tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            // The last to end first (blockd lists them by when they
+            // started). RFC 3339 times in UTC sort as text.
+            tasks.sort_by(|a, b| b.finished.cmp(&a.finished));
             out.answer(tasks.as_slice(), print_history);
             Ok(())
         }
@@ -300,10 +308,13 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
         }
         CloudsnapCmd::Catalog {
             snap,
+            snap_flag,
             cred_id,
             verify,
         } => {
-            let mut pairs = vec![("snap", snap.as_str())];
+            // clap requires one of the two.
+            let snap = snap.as_deref().or(snap_flag.as_deref()).unwrap_or_default();
+            let mut pairs = vec![("snap", snap)];
             if let Some(c) = cred_id {
                 pairs.push(("location", c));
             }
