@@ -829,6 +829,28 @@ fn cloud_bad_arguments_exit_nonzero() {
         "named twice",
     );
     usage_error(
+        &["cloudsnap", "backup", "a", "b"],
+        "backup-group --volume-ids a,b",
+    );
+    for list in ["a,", "a,,b", ","] {
+        usage_error(
+            &["cloudsnap", "backup-group", "--volume-ids", list],
+            "separate the names with single commas",
+        );
+        usage_error(
+            &[
+                "cloudsnap",
+                "schedules",
+                "create",
+                "--volume-ids",
+                list,
+                "--daily",
+                "21:00",
+            ],
+            "separate the names with single commas",
+        );
+    }
+    usage_error(
         &[
             "cloudsnap",
             "schedules",

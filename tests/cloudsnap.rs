@@ -949,6 +949,16 @@ fn corrupt_or_missing_objects_are_named_and_never_restored() {
         .find(|s| s["id"] == "vol1/garbage")
         .expect("listed");
     assert!(g["status"].as_str().unwrap().starts_with("Corrupt"), "{g}");
+    // Its row gives it no type (it is no snapshot, full or incremental).
+    let table = d.ok(&["cloudsnap", "list"]);
+    let row = table
+        .lines()
+        .find(|r| r.contains("vol1/garbage"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        !row.contains(" Incr ") && !row.contains(" Full "),
+        "{table}"
+    );
     assert!(l
         .iter()
         .any(|s| s["id"] == snap.as_str() && s["status"] == "Done"));

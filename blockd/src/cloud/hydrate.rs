@@ -182,10 +182,11 @@ impl RepoSource {
 
     /// A failed fetch as the volume's requests see it: `InvalidData` when
     /// what the bucket holds is damaged (trying again does not mend it),
-    /// `Other` for the rest.
+    /// `NotFound` when an object is missing, `Other` for the rest.
     fn fetch_error(&self, e: &CloudError) -> io::Error {
         let kind = match e {
             CloudError::Repo(crate::repo::RepoError::Corrupt { .. }) => io::ErrorKind::InvalidData,
+            CloudError::Repo(crate::repo::RepoError::Missing { .. }) => io::ErrorKind::NotFound,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, format!("snapshot {}: {e}", self.snap_id()))
@@ -653,6 +654,8 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         futures::pin_mut!(results);
         // (failures this pass, the last, whether one was damage)
         let mut failed: Option<(u64, String, bool)> = None;
+        // Whether a fetch this pass found an object missing.
+        let mut missing = false;
         loop {
             tokio::select! {
                 () = job.cancel.cancelled() => return Err(CloudError::Cancelled),
@@ -665,6 +668,7 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                         if n == 1 {
                             tracing::warn!(volume = %job.volume.name(), error = %e, "hydration fetch failed; retried on the next pass");
                         }
+                        missing |= e.kind() == std::io::ErrorKind::NotFound;
                         let damaged = e.kind() == std::io::ErrorKind::InvalidData
                             || failed.as_ref().is_some_and(|f| f.2);
                         let advice = if damaged { DAMAGED } else { "" };
@@ -678,10 +682,14 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
         if l.complete() {
             break;
         }
-        // Fetches failing for a snapshot read before: if its manifest is
-        // gone now too (deleted on another host, then collected), nothing
-        // more will come. One HEAD per failing pass.
-        if gone.is_none() && failed.is_some() {
+        // Fetches finding objects missing: if the manifest is gone too
+        // (deleted on another host, then collected while no lease held
+        // it), nothing more will come. Only then: a restore that goes on
+        // from the manifest it kept finds the bucket's gone by design, and
+        // its lease keeps what it reads, so any other failure (a store's
+        // 503, damage) is retried with the lease held. One HEAD per such
+        // pass.
+        if gone.is_none() && missing {
             if let Ok(r) = job.source.ready().await {
                 let (v, n) = (&job.source.src_volume, &job.source.src_name);
                 if let Ok(false) = r.repo.has_manifest(v, n).await {

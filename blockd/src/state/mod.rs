@@ -252,6 +252,13 @@ impl StateDb {
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
+        // Manifests kept for restores that never got their task record (a
+        // crash in between) or whose task ended without dropping them.
+        conn.execute(
+            "DELETE FROM task_manifests WHERE task NOT IN (SELECT id FROM tasks WHERE active = 1)",
+            [],
+        )
+        .map_err(err)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path: path_s,
@@ -973,6 +980,25 @@ mod tests {
             assert_eq!(db.pending_groups().unwrap(), vec![old, new]);
             db.drop_pending_group("local", "g2").unwrap();
         }
+    }
+
+    /// A kept manifest goes with its task's end, and one whose task
+    /// never got a record goes at the next open.
+    #[test]
+    fn kept_manifests_go_with_their_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.put_task("t1", "{}", true, "2026-01-01T00:00:00Z")
+            .unwrap();
+        db.put_task_manifest("t1", "m1").unwrap();
+        db.put_task_manifest("orphan", "m2").unwrap();
+        assert_eq!(db.task_manifest("t1").unwrap().as_deref(), Some("m1"));
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.task_manifest("t1").unwrap().as_deref(), Some("m1"));
+        assert_eq!(db.task_manifest("orphan").unwrap(), None);
+        db.finish_task("t1", "{}").unwrap();
+        assert_eq!(db.task_manifest("t1").unwrap(), None);
     }
 
     #[test]

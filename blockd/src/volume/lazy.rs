@@ -107,6 +107,18 @@ pub enum Need {
     Overwrite,
 }
 
+/// What [`Lazy::prepare`] did to make a range ready.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Some unit was filled or claimed.
+    pub changed: bool,
+    /// Units claimed for an overwrite: journaled only once the overwrite
+    /// is on the data file ([`Lazy::record_claims`]). A crash before then
+    /// leaves them missing, so they read as the snapshot again (old data)
+    /// rather than as the zeros of a hole.
+    claimed: Vec<u32>,
+}
+
 /// The present map and fill logic of one lazily restored volume.
 pub struct Lazy {
     file: Arc<File>,
@@ -422,34 +434,57 @@ impl Lazy {
         lock(&self.stripes[u as usize % STRIPES])
     }
 
-    /// Marks unit `u` present and journals it. The generation moves
-    /// under the map's lock, with the map: two checkpoints of one
-    /// generation hold the same units.
-    fn mark(&self, u: u32) {
+    /// Marks unit `u` present, and journals it with `journal` (its
+    /// contents are on the data file). Returns whether it was missing.
+    /// The generation moves under the map's lock, with the map: two
+    /// checkpoints of one generation hold the same units.
+    fn mark(&self, u: u32, journal: bool) -> bool {
         let mut p = lock(&self.present);
-        if p.insert(u) {
+        let added = p.insert(u);
+        if added {
             self.present_len.fetch_add(1, Ordering::AcqRel);
             self.generation.fetch_add(1, Ordering::AcqRel);
-            lock(&self.journal).append(u, &self.path);
-        }
-    }
-
-    /// Marks units present without fetching: the caller is about to
-    /// overwrite them whole.
-    fn claim(&self, first: u32, count: u32) {
-        for u in first..first + count {
-            let _s = self.stripe(u);
-            if !self.is_present(u) {
-                self.mark(u);
+            if journal {
+                lock(&self.journal).append(u, &self.path);
             }
         }
+        added
     }
 
     /// Marks units `first..first + count` present without fetching: the
     /// snapshot holds nothing there (the caller checked its index), so
     /// the sparse file's zeros are their contents.
     pub fn holes(&self, first: u32, count: u32) {
-        self.claim(first, count.min(self.units.saturating_sub(first)));
+        for u in first..first + count.min(self.units.saturating_sub(first)) {
+            let _s = self.stripe(u);
+            self.mark(u, true);
+        }
+    }
+
+    /// Journals the units `p` claimed, once the overwrite they were
+    /// claimed for is on the data file (before it is acknowledged).
+    pub fn record_claims(&self, p: &Prepared) {
+        if p.claimed.is_empty() {
+            return;
+        }
+        // Under the map's lock, as every journal write: a checkpoint's
+        // switch of files orders it.
+        let _p = lock(&self.present);
+        let mut j = lock(&self.journal);
+        for &u in &p.claimed {
+            j.append(u, &self.path);
+        }
+    }
+
+    /// True when every unit of `offset..offset + len` is present.
+    pub fn all_present(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return true;
+        }
+        let first = u32::try_from(offset / self.unit).unwrap_or(u32::MAX);
+        let last = u32::try_from(end.div_ceil(self.unit)).unwrap_or(u32::MAX);
+        self.missing(first, last).is_empty()
     }
 
     /// Writes the fetched `runs` into units `first..first + count` that
@@ -479,32 +514,38 @@ impl Lazy {
                 self.file.write_all_at(&bytes[from..to], s)?;
                 written += t - s;
             }
-            self.mark(u);
+            self.mark(u, true);
         }
         Ok(written)
     }
 
     /// Makes `offset..offset + len` safe for `need`: fetches and installs
     /// the missing units it must have (with read-ahead on sequential
-    /// reads), claims the ones an overwrite covers whole. Returns whether
-    /// any unit was filled or claimed.
+    /// reads), claims the ones an overwrite covers whole. The caller
+    /// passes what it returns to [`Lazy::record_claims`] once the
+    /// overwrite is on the data file.
     ///
     /// # Errors
     /// A failed fetch (the request fails; the units stay missing and a
     /// later request tries again), or a failed write.
-    pub async fn prepare(self: &Arc<Self>, offset: u64, len: u64, need: Need) -> io::Result<bool> {
+    pub async fn prepare(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        need: Need,
+    ) -> io::Result<Prepared> {
         if len == 0 {
-            return Ok(false);
+            return Ok(Prepared::default());
         }
         let end = offset.saturating_add(len).min(self.size);
         if offset >= end {
-            return Ok(false);
+            return Ok(Prepared::default());
         }
         let first = u32::try_from(offset / self.unit).unwrap_or(u32::MAX);
         let last = u32::try_from(end.div_ceil(self.unit)).unwrap_or(u32::MAX);
         let missing = self.missing(first, last);
         if missing.is_empty() {
-            return Ok(false);
+            return Ok(Prepared::default());
         }
         let mut fetch: Vec<(u32, u32)> = Vec::new();
         let mut claims: Vec<u32> = Vec::new();
@@ -572,8 +613,12 @@ impl Lazy {
         // request that fails before its write is issued (a store that
         // cannot be reached) leaves the units it would have overwritten
         // missing, so they still read as the snapshot, not as zeros.
+        let mut claimed = Vec::new();
         for u in claims {
-            self.claim(u, 1);
+            let _s = self.stripe(u);
+            if self.mark(u, false) {
+                claimed.push(u);
+            }
         }
         tracing::debug!(
             offset,
@@ -581,7 +626,10 @@ impl Lazy {
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "lazy client fill"
         );
-        Ok(true)
+        Ok(Prepared {
+            changed: true,
+            claimed,
+        })
     }
 
     /// Waits (at most `limit`) while client requests are fetching: the
@@ -943,13 +991,23 @@ mod tests {
     async fn reads_fill_and_overwrites_claim() {
         use std::os::unix::fs::FileExt;
         let (_d, l) = setup(64 * 4096);
-        assert!(l.prepare(4096 * 2 + 10, 100, Need::Read).await.unwrap());
+        assert!(
+            l.prepare(4096 * 2 + 10, 100, Need::Read)
+                .await
+                .unwrap()
+                .changed
+        );
         assert!(l.is_present(2) && !l.is_present(3));
         let mut b = [0u8; 1];
         l.file.read_exact_at(&mut b, 4096 * 2).unwrap();
         assert_eq!(b[0], 3);
         // Whole-unit overwrite: claimed, nothing written.
-        assert!(l.prepare(4096 * 5, 4096, Need::Overwrite).await.unwrap());
+        assert!(
+            l.prepare(4096 * 5, 4096, Need::Overwrite)
+                .await
+                .unwrap()
+                .changed
+        );
         assert!(l.is_present(5));
         l.file.read_exact_at(&mut b, 4096 * 5).unwrap();
         assert_eq!(b[0], 0);
@@ -959,7 +1017,12 @@ mod tests {
         l.file.read_exact_at(&mut b, 4096 * 5).unwrap();
         assert_eq!(b[0], 0);
         // Partial overwrite: filled first.
-        assert!(l.prepare(4096 * 7 + 1, 10, Need::Overwrite).await.unwrap());
+        assert!(
+            l.prepare(4096 * 7 + 1, 10, Need::Overwrite)
+                .await
+                .unwrap()
+                .changed
+        );
         l.file.read_exact_at(&mut b, 4096 * 7).unwrap();
         assert_eq!(b[0], 7);
         assert_eq!(l.missing(0, 9), vec![(0, 2), (3, 2), (6, 1), (8, 1)]);
@@ -997,7 +1060,12 @@ mod tests {
         assert!(err.to_string().contains("unreachable"), "{err}");
         assert_eq!(l.missing(0, 16), vec![(0, 16)]);
         source.down.store(false, Ordering::SeqCst);
-        assert!(l.prepare(4096 * 2, 3 * 4096, Need::Read).await.unwrap());
+        assert!(
+            l.prepare(4096 * 2, 3 * 4096, Need::Read)
+                .await
+                .unwrap()
+                .changed
+        );
         let mut b = [0u8; 1];
         for u in 2..5u64 {
             l.file.read_exact_at(&mut b, 4096 * u).unwrap();
@@ -1082,14 +1150,22 @@ mod tests {
         l.prepare(0, 4096, Need::Read).await.unwrap();
         let (m, g) = l.checkpoint();
         l.persist(m, g).await.unwrap();
-        // Filled, claimed whole: not in any map written.
+        // Filled, claimed whole and written: not in any map written.
         l.prepare(3 * 4096, 100, Need::Read).await.unwrap();
-        l.prepare(5 * 4096, 2 * 4096, Need::Overwrite)
+        let p = l
+            .prepare(5 * 4096, 2 * 4096, Need::Overwrite)
             .await
             .unwrap();
+        l.record_claims(&p);
         // A checkpoint whose map is never written keeps its marks too.
         let _ = l.checkpoint();
-        l.prepare(9 * 4096, 4096, Need::Overwrite).await.unwrap();
+        let p = l.prepare(9 * 4096, 4096, Need::Overwrite).await.unwrap();
+        l.record_claims(&p);
+        // Claimed, its write never done (the crash came first): missing
+        // again, so it reads as the snapshot, not as zeros.
+        let unwritten = l.prepare(11 * 4096, 4096, Need::Overwrite).await.unwrap();
+        assert!(l.is_present(11));
+        drop(unwritten);
         drop(l);
         let open = || {
             let f = File::options()
@@ -1110,7 +1186,7 @@ mod tests {
         for u in [0, 3, 5, 6, 9] {
             assert!(l2.is_present(u), "unit {u} lost");
         }
-        assert!(!l2.is_present(1) && !l2.is_present(10));
+        assert!(!l2.is_present(1) && !l2.is_present(10) && !l2.is_present(11));
         // Written into the map: a third open finds them without the
         // journal, which started afresh.
         drop(l2);
@@ -1169,7 +1245,7 @@ mod tests {
         assert!(!batch.is_finished(), "the background fetch is under way");
         // A client read starts fetching: the batch stops and lets go of
         // its units, which a client may then fetch itself.
-        assert!(l.prepare(0, 4096, Need::Read).await.unwrap());
+        assert!(l.prepare(0, 4096, Need::Read).await.unwrap().changed);
         let r = tokio::time::timeout(Duration::from_secs(5), batch)
             .await
             .expect("the batch gives way at once")
@@ -1182,7 +1258,7 @@ mod tests {
         let l2 = l.clone();
         let batch = tokio::spawn(async move { l2.fill_background(32, 16, false).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(l.prepare(4096, 4096, Need::Read).await.unwrap());
+        assert!(l.prepare(4096, 4096, Need::Read).await.unwrap().changed);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!batch.is_finished());
         assert_eq!(lock(&l.fetching).len(), 16);
@@ -1204,7 +1280,7 @@ mod tests {
         assert_eq!(l.missing(1 << 18, (1 << 18) + 2), vec![(1 << 18, 2)]);
         assert!(!l.complete());
         // Idempotent, and a unit present since stays present.
-        l.mark(1);
+        l.mark(1, true);
         l.present_outside([(1 << 30)..(1 << 30) + 3 * 4096, 4096..8192]);
         assert_eq!(l.missing(0, 1 << 20), vec![(1 << 18, 3)]);
         // Compact: full containers are runs, not 8 KiB bitmaps.

@@ -361,13 +361,20 @@ impl Volume {
     }
 
     /// Makes `offset..offset + len` ready for `need` on a lazily restored
-    /// volume; returns whether units were filled or claimed.
-    async fn prepare(&self, offset: u64, len: u64, need: Need) -> io::Result<bool> {
+    /// volume (see [`Lazy::prepare`]).
+    async fn prepare(&self, offset: u64, len: u64, need: Need) -> io::Result<lazy::Prepared> {
         match self.lazy() {
             Some(l) => l.prepare(offset, len, need).await.inspect_err(|e| {
                 tracing::warn!(volume = %self.name, offset, len, error = %e, "lazy fetch failed");
             }),
-            None => Ok(false),
+            None => Ok(lazy::Prepared::default()),
+        }
+    }
+
+    /// Records the units `p` claimed, their overwrite done.
+    fn claims_written(&self, p: &lazy::Prepared) {
+        if let Some(l) = self.lazy() {
+            l.record_claims(p);
         }
     }
 
@@ -588,8 +595,10 @@ impl Volume {
         fua: bool,
     ) -> io::Result<Vec<u8>> {
         let len = (buf.len() - start) as u64;
-        let filled = self.prepare(offset, len, Need::Overwrite).await?;
+        // Marked before any unit is claimed: a failure here leaves none
+        // claimed and not written.
         self.dirty.mark(offset, len)?;
+        let prepared = self.prepare(offset, len, Need::Overwrite).await?;
         self.guard(offset, len)?;
         let written = self
             .engine
@@ -597,10 +606,11 @@ impl Volume {
             .await;
         self.wrote();
         let buf = written?;
+        self.claims_written(&prepared);
         if fua {
             self.tell_flushed();
         }
-        if fua && filled {
+        if fua && prepared.changed {
             // ... nor the record that its units are present.
             self.flush().await?;
         }
@@ -676,18 +686,24 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.prepare(offset, len, Need::Overwrite).await?;
         self.dirty.mark(offset, len)?;
+        let prepared = self.prepare(offset, len, Need::Overwrite).await?;
         self.guard(offset, len)?;
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         let punched = self.engine.fallocate(&self.file, mode, offset, len).await;
         self.wrote();
         match punched {
             Ok(()) => {}
-            // TRIM is advisory: a file system without hole punching keeps the data.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            // TRIM is advisory: a file system without hole punching keeps
+            // the data (a claimed unit's hole: after a TRIM a client may
+            // assume nothing of the range).
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.claims_written(&prepared);
+                return Ok(());
+            }
             Err(e) => return Err(e),
         }
+        self.claims_written(&prepared);
         if fua {
             self.flush().await?;
         }
@@ -708,10 +724,16 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.prepare(offset, len, Need::Overwrite).await?;
+        // A lazily restored range not all present cannot be zeroed fast:
+        // its missing units would have to be claimed, and a FAST_ZERO that
+        // fails must leave the contents as they were (the snapshot's).
+        if fast && self.lazy().is_some_and(|l| !l.all_present(offset, len)) {
+            return Err(ZeroError::NotFast);
+        }
         // FAST_ZERO may fail without touching data; marking first is still
         // safe (a spurious dirty extent only costs a re-read).
         self.dirty.mark(offset, len)?;
+        let prepared = self.prepare(offset, len, Need::Overwrite).await?;
         self.guard(offset, len)?;
         let mode = if no_hole {
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
@@ -732,6 +754,7 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         }
+        self.claims_written(&prepared);
         if fua {
             self.flush().await?;
         }

@@ -6,7 +6,6 @@ use blockd_api::{
     human_size, BackupGroupRequest, BackupRequest, Catalog, CloudSnap, GroupState, Location,
     RestoreRequest, Started, Task, TaskKind, TaskState,
 };
-use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Args, Subcommand};
 
 use crate::client::Client;
@@ -176,12 +175,23 @@ pub struct BackupOpts {
 pub struct BackupArgs {
     /// Volume to back up
     volume: String,
+    /// More volumes: refused, pointing at `backup-group`.
+    #[arg(hide = true)]
+    more: Vec<String>,
     /// Label recorded with the cloud snapshot, as key=value (repeatable);
     /// `cloudsnap list --label` selects by these
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
     labels: Vec<(String, String)>,
     #[command(flatten)]
     opts: BackupOpts,
+}
+
+/// One name of `--volume-ids`: an empty one is a stray comma.
+pub(crate) fn member_arg(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the list has an empty name (a comma at an end, or two in a row): separate the names with single commas, e.g. db-data,db-log".into());
+    }
+    Ok(s.to_string())
 }
 
 /// Arguments of `cloudsnap backup-group`: members by name or by label.
@@ -195,7 +205,7 @@ pub struct BackupGroupArgs {
         alias = "volume_ids",
         value_name = "VOLUME,...",
         value_delimiter = ',',
-        value_parser = NonEmptyStringValueParser::new()
+        value_parser = member_arg
     )]
     volume_ids: Vec<String>,
     /// Or: every volume with this volume label, as key=value (repeatable; all
@@ -408,6 +418,17 @@ const BACKUP_GOES_ON: &str = "the backup starts once its pre-exec hook (if any) 
 
 /// `cloudsnap backup`.
 async fn backup(out: Output, client: &Client, args: &BackupArgs) -> Result<(), Failure> {
+    if !args.more.is_empty() {
+        let all = std::iter::once(&args.volume)
+            .chain(&args.more)
+            .map(String::as_str)
+            .collect::<Vec<_>>();
+        return Err(Failure::Usage(format!(
+            "cloudsnap backup takes one volume ({} given): back up several at one freeze point with `blockctl cloudsnap backup-group --volume-ids {}`, or run backup once for each",
+            all.len(),
+            all.join(",")
+        )));
+    }
     let o = &args.opts;
     let req = BackupRequest {
         volume: args.volume.clone(),
@@ -645,7 +666,11 @@ fn print_history(tasks: &[Task]) {
 
 /// Full or incremental.
 fn kind_text(s: &CloudSnap) -> &'static str {
-    if s.full {
+    // An object under snapshots/ that is not a snapshot (listed so that
+    // it can be seen and deleted): no type.
+    if s.status.starts_with("Corrupt") {
+        "-"
+    } else if s.full {
         "Full"
     } else {
         "Incr"

@@ -49,6 +49,7 @@ pub struct CreateArgs {
         long,
         value_delimiter = ',',
         value_name = "A,B",
+        value_parser = crate::cloudsnap::member_arg,
         conflicts_with = "labels"
     )]
     volume_ids: Vec<String>,

@@ -154,8 +154,12 @@ impl Cloud {
         }
         let hydration = if req.lazy {
             let started = async {
-                let _ =
-                    crate::volume::lazy::remove_present(&self.volumes.present_path(&req.volume));
+                // What an earlier volume of this name left must not count
+                // for this one (its journal would mark units present).
+                crate::volume::lazy::remove_present(&self.volumes.present_path(&req.volume))
+                    .map_err(|e| {
+                        CloudError::volume_io("removing an old present map of", &req.volume, e)
+                    })?;
                 let h = self.attach_lazy(&v, &record, Some(ready), true)?;
                 // The map exists before the task does: a resumed lazy
                 // restore without one is damage, never a fresh start.

@@ -90,8 +90,15 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// This boot's id, if the kernel tells it: without it a journal of
+/// another boot (the host went down, its page cache with it) could not be
+/// told from this one's, so there is no journal.
+fn boot() -> Option<&'static str> {
+    Some(crate::durable::boot_id()).filter(|b| *b != "unknown" && !b.is_empty())
+}
+
 fn header(unit: u64, size: u64) -> Vec<u8> {
-    let boot = crate::durable::boot_id().as_bytes();
+    let boot = boot().unwrap_or_default().as_bytes();
     let boot = &boot[..boot.len().min(BOOT_MAX)];
     let mut h = Vec::with_capacity(HEADER);
     h.extend_from_slice(MAGIC);
@@ -105,29 +112,41 @@ fn header(unit: u64, size: u64) -> Vec<u8> {
     h
 }
 
-/// The units a journal written in this boot, for this unit and volume
-/// size, holds (below `units`); nothing from another boot or another
-/// volume's shape, or from a file that is not a journal.
-pub fn read(bytes: &[u8], unit: u64, size: u64, units: u32) -> RoaringBitmap {
+/// The units a journal file written in this boot, for this unit and
+/// volume size, holds (below `units`); nothing from another boot or
+/// another volume's shape, or from a file that is not a journal. Read a
+/// piece at a time: a journal may hold a mark for each of a large
+/// volume's units.
+fn read_file(f: &File, unit: u64, size: u64, units: u32) -> io::Result<RoaringBitmap> {
+    const PIECE: usize = 1 << 20;
+    let mut head = [0u8; HEADER];
     let mut out = RoaringBitmap::new();
-    let Some(body) = bytes.get(HEADER..) else {
-        return out;
-    };
-    if bytes[..HEADER] != header(unit, size)[..] {
-        return out;
+    let got = f.read_at(&mut head, 0)?;
+    if got < HEADER || head[..] != header(unit, size)[..] {
+        return Ok(out);
     }
-    for m in body.chunks_exact(4) {
-        let u = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
-        if u < units {
-            out.insert(u);
+    let mut buf = vec![0u8; PIECE];
+    let mut at = FIRST;
+    loop {
+        let n = f.read_at(&mut buf, at)?;
+        // Whole marks only: a torn last one is not read.
+        let whole = n - n % 4;
+        if whole == 0 {
+            return Ok(out);
         }
+        for m in buf[..whole].chunks_exact(4) {
+            let u = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+            if u < units {
+                out.insert(u);
+            }
+        }
+        at += whole as u64;
     }
-    out
 }
 
 impl Journal {
     /// What the journal files beside the map at `map` hold from this boot
-    /// (see [`read`]). The caller makes these units durable in the map
+    /// (see [`read_file`]). The caller makes these units durable in the map
     /// (after a sync of the data file) before [`Journal::start`] empties
     /// the files.
     ///
@@ -135,9 +154,12 @@ impl Journal {
     /// I/O reading a file that is there.
     pub fn recover(map: &Path, unit: u64, size: u64, units: u32) -> io::Result<RoaringBitmap> {
         let mut found = RoaringBitmap::new();
+        if boot().is_none() {
+            return Ok(found);
+        }
         for p in &paths(map) {
-            match std::fs::read(p) {
-                Ok(bytes) => found |= read(&bytes, unit, size, units),
+            match File::open(p) {
+                Ok(f) => found |= read_file(&f, unit, size, units)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -162,12 +184,16 @@ impl Journal {
             Ok(f)
         };
         let paths = paths(map);
+        let ok = boot().is_some();
+        if !ok {
+            tracing::warn!(map = %map.display(), "the kernel's boot id cannot be read: the present map is not journaled, and a crash of blockd may lose writes to this lazily restored volume that were not flushed");
+        }
         Ok(Self {
             files: [open(&paths[0])?, open(&paths[1])?],
             len: [FIRST; 2],
             active: 0,
             retired_at: [None; 2],
-            ok: true,
+            ok,
         })
     }
 
@@ -263,6 +289,13 @@ mod tests {
         drop(j);
         Journal::start(&map, 4096, 1 << 20).unwrap();
         assert!(units(&map).is_empty());
+    }
+
+    fn read(bytes: &[u8], unit: u64, size: u64, units: u32) -> RoaringBitmap {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j");
+        std::fs::write(&p, bytes).unwrap();
+        read_file(&File::open(&p).unwrap(), unit, size, units).unwrap()
     }
 
     #[test]
