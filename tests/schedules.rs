@@ -101,7 +101,7 @@ fn a_periodic_schedule_backs_up_and_keeps_the_newest_max() {
         (vec!["--periodic", "5"], "give what to back up", 2),
         (
             vec!["--volume-ids", "v,,w", "--periodic", "5"],
-            "empty volume name",
+            "an empty name",
             2,
         ),
         (vec!["v", "--daily", "24:00"], "hh:mm", 2),
