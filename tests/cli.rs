@@ -1016,64 +1016,66 @@ fn a_missing_data_file_takes_out_only_its_volume() {
 /// look once the daemon is back.
 #[test]
 fn a_request_cut_short_by_the_daemon_dying_says_where_to_look() {
+    /// Sends `args` to the daemon while it is stopped, kills it, and
+    /// returns blockctl's status and stderr; the daemon is started again.
+    fn cut_short(d: &mut Blockd, args: &[&str]) -> (std::process::ExitStatus, String) {
+        signal(d.pid(), "STOP");
+        let client = Command::new(bin("blockctl"))
+            .env("BLOCKD_SOCKET", d.api_socket())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The request waits in the stopped daemon's socket; then it dies.
+        std::thread::sleep(Duration::from_millis(300));
+        d.kill9();
+        let out = client.wait_with_output().unwrap();
+        d.spawn();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     let mut d = Blockd::start();
-    signal(d.pid(), "STOP");
-    let client = Command::new(bin("blockctl"))
-        .env("BLOCKD_SOCKET", d.api_socket())
-        .args(["volume", "create", "cut", "--size", "4M"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The request waits in the stopped daemon's socket; then it dies.
-    std::thread::sleep(Duration::from_millis(300));
-    d.kill9();
-    let out = client.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (status, err) = cut_short(&mut d, &["volume", "create", "cut", "--size", "4M"]);
+    assert!(!status.success(), "{err}");
     assert!(
         err.contains("may have been carried out") && err.contains("blockctl volume list"),
         "{err}"
     );
-    d.spawn();
     d.ok(&["volume", "list"]);
 
     // A request larger than the socket's buffer is still being written
     // when blockd dies: the write fails, and blockctl says so instead of
     // dying of SIGPIPE without a word (a `--wait` across a restart polls
     // into exactly this).
-    signal(d.pid(), "STOP");
     let big = "k".repeat(120_000);
-    let client = Command::new(bin("blockctl"))
-        .env("BLOCKD_SOCKET", d.api_socket())
-        .args(["credentials", "create", "big", "--provider", "s3"])
-        .args([
+    let (status, err) = cut_short(
+        &mut d,
+        &[
+            "credentials",
+            "create",
+            "big",
+            "--provider",
+            "s3",
             "--bucket",
             "b",
             "--s3-endpoint",
             "127.0.0.1:9",
             "--s3-region",
             "r",
-        ])
-        .args([
             "--s3-access-key",
             &big,
             "--s3-secret-key",
             &big,
             "--prefix",
             &big,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    d.kill9();
-    let out = client.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{:?}: {err}", out.status);
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
     assert!(err.contains("may have been carried out"), "{err}");
-    d.spawn();
     let creds = json(&d.ok(&["-j", "credentials", "list"]));
     assert!(
         creds.as_array().unwrap().iter().all(|c| c["name"] != "big"),

@@ -448,6 +448,38 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     // being gone.
     b.kill9();
     b.spawn();
+    // Damage met meanwhile (a failure other than a missing object) does
+    // not make B give up: the bucket's manifest is gone by design now,
+    // and B keeps its lease while it waits for the packs to be mended.
+    // (In place, their times kept: a pack written again since it was
+    // condemned is one a backup brought back, and is kept.)
+    let rewrite = |p: &Path, bytes: &[u8]| {
+        let when = std::fs::metadata(p).unwrap().modified().unwrap();
+        std::fs::write(p, bytes).unwrap();
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(when).unwrap();
+    };
+    let sound: Vec<_> = files_under(&packs)
+        .into_iter()
+        .map(|p| {
+            let good = std::fs::read(&p).unwrap();
+            let mut bad = good.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0xff;
+            rewrite(&p, &bad);
+            (p, good)
+        })
+        .collect();
+    // A pass over the volume ends with the damage still there: retried,
+    // not "gone from the bucket".
+    let t = wait_until(&b, &id, |t| {
+        t["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("retrying in") || e.contains("gone"))
+    });
+    assert_eq!(t["state"], "Active", "{t}");
+    let e = t["error"].as_str().unwrap();
+    assert!(e.contains("corrupt") && !e.contains("gone"), "{e}");
     let before = bytes_under(&packs);
     // ... but may not delete them while B reads them, even past B's
     // lease length: B renews it.
@@ -466,6 +498,9 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
         );
     }
     assert_eq!(bytes_under(&packs), before);
+    for (p, good) in sound {
+        rewrite(&p, &good);
+    }
     let t = wait_done(&b, &id);
     assert_eq!(t["state"], "Done", "{t}");
     assert_same(&b, &img, "copy");

@@ -119,6 +119,13 @@ pub struct Prepared {
     claimed: Vec<u32>,
 }
 
+impl Prepared {
+    /// True when units were claimed and wait for [`Lazy::record_claims`].
+    pub fn has_claims(&self) -> bool {
+        !self.claimed.is_empty()
+    }
+}
+
 /// The present map and fill logic of one lazily restored volume.
 pub struct Lazy {
     file: Arc<File>,
@@ -845,15 +852,26 @@ impl Lazy {
 /// # Errors
 /// I/O other than a missing file.
 pub fn remove_present(path: &Path) -> io::Result<()> {
-    journal::remove(path)?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    if !remove_present_unsynced(path)? {
+        return Ok(());
     }
     match path.parent() {
         Some(dir) => crate::durable::sync_dir(dir),
         None => Ok(()),
+    }
+}
+
+/// Removes a `.present` file and its journals, leaving the directory's
+/// sync to the caller; true when the map was there.
+///
+/// # Errors
+/// I/O other than a missing file.
+pub fn remove_present_unsynced(path: &Path) -> io::Result<bool> {
+    journal::remove(path)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -373,6 +373,9 @@ impl Volume {
 
     /// Records the units `p` claimed, their overwrite done.
     fn claims_written(&self, p: &lazy::Prepared) {
+        if !p.has_claims() {
+            return;
+        }
         if let Some(l) = self.lazy() {
             l.record_claims(p);
         }

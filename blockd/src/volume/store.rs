@@ -395,7 +395,8 @@ impl Store {
         }
         volume.dirty.forget();
         let _ = std::fs::remove_file(dirty_path(&self.dir, name));
-        let _ = crate::volume::lazy::remove_present(&self.present_path(name));
+        let _ = crate::volume::lazy::remove_present_unsynced(&self.present_path(name));
+        // One sync for every name removed above.
         let _ = crate::durable::sync_dir(&self.dir);
         tracing::info!(volume = %name, force, "volume deleted");
         Ok(())
