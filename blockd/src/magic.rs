@@ -66,4 +66,4 @@ pub const PRESENT_LOG_MAGIC: &[u8; 8] = b"BLKDPLOG";
 /// Present map journal version.
 pub const PRESENT_LOG_VERSION: u32 = 1;
 /// State database schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;

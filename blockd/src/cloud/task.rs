@@ -117,6 +117,9 @@ pub(super) struct Running {
     pub(super) before: f64,
     /// What the ETA is worked out from.
     pub(super) rate: Mutex<Rate>,
+    /// A backup's damage avoided (`damage::Avoid::seen`), once its
+    /// manifest is written: kept with the volume's backup base.
+    pub(super) damage_seen: Mutex<Option<String>>,
 }
 
 /// How long a window of progress the ETA's rate is taken over.
@@ -778,6 +781,7 @@ impl Cloud {
             stopped: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             rate: Mutex::default(),
+            damage_seen: Mutex::default(),
         });
         if super::lock_set(&self.stop_on_start).remove(&r.task.id) {
             running

@@ -12,7 +12,11 @@
 //! (see `cloud::backup::stream`). A backup already running when the
 //! check ends does not see the record; the next check, which traces the
 //! recorded offsets to their users again, names and records what it
-//! wrote if it used the damage.
+//! wrote if it used the damage. Until then, the backups after it find it
+//! themselves: one whose parent's backup did not avoid every damaged
+//! record known now reads the parent's index blocks ([`Repo::screen`],
+//! [`Avoid::covered_by`]), so the damage does not pass from snapshot to
+//! snapshot, each reporting Done, until the next check.
 //!
 //! A record goes when a later check finds its object whole (a pack found
 //! damaged by reading its records only when that check reads it whole
@@ -38,17 +42,21 @@
 //! earlier builds (`damaged/<object key>`) are read, merged and replaced
 //! the same way.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Tampered;
-use super::format::{self, Malformed};
-use super::{Repo, RepoError};
+use futures::StreamExt;
+
+use super::format::{self, Malformed, Manifest};
+use super::{PackId, Repo, RepoError};
 use crate::magic::DAMAGE_MAGIC;
 
 /// Key prefix of damage records.
 const DIR: &str = "damaged";
+/// Index blocks [`Repo::screen`] reads at once.
+const SCREENS: usize = 16;
 /// Listings that [`Repo::damage_records`] makes at most while records it
 /// listed are replaced under it.
 const LISTINGS: usize = 4;
@@ -114,11 +122,61 @@ pub struct Recorded {
     pub unreadable: Vec<RepoError>,
 }
 
-/// What a backup avoids: the index blocks of every record.
+/// What a backup avoids: the index blocks of every record, and the
+/// damaged records of packs.
 #[derive(Debug, Default)]
 pub struct Avoid {
     /// Index blocks a backup reads again from the volume.
     pub index: HashSet<String>,
+    /// Damaged records by pack (`None`: the whole pack), as the records
+    /// name them.
+    pub packs: BTreeMap<PackId, Option<BTreeSet<u32>>>,
+}
+
+/// What a backup avoided, as kept with the volume's backup base: pack
+/// (hex) to its damaged offsets, `null` for a whole pack.
+type Seen = BTreeMap<String, Option<BTreeSet<u32>>>;
+
+impl Avoid {
+    /// What this backup avoids, to keep with the snapshot it writes
+    /// ([`Self::covered_by`] reads it back).
+    pub fn seen(&self) -> String {
+        let seen: Seen = self
+            .packs
+            .iter()
+            .map(|(p, d)| (super::pack_hex(p), d.clone()))
+            .collect();
+        serde_json::to_string(&seen).unwrap_or_else(|_| unreachable!("maps serialise"))
+    }
+
+    /// True when a snapshot written by a backup that avoided `seen` (as
+    /// [`Self::seen`] gave it; `None` when unknown) references none of the
+    /// damaged records known now: its index blocks may be kept and taken
+    /// from without reading them first.
+    ///
+    /// A record names the index blocks that used the damage when its
+    /// check walked the snapshots. A backup that ran while the check did,
+    /// or that started before the record was written, may have kept or
+    /// copied a damaged reference into index blocks of its own, which no
+    /// record names; so may every backup after it that keeps them. Such a
+    /// snapshot is known whole only when its own backup avoided every
+    /// damaged record known now: it kept its parent's blocks only once
+    /// they were covered too, or read ([`Repo::screen`]).
+    pub fn covered_by(&self, seen: Option<&str>) -> bool {
+        if self.packs.is_empty() {
+            return true;
+        }
+        let Some(seen) = seen.and_then(|s| serde_json::from_str::<Seen>(s).ok()) else {
+            return false;
+        };
+        self.packs
+            .iter()
+            .all(|(p, now)| match (now, seen.get(&super::pack_hex(p))) {
+                (_, None) | (None, Some(Some(_))) => false,
+                (_, Some(None)) => true,
+                (Some(now), Some(Some(then))) => now.is_subset(then),
+            })
+    }
 }
 
 /// A fresh key for a record of `object`.
@@ -222,9 +280,93 @@ impl Repo {
                 ),
             });
         }
-        Ok(Avoid {
-            index: recorded.records.into_iter().flat_map(|r| r.index).collect(),
-        })
+        let mut avoid = Avoid::default();
+        for r in recorded.records {
+            if let Some(pack) = super::parse_pack_key(&r.object) {
+                // No offsets: damaged as a whole (missing, unreadable, or
+                // a record that does not list them).
+                let offsets = (!r.offsets.is_empty()).then(|| r.offsets.iter().copied().collect());
+                avoid.packs.insert(pack, offsets);
+            }
+            avoid.index.extend(r.index);
+        }
+        Ok(avoid)
+    }
+
+    /// Reads every index block of `parent` that `avoid` does not already
+    /// avoid, and adds those that reference a damaged record (directly, or
+    /// a record a repack moved into a damaged pack) or do not read; returns
+    /// how many it added. For a parent not [`Avoid::covered_by`] what its
+    /// own backup avoided.
+    ///
+    /// # Errors
+    /// Provider errors; a damaged relocation.
+    pub async fn screen(&self, avoid: &mut Avoid, parent: &Manifest) -> Result<usize, RepoError> {
+        if avoid.packs.is_empty() {
+            return Ok(0);
+        }
+        // The damaged records under the names index entries use: their
+        // own, and those of packs whose records were moved into them.
+        let mut named: HashMap<PackId, Option<HashSet<u32>>> = avoid
+            .packs
+            .iter()
+            .map(|(p, d)| (*p, d.as_ref().map(|o| o.iter().copied().collect())))
+            .collect();
+        let (relocs, _) = self.list_relocs().await?;
+        let sources: BTreeSet<PackId> = relocs
+            .iter()
+            .filter(|(_, l)| {
+                super::reloc::parse_reloc_key(&l.key)
+                    .is_some_and(|(_, to)| avoid.packs.contains_key(&to))
+            })
+            .map(|(from, _)| *from)
+            .collect();
+        for from in sources {
+            let w = super::reloc::Winners::of(&self.relocs_of(&from).await?);
+            for t in w.targets() {
+                let damaged = match avoid.packs.get(&t.pack) {
+                    None => false,
+                    Some(None) => true,
+                    Some(Some(o)) => o.contains(&t.to),
+                };
+                if damaged {
+                    if let Some(o) = named.entry(from).or_insert_with(|| Some(HashSet::new())) {
+                        o.insert(t.from);
+                    }
+                }
+            }
+        }
+        let uses = |e: &super::format::Entry| {
+            named
+                .get(&e.chunk.pack)
+                .is_some_and(|d| d.as_ref().is_none_or(|o| o.contains(&e.chunk.offset)))
+        };
+        let blocks: Vec<(u64, String)> = parent
+            .blocks
+            .iter()
+            .filter(|(_, id)| !avoid.index.contains(id))
+            .cloned()
+            .collect();
+        let mut reads = futures::stream::iter(blocks)
+            .map(|(b, id)| async move {
+                let got = self.get_index(b, &id).await;
+                (id, got)
+            })
+            .buffer_unordered(SCREENS);
+        let mut added = Vec::new();
+        while let Some((id, got)) = reads.next().await {
+            match got {
+                Ok(entries) if entries.iter().any(&uses) => added.push(id),
+                Ok(_) => {}
+                // Kept, it would carry the damage on; read from the volume
+                // again, it is replaced.
+                Err(e) if super::refs::is_damage(&e) => added.push(id),
+                Err(e) => return Err(e),
+            }
+        }
+        let n = added.len();
+        avoid.index.extend(added);
+        Ok(n)
     }
 
     /// Writes a record of `r.object` under a key of its own, beside any
@@ -283,6 +425,35 @@ mod tests {
         Repo::open(store, "", "mem", None, None, true)
             .await
             .unwrap()
+    }
+
+    /// A snapshot's blocks are trusted only when its backup avoided every
+    /// damaged record known now: the same offsets or more, or the whole
+    /// pack; never when what it avoided is unknown.
+    #[test]
+    fn covered_only_by_what_was_avoided_then() {
+        let (p, q) = ([1u8; 16], [2u8; 16]);
+        let at = |o: &[u32]| Some(o.iter().copied().collect::<BTreeSet<u32>>());
+        let avoid = |packs: Vec<(PackId, Option<BTreeSet<u32>>)>| Avoid {
+            index: HashSet::new(),
+            packs: packs.into_iter().collect(),
+        };
+        let none = avoid(vec![]);
+        assert!(none.covered_by(None));
+        let then = avoid(vec![(p, at(&[7, 9])), (q, None)]).seen();
+        for (now, covered) in [
+            (avoid(vec![(p, at(&[7]))]), true),
+            (avoid(vec![(p, at(&[7, 9])), (q, at(&[1]))]), true),
+            (avoid(vec![(q, None)]), true),
+            (avoid(vec![(p, at(&[8]))]), false),
+            (avoid(vec![(p, None)]), false),
+            (avoid(vec![([3u8; 16], at(&[0]))]), false),
+        ] {
+            assert_eq!(now.covered_by(Some(&then)), covered, "{now:?}");
+            assert!(!now.covered_by(None), "{now:?}");
+            assert!(!now.covered_by(Some("not json")), "{now:?}");
+        }
+        assert!(none.covered_by(Some(&then)));
     }
 
     fn sorted(mut v: Vec<Record>) -> Vec<Record> {

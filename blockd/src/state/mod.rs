@@ -250,6 +250,19 @@ impl StateDb {
             conn.execute_batch("ALTER TABLE pending_groups ADD COLUMN repository TEXT")
                 .map_err(err)?;
         }
+        // Version 7: what the base's backup avoided (`damage::Avoid::seen`).
+        let has_seen: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('backup_base') WHERE name = 'damage_seen'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_seen {
+            conn.execute_batch("ALTER TABLE backup_base ADD COLUMN damage_seen TEXT")
+                .map_err(err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
         // Manifests kept for restores that never got their task record (a
@@ -897,7 +910,29 @@ impl StateDb {
         })
     }
 
-    /// Records the last backup of a volume (`None` forgets it).
+    /// What the backup of a volume's base snapshot `snapshot` avoided
+    /// (`damage::Avoid::seen`), when it is the base and that is known.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn base_damage_seen(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<Option<String>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT damage_seen FROM backup_base WHERE volume = ?1 AND snapshot = ?2",
+                [volume, snapshot],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    /// Records the last backup of a volume (`None` forgets it), with what
+    /// its backup avoided when known (a restored snapshot's is not).
     ///
     /// # Errors
     /// SQLite errors.
@@ -905,12 +940,13 @@ impl StateDb {
         &self,
         volume: &str,
         base: Option<(&str, &str)>,
+        damage_seen: Option<&str>,
     ) -> Result<(), StateError> {
         self.with(|c| match base {
             Some((loc, snap)) => c
                 .execute(
-                    "INSERT OR REPLACE INTO backup_base (volume, location, snapshot) VALUES (?1, ?2, ?3)",
-                    params![volume, loc, snap],
+                    "INSERT OR REPLACE INTO backup_base (volume, location, snapshot, damage_seen) VALUES (?1, ?2, ?3, ?4)",
+                    params![volume, loc, snap, damage_seen],
                 )
                 .map(drop),
             None => c
@@ -980,6 +1016,47 @@ mod tests {
             assert_eq!(db.pending_groups().unwrap(), vec![old, new]);
             db.drop_pending_group("local", "g2").unwrap();
         }
+    }
+
+    /// A schema 6 database's backup bases gain what their backups avoided
+    /// (unknown for the rows already there), which follows the base.
+    #[test]
+    fn backup_bases_gain_what_their_backups_avoided() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("state.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE backup_base (
+                    volume   TEXT PRIMARY KEY,
+                    location TEXT NOT NULL,
+                    snapshot TEXT NOT NULL
+                );
+                INSERT INTO backup_base VALUES ('v', 'local', 'v/s1');
+                PRAGMA user_version = 6;",
+            )
+            .unwrap();
+        }
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(
+            db.backup_base("v").unwrap(),
+            Some(("local".into(), "v/s1".into()))
+        );
+        assert_eq!(db.base_damage_seen("v", "v/s1").unwrap(), None);
+        db.set_backup_base("v", Some(("local", "v/s2")), Some("{}"))
+            .unwrap();
+        assert_eq!(
+            db.base_damage_seen("v", "v/s2").unwrap().as_deref(),
+            Some("{}")
+        );
+        assert_eq!(db.base_damage_seen("v", "v/s1").unwrap(), None);
+        db.set_backup_base("v", Some(("local", "v/s3")), None)
+            .unwrap();
+        assert_eq!(db.base_damage_seen("v", "v/s3").unwrap(), None);
+        drop(db);
+        assert_eq!(
+            StateDb::open(dir.path()).unwrap().backup_base("v").unwrap(),
+            Some(("local".into(), "v/s3".into()))
+        );
     }
 
     /// A kept manifest goes with its task's end, and one whose task

@@ -567,9 +567,17 @@ impl Cloud {
         // The base first: once the snapshot goes, nothing but the base
         // says where its changes are (the map may already be settled
         // without them).
+        // What the backup avoided, unless the manifest was written before
+        // a restart (then unknown: the next backup reads the blocks it
+        // would keep, if a check has found damage).
+        let seen = run
+            .damage_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         match self
             .db
-            .set_backup_base(&volume, Some((&location, &snapshot)))
+            .set_backup_base(&volume, Some((&location, &snapshot)), seen.as_deref())
         {
             Ok(()) => {
                 if self.snapshots.get(&volume, &name).is_some() {
@@ -668,17 +676,16 @@ impl Cloud {
             progress: run.progress.clone(),
             cancel,
             checkpoint: Checkpoint::new(run.clone(), self.db.clone()),
-            avoid: if parent.is_some() {
-                repo.avoid().await?
-            } else {
-                Avoid::default()
-            },
+            avoid: self.avoid(&repo, &rec.task.volume, parent.as_ref()).await?,
         };
         if !job.avoid.index.is_empty() {
             tracing::info!(task = %rec.task.id, index_blocks = job.avoid.index.len(), "a check found damage: the index blocks that reach it are read from the volume again");
         }
         let blocks = stream::run(&job).await;
         let blocks = blocks?;
+        *run.damage_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(job.avoid.seen());
         let r = run.snapshot();
         let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
         let meta = snap.meta();
@@ -734,6 +741,30 @@ impl Cloud {
             Err(e) => return Err(e.into()),
         }
         Ok(())
+    }
+
+    /// What a backup of `volume` with `parent` avoids: every index block a
+    /// damage record names and, when a check has found damaged records in
+    /// packs that the parent's own backup did not avoid, every block of
+    /// the parent that uses them (its blocks are read to find out).
+    async fn avoid(
+        &self,
+        repo: &Repo,
+        volume: &str,
+        parent: Option<&Manifest>,
+    ) -> Result<Avoid, CloudError> {
+        let mut avoid = repo.avoid().await?;
+        let Some(p) = parent else {
+            return Ok(avoid);
+        };
+        let seen = self
+            .db
+            .base_damage_seen(volume, &name::id(&p.volume, &p.name))?;
+        if !avoid.covered_by(seen.as_deref()) {
+            let n = repo.screen(&mut avoid, p).await?;
+            tracing::info!(%volume, parent = %name::id(&p.volume, &p.name), using_damage = n, "a check found damaged records the parent's backup did not avoid: its index blocks were read, and those using them are read from the volume again");
+        }
+        Ok(avoid)
     }
 
     /// True when the manifest of resumed backup `run` is in the bucket,

@@ -265,7 +265,7 @@ impl Cloud {
                     // The volume is the snapshot plus its own writes, which
                     // its dirty map holds: the next backup to the same
                     // location can be an incremental on the snapshot.
-                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)), None);
                     // Released before Done is recorded: a crash in between
                     // resumes the restore, which finds every unit present.
                     if let Err(e) = me.volumes.release(&volume) {
@@ -291,7 +291,7 @@ impl Cloud {
                         // to the same location can be an incremental on it.
                         v.dirty.reset();
                     }
-                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)));
+                    let _ = me.db.set_backup_base(&volume, Some((&location, &snapshot)), None);
                     // Exported before Done is shown, and released before
                     // Done is recorded: a crash in between runs the restore
                     // again, withheld again from the start.
