@@ -1960,3 +1960,51 @@ fn ctrl_c_on_wait_leaves_the_task_running_and_says_so() {
     };
     assert_eq!(wait_done(&d, &id)["state"], "Done");
 }
+
+/// Hosts sharing a bucket may each have a volume of one name. A bare
+/// volume name as `--snap` is refused on a host that backs up a volume of
+/// that name itself when another host took the newest snapshot of it; a
+/// host with no such volume (a disaster recovery) takes the newest.
+#[test]
+fn a_volume_name_two_hosts_back_up_is_not_resolved_to_the_other_hosts() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let (a, b, c) = (Blockd::start(), Blockd::start(), Blockd::start());
+    share(&path, &[&a, &b, &c]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut snaps = Vec::new();
+    for (d, seed) in [(&a, 31), (&b, 32)] {
+        d.create("dup", "4M");
+        let img = image(tmp.path(), &format!("{seed}.img"), 4 * MB, 4 * MB, seed);
+        load(d, "dup", &img);
+        let t = backup(d, &["dup", "--cred-id", "shared"]);
+        snaps.push((t["snapshot"].as_str().unwrap().to_string(), img));
+    }
+    let (ours, newest) = (&snaps[0], &snaps[1]);
+    // On a, b's snapshot is the newest of the name: refused, both named.
+    for verb in [
+        vec!["cloudsnap", "restore", "--snap", "dup", "--volume", "x"],
+        vec!["cloudsnap", "catalog", "--snap", "dup"],
+    ] {
+        let out = a.blockctl(&verb);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{verb:?}: {e}");
+        assert!(
+            e.contains(&newest.0) && e.contains(&ours.0) && e.contains("give the snapshot id"),
+            "{e}"
+        );
+    }
+    // The id says which.
+    let r = restore(&a, &ours.0, "mine", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&a, &ours.1, "mine");
+    // On b, its own is the newest; on c, which has no dup, the newest.
+    for d in [&b, &c] {
+        let r = restore(d, "dup", "latest", &[]);
+        assert_eq!(r["state"], "Done", "{r}");
+        assert_same(d, &newest.1, "latest");
+    }
+}

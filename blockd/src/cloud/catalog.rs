@@ -144,7 +144,9 @@ impl Cloud {
             match looked {
                 Ok(()) => found.push(l.clone()),
                 Err(CloudError::NoSnapshotOf { .. } | CloudError::SnapshotNotFound { .. }) => {}
-                Err(e @ CloudError::GroupNotSnapshot { .. }) => return Err(e),
+                Err(
+                    e @ (CloudError::GroupNotSnapshot { .. } | CloudError::NameOnTwoHosts { .. }),
+                ) => return Err(e),
                 Err(e) => {
                     tracing::warn!(location = %l, error = %e, "looking for a cloud snapshot failed there");
                     failed.get_or_insert(e);
@@ -310,7 +312,32 @@ impl Cloud {
     }
 
     /// Resolves `--snap`: a snapshot id, or a volume name for its latest.
+    ///
+    /// Volume names belong to hosts, and hosts may share a bucket: a name
+    /// whose newest snapshot another host took is refused when this host
+    /// backs up a volume of that name to the same location, as the
+    /// newest of the two is then no answer to "which one". A host with no
+    /// volume of that name there (a disaster recovery) takes the newest.
     pub(super) async fn find(&self, repo: &Repo, snap: &str) -> Result<Manifest, CloudError> {
+        let m = self.find_named(repo, snap).await?;
+        if name::split(snap).is_some() {
+            return Ok(m);
+        }
+        if let (Some(host), Some((location, ours))) = (&m.host, self.db.backup_base(snap)?) {
+            if *host != self.host && location == repo.location() {
+                return Err(CloudError::NameOnTwoHosts {
+                    snap: snap.to_string(),
+                    newest: name::id(&m.volume, &m.name),
+                    host: host.clone(),
+                    location,
+                    ours,
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    async fn find_named(&self, repo: &Repo, snap: &str) -> Result<Manifest, CloudError> {
         let (v, n) = match name::split(snap) {
             Some((v, n)) => (v.to_string(), n.to_string()),
             None => {

@@ -211,6 +211,21 @@ pub enum CloudError {
         /// Its members' ids, comma-separated.
         members: String,
     },
+    /// `--snap` gave a volume name whose newest snapshot another host
+    /// took, while this host backs up a volume of that name there too.
+    #[error("--snap {snap}: the newest snapshot of a volume named {snap}, {newest}, was taken on host {host}, but this host backs up its own volume {snap} to location {location} too (its last: {ours}): give the snapshot id to say which (`blockctl -j cloudsnap list --src {snap}` shows each one's host)")]
+    NameOnTwoHosts {
+        /// The volume name given.
+        snap: String,
+        /// The newest snapshot of that name.
+        newest: String,
+        /// The host that took it.
+        host: String,
+        /// Location.
+        location: String,
+        /// This host's last backup of its volume of that name.
+        ours: String,
+    },
     /// `--snap` without `--cred-id` is in no location.
     #[error("no cloud snapshot {snap:?} in any location ({locations}): give an id VOLUME/SNAPSHOT as `blockctl cloudsnap list` shows it (a restore or catalog also takes a volume name, for its newest)")]
     NoSnapshotAnywhere {
@@ -421,7 +436,8 @@ impl CloudError {
             | Self::BadSchedule { .. }
             | Self::BadSnapshotId { .. }
             | Self::BadSnapshotRef { .. }
-            | Self::GroupNotSnapshot { .. } => Outcome::Invalid,
+            | Self::GroupNotSnapshot { .. }
+            | Self::NameOnTwoHosts { .. } => Outcome::Invalid,
             Self::NoLabelMatch
             | Self::VolumeNotFound { .. }
             | Self::VolumeGone { .. }
