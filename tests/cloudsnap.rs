@@ -2007,4 +2007,16 @@ fn a_volume_name_two_hosts_back_up_is_not_resolved_to_the_other_hosts() {
         assert_eq!(r["state"], "Done", "{r}");
         assert_same(d, &newest.1, "latest");
     }
+    // c takes b's dup over (a disaster recovery): its volume dup, restored
+    // from b's snapshot, is not a volume of its own yet ...
+    let r = restore(&c, "dup", "dup", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    c.ok(&["cloudsnap", "catalog", "--snap", "dup"]);
+    // ... until c backs it up: then b's next backup is the other host's.
+    backup(&c, &["dup", "--cred-id", "shared"]);
+    backup(&b, &["dup", "--cred-id", "shared"]);
+    let out = c.blockctl(&["cloudsnap", "catalog", "--snap", "dup"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("this host backs up its own volume dup"), "{e}");
 }

@@ -315,26 +315,37 @@ impl Cloud {
     ///
     /// Volume names belong to hosts, and hosts may share a bucket: a name
     /// whose newest snapshot another host took is refused when this host
-    /// backs up a volume of that name to the same location, as the
-    /// newest of the two is then no answer to "which one". A host with no
-    /// volume of that name there (a disaster recovery) takes the newest.
+    /// backs up a volume of that name itself (its last backup, in any
+    /// location, is its own), as the newest is then no answer to "which
+    /// one". A host with no volume of that name, or whose volume of that
+    /// name was restored from another host's snapshot and not backed up
+    /// since (a disaster recovery), takes the newest.
     pub(super) async fn find(&self, repo: &Repo, snap: &str) -> Result<Manifest, CloudError> {
         let m = self.find_named(repo, snap).await?;
-        if name::split(snap).is_some() {
+        if name::split(snap).is_some() || m.host.as_deref().is_none_or(|h| h == self.host) {
             return Ok(m);
         }
-        if let (Some(host), Some((location, ours))) = (&m.host, self.db.backup_base(snap)?) {
-            if *host != self.host && location == repo.location() {
-                return Err(CloudError::NameOnTwoHosts {
-                    snap: snap.to_string(),
-                    newest: name::id(&m.volume, &m.name),
-                    host: host.clone(),
-                    location,
-                    ours,
-                });
-            }
+        let Some((location, ours)) = self.db.backup_base(snap)? else {
+            return Ok(m);
+        };
+        let Some((v, n)) = name::split(&ours) else {
+            return Ok(m);
+        };
+        // The base is this host's own backup, not a restored snapshot.
+        let base_host = match self.locations.repo(&location).await {
+            Ok(r) => r.get_manifest(v, n).await.ok().and_then(|b| b.host),
+            Err(_) => None,
+        };
+        if base_host.as_deref() != Some(self.host.as_str()) {
+            return Ok(m);
         }
-        Ok(m)
+        Err(CloudError::NameOnTwoHosts {
+            snap: snap.to_string(),
+            newest: name::id(&m.volume, &m.name),
+            host: m.host.clone().unwrap_or_default(),
+            location: repo.location().to_string(),
+            ours: format!("{ours} in location {location}"),
+        })
     }
 
     async fn find_named(&self, repo: &Repo, snap: &str) -> Result<Manifest, CloudError> {

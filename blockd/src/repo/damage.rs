@@ -322,7 +322,17 @@ impl Repo {
             .map(|(from, _)| *from)
             .collect();
         for from in sources {
-            let w = super::reloc::Winners::of(&self.relocs_of(&from).await?);
+            // Relocations that do not open: where that pack's records are
+            // is unknown, so none of them is taken.
+            let w = match self.relocs_of(&from).await {
+                Ok(r) => super::reloc::Winners::of(&r),
+                Err(e) if super::refs::is_damage(&e) => {
+                    tracing::warn!(pack = %super::pack_key(&from), error = %e, "a relocation does not open: the records of its pack are read from the volume again");
+                    named.insert(from, None);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             for t in w.targets() {
                 let damaged = match avoid.packs.get(&t.pack) {
                     None => false,

@@ -676,16 +676,24 @@ impl Cloud {
             progress: run.progress.clone(),
             cancel,
             checkpoint: Checkpoint::new(run.clone(), self.db.clone()),
-            avoid: self.avoid(&repo, &rec.task.volume, parent.as_ref()).await?,
+            avoid: tokio::select! {
+                a = self.avoid(&repo, &rec.task.volume, parent.as_ref()) => a?,
+                () = run.stop.cancelled() => return Err(CloudError::Cancelled),
+            },
         };
         if !job.avoid.index.is_empty() {
             tracing::info!(task = %rec.task.id, index_blocks = job.avoid.index.len(), "a check found damage: the index blocks that reach it are read from the volume again");
         }
+        // What an earlier attempt stored (blocks finished, packs uploaded)
+        // was made under the damage records of its own start, not these:
+        // then what this snapshot avoids is left unknown.
+        let fresh =
+            self.db.task_blocks(&job.task)?.is_empty() && self.db.task_packs(&job.task)?.is_empty();
         let blocks = stream::run(&job).await;
         let blocks = blocks?;
         *run.damage_seen
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(job.avoid.seen());
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.then(|| job.avoid.seen());
         let r = run.snapshot();
         let (v, n) = name::split(&r.task.snapshot).unwrap_or_default();
         let meta = snap.meta();
@@ -753,10 +761,12 @@ impl Cloud {
         volume: &str,
         parent: Option<&Manifest>,
     ) -> Result<Avoid, CloudError> {
-        let mut avoid = repo.avoid().await?;
+        // Without a parent nothing is kept or taken: what a backup stores
+        // is its own.
         let Some(p) = parent else {
-            return Ok(avoid);
+            return Ok(Avoid::default());
         };
+        let mut avoid = repo.avoid().await?;
         let seen = self
             .db
             .base_damage_seen(volume, &name::id(&p.volume, &p.name))?;
