@@ -49,6 +49,34 @@ fn rewrite(base: &Path, to: &Path, off: usize, len: usize, seed: u64) -> PathBuf
     to.to_path_buf()
 }
 
+/// Volume `v` (16 MiB) backed up twice, the first backup deleted: s1
+/// held 12 MiB of seeded data in one pack, and s2 rewrote the first 11
+/// MiB, so that pack is 11/12 dead, kept only for s2's last MiB. Returns
+/// s2 and its image.
+fn on_a_mostly_dead_pack(d: &Blockd, tmp: &Path, seed: u64) -> (String, PathBuf) {
+    d.create("v", "16M");
+    let img1 = image(tmp, "1.img", 16 * MB, 12 * MB, seed);
+    load(d, "v", &img1);
+    let s1 = snap(&backup(d, &["v"]));
+    let img2 = rewrite(&img1, &tmp.join("2.img"), 0, 11 * MB, seed + 2);
+    load(d, "v", &img2);
+    let s2 = snap(&backup(d, &["v"]));
+    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    (s2, img2)
+}
+
+/// The pack a live relocation moved records into.
+fn moved_to(objects: &Path) -> PathBuf {
+    files_under(&objects.join("relocs"))
+        .iter()
+        .map(|r| {
+            let to = r.file_name().unwrap().to_string_lossy().into_owned();
+            objects.join("packs").join(&to[..2]).join(&to)
+        })
+        .find(|p| p.exists())
+        .expect("a relocation's pack")
+}
+
 fn snap(t: &Value) -> String {
     t["snapshot"].as_str().unwrap().to_string()
 }
@@ -74,16 +102,7 @@ fn a_mostly_dead_pack_is_repacked_and_every_reader_finds_the_moved_records() {
     let tmp = tempfile::tempdir().unwrap();
     let objects = d.dir.path().join("objects");
     let packs = objects.join("packs");
-    d.create("v", "16M");
-    // s1: 12 MiB of data, one pack. s2 rewrites the first 11 MiB: once s1
-    // is deleted its pack is 11/12 dead, kept only for s2's last MiB.
-    let img1 = image(tmp.path(), "1.img", 16 * MB, 12 * MB, 71);
-    load(&d, "v", &img1);
-    let s1 = snap(&backup(&d, &["v"]));
-    let img2 = rewrite(&img1, &tmp.path().join("2.img"), 0, 11 * MB, 73);
-    load(&d, "v", &img2);
-    let s2 = snap(&backup(&d, &["v"]));
-    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    let (s2, img2) = on_a_mostly_dead_pack(&d, tmp.path(), 71);
     let before = bytes_under(&packs);
 
     // Nothing copied by a dry run, nor with `unlimited`.
@@ -125,14 +144,7 @@ fn a_mostly_dead_pack_is_repacked_and_every_reader_finds_the_moved_records() {
     // A moved record damaged where it is now: a restore names the pack
     // that holds it, as `repo check` does, not the deleted pack the index
     // names.
-    let moved_to = files_under(&objects.join("relocs"))
-        .iter()
-        .map(|r| {
-            let to = r.file_name().unwrap().to_string_lossy().into_owned();
-            objects.join("packs").join(&to[..2]).join(&to)
-        })
-        .find(|p| p.exists())
-        .expect("a relocation's pack");
+    let moved_to = moved_to(&objects);
     let key = moved_to
         .strip_prefix(&objects)
         .unwrap()
@@ -457,57 +469,29 @@ fn a_moved_record_found_damaged_is_not_taken_on_by_later_backups() {
     let d = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
     let objects = d.dir.path().join("objects");
-    d.create("v", "16M");
-    let img1 = image(tmp.path(), "1.img", 16 * MB, 12 * MB, 81);
-    load(&d, "v", &img1);
-    let s1 = snap(&backup(&d, &["v"]));
-    let img = rewrite(&img1, &tmp.path().join("2.img"), 0, 11 * MB, 83);
-    load(&d, "v", &img);
-    let s2 = snap(&backup(&d, &["v"]));
-    d.ok(&["cloudsnap", "delete", "--snap", &s1]);
+    let (s2, img) = on_a_mostly_dead_pack(&d, tmp.path(), 81);
     let (r, _) = gc_twice(&d);
     assert_eq!(r["repacked_packs"], 1, "{r}");
     // The first record moved, damaged where it is now.
-    let moved_to = files_under(&objects.join("relocs"))
-        .iter()
-        .map(|r| {
-            let to = r.file_name().unwrap().to_string_lossy().into_owned();
-            objects.join("packs").join(&to[..2]).join(&to)
-        })
-        .find(|p| p.exists())
-        .expect("a relocation's pack");
+    let moved_to = moved_to(&objects);
     let mut bad = std::fs::read(&moved_to).unwrap();
     bad[100] ^= 0x01;
     std::fs::write(&moved_to, &bad).unwrap();
-    let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
-    let damaged = |out: &std::process::Output| -> Vec<String> {
-        let c = json(&String::from_utf8_lossy(&out.stdout));
-        let mut s: Vec<String> = c["damaged"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{c}"))
-            .iter()
-            .map(|x| x["snapshot"].as_str().unwrap().to_string())
-            .collect();
-        s.sort();
-        s
+    let damaged = || {
+        let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
+        damaged_snapshots(&json(&String::from_utf8_lossy(&out.stdout)))
     };
-    assert_eq!(damaged(&out), vec![s2.clone()]);
+    assert_eq!(damaged(), [s2.clone()].into());
 
     // s3 runs as if it had listed the records before the check wrote
     // them, and takes the moved record, unchanged at its place.
-    let dir = objects.join("damaged");
-    let hidden = tmp.path().join("damaged.hidden");
-    std::fs::rename(&dir, &hidden).unwrap();
-    write_both(&d, "v", &img, "write -P 0x61 14M 4k");
-    let s3 = snap(&backup(&d, &["v"]));
-    std::fs::rename(&hidden, &dir).unwrap();
+    let s3 = without_damage_records(&objects, || {
+        write_both(&d, "v", &img, "write -P 0x61 14M 4k");
+        snap(&backup(&d, &["v"]))
+    });
     write_both(&d, "v", &img, "write -P 0x62 15M 4k");
     let s4 = snap(&backup(&d, &["v"]));
-
-    let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
-    let mut want = vec![s2, s3];
-    want.sort();
-    assert_eq!(damaged(&out), want);
+    assert_eq!(damaged(), [s2, s3].into());
     let r = restore(&d, &s4, "r4", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "r4");

@@ -53,12 +53,29 @@ fn check(d: &Blockd, args: &[&str]) -> (bool, Value, String) {
 }
 
 fn damaged(report: &Value) -> BTreeSet<String> {
-    report["damaged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["snapshot"].as_str().unwrap().to_string())
-        .collect()
+    damaged_snapshots(report)
+}
+
+/// Volume `vol` of `size` bytes full of seeded data, backed up; the first
+/// chunk of its pack damaged, and a check that reads data records it.
+/// Returns the image, the snapshot and the damaged pack.
+fn backed_up_then_damaged(
+    d: &Blockd,
+    repo: &Repo,
+    tmp: &Path,
+    vol: &str,
+    size: usize,
+    seed: u64,
+) -> (PathBuf, String, PathBuf) {
+    d.create(vol, &format!("{}M", size / MB));
+    let img = image(tmp, &format!("{vol}.img"), size, size, seed);
+    load(d, vol, &img);
+    let snap = backup(d, &[vol])["snapshot"].as_str().unwrap().to_string();
+    let pack = damage_first_chunk(repo, &repo.index());
+    let (ok, r, _) = check(d, &["--read-data"]);
+    assert!(!ok, "{r}");
+    assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
+    (img, snap, pack)
 }
 
 /// The objects a check left recorded as damaged.
@@ -451,24 +468,15 @@ fn a_backup_that_raced_the_check_is_named_by_the_next_check() {
         return;
     }
     let (d, tmp, repo) = start();
-    d.create("a", "16M");
-    let img = image(tmp.path(), "a.img", 16 * MB, 16 * MB, 11);
-    load(&d, "a", &img);
-    let a1 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
-    let pack = damage_first_chunk(&repo, &repo.index());
-    let (ok, r, _) = check(&d, &["--read-data"]);
-    assert!(!ok, "{r}");
-    assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
+    let (img, a1, pack) = backed_up_then_damaged(&d, &repo, tmp.path(), "a", 16 * MB, 11);
 
     // The backup runs as if it had listed the records before the check
     // wrote them: it changes the damaged block elsewhere and takes the
     // damaged chunk, unchanged at its place, from its parent.
-    let dir = repo.objects.join("damaged");
-    let hidden = tmp.path().join("damaged.hidden");
-    std::fs::rename(&dir, &hidden).unwrap();
-    write_both(&d, "a", &img, "write -P 0x77 8M 4k");
-    let a2 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
-    std::fs::rename(&hidden, &dir).unwrap();
+    let a2 = without_damage_records(&repo.objects, || {
+        write_both(&d, "a", &img, "write -P 0x77 8M 4k");
+        backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string()
+    });
 
     // The snapshot the first check traced goes; the one written meanwhile
     // is named, from the record alone.
@@ -534,23 +542,14 @@ fn backups_after_one_that_raced_the_check_do_not_take_its_damage() {
     }
     let (d, tmp, repo) = start();
     // Two index blocks (64 MiB each) of data.
-    d.create("a", "80M");
-    let img = image(tmp.path(), "a.img", 80 * MB, 80 * MB, 12);
-    load(&d, "a", &img);
-    let a1 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
-    let pack = damage_first_chunk(&repo, &repo.index());
-    let (ok, r, _) = check(&d, &["--read-data"]);
-    assert!(!ok, "{r}");
-    assert_eq!(recorded(&r), vec![repo.key(&pack)], "{r}");
+    let (img, a1, _) = backed_up_then_damaged(&d, &repo, tmp.path(), "a", 80 * MB, 12);
 
     // a2 runs as if it had listed the records before the check wrote
     // them: its new first block takes the damaged chunk from a1.
-    let dir = repo.objects.join("damaged");
-    let hidden = tmp.path().join("damaged.hidden");
-    std::fs::rename(&dir, &hidden).unwrap();
-    write_both(&d, "a", &img, "write -P 0x77 8M 4k");
-    let a2 = backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string();
-    std::fs::rename(&hidden, &dir).unwrap();
+    let a2 = without_damage_records(&repo.objects, || {
+        write_both(&d, "a", &img, "write -P 0x77 8M 4k");
+        backup(&d, &["a"])["snapshot"].as_str().unwrap().to_string()
+    });
 
     // a3 changes only the second block: a2's first, which no record
     // names, is read and found to use the damage, so it is stored anew.

@@ -282,3 +282,25 @@ pub fn local_location(d: &Blockd, name: &str, path: impl AsRef<std::ffi::OsStr>)
         path,
     ]);
 }
+
+/// The snapshots a `repo check -j` report names as damaged, sorted.
+pub fn damaged_snapshots(report: &Value) -> std::collections::BTreeSet<String> {
+    report["damaged"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no damaged list: {report}"))
+        .iter()
+        .map(|d| d["snapshot"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Runs `f` with the damage records of the local location at `objects`
+/// out of sight, as for a backup that listed them before a check wrote
+/// them; puts them back after.
+pub fn without_damage_records<T>(objects: &Path, f: impl FnOnce() -> T) -> T {
+    let dir = objects.join("damaged");
+    let hidden = objects.join("damaged.hidden");
+    std::fs::rename(&dir, &hidden).unwrap();
+    let out = f();
+    std::fs::rename(&hidden, &dir).unwrap();
+    out
+}

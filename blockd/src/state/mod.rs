@@ -237,31 +237,25 @@ impl StateDb {
             });
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
-        // `pending_groups` first came without its `repository` column.
-        let has_repository: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('pending_groups') WHERE name = 'repository'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(err)?
-            > 0;
-        if !has_repository {
-            conn.execute_batch("ALTER TABLE pending_groups ADD COLUMN repository TEXT")
-                .map_err(err)?;
-        }
-        // Version 7: what the base's backup avoided (`damage::Avoid::seen`).
-        let has_seen: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('backup_base') WHERE name = 'damage_seen'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(err)?
-            > 0;
-        if !has_seen {
-            conn.execute_batch("ALTER TABLE backup_base ADD COLUMN damage_seen TEXT")
-                .map_err(err)?;
+        // Columns added since their tables first came: `pending_groups`
+        // without its `repository`; version 7, what the base's backup
+        // avoided (`damage::Avoid::seen`).
+        for (table, column) in [
+            ("pending_groups", "repository"),
+            ("backup_base", "damage_seen"),
+        ] {
+            let has: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                    [table, column],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(err)?
+                > 0;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                    .map_err(err)?;
+            }
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
