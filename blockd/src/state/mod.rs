@@ -831,6 +831,22 @@ impl StateDb {
         })
     }
 
+    /// True when backup `task` recorded a finished block or an uploaded
+    /// pack: an earlier attempt of it stored something.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn task_stored(&self, task: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM task_blocks WHERE task = ?1) \
+                 OR EXISTS (SELECT 1 FROM task_packs WHERE task = ?1)",
+                [task],
+                |r| r.get(0),
+            )
+        })
+    }
+
     /// Keeps the manifest (JSON) restore `task` started from.
     ///
     /// # Errors
@@ -1051,6 +1067,26 @@ mod tests {
             StateDb::open(dir.path()).unwrap().backup_base("v").unwrap(),
             Some(("local".into(), "v/s3".into()))
         );
+    }
+
+    /// A backup has stored something once it uploaded a pack or finished
+    /// a block, until it ends.
+    #[test]
+    fn a_task_has_stored_once_it_records_a_pack_or_a_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.put_task("t1", "{}", true, "2026-01-01T00:00:00Z")
+            .unwrap();
+        assert!(!db.task_stored("t1").unwrap());
+        db.add_task_pack("t1", &[1; 16], b"trailer").unwrap();
+        assert!(db.task_stored("t1").unwrap());
+        db.checkpoint_task("t1", &[(0, Some("ab".into()))], "{}")
+            .unwrap();
+        assert!(db.task_packs("t1").unwrap().is_empty());
+        assert!(db.task_stored("t1").unwrap());
+        assert!(!db.task_stored("t2").unwrap());
+        db.finish_task("t1", "{}").unwrap();
+        assert!(!db.task_stored("t1").unwrap());
     }
 
     /// A kept manifest goes with its task's end, and one whose task

@@ -564,9 +564,6 @@ impl Cloud {
                 r.task.group.clone(),
             )
         };
-        // The base first: once the snapshot goes, nothing but the base
-        // says where its changes are (the map may already be settled
-        // without them).
         // What the backup avoided, unless the manifest was written before
         // a restart (then unknown: the next backup reads the blocks it
         // would keep, if a check has found damage).
@@ -575,6 +572,9 @@ impl Cloud {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        // The base first: once the snapshot goes, nothing but the base
+        // says where its changes are (the map may already be settled
+        // without them).
         match self
             .db
             .set_backup_base(&volume, Some((&location, &snapshot)), seen.as_deref())
@@ -687,8 +687,7 @@ impl Cloud {
         // What an earlier attempt stored (blocks finished, packs uploaded)
         // was made under the damage records of its own start, not these:
         // then what this snapshot avoids is left unknown.
-        let fresh =
-            self.db.task_blocks(&job.task)?.is_empty() && self.db.task_packs(&job.task)?.is_empty();
+        let fresh = !self.db.task_stored(&job.task)?;
         let blocks = stream::run(&job).await;
         let blocks = blocks?;
         *run.damage_seen
@@ -767,12 +766,11 @@ impl Cloud {
             return Ok(Avoid::default());
         };
         let mut avoid = repo.avoid().await?;
-        let seen = self
-            .db
-            .base_damage_seen(volume, &name::id(&p.volume, &p.name))?;
+        let parent = name::id(&p.volume, &p.name);
+        let seen = self.db.base_damage_seen(volume, &parent)?;
         if !avoid.covered_by(seen.as_deref()) {
             let n = repo.screen(&mut avoid, p).await?;
-            tracing::info!(%volume, parent = %name::id(&p.volume, &p.name), using_damage = n, "a check found damaged records the parent's backup did not avoid: its index blocks were read, and those using them are read from the volume again");
+            tracing::info!(%volume, %parent, using_damage = n, "a check found damaged records the parent's backup did not avoid: its index blocks were read, and those using them are read from the volume again");
         }
         Ok(avoid)
     }
