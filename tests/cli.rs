@@ -808,6 +808,22 @@ fn cloud_bad_arguments_exit_nonzero() {
         "notapair",
     );
     usage_error(&["cloudsnap", "stop"], "<ID|--name <ID>>");
+    usage_error(&["cloudsnap", "status", "--wait"], "--name");
+    // How long a wait rides out a daemon not answering is checked before
+    // anything is started.
+    let out = Command::new(bin("blockctl"))
+        .args(["--socket", "/nonexistent/api.sock"])
+        .args(["cloudsnap", "backup", "vol", "--wait"])
+        .env("BLOCKCTL_WAIT_UNREACHABLE", "soon")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("BLOCKCTL_WAIT_UNREACHABLE=\"soon\" is not a duration")
+            && !stderr.contains("is the daemon running?"),
+        "{stderr}"
+    );
     usage_error(
         &["cloudsnap", "backup", "vol", "--exec-timeout", "soon"],
         "invalid duration",

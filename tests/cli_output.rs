@@ -12,6 +12,11 @@ use common::*;
 fn redact(d: &Blockd, text: &str) -> String {
     let state = d.dir.path().display().to_string();
     let mut s = text.replace(&state, "[STATE]");
+    // The host id is made at the first start: the machine's name and a
+    // random tag.
+    if let Ok(host) = std::fs::read_to_string(d.dir.path().join("host-id")) {
+        s = s.replace(host.trim(), "[HOST]");
+    }
     for (re, to) in [
         (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", "[TIME]"),
         (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}", "[SNAP]"),

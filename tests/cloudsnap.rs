@@ -1997,6 +1997,16 @@ fn a_volume_name_two_hosts_back_up_is_not_resolved_to_the_other_hosts() {
             "{e}"
         );
     }
+    // The listing the message points to shows each one's host.
+    let table = a.ok(&["cloudsnap", "list", "--src", "dup"]);
+    for (d, (id, _)) in [(&a, ours), (&b, newest)] {
+        let host = std::fs::read_to_string(d.dir.path().join("host-id")).unwrap();
+        let row = table.lines().find(|r| r.contains(id.as_str()));
+        assert!(
+            row.is_some_and(|r| r.split_whitespace().any(|c| c == host.trim())),
+            "{table}"
+        );
+    }
     // The id says which.
     let r = restore(&a, &ours.0, "mine", &[]);
     assert_eq!(r["state"], "Done", "{r}");

@@ -694,16 +694,21 @@ fn a_backup_past_its_deadline_does_not_commit() {
     d.create("big", "256M");
     let img = image(tmp.path(), "big.img", size, size, 6);
     load(&d, "big", &img);
-    // Followed with --wait: when the daemon dies under it, blockctl says
-    // the outcome is unknown and how to follow the task.
-    let waiter = std::process::Command::new(bin("blockctl"))
-        .arg("--socket")
-        .arg(d.api_socket())
-        .args(["cloudsnap", "backup", "big", "--wait"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Followed with --wait: a waiter rides out the daemon's death and
+    // restart and ends with the task's outcome; one told to wait for the
+    // daemon only 1 s says the outcome is unknown and how to follow it.
+    let waiter = |patience: &str| {
+        std::process::Command::new(bin("blockctl"))
+            .arg("--socket")
+            .arg(d.api_socket())
+            .args(["cloudsnap", "backup", "big", "--wait"])
+            .env("BLOCKCTL_WAIT_UNREACHABLE", patience)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let patient = waiter("");
     let id = loop {
         let tasks = json(&d.ok(&["-j", "cloudsnap", "status"]));
         let active = tasks.as_array().unwrap().iter().find_map(|t| {
@@ -714,20 +719,37 @@ fn a_backup_past_its_deadline_does_not_commit() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    // A second waiter, on the same task (a backup of a volume already
+    // backing up is refused, so it follows with status).
+    let impatient = std::process::Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(d.api_socket())
+        .args(["cloudsnap", "status", "--name", &id, "--wait"])
+        .env("BLOCKCTL_WAIT_UNREACHABLE", "1s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let t = wait_until(&d, &id, |t| {
         t["bytes_transferred"].as_u64().unwrap_or(0) >= 24 * MB as u64
     });
     assert_eq!(t["state"], "Active", "finished too soon: {t}");
     d.kill9();
-    let out = waiter.wait_with_output().unwrap();
+    let out = impatient.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&id) && err.contains("resumes when blockd starts again"),
+        err.contains(&id)
+            && err.contains("has not answered for")
+            && err.contains("resumes when blockd starts again"),
         "{err}"
     );
     std::thread::sleep(std::time::Duration::from_millis(2500));
     d.spawn();
+    let out = patient.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&id) && err.contains("deadline"), "{err}");
     let t = wait_done(&d, &id);
     assert_eq!(t["state"], "Failed", "{t}");
     let e = t["error"].as_str().unwrap();

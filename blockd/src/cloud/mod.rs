@@ -213,7 +213,7 @@ pub enum CloudError {
     },
     /// `--snap` gave a volume name whose newest snapshot another host
     /// took, while this host backs up a volume of that name there too.
-    #[error("--snap {snap}: the newest snapshot of a volume named {snap} in location {location}, {newest}, was taken on host {host}, but this host backs up its own volume {snap} too (its last backup: {ours}): give the snapshot id to say which (`blockctl -j cloudsnap list --src {snap}` shows each one's host)")]
+    #[error("--snap {snap}: the newest snapshot of a volume named {snap} in location {location}, {newest}, was taken on host {host}, but this host backs up its own volume {snap} too (its last backup: {ours}): give the snapshot id to say which (`blockctl cloudsnap list --src {snap}` shows each one's host)")]
     NameOnTwoHosts {
         /// The volume name given.
         snap: String,

@@ -30,7 +30,7 @@ pub enum CloudsnapCmd {
     /// Report backups and restores: progress of active ones, outcome of those
     /// that ended in the last 24 hours
     #[command(
-        after_help = "Examples:\n  blockctl cloudsnap status\n  blockctl -j cloudsnap status --name 846a-d2c7-8473d084\n  blockctl cloudsnap status --all   # also tasks that ended earlier"
+        after_help = "Examples:\n  blockctl cloudsnap status\n  blockctl -j cloudsnap status --name 846a-d2c7-8473d084\n  blockctl cloudsnap status --name 846a-d2c7-8473d084 --wait   # until it ends\n  blockctl cloudsnap status --all   # also tasks that ended earlier"
     )]
     Status {
         /// Only this task (or the tasks of this group backup)
@@ -39,6 +39,10 @@ pub enum CloudsnapCmd {
         /// Every task kept, also those that ended over 24 hours ago
         #[arg(long, conflicts_with = "name")]
         all: bool,
+        /// Wait for the task(s) named to end, as `backup --wait` does, with
+        /// the same outcome and exit status
+        #[arg(long, requires = "name")]
+        wait: bool,
     },
     /// Stop an active backup or restore, or every running task of a group backup
     #[command(group(ArgGroup::new("task").required(true).args(["id", "name"])))]
@@ -230,16 +234,29 @@ fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
 
 /// Runs a `cloudsnap` verb.
 pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(), Failure> {
+    // A wait's settings are checked before anything is started.
+    let waits = match cmd {
+        CloudsnapCmd::Backup(a) => a.opts.wait,
+        CloudsnapCmd::BackupGroup(a) => a.opts.wait,
+        CloudsnapCmd::Restore { wait, .. } | CloudsnapCmd::Status { wait, .. } => *wait,
+        _ => false,
+    };
+    if waits {
+        crate::wait::ride_out()?;
+    }
     match cmd {
         CloudsnapCmd::Backup(args) => backup(out, client, args).await,
         CloudsnapCmd::BackupGroup(args) => backup_group(out, client, args).await,
         CloudsnapCmd::Schedules(cmd) => crate::schedules::run(out, client, cmd).await,
-        CloudsnapCmd::Status { name, all } => {
+        CloudsnapCmd::Status { name, all, wait: w } => {
             let path = match name {
                 Some(n) => with_query("/v1/tasks", &[("name", n)]),
                 None => "/v1/tasks".into(),
             };
             let mut tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
+            if *w {
+                return wait(out, client, tasks).await;
+            }
             let before = tasks.len();
             if name.is_none() && !all {
                 let now = std::time::SystemTime::now();
@@ -742,6 +759,7 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
         "SOURCEVOLUME",
         "CLOUD-SNAP-ID",
         "CREDENTIALS",
+        "HOST",
         "CREATED",
         "TYPE",
         "SIZE",
@@ -751,13 +769,14 @@ fn print_cloudsnaps(snaps: &[CloudSnap]) {
         "EXPIRES",
         "STATUS",
     ];
-    let rows: Vec<[String; 11]> = snaps
+    let rows: Vec<[String; 12]> = snaps
         .iter()
         .map(|s| {
             [
                 s.volume.clone(),
                 s.id.clone(),
                 s.location.clone(),
+                s.host.clone().unwrap_or_else(|| "-".into()),
                 s.created.clone(),
                 kind_text(s).into(),
                 human_size(s.size),
@@ -788,6 +807,7 @@ fn print_catalog(c: &Catalog) {
     field("Cloud snap", &s.id);
     field("Volume", &s.volume);
     field("Credentials", &s.location);
+    field("Host", s.host.as_deref().unwrap_or("-"));
     field("Created", &s.created);
     field(
         "Size",

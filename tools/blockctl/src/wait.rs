@@ -2,7 +2,10 @@
 //!
 //! Polls `GET /v1/tasks/ID` for every unfinished task. On a terminal a
 //! progress bar per task shows what the daemon reports; otherwise nothing
-//! is printed until the end, so scripts see only the outcome.
+//! is printed until the end, so scripts see only the outcome. A daemon
+//! that stops answering is waited for up to a minute
+//! (`$BLOCKCTL_WAIT_UNREACHABLE`): tasks resume when it starts again, so a
+//! restart in between still ends in the task's outcome.
 
 use crate::failure::Failure;
 use std::io::IsTerminal;
@@ -115,6 +118,16 @@ impl Bars {
         }
     }
 
+    /// Says on task `i`'s bar that blockd has not answered for `away`.
+    fn unreachable(&self, i: usize, away: Duration) {
+        if let Some(bar) = self.bars.get(i) {
+            bar.set_message(format!(
+                "blockd not answering for {}: waiting for it to come back (Ctrl-C stops waiting)",
+                human_secs(away.as_secs_f64())
+            ));
+        }
+    }
+
     /// Removes every bar from the screen.
     fn clear(&self) {
         for bar in &self.bars {
@@ -125,18 +138,53 @@ impl Bars {
     }
 }
 
+/// How long `--wait` goes on polling a daemon it cannot reach unless
+/// `$BLOCKCTL_WAIT_UNREACHABLE` says otherwise: long enough for a restart
+/// (systemd's, or an operator's after an upgrade), whose tasks resume
+/// where they were, so a script learns how its task ended and not only
+/// that its daemon went away.
+const RIDE_OUT_RESTART: Duration = Duration::from_secs(60);
+
+/// The environment variable that sets how long `--wait` waits for a daemon
+/// that stopped answering.
+const RIDE_OUT_ENV: &str = "BLOCKCTL_WAIT_UNREACHABLE";
+
+/// How long to wait for a daemon that stopped answering.
+pub fn ride_out() -> Result<Duration, Failure> {
+    let Some(v) = std::env::var_os(RIDE_OUT_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(RIDE_OUT_RESTART);
+    };
+    let v = v.to_string_lossy();
+    v.parse::<u64>()
+        .map(Duration::from_secs)
+        .or_else(|_| humantime::parse_duration(&v))
+        .map_err(|e| {
+            Failure::Usage(format!(
+                "{RIDE_OUT_ENV}={v:?} is not a duration ({e}): give e.g. 60s, 5m or a number of seconds"
+            ))
+        })
+}
+
+/// Time between two attempts to reach a daemon that is not answering.
+const POLL_UNREACHABLE: Duration = Duration::from_secs(1);
+
 /// Polls `tasks` until every one is final; returns their last state.
 async fn poll(
     client: &Client,
     mut tasks: Vec<Task>,
     bars: Option<&Bars>,
+    ride_out: Duration,
 ) -> Result<Vec<Task>, String> {
     let started = std::time::Instant::now();
+    // Since when the daemon has not answered, while it does not.
+    let mut unreachable: Option<std::time::Instant> = None;
     loop {
         if tasks.iter().all(|t| t.state.is_final()) {
             return Ok(tasks);
         }
-        let interval = if started.elapsed() < Duration::from_secs(2) {
+        let interval = if unreachable.is_some() {
+            POLL_UNREACHABLE
+        } else if started.elapsed() < Duration::from_secs(2) {
             POLL_FIRST
         } else {
             POLL
@@ -147,24 +195,48 @@ async fn poll(
                 continue;
             }
             let path = format!("/v1/tasks/{}", encode(&t.id));
-            *t = client
-                .call::<(), _>("GET", &path, None)
-                .await
-                .map_err(|e| lost(e.message(), t))?;
-            if let Some(bars) = bars {
-                bars.show(i, t);
+            match client.call_or_refusal::<Task>("GET", &path).await {
+                Ok(Ok(now)) => {
+                    unreachable = None;
+                    *t = now;
+                    if let Some(bars) = bars {
+                        bars.show(i, t);
+                    }
+                }
+                // blockd answered, and not with the task (gone from a
+                // state directory put back from elsewhere, say).
+                Ok(Err((_, refused))) => return Err(lost(refused.message(), t)),
+                Err(e) => {
+                    let since = *unreachable.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= ride_out {
+                        return Err(lost(
+                            &format!(
+                                "{} (blockd has not answered for {})",
+                                e.message(),
+                                human_secs(since.elapsed().as_secs_f64())
+                            ),
+                            t,
+                        ));
+                    }
+                    if let Some(bars) = bars {
+                        bars.unreachable(i, since.elapsed());
+                    }
+                    // One attempt per round while it is away, not one per task.
+                    break;
+                }
             }
         }
     }
 }
 
 /// The error of a poll that failed: the task's outcome is not known
-/// (blockd may have stopped; tasks resume when it starts again).
+/// (blockd stopped and did not come back; tasks resume when it starts
+/// again).
 fn lost(e: &str, t: &Task) -> String {
     format!(
         "{e}\nstopped waiting for task {id}, whose outcome is unknown: a task blockd was \
          running resumes when blockd starts again; follow it with \
-         `blockctl cloudsnap status --name {id}`",
+         `blockctl cloudsnap status --name {id} --wait`",
         id = t.id
     )
 }
@@ -209,11 +281,12 @@ fn outcome(t: &Task) -> String {
 /// When the daemon cannot be asked, or when any task ended Failed or
 /// Stopped (so the exit code is non-zero).
 pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), Failure> {
+    let ride_out = ride_out()?;
     let bars = Bars::new(&tasks);
     let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
     // Ctrl-C ends the wait, not the tasks: the daemon runs them.
     let result = tokio::select! {
-        r = poll(client, tasks, bars.as_ref()) => Some(r),
+        r = poll(client, tasks, bars.as_ref(), ride_out) => Some(r),
         Ok(()) = tokio::signal::ctrl_c() => None,
     };
     if let Some(bars) = &bars {
@@ -222,7 +295,7 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
     let Some(result) = result else {
         let first = ids.first().map_or("ID", String::as_str);
         return Err(Failure::Interrupted(format!(
-            "stopped waiting; the daemon goes on with task(s) {}: follow with `blockctl cloudsnap status --name {first}`, stop with `blockctl cloudsnap stop {first}`",
+            "stopped waiting; the daemon goes on with task(s) {}: follow with `blockctl cloudsnap status --name {first} --wait`, stop with `blockctl cloudsnap stop {first}`",
             ids.join(", ")
         )));
     };
