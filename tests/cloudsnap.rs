@@ -313,6 +313,87 @@ fn group_backup_freezes_members_together_and_each_restores() {
     );
 }
 
+/// A group backup running on one host is shown as running on the others
+/// sharing its bucket (its members' sessions name it), and as incomplete
+/// there once a member was stopped; one that completed is shown complete.
+#[test]
+fn another_hosts_group_backup_is_shown_running_there_until_it_ends() {
+    if !need() {
+        return;
+    }
+    let bucket = tempfile::tempdir().unwrap();
+    let path = bucket.path().join("repo").display().to_string();
+    let (a, b) = (Blockd::start(), Blockd::start());
+    share(&path, &[&a, &b]);
+    let tmp = tempfile::tempdir().unwrap();
+    a.create("small", "4M");
+    load(&a, "small", &image(tmp.path(), "small", 4 * MB, 4 * MB, 42));
+    a.create("big", "384M");
+    load(&a, "big", &image(tmp.path(), "big", 384 * MB, 384 * MB, 43));
+    let started = json(&a.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--volume-ids",
+        "small,big",
+        "--cred-id",
+        "shared",
+    ]));
+    let group = started["group"].as_str().unwrap().to_string();
+    let task = |v: &str| {
+        let tasks = started["tasks"].as_array().unwrap();
+        let t = tasks.iter().find(|t| t["volume"] == v).unwrap();
+        t["id"].as_str().unwrap().to_string()
+    };
+    let (small, big) = (task("small"), task("big"));
+    assert_eq!(wait_done(&a, &small)["state"], "Done");
+    let on_b = || {
+        let snaps = list(&b, &["--cred-id", "shared"]);
+        assert_eq!(snaps.len(), 1, "{snaps:?}");
+        assert_eq!(snaps[0]["group"], group.as_str(), "{snaps:?}");
+        let id = snaps[0]["id"].as_str().unwrap().to_string();
+        let cat = json(&b.ok(&["-j", "cloudsnap", "catalog", &id]));
+        assert_eq!(cat["snap"]["group_state"], snaps[0]["group_state"], "{cat}");
+        snaps[0]["group_state"].as_str().unwrap_or("").to_string()
+    };
+    let state = on_b();
+    assert_eq!(
+        status(&a, &big)["state"],
+        "Active",
+        "the big member ended too soon"
+    );
+    assert_eq!(state, "running");
+    assert!(b
+        .ok(&["cloudsnap", "list"])
+        .contains(&format!("{group} (running)")));
+    let stopped = json(&a.ok(&["-j", "cloudsnap", "stop", &big]));
+    assert_eq!(stopped["state"], "Stopped", "{stopped}");
+    assert_eq!(on_b(), "incomplete");
+    // A group that completed on a: complete on b, with its members.
+    a.ok(&[
+        "cloudsnap",
+        "delete",
+        "--snap",
+        list(&a, &[])[0]["id"].as_str().unwrap(),
+    ]);
+    let done = json(&a.ok(&[
+        "-j",
+        "cloudsnap",
+        "backup-group",
+        "--volume-ids",
+        "small",
+        "--cred-id",
+        "shared",
+        "--wait",
+    ]));
+    assert_eq!(done[0]["state"], "Done", "{done}");
+    let snaps = list(&b, &["--cred-id", "shared"]);
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["group_state"], "complete", "{snaps:?}");
+    // Every member's session is gone once the group is.
+    assert!(files_under(&Path::new(&path).join("locks/sessions")).is_empty());
+}
+
 /// A group backup whose member was stopped committed the other members
 /// but is not one point of the whole group: `cloudsnap list` and
 /// `catalog` say so, while a member still runs and after.
