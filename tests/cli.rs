@@ -377,7 +377,13 @@ fn exit_codes_and_json_errors() {
         (
             &["volume", "create", "v", "--size", "6K"][..],
             2,
-            "multiple of the extent size 4096: give 4096 or 8192 bytes",
+            "multiple of the extent size 4096: give 4096 or 8192 bytes, or --extent-size 2048",
+        ),
+        // No extent size divides it: none is offered.
+        (
+            &["volume", "create", "v", "--size", "1000"][..],
+            2,
+            "multiple of the extent size 4096: give 4096 bytes\n",
         ),
         (
             &["volume", "create", "vol1", "--size", "16M"][..],

@@ -403,6 +403,32 @@ print("failed", failed)
     }
 }
 
+/// The holes a lazy restore finds in place at once are not taken for
+/// speed: its ETA is the data left at the rate the fill fetches.
+#[test]
+fn a_lazy_restores_eta_is_the_data_left_at_the_fill_rate() {
+    if !need() {
+        return;
+    }
+    // 32 MiB of data in a 256 MiB volume, filled at 4 MiB/s: some 8 s.
+    let d = Blockd::start_env(&[("BLOCKD_HYDRATE_LIMIT", "4M")]);
+    let t = tempfile::tempdir().unwrap();
+    backed_up(&d, t.path(), "src", 256 * MB, 32 * MB, 6);
+    let id = lazy_restore(&d, "src", "r");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let s = status(&d, &id);
+    assert_eq!(s["state"], "Active", "{s}");
+    let eta = s["eta_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no ETA: {s}"));
+    // About 5 s left; taking the 224 MiB of holes for speed gives under 1.
+    assert!(
+        eta >= 2.0,
+        "ETA {eta} s with {} of 32 MiB fetched",
+        s["bytes_transferred"]
+    );
+}
+
 #[test]
 fn a_4k_read_fetches_one_chunk_of_at_most_64k() {
     if !need() || !require_tools(&["nbdsh"]) {

@@ -550,6 +550,17 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
             .done
             .store(l.present_bytes(), std::sync::atomic::Ordering::Relaxed);
     };
+    // What is in place as the fill starts (what an earlier run fetched),
+    // and the holes marked present below, cost this run nothing: its ETA
+    // leaves them out. Counted before `done` grows by them, so no look in
+    // between sees them as work.
+    let free = |bytes: u64| {
+        Progress::add(&job.progress.free, bytes);
+    };
+    // (A resumed task counts its saved `done` free already: the larger.)
+    job.progress
+        .free
+        .fetch_max(l.present_bytes(), std::sync::atomic::Ordering::Relaxed);
     set_done();
     let persister = {
         let volume = job.volume.clone();
@@ -585,12 +596,14 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     () = r.preload() => {}
                 }
                 let span = r.repo.config.index_span;
+                let before = l.present_bytes();
                 regions = l.present_outside(
                     r.manifest
                         .blocks
                         .iter()
                         .map(|(b, _)| b.saturating_mul(span)..(b + 1).saturating_mul(span)),
                 );
+                free(l.present_bytes().saturating_sub(before));
             }
             // The manifest is gone and no copy was kept (a restore started
             // by an earlier build; deleted on another host while it was
@@ -624,7 +637,9 @@ pub async fn run(job: &Job) -> Result<(), CloudError> {
                     // fetch, and a paced one is paced by its data alone.
                     let data = job.source.data_bytes(f, c).await.ok();
                     if data == Some(0) {
+                        let before = lazy.present_bytes();
                         lazy.holes(f, c);
+                        free(lazy.present_bytes().saturating_sub(before));
                         return Ok::<u64, std::io::Error>(0);
                     }
                     if let Some(p) = pace {

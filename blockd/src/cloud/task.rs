@@ -34,6 +34,10 @@ pub struct Progress {
     pub new: AtomicU64,
     /// Bytes read from the volume.
     pub read: AtomicU64,
+    /// Bytes counted done without work in this run: what a resumed task's
+    /// earlier runs did, and the holes and units a lazy restore finds in
+    /// place when its fill starts. The ETA's rate leaves them out.
+    pub free: AtomicU64,
 }
 
 impl Progress {
@@ -138,11 +142,12 @@ pub(super) struct Rate {
 }
 
 impl Rate {
-    /// Seconds left at the windowed rate (`None`: no window yet, or no
+    /// Seconds to do `left` more bytes at the windowed rate of `worked`,
+    /// the bytes this run has worked on (`None`: no window yet, or no
     /// progress in it).
-    fn eta(&mut self, now: f64, done: u64, total: u64) -> Option<f64> {
+    fn eta(&mut self, now: f64, worked: u64, left: u64) -> Option<f64> {
         if self.samples.back().is_none_or(|(t, _)| now - t >= 0.25) {
-            self.samples.push_back((now, done));
+            self.samples.push_back((now, worked));
         }
         while self.samples.len() > 2 && now - self.samples[1].0 >= RATE_WINDOW {
             self.samples.pop_front();
@@ -152,8 +157,8 @@ impl Rate {
         if dt < 1.0 {
             return None;
         }
-        let rate = done.saturating_sub(d0) as f64 / dt;
-        (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate)
+        let rate = worked.saturating_sub(d0) as f64 / dt;
+        (rate > 0.0).then(|| left as f64 / rate)
     }
 }
 
@@ -183,22 +188,18 @@ impl Running {
         r.new = Progress::get(&p.new);
         let secs = self.before + self.started.elapsed().as_secs_f64();
         r.task.elapsed_secs = secs;
+        // Rates are of the work this run did, so the bytes that cost
+        // nothing neither speed the ETA up nor count as time.
+        let worked = r.task.bytes_done.saturating_sub(Progress::get(&p.free));
+        let left = r.task.bytes_total.saturating_sub(r.task.bytes_done);
+        let run_secs = self.started.elapsed().as_secs_f64();
         let windowed = self
             .rate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .eta(
-                self.started.elapsed().as_secs_f64(),
-                r.task.bytes_done,
-                r.task.bytes_total,
-            );
-        r.task.eta_secs =
-            (r.task.state == TaskState::Active && r.task.bytes_done > 0 && secs > 0.5).then(|| {
-                windowed.unwrap_or_else(|| {
-                    let rate = r.task.bytes_done as f64 / secs;
-                    r.task.bytes_total.saturating_sub(r.task.bytes_done) as f64 / rate
-                })
-            });
+            .eta(run_secs, worked, left);
+        r.task.eta_secs = (r.task.state == TaskState::Active && worked > 0 && run_secs > 0.5)
+            .then(|| windowed.unwrap_or_else(|| left as f64 / (worked as f64 / run_secs)));
         r
     }
 
@@ -292,7 +293,7 @@ fn read_task(id: &str, rec: &str) -> Task {
 
 /// How often a running task's time and bytes moved are saved (see
 /// [`Cloud::save_counters`]).
-const COUNTERS_EVERY: Duration = Duration::from_secs(2);
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 
 /// Saves the time and bytes moved of `now` (a running task's counters) to
 /// its record in `db`, if that is still active.
@@ -767,6 +768,7 @@ impl Cloud {
         use std::sync::atomic::Ordering::Relaxed;
         progress.total.store(r.task.bytes_total, Relaxed);
         progress.done.store(r.task.bytes_done, Relaxed);
+        progress.free.store(r.task.bytes_done, Relaxed);
         progress
             .transferred
             .store(r.task.bytes_transferred, Relaxed);
@@ -1003,21 +1005,61 @@ mod tests {
         }
     }
 
-    /// The ETA follows the rate of the last seconds, not the average
-    /// since the start: a lazy restore that found half its volume in
-    /// place (holes) at once is not shown as nearly done.
+    /// The ETA follows the rate of the last seconds of work: a lazy
+    /// restore that found half its volume in place (holes) at once is not
+    /// shown as nearly done, whether or not it was looked at before.
     #[test]
-    fn the_eta_follows_the_recent_rate() {
-        let mut r = Rate::default();
+    fn the_eta_follows_the_recent_rate_of_work() {
         let gib = 1u64 << 30;
-        // Half counted at once, then 100 MiB/s.
-        assert_eq!(r.eta(0.5, 2 * gib, 4 * gib), None);
+        let mib = 1u64 << 20;
+        let p = Arc::new(Progress::default());
+        let mut rec = task(TaskState::Active);
+        rec.bytes_done = 0;
+        rec.bytes_total = 4 * gib;
+        rec.elapsed_secs = 0.0;
+        let run = Running {
+            before: 0.0,
+            record: Mutex::new(Record {
+                task: rec,
+                plan: Plan::Restore {
+                    src_volume: "src".into(),
+                    src_name: "s1".into(),
+                    lazy: true,
+                    unit: 1 << 20,
+                },
+                read: 0,
+                new: 0,
+            }),
+            progress: p.clone(),
+            stop: CancellationToken::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            started: Instant::now() - Duration::from_secs(3),
+            rate: Mutex::default(),
+            damage_seen: Mutex::default(),
+        };
+        p.total.store(4 * gib, Ordering::Relaxed);
+        // Looked at before the fill found its holes.
+        assert_eq!(run.snapshot().task.eta_secs, None);
+        // 1 GiB of holes in place at once, then 5 MiB fetched in 3 s.
+        p.free.store(gib, Ordering::Relaxed);
+        p.done.store(gib + 5 * mib, Ordering::Relaxed);
+        let eta = run.snapshot().task.eta_secs.unwrap();
+        // 3 GiB - 5 MiB left at 5 MiB in 3 s: about 1840 s.
+        assert!(
+            (eta - (3 * gib - 5 * mib) as f64 / (5 * mib) as f64 * 3.0).abs() < 60.0,
+            "{eta}"
+        );
+
+        let mut r = Rate::default();
+        // Then 100 MiB/s of work.
+        assert_eq!(r.eta(0.5, 0, 2 * gib), None);
         let mut eta = None;
         for i in 1..=30u32 {
             let t = 0.5 + f64::from(i) * 0.5;
-            eta = r.eta(t, 2 * gib + (100 << 20) * u64::from(i) / 2, 4 * gib);
+            let worked = 100 * mib * u64::from(i) / 2;
+            eta = r.eta(t, worked, 2 * gib - worked);
         }
-        // At 15.5 s: 2 GiB + 1500 MiB done, 548 MiB left at 100 MiB/s.
+        // At 15.5 s: 1500 MiB worked, 548 MiB left at 100 MiB/s.
         let eta = eta.unwrap();
         assert!((eta - 5.48).abs() < 0.1, "{eta}");
         // Nothing done in the window: no estimate.

@@ -574,7 +574,15 @@ fn check_size(size: u64, extent_size: u64) -> Result<(), StoreError> {
         } else {
             format!("{below} or {above}")
         };
-        format!("volume size {size} must be a multiple of the extent size {extent_size}: give {sizes} bytes, or a smaller --extent-size")
+        // The largest extent size that divides it, if there is one (512 B
+        // at least): an extent size that does not cannot help.
+        let fits = 1u64 << size.trailing_zeros();
+        let smaller = if fits >= 512 {
+            format!(", or --extent-size {fits}")
+        } else {
+            String::new()
+        };
+        format!("volume size {size} must be a multiple of the extent size {extent_size}: give {sizes} bytes{smaller}")
     } else {
         return Ok(());
     };
