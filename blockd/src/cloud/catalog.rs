@@ -89,37 +89,6 @@ impl Cloud {
         running
     }
 
-    /// Of the `unsettled` groups (no group object listed, no member
-    /// running here), those another host is running, added to `running`;
-    /// and the objects of those that completed since they were listed.
-    /// Each member's backup session names its group, and the group's last
-    /// member closes its session only after it has written the object, so
-    /// a group with neither a session nor an object read after the
-    /// sessions is incomplete. The sessions are read only when a group is
-    /// unsettled; when they cannot be, such groups stay incomplete.
-    async fn running_elsewhere(
-        repo: &Repo,
-        unsettled: HashSet<String>,
-        mut running: HashSet<String>,
-    ) -> (HashSet<String>, Vec<(String, Group)>) {
-        let mut completed = Vec::new();
-        if unsettled.is_empty() {
-            return (running, completed);
-        }
-        match repo.groups_running().await {
-            Ok(elsewhere) => running.extend(elsewhere),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the backup sessions failed: groups running on other hosts are shown as incomplete");
-            }
-        }
-        for g in unsettled.into_iter().filter(|g| !running.contains(g)) {
-            if let Ok(obj) = repo.get_group(&g).await {
-                completed.push((g, obj));
-            }
-        }
-        (running, completed)
-    }
-
     /// Where group backup `group` stands: `written`, its group object
     /// as read (`None`: there is none) and whether each member is still
     /// there. The object is written once every member is committed, so
@@ -253,15 +222,6 @@ impl Cloud {
                 }
             }
         }
-        // Groups with no object that run nowhere here: running on another
-        // host, or incomplete.
-        let unsettled: HashSet<String> = manifests
-            .iter()
-            .filter_map(|(_, m)| m.as_ref().ok()?.group.clone())
-            .filter(|g| !groups.contains(g) && !running.contains(g))
-            .collect();
-        let (running, completed) = Self::running_elsewhere(&repo, unsettled, running).await;
-        written.extend(completed);
         // Whether each member is still there. The listing answers for the
         // members it covers (all of them without --src); a member of
         // another volume is looked up by itself (a HEAD), not by listing
@@ -484,16 +444,7 @@ impl Cloud {
                     ))
                 }
                 Err(RepoError::Missing { .. }) => {
-                    let unsettled: HashSet<String> = (!running.contains(g))
-                        .then(|| g.to_string())
-                        .into_iter()
-                        .collect();
-                    let (running, completed) =
-                        Self::running_elsewhere(&repo, unsettled, running).await;
-                    match completed.first() {
-                        Some((_, obj)) => Some(Self::group_state(g, Some(obj), |_| true, &running)),
-                        None => Some(Self::group_state(g, None, |_| true, &running)),
-                    }
+                    Some(Self::group_state(g, None, |_| true, &running))
                 }
                 // The snapshot's catalog stands without it.
                 Err(e) => {

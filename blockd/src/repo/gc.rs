@@ -100,10 +100,6 @@ struct SessionBody {
     task: String,
     host: String,
     deadline_secs: u64,
-    /// The group backup the task belongs to (sessions only): other hosts
-    /// show the group as running while this session lives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    group: Option<String>,
 }
 
 /// A restore's lease in the bucket (`locks/readers/<task>`): while it is
@@ -152,7 +148,7 @@ impl Lease {
         }
         let length = length.clamp(Duration::from_secs(1), LEASE_MAX);
         let key = lease_key(task);
-        let sealed = Bytes::from(repo.seal_registration(&key, task, host, length.as_secs(), None));
+        let sealed = Bytes::from(repo.seal_registration(&key, task, host, length.as_secs()));
         let put = {
             let repo = repo.clone();
             let key = key.clone();
@@ -388,8 +384,7 @@ impl Repo {
         })
     }
 
-    /// Registers backup `task` (a member of `group`, if given) as a writer
-    /// with a deadline.
+    /// Registers backup `task` as a writer with a deadline.
     ///
     /// # Errors
     /// Provider errors.
@@ -398,10 +393,9 @@ impl Repo {
         task: &str,
         host: &str,
         deadline: Duration,
-        group: Option<&str>,
     ) -> Result<Session, RepoError> {
         let key = session_key(task);
-        let sealed = self.seal_registration(&key, task, host, deadline.as_secs(), group);
+        let sealed = self.seal_registration(&key, task, host, deadline.as_secs());
         self.objects.put(&key, sealed.into(), false).await?;
         let meta = self.objects.head_meta(&key).await?.ok_or_else(|| {
             self.objects
@@ -416,19 +410,11 @@ impl Repo {
 
     /// The sealed object of a backup's session or a restore's lease at
     /// `key`.
-    fn seal_registration(
-        &self,
-        key: &str,
-        task: &str,
-        host: &str,
-        secs: u64,
-        group: Option<&str>,
-    ) -> Vec<u8> {
+    fn seal_registration(&self, key: &str, task: &str, host: &str, secs: u64) -> Vec<u8> {
         let body = SessionBody {
             task: task.to_string(),
             host: host.to_string(),
             deadline_secs: secs,
-            group: group.map(str::to_string),
         };
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| unreachable!("sessions serialise"));
         format::envelope(SESSION_MAGIC, &self.keys.seal(key.as_bytes(), &json))
@@ -581,25 +567,6 @@ impl Repo {
             out.push((id.to_string(), l.modified, body));
         }
         Ok(out)
-    }
-
-    /// The group backups with a member registered as running, on any
-    /// host, and within its deadline (by this host's clock: what is shown,
-    /// not what is swept, rests on it).
-    ///
-    /// # Errors
-    /// Provider errors.
-    pub async fn groups_running(&self) -> Result<HashSet<String>, RepoError> {
-        let now = SystemTime::now();
-        Ok(self
-            .registrations("sessions")
-            .await?
-            .into_iter()
-            .filter_map(|(_, written, body)| {
-                let b = body?;
-                (written + Duration::from_secs(b.deadline_secs) > now).then_some(b.group?)
-            })
-            .collect())
     }
 
     /// Sessions: (task id, written, deadline), expired ones included.
@@ -933,9 +900,7 @@ async fn collect_held(
         let mut tag = [0u8; 8];
         super::crypto::fill_random(&mut tag);
         let task = format!("{COLLECTOR_SESSION}{}", hex::encode(tag));
-        let session = repo
-            .open_session(&task, &opts.host, opts.deadline, None)
-            .await?;
+        let session = repo.open_session(&task, &opts.host, opts.deadline).await?;
         let r = repack::repack(repo, &walk, &choice.packs, &sizes, &session).await;
         let _ = repo.close_session(&task).await;
         let r = r?;
@@ -1138,22 +1103,6 @@ async fn record_damage(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sessions_name_their_group_and_older_ones_still_open() {
-        let b: SessionBody =
-            serde_json::from_str(r#"{"task":"t","host":"h","deadline_secs":60}"#).unwrap();
-        assert_eq!(b.group, None);
-        // A lease or a lone backup writes the fields it always wrote.
-        let json = serde_json::to_string(&b).unwrap();
-        assert_eq!(json, r#"{"task":"t","host":"h","deadline_secs":60}"#);
-        let g = SessionBody {
-            group: Some("20261129T120000.000Z-0a1b2c3d".into()),
-            ..b
-        };
-        let back: SessionBody = serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
-        assert_eq!(back.group, g.group);
-    }
 
     #[test]
     fn only_unfinished_writes_older_than_the_cut_go() {

@@ -72,15 +72,9 @@ impl OpenSessions {
 
     /// Registers backup `task` (in the starting set first, so that no
     /// collection finds the session without it).
-    async fn open(
-        &mut self,
-        task: &str,
-        host: &str,
-        deadline: Duration,
-        group: Option<&str>,
-    ) -> Result<(), CloudError> {
+    async fn open(&mut self, task: &str, host: &str, deadline: Duration) -> Result<(), CloudError> {
         lock_set(&self.starting).insert(task.to_string());
-        match self.repo.open_session(task, host, deadline, group).await {
+        match self.repo.open_session(task, host, deadline).await {
             Ok(s) => {
                 self.opened.push(s);
                 Ok(())
@@ -239,12 +233,9 @@ impl Cloud {
         self.locations.check_keys(&location, &repo).await?;
         // Registered in the bucket before the parent is chosen: a
         // collector that marks after this waits for these backups.
-        let group_id = (group || names.len() > 1).then(|| created_name.clone());
         let mut sessions = OpenSessions::new(repo.clone(), self.starting_sessions.clone());
         for (_, id, _) in &volumes {
-            sessions
-                .open(id, &self.host, self.backup_deadline, group_id.as_deref())
-                .await?;
+            sessions.open(id, &self.host, self.backup_deadline).await?;
         }
         let fence = repo.gc_fence().await?;
         let mut plans = Vec::with_capacity(volumes.len());
@@ -480,7 +471,7 @@ impl Cloud {
             // resumes): its registration in the bucket goes.
             let interrupted = matches!(outcome, Err(CloudError::Cancelled))
                 && !run.stopped.load(std::sync::atomic::Ordering::Acquire);
-            if !interrupted && outcome.is_err() {
+            if !interrupted {
                 if let Ok(repo) = me.locations.repo(&location).await {
                     if let Err(e) = repo.close_session(&id).await {
                         tracing::warn!(task = %id, error = %e, "closing the backup session failed; it expires at its deadline");
@@ -488,7 +479,6 @@ impl Cloud {
                 }
             }
             match outcome {
-                // Its session is closed as it completes.
                 Ok(()) => me.complete_backup(&run).await,
                 Err(CloudError::Cancelled)
                     if !run.stopped.load(std::sync::atomic::Ordering::Acquire) =>
@@ -611,14 +601,6 @@ impl Cloud {
         let _finishing = self.finishing.lock().await;
         if let Some(g) = &group {
             self.maybe_write_group(g, &location, &id).await;
-        }
-        // Its registration in the bucket goes after the group object is
-        // written: other hosts show a group that has a member's session
-        // and no object as running, one that has neither as incomplete.
-        if let Ok(repo) = self.locations.repo(&location).await {
-            if let Err(e) = repo.close_session(&id).await {
-                tracing::warn!(task = %id, error = %e, "closing the backup session failed; it expires at its deadline");
-            }
         }
         // The expiry before Done: a Done task is not resumed.
         if let Plan::Backup {
