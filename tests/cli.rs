@@ -500,6 +500,14 @@ fn exit_codes_and_json_errors() {
         assert_eq!(code(&out), status, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // A resize cannot change the extent size: none is offered.
+    let out = d.blockctl(&["volume", "resize", "vol1", "--size", "16390K"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains("multiple of the extent size 4096") && !err.contains("--extent-size"),
+        "{err}"
+    );
     let listed = json(&d.ok(&["-j", "volume", "list"]));
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     let creds = json(&d.ok(&["-j", "credentials", "list"]));

@@ -415,13 +415,13 @@ fn a_lazy_restores_eta_is_the_data_left_at_the_fill_rate() {
     let t = tempfile::tempdir().unwrap();
     backed_up(&d, t.path(), "src", 256 * MB, 32 * MB, 6);
     let id = lazy_restore(&d, "src", "r");
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let s = status(&d, &id);
+    // The first estimate once 8 MiB were fetched: some 6 s left. Taking
+    // the 224 MiB of holes for speed gives under 1.
+    let s = wait_until(&d, &id, |s| {
+        s["bytes_transferred"].as_u64().unwrap_or(0) >= 8 * MB as u64 && s["eta_secs"].is_number()
+    });
     assert_eq!(s["state"], "Active", "{s}");
-    let eta = s["eta_secs"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no ETA: {s}"));
-    // About 5 s left; taking the 224 MiB of holes for speed gives under 1.
+    let eta = s["eta_secs"].as_f64().unwrap();
     assert!(
         eta >= 2.0,
         "ETA {eta} s with {} of 32 MiB fetched",

@@ -293,7 +293,7 @@ fn read_task(id: &str, rec: &str) -> Task {
 
 /// How often a running task's time and bytes moved are saved (see
 /// [`Cloud::save_counters`]).
-const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+const COUNTERS_EVERY: Duration = Duration::from_secs(2);
 
 /// Saves the time and bytes moved of `now` (a running task's counters) to
 /// its record in `db`, if that is still active.

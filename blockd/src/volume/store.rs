@@ -304,7 +304,7 @@ impl Store {
         check_labels(&req.labels)?;
         let extent_size = req.extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
         validate_extent_size(extent_size).map_err(|message| StoreError::Invalid { message })?;
-        check_size(req.size, extent_size)?;
+        check_size(req.size, extent_size, true)?;
         let mut volumes = self.write();
         if volumes.contains_key(&req.name) {
             return Err(StoreError::Exists { volume: req.name });
@@ -458,7 +458,7 @@ impl Store {
                 requested: size,
             });
         }
-        check_size(size, volume.extent_size())?;
+        check_size(size, volume.extent_size(), false)?;
         volume.grow(size).map_err(|source| {
             too_large(&self.dir, size, source).unwrap_or_else(|source| StoreError::Io {
                 volume: name.into(),
@@ -560,8 +560,8 @@ fn dirty_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// A volume size is a whole number of extents, at least one, at most
-/// [`MAX_VOLUME_SIZE`].
-fn check_size(size: u64, extent_size: u64) -> Result<(), StoreError> {
+/// [`MAX_VOLUME_SIZE`]. `creating`: the extent size can still be chosen.
+fn check_size(size: u64, extent_size: u64, creating: bool) -> Result<(), StoreError> {
     let message = if size == 0 {
         format!("a volume must hold at least one extent ({extent_size} bytes)")
     } else if size > MAX_VOLUME_SIZE {
@@ -577,7 +577,7 @@ fn check_size(size: u64, extent_size: u64) -> Result<(), StoreError> {
         // The largest extent size that divides it, if there is one (512 B
         // at least): an extent size that does not cannot help.
         let fits = 1u64 << size.trailing_zeros();
-        let smaller = if fits >= 512 {
+        let smaller = if creating && fits >= 512 {
             format!(", or --extent-size {fits}")
         } else {
             String::new()

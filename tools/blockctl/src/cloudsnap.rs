@@ -253,10 +253,11 @@ pub async fn run(out: Output, client: &Client, cmd: &CloudsnapCmd) -> Result<(),
                 Some(n) => with_query("/v1/tasks", &[("name", n)]),
                 None => "/v1/tasks".into(),
             };
-            let mut tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
-            if *w {
+            if let (true, Some(n)) = (*w, name) {
+                let tasks = crate::wait::named(client, &path, n).await?;
                 return wait(out, client, tasks).await;
             }
+            let mut tasks: Vec<Task> = client.call::<(), _>("GET", &path, None).await?;
             let before = tasks.len();
             if name.is_none() && !all {
                 let now = std::time::SystemTime::now();

@@ -118,9 +118,10 @@ impl Bars {
         }
     }
 
-    /// Says on task `i`'s bar that blockd has not answered for `away`.
-    fn unreachable(&self, i: usize, away: Duration) {
-        if let Some(bar) = self.bars.get(i) {
+    /// Says on every running task's bar that blockd has not answered for
+    /// `away`.
+    fn unreachable(&self, away: Duration) {
+        for bar in self.bars.iter().filter(|b| !b.is_finished()) {
             bar.set_message(format!(
                 "blockd not answering for {}: waiting for it to come back (Ctrl-C stops waiting)",
                 human_secs(away.as_secs_f64())
@@ -168,6 +169,67 @@ pub fn ride_out() -> Result<Duration, Failure> {
 /// Time between two attempts to reach a daemon that is not answering.
 const POLL_UNREACHABLE: Duration = Duration::from_secs(1);
 
+/// What one look at a task by a wait found.
+pub(crate) enum Asked<T> {
+    /// blockd's answer.
+    Answer(T),
+    /// blockd is not answering, or answers that it cannot say now (a
+    /// 5xx, a 409), since this long: look again.
+    Away(Duration),
+    /// blockd refused for good (the task is not there).
+    Refused(Failure),
+    /// blockd has been away for the whole ride-out: why, last.
+    Gone(String),
+}
+
+/// Asks blockd for `path` once, on behalf of a wait that rides out
+/// `ride_out` of blockd not answering, counted from `away` (set here
+/// when it stops answering, cleared when it answers).
+pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    ride_out: Duration,
+    away: &mut Option<std::time::Instant>,
+) -> Asked<T> {
+    let e = match client.call_or_refusal::<T>("GET", path).await {
+        Ok(Ok(v)) => {
+            *away = None;
+            return Asked::Answer(v);
+        }
+        Ok(Err((status, refused))) if status == 409 || status >= 500 => refused,
+        Ok(Err((_, refused))) => return Asked::Refused(refused),
+        Err(e) => e,
+    };
+    let since = *away.get_or_insert_with(std::time::Instant::now);
+    if since.elapsed() >= ride_out {
+        return Asked::Gone(format!(
+            "{} (blockd has not answered with the task for {})",
+            e.message(),
+            human_secs(since.elapsed().as_secs_f64())
+        ));
+    }
+    Asked::Away(since.elapsed())
+}
+
+/// The tasks `status --name NAME --wait` follows, asked for as a wait
+/// asks (a blockd restarting is waited for).
+///
+/// # Errors
+/// blockd's refusal (no such task or group), or blockd away for the whole
+/// ride-out.
+pub async fn named(client: &Client, path: &str, name: &str) -> Result<Vec<Task>, Failure> {
+    let ride_out = ride_out()?;
+    let mut away = None;
+    loop {
+        match ask::<Vec<Task>>(client, path, ride_out, &mut away).await {
+            Asked::Answer(tasks) => return Ok(tasks),
+            Asked::Away(_) => tokio::time::sleep(POLL_UNREACHABLE).await,
+            Asked::Refused(f) => return Err(f),
+            Asked::Gone(e) => return Err(Failure::Failed(lost(&e, name))),
+        }
+    }
+}
+
 /// Polls `tasks` until every one is final; returns their last state.
 async fn poll(
     client: &Client,
@@ -176,13 +238,13 @@ async fn poll(
     ride_out: Duration,
 ) -> Result<Vec<Task>, String> {
     let started = std::time::Instant::now();
-    // Since when the daemon has not answered, while it does not.
-    let mut unreachable: Option<std::time::Instant> = None;
+    // Since when blockd has not answered, while it does not.
+    let mut away: Option<std::time::Instant> = None;
     loop {
         if tasks.iter().all(|t| t.state.is_final()) {
             return Ok(tasks);
         }
-        let interval = if unreachable.is_some() {
+        let interval = if away.is_some() {
             POLL_UNREACHABLE
         } else if started.elapsed() < Duration::from_secs(2) {
             POLL_FIRST
@@ -195,49 +257,43 @@ async fn poll(
                 continue;
             }
             let path = format!("/v1/tasks/{}", encode(&t.id));
-            match client.call_or_refusal::<Task>("GET", &path).await {
-                Ok(Ok(now)) => {
-                    unreachable = None;
+            match ask::<Task>(client, &path, ride_out, &mut away).await {
+                Asked::Answer(now) => {
                     *t = now;
                     if let Some(bars) = bars {
                         bars.show(i, t);
                     }
                 }
-                // blockd answered, and not with the task (gone from a
-                // state directory put back from elsewhere, say).
-                Ok(Err((_, refused))) => return Err(lost(refused.message(), t)),
-                Err(e) => {
-                    let since = *unreachable.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() >= ride_out {
-                        return Err(lost(
-                            &format!(
-                                "{} (blockd has not answered for {})",
-                                e.message(),
-                                human_secs(since.elapsed().as_secs_f64())
-                            ),
-                            t,
-                        ));
-                    }
+                Asked::Away(since) => {
                     if let Some(bars) = bars {
-                        bars.unreachable(i, since.elapsed());
+                        bars.unreachable(since);
                     }
                     // One attempt per round while it is away, not one per task.
                     break;
                 }
+                // blockd answered, and not with the task (gone from a
+                // state directory put back from elsewhere, say).
+                Asked::Refused(f) => return Err(lost(f.message(), follow(t))),
+                Asked::Gone(e) => return Err(lost(&e, follow(t))),
             }
         }
     }
 }
 
-/// The error of a poll that failed: the task's outcome is not known
-/// (blockd stopped and did not come back; tasks resume when it starts
-/// again).
-fn lost(e: &str, t: &Task) -> String {
+/// What to follow task `t` by: its group backup's id if it has one
+/// (`status --name GROUP` shows every member), else its own.
+fn follow(t: &Task) -> &str {
+    t.group.as_deref().unwrap_or(&t.id)
+}
+
+/// The error of a wait that could not learn how `name` (a task or a group
+/// backup) ended (blockd stopped and did not come back; tasks resume when
+/// it starts again).
+fn lost(e: &str, name: &str) -> String {
     format!(
-        "{e}\nstopped waiting for task {id}, whose outcome is unknown: a task blockd was \
+        "{e}\nstopped waiting for {name}, whose outcome is unknown: a task blockd was \
          running resumes when blockd starts again; follow it with \
-         `blockctl cloudsnap status --name {id} --wait`",
-        id = t.id
+         `blockctl cloudsnap status --name {name} --wait`"
     )
 }
 
@@ -284,6 +340,11 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
     let ride_out = ride_out()?;
     let bars = Bars::new(&tasks);
     let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    // The group backup every task belongs to, if they are one's members.
+    let group = tasks
+        .first()
+        .and_then(|t| t.group.clone())
+        .filter(|g| tasks.iter().all(|t| t.group.as_ref() == Some(g)));
     // Ctrl-C ends the wait, not the tasks: the daemon runs them.
     let result = tokio::select! {
         r = poll(client, tasks, bars.as_ref(), ride_out) => Some(r),
@@ -293,7 +354,10 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
         bars.clear();
     }
     let Some(result) = result else {
-        let first = ids.first().map_or("ID", String::as_str);
+        let first = group
+            .as_deref()
+            .or(ids.first().map(String::as_str))
+            .unwrap_or("ID");
         return Err(Failure::Interrupted(format!(
             "stopped waiting; the daemon goes on with task(s) {}: follow with `blockctl cloudsnap status --name {first} --wait`, stop with `blockctl cloudsnap stop {first}`",
             ids.join(", ")
