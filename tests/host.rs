@@ -147,3 +147,61 @@ fn the_service_manager_hears_ready_watchdog_and_stopping() {
     let got = received(&sock, "STOPPING=1");
     assert!(got.contains("STATUS=draining"), "{got}");
 }
+
+/// A log that cannot be written (stderr on a full file system, here
+/// /dev/full) costs its lines, nothing else: the daemon starts, serves
+/// requests and data, and stops cleanly.
+#[test]
+fn a_log_that_cannot_be_written_loses_only_its_lines() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut child = std::process::Command::new(bin("blockd"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("BLOCKD_CONFIG", "/dev/null")
+        .env("BLOCKD_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    let api = state.path().join("api.sock");
+    let nbd = state.path().join("nbd.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(api.exists() && nbd.exists()) {
+        assert!(child.try_wait().unwrap().is_none(), "blockd exited");
+        assert!(std::time::Instant::now() < deadline, "blockd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin("blockctl"))
+            .arg("--socket")
+            .arg(&api)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl(&["volume", "create", "v", "--size", "16M"]);
+    let uri = format!("nbd+unix:///v?socket={}", nbd.display());
+    qemu_io(&uri, &["write -P 7 0 1M"]);
+    qemu_io(&uri, &["read -P 7 0 1M"]);
+    ctl(&["snapshot", "create", "v", "--name", "s"]);
+    ctl(&["volume", "list"]);
+    assert!(child.try_wait().unwrap().is_none(), "blockd exited");
+    signal(child.id(), "TERM");
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("blockd did not stop");
+    assert!(status.success(), "{status}");
+}

@@ -763,6 +763,50 @@ fn an_encrypted_location_caches_no_plaintext_and_a_wrong_passphrase_refuses_the_
     assert!(!is_mounted(&dir));
 }
 
+/// A mount's chunk cache goes with it, deleted in the background (a cache
+/// of gigabytes takes seconds to delete, which an unmount and above all
+/// the daemon's stop must not wait for); one a stop cut short goes at the
+/// next start.
+#[test]
+fn a_mounts_cache_goes_in_the_background_and_leftovers_at_the_next_start() {
+    if !need_fuse(&[]) {
+        return;
+    }
+    let mut d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.create("vol1", "8M");
+    let img = image(tmp.path(), "a.img", 8 * MB, 8 * MB, 53);
+    load(&d, "vol1", &img);
+    backup(&d, &["vol1"]);
+    let root = d.dir.path().join("cache/mounts");
+    let gone_within = |what: &str, secs: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while !files_under(&root).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                files_under(&root)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    {
+        let (cat, _) = Catalog::mount(&d, tmp.path(), &[]);
+        assert_eq!(
+            read_file(&cat.path("vol1/latest/disk.img")),
+            read_file(&img)
+        );
+        assert!(!files_under(&root).is_empty(), "nothing was cached");
+    }
+    gone_within("the unmounted catalog's cache", 10);
+    d.terminate();
+    let left = root.join(".discarded-0123456789abcdef/ab");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("chunk"), b"left by a stop").unwrap();
+    d.spawn();
+    gone_within("a cache a stop left", 10);
+}
+
 /// blockd in a mount namespace of its own, as systemd's ProtectSystem=,
 /// ProtectHome= and PrivateTmp= put it (a slave copy of the host's): the
 /// catalog still appears where the admin who asked for it lives, and is

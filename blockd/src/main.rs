@@ -207,7 +207,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr (journald under systemd), as text or JSON.
+/// Logs to stderr (journald under systemd), as text or JSON. A line that
+/// cannot be written (stderr on a full file system) is dropped: reporting
+/// that on stderr too would panic the thread that logged, a connection's
+/// or a request's.
 fn init_logging(log: &Log) {
     let filter = config::set(log.filter.as_ref(), "log.filter").0.as_str();
     let filter = tracing_subscriber::EnvFilter::builder()
@@ -215,7 +218,8 @@ fn init_logging(log: &Log) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match config::set(log.format, "log.format") {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder

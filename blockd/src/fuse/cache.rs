@@ -153,6 +153,55 @@ pub struct ChunkCache {
     pub stats: Stats,
 }
 
+/// Name prefix of a cache directory that is being removed.
+const DISCARDED: &str = ".discarded-";
+
+/// Removes cache directory `dir` in the background: renamed out of the
+/// way at once, its files deleted by a thread of their own. Deleting a
+/// cache of gigabytes takes seconds (tens of them on a file system
+/// mounted with `discard`), which an unmount, a new mount of the same
+/// directory and above all the daemon's stop (systemd's stop timeout)
+/// must not wait for. What a stop cuts short, [`discard_leftovers`]
+/// removes at the next start.
+///
+/// # Errors
+/// The rename failed (`NotFound`: there is no such directory).
+pub fn discard(dir: &Path) -> std::io::Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    let mut tag = [0u8; 8];
+    crate::repo::crypto::fill_random(&mut tag);
+    let gone = parent.join(format!("{DISCARDED}{}", hex::encode(tag)));
+    std::fs::rename(dir, &gone)?;
+    remove_in_background(gone);
+    Ok(())
+}
+
+/// Removes the cache directories under `root` that an earlier run was
+/// removing when it stopped.
+pub fn discard_leftovers(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(DISCARDED) {
+            remove_in_background(e.path());
+        }
+    }
+}
+
+fn remove_in_background(dir: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("cache-discard".into())
+        .spawn(move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing a catalog mount's old chunk cache failed; the next start tries again");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to remove a catalog mount's old chunk cache; the next start tries again");
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -163,7 +212,7 @@ impl ChunkCache {
     /// # Errors
     /// The directory cannot be emptied or created.
     pub fn new(dir: PathBuf, capacity: u64, repo: Arc<Repo>) -> std::io::Result<Arc<Self>> {
-        match std::fs::remove_dir_all(&dir) {
+        match discard(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -198,7 +247,7 @@ impl ChunkCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *closed = true;
         *lock(&self.lru) = Lru::default();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = discard(&self.dir);
     }
 
     fn path(dir: &Path, id: &Id) -> PathBuf {

@@ -162,9 +162,11 @@ impl Mounts {
                 (format!("{what} {}", p.display()), p)
             })
             .collect();
+        let cache_root = state_dir.join("cache").join("mounts");
+        super::cache::discard_leftovers(&cache_root);
         Self {
             own,
-            cache_root: state_dir.join("cache").join("mounts"),
+            cache_root,
             claims,
             active: Mutex::new(BTreeMap::new()),
             changing: tokio::sync::Mutex::new(()),
