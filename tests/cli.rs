@@ -823,6 +823,20 @@ fn cloud_bad_arguments_exit_nonzero() {
     );
     usage_error(&["cloudsnap", "stop"], "<ID|--name <ID>>");
     usage_error(&["cloudsnap", "status", "--wait"], "--name");
+    // A socket that can never answer is not waited for.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("blockctl"))
+        .arg("--socket")
+        .arg(dir.path())
+        .args(["cloudsnap", "status", "--name", "t", "--wait"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("that is a directory") && !stderr.contains("outcome is unknown"),
+        "{stderr}"
+    );
     // How long a wait rides out a daemon not answering is checked before
     // anything is started.
     let out = Command::new(bin("blockctl"))

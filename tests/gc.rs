@@ -740,7 +740,7 @@ fn a_backup_past_its_deadline_does_not_commit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&id)
-            && err.contains("has not answered with the task for")
+            && err.contains("no answer with the task for")
             && err.contains("resumes when blockd starts again"),
         "{err}"
     );

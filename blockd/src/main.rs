@@ -183,12 +183,19 @@ impl Args {
     }
 }
 
+/// Writes `line` to stderr; a stderr that cannot be written (a full file
+/// system) does not turn the exit status into a panic's.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let file = match Settings::load(args.config.as_deref()) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: {e}");
+            say(format_args!("error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -201,7 +208,7 @@ fn main() -> ExitCode {
     match run(&settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }

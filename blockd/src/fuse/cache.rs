@@ -189,16 +189,32 @@ pub fn discard_leftovers(root: &Path) {
     }
 }
 
+/// Hands `dir` to the one thread that deletes discarded caches, one after
+/// another (started with the first).
 fn remove_in_background(dir: PathBuf) {
-    let spawned = std::thread::Builder::new()
-        .name("cache-discard".into())
-        .spawn(move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "removing a catalog mount's old chunk cache failed; the next start tries again");
+    static DELETER: std::sync::OnceLock<Mutex<Option<std::sync::mpsc::Sender<PathBuf>>>> =
+        std::sync::OnceLock::new();
+    let deleter = DELETER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let spawned = std::thread::Builder::new()
+            .name("cache-discard".into())
+            .spawn(move || {
+                for dir in rx {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing a catalog mount's old chunk cache failed; the next start tries again");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Mutex::new(Some(tx)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread to remove catalog mounts' old chunk caches; the next start tries again");
+                Mutex::new(None)
             }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no thread to remove a catalog mount's old chunk cache; the next start tries again");
+        }
+    });
+    if let Some(tx) = lock(deleter).as_ref() {
+        let _ = tx.send(dir);
     }
 }
 
@@ -598,6 +614,19 @@ mod tests {
             settle(&c).await;
             assert!(!dir.exists(), "round {round}: {} left", dir.display());
         }
+        // And the discarded directories are deleted, by then or soon.
+        gone(tmp.path()).await;
+    }
+
+    /// Waits until `parent` holds nothing (the discarded caches deleted).
+    async fn gone(parent: &Path) {
+        for _ in 0..2000 {
+            if std::fs::read_dir(parent).unwrap().next().is_none() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("discarded caches left in {}", parent.display());
     }
 
     #[tokio::test]
@@ -636,6 +665,7 @@ mod tests {
         }
         c.close();
         assert!(!tmp.path().join("c").exists());
+        gone(tmp.path()).await;
     }
 
     #[tokio::test]

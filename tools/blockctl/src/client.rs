@@ -12,6 +12,39 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
+/// A request blockd did not answer: why, and whether asking again may get
+/// an answer (blockd not running or restarting, the connection cut) or
+/// cannot (no permission on the socket, a socket that is not blockd's API).
+#[derive(Debug)]
+pub struct Unanswered {
+    /// What went wrong and what to do.
+    pub message: String,
+    /// Asking again later may get an answer.
+    pub transient: bool,
+}
+
+impl Unanswered {
+    fn now(message: String) -> Self {
+        Self {
+            message,
+            transient: true,
+        }
+    }
+
+    fn for_good(message: String) -> Self {
+        Self {
+            message,
+            transient: false,
+        }
+    }
+}
+
+impl From<Unanswered> for Failure {
+    fn from(u: Unanswered) -> Self {
+        Self::Failed(u.message)
+    }
+}
+
 /// A client of one daemon.
 pub struct Client {
     socket: PathBuf,
@@ -28,28 +61,28 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), Unanswered> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                return format!(
+                return Unanswered::for_good(format!(
                     "cannot reach blockd at {}: {e}: run blockctl as root or as a member of the group that owns the socket (blockd's --api-group, `blockd` by default)",
                     self.socket.display()
-                );
+                ));
             }
             if self.socket.is_dir() {
-                return format!(
+                return Unanswered::for_good(format!(
                     "cannot reach blockd at {}: that is a directory: point --socket/BLOCKD_SOCKET at the api.sock in it",
                     self.socket.display()
-                );
+                ));
             }
-            format!(
+            Unanswered::now(format!(
                 "cannot reach blockd at {}: {e}; is the daemon running? (start it with `blockd`, or point --socket/BLOCKD_SOCKET at its api.sock)",
                 self.socket.display()
-            )
+            ))
         })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("talking to blockd: {e}"))?;
+            .map_err(|e| Unanswered::now(format!("talking to blockd: {e}")))?;
         tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
@@ -60,30 +93,30 @@ impl Client {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| format!("building request: {e}"))?;
+            .map_err(|e| Unanswered::for_good(format!("building request: {e}")))?;
         let resp = match sender.send_request(req).await {
             Ok(resp) => resp,
             Err(e) if speaks_nbd(&self.socket).await => {
-                return Err(format!(
+                return Err(Unanswered::for_good(format!(
                     "{} is blockd's NBD socket, not its API socket ({e}): point --socket/BLOCKD_SOCKET at the api.sock beside it",
                     self.socket.display()
-                ))
+                )))
             }
             // The daemon may have done part of the request or all of it
             // before it went (a restore may have started): say where to look.
-            Err(e) if method != "GET" => return Err(format!(
+            Err(e) if method != "GET" => return Err(Unanswered::now(format!(
                 "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list`, `blockctl snapshot list` and `blockctl cloudsnap status`"
-            )),
-            Err(e) => return Err(format!(
+            ))),
+            Err(e) => return Err(Unanswered::now(format!(
                 "talking to blockd: {e}: the connection ended before blockd answered; if blockd stopped, start it again"
-            )),
+            ))),
         };
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| format!("reading blockd's answer: {e}"))?
+            .map_err(|e| Unanswered::now(format!("reading blockd's answer: {e}")))?
             .to_bytes();
         Ok((status, bytes))
     }
@@ -131,17 +164,21 @@ impl Client {
     /// failure to reach it: `Ok(Err((status, failure)))` is blockd's
     /// answer with HTTP `status`, for a caller that acts on what the
     /// status means rather than on the words of the message.
+    ///
+    /// # Errors
+    /// No answer (blockd not reached, the connection cut), or an answer
+    /// that does not decode (`transient: false`).
     pub async fn call_or_refusal<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
-    ) -> Result<Result<T, (u16, Failure)>, Failure> {
+    ) -> Result<Result<T, (u16, Failure)>, Unanswered> {
         let (status, bytes) = self.send(method, path, None).await?;
         if let Err(refused) = Self::check(status, &bytes) {
             return Ok(Err((status, refused)));
         }
         Ok(Ok(serde_json::from_slice(&bytes).map_err(|e| {
-            format!("unexpected answer from blockd: {e}")
+            Unanswered::for_good(format!("unexpected answer from blockd: {e}"))
         })?))
     }
 

@@ -174,9 +174,13 @@ pub(crate) enum Asked<T> {
     /// blockd's answer.
     Answer(T),
     /// blockd is not answering, or answers that it cannot say now (a
-    /// 5xx, a 409), since this long: look again.
+    /// 5xx), since this long: look again.
     Away(Duration),
-    /// blockd refused for good (the task is not there).
+    /// blockd says the task is still starting (its hooks, its freeze,
+    /// which their own timeouts bound): look again.
+    Starting,
+    /// blockd refused for good (the task is not there), or the answer
+    /// cannot be had by asking again (no permission on the socket).
     Refused(Failure),
     /// blockd has been away for the whole ride-out: why, last.
     Gone(String),
@@ -191,20 +195,24 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     ride_out: Duration,
     away: &mut Option<std::time::Instant>,
 ) -> Asked<T> {
-    let e = match client.call_or_refusal::<T>("GET", path).await {
+    let why = match client.call_or_refusal::<T>("GET", path).await {
         Ok(Ok(v)) => {
             *away = None;
             return Asked::Answer(v);
         }
-        Ok(Err((status, refused))) if status == 409 || status >= 500 => refused,
+        Ok(Err((409, _))) => {
+            *away = None;
+            return Asked::Starting;
+        }
+        Ok(Err((status, refused))) if status >= 500 => refused.message().to_string(),
         Ok(Err((_, refused))) => return Asked::Refused(refused),
-        Err(e) => e,
+        Err(u) if u.transient => u.message,
+        Err(u) => return Asked::Refused(u.into()),
     };
     let since = *away.get_or_insert_with(std::time::Instant::now);
     if since.elapsed() >= ride_out {
         return Asked::Gone(format!(
-            "{} (blockd has not answered with the task for {})",
-            e.message(),
+            "{why} (no answer with the task for {})",
             human_secs(since.elapsed().as_secs_f64())
         ));
     }
@@ -220,10 +228,17 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
 pub async fn named(client: &Client, path: &str, name: &str) -> Result<Vec<Task>, Failure> {
     let ride_out = ride_out()?;
     let mut away = None;
+    let mut said = false;
     loop {
         match ask::<Vec<Task>>(client, path, ride_out, &mut away).await {
             Asked::Answer(tasks) => return Ok(tasks),
-            Asked::Away(_) => tokio::time::sleep(POLL_UNREACHABLE).await,
+            Asked::Away(_) | Asked::Starting => {
+                if !said && std::io::stderr().is_terminal() {
+                    eprintln!("waiting for blockd to answer with {name} (Ctrl-C stops waiting)");
+                    said = true;
+                }
+                tokio::time::sleep(POLL_UNREACHABLE).await;
+            }
             Asked::Refused(f) => return Err(f),
             Asked::Gone(e) => return Err(Failure::Failed(lost(&e, name))),
         }
@@ -231,20 +246,23 @@ pub async fn named(client: &Client, path: &str, name: &str) -> Result<Vec<Task>,
 }
 
 /// Polls `tasks` until every one is final; returns their last state.
+/// `group`: the group backup they are all members of, named when the
+/// wait cannot learn how they ended.
 async fn poll(
     client: &Client,
     mut tasks: Vec<Task>,
     bars: Option<&Bars>,
     ride_out: Duration,
+    group: Option<&str>,
 ) -> Result<Vec<Task>, String> {
     let started = std::time::Instant::now();
-    // Since when blockd has not answered, while it does not.
-    let mut away: Option<std::time::Instant> = None;
+    // Per task, since when blockd has not answered with it.
+    let mut away: Vec<Option<std::time::Instant>> = vec![None; tasks.len()];
     loop {
         if tasks.iter().all(|t| t.state.is_final()) {
             return Ok(tasks);
         }
-        let interval = if away.is_some() {
+        let interval = if away.iter().any(Option::is_some) {
             POLL_UNREACHABLE
         } else if started.elapsed() < Duration::from_secs(2) {
             POLL_FIRST
@@ -257,33 +275,27 @@ async fn poll(
                 continue;
             }
             let path = format!("/v1/tasks/{}", encode(&t.id));
-            match ask::<Task>(client, &path, ride_out, &mut away).await {
+            let name = group.unwrap_or(&t.id);
+            match ask::<Task>(client, &path, ride_out, &mut away[i]).await {
                 Asked::Answer(now) => {
                     *t = now;
                     if let Some(bars) = bars {
                         bars.show(i, t);
                     }
                 }
+                Asked::Starting => {}
                 Asked::Away(since) => {
                     if let Some(bars) = bars {
                         bars.unreachable(since);
                     }
-                    // One attempt per round while it is away, not one per task.
-                    break;
                 }
                 // blockd answered, and not with the task (gone from a
                 // state directory put back from elsewhere, say).
-                Asked::Refused(f) => return Err(lost(f.message(), follow(t))),
-                Asked::Gone(e) => return Err(lost(&e, follow(t))),
+                Asked::Refused(f) => return Err(lost(f.message(), name)),
+                Asked::Gone(e) => return Err(lost(&e, name)),
             }
         }
     }
-}
-
-/// What to follow task `t` by: its group backup's id if it has one
-/// (`status --name GROUP` shows every member), else its own.
-fn follow(t: &Task) -> &str {
-    t.group.as_deref().unwrap_or(&t.id)
 }
 
 /// The error of a wait that could not learn how `name` (a task or a group
@@ -340,14 +352,15 @@ pub async fn wait(out: Output, client: &Client, tasks: Vec<Task>) -> Result<(), 
     let ride_out = ride_out()?;
     let bars = Bars::new(&tasks);
     let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-    // The group backup every task belongs to, if they are one's members.
+    // The group backup every task belongs to, if they are its members
+    // (not a single task asked for by its id).
     let group = tasks
         .first()
         .and_then(|t| t.group.clone())
-        .filter(|g| tasks.iter().all(|t| t.group.as_ref() == Some(g)));
+        .filter(|g| tasks.len() > 1 && tasks.iter().all(|t| t.group.as_ref() == Some(g)));
     // Ctrl-C ends the wait, not the tasks: the daemon runs them.
     let result = tokio::select! {
-        r = poll(client, tasks, bars.as_ref(), ride_out) => Some(r),
+        r = poll(client, tasks, bars.as_ref(), ride_out, group.as_deref()) => Some(r),
         Ok(()) = tokio::signal::ctrl_c() => None,
     };
     if let Some(bars) = &bars {
