@@ -494,6 +494,15 @@ fn exit_codes_and_json_errors() {
             1,
             "exited with status 3",
         ),
+        // An empty argument (a shell variable not set) is a usage error,
+        // not a look for a thing named "".
+        (&["volume", "delete", ""][..], 2, "<NAME> is empty"),
+        (
+            &["cloudsnap", "status", "--name", "", "--wait"][..],
+            2,
+            "--name is empty",
+        ),
+        (&["cloudsnap", "backup", ""][..], 2, "<VOLUME> is empty"),
     ] {
         let out = d.blockctl(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -526,6 +535,7 @@ fn exit_codes_and_json_errors() {
             "1GB",
         ),
         (&["-j", "volume", "inspect", "ghost"][..], 1, "not found"),
+        (&["-j", "volume", "inspect", ""][..], 2, "<NAME> is empty"),
         (
             &["-j", "snapshot", "delete", "vol1@none"][..],
             1,

@@ -192,7 +192,8 @@ pub fn discard_leftovers(root: &Path) {
 /// Hands `dir` to the one thread that deletes discarded caches, one after
 /// another (started with the first).
 fn remove_in_background(dir: PathBuf) {
-    static DELETER: std::sync::OnceLock<Mutex<Option<std::sync::mpsc::Sender<PathBuf>>>> =
+    // A sender is shared by reference: `mpsc::Sender` is `Sync`.
+    static DELETER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<PathBuf>>> =
         std::sync::OnceLock::new();
     let deleter = DELETER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
@@ -206,14 +207,14 @@ fn remove_in_background(dir: PathBuf) {
                 }
             });
         match spawned {
-            Ok(_) => Mutex::new(Some(tx)),
+            Ok(_) => Some(tx),
             Err(e) => {
                 tracing::warn!(error = %e, "no thread to remove catalog mounts' old chunk caches; the next start tries again");
-                Mutex::new(None)
+                None
             }
         }
     });
-    if let Some(tx) = lock(deleter).as_ref() {
+    if let Some(tx) = deleter {
         let _ = tx.send(dir);
     }
 }

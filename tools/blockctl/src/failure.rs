@@ -1,7 +1,8 @@
 //! How a command fails, and the exit status that says so.
 //!
 //! blockctl exits 0 when the command did what it was asked, 2 when the
-//! command line itself is wrong, and 1 when it failed otherwise.
+//! command line itself is wrong, 3 when a wait ended without learning how
+//! its tasks ended, and 1 when it failed otherwise.
 //!
 //! - 2: a wrong command line, found by clap (usage errors), by blockctl
 //!   (what only a look at several arguments together finds), or by the
@@ -12,6 +13,9 @@
 //! - 1: the daemon refused it as things stand (something named is not
 //!   there, is busy, a hook failed, a key does not open the repository),
 //!   could not do it, or is not running.
+//! - 3: `--wait` (or `status --wait`) gave up on a daemon that stopped
+//!   answering: the tasks may still end well once it starts again, so a
+//!   script must follow them, not start them again.
 
 /// A command's failure.
 #[derive(Debug)]
@@ -20,6 +24,10 @@ pub enum Failure {
     Usage(String),
     /// The command failed: exit status 1.
     Failed(String),
+    /// A wait stopped without learning how its tasks ended (blockd away
+    /// for the whole ride-out): exit status 3. Not a failure of the tasks,
+    /// which resume when blockd starts again.
+    Unknown(String),
     /// Interrupted (Ctrl-C) while waiting: exit status 130, as a shell
     /// reports a command ended by SIGINT.
     Interrupted(String),
@@ -31,6 +39,7 @@ impl Failure {
         match self {
             Self::Usage(_) => 2,
             Self::Failed(_) => 1,
+            Self::Unknown(_) => 3,
             Self::Interrupted(_) => 130,
         }
     }
@@ -38,7 +47,7 @@ impl Failure {
     /// What went wrong and what to do, for a person.
     pub fn message(&self) -> &str {
         match self {
-            Self::Usage(m) | Self::Failed(m) | Self::Interrupted(m) => m,
+            Self::Usage(m) | Self::Failed(m) | Self::Unknown(m) | Self::Interrupted(m) => m,
         }
     }
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use blockd_api::{human_size, CreateSnapshot, CreateVolume, ResizeVolume, Snapshot, Volume};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use client::Client;
 use failure::Failure;
@@ -462,8 +462,45 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The first argument given empty on the command line (`''`, or a shell
+/// variable that was not set), as `--flag` or `<NAME>`: a usage error,
+/// where the daemon would otherwise look for a thing named "" and answer
+/// that it is not there. `--prefix ''` means no prefix and is let through.
+fn empty_argument(cmd: &clap::Command, m: &clap::ArgMatches) -> Option<String> {
+    for id in m.ids() {
+        let id = id.as_str();
+        if id == "prefix" || m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+            continue;
+        }
+        let Ok(Some(mut values)) = m.try_get_raw(id) else {
+            continue;
+        };
+        if values.any(std::ffi::OsStr::is_empty) {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id);
+            return Some(match arg.and_then(clap::Arg::get_long) {
+                Some(long) => format!("--{long}"),
+                None => format!("<{}>", id.to_uppercase()),
+            });
+        }
+    }
+    let (name, sub) = m.subcommand()?;
+    empty_argument(cmd.find_subcommand(name)?, sub)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cmd = Cli::command();
+    let parsed = cmd.try_get_matches_from_mut(std::env::args_os()).and_then(|m| {
+        if let Some(arg) = empty_argument(&cmd, &m) {
+            return Err(cmd.error(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "{arg} is empty ('' or a shell variable that is not set): give it a value, or leave it out where it is optional"
+                ),
+            ));
+        }
+        Cli::from_arg_matches(&m)
+    });
+    let cli = match parsed {
         Ok(cli) => cli,
         // --help and --version are "errors" to clap that print on stdout.
         Err(e) if !e.use_stderr() => e.exit(),

@@ -240,7 +240,7 @@ pub async fn named(client: &Client, path: &str, name: &str) -> Result<Vec<Task>,
                 tokio::time::sleep(POLL_UNREACHABLE).await;
             }
             Asked::Refused(f) => return Err(f),
-            Asked::Gone(e) => return Err(Failure::Failed(lost(&e, name))),
+            Asked::Gone(e) => return Err(lost(&e, name)),
         }
     }
 }
@@ -254,7 +254,7 @@ async fn poll(
     bars: Option<&Bars>,
     ride_out: Duration,
     group: Option<&str>,
-) -> Result<Vec<Task>, String> {
+) -> Result<Vec<Task>, Failure> {
     let started = std::time::Instant::now();
     // Per task, since when blockd has not answered with it.
     let mut away: Vec<Option<std::time::Instant>> = vec![None; tasks.len()];
@@ -300,13 +300,13 @@ async fn poll(
 
 /// The error of a wait that could not learn how `name` (a task or a group
 /// backup) ended (blockd stopped and did not come back; tasks resume when
-/// it starts again).
-fn lost(e: &str, name: &str) -> String {
-    format!(
+/// it starts again): exit status 3, not a failure of the task.
+fn lost(e: &str, name: &str) -> Failure {
+    Failure::Unknown(format!(
         "{e}\nstopped waiting for {name}, whose outcome is unknown: a task blockd was \
          running resumes when blockd starts again; follow it with \
          `blockctl cloudsnap status --name {name} --wait`"
-    )
+    ))
 }
 
 /// The closing line of a task that ended.
