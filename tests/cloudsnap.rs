@@ -315,14 +315,48 @@ fn group_backup_freezes_members_together_and_each_restores() {
 
 /// A group backup whose member was stopped committed the other members
 /// but is not one point of the whole group: `cloudsnap list` and
-/// `catalog` say so, while a member still runs and after.
+/// `catalog` say so, while a member still runs and after, on the host
+/// running it and on another host sharing the bucket.
 #[test]
 fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
     if !need() {
         return;
     }
     let d = Blockd::start();
+    let other = Blockd::start();
     let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket").display().to_string();
+    for h in [&d, &other] {
+        h.ok(&[
+            "credentials",
+            "create",
+            "shared",
+            "--provider",
+            "local",
+            "--path",
+            &bucket,
+        ]);
+    }
+    // How the other host lists the group, once it says `want` (it
+    // follows the running host's marks, written every 2 s).
+    let seen_elsewhere = |want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let snaps = list(&other, &["--cred-id", "shared"]);
+            if snaps.len() == 1 && snaps[0]["group_state"] == want {
+                let id = snaps[0]["id"].as_str().unwrap().to_string();
+                let cat =
+                    json(&other.ok(&["-j", "cloudsnap", "catalog", &id, "--cred-id", "shared"]));
+                assert_eq!(cat["snap"]["group_state"], want, "{cat}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other host never listed the group as {want}: {snaps:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
     d.create("small", "4M");
     let small_img = image(tmp.path(), "small", 4 * MB, 4 * MB, 40);
     load(&d, "small", &small_img);
@@ -334,6 +368,8 @@ fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
         "backup-group",
         "--volume-ids",
         "small,big",
+        "--cred-id",
+        "shared",
     ]));
     let group = started["group"].as_str().unwrap().to_string();
     let task = |v: &str| {
@@ -362,6 +398,12 @@ fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
     assert!(d
         .ok(&["cloudsnap", "list"])
         .contains(&format!("{group} (running)")));
+    seen_elsewhere("running");
+    assert_eq!(
+        status(&d, &big)["state"],
+        "Active",
+        "the big member ended too soon"
+    );
     let stopped = json(&d.ok(&["-j", "cloudsnap", "stop", &big]));
     assert_eq!(stopped["state"], "Stopped", "{stopped}");
     // Stopped: the member that is there restores on its own, and the
@@ -377,6 +419,10 @@ fn a_group_with_a_stopped_member_is_listed_as_incomplete() {
     assert_eq!(cat["snap"]["group_state"], "incomplete", "{cat}");
     let text = d.ok(&["cloudsnap", "catalog", &id]);
     assert!(text.contains(&format!("{group} (incomplete)")), "{text}");
+    // The mark is gone at once, not left to lapse.
+    seen_elsewhere("incomplete");
+    let marks = tmp.path().join("bucket/locks/groups");
+    assert!(files_under(&marks).is_empty(), "{:?}", files_under(&marks));
     let r = restore(&d, &id, "small-r", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &small_img, "small-r");

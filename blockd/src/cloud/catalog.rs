@@ -74,7 +74,15 @@ impl Cloud {
     /// the group objects are listed: a group that completes in between is
     /// then running, never incomplete.
     fn running_groups(&self) -> HashSet<String> {
-        let mut running: HashSet<String> = self
+        self.running_group_locations()
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect()
+    }
+
+    /// [`Cloud::running_groups`], each with its location.
+    pub(super) fn running_group_locations(&self) -> HashSet<(String, String)> {
+        let mut running: HashSet<(String, String)> = self
             .lock()
             .values()
             .filter_map(|r| {
@@ -82,10 +90,13 @@ impl Cloud {
                     .record
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                r.task.group.clone().filter(|_| !r.task.state.is_final())
+                let group = r.task.group.clone().filter(|_| {
+                    !r.task.state.is_final() && r.task.kind == blockd_api::TaskKind::Backup
+                })?;
+                Some((r.task.location.clone(), group))
             })
             .collect();
-        running.extend(self.pending_groups());
+        running.extend(self.pending_group_locations());
         running
     }
 
@@ -112,6 +123,51 @@ impl Cloud {
         } else {
             GroupState::Incomplete
         }
+    }
+
+    /// The state of the groups of the manifests listed that have no group
+    /// object in the listing (`groups`) and no member running here
+    /// (`running`): Running while another host marks them so
+    /// ([`crate::repo::Repo::mark_group_running`]), Complete if their
+    /// object was written since the listing, Incomplete otherwise. The
+    /// marks are listed only when there is such a group, and before their
+    /// objects are looked for again: a host writes the object before it
+    /// removes the mark, so a group that completes meanwhile is never
+    /// shown as incomplete.
+    async fn running_elsewhere(
+        &self,
+        repo: &crate::repo::Repo,
+        location: &str,
+        of_manifests: impl Iterator<Item = &str>,
+        groups: &HashSet<String>,
+        running: &HashSet<String>,
+    ) -> HashMap<String, GroupState> {
+        let undecided: HashSet<&str> = of_manifests
+            .filter(|g| !groups.contains(*g) && !running.contains(*g))
+            .collect();
+        let mut out = HashMap::new();
+        if undecided.is_empty() {
+            return out;
+        }
+        let marked = match repo.groups_marked_running(&self.host).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%location, error = %e, "listing the group backups running on other hosts failed: they are listed as incomplete");
+                HashSet::new()
+            }
+        };
+        for g in undecided {
+            let state = if marked.contains(g) {
+                GroupState::Running
+            } else {
+                match repo.get_group(g).await {
+                    Ok(_) => GroupState::Complete,
+                    Err(_) => GroupState::Incomplete,
+                }
+            };
+            out.insert(g.to_string(), state);
+        }
+        out
     }
 
     /// The location `--snap` names a snapshot in, when no `--cred-id` was
@@ -261,6 +317,17 @@ impl Cloud {
                 .collect()
         };
         let present = |m: &str| seen.contains(m) || elsewhere.contains(m);
+        let others = self
+            .running_elsewhere(
+                &repo,
+                &location,
+                manifests
+                    .iter()
+                    .filter_map(|(_, m)| m.as_ref().ok()?.group.as_deref()),
+                &groups,
+                &running,
+            )
+            .await;
         let mut out = Vec::new();
         for ((v, n), m) in manifests {
             match m {
@@ -271,7 +338,10 @@ impl Cloud {
                             Some(obj) => Self::group_state(g, Some(obj), present, &running),
                             // An object listed but unreadable: written.
                             None if groups.contains(g) => GroupState::Complete,
-                            None => Self::group_state(g, None, |_| true, &running),
+                            None => others
+                                .get(g)
+                                .copied()
+                                .unwrap_or_else(|| Self::group_state(g, None, |_| true, &running)),
                         });
                         out.push(s);
                     }
@@ -443,8 +513,17 @@ impl Cloud {
                         &running,
                     ))
                 }
+                Err(RepoError::Missing { .. }) if running.contains(g) => Some(GroupState::Running),
+                // Marked running by another host? (Listed before the object
+                // is looked for again: see `running_elsewhere`.)
                 Err(RepoError::Missing { .. }) => {
-                    Some(Self::group_state(g, None, |_| true, &running))
+                    Some(match repo.groups_marked_running(&self.host).await {
+                        Ok(marked) if marked.contains(g) => GroupState::Running,
+                        _ => match repo.get_group(g).await {
+                            Ok(_) => GroupState::Complete,
+                            Err(_) => GroupState::Incomplete,
+                        },
+                    })
                 }
                 // The snapshot's catalog stands without it.
                 Err(e) => {

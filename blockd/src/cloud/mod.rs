@@ -507,6 +507,9 @@ pub struct Cloud {
     /// Backup sessions opened by requests that have not saved their
     /// tasks yet (their hooks may be running): collection leaves them.
     starting_sessions: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Wakes the marking of running group backups in the bucket (a group
+    /// has started).
+    group_marks: Arc<tokio::sync::Notify>,
     /// Starting tasks a `cloudsnap stop` waits for: each is stopped as it
     /// is registered, before it has done anything.
     stop_on_start: Mutex<std::collections::HashSet<String>>,
@@ -594,6 +597,7 @@ impl Cloud {
             host,
             sched_running: Mutex::new(std::collections::HashMap::new()),
             starting_sessions: Arc::default(),
+            group_marks: Arc::default(),
             stop_on_start: Mutex::default(),
             gc_running: Mutex::new(std::collections::HashSet::new()),
             retention: tokio::sync::Mutex::new(()),
@@ -614,6 +618,7 @@ impl Cloud {
         }
         me.run_scheduler();
         me.write_groups_later();
+        me.mark_running_groups();
         Ok(me)
     }
 }

@@ -73,6 +73,14 @@ fn lease_key(id: &str) -> String {
 /// can hold sweeps back.
 pub const LEASE_MAX: Duration = Duration::from_secs(600);
 
+fn group_mark_key(group: &str, host: &str) -> String {
+    format!("locks/groups/{group}/{host}")
+}
+
+/// A group backup's mark (`locks/groups/<group>/<host>`) not rewritten for this
+/// long is a dead host's: its group is no longer shown as running.
+pub const GROUP_MARK_LAPSE: Duration = Duration::from_secs(120);
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -382,6 +390,53 @@ impl Repo {
             self.objects
                 .corrupt(&key, "vanished right after it was written")
         })
+    }
+
+    /// Marks group backup `group` as running on `host`
+    /// (`locks/groups/<group>/<host>`), for listings on
+    /// other hosts: written when the group starts and again well within
+    /// [`GROUP_MARK_LAPSE`] while it runs, removed once it has ended (its
+    /// group object written first). Only listings read it; collection and
+    /// checks never do, and hosts of versions without it never list
+    /// `locks/groups/`.
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn mark_group_running(&self, group: &str, host: &str) -> Result<(), RepoError> {
+        let key = group_mark_key(group, host);
+        let sealed = self.seal_registration(&key, group, host, GROUP_MARK_LAPSE.as_secs());
+        self.objects.put(&key, sealed.into(), false).await.map(drop)
+    }
+
+    /// Removes the mark of group backup `group` (see
+    /// [`Repo::mark_group_running`]).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn unmark_group_running(&self, group: &str, host: &str) -> Result<(), RepoError> {
+        self.objects.delete(&group_mark_key(group, host)).await
+    }
+
+    /// The group backups a host other than `host` (this one, which knows
+    /// its own) marked as running less than [`GROUP_MARK_LAPSE`] ago, by
+    /// this host's clock against the store's write times (one listing, no
+    /// object read).
+    ///
+    /// # Errors
+    /// Provider errors.
+    pub async fn groups_marked_running(&self, host: &str) -> Result<HashSet<String>, RepoError> {
+        let now = SystemTime::now();
+        Ok(self
+            .objects
+            .list_meta("locks/groups")
+            .await?
+            .into_iter()
+            .filter(|l| now.duration_since(l.modified).unwrap_or(Duration::ZERO) < GROUP_MARK_LAPSE)
+            .filter_map(|l| {
+                let (group, of) = l.key.strip_prefix("locks/groups/")?.split_once('/')?;
+                (!group.is_empty() && of != host && !of.contains('/')).then(|| group.to_string())
+            })
+            .collect())
     }
 
     /// Registers backup `task` as a writer with a deadline.

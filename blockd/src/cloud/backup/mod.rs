@@ -346,6 +346,10 @@ impl Cloud {
         // the starting set only once running: a task is always one or the
         // other, which `cloudsnap stop` relies on.
         sessions.hand_over();
+        if group_id.is_some() {
+            // Marked in the bucket now, not at the next look.
+            self.group_marks.notify_one();
+        }
         Ok(Started {
             group: group_id,
             tasks,
@@ -957,10 +961,70 @@ impl Cloud {
         });
     }
 
-    /// Group backups whose group object is still to be written.
-    pub(super) fn pending_groups(&self) -> HashSet<String> {
+    /// Keeps a mark in the bucket of every group backup running here
+    /// (`locks/groups/<group>`), so that other hosts list it as running
+    /// rather than incomplete: written within [`GROUP_MARK_LOOK`] of its
+    /// start, again every [`GROUP_MARK_EVERY`], and removed once the group
+    /// is no longer running here, which is after its group object is
+    /// written (or known never to be). A mark left by a crash or a stop
+    /// lapses ([`crate::repo::gc::GROUP_MARK_LAPSE`]) unless the resumed
+    /// group writes it again.
+    pub(super) fn mark_running_groups(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        let kick = self.group_marks.clone();
+        self.tracker.spawn(async move {
+            // (location, group) -> when its mark was last written.
+            let mut marked: HashMap<(String, String), Instant> = HashMap::new();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(GROUP_MARK_LOOK) => {}
+                    () = kick.notified() => {}
+                }
+                let Some(cloud) = me.upgrade() else { return };
+                let running = cloud.running_group_locations();
+                for (location, group) in &running {
+                    let key = (location.clone(), group.clone());
+                    if marked.get(&key).is_some_and(|at| at.elapsed() < GROUP_MARK_EVERY) {
+                        continue;
+                    }
+                    let written = match cloud.locations.repo(location).await {
+                        Ok(repo) => repo.mark_group_running(group, &cloud.host).await.map_err(CloudError::from),
+                        Err(e) => Err(e),
+                    };
+                    match written {
+                        Ok(()) => {
+                            marked.insert(key, Instant::now());
+                        }
+                        Err(e) => tracing::debug!(group, location, error = %e, "marking a group backup as running failed: other hosts list it as incomplete until it completes"),
+                    }
+                }
+                let ended: Vec<(String, String)> = marked
+                    .keys()
+                    .filter(|k| !running.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in ended {
+                    let (location, group) = &key;
+                    let removed = match cloud.locations.repo(location).await {
+                        Ok(repo) => repo.unmark_group_running(group, &cloud.host).await.map_err(CloudError::from),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = removed {
+                        tracing::debug!(group, location, error = %e, "removing a group backup's running mark failed: it lapses");
+                    }
+                    marked.remove(&key);
+                }
+            }
+        });
+    }
+
+    /// Group backups whose group object is still to be written, each with
+    /// its location.
+    pub(super) fn pending_group_locations(&self) -> HashSet<(String, String)> {
         match self.db.pending_groups() {
-            Ok(p) => p.into_iter().map(|p| p.group).collect(),
+            Ok(p) => p.into_iter().map(|p| (p.location, p.group)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "reading the group objects to write failed: such groups are listed as incomplete");
                 HashSet::new()
@@ -986,6 +1050,12 @@ async fn any_member_left(repo: &Repo, g: &Group) -> Result<bool, CloudError> {
 
 /// How soon a group object that a location refused is tried again.
 const GROUP_RETRY: Duration = Duration::from_secs(10);
+/// How often the group backups running here are looked at, to mark the
+/// new ones in the bucket and unmark the ended ones.
+const GROUP_MARK_LOOK: Duration = Duration::from_secs(2);
+/// How often a running group backup's mark is written again: well within
+/// [`crate::repo::gc::GROUP_MARK_LAPSE`].
+const GROUP_MARK_EVERY: Duration = Duration::from_secs(40);
 /// The longest pause between two tries of one group object.
 const GROUP_RETRY_MAX: Duration = Duration::from_secs(600);
 
