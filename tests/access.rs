@@ -111,6 +111,57 @@ fn the_api_lets_in_root_and_the_api_group_only() {
     d.ok(&["volume", "inspect", "v"]);
 }
 
+/// The NBD socket keeps the same company as the API: root and the API
+/// group, a socket opened to everyone by mistake included.
+#[test]
+fn the_nbd_socket_lets_in_root_and_the_api_group_only() {
+    if !skip_unless(
+        is_root() && have("setpriv") && have("qemu-io"),
+        "needs root, setpriv and qemu-io",
+    ) {
+        return;
+    }
+    let (dir, _) = open_dir();
+    let sock = dir.path().join("nbd.sock");
+    let sock_s = sock.display().to_string();
+    let d = Blockd::start_with(None, &["--nbd-socket", &sock_s, "--api-group", "54321"]);
+    d.create("v", "1M");
+    let uri = format!("nbd+unix:///v?socket={sock_s}");
+    let write_as = |groups: Option<&str>, byte: u8| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534"]);
+        match groups {
+            Some(g) => c.arg(format!("--groups={g}")),
+            None => c.arg("--clear-groups"),
+        };
+        c.args(["qemu-io", "-f", "raw", "-c"])
+            .arg(format!("write -P {byte} 0 4k"))
+            .arg(&uri)
+            .output()
+            .unwrap()
+    };
+    let out = write_as(Some("54321"), 0x11);
+    assert!(
+        out.status.success(),
+        "a member of the group: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = write_as(None, 0x22);
+    assert!(
+        !out.status.success(),
+        "nobody wrote through an open NBD socket"
+    );
+    assert!(
+        d.log()
+            .contains("NBD connection refused: user 65534 may not use blockd"),
+        "{}",
+        d.log()
+    );
+    // Nothing of nobody's write landed.
+    qemu_io(&d.uri("v"), &["read -P 0x11 0 4k"]);
+}
+
 #[test]
 fn a_socket_path_is_replaced_only_when_stale() {
     let (dir, _) = open_dir();

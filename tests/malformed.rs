@@ -720,3 +720,128 @@ fn transmission_rules_nbdsh() {
     assert!(out.contains("ok option mode"), "{out}");
     assert_data_intact(&d);
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// What one client can make the daemon hold is bounded: replies it does
+/// not read stop the reading of its requests, connections beyond
+/// `--nbd-max-connections` are closed at once, and one that never
+/// finishes its handshake is closed after 30 s. Other clients are served
+/// throughout.
+#[test]
+fn hostile_clients_are_bounded() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let d = Blockd::start_with(None, &["--nbd-max-connections", "4"]);
+    d.create("vol1", "64M");
+    qemu_io(&d.uri("vol1"), &["write -P 0x77 0 1M", "flush"]);
+    // Silent from the start: not even its flags.
+    let mut silent = UnixStream::connect(d.nbd_socket()).unwrap();
+    let opened = Instant::now();
+
+    // READs of 32 MiB, sent as fast as the socket takes them, replies
+    // never read.
+    let mut greedy = Raw::connect(&d, 3);
+    greedy.go("vol1");
+    let base = rss(d.pid());
+    greedy.s.set_nonblocking(true).unwrap();
+    let mut sent = 0u64;
+    let header_only = |cookie: u64| {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        b
+    };
+    let mut pending = header_only(0);
+    let mut done = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        match greedy.s.write(&pending[done..]) {
+            Ok(n) => {
+                done += n;
+                if done == pending.len() {
+                    sent += 1;
+                    pending = header_only(sent);
+                    done = 0;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let grown = rss(d.pid()).saturating_sub(base);
+    // Without a bound, the daemon read every request (hundreds, 32 MiB
+    // of reply each) and grew by gigabytes.
+    assert!(
+        grown < 512 << 20,
+        "{sent} unread READs of 32 MiB grew the daemon by {} MiB",
+        grown >> 20
+    );
+    assert_data_intact(&d);
+
+    // Four connections at most: the greedy one, the silent one and two
+    // more; a fifth is closed before its greeting.
+    let mut two: Vec<Raw> = (0..2).map(|_| Raw::connect(&d, 3)).collect();
+    let mut fifth = UnixStream::connect(d.nbd_socket()).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(fifth.read(&mut b), Ok(0) | Err(_)),
+        "a fifth connection was served"
+    );
+    assert!(d.log().contains("NBD connection refused"), "{}", d.log());
+    // One goes: a new client is served again.
+    drop(two.pop());
+    drop(greedy);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x77 0 1M", &d.uri("vol1")])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client served after slots were freed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The silent connection is closed at the handshake limit (30 s).
+    silent
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    silent.read_exact(&mut greeting).unwrap();
+    let mut more = [0u8; 1];
+    assert!(
+        matches!(silent.read(&mut more), Ok(0) | Err(_)),
+        "a silent client kept its connection"
+    );
+    let after = opened.elapsed();
+    assert!(
+        after >= Duration::from_secs(25) && after < Duration::from_secs(40),
+        "closed after {after:?}"
+    );
+    drop(two);
+}

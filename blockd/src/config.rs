@@ -121,7 +121,7 @@ impl fmt::Display for MetricsAddr {
     }
 }
 
-/// `[nbd]`: NBD over TCP.
+/// `[nbd]`: NBD over TCP, and client connections.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nbd {
@@ -137,6 +137,10 @@ pub struct Nbd {
     /// Admit only clients whose certificate ca-cert.pem signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_verify_peer: Option<bool>,
+    /// Most client connections, Unix socket and TCP together [default:
+    /// 1024].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<MaxConnections>,
 }
 
 /// `[cloud]`: backups and restores.
@@ -277,6 +281,7 @@ impl Settings {
                 tls: Some(TlsSetting::Auto),
                 tls_certificates: None,
                 tls_verify_peer: Some(false),
+                max_connections: Some(MaxConnections(crate::nbd::MAX_CONNECTIONS)),
             },
             cloud: Cloud {
                 full_every: Some(FullEvery(crate::cloud::DEFAULT_FULL_EVERY)),
@@ -336,6 +341,7 @@ impl Settings {
             nbd_tls: set(s.nbd.tls, "nbd.tls"),
             nbd_tls_certificates: s.nbd.tls_certificates,
             nbd_tls_verify_peer: set(s.nbd.tls_verify_peer, "nbd.tls_verify_peer"),
+            nbd_max_connections: set(s.nbd.max_connections, "nbd.max_connections").0,
             io_engine: set(s.io_engine, "io_engine"),
             shutdown_grace: set(s.shutdown_grace, "shutdown_grace").0,
             snapshot_sync: set(s.snapshot_sync, "snapshot_sync").0,
@@ -521,6 +527,29 @@ impl fmt::Display for Fraction {
     }
 }
 
+/// Most NBD client connections: 1 to 65536.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxConnections(pub usize);
+
+impl std::str::FromStr for MaxConnections {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.parse::<usize>() {
+            Ok(n) if (1..=65536).contains(&n) => Ok(Self(n)),
+            _ => Err(format!(
+                "{s:?} is not a number of connections from 1 to 65536 (each takes about 1.3 MiB and three descriptors)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for MaxConnections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// How often a volume's backup reads it whole: every Nth, N ≥ 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FullEvery(pub u32);
@@ -604,7 +633,7 @@ macro_rules! number_serde {
     )*};
 }
 
-number_serde!(Fraction, FullEvery);
+number_serde!(Fraction, FullEvery, MaxConnections);
 
 /// A string, or a TOML number or boolean read as its text.
 struct Text(String);

@@ -47,6 +47,8 @@ pub struct Config {
     pub nbd_tls_certificates: Option<PathBuf>,
     /// Require client certificates signed by `ca-cert.pem`.
     pub nbd_tls_verify_peer: bool,
+    /// Most NBD client connections.
+    pub nbd_max_connections: usize,
     /// I/O engine choice.
     pub io_engine: EngineKind,
     /// How long connections answer ESHUTDOWN before closing.
@@ -353,8 +355,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         snapshots: snapshots.clone(),
         shutdown: shutdown.clone(),
         grace: config.shutdown_grace,
+        connections: Arc::new(tokio::sync::Semaphore::new(config.nbd_max_connections)),
     };
-    tracker.spawn(nbd::serve_unix(nbd_listener, ctx.clone(), tracker.clone()));
+    let access = Arc::new(access);
+    tracker.spawn(nbd::serve_unix(
+        nbd_listener,
+        ctx.clone(),
+        tracker.clone(),
+        access.clone(),
+    ));
     // Attachments recorded by the previous run: their devices get sockets
     // again before the daemon says it is ready.
     let attachments = Arc::new(crate::attach::Attachments::new(dir));

@@ -66,6 +66,10 @@ struct Args {
     /// Admit only TLS clients whose certificate ca-cert.pem signed
     #[arg(long, env = "BLOCKD_NBD_TLS_VERIFY_PEER")]
     nbd_tls_verify_peer: bool,
+    /// Most NBD client connections, Unix socket and TCP together; one more
+    /// is closed at once [default: 1024]
+    #[arg(long, env = "BLOCKD_NBD_MAX_CONNECTIONS", value_name = "N")]
+    nbd_max_connections: Option<blockd::config::MaxConnections>,
     /// I/O engine [default: auto]
     #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum)]
     io_engine: Option<EngineKind>,
@@ -158,6 +162,7 @@ impl Args {
                 tls: self.nbd_tls,
                 tls_certificates: self.nbd_tls_certificates.clone(),
                 tls_verify_peer: self.nbd_tls_verify_peer.then_some(true),
+                max_connections: self.nbd_max_connections,
             },
             cloud: Cloud {
                 full_every: self.full_every,

@@ -36,11 +36,15 @@ impl Peer {
     pub fn pid(&self) -> Option<i32> {
         self.pid
     }
-}
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+    /// The calling user, when the kernel told.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid
+    }
+
+    /// The process at the other end of `stream` (`SO_PEERCRED`).
+    pub fn of(stream: &tokio::net::UnixStream) -> Self {
+        match stream.peer_cred() {
             Ok(c) => Self {
                 uid: Some(c.uid()),
                 gid: Some(c.gid()),
@@ -52,6 +56,12 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
                 pid: None,
             },
         }
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self::of(stream.io())
     }
 }
 

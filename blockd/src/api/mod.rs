@@ -208,13 +208,10 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
 /// The control API as served: every request passes [`access::guard`].
 pub fn service(
     daemon: Arc<Daemon>,
-    access: access::Access,
+    access: Arc<access::Access>,
 ) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, access::Peer> {
     router(daemon)
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(access),
-            access::guard,
-        ))
+        .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .into_make_service_with_connect_info::<access::Peer>()
 }
 

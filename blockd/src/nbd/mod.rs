@@ -12,13 +12,51 @@ pub mod server;
 pub mod splice;
 pub mod tls;
 
+use std::sync::Arc;
+
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
+
+use crate::api::access::{Access, Peer};
 
 pub use server::NbdContext;
 
-/// Accepts Unix-socket clients until shutdown.
-pub async fn serve_unix(listener: UnixListener, ctx: NbdContext, tracker: TaskTracker) {
+/// Most client connections by default (`--nbd-max-connections`; Unix
+/// socket and TCP together, kernel attachments not counted). Each holds
+/// about 1.3 MiB, locked in memory under `mlockall` (its read buffer and
+/// the buffers it starts with, see [`buffers`]), and three descriptors:
+/// without a limit, idle connections alone could take the daemon's memory
+/// or descriptors, and with them every new client, the control API's
+/// included.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A connection slot, or `None` (the connection is closed at once, with a
+/// warning at most every ten seconds) when all are taken.
+fn slot(
+    connections: &Arc<Semaphore>,
+    last_warned: &mut Option<std::time::Instant>,
+) -> Option<OwnedSemaphorePermit> {
+    let permit = connections.clone().try_acquire_owned().ok();
+    if permit.is_none() && last_warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+        tracing::warn!(
+            "NBD connection refused: the daemon has as many client connections as --nbd-max-connections allows; idle clients must disconnect first, or raise it"
+        );
+        *last_warned = Some(std::time::Instant::now());
+    }
+    permit
+}
+
+/// Accepts Unix-socket clients until shutdown: those `access` lets in (the
+/// socket's mode is the first gate, as for the control API; a socket opened
+/// up by mistake still lets no one else in).
+pub async fn serve_unix(
+    listener: UnixListener,
+    ctx: NbdContext,
+    tracker: TaskTracker,
+    access: Arc<Access>,
+) {
+    let mut last_warned = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -26,9 +64,25 @@ pub async fn serve_unix(listener: UnixListener, ctx: NbdContext, tracker: TaskTr
         };
         match accepted {
             Ok((stream, _)) => {
+                let peer = Peer::of(&stream);
+                if let Err(why) = access.check(&peer) {
+                    tracing::warn!(uid = ?peer.uid(), pid = ?peer.pid(), "NBD connection refused: {why}");
+                    continue;
+                }
+                let Some(permit) = slot(&ctx.connections, &mut last_warned) else {
+                    continue;
+                };
                 tune(&stream);
                 let (r, w) = stream.into_split();
-                tracker.spawn(server::serve(r, w, ctx.clone(), "unix".into()));
+                let name = match peer.uid() {
+                    Some(uid) => format!("unix:uid={uid}"),
+                    None => "unix".into(),
+                };
+                let serve = server::serve(r, w, ctx.clone(), name);
+                tracker.spawn(async move {
+                    serve.await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on the NBD Unix socket failed");
@@ -46,6 +100,7 @@ pub async fn serve_tcp(
     tls: Option<std::sync::Arc<tls::TlsServer>>,
     tracker: TaskTracker,
 ) {
+    let mut last_warned = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -53,16 +108,18 @@ pub async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(permit) = slot(&ctx.connections, &mut last_warned) else {
+                    continue;
+                };
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::warn!(error = %e, "cannot set TCP_NODELAY");
                 }
                 tune(&stream);
-                tracker.spawn(server::serve_tcp(
-                    stream,
-                    ctx.clone(),
-                    peer.to_string(),
-                    tls.clone(),
-                ));
+                let serve = server::serve_tcp(stream, ctx.clone(), peer.to_string(), tls.clone());
+                tracker.spawn(async move {
+                    serve.await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on the NBD TCP socket failed");

@@ -10,8 +10,14 @@
 //!
 //! A large write is applied a step at a time as its payload arrives: a
 //! client that disconnects mid-payload may leave the steps that arrived
-//! written, as a disk may leave part of a write it never acknowledged. A byte budget per connection bounds the memory a client
-//! can pin with queued requests.
+//! written, as a disk may leave part of a write it never acknowledged.
+//!
+//! What one client can make the daemon hold is bounded: a byte budget
+//! per connection counts queued requests until their replies are queued,
+//! and replies queued beyond [`BACKLOG_MAX`] (a client that does not read
+//! them) stop the reading of its requests until they go out. A connection
+//! must finish its handshake within [`HANDSHAKE_TIMEOUT`], and the
+//! listeners take at most `--nbd-max-connections` (see [`super`]).
 //!
 //! Hostile or broken input ends only its own connection: a bad magic or an
 //! oversized payload is a hard disconnect; any other bad request gets an
@@ -55,6 +61,8 @@ pub struct NbdContext {
     pub shutdown: CancellationToken,
     /// How long after shutdown begins connections keep answering ESHUTDOWN.
     pub grace: Duration,
+    /// Client connection slots ([`super::MAX_CONNECTIONS`]).
+    pub connections: Arc<Semaphore>,
 }
 
 /// Bytes of request payload and read data one connection may have in flight.
@@ -212,6 +220,7 @@ where
         let haggled = tokio::select! {
             r = handshake(&mut reader, &mut writer, &ctx, Tls::Unavailable) => r,
             () = deadline => Err(HandshakeEnd::Closed),
+            () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => Err(HandshakeEnd::TimedOut),
         };
         enter(haggled, reader, writer, ctx).await;
     }
@@ -234,9 +243,13 @@ pub async fn serve_tcp(
         let mut reader = BufReader::with_capacity(READ_BUFFER, r);
         let deadline = shutdown_deadline(ctx.shutdown.clone(), ctx.grace);
         tokio::pin!(deadline);
+        // One limit for the whole handshake, TLS included.
+        let limit = tokio::time::sleep(HANDSHAKE_TIMEOUT);
+        tokio::pin!(limit);
         let haggled = tokio::select! {
             r = handshake(&mut reader, &mut w, &ctx, mode) => r,
             () = &mut deadline => Err(HandshakeEnd::Closed),
+            () = &mut limit => Err(HandshakeEnd::TimedOut),
         };
         let (nego, tls) = match (haggled, tls) {
             (Ok(Haggled::StartTls(nego)), Some(tls)) => (nego, tls),
@@ -254,17 +267,17 @@ pub async fn serve_tcp(
         };
         let accept = tls.acceptor().accept(stream);
         let stream = tokio::select! {
-            r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept) => match r {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            r = accept => match r {
+                Ok(s) => s,
+                Err(e) => {
                     tracing::info!(error = %e, "TLS handshake failed");
                     return;
                 }
-                Err(_) => {
-                    tracing::info!("TLS handshake timed out");
-                    return;
-                }
             },
+            () = &mut limit => {
+                tracing::info!(secs = HANDSHAKE_TIMEOUT.as_secs(), "TLS handshake timed out");
+                return;
+            }
             () = &mut deadline => return,
         };
         {
@@ -282,6 +295,7 @@ pub async fn serve_tcp(
         let haggled = tokio::select! {
             r = haggle(&mut reader, &mut w, &ctx, &mut nego) => r,
             () = &mut deadline => Err(HandshakeEnd::Closed),
+            () = &mut limit => Err(HandshakeEnd::TimedOut),
         };
         enter(haggled, reader, w, ctx).await;
     }
@@ -325,8 +339,12 @@ pub fn attached_flags(volume: &Volume) -> u16 {
 
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 << 10;
-/// How long a client has to finish its TLS handshake after STARTTLS.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has from its connection to the start of
+/// transmission, TLS handshake included: a connection that sends nothing,
+/// or stops halfway, must not hold its socket and its buffers for ever
+/// (qemu-nbd's `--handshake-limit` defaults to 10 s; this leaves room for
+/// a slow TLS peer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Enters transmission when the handshake chose an export.
 async fn enter<R, W>(
@@ -345,6 +363,10 @@ async fn enter<R, W>(
         // Only offered where the caller can upgrade.
         Ok(Haggled::StartTls(_)) | Err(HandshakeEnd::Closed) => {}
         Err(HandshakeEnd::Protocol(e)) => tracing::info!(error = %e, "handshake ended"),
+        Err(HandshakeEnd::TimedOut) => tracing::info!(
+            secs = HANDSHAKE_TIMEOUT.as_secs(),
+            "handshake not finished in time: connection closed"
+        ),
     }
 }
 
@@ -356,6 +378,8 @@ async fn shutdown_deadline(token: CancellationToken, grace: Duration) {
 enum HandshakeEnd {
     Closed,
     Protocol(String),
+    /// Not finished within [`HANDSHAKE_TIMEOUT`].
+    TimedOut,
 }
 
 impl From<std::io::Error> for HandshakeEnd {
@@ -505,6 +529,8 @@ struct Conn {
     style: ReplyStyle,
     contexts: Vec<u32>,
     replies: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes of replies sent to the writer and not yet on the socket.
+    backlog: Arc<Backlog>,
     buffers: Arc<BufPool>,
     behind: Arc<Behind>,
 }
@@ -574,12 +600,14 @@ async fn transmit<R, W>(
         volume: volume.clone(),
         ranges: std::sync::Mutex::new(Vec::new()),
     });
+    let backlog = Arc::new(Backlog::default());
     let writer_task = tokio::spawn(write_replies(
         writer,
         rx,
         dead.clone(),
         buffers.clone(),
         behind.clone(),
+        backlog.clone(),
     ));
     let conn = Arc::new(Conn {
         volume: volume.clone(),
@@ -587,6 +615,7 @@ async fn transmit<R, W>(
         style: t.style,
         contexts: t.contexts,
         replies: tx,
+        backlog: backlog.clone(),
         buffers,
         behind,
     });
@@ -617,6 +646,17 @@ async fn transmit<R, W>(
     loop {
         if !batch.is_empty() && (batch.len() >= BATCH_MAX || reader.buffer().len() < header.len()) {
             conn.write_batch(std::mem::take(&mut batch));
+        }
+        // A client that does not read its replies is not read from either
+        // until they go out: what it can make this connection hold is
+        // bounded (the budget below counts a request only until its reply
+        // is queued).
+        if backlog.over() {
+            tokio::select! {
+                biased;
+                () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
+                () = backlog.drained() => {}
+            }
         }
         let alone_now = header_alone && reader.buffer().is_empty();
         let read = tokio::select! {
@@ -844,12 +884,51 @@ fn metered(req: &Request) -> (crate::metrics::Op, u64) {
     }
 }
 
+/// Replies queued for a connection's writer and not yet written.
+#[derive(Debug, Default)]
+struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    written: tokio::sync::Notify,
+}
+
+/// Replies a connection may have queued before it stops reading requests.
+const BACKLOG_MAX: usize = 64 << 20;
+
+impl Backlog {
+    fn queued(&self, n: usize) {
+        self.bytes.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn sent(&self, n: usize) {
+        self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        self.written.notify_waiters();
+    }
+
+    fn over(&self) -> bool {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire) > BACKLOG_MAX
+    }
+
+    /// Resolves once the backlog is down to [`BACKLOG_MAX`].
+    async fn drained(&self) {
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if !self.over() {
+                return;
+            }
+            written.await;
+        }
+    }
+}
+
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     dead: CancellationToken,
     buffers: Arc<BufPool>,
     behind: Arc<Behind>,
+    backlog: Arc<Backlog>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
@@ -864,6 +943,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             dead.cancel();
             return;
         }
+        backlog.sent(batch.iter().map(Vec::len).sum());
         for b in batch.drain(..) {
             buffers.give(b);
         }
@@ -893,6 +973,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 impl Conn {
     fn send(&self, reply: Vec<u8>) {
+        self.backlog.queued(reply.len());
         // The writer is gone only when the connection is closing anyway.
         let _ = self.replies.send(reply);
     }

@@ -26,7 +26,7 @@ pub enum CredentialsCmd {
     /// Create credentials for an object store (NAME is the --cred-id of cloudsnap commands)
     #[command(alias = "c")]
     #[command(
-        after_help = "Examples:\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --s3-secret-key ... --bucket backups --encryption-passphrase 'long passphrase'\n  blockctl credentials create nas --provider local --path /srv/backups\n  blockctl credentials create dr --provider s3 --s3-endpoint s3.example.com --s3-access-key AKIA-READER --s3-secret-key ... --bucket backups --read-only"
+        after_help = "Examples:\n  read -rs BLOCKD_S3_SECRET_KEY && read -rs BLOCKD_ENCRYPTION_PASSPHRASE && export BLOCKD_S3_SECRET_KEY BLOCKD_ENCRYPTION_PASSPHRASE\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --bucket backups\n  blockctl credentials create nas --provider local --path /srv/backups\n  BLOCKD_S3_SECRET_KEY=... blockctl credentials create dr --provider s3 --s3-endpoint s3.example.com --s3-access-key AKIA-READER --bucket backups --read-only\n\nSecrets are best given in the environment, as above: as flags, every user of the host sees them in `ps` while the command runs."
     )]
     Create(Box<CreateArgs>),
     /// List credentials (secrets are never shown)
@@ -75,7 +75,7 @@ pub struct CreateArgs {
     /// S3 access key id
     #[arg(long)]
     s3_access_key: Option<String>,
-    /// S3 secret key
+    /// S3 secret key (better in the environment: flags show in `ps`)
     #[arg(long, env = "BLOCKD_S3_SECRET_KEY", hide_env_values = true)]
     s3_secret_key: Option<String>,
     /// Plain HTTP to the S3 endpoint
@@ -90,7 +90,7 @@ pub struct CreateArgs {
     /// Azure storage account name
     #[arg(long)]
     azure_account_name: Option<String>,
-    /// Azure storage account key
+    /// Azure storage account key (better in the environment: flags show in `ps`)
     #[arg(long, env = "BLOCKD_AZURE_ACCOUNT_KEY", hide_env_values = true)]
     azure_account_key: Option<String>,
     /// Azure Blob endpoint URL (emulators, sovereign clouds)
@@ -102,7 +102,8 @@ pub struct CreateArgs {
     /// Google service-account JSON key file (blockd reads it at create)
     #[arg(long)]
     google_json_key_file: Option<PathBuf>,
-    /// Passphrase encrypting everything stored; needed again to restore elsewhere
+    /// Passphrase encrypting everything stored; needed again to restore
+    /// elsewhere (better in the environment: flags show in `ps`)
     #[arg(long, env = "BLOCKD_ENCRYPTION_PASSPHRASE", hide_env_values = true)]
     encryption_passphrase: Option<String>,
     /// Keys that may only read (a host that restores and browses): nothing
