@@ -391,6 +391,51 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &other]);
     let local = create(&d, &["v", "--daily", "03:00", "--cred-id", "local"]);
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &local]);
+    // Volume sets that overlap without being equal clash as well: the
+    // volumes both name would be backed up twice at that time. The
+    // refusal names the other schedule and the shared volumes.
+    d.create("x", "8M");
+    let pair = create(
+        &d,
+        &[
+            "--volume-ids",
+            "v,w",
+            "--daily",
+            "05:00",
+            "--cred-id",
+            "nas",
+        ],
+    );
+    for (args, shared, not) in [
+        (vec!["v"], "\"v\"", "\"w\""),
+        (vec!["--volume-ids", "x,w"], "\"w\"", "\"x\""),
+        (vec!["--volume-ids", "w,v"], "\"v\", \"w\"", "\"x\""),
+    ] {
+        let mut a = vec!["cloudsnap", "schedules", "create"];
+        a.extend_from_slice(&args);
+        a.extend_from_slice(&["--daily", "05:00", "--cred-id", "nas"]);
+        let out = d.blockctl(&a);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: an overlapping schedule: {out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&pair)
+                && err.contains(shared)
+                && !err.contains(not)
+                && err.contains("05:00"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(schedules(&d).len(), 2);
+    // Disjoint volumes at that time, or the same ones at another, are fine.
+    let apart = create(&d, &["x", "--daily", "05:00", "--cred-id", "nas"]);
+    let later = create(&d, &["v", "--daily", "06:00", "--cred-id", "nas"]);
+    for sid in [&pair, &apart, &later] {
+        d.ok(&["cloudsnap", "schedules", "delete", "--uuid", sid]);
+    }
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
     d.ok(&["credentials", "delete", "nas"]);
 
@@ -676,4 +721,89 @@ fn a_waiting_run_is_shown_and_a_shutdown_does_not_drop_it() {
         !made_by(&d, "v", &quick).is_empty()
     });
     assert!(find(&d, &quick)["last_error"].is_null());
+}
+
+/// A run cut off by `kill -9` before its backups were recorded (here,
+/// while its pre-exec runs, before the freeze) did not run: it is not
+/// recorded as run, and it runs at the next start as a missed run, not a
+/// full period later.
+#[test]
+fn a_run_killed_before_its_backups_were_recorded_runs_at_the_next_start() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vb", "8M");
+    d.create("vc", "8M");
+    let id = create(
+        &d,
+        &[
+            "--volume-ids",
+            "vb,vc",
+            "--periodic",
+            "20s",
+            "--max",
+            "4",
+            "--pre-exec",
+            "sleep 4",
+        ],
+    );
+    wait_for("the first run to start", 40, || {
+        d.log().contains("scheduled backup starting")
+    });
+    assert!(made_by(&d, "vb", &id).is_empty() && made_by(&d, "vc", &id).is_empty());
+    d.kill9();
+    let record = stored(&d, &id);
+    assert!(
+        record["last_run"].is_null() && record["last_tasks"].as_array().is_none_or(Vec::is_empty),
+        "a run that saved no backup is recorded as run: {record}"
+    );
+    let restarted = Instant::now();
+    d.spawn();
+    // Its run at start is in its pre-exec: nothing is claimed as run yet.
+    let s = schedules(&d)
+        .into_iter()
+        .find(|s| s["id"] == id.as_str())
+        .unwrap();
+    assert!(
+        s["last_run"].is_null() || s["last_error"].is_string(),
+        "the lost run is listed as a success: {s}"
+    );
+    // Not a full period later: at start (the pre-exec takes 4 s of it).
+    wait_for("the lost run at start", 14, || {
+        !made_by(&d, "vb", &id).is_empty() && !made_by(&d, "vc", &id).is_empty()
+    });
+    assert!(
+        restarted.elapsed() < Duration::from_secs(15),
+        "the lost run waited for the next slot"
+    );
+    let (b, c) = (&made_by(&d, "vb", &id)[0], &made_by(&d, "vc", &id)[0]);
+    assert!(
+        b["group"].is_string() && b["group"] == c["group"],
+        "{b} {c}"
+    );
+    // Listed as run, with the tasks of the run that happened.
+    let mut s = Value::Null;
+    wait_for("the run to be listed as done", 20, || {
+        s = schedules(&d)
+            .into_iter()
+            .find(|s| s["id"] == id.as_str())
+            .unwrap();
+        s["running"] == false
+    });
+    assert!(
+        s["last_error"].is_null() && s["last_run"].is_string(),
+        "{s}"
+    );
+    let tasks: Vec<&str> = s["last_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(tasks.len(), 2, "{s}");
+    for t in tasks {
+        let st = status(&d, t);
+        assert_eq!(st["state"], "Done", "{st}");
+    }
 }

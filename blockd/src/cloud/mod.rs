@@ -133,12 +133,15 @@ pub enum CloudError {
         /// What is wrong.
         why: String,
     },
-    /// Another schedule backs up the same volumes to the same location at
-    /// one of the same times.
-    #[error("schedule {id} already backs up the same volumes to location {location} at {when} (the second would back up the same data again right after the first): choose other times or another location (`--cred-id`), or delete it first with `blockctl cloudsnap schedules delete --uuid {id}`")]
+    /// Another schedule backs up some of the same volumes to the same
+    /// location at one of the same times.
+    #[error("schedule {id} already backs up {what} to location {location} at {when} (the second would back up the same data again right after the first): choose other times, other volumes or another location (`--cred-id`), or delete it first with `blockctl cloudsnap schedules delete --uuid {id}`")]
     ScheduleClash {
         /// The schedule there.
         id: String,
+        /// What both back up (`volume "vb"`, `volumes "vb", "vc"`, or a
+        /// label selection).
+        what: String,
         /// The location both name.
         location: String,
         /// The time both have.

@@ -415,6 +415,36 @@ impl Cloud {
         Ok(())
     }
 
+    /// Saves the records of tasks starting now (active) in one step and,
+    /// for a scheduled run, notes that run on its schedule's record in
+    /// that same step (see [`StateDb::start_tasks`]): a crash leaves both
+    /// or neither.
+    ///
+    /// [`StateDb::start_tasks`]: crate::state::StateDb::start_tasks
+    pub(super) fn save_started(
+        &self,
+        records: &[&Record],
+        run: Option<&super::schedule::RunNote<'_>>,
+    ) -> Result<(), CloudError> {
+        let json = records
+            .iter()
+            .map(|r| encode_record(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<(&str, &str, &str)> = records
+            .iter()
+            .zip(&json)
+            .map(|(r, j)| (r.task.id.as_str(), j.as_str(), r.task.created.as_str()))
+            .collect();
+        let ids: Vec<String> = records.iter().map(|r| r.task.id.clone()).collect();
+        let edit = run.map(|n| move |stored: &str| n.note(stored, &ids));
+        self.db.start_tasks(
+            &rows,
+            run.zip(edit.as_ref())
+                .map(|(n, e)| (n.id, e as &dyn Fn(&str) -> Option<String>)),
+        )?;
+        Ok(())
+    }
+
     /// Adds the time task `run` has run and the bytes it has moved to its
     /// saved record: a task interrupted by a shutdown (left Active, to
     /// resume at the next start), and every running task now and then

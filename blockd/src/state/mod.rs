@@ -191,9 +191,14 @@ pub struct PendingGroup {
     pub repository: Option<String>,
 }
 
-/// What [`StateDb::insert_schedule`] did.
+/// A schedule's id, and what its record becomes given the stored one
+/// (`None`: left as it is), for [`StateDb::start_tasks`].
+pub type ScheduleEdit<'a> = (&'a str, &'a dyn Fn(&str) -> Option<String>);
+
+/// What [`StateDb::insert_schedule`] did; `W` says why a schedule
+/// clashes.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Insert {
+pub enum Insert<W = String> {
     /// Added.
     Added,
     /// Not added: the location is gone.
@@ -203,7 +208,7 @@ pub enum Insert {
         /// The existing schedule.
         id: String,
         /// What the two share.
-        why: String,
+        why: W,
     },
 }
 
@@ -504,14 +509,14 @@ impl StateDb {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn insert_schedule(
+    pub fn insert_schedule<W>(
         &self,
         id: &str,
         record: &str,
         created: &str,
         location: &str,
-        clashes: impl Fn(&str) -> Option<String>,
-    ) -> Result<Insert, StateError> {
+        clashes: impl Fn(&str) -> Option<W>,
+    ) -> Result<Insert<W>, StateError> {
         self.with(|c| {
             let clash = schedule_rows(c)?
                 .into_iter()
@@ -679,6 +684,46 @@ impl StateDb {
                 params![id, record, active, created],
             )
             .map(drop)
+        })
+    }
+
+    /// Writes the records of tasks starting now, `(id, record, created)`,
+    /// active, and with `schedule`, `(id, edit)`, rewrites that schedule's
+    /// record as `edit` returns it (given the stored one; `None` leaves it
+    /// as it is, as does a schedule deleted meanwhile): all in one
+    /// transaction, so a scheduled run is recorded if and only if its
+    /// tasks are.
+    ///
+    /// # Errors
+    /// SQLite errors (then nothing is written).
+    pub fn start_tasks(
+        &self,
+        tasks: &[(&str, &str, &str)],
+        schedule: Option<ScheduleEdit<'_>>,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            for (id, record, created) in tasks {
+                tx.execute(
+                    "INSERT INTO tasks (id, record, active, created) VALUES (?1, ?2, 1, ?3)
+                     ON CONFLICT(id) DO UPDATE SET record = ?2, active = 1",
+                    params![id, record, created],
+                )?;
+            }
+            if let Some((id, edit)) = schedule {
+                let stored: Option<String> = tx
+                    .query_row("SELECT record FROM schedules WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if let Some(record) = stored.as_deref().and_then(edit) {
+                    tx.execute(
+                        "UPDATE schedules SET record = ?2 WHERE id = ?1",
+                        params![id, record],
+                    )?;
+                }
+            }
+            tx.commit()
         })
     }
 

@@ -21,6 +21,7 @@ use crate::snapshot::{CreateRequest, FreezeError};
 use crate::state::PendingGroup;
 use crate::volume::dirty_map::ChangeSet;
 
+use super::schedule::RunNote;
 use super::task::{new_task, new_task_id, Checkpoint, Plan, Progress, Record, Running};
 use super::{lock_set, Cloud, CloudError};
 
@@ -176,12 +177,17 @@ impl Cloud {
         Ok(names)
     }
 
+    /// Starts the backups `req` asks for (one group with `group` or
+    /// several volumes). For a scheduled run, `run` names the schedule,
+    /// and the run is noted on the schedule's record in the same step
+    /// that saves the backup tasks.
     pub(super) async fn start_backups(
         self: &Arc<Self>,
         req: BackupGroupRequest,
         group: bool,
-        schedule: Option<&str>,
+        run: Option<&RunNote<'_>>,
     ) -> Result<Started, CloudError> {
+        let schedule = run.map(|r| r.id);
         let names = self.members(&req)?;
         let expires = req
             .expire
@@ -317,21 +323,21 @@ impl Cloud {
                 read: 0,
                 new: 0,
             };
-            if let Err(e) = self.save(&record) {
-                failed = Some(e);
-                break;
-            }
             started.push((record, snap, claim, parent));
         }
+        // Every member's record in one step (with a scheduled run, noted on
+        // its schedule in that step too): a crash leaves the whole run
+        // recorded, to resume, or nothing of it.
+        if failed.is_none() {
+            let records: Vec<&Record> = started.iter().map(|(r, _, _, _)| r).collect();
+            failed = self.save_started(&records, run).err();
+        }
         if let Some(e) = failed {
-            // Nothing runs: every member's snapshot is abandoned (its change
-            // set merged back, so the next backup covers it) and the
-            // records already written end Failed.
+            // Nothing runs and nothing of it was recorded: every member's
+            // snapshot is abandoned (its change set merged back, so the
+            // next backup covers it).
             for n in &names {
                 let _ = self.snapshots.discard(n, &created_name);
-            }
-            for (r, _, _, _) in started {
-                self.fail_record(r, &format!("the backup could not start: {e}"));
             }
             tracing::warn!(snapshot = %created_name, error = %e, "backup could not start; its changes are kept for the next backup");
             return Err(e);

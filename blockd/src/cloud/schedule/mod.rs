@@ -2,9 +2,14 @@
 //! the expiry of snapshots taken with `--expire`.
 //!
 //! - Schedules live in the state database. A tick every second starts
-//!   each schedule that is due ([`times`]); the start time is recorded
-//!   before anything runs, so runs missed while the daemon was down
-//!   collapse into one run at start, and a crash never repeats a run.
+//!   each schedule that is due ([`times`]). A run's start time becomes the
+//!   schedule's last run in the same step that saves the run's backup
+//!   tasks (or, for a run that started none, when it ends with its
+//!   error): runs missed while the daemon was down collapse into one run
+//!   at start; a crash after a run's backups were saved does not repeat
+//!   the run (the backups resume); and a run stopped or killed before
+//!   (in its pre-exec, its freeze, or waiting for its volumes) did not
+//!   run, so the next start runs it.
 //! - A schedule never overlaps itself: a run lasts until its backups have
 //!   ended (and its retention is done), and a schedule with a run in
 //!   progress, or with a backup still active after a restart, is not
@@ -43,8 +48,8 @@ pub const DEFAULT_MAX: u32 = 7;
 /// long enough for a long full backup. Its own slots do not start
 /// meanwhile (a schedule never overlaps itself); the next one due starts
 /// once this run has ended. `schedules list` shows what it waits for; a
-/// shutdown during the wait gives the slot back, so the next start runs
-/// it (a crash does not: the slot was recorded as run).
+/// daemon stopped (or killed) during the wait runs it at its next start:
+/// nothing of the run is recorded before its backups are.
 const BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// Pause between two attempts of a run that waits for its volumes.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -73,6 +78,28 @@ struct Stored {
     deleted: u64,
 }
 
+/// A scheduled run as its schedule's record notes it, in the same step
+/// that saves the run's backup tasks (see [`Cloud::save_started`]).
+///
+/// [`Cloud::save_started`]: super::Cloud::save_started
+pub(super) struct RunNote<'a> {
+    /// The schedule.
+    pub(super) id: &'a str,
+    /// When the run started: the schedule's last run from then on.
+    at: &'a str,
+}
+
+impl RunNote<'_> {
+    /// Schedule record `stored` with this run as its last one and `tasks`
+    /// as its tasks; `None` if the record does not read.
+    pub(super) fn note(&self, stored: &str, tasks: &[String]) -> Option<String> {
+        let mut s: Stored = serde_json::from_str(stored).ok()?;
+        s.last_run = Some(self.at.to_string());
+        s.last_tasks = tasks.to_vec();
+        serde_json::to_string(&s).ok()
+    }
+}
+
 impl Stored {
     fn keep(&self) -> Keep {
         Keep {
@@ -87,6 +114,59 @@ impl Stored {
     fn next(&self) -> Option<DateTime<Utc>> {
         let last = self.last_run.as_deref().unwrap_or(&self.created);
         times::next_due(&self.rules, parse_time(last)?)
+    }
+}
+
+/// What two schedules to one location at one time both back up.
+struct Clash {
+    /// The volumes (or the label selection), as [`shared`] says them.
+    what: String,
+    /// The time.
+    when: String,
+}
+
+/// What schedules `a` and `b` would both back up, said for a message, or
+/// `None` if they cannot overlap: the volumes both name, or for two label
+/// schedules where every volume one selects is selected by the other (one
+/// selector's labels include all of the other's), that narrower
+/// selection. Label selectors neither of which includes the other, and a
+/// label schedule beside one of named volumes, are not compared: which
+/// volumes a label selects is only known at each run (a run that finds a
+/// volume being backed up waits for that backup to end).
+fn shared(a: &CreateSchedule, b: &CreateSchedule) -> Option<String> {
+    let quoted = |vs: &[&String]| {
+        vs.iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (a.select.is_empty(), b.select.is_empty()) {
+        (true, true) => {
+            let mut both: Vec<&String> =
+                a.volumes.iter().filter(|v| b.volumes.contains(v)).collect();
+            both.sort();
+            both.dedup();
+            match both.len() {
+                0 => None,
+                1 => Some(format!("volume {}", quoted(&both))),
+                _ => Some(format!("volumes {}", quoted(&both))),
+            }
+        }
+        (false, false) => {
+            let includes = |x: &BTreeMap<String, String>, y: &BTreeMap<String, String>| {
+                y.iter().all(|(k, v)| x.get(k) == Some(v))
+            };
+            let narrower = if includes(&a.select, &b.select) {
+                &a.select
+            } else if includes(&b.select, &a.select) {
+                &b.select
+            } else {
+                return None;
+            };
+            let labels: Vec<String> = narrower.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            Some(format!("the volumes labelled {}", labels.join(",")))
+        }
+        _ => None,
     }
 }
 
@@ -202,21 +282,22 @@ impl Cloud {
         // Added in one step with two checks: the location still exists (a
         // concurrent `credentials delete` either sees this schedule and
         // refuses, or has deleted the location and this is refused), and
-        // no schedule of the same volumes (or labels) to the same location
-        // shares one of its times (the second would back up what the
-        // first just did). To another location it may: a local copy and
-        // an offsite one at the same time, the second run waiting for the
-        // first's backup of the volume to end.
+        // no schedule backing up any of the same volumes (see [`shared`])
+        // to the same location shares one of its times (the second would
+        // back up what the first just did). To another location it may: a
+        // local copy and an offsite one at the same time, the second run
+        // waiting for the first's backup of the volume to end.
         let clashes = |record: &str| {
             let other: Stored = serde_json::from_str(record).ok()?;
-            let same_volumes = {
-                let (mut a, mut b) = (other.spec.volumes.clone(), stored.spec.volumes.clone());
-                a.sort();
-                b.sort();
-                a == b && other.spec.select == stored.spec.select
-            };
-            let shared = stored.rules.iter().find(|r| other.rules.contains(r))?;
-            (same_volumes && other.location == stored.location).then(|| shared.to_string())
+            if other.location != stored.location {
+                return None;
+            }
+            let when = stored.rules.iter().find(|r| other.rules.contains(r))?;
+            let what = shared(&stored.spec, &other.spec)?;
+            Some(Clash {
+                what,
+                when: when.to_string(),
+            })
         };
         match self.db.insert_schedule(
             &id,
@@ -235,8 +316,9 @@ impl Cloud {
             Insert::Clash { id, why } => {
                 return Err(CloudError::ScheduleClash {
                     id,
+                    what: why.what,
                     location: stored.location,
-                    when: why,
+                    when: why.when,
                 })
             }
         }
@@ -351,59 +433,24 @@ impl Cloud {
             if s.next().is_none_or(|n| n > now) || self.schedule_busy(&id) {
                 continue;
             }
+            // Not started again while this run lasts. Recorded as run (from
+            // `now`, so missed slots collapse into this one) only with its
+            // backup tasks, or at its end if it started none.
             self.lock_sched().insert(id.clone(), None);
-            // Recorded before the run: a crash does not repeat it, and the
-            // next slot is counted from here (missed ones collapse).
-            let previous = s.last_run.replace(rfc3339(now));
-            match encode(&id, &s).and_then(|r| Ok(self.db.update_schedule(&id, &r)?)) {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.lock_sched().remove(&id);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(schedule = %id, error = %e, "cannot record the run; not started");
-                    self.lock_sched().remove(&id);
-                    continue;
-                }
-            }
+            s.last_run = Some(rfc3339(now));
             let me = self.clone();
             self.tracker.spawn(async move {
-                me.run_schedule(&id, s, previous).await;
+                me.run_schedule(&id, s).await;
                 me.lock_sched().remove(&id);
             });
         }
     }
 
-    /// Gives back the slot of a run that stopped before it started any
-    /// backup (the daemon is shutting down): the record's last run goes
-    /// back to `previous`, unless something wrote it since.
-    fn give_back(&self, id: &str, run: &Stored, previous: Option<String>) {
-        let Some((_, mut latest)) = self
-            .stored_schedules()
-            .ok()
-            .and_then(|all| all.into_iter().find(|(i, _)| i == id))
-        else {
-            return;
-        };
-        if latest.last_run != run.last_run {
-            return;
-        }
-        latest.last_run = previous;
-        match encode(id, &latest).and_then(|r| Ok(self.db.update_schedule(id, &r)?)) {
-            Ok(true) => {
-                tracing::info!(schedule = %id, "shutting down while a scheduled backup waited for its volumes: it runs at the next start");
-            }
-            Ok(false) => {} // deleted meanwhile
-            Err(e) => {
-                tracing::warn!(schedule = %id, error = %e, "cannot give back the slot of a run that did not start: it runs at the next slot");
-            }
-        }
-    }
-
-    /// One run of schedule `id`; `previous` is the last run before it.
-    async fn run_schedule(self: &Arc<Self>, id: &str, mut s: Stored, previous: Option<String>) {
+    /// One run of schedule `id`, started at `s.last_run`.
+    async fn run_schedule(self: &Arc<Self>, id: &str, mut s: Stored) {
         tracing::info!(schedule = %id, "scheduled backup starting");
+        let at = s.last_run.clone().unwrap_or_default();
+        let note = RunNote { id, at: &at };
         let spec = &s.spec;
         let req = BackupGroupRequest {
             volumes: spec.volumes.clone(),
@@ -426,7 +473,7 @@ impl Cloud {
         let waiting = Instant::now();
         let since = rfc3339(Utc::now());
         let started = loop {
-            match self.start_backups(req.clone(), group, Some(id)).await {
+            match self.start_backups(req.clone(), group, Some(&note)).await {
                 Err(CloudError::Busy(b)) if waiting.elapsed() < BUSY_WAIT => {
                     if waiting.elapsed() < BUSY_RETRY {
                         tracing::info!(schedule = %id, busy = %b, "scheduled backup waits for the volume");
@@ -438,9 +485,9 @@ impl Cloud {
                     tokio::select! {
                         biased;
                         () = self.shutdown.cancelled() => {
-                            // Nothing of this run started: the slot is
-                            // given back, so the next start runs it.
-                            self.give_back(id, &s, previous);
+                            // Nothing of this run was recorded: the next
+                            // start runs it.
+                            tracing::info!(schedule = %id, "shutting down while a scheduled backup waited for its volumes: it runs at the next start");
                             return;
                         }
                         () = tokio::time::sleep(BUSY_RETRY) => {}
@@ -493,17 +540,20 @@ impl Cloud {
         } else {
             tracing::info!(schedule = %id, volumes = ?volumes, "scheduled backup done");
         }
-        // Only the fields a run owns are written back over the latest record.
+        // Only the fields a run owns are written back over the latest
+        // record (its last run too: a run that started no backup is
+        // recorded here, with its error, and tried again at the next slot).
         if let Some((_, mut latest)) = self
             .stored_schedules()
             .ok()
             .and_then(|all| all.into_iter().find(|(i, _)| i == id))
         {
+            latest.last_run = s.last_run;
             latest.last_error = s.last_error;
             latest.last_tasks = s.last_tasks;
             latest.deleted = s.deleted;
-            if let Ok(r) = encode(id, &latest) {
-                let _ = self.db.update_schedule(id, &r);
+            if let Err(e) = encode(id, &latest).and_then(|r| Ok(self.db.update_schedule(id, &r)?)) {
+                tracing::error!(schedule = %id, error = %e, "cannot record how the scheduled backup ended");
             }
         }
     }
