@@ -4,7 +4,9 @@
 //! (restore, lazy restore, the catalog mount, `repo check`)
 //! finds the moved records through the relocations, over two generations
 //! of repacking; a damaged relocation is named and stops collection;
-//! `--max-unused unlimited` and `--dry-run` copy nothing.
+//! `--max-unused unlimited` and `--dry-run` copy nothing; until the
+//! repacked pack is collected, `repo check` judges both copies of the
+//! moved records.
 
 mod common;
 
@@ -75,6 +77,27 @@ fn moved_to(objects: &Path) -> PathBuf {
         })
         .find(|p| p.exists())
         .expect("a relocation's pack")
+}
+
+/// The pack a relocation moved records out of, and the one it moved them
+/// into.
+fn moved_from_to(objects: &Path) -> (PathBuf, PathBuf) {
+    let relocs = files_under(&objects.join("relocs"));
+    assert_eq!(relocs.len(), 1, "one relocation: {relocs:?}");
+    let pack = |id: &str| objects.join("packs").join(&id[..2]).join(id);
+    let to = relocs[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let from = relocs[0]
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    (pack(&from), pack(&to))
 }
 
 fn snap(t: &Value) -> String {
@@ -516,4 +539,83 @@ fn a_moved_record_found_damaged_is_not_taken_on_by_later_backups() {
     let r = restore(&d, &s5, "r5", &[]);
     assert_eq!(r["state"], "Done", "{r}");
     assert_same(&d, &img, "r5");
+}
+
+/// Until the grace period ends, the records a repack moved are in two
+/// packs: the one index entries name, which restores read while it
+/// exists, and the one its relocation points at. `repo check` judges
+/// both: damage in the first is named with the snapshot whose restore it
+/// breaks, and recorded; damage only in the second is named as needed
+/// once the first is collected, while restores still read the first.
+#[test]
+fn both_copies_of_moved_records_are_checked_until_the_old_pack_goes() {
+    if !need() {
+        return;
+    }
+    let d = Blockd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = d.dir.path().join("objects");
+    let (s2, img2) = on_a_mostly_dead_pack(&d, tmp.path(), 91);
+    let r = json(&d.ok(&["-j", "repo", "gc", "--grace", "1h"]));
+    assert_eq!(r["repacked_packs"], 1, "{r}");
+    let (from, to) = moved_from_to(&objects);
+    assert!(from.exists() && to.exists(), "{from:?} {to:?}");
+    let key = |p: &Path| p.strip_prefix(&objects).unwrap().display().to_string();
+    let (from_key, to_key) = (key(&from), key(&to));
+    check_clean(&d);
+    let check = || {
+        let out = d.blockctl(&["-j", "repo", "check", "--read-data"]);
+        let c = json(&String::from_utf8_lossy(&out.stdout));
+        assert!(!out.status.success(), "{c}");
+        let objects: Vec<String> = c["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["object"].as_str().unwrap().to_string())
+            .collect();
+        (c, objects)
+    };
+
+    // A moved record damaged in the pack the index names: a restore reads
+    // it there and fails, and the check names that pack.
+    let good = std::fs::read(&from).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 24 * 23;
+    bad[at] ^= 0x20;
+    std::fs::write(&from, &bad).unwrap();
+    let r = restore(&d, &s2, "r1", &[]);
+    assert_eq!(r["state"], "Failed", "{r}");
+    assert!(r["error"].as_str().unwrap().contains(&from_key), "{r}");
+    let (c, named) = check();
+    assert_eq!(named, [from_key.as_str()], "{c}");
+    assert_eq!(damaged_snapshots(&c), [s2.clone()].into(), "{c}");
+    let recorded: Vec<&str> = c["recorded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    assert_eq!(recorded, [from_key.as_str()], "{c}");
+    std::fs::write(&from, &good).unwrap();
+    check_clean(&d);
+
+    // Damaged only where the relocation points: restores still read the
+    // pack the index names, and the check says so.
+    let good = std::fs::read(&to).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(&to, &bad).unwrap();
+    let r = restore(&d, &s2, "r2", &[]);
+    assert_eq!(r["state"], "Done", "{r}");
+    assert_same(&d, &img2, "r2");
+    let (c, named) = check();
+    assert_eq!(named, [to_key.as_str()], "{c}");
+    let reason = c["problems"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("(restores read {from_key} until it is collected)")),
+        "{c}"
+    );
+    assert_eq!(damaged_snapshots(&c), [s2.clone()].into(), "{c}");
+    std::fs::write(&to, &good).unwrap();
+    check_clean(&d);
 }

@@ -7,12 +7,18 @@
 //!    GET of the pack's tail) must open and list every record the index
 //!    blocks point at. A record of a repacked pack is looked for where its
 //!    relocation says it is now (the walk resolves them; a damaged
-//!    relocation is named like a damaged index block). A pack gone since
+//!    relocation is named like a damaged index block), and, while the
+//!    repacked pack is still listed (collection deletes it a grace period
+//!    later), in that pack too: restores read it there until it goes, so
+//!    damage in either copy is found and traced to the snapshots using the
+//!    record. Damage only in the relocation's copy is named as needed once
+//!    the repacked pack is collected. A pack gone since
 //!    the walk is not damage when the snapshots that need it were deleted
 //!    meanwhile, or when a relocation written meanwhile covers every
 //!    record wanted of it (a repack ran under the check).
-//! 4. With `--read-data`, the packs of the subset are read whole: every
-//!    record's seal and chunk hash is checked, as a restore would.
+//! 4. With `--read-data`, the packs of the subset are read whole (repacked
+//!    packs still listed among them): every record's seal and chunk hash
+//!    is checked, as a restore would.
 //!
 //! Damage is named by object, and mapped back to the snapshots that need
 //! it: a damaged pack record is traced to the index blocks that use that
@@ -95,7 +101,7 @@ pub async fn check(
     // after it was written, and only those are replaced or deleted. A
     // record another check writes during this one is left alone.
     let old = repo.damage_records().await?;
-    let refs = refs::walk(repo).await?;
+    let mut refs = refs::walk(repo).await?;
     problems.extend(refs.problems.iter().cloned());
     let (listed, foreign_packs) = repo.list_packs().await?;
     let (blocks, foreign_index) = repo.list_index_blocks().await?;
@@ -120,6 +126,22 @@ pub async fn check(
         .iter()
         .filter(|(id, _)| !refs.references_index(id))
         .count();
+    let referenced = (refs.packs.len(), refs.records());
+    // A pack whose records a repack moved stays until collection deletes
+    // it, a grace period later; meanwhile restores read the records there
+    // (a relocation serves only a pack that is gone). So while it is
+    // listed, the records index entries name in it are wanted of it too,
+    // besides where the relocation put them: both copies are judged.
+    let mut sources: HashSet<PackId> = HashSet::new();
+    for (id, out) in &refs.moved_out {
+        if sizes.contains_key(id) {
+            let p = refs.packs.entry(*id).or_default();
+            p.records |= &out.records;
+            p.index |= &out.index;
+            p.bytes += out.bytes;
+            sources.insert(*id);
+        }
+    }
 
     let jobs: Vec<(PackId, Option<u64>, RoaringBitmap, bool)> = refs
         .packs
@@ -248,7 +270,7 @@ pub async fn check(
             _ => {}
         }
     }
-    for (found, pack, users, offsets) in trace(repo, &refs, &damaged).await? {
+    for (found, pack, users, offsets) in trace(repo, &refs, &damaged, &sources).await? {
         let only_earlier = offsets.iter().all(|o| damaged[&pack][o] == EARLIER);
         let data = examined.get(&pack).is_some_and(|e| e.opened) || earlier.contains(&pack);
         let mut r = record_of(&refs, &pack, &users, data);
@@ -322,6 +344,7 @@ pub async fn check(
         repo,
         &refs,
         problems,
+        referenced,
         (unreferenced_packs, unreferenced_index_blocks),
         read_data.then_some(data),
     );
@@ -639,13 +662,17 @@ fn reason_of(e: &RepoError) -> String {
 }
 
 /// Finds the snapshots that use damaged records: the index blocks that
-/// reach each damaged pack are read again and their entries matched.
+/// reach each damaged pack are read again and their entries matched. An
+/// entry naming a repacked pack uses both the record there and the one its
+/// relocation points at: the first while that pack exists (`sources`, the
+/// repacked packs still listed), the second once it is collected.
 /// Returns, per damaged pack, its finding, the index blocks (numbers)
 /// that use its damaged records, and the damaged offsets.
 async fn trace(
     repo: &Repo,
     refs: &Refs,
     damaged: &HashMap<PackId, BTreeMap<u32, String>>,
+    sources: &HashSet<PackId>,
 ) -> Result<Vec<(Found, PackId, RoaringBitmap, Vec<u32>)>, RepoError> {
     let mut index = RoaringBitmap::new();
     for id in damaged.keys() {
@@ -654,11 +681,18 @@ async fn trace(
     // Records of repacked packs that moved into a damaged pack: (pack
     // named by the index, its offset) -> (damaged pack, offset there).
     let mut moved: HashMap<(PackId, u32), (PackId, u32)> = HashMap::new();
+    // Damaged records of a relocation's pack whose pack named by the
+    // index is still there (restores read that one meanwhile): (damaged
+    // pack, offset) -> those named packs.
+    let mut still_read: HashMap<(PackId, u32), BTreeSet<PackId>> = HashMap::new();
     for (id, offsets) in damaged {
         for (named, w) in refs::moved_into(repo, refs, id).await? {
             for t in w.targets() {
                 if t.pack == *id && offsets.contains_key(&t.to) {
                     moved.insert((named, t.from), (t.pack, t.to));
+                    if sources.contains(&named) {
+                        still_read.entry((t.pack, t.to)).or_default().insert(named);
+                    }
                 }
             }
         }
@@ -676,12 +710,11 @@ async fn trace(
             Err(e) => return Err(e),
         };
         for e in entries {
-            let at = moved
-                .get(&(e.chunk.pack, e.chunk.offset))
-                .copied()
-                .unwrap_or((e.chunk.pack, e.chunk.offset));
-            if damaged.get(&at.0).is_some_and(|d| d.contains_key(&at.1)) {
-                users.entry(at).or_default().insert(n);
+            let named = (e.chunk.pack, e.chunk.offset);
+            for at in std::iter::once(named).chain(moved.get(&named).copied()) {
+                if damaged.get(&at.0).is_some_and(|d| d.contains_key(&at.1)) {
+                    users.entry(at).or_default().insert(n);
+                }
             }
         }
     }
@@ -690,11 +723,28 @@ async fn trace(
         // One finding per pack: its damaged records, grouped by reason,
         // and the snapshots using them.
         let mut using = RoaringBitmap::new();
-        let mut by_reason: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        let mut by_reason: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for (o, r) in offsets {
             if let Some(ix) = users.get(&(*pack, *o)) {
                 using |= ix;
             }
+            // Needed once the pack the index names is collected; until
+            // then restores read that one.
+            let r = match still_read.get(&(*pack, *o)) {
+                Some(named) => {
+                    let named: Vec<String> = named.iter().map(Repo::pack_name).collect();
+                    let it = if named.len() == 1 {
+                        "it is"
+                    } else {
+                        "they are"
+                    };
+                    format!(
+                        "{r} (restores read {} until {it} collected)",
+                        named.join(", ")
+                    )
+                }
+                None => r.clone(),
+            };
             by_reason.entry(r).or_default().push(*o);
         }
         let reason: Vec<String> = by_reason
@@ -730,10 +780,14 @@ fn offsets_text(at: &[u32]) -> String {
     }
 }
 
+/// `referenced` counts packs and records as collection sees them (a
+/// repacked pack's moved records where they are now); the packs read for
+/// `data` include repacked packs not collected yet.
 fn report(
     repo: &Repo,
     refs: &Refs,
     mut problems: Vec<Found>,
+    (packs, records): (usize, u64),
     (unreferenced_packs, unreferenced_index_blocks): (usize, usize),
     data: Option<DataRead>,
 ) -> CheckReport {
@@ -751,8 +805,8 @@ fn report(
         location: repo.location().to_string(),
         snapshots: refs.snapshots.len() as u64,
         index_blocks: refs.index.len() as u64,
-        packs: refs.packs.len() as u64,
-        records: refs.records(),
+        packs: packs as u64,
+        records,
         unreferenced_packs: unreferenced_packs as u64,
         unreferenced_index_blocks: unreferenced_index_blocks as u64,
         data,

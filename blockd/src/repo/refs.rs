@@ -79,6 +79,13 @@ pub struct Refs {
     pub sources: HashMap<PackId, Vec<PackId>>,
     /// Packs that relocation objects start from.
     pub relocated: HashSet<PackId>,
+    /// What the resolving moved away from packs index entries name: per
+    /// such pack, the offsets (in it) of its records referenced and
+    /// relocated, the index blocks naming it, and their stored bytes. Not
+    /// in [`Refs::packs`]: collection may reclaim such a pack, but until
+    /// it does, readers read the records there (a relocation serves a
+    /// pack that is gone), so `repo check` judges it too.
+    pub moved_out: HashMap<PackId, PackRef>,
 }
 
 impl Refs {
@@ -252,7 +259,8 @@ pub(super) async fn deleted(
 
 /// Moves the references to records of repacked packs to where the
 /// records are now (the winning relocation of each offset); what no
-/// relocation covers stays a reference to the pack itself.
+/// relocation covers stays a reference to the pack itself. What moved
+/// is noted in [`Refs::moved_out`] too.
 async fn resolve(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
     let (listed, _) = repo.list_relocs().await?;
     refs.relocated = listed.into_iter().map(|(from, _)| from).collect();
@@ -305,6 +313,14 @@ async fn resolve(repo: &Repo, refs: &mut Refs) -> Result<(), RepoError> {
             if !refs.relocs.contains(w.key(t)) {
                 refs.relocs.insert(w.key(t).to_string());
             }
+        }
+        let out = PackRef {
+            records: &named.records - &stays.records,
+            index: named.index,
+            bytes: named.bytes.saturating_sub(stays.bytes),
+        };
+        if !out.records.is_empty() {
+            refs.moved_out.insert(p, out);
         }
         if !stays.records.is_empty() {
             refs.packs.insert(p, stays);
