@@ -900,8 +900,13 @@ impl Backlog {
     }
 
     fn sent(&self, n: usize) {
-        self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
-        self.written.notify_waiters();
+        // Only a reader that found the backlog over the limit waits, and
+        // it is woken by the write that brings it down from there: the
+        // common case takes no lock.
+        let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        if before > BACKLOG_MAX {
+            self.written.notify_waiters();
+        }
     }
 
     fn over(&self) -> bool {
