@@ -503,6 +503,20 @@ fn exit_codes_and_json_errors() {
             "--name is empty",
         ),
         (&["cloudsnap", "backup", ""][..], 2, "<VOLUME> is empty"),
+        // An empty hook runs nothing: allowed.
+        (
+            &[
+                "snapshot",
+                "create",
+                "vol1",
+                "--name",
+                "hookless",
+                "--pre-exec",
+                "",
+            ][..],
+            0,
+            "",
+        ),
     ] {
         let out = d.blockctl(args);
         let err = String::from_utf8_lossy(&out.stderr);

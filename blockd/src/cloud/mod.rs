@@ -507,6 +507,11 @@ pub struct Cloud {
     /// Schedules with a run in progress, each with what its run waits
     /// for while another task holds its volumes.
     sched_running: Mutex<std::collections::HashMap<String, Option<String>>>,
+    /// When each schedule last started a run in this process: a run is
+    /// recorded in the state database only with its backups (or at its
+    /// end), so one that could not be recorded (the database refusing
+    /// writes) is not started again before its next slot.
+    sched_attempted: Mutex<std::collections::HashMap<String, String>>,
     /// Backup sessions opened by requests that have not saved their
     /// tasks yet (their hooks may be running): collection leaves them.
     starting_sessions: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -599,6 +604,7 @@ impl Cloud {
             gc_max_unused: settings.gc_max_unused,
             host,
             sched_running: Mutex::new(std::collections::HashMap::new()),
+            sched_attempted: Mutex::new(std::collections::HashMap::new()),
             starting_sessions: Arc::default(),
             group_marks: Arc::default(),
             stop_on_start: Mutex::default(),

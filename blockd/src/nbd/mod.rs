@@ -57,6 +57,7 @@ pub async fn serve_unix(
     access: Arc<Access>,
 ) {
     let mut last_warned = None;
+    let mut refused_warned = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -66,7 +67,14 @@ pub async fn serve_unix(
             Ok((stream, _)) => {
                 let peer = Peer::of(&stream);
                 if let Err(why) = access.check(&peer) {
-                    tracing::warn!(uid = ?peer.uid(), pid = ?peer.pid(), "NBD connection refused: {why}");
+                    // At most one line every ten seconds: a socket opened
+                    // up by mistake must not flood the log.
+                    if refused_warned
+                        .is_none_or(|t: std::time::Instant| t.elapsed().as_secs() >= 10)
+                    {
+                        tracing::warn!(uid = ?peer.uid(), pid = ?peer.pid(), "NBD connection refused: {why}");
+                        refused_warned = Some(std::time::Instant::now());
+                    }
                     continue;
                 }
                 let Some(permit) = slot(&ctx.connections, &mut last_warned) else {

@@ -26,7 +26,7 @@ pub enum CredentialsCmd {
     /// Create credentials for an object store (NAME is the --cred-id of cloudsnap commands)
     #[command(alias = "c")]
     #[command(
-        after_help = "Examples:\n  read -rs BLOCKD_S3_SECRET_KEY && read -rs BLOCKD_ENCRYPTION_PASSPHRASE && export BLOCKD_S3_SECRET_KEY BLOCKD_ENCRYPTION_PASSPHRASE\n  blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --bucket backups\n  blockctl credentials create nas --provider local --path /srv/backups\n  BLOCKD_S3_SECRET_KEY=... blockctl credentials create dr --provider s3 --s3-endpoint s3.example.com --s3-access-key AKIA-READER --bucket backups --read-only\n\nSecrets are best given in the environment, as above: as flags, every user of the host sees them in `ps` while the command runs."
+        after_help = "Examples:\n  read -rs KEY && read -rs PASS && BLOCKD_S3_SECRET_KEY=$KEY BLOCKD_ENCRYPTION_PASSPHRASE=$PASS blockctl credentials create s3 --provider s3 --s3-endpoint s3.example.com --s3-region eu-west-1 --s3-access-key AKIA... --bucket backups\n  blockctl credentials create nas --provider local --path /srv/backups\n  BLOCKD_S3_SECRET_KEY=... blockctl credentials create dr --provider s3 --s3-endpoint s3.example.com --s3-access-key AKIA-READER --bucket backups --read-only\n\nSecrets are best given in the environment, as above: as flags, every user of the host sees them in `ps` while the command runs."
     )]
     Create(Box<CreateArgs>),
     /// List credentials (secrets are never shown)

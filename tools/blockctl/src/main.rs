@@ -31,7 +31,7 @@ use output::{field, line, Output};
     version,
     about = "Control blockd: volumes, snapshots, cloud backups and restores",
     after_help = "Exit status: 0 done, 1 failed (the daemon refused or could not do it, or is not \
-running), 2 the command line is wrong. With -j, stdout holds only the JSON answer and an error \
+running), 2 the command line is wrong, 3 a wait ended without learning the tasks' outcome (they may still end well: follow them with `cloudsnap status --name ID --wait`). With -j, stdout holds only the JSON answer and an error \
 is one JSON object on stderr ({\"error\": ..., \"exit_status\": N}).\n\n\
 Examples:\n  blockctl volume create db1 --size 10G\n  blockctl cs backup db1 --wait\n  \
 blockctl -j cloudsnap list"
@@ -462,14 +462,20 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Arguments that may be given empty: `--prefix ''` is no prefix, and an
+/// empty hook (`--pre-exec ''`) runs nothing.
+const MAY_BE_EMPTY: [&str; 3] = ["prefix", "pre_exec", "post_exec"];
+
 /// The first argument given empty on the command line (`''`, or a shell
 /// variable that was not set), as `--flag` or `<NAME>`: a usage error,
 /// where the daemon would otherwise look for a thing named "" and answer
-/// that it is not there. `--prefix ''` means no prefix and is let through.
+/// that it is not there. [`MAY_BE_EMPTY`] are let through.
 fn empty_argument(cmd: &clap::Command, m: &clap::ArgMatches) -> Option<String> {
     for id in m.ids() {
         let id = id.as_str();
-        if id == "prefix" || m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+        if MAY_BE_EMPTY.contains(&id)
+            || m.value_source(id) != Some(clap::parser::ValueSource::CommandLine)
+        {
             continue;
         }
         let Ok(Some(mut values)) = m.try_get_raw(id) else {

@@ -291,7 +291,14 @@ async fn poll(
                 }
                 // blockd answered, and not with the task (gone from a
                 // state directory put back from elsewhere, say).
-                Asked::Refused(f) => return Err(lost(f.message(), name)),
+                // A refusal for good (no such task any more, no
+                // permission): a failure, not an outcome to follow.
+                Asked::Refused(f) => {
+                    return Err(Failure::Failed(format!(
+                        "{}\nstopped waiting for {name}",
+                        f.message()
+                    )))
+                }
                 Asked::Gone(e) => return Err(lost(&e, name)),
             }
         }

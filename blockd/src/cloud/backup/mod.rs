@@ -983,10 +983,16 @@ impl Cloud {
             // (location, group) -> when its mark was last written.
             let mut marked: HashMap<(String, String), Instant> = HashMap::new();
             loop {
+                // Shutdown first: the tasks it interrupts leave the running
+                // set, and their groups' marks must stay for them to resume.
                 tokio::select! {
+                    biased;
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(GROUP_MARK_LOOK) => {}
                     () = kick.notified() => {}
+                }
+                if shutdown.is_cancelled() {
+                    return;
                 }
                 let Some(cloud) = me.upgrade() else { return };
                 let running = cloud.running_group_locations();

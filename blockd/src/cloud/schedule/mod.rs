@@ -96,6 +96,8 @@ impl RunNote<'_> {
         let mut s: Stored = serde_json::from_str(stored).ok()?;
         s.last_run = Some(self.at.to_string());
         s.last_tasks = tasks.to_vec();
+        // The previous run's error is not this one's.
+        s.last_error = None;
         serde_json::to_string(&s).ok()
     }
 }
@@ -430,6 +432,24 @@ impl Cloud {
         };
         let now = Utc::now();
         for (id, mut s) in all {
+            // A run started here and not recorded counts as this slot's run
+            // until the next start of the daemon.
+            let attempted = self
+                .sched_attempted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&id)
+                .cloned();
+            if let Some(at) = attempted {
+                let later = match (s.last_run.as_deref().and_then(parse_time), parse_time(&at)) {
+                    (Some(stored), Some(tried)) => tried > stored,
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                if later {
+                    s.last_run = Some(at);
+                }
+            }
             if s.next().is_none_or(|n| n > now) || self.schedule_busy(&id) {
                 continue;
             }
@@ -438,6 +458,10 @@ impl Cloud {
             // backup tasks, or at its end if it started none.
             self.lock_sched().insert(id.clone(), None);
             s.last_run = Some(rfc3339(now));
+            self.sched_attempted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.clone(), rfc3339(now));
             let me = self.clone();
             self.tracker.spawn(async move {
                 me.run_schedule(&id, s).await;
