@@ -392,7 +392,8 @@ fn a_restore_on_another_host_holds_the_sweep_of_a_snapshot_deleted_under_it() {
     for (from, into, why) in [
         (snap.as_str(), "bad name", "may contain only"),
         (snap.as_str(), "a/b", "may contain only"),
-        ("", "e1", "neither a cloud snapshot id"),
+        // (An empty one is refused by blockctl itself.)
+        ("", "e1", "--snap is empty"),
         ("/", "e1", "neither a cloud snapshot id"),
         ("src/", "e1", "neither a cloud snapshot id"),
     ] {
