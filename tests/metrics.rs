@@ -353,3 +353,128 @@ fn the_dashboard_queries_metrics_that_exist() {
         }
     }
 }
+
+/// Whether the server closed `s` (end of stream or an error) within its
+/// read timeout; what it sent before is skipped.
+fn closed(s: &mut impl Read) -> bool {
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Clients that connect and then say nothing, half a request, or half a
+/// body, over the metrics address or the API socket, are closed within
+/// seconds, and a listener holds no more connections than its bound: the
+/// daemon's descriptors, and with them the NBD sockets and the API, stay
+/// open to everyone else.
+#[test]
+fn slow_http_clients_are_closed_and_bounded() {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let [port] = common::objstores::free_ports::<1>();
+    let d = Blockd::start_env(&[
+        ("BLOCKD_METRICS_LISTEN", &port.to_string()),
+        ("BLOCKD_METRICS_TOKEN", "scrape-token-42"),
+    ]);
+    d.create("vol1", "4M");
+    let start = Instant::now();
+    let half_head = b"GET /metrics HTTP/1.1\r\nHost: blockd\r\n";
+    // The metrics listener's 64 connections, all sending half a head.
+    let mut held: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(half_head).unwrap();
+            s
+        })
+        .collect();
+    // More are closed at once.
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(half_head);
+        assert!(closed(&mut s), "a 65th metrics connection was kept");
+    }
+    assert!(
+        d.log().contains("metrics listener connection refused"),
+        "{}",
+        d.log()
+    );
+
+    // On the API socket: half a head, a head and half its body, and a
+    // kept-alive connection gone quiet after one answer.
+    let mut api_head = UnixStream::connect(d.api_socket()).unwrap();
+    api_head.write_all(half_head).unwrap();
+    let mut api_body = UnixStream::connect(d.api_socket()).unwrap();
+    api_body
+        .write_all(
+            b"POST /v1/volumes HTTP/1.1\r\nHost: blockd\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\":",
+        )
+        .unwrap();
+    let mut api_idle = UnixStream::connect(d.api_socket()).unwrap();
+    api_idle
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: blockd\r\n\r\n")
+        .unwrap();
+
+    // Meanwhile everyone else is served.
+    d.ok(&["volume", "list"]);
+    if have("qemu-io") {
+        qemu_io(&d.uri("vol1"), &["write -P 7 0 64k", "read -P 7 0 64k"]);
+    }
+
+    // Each slow client is closed at the 10 s limits, not before 8 s.
+    for s in held.iter_mut().map(|s| s as &mut dyn ReadTimeout).chain([
+        &mut api_head as &mut dyn ReadTimeout,
+        &mut api_body,
+        &mut api_idle,
+    ]) {
+        s.timeout(Duration::from_secs(25));
+        assert!(s.closed(), "a slow client kept its connection");
+    }
+    let after = start.elapsed();
+    assert!(
+        after >= Duration::from_secs(8) && after < Duration::from_secs(25),
+        "closed after {after:?}"
+    );
+    // And the metrics address serves a scraper again.
+    let (status, body) = get(
+        TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        Some("scrape-token-42"),
+    );
+    assert_eq!(status, 200, "{body}");
+    held.clear();
+}
+
+/// A stream whose read timeout can be set, and whether it was closed.
+trait ReadTimeout {
+    fn timeout(&mut self, t: std::time::Duration);
+    fn closed(&mut self) -> bool;
+}
+
+impl ReadTimeout for std::net::TcpStream {
+    fn timeout(&mut self, t: std::time::Duration) {
+        self.set_read_timeout(Some(t)).unwrap();
+    }
+    fn closed(&mut self) -> bool {
+        closed(self)
+    }
+}
+
+impl ReadTimeout for UnixStream {
+    fn timeout(&mut self, t: std::time::Duration) {
+        self.set_read_timeout(Some(t)).unwrap();
+    }
+    fn closed(&mut self) -> bool {
+        closed(self)
+    }
+}

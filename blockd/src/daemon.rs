@@ -389,21 +389,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let app = crate::api::metrics_service(daemon.clone(), config.metrics_token.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
-            let served = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "metrics listener stopped");
-            }
+            crate::api::serve::serve_tcp(l, app, crate::api::serve::Bounds::metrics(), stop).await;
         });
     }
     let snaps = daemon.snapshots.clone();
     let freezes = daemon.snapshots.clone();
-    let api = axum::serve(api_listener, crate::api::service(daemon, access))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let api_task = tokio::spawn(async move {
-        if let Err(e) = api.await {
-            tracing::error!(error = %e, "control API stopped");
-        }
-    });
+    let api_task = tokio::spawn(crate::api::serve::serve_unix(
+        api_listener,
+        crate::api::service(daemon, access),
+        crate::api::serve::Bounds::api(),
+        shutdown.clone(),
+    ));
 
     // Dirty maps of idle volumes settled on disk, so that a crash keeps
     // their tracking (see `volume::dirty_map`).

@@ -13,13 +13,10 @@
 //! about a host than an unprivileged user should learn, so no second,
 //! read-only group is offered.
 
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
 
 use super::Failure;
 
@@ -56,12 +53,6 @@ impl Peer {
                 pid: None,
             },
         }
-    }
-}
-
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self::of(stream.io())
     }
 }
 

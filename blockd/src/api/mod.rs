@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 pub mod access;
 mod cloud;
 mod mount;
+pub mod serve;
 
 use crate::claims::Busy;
 use crate::coordinator::VolumeOpError;
@@ -205,14 +206,10 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     resp
 }
 
-/// The control API as served: every request passes [`access::guard`].
-pub fn service(
-    daemon: Arc<Daemon>,
-    access: Arc<access::Access>,
-) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, access::Peer> {
-    router(daemon)
-        .layer(axum::middleware::from_fn_with_state(access, access::guard))
-        .into_make_service_with_connect_info::<access::Peer>()
+/// The control API as served ([`serve::serve_unix`]): every request
+/// passes [`access::guard`].
+pub fn service(daemon: Arc<Daemon>, access: Arc<access::Access>) -> Router {
+    router(daemon).layer(axum::middleware::from_fn_with_state(access, access::guard))
 }
 
 fn to_api(d: &Daemon, v: &Volume) -> blockd_api::Volume {
@@ -265,10 +262,7 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
 
 /// The HTTP service of `--metrics-listen`: `/metrics` only, behind a
 /// bearer token when one is configured.
-pub fn metrics_service(
-    daemon: Arc<Daemon>,
-    token: Option<blockd_api::Secret>,
-) -> axum::routing::IntoMakeService<Router> {
+pub fn metrics_service(daemon: Arc<Daemon>, token: Option<blockd_api::Secret>) -> Router {
     let token = Arc::new(token);
     Router::new()
         .route("/metrics", get(metrics))
@@ -304,7 +298,6 @@ pub fn metrics_service(
                 }
             },
         ))
-        .into_make_service()
 }
 
 /// Compares without stopping at the first difference.
