@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::cloud::*;
@@ -435,6 +436,36 @@ fn credentials_a_schedule_uses_are_kept_until_the_schedule_goes() {
     let later = create(&d, &["v", "--daily", "06:00", "--cred-id", "nas"]);
     for sid in [&pair, &apart, &later] {
         d.ok(&["cloudsnap", "schedules", "delete", "--uuid", sid]);
+    }
+    // Two overlapping schedules asked for at once: one is made, the other
+    // refused, every time (the check and the insert are one step).
+    for round in 0..10 {
+        let at = format!("07:{round:02}");
+        let outs = at_once(2, |i| {
+            let what = if i == 0 { "v,w" } else { "w,x" };
+            d.blockctl(&[
+                "-j",
+                "cloudsnap",
+                "schedules",
+                "create",
+                "--volume-ids",
+                what,
+                "--daily",
+                &at,
+                "--cred-id",
+                "nas",
+            ])
+        });
+        let made: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+        assert_eq!(made.len(), 1, "round {round}: {outs:?}");
+        let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+        assert_eq!(refused.status.code(), Some(1), "round {round}: {refused:?}");
+        assert_eq!(schedules(&d).len(), 2, "round {round}");
+        let sid = json(&String::from_utf8_lossy(&made[0].stdout))["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &sid]);
     }
     d.ok(&["cloudsnap", "schedules", "delete", "--uuid", &id]);
     d.ok(&["credentials", "delete", "nas"]);
