@@ -845,3 +845,80 @@ fn hostile_clients_are_bounded() {
     );
     drop(two);
 }
+
+/// Anyone who can reach the TCP port can open connections and say
+/// nothing: those still in their handshake hold at most half of
+/// `--nbd-max-connections`, so the Unix socket's clients (and TCP clients
+/// once slots free) are still served.
+#[test]
+fn silent_tcp_clients_cannot_take_every_slot() {
+    use std::net::TcpStream;
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let [port] = common::objstores::free_ports::<1>();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Blockd::start_with(None, &["--nbd-listen", &addr, "--nbd-max-connections", "4"]);
+    d.create("vol1", "8M");
+    qemu_io(&d.uri("vol1"), &["write -P 0x5a 0 1M", "flush"]);
+    // Two silent connections: each gets its greeting and holds a slot.
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut greeting = [0u8; 18];
+            s.read_exact(&mut greeting).unwrap();
+            assert_eq!(&greeting[..8], b"NBDMAGIC");
+            s
+        })
+        .collect();
+    // More are closed before their greeting.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a third TCP connection in its handshake was served"
+        );
+    }
+    assert!(
+        d.log().contains("NBD TCP connection refused"),
+        "{}",
+        d.log()
+    );
+    // The Unix socket's clients still have the other two slots, at once.
+    let outs = at_once(2, |_| {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x5a 0 1M", &d.uri("vol1")])
+            .output()
+            .unwrap()
+    });
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // Once the silent ones go, a TCP client is served again.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x5a 0 1M",
+                &format!("nbd://{addr}/vol1"),
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TCP client served after the silent ones left: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

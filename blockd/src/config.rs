@@ -137,8 +137,8 @@ pub struct Nbd {
     /// Admit only clients whose certificate ca-cert.pem signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_verify_peer: Option<bool>,
-    /// Most client connections, Unix socket and TCP together [default:
-    /// 1024].
+    /// Most client connections, Unix socket and TCP together (TCP ones
+    /// still in their handshake: half of them at most) [default: 1024].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<MaxConnections>,
 }

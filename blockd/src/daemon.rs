@@ -369,7 +369,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let attachments = Arc::new(crate::attach::Attachments::new(dir));
     attachments.restore(&ctx).await;
     if let Some(l) = tcp_listener {
-        tracker.spawn(nbd::serve_tcp(l, ctx.clone(), tcp_tls, tracker.clone()));
+        tracker.spawn(nbd::serve_tcp(
+            l,
+            ctx.clone(),
+            tcp_tls,
+            tracker.clone(),
+            config.nbd_max_connections,
+        ));
     }
 
     let daemon = Arc::new(Daemon {

@@ -66,8 +66,9 @@ struct Args {
     /// Admit only TLS clients whose certificate ca-cert.pem signed
     #[arg(long, env = "BLOCKD_NBD_TLS_VERIFY_PEER")]
     nbd_tls_verify_peer: bool,
-    /// Most NBD client connections, Unix socket and TCP together; one more
-    /// is closed at once [default: 1024]
+    /// Most NBD client connections, Unix socket and TCP together (TCP ones
+    /// still in their handshake: half of them at most); one more is closed
+    /// at once [default: 1024]
     #[arg(long, env = "BLOCKD_NBD_MAX_CONNECTIONS", value_name = "N")]
     nbd_max_connections: Option<blockd::config::MaxConnections>,
     /// I/O engine [default: auto]

@@ -102,13 +102,22 @@ pub async fn serve_unix(
 
 /// Accepts TCP clients until shutdown; `tls` holds the certificates when
 /// TLS is offered or required.
+///
+/// TCP connections still in their handshake may hold at most half of the
+/// connection slots (`max_connections`): anyone who can reach the port
+/// can open connections and say nothing for the handshake's 30 s, again
+/// and again, and without this bound they could take every slot from the
+/// Unix socket's clients too. One more is closed at once.
 pub async fn serve_tcp(
     listener: TcpListener,
     ctx: NbdContext,
     tls: Option<std::sync::Arc<tls::TlsServer>>,
     tracker: TaskTracker,
+    max_connections: usize,
 ) {
+    let handshakes = Arc::new(Semaphore::new((max_connections / 2).max(1)));
     let mut last_warned = None;
+    let mut handshakes_warned: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -116,6 +125,15 @@ pub async fn serve_tcp(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(greeting) = handshakes.clone().try_acquire_owned() else {
+                    if handshakes_warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+                        tracing::warn!(
+                            "NBD TCP connection refused: half of --nbd-max-connections are TCP connections that have not finished their handshake (each is closed 30 s after it connected)"
+                        );
+                        handshakes_warned = Some(std::time::Instant::now());
+                    }
+                    continue;
+                };
                 let Some(permit) = slot(&ctx.connections, &mut last_warned) else {
                     continue;
                 };
@@ -123,7 +141,8 @@ pub async fn serve_tcp(
                     tracing::warn!(error = %e, "cannot set TCP_NODELAY");
                 }
                 tune(&stream);
-                let serve = server::serve_tcp(stream, ctx.clone(), peer.to_string(), tls.clone());
+                let serve =
+                    server::serve_tcp(stream, ctx.clone(), peer.to_string(), tls.clone(), greeting);
                 tracker.spawn(async move {
                     serve.await;
                     drop(permit);

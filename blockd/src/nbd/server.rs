@@ -229,12 +229,14 @@ where
 }
 
 /// Serves one TCP connection, upgrading it to TLS when the client asks
-/// (and insisting when `tls` requires it).
+/// (and insisting when `tls` requires it). `greeting` is held until the
+/// handshake ends (see [`super::serve_tcp`]).
 pub async fn serve_tcp(
     stream: tokio::net::TcpStream,
     ctx: NbdContext,
     peer: String,
     tls: Option<Arc<TlsServer>>,
+    greeting: tokio::sync::OwnedSemaphorePermit,
 ) {
     let span = tracing::info_span!("nbd", peer = %peer);
     async move {
@@ -253,7 +255,10 @@ pub async fn serve_tcp(
         };
         let (nego, tls) = match (haggled, tls) {
             (Ok(Haggled::StartTls(nego)), Some(tls)) => (nego, tls),
-            (haggled, _) => return enter(haggled, reader, w, ctx).await,
+            (haggled, _) => {
+                drop(greeting);
+                return enter(haggled, reader, w, ctx).await;
+            }
         };
         // The client waits for the ACK before its ClientHello: anything
         // already buffered is a protocol violation (and would otherwise be
@@ -297,6 +302,7 @@ pub async fn serve_tcp(
             () = &mut deadline => Err(HandshakeEnd::Closed),
             () = &mut limit => Err(HandshakeEnd::TimedOut),
         };
+        drop(greeting);
         enter(haggled, reader, w, ctx).await;
     }
     .instrument(span)
