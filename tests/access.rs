@@ -109,6 +109,58 @@ fn the_api_lets_in_root_and_the_api_group_only() {
         );
     }
     d.ok(&["volume", "inspect", "v"]);
+    // Through such a socket, callers the API refuses share 16 connections
+    // of their own: holding 40 open, nobody keeps 16, and root is served
+    // meanwhile.
+    if Path::new("/usr/bin/python3").exists() {
+        let script = format!(
+            r#"
+import socket, sys, time
+held = []
+for _ in range(40):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect({sock:?})
+    held.append(s)
+time.sleep(1)
+kept = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        if s.recv(1) != b"":
+            kept += 1
+    except BlockingIOError:
+        kept += 1
+    except OSError:
+        pass
+print(kept, flush=True)
+sys.stdin.read()
+"#,
+            sock = sock.display().to_string()
+        );
+        let mut holder = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "16", "connections nobody kept");
+        d.ok(&["volume", "inspect", "v"]);
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+    }
 }
 
 /// The NBD socket keeps the same company as the API: root and the API

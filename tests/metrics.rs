@@ -373,44 +373,71 @@ fn closed(s: &mut impl Read) -> bool {
     }
 }
 
+/// A TCP connection to `port` on 127.0.0.1 from address `from` (any of
+/// 127.0.0.0/8).
+fn connect_from(from: &str, port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt
+        .block_on(async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(format!("{from}:0").parse().unwrap())?;
+            s.connect(([127, 0, 0, 1], port).into()).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
 /// Clients that connect and then say nothing, half a request, or half a
 /// body, over the metrics address or the API socket, are closed within
-/// seconds, and a listener holds no more connections than its bound: the
-/// daemon's descriptors, and with them the NBD sockets and the API, stay
-/// open to everyone else.
+/// seconds, and a listener holds no more connections than its bound (on
+/// the metrics address, no more than 8 from one address): the daemon's
+/// descriptors, and with them the NBD sockets and the API, stay open to
+/// everyone else, and such clients do not hold up a shutdown.
 #[test]
 fn slow_http_clients_are_closed_and_bounded() {
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
     let [port] = common::objstores::free_ports::<1>();
-    let d = Blockd::start_env(&[
+    let mut d = Blockd::start_env(&[
         ("BLOCKD_METRICS_LISTEN", &port.to_string()),
         ("BLOCKD_METRICS_TOKEN", "scrape-token-42"),
     ]);
     d.create("vol1", "4M");
     let start = Instant::now();
     let half_head = b"GET /metrics HTTP/1.1\r\nHost: blockd\r\n";
-    // The metrics listener's 64 connections, all sending half a head.
-    let mut held: Vec<TcpStream> = (0..64)
-        .map(|_| {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // The metrics listener's 64 connections, 8 from each of 8 addresses,
+    // all sending half a head.
+    let mut held: Vec<TcpStream> = (2..10)
+        .flat_map(|a| (0..8).map(move |_| a))
+        .map(|a| {
+            let mut s = connect_from(&format!("127.0.0.{a}"), port);
             s.write_all(half_head).unwrap();
             s
         })
         .collect();
-    // More are closed at once.
-    for _ in 0..8 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // More are closed at once: from a new address (all 64 taken), and a
+    // ninth from one address.
+    for from in ["127.0.0.10", "127.0.0.11", "127.0.0.2"] {
+        let mut s = connect_from(from, port);
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.write_all(half_head);
-        assert!(closed(&mut s), "a 65th metrics connection was kept");
+        assert!(
+            closed(&mut s),
+            "one more metrics connection from {from} was kept"
+        );
     }
+    let log = d.log();
     assert!(
-        d.log().contains("metrics listener connection refused"),
-        "{}",
-        d.log()
+        log.contains("metrics listener connection refused: it serves as many connections")
+            && log.contains("that address holds 8 connections already"),
+        "{log}"
     );
-
     // On the API socket: half a head, a head and half its body, and a
     // kept-alive connection gone quiet after one answer.
     let mut api_head = UnixStream::connect(d.api_socket()).unwrap();
@@ -433,6 +460,16 @@ fn slow_http_clients_are_closed_and_bounded() {
     }
 
     // Each slow client is closed at the 10 s limits, not before 8 s.
+    held[0].timeout(Duration::from_secs(25));
+    assert!(
+        held[0].closed(),
+        "a slow metrics client kept its connection"
+    );
+    let first = start.elapsed();
+    assert!(
+        first >= Duration::from_secs(8) && first < Duration::from_secs(25),
+        "the first half-sent head was closed after {first:?}"
+    );
     for s in held.iter_mut().map(|s| s as &mut dyn ReadTimeout).chain([
         &mut api_head as &mut dyn ReadTimeout,
         &mut api_body,
@@ -441,17 +478,27 @@ fn slow_http_clients_are_closed_and_bounded() {
         s.timeout(Duration::from_secs(25));
         assert!(s.closed(), "a slow client kept its connection");
     }
-    let after = start.elapsed();
-    assert!(
-        after >= Duration::from_secs(8) && after < Duration::from_secs(25),
-        "closed after {after:?}"
-    );
+    assert!(start.elapsed() < Duration::from_secs(25));
     // And the metrics address serves a scraper again.
     let (status, body) = get(
         TcpStream::connect(("127.0.0.1", port)).unwrap(),
         Some("scrape-token-42"),
     );
     assert_eq!(status, 200, "{body}");
+
+    // Half-sent requests do not hold up a shutdown.
+    let mut slow = connect_from("127.0.0.2", port);
+    slow.write_all(half_head).unwrap();
+    let mut api_slow = UnixStream::connect(d.api_socket()).unwrap();
+    api_slow.write_all(half_head).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopping = Instant::now();
+    assert!(d.terminate().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "blockd took {:?} to stop beside two half-sent requests",
+        stopping.elapsed()
+    );
     held.clear();
 }
 

@@ -402,8 +402,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let freezes = daemon.snapshots.clone();
     let api_task = tokio::spawn(crate::api::serve::serve_unix(
         api_listener,
-        crate::api::service(daemon, access),
+        crate::api::service(daemon, access.clone()),
         crate::api::serve::Bounds::api(),
+        access,
         shutdown.clone(),
     ));
 
