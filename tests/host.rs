@@ -205,3 +205,44 @@ fn a_log_that_cannot_be_written_loses_only_its_lines() {
     let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("blockd did not stop");
     assert!(status.success(), "{status}");
 }
+
+/// Open files of `pid`: (soft, hard).
+fn open_files(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let mut n = line.split_whitespace().skip(3);
+    (n.next().unwrap().into(), n.next().unwrap().into())
+}
+
+/// A soft limit on open descriptors below the hard one (a shell's 1024)
+/// is raised to it, and a hard one below what the connections blockd
+/// allows may take is named in a warning that says what to change.
+#[test]
+fn a_low_descriptor_limit_is_raised_or_named() {
+    if !require_tools(&["prlimit"]) {
+        return;
+    }
+    let low = Blockd::start_wrapped(&["prlimit", "--nofile=1024:4096", "--"]);
+    assert_eq!(open_files(low.pid()), ("4096".into(), "4096".into()));
+    let log = low.log();
+    assert!(
+        log.contains("open-descriptor limit raised")
+            && log.contains("raise it (systemd: LimitNOFILE=")
+            && log.contains("lower --nbd-max-connections"),
+        "{log}"
+    );
+    low.ok(&["volume", "list"]);
+    // Room for 1024 NBD connections and the rest: raised, no warning.
+    let enough = Blockd::start_wrapped(&["prlimit", "--nofile=1024:8192", "--"]);
+    assert_eq!(open_files(enough.pid()), ("8192".into(), "8192".into()));
+    let log = enough.log();
+    assert!(
+        log.contains("open-descriptor limit raised")
+            && !log.contains("lower --nbd-max-connections"),
+        "{log}"
+    );
+}

@@ -283,6 +283,8 @@ fn notify(states: &[sd_notify::NotifyState]) {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything is created: a refused --nbd-listen leaves no trace.
     let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
+    // Before volumes and listeners open theirs.
+    crate::host::descriptors(config.nbd_max_connections);
     let dir = &config.state_dir;
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(

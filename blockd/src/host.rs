@@ -91,6 +91,53 @@ impl Protections {
     }
 }
 
+/// Descriptors a daemon needs beyond its connections: volumes, snapshot
+/// files, the state database, object-store and FUSE connections.
+const DESCRIPTORS_BESIDES_CONNECTIONS: u64 = 1024;
+
+/// Raises the soft limit on open descriptors to the hard one (a shell's
+/// soft limit is often 1024, far below what the connections blockd allows
+/// take: three descriptors per NBD connection), and warns when even that
+/// is below what `nbd_max_connections` and the HTTP listeners' bounds may
+/// take, saying what to change. Without it, accepts fail with EMFILE once
+/// the limit is reached, on every listener at once.
+pub fn descriptors(nbd_max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    let hard = limit.maximum.unwrap_or(u64::MAX).min(1 << 20);
+    let mut now = soft;
+    if soft < hard {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: limit.maximum,
+            },
+        ) {
+            Ok(()) => {
+                now = hard;
+                tracing::info!(from = soft, to = hard, "open-descriptor limit raised");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-descriptor limit")
+            }
+        }
+    }
+    let need = 3 * nbd_max_connections as u64
+        + (crate::api::serve::API_MAX_CONNECTIONS
+            + crate::api::serve::REFUSED_MAX_CONNECTIONS
+            + crate::api::serve::METRICS_MAX_CONNECTIONS) as u64
+        + DESCRIPTORS_BESIDES_CONNECTIONS;
+    if now < need {
+        tracing::warn!(
+            limit = now,
+            need,
+            "the open-descriptor limit is below what the connections blockd allows may take (3 per NBD connection of --nbd-max-connections, 1 per API or metrics connection, about 1024 for files): past it every listener fails to accept; raise it (systemd: LimitNOFILE=, a shell: ulimit -Hn) or lower --nbd-max-connections"
+        );
+    }
+}
+
 /// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`.
 fn lock_all() -> rustix::io::Result<()> {
     use rustix::mm::MlockAllFlags as F;

@@ -23,19 +23,21 @@
 //!   socket, callers the API refuses anyway (a socket opened up by
 //!   mistake) share a few slots of their own ([`REFUSED_MAX_CONNECTIONS`]),
 //!   so they cannot take root's; on the metrics address one source
-//!   address holds at most [`METRICS_PER_ADDRESS`], so one scraper-like
+//!   address (an IPv6 /64) holds at most [`METRICS_PER_ADDRESS`], so one scraper-like
 //!   client cannot take every slot (the token is not known before the
 //!   head: a client without it is still answered 401, not refused at
 //!   accept);
-//! - at shutdown, connections get [`SHUTDOWN_GRACE`] to finish the answer
-//!   under way, and the listener is closed first, so a new client is
-//!   refused instead of waiting in the backlog.
+//! - at shutdown, the listener is closed first, so a new client is
+//!   refused instead of waiting in the backlog; a request still being
+//!   handled gets its answer, and other connections get [`SHUTDOWN_GRACE`]
+//!   to finish what they send.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -130,6 +132,7 @@ pub async fn serve_unix(
 ) {
     let mut server = Server::new(router, bounds, stop.clone());
     let refused = Arc::new(Semaphore::new(REFUSED_MAX_CONNECTIONS));
+    let mut refused_warned = None;
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -141,7 +144,7 @@ pub async fn serve_unix(
                 let slot = if access.check(&peer).is_ok() {
                     server.slot()
                 } else {
-                    server.slot_of(&refused, "callers the API refuses")
+                    refused_slot(&refused, &mut refused_warned)
                 };
                 if let Some(slot) = slot {
                     server.spawn(stream, peer, slot);
@@ -172,7 +175,7 @@ pub async fn serve_tcp(
         };
         match accepted {
             Ok((stream, addr)) => {
-                let Some(from) = Counted::take(&per_address, addr.ip()) else {
+                let Some(from) = Counted::take(&per_address, source(addr.ip())) else {
                     if every_ten_seconds(&mut last_per_address) {
                         tracing::warn!(
                             from = %addr.ip(),
@@ -195,6 +198,34 @@ pub async fn serve_tcp(
     }
     drop(listener);
     server.finish().await;
+}
+
+/// A slot for a caller the API refuses, from their pool of their own.
+fn refused_slot(
+    refused: &Arc<Semaphore>,
+    warned: &mut Option<Instant>,
+) -> Option<OwnedSemaphorePermit> {
+    let permit = refused.clone().try_acquire_owned().ok();
+    if permit.is_none() && every_ten_seconds(warned) {
+        tracing::warn!(
+            "control API connection refused: callers the API refuses (not root, its user or group) hold the {REFUSED_MAX_CONNECTIONS} connections they may; is the socket open to everyone?"
+        );
+    }
+    permit
+}
+
+/// The source a connection counts against: its IPv4 address, or the /64
+/// of its IPv6 address (one host holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
 }
 
 /// One connection counted against its source address; the count goes down
@@ -260,16 +291,11 @@ impl Server {
     /// A connection slot, or `None` when all are taken (the connection is
     /// then dropped, which closes it).
     fn slot(&mut self) -> Option<OwnedSemaphorePermit> {
-        let slots = self.slots.clone();
-        self.slot_of(&slots, "connections")
-    }
-
-    /// A slot of `slots` (`what` they are for, in the warning).
-    fn slot_of(&mut self, slots: &Arc<Semaphore>, what: &str) -> Option<OwnedSemaphorePermit> {
-        let permit = slots.clone().try_acquire_owned().ok();
+        let permit = self.slots.clone().try_acquire_owned().ok();
         if permit.is_none() && every_ten_seconds(&mut self.last_full) {
             tracing::warn!(
-                "{} connection refused: it serves as many {what} as it allows at once; a client holding connections open must let them go",
+                limit = self.bounds.max_connections,
+                "{} connection refused: it serves as many connections as it allows at once; a client holding connections open must let them go",
                 self.bounds.what
             );
         }
@@ -285,15 +311,22 @@ impl Server {
     {
         let router = self.router.clone();
         let body_timeout = self.bounds.body_timeout;
+        // Requests of this connection being handled: at shutdown their
+        // answers are waited for, however long they take (a snapshot's
+        // hooks may take minutes, and the daemon waits for them anyway).
+        let busy = Arc::new(AtomicUsize::new(0));
+        let handling = busy.clone();
         let service =
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (mut parts, body) = req.into_parts();
                 parts.extensions.insert(ConnectInfo(info.clone()));
                 let req = hyper::Request::from_parts(parts, Deadline::new(body, body_timeout));
                 let mut router = router.clone();
+                let handled = Busy::new(&handling);
                 async move {
                     let answer: Result<_, Infallible> =
                         tower_service::Service::call(&mut router, req).await;
+                    drop(handled);
                     answer
                 }
             });
@@ -308,10 +341,21 @@ impl Server {
             tokio::select! {
                 _ = conn.as_mut() => {}
                 () = stop.cancelled() => {
-                    // An idle connection is closed at once; one reading a
-                    // head, or answering, gets a little time.
+                    // An idle connection is closed at once. One reading a
+                    // head, or sending an answer already made, gets a
+                    // little time; one whose request is still handled
+                    // gets its answer.
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                    let settled = async {
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                        while busy.load(Ordering::SeqCst) > 0 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = conn => {}
+                        () = settled => {}
+                    }
                 }
             }
             drop(held);
@@ -339,6 +383,22 @@ impl Server {
     async fn finish(self) {
         self.connections.close();
         self.connections.wait().await;
+    }
+}
+
+/// A request being handled, counted while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -531,7 +591,7 @@ mod tests {
         // A reader that keeps up is never cut off, however long it all
         // takes.
         let (near, mut far2) = tokio::io::duplex(64);
-        let mut s = Stall::new(near, Duration::from_millis(200));
+        let mut s = Stall::new(near, Duration::from_millis(500));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut b = [0u8; 16];
