@@ -21,6 +21,9 @@ pub struct Unanswered {
     pub message: String,
     /// Asking again later may get an answer.
     pub transient: bool,
+    /// A request that changes something was sent whole and the connection
+    /// ended before its answer: it may have been carried out.
+    pub maybe_done: bool,
 }
 
 impl Unanswered {
@@ -28,6 +31,7 @@ impl Unanswered {
         Self {
             message,
             transient: true,
+            maybe_done: false,
         }
     }
 
@@ -35,13 +39,20 @@ impl Unanswered {
         Self {
             message,
             transient: false,
+            maybe_done: false,
         }
     }
 }
 
 impl From<Unanswered> for Failure {
+    /// A request that may have been carried out is exit status 3 (its
+    /// outcome is unknown: look before asking again), any other 1.
     fn from(u: Unanswered) -> Self {
-        Self::Failed(u.message)
+        if u.maybe_done {
+            Self::Unknown(u.message)
+        } else {
+            Self::Failed(u.message)
+        }
     }
 }
 
@@ -103,10 +114,16 @@ impl Client {
                 )))
             }
             // The daemon may have done part of the request or all of it
-            // before it went (a restore may have started): say where to look.
-            Err(e) if method != "GET" => return Err(Unanswered::now(format!(
-                "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list`, `blockctl snapshot list` and `blockctl cloudsnap status`"
-            ))),
+            // before it went (a restore may have started): its outcome is
+            // unknown (exit status 3); say where to look.
+            Err(e) if method != "GET" => {
+                return Err(Unanswered {
+                    maybe_done: true,
+                    ..Unanswered::now(format!(
+                        "talking to blockd: {e}: the connection ended before blockd answered, so the request may have been carried out: once blockd is back, check with `blockctl volume list`, `blockctl snapshot list` and `blockctl cloudsnap status` before asking again"
+                    ))
+                })
+            }
             Err(e) => return Err(Unanswered::now(format!(
                 "talking to blockd: {e}: the connection ended before blockd answered; if blockd stopped, start it again"
             ))),

@@ -1,8 +1,8 @@
 //! How a command fails, and the exit status that says so.
 //!
 //! blockctl exits 0 when the command did what it was asked, 2 when the
-//! command line itself is wrong, 3 when a wait ended without learning how
-//! its tasks ended, and 1 when it failed otherwise.
+//! command line itself is wrong, 3 when it could not learn the outcome,
+//! and 1 when it failed otherwise.
 //!
 //! - 2: a wrong command line, found by clap (usage errors), by blockctl
 //!   (what only a look at several arguments together finds), or by the
@@ -13,9 +13,12 @@
 //! - 1: the daemon refused it as things stand (something named is not
 //!   there, is busy, a hook failed, a key does not open the repository),
 //!   could not do it, or is not running.
-//! - 3: `--wait` (or `status --wait`) gave up on a daemon that stopped
-//!   answering: the tasks may still end well once it starts again, so a
-//!   script must follow them, not start them again.
+//! - 3: the outcome is unknown. `--wait` (or `status --wait`) gave up on a
+//!   daemon that stopped answering: the tasks may still end well once it
+//!   starts again, so a script must follow them, not start them again. Or
+//!   a request that changes something lost its connection before the
+//!   answer: it may have been carried out, so a script must look before
+//!   asking again.
 
 /// A command's failure.
 #[derive(Debug)]
@@ -24,9 +27,10 @@ pub enum Failure {
     Usage(String),
     /// The command failed: exit status 1.
     Failed(String),
-    /// A wait stopped without learning how its tasks ended (blockd away
-    /// for the whole ride-out): exit status 3. Not a failure of the tasks,
-    /// which resume when blockd starts again.
+    /// The outcome is unknown: a wait stopped without learning how its
+    /// tasks ended (blockd away for the whole ride-out; the tasks resume
+    /// when blockd starts again), or a request that changes something lost
+    /// its connection before the answer: exit status 3.
     Unknown(String),
     /// Interrupted (Ctrl-C) while waiting: exit status 130, as a shell
     /// reports a command ended by SIGINT.

@@ -31,7 +31,7 @@ use output::{field, line, Output};
     version,
     about = "Control blockd: volumes, snapshots, cloud backups and restores",
     after_help = "Exit status: 0 done, 1 failed (the daemon refused or could not do it, or is not \
-running), 2 the command line is wrong, 3 a wait ended without learning the tasks' outcome (they may still end well: follow them with `cloudsnap status --name ID --wait`). With -j, stdout holds only the JSON answer and an error \
+running), 2 the command line is wrong, 3 the outcome is unknown: a wait ended without learning the tasks' outcome (they may still end well: follow them with `cloudsnap status --name ID --wait`), or blockd went away before answering a request that changes something (it may have been carried out: look before asking again). With -j, stdout holds only the JSON answer and an error \
 is one JSON object on stderr ({\"error\": ..., \"exit_status\": N}).\n\n\
 Examples:\n  blockctl volume create db1 --size 10G\n  blockctl cs backup db1 --wait\n  \
 blockctl -j cloudsnap list"
