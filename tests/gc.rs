@@ -115,6 +115,29 @@ fn gc_reclaims_after_the_grace_period_and_keeps_every_live_snapshot() {
     );
     assert_eq!(r["swept_marks"], 1, "{r}");
     let after = bytes_under(&objects.join("packs"));
+    // A group backup's mark its host stopped rewriting an hour ago goes
+    // with the next run; a fresh one stays.
+    let groups = objects.join("locks/groups/g1");
+    std::fs::create_dir_all(&groups).unwrap();
+    for host in ["dead", "alive"] {
+        std::fs::write(groups.join(host), b"mark").unwrap();
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(groups.join("dead"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    gc(&d, &["--grace", "2s", "--max-unused", "unlimited"]);
+    assert!(
+        !groups.join("dead").exists(),
+        "a dead host's group mark was kept"
+    );
+    assert!(
+        groups.join("alive").exists(),
+        "a running group's mark was deleted"
+    );
+    std::fs::remove_file(groups.join("alive")).unwrap();
     assert!(
         after + 16 * MB as u64 <= before,
         "packs hold {after} bytes after GC, {before} before"

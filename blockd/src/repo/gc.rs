@@ -81,6 +81,10 @@ fn group_mark_key(group: &str, host: &str) -> String {
 /// long is a dead host's: its group is no longer shown as running.
 pub const GROUP_MARK_LAPSE: Duration = Duration::from_secs(120);
 
+/// A group backup's mark not rewritten for this long (by the store's
+/// clock) is removed by collection runs.
+const GROUP_MARK_DEAD: Duration = Duration::from_secs(3600);
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -396,9 +400,9 @@ impl Repo {
     /// (`locks/groups/<group>/<host>`), for listings on
     /// other hosts: written when the group starts and again well within
     /// [`GROUP_MARK_LAPSE`] while it runs, removed once it has ended (its
-    /// group object written first). Only listings read it; collection and
-    /// checks never do, and hosts of versions without it never list
-    /// `locks/groups/`.
+    /// group object written first). Only listings read it; checks never
+    /// do, collection only removes marks not rewritten for an hour, and
+    /// hosts of versions without it never list `locks/groups/`.
     ///
     /// # Errors
     /// Provider errors.
@@ -1025,6 +1029,16 @@ async fn collect_held(
     for (t, renewed, length) in &leases {
         if *renewed + Duration::from_secs(*length) + HEARTBEAT_LAPSE < now {
             let _ = repo.objects.delete(&lease_key(t)).await;
+        }
+    }
+    // So are marks of group backups not rewritten for long (their host
+    // died, or could not remove them): listings stopped showing their
+    // groups as running after GROUP_MARK_LAPSE.
+    if let Ok(marks) = repo.objects.list_meta("locks/groups").await {
+        for l in marks {
+            if l.modified + GROUP_MARK_DEAD < now {
+                let _ = repo.objects.delete(&l.key).await;
+            }
         }
     }
     Ok(out)
