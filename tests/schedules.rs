@@ -838,3 +838,50 @@ fn a_run_killed_before_its_backups_were_recorded_runs_at_the_next_start() {
         assert_eq!(st["state"], "Done", "{st}");
     }
 }
+
+/// The other side: a run killed after its backups were recorded is not
+/// run again at the next start (that would back the volumes up twice in
+/// one slot); its backups resume and end, and the next run comes at the
+/// next slot.
+#[test]
+fn a_run_killed_after_its_backups_were_recorded_is_not_run_again_at_start() {
+    if !need() {
+        return;
+    }
+    let mut d = Blockd::start();
+    d.create("vd", "8M");
+    let id = create(&d, &["vd", "--periodic", "30s", "--max", "4"]);
+    let mut record = Value::Null;
+    wait_for("the first run's backup to be recorded", 45, || {
+        record = stored(&d, &id);
+        record["last_tasks"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+    });
+    d.kill9();
+    let starts = d.log().matches("scheduled backup starting").count();
+    d.spawn();
+    std::thread::sleep(Duration::from_secs(6));
+    let after = stored(&d, &id);
+    assert_eq!(
+        (&after["last_run"], &after["last_tasks"]),
+        (&record["last_run"], &record["last_tasks"]),
+        "the recorded run ran again at start"
+    );
+    assert_eq!(
+        d.log().matches("scheduled backup starting").count(),
+        starts,
+        "a run started again at start:\n{}",
+        d.log()
+    );
+    for t in record["last_tasks"].as_array().unwrap() {
+        let t = t.as_str().unwrap();
+        let mut st = Value::Null;
+        wait_for("the recorded run's backup to end", 30, || {
+            st = status(&d, t);
+            st["state"] != "Active"
+        });
+        assert_eq!(st["state"], "Done", "{st}");
+    }
+    assert_eq!(made_by(&d, "vd", &id).len(), 1);
+}
