@@ -485,6 +485,16 @@ fn slow_http_clients_are_closed_and_bounded() {
         Some("scrape-token-42"),
     );
     assert_eq!(status, 200, "{body}");
+    // A request without the token is answered 401 and its connection
+    // closed: it holds no slot past its answer.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: blockd\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
+    assert!(closed(&mut s), "a refused scraper kept its connection");
 
     // Half-sent requests do not hold up a shutdown.
     let mut slow = connect_from("127.0.0.2", port);

@@ -284,7 +284,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything is created: a refused --nbd-listen leaves no trace.
     let (tcp_tls, nbd_tls) = nbd_tls(&config)?;
     // Before volumes and listeners open theirs.
-    crate::host::descriptors(config.nbd_max_connections);
+    let descriptors = crate::host::raise_descriptor_limit();
     let dir = &config.state_dir;
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
@@ -315,6 +315,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(
         Store::open(dir, engine, config.change_tracking).context("opening the volume store")?,
     );
+    crate::host::check_descriptors(descriptors, config.nbd_max_connections, store.list().len());
     if !config.change_tracking {
         tracing::warn!("change tracking is off: every backup will read whole volumes");
     }

@@ -91,49 +91,57 @@ impl Protections {
     }
 }
 
-/// Descriptors a daemon needs beyond its connections: volumes, snapshot
-/// files, the state database, object-store and FUSE connections.
-const DESCRIPTORS_BESIDES_CONNECTIONS: u64 = 1024;
+/// Descriptors a daemon needs beyond its connections and its volumes:
+/// snapshot files, the state database, object-store and FUSE connections.
+const DESCRIPTORS_BESIDES: u64 = 1024;
 
 /// Raises the soft limit on open descriptors to the hard one (a shell's
 /// soft limit is often 1024, far below what the connections blockd allows
-/// take: three descriptors per NBD connection), and warns when even that
-/// is below what `nbd_max_connections` and the HTTP listeners' bounds may
-/// take, saying what to change. Without it, accepts fail with EMFILE once
-/// the limit is reached, on every listener at once.
-pub fn descriptors(nbd_max_connections: usize) {
+/// take: three descriptors per NBD connection); returns the limit now.
+/// Without it, accepts fail with EMFILE once the limit is reached, on
+/// every listener at once.
+pub fn raise_descriptor_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     let soft = limit.current.unwrap_or(u64::MAX);
     let hard = limit.maximum.unwrap_or(u64::MAX).min(1 << 20);
-    let mut now = soft;
-    if soft < hard {
-        match setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(hard),
-                maximum: limit.maximum,
-            },
-        ) {
-            Ok(()) => {
-                now = hard;
-                tracing::info!(from = soft, to = hard, "open-descriptor limit raised");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, soft, hard, "cannot raise the open-descriptor limit")
-            }
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(hard),
+            maximum: limit.maximum,
+        },
+    ) {
+        Ok(()) => {
+            tracing::info!(from = soft, to = hard, "open-descriptor limit raised");
+            hard
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-descriptor limit");
+            soft
         }
     }
+}
+
+/// Warns when `limit` is below what `volumes` open volumes and the
+/// connections `nbd_max_connections` and the HTTP listeners' bounds allow
+/// may take, saying what to change.
+pub fn check_descriptors(limit: u64, nbd_max_connections: usize, volumes: usize) {
     let need = 3 * nbd_max_connections as u64
         + (crate::api::serve::API_MAX_CONNECTIONS
             + crate::api::serve::REFUSED_MAX_CONNECTIONS
             + crate::api::serve::METRICS_MAX_CONNECTIONS) as u64
-        + DESCRIPTORS_BESIDES_CONNECTIONS;
-    if now < need {
+        + volumes as u64
+        + DESCRIPTORS_BESIDES;
+    if limit < need {
         tracing::warn!(
-            limit = now,
+            limit,
             need,
-            "the open-descriptor limit is below what the connections blockd allows may take (3 per NBD connection of --nbd-max-connections, 1 per API or metrics connection, about 1024 for files): past it every listener fails to accept; raise it (systemd: LimitNOFILE=, a shell: ulimit -Hn) or lower --nbd-max-connections"
+            volumes,
+            "the open-descriptor limit is below what the connections blockd allows and its volumes may take (3 per NBD connection of --nbd-max-connections, 1 per API or metrics connection, 1 per volume, about 1024 for other files): past it every listener fails to accept; raise it (systemd: LimitNOFILE=, a shell: ulimit -Hn) or lower --nbd-max-connections"
         );
     }
 }
@@ -158,6 +166,25 @@ fn bound_heap() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENAS);
     }
+}
+
+/// [`release_memory`] on the blocking pool 10 s from now, unless one is
+/// already due; called as NBD connections end, so that what a burst of
+/// connections took (each about a megabyte, locked) goes back to the
+/// kernel once they have gone, with one release for the whole burst.
+pub fn release_memory_soon() {
+    static DUE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if DUE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    rt.spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        DUE.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = tokio::task::spawn_blocking(release_memory).await;
+    });
 }
 
 /// Returns memory freed in the allocator to the kernel (glibc

@@ -122,11 +122,18 @@ pub async fn guard(
         Ok(()) => next.run(req).await,
         Err(message) => {
             tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control API: caller refused");
-            Failure {
+            // And the connection closes: a refused caller holds no slot
+            // past its answer.
+            let mut r = Failure {
                 status: StatusCode::FORBIDDEN,
                 message,
             }
-            .into_response()
+            .into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            r
         }
     }
 }

@@ -287,11 +287,18 @@ pub fn metrics_service(daemon: Arc<Daemon>, token: Option<blockd_api::Secret>) -
                             constant_time_eq(g.as_bytes(), t.expose().as_bytes())
                         });
                         if !ok {
-                            return Failure {
+                            // And the connection closes: a client without
+                            // the token holds no slot past its answer.
+                            let mut r = Failure {
                                 status: StatusCode::UNAUTHORIZED,
                                 message: "a bearer token is required (the metrics token of blockd's config file)".into(),
                             }
                             .into_response();
+                            r.headers_mut().insert(
+                                axum::http::header::CONNECTION,
+                                axum::http::HeaderValue::from_static("close"),
+                            );
+                            return r;
                         }
                     }
                     next.run(req).await

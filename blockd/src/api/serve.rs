@@ -79,8 +79,12 @@ pub const METRICS_PER_ADDRESS: usize = 8;
 /// refuses (they get its 403 and the reason, as before).
 pub const REFUSED_MAX_CONNECTIONS: usize = 16;
 
-/// How long an answer may wait for the client to read it.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write of an answer may wait for the client to read. The
+/// kernel wakes a waiting writer only once half of the socket's send
+/// buffer (megabytes, autotuned) is free, so a slow but steady reader of
+/// a large answer (`/metrics` of thousands of volumes) may leave a write
+/// waiting many seconds.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long connections may take to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);

@@ -90,6 +90,7 @@ pub async fn serve_unix(
                 tracker.spawn(async move {
                     serve.await;
                     drop(permit);
+                    crate::host::release_memory_soon();
                 });
             }
             Err(e) => {
@@ -146,6 +147,7 @@ pub async fn serve_tcp(
                 tracker.spawn(async move {
                     serve.await;
                     drop(permit);
+                    crate::host::release_memory_soon();
                 });
             }
             Err(e) => {
