@@ -177,6 +177,11 @@ fn bad_keys_and_values_stop_the_start_naming_file_and_line() {
             1,
             &["too short: give at least 1s"][..],
         ),
+        (
+            "[nbd]\nmax_memory = \"16M\"\n",
+            2,
+            &["too small", "at least 64M"][..],
+        ),
     ] {
         let file = tmp.path().join("bad.toml");
         std::fs::write(&file, text).unwrap();

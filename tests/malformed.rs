@@ -751,39 +751,10 @@ fn hostile_clients_are_bounded() {
 
     // READs of 32 MiB, sent as fast as the socket takes them, replies
     // never read.
-    let mut greedy = Raw::connect(&d, 3);
-    greedy.go("vol1");
+    let mut greedy = vec![Raw::connect(&d, 3)];
+    greedy[0].go("vol1");
     let base = rss(d.pid());
-    greedy.s.set_nonblocking(true).unwrap();
-    let mut sent = 0u64;
-    let header_only = |cookie: u64| {
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&0u64.to_be_bytes());
-        b.extend_from_slice(&(32u32 << 20).to_be_bytes());
-        b
-    };
-    let mut pending = header_only(0);
-    let mut done = 0;
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until {
-        match greedy.s.write(&pending[done..]) {
-            Ok(n) => {
-                done += n;
-                if done == pending.len() {
-                    sent += 1;
-                    pending = header_only(sent);
-                    done = 0;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let sent = flood_reads(&mut greedy, 5);
     let grown = rss(d.pid()).saturating_sub(base);
     // Without a bound, the daemon read every request (hundreds, 32 MiB
     // of reply each) and grew by gigabytes.
@@ -810,22 +781,11 @@ fn hostile_clients_are_bounded() {
     // One goes: a new client is served again.
     drop(two.pop());
     drop(greedy);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read -P 0x77 0 1M", &d.uri("vol1")])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no client served after slots were freed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    served_within_20s(
+        &d.uri("vol1"),
+        "read -P 0x77 0 1M",
+        "no client served after slots were freed",
+    );
 
     // The silent connection is closed at the handshake limit (30 s).
     silent
@@ -844,6 +804,152 @@ fn hostile_clients_are_bounded() {
         "closed after {after:?}"
     );
     drop(two);
+}
+
+/// Sends 32 MiB READ headers on each of `clients` as fast as their
+/// sockets take them, for `secs` seconds, never reading a reply; returns
+/// how many went out.
+fn flood_reads(clients: &mut [Raw], secs: u64) -> u64 {
+    let header = |cookie: u64| {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        b
+    };
+    let mut pending: Vec<(Vec<u8>, usize)> = clients.iter().map(|_| (header(0), 0)).collect();
+    let mut sent = 0u64;
+    let until = Instant::now() + Duration::from_secs(secs);
+    for c in clients.iter() {
+        c.s.set_nonblocking(true).unwrap();
+    }
+    while Instant::now() < until {
+        let mut any = false;
+        for (c, (buf, done)) in clients.iter_mut().zip(pending.iter_mut()) {
+            match c.s.write(&buf[*done..]) {
+                Ok(n) => {
+                    any = true;
+                    *done += n;
+                    if *done == buf.len() {
+                        sent += 1;
+                        *buf = header(sent);
+                        *done = 0;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    sent
+}
+
+/// What many clients hold together is bounded by `--nbd-max-memory`:
+/// each connection alone may hold some 200 MiB of READ data its client
+/// never reads, and six such clients would take more than a gigabyte.
+/// Bounded, they slow each other down, and once they go, the memory they
+/// held is free again for a well-behaved client's largest requests.
+#[test]
+fn many_hostile_clients_are_bounded_together() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let d = Blockd::start_with(None, &["--nbd-max-memory", "64M"]);
+    d.create("vol1", "64M");
+    // Data everywhere: a READ's reply is the whole 32 MiB.
+    qemu_io(&d.uri("vol1"), &["write -P 0x77 0 64M", "flush"]);
+    let mut greedy: Vec<Raw> = (0..6)
+        .map(|_| {
+            let mut r = Raw::connect(&d, 3);
+            r.go("vol1");
+            r
+        })
+        .collect();
+    let base = rss(d.pid());
+    let sent = flood_reads(&mut greedy, 6);
+    assert!(sent >= 6, "only {sent} READs went out");
+    let grown = rss(d.pid()).saturating_sub(base);
+    assert!(
+        grown < 256 << 20,
+        "{sent} unread READs of 32 MiB on 6 connections grew the daemon by {} MiB",
+        grown >> 20
+    );
+    assert!(d.log().contains("--nbd-max-memory"), "{}", d.log());
+    // The control API is not held up, and its metrics say what is held.
+    d.ok(&["volume", "list"]);
+    let held = metric(&d, "blockd_nbd_memory_bytes ");
+    assert!(
+        held > f64::from(32u32 << 20) && held <= f64::from(64u32 << 20),
+        "blockd_nbd_memory_bytes {held} with the limit reached"
+    );
+    // A client that asks meanwhile waits; one that gives up while it
+    // waits does not keep its connection.
+    let open = || metric(&d, "blockd_nbd_connections{volume=\"vol1\"} ");
+    assert_eq!(open(), 6.0);
+    let mut quitter = Raw::connect(&d, 3);
+    quitter.go("vol1");
+    quitter.request(0, 0, 1, 0, 4096, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(open(), 7.0);
+    drop(quitter);
+    let gone = Instant::now();
+    while open() > 6.0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "a client that gave up while it waited kept its connection"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(greedy);
+    // The memory they held comes back: a READ of 32 MiB is served, then
+    // two of 31 MiB at once, which need all of it but 2 MiB.
+    served_within_20s(
+        &d.uri("vol1"),
+        "read -P 0x77 0 32M",
+        "no client served after the greedy ones left",
+    );
+    let out = std::process::Command::new("timeout")
+        .args(["60", "qemu-io", "-f", "raw"])
+        .args([
+            "-c",
+            "aio_read -P 0x77 0 31M",
+            "-c",
+            "aio_read -P 0x77 32M 31M",
+        ])
+        .args(["-c", "aio_flush", &d.uri("vol1")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "two 31 MiB READs at once: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_data_intact(&d);
+    assert_eq!(
+        metric(&d, "blockd_nbd_memory_bytes "),
+        0.0,
+        "memory still held with no request"
+    );
+}
+
+/// The value of the metrics line that starts with `prefix`.
+fn metric(d: &Blockd, prefix: &str) -> f64 {
+    let mut s = UnixStream::connect(d.api_socket()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Anyone who can reach the TCP port can open connections and say
@@ -899,24 +1005,29 @@ fn silent_tcp_clients_cannot_take_every_slot() {
     }
     // Once the silent ones go, a TCP client is served again.
     drop(silent);
+    served_within_20s(
+        &format!("nbd://{addr}/vol1"),
+        "read -P 0x5a 0 1M",
+        "no TCP client served after the silent ones left",
+    );
+}
+
+/// Runs the qemu-io `command` on `uri` until it succeeds, for at most
+/// 20 s (a freed slot is seen once the daemon notices its connection
+/// went); fails with `what` and qemu-io's last error past that.
+fn served_within_20s(uri: &str, command: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = std::process::Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0x5a 0 1M",
-                &format!("nbd://{addr}/vol1"),
-            ])
+            .args(["-f", "raw", "-c", command, uri])
             .output()
             .unwrap();
         if out.status.success() {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "no TCP client served after the silent ones left: {}",
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_millis(200));

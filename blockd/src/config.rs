@@ -141,6 +141,10 @@ pub struct Nbd {
     /// still in their handshake: half of them at most) [default: 1024].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<MaxConnections>,
+    /// Most memory all client connections together may hold for requests
+    /// and replies not yet written [default: 1G].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<MaxMemory>,
 }
 
 /// `[cloud]`: backups and restores.
@@ -282,6 +286,7 @@ impl Settings {
                 tls_certificates: None,
                 tls_verify_peer: Some(false),
                 max_connections: Some(MaxConnections(crate::nbd::MAX_CONNECTIONS)),
+                max_memory: Some(MaxMemory(crate::nbd::MAX_MEMORY)),
             },
             cloud: Cloud {
                 full_every: Some(FullEvery(crate::cloud::DEFAULT_FULL_EVERY)),
@@ -342,6 +347,7 @@ impl Settings {
             nbd_tls_certificates: s.nbd.tls_certificates,
             nbd_tls_verify_peer: set(s.nbd.tls_verify_peer, "nbd.tls_verify_peer"),
             nbd_max_connections: set(s.nbd.max_connections, "nbd.max_connections").0,
+            nbd_max_memory: set(s.nbd.max_memory, "nbd.max_memory").0,
             io_engine: set(s.io_engine, "io_engine"),
             shutdown_grace: set(s.shutdown_grace, "shutdown_grace").0,
             snapshot_sync: set(s.snapshot_sync, "snapshot_sync").0,
@@ -550,6 +556,37 @@ impl fmt::Display for MaxConnections {
     }
 }
 
+/// Most memory NBD connections hold together: at least 64 MiB (one
+/// request of the largest payload, 32 MiB, and its reply must fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxMemory(pub u64);
+
+impl std::str::FromStr for MaxMemory {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match blockd_api::parse_size(s) {
+            Ok(n) if n >= crate::nbd::MIN_MEMORY => Ok(Self(n)),
+            Ok(_) => Err(format!(
+                "{s:?} is too small: NBD connections need at least 64M together (one request may carry 32 MiB)"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for MaxMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The largest suffix that writes it exactly, so that it reads back.
+        for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if self.0.is_multiple_of(1 << shift) {
+                return write!(f, "{}{suffix}", self.0 >> shift);
+            }
+        }
+        self.0.fmt(f)
+    }
+}
+
 /// How often a volume's backup reads it whole: every Nth, N ≥ 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FullEvery(pub u32);
@@ -613,7 +650,15 @@ macro_rules! text_serde {
     )*};
 }
 
-text_serde!(Period, Grace, Every, Limit, LogFilter, MetricsAddr);
+text_serde!(
+    Period,
+    Grace,
+    Every,
+    Limit,
+    LogFilter,
+    MetricsAddr,
+    MaxMemory
+);
 
 /// Serde of numbers: written as TOML numbers, read from numbers or text.
 macro_rules! number_serde {
@@ -713,6 +758,12 @@ mod tests {
         assert!(e.contains("line 3") && e.contains("use e.g. 30s"), "{e}");
         let e = Settings::parse("io_engine = \"fast\"\n").unwrap_err();
         assert!(e.contains("`auto`, `uring`, `threads`"), "{e}");
+        let s = Settings::parse("[nbd]\nmax_memory = \"1536M\"\n").unwrap();
+        assert_eq!(s.nbd.max_memory, Some(MaxMemory(1536 << 20)));
+        assert_eq!(MaxMemory(1536 << 20).to_string(), "1536M");
+        assert_eq!(MaxMemory(2 << 30).to_string(), "2G");
+        let e = Settings::parse("[nbd]\nmax_memory = \"1GB\"\n").unwrap_err();
+        assert!(e.contains("write 1G or 1GiB"), "{e}");
         let e = Settings::parse("[cloud]\nfull_every = 0\n").unwrap_err();
         assert!(e.contains("line 2") && e.contains("from 1 up"), "{e}");
     }

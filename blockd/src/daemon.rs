@@ -49,6 +49,8 @@ pub struct Config {
     pub nbd_tls_verify_peer: bool,
     /// Most NBD client connections.
     pub nbd_max_connections: usize,
+    /// Most bytes NBD connections hold together for requests and replies.
+    pub nbd_max_memory: u64,
     /// I/O engine choice.
     pub io_engine: EngineKind,
     /// How long connections answer ESHUTDOWN before closing.
@@ -359,6 +361,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         grace: config.shutdown_grace,
         connections: Arc::new(tokio::sync::Semaphore::new(config.nbd_max_connections)),
+        memory: Arc::new(nbd::Memory::new(config.nbd_max_memory)),
     };
     let access = Arc::new(access);
     tracker.spawn(nbd::serve_unix(

@@ -18,6 +18,7 @@ pub mod magic;
 pub mod metrics;
 pub mod nbd;
 pub mod outcome;
+pub mod quiet;
 pub mod repo;
 pub mod snapshot;
 pub mod state;

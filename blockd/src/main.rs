@@ -71,6 +71,11 @@ struct Args {
     /// at once [default: 1024]
     #[arg(long, env = "BLOCKD_NBD_MAX_CONNECTIONS", value_name = "N")]
     nbd_max_connections: Option<blockd::config::MaxConnections>,
+    /// Most memory NBD connections hold together for requests and for
+    /// replies their clients have not read; past it, connections read no
+    /// new request until some is freed [default: 1G]
+    #[arg(long, env = "BLOCKD_NBD_MAX_MEMORY", value_name = "SIZE")]
+    nbd_max_memory: Option<blockd::config::MaxMemory>,
     /// I/O engine [default: auto]
     #[arg(long, env = "BLOCKD_IO_ENGINE", value_enum)]
     io_engine: Option<EngineKind>,
@@ -164,6 +169,7 @@ impl Args {
                 tls_certificates: self.nbd_tls_certificates.clone(),
                 tls_verify_peer: self.nbd_tls_verify_peer.then_some(true),
                 max_connections: self.nbd_max_connections,
+                max_memory: self.nbd_max_memory,
             },
             cloud: Cloud {
                 full_every: self.full_every,

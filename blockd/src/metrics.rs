@@ -470,6 +470,21 @@ impl prometheus_client::collector::Collector for Collector {
                 )
             }),
         )?;
+        let memory = &d.nbd.memory;
+        single(
+            &mut enc,
+            "blockd_nbd_memory_bytes",
+            "Bytes NBD client connections hold, or have set aside for a request that waits, for requests in flight and replies not yet written (kernel attachments made by blockctl volume attach not counted)",
+            Gauge,
+            f(memory.held()),
+        )?;
+        single(
+            &mut enc,
+            "blockd_nbd_memory_limit_bytes",
+            "What NBD client connections may hold together (--nbd-max-memory)",
+            Gauge,
+            f(memory.limit()),
+        )?;
         family(
             &mut enc,
             "blockd_cow_bytes",

@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::access::{Access, Peer};
+use crate::quiet::every_ten_seconds;
 
 /// How long a request's head may take to arrive: from the connection's
 /// start, or from the previous answer on a kept-alive connection. blockctl
@@ -404,16 +405,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// True at most once every ten seconds, for warnings a client could
-/// otherwise repeat into a flood.
-fn every_ten_seconds(last: &mut Option<Instant>) -> bool {
-    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
-        return false;
-    }
-    *last = Some(Instant::now());
-    true
 }
 
 /// A request body that must arrive whole within a time limit, counted

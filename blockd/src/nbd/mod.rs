@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::api::access::{Access, Peer};
+use crate::quiet::every_ten_seconds;
 
 pub use server::NbdContext;
 
@@ -31,6 +32,128 @@ pub use server::NbdContext;
 /// included.
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// What client connections may hold together by default
+/// (`--nbd-max-memory`): see [`Memory`].
+pub const MAX_MEMORY: u64 = 1 << 30;
+/// The least `--nbd-max-memory`: a request of the largest payload and
+/// its reply must always fit, with room for others beside it.
+pub const MIN_MEMORY: u64 = 64 << 20;
+
+/// Memory that the client connections hold together.
+///
+/// Each connection is bounded on its own (a byte budget for requests in
+/// flight, a backlog of unread replies, a pool of free buffers; see
+/// [`server`]), but a bound per connection times `--nbd-max-connections`
+/// is some 300 GiB: a few hundred clients that send large READs and never
+/// read the replies would make the daemon, and every volume it serves,
+/// run out of memory. So the bytes of every request, from the moment its
+/// header is read until its reply has been written to the socket, are
+/// also counted here, and a connection reads no new request while the
+/// total would pass the limit. Clients that hold memory this way and
+/// never read then hold up the others until they disconnect (a denial of
+/// service, where without the bound the daemon, and every volume it
+/// serves, would run out of memory); a warning names the limit. A
+/// connection waiting here whose client closes its side is closed (on a
+/// plain socket; checked every second), so clients that give up do not
+/// keep connection slots.
+///
+/// Kernel attachments (`blockctl volume attach`) are not counted: the
+/// kernel's writeback through `/dev/nbdX` may be what frees memory, and
+/// must not wait for clients that hold it (kernel-notes/nbd.md). Their
+/// number is what the administrator attached. A kernel client that
+/// connects through the socket itself (`nbd-client`) is counted like any
+/// other.
+///
+/// Free buffers that connections keep for reuse count against a quarter
+/// of the limit, so that connections used in turn cannot each keep their
+/// pool's worth.
+#[derive(Debug)]
+pub struct Memory {
+    /// KiB of requests in flight and replies not yet written.
+    permits: Arc<Semaphore>,
+    /// All of `permits`.
+    limit: usize,
+    /// Bytes in the connections' pools of free buffers.
+    pooled: std::sync::atomic::AtomicUsize,
+    pool_max: usize,
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Unit of [`Memory`]'s permits.
+pub const MEMORY_UNIT: usize = 1024;
+
+impl Memory {
+    /// A limit of `bytes` (at least [`MIN_MEMORY`] is expected).
+    pub fn new(bytes: u64) -> Self {
+        let permits = usize::try_from(bytes / MEMORY_UNIT as u64)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(permits)),
+            limit: permits,
+            pooled: std::sync::atomic::AtomicUsize::new(0),
+            pool_max: usize::try_from(bytes / 4).unwrap_or(usize::MAX),
+            warned: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `units` of the limit, if they are free now.
+    pub fn try_take(&self, units: u32) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_many_owned(units).ok()
+    }
+
+    /// `units` of the limit, waiting while other connections hold it.
+    ///
+    /// # Errors
+    /// Never, in practice: the semaphore is not closed.
+    pub async fn take(
+        &self,
+        units: u32,
+    ) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        if let Some(p) = self.try_take(units) {
+            return Ok(p);
+        }
+        if every_ten_seconds(
+            &mut self
+                .warned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
+            tracing::warn!(
+                "NBD connections hold as much memory as --nbd-max-memory allows (requests in flight and replies their clients have not read): new requests wait until some is freed"
+            );
+        }
+        self.permits.clone().acquire_many_owned(units).await
+    }
+
+    /// Whether a pool may keep `bytes` more; counts them if so.
+    pub fn pool(&self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self.pooled.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.pool_max {
+            self.pooled.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// `bytes` a pool no longer keeps.
+    pub fn unpool(&self, bytes: usize) {
+        self.pooled
+            .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        (self.limit.saturating_sub(self.permits.available_permits()) * MEMORY_UNIT) as u64
+    }
+
+    /// Bytes that may be held.
+    pub fn limit(&self) -> u64 {
+        (self.limit * MEMORY_UNIT) as u64
+    }
+}
+
 /// A connection slot, or `None` (the connection is closed at once, with a
 /// warning at most every ten seconds) when all are taken.
 fn slot(
@@ -38,11 +161,10 @@ fn slot(
     last_warned: &mut Option<std::time::Instant>,
 ) -> Option<OwnedSemaphorePermit> {
     let permit = connections.clone().try_acquire_owned().ok();
-    if permit.is_none() && last_warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+    if permit.is_none() && every_ten_seconds(last_warned) {
         tracing::warn!(
             "NBD connection refused: the daemon has as many client connections as --nbd-max-connections allows; idle clients must disconnect first, or raise it"
         );
-        *last_warned = Some(std::time::Instant::now());
     }
     permit
 }
@@ -58,6 +180,7 @@ pub async fn serve_unix(
 ) {
     let mut last_warned = None;
     let mut refused_warned = None;
+    let mut accept_warned = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -67,13 +190,9 @@ pub async fn serve_unix(
             Ok((stream, _)) => {
                 let peer = Peer::of(&stream);
                 if let Err(why) = access.check(&peer) {
-                    // At most one line every ten seconds: a socket opened
-                    // up by mistake must not flood the log.
-                    if refused_warned
-                        .is_none_or(|t: std::time::Instant| t.elapsed().as_secs() >= 10)
-                    {
+                    // A socket opened up by mistake must not flood the log.
+                    if every_ten_seconds(&mut refused_warned) {
                         tracing::warn!(uid = ?peer.uid(), pid = ?peer.pid(), "NBD connection refused: {why}");
-                        refused_warned = Some(std::time::Instant::now());
                     }
                     continue;
                 }
@@ -94,7 +213,9 @@ pub async fn serve_unix(
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept on the NBD Unix socket failed");
+                if every_ten_seconds(&mut accept_warned) {
+                    tracing::warn!(error = %e, "accept on the NBD Unix socket failed");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -118,7 +239,8 @@ pub async fn serve_tcp(
 ) {
     let handshakes = Arc::new(Semaphore::new((max_connections / 2).max(1)));
     let mut last_warned = None;
-    let mut handshakes_warned: Option<std::time::Instant> = None;
+    let mut handshakes_warned = None;
+    let mut accept_warned = None;
     loop {
         let accepted = tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -127,11 +249,10 @@ pub async fn serve_tcp(
         match accepted {
             Ok((stream, peer)) => {
                 let Ok(greeting) = handshakes.clone().try_acquire_owned() else {
-                    if handshakes_warned.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+                    if every_ten_seconds(&mut handshakes_warned) {
                         tracing::warn!(
                             "NBD TCP connection refused: half of --nbd-max-connections are TCP connections that have not finished their handshake (each is closed 30 s after it connected)"
                         );
-                        handshakes_warned = Some(std::time::Instant::now());
                     }
                     continue;
                 };
@@ -151,7 +272,9 @@ pub async fn serve_tcp(
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept on the NBD TCP socket failed");
+                if every_ten_seconds(&mut accept_warned) {
+                    tracing::warn!(error = %e, "accept on the NBD TCP socket failed");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

@@ -15,7 +15,9 @@
 //! What one client can make the daemon hold is bounded: a byte budget
 //! per connection counts queued requests until their replies are queued,
 //! and replies queued beyond [`BACKLOG_MAX`] (a client that does not read
-//! them) stop the reading of its requests until they go out. A connection
+//! them) stop the reading of its requests until they go out. What all
+//! clients hold together is bounded too: each request's bytes also count
+//! against [`super::Memory`] until its reply has been written. A connection
 //! must finish its handshake within [`HANDSHAKE_TIMEOUT`], and the
 //! listeners take at most `--nbd-max-connections` (see [`super`]).
 //!
@@ -63,6 +65,8 @@ pub struct NbdContext {
     pub grace: Duration,
     /// Client connection slots ([`super::MAX_CONNECTIONS`]).
     pub connections: Arc<Semaphore>,
+    /// What client connections hold together ([`super::Memory`]).
+    pub memory: Arc<super::Memory>,
 }
 
 /// Bytes of request payload and read data one connection may have in flight.
@@ -332,7 +336,16 @@ pub async fn serve_attached(
         };
         let (r, w) = stream.into_split();
         let reader = BufReader::with_capacity(READ_BUFFER, r);
-        transmit(reader, w, t, Source::Volume(volume), guard, ctx).await;
+        transmit(
+            reader,
+            w,
+            t,
+            Source::Volume(volume),
+            guard,
+            ctx,
+            Counted::Alone,
+        )
+        .await;
     }
     .instrument(span)
     .await;
@@ -364,7 +377,7 @@ async fn enter<R, W>(
 {
     match haggled {
         Ok(Haggled::Transmit(t, source, guard)) => {
-            transmit(reader, writer, t, source, guard, ctx).await;
+            transmit(reader, writer, t, source, guard, ctx, Counted::WithOthers).await;
         }
         // Only offered where the caller can upgrade.
         Ok(Haggled::StartTls(_)) | Err(HandshakeEnd::Closed) => {}
@@ -579,6 +592,7 @@ async fn transmit<R, W>(
     source: Source,
     _guard: ConnectionGuard,
     ctx: NbdContext,
+    counted: Counted,
 ) where
     R: AsyncRead + splice::Source + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -601,7 +615,10 @@ async fn transmit<R, W>(
     };
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let dead = CancellationToken::new();
-    let buffers = Arc::new(BufPool::prefilled());
+    let buffers = Arc::new(BufPool::prefilled(match counted {
+        Counted::WithOthers => Some(ctx.memory.clone()),
+        Counted::Alone => None,
+    }));
     let behind = Arc::new(Behind {
         volume: volume.clone(),
         ranges: std::sync::Mutex::new(Vec::new()),
@@ -700,8 +717,43 @@ async fn transmit<R, W>(
             _ => payload_len,
         };
         let permits = u32::try_from(cost / BUDGET_UNIT as u64 + 1).unwrap_or(u32::MAX);
-        let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+        let Ok(own) = budget.clone().acquire_many_owned(permits).await else {
             break;
+        };
+        // At shutdown a request is only answered ESHUTDOWN: no READ's data.
+        let shared = match counted {
+            Counted::Alone => None,
+            Counted::WithOthers if ctx.shutdown.is_cancelled() => None,
+            Counted::WithOthers => match ctx.memory.try_take(permits) {
+                Some(p) => Some(p),
+                None => {
+                    // Writes gathered here hold memory too, and go down
+                    // only when this loop goes on: they must not wait
+                    // behind it (with every connection doing the same,
+                    // nothing would ever be freed).
+                    if !batch.is_empty() {
+                        conn.write_batch(std::mem::take(&mut batch));
+                    }
+                    // Other clients hold the memory, and this one may give
+                    // up meanwhile: a connection whose client has gone
+                    // must not keep its slot while it waits.
+                    let taken = tokio::select! {
+                        biased;
+                        () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
+                        () = hung_up(reader.get_ref().socket()) => break,
+                        p = ctx.memory.take(permits) => p,
+                    };
+                    let Ok(p) = taken else {
+                        break;
+                    };
+                    Some(p)
+                }
+            },
+        };
+        let permit = Charge {
+            own,
+            shared,
+            backlog: backlog.clone(),
         };
         let mut payload = Vec::new();
         if payload_len > 0 {
@@ -770,7 +822,7 @@ async fn transmit<R, W>(
         // no task and no thread hop; everything else runs concurrently.
         // Only this request holds budget: nothing else of this connection
         // is in flight, so serving it inline holds nothing up.
-        let alone = budget.available_permits() + request.permit.num_permits() == BUDGET_PERMITS;
+        let alone = budget.available_permits() + request.permit.own.num_permits() == BUDGET_PERMITS;
         let InFlight {
             req,
             payload,
@@ -836,6 +888,20 @@ async fn ended(
     }
 }
 
+/// Resolves once the client of `socket` has closed its side, checked
+/// every second; never on a transport that is not a plain socket.
+async fn hung_up(socket: Option<splice::Socket<'_>>) {
+    let Some(socket) = socket else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if socket.hung_up() {
+            return;
+        }
+    }
+}
+
 /// A pipe for large writes' payloads, or `None` (they then go through
 /// buffers) when the kernel gives none of at least [`WRITE_STEP`].
 fn payload_pipe() -> Option<Pipe> {
@@ -875,8 +941,34 @@ async fn read_header<R: AsyncRead + Unpin>(
 struct InFlight {
     req: Request,
     payload: Vec<u8>,
-    permit: OwnedSemaphorePermit,
+    permit: Charge,
     started: std::time::Instant,
+}
+
+/// Whether a connection's requests count against [`super::Memory`].
+#[derive(Debug, Clone, Copy)]
+enum Counted {
+    /// Clients on the sockets.
+    WithOthers,
+    /// Kernel attachments (see [`super::Memory`]).
+    Alone,
+}
+
+/// The budget one request holds: its connection's, given back once its
+/// reply is queued (when it is dropped), and the daemon-wide share, given
+/// back once that reply has been written to the socket.
+struct Charge {
+    own: OwnedSemaphorePermit,
+    shared: Option<OwnedSemaphorePermit>,
+    backlog: Arc<Backlog>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            self.backlog.release_when_written(shared);
+        }
+    }
 }
 
 /// The metrics class of a request and the bytes it moves.
@@ -891,10 +983,49 @@ fn metered(req: &Request) -> (crate::metrics::Op, u64) {
 }
 
 /// Replies queued for a connection's writer and not yet written.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Backlog {
     bytes: std::sync::atomic::AtomicUsize,
     written: tokio::sync::Notify,
+    /// Bytes ever queued, and ever written: replies go out in the order
+    /// they were queued, so a reply queued when `queued` was N has been
+    /// written once `sent` reaches N.
+    queued: std::sync::atomic::AtomicU64,
+    sent: std::sync::atomic::AtomicU64,
+    /// Daemon-wide memory of requests answered, each held until `sent`
+    /// reaches its mark; `None` once the writer has gone (nothing more is
+    /// written, and what is queued is dropped).
+    releases: std::sync::Mutex<Option<std::collections::VecDeque<(u64, OwnedSemaphorePermit)>>>,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            written: tokio::sync::Notify::new(),
+            queued: std::sync::atomic::AtomicU64::new(0),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            releases: std::sync::Mutex::new(Some(std::collections::VecDeque::new())),
+        }
+    }
+}
+
+/// Gives back a connection's held memory when its reply writer ends, by
+/// any path (its socket failed, the connection ended, or it was aborted):
+/// requests still running then hold nothing for replies that will never
+/// be written.
+struct WriterGone(Arc<Backlog>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        let released = self
+            .0
+            .releases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(released);
+    }
 }
 
 /// Replies a connection may have queued before it stops reading requests.
@@ -903,15 +1034,61 @@ const BACKLOG_MAX: usize = 64 << 20;
 impl Backlog {
     fn queued(&self, n: usize) {
         self.bytes.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        self.queued
+            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn sent(&self, n: usize) {
+        let sent = self
+            .sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel)
+            + n as u64;
+        if let Some(releases) = self
+            .releases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            Self::release_written(releases, sent);
+        }
         // Only a reader that found the backlog over the limit waits, and
         // it is woken by the write that brings it down from there: the
         // common case takes no lock.
         let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
         if before > BACKLOG_MAX {
             self.written.notify_waiters();
+        }
+    }
+
+    /// Holds `permit` until every reply queued so far has been written
+    /// (the reply of the request it counted among them).
+    fn release_when_written(&self, permit: OwnedSemaphorePermit) {
+        let mut guard = self
+            .releases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(releases) = guard.as_mut() else {
+            // The writer has gone: nothing is held for it.
+            drop(guard);
+            drop(permit);
+            return;
+        };
+        // Read under the lock, so that marks only grow along the queue.
+        let mark = self.queued.load(std::sync::atomic::Ordering::Acquire);
+        releases.push_back((mark, permit));
+        // Under the lock: a write that counted itself before it took the
+        // lock is seen here; one after finds the entry.
+        let sent = self.sent.load(std::sync::atomic::Ordering::Acquire);
+        Self::release_written(releases, sent);
+    }
+
+    /// Drops the permits whose replies are among the `sent` bytes.
+    fn release_written(
+        releases: &mut std::collections::VecDeque<(u64, OwnedSemaphorePermit)>,
+        sent: u64,
+    ) {
+        while releases.front().is_some_and(|(mark, _)| *mark <= sent) {
+            releases.pop_front();
         }
     }
 
@@ -941,6 +1118,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     behind: Arc<Behind>,
     backlog: Arc<Backlog>,
 ) {
+    let _gone = WriterGone(backlog.clone());
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
         batch.push(first);

@@ -53,6 +53,22 @@ impl Socket<'_> {
         }
     }
 
+    /// Whether the peer has closed its side (or the socket failed): what
+    /// it still sent may be read, but no more will come. Does not wait.
+    pub fn hung_up(&self) -> bool {
+        let fd = self.fd();
+        let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        poll(&mut fds, Some(&now)).is_ok_and(|_| {
+            fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        })
+    }
+
     /// Runs `f`, clearing the socket's readiness when it would block.
     fn try_read_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
         match self {
