@@ -810,13 +810,20 @@ fn hostile_clients_are_bounded() {
 /// sockets take them, for `secs` seconds, never reading a reply; returns
 /// how many went out.
 fn flood_reads(clients: &mut [Raw], secs: u64) -> u64 {
+    flood(clients, secs, 0, 32 << 20)
+}
+
+/// Sends headers of `command` over `len` bytes from offset 0 on each of
+/// `clients` as fast as their sockets take them, for `secs` seconds,
+/// never reading a reply; returns how many went out.
+fn flood(clients: &mut [Raw], secs: u64, command: u16, len: u32) -> u64 {
     let header = |cookie: u64| {
         let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
         b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&command.to_be_bytes());
         b.extend_from_slice(&cookie.to_be_bytes());
         b.extend_from_slice(&0u64.to_be_bytes());
-        b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
         b
     };
     let mut pending: Vec<(Vec<u8>, usize)> = clients.iter().map(|_| (header(0), 0)).collect();
@@ -887,18 +894,31 @@ fn many_hostile_clients_are_bounded_together() {
         held > f64::from(32u32 << 20) && held <= f64::from(64u32 << 20),
         "blockd_nbd_memory_bytes {held} with the limit reached"
     );
+    // A client that writes meanwhile and then disconnects (libnbd sends
+    // NBD_CMD_DISC and closes its sending side) has every write served
+    // once memory frees.
+    let mut disc = common::nbdsh_command()
+        .args(["-u", &d.uri("vol1"), "-c"])
+        .arg(
+            "for i in range(16): h.aio_pwrite(b'\\x5a' * 4096, (48 << 20) + i * 4096)\n\
+             h.shutdown()",
+        )
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
     // A client that asks meanwhile waits; one that gives up while it
     // waits does not keep its connection.
+    // (The writer above waits too, its connection open: 7.)
     let open = || metric(&d, "blockd_nbd_connections{volume=\"vol1\"} ");
-    assert_eq!(open(), 6.0);
+    assert_eq!(open(), 7.0);
     let mut quitter = Raw::connect(&d, 3);
     quitter.go("vol1");
     quitter.request(0, 0, 1, 0, 4096, &[]);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(open(), 7.0);
+    assert_eq!(open(), 8.0);
     drop(quitter);
     let gone = Instant::now();
-    while open() > 6.0 {
+    while open() > 7.0 {
         assert!(
             gone.elapsed() < Duration::from_secs(10),
             "a client that gave up while it waited kept its connection"
@@ -906,6 +926,9 @@ fn many_hostile_clients_are_bounded_together() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(greedy);
+    let status = wait_timeout(&mut disc, Duration::from_secs(30)).expect("nbdsh hung");
+    assert!(status.success());
+    qemu_io(&d.uri("vol1"), &["read -P 0x5a 48M 64K"]);
     // The memory they held comes back: a READ of 32 MiB is served, then
     // two of 31 MiB at once, which need all of it but 2 MiB.
     served_within_20s(
@@ -935,6 +958,56 @@ fn many_hostile_clients_are_bounded_together() {
         metric(&d, "blockd_nbd_memory_bytes "),
         0.0,
         "memory still held with no request"
+    );
+}
+
+/// BLOCK_STATUS carries no payload, but its reply may hold thousands of
+/// runs: clients that ask for it and never read the replies are bounded
+/// by `--nbd-max-memory` as READs are.
+#[test]
+fn unread_block_status_replies_are_bounded_together() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let d = Blockd::start_with(None, &["--nbd-max-memory", "64M"]);
+    d.create("vol1", "256M");
+    // 4 KiB changed every 64 KiB: 8192 runs in the change map, of which
+    // one reply holds the most it may, 4096 (32 KiB).
+    let writes: Vec<String> = (0..4096)
+        .map(|i| format!("write -P 0x77 {} 4K", i * 65536))
+        .collect();
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for w in &writes {
+        cmd.args(["-c", w]);
+    }
+    assert!(cmd.arg(d.uri("vol1")).output().unwrap().status.success());
+    let mut clients: Vec<Raw> = (0..8)
+        .map(|_| {
+            let mut c = Raw::connect(&d, 3);
+            c.option(8, &[]);
+            assert_eq!(c.reply().1, REP_ACK);
+            c.option(10, &meta_data("vol1", &["blockd:dirty"]));
+            assert_eq!(c.reply().1, REP_META);
+            assert_eq!(c.reply().1, REP_ACK);
+            c.go("vol1");
+            c
+        })
+        .collect();
+    let base = rss(d.pid());
+    let sent = flood(&mut clients, 6, 7, 256 << 20);
+    let grown = rss(d.pid()).saturating_sub(base);
+    // Unbounded, each connection queued 64 MiB of replies: 512 MiB.
+    assert!(
+        grown < 192 << 20,
+        "{sent} unread BLOCK_STATUS replies on 8 connections grew the daemon by {} MiB",
+        grown >> 20
+    );
+    drop(clients);
+    served_within_20s(
+        &d.uri("vol1"),
+        "read -P 0x77 0 4K",
+        "no client served after the block-status flood",
     );
 }
 

@@ -53,9 +53,11 @@ pub const MIN_MEMORY: u64 = 64 << 20;
 /// never read then hold up the others until they disconnect (a denial of
 /// service, where without the bound the daemon, and every volume it
 /// serves, would run out of memory); a warning names the limit. A
-/// connection waiting here whose client closes its side is closed (on a
-/// plain socket; checked every second), so clients that give up do not
-/// keep connection slots.
+/// connection waiting here only to answer a client that has closed it is
+/// closed (`server::client_gone`), so clients that give up do not keep
+/// connection slots; what a client sent that writes is always served.
+/// BLOCK_STATUS counts the largest reply it may have, since it carries
+/// no payload.
 ///
 /// Kernel attachments (`blockctl volume attach`) are not counted: the
 /// kernel's writeback through `/dev/nbdX` may be what frees memory, and

@@ -714,6 +714,9 @@ async fn transmit<R, W>(
         // Budget: count the payload (or, for reads, the data to send back).
         let cost = match req.command {
             Command::Read => req.length.min(u64::from(proto::MAX_PAYLOAD)),
+            // No payload, but a reply of up to MAX_STATUS_RUNS runs per
+            // context (16 bytes each in the extended form, plus headers).
+            Command::BlockStatus => (conn.contexts.len() * (MAX_STATUS_RUNS * 16 + 64)) as u64,
             _ => payload_len,
         };
         let permits = u32::try_from(cost / BUDGET_UNIT as u64 + 1).unwrap_or(u32::MAX);
@@ -736,11 +739,12 @@ async fn transmit<R, W>(
                     }
                     // Other clients hold the memory, and this one may give
                     // up meanwhile: a connection whose client has gone
-                    // must not keep its slot while it waits.
+                    // must not keep its slot while it waits (see
+                    // [`client_gone`]).
                     let taken = tokio::select! {
                         biased;
                         () = ended(&dead, &volume.closing, &snapshot_closing, deadline.as_mut()) => break,
-                        () = hung_up(reader.get_ref().socket()) => break,
+                        () = client_gone(&reader, &req) => break,
                         p = ctx.memory.take(permits) => p,
                     };
                     let Ok(p) = taken else {
@@ -888,15 +892,25 @@ async fn ended(
     }
 }
 
-/// Resolves once the client of `socket` has closed its side, checked
-/// every second; never on a transport that is not a plain socket.
-async fn hung_up(socket: Option<splice::Socket<'_>>) {
-    let Some(socket) = socket else {
+/// Resolves (checked every second) once a connection waiting to serve
+/// `req` may end without it: its client has closed the connection both
+/// ways, nothing it sent is left unread, and `req` changes nothing (a
+/// READ, BLOCK_STATUS, CACHE or FLUSH, whose only effect is a reply that
+/// can no longer arrive). Everything a client sent that writes is served,
+/// even after it has gone, and a client that only closed its sending side
+/// (libnbd after NBD_CMD_DISC) still gets its replies. Never on a
+/// transport that is not a plain socket.
+async fn client_gone<R: AsyncRead + splice::Source>(reader: &BufReader<R>, req: &Request) {
+    let harmless = matches!(
+        req.command,
+        Command::Read | Command::BlockStatus | Command::Cache | Command::Flush
+    );
+    let Some(socket) = reader.get_ref().socket().filter(|_| harmless) else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if socket.hung_up() {
+        if reader.buffer().is_empty() && socket.gone() {
             return;
         }
     }

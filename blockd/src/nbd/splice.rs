@@ -53,20 +53,21 @@ impl Socket<'_> {
         }
     }
 
-    /// Whether the peer has closed its side (or the socket failed): what
-    /// it still sent may be read, but no more will come. Does not wait.
-    pub fn hung_up(&self) -> bool {
+    /// Whether the peer has gone for good, with nothing it sent left
+    /// unread: the connection is closed both ways (or failed), so no reply
+    /// can reach it. A peer that only closed its sending side (as libnbd
+    /// does after NBD_CMD_DISC) still reads, and is not gone. Does not
+    /// wait.
+    pub fn gone(&self) -> bool {
         let fd = self.fd();
-        let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
         let now = Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        poll(&mut fds, Some(&now)).is_ok_and(|_| {
-            fds[0]
-                .revents()
-                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
-        })
+        let closed = poll(&mut fds, Some(&now))
+            .is_ok_and(|_| fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR));
+        closed && rustix::io::ioctl_fionread(fd).is_ok_and(|n| n == 0)
     }
 
     /// Runs `f`, clearing the socket's readiness when it would block.
